@@ -1,0 +1,37 @@
+# repagent / rephub: the two commands a newcomer runs are `make demo` and `make test`.
+# Both install what they need on a fresh Debian machine (run as root).
+
+PYTHON ?= python3
+APT_PACKAGES = qemu-system-common qemu-utils libnbd-bin
+
+.PHONY: test demo deps qemu bench help
+
+help:
+	@echo "make demo   replicate a small VM disk end to end and prove it identical"
+	@echo "make test   run the whole test-suite under coverage"
+	@echo "make bench  run the benchmarks in bench/"
+
+# pytest and coverage for the tests; nothing from pip is needed at run time.
+deps:
+	@$(PYTHON) -c "import pytest, coverage" 2>/dev/null || \
+		$(PYTHON) -m pip install --quiet pytest coverage
+
+# The real QEMU tools: qemu-storage-daemon is in qemu-system-common,
+# qemu-img/qemu-io/qemu-nbd in qemu-utils, nbdinfo in libnbd-bin.
+qemu:
+	@if ! command -v qemu-storage-daemon >/dev/null || ! command -v qemu-io >/dev/null \
+	    || ! command -v qemu-img >/dev/null || ! command -v nbdinfo >/dev/null; then \
+		echo "installing $(APT_PACKAGES) with apt-get"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(APT_PACKAGES); \
+	fi
+
+test: deps qemu
+	@rm -f .coverage .coverage.*
+	$(PYTHON) -m coverage run -m pytest -q -p no:cacheprovider tests; rc=$$?; \
+		$(PYTHON) -m coverage report; exit $$rc
+
+demo: qemu
+	@echo "make demo: not yet (see the demo issue)"
+
+bench: deps qemu
+	@for b in bench/bench_*.py; do echo "== $$b"; $(PYTHON) $$b || exit 1; done
