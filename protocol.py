@@ -405,6 +405,22 @@ class _Reader:
                                "unexpected trailing bytes")
 
 
+def _clip(value: str, limit: int) -> str:
+    """Cut ``value`` to at most ``limit`` UTF-8 bytes, on a character boundary."""
+    return value.encode("utf-8")[:limit].decode("utf-8", "ignore")
+
+
+def _fixed(value, size: int, what: str) -> bytes:
+    """A fixed-size byte field (nonce, proof, generation): exactly ``size`` bytes.
+
+    ``struct``'s ``Ns`` format would silently pad or cut a wrong-sized value.
+    """
+    value = bytes(value)
+    if len(value) != size:
+        raise InvalidField(f"{what} is {len(value)} bytes, expected {size}")
+    return value
+
+
 def _text(value: str, limit: int, what: str) -> bytes:
     raw = value.encode("utf-8")
     if len(raw) > limit:
@@ -451,7 +467,7 @@ class Message:
     def encode(self) -> list:
         """Return [header, payload parts...] ready for scatter/gather send."""
         parts = self._payload()
-        payload_length = sum(len(p) for p in parts)
+        payload_length = sum(memoryview(p).nbytes for p in parts)
         if payload_length > MAX_PAYLOAD:
             raise PayloadTooLarge(f"{self.TYPE.name} payload of {payload_length} bytes "
                                   f"exceeds MAX_PAYLOAD {MAX_PAYLOAD}")
@@ -529,7 +545,7 @@ class Hello(Message):
 
     def _payload(self):
         return [_HELLO.pack(self.min_version, self.max_version, 0, self.features,
-                            bytes(self.nonce)),
+                            _fixed(self.nonce, NONCE_SIZE, "HELLO nonce")),
                 _text(self.agent_id, MAX_NAME, "agent_id")]
 
     @classmethod
@@ -546,6 +562,9 @@ class Hello(Message):
         if self.min_version > self.max_version:
             raise InvalidField(f"HELLO min_version {self.min_version} > "
                                f"max_version {self.max_version}")
+        # The hub keys secrets and volume ownership by agent_id: it must be
+        # a name that is safe as a path component.
+        validate_name(self.agent_id, "agent_id")
 
 
 _HELLO_REPLY = struct.Struct("!BBHI32s32s")  # version, 3 reserved, features, nonce, proof
@@ -568,7 +587,8 @@ class HelloReply(Message):
 
     def _payload(self):
         return [_HELLO_REPLY.pack(self.version, 0, 0, self.features,
-                                  bytes(self.nonce), bytes(self.proof)),
+                                  _fixed(self.nonce, NONCE_SIZE, "HELLO_REPLY nonce"),
+                                  _fixed(self.proof, DIGEST_SIZE, "HELLO_REPLY proof")),
                 _text(self.hub_id, MAX_NAME, "hub_id")]
 
     @classmethod
@@ -593,7 +613,7 @@ class Auth(Message):
     proof: bytes = bytes(DIGEST_SIZE)
 
     def _payload(self):
-        return [_PROOF.pack(bytes(self.proof))]
+        return [_PROOF.pack(_fixed(self.proof, DIGEST_SIZE, "AUTH proof"))]
 
     @classmethod
     def _parse(cls, header, r):
@@ -631,7 +651,8 @@ class Attach(Message):
     name: str = ""
 
     def _payload(self):
-        return [_ATTACH.pack(self.size, self.chunk_size, self.state, 0, bytes(self.generation)),
+        return [_ATTACH.pack(self.size, self.chunk_size, self.state, 0,
+                             _fixed(self.generation, GENERATION_SIZE, "ATTACH generation")),
                 _text(self.name, MAX_NAME, "volume name")]
 
     @classmethod
@@ -724,7 +745,13 @@ class Write(Message):
 
     @classmethod
     def _parse(cls, header, r):
-        return dict(data=r.rest())
+        data = r.rest()
+        # The header's length is authoritative: never let __post_init__
+        # replace a zero or wrong length by the payload's.
+        if not header.flags & FLAG_ZERO and header.length != len(data):
+            raise InvalidField(f"{cls.TYPE.name} length {header.length} != payload "
+                               f"length {len(data)}")
+        return dict(data=data)
 
     def check(self):
         if self.length != len(self.data):
@@ -912,7 +939,7 @@ class Checksums(ChecksumQuery):
 
     def _payload(self):
         return [_CHECKSUM_PARAMS.pack(self.chunk_size, self.algorithm),
-                b"".join(bytes(d) for d in self.digests)]
+                b"".join(_fixed(d, DIGEST_SIZE, "CHECKSUMS digest") for d in self.digests)]
 
     @classmethod
     def _parse_more(cls, header, r):
@@ -1149,7 +1176,7 @@ class Error(Message):
 
     def _payload(self):
         return [_ERROR.pack(self.code, self.failed_type),
-                _text(self.message[:MAX_TEXT], MAX_TEXT, "message")]
+                _text(_clip(self.message, MAX_TEXT), MAX_TEXT, "message")]
 
     @classmethod
     def _parse(cls, header, r):
@@ -1160,7 +1187,7 @@ class Error(Message):
 
     @classmethod
     def from_exception(cls, err: ReplicationError) -> Error:
-        text = str(err).encode("utf-8")[:MAX_TEXT].decode("utf-8", "ignore")
+        text = _clip(str(err), MAX_TEXT)
         return cls(request_id=err.request_id, code=int(err.code),
                    failed_type=err.msg_type or 0, message=text)
 
@@ -1182,7 +1209,7 @@ class Goodbye(Message):
     reason: str = ""
 
     def _payload(self):
-        return [_text(self.reason[:MAX_TEXT], MAX_TEXT, "reason")]
+        return [_text(_clip(self.reason, MAX_TEXT), MAX_TEXT, "reason")]
 
     @classmethod
     def _parse(cls, header, r):
@@ -1219,6 +1246,9 @@ def decode_body(header: Header, payload: bytes | bytearray | memoryview) -> Mess
     the frame's request_id and type, so the caller can answer ERROR and go on.
     """
     payload = memoryview(payload)
+    if len(payload) != header.payload_length:
+        raise TruncatedFrame(f"payload is {len(payload)} bytes, header says "
+                             f"{header.payload_length}")
     crc = zlib.crc32(payload)
     if crc != header.payload_crc:
         raise BadPayloadCRC(f"bad payload_crc 0x{header.payload_crc:08x}, "
@@ -1239,9 +1269,12 @@ def decode_body(header: Header, payload: bytes | bytearray | memoryview) -> Mess
         if "request_id" not in cls.HEADER_FIELDS and header.request_id:
             raise InvalidField(f"{cls.TYPE.name} header field request_id is "
                                f"{header.request_id}, expected 0")
-        if header.offset + header.length > 1 << 64:
+        if header.offset + header.length > MAX_VOLUME_SIZE:
+            # No volume is larger, so such a range is wrong for every volume;
+            # rejecting it here also keeps offset + length inside 63 bits.
             raise OutOfRange(f"offset {header.offset} + length {header.length} "
-                             "overflows 64 bits")
+                             f"= {header.offset + header.length} exceeds "
+                             f"MAX_VOLUME_SIZE {MAX_VOLUME_SIZE}")
         fields = cls._parse(header, _Reader(payload, cls.TYPE))
         msg = cls(request_id=header.request_id, volume=header.volume,
                   offset=header.offset, length=header.length, flags=header.flags,
@@ -1304,13 +1337,17 @@ class Decoder:
             if self._header is None:
                 if self.pending() < HEADER_SIZE:
                     return None
-                self._header = parse_header(memoryview(self._buf)[self._pos:])
+                # A 48-byte copy: no memoryview of _buf may outlive this call
+                # (an exported buffer cannot be resized by feed()).
+                self._header = parse_header(bytes(self._buf[self._pos:self._pos + HEADER_SIZE]))
                 self._pos += HEADER_SIZE
             n = self._header.payload_length
             if self.pending() < n:
                 return None
             header, self._header = self._header, None
-            payload = bytes(self._buf[self._pos:self._pos + n])
+            with memoryview(self._buf) as view:
+                # One copy: the message keeps its own payload, _buf is reused.
+                payload = bytes(view[self._pos:self._pos + n])
             self._pos += n
             return decode_body(header, payload)
         except ProtocolError as err:
