@@ -1,0 +1,610 @@
+"""The codec against the golden vectors, real sockets and random messages.
+
+Layout of this file:
+  1. vectors both ways (tests/vectors/*.json): encode, decode, one byte at a
+     time, with trailing bytes, malformed frames with their exact error;
+  2. the blocking shim over socket.socketpair (32 MiB WRITE, EOF, truncation);
+  3. seeded round-trip property tests over random messages of every type;
+  4. the HMAC handshake helpers;
+  5. encoder-side checks and small helpers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import pathlib
+import random
+import socket
+import struct
+import threading
+import zlib
+
+import pytest
+
+import protocol as p
+
+VECTORS = pathlib.Path(__file__).resolve().parent / "vectors"
+VALID = (p.load_vectors(VECTORS / "messages.json")
+         + p.load_vectors(VECTORS / "handshake.json"))
+MALFORMED = p.load_vectors(VECTORS / "malformed.json")
+HANDSHAKE = json.loads((VECTORS / "handshake.json").read_text(encoding="utf-8"))
+
+
+def ids(vectors):
+    return [v["name"] for v in vectors]
+
+
+# ---------------------------------------------------------------------------
+# 1. Vectors
+
+
+def test_corpus_is_up_to_date_with_the_codec():
+    spec = importlib.util.spec_from_file_location("generate", VECTORS / "generate.py")
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    assert generate.main(["--check"]) == 0
+
+
+def test_every_message_type_has_a_valid_vector():
+    assert {v["type"] for v in VALID} == {t.name for t in p.MsgType}
+
+
+def test_every_error_class_and_header_field_has_a_malformed_vector():
+    raised = {v["error"] for v in MALFORMED}
+    assert raised == set(p.ERROR_CLASSES) - {"ReplicationError", "ProtocolError",
+                                             "RequestError"}
+    names = " ".join(ids(MALFORMED))
+    for field in ("magic", "version", "header_crc", "payload_length", "payload_crc",
+                  "unknown_type", "flag", "request_id", "volume", "offset", "length",
+                  "overflow", "truncated"):
+        assert field in names, field
+
+
+@pytest.mark.parametrize("v", VALID, ids=ids(VALID))
+def test_encode_gives_the_vector_bytes(v):
+    msg = p.message_from_fields(v["type"], v["fields"])
+    assert p.encode(msg) == v["bytes"]
+    assert b"".join(bytes(x) for x in msg.encode()) == v["bytes"]
+
+
+@pytest.mark.parametrize("v", VALID, ids=ids(VALID))
+def test_decode_gives_the_vector_fields(v):
+    msg = p.decode(v["bytes"])
+    assert msg.TYPE.name == v["type"]
+    assert msg.fields() == v["fields"]
+
+
+@pytest.mark.parametrize("v", VALID, ids=ids(VALID))
+def test_decoder_fed_one_byte_at_a_time(v):
+    dec = p.Decoder()
+    raw = v["bytes"]
+    for i, byte in enumerate(raw[:-1]):
+        dec.feed(raw[i:i + 1])
+        assert dec.next_message() is None
+    dec.feed(raw[-1:])
+    msg = dec.next_message()
+    assert msg is not None and msg.fields() == v["fields"]
+    assert dec.next_message() is None
+    assert dec.pending() == 0
+    dec.close()
+
+
+@pytest.mark.parametrize("v", VALID, ids=ids(VALID))
+def test_decoder_keeps_trailing_bytes_pending(v):
+    follower = p.encode(p.Ack(request_id=99))
+    dec = p.Decoder()
+    dec.feed(v["bytes"] + follower[:17])
+    assert dec.next_message().fields() == v["fields"]
+    assert dec.next_message() is None
+    assert dec.pending() == 17
+    with pytest.raises(p.TruncatedFrame):
+        dec.close()
+    dec.feed(follower[17:])
+    assert dec.next_message() == p.Ack(request_id=99)
+    dec.close()
+
+
+def test_whole_corpus_as_one_stream_in_odd_chunks():
+    stream = b"".join(v["bytes"] for v in VALID)
+    dec = p.Decoder()
+    got = []
+    for i in range(0, len(stream), 37):
+        dec.feed(memoryview(stream)[i:i + 37])
+        got.extend(dec)
+    dec.close()
+    assert [m.fields() for m in got] == [v["fields"] for v in VALID]
+
+
+@pytest.mark.parametrize("v", MALFORMED, ids=ids(MALFORMED))
+def test_malformed_frame_raises_the_named_error(v):
+    with pytest.raises(p.ReplicationError) as info:
+        p.decode(v["bytes"])
+    err = info.value
+    assert type(err).__name__ == v["error"]
+    assert err.code.name == v["code"]
+    assert isinstance(err, p.ProtocolError) == (v["action"] == "close")
+    assert err.request_id == v["request_id"]
+    assert str(err)  # every error says what was wrong
+
+
+@pytest.mark.parametrize("v", MALFORMED, ids=ids(MALFORMED))
+def test_decoder_on_malformed_stream_closes_or_goes_on(v):
+    """Feed the bad frame byte by byte, then a good ACK: a ProtocolError
+    breaks the decoder for good; a RequestError consumes exactly the bad
+    frame and the ACK decodes next."""
+    dec = p.Decoder()
+    ack = p.encode(p.Ack(request_id=42))
+    expected = p.ERROR_CLASSES[v["error"]]
+    with pytest.raises(expected) as info:
+        for i in range(len(v["bytes"])):
+            dec.feed(v["bytes"][i:i + 1])
+            assert dec.next_message() is None
+        dec.close()  # only a truncated frame gets here
+    assert type(info.value) is expected
+    if expected is p.TruncatedFrame:
+        return  # the stream has ended: nothing follows
+    dec.feed(ack)
+    if v["action"] == "close":
+        with pytest.raises(expected):
+            dec.next_message()
+    else:
+        assert dec.next_message() == p.Ack(request_id=42)
+        err = p.Error.from_exception(info.value)
+        assert err.code == p.ErrorCode[v["code"]]
+        assert err.request_id == v["request_id"]
+        assert p.decode(p.encode(err)).fields() == err.fields()
+
+
+def test_load_vectors_rejects_unknown_error_class(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"vectors": [{"name": "x", "hex": "00", "error": "Nope"}]}))
+    with pytest.raises(ValueError, match="Nope"):
+        p.load_vectors(path)
+
+
+# ---------------------------------------------------------------------------
+# 2. Blocking shim over real sockets
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair()
+    a.settimeout(10)
+    b.settimeout(10)
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def test_send_and_recv_every_vector_over_a_socket(pair):
+    a, b = pair
+    header_buf = bytearray(p.HEADER_SIZE)
+    for v in VALID:
+        p.send_message(a, p.message_from_fields(v["type"], v["fields"]))
+        msg = p.recv_message(b, header_buf)
+        assert msg.fields() == v["fields"]
+    a.shutdown(socket.SHUT_WR)
+    assert p.recv_message(b) is None  # clean EOF at a frame boundary
+
+
+def test_32_mib_write_over_a_socket_without_payload_copies(pair):
+    a, b = pair
+    data = bytearray(random.Random(1).randbytes(p.MAX_DATA))
+    msg = p.Write(request_id=1, volume=1, offset=0, data=data)
+    parts = msg.encode()
+    assert parts[1] is data  # the caller's buffer goes to sendmsg as is
+    errors = []
+
+    def send():
+        try:
+            p.send_message(a, msg)
+        except Exception as err:  # reported below, never dropped
+            errors.append(err)
+
+    sender = threading.Thread(target=send, name="test-sender-32MiB")
+    sender.start()
+    try:
+        got = p.recv_message(b)
+    finally:
+        sender.join(timeout=20)
+    assert not sender.is_alive() and not errors
+    assert isinstance(got.data, memoryview)
+    assert isinstance(got.data.obj, bytearray)  # a view of the receive buffer
+    assert got.length == p.MAX_DATA
+    assert hashlib.sha256(got.data).digest() == hashlib.sha256(data).digest()
+
+
+def test_recv_on_stream_cut_inside_a_header(pair):
+    a, b = pair
+    a.sendall(p.encode(p.Ack(request_id=1))[:20])
+    a.shutdown(socket.SHUT_WR)
+    with pytest.raises(p.TruncatedFrame, match="20 of 48"):
+        p.recv_message(b)
+
+
+def test_recv_on_stream_cut_inside_a_payload(pair):
+    a, b = pair
+    a.sendall(p.encode(p.Write(request_id=1, volume=1, data=b"x" * 100))[:p.HEADER_SIZE + 60])
+    a.shutdown(socket.SHUT_WR)
+    with pytest.raises(p.TruncatedFrame, match="60 of 100"):
+        p.recv_message(b)
+
+
+def test_recv_reports_bad_header_before_reading_the_payload(pair):
+    a, b = pair
+    frame = bytearray(p.encode(p.Write(request_id=1, volume=1, data=b"x" * 100)))
+    frame[0] = 0
+    a.sendall(frame[:p.HEADER_SIZE])  # no payload sent: recv must not wait for it
+    with pytest.raises(p.BadMagic):
+        p.recv_message(b)
+
+
+class ChoppySocket:
+    """A fake socket that accepts at most ``step`` bytes per sendmsg call."""
+
+    def __init__(self, step):
+        self.step = step
+        self.out = bytearray()
+
+    def sendmsg(self, parts):
+        joined = b"".join(bytes(x) for x in parts)[:self.step]
+        self.out += joined
+        return len(joined)
+
+
+class TlsLikeSocket:
+    """ssl.SSLSocket has no sendmsg: send_message must fall back to sendall."""
+
+    def __init__(self):
+        self.out = bytearray()
+
+    def sendmsg(self, parts):
+        raise NotImplementedError
+
+    def sendall(self, data):
+        self.out += data
+
+
+@pytest.mark.parametrize("step", [1, 7, 48, 49, 1000])
+def test_send_message_resumes_partial_sendmsg(step):
+    msg = p.Write(request_id=3, volume=1, offset=512, data=bytes(range(256)) * 3)
+    sock = ChoppySocket(step)
+    p.send_message(sock, msg)
+    assert bytes(sock.out) == p.encode(msg)
+
+
+def test_send_message_on_a_socket_without_sendmsg():
+    msg = p.Checkpoint(request_id=4, name="cp1")
+    sock = TlsLikeSocket()
+    p.send_message(sock, msg)
+    assert bytes(sock.out) == p.encode(msg)
+
+
+# ---------------------------------------------------------------------------
+# 3. Round-trip property tests
+
+
+def _name(rng):
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
+    n = rng.randint(0, p.MAX_NAME - 1)
+    return rng.choice("abcXYZ019") + "".join(rng.choice(alphabet) for _ in range(n))
+
+
+def _text(rng, limit):
+    chars = "ab \u00e9\u2013\U0001f600\n"
+    out = "".join(rng.choice(chars) for _ in range(rng.randint(0, 40)))
+    return out.encode("utf-8")[:limit].decode("utf-8", "ignore")
+
+
+def _u(rng, bits):
+    return rng.choice([0, 1, (1 << bits) - 1, rng.getrandbits(bits)])
+
+
+def _range(rng, max_len=None):
+    length = rng.randint(1, max_len or p.MAX_VOLUME_SIZE // 2)
+    offset = rng.randint(0, p.MAX_VOLUME_SIZE - length)
+    return offset, length
+
+
+def _data_msg(cls, rng, zero_flag=False):
+    offset, _ = _range(rng, 1 << 20)
+    common = dict(request_id=_u(rng, 64), volume=_u(rng, 32), offset=offset,
+                  flags=rng.choice([0, 0x100, 0x8000]))
+    if zero_flag and rng.random() < 0.3:
+        return cls(length=rng.randint(1, p.MAX_DATA), **{**common, "flags": common["flags"] | p.FLAG_ZERO})
+    return cls(data=rng.randbytes(rng.randint(1, 600)), **common)
+
+
+def random_message(rng: random.Random, t: p.MsgType) -> p.Message:
+    req, vol = _u(rng, 64), _u(rng, 32)
+    if t == p.MsgType.HELLO:
+        lo = rng.randint(0, 255)
+        return p.Hello(min_version=lo, max_version=rng.randint(lo, 255),
+                       features=_u(rng, 32), nonce=rng.randbytes(32), agent_id=_name(rng))
+    if t == p.MsgType.HELLO_REPLY:
+        return p.HelloReply(version=_u(rng, 8), features=_u(rng, 32), nonce=rng.randbytes(32),
+                            proof=rng.randbytes(32), hub_id=_name(rng))
+    if t == p.MsgType.AUTH:
+        return p.Auth(proof=rng.randbytes(32))
+    if t == p.MsgType.ATTACH:
+        return p.Attach(request_id=req, size=rng.randint(1, p.MAX_VOLUME_SIZE),
+                        chunk_size=1 << rng.randint(12, 26),
+                        state=rng.choice(list(p.VolumeState)),
+                        generation=rng.randbytes(16), name=_name(rng))
+    if t == p.MsgType.ATTACHED:
+        return p.Attached(request_id=req, volume=vol, plan=rng.choice(list(p.SyncPlan)))
+    if t in (p.MsgType.WRITE,):
+        return _data_msg(p.Write, rng)
+    if t in (p.MsgType.READ_REPLY, p.MsgType.RREAD_REPLY, p.MsgType.RWRITE):
+        return _data_msg(p.message_class(t), rng, zero_flag=True)
+    if t in (p.MsgType.READ, p.MsgType.RREAD):
+        offset, length = _range(rng, p.MAX_DATA)
+        return p.message_class(t)(request_id=req, volume=vol, offset=offset, length=length)
+    if t in (p.MsgType.ZERO, p.MsgType.SYNCED):
+        offset, length = _range(rng)
+        return p.message_class(t)(request_id=req, volume=vol, offset=offset, length=length)
+    if t == p.MsgType.DIRTY_MAP:
+        extents, pos = [], 0
+        for _ in range(rng.randint(0, 20)):
+            pos += rng.randint(0, 1 << 30)
+            n = rng.randint(1, 1 << 30)
+            extents.append((pos, n))
+            pos += n
+        return p.DirtyMap(request_id=req, volume=vol, extents=extents)
+    if t in (p.MsgType.CHECKSUM_QUERY, p.MsgType.CHECKSUMS):
+        chunk = 1 << rng.randint(12, 20)
+        length = rng.randint(1, chunk * 40)
+        offset = rng.randint(0, 1 << 40)
+        kw = dict(request_id=req, volume=vol, offset=offset, length=length, chunk_size=chunk)
+        if t == p.MsgType.CHECKSUMS:
+            kw["digests"] = [rng.randbytes(32) for _ in range(-(-length // chunk))]
+        return p.message_class(t)(**kw)
+    if t == p.MsgType.CHECKPOINT:
+        return p.Checkpoint(request_id=req, name=_name(rng))
+    if t == p.MsgType.RECOVER_OPEN:
+        return p.RecoverOpen(request_id=req, mode=rng.choice(list(p.RecoverMode)),
+                             name=_name(rng), point=rng.choice(["latest", "cp-1",
+                                                                "2026-11-25T18:00:00Z"]))
+    if t == p.MsgType.RECOVER_READY:
+        return p.RecoverReady(request_id=req, volume=vol, size=_u(rng, 64),
+                              point_time_ns=_u(rng, 64))
+    if t == p.MsgType.PING:
+        return p.Ping(request_id=req, sent_ns=_u(rng, 64))
+    if t == p.MsgType.PONG:
+        return p.Pong(request_id=req, echo_ns=_u(rng, 64), responder_ns=_u(rng, 64))
+    if t == p.MsgType.ERROR:
+        return p.Error(request_id=req, code=_u(rng, 32), failed_type=_u(rng, 8),
+                       message=_text(rng, p.MAX_TEXT))
+    if t == p.MsgType.GOODBYE:
+        return p.Goodbye(reason=_text(rng, p.MAX_TEXT))
+    cls = p.message_class(t)
+    kw = {name: (req if name == "request_id" else vol) for name in cls.HEADER_FIELDS}
+    return cls(**kw)
+
+
+def test_random_messages_of_every_type_round_trip():
+    rng = random.Random(20261125)
+    types = list(p.MsgType)
+    messages = [random_message(rng, types[i % len(types)]) for i in range(2000)]
+    stream = bytearray()
+    for msg in messages:
+        raw = p.encode(msg)
+        back = p.decode(raw)
+        assert back.fields() == msg.fields(), msg.describe()
+        assert p.encode(back) == raw
+        again = p.message_from_fields(msg.TYPE.name, json.loads(json.dumps(msg.fields())))
+        assert p.encode(again) == raw
+        stream += raw
+    dec = p.Decoder()
+    got, pos = [], 0
+    while pos < len(stream):  # bounded: pos grows by at least 1 each turn
+        step = rng.randint(1, 5000)
+        dec.feed(stream[pos:pos + step])
+        pos += step
+        got.extend(dec)
+    dec.close()
+    assert [m.fields() for m in got] == [m.fields() for m in messages]
+
+
+def test_random_corruption_never_escapes_the_error_tree():
+    """Flip random bits of valid frames: the decoder either decodes something
+    or raises a ReplicationError, never anything else."""
+    rng = random.Random(7)
+    frames = [v["bytes"] for v in VALID]
+    for _ in range(2000):
+        raw = bytearray(rng.choice(frames))
+        for _ in range(rng.randint(1, 3)):
+            raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
+        try:
+            p.decode(raw)
+        except p.ReplicationError:
+            pass
+
+
+def test_payload_fuzz_behind_a_valid_header_stays_in_the_error_tree():
+    """Random payloads with correct CRCs reach every payload parser."""
+    rng = random.Random(11)
+    for i in range(2000):
+        t = list(p.MsgType)[i % len(p.MsgType)]
+        payload = rng.randbytes(rng.choice([0, 1, 4, 8, 16, 40, 44, 80]))
+        cls = p.message_class(t)
+        kw = {f: rng.choice([0, 1, 4096]) for f in cls.HEADER_FIELDS}
+        body = p.encode_header(t, 0, kw.get("request_id", 0), kw.get("volume", 0),
+                               len(payload), kw.get("offset", 0), kw.get("length", 0),
+                               zlib.crc32(payload))
+        try:
+            msg = p.decode(bytes(body) + payload)
+        except p.RequestError:
+            continue
+        assert p.encode(msg) == bytes(body) + payload
+
+
+# ---------------------------------------------------------------------------
+# 4. Handshake
+
+
+def _hs():
+    h = HANDSHAKE
+    return (bytes.fromhex(h["secret"]), bytes.fromhex(h["agent_nonce"]),
+            bytes.fromhex(h["hub_nonce"]), h["agent_id"], h["hub_id"])
+
+
+def test_handshake_proofs_match_the_vectors():
+    secret, na, nh, aid, hid = _hs()
+    assert p.hub_proof(secret, na, nh, aid, hid).hex() == HANDSHAKE["hub_proof"]
+    assert p.agent_proof(secret, na, nh, aid, hid).hex() == HANDSHAKE["agent_proof"]
+    # The transcript layout, spelled out as PROTOCOL.md states it.
+    def transcript(label):
+        return (label + na + nh + struct.pack("!H", len(aid)) + aid.encode()
+                + struct.pack("!H", len(hid)) + hid.encode())
+    assert transcript(b"RPL1 hub proof").hex() == HANDSHAKE["hub_transcript"]
+    assert transcript(b"RPL1 agent proof").hex() == HANDSHAKE["agent_transcript"]
+    import hmac
+    assert hmac.new(secret, transcript(b"RPL1 agent proof"), "sha256").hexdigest() \
+        == HANDSHAKE["agent_proof"]
+
+
+def test_handshake_frames_carry_the_proofs():
+    secret, na, nh, aid, hid = _hs()
+    frames = {v["name"]: p.decode(v["bytes"]) for v in p.load_vectors(VECTORS / "handshake.json")}
+    hello, reply, auth = frames["hello"], frames["hello_reply"], frames["auth"]
+    assert hello.nonce == na and hello.agent_id == aid
+    assert p.proof_matches(p.hub_proof(secret, hello.nonce, reply.nonce, hello.agent_id,
+                                       reply.hub_id), reply.proof)
+    assert p.proof_matches(p.agent_proof(secret, hello.nonce, reply.nonce, hello.agent_id,
+                                         reply.hub_id), auth.proof)
+    assert isinstance(frames["auth_ok"], p.AuthOk)
+
+
+def test_replayed_agent_proof_fails_against_a_fresh_hub_nonce():
+    secret, na, nh, aid, hid = _hs()
+    recorded = p.agent_proof(secret, na, nh, aid, hid)
+    fresh_nh = bytes(32)
+    assert p.agent_proof(secret, na, fresh_nh, aid, hid) != recorded
+    assert not p.proof_matches(p.agent_proof(secret, na, fresh_nh, aid, hid), recorded)
+    # A hub proof cannot be reflected as an agent proof (different labels).
+    assert not p.proof_matches(p.hub_proof(secret, na, nh, aid, hid), recorded)
+
+
+def test_wrong_secret_or_identity_fails():
+    secret, na, nh, aid, hid = _hs()
+    good = p.agent_proof(secret, na, nh, aid, hid)
+    other = bytes(31) + b"\x01"
+    assert not p.proof_matches(p.agent_proof(other, na, nh, aid, hid), good)
+    assert not p.proof_matches(p.agent_proof(secret, na, nh, "agent-2", hid), good)
+    assert not p.proof_matches(p.agent_proof(secret, na, nh, aid, "hub-2"), good)
+    assert p.proof_matches(good, bytearray(good))
+
+
+def test_parse_secret():
+    assert p.parse_secret(" " + "ab" * 32 + "\n") == b"\xab" * 32
+    with pytest.raises(ValueError, match="not a hex"):
+        p.parse_secret("zz" * 32)
+    with pytest.raises(ValueError, match="at least 16"):
+        p.parse_secret("ab" * 15)
+
+
+# ---------------------------------------------------------------------------
+# 5. Encoder-side checks and helpers
+
+
+def test_message_types_are_partitioned_by_direction():
+    sets = (p.AGENT_TO_HUB, p.HUB_TO_AGENT, p.BOTH_WAYS)
+    assert set().union(*sets) == set(p.MsgType)
+    assert sum(len(s) for s in sets) == len(p.MsgType)
+
+
+def test_encoder_refuses_what_the_decoder_would_reject():
+    with pytest.raises(p.PayloadTooLarge):
+        p.Write(request_id=1, volume=1, data=memoryview(bytearray(p.MAX_PAYLOAD + 1))).encode()
+    with pytest.raises(p.InvalidField, match="nonce is 5 bytes"):
+        p.encode(p.Hello(nonce=b"short", agent_id="a"))
+    with pytest.raises(p.InvalidField, match="generation"):
+        p.encode(p.Attach(request_id=1, size=1, generation=b"x" * 17, name="d"))
+    with pytest.raises(p.InvalidField, match="digest"):
+        p.encode(p.Checksums(request_id=1, volume=1, length=4096, chunk_size=4096,
+                             digests=[b"x"]))
+    with pytest.raises(p.InvalidField, match="volume name"):
+        p.encode(p.Attach(request_id=1, size=1, name="d" * (p.MAX_NAME + 1)))
+    with pytest.raises(p.InvalidField, match="header field out of range"):
+        p.encode(p.Ack(request_id=1 << 64))
+
+
+def test_long_texts_are_clipped_on_utf8_boundaries():
+    msg = p.Error(request_id=1, code=p.ErrorCode.IO_ERROR, message="\u00e9" * p.MAX_TEXT)
+    back = p.decode(p.encode(msg))
+    assert back.message == "\u00e9" * (p.MAX_TEXT // 2)
+    back = p.decode(p.encode(p.Goodbye(reason="\U0001f600" * 300)))
+    assert back.reason == "\U0001f600" * (p.MAX_TEXT // 4)
+
+
+def test_error_from_exception_and_describe():
+    err = p.OutOfRange("past the end", request_id=5, msg_type=p.MsgType.WRITE)
+    msg = p.Error.from_exception(err)
+    assert (msg.code, msg.request_id, msg.failed_type) == (p.ErrorCode.OUT_OF_RANGE, 5,
+                                                           p.MsgType.WRITE)
+    assert msg.describe() == "ERROR req=5 code=OUT_OF_RANGE 'past the end'"
+    assert p.Error(code=12345).code_name() == "12345"
+    app = p.RequestError("not yours", code=p.ErrorCode.NOT_OWNER)
+    assert p.Error.from_exception(app).code == p.ErrorCode.NOT_OWNER
+    assert p.Error.from_exception(p.BadMagic("x")).code == p.ErrorCode.PROTOCOL
+    w = p.Write(request_id=7, volume=1, offset=4096, data=b"x" * 65536, flags=0x100)
+    assert w.describe() == "WRITE req=7 vol=1 off=4096 len=65536 flags=0x100"
+    assert p.ReadReply(request_id=1, volume=1, length=4, flags=p.FLAG_ZERO).is_zero
+    assert not p.ReadReply(request_id=1, volume=1, data=b"x").is_zero
+
+
+def test_decode_refuses_bytes_after_the_frame_and_short_payloads():
+    raw = p.encode(p.Ack(request_id=1))
+    with pytest.raises(p.InvalidField, match="1 bytes after"):
+        p.decode(raw + b"\x00")
+    header = p.parse_header(p.encode(p.Ping(request_id=1, sent_ns=5)))
+    with pytest.raises(p.TruncatedFrame, match="payload is 3 bytes"):
+        p.decode_body(header, b"abc")
+    with pytest.raises(p.TruncatedFrame, match="header is 3 bytes"):
+        p.parse_header(b"abc")
+
+
+def test_decoder_after_a_protocol_error_stays_broken_and_can_be_fed():
+    dec = p.Decoder()
+    dec.feed(b"\x00" * p.HEADER_SIZE)
+    with pytest.raises(p.BadMagic):
+        dec.next_message()
+    dec.feed(p.encode(p.Ack(request_id=1)))  # must not raise BufferError
+    with pytest.raises(p.BadMagic):
+        dec.next_message()
+
+
+def test_validate_name_and_check_range():
+    assert p.validate_name("disk-0.img_1") == "disk-0.img_1"
+    for bad in ("", ".hidden", "a/b", "a\x00", "\u00e9t\u00e9", "a" * (p.MAX_NAME + 1)):
+        with pytest.raises(p.InvalidField) as info:
+            p.validate_name(bad)
+        assert info.value.code == p.ErrorCode.BAD_NAME
+    p.check_range(4096, 4096, 8192)
+    with pytest.raises(p.OutOfRange, match="ends at 8193, past the volume's end 8192"):
+        p.check_range(4097, 4096, 8192)
+
+
+def test_message_from_fields_defaults_and_every_class_is_registered():
+    for t in p.MsgType:
+        cls = p.message_class(t)
+        assert cls.TYPE == t and dataclasses.is_dataclass(cls)
+    msg = p.message_from_fields("ATTACH", {"request_id": 1, "state": "DIRTY", "name": "d",
+                                           "size": 1})
+    assert msg.state is p.VolumeState.DIRTY and msg.chunk_size == 65536
+
+
+def test_errors_name_the_field_the_value_and_the_expectation():
+    frame = bytearray(p.encode(p.Ack(request_id=1)))
+    frame[0] ^= 0xFF
+    with pytest.raises(p.BadMagic, match="bad magic 0xad504c31, expected 0x52504c31"):
+        p.decode(frame)
+    raw = bytes.fromhex(next(v for v in MALFORMED if v["name"] == "volume_unused")["hex"])
+    with pytest.raises(p.InvalidField, match="ACK header field volume is 7, expected 0"):
+        p.decode(raw)
