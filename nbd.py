@@ -56,6 +56,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from typing import Callable, Union
 
 log = logging.getLogger("nbd")
@@ -529,20 +530,28 @@ class _Connection:
     def close(self) -> None:
         """Wait (bounded) for in-flight replies, then close the socket."""
         self.wait_drained(DRAIN_TIMEOUT)
-        with self.send_lock:
-            self.closed = True
         if self.in_flight:
             log.warning("%s: closing with %d replies still pending; they will be dropped",
                         self.name, self.in_flight)
+        self.abort()
+        self.sock.close()
+
+    def wait_drained(self, timeout: float) -> bool:
+        """True once no reply is pending; False on timeout or abort()."""
+        with self.in_flight_changed:
+            self.in_flight_changed.wait_for(lambda: self.in_flight == 0 or self.closed, timeout)
+            return self.in_flight == 0
+
+    def abort(self) -> None:
+        """Any thread: drop pending replies from now on and shut the socket."""
+        with self.send_lock:
+            self.closed = True
+        with self.in_flight_changed:
+            self.in_flight_changed.notify_all()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self.sock.close()
-
-    def wait_drained(self, timeout: float) -> bool:
-        with self.in_flight_changed:
-            return self.in_flight_changed.wait_for(lambda: self.in_flight == 0, timeout)
 
     # -- handshake (recv thread) -------------------------------------------
 
@@ -717,8 +726,8 @@ class _Connection:
         """Count one more in-flight request, waiting while MAX_IN_FLIGHT are pending."""
         with self.in_flight_changed:
             while self.in_flight >= MAX_IN_FLIGHT:
-                if self.server.stopping.is_set():
-                    raise ConnectionClosed("server stopping")
+                if self.server.stopping.is_set() or self.closed:
+                    raise ConnectionClosed("connection closing with requests in flight")
                 self.in_flight_changed.wait(1.0)
             self.in_flight += 1
 
@@ -908,15 +917,14 @@ class NBDServer:
             connections = list(self._connections)
         for conn in connections:
             conn.shutdown_read()
+        deadline = time.monotonic() + timeout
         for conn in connections:
-            conn.wait_drained(timeout)
-            with conn.send_lock:
-                conn.closed = True
-            try:
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            conn.thread.join(timeout)
+            if not conn.wait_drained(max(0.0, deadline - time.monotonic())):
+                log.warning("%s: %d replies still pending at stop; dropping them",
+                            conn.name, conn.in_flight)
+            conn.abort()
+        for conn in connections:
+            conn.thread.join(max(0.1, deadline - time.monotonic()))
             if conn.thread.is_alive():
                 log.warning("%s did not stop within %.1fs", conn.name, timeout)
         if isinstance(self.address, str):
