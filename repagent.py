@@ -1,7 +1,1923 @@
 #!/usr/bin/env python3
-"""repagent: not yet implemented (see the project's issues)."""
+"""repagent: protect qemu-storage-daemon disks by streaming every guest write to rephub.
 
+How a write travels (DESIGN.md "Data flows")::
+
+    guest --> QSD --active mirror, write-blocking--> NBD target (this agent)
+                                                        | 1. mark the chunk in the
+                                                        |    persistent dirty bitmap
+                                                        | 2. queue WRITE/ZERO on the
+                                                        v    one ordered hub stream
+                                                      rephub --ACK--> bit cleared
+
+The agent never patches QEMU.  Over QMP it adds an NBD client node pointing
+at its own NBD server and starts an active mirror (``sync: none``,
+``copy-mode: write-blocking``), so each guest write completes only after the
+agent has answered it (QEMU-NOTES.md).  What the answer promises depends on
+``--mode``:
+
+* ``sync``: the hub's ACK (durable at the hub), but never later than
+  ``--sync-timeout``; past it the agent answers anyway, keeps the chunk
+  marked, logs a WARNING and runs *degraded* (answers like async mode) until
+  no chunk is left that only a resync can repair.
+* ``async``: the chunk is marked; the write is sent in the background.  The
+  send queue is bounded in bytes (``--max-queue``): when it is full the write
+  is not queued, only marked, and the dropped regions are reported to the hub
+  with an unsolicited DIRTY_MAP so that it resyncs them.
+
+The rules this file implements (SEMANTICS.md, DESIGN.md "rules"):
+
+* Rule 2, pending IO is never forgotten: ``DirtyBitmap``.  One bit per chunk
+  in a memory-mapped file, set *before* QEMU is answered.  In memory per
+  chunk: ``inflight`` (WRITE/ZERO queued, not ACKed) and ``lost_seq`` (the
+  stream sequence number at which a write touching the chunk was dropped).
+  A bit clears when inflight == 0 and lost_seq == 0.  Every frame queued on
+  the hub stream gets the next stream sequence number; a SYNCED for a reply
+  queued at sequence ``s`` forgets a loss at ``lost_seq < s``.
+* Rule 4, stale reads: a READ or CHECKSUM_QUERY from the hub opens a *read
+  window* over its range before reading QSD.  A guest write to a volume
+  with an open window overlapping it (or with writes already held back) is
+  marked and answered as usual, but its frame is held back and queued only
+  after the window's reply.  So every write the read may not have seen is
+  sent after the reply, and QEMU's write path never waits on a QSD read
+  (a QSD read waiting on a guest write that waits on us cannot deadlock).
+* Rule 5, QEMU is told the truth: the mirror job survives an agent restart
+  and is resumed, never started twice; a job that vanished although the
+  state dir says we had one means QSD restarted: the job is set up again and
+  the volume attached as UNKNOWN, so the hub verifies it by checksums.
+
+Threads (each named; stopped by ``Agent.stopping`` and joined with a timeout)::
+
+    main                 set-up, then waits for SIGTERM/SIGINT, then drains
+    repagent-heartbeat   the only thread that connects to the hub: backoff,
+                         handshake, ATTACH every volume, PING, hub-timeout
+    repagent-send        (per connection) pops the send queue, sends frames
+    repagent-recv        (per connection) sequential blocking recv loop,
+                         dispatches to ``Agent.on_<TYPE>``
+    repagent-sync-N      serves READ / CHECKSUM_QUERY / DIRTY_QUERY (never on
+                         the recv loop, so ACKs keep flowing meanwhile)
+    repagent-timer       answers sync-mode writes whose ACK is late
+    repagent-jobs        watches the mirror jobs: resumes a paused job, sets
+                         up again after a QSD restart
+    repagent-control     serves ``status`` on the control socket
+    qmp-reader           reads QMP replies and events
+    nbd-*                the NBD target (nbd.py), calls ``TargetHandler``
+
+State directory (``--state-dir``)::
+
+    agent.lock           flock'ed by the running agent (one agent per dir)
+    control.sock         status requests ("status\\n" -> one JSON document)
+    VOLUME.bitmap        dirty bitmap: header (magic, chunk size, size,
+                         generation) then one bit per chunk, mmap'ed
+    VOLUME.json          QEMU side: node, job and node names, whether a
+                         mirror was set up, whether the hub must verify
+    VOLUME.nbd           unix socket of the NBD target QSD writes into
+
+How the agent reads the protected volume for the hub: ``--source
+NODE=URI`` with an NBD URI of QSD's export of that node
+(``nbd+unix:///EXPORT?socket=PATH`` or ``nbd://HOST:PORT/EXPORT``); without
+it, a node whose format is raw over a plain file is read from the image file
+itself (through the page cache QSD shares).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import enum
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import mmap
+import os
+import queue
+import random
+import signal
+import socket
+import ssl
+import struct
 import sys
+import threading
+import time
+import urllib.parse
+from typing import Callable
+
+import nbd
+import protocol as p
+
+log = logging.getLogger("repagent")
+
+# ---------------------------------------------------------------------------
+# Limits and defaults (each says why it is that big)
+
+DEFAULT_CHUNK = 64 * 1024
+"""Dirty-tracking granularity; also the mirror's granularity.  64 KiB keeps
+the bitmap of a 1 TiB disk at 2 MiB while a resync re-sends little."""
+
+DEFAULT_MAX_QUEUE = 64 * 1024 * 1024
+"""Bytes of WRITE data queued for the hub before async mode starts dropping."""
+
+DEFAULT_SYNC_TIMEOUT = 5.0
+DEFAULT_HUB_TIMEOUT = 15.0
+DEFAULT_DRAIN_TIMEOUT = 10.0
+DEFAULT_RECONNECT_DELAY = 5
+"""QEMU's NBD client waits this long for the agent to come back before it
+fails a target write (and the job pauses): long enough for an agent restart."""
+
+BACKOFF_MIN = 0.2
+BACKOFF_MAX = 5.0
+"""Reconnect backoff bounds (seconds, doubling, with jitter)."""
+
+JOB_POLL_INTERVAL = 1.0
+"""How often the mirror jobs are checked (and a paused job resumed)."""
+
+SYNC_WORKERS = 2
+"""Threads serving the hub's READs; each holds its own QSD reader."""
+
+CHECKSUM_PIECE = 4 * 1024 * 1024
+"""A CHECKSUM_QUERY range is read from QSD in pieces of at most this."""
+
+MAX_SYNCED_MEMORY = 65536
+"""Replies whose stream sequence we remember for a later SYNCED."""
+
+QMP_TIMEOUT = 30.0
+CONTROL_TIMEOUT = 5.0
+MAX_UNIX_PATH = 107
+
+
+def parse_size(text: str) -> int:
+    """'65536', '64K', '64KiB', '1M', '2G' -> bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in units else ""
+    number = t[:-1] if unit else t
+    try:
+        value = int(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not a number with an "
+                                         "optional K/M/G/T suffix") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
+    return value
+
+
+def check_unix_path(path: str, what: str) -> str:
+    if len(os.fsencode(path)) > MAX_UNIX_PATH:
+        raise ValueError(f"{what} {path!r} is {len(os.fsencode(path))} bytes, a unix "
+                         f"socket path holds at most {MAX_UNIX_PATH}: use a shorter "
+                         "--state-dir")
+    return path
+
+
+# ---------------------------------------------------------------------------
+# The persistent dirty bitmap (SEMANTICS.md "Agent's dirty bitmap")
+
+# offset size field
+#  0      8  magic        b"RPAGBMP1"
+#  8      2  version      1
+# 10      2  reserved     0
+# 12      4  chunk_size
+# 16      8  size         volume size in bytes
+# 24     16  generation   random, created with the file (ATTACH.generation)
+# 40     24  reserved     0
+# 64      -  bits         bit i of byte j is chunk 8*j+i
+BITMAP_HEADER = struct.Struct("!8sHHIQ16s24x")
+BITMAP_MAGIC = b"RPAGBMP1"
+BITMAP_VERSION = 1
+
+
+class BitmapError(Exception):
+    """A bitmap file that cannot be used (wrong magic, size or chunk size)."""
+
+
+class DirtyBitmap:
+    """One bit per chunk, persisted in a memory-mapped file, plus in-memory
+    ``inflight`` and ``lost_seq`` per chunk (sparse dicts).
+
+    Not locked itself: every method runs with ``Agent.lock`` held (any
+    thread), which is also what makes "mark, then queue" atomic.
+    """
+
+    def __init__(self, path: str, size: int, chunk_size: int, fsync: bool = False):
+        self.path = path
+        self.size = size
+        self.chunk_size = chunk_size
+        self.chunks = -(-size // chunk_size)
+        self.fsync = fsync
+        self.inflight: dict[int, int] = {}
+        self.lost_seq: dict[int, int] = {}
+        self.dirty_count = 0
+        self.created = not os.path.exists(path)
+        file_size = BITMAP_HEADER.size + -(-self.chunks // 8)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if self.created or os.fstat(fd).st_size == 0:
+                self.created = True
+                self.generation = os.urandom(p.GENERATION_SIZE)
+                os.ftruncate(fd, file_size)
+                os.pwrite(fd, BITMAP_HEADER.pack(BITMAP_MAGIC, BITMAP_VERSION, 0, chunk_size,
+                                                 size, self.generation), 0)
+                os.fsync(fd)
+            else:
+                self.generation = self._check_header(os.pread(fd, BITMAP_HEADER.size, 0),
+                                                     os.fstat(fd).st_size, file_size)
+            self.map = mmap.mmap(fd, file_size)
+        finally:
+            os.close(fd)
+        self.bits = memoryview(self.map)[BITMAP_HEADER.size:]
+        for chunk in self.set_chunks():
+            # Loaded from disk: only a SYNCED (a READ made now) may clear it.
+            self.lost_seq[chunk] = 1
+            self.dirty_count += 1
+
+    def _check_header(self, raw: bytes, have: int, want: int) -> bytes:
+        if len(raw) < BITMAP_HEADER.size:
+            raise BitmapError(f"{self.path}: header is {len(raw)} bytes, "
+                              f"expected {BITMAP_HEADER.size}")
+        magic, version, _, chunk_size, size, generation = BITMAP_HEADER.unpack(raw)
+        if magic != BITMAP_MAGIC:
+            raise BitmapError(f"{self.path}: bad magic {magic!r}, expected {BITMAP_MAGIC!r}")
+        if version != BITMAP_VERSION:
+            raise BitmapError(f"{self.path}: version {version}, expected {BITMAP_VERSION}")
+        if chunk_size != self.chunk_size:
+            raise BitmapError(f"{self.path}: chunk_size {chunk_size}, expected "
+                              f"{self.chunk_size} (--chunk-size must not change; "
+                              "remove the state dir to start a new generation)")
+        if size != self.size:
+            raise BitmapError(f"{self.path}: volume size {size}, expected {self.size} "
+                              "(the disk was resized: remove the state dir)")
+        if have != want:
+            raise BitmapError(f"{self.path}: file is {have} bytes, expected {want}")
+        return generation
+
+    # -- bit primitives ----------------------------------------------------
+
+    def is_set(self, chunk: int) -> bool:
+        return bool(self.bits[chunk >> 3] & (1 << (chunk & 7)))
+
+    def _set(self, chunk: int) -> None:
+        byte, bit = chunk >> 3, 1 << (chunk & 7)
+        value = self.bits[byte]
+        if not value & bit:
+            self.bits[byte] = value | bit
+            self.dirty_count += 1
+
+    def _clear_if_done(self, chunk: int) -> None:
+        if chunk in self.inflight or chunk in self.lost_seq:
+            return
+        byte, bit = chunk >> 3, 1 << (chunk & 7)
+        value = self.bits[byte]
+        if value & bit:
+            self.bits[byte] = value & ~bit
+            self.dirty_count -= 1
+
+    # -- the rules -----------------------------------------------------------
+
+    def chunk_range(self, offset: int, length: int) -> range:
+        return range(offset // self.chunk_size, (offset + length - 1) // self.chunk_size + 1)
+
+    def mark(self, chunks: range) -> None:
+        """A write from QEMU touches these chunks: set them before QEMU is answered."""
+        for chunk in chunks:
+            self._set(chunk)
+        if self.fsync:
+            self.map.flush()
+
+    def add_inflight(self, chunks: range) -> None:
+        """A WRITE/ZERO touching these chunks was queued for the hub."""
+        for chunk in chunks:
+            self.inflight[chunk] = self.inflight.get(chunk, 0) + 1
+
+    def ack(self, chunks: range) -> None:
+        """The hub ACKed one queued write: inflight -= 1, clear what is done."""
+        for chunk in chunks:
+            n = self.inflight.get(chunk, 0) - 1
+            if n > 0:
+                self.inflight[chunk] = n
+            else:
+                self.inflight.pop(chunk, None)
+                self._clear_if_done(chunk)
+
+    def lose(self, chunks: range, seq: int) -> None:
+        """A write touching these chunks was dropped (not sent) at stream seq."""
+        for chunk in chunks:
+            self.lost_seq[chunk] = seq
+
+    def drop_inflight(self, chunks: range, seq: int) -> None:
+        """A queued write will never be ACKed (connection lost): it is dropped."""
+        for chunk in chunks:
+            n = self.inflight.get(chunk, 0) - 1
+            if n > 0:
+                self.inflight[chunk] = n
+            else:
+                self.inflight.pop(chunk, None)
+            self.lost_seq[chunk] = seq
+
+    def synced(self, chunks: range, seq: int) -> None:
+        """SYNCED for a reply queued at ``seq``: forget older losses, clear."""
+        for chunk in chunks:
+            lost = self.lost_seq.get(chunk)
+            if lost is not None and lost < seq:
+                del self.lost_seq[chunk]
+            self._clear_if_done(chunk)
+
+    # -- reading it out --------------------------------------------------------
+
+    def set_chunks(self):
+        """Yield every chunk whose bit is set, skipping zero regions fast."""
+        step = 4096
+        zero = bytes(step)
+        bits = self.bits
+        for base in range(0, len(bits), step):
+            block = bits[base:base + step]
+            if block == zero[:len(block)]:
+                continue
+            for i, value in enumerate(block):
+                if value:
+                    for bit in range(8):
+                        if value & (1 << bit):
+                            chunk = (base + i) * 8 + bit
+                            if chunk < self.chunks:
+                                yield chunk
+
+    def extents(self, chunks=None) -> list[tuple[int, int]]:
+        """Sorted, merged (offset, length) byte extents of the given (or set) chunks."""
+        out: list[list[int]] = []
+        for chunk in sorted(chunks) if chunks is not None else self.set_chunks():
+            start = chunk * self.chunk_size
+            end = min(start + self.chunk_size, self.size)
+            if out and out[-1][1] == start:
+                out[-1][1] = end
+            else:
+                out.append([start, end])
+        return [(s, e - s) for s, e in out]
+
+    @property
+    def dirty_bytes(self) -> int:
+        return self.dirty_count * self.chunk_size
+
+    def close(self) -> None:
+        self.bits.release()
+        self.map.flush()
+        self.map.close()
+
+
+# ---------------------------------------------------------------------------
+# QMP client (qemu/qemu docs/interop/qmp-spec)
+
+
+class QMPError(Exception):
+    """QEMU answered a command with an error: keeps the class and description."""
+
+    def __init__(self, command: str, error_class: str, desc: str):
+        self.command, self.error_class, self.desc = command, error_class, desc
+        super().__init__(f"QMP {command} failed: {error_class}: {desc}")
+
+
+class QMPClosed(ConnectionError):
+    """The QMP socket closed (QSD exited or restarted)."""
+
+
+class QMPClient:
+    """A small blocking QMP client over a unix socket.
+
+    ``execute`` runs in any thread and waits for the reply with the same id;
+    the ``qmp-reader`` thread reads every line, hands replies to their
+    waiter and events to ``on_event`` (called in the reader thread).
+    """
+
+    def __init__(self, path: str, on_event: Callable[[dict], None] | None = None,
+                 timeout: float = QMP_TIMEOUT):
+        self.path = path
+        self.timeout = timeout
+        self.on_event = on_event
+        self._ids = iter(range(1, 1 << 62))
+        self._lock = threading.Lock()
+        self._waiters: dict[str, list] = {}
+        self.closed = threading.Event()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.connect(path)
+            self._file = self.sock.makefile("rb")
+            greeting = self._read_json()
+            if "QMP" not in greeting:
+                raise QMPClosed(f"QMP greeting expected from {path}, got {greeting!r}")
+            self.sock.settimeout(None)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.version = greeting["QMP"].get("version", {}).get("qemu", {})
+        self._reader = threading.Thread(target=self._read_loop, name="qmp-reader", daemon=True)
+        self._reader.start()
+        self.execute("qmp_capabilities")
+
+    def _read_json(self) -> dict:
+        line = self._file.readline()
+        if not line:
+            raise QMPClosed(f"QMP socket {self.path} closed")
+        return json.loads(line)
+
+    def _read_loop(self) -> None:
+        """qmp-reader thread."""
+        try:
+            while True:
+                msg = self._read_json()
+                if "event" in msg:
+                    log.debug("QMP event %s %s", msg["event"], msg.get("data"))
+                    if self.on_event:
+                        try:
+                            self.on_event(msg)
+                        except Exception:  # an event handler bug must not kill QMP
+                            log.exception("QMP event handler failed on %s", msg["event"])
+                    continue
+                with self._lock:
+                    waiter = self._waiters.pop(str(msg.get("id")), None)
+                if waiter is not None:
+                    waiter[1] = msg
+                    waiter[0].set()
+        except (OSError, ValueError, QMPClosed) as err:
+            log.debug("QMP reader stops: %s", err)
+        finally:
+            self.closed.set()
+            with self._lock:
+                waiters, self._waiters = self._waiters, {}
+            for event, _ in waiters.values():
+                event.set()
+
+    def execute(self, command: str, **arguments):
+        """Run one command; return its "return" value or raise QMPError/QMPClosed."""
+        if self.closed.is_set():
+            raise QMPClosed(f"QMP socket {self.path} is closed")
+        ident = str(next(self._ids))
+        waiter = [threading.Event(), None]
+        with self._lock:
+            self._waiters[ident] = waiter
+        request = {"execute": command, "id": ident}
+        if arguments:
+            request["arguments"] = arguments
+        log.debug("QMP --> %s %s", command, arguments or "")
+        try:
+            self.sock.sendall(json.dumps(request).encode() + b"\n")
+        except OSError as err:
+            raise QMPClosed(f"QMP send failed: {err}") from err
+        if not waiter[0].wait(self.timeout):
+            with self._lock:
+                self._waiters.pop(ident, None)
+            raise TimeoutError(f"QMP {command}: no answer within {self.timeout}s")
+        reply = waiter[1]
+        if reply is None:
+            raise QMPClosed(f"QMP socket closed while waiting for {command}")
+        if "error" in reply:
+            raise QMPError(command, reply["error"].get("class", "?"),
+                           reply["error"].get("desc", ""))
+        return reply.get("return")
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self._reader.join(2.0)
+
+
+# ---------------------------------------------------------------------------
+# The mirror job (QEMU-NOTES.md "How a copy of every guest write leaves QEMU")
+
+
+class JobSetup(enum.Enum):
+    STARTED = "started"        # no job before: a new mirror
+    RESUMED = "resumed"        # our job from an earlier run of the agent
+    RESTARTED = "restarted"    # the state dir had a job, QSD did not: QSD restarted
+
+
+def qemu_names(node: str) -> tuple[str, str, str]:
+    """(job id, target node, filter node) for a source node.
+
+    QEMU node names hold at most 31 characters; long names are hashed.
+    """
+    base = f"ra-{node}"
+    if len(base) > 27:
+        base = "ra-" + hashlib.sha256(node.encode()).hexdigest()[:12]
+    return base, f"{base}-tgt", f"{base}-top"
+
+
+def find_node(qmp: QMPClient, node: str) -> dict:
+    for info in qmp.execute("query-named-block-nodes", flat=True):
+        if info.get("node-name") == node:
+            return info
+    raise LookupError(f"QSD has no block node named {node!r} "
+                      "(see query-named-block-nodes)")
+
+
+def find_job(qmp: QMPClient, job_id: str) -> dict | None:
+    for job in qmp.execute("query-block-jobs"):
+        if job.get("device") == job_id:
+            return job
+    return None
+
+
+def job_is_paused(job: dict) -> bool:
+    return bool(job.get("paused")) or job.get("status") in ("paused", "standby")
+
+
+def setup_mirror(qmp: QMPClient, meta: dict, target_socket: str, export: str,
+                 chunk_size: int, reconnect_delay: int) -> JobSetup:
+    """Start the active mirror of meta["node"] into our NBD target, or resume ours."""
+    job_id, target, filter_node = meta["job_id"], meta["target_node"], meta["filter_node"]
+    job = find_job(qmp, job_id)
+    if job is not None and job.get("status") in ("concluded", "null", "aborting"):
+        log.warning("mirror job %s is %s (error %r): dismissing it and starting again",
+                    job_id, job.get("status"), job.get("error"))
+        try:
+            qmp.execute("job-dismiss", id=job_id)
+        except QMPError as err:
+            log.warning("job-dismiss %s: %s", job_id, err)
+        job = None
+    if job is not None:
+        if job_is_paused(job):
+            qmp.execute("block-job-resume", device=job_id)
+            log.info("mirror job %s was paused (io-status %s): resumed", job_id,
+                     job.get("io-status"))
+        log.info("mirror job %s of node %s resumed (status %s), not restarted",
+                 job_id, meta["node"], job.get("status"))
+        return JobSetup.RESUMED
+    outcome = JobSetup.RESTARTED if meta.get("mirror") else JobSetup.STARTED
+    nodes = {n.get("node-name") for n in qmp.execute("query-named-block-nodes", flat=True)}
+    if target in nodes:
+        qmp.execute("blockdev-del", **{"node-name": target})
+    qmp.execute("blockdev-add", driver="nbd", **{"node-name": target},
+                server={"type": "unix", "path": target_socket}, export=export,
+                **{"reconnect-delay": reconnect_delay})
+    qmp.execute("blockdev-mirror", **{
+        "job-id": job_id, "device": meta["node"], "target": target, "sync": "none",
+        "copy-mode": "write-blocking", "on-target-error": "stop",
+        "on-source-error": "stop", "auto-finalize": False, "auto-dismiss": False,
+        "filter-node-name": filter_node, "granularity": chunk_size})
+    log.info("mirror job %s of node %s %s (write-blocking into %s)", job_id, meta["node"],
+             outcome.value, target_socket)
+    return outcome
+
+
+def teardown_mirror(qmp: QMPClient, meta: dict, timeout: float = 30.0) -> None:
+    """cancel -> finalize -> dismiss -> blockdev-del (never block-job-complete:
+    that would pivot the guest onto our target)."""
+    job_id, target = meta["job_id"], meta["target_node"]
+    deadline = time.monotonic() + timeout
+    job = find_job(qmp, job_id)
+    if job is not None:
+        if job.get("status") not in ("pending", "concluded", "aborting"):
+            qmp.execute("block-job-cancel", device=job_id, force=True)
+        while job is not None and time.monotonic() < deadline:
+            status = job.get("status")
+            if status == "pending":
+                qmp.execute("job-finalize", id=job_id)
+            elif status == "concluded":
+                qmp.execute("job-dismiss", id=job_id)
+            time.sleep(0.05)  # QEMU offers no blocking wait on a job state over QMP
+            job = find_job(qmp, job_id)
+        if job is not None:
+            raise TimeoutError(f"mirror job {job_id} still {job.get('status')} after "
+                               f"{timeout}s")
+        log.info("mirror job %s cancelled and dismissed", job_id)
+    nodes = {n.get("node-name") for n in qmp.execute("query-named-block-nodes", flat=True)}
+    if target in nodes:
+        qmp.execute("blockdev-del", **{"node-name": target})
+        log.info("target node %s deleted", target)
+
+
+# ---------------------------------------------------------------------------
+# Reading the protected volume for the hub
+
+
+class FileSource:
+    """Reads a raw image file directly (QSD shares the page cache)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:  # a sparse raw file shorter than the node reads as zeroes
+            data += bytes(length - len(data))
+        return data
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __repr__(self):
+        return f"file:{self.path}"
+
+
+class NBDSource:
+    """Reads QSD's NBD export of the node; reconnects once on a broken connection."""
+
+    def __init__(self, address, export: str):
+        self.address, self.export = address, export
+        self.client: nbd.NBDClient | None = None
+
+    def read(self, offset: int, length: int) -> bytes:
+        for attempt in (1, 2):
+            try:
+                if self.client is None:
+                    self.client = nbd.NBDClient(self.address, self.export, timeout=60.0)
+                return self.client.read(offset, length)
+            except (OSError, nbd.ProtocolError) as err:
+                self.close()
+                if attempt == 2:
+                    raise OSError(errno.EIO, f"reading {self!r}: {err}") from err
+            except nbd.RequestError as err:
+                raise OSError(err.error, f"reading {self!r}: {err}") from err
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self.client is not None:
+            try:
+                self.client.close()
+            except OSError:
+                pass
+            self.client = None
+
+    def __repr__(self):
+        return f"nbd:{self.address}/{self.export}"
+
+
+def parse_nbd_uri(uri: str):
+    """'nbd+unix:///EXPORT?socket=PATH' or 'nbd://HOST[:PORT]/EXPORT' -> (address, export)."""
+    parts = urllib.parse.urlsplit(uri)
+    export = urllib.parse.unquote(parts.path.lstrip("/"))
+    if parts.scheme == "nbd+unix":
+        sock = urllib.parse.parse_qs(parts.query).get("socket")
+        if not sock:
+            raise ValueError(f"NBD URI {uri!r} has no ?socket=PATH")
+        return sock[0], export
+    if parts.scheme == "nbd":
+        if not parts.hostname:
+            raise ValueError(f"NBD URI {uri!r} has no host")
+        return (parts.hostname, parts.port or 10809), export
+    raise ValueError(f"NBD URI {uri!r}: scheme {parts.scheme!r}, expected nbd+unix or nbd")
+
+
+def raw_image_file(node_info: dict) -> str | None:
+    """The image file of a raw-format node over a plain file, else None."""
+    if node_info.get("drv") != "raw":
+        return None
+    image = node_info.get("image", {})
+    filename = image.get("filename", "")
+    if filename and os.path.isfile(filename) and not filename.startswith("json:"):
+        return filename
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Volumes and the NBD target
+
+
+@dataclasses.dataclass
+class PendingWrite:
+    """A WRITE/ZERO queued for the hub and not ACKed yet."""
+
+    request_id: int
+    volume: "Volume"
+    chunks: range
+    length: int
+    reply: Callable[[int], None] | None   # sync mode: QEMU waits for the ACK
+    deadline: float = 0.0
+
+
+@dataclasses.dataclass
+class ReadWindow:
+    """A hub READ/CHECKSUM_QUERY being served: writes overlapping it are held."""
+
+    start: int
+    end: int
+    conn: "HubConnection"
+
+
+class Volume:
+    """One protected node: its bitmap, QEMU names, hub id and counters."""
+
+    def __init__(self, name: str, node: str, state_dir: str):
+        self.name = p.validate_name(name, "volume name")
+        self.node = node
+        self.state_dir = state_dir
+        self.meta_path = os.path.join(state_dir, f"{name}.json")
+        self.bitmap_path = os.path.join(state_dir, f"{name}.bitmap")
+        self.target_socket = check_unix_path(os.path.join(state_dir, f"{name}.nbd"),
+                                              "NBD target socket")
+        self.meta = self._load_meta()
+        self.size = 0
+        self.bitmap: DirtyBitmap | None = None
+        self.source = None              # factory for a reader (one per sync thread)
+        self.server: nbd.NBDServer | None = None
+        self.volume_id: int | None = None   # the hub's id on the current connection
+        self.plan: p.SyncPlan | None = None
+        self.windows: list[ReadWindow] = []
+        self.held: collections.deque = collections.deque()  # (msg, PendingWrite)
+        self.dropped: set[int] = set()  # chunks dropped while attached, not yet reported
+        self.queued_frames = 0
+        self.queued_bytes = 0
+        self.job_status = "unknown"
+        self.counters = collections.Counter()
+
+    def _load_meta(self) -> dict:
+        job_id, target, filter_node = qemu_names(self.node)
+        meta = {"volume": self.name, "node": self.node, "job_id": job_id,
+                "target_node": target, "filter_node": filter_node, "mirror": False,
+                "needs_verify": False}
+        try:
+            with open(self.meta_path, encoding="utf-8") as f:
+                saved = json.load(f)
+        except FileNotFoundError:
+            return meta
+        if saved.get("node") != self.node:
+            raise ValueError(f"{self.meta_path}: volume {self.name!r} belongs to node "
+                             f"{saved.get('node')!r}, not {self.node!r}")
+        meta.update(saved)
+        return meta
+
+    def save_meta(self) -> None:
+        tmp = self.meta_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.meta, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.meta_path)
+
+    def attach_state(self) -> p.VolumeState:
+        if self.meta.get("needs_verify"):
+            return p.VolumeState.UNKNOWN
+        return p.VolumeState.DIRTY if self.bitmap.dirty_count else p.VolumeState.CLEAN
+
+    def overlaps_window(self, start: int, end: int) -> bool:
+        return any(w.start < end and start < w.end for w in self.windows)
+
+
+class TargetHandler(nbd.Handler):
+    """The NBD export QSD's mirror writes into; runs on the nbd-conn threads."""
+
+    def __init__(self, agent: "Agent", volume: Volume):
+        self.agent, self.volume = agent, volume
+
+    def write(self, offset, data, reply):
+        self.agent.protected_write(self.volume, offset, len(data), data, reply)
+
+    def write_zeroes(self, offset, length, reply):
+        self.agent.protected_write(self.volume, offset, length, None, reply)
+
+    def flush(self, reply):
+        # QEMU never forwards guest flushes to a mirror target (QEMU-NOTES.md);
+        # durability is the hub's ACK, tracked per write.  Nothing to wait for.
+        reply(0)
+
+    def read(self, offset, length, reply):
+        # The mirror never reads its target; answer from the source anyway.
+        try:
+            reply(0, self.agent.read_source(self.volume, offset, length))
+        except OSError as err:
+            log.warning("NBD read on target of %s failed: %s", self.volume.name, err)
+            reply(err.errno or errno.EIO)
+
+
+# ---------------------------------------------------------------------------
+# The hub connection
+
+
+class LinkState(enum.Enum):
+    DISCONNECTED = "disconnected"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    STOPPED = "stopped"
+
+
+class HandshakeError(Exception):
+    """The hub refused us or proved nothing (wrong secret, version...)."""
+
+
+class HubConnection:
+    """One TCP (or TLS) connection to the hub, after AUTH_OK.
+
+    Owns the send queue (frames in stream order), the ``repagent-send``
+    thread that drains it and the ``repagent-recv`` thread that reads.
+    ``put`` is called with ``Agent.lock`` held and never blocks.
+    """
+
+    def __init__(self, agent: "Agent", sock: socket.socket, peer: str, hub_id: str):
+        self.agent, self.sock, self.peer, self.hub_id = agent, sock, peer, hub_id
+        self.queue: collections.deque = collections.deque()
+        self.queued_bytes = 0
+        self.cond = threading.Condition(agent.lock)
+        self.send_lock = threading.Lock()
+        self.closed = threading.Event()
+        self.last_rx = time.monotonic()
+        self.connected_at = time.time()
+        self.last_ping = 0.0
+        self.rtt: float | None = None
+        self.threads = [
+            threading.Thread(target=self._send_loop, name="repagent-send", daemon=True),
+            threading.Thread(target=self._recv_loop, name="repagent-recv", daemon=True)]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def put(self, msg: p.Message, nbytes: int, volume: Volume | None) -> None:
+        """Queue one frame (caller holds Agent.lock)."""
+        self.queue.append((msg, nbytes, volume))
+        self.queued_bytes += nbytes
+        if volume is not None:
+            volume.queued_frames += 1
+            volume.queued_bytes += nbytes
+        self.cond.notify()
+
+    def send_direct(self, msg: p.Message) -> None:
+        """Send outside the queue (handshake, last words).  Any thread."""
+        with self.send_lock:
+            log.debug("--> %s", msg.describe())
+            p.send_message(self.sock, msg)
+
+    def _send_loop(self) -> None:
+        """repagent-send thread: pop frames in order and send them."""
+        agent = self.agent
+        try:
+            while True:
+                with agent.lock:
+                    while not self.queue and not self.closed.is_set():
+                        self.cond.wait(1.0)
+                    if self.closed.is_set():
+                        return
+                    msg, nbytes, volume = self.queue.popleft()
+                with self.send_lock:
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug("--> %s", msg.describe())
+                    p.send_message(self.sock, msg)
+                with agent.lock:
+                    if self is not agent.conn:
+                        continue        # connection_lost already reset the counters
+                    self.queued_bytes -= nbytes
+                    if volume is not None:
+                        volume.queued_frames -= 1
+                        volume.queued_bytes -= nbytes
+                    agent.after_send(self)
+        except OSError as err:
+            self.close(f"send failed: {err}")
+
+    def _recv_loop(self) -> None:
+        """repagent-recv thread: read frames one after the other, dispatch them."""
+        header_buf = bytearray(p.HEADER_SIZE)
+        try:
+            while not self.closed.is_set():
+                try:
+                    msg = p.recv_message(self.sock, header_buf)
+                except p.RequestError as err:
+                    log.warning("hub %s sent a bad request: %s", self.peer, err)
+                    self.agent.send_error(self, p.Error.from_exception(err))
+                    continue
+                if msg is None:
+                    self.close("hub closed the connection")
+                    return
+                self.last_rx = time.monotonic()
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("<-- %s", msg.describe())
+                handler = getattr(self.agent, f"on_{msg.TYPE.name}", None)
+                if handler is None:
+                    self.agent.send_error(self, p.Error(
+                        request_id=msg.request_id, code=p.ErrorCode.UNSUPPORTED,
+                        failed_type=msg.TYPE, message=f"agent does not accept {msg.TYPE.name}"))
+                    continue
+                handler(self, msg)
+        except p.ProtocolError as err:
+            log.warning("hub %s broke the protocol: %s", self.peer, err)
+            try:
+                self.send_direct(p.Error(code=p.ErrorCode.PROTOCOL, message=str(err)))
+            except OSError:
+                pass
+            self.close(f"protocol error: {err}")
+        except OSError as err:
+            self.close(f"receive failed: {err}")
+
+    def close(self, reason: str) -> None:
+        """Any thread: tear the connection down once; the agent forgets it."""
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.agent.connection_lost(self, reason)
+        with self.agent.lock:
+            self.cond.notify_all()
+
+    def join(self, timeout: float) -> None:
+        for t in self.threads:
+            if t is not threading.current_thread():
+                t.join(timeout)
+        self.sock.close()
+
+
+# ---------------------------------------------------------------------------
+# The agent
+
+
+@dataclasses.dataclass
+class Config:
+    hub: tuple[str, int]
+    agent_id: str
+    secret: bytes
+    qmp: str
+    nodes: list[tuple[str, str]]
+    state_dir: str
+    mode: str = "async"
+    chunk_size: int = DEFAULT_CHUNK
+    sync_timeout: float = DEFAULT_SYNC_TIMEOUT
+    hub_timeout: float = DEFAULT_HUB_TIMEOUT
+    max_queue: int = DEFAULT_MAX_QUEUE
+    tls_ca: str | None = None
+    sources: dict = dataclasses.field(default_factory=dict)
+    reconnect_delay: int = DEFAULT_RECONNECT_DELAY
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    unprotect_on_exit: bool = False
+    fsync_bitmap: bool = False
+
+    @property
+    def ping_interval(self) -> float:
+        return max(0.2, min(2.0, self.hub_timeout / 4))
+
+
+class Agent:
+    """The stream state every thread shares, and the threads that move it."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.seq = 1                 # last stream sequence number given out
+        self._req = 0
+        self.conn: HubConnection | None = None
+        self.link_state = LinkState.DISCONNECTED
+        self.link_cause = ""
+        self.pending: dict[int, PendingWrite] = {}
+        self.requests: dict[int, tuple[str, object]] = {}   # ATTACH / PING / DETACH
+        self.replies: collections.OrderedDict = collections.OrderedDict()  # req -> (vol, seq)
+        self.sync_waits: collections.deque[PendingWrite] = collections.deque()
+        self.timer_cond = threading.Condition(self.lock)
+        self.degraded = cfg.mode == "sync"   # until the first connection is attached
+        self.last_ack = 0.0
+        self.volumes = [Volume(volume, node, cfg.state_dir) for node, volume in cfg.nodes]
+        self.by_id: dict[int, Volume] = {}
+        self.work: queue.Queue = queue.Queue()
+        self.qmp: QMPClient | None = None
+        self.threads: list[threading.Thread] = []
+        self.control: socket.socket | None = None
+        self.lockfile = None
+
+    # -- identifiers -----------------------------------------------------------
+
+    def _next_req(self) -> int:
+        """A fresh non-zero request id (caller holds the lock)."""
+        self._req = self._req % ((1 << 64) - 1) + 1
+        return self._req
+
+    def _enqueue(self, conn: HubConnection, msg: p.Message, nbytes: int = 0,
+                 volume: Volume | None = None) -> int:
+        """Give the frame the next stream sequence number and queue it (lock held)."""
+        self.seq += 1
+        conn.put(msg, nbytes, volume)
+        return self.seq
+
+    # -- the write path (nbd-conn threads) -------------------------------------
+
+    def protected_write(self, vol: Volume, offset: int, length: int,
+                        data: memoryview | None, reply: Callable[[int], None]) -> None:
+        """A write from QSD (data None: write zeroes).  Runs on an nbd-conn thread.
+
+        Marks the chunks, then queues the frame (or holds it behind a read
+        window, or drops it), all under the lock; answers QEMU now unless sync
+        mode waits for the hub's ACK.
+        """
+        bitmap = vol.bitmap
+        chunks = bitmap.chunk_range(offset, length)
+        answer_now = True
+        with self.lock:
+            bitmap.mark(chunks)
+            vol.counters["writes"] += 1
+            conn = self.conn
+            if conn is None or vol.volume_id is None:
+                bitmap.lose(chunks, self.seq)
+                vol.counters["untracked_writes"] += 1
+            elif data is not None and conn.queued_bytes + length > self.cfg.max_queue:
+                bitmap.lose(chunks, self.seq)
+                vol.dropped.update(chunks)
+                vol.counters["dropped_writes"] += 1
+                if vol.counters["dropped_writes"] == 1 or not self.degraded:
+                    log.warning("send queue full (%d bytes): %s off=%d len=%d only marked; "
+                                "the hub will resync it", conn.queued_bytes, vol.name,
+                                offset, length)
+                self._degrade("send queue full")
+            else:
+                req = self._next_req()
+                if data is None:
+                    msg = p.Zero(request_id=req, volume=vol.volume_id, offset=offset,
+                                 length=length)
+                    nbytes = 0
+                else:
+                    msg = p.Write(request_id=req, volume=vol.volume_id, offset=offset,
+                                  length=length, data=data)
+                    nbytes = length
+                wait = self.cfg.mode == "sync" and not self.degraded
+                pw = PendingWrite(req, vol, chunks, length, reply if wait else None)
+                bitmap.add_inflight(chunks)
+                self.pending[req] = pw
+                if vol.held or vol.overlaps_window(offset, offset + length):
+                    vol.held.append((msg, nbytes, pw))
+                    conn.queued_bytes += nbytes   # held data counts toward --max-queue
+                    vol.counters["held_writes"] += 1
+                else:
+                    self._enqueue(conn, msg, nbytes, vol)
+                vol.counters["sent_writes"] += 1
+                vol.counters["sent_bytes"] += nbytes
+                if wait:
+                    answer_now = False
+                    pw.deadline = time.monotonic() + self.cfg.sync_timeout
+                    self.sync_waits.append(pw)
+                    if len(self.sync_waits) == 1:
+                        self.timer_cond.notify()
+        if answer_now:
+            reply(0)
+
+    def _degrade(self, cause: str) -> None:
+        """Sync mode stops waiting for ACKs (lock held)."""
+        if self.cfg.mode == "sync" and not self.degraded:
+            self.degraded = True
+            log.warning("sync mode degraded (%s): writes are answered once marked until "
+                        "a resync catches up", cause)
+
+    def _maybe_undegrade(self) -> None:
+        """Leave degraded mode once attached and nothing waits for a resync (lock held)."""
+        if (self.degraded and self.cfg.mode == "sync" and self.conn is not None
+                and not self.stopping.is_set()
+                and all(v.volume_id is not None and not v.bitmap.lost_seq and not v.held
+                        for v in self.volumes)):
+            self.degraded = False
+            log.info("sync mode restored: every write is acknowledged by the hub again")
+
+    def _timer_loop(self) -> None:
+        """repagent-timer thread: answer sync-mode writes whose ACK is late."""
+        while not self.stopping.is_set():
+            late = []
+            with self.lock:
+                while self.sync_waits and self.sync_waits[0].reply is None:
+                    self.sync_waits.popleft()
+                if not self.sync_waits:
+                    self.timer_cond.wait(1.0)
+                    continue
+                now = time.monotonic()
+                head = self.sync_waits[0]
+                if head.deadline > now:
+                    self.timer_cond.wait(head.deadline - now)
+                    continue
+                while self.sync_waits and self.sync_waits[0].deadline <= now:
+                    pw = self.sync_waits.popleft()
+                    if pw.reply is not None:
+                        late.append(pw.reply)
+                        pw.reply = None
+                if late:
+                    self._degrade(f"no ACK within --sync-timeout {self.cfg.sync_timeout}s")
+            for reply in late:
+                reply(0)
+
+    # -- the hub's answers (repagent-recv thread) ---------------------------------
+
+    def on_ACK(self, conn: HubConnection, msg: p.Ack) -> None:
+        reply = None
+        with self.lock:
+            pw = self.pending.pop(msg.request_id, None)
+            if pw is not None:
+                pw.volume.bitmap.ack(pw.chunks)
+                reply, pw.reply = pw.reply, None
+                self.last_ack = time.monotonic()
+                if self.degraded:
+                    self._maybe_undegrade()
+            else:
+                self.requests.pop(msg.request_id, None)
+        if reply is not None:
+            reply(0)
+
+    def on_ATTACHED(self, conn: HubConnection, msg: p.Attached) -> None:
+        with self.lock:
+            kind, vol = self.requests.pop(msg.request_id, (None, None))
+            if kind != "ATTACH" or conn is not self.conn:
+                log.warning("ATTACHED for unknown request %d ignored", msg.request_id)
+                return
+            vol.volume_id = msg.volume
+            vol.plan = msg.plan
+            self.by_id[msg.volume] = vol
+            log.info("volume %s attached as id %d, plan %s (dirty %d bytes)", vol.name,
+                     msg.volume, msg.plan.name, vol.bitmap.dirty_bytes)
+            if msg.plan in (p.SyncPlan.VERIFY, p.SyncPlan.FULL) and vol.meta["needs_verify"]:
+                vol.meta["needs_verify"] = False    # the hub now owns the verify
+                vol.save_meta()
+            if msg.plan == p.SyncPlan.NONE and vol.bitmap.dirty_count:
+                # Marked between ATTACH and ATTACHED: the hub must resync it.
+                extents = vol.bitmap.extents()
+                self._enqueue(conn, p.DirtyMap(volume=msg.volume, extents=extents))
+            self._maybe_undegrade()
+
+    def on_READ(self, conn, msg):
+        self.work.put((conn, msg))
+
+    def on_CHECKSUM_QUERY(self, conn, msg):
+        self.work.put((conn, msg))
+
+    def on_DIRTY_QUERY(self, conn, msg):
+        self.work.put((conn, msg))
+
+    def on_SYNCED(self, conn: HubConnection, msg: p.Synced) -> None:
+        with self.lock:
+            entry = self.replies.get(msg.request_id)
+            vol = self.by_id.get(msg.volume)
+            if entry is None or vol is None or entry[0] is not vol:
+                log.debug("SYNCED req=%d: no reply of ours on this connection", msg.request_id)
+                return
+            if msg.length == 0 or msg.offset + msg.length > vol.size:
+                return
+            vol.bitmap.synced(vol.bitmap.chunk_range(msg.offset, msg.length), entry[1])
+            vol.counters["synced_bytes"] += msg.length
+            if self.degraded:
+                self._maybe_undegrade()
+
+    def on_PING(self, conn, msg):
+        with self.lock:
+            if conn is self.conn:
+                self._enqueue(conn, p.Pong(request_id=msg.request_id, echo_ns=msg.sent_ns,
+                                           responder_ns=time.time_ns()))
+
+    def on_PONG(self, conn, msg):
+        conn.rtt = (time.time_ns() - msg.echo_ns) / 1e9
+        with self.lock:
+            self.requests.pop(msg.request_id, None)
+
+    def on_ERROR(self, conn: HubConnection, msg: p.Error) -> None:
+        reply = None
+        with self.lock:
+            pw = self.pending.pop(msg.request_id, None)
+            if pw is not None:
+                # The hub refused the write: it stays marked for a resync.
+                pw.volume.bitmap.drop_inflight(pw.chunks, self.seq)
+                pw.volume.counters["refused_writes"] += 1
+                reply, pw.reply = pw.reply, None
+                self._degrade(f"hub refused a write: {msg.code_name()}")
+                log.warning("hub refused %s write req=%d: %s %s", pw.volume.name,
+                            msg.request_id, msg.code_name(), msg.message)
+            else:
+                kind, what = self.requests.pop(msg.request_id, (None, None))
+                if kind == "ATTACH":
+                    log.error("hub refused to attach volume %s: %s %s (writes stay "
+                              "tracked; retried on the next connection)", what.name,
+                              msg.code_name(), msg.message)
+                else:
+                    log.warning("hub error req=%d: %s %s", msg.request_id,
+                                msg.code_name(), msg.message)
+        if reply is not None:
+            reply(0)
+
+    def on_GOODBYE(self, conn, msg):
+        log.info("hub says goodbye: %s", msg.reason)
+        conn.close(f"hub said goodbye: {msg.reason}")
+
+    def send_error(self, conn: HubConnection, err: p.Error) -> None:
+        with self.lock:
+            if conn is self.conn:
+                self._enqueue(conn, err)
+
+    # -- send-queue bookkeeping (repagent-send thread) ---------------------------
+
+    def after_send(self, conn: HubConnection) -> None:
+        """After each send (lock held): report dropped regions once there is room."""
+        if conn is not self.conn or conn.queued_bytes > self.cfg.max_queue // 2:
+            return
+        for vol in self.volumes:
+            if vol.dropped and vol.volume_id is not None:
+                extents = vol.bitmap.extents(vol.dropped)
+                vol.dropped.clear()
+                log.info("--> DIRTY_MAP vol=%d (unsolicited): %d extents dropped while "
+                         "the queue was full", vol.volume_id, len(extents))
+                self._enqueue(conn, p.DirtyMap(volume=vol.volume_id, extents=extents))
+
+    # -- sync requests (repagent-sync-N threads) --------------------------------
+
+    def _sync_loop(self) -> None:
+        """repagent-sync-N thread: serve READ / CHECKSUM_QUERY / DIRTY_QUERY."""
+        readers: dict[str, object] = {}
+        try:
+            while not self.stopping.is_set():
+                try:
+                    conn, msg = self.work.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                try:
+                    getattr(self, f"serve_{msg.TYPE.name}")(conn, msg, readers)
+                except p.RequestError as err:
+                    err.request_id, err.msg_type = msg.request_id, msg.TYPE
+                    self.send_error(conn, p.Error.from_exception(err))
+                except OSError as err:
+                    log.warning("%s failed: %s", msg.describe(), err)
+                    self.send_error(conn, p.Error(request_id=msg.request_id,
+                                                  code=p.ErrorCode.IO_ERROR,
+                                                  failed_type=msg.TYPE, message=str(err)))
+        finally:
+            for reader in readers.values():
+                reader.close()
+
+    def _volume_for(self, conn: HubConnection, msg: p.Message) -> Volume:
+        with self.lock:
+            vol = self.by_id.get(msg.volume) if conn is self.conn else None
+        if vol is None:
+            raise p.RequestError(f"volume id {msg.volume} is not attached",
+                                 code=p.ErrorCode.NO_SUCH_VOLUME)
+        return vol
+
+    def _reader(self, vol: Volume, readers: dict):
+        if vol.name not in readers:
+            readers[vol.name] = vol.source()
+        return readers[vol.name]
+
+    def read_source(self, vol: Volume, offset: int, length: int) -> bytes:
+        """Read the protected volume outside the sync threads (one-off reader)."""
+        reader = vol.source()
+        try:
+            return reader.read(offset, length)
+        finally:
+            reader.close()
+
+    def _open_window(self, conn, vol: Volume, offset: int, length: int) -> ReadWindow:
+        window = ReadWindow(offset, offset + length, conn)
+        with self.lock:
+            vol.windows.append(window)
+        return window
+
+    def _close_window(self, vol: Volume, window: ReadWindow, reply: p.Message | None,
+                      nbytes: int = 0) -> None:
+        """Queue the reply, then the writes held behind it (lock taken here)."""
+        with self.lock:
+            vol.windows.remove(window)
+            live = window.conn is self.conn and vol.volume_id is not None
+            if reply is not None and live:
+                seq = self._enqueue(window.conn, reply, nbytes, vol)
+                self.replies[reply.request_id] = (vol, seq)
+                while len(self.replies) > MAX_SYNCED_MEMORY:
+                    self.replies.popitem(last=False)
+            if live:
+                while vol.held:
+                    msg, held_bytes, pw = vol.held[0]
+                    if vol.overlaps_window(msg.offset, msg.offset + msg.length):
+                        break
+                    vol.held.popleft()
+                    window.conn.queued_bytes -= held_bytes
+                    self._enqueue(window.conn, msg, held_bytes, vol)
+
+    def serve_READ(self, conn, msg: p.Read, readers) -> None:
+        vol = self._volume_for(conn, msg)
+        p.check_range(msg.offset, msg.length, vol.size, "READ")
+        reader = self._reader(vol, readers)
+        window = self._open_window(conn, vol, msg.offset, msg.length)
+        reply = None
+        try:
+            data = reader.read(msg.offset, msg.length)
+            if data.count(0) == len(data):
+                reply = p.ReadReply(request_id=msg.request_id, volume=msg.volume,
+                                    offset=msg.offset, length=msg.length, flags=p.FLAG_ZERO)
+                nbytes = 0
+            else:
+                reply = p.ReadReply(request_id=msg.request_id, volume=msg.volume,
+                                    offset=msg.offset, length=msg.length, data=data)
+                nbytes = len(data)
+            vol.counters["read_replies"] += 1
+            vol.counters["read_reply_bytes"] += nbytes
+        finally:
+            self._close_window(vol, window, reply, nbytes if reply else 0)
+
+    def serve_CHECKSUM_QUERY(self, conn, msg: p.ChecksumQuery, readers) -> None:
+        vol = self._volume_for(conn, msg)
+        p.check_range(msg.offset, msg.length, vol.size, "CHECKSUM_QUERY")
+        reader = self._reader(vol, readers)
+        window = self._open_window(conn, vol, msg.offset, msg.length)
+        reply = None
+        try:
+            digests = []
+            piece = max(msg.chunk_size, CHECKSUM_PIECE // msg.chunk_size * msg.chunk_size)
+            end = msg.offset + msg.length
+            for start in range(msg.offset, end, piece):
+                data = memoryview(reader.read(start, min(piece, end - start)))
+                for i in range(0, len(data), msg.chunk_size):
+                    digests.append(hashlib.sha256(data[i:i + msg.chunk_size]).digest())
+            reply = p.Checksums(request_id=msg.request_id, volume=msg.volume,
+                                offset=msg.offset, length=msg.length,
+                                chunk_size=msg.chunk_size, algorithm=msg.algorithm,
+                                digests=digests)
+        finally:
+            self._close_window(vol, window, reply)
+
+    def serve_DIRTY_QUERY(self, conn, msg: p.DirtyQuery, readers) -> None:
+        vol = self._volume_for(conn, msg)
+        with self.lock:
+            extents = vol.bitmap.extents()
+            if conn is self.conn:
+                self._enqueue(conn, p.DirtyMap(request_id=msg.request_id, volume=msg.volume,
+                                               extents=extents))
+        log.info("volume %s: DIRTY_MAP of %d extents (%d bytes)", vol.name, len(extents),
+                 sum(n for _, n in extents))
+
+    # -- connection life (repagent-heartbeat thread) -----------------------------
+
+    def connection_lost(self, conn: HubConnection, reason: str) -> None:
+        """Any thread: every queued, unACKed write becomes dropped."""
+        replies = []
+        with self.lock:
+            if conn is not self.conn:
+                return
+            self.conn = None
+            for pw in self.pending.values():
+                pw.volume.bitmap.drop_inflight(pw.chunks, self.seq)
+                if pw.reply is not None:
+                    replies.append(pw.reply)
+                    pw.reply = None
+            self.pending.clear()
+            self.requests.clear()
+            self.replies.clear()
+            self.by_id.clear()
+            conn.queue.clear()
+            conn.queued_bytes = 0
+            for vol in self.volumes:
+                vol.volume_id = None
+                vol.held.clear()
+                vol.dropped.clear()
+                vol.queued_frames = vol.queued_bytes = 0
+            self._degrade("hub connection lost")
+            self.timer_cond.notify_all()
+        self._set_link(LinkState.DISCONNECTED, reason, logging.WARNING)
+        for reply in replies:
+            reply(0)
+
+    def _set_link(self, state: LinkState, cause: str, level: int) -> None:
+        """Log a link state change once (not once per retry)."""
+        kind = cause.split(":")[0]
+        if state != self.link_state or kind != self.link_cause.split(":")[0]:
+            log.log(level, "hub %s:%d %s%s", *self.cfg.hub, state.value,
+                    f" ({cause})" if cause else "")
+        self.link_state, self.link_cause = state, cause
+
+    def _connect(self) -> HubConnection:
+        """Connect, authenticate, queue an ATTACH per volume (heartbeat thread)."""
+        host, port = self.cfg.hub
+        sock = socket.create_connection((host, port), timeout=self.cfg.hub_timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.cfg.tls_ca:
+                ctx = ssl.create_default_context(cafile=self.cfg.tls_ca)
+                # The hub is authenticated by its HMAC proof; TLS adds privacy
+                # and pins the chain to --tls-ca, whatever name the cert holds.
+                ctx.check_hostname = False
+                sock = ctx.wrap_socket(sock, server_hostname=host)
+            hub_id = self._handshake(sock)
+            sock.settimeout(None)
+        except BaseException:
+            sock.close()
+            raise
+        conn = HubConnection(self, sock, f"{host}:{port}", hub_id)
+        with self.lock:
+            self.conn = conn
+            for vol in self.volumes:
+                req = self._next_req()
+                self.requests[req] = ("ATTACH", vol)
+                state = vol.attach_state()
+                log.info("--> ATTACH %s size=%d chunk=%d state=%s", vol.name, vol.size,
+                         vol.bitmap.chunk_size, state.name)
+                self._enqueue(conn, p.Attach(
+                    request_id=req, size=vol.size, chunk_size=vol.bitmap.chunk_size,
+                    state=state, generation=vol.bitmap.generation, name=vol.name))
+        conn.start()
+        return conn
+
+    def _handshake(self, sock) -> str:
+        """HELLO -> HELLO_REPLY (check the hub's proof) -> AUTH -> AUTH_OK."""
+        nonce = os.urandom(p.NONCE_SIZE)
+        p.send_message(sock, p.Hello(nonce=nonce, agent_id=self.cfg.agent_id))
+        reply = p.recv_message(sock)
+        if isinstance(reply, p.Error):
+            raise HandshakeError(f"hub refused HELLO: {reply.code_name()} {reply.message}")
+        if not isinstance(reply, p.HelloReply):
+            raise HandshakeError(f"expected HELLO_REPLY, got "
+                                 f"{reply.TYPE.name if reply else 'end of stream'}")
+        if reply.version not in p.SUPPORTED_VERSIONS:
+            raise HandshakeError(f"hub chose version {reply.version}, expected one of "
+                                 f"{p.SUPPORTED_VERSIONS}")
+        expected = p.hub_proof(self.cfg.secret, nonce, reply.nonce, self.cfg.agent_id,
+                               reply.hub_id)
+        if not p.proof_matches(expected, reply.proof):
+            p.send_message(sock, p.Error(code=p.ErrorCode.AUTH_FAILED,
+                                         failed_type=p.MsgType.HELLO_REPLY,
+                                         message="hub proof does not match our secret"))
+            raise HandshakeError(f"hub {reply.hub_id!r} failed to prove it knows our "
+                                 "secret (wrong --secret-file, or not our hub)")
+        p.send_message(sock, p.Auth(proof=p.agent_proof(
+            self.cfg.secret, nonce, reply.nonce, self.cfg.agent_id, reply.hub_id)))
+        ok = p.recv_message(sock)
+        if isinstance(ok, p.Error):
+            raise HandshakeError(f"hub refused AUTH: {ok.code_name()} {ok.message}")
+        if not isinstance(ok, p.AuthOk):
+            raise HandshakeError(f"expected AUTH_OK, got {ok.TYPE.name if ok else 'EOF'}")
+        return reply.hub_id
+
+    def _heartbeat_loop(self) -> None:
+        """repagent-heartbeat thread: the only one that (re)connects to the hub."""
+        backoff = BACKOFF_MIN
+        while not self.stopping.is_set():
+            conn = self.conn
+            if conn is None:
+                if self.link_state != LinkState.CONNECTING:
+                    self._set_link(LinkState.CONNECTING, "", logging.INFO)
+                try:
+                    conn = self._connect()
+                except (OSError, p.ReplicationError, HandshakeError, ValueError) as err:
+                    self._set_link(LinkState.DISCONNECTED, f"{type(err).__name__}: {err}",
+                                   logging.WARNING)
+                    self.stopping.wait(backoff * (0.8 + 0.4 * random.random()))
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    continue
+                backoff = BACKOFF_MIN
+                self._set_link(LinkState.CONNECTED, f"hub {conn.hub_id}", logging.INFO)
+                continue
+            now = time.monotonic()
+            if now - conn.last_rx > self.cfg.hub_timeout:
+                conn.close(f"hub silent for {now - conn.last_rx:.1f}s "
+                           f"(--hub-timeout {self.cfg.hub_timeout}s)")
+            elif now - conn.last_ping >= self.cfg.ping_interval:
+                conn.last_ping = now
+                with self.lock:
+                    if conn is self.conn:
+                        req = self._next_req()
+                        self.requests[req] = ("PING", None)
+                        self._enqueue(conn, p.Ping(request_id=req, sent_ns=time.time_ns()))
+            if conn.closed.wait(min(0.5, self.cfg.ping_interval)):
+                conn.join(1.0)
+
+    # -- the mirror jobs (repagent-jobs thread) -----------------------------------
+
+    def _on_qmp_event(self, event: dict) -> None:
+        """qmp-reader thread: log job faults; the jobs thread does the resuming."""
+        if event.get("event") == "BLOCK_JOB_ERROR":
+            data = event.get("data", {})
+            log.debug("BLOCK_JOB_ERROR %s %s %s", data.get("device"), data.get("operation"),
+                      data.get("action"))
+
+    def _jobs_loop(self) -> None:
+        """repagent-jobs thread: keep every mirror running; redo it after a QSD restart."""
+        while not self.stopping.wait(JOB_POLL_INTERVAL):
+            try:
+                if self.qmp is None or self.qmp.closed.is_set():
+                    self._qmp_reconnect()
+                for vol in self.volumes:
+                    self._check_job(vol)
+            except (OSError, QMPError, QMPClosed, LookupError) as err:
+                if self.qmp is not None and not self.qmp.closed.is_set():
+                    log.warning("mirror check failed: %s", err)
+
+    def _qmp_reconnect(self) -> None:
+        if self.qmp is not None:
+            self.qmp.close()
+            self.qmp = None
+            log.warning("QMP connection to %s lost (QSD stopped or restarted)", self.cfg.qmp)
+        self.qmp = QMPClient(self.cfg.qmp, self._on_qmp_event)
+        log.info("QMP connection to %s re-established", self.cfg.qmp)
+        for vol in self.volumes:
+            self._setup_volume_mirror(vol)
+
+    def _check_job(self, vol: Volume) -> None:
+        job = find_job(self.qmp, vol.meta["job_id"])
+        status = job.get("status") if job else "gone"
+        if job is not None and job_is_paused(job) and not self.stopping.is_set():
+            self.qmp.execute("block-job-resume", device=vol.meta["job_id"])
+            status = f"{status}, resumed"
+        if status != vol.job_status:
+            level = logging.INFO if job and status in ("ready", "running") else logging.WARNING
+            log.log(level, "mirror job %s: %s (io-status %s)", vol.meta["job_id"], status,
+                    job.get("io-status") if job else "-")
+            vol.job_status = status
+        if job is None or status in ("concluded", "aborting", "null"):
+            self._setup_volume_mirror(vol)
+
+    def _setup_volume_mirror(self, vol: Volume) -> None:
+        outcome = setup_mirror(self.qmp, vol.meta, vol.target_socket, vol.name,
+                               self.cfg.chunk_size, self.cfg.reconnect_delay)
+        if outcome == JobSetup.RESTARTED:
+            log.warning("volume %s: the mirror job was gone (QSD restarted): guest writes "
+                        "may have escaped the bitmap, the hub will verify", vol.name)
+            vol.meta["needs_verify"] = True
+        vol.meta["mirror"] = True
+        vol.save_meta()
+        vol.job_status = "ready"
+        if outcome == JobSetup.RESTARTED and self.conn is not None:
+            self.conn.close("QSD restarted: re-attaching with state UNKNOWN")
+
+    # -- start and stop (main thread) ----------------------------------------------
+
+    def _make_source(self, vol: Volume, node_info: dict):
+        if vol.node in self.cfg.sources:
+            address, export = self.cfg.sources[vol.node]
+            return lambda: NBDSource(address, export)
+        path = raw_image_file(node_info)
+        if path is None:
+            raise ValueError(f"node {vol.node!r} is {node_info.get('drv')!r}, not a raw file: "
+                             f"give --source {vol.node}=nbd+unix:///EXPORT?socket=PATH "
+                             "(QSD's NBD export of it)")
+        return lambda: FileSource(path)
+
+    def start(self) -> None:
+        os.makedirs(self.cfg.state_dir, exist_ok=True)
+        self.lockfile = open(os.path.join(self.cfg.state_dir, "agent.lock"), "a+")
+        try:
+            fcntl.flock(self.lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"repagent: another agent runs on state dir "
+                             f"{self.cfg.state_dir}") from None
+        self.qmp = QMPClient(self.cfg.qmp, self._on_qmp_event)
+        log.info("QMP connected to %s (QEMU %s.%s.%s)", self.cfg.qmp,
+                 self.qmp.version.get("major"), self.qmp.version.get("minor"),
+                 self.qmp.version.get("micro"))
+        for vol in self.volumes:
+            info = find_node(self.qmp, vol.node)
+            vol.size = info["image"]["virtual-size"]
+            vol.source = self._make_source(vol, info)
+            vol.bitmap = DirtyBitmap(vol.bitmap_path, vol.size, self.cfg.chunk_size,
+                                     self.cfg.fsync_bitmap)
+            if vol.bitmap.created and vol.meta.get("mirror"):
+                vol.meta["needs_verify"] = True   # state lost: bitmap gone, job was ours
+            log.info("volume %s: node %s, %d bytes, %d chunks of %d, %d dirty, generation %s",
+                     vol.name, vol.node, vol.size, vol.bitmap.chunks, self.cfg.chunk_size,
+                     vol.bitmap.dirty_count, vol.bitmap.generation.hex())
+            vol.server = nbd.NBDServer(vol.target_socket, vol.name, vol.size,
+                                       TargetHandler(self, vol))
+            vol.server.start()
+            self._setup_volume_mirror(vol)
+        self._start_control()
+        specs = [("repagent-heartbeat", self._heartbeat_loop),
+                 ("repagent-timer", self._timer_loop),
+                 ("repagent-jobs", self._jobs_loop),
+                 ("repagent-control", self._control_loop)]
+        specs += [(f"repagent-sync-{i}", self._sync_loop) for i in range(SYNC_WORKERS)]
+        for name, target in specs:
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def stop(self) -> None:
+        """SIGTERM: stop taking writes, drain to the hub (bounded), keep the job resumable."""
+        log.info("stopping: no new writes, draining the queue for at most %.1fs",
+                 self.cfg.drain_timeout)
+        if self.cfg.unprotect_on_exit and self.qmp is not None:
+            for vol in self.volumes:
+                try:
+                    teardown_mirror(self.qmp, vol.meta)
+                    vol.meta["mirror"] = False
+                    vol.save_meta()
+                except (OSError, QMPError, QMPClosed) as err:
+                    log.error("could not tear down the mirror of %s: %s", vol.name, err)
+        for vol in self.volumes:
+            if vol.server is not None:
+                vol.server.stop()
+        deadline = time.monotonic() + self.cfg.drain_timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                busy = self.conn is not None and (self.pending or self.conn.queue)
+            if not busy:
+                break
+            self.stopping.wait(0.05)  # the recv thread clears pending; nothing to wait on
+        with self.lock:
+            left = len(self.pending)
+        if left:
+            log.warning("stopping with %d writes not ACKed: they stay marked in the bitmap",
+                        left)
+        self.stopping.set()
+        conn = self.conn
+        if conn is not None:
+            try:
+                conn.send_direct(p.Goodbye(reason="agent stopping"))
+            except OSError:
+                pass
+            conn.close("agent stopping")
+            conn.join(2.0)
+        with self.lock:
+            self.timer_cond.notify_all()
+        for t in self.threads:
+            t.join(2.0)
+            if t.is_alive():
+                log.warning("thread %s did not stop within 2s", t.name)
+        if self.control is not None:
+            self.control.close()
+            try:
+                os.unlink(self.control_path)
+            except OSError:
+                pass
+        for vol in self.volumes:
+            if vol.bitmap is not None:
+                vol.bitmap.close()
+        if self.qmp is not None:
+            self.qmp.close()
+        self._set_link(LinkState.STOPPED, "", logging.INFO)
+
+    # -- status (repagent-control thread) ------------------------------------------
+
+    @property
+    def control_path(self) -> str:
+        return os.path.join(self.cfg.state_dir, "control.sock")
+
+    def _start_control(self) -> None:
+        path = check_unix_path(self.control_path, "control socket")
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self.control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.control.bind(path)
+        self.control.listen(4)
+        self.control.settimeout(0.5)
+
+    def _control_loop(self) -> None:
+        """repagent-control thread: one JSON status document per request."""
+        while not self.stopping.is_set():
+            try:
+                client, _ = self.control.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with client:
+                try:
+                    client.settimeout(CONTROL_TIMEOUT)
+                    request = client.recv(64).strip()
+                    if request == b"status":
+                        client.sendall(json.dumps(self.status()).encode() + b"\n")
+                    else:
+                        client.sendall(json.dumps(
+                            {"error": f"unknown request {request[:32]!r}, "
+                                      "expected 'status'"}).encode() + b"\n")
+                except OSError as err:
+                    log.debug("control client: %s", err)
+
+    def status(self) -> dict:
+        with self.lock:
+            conn = self.conn
+            now = time.monotonic()
+            common = {
+                "mode": self.cfg.mode + (" (degraded)" if self.degraded and
+                                         self.cfg.mode == "sync" else ""),
+                "connection": self.link_state.value if conn is None else "connected",
+                "last_ack_age_s": round(now - self.last_ack, 3) if self.last_ack else None,
+            }
+            volumes = []
+            for vol in self.volumes:
+                volumes.append({
+                    "volume": vol.name, "node": vol.node, "size": vol.size,
+                    "chunk_size": vol.bitmap.chunk_size, **common,
+                    "attached": vol.volume_id is not None, "volume_id": vol.volume_id,
+                    "plan": vol.plan.name if vol.plan is not None else None,
+                    "dirty_bytes": vol.bitmap.dirty_bytes,
+                    "dirty_chunks": vol.bitmap.dirty_count,
+                    "lost_chunks": len(vol.bitmap.lost_seq),
+                    "inflight_chunks": len(vol.bitmap.inflight),
+                    "queue_frames": vol.queued_frames, "queue_bytes": vol.queued_bytes,
+                    "held_writes": len(vol.held),
+                    "job": vol.job_status, "job_id": vol.meta["job_id"],
+                    "generation": vol.bitmap.generation.hex(),
+                    "needs_verify": vol.meta["needs_verify"],
+                    "counters": dict(vol.counters)})
+            return {
+                "agent_id": self.cfg.agent_id, "hub": "%s:%d" % self.cfg.hub,
+                "pid": os.getpid(), **common, "degraded": self.degraded,
+                "link_cause": self.link_cause,
+                "connected_since": conn.connected_at if conn else None,
+                "rtt_s": conn.rtt if conn else None,
+                "pending_writes": len(self.pending),
+                "queue_frames": len(conn.queue) if conn else 0,
+                "queue_bytes": conn.queued_bytes if conn else 0,
+                "stream_seq": self.seq,
+                "volumes": volumes}
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def parse_node(text: str) -> tuple[str, str]:
+    node, sep, volume = text.partition("=")
+    if not sep or not node or not volume:
+        raise argparse.ArgumentTypeError(f"--node {text!r}: expected NODE=VOLUME")
+    try:
+        p.validate_name(volume, "volume name")
+    except p.InvalidField as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return node, volume
+
+
+def parse_source(text: str):
+    node, sep, uri = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--source {text!r}: expected NODE=NBD-URI")
+    try:
+        return node, parse_nbd_uri(uri)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="repagent.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("protect", help="replicate QSD nodes to a hub until SIGTERM",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="The hub's sync READs are served from --source NODE=URI "
+                               "(QSD's NBD export of the node:\n"
+                               "nbd+unix:///EXPORT?socket=PATH or nbd://HOST:PORT/EXPORT); "
+                               "a node without --source\nmust be raw over a plain file, "
+                               "which is then read directly.")
+    pr.add_argument("--hub", required=True, type=parse_hostport, help="HOST:PORT of rephub")
+    pr.add_argument("--agent-id", required=True)
+    pr.add_argument("--secret-file", required=True,
+                    help="file holding the 64-hex-digit secret (rephub.py add-agent)")
+    pr.add_argument("--qmp", required=True, help="QSD's QMP unix socket")
+    pr.add_argument("--node", required=True, action="append", type=parse_node,
+                    metavar="NODE=VOLUME",
+                    help="protect QSD block node NODE as hub volume VOLUME (repeatable)")
+    pr.add_argument("--source", action="append", type=parse_source, default=[],
+                    metavar="NODE=NBD-URI",
+                    help="where to read NODE for the hub's sync (QSD's NBD export)")
+    pr.add_argument("--state-dir", required=True,
+                    help="bitmaps, metadata and sockets; keep it across restarts")
+    pr.add_argument("--mode", choices=("sync", "async"), default="async")
+    pr.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK,
+                    help="dirty-tracking granularity (default 64K)")
+    pr.add_argument("--sync-timeout", type=float, default=DEFAULT_SYNC_TIMEOUT,
+                    help="sync mode: longest wait for the hub's ACK before degrading (s)")
+    pr.add_argument("--hub-timeout", type=float, default=DEFAULT_HUB_TIMEOUT,
+                    help="a hub silent this long is treated as down (s)")
+    pr.add_argument("--max-queue", type=parse_size, default=DEFAULT_MAX_QUEUE,
+                    help="bytes of writes queued for the hub before dropping to "
+                         "bitmap-only tracking (default 64M)")
+    pr.add_argument("--tls-ca", help="connect with TLS, trusting this CA file")
+    pr.add_argument("--reconnect-delay", type=int, default=DEFAULT_RECONNECT_DELAY,
+                    help="QEMU NBD client reconnect-delay for the mirror target (s)")
+    pr.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT,
+                    help="on SIGTERM, how long to wait for the hub's ACKs (s)")
+    pr.add_argument("--unprotect", action="store_true",
+                    help="on SIGTERM also tear the mirror jobs down")
+    pr.add_argument("--fsync-bitmap", action="store_true",
+                    help="msync the bitmap before answering QEMU (host-crash durability)")
+    pr.add_argument("--log-level", default="INFO")
+
+    un = sub.add_parser("unprotect", help="tear the mirror jobs down (agent not running)")
+    un.add_argument("--qmp", required=True)
+    un.add_argument("--node", required=True, action="append", type=parse_node,
+                    metavar="NODE=VOLUME")
+    un.add_argument("--state-dir", required=True)
+    un.add_argument("--log-level", default="INFO")
+
+    st = sub.add_parser("status", help="show the running agent's state")
+    st.add_argument("--state-dir", required=True)
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--log-level", default="WARNING")
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
+
+
+def cmd_protect(args) -> int:
+    try:
+        with open(args.secret_file, encoding="ascii") as f:
+            secret = p.parse_secret(f.read())
+        p.validate_name(args.agent_id, "agent id")
+    except (OSError, ValueError, p.ReplicationError) as err:
+        print(f"repagent.py: {err}", file=sys.stderr)
+        return 2
+    cfg = Config(hub=args.hub, agent_id=args.agent_id, secret=secret, qmp=args.qmp,
+                 nodes=args.node, state_dir=os.path.abspath(args.state_dir), mode=args.mode,
+                 chunk_size=args.chunk_size, sync_timeout=args.sync_timeout,
+                 hub_timeout=args.hub_timeout, max_queue=args.max_queue, tls_ca=args.tls_ca,
+                 sources=dict(args.source), reconnect_delay=args.reconnect_delay,
+                 drain_timeout=args.drain_timeout, unprotect_on_exit=args.unprotect,
+                 fsync_bitmap=args.fsync_bitmap)
+    try:
+        p.check_chunk_size(cfg.chunk_size)
+    except p.InvalidField as err:
+        print(f"repagent.py: --chunk-size: {err}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    agent = Agent(cfg)
+    try:
+        agent.start()
+    except (OSError, QMPError, QMPClosed, LookupError, ValueError, BitmapError) as err:
+        log.error("cannot start: %s", err)
+        agent.stopping.set()
+        for vol in agent.volumes:
+            if vol.server is not None:
+                vol.server.stop()
+        return 1
+    log.info("protecting %s in %s mode", ", ".join(v.name for v in agent.volumes), cfg.mode)
+    while not stop.wait(1.0):
+        pass
+    agent.stop()
+    return 0
+
+
+def cmd_unprotect(args) -> int:
+    state_dir = os.path.abspath(args.state_dir)
+    lockfile = open(os.path.join(state_dir, "agent.lock"), "a+")
+    try:
+        fcntl.flock(lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("repagent.py: the agent still runs on this state dir: stop it first "
+              "(or run it with --unprotect)", file=sys.stderr)
+        return 1
+    qmp = QMPClient(args.qmp)
+    rc = 0
+    try:
+        for node, volume in args.node:
+            vol = Volume(volume, node, state_dir)
+            try:
+                teardown_mirror(qmp, vol.meta)
+                vol.meta["mirror"] = False
+                vol.save_meta()
+                print(f"{volume}: mirror of node {node} removed")
+            except (QMPError, TimeoutError) as err:
+                print(f"repagent.py: {volume}: {err}", file=sys.stderr)
+                rc = 1
+    finally:
+        qmp.close()
+    return rc
+
+
+def query_status(state_dir: str, timeout: float = CONTROL_TIMEOUT) -> dict:
+    """Ask the running agent for its status (any process)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(os.path.join(state_dir, "control.sock"))
+        s.sendall(b"status\n")
+        buf = bytearray()
+        while not buf.endswith(b"\n"):
+            data = s.recv(65536)
+            if not data:
+                break
+            buf += data
+    return json.loads(buf)
+
+
+def cmd_status(args) -> int:
+    try:
+        status = query_status(args.state_dir)
+    except (OSError, ValueError) as err:
+        print(f"repagent.py: no agent answers on {args.state_dir}/control.sock: {err}",
+              file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=1))
+        return 0
+    print(f"agent {status['agent_id']} -> hub {status['hub']}: {status['connection']}, "
+          f"mode {status['mode']}, queue {status['queue_frames']} frames / "
+          f"{status['queue_bytes']} bytes, last ACK "
+          f"{'-' if status['last_ack_age_s'] is None else str(status['last_ack_age_s']) + 's'} ago")
+    for v in status["volumes"]:
+        print(f"  {v['volume']:<16} node {v['node']:<12} {v['size']:>14} B  "
+              f"{'attached' if v['attached'] else 'detached':<8} plan {v['plan'] or '-':<6} "
+              f"dirty {v['dirty_bytes']} B  queue {v['queue_frames']}  job {v['job']}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    return {"protect": cmd_protect, "unprotect": cmd_unprotect,
+            "status": cmd_status}[args.command](args)
+
 
 if __name__ == "__main__":
-    sys.exit("repagent.py: not yet")
+    sys.exit(main())
