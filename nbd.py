@@ -87,9 +87,14 @@ MAX_OPTIONS = 64
 """Options per handshake; a client haggling longer is dropped."""
 
 MAX_IN_FLIGHT = 64
-"""Requests handed to the Handler and not yet replied to, per connection.
-QEMU keeps at most 16; past this limit the recv thread stops reading
-(backpressure on the socket) until replies go out."""
+"""Requests read and not yet replied to, per connection.  QEMU keeps at
+most 16; past this limit the recv thread stops reading (backpressure on the
+socket) until replies go out."""
+
+MAX_IN_FLIGHT_BYTES = 256 * 1024 * 1024
+"""READ/WRITE payload bytes held for unanswered requests, per connection:
+bounds what a peer can make us buffer while the Handler is slow (a request
+larger than what is left still proceeds when nothing else is pending)."""
 
 HANDSHAKE_TIMEOUT = 30.0
 """Seconds a client may take over one handshake message."""
@@ -393,6 +398,17 @@ def send_parts(sock: socket.socket, parts) -> None:
                 sent = 0
 
 
+def parse_address(text: str) -> Address:
+    """``/path/to.sock`` (anything with a ``/``) -> unix path;
+    ``host:port`` or ``[v6addr]:port`` -> ``(host, port)``."""
+    if "/" in text:
+        return text
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"address {text!r}, expected a unix socket path or HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
 def _family(address: Address) -> int:
     return socket.AF_UNIX if isinstance(address, str) else socket.AF_INET6 \
         if ":" in address[0] else socket.AF_INET
@@ -416,6 +432,10 @@ class Handler:
     the export, and ``length`` is at most ``MAX_REQUEST_LENGTH`` for reads
     and writes.  ``data`` is a memoryview over a buffer owned by this
     request alone; it stays valid after the method returns.
+
+    A method must not block for long: the thread calling it is the
+    connection's only reader.  Hand slow work to another thread and call
+    ``reply`` from there.
 
     The defaults raise NotImplementedError, so an unimplemented command is
     answered EIO.
@@ -443,22 +463,23 @@ class _Reply:
     are a Handler bug, logged at ERROR and ignored.
     """
 
-    __slots__ = ("conn", "command", "handle", "offset", "length", "done")
+    __slots__ = ("conn", "command", "handle", "offset", "length", "cost", "done")
 
-    def __init__(self, conn: "_Connection", command: Command, handle: int,
-                 offset: int, length: int):
+    def __init__(self, conn: "_Connection", command: int, handle: int,
+                 offset: int, length: int, cost: int):
         self.conn = conn
         self.command = command
         self.handle = handle
         self.offset = offset
         self.length = length
+        self.cost = cost
         self.done = False
 
     def __call__(self, error: int, data=None) -> None:
         with self.conn.reply_lock:
             if self.done:
                 log.error("%s: reply(%s) called twice for %s handle=%#x",
-                          self.conn.name, error, self.command.name, self.handle)
+                          self.conn.name, error, _name(Command, self.command), self.handle)
                 return
             self.done = True
         if error == 0 and self.command == Command.READ:
@@ -469,7 +490,7 @@ class _Reply:
                 error, data = Error.EIO, None
         else:
             data = None
-        self.conn.send_reply(self.command, self.handle, to_nbd_error(error), data)
+        self.conn.send_reply(self.command, self.handle, to_nbd_error(error), data, self.cost)
 
 
 class _Connection:
@@ -488,6 +509,7 @@ class _Connection:
         self.reply_lock = threading.Lock()
         self.closed = False              # set under send_lock; later replies are dropped
         self.in_flight = 0
+        self.in_flight_bytes = 0
         self.in_flight_changed = threading.Condition(threading.Lock())
         self.no_zeroes = False
         self.thread = threading.Thread(target=self.run, name=self.name, daemon=True)
@@ -697,19 +719,32 @@ class _Connection:
             if command == Command.DISC:
                 log.debug("%s: --> DISC", self.name)
                 return
-            handler = self.handlers.get(command)
-            if handler is None:
-                log.debug("%s: --> %s handle=%#x off=%d len=%d", self.name,
-                          _name(Command, command), handle, offset, length)
-                self.refuse(command, handle, Error.EINVAL,
-                            f"command {_name(Command, command)} not advertised")
-                continue
-            handler(Command(command), flags, handle, offset, length)
+            self.handlers.get(command, self.on_unsupported)(command, flags, handle,
+                                                            offset, length)
 
-    def refuse(self, command: int, handle: int, error: Error, why: str) -> None:
-        log.warning("%s: %s handle=%#x refused with %s: %s", self.name,
-                    _name(Command, command), handle, error.name, why)
-        self.send_reply(command, handle, error, None, counted=False)
+    def begin(self, command: int, handle: int, offset: int, length: int,
+              cost: int = 0) -> "_Reply":
+        """Count a request in flight and return its reply callable.
+
+        Waits while MAX_IN_FLIGHT requests or MAX_IN_FLIGHT_BYTES of
+        payload are pending (backpressure: the socket is not read
+        meanwhile).  ``cost`` is the payload this request holds in memory.
+        """
+        with self.in_flight_changed:
+            while self.in_flight >= MAX_IN_FLIGHT or (
+                    self.in_flight and self.in_flight_bytes + cost > MAX_IN_FLIGHT_BYTES):
+                if self.server.stopping.is_set() or self.closed:
+                    raise ConnectionClosed("connection closing with requests in flight")
+                self.in_flight_changed.wait(1.0)
+            self.in_flight += 1
+            self.in_flight_bytes += cost
+        return _Reply(self, command, handle, offset, length, cost)
+
+    def refuse(self, reply: "_Reply", error: Error, why: str) -> None:
+        log.warning("%s: %s handle=%#x off=%d len=%d refused with %s: %s", self.name,
+                    _name(Command, reply.command), reply.handle, reply.offset, reply.length,
+                    error.name, why)
+        reply(error)
 
     def check(self, command: Command, flags: int, offset: int, length: int,
               past_end: Error) -> None:
@@ -722,17 +757,8 @@ class _Connection:
             raise RequestError(past_end, f"off={offset} len={length} runs past the "
                                f"export size {self.server.size}")
 
-    def start_request(self) -> None:
-        """Count one more in-flight request, waiting while MAX_IN_FLIGHT are pending."""
-        with self.in_flight_changed:
-            while self.in_flight >= MAX_IN_FLIGHT:
-                if self.server.stopping.is_set() or self.closed:
-                    raise ConnectionClosed("connection closing with requests in flight")
-                self.in_flight_changed.wait(1.0)
-            self.in_flight += 1
-
-    def call_handler(self, method, reply: _Reply, *args) -> None:
-        self.start_request()
+    def call_handler(self, method, reply: "_Reply", *args) -> None:
+        """Call a Handler method; an exception before reply() becomes EIO."""
         try:
             method(*args, reply)
         except Exception as err:
@@ -744,56 +770,73 @@ class _Connection:
                 log.exception("%s: handler %s raised after replying", self.name,
                               method.__name__)
 
-    def on_READ(self, command: Command, flags: int, handle: int, offset: int, length: int) -> None:
+    def on_READ(self, command: int, flags: int, handle: int, offset: int, length: int) -> None:
         log.debug("%s: --> READ handle=%#x off=%d len=%d", self.name, handle, offset, length)
         if length > MAX_REQUEST_LENGTH:
-            self.refuse(command, handle, Error.EINVAL,
+            self.refuse(self.begin(command, handle, offset, length), Error.EINVAL,
                         f"len={length}, expected at most {MAX_REQUEST_LENGTH}")
             return
+        reply = self.begin(command, handle, offset, length, cost=length)
         try:
-            self.check(command, flags, offset, length, Error.EINVAL)
+            self.check(Command.READ, flags, offset, length, Error.EINVAL)
         except RequestError as err:
-            self.refuse(command, handle, Error(err.error), str(err))
+            self.refuse(reply, Error(err.error), str(err))
             return
-        reply = _Reply(self, command, handle, offset, length)
         self.call_handler(self.server.handler.read, reply, offset, length)
 
-    def on_WRITE(self, command: Command, flags: int, handle: int, offset: int, length: int) -> None:
+    def on_WRITE(self, command: int, flags: int, handle: int, offset: int, length: int) -> None:
         log.debug("%s: --> WRITE handle=%#x off=%d len=%d", self.name, handle, offset, length)
         if length > MAX_REQUEST_LENGTH:
             # The payload follows the header; we will not read (or skip) more
             # than MAX_REQUEST_LENGTH, so the stream cannot be resynchronised.
             raise ProtocolError(f"WRITE len={length}, expected at most {MAX_REQUEST_LENGTH}")
+        reply = self.begin(command, handle, offset, length, cost=length)
         payload = bytearray(length)
         recv_into_exactly(self.sock, memoryview(payload), "WRITE payload")
         try:
-            self.check(command, flags, offset, length, Error.ENOSPC)
+            self.check(Command.WRITE, flags, offset, length, Error.ENOSPC)
         except RequestError as err:
-            self.refuse(command, handle, Error(err.error), str(err))
+            self.refuse(reply, Error(err.error), str(err))
             return
-        reply = _Reply(self, command, handle, offset, length)
         self.call_handler(self.server.handler.write, reply, offset, memoryview(payload))
 
-    def on_WRITE_ZEROES(self, command: Command, flags: int, handle: int, offset: int,
+    def on_WRITE_ZEROES(self, command: int, flags: int, handle: int, offset: int,
                         length: int) -> None:
         log.debug("%s: --> WRITE_ZEROES handle=%#x off=%d len=%d flags=%#x", self.name,
                   handle, offset, length, flags)
+        reply = self.begin(command, handle, offset, length)
         try:
-            self.check(command, flags, offset, length, Error.ENOSPC)
+            self.check(Command.WRITE_ZEROES, flags, offset, length, Error.ENOSPC)
         except RequestError as err:
-            self.refuse(command, handle, Error(err.error), str(err))
+            self.refuse(reply, Error(err.error), str(err))
             return
-        reply = _Reply(self, command, handle, offset, length)
         self.call_handler(self.server.handler.write_zeroes, reply, offset, length)
 
-    def on_FLUSH(self, command: Command, flags: int, handle: int, offset: int, length: int) -> None:
+    def on_FLUSH(self, command: int, flags: int, handle: int, offset: int, length: int) -> None:
         log.debug("%s: --> FLUSH handle=%#x", self.name, handle)
-        reply = _Reply(self, command, handle, 0, 0)
+        reply = self.begin(command, handle, 0, 0)
+        try:
+            self.check(Command.FLUSH, flags, 0, 0, Error.EINVAL)
+        except RequestError as err:
+            self.refuse(reply, Error(err.error), str(err))
+            return
         self.call_handler(self.server.handler.flush, reply)
+
+    def on_unsupported(self, command: int, flags: int, handle: int, offset: int,
+                       length: int) -> None:
+        """TRIM, CACHE, BLOCK_STATUS, ... and unknown types: not advertised, EINVAL.
+
+        The spec has the client send a payload only with WRITE, so the
+        stream stays in step.
+        """
+        log.debug("%s: --> %s handle=%#x off=%d len=%d", self.name,
+                  _name(Command, command), handle, offset, length)
+        self.refuse(self.begin(command, handle, offset, length), Error.EINVAL,
+                    f"command {_name(Command, command)} not advertised by this server")
 
     # -- replies (any thread) ------------------------------------------------
 
-    def send_reply(self, command: int, handle: int, error: Error, data, counted: bool = True) -> None:
+    def send_reply(self, command: int, handle: int, error: Error, data, cost: int) -> None:
         """Send one simple reply under the send lock; any thread.
 
         After the connection closed the reply is dropped quietly: the client
@@ -823,10 +866,10 @@ class _Connection:
                     except OSError:
                         pass
         finally:
-            if counted:
-                with self.in_flight_changed:
-                    self.in_flight -= 1
-                    self.in_flight_changed.notify_all()
+            with self.in_flight_changed:
+                self.in_flight -= 1
+                self.in_flight_bytes -= cost
+                self.in_flight_changed.notify_all()
 
     def shutdown_read(self) -> None:
         """Any thread: wake the recv thread; in-flight replies can still go out."""
@@ -961,14 +1004,24 @@ class NBDServer:
 
 
 def _remove_stale_socket(path: str) -> None:
-    """Unlink a socket file left by an earlier run; refuse anything else."""
+    """Unlink a socket file left by an earlier run; refuse anything else.
+
+    A socket something still listens on is in use, not stale.
+    """
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
         raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
-    os.unlink(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)
+            return
+    raise FileExistsError(errno.EADDRINUSE, "a server is listening on this socket", path)
 
 
 # ---------------------------------------------------------------------------

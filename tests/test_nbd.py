@@ -119,7 +119,8 @@ class HoldingHandler(MemoryHandler):
         self.hold = hold
         self.pending: list = []
         self.max_pending = 0
-        self.order: list[int] = []
+        self.arrived: list[int] = []       # offsets in the order the Handler saw them
+        self.order: list[int] = []         # offsets in the order replies were sent
         self.cond = threading.Condition()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._answer, name="holding-replier", daemon=True)
@@ -131,6 +132,7 @@ class HoldingHandler(MemoryHandler):
             self.ops["write"] += 1
         with self.cond:
             self.pending.append((offset, reply))
+            self.arrived.append(offset)
             self.max_pending = max(self.max_pending, len(self.pending))
             self.cond.notify_all()
 
@@ -161,7 +163,7 @@ def test_requests_in_flight_are_answered_out_of_order(sockdir):
     finally:
         handler.close()
     assert handler.max_pending == 8
-    assert handler.order == sorted(handler.order, reverse=True)
+    assert handler.order == handler.arrived[::-1] != handler.arrived
     for i in range(8):
         assert handler.image[i * 65536:(i + 1) * 65536] == bytes([i + 1]) * 65536
 
@@ -435,3 +437,69 @@ def test_client_reads_qsd_export(qsd):
         assert client.read(MiB, 128 * 1024) == b"\x5a" * 128 * 1024
         assert client.read(3 * MiB - 4096, 8192) == bytes(4096) + b"\x11" * 4096
     assert nbd_sha256(str(qsd.export_path), qsd.export_name) == image_sha256(qsd.image)
+
+
+def test_active_mirror_with_writes_in_flight_answered_out_of_order(qsd_factory, sockdir):
+    source = qsd_factory(size=SIZE, fmt="raw")
+    handler = HoldingHandler(SIZE, hold=8)
+    try:
+        with nbd.NBDServer(str(sockdir / "tgt.sock"), EXPORT, SIZE, handler) as server:
+            source.start_mirror(server.address, EXPORT)
+            commands = [f"aio_write -P {i + 1:#x} {i * 65536} 64k" for i in range(8)]
+            qemu_io(source.export_path, *commands, "aio_flush", export=source.export_name)
+            source.stop_mirror()
+    finally:
+        handler.close()
+    assert handler.max_pending == 8
+    assert handler.order == handler.arrived[::-1] != handler.arrived
+    assert hashlib.sha256(handler.image).hexdigest() == image_sha256(source.image)
+
+
+def test_qemu_reconnects_to_a_restarted_server(qsd_factory, sockdir):
+    source = qsd_factory(size=SIZE, fmt="raw")
+    handler = MemoryHandler(SIZE)
+    path = str(sockdir / "tgt.sock")
+    first = nbd.NBDServer(path, EXPORT, SIZE, handler)
+    first.start()
+    try:
+        source.start_mirror(path, EXPORT)
+        qemu_io(source.export_path, "write -P 0x21 0 64k", export=source.export_name)
+    finally:
+        first.stop()
+    with nbd.NBDServer(path, EXPORT, SIZE, handler) as second:
+        # this write finds the old connection gone; QEMU reconnects within reconnect-delay
+        qemu_io(source.export_path, "write -P 0x22 64k 64k", export=source.export_name)
+        assert second.connection_count == 1
+        assert handler.image[:131072] == b"\x21" * 65536 + b"\x22" * 65536
+        assert image_sha256(source.image) == handler.sha256()
+        source.stop_mirror()
+
+
+def test_server_refuses_a_socket_in_use_and_replaces_a_stale_one(sockdir):
+    path = str(sockdir / "tgt.sock")
+    with nbd.NBDServer(path, EXPORT, SIZE, MemoryHandler(SIZE)):
+        with pytest.raises(FileExistsError):
+            nbd.NBDServer(path, EXPORT, SIZE, MemoryHandler(SIZE)).start()
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)                       # bound, never listening: what a crash leaves
+    stale.close()
+    with nbd.NBDServer(path, EXPORT, SIZE, MemoryHandler(SIZE)) as server:
+        still_serves(server)
+    (sockdir / "file").write_text("not a socket")
+    with pytest.raises(FileExistsError):
+        nbd.NBDServer(str(sockdir / "file"), EXPORT, SIZE, MemoryHandler(SIZE)).start()
+
+
+@pytest.mark.parametrize("text, address", [
+    ("/run/rep/tgt.sock", "/run/rep/tgt.sock"),
+    ("127.0.0.1:10809", ("127.0.0.1", 10809)),
+    ("[::1]:10809", ("::1", 10809)),
+])
+def test_parse_address(text, address):
+    assert nbd.parse_address(text) == address
+
+
+@pytest.mark.parametrize("text", ["10809", "host:", ":10809", "host:port"])
+def test_parse_address_rejects(text):
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        nbd.parse_address(text)
