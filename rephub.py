@@ -1,7 +1,2636 @@
 #!/usr/bin/env python3
-"""rephub: not yet implemented (see the project's issues)."""
+"""rephub: the hub on the recovery site — server, durable journal, replica store, sync.
 
+Read this file top to bottom; it follows the path of a write.
+
+Server (DESIGN.md "Shape", SEMANTICS.md "Connection and handshake")
+    ``Hub`` owns a listening socket (optionally TLS).  Each accepted agent
+    connection gets one thread running ``AgentConnection``: ``setup``
+    (TLS + HMAC handshake, 10 s deadline), ``handle`` (a sequential blocking
+    recv loop dispatching to ``on_<TYPE>`` methods) and ``finish``; an
+    exception in one connection is logged with the peer's address and never
+    reaches the server.  Every send on a connection goes through
+    ``AgentConnection.send`` (one send lock).
+
+Durability (DESIGN.md rule 6)
+    A WRITE, ZERO, READ_REPLY or CHECKPOINT is appended to the ``Journal``
+    (segment files, one CRC per record) by the recv loop, which then goes on
+    reading.  One committer thread runs ``fdatasync``: each call covers every
+    record appended while the previous one ran (group commit).  The
+    connection's acker thread sends the ACK (or SYNCED) for a record only once
+    the committer has made it durable, so ACKs leave in stream order and each
+    one means "this and everything before it is on disk".
+
+Replica store
+    ``VolumeStore`` keeps ``DIR/volumes/<name>/replica`` (sparse raw file) and
+    ``metadata.json`` (atomic: temp + fsync + rename + fsync dir).  The applier
+    thread copies durable journal records into the replicas in journal order
+    (= stream order, DESIGN.md rule 1).  Before it overwrites a range it saves
+    the bytes it replaces as an UNDO record (holes stay holes, so a first write
+    costs nothing), so the replica is always the newest state and the volume
+    as it was at an earlier point is the replica with the undo records walked
+    back from newest to that point (``VolumeStore.read_at``).  On start the
+    store truncates a torn journal tail (CRC) and applies what was journaled
+    but not applied.
+
+Sync (SEMANTICS.md "Sync")
+    On ATTACH the hub picks a plan (FULL, DIRTY, VERIFY or NONE) and a
+    ``SyncJob`` thread per volume drives it: pipelined READs (several in
+    flight), DIRTY_QUERY, CHECKSUM_QUERY.  Replies arrive on the recv loop in
+    stream order and are journaled like writes, so a stale READ_REPLY can never
+    overwrite a newer WRITE (DESIGN.md rule 4).
+
+Control
+    ``DIR/control.sock`` (unix stream socket): one JSON request line, JSON
+    reply lines (see ``ControlServer``).  ``rephub.py status`` uses it.
+
+Journal record layout (``RECORD``), network byte order::
+
+    offset size field
+     0      4  magic          0x524A5231 ("RJR1")
+     4      1  kind           RecordKind
+     5      1  flags          RECORD_FROM_SYNC: came from a READ_REPLY
+     6      2  reserved       0
+     8      8  seq            global sequence number, contiguous from 1
+    16      8  time_ns        wall clock at append (never goes backwards)
+    24      4  volume         hub volume id (0 for CHECKPOINT)
+    28      4  payload_length bytes of payload after the header
+    32      8  offset         byte offset in the volume
+    40      8  length         byte length of the range
+    48      4  payload_crc    CRC-32 of the payload
+    52      4  header_crc     CRC-32 of bytes 0..51
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import collections
+import dataclasses
+import datetime
+import enum
+import errno
+import fcntl
+import hashlib
+import itertools
+import json
+import logging
+import os
+import queue
+import secrets
+import select
+import signal
+import socket
+import ssl
+import struct
 import sys
+import threading
+import time
+import zlib
+
+import protocol as p
+
+log = logging.getLogger("rephub")
+
+# ---------------------------------------------------------------------------
+# Constants
+
+#: HELLO..AUTH_OK must be done within this (SEMANTICS.md).
+HANDSHAKE_TIMEOUT = 10.0
+#: How often a recv loop waiting between frames looks at the stop flag.
+POLL_INTERVAL = 0.2
+#: A peer that stalls inside a frame for this long is cut off.
+FRAME_TIMEOUT = 60.0
+#: The hub pings every connection this often; status shows the RTT.
+HEARTBEAT_INTERVAL = 5.0
+#: FULL/DIRTY syncs read pieces of this size (chunk aligned) ...
+SYNC_PIECE = 1024 * 1024
+#: ... with this many READs in flight, so the agent's disk and the link stay busy.
+SYNC_WINDOW = 8
+#: VERIFY asks checksums for ranges of this many chunks per CHECKSUM_QUERY.
+VERIFY_CHUNKS_PER_QUERY = 256
+VERIFY_WINDOW = 4
+#: Long syncs log progress at INFO this often.
+PROGRESS_INTERVAL = 5.0
+#: A new segment file is started when the current one reaches this size.
+SEGMENT_BYTES = 64 * 1024 * 1024
+#: The applier applies at most this much in one batch (one undo fdatasync).
+APPLY_BATCH_BYTES = 64 * 1024 * 1024
+APPLY_BATCH_RECORDS = 256
+#: The applier persists how far it got at least this often while busy.
+APPLY_PERSIST_INTERVAL = 1.0
+DEFAULT_RETENTION = 24 * 3600.0
+DEFAULT_MAX_JOURNAL_BYTES = 16 * 1024 ** 3
+#: Replica reads and exports go in blocks of this size.
+IO_BLOCK = 1024 * 1024
+ZERO_BLOCK = bytes(IO_BLOCK)
+
+CONTROL_SOCKET = "control.sock"
+LOCK_FILE = "lock"
+HUB_FILE = "hub.json"
+APPLIED_FILE = "applied.json"
+
+
+class RecordKind(enum.IntEnum):
+    """What a journal or undo record holds."""
+
+    WRITE = 1        # payload = data for [offset, offset+length)
+    ZERO = 2         # no payload: the range reads as zeroes
+    CHECKPOINT = 3   # payload = CHECKPOINT_PAYLOAD: a named point for one agent
+    UNDO = 4         # undo log: payload = the range's bytes before record `seq`
+    UNDO_COMMIT = 5  # undo log: every UNDO up to `seq` is durable (batch end)
+
+
+RECORD_FROM_SYNC = 1 << 0
+
+RECORD_MAGIC = 0x524A5231  # "RJR1"
+#: The 52 bytes the header CRC covers (layout in the module docstring).
+RECORD_BODY = struct.Struct("!IBBHQQIIQQI")
+RECORD = struct.Struct("!IBBHQQIIQQII")
+#: UNDO payload: u32 extent count, the extents, then the data extents' bytes
+#: in order.  An extent: u64 offset relative to the record's offset, u64
+#: length, u8 kind (UNDO_HOLE or UNDO_DATA), 7 bytes reserved.
+UNDO_COUNT = struct.Struct("!I")
+UNDO_EXTENT = struct.Struct("!QQB7x")
+UNDO_HOLE = 0
+UNDO_DATA = 1
+#: CHECKPOINT payload: u16 agent id length + agent id, u16 name length + name.
+TEXT_LEN = struct.Struct("!H")
+
+
+class VolState(str, enum.Enum):
+    """A replica's state as persisted and shown in status (SEMANTICS.md "Plans")."""
+
+    INCONSISTENT = "inconsistent"  # its first full sync has not completed
+    SYNCING = "syncing"            # a DIRTY or VERIFY resync is running
+    CONSISTENT = "consistent"
+
+
+class StoreError(Exception):
+    """The data directory cannot be used as it is (corrupt, locked, ...)."""
+
+
+class PointError(p.RequestError):
+    """A point in time that is unknown, outside the window, or not consistent."""
+
+    code = p.ErrorCode.BAD_POINT
+
+
+# ---------------------------------------------------------------------------
+# Small file helpers
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` so a crash leaves the old or the new file."""
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def data_extents(fd: int, offset: int, length: int):
+    """Yield (offset, length) of the allocated (data) parts of a range of a file."""
+    pos, end = offset, offset + length
+    while pos < end:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as err:
+            if err.errno == errno.ENXIO:  # no data after pos
+                return
+            raise
+        if start >= end:
+            return
+        stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+        yield start, stop - start
+        pos = stop
+
+
+def write_zeroes(fd: int, offset: int, length: int) -> None:
+    """Make a range of a replica read as zeroes, writing only where data exists.
+
+    Holes are left alone, so a zero range on a sparse replica costs nothing.
+    """
+    for start, n in list(data_extents(fd, offset, length)):
+        while n:
+            k = min(n, IO_BLOCK)
+            os.pwrite(fd, ZERO_BLOCK[:k], start)
+            start += k
+            n -= k
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n}"  # pragma: no cover
+
+
+def fmt_time_ns(ns: int | None) -> str:
+    if not ns:
+        return "-"
+    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.timezone.utc).isoformat(
+        timespec="milliseconds")
+
+
+# ---------------------------------------------------------------------------
+# Segment logs: the journal and the undo log share this format
+
+
+@dataclasses.dataclass(slots=True)
+class Record:
+    """One record's header and where its payload lies (never the payload)."""
+
+    seq: int
+    time_ns: int
+    kind: int
+    flags: int
+    volume: int
+    offset: int
+    length: int
+    payload_length: int
+    payload_crc: int
+    segment: int  # the segment's id (first seq it was created for)
+    pos: int      # file position of the payload
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+def encode_record(kind: int, flags: int, seq: int, time_ns: int, volume: int,
+                  offset: int, length: int, payload_length: int, payload_crc: int) -> bytes:
+    body = RECORD_BODY.pack(RECORD_MAGIC, kind, flags, 0, seq, time_ns, volume,
+                            payload_length, offset, length, payload_crc)
+    return body + struct.pack("!I", zlib.crc32(body))
+
+
+class SegmentLog:
+    """An append-only log in numbered segment files ``<first seq>.seg``.
+
+    ``append`` is called under the owner's lock; ``sync`` makes everything
+    appended so far durable (fdatasync of each touched segment, and of the
+    directory when a segment was created).  ``open`` scans the segments,
+    truncates a torn or corrupt tail (CRC) and returns the records found.
+    """
+
+    def __init__(self, directory: str, what: str, segment_bytes: int = SEGMENT_BYTES):
+        self.dir = directory
+        self.what = what
+        self.segment_bytes = segment_bytes
+        self.fd: int | None = None        # current segment, open for append
+        self.segment: int | None = None   # its id
+        self.size = 0                     # its size
+        self.unsynced: list[int] = []     # older segment fds not yet fdatasync'ed
+        self.dir_dirty = False
+        self.read_fds: dict[int, int] = {}
+        self.segment_sizes: dict[int, int] = {}
+        self.fdatasyncs = 0
+        self.read_lock = threading.Lock()
+        os.makedirs(directory, exist_ok=True)
+
+    def path(self, segment: int) -> str:
+        return os.path.join(self.dir, f"{segment:020d}.seg")
+
+    def segments(self) -> list[int]:
+        out = []
+        for name in os.listdir(self.dir):
+            if name.endswith(".seg") and name[:-4].isdigit():
+                out.append(int(name[:-4]))
+        return sorted(out)
+
+    def open(self) -> list[Record]:
+        """Scan every segment; return its records.  Runs once, before any thread."""
+        records: list[Record] = []
+        segments = self.segments()
+        for i, segment in enumerate(segments):
+            last = i == len(segments) - 1
+            records.extend(self._scan(segment, last))
+        if segments:
+            self.segment = segments[-1]
+            self.fd = os.open(self.path(self.segment), os.O_WRONLY | os.O_APPEND)
+            self.size = os.fstat(self.fd).st_size
+        return records
+
+    def _scan(self, segment: int, last: bool) -> list[Record]:
+        path = self.path(segment)
+        out = []
+        with open(path, "rb") as f:
+            data = f.read()
+        pos = 0
+        problem = None
+        while pos < len(data):
+            if len(data) - pos < RECORD.size:
+                problem = f"{len(data) - pos} bytes of a record header"
+                break
+            fields = RECORD.unpack_from(data, pos)
+            (magic, kind, flags, _res, seq, time_ns, volume, plen, offset, length,
+             payload_crc, header_crc) = fields
+            if magic != RECORD_MAGIC:
+                problem = f"bad record magic 0x{magic:08x}, expected 0x{RECORD_MAGIC:08x}"
+                break
+            crc = zlib.crc32(memoryview(data)[pos:pos + RECORD_BODY.size])
+            if crc != header_crc:
+                problem = f"bad record header_crc 0x{header_crc:08x}, computed 0x{crc:08x}"
+                break
+            start = pos + RECORD.size
+            if start + plen > len(data):
+                problem = f"payload of {plen} bytes cut short at {len(data) - start}"
+                break
+            crc = zlib.crc32(memoryview(data)[start:start + plen])
+            if crc != payload_crc:
+                problem = f"bad record payload_crc 0x{payload_crc:08x}, computed 0x{crc:08x}"
+                break
+            out.append(Record(seq, time_ns, kind, flags, volume, offset, length, plen,
+                              payload_crc, segment, start))
+            pos = start + plen
+        if problem:
+            if not last:
+                raise StoreError(f"{self.what} segment {path} is corrupt at byte {pos} "
+                                 f"({problem}) and is not the last segment; refusing to "
+                                 "start (a torn tail can only be in the last one)")
+            log.warning("%s: torn or corrupt tail in %s at byte %d (%s); discarding "
+                        "%d bytes, never applied", self.what, path, pos, problem,
+                        len(data) - pos)
+            with open(path, "r+b") as f:
+                f.truncate(pos)
+                os.fsync(f.fileno())
+        self.segment_sizes[segment] = pos
+        return out
+
+    def append(self, seq: int, kind: int, flags: int, time_ns: int, volume: int,
+               offset: int, length: int, parts: list, payload_crc: int | None = None
+               ) -> Record:
+        """Write one record (caller holds the owner's lock).  Not yet durable."""
+        plen = sum(len(x) for x in parts)
+        if payload_crc is None:
+            payload_crc = 0
+            for part in parts:
+                payload_crc = zlib.crc32(part, payload_crc)
+        if self.fd is None or (self.size and self.size + RECORD.size + plen > self.segment_bytes):
+            self._roll(seq)
+        header = encode_record(kind, flags, seq, time_ns, volume, offset, length,
+                               plen, payload_crc)
+        buffers = [header, *parts]
+        total = RECORD.size + plen
+        written = os.writev(self.fd, buffers)
+        if written != total:  # short write (disk full, ...): finish it or fail loudly
+            blob = b"".join(bytes(b) for b in buffers)
+            while written < total:
+                written += os.write(self.fd, blob[written:])
+        rec = Record(seq, time_ns, kind, flags, volume, offset, length, plen, payload_crc,
+                     self.segment, self.size + RECORD.size)
+        self.size += total
+        self.segment_sizes[self.segment] = self.size
+        return rec
+
+    def _roll(self, seq: int) -> None:
+        if self.fd is not None:
+            self.unsynced.append(self.fd)
+        self.segment = seq
+        self.fd = os.open(self.path(seq), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.size = 0
+        self.segment_sizes[seq] = 0
+        self.dir_dirty = True
+
+    def take_sync_work(self) -> tuple[list[int], int | None, bool]:
+        """Under the owner's lock: what ``do_sync`` must flush (fds to close, fd, dir)."""
+        old, self.unsynced = self.unsynced, []
+        dir_dirty, self.dir_dirty = self.dir_dirty, False
+        return old, self.fd, dir_dirty
+
+    def do_sync(self, work) -> None:
+        """fdatasync what ``take_sync_work`` returned (outside the owner's lock)."""
+        old, fd, dir_dirty = work
+        for ofd in old:
+            os.fdatasync(ofd)
+            self.fdatasyncs += 1
+            os.close(ofd)
+        if fd is not None:
+            os.fdatasync(fd)
+            self.fdatasyncs += 1
+        if dir_dirty:
+            fsync_dir(self.dir)
+
+    def read_payload(self, rec: Record) -> bytes:
+        """The payload of ``rec`` (any thread)."""
+        with self.read_lock:
+            fd = self.read_fds.get(rec.segment)
+            if fd is None:
+                fd = self.read_fds[rec.segment] = os.open(self.path(rec.segment), os.O_RDONLY)
+        data = os.pread(fd, rec.payload_length, rec.pos)
+        if len(data) != rec.payload_length:
+            raise StoreError(f"{self.what} record seq {rec.seq} is cut short in "
+                             f"{self.path(rec.segment)}")
+        return data
+
+    def delete_segment(self, segment: int) -> None:
+        """Remove a whole segment (never the current one)."""
+        with self.read_lock:
+            fd = self.read_fds.pop(segment, None)
+            if fd is not None:
+                os.close(fd)
+        self.segment_sizes.pop(segment, None)
+        os.unlink(self.path(segment))
+        self.dir_dirty = True
+
+    def total_bytes(self) -> int:
+        return sum(self.segment_sizes.values())
+
+    def close(self) -> None:
+        for fd in self.unsynced + ([self.fd] if self.fd is not None else []):
+            os.fdatasync(fd)
+            os.close(fd)
+        self.unsynced, self.fd = [], None
+        with self.read_lock:
+            for fd in self.read_fds.values():
+                os.close(fd)
+            self.read_fds.clear()
+
+
+class Journal:
+    """The hub's one journal: every WRITE/ZERO/READ_REPLY/CHECKPOINT, in stream order.
+
+    ``append`` (recv loops, under ``lock``) gives each record the next global
+    sequence number; ``wait_durable`` blocks until the committer thread has
+    fdatasync'ed past it.  Group commit: the committer takes everything
+    appended so far, runs one fdatasync, and wakes every waiter it covered.
+    """
+
+    def __init__(self, directory: str, segment_bytes: int = SEGMENT_BYTES):
+        self.log = SegmentLog(directory, "journal", segment_bytes)
+        self.lock = threading.Lock()
+        self.durable_cond = threading.Condition(threading.Lock())
+        self.records: list[Record] = []   # records[seq - first_seq]
+        self.first_seq = 1
+        self.last_seq = 0          # appended
+        self.durable_seq = 0       # fdatasync'ed
+        self.last_time_ns = 0
+        self.checkpoints: list[tuple[int, int, str, str]] = []  # (seq, time, agent, name)
+        self.commits = 0           # fdatasync rounds of the committer
+        self.failed: BaseException | None = None
+        self.stop_event = threading.Event()
+        self.committer: threading.Thread | None = None
+
+    def open(self, start_seq: int = 1) -> None:
+        """Load the records; ``start_seq`` is the next seq if the journal is empty."""
+        self.records = self.log.open()
+        for prev, rec in zip(self.records, self.records[1:]):
+            if rec.seq != prev.seq + 1:
+                raise StoreError(f"journal seq jumps from {prev.seq} to {rec.seq} "
+                                 f"(segment {self.log.path(rec.segment)})")
+        if self.records:
+            self.first_seq = self.records[0].seq
+            self.last_seq = self.records[-1].seq
+            self.last_time_ns = self.records[-1].time_ns
+        else:
+            self.first_seq = start_seq
+            self.last_seq = start_seq - 1
+        self.durable_seq = self.last_seq
+        for rec in self.records:
+            if rec.kind == RecordKind.CHECKPOINT:
+                agent, name = decode_checkpoint(self.log.read_payload(rec))
+                self.checkpoints.append((rec.seq, rec.time_ns, agent, name))
+
+    def start(self) -> None:
+        self.committer = threading.Thread(target=self._commit_loop, name="journal-committer",
+                                          daemon=True)
+        self.committer.start()
+
+    def append(self, kind: RecordKind, volume: int, offset: int, length: int,
+               parts: list = (), payload_crc: int | None = None, flags: int = 0) -> Record:
+        """Append one record; return it (not yet durable).  Any thread."""
+        if self.failed:
+            raise p.RequestError(f"journal failed: {self.failed}", code=p.ErrorCode.IO_ERROR)
+        with self.lock:
+            seq = self.last_seq + 1
+            now = max(time.time_ns(), self.last_time_ns)
+            try:
+                rec = self.log.append(seq, kind, flags, now, volume, offset, length,
+                                      list(parts), payload_crc)
+            except OSError as err:
+                raise p.RequestError(f"journal append failed: {err}",
+                                     code=p.ErrorCode.IO_ERROR) from err
+            self.records.append(rec)
+            self.last_seq = seq
+            self.last_time_ns = now
+            if kind == RecordKind.CHECKPOINT:
+                agent, name = decode_checkpoint(b"".join(bytes(x) for x in parts))
+                self.checkpoints.append((seq, now, agent, name))
+        with self.durable_cond:
+            self.durable_cond.notify_all()
+        return rec
+
+    def _commit_loop(self) -> None:
+        """Committer thread: one fdatasync per round covers every record appended so far."""
+        while True:
+            with self.durable_cond:
+                while self.durable_seq >= self.last_seq and not self.stop_event.is_set():
+                    self.durable_cond.wait(0.5)
+                if self.durable_seq >= self.last_seq and self.stop_event.is_set():
+                    return
+            with self.lock:
+                target = self.last_seq
+                work = self.log.take_sync_work()
+            try:
+                self.log.do_sync(work)
+            except OSError as err:
+                log.error("journal fdatasync failed: %s; no further write is acknowledged", err)
+                self.failed = err
+                with self.durable_cond:
+                    self.durable_cond.notify_all()
+                return
+            with self.durable_cond:
+                self.durable_seq = target
+                self.commits += 1
+                self.durable_cond.notify_all()
+
+    def wait_durable(self, seq: int, timeout: float | None = None) -> bool:
+        """Block until record ``seq`` is durable; False on timeout or journal failure."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.durable_cond:
+            while self.durable_seq < seq:
+                if self.failed:
+                    return False
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self.durable_cond.wait(remaining if remaining is not None else 1.0)
+            return True
+
+    def record(self, seq: int) -> Record | None:
+        with self.lock:
+            i = seq - self.first_seq
+            return self.records[i] if 0 <= i < len(self.records) else None
+
+    def records_between(self, after: int, upto: int, max_count: int) -> list[Record]:
+        with self.lock:
+            lo = max(after + 1 - self.first_seq, 0)
+            hi = min(upto - self.first_seq + 1, lo + max_count, len(self.records))
+            return self.records[lo:hi]
+
+    @property
+    def fdatasyncs(self) -> int:
+        return self.log.fdatasyncs
+
+    def stop(self) -> None:
+        """Make everything durable and stop the committer (the stopping thread)."""
+        self.stop_event.set()
+        with self.durable_cond:
+            self.durable_cond.notify_all()
+        if self.committer:
+            self.committer.join(timeout=30)
+        with self.lock:
+            self.log.close()
+
+
+def encode_checkpoint(agent: str, name: str) -> bytes:
+    a, n = agent.encode(), name.encode()
+    return TEXT_LEN.pack(len(a)) + a + TEXT_LEN.pack(len(n)) + n
+
+
+def decode_checkpoint(payload: bytes) -> tuple[str, str]:
+    (n,) = TEXT_LEN.unpack_from(payload, 0)
+    agent = payload[2:2 + n].decode()
+    (m,) = TEXT_LEN.unpack_from(payload, 2 + n)
+    return agent, payload[4 + n:4 + n + m].decode()
+
+
+# ---------------------------------------------------------------------------
+# Volumes and the store
+
+
+class Volume:
+    """One replicated volume: ``replica`` (sparse raw) and ``metadata.json``.
+
+    ``meta`` is what is persisted (name, id, size, chunk_size, owner,
+    generation, state, full_synced, pending_plan, applied_seq,
+    consistent_since_seq); the other attributes are run-time figures for status.
+    """
+
+    def __init__(self, directory: str, meta: dict):
+        self.dir = directory
+        self.meta = meta
+        self.lock = threading.Lock()
+        self.fd = os.open(os.path.join(directory, "replica"), os.O_RDWR)
+        self.undo: list[Record] = []      # undo index, seq order
+        self.attached_to = None           # AgentConnection or None
+        self.sync = None                  # running SyncJob or None
+        self.last_sync: dict | None = None
+        self.unapplied_bytes = 0          # journaled, not yet in the replica
+        self.unapplied_since_ns = 0       # time of the oldest such record
+        self.last_ack_ns = 0
+
+    name = property(lambda self: self.meta["name"])
+    id = property(lambda self: self.meta["id"])
+    size = property(lambda self: self.meta["size"])
+    owner = property(lambda self: self.meta["owner"])
+    state = property(lambda self: VolState(self.meta["state"]))
+
+    def update(self, **changes) -> None:
+        """Change and persist metadata atomically (any thread)."""
+        with self.lock:
+            self.meta.update(changes)
+            atomic_write_json(os.path.join(self.dir, "metadata.json"), self.meta)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class VolumeStore:
+    """The data directory: volumes, journal, undo log, applier (DESIGN.md "rephub").
+
+    Layout::
+
+        DIR/hub.json              hub id, next volume id
+        DIR/applied.json          global seq the applier has made durable in replicas
+        DIR/journal/*.seg         WRITE/ZERO/CHECKPOINT records
+        DIR/undo/*.seg            UNDO records (bytes each applied record replaced)
+        DIR/volumes/<name>/       replica, metadata.json
+        DIR/control.sock          the running hub's control socket
+        DIR/lock                  flock'ed by whoever has the store open
+
+    API other parts build on (any thread unless said):
+    ``volume(name)``, ``volume_by_id(id)``, ``create_volume(...)``,
+    ``append_data(vol, offset, length, data|None, crc, flags)``,
+    ``append_checkpoint(agent, name)``, ``journal.wait_durable(seq)``,
+    ``wait_applied(seq)``, ``resolve_point(vol, text)`` -> seq,
+    ``read_at(vol, seq, offset, length)`` -> bytes (the volume as it was
+    right after record ``seq``), ``points(vol)``, ``export(vol, seq, path)``.
+    """
+
+    def __init__(self, data_dir: str, retention: float = DEFAULT_RETENTION,
+                 max_bytes: int = DEFAULT_MAX_JOURNAL_BYTES,
+                 segment_bytes: int = SEGMENT_BYTES):
+        self.dir = os.path.abspath(data_dir)
+        self.retention = retention
+        self.max_bytes = max_bytes
+        self.volumes_dir = os.path.join(self.dir, "volumes")
+        self.journal = Journal(os.path.join(self.dir, "journal"), segment_bytes)
+        self.undo_log = SegmentLog(os.path.join(self.dir, "undo"), "undo log", segment_bytes)
+        self.lock = threading.Lock()            # volumes dict, hub.json
+        self.apply_lock = threading.Lock()      # replica contents vs read_at
+        self.applied_cond = threading.Condition(threading.Lock())
+        self.volumes: dict[str, Volume] = {}
+        self.by_id: dict[int, Volume] = {}
+        self.applied_seq = 0
+        self.undo_committed_seq = 0
+        self.undo_tables: dict[tuple[int, int], list] = {}
+        self.stop_event = threading.Event()
+        self.applier: threading.Thread | None = None
+        self.lock_fd: int | None = None
+        self.hub_meta: dict = {}
+        self.applier_error: BaseException | None = None
+
+    # -- opening -------------------------------------------------------------
+
+    def open(self) -> None:
+        """Lock the directory, load everything, truncate torn tails (caller's thread)."""
+        os.makedirs(self.volumes_dir, exist_ok=True)
+        self.lock_fd = os.open(os.path.join(self.dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+            raise StoreError(f"data directory {self.dir} is in use by another process "
+                             "(a running hub?)") from err
+        hub_path = os.path.join(self.dir, HUB_FILE)
+        if os.path.exists(hub_path):
+            self.hub_meta = read_json(hub_path)
+        else:
+            self.hub_meta = {"hub_id": f"hub-{secrets.token_hex(4)}", "next_volume_id": 1}
+            atomic_write_json(hub_path, self.hub_meta)
+        for name in sorted(os.listdir(self.volumes_dir)):
+            meta_path = os.path.join(self.volumes_dir, name, "metadata.json")
+            if not os.path.exists(meta_path):
+                continue
+            vol = Volume(os.path.join(self.volumes_dir, name), read_json(meta_path))
+            self.volumes[vol.name] = vol
+            self.by_id[vol.id] = vol
+        applied_path = os.path.join(self.dir, APPLIED_FILE)
+        if os.path.exists(applied_path):
+            self.applied_seq = read_json(applied_path)["applied_seq"]
+        self.journal.open(start_seq=self.applied_seq + 1)
+        if self.journal.records and self.journal.first_seq > self.applied_seq + 1:
+            raise StoreError(f"journal starts at seq {self.journal.first_seq} but the "
+                             f"replicas only have up to {self.applied_seq}: records are missing")
+        if self.journal.last_seq < self.applied_seq:
+            # The tail was torn off after... cannot happen: only durable records are applied.
+            raise StoreError(f"replicas have seq {self.applied_seq} applied but the journal "
+                             f"ends at {self.journal.last_seq}")
+        self._open_undo()
+        pending = self.journal.last_seq - self.applied_seq
+        log.info("store %s: %d volumes, journal seq %d..%d, applied %d (%d to replay)",
+                 self.dir, len(self.volumes), self.journal.first_seq, self.journal.last_seq,
+                 self.applied_seq, pending)
+        for rec in self.journal.records_between(self.applied_seq, self.journal.last_seq,
+                                                 len(self.journal.records)):
+            self._count_unapplied(rec)
+
+    def _open_undo(self) -> None:
+        records = self.undo_log.open()
+        # Undo records after the last UNDO_COMMIT belong to a batch whose replica
+        # writes never started: drop them so the batch re-captures its undo.
+        last_commit = max((i for i, r in enumerate(records) if r.kind == RecordKind.UNDO_COMMIT),
+                          default=-1)
+        if last_commit + 1 < len(records):
+            cut = records[last_commit + 1]
+            log.warning("undo log: %d records after the last commit are dropped (batch "
+                        "interrupted before it touched a replica)", len(records) - last_commit - 1)
+            for rec in records[last_commit + 1:]:
+                if rec.segment != cut.segment:
+                    self.undo_log.delete_segment(rec.segment)
+            with open(self.undo_log.path(cut.segment), "r+b") as f:
+                f.truncate(cut.pos - RECORD.size)
+                os.fsync(f.fileno())
+            self.undo_log.segment_sizes[cut.segment] = cut.pos - RECORD.size
+            self.undo_log.close()
+            self.undo_log = SegmentLog(self.undo_log.dir, "undo log", self.undo_log.segment_bytes)
+            records = self.undo_log.open()
+        for rec in records:
+            if rec.kind == RecordKind.UNDO_COMMIT:
+                self.undo_committed_seq = rec.seq
+            elif rec.kind == RecordKind.UNDO and rec.volume in self.by_id:
+                self.by_id[rec.volume].undo.append(rec)
+
+    def start(self) -> None:
+        """Start the committer and the applier threads."""
+        self.journal.start()
+        self.applier = threading.Thread(target=self._apply_loop, name="applier", daemon=True)
+        self.applier.start()
+
+    def close(self) -> None:
+        """Make everything durable, stop the threads, unlock (the stopping thread)."""
+        self.journal.stop()
+        self.stop_event.set()
+        with self.journal.durable_cond:
+            self.journal.durable_cond.notify_all()
+        if self.applier:
+            self.applier.join(timeout=60)
+            if self.applier.is_alive():
+                log.warning("applier did not stop within 60 s; replay will finish its work")
+        self._persist_applied(set(self.volumes.values()))
+        self.undo_log.close()
+        for vol in self.volumes.values():
+            vol.close()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+    # -- volumes ---------------------------------------------------------------
+
+    @property
+    def hub_id(self) -> str:
+        return self.hub_meta["hub_id"]
+
+    def volume(self, name: str) -> Volume | None:
+        with self.lock:
+            return self.volumes.get(name)
+
+    def volume_by_id(self, vid: int) -> Volume | None:
+        with self.lock:
+            return self.by_id.get(vid)
+
+    def create_volume(self, name: str, size: int, chunk_size: int, owner: str,
+                      generation: bytes) -> Volume:
+        """Create ``DIR/volumes/<name>`` (name validated: one safe path component)."""
+        p.validate_name(name, "volume name")
+        path = os.path.join(self.volumes_dir, name)
+        if os.path.dirname(os.path.abspath(path)) != self.volumes_dir:
+            raise p.InvalidField(f"volume name {name!r} escapes the data directory",
+                                 code=p.ErrorCode.BAD_NAME)
+        with self.lock:
+            if name in self.volumes:
+                raise p.InvalidField(f"volume {name!r} exists")
+            vid = self.hub_meta["next_volume_id"]
+            self.hub_meta["next_volume_id"] = vid + 1
+            atomic_write_json(os.path.join(self.dir, HUB_FILE), self.hub_meta)
+            os.makedirs(path, exist_ok=True)
+            fd = os.open(os.path.join(path, "replica"), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            meta = dict(name=name, id=vid, size=size, chunk_size=chunk_size, owner=owner,
+                        generation=bytes(generation).hex(), state=VolState.INCONSISTENT.value,
+                        full_synced=False, pending_plan=None,
+                        applied_seq=self.applied_seq, consistent_since_seq=None,
+                        created_ns=time.time_ns())
+            atomic_write_json(os.path.join(path, "metadata.json"), meta)
+            fsync_dir(self.volumes_dir)
+            vol = Volume(path, meta)
+            self.volumes[name] = vol
+            self.by_id[vid] = vol
+        log.info("volume %s created: id=%d size=%d chunk=%d owner=%s", name, vid, size,
+                 chunk_size, owner)
+        return vol
+
+    # -- appending -------------------------------------------------------------
+
+    def append_data(self, vol: Volume, offset: int, length: int, data, payload_crc=None,
+                    flags: int = 0) -> Record:
+        """Journal a WRITE (``data``) or ZERO (``data`` None) for ``vol``; not yet durable."""
+        if data is None:
+            rec = self.journal.append(RecordKind.ZERO, vol.id, offset, length, flags=flags)
+        else:
+            rec = self.journal.append(RecordKind.WRITE, vol.id, offset, length, [data],
+                                      payload_crc, flags)
+        with self.applied_cond:
+            self._count_unapplied(rec)
+        return rec
+
+    def _count_unapplied(self, rec: Record) -> None:
+        vol = self.by_id.get(rec.volume)
+        if vol is not None:
+            if not vol.unapplied_bytes:
+                vol.unapplied_since_ns = rec.time_ns
+            vol.unapplied_bytes += rec.length
+
+    def append_checkpoint(self, agent: str, name: str) -> Record:
+        """Journal a named point covering every volume of ``agent``; not yet durable."""
+        p.validate_name(name, "checkpoint name")
+        return self.journal.append(RecordKind.CHECKPOINT, 0, 0, 0,
+                                   [encode_checkpoint(agent, name)])
+
+    # -- the applier -----------------------------------------------------------
+
+    def _apply_loop(self) -> None:
+        """Applier thread: durable journal records -> replicas, in journal order."""
+        touched: set[Volume] = set()
+        last_persist = time.monotonic()
+        last_trim = 0.0
+        try:
+            while True:
+                batch = self.apply_some(touched)
+                now = time.monotonic()
+                if touched and (not batch or now - last_persist > APPLY_PERSIST_INTERVAL):
+                    self._persist_applied(touched)
+                    touched = set()
+                    last_persist = now
+                if now - last_trim > 1.0:
+                    self.trim()
+                    last_trim = now
+                if not batch:
+                    if self.stop_event.is_set():
+                        return
+                    with self.journal.durable_cond:
+                        if self.journal.durable_seq <= self.applied_seq:
+                            self.journal.durable_cond.wait(0.2)
+        except BaseException as err:  # keep the evidence; the journal still has everything
+            self.applier_error = err
+            log.exception("applier stopped: %s; replicas stay behind until restart", err)
+
+    def apply_some(self, touched: set | None = None) -> list[Record]:
+        """Apply one batch of durable records (applier thread, or offline callers)."""
+        durable = self.journal.durable_seq
+        if self.applied_seq >= durable:
+            return []
+        records = self.journal.records_between(self.applied_seq, durable, APPLY_BATCH_RECORDS)
+        batch: list[Record] = []
+        ranges: dict[int, list[tuple[int, int]]] = {}
+        size = 0
+        for rec in records:
+            if rec.kind in (RecordKind.WRITE, RecordKind.ZERO):
+                mine = ranges.setdefault(rec.volume, [])
+                # Undo of a batch is captured before any of it is written, so a batch
+                # never holds two records touching the same bytes.
+                if batch and any(o < rec.end and rec.offset < e for o, e in mine):
+                    break
+                mine.append((rec.offset, rec.end))
+                size += rec.payload_length
+            batch.append(rec)
+            if size >= APPLY_BATCH_BYTES:
+                break
+        self._apply_batch(batch, touched if touched is not None else set())
+        return batch
+
+    def _apply_batch(self, batch: list[Record], touched: set) -> None:
+        new_undo: list[tuple[Volume, Record]] = []
+        if batch[-1].seq > self.undo_committed_seq:
+            for rec in batch:
+                vol = self.by_id.get(rec.volume)
+                if (rec.kind in (RecordKind.WRITE, RecordKind.ZERO) and vol is not None
+                        and rec.seq > self.undo_committed_seq):
+                    parts = self._capture_undo(vol, rec.offset, rec.length)
+                    urec = self.undo_log.append(rec.seq, RecordKind.UNDO, 0, rec.time_ns,
+                                                vol.id, rec.offset, rec.length, parts)
+                    new_undo.append((vol, urec))
+            self.undo_log.append(batch[-1].seq, RecordKind.UNDO_COMMIT, 0, batch[-1].time_ns,
+                                 0, 0, 0, [])
+            self.undo_log.do_sync(self.undo_log.take_sync_work())
+            self.undo_committed_seq = batch[-1].seq
+        with self.apply_lock:
+            for rec in batch:
+                vol = self.by_id.get(rec.volume)
+                if rec.kind == RecordKind.WRITE and vol is not None:
+                    data = self.journal.log.read_payload(rec)
+                    os.pwrite(vol.fd, data, rec.offset)
+                elif rec.kind == RecordKind.ZERO and vol is not None:
+                    write_zeroes(vol.fd, rec.offset, rec.length)
+                elif rec.kind in (RecordKind.WRITE, RecordKind.ZERO):
+                    log.warning("journal seq %d names unknown volume id %d; skipped",
+                                rec.seq, rec.volume)
+                if vol is not None:
+                    touched.add(vol)
+            for vol, urec in new_undo:
+                vol.undo.append(urec)
+            with self.applied_cond:
+                self.applied_seq = batch[-1].seq
+                for rec in batch:
+                    vol = self.by_id.get(rec.volume)
+                    if vol is not None and rec.kind in (RecordKind.WRITE, RecordKind.ZERO):
+                        vol.unapplied_bytes -= rec.length
+                        if vol.unapplied_bytes <= 0:
+                            vol.unapplied_bytes = 0
+                            vol.unapplied_since_ns = 0
+                        else:
+                            nxt = self.journal.record(rec.seq + 1)
+                            vol.unapplied_since_ns = nxt.time_ns if nxt else 0
+                self.applied_cond.notify_all()
+
+    def _capture_undo(self, vol: Volume, offset: int, length: int) -> list:
+        """The UNDO payload for a range: its holes and data as they are now."""
+        extents, datas = [], []
+        pos, end = offset, offset + length
+        for start, n in data_extents(vol.fd, offset, min(length, max(vol.size - offset, 0))):
+            if start > pos:
+                extents.append(UNDO_EXTENT.pack(pos - offset, start - pos, UNDO_HOLE))
+            extents.append(UNDO_EXTENT.pack(start - offset, n, UNDO_DATA))
+            datas.append(os.pread(vol.fd, n, start))
+            pos = start + n
+        if pos < end:
+            extents.append(UNDO_EXTENT.pack(pos - offset, end - pos, UNDO_HOLE))
+        return [UNDO_COUNT.pack(len(extents)), *extents, *datas]
+
+    def _persist_applied(self, touched) -> None:
+        """Make the replicas durable, then record how far they go (applier thread)."""
+        for vol in touched:
+            os.fdatasync(vol.fd)
+        seq = self.applied_seq
+        atomic_write_json(os.path.join(self.dir, APPLIED_FILE), {"applied_seq": seq})
+        for vol in touched:
+            vol.update(applied_seq=seq)
+
+    def wait_applied(self, seq: int, timeout: float = 60.0) -> None:
+        """Block until the replicas hold every record up to ``seq``."""
+        deadline = time.monotonic() + timeout
+        with self.applied_cond:
+            while self.applied_seq < seq:
+                if self.applier is None or not self.applier.is_alive():
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise p.RequestError(f"replicas did not reach seq {seq} within "
+                                         f"{timeout:.0f} s", code=p.ErrorCode.BUSY)
+                self.applied_cond.wait(min(remaining, 0.5))
+        if self.applied_seq < seq:  # offline: apply in this thread
+            while self.applied_seq < seq and self.apply_some():
+                pass
+        if self.applied_seq < seq:
+            raise p.RequestError(f"replicas stop at seq {self.applied_seq}, wanted {seq}",
+                                 code=p.ErrorCode.IO_ERROR)
+
+    def replay(self) -> None:
+        """Offline: apply everything journaled (the caller's thread)."""
+        while self.apply_some():
+            pass
+        self._persist_applied(set(self.volumes.values()))
+
+    # -- retention ---------------------------------------------------------------
+
+    def trim(self) -> None:
+        """Drop journal segments out of the window, and the undo they no longer need."""
+        j = self.journal
+        segments = j.log.segments()
+        now = time.time_ns()
+        for seg, nxt in zip(segments, segments[1:]):
+            if nxt - 1 > self.applied_seq:
+                break
+            last = j.record(nxt - 1)
+            too_old = last is not None and now - last.time_ns > self.retention * 1e9
+            too_big = j.log.total_bytes() + self.undo_log.total_bytes() > self.max_bytes
+            if not (too_old or too_big):
+                break
+            with j.lock:
+                drop = nxt - j.first_seq
+                del j.records[:max(drop, 0)]
+                j.first_seq = nxt
+                j.checkpoints = [c for c in j.checkpoints if c[0] >= nxt]
+                j.log.delete_segment(seg)
+            log.info("journal segment %d dropped (%s); window now starts after seq %d",
+                     seg, "older than retention" if too_old else "over --journal-max-bytes",
+                     nxt - 1)
+        window_start = self.window_start()
+        usegs = self.undo_log.segments()
+        for seg, nxt in zip(usegs, usegs[1:]):
+            if nxt > window_start:
+                break
+            with self.apply_lock:
+                for vol in self.volumes.values():
+                    vol.undo = [u for u in vol.undo if u.segment != seg]
+                self.undo_log.delete_segment(seg)
+            self.undo_tables = {k: v for k, v in self.undo_tables.items() if k[0] != seg}
+
+    def window_start(self) -> int:
+        """The oldest seq the volumes can be read at."""
+        return self.journal.first_seq - 1
+
+    # -- points in time ------------------------------------------------------------
+
+    def points(self, vol: Volume) -> dict:
+        """The window and the checkpoints of ``vol``'s agent inside it."""
+        j = self.journal
+        first = j.record(j.first_seq)
+        last = j.record(j.last_seq)
+        cps = [dict(name=name, seq=seq, time_ns=t, time=fmt_time_ns(t))
+               for seq, t, agent, name in list(j.checkpoints) if agent == vol.owner]
+        return dict(volume=vol.name, owner=vol.owner, state=vol.state.value,
+                    oldest=dict(seq=first.seq, time_ns=first.time_ns,
+                                time=fmt_time_ns(first.time_ns)) if first else None,
+                    newest=dict(seq=last.seq, time_ns=last.time_ns,
+                                time=fmt_time_ns(last.time_ns)) if last else None,
+                    checkpoints=cps)
+
+    def resolve_point(self, vol: Volume, point: str) -> tuple[int, int]:
+        """(seq, time_ns) of a point: "latest", a checkpoint name, or ISO 8601 time.
+
+        Refuses points outside the window and volumes that were not consistent there.
+        """
+        j = self.journal
+        if vol.state != VolState.CONSISTENT:
+            raise p.RequestError(f"volume {vol.name} is {vol.state.value}, not consistent: "
+                                 "no point of it can be recovered yet",
+                                 code=p.ErrorCode.INCONSISTENT)
+        if point == "latest":
+            seq = j.durable_seq
+        else:
+            named = [c for c in list(j.checkpoints) if c[2] == vol.owner and c[3] == point]
+            if named:
+                seq = named[-1][0]
+            else:
+                try:
+                    when = datetime.datetime.fromisoformat(point)
+                except ValueError as err:
+                    raise PointError(f"point {point!r} is not 'latest', a checkpoint of "
+                                     f"agent {vol.owner} in the window, or an ISO 8601 "
+                                     "time") from err
+                if when.tzinfo is None:
+                    when = when.astimezone()
+                t_ns = int(when.timestamp() * 1e9)
+                with j.lock:
+                    times = [r.time_ns for r in j.records]
+                    i = bisect.bisect_right(times, t_ns)
+                    if i == 0:
+                        oldest = fmt_time_ns(times[0]) if times else "none"
+                        raise PointError(f"point {point} is before the journal window "
+                                         f"(oldest {oldest})")
+                    seq = j.records[i - 1].seq if i < len(times) else j.durable_seq
+        if seq < self.window_start():
+            raise PointError(f"point {point!r} (seq {seq}) is outside the journal window "
+                             f"(oldest seq {self.window_start()})")
+        since = vol.meta.get("consistent_since_seq")
+        if since is None or seq < since:
+            raise p.RequestError(f"at point {point!r} (seq {seq}) volume {vol.name} had not "
+                                 f"completed its first full sync (seq {since})",
+                                 code=p.ErrorCode.INCONSISTENT)
+        rec = j.record(seq)
+        return seq, (rec.time_ns if rec else 0)
+
+    def read_at(self, vol: Volume, seq: int, offset: int, length: int) -> bytes | None:
+        """The bytes of ``vol`` right after journal record ``seq``; None if all zero.
+
+        Waits for the applier to reach ``seq``; raises PointError when the
+        window no longer covers ``seq``.
+        """
+        p.check_range(offset, length, vol.size, "read")
+        self.wait_applied(min(seq, self.journal.durable_seq))
+        with self.apply_lock:
+            if seq < self.window_start():
+                raise PointError(f"seq {seq} left the journal window "
+                                 f"(oldest {self.window_start()})")
+            end = offset + length
+            undos = []
+            for u in reversed(vol.undo):
+                if u.seq <= seq:
+                    break
+                if u.offset < end and offset < u.end:
+                    undos.append(u)
+            has_data = next(data_extents(vol.fd, offset, length), None) is not None
+            if not has_data and not undos:
+                return None
+            buf = bytearray(length)
+            if has_data:
+                got = os.pread(vol.fd, length, offset)
+                buf[:len(got)] = got
+            for u in undos:  # newest first: each restores what was there before it
+                self._overlay_undo(u, buf, offset, end)
+        return None if buf.count(0) == length else bytes(buf)
+
+    def _overlay_undo(self, u: Record, buf: bytearray, offset: int, end: int) -> None:
+        table = self.undo_tables.get((u.segment, u.pos))
+        if table is None:
+            head = self.undo_log.read_payload(dataclasses.replace(
+                u, payload_length=min(u.payload_length, UNDO_COUNT.size)))
+            (count,) = UNDO_COUNT.unpack(head)
+            raw = self.undo_log.read_payload(dataclasses.replace(
+                u, payload_length=UNDO_COUNT.size + count * UNDO_EXTENT.size))
+            table, data_pos = [], u.pos + UNDO_COUNT.size + count * UNDO_EXTENT.size
+            for rel, n, kind in UNDO_EXTENT.iter_unpack(raw[UNDO_COUNT.size:]):
+                table.append((u.offset + rel, n, kind, data_pos))
+                if kind == UNDO_DATA:
+                    data_pos += n
+            self.undo_tables[(u.segment, u.pos)] = table
+        for start, n, kind, dpos in table:
+            lo, hi = max(start, offset), min(start + n, end)
+            if lo >= hi:
+                continue
+            if kind == UNDO_HOLE:
+                buf[lo - offset:hi - offset] = bytes(hi - lo)
+            else:
+                piece = self.undo_log.read_payload(dataclasses.replace(
+                    u, pos=dpos + (lo - start), payload_length=hi - lo))
+                buf[lo - offset:hi - offset] = piece
+
+    def export(self, vol: Volume, seq: int, out_path: str, progress=None) -> int:
+        """Write ``vol`` as of ``seq`` to a sparse raw file; return the data bytes written."""
+        fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        written = 0
+        try:
+            os.ftruncate(fd, vol.size)
+            for off in range(0, vol.size, IO_BLOCK):
+                n = min(IO_BLOCK, vol.size - off)
+                data = self.read_at(vol, seq, off, n)
+                if data is not None:
+                    os.pwrite(fd, data, off)
+                    written += n
+                if progress:
+                    progress(off + n, vol.size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return written
+
+
+# ---------------------------------------------------------------------------
+# Agents file
+
+
+def load_agents(path: str) -> dict[str, bytes]:
+    """``AGENT_ID SECRET_HEX`` per line; '#' starts a comment."""
+    agents = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            try:
+                agent_id, secret = line.split()
+                p.validate_name(agent_id, "agent id")
+                agents[agent_id] = p.parse_secret(secret)
+            except (ValueError, p.ReplicationError) as err:
+                raise StoreError(f"{path}:{lineno}: expected 'AGENT_ID SECRET_HEX': {err}") from err
+    return agents
+
+
+def add_agent(path: str, agent_id: str) -> str:
+    """Add an agent with a fresh secret to the agents file (mode 0600); return the secret."""
+    p.validate_name(agent_id, "agent id")
+    lines = []
+    if os.path.exists(path):
+        if agent_id in load_agents(path):
+            raise StoreError(f"agent {agent_id!r} is already in {path}")
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    secret = secrets.token_hex(32)
+    lines.append(f"{agent_id} {secret}")
+    atomic_write(path, ("\n".join(lines) + "\n").encode(), mode=0o600)
+    os.chmod(path, 0o600)
+    return secret
+
+
+class AgentsFile:
+    """The agents file, re-read when it changes (add-agent works while the hub runs)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.stamp = None
+        self.agents: dict[str, bytes] = {}
+        self.lock = threading.Lock()
+        self.get("")  # fail early on a bad file
+
+    def get(self, agent_id: str) -> bytes | None:
+        with self.lock:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if stamp != self.stamp:
+                self.agents = load_agents(self.path)
+                self.stamp = stamp
+            return self.agents.get(agent_id)
+
+
+# ---------------------------------------------------------------------------
+# Connections
+
+
+class ConnectionClosed(Exception):
+    """The peer went away, or the connection is being torn down."""
+
+
+class RateLimiter:
+    """Token bucket shared by every sync (``--sync-rate`` bytes/s; 0 = unlimited)."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self.lock = threading.Lock()
+        self.next_free = time.monotonic()
+
+    def acquire(self, n: int, stop: threading.Event) -> None:
+        if self.rate <= 0:
+            return
+        with self.lock:
+            now = time.monotonic()
+            start = max(self.next_free, now)
+            self.next_free = start + n / self.rate
+        if start > now:
+            stop.wait(start - now)
+
+
+class Acker(threading.Thread):
+    """Per connection: sends each reply once the journal is durable past its seq.
+
+    Replies queued with ``after`` leave in the order they were queued (the
+    recv loop queues them in stream order), so ACKs follow stream order.
+    """
+
+    def __init__(self, conn: AgentConnection):
+        super().__init__(name=f"acker-{conn.peer}", daemon=True)
+        self.conn = conn
+        self.journal = conn.hub.store.journal
+        self.items: collections.deque = collections.deque()
+        self.cond = threading.Condition()
+        self.stop_event = threading.Event()
+
+    def after(self, seq: int, msg: p.Message | None, callback=None) -> None:
+        """Queue ``msg`` (and/or ``callback``) for when ``seq`` is durable (recv loop)."""
+        with self.cond:
+            self.items.append((seq, msg, callback))
+            self.cond.notify_all()
+
+    def run(self) -> None:
+        """Acker thread."""
+        try:
+            while True:
+                with self.cond:
+                    while not self.items and not self.stop_event.is_set():
+                        self.cond.wait(0.5)
+                    if not self.items:
+                        return
+                    seq = self.items[0][0]
+                if not self.journal.wait_durable(seq, timeout=0.5):
+                    if self.journal.failed:
+                        self.conn.abort("journal failed: cannot make writes durable")
+                        return
+                    continue
+                durable = self.journal.durable_seq
+                with self.cond:
+                    ready = []
+                    while self.items and self.items[0][0] <= durable:
+                        ready.append(self.items.popleft())
+                    self.cond.notify_all()
+                for _, msg, callback in ready:
+                    if msg is not None:
+                        self.conn.send(msg)
+                    if callback is not None:
+                        callback()
+        except (OSError, ConnectionClosed) as err:
+            log.debug("acker for %s stops: %s", self.conn.peer, err)
+            self.conn.abort(f"send failed: {err}")
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every queued reply was sent (stopping thread)."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self.items and self.is_alive():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self.cond.wait(min(remaining, 0.2))
+        return not self.items
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        with self.cond:
+            self.cond.notify_all()
+        self.join(timeout=5)
+
+
+class AgentConnection:
+    """One agent connection: setup (handshake), handle (recv loop), finish.
+
+    The connection thread runs ``run``; only it reads the socket.  ``send``
+    may be called from any thread (acker, sync jobs, heartbeat).
+    """
+
+    def __init__(self, hub: Hub, sock: socket.socket, addr):
+        self.hub = hub
+        self.store = hub.store
+        self.sock = sock
+        self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        self.agent_id: str | None = None
+        self.send_lock = threading.Lock()
+        self.header_buf = bytearray(p.HEADER_SIZE)
+        self.volumes: dict[int, Volume] = {}
+        self.hub_requests: dict[int, SyncJob] = {}
+        self.req_lock = threading.Lock()
+        self.req_ids = itertools.count(1)
+        self.sync_lock = threading.Lock()
+        self.jobs: set[SyncJob] = set()
+        self.pings: dict[int, int] = {}
+        self.rtt_ns: int | None = None
+        self.last_heartbeat_ns = 0
+        self.connected_ns = time.time_ns()
+        self.closing = threading.Event()
+        self.acker = Acker(self)
+        self.thread: threading.Thread | None = None
+
+    # -- plumbing --------------------------------------------------------------
+
+    def next_request_id(self) -> int:
+        with self.req_lock:
+            return next(self.req_ids)
+
+    def send(self, msg: p.Message) -> None:
+        """Send one message under the send lock (any thread)."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("<-- %s to %s", msg.describe(), self.peer)
+        with self.send_lock:
+            if self.sock is None:
+                raise ConnectionClosed("connection closed")
+            p.send_message(self.sock, msg)
+
+    def send_error(self, err: p.ReplicationError) -> None:
+        try:
+            self.send(p.Error.from_exception(err))
+        except (OSError, ConnectionClosed):
+            pass
+
+    def abort(self, reason: str) -> None:
+        """Cut the connection now (any thread); the recv loop then ends."""
+        if not self.closing.is_set():
+            log.warning("closing connection %s (%s): %s", self.peer, self.agent_id, reason)
+        self.closing.set()
+        sock = self.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _wait_readable(self, deadline: float | None) -> bool:
+        """Between frames: wait for data, watching the stop flags (connection thread)."""
+        while True:
+            if self.closing.is_set() or self.hub.stopping.is_set():
+                return False
+            if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+                return True
+            wait = POLL_INTERVAL
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    raise ConnectionClosed("handshake not done within "
+                                           f"{HANDSHAKE_TIMEOUT:.0f} s")
+            ready, _, _ = select.select([self.sock], [], [], wait)
+            if ready:
+                return True
+
+    def _read_into(self, view: memoryview) -> int:
+        got = 0
+        while got < len(view):
+            n = self.sock.recv_into(view[got:])
+            if n == 0:
+                break
+            got += n
+        return got
+
+    def recv_frame(self, deadline: float | None = None):
+        """Read one frame; return (header, message) or None when stopping or at EOF.
+
+        Raises ProtocolError (close) or RequestError (answer, go on) as
+        ``protocol.decode_body``; once a frame has started it is read to its end.
+        """
+        if not self._wait_readable(deadline):
+            return None
+        got = self._read_into(memoryview(self.header_buf))
+        if got == 0:
+            return None
+        if got < p.HEADER_SIZE:
+            raise p.TruncatedFrame(f"connection closed inside a frame header "
+                                   f"({got} of {p.HEADER_SIZE} bytes)")
+        header = p.parse_header(self.header_buf)
+        payload = bytearray(header.payload_length)
+        got = self._read_into(memoryview(payload))
+        if got < header.payload_length:
+            raise p.TruncatedFrame(f"connection closed inside a payload ({got} of "
+                                   f"{header.payload_length} bytes)")
+        msg = p.decode_body(header, payload)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("--> %s from %s", msg.describe(), self.peer)
+        return header, msg
+
+    # -- setup / handle / finish -------------------------------------------------
+
+    def run(self) -> None:
+        """Connection thread."""
+        try:
+            if self.setup():
+                self.handle()
+        except Exception as err:  # noqa: BLE001 - one connection never kills the server
+            self.handle_error(err)
+        finally:
+            self.finish()
+
+    def handle_error(self, err: Exception) -> None:
+        if isinstance(err, p.ProtocolError):
+            log.warning("protocol error from %s (%s): %s; closing", self.peer,
+                        self.agent_id, err)
+            self.send_error(err)
+        elif isinstance(err, (ConnectionClosed, ConnectionError, socket.timeout,
+                              ssl.SSLError)) or (isinstance(err, OSError) and self.closing.is_set()):
+            if not self.closing.is_set():
+                log.warning("connection %s (%s) lost: %s", self.peer, self.agent_id, err)
+        else:
+            log.error("connection %s (%s) failed: %r", self.peer, self.agent_id, err,
+                      exc_info=err)
+
+    def setup(self) -> bool:
+        """TLS, then HELLO / HELLO_REPLY / AUTH / AUTH_OK within HANDSHAKE_TIMEOUT."""
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+        self.sock.settimeout(HANDSHAKE_TIMEOUT)
+        if self.hub.tls is not None:
+            self.sock = self.hub.tls.wrap_socket(self.sock, server_side=True)
+        item = self.recv_frame(deadline)
+        if item is None:
+            return False
+        hello = self._expect(item, p.Hello)
+        if hello is None:
+            return False
+        if not hello.min_version <= p.VERSION <= hello.max_version:
+            raise_and_close = p.RequestError(
+                f"no common protocol version: agent offers {hello.min_version}.."
+                f"{hello.max_version}, hub speaks {p.SUPPORTED_VERSIONS}",
+                code=p.ErrorCode.VERSION, msg_type=p.MsgType.HELLO)
+            log.warning("%s: %s", self.peer, raise_and_close)
+            self.send_error(raise_and_close)
+            return False
+        secret = self.hub.agents.get(hello.agent_id)
+        known = secret is not None
+        if not known:  # answer anyway: never reveal which ids exist
+            secret = secrets.token_bytes(32)
+        nonce = secrets.token_bytes(p.NONCE_SIZE)
+        hub_id = self.store.hub_id
+        self.send(p.HelloReply(version=p.VERSION, nonce=nonce, hub_id=hub_id,
+                               proof=p.hub_proof(secret, hello.nonce, nonce,
+                                                 hello.agent_id, hub_id)))
+        item = self.recv_frame(deadline)
+        if item is None:
+            return False
+        auth = self._expect(item, p.Auth)
+        if auth is None:
+            return False
+        expected = p.agent_proof(secret, hello.nonce, nonce, hello.agent_id, hub_id)
+        if not (known and p.proof_matches(expected, auth.proof)):
+            log.warning("authentication failed from %s: %s", self.peer,
+                        "unknown agent id %r" % hello.agent_id if not known
+                        else f"wrong proof for agent {hello.agent_id!r}")
+            self.send_error(p.RequestError("authentication failed",
+                                           code=p.ErrorCode.AUTH_FAILED,
+                                           msg_type=p.MsgType.AUTH))
+            return False
+        self.agent_id = hello.agent_id
+        self.send(p.AuthOk())
+        self.sock.settimeout(FRAME_TIMEOUT)
+        self.acker.start()
+        self.hub.register(self)
+        log.info("agent %s connected from %s%s", self.agent_id, self.peer,
+                 " (TLS)" if self.hub.tls else "")
+        return True
+
+    def _expect(self, item, cls):
+        """During the handshake: the message if it is ``cls``, else answer and None."""
+        _, msg = item
+        if isinstance(msg, cls):
+            return msg
+        if isinstance(msg, (p.Goodbye, p.Error)):
+            log.warning("%s ended the handshake: %s", self.peer, msg.describe())
+            return None
+        err = p.RequestError(f"{msg.TYPE.name} is not allowed before AUTH_OK "
+                             f"(expected {cls.TYPE.name})", code=p.ErrorCode.BAD_PHASE,
+                             request_id=msg.request_id, msg_type=msg.TYPE)
+        log.warning("%s: %s; closing", self.peer, err)
+        self.send_error(err)
+        return None
+
+    def handle(self) -> None:
+        """The recv loop: one frame at a time, in stream order (connection thread)."""
+        while not self.closing.is_set():
+            msg = None
+            try:
+                item = self.recv_frame()
+                if item is None:
+                    return
+                header, msg = item
+                handler = HANDLERS.get(msg.TYPE)
+                if handler is None:
+                    raise p.RequestError(f"{msg.TYPE.name} is not accepted by the hub",
+                                         code=p.ErrorCode.UNSUPPORTED)
+                handler(self, header, msg)
+            except p.RequestError as err:
+                if msg is not None:
+                    err.request_id = err.request_id or msg.request_id
+                    err.msg_type = err.msg_type or msg.TYPE
+                log.warning("request error from %s (%s): %s", self.peer, self.agent_id, err)
+                self.send_error(err)
+                if err.code == p.ErrorCode.IO_ERROR:
+                    self.abort("journal failed")
+
+    def finish(self) -> None:
+        """Stop syncs, flush ACKs, detach volumes, close (connection thread)."""
+        for job in list(self.jobs):
+            job.stop()
+        if self.agent_id is not None and self.acker.is_alive():
+            self.acker.drain(timeout=30)
+            self.acker.stop()
+        if self.hub.stopping.is_set() and not self.closing.is_set() and self.agent_id:
+            try:
+                self.send(p.Goodbye(reason="hub shutting down"))
+            except (OSError, ConnectionClosed):
+                pass
+        for job in list(self.jobs):
+            job.join(timeout=5)
+        for vol in self.volumes.values():
+            if vol.attached_to is self:
+                vol.attached_to = None
+        self.volumes.clear()
+        self.closing.set()
+        with self.send_lock:
+            sock, self.sock = self.sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+        self.hub.unregister(self)
+        if self.agent_id:
+            log.info("agent %s from %s disconnected", self.agent_id, self.peer)
+
+    # -- handlers (connection thread) ---------------------------------------------
+
+    def _volume(self, msg) -> Volume:
+        vol = self.volumes.get(msg.volume)
+        if vol is None:
+            raise p.RequestError(f"volume id {msg.volume} is not attached on this connection",
+                                 code=p.ErrorCode.NO_SUCH_VOLUME)
+        if vol.meta.get("role") == "promoted":
+            raise p.RequestError(f"volume {vol.name} was promoted; writes from the old "
+                                 "protected side are refused", code=p.ErrorCode.ROLE)
+        return vol
+
+    def on_ATTACH(self, header, msg: p.Attach) -> None:
+        vol = self.store.volume(msg.name)
+        if vol is None:
+            vol = self.store.create_volume(msg.name, msg.size, msg.chunk_size,
+                                           self.agent_id, msg.generation)
+            plan = p.SyncPlan.FULL
+        else:
+            if vol.owner != self.agent_id:
+                raise p.RequestError(f"volume {msg.name!r} belongs to another agent",
+                                     code=p.ErrorCode.NOT_OWNER)
+            if vol.size != msg.size:
+                raise p.InvalidField(f"ATTACH size {msg.size} differs from volume "
+                                     f"{msg.name!r}'s size {vol.size}")
+            if vol.meta.get("role") == "promoted":
+                raise p.RequestError(f"volume {msg.name!r} was promoted",
+                                     code=p.ErrorCode.ROLE)
+            same_gen = vol.meta["generation"] == bytes(msg.generation).hex()
+            if not vol.meta["full_synced"]:
+                plan = p.SyncPlan.FULL
+            elif (vol.meta.get("pending_plan") == "VERIFY" or not same_gen
+                  or msg.state == p.VolumeState.UNKNOWN):
+                plan = p.SyncPlan.VERIFY
+            elif msg.state == p.VolumeState.CLEAN:
+                plan = p.SyncPlan.NONE
+            else:
+                plan = p.SyncPlan.DIRTY
+        old = vol.attached_to
+        if old is not None and old is not self:
+            old.detach_volume(vol)
+        vol.update(generation=bytes(msg.generation).hex(), chunk_size=msg.chunk_size)
+        if plan == p.SyncPlan.NONE and vol.state != VolState.CONSISTENT:
+            vol.update(state=VolState.CONSISTENT.value, pending_plan=None)
+        self.volumes[vol.id] = vol
+        vol.attached_to = self
+        log.info("volume %s attached by %s (agent state %s): plan %s", vol.name,
+                 self.agent_id, msg.state.name, plan.name)
+        self.send(p.Attached(request_id=msg.request_id, volume=vol.id, plan=plan))
+        if plan != p.SyncPlan.NONE:
+            self.start_sync(vol, plan)
+
+    def detach_volume(self, vol: Volume) -> None:
+        """Forget ``vol`` on this connection and stop its sync (any thread)."""
+        with self.sync_lock:
+            job = vol.sync if vol.sync is not None and vol.sync.conn is self else None
+        if job is not None:
+            job.stop()
+            job.join(timeout=5)
+        self.volumes.pop(vol.id, None)
+        if vol.attached_to is self:
+            vol.attached_to = None
+
+    def on_DETACH(self, header, msg) -> None:
+        vol = self._volume(msg)
+        self.detach_volume(vol)
+        log.info("volume %s detached by %s", vol.name, self.agent_id)
+        self.acker.after(self.store.journal.last_seq, p.Ack(request_id=msg.request_id))
+
+    def on_WRITE(self, header, msg: p.Write) -> None:
+        vol = self._volume(msg)
+        p.check_range(msg.offset, msg.length, vol.size, "WRITE")
+        rec = self.store.append_data(vol, msg.offset, msg.length, msg.data, header.payload_crc)
+        self.acker.after(rec.seq, p.Ack(request_id=msg.request_id), vol_acked(vol))
+
+    def on_ZERO(self, header, msg: p.Zero) -> None:
+        vol = self._volume(msg)
+        p.check_range(msg.offset, msg.length, vol.size, "ZERO")
+        rec = self.store.append_data(vol, msg.offset, msg.length, None)
+        self.acker.after(rec.seq, p.Ack(request_id=msg.request_id), vol_acked(vol))
+
+    def on_FLUSH(self, header, msg) -> None:
+        self.acker.after(self.store.journal.last_seq, p.Ack(request_id=msg.request_id))
+
+    def on_CHECKPOINT(self, header, msg: p.Checkpoint) -> None:
+        rec = self.store.append_checkpoint(self.agent_id, msg.name)
+        log.info("checkpoint %r of agent %s at seq %d", msg.name, self.agent_id, rec.seq)
+        self.acker.after(rec.seq, p.Ack(request_id=msg.request_id))
+
+    def _job_for(self, msg, what: str) -> SyncJob:
+        job = self.hub_requests.get(msg.request_id)
+        if job is None:
+            raise p.InvalidField(f"{msg.TYPE.name} req={msg.request_id} answers no "
+                                 f"outstanding {what}")
+        return job
+
+    def on_READ_REPLY(self, header, msg: p.ReadReply) -> None:
+        self._job_for(msg, "READ").on_read_reply(header, msg)
+
+    def on_DIRTY_MAP(self, header, msg: p.DirtyMap) -> None:
+        if msg.request_id == 0:  # regions the agent could not stream: resync them
+            vol = self._volume(msg)
+            for off, n in msg.extents:
+                p.check_range(off, n, vol.size, "DIRTY_MAP extent")
+            log.info("agent %s reports %d unsent regions of %s; resyncing them",
+                     self.agent_id, len(msg.extents), vol.name)
+            if msg.extents:
+                self.start_sync(vol, p.SyncPlan.DIRTY, list(msg.extents))
+            return
+        self._job_for(msg, "DIRTY_QUERY").on_reply(msg, self.store.journal.last_seq)
+
+    def on_CHECKSUMS(self, header, msg: p.Checksums) -> None:
+        # Every frame received before this one is journaled: compare with that state.
+        self._job_for(msg, "CHECKSUM_QUERY").on_reply(msg, self.store.journal.last_seq)
+
+    def on_PING(self, header, msg: p.Ping) -> None:
+        self.send(p.Pong(request_id=msg.request_id, echo_ns=msg.sent_ns,
+                         responder_ns=time.time_ns()))
+
+    def on_PONG(self, header, msg: p.Pong) -> None:
+        sent = self.pings.pop(msg.request_id, None)
+        if sent is not None:
+            self.rtt_ns = time.monotonic_ns() - sent
+            self.last_heartbeat_ns = time.time_ns()
+
+    def on_ERROR(self, header, msg: p.Error) -> None:
+        job = self.hub_requests.get(msg.request_id)
+        if job is not None:
+            job.on_error(msg)
+        else:
+            log.warning("agent %s reports: %s", self.agent_id, msg.describe())
+
+    def on_GOODBYE(self, header, msg: p.Goodbye) -> None:
+        log.info("agent %s says goodbye: %s", self.agent_id, msg.reason)
+        self.closing.set()
+
+    def on_HELLO(self, header, msg) -> None:
+        raise p.RequestError("HELLO after AUTH_OK", code=p.ErrorCode.BAD_PHASE)
+
+    on_AUTH = on_HELLO
+
+    def on_RECOVER_OPEN(self, header, msg) -> None:
+        raise p.RequestError("recovery sessions are not available on this hub yet",
+                             code=p.ErrorCode.UNSUPPORTED)
+
+    on_RREAD = on_RWRITE = on_RFLUSH = on_RECOVER_CLOSE = on_RECOVER_OPEN
+
+    # -- sync and liveness (any thread) ------------------------------------------
+
+    def start_sync(self, vol: Volume, plan: p.SyncPlan, extents=None) -> None:
+        with self.sync_lock:
+            job = vol.sync
+            if job is not None and job.conn is self and job.add_extents(extents):
+                return
+            job = SyncJob(self, vol, plan, extents)
+            vol.sync = job
+            self.jobs.add(job)
+        job.start()
+
+    def ping(self) -> None:
+        """Heartbeat thread: send a PING; on_PONG measures the round trip."""
+        req = self.next_request_id()
+        self.pings = {k: v for k, v in self.pings.items()
+                      if time.monotonic_ns() - v < 60e9}
+        self.pings[req] = time.monotonic_ns()
+        self.send(p.Ping(request_id=req, sent_ns=time.time_ns()))
+
+    def status(self) -> dict:
+        return dict(agent_id=self.agent_id, address=self.peer,
+                    connected_since=fmt_time_ns(self.connected_ns),
+                    connected_since_ns=self.connected_ns,
+                    rtt_ms=None if self.rtt_ns is None else round(self.rtt_ns / 1e6, 3),
+                    last_heartbeat=fmt_time_ns(self.last_heartbeat_ns),
+                    volumes=sorted(v.name for v in self.volumes.values()))
+
+
+def vol_acked(vol: Volume):
+    def done():
+        vol.last_ack_ns = time.time_ns()
+    return done
+
+
+HANDLERS = {t: getattr(AgentConnection, f"on_{t.name}")
+            for t in p.MsgType if hasattr(AgentConnection, f"on_{t.name}")}
+
+
+# ---------------------------------------------------------------------------
+# Sync control (SEMANTICS.md "Sync": the hub drives it)
+
+
+class JobStopped(Exception):
+    pass
+
+
+class SyncJob(threading.Thread):
+    """Drives one volume's FULL, DIRTY or VERIFY sync in its own thread.
+
+    Requests go out through ``conn.send``; the answers arrive on the recv loop,
+    which journals READ_REPLYs in stream order and hands CHECKSUMS and
+    DIRTY_MAPs over through ``inbox``.  A READ's piece counts as done once its
+    SYNCED was sent, i.e. once the reply is durable.
+    """
+
+    def __init__(self, conn: AgentConnection, vol: Volume, plan: p.SyncPlan, extents=None):
+        super().__init__(name=f"sync-{vol.name}", daemon=True)
+        self.conn = conn
+        self.store = conn.store
+        self.vol = vol
+        self.plan = plan
+        self.extents = list(extents) if extents is not None else None
+        self.extra: list[tuple[int, int]] = []
+        self.finished = False
+        self.cond = threading.Condition()
+        self.reads: dict[int, tuple[int, int]] = {}   # READ req -> (offset, length)
+        self.queries: dict[int, tuple[int, int]] = {}  # CHECKSUM/DIRTY query req -> range
+        self.inbox: queue.Queue = queue.Queue()
+        self.stop_event = threading.Event()
+        self.error: str | None = None
+        self.bytes_total = 0
+        self.bytes_done = 0
+        self.bytes_fetched = 0
+        self.started = time.monotonic()
+        self.last_progress = self.started
+        self.last_sync_seq = 0
+        self.chunk = vol.meta["chunk_size"]
+
+    # -- called by other threads ---------------------------------------------------
+
+    def add_extents(self, extents) -> bool:
+        """More regions to read (conn.sync_lock held); False if the job is ending."""
+        if self.finished or self.stop_event.is_set():
+            return False
+        if extents:
+            self.extra.extend(extents)
+            self.bytes_total += sum(n for _, n in extents)
+        return True
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        with self.cond:
+            self.cond.notify_all()
+
+    def on_read_reply(self, header, msg: p.ReadReply) -> None:
+        """Recv loop: journal a READ_REPLY in stream order; SYNCED once durable."""
+        with self.cond:
+            want = self.reads.get(msg.request_id)
+        if want is None:
+            raise p.InvalidField(f"READ_REPLY req={msg.request_id} answers no outstanding READ")
+        if (msg.volume, msg.offset, msg.length) != (self.vol.id, *want):
+            raise p.InvalidField(f"READ_REPLY req={msg.request_id} is for vol={msg.volume} "
+                                 f"off={msg.offset} len={msg.length}, expected vol="
+                                 f"{self.vol.id} off={want[0]} len={want[1]}")
+        self.conn.hub_requests.pop(msg.request_id, None)
+        # A zero answer becomes a ZERO record: holes stay holes, never stored as data.
+        data = None if msg.is_zero else msg.data
+        rec = self.store.append_data(self.vol, msg.offset, msg.length, data,
+                                     None if msg.is_zero else header.payload_crc,
+                                     flags=RECORD_FROM_SYNC)
+        self.last_sync_seq = max(self.last_sync_seq, rec.seq)
+        req, n = msg.request_id, msg.length
+
+        def done():
+            with self.cond:
+                self.reads.pop(req, None)
+                self.bytes_done += n
+                self.bytes_fetched += n
+                self.cond.notify_all()
+        self.conn.acker.after(rec.seq, p.Synced(request_id=req, volume=self.vol.id,
+                                                offset=msg.offset, length=msg.length), done)
+
+    def on_reply(self, msg, barrier_seq: int) -> None:
+        """Recv loop: a DIRTY_MAP or CHECKSUMS answering one of our queries."""
+        with self.cond:
+            want = self.queries.get(msg.request_id)
+        if msg.volume != self.vol.id:
+            raise p.InvalidField(f"{msg.TYPE.name} req={msg.request_id} is for vol="
+                                 f"{msg.volume}, expected {self.vol.id}")
+        if isinstance(msg, p.Checksums) and (msg.offset, msg.length) != want:
+            raise p.InvalidField(f"CHECKSUMS req={msg.request_id} covers off={msg.offset} "
+                                 f"len={msg.length}, expected off={want[0]} len={want[1]}")
+        if isinstance(msg, p.Checksums) and msg.chunk_size != self.chunk:
+            raise p.InvalidField(f"CHECKSUMS chunk_size {msg.chunk_size}, expected {self.chunk}")
+        if isinstance(msg, p.DirtyMap):
+            for off, n in msg.extents:
+                p.check_range(off, n, self.vol.size, "DIRTY_MAP extent")
+        self.conn.hub_requests.pop(msg.request_id, None)
+        self.inbox.put((msg, barrier_seq))
+
+    def on_error(self, msg: p.Error) -> None:
+        """Recv loop: the agent refused one of our requests: give up this sync."""
+        self.error = f"agent answered {msg.describe()}"
+        log.warning("sync of %s aborted: %s", self.vol.name, self.error)
+        self.conn.hub_requests.pop(msg.request_id, None)
+        self.stop()
+
+    # -- the job's thread -------------------------------------------------------------
+
+    def run(self) -> None:
+        """Sync thread."""
+        vol = self.vol
+        try:
+            if self.plan == p.SyncPlan.FULL:
+                vol.update(state=VolState.INCONSISTENT.value, pending_plan="FULL")
+            else:
+                vol.update(state=(VolState.SYNCING if vol.meta["full_synced"]
+                                  else VolState.INCONSISTENT).value,
+                           pending_plan="VERIFY" if "VERIFY" in (
+                               self.plan.name, vol.meta.get("pending_plan")) else self.plan.name)
+            log.info("sync of %s (%s) starts: plan %s", vol.name, fmt_bytes(vol.size),
+                     self.plan.name)
+            if self.plan == p.SyncPlan.FULL:
+                self.bytes_total = vol.size
+                self.pull([(0, vol.size)])
+            elif self.plan == p.SyncPlan.DIRTY:
+                if self.extents is None:
+                    self.extents = self.query_dirty()
+                self.bytes_total += sum(n for _, n in self.extents)
+                self.pull(self.extents)
+            else:
+                self.verify()
+            while True:
+                self.wait_reads(0)
+                with self.conn.sync_lock:
+                    extra, self.extra = self.extra, []
+                    if not extra:
+                        self.finished = True
+                        break
+                self.pull(extra)
+            self.complete()
+        except JobStopped:
+            log.info("sync of %s stopped at %s of %s%s", vol.name, fmt_bytes(self.bytes_done),
+                     fmt_bytes(self.bytes_total), f" ({self.error})" if self.error else "")
+        except (OSError, ConnectionClosed) as err:
+            log.warning("sync of %s stopped: connection %s: %s", vol.name, self.conn.peer, err)
+        except p.ReplicationError as err:
+            log.warning("sync of %s failed: %s", vol.name, err)
+        except Exception as err:  # noqa: BLE001 - reported, never lost
+            log.exception("sync of %s failed: %r", vol.name, err)
+        finally:
+            self.finished = True
+            for req in list(self.reads) + list(self.queries):
+                self.conn.hub_requests.pop(req, None)
+            with self.conn.sync_lock:
+                if vol.sync is self:
+                    vol.sync = None
+                self.conn.jobs.discard(self)
+            vol.last_sync = self.status()
+
+    def check_stop(self) -> None:
+        if self.stop_event.is_set() or self.conn.closing.is_set():
+            raise JobStopped()
+
+    def pieces(self, extents):
+        """Split extents into chunk-aligned pieces of at most SYNC_PIECE bytes."""
+        chunk, size = self.chunk, self.vol.size
+        for off, n in extents:
+            start = off - off % chunk
+            end = min(-(-(off + n) // chunk) * chunk, size)
+            while start < end:
+                k = min(SYNC_PIECE, end - start)
+                yield start, k
+                start += k
+
+    def wait_reads(self, limit: int) -> None:
+        """Wait until at most ``limit`` READs are outstanding (not yet durable)."""
+        with self.cond:
+            while len(self.reads) > limit:
+                self.check_stop()
+                self.cond.wait(0.2)
+        self.check_stop()
+        self.progress()
+
+    def pull(self, extents) -> None:
+        """READ every piece of ``extents``, SYNC_WINDOW in flight."""
+        for off, n in self.pieces(extents):
+            self.wait_reads(SYNC_WINDOW - 1)
+            self.conn.hub.rate.acquire(n, self.stop_event)
+            self.check_stop()
+            req = self.conn.next_request_id()
+            with self.cond:
+                self.reads[req] = (off, n)
+            self.conn.hub_requests[req] = self
+            self.conn.send(p.Read(request_id=req, volume=self.vol.id, offset=off, length=n))
+
+    def ask(self, msg: p.Message, rng: tuple[int, int]) -> None:
+        with self.cond:
+            self.queries[msg.request_id] = rng
+        self.conn.hub_requests[msg.request_id] = self
+        self.conn.send(msg)
+
+    def answer(self):
+        """Wait for the next DIRTY_MAP/CHECKSUMS the recv loop hands over."""
+        while True:
+            self.check_stop()
+            try:
+                msg, barrier = self.inbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            with self.cond:
+                self.queries.pop(msg.request_id, None)
+            return msg, barrier
+
+    def query_dirty(self) -> list[tuple[int, int]]:
+        req = self.conn.next_request_id()
+        self.ask(p.DirtyQuery(request_id=req, volume=self.vol.id), (0, self.vol.size))
+        msg, _ = self.answer()
+        log.info("sync of %s: agent reports %d dirty extents (%s)", self.vol.name,
+                 len(msg.extents), fmt_bytes(sum(n for _, n in msg.extents)))
+        return list(msg.extents)
+
+    def verify(self) -> None:
+        """CHECKSUM_QUERY over the volume; READ what differs; SYNCED what matches."""
+        size, chunk = self.vol.size, self.chunk
+        span = chunk * VERIFY_CHUNKS_PER_QUERY
+        ranges = [(off, min(span, size - off)) for off in range(0, size, span)]
+        self.bytes_total = size
+        zero_digest = {}
+        pending = 0
+        todo = collections.deque(ranges)
+        while todo or pending:
+            while todo and pending < VERIFY_WINDOW:
+                off, n = todo.popleft()
+                req = self.conn.next_request_id()
+                self.ask(p.ChecksumQuery(request_id=req, volume=self.vol.id, offset=off,
+                                         length=n, chunk_size=chunk), (off, n))
+                pending += 1
+            msg, barrier = self.answer()
+            pending -= 1
+            data = self.store.read_at(self.vol, barrier, msg.offset, msg.length)
+            differ, same = [], []
+            for i, digest in enumerate(msg.digests):
+                c_off = msg.offset + i * chunk
+                c_len = min(chunk, msg.offset + msg.length - c_off)
+                if data is None:
+                    mine = zero_digest.get(c_len)
+                    if mine is None:
+                        mine = zero_digest[c_len] = hashlib.sha256(bytes(c_len)).digest()
+                else:
+                    rel = c_off - msg.offset
+                    mine = hashlib.sha256(memoryview(data)[rel:rel + c_len]).digest()
+                runs = same if mine == digest else differ
+                if runs and runs[-1][0] + runs[-1][1] == c_off:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + c_len)
+                else:
+                    runs.append((c_off, c_len))
+            for off, n in same:
+                self.bytes_done += n
+                self.conn.acker.after(barrier, p.Synced(request_id=msg.request_id,
+                                                        volume=self.vol.id, offset=off,
+                                                        length=n))
+            if differ:
+                log.info("verify of %s: %d differing ranges in [%d, %d)", self.vol.name,
+                         len(differ), msg.offset, msg.offset + msg.length)
+                self.bytes_total += sum(n for _, n in differ)
+                self.pull(differ)
+            self.progress()
+
+    def complete(self) -> None:
+        vol = self.vol
+        changes = dict(state=VolState.CONSISTENT.value, pending_plan=None, full_synced=True)
+        if not vol.meta["full_synced"]:
+            changes["consistent_since_seq"] = max(self.last_sync_seq, 1)
+        vol.update(**changes)
+        took = time.monotonic() - self.started
+        log.info("volume %s is consistent: %s sync done, %s fetched in %.1f s", vol.name,
+                 self.plan.name, fmt_bytes(self.bytes_fetched), took)
+
+    def progress(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last_progress >= PROGRESS_INTERVAL:
+            self.last_progress = now
+            st = self.status()
+            log.info("sync of %s: %.1f%% (%s of %s) at %s/s, ETA %s", self.vol.name,
+                     st["percent"], fmt_bytes(st["bytes_done"]), fmt_bytes(st["bytes_total"]),
+                     fmt_bytes(st["rate"]), "-" if st["eta_s"] is None else f"{st['eta_s']:.0f} s")
+
+    def status(self) -> dict:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        rate = self.bytes_done / elapsed
+        left = max(self.bytes_total - self.bytes_done, 0)
+        return dict(plan=self.plan.name, bytes_done=self.bytes_done,
+                    bytes_total=self.bytes_total, bytes_fetched=self.bytes_fetched,
+                    percent=100.0 * self.bytes_done / self.bytes_total if self.bytes_total else 100.0,
+                    rate=rate, eta_s=(left / rate) if rate > 0 else None,
+                    running=not self.finished, error=self.error)
+
+
+# ---------------------------------------------------------------------------
+# The hub
+
+
+class Hub:
+    """The server: listener, connections, store, heartbeat, control socket.
+
+    ``start`` returns once the hub accepts connections; ``shutdown`` stops
+    accepting, lets every connection finish its frame, makes everything
+    durable and returns.  Used in-process by tests and by ``serve``.
+    """
+
+    def __init__(self, data_dir: str, agents_file: str, listen=("127.0.0.1", 0),
+                 tls_cert: str | None = None, tls_key: str | None = None,
+                 sync_rate: float = 0, retention: float = DEFAULT_RETENTION,
+                 max_bytes: int = DEFAULT_MAX_JOURNAL_BYTES,
+                 segment_bytes: int = SEGMENT_BYTES, heartbeat: float = HEARTBEAT_INTERVAL):
+        self.store = VolumeStore(data_dir, retention, max_bytes, segment_bytes)
+        self.agents = AgentsFile(agents_file)
+        self.listen_addr = listen
+        self.tls = None
+        if tls_cert:
+            self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.tls.minimum_version = ssl.TLSVersion.TLSv1_2
+            self.tls.load_cert_chain(tls_cert, tls_key)
+        self.rate = RateLimiter(sync_rate)
+        self.heartbeat_interval = heartbeat
+        self.stopping = threading.Event()
+        self.conn_lock = threading.Lock()
+        self.connections: set[AgentConnection] = set()
+        self.by_agent: dict[str, AgentConnection] = {}
+        self.listener: socket.socket | None = None
+        self.threads: list[threading.Thread] = []
+        self.control: ControlServer | None = None
+        self.started_ns = time.time_ns()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.listener.getsockname()[:2]
+
+    def start(self) -> None:
+        self.store.open()
+        self.store.start()
+        host, port = self.listen_addr
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((host, port))
+        self.listener.listen(64)
+        self.control = ControlServer(self)
+        for target, name in ((self._accept_loop, "accept"), (self._heartbeat_loop, "heartbeat")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self.threads.append(t)
+        log.info("hub %s listening on %s:%d%s, data %s", self.store.hub_id, *self.address,
+                 " (TLS)" if self.tls else "", self.store.dir)
+
+    def _accept_loop(self) -> None:
+        """Accept thread: one connection thread per agent."""
+        while not self.stopping.is_set():
+            ready, _, _ = select.select([self.listener], [], [], POLL_INTERVAL)
+            if not ready:
+                continue
+            try:
+                sock, addr = self.listener.accept()
+            except OSError as err:
+                if not self.stopping.is_set():
+                    log.warning("accept failed: %s", err)
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = AgentConnection(self, sock, addr)
+            with self.conn_lock:
+                self.connections.add(conn)
+            conn.thread = threading.Thread(target=conn.run, name=f"conn-{conn.peer}",
+                                           daemon=True)
+            conn.thread.start()
+
+    def _heartbeat_loop(self) -> None:
+        """Heartbeat thread: PING every authenticated connection."""
+        while not self.stopping.wait(self.heartbeat_interval):
+            with self.conn_lock:
+                conns = list(self.by_agent.values())
+            for conn in conns:
+                try:
+                    conn.ping()
+                except (OSError, ConnectionClosed) as err:
+                    conn.abort(f"heartbeat send failed: {err}")
+
+    def register(self, conn: AgentConnection) -> None:
+        """An agent authenticated: it replaces an older connection of the same agent."""
+        with self.conn_lock:
+            old = self.by_agent.get(conn.agent_id)
+            self.by_agent[conn.agent_id] = conn
+        if old is not None and old is not conn:
+            old.abort(f"agent {conn.agent_id} connected again from {conn.peer}")
+
+    def unregister(self, conn: AgentConnection) -> None:
+        with self.conn_lock:
+            self.connections.discard(conn)
+            if conn.agent_id and self.by_agent.get(conn.agent_id) is conn:
+                del self.by_agent[conn.agent_id]
+
+    def checkpoint(self, volume: str, name: str) -> dict:
+        """A checkpoint for every volume of ``volume``'s owner, durable on return."""
+        vol = self.store.volume(volume)
+        if vol is None:
+            raise p.RequestError(f"no volume named {volume!r}", code=p.ErrorCode.NO_SUCH_VOLUME)
+        rec = self.store.append_checkpoint(vol.owner, name)
+        if not self.store.journal.wait_durable(rec.seq, timeout=60):
+            raise p.RequestError("checkpoint not durable", code=p.ErrorCode.IO_ERROR)
+        log.info("checkpoint %r of agent %s at seq %d (operator)", name, vol.owner, rec.seq)
+        return dict(name=name, agent=vol.owner, seq=rec.seq, time=fmt_time_ns(rec.time_ns))
+
+    def status(self) -> dict:
+        store, j = self.store, self.store.journal
+        now = time.time_ns()
+        first, last = j.record(j.first_seq), j.record(j.last_seq)
+        vols = []
+        for vol in sorted(list(store.volumes.values()), key=lambda v: v.name):
+            job = vol.sync
+            sync = job.status() if job is not None else vol.last_sync
+            vols.append(dict(
+                name=vol.name, id=vol.id, owner=vol.owner, state=vol.state.value,
+                size=vol.size, chunk_size=vol.meta["chunk_size"],
+                attached=vol.attached_to is not None, sync=sync,
+                lag_bytes=vol.unapplied_bytes,
+                lag_s=round((now - vol.unapplied_since_ns) / 1e9, 3)
+                if vol.unapplied_since_ns else 0.0,
+                last_ack=fmt_time_ns(vol.last_ack_ns),
+                undo_records=len(vol.undo)))
+        with self.conn_lock:
+            agents = [c.status() for c in self.by_agent.values()]
+        return dict(
+            hub_id=store.hub_id, listen="%s:%d" % self.address, tls=self.tls is not None,
+            started=fmt_time_ns(self.started_ns),
+            journal=dict(first_seq=j.first_seq, last_seq=j.last_seq, durable_seq=j.durable_seq,
+                         applied_seq=store.applied_seq, bytes=j.log.total_bytes(),
+                         undo_bytes=store.undo_log.total_bytes(), fdatasyncs=j.fdatasyncs,
+                         commits=j.commits,
+                         oldest=fmt_time_ns(first.time_ns) if first else None,
+                         newest=fmt_time_ns(last.time_ns) if last else None,
+                         span_s=round((last.time_ns - first.time_ns) / 1e9, 3)
+                         if first and last else 0.0),
+            volumes=vols, agents=sorted(agents, key=lambda a: a["agent_id"]))
+
+    def shutdown(self, grace: float = 30.0) -> None:
+        """Stop accepting, finish frames, make everything durable (the stopping thread)."""
+        if self.listener is None:
+            return
+        log.info("hub stopping: no new connections; finishing current frames")
+        self.stopping.set()
+        for t in self.threads:
+            t.join(timeout=5)
+        self.listener.close()
+        if self.control:
+            self.control.close()
+        with self.conn_lock:
+            conns = list(self.connections)
+        deadline = time.monotonic() + grace
+        for conn in conns:
+            if conn.thread is not None:
+                conn.thread.join(timeout=max(deadline - time.monotonic(), 0.1))
+                if conn.thread.is_alive():
+                    conn.abort("did not finish its frame in time")
+                    conn.thread.join(timeout=5)
+        self.store.close()
+        self.listener = None
+        log.info("hub stopped; journal durable up to seq %d, replicas up to seq %d",
+                 self.store.journal.durable_seq, self.store.applied_seq)
+
+
+class ControlServer:
+    """``DIR/control.sock``: one JSON request line in, JSON lines out, then close.
+
+    Requests: ``{"cmd": "status"}``, ``{"cmd": "points", "volume": V}``,
+    ``{"cmd": "checkpoint", "volume": V, "name": N}``, ``{"cmd": "export",
+    "volume": V, "at": POINT, "output": ABSOLUTE_PATH}``.  Replies: for
+    export zero or more ``{"progress": done, "total": size}`` lines, then
+    always ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": text,
+    "code": ErrorCode name}``.
+    """
+
+    def __init__(self, hub: Hub):
+        self.hub = hub
+        self.path = os.path.join(hub.store.dir, CONTROL_SOCKET)
+        if os.path.exists(self.path):
+            os.unlink(self.path)  # left by a killed hub; the store lock proves it is gone
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(self.path)
+        os.chmod(self.path, 0o600)
+        self.sock.listen(8)
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="control", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        """Control thread: accept; each request runs in its own short thread."""
+        n = itertools.count(1)
+        while not self.stop_event.is_set():
+            ready, _, _ = select.select([self.sock], [], [], POLL_INTERVAL)
+            if not ready:
+                continue
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._serve, args=(client,), name=f"control-{next(n)}",
+                             daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        """Control request thread."""
+        with client:
+            out = client.makefile("wb")
+            try:
+                client.settimeout(10)
+                line = client.makefile("rb").readline(64 * 1024)
+                client.settimeout(None)
+                req = json.loads(line)
+                result = self.dispatch(req, lambda obj: (out.write(json.dumps(obj).encode()
+                                                                   + b"\n"), out.flush()))
+                reply = dict(ok=True, result=result)
+            except p.ReplicationError as err:
+                reply = dict(ok=False, error=str(err), code=p.ErrorCode(err.code).name)
+            except (ValueError, KeyError, TypeError, StoreError, OSError) as err:
+                reply = dict(ok=False, error=f"{type(err).__name__}: {err}", code="INVALID")
+            try:
+                out.write(json.dumps(reply).encode() + b"\n")
+                out.flush()
+            except OSError:
+                pass
+
+    def dispatch(self, req: dict, emit):
+        cmd = req["cmd"]
+        store = self.hub.store
+        if cmd == "status":
+            return self.hub.status()
+        vol = store.volume(req["volume"])
+        if vol is None:
+            raise p.RequestError(f"no volume named {req['volume']!r}",
+                                 code=p.ErrorCode.NO_SUCH_VOLUME)
+        if cmd == "points":
+            return store.points(vol)
+        if cmd == "checkpoint":
+            return self.hub.checkpoint(vol.name, req["name"])
+        if cmd == "export":
+            return export_volume(store, vol, req["at"], req["output"],
+                                 lambda done, total: emit(dict(progress=done, total=total)))
+        raise ValueError(f"unknown command {cmd!r}")
+
+    def close(self) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def export_volume(store: VolumeStore, vol: Volume, at: str, output: str, progress=None) -> dict:
+    seq, t_ns = store.resolve_point(vol, at)
+    last = [0.0]
+
+    def report(done, total):
+        now = time.monotonic()
+        if progress and (now - last[0] > 0.5 or done == total):
+            last[0] = now
+            progress(done, total)
+    written = store.export(vol, seq, output, report)
+    log.info("exported %s at %s (seq %d) to %s: %s of data", vol.name, at, seq, output,
+             fmt_bytes(written))
+    return dict(volume=vol.name, point=at, seq=seq, time=fmt_time_ns(t_ns), output=output,
+                size=vol.size, data_bytes=written)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
+def control_request(data_dir: str, req: dict, on_line=None, timeout: float = 5.0):
+    """Send one request to a running hub; return its result (raises on failure).
+
+    Raises FileNotFoundError/ConnectionRefusedError when no hub runs on ``data_dir``.
+    """
+    path = os.path.join(os.path.abspath(data_dir), CONTROL_SOCKET)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.settimeout(None)
+        s.sendall(json.dumps(req).encode() + b"\n")
+        for line in s.makefile("rb"):
+            obj = json.loads(line)
+            if "ok" not in obj:
+                if on_line:
+                    on_line(obj)
+                continue
+            if not obj["ok"]:
+                raise CommandError(f"{obj.get('code')}: {obj['error']}")
+            return obj["result"]
+    raise CommandError("the hub closed the control connection without an answer")
+
+
+class CommandError(Exception):
+    """A CLI command failed; the message is for the operator."""
+
+
+def format_status(st: dict) -> str:
+    j = st["journal"]
+    lines = [f"hub {st['hub_id']} on {st['listen']}{' (TLS)' if st['tls'] else ''}, "
+             f"up since {st['started']}",
+             f"journal: seq {j['first_seq']}..{j['last_seq']} (durable {j['durable_seq']}, "
+             f"applied {j['applied_seq']}), {fmt_bytes(j['bytes'])} + undo "
+             f"{fmt_bytes(j['undo_bytes'])}, span {j['span_s']:.0f} s "
+             f"[{j['oldest'] or '-'} .. {j['newest'] or '-'}], {j['fdatasyncs']} fdatasyncs",
+             "", "VOLUME           OWNER        STATE         SIZE       SYNC"
+             "                                  LAG"]
+    for v in st["volumes"]:
+        sync = v["sync"]
+        if sync and sync.get("running"):
+            eta = "-" if sync["eta_s"] is None else f"{sync['eta_s']:.0f}s"
+            text = (f"{sync['plan']} {sync['percent']:.1f}% {fmt_bytes(sync['bytes_done'])}/"
+                    f"{fmt_bytes(sync['bytes_total'])} {fmt_bytes(sync['rate'])}/s ETA {eta}")
+        elif sync:
+            text = f"{sync['plan']} done" if not sync.get("error") else f"{sync['plan']} failed"
+        else:
+            text = "-"
+        lag = f"{v['lag_s']:.1f}s/{fmt_bytes(v['lag_bytes'])}"
+        lines.append(f"{v['name']:<16} {v['owner']:<12} {v['state']:<13} "
+                     f"{fmt_bytes(v['size']):<10} {text:<37} {lag}"
+                     + ("" if v["attached"] else "  (detached)"))
+    if not st["volumes"]:
+        lines.append("(no volumes)")
+    lines += ["", "AGENT            ADDRESS                CONNECTED SINCE                 RTT"]
+    for a in st["agents"]:
+        rtt = "-" if a["rtt_ms"] is None else f"{a['rtt_ms']:.2f} ms"
+        lines.append(f"{a['agent_id']:<16} {a['address']:<22} {a['connected_since']:<31} {rtt}")
+    if not st["agents"]:
+        lines.append("(no agents connected)")
+    return "\n".join(lines)
+
+
+def format_points(pt: dict) -> str:
+    lines = [f"volume {pt['volume']} (owner {pt['owner']}, {pt['state']})"]
+    if pt["oldest"]:
+        lines.append(f"window: {pt['oldest']['time']} (seq {pt['oldest']['seq']}) .. "
+                     f"{pt['newest']['time']} (seq {pt['newest']['seq']})")
+    else:
+        lines.append("window: latest only (journal empty)")
+    for cp in pt["checkpoints"]:
+        lines.append(f"checkpoint {cp['name']:<24} {cp['time']}  seq {cp['seq']}")
+    return "\n".join(lines)
+
+
+def hub_running(data_dir: str) -> bool:
+    try:
+        control_request(data_dir, {"cmd": "status"}, timeout=2)
+        return True
+    except (OSError, CommandError):
+        return False
+
+
+def open_offline(data_dir: str) -> VolumeStore:
+    if not os.path.isdir(data_dir):
+        raise CommandError(f"no data directory {data_dir}")
+    store = VolumeStore(data_dir)
+    store.open()
+    store.replay()
+    return store
+
+
+def cmd_serve(args) -> int:
+    host, _, port = args.listen.rpartition(":")
+    hub = Hub(args.data, args.agents, (host.strip("[]") or "0.0.0.0", int(port)),
+              args.tls_cert, args.tls_key, args.sync_rate, args.journal_retention,
+              args.journal_max_bytes)
+    stop = threading.Event()
+    signals = []
+
+    def on_signal(signum, frame):
+        signals.append(signum)
+        if len(signals) > 1:
+            # Second signal: leave now.  The journal is append-only with a CRC per
+            # record and metadata is replaced atomically, so nothing is corrupted.
+            os.write(2, b"rephub: second signal, exiting at once\n")
+            os._exit(128 + signum)
+        stop.set()
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    hub.start()
+    print(f"rephub listening on {hub.address[0]}:{hub.address[1]}", flush=True)
+    while not stop.wait(1.0):
+        pass
+    log.info("signal %s received", signal.Signals(signals[0]).name)
+    hub.shutdown()
+    return 0
+
+
+def cmd_add_agent(args) -> int:
+    print(add_agent(args.agents, args.agent_id))
+    return 0
+
+
+def cmd_status(args) -> int:
+    try:
+        st = control_request(args.data, {"cmd": "status"})
+    except (FileNotFoundError, ConnectionRefusedError) as err:
+        raise CommandError(f"no hub is running on {args.data} ({err})") from err
+    print(json.dumps(st, indent=1) if args.json else format_status(st))
+    return 0
+
+
+def cmd_points(args) -> int:
+    req = {"cmd": "points", "volume": args.volume}
+    if hub_running(args.data):
+        pt = control_request(args.data, req)
+    else:
+        store = open_offline(args.data)
+        try:
+            vol = store.volume(args.volume)
+            if vol is None:
+                raise CommandError(f"no volume named {args.volume!r} in {args.data}")
+            pt = store.points(vol)
+        finally:
+            store.close()
+    print(json.dumps(pt, indent=1) if args.json else format_points(pt))
+    return 0
+
+
+def cmd_checkpoint(args) -> int:
+    p.validate_name(args.name, "checkpoint name")
+    if hub_running(args.data):
+        cp = control_request(args.data, {"cmd": "checkpoint", "volume": args.volume,
+                                         "name": args.name})
+    else:
+        store = open_offline(args.data)
+        try:
+            vol = store.volume(args.volume)
+            if vol is None:
+                raise CommandError(f"no volume named {args.volume!r} in {args.data}")
+            rec = store.append_checkpoint(vol.owner, args.name)
+            store.journal.log.do_sync(store.journal.log.take_sync_work())
+            store.journal.durable_seq = rec.seq
+            cp = dict(name=args.name, agent=vol.owner, seq=rec.seq, time=fmt_time_ns(rec.time_ns))
+        finally:
+            store.close()
+    print(f"checkpoint {cp['name']} of agent {cp['agent']} at seq {cp['seq']} ({cp['time']})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    output = os.path.abspath(args.output)
+
+    def progress(done, total):
+        print(f"\rexport: {100.0 * done / total:5.1f}% ({fmt_bytes(done)} of "
+              f"{fmt_bytes(total)})", end="" if done < total else "\n", file=sys.stderr,
+              flush=True)
+    if hub_running(args.data):
+        res = control_request(args.data, {"cmd": "export", "volume": args.volume,
+                                           "at": args.at, "output": output},
+                              on_line=lambda o: progress(o["progress"], o["total"]))
+    else:
+        store = open_offline(args.data)
+        try:
+            vol = store.volume(args.volume)
+            if vol is None:
+                raise CommandError(f"no volume named {args.volume!r} in {args.data}")
+            try:
+                res = export_volume(store, vol, args.at, output, progress)
+            except p.ReplicationError as err:
+                raise CommandError(f"{p.ErrorCode(err.code).name}: {err}") from err
+        finally:
+            store.close()
+    print(f"exported {res['volume']} at {res['point']} (seq {res['seq']}, {res['time']}) "
+          f"to {res['output']}: {fmt_bytes(res['size'])}, {fmt_bytes(res['data_bytes'])} of data")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rephub.py", description=__doc__.split("\n")[0])
+    ap.add_argument("--log-level", default="INFO",
+                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the hub")
+    s.add_argument("--data", required=True, help="data directory")
+    s.add_argument("--listen", required=True, help="HOST:PORT")
+    s.add_argument("--agents", required=True, help="agents file (see add-agent)")
+    s.add_argument("--tls-cert")
+    s.add_argument("--tls-key")
+    s.add_argument("--sync-rate", type=float, default=0, help="bytes/s for sync reads, 0 = no limit")
+    s.add_argument("--journal-retention", type=float, default=DEFAULT_RETENTION, help="seconds")
+    s.add_argument("--journal-max-bytes", type=int, default=DEFAULT_MAX_JOURNAL_BYTES)
+    s.set_defaults(func=cmd_serve)
+    s = sub.add_parser("add-agent", help="add an agent, print its new secret")
+    s.add_argument("--agents", required=True)
+    s.add_argument("agent_id")
+    s.set_defaults(func=cmd_add_agent)
+    s = sub.add_parser("status", help="ask the running hub")
+    s.add_argument("--data", required=True)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+    s = sub.add_parser("points", help="list a volume's points in time")
+    s.add_argument("--data", required=True)
+    s.add_argument("volume")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_points)
+    s = sub.add_parser("checkpoint", help="add a named point for a volume's agent")
+    s.add_argument("--data", required=True)
+    s.add_argument("volume")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_checkpoint)
+    s = sub.add_parser("export", help="write a volume at a point as a sparse raw image")
+    s.add_argument("--data", required=True)
+    s.add_argument("volume")
+    s.add_argument("--at", default="latest", help="latest | checkpoint name | ISO 8601 time")
+    s.add_argument("-o", "--output", required=True)
+    s.set_defaults(func=cmd_export)
+    return ap
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --log-level is accepted before or after the command.
+    level = "INFO"
+    if "--log-level" in argv:
+        i = argv.index("--log-level")
+        if i + 1 < len(argv):
+            level = argv[i + 1]
+            del argv[i:i + 2]
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(threadName)s: %(message)s")
+    try:
+        return args.func(args)
+    except (CommandError, StoreError, p.ReplicationError) as err:
+        print(f"rephub.py {args.command}: {err}", file=sys.stderr)
+        return 1
+
 
 if __name__ == "__main__":
-    sys.exit("rephub.py: not yet")
+    sys.exit(main())

@@ -1,0 +1,361 @@
+"""A minimal agent that speaks protocol v1 to a hub, for tests.
+
+``TestAgent`` connects (TCP, optionally TLS), runs the HMAC handshake,
+attaches volumes backed by ``MemVolume`` (in memory) and sends WRITE/ZERO/
+CHECKPOINT/FLUSH.  Its recv thread answers the hub's READ, DIRTY_QUERY and
+CHECKSUM_QUERY from the volume and obeys the stale-read rule (DESIGN.md
+rule 4): a local write plus the send of its WRITE, and a local read plus the
+send of its READ_REPLY, each happen under one ``stream_lock``, so any write
+the read did not see is sent after the reply.
+
+Also: ``HubProcess`` runs ``rephub.py serve`` as a subprocess, and small
+helpers to make an agents file and wait for conditions with a deadline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+
+import protocol as p
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPHUB = os.path.join(ROOT, "rephub.py")
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
+    """Poll ``predicate`` until it returns a true value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def make_agents_file(path: str, *agent_ids: str) -> dict[str, bytes]:
+    """Write an agents file with fresh secrets; return {agent_id: secret}."""
+    secrets_by_id = {a: secrets.token_bytes(32) for a in agent_ids}
+    with open(path, "w", encoding="utf-8") as f:
+        for agent_id, secret in secrets_by_id.items():
+            f.write(f"{agent_id} {secret.hex()}\n")
+    os.chmod(path, 0o600)
+    return secrets_by_id
+
+
+class MemVolume:
+    """A protected volume in memory; ``lock`` guards its bytes."""
+
+    def __init__(self, size: int, data: bytes | None = None):
+        self.buf = bytearray(size) if data is None else bytearray(data)
+        self.size = size
+        self.lock = threading.Lock()
+        self.dirty: list[tuple[int, int]] = []
+
+    def write(self, offset: int, data: bytes) -> None:
+        with self.lock:
+            self.buf[offset:offset + len(data)] = data
+
+    def read(self, offset: int, length: int) -> bytes:
+        with self.lock:
+            return bytes(self.buf[offset:offset + length])
+
+
+class AgentError(Exception):
+    """The hub answered ERROR (``.error`` holds it) or the handshake failed."""
+
+    def __init__(self, message: str, error: p.Error | None = None):
+        super().__init__(message)
+        self.error = error
+
+
+class TestAgent:
+    """One agent connection.  Threads: the caller's, and ``recv-<agent>``."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, address, agent_id: str, secret: bytes, tls: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None):
+        self.address = address
+        self.agent_id = agent_id
+        self.secret = secret
+        self.tls = tls
+        self.server_hostname = server_hostname
+        self.sock = None
+        self.stream_lock = threading.Lock()    # rule 4: read+reply vs write+send
+        self.send_lock = threading.Lock()
+        self.req_lock = threading.Lock()
+        self.next_req = 1
+        self.replies: dict[int, p.Message] = {}
+        self.reply_cond = threading.Condition()
+        self.volumes: dict[int, MemVolume] = {}
+        self.synced: list[p.Synced] = []
+        self.reads: list[p.Read] = []
+        self.errors: list[p.Error] = []
+        self.goodbye: str | None = None
+        self.closed = threading.Event()
+        self.hub_id = None
+        self.thread = None
+        self.before_read_reply = None  # test hook: called with the READ, outside locks
+
+    # -- connection ------------------------------------------------------------
+
+    def connect(self, timeout: float = 10.0) -> "TestAgent":
+        sock = socket.create_connection(self.address, timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            sock = self.tls.wrap_socket(sock, server_hostname=self.server_hostname)
+        self.sock = sock
+        nonce = secrets.token_bytes(p.NONCE_SIZE)
+        self.send(p.Hello(nonce=nonce, agent_id=self.agent_id))
+        reply = p.recv_message(sock)
+        if isinstance(reply, p.Error):
+            raise AgentError(f"hub refused HELLO: {reply.describe()}", reply)
+        if not isinstance(reply, p.HelloReply):
+            raise AgentError(f"expected HELLO_REPLY, got {reply!r}")
+        expected = p.hub_proof(self.secret, nonce, reply.nonce, self.agent_id, reply.hub_id)
+        if not p.proof_matches(expected, reply.proof):
+            self.send(p.Error(code=p.ErrorCode.AUTH_FAILED, message="hub proof wrong"))
+            raise AgentError("hub proof does not match")
+        self.hub_id = reply.hub_id
+        self.send(p.Auth(proof=p.agent_proof(self.secret, nonce, reply.nonce,
+                                             self.agent_id, reply.hub_id)))
+        answer = p.recv_message(sock)
+        if isinstance(answer, p.Error):
+            raise AgentError(f"authentication refused: {answer.describe()}", answer)
+        if not isinstance(answer, p.AuthOk):
+            raise AgentError(f"expected AUTH_OK, got {answer!r}")
+        sock.settimeout(None)
+        self.thread = threading.Thread(target=self._recv_loop, name=f"recv-{self.agent_id}",
+                                       daemon=True)
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.sock.close()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def send(self, msg: p.Message) -> None:
+        with self.send_lock:
+            p.send_message(self.sock, msg)
+
+    def send_raw(self, data: bytes) -> None:
+        with self.send_lock:
+            self.sock.sendall(data)
+
+    def request_id(self) -> int:
+        with self.req_lock:
+            req = self.next_req
+            self.next_req += 1
+            return req
+
+    # -- requests ------------------------------------------------------------------
+
+    def wait_reply(self, req: int, timeout: float = 20.0) -> p.Message:
+        deadline = time.monotonic() + timeout
+        with self.reply_cond:
+            while req not in self.replies:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.closed.is_set() and req not in self.replies):
+                    raise TimeoutError(f"no reply to request {req} "
+                                       f"(closed={self.closed.is_set()})")
+                self.reply_cond.wait(min(remaining, 0.2))
+            return self.replies.pop(req)
+
+    def expect_ack(self, req: int, timeout: float = 20.0) -> None:
+        reply = self.wait_reply(req, timeout)
+        if isinstance(reply, p.Error):
+            raise AgentError(f"request {req} failed: {reply.describe()}", reply)
+        assert isinstance(reply, p.Ack), reply
+
+    def attach(self, name: str, volume: MemVolume, state=p.VolumeState.UNKNOWN,
+               generation: bytes = bytes(16), chunk_size: int = 65536):
+        """ATTACH; return (volume id, plan).  Raises AgentError on ERROR."""
+        req = self.request_id()
+        self.send(p.Attach(request_id=req, size=volume.size, chunk_size=chunk_size,
+                           state=state, generation=generation, name=name))
+        reply = self.wait_reply(req)
+        if isinstance(reply, p.Error):
+            raise AgentError(f"ATTACH {name} refused: {reply.describe()}", reply)
+        self.volumes[reply.volume] = volume
+        return reply.volume, reply.plan
+
+    def write(self, vol: int, offset: int, data: bytes) -> int:
+        """Write locally and send WRITE atomically (rule 4); return the request id."""
+        req = self.request_id()
+        with self.stream_lock:
+            if vol in self.volumes:
+                self.volumes[vol].write(offset, data)
+            self.send(p.Write(request_id=req, volume=vol, offset=offset, data=data))
+        return req
+
+    def zero(self, vol: int, offset: int, length: int) -> int:
+        req = self.request_id()
+        with self.stream_lock:
+            if vol in self.volumes:
+                self.volumes[vol].write(offset, bytes(length))
+            self.send(p.Zero(request_id=req, volume=vol, offset=offset, length=length))
+        return req
+
+    def checkpoint(self, name: str) -> int:
+        req = self.request_id()
+        with self.stream_lock:
+            self.send(p.Checkpoint(request_id=req, name=name))
+        return req
+
+    def flush(self) -> None:
+        req = self.request_id()
+        self.send(p.Flush(request_id=req))
+        self.expect_ack(req)
+
+    # -- the recv thread: answers the hub's requests ---------------------------------------
+
+    def _recv_loop(self) -> None:
+        try:
+            while True:
+                try:
+                    msg = p.recv_message(self.sock)
+                except p.RequestError as err:
+                    self.errors.append(p.Error.from_exception(err))
+                    continue
+                if msg is None:
+                    return
+                handler = getattr(self, f"on_{msg.TYPE.name}", None)
+                if handler is not None:
+                    handler(msg)
+                else:
+                    self._reply(msg)
+        except (OSError, p.ProtocolError):
+            return
+        finally:
+            self.closed.set()
+            with self.reply_cond:
+                self.reply_cond.notify_all()
+
+    def _reply(self, msg: p.Message) -> None:
+        with self.reply_cond:
+            self.replies[msg.request_id] = msg
+            self.reply_cond.notify_all()
+
+    def on_ERROR(self, msg: p.Error) -> None:
+        self.errors.append(msg)
+        if msg.request_id:
+            self._reply(msg)
+
+    def on_GOODBYE(self, msg: p.Goodbye) -> None:
+        self.goodbye = msg.reason
+
+    def on_PING(self, msg: p.Ping) -> None:
+        self.send(p.Pong(request_id=msg.request_id, echo_ns=msg.sent_ns,
+                         responder_ns=time.time_ns()))
+
+    def on_SYNCED(self, msg: p.Synced) -> None:
+        self.synced.append(msg)
+
+    def on_READ(self, msg: p.Read) -> None:
+        self.reads.append(msg)
+        if self.before_read_reply:
+            self.before_read_reply(msg)
+        vol = self.volumes[msg.volume]
+        with self.stream_lock:  # rule 4: read and enqueue the reply atomically
+            data = vol.read(msg.offset, msg.length)
+            if data.count(0) == len(data):
+                reply = p.ReadReply(request_id=msg.request_id, volume=msg.volume,
+                                    offset=msg.offset, length=msg.length, flags=p.FLAG_ZERO)
+            else:
+                reply = p.ReadReply(request_id=msg.request_id, volume=msg.volume,
+                                    offset=msg.offset, data=data)
+            self.send(reply)
+
+    def on_DIRTY_QUERY(self, msg: p.DirtyQuery) -> None:
+        vol = self.volumes[msg.volume]
+        self.send(p.DirtyMap(request_id=msg.request_id, volume=msg.volume,
+                             extents=list(vol.dirty)))
+
+    def on_CHECKSUM_QUERY(self, msg: p.ChecksumQuery) -> None:
+        vol = self.volumes[msg.volume]
+        with self.stream_lock:
+            data = vol.read(msg.offset, msg.length)
+            digests = [hashlib.sha256(data[i:i + msg.chunk_size]).digest()
+                       for i in range(0, len(data), msg.chunk_size)]
+            self.send(p.Checksums(request_id=msg.request_id, volume=msg.volume,
+                                  offset=msg.offset, length=msg.length,
+                                  chunk_size=msg.chunk_size, digests=digests))
+
+
+class HubProcess:
+    """``python3 rephub.py serve`` as a subprocess on 127.0.0.1:0."""
+
+    def __init__(self, data_dir: str, agents_file: str, *extra: str, log_path: str | None = None):
+        self.data_dir = data_dir
+        self.log_path = log_path or os.path.join(os.path.dirname(data_dir), "hub.log")
+        self.args = [sys.executable, REPHUB, "serve", "--data", data_dir, "--listen",
+                     "127.0.0.1:0", "--agents", agents_file, *extra]
+        self.proc = None
+        self.address = None
+
+    def start(self, timeout: float = 15.0) -> "HubProcess":
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=self.log,
+                                     cwd=ROOT)
+        line = b""
+        deadline = time.monotonic() + timeout
+        # The first stdout line names the port; read it with a deadline.
+        import selectors
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        while not line.endswith(b"\n"):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.kill()
+                raise RuntimeError(f"hub did not start; log:\n{self.read_log()}")
+            if sel.select(timeout=0.2):
+                chunk = os.read(self.proc.stdout.fileno(), 1)
+                if not chunk:
+                    continue
+                line += chunk
+        sel.close()
+        m = re.search(rb"listening on ([\d.]+):(\d+)", line)
+        self.address = (m.group(1).decode(), int(m.group(2)))
+        return self
+
+    def read_log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def kill(self, sig=9) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        self.kill(9)
+        if self.proc and self.proc.stdout:
+            self.proc.stdout.close()
+        if getattr(self, "log", None):
+            self.log.close()
