@@ -24,6 +24,7 @@ longer, so sockets live in ``short_tmpdir()`` directories under /tmp.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -229,7 +230,7 @@ class QMPClient:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(str(path))
-        self.file = self.sock.makefile("rb")
+        self._buffer = bytearray()
         self.events: list[dict] = []
         self._ids = 0
         greeting = self._read()
@@ -238,9 +239,15 @@ class QMPClient:
         self.command("qmp_capabilities")
 
     def _read(self) -> dict:
-        line = self.file.readline()
-        if not line:
-            raise ConnectionError("QMP connection closed")
+        """One JSON message.  A socket timeout leaves the buffer intact, so the
+        client stays usable (unlike socket.makefile after a timeout)."""
+        while b"\n" not in self._buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("QMP connection closed")
+            self._buffer += chunk
+        line, _, rest = bytes(self._buffer).partition(b"\n")
+        self._buffer = bytearray(rest)
         return json.loads(line)
 
     def command(self, cmd: str, **args):
@@ -273,16 +280,15 @@ class QMPClient:
             self.sock.settimeout(remaining)
             try:
                 msg = self._read()
+            except socket.timeout:
+                continue                    # the deadline check above reports it
             finally:
                 self.sock.settimeout(QMP_TIMEOUT)
             if "event" in msg:
                 self.events.append(msg)
 
     def close(self) -> None:
-        try:
-            self.file.close()
-        finally:
-            self.sock.close()
+        self.sock.close()
 
 
 class QSD:
@@ -442,10 +448,11 @@ class QSD:
         if self.proc is None or self.proc.poll() is not None:
             self.kill()
             return
-        if self.proc.poll() is None and self._qmp is not None:
+        self.proc.send_signal(signal.SIGCONT)     # a SIGSTOPped QSD could not quit
+        if self._qmp is not None:
             try:
                 self._qmp.command("quit")
-            except (OSError, ConnectionError, QMPError):
+            except (OSError, QMPError):
                 pass
         if self._qmp is not None:
             self._qmp.close()
@@ -530,6 +537,7 @@ def _reap(proc: subprocess.Popen, terminate: bool = False) -> None:
         pass
 
 
+@atexit.register
 def kill_all() -> None:
     """Kill every process this module started that is still running."""
     while _PROCESSES:

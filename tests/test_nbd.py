@@ -503,3 +503,34 @@ def test_parse_address(text, address):
 def test_parse_address_rejects(text):
     with pytest.raises(ValueError, match="HOST:PORT"):
         nbd.parse_address(text)
+
+
+# ---------------------------------------------------------------------------
+# The harness itself: what other test files rely on.
+
+
+def test_harness_qsd_survives_kill_and_restart(qsd_factory):
+    import signal
+    from qemu_harness import QMPError
+    source = qsd_factory(size=4 * MiB, fmt="qcow2")
+    qemu_io(source.export_path, "write -P 0x77 0 64k", export=source.export_name)
+    with pytest.raises(QMPError, match="CommandNotFound"):
+        source.qmp("no-such-command")
+    source.kill(signal.SIGKILL)
+    assert source.proc.returncode == -signal.SIGKILL
+    source.restart()
+    qemu_io(source.export_path, "read -P 0x77 0 64k", export=source.export_name)
+    with pytest.raises(RuntimeError, match="Pattern verification failed"):
+        qemu_io(source.export_path, "read -P 0x78 0 4k", export=source.export_name)
+    expected = bytearray(4 * MiB)
+    expected[:65536] = b"\x77" * 65536
+    assert image_sha256(source.image, "qcow2") == hashlib.sha256(expected).hexdigest()
+
+
+def test_random_workload_is_seeded_and_bounded():
+    a = RandomWorkload(seed=1, size=MiB, count=50, max_length=64 * 1024)
+    b = RandomWorkload(seed=1, size=MiB, count=50, max_length=64 * 1024)
+    assert a.writes == b.writes and len(a.writes) == 50
+    assert a.writes != RandomWorkload(seed=2, size=MiB, count=50).writes
+    for off, length, _ in a.writes:
+        assert off % 4096 == 0 and 4096 <= length <= 65536 and off + length <= MiB
