@@ -608,3 +608,20 @@ def test_errors_name_the_field_the_value_and_the_expectation():
     raw = bytes.fromhex(next(v for v in MALFORMED if v["name"] == "volume_unused")["hex"])
     with pytest.raises(p.InvalidField, match="ACK header field volume is 7, expected 0"):
         p.decode(raw)
+
+
+def test_protocol_md_clause_index_and_worked_example_match():
+    import re
+    text = (pathlib.Path(__file__).resolve().parent.parent / "PROTOCOL.md").read_text(
+        encoding="utf-8")
+    body, index = text.split("## Clause index")
+    used = set(re.findall(r"\[([A-Z]{2}-\d+)\]", body))
+    listed = re.findall(r"^\| ([A-Z]{2}-\d+) \|", index, re.M)
+    assert len(listed) == len(set(listed))
+    assert used == set(listed)
+    example = body.split("## Worked example")[1].split("## Test vectors")[0]
+    dumped = bytes.fromhex("".join(
+        m.group(1) for m in re.finditer(r"^[0-9a-f]{4}  ((?:[0-9a-f]{2} ?){1,16})", example,
+                                        re.M)).replace(" ", ""))
+    assert dumped == b"".join(v["bytes"] for v in p.load_vectors(VECTORS / "handshake.json"))
+    assert HANDSHAKE["hub_proof"] in example and HANDSHAKE["agent_proof"] in example
