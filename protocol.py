@@ -1242,8 +1242,12 @@ BOTH_WAYS = frozenset({MsgType.ACK, MsgType.PING, MsgType.PONG, MsgType.ERROR,
 def decode_body(header: Header, payload: bytes | bytearray | memoryview) -> Message:
     """Build the message for a parsed header and its payload (no data copy).
 
-    Raises ``BadPayloadCRC`` (close), or after that a ``RequestError`` with
-    the frame's request_id and type, so the caller can answer ERROR and go on.
+    Checks, in PROTOCOL.md's order: payload CRC [FR-6] (``BadPayloadCRC``:
+    close), then type [FR-16], must-understand flags [FR-13], unused header
+    fields [FR-7], offset + length [FR-8] and the payload layout [FR-9..12]
+    (a ``RequestError`` carrying the frame's request_id and type, so the
+    caller can answer ERROR and go on).  A WRITE's ``data`` is a memoryview
+    of ``payload``: keep that buffer alive and unmodified while you use it.
     """
     payload = memoryview(payload)
     if len(payload) != header.payload_length:
@@ -1444,7 +1448,10 @@ def load_vectors(path) -> list[dict]:
 
     Each vector has "name", "hex" (the wire bytes) and either "type" and
     "fields" (a valid frame) or "error" (the name of the exception class the
-    decoder must raise, from ``ERROR_CLASSES``).
+    decoder must raise, from ``ERROR_CLASSES``) with "code" (the ErrorCode
+    name), "action" ("close" or "answer") and "request_id" (of the ERROR
+    answer).  This function adds "bytes" (the decoded hex) to each vector.
+    The format is described in tests/vectors/README.md.
     """
     with open(path, encoding="utf-8") as f:
         doc = json.load(f)

@@ -625,3 +625,10 @@ def test_protocol_md_clause_index_and_worked_example_match():
                                         re.M)).replace(" ", ""))
     assert dumped == b"".join(v["bytes"] for v in p.load_vectors(VECTORS / "handshake.json"))
     assert HANDSHAKE["hub_proof"] in example and HANDSHAKE["agent_proof"] in example
+
+
+def test_write_built_in_code_is_checked_like_a_decoded_one():
+    with pytest.raises(p.InvalidField, match="WRITE length 5 != payload length 1"):
+        p.Write(request_id=1, volume=1, length=5, data=b"x").check()
+    with pytest.raises(p.InvalidField, match="WRITE length is 0"):
+        p.Write(request_id=1, volume=1).check()
