@@ -754,8 +754,12 @@ class Volume:
             return p.VolumeState.UNKNOWN
         return p.VolumeState.DIRTY if self.bitmap.dirty_count else p.VolumeState.CLEAN
 
-    def overlaps_window(self, start: int, end: int) -> bool:
-        return any(w.start < end and start < w.end for w in self.windows)
+    def must_hold(self, start: int, end: int) -> bool:
+        """A write to [start, end) waits if a read window or an earlier held
+        write overlaps it (writes to one region keep their order)."""
+        return (any(w.start < end and start < w.end for w in self.windows)
+                or any(m.offset < end and start < m.offset + m.length
+                       for m, _, _ in self.held))
 
 
 class TargetHandler(nbd.Handler):
@@ -1034,7 +1038,7 @@ class Agent:
                 pw = PendingWrite(req, vol, chunks, length, reply if wait else None)
                 bitmap.add_inflight(chunks)
                 self.pending[req] = pw
-                if vol.held or vol.overlaps_window(offset, offset + length):
+                if vol.must_hold(offset, offset + length):
                     vol.held.append((msg, nbytes, pw))
                     conn.queued_bytes += nbytes   # held data counts toward --max-queue
                     vol.counters["held_writes"] += 1
@@ -1059,11 +1063,13 @@ class Agent:
                         "a resync catches up", cause)
 
     def _maybe_undegrade(self) -> None:
-        """Leave degraded mode once attached and nothing waits for a resync (lock held)."""
+        """Leave degraded mode once attached, nothing waits for a resync and
+        every write answered early is ACKed (lock held)."""
         if (self.degraded and self.cfg.mode == "sync" and self.conn is not None
                 and not self.stopping.is_set()
                 and all(v.volume_id is not None and not v.bitmap.lost_seq and not v.held
-                        for v in self.volumes)):
+                        for v in self.volumes)
+                and all(pw.reply is not None for pw in self.pending.values())):
             self.degraded = False
             log.info("sync mode restored: every write is acknowledged by the hub again")
 
@@ -1273,14 +1279,15 @@ class Agent:
                 self.replies[reply.request_id] = (vol, seq)
                 while len(self.replies) > MAX_SYNCED_MEMORY:
                     self.replies.popitem(last=False)
-            if live:
-                while vol.held:
-                    msg, held_bytes, pw = vol.held[0]
-                    if vol.overlaps_window(msg.offset, msg.offset + msg.length):
-                        break
-                    vol.held.popleft()
-                    window.conn.queued_bytes -= held_bytes
-                    self._enqueue(window.conn, msg, held_bytes, vol)
+            if live and vol.held:
+                still = collections.deque()
+                held, vol.held = vol.held, still
+                for msg, held_bytes, pw in held:
+                    if vol.must_hold(msg.offset, msg.offset + msg.length):
+                        still.append((msg, held_bytes, pw))   # checked against `still` too
+                    else:
+                        window.conn.queued_bytes -= held_bytes
+                        self._enqueue(window.conn, msg, held_bytes, vol)
 
     def serve_READ(self, conn, msg: p.Read, readers) -> None:
         vol = self._volume_for(conn, msg)

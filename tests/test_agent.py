@@ -1,0 +1,453 @@
+"""repagent without QEMU: the dirty-bitmap rules, and the hub stream's ordering.
+
+The stream tests run the real Agent code paths (protected_write, the
+send/recv threads, the sync workers) against a scripted hub on the other end
+of a socketpair; the protected volume is read from a plain file (the
+FileSource the agent uses for raw images), or from a reader that blocks
+until the test lets it go, to catch a write in the middle of a READ.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+import protocol as p
+import repagent as ra
+
+CHUNK = 64 * 1024
+SIZE = 16 * CHUNK
+
+
+# ---------------------------------------------------------------------------
+# The bitmap rules (SEMANTICS.md "Agent's dirty bitmap")
+
+
+@pytest.fixture
+def bitmap(tmp_path):
+    bm = ra.DirtyBitmap(str(tmp_path / "v.bitmap"), SIZE, CHUNK)
+    yield bm
+    bm.close()
+
+
+def test_ack_clears_a_chunk_only_when_every_write_is_acked(bitmap):
+    c = bitmap.chunk_range(0, 100)
+    bitmap.mark(c)
+    bitmap.add_inflight(c)
+    bitmap.mark(c)
+    bitmap.add_inflight(c)
+    bitmap.ack(c)
+    assert bitmap.is_set(0), "one of two writes is still un-ACKed"
+    bitmap.ack(c)
+    assert not bitmap.is_set(0)
+    assert bitmap.dirty_count == 0
+
+
+def test_chunk_range_covers_every_touched_chunk(bitmap):
+    assert bitmap.chunk_range(CHUNK - 1, 2) == range(0, 2)
+    assert bitmap.chunk_range(CHUNK, CHUNK) == range(1, 2)
+    assert bitmap.chunk_range(3 * CHUNK + 5, 2 * CHUNK) == range(3, 6)
+
+
+def test_a_dropped_write_needs_a_synced_read_made_after_it(bitmap):
+    c = range(2, 3)
+    bitmap.mark(c)
+    bitmap.lose(c, seq=10)
+    bitmap.synced(c, seq=10)          # the reply was queued before the drop
+    assert bitmap.is_set(2)
+    bitmap.synced(c, seq=11)          # a reply queued after it
+    assert not bitmap.is_set(2)
+
+
+def test_synced_does_not_clear_a_chunk_with_a_write_in_flight(bitmap):
+    c = range(4, 5)
+    bitmap.mark(c)
+    bitmap.lose(c, seq=3)
+    bitmap.add_inflight(c)
+    bitmap.synced(c, seq=5)
+    assert bitmap.is_set(4) and 4 not in bitmap.lost_seq
+    bitmap.ack(c)
+    assert not bitmap.is_set(4)
+
+
+def test_connection_loss_turns_inflight_writes_into_losses(bitmap):
+    c = range(1, 3)
+    bitmap.mark(c)
+    bitmap.add_inflight(c)
+    bitmap.drop_inflight(c, seq=7)
+    assert bitmap.inflight == {} and bitmap.lost_seq == {1: 7, 2: 7}
+    bitmap.ack(range(0, 0))
+    assert bitmap.is_set(1) and bitmap.is_set(2)
+
+
+def test_bits_survive_a_reload_and_only_synced_clears_them(tmp_path):
+    path = str(tmp_path / "v.bitmap")
+    bm = ra.DirtyBitmap(path, SIZE, CHUNK)
+    generation = bm.generation
+    bm.mark(range(3, 5))
+    bm.mark(range(15, 16))
+    bm.close()                        # as a SIGKILL would leave it: the mmap holds it
+    again = ra.DirtyBitmap(path, SIZE, CHUNK)
+    try:
+        assert not again.created and again.generation == generation
+        assert again.dirty_count == 3
+        assert again.lost_seq == {3: 1, 4: 1, 15: 1}
+        again.ack(range(3, 5))        # an ACK cannot clear what an earlier run lost
+        assert again.is_set(3)
+        again.synced(range(3, 4), seq=2)
+        assert not again.is_set(3) and again.is_set(4)
+        assert again.extents() == [(4 * CHUNK, CHUNK), (15 * CHUNK, CHUNK)]
+    finally:
+        again.close()
+
+
+def test_extents_merge_neighbours_and_stop_at_the_volume_end(tmp_path):
+    size = 5 * CHUNK + 100
+    bm = ra.DirtyBitmap(str(tmp_path / "v.bitmap"), size, CHUNK)
+    try:
+        bm.mark(range(0, 2))
+        bm.mark(range(2, 3))
+        bm.mark(range(5, 6))
+        assert bm.extents() == [(0, 3 * CHUNK), (5 * CHUNK, 100)]
+        assert bm.extents({5, 0}) == [(0, CHUNK), (5 * CHUNK, 100)]
+    finally:
+        bm.close()
+
+
+def test_many_bits_are_found_past_the_first_block(tmp_path):
+    size = 100000 * 4096
+    bm = ra.DirtyBitmap(str(tmp_path / "big.bitmap"), size, 4096)
+    try:
+        bm.mark(range(99999, 100000))
+        bm.mark(range(40000, 40001))
+        assert list(bm.set_chunks()) == [40000, 99999]
+    finally:
+        bm.close()
+
+
+@pytest.mark.parametrize("change, words", [
+    ("magic", "bad magic"), ("chunk", "chunk_size 65536, expected 131072"),
+    ("size", "volume size"), ("truncate", "file is")])
+def test_a_bitmap_that_does_not_fit_is_refused_with_the_reason(tmp_path, change, words):
+    path = str(tmp_path / "v.bitmap")
+    ra.DirtyBitmap(path, SIZE, CHUNK).close()
+    size, chunk = SIZE, CHUNK
+    if change == "magic":
+        with open(path, "r+b") as f:
+            f.write(b"XXXX")
+    elif change == "chunk":
+        chunk = 2 * CHUNK
+    elif change == "size":
+        size = 2 * SIZE
+    else:
+        os.truncate(path, 64)
+    with pytest.raises(ra.BitmapError, match=words):
+        ra.DirtyBitmap(path, size, chunk)
+
+
+# ---------------------------------------------------------------------------
+# Small parsers
+
+
+def test_sizes_and_uris_and_qemu_names():
+    assert ra.parse_size("64K") == 65536 and ra.parse_size("1MiB") == 1 << 20
+    assert ra.parse_size("4096") == 4096
+    with pytest.raises(Exception, match="not a number"):
+        ra.parse_size("lots")
+    assert ra.parse_nbd_uri("nbd+unix:///disk0?socket=/run/q.sock") == ("/run/q.sock", "disk0")
+    assert ra.parse_nbd_uri("nbd://h:10810/e") == (("h", 10810), "e")
+    with pytest.raises(ValueError, match="socket"):
+        ra.parse_nbd_uri("nbd+unix:///disk0")
+    job, target, top = ra.qemu_names("disk0")
+    assert (job, target, top) == ("ra-disk0", "ra-disk0-tgt", "ra-disk0-top")
+    long = ra.qemu_names("n" * 40)
+    assert all(len(name) <= 31 for name in long)
+    assert ra.parse_hostport("127.0.0.1:7000") == ("127.0.0.1", 7000)
+    assert ra.parse_node("disk0=vm1-root") == ("disk0", "vm1-root")
+    with pytest.raises(Exception, match="characters"):
+        ra.parse_node("disk0=../x")
+
+
+# ---------------------------------------------------------------------------
+# The stream, against a scripted hub
+
+
+class BlockingReader:
+    """Reads a file, but waits for ``release`` once ``started`` is set."""
+
+    def __init__(self, path, started: threading.Event, release: threading.Event):
+        self.inner = ra.FileSource(path)
+        self.started, self.release = started, release
+
+    def read(self, offset, length):
+        data = self.inner.read(offset, length)
+        self.started.set()
+        if not self.release.wait(10):
+            raise OSError("test never released the read")
+        return data
+
+    def close(self):
+        self.inner.close()
+
+
+class ScriptedHub:
+    """The hub's end of a socketpair: read frames, send frames."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        sock.settimeout(10)
+
+    def recv(self) -> p.Message:
+        msg = p.recv_message(self.sock)
+        assert msg is not None, "agent closed the connection"
+        return msg
+
+    def recv_until(self, msg_type, skip=(p.MsgType.PING,)):
+        seen = []
+        while True:
+            msg = self.recv()
+            if msg.TYPE == msg_type:
+                return msg, seen
+            if msg.TYPE not in skip:
+                seen.append(msg)
+
+    def send(self, msg):
+        p.send_message(self.sock, msg)
+
+
+class Replies:
+    """Collects the answers the agent gives QEMU."""
+
+    def __init__(self):
+        self.codes = []
+        self.event = threading.Event()
+
+    def __call__(self, code):
+        self.codes.append(code)
+        self.event.set()
+
+
+@pytest.fixture
+def rig(tmp_path):
+    """An Agent with one 16-chunk volume (id 1) wired to a ScriptedHub."""
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(range(256)) * (SIZE // 256))
+    made = []
+
+    def make(mode="async", max_queue=ra.DEFAULT_MAX_QUEUE, sync_timeout=5.0, start=True,
+             reader=None):
+        cfg = ra.Config(hub=("127.0.0.1", 1), agent_id="a1", secret=b"s" * 32, qmp="-",
+                        nodes=[("disk0", "vol0")], state_dir=str(tmp_path / "state"),
+                        mode=mode, max_queue=max_queue, sync_timeout=sync_timeout)
+        os.makedirs(cfg.state_dir, exist_ok=True)
+        agent = ra.Agent(cfg)
+        vol = agent.volumes[0]
+        vol.size = SIZE
+        vol.bitmap = ra.DirtyBitmap(vol.bitmap_path, SIZE, CHUNK)
+        vol.source = reader or (lambda: ra.FileSource(str(image)))
+        ours, theirs = socket.socketpair()
+        conn = ra.HubConnection(agent, ours, "test", "hub")
+        agent.conn = conn
+        vol.volume_id = 1
+        agent.by_id[1] = vol
+        agent.degraded = False
+        for name, target in (("repagent-timer", agent._timer_loop),
+                             ("repagent-sync-0", agent._sync_loop)):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            agent.threads.append(t)
+        if start:
+            conn.start()
+        made.append((agent, conn, theirs))
+        return agent, vol, conn, ScriptedHub(theirs)
+
+    yield make
+    for agent, conn, theirs in made:
+        agent.stopping.set()
+        conn.close("test over")
+        with agent.lock:
+            agent.timer_cond.notify_all()
+        conn.join(2)
+        for t in agent.threads:
+            t.join(2)
+        theirs.close()
+        agent.volumes[0].bitmap.close()
+
+
+def test_async_write_is_answered_once_marked_and_cleared_by_ack(rig):
+    agent, vol, conn, hub = rig()
+    replies = Replies()
+    agent.protected_write(vol, 4096, 8192, memoryview(b"x" * 8192), replies)
+    assert replies.codes == [0]
+    assert vol.bitmap.is_set(0)
+    msg = hub.recv()
+    assert (msg.TYPE, msg.offset, msg.length, bytes(msg.data)) == \
+        (p.MsgType.WRITE, 4096, 8192, b"x" * 8192)
+    hub.send(p.Ack(request_id=msg.request_id))
+    ra_wait(lambda: not vol.bitmap.is_set(0), "bit cleared by ACK")
+
+
+def test_write_zeroes_becomes_zero(rig):
+    agent, vol, conn, hub = rig()
+    agent.protected_write(vol, CHUNK, CHUNK, None, Replies())
+    msg = hub.recv()
+    assert (msg.TYPE, msg.offset, msg.length) == (p.MsgType.ZERO, CHUNK, CHUNK)
+
+
+def test_sync_write_waits_for_the_ack(rig):
+    agent, vol, conn, hub = rig(mode="sync")
+    replies = Replies()
+    agent.protected_write(vol, 0, 4096, memoryview(b"y" * 4096), replies)
+    msg = hub.recv()
+    assert replies.codes == [], "sync mode answered QEMU before the hub's ACK"
+    hub.send(p.Ack(request_id=msg.request_id))
+    assert replies.event.wait(5) and replies.codes == [0]
+    assert not agent.degraded
+
+
+def test_sync_write_past_the_timeout_is_answered_and_degrades(rig):
+    agent, vol, conn, hub = rig(mode="sync", sync_timeout=0.2)
+    replies = Replies()
+    start = time.monotonic()
+    agent.protected_write(vol, 0, 4096, memoryview(b"y" * 4096), replies)
+    msg = hub.recv()
+    assert replies.event.wait(5), "a late ACK must not hang QEMU"
+    assert 0.15 < time.monotonic() - start < 3
+    assert agent.degraded and vol.bitmap.is_set(0)
+    second = Replies()
+    agent.protected_write(vol, CHUNK, 4096, memoryview(b"z" * 4096), second)
+    assert second.codes == [0], "degraded sync mode answers once marked"
+    hub.send(p.Ack(request_id=msg.request_id))
+    hub.send(p.Ack(request_id=hub.recv().request_id))
+    ra_wait(lambda: not agent.degraded and vol.bitmap.dirty_count == 0,
+            "sync mode restored once everything is ACKed")
+
+
+def test_connection_loss_drops_inflight_writes_and_answers_sync_waiters(rig):
+    agent, vol, conn, hub = rig(mode="sync")
+    replies = Replies()
+    agent.protected_write(vol, 2 * CHUNK, 4096, memoryview(b"q" * 4096), replies)
+    hub.recv()
+    hub.sock.close()
+    assert replies.event.wait(5) and replies.codes == [0]
+    ra_wait(lambda: agent.conn is None, "connection forgotten")
+    assert vol.bitmap.lost_seq.get(2) is not None and vol.bitmap.is_set(2)
+    assert vol.volume_id is None and agent.degraded
+    assert vol.attach_state() == p.VolumeState.DIRTY
+    later = Replies()
+    agent.protected_write(vol, 5 * CHUNK, 10, memoryview(b"w" * 10), later)
+    assert later.codes == [0] and vol.bitmap.lost_seq.get(5)
+
+
+def test_read_reply_goes_before_a_write_the_read_may_have_missed(rig):
+    """Rule 4: a write landing during a READ of its region is sent after the reply."""
+    started, release = threading.Event(), threading.Event()
+    image = None
+
+    def reader():
+        return BlockingReader(image, started, release)
+
+    agent, vol, conn, hub = rig(reader=reader)
+    image = os.path.join(os.path.dirname(vol.state_dir), "disk.raw")
+    hub.send(p.Read(request_id=900, volume=1, offset=0, length=2 * CHUNK))
+    assert started.wait(5)
+    same, other = Replies(), Replies()
+    agent.protected_write(vol, CHUNK, 4096, memoryview(b"N" * 4096), same)
+    agent.protected_write(vol, 8 * CHUNK, 4096, memoryview(b"O" * 4096), other)
+    assert same.codes == [0] and other.codes == [0], "QEMU never waits for a sync read"
+    first = hub.recv()
+    assert (first.TYPE, first.offset) == (p.MsgType.WRITE, 8 * CHUNK), \
+        "a write outside the read's range need not wait"
+    release.set()
+    reply = hub.recv()
+    assert reply.TYPE == p.MsgType.READ_REPLY and reply.request_id == 900
+    assert bytes(reply.data[:256]) == bytes(range(256))
+    held = hub.recv()
+    assert (held.TYPE, held.offset, bytes(held.data[:1])) == (p.MsgType.WRITE, CHUNK, b"N")
+    # SYNCED for the read clears chunk 0; chunk 1 waits for its write's ACK.
+    hub.send(p.Synced(request_id=900, volume=1, offset=0, length=2 * CHUNK))
+    hub.send(p.Ack(request_id=first.request_id))
+    ra_wait(lambda: not vol.bitmap.is_set(8), "ACK of the unrelated write")
+    assert vol.bitmap.is_set(1)
+    hub.send(p.Ack(request_id=held.request_id))
+    ra_wait(lambda: vol.bitmap.dirty_count == 0, "every bit cleared")
+
+
+def test_synced_clears_loaded_bits_and_zero_reads_carry_no_data(rig, tmp_path):
+    agent, vol, conn, hub = rig()
+    with agent.lock:
+        vol.bitmap.mark(range(3, 4))
+        vol.bitmap.lose(range(3, 4), 1)       # as if loaded from an earlier run
+    (tmp_path / "disk.raw").write_bytes(bytes(SIZE))
+    hub.send(p.DirtyQuery(request_id=5, volume=1))
+    dmap = hub.recv()
+    assert dmap.TYPE == p.MsgType.DIRTY_MAP and dmap.extents == [(3 * CHUNK, CHUNK)]
+    hub.send(p.Read(request_id=6, volume=1, offset=3 * CHUNK, length=CHUNK))
+    reply = hub.recv()
+    assert reply.TYPE == p.MsgType.READ_REPLY and reply.is_zero and not len(reply.data)
+    hub.send(p.Synced(request_id=6, volume=1, offset=3 * CHUNK, length=CHUNK))
+    ra_wait(lambda: vol.bitmap.dirty_count == 0, "SYNCED clears the loaded bit")
+
+
+def test_checksums_match_the_volume(rig, tmp_path):
+    import hashlib
+    agent, vol, conn, hub = rig()
+    hub.send(p.ChecksumQuery(request_id=7, volume=1, offset=CHUNK, length=2 * CHUNK + 100,
+                             chunk_size=CHUNK))
+    msg = hub.recv()
+    data = (tmp_path / "disk.raw").read_bytes()
+    want = [hashlib.sha256(data[o:min(o + CHUNK, 3 * CHUNK + 100)]).digest()
+            for o in range(CHUNK, 3 * CHUNK + 100, CHUNK)]
+    assert msg.TYPE == p.MsgType.CHECKSUMS and msg.digests == want
+
+
+def test_bad_requests_from_the_hub_get_errors_and_the_stream_goes_on(rig):
+    agent, vol, conn, hub = rig()
+    hub.send(p.Read(request_id=8, volume=77, offset=0, length=4096))
+    err = hub.recv()
+    assert err.TYPE == p.MsgType.ERROR and err.code == p.ErrorCode.NO_SUCH_VOLUME
+    hub.send(p.Read(request_id=9, volume=1, offset=SIZE - 10, length=4096))
+    err = hub.recv()
+    assert (err.code, err.request_id) == (p.ErrorCode.OUT_OF_RANGE, 9)
+    hub.send(p.Attach(request_id=10, size=SIZE, name="x"))   # hub may not send ATTACH
+    err = hub.recv()
+    assert err.code == p.ErrorCode.UNSUPPORTED
+    hub.send(p.Ping(request_id=11, sent_ns=123))
+    pong = hub.recv()
+    assert (pong.TYPE, pong.echo_ns) == (p.MsgType.PONG, 123)
+
+
+def test_a_full_queue_drops_to_bitmap_and_reports_a_dirty_map(rig):
+    agent, vol, conn, hub = rig(max_queue=3 * CHUNK, start=False)
+    replies = Replies()
+    for i in range(5):
+        agent.protected_write(vol, i * CHUNK, CHUNK, memoryview(bytes([i + 1]) * CHUNK),
+                              replies)
+    assert replies.codes == [0] * 5, "async QEMU is never blocked by a full queue"
+    assert vol.counters["dropped_writes"] == 2
+    conn.start()
+    acks = []
+    dmap, seen = hub.recv_until(p.MsgType.DIRTY_MAP)
+    assert [m.offset for m in seen] == [0, CHUNK, 2 * CHUNK]
+    assert dmap.request_id == 0 and dmap.extents == [(3 * CHUNK, 2 * CHUNK)]
+    for m in seen:
+        hub.send(p.Ack(request_id=m.request_id))
+        acks.append(m.request_id)
+    ra_wait(lambda: vol.bitmap.extents() == [(3 * CHUNK, 2 * CHUNK)],
+            "only the dropped chunks stay marked")
+    hub.send(p.Read(request_id=50, volume=1, offset=3 * CHUNK, length=2 * CHUNK))
+    hub.recv_until(p.MsgType.READ_REPLY)
+    hub.send(p.Synced(request_id=50, volume=1, offset=3 * CHUNK, length=2 * CHUNK))
+    ra_wait(lambda: vol.bitmap.dirty_count == 0, "resync clears the dropped chunks")
+
+
+def ra_wait(predicate, what, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
