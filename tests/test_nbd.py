@@ -534,3 +534,53 @@ def test_random_workload_is_seeded_and_bounded():
     assert a.writes != RandomWorkload(seed=2, size=MiB, count=50).writes
     for off, length, _ in a.writes:
         assert off % 4096 == 0 and 4096 <= length <= 65536 and off + length <= MiB
+
+
+def test_recv_thread_stops_reading_at_max_in_flight(sockdir, monkeypatch):
+    monkeypatch.setattr(nbd, "MAX_IN_FLIGHT", 2)
+    held: list = []
+    arrived = threading.Event()
+
+    class Holder(MemoryHandler):
+        def write(self, offset, data, reply):
+            held.append(reply)
+            arrived.set()
+
+    with nbd.NBDServer(str(sockdir / "tgt.sock"), EXPORT, SIZE, Holder(SIZE)) as server:
+        with raw_connect(server.address) as sock:
+            for handle in range(4):
+                request(sock, nbd.Command.WRITE, handle * 512, 512, payload=bytes(512),
+                        handle=handle)
+            wait_until(lambda: len(held) == 2, 10.0, "two writes at the handler")
+            threading.Event().wait(0.2)          # grace for a wrong third arrival
+            assert len(held) == 2
+            held[1](0)
+            assert reply_error(sock, handle=1) == 0
+            wait_until(lambda: len(held) == 3, 10.0, "the third write after one reply")
+            for reply in (held[0], held[2]):
+                reply(0)
+            wait_until(lambda: len(held) == 4, 10.0, "the fourth write")
+            held[3](0)
+            assert sorted(struct.unpack("!IIQ", recv(sock, 16))[2] for _ in range(3)) == [0, 2, 3]
+
+
+def test_client_falls_back_to_export_name(memory_server, monkeypatch):
+    server, _ = memory_server
+    monkeypatch.setattr(nbd._Connection, "on_OPT_GO", lambda self, option, data:
+                        self.send_option_reply(option, nbd.OptionReply.ERR_UNSUP))
+    with nbd.NBDClient(server.address, EXPORT) as client:
+        assert client.size == SIZE
+        client.write(0, b"fallback")
+        assert client.read(0, 8) == b"fallback"
+
+
+def test_export_name_option_with_unknown_name_closes(memory_server):
+    server, _ = memory_server
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(server.address)
+        recv(sock, nbd.SERVER_GREETING.size)
+        sock.sendall(nbd.CLIENT_FLAGS.pack(nbd.ClientFlag.FIXED_NEWSTYLE))
+        send_option(sock, nbd.Option.EXPORT_NAME, b"nope")
+        assert_closed(sock)
+    still_serves(server)
