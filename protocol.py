@@ -1316,15 +1316,34 @@ class Decoder:
     ``next_message()`` returns a message, or None when more bytes are needed.
     It raises ``ProtocolError`` (the decoder is then unusable: close) or
     ``RequestError`` (the frame was consumed: answer ERROR and call again).
+
+    Small frames are assembled in one reusable buffer and their payload is
+    copied out once.  A payload of at least ``DIRECT_PAYLOAD`` bytes that is
+    not complete yet gets a buffer of its own, allocated once its header
+    passed ``parse_header`` (so never over MAX_PAYLOAD); ``feed`` then copies
+    arriving bytes straight into it and the message's data is a view of it.
     """
+
+    #: Payloads this large are received into their own buffer (no second copy).
+    DIRECT_PAYLOAD = 64 * 1024
 
     def __init__(self):
         self._buf = bytearray()
         self._pos = 0
         self._header: Header | None = None
+        self._payload: bytearray | None = None  # a large payload being filled
+        self._filled = 0
         self._broken: ProtocolError | None = None
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
+        data = memoryview(data).cast("B")
+        if self._payload is not None:
+            n = min(len(data), len(self._payload) - self._filled)
+            self._payload[self._filled:self._filled + n] = data[:n]
+            self._filled += n
+            data = data[n:]
+            if not data:
+                return
         if self._pos:
             del self._buf[:self._pos]
             self._pos = 0
@@ -1332,27 +1351,40 @@ class Decoder:
 
     def pending(self) -> int:
         """Bytes received but not yet part of a returned message."""
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + self._filled
 
     def next_message(self) -> Message | None:
         if self._broken:
             raise self._broken
         try:
             if self._header is None:
-                if self.pending() < HEADER_SIZE:
+                if len(self._buf) - self._pos < HEADER_SIZE:
                     return None
                 # A 48-byte copy: no memoryview of _buf may outlive this call
                 # (an exported buffer cannot be resized by feed()).
                 self._header = parse_header(bytes(self._buf[self._pos:self._pos + HEADER_SIZE]))
                 self._pos += HEADER_SIZE
             n = self._header.payload_length
-            if self.pending() < n:
+            if self._payload is not None:
+                if self._filled < n:
+                    return None
+                payload, self._payload, self._filled = self._payload, None, 0
+            elif len(self._buf) - self._pos >= n:
+                with memoryview(self._buf) as view:
+                    # One copy: the message keeps its own payload, _buf is reused.
+                    payload = bytes(view[self._pos:self._pos + n])
+                self._pos += n
+            elif n >= self.DIRECT_PAYLOAD:
+                # Move what has arrived into the payload's own buffer; feed()
+                # fills the rest.  _buf holds nothing else (the frame is incomplete).
+                self._payload = bytearray(n)
+                self._filled = len(self._buf) - self._pos
+                self._payload[:self._filled] = memoryview(self._buf)[self._pos:]
+                self._pos = len(self._buf)
+                return None
+            else:
                 return None
             header, self._header = self._header, None
-            with memoryview(self._buf) as view:
-                # One copy: the message keeps its own payload, _buf is reused.
-                payload = bytes(view[self._pos:self._pos + n])
-            self._pos += n
             return decode_body(header, payload)
         except ProtocolError as err:
             self._broken = err

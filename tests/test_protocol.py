@@ -632,3 +632,41 @@ def test_write_built_in_code_is_checked_like_a_decoded_one():
         p.Write(request_id=1, volume=1, length=5, data=b"x").check()
     with pytest.raises(p.InvalidField, match="WRITE length is 0"):
         p.Write(request_id=1, volume=1).check()
+
+
+def test_decoder_receives_large_payloads_into_their_own_buffer():
+    """Payloads >= DIRECT_PAYLOAD fed in pieces are copied once, into a
+    buffer the message keeps; a bad large frame is consumed whole."""
+    rng = random.Random(3)
+    big = rng.randbytes(p.Decoder.DIRECT_PAYLOAD * 3 + 5)
+    bad = bytearray(p.encode(p.Write(request_id=8, volume=1, data=big)))
+    struct.pack_into("!Q", bad, 32, 4096)  # length != payload: InvalidField
+    struct.pack_into("!I", bad, 44, zlib.crc32(bad[:44]))
+    frames = [p.encode(p.Write(request_id=7, volume=1, offset=512, data=big)),
+              p.encode(p.Ack(request_id=1)), bytes(bad), p.encode(p.Ping(request_id=2))]
+    stream = b"".join(frames)
+    for _ in range(20):
+        dec = p.Decoder()
+        got, errors, pos = [], [], 0
+        while pos < len(stream):
+            step = rng.choice([1, 47, 48, 49, 4096, 70000, 300000])
+            dec.feed(bytearray(stream[pos:pos + step]))
+            pos += step
+            while True:
+                try:
+                    msg = dec.next_message()
+                except p.RequestError as err:
+                    errors.append(err)
+                    continue
+                if msg is None:
+                    break
+                got.append(msg)
+        dec.close()
+        assert [m.TYPE for m in got] == [p.MsgType.WRITE, p.MsgType.ACK, p.MsgType.PING]
+        assert bytes(got[0].data) == big and isinstance(got[0].data.obj, (bytes, bytearray))
+        assert [(type(e), e.request_id) for e in errors] == [(p.InvalidField, 8)]
+    dec = p.Decoder()
+    dec.feed(frames[0][:p.HEADER_SIZE + 1000])
+    assert dec.next_message() is None and dec.pending() == 1000
+    with pytest.raises(p.TruncatedFrame, match="1000 bytes left over"):
+        dec.close()
