@@ -578,10 +578,21 @@ class _Connection:
     # -- handshake (recv thread) -------------------------------------------
 
     def handshake(self) -> bool:
-        """Fixed newstyle negotiation.  True when transmission begins."""
+        """Fixed newstyle negotiation.  True when transmission begins.
+
+        Each ``on_OPT_*`` method answers one option and returns None to go on
+        haggling, True to enter transmission, False to close (NBD_OPT_ABORT).
+        Options without a method get NBD_REP_ERR_UNSUP -- among them
+        NBD_OPT_STRUCTURED_REPLY, so the client falls back to simple replies.
+        """
         self.sock.settimeout(HANDSHAKE_TIMEOUT)
         self.sock.sendall(SERVER_GREETING.pack(NBDMAGIC, IHAVEOPT, SERVER_HANDSHAKE_FLAGS))
-        (flags,) = CLIENT_FLAGS.unpack(recv_exactly(self.sock, CLIENT_FLAGS.size, "client flags"))
+        try:
+            raw = recv_exactly(self.sock, CLIENT_FLAGS.size, "client flags")
+        except ConnectionClosed:
+            log.info("%s: peer left before the handshake (a probe?)", self.name)
+            return False
+        (flags,) = CLIENT_FLAGS.unpack(raw)
         unknown = flags & ~int(SERVER_HANDSHAKE_FLAGS)
         if unknown:
             raise ProtocolError(f"client flags {flags:#x}: unknown bits {unknown:#x}, "
@@ -884,7 +895,8 @@ class NBDServer:
 
     ``address`` is a unix socket path or a TCP ``(host, port)``; port 0 picks
     a free port (see ``address`` after ``start()``).  Every request goes to
-    ``handler`` (see ``Handler``).  Use ``start()`` / ``stop()``, or ``with``.
+    ``handler`` (see ``Handler``).  Use ``start()`` / ``stop()``, or ``with``;
+    a stopped server stays stopped (make a new one to serve again).
     """
 
     def __init__(self, address: Address, export_name: str, size: int, handler: Handler):
@@ -979,14 +991,22 @@ class NBDServer:
 
     def _accept_loop(self) -> None:
         """Accept thread: one recv thread per new connection."""
-        assert self._listener is not None
+        listener = self._listener
         while not self.stopping.is_set():
             try:
-                sock, peer = self._listener.accept()
+                sock, peer = listener.accept()
             except OSError as err:
-                if not self.stopping.is_set():
-                    log.warning("NBD export %r: accept failed, no longer accepting: %s",
+                if self.stopping.is_set():
+                    return
+                if err.errno in ACCEPT_RETRY_ERRNOS:
+                    # Out of descriptors or memory, or a client gave up while
+                    # queued: QEMU will reconnect, so keep listening.
+                    log.warning("NBD export %r: accept failed, retrying: %s",
                                 self.export_name, err)
+                    self.stopping.wait(0.1)
+                    continue
+                log.error("NBD export %r: accept failed, no longer accepting: %s",
+                          self.export_name, err)
                 return
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1001,6 +1021,10 @@ class NBDServer:
     def _forget(self, conn: _Connection) -> None:
         with self._lock:
             self._connections.discard(conn)
+
+
+ACCEPT_RETRY_ERRNOS = frozenset({errno.ECONNABORTED, errno.EMFILE, errno.ENFILE,
+                                 errno.ENOBUFS, errno.ENOMEM, errno.EPROTO})
 
 
 def _remove_stale_socket(path: str) -> None:
