@@ -25,6 +25,30 @@ subset is implemented:
   client sets it anyway it is accepted and ignored -- what a write's reply
   promises is the Handler's durability rule, not the flag's.
 
+What malformed input gets ("Terminating the transmission phase": either
+side may hard-disconnect on a violation of a mandatory condition):
+
+    bad request/option magic, unknown client flags,       close the connection
+    WRITE longer than MAX_REQUEST_LENGTH (its payload
+    cannot be skipped safely), option > MAX_OPTION_LENGTH
+    READ longer than MAX_REQUEST_LENGTH                   EINVAL
+    READ past the end of the export                       EINVAL
+    WRITE / WRITE_ZEROES past the end                     ENOSPC (payload consumed)
+    unknown or unadvertised command or command flag       EINVAL
+    GO/INFO for another export name                       NBD_REP_ERR_UNKNOWN
+
+Public API::
+
+    NBDServer(address, export_name, size, handler)   .start() .stop(timeout)
+        .address (bound; TCP port 0 resolved) .connection_count, context manager
+    Handler                  write / write_zeroes / flush / read, each with reply()
+    NBDClient(address, export_name="", timeout=60.0)
+        .size .transmission_flags .max_block
+        .read(off, len) -> bytes   .readinto(off, buf)   .write(off, data)
+        .write_zeroes(off, len)    .flush()              .close(), context manager
+    parse_address("HOST:PORT" | "/path.sock")
+    NBDError, ProtocolError, ConnectionClosed, OptionError, RequestError(.error)
+
 Threads (server side)::
 
     nbd-accept-<export>            accepts connections (QEMU reconnects)
