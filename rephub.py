@@ -1655,9 +1655,10 @@ class AgentConnection:
         vol.attached_to = self
         log.info("volume %s attached by %s (agent state %s): plan %s", vol.name,
                  self.agent_id, msg.state.name, plan.name)
+        job = self.start_sync(vol, plan, start=False) if plan != p.SyncPlan.NONE else None
         self.send(p.Attached(request_id=msg.request_id, volume=vol.id, plan=plan))
-        if plan != p.SyncPlan.NONE:
-            self.start_sync(vol, plan)
+        if job is not None:
+            job.start()  # its READs follow ATTACHED on the wire
 
     def detach_volume(self, vol: Volume) -> None:
         """Forget ``vol`` on this connection and stop its sync (any thread)."""
@@ -1756,15 +1757,21 @@ class AgentConnection:
 
     # -- sync and liveness (any thread) ------------------------------------------
 
-    def start_sync(self, vol: Volume, plan: p.SyncPlan, extents=None) -> None:
+    def start_sync(self, vol: Volume, plan: p.SyncPlan, extents=None,
+                   start: bool = True) -> SyncJob | None:
+        """Start a sync job for ``vol`` (its state is persisted first), or add
+        ``extents`` to the one running; return the new job, else None."""
         with self.sync_lock:
             job = vol.sync
             if job is not None and job.conn is self and job.add_extents(extents):
-                return
+                return None
             job = SyncJob(self, vol, plan, extents)
             vol.sync = job
             self.jobs.add(job)
-        job.start()
+        job.begin()
+        if start:
+            job.start()
+        return job
 
     def ping(self) -> None:
         """Heartbeat thread: send a PING; on_PONG measures the round trip."""
@@ -1908,13 +1915,6 @@ class SyncJob(threading.Thread):
         """Sync thread."""
         vol = self.vol
         try:
-            if self.plan == p.SyncPlan.FULL:
-                vol.update(state=VolState.INCONSISTENT.value, pending_plan="FULL")
-            else:
-                vol.update(state=(VolState.SYNCING if vol.meta["full_synced"]
-                                  else VolState.INCONSISTENT).value,
-                           pending_plan="VERIFY" if "VERIFY" in (
-                               self.plan.name, vol.meta.get("pending_plan")) else self.plan.name)
             log.info("sync of %s (%s) starts: plan %s", vol.name, fmt_bytes(vol.size),
                      self.plan.name)
             if self.plan == p.SyncPlan.FULL:
@@ -1954,6 +1954,17 @@ class SyncJob(threading.Thread):
                     vol.sync = None
                 self.conn.jobs.discard(self)
             vol.last_sync = self.status()
+
+    def begin(self) -> None:
+        """Persist the volume's sync state before the plan is announced (recv loop)."""
+        vol = self.vol
+        if self.plan == p.SyncPlan.FULL:
+            vol.update(state=VolState.INCONSISTENT.value, pending_plan="FULL")
+        else:
+            vol.update(state=(VolState.SYNCING if vol.meta["full_synced"]
+                              else VolState.INCONSISTENT).value,
+                       pending_plan="VERIFY" if "VERIFY" in (
+                           self.plan.name, vol.meta.get("pending_plan")) else self.plan.name)
 
     def check_stop(self) -> None:
         if self.stop_event.is_set() or self.conn.closing.is_set():

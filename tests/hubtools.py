@@ -99,6 +99,7 @@ class TestAgent:
         self.replies: dict[int, p.Message] = {}
         self.reply_cond = threading.Condition()
         self.volumes: dict[int, MemVolume] = {}
+        self.attaching: dict[int, MemVolume] = {}
         self.synced: list[p.Synced] = []
         self.reads: list[p.Read] = []
         self.errors: list[p.Error] = []
@@ -194,13 +195,18 @@ class TestAgent:
                generation: bytes = bytes(16), chunk_size: int = 65536):
         """ATTACH; return (volume id, plan).  Raises AgentError on ERROR."""
         req = self.request_id()
+        self.attaching[req] = volume
         self.send(p.Attach(request_id=req, size=volume.size, chunk_size=chunk_size,
                            state=state, generation=generation, name=name))
         reply = self.wait_reply(req)
         if isinstance(reply, p.Error):
             raise AgentError(f"ATTACH {name} refused: {reply.describe()}", reply)
-        self.volumes[reply.volume] = volume
         return reply.volume, reply.plan
+
+    def on_ATTACHED(self, msg: p.Attached) -> None:
+        # Registered here, in the recv thread, because the hub's READs follow at once.
+        self.volumes[msg.volume] = self.attaching.pop(msg.request_id)
+        self._reply(msg)
 
     def write(self, vol: int, offset: int, data: bytes) -> int:
         """Write locally and send WRITE atomically (rule 4); return the request id."""

@@ -1,0 +1,596 @@
+"""rephub: handshake, journaled writes, group commit, sync plans, bad input, status.
+
+Every test runs a real hub (in-process, or ``rephub.py serve`` as a
+subprocess) on 127.0.0.1:0 with a data directory in tmp_path, and talks to it
+with ``hubtools.TestAgent``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import stat
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import protocol as p
+import rephub
+from hubtools import (REPHUB, AgentError, MemVolume, TestAgent, make_agents_file, wait_for)
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def hubenv(tmp_path):
+    """An in-process hub with agents a1 and a2; yields (hub, {agent: secret})."""
+    agents = str(tmp_path / "agents")
+    secrets_by_id = make_agents_file(agents, "a1", "a2")
+    hub = rephub.Hub(str(tmp_path / "data"), agents, heartbeat=0.2)
+    hub.start()
+    try:
+        yield hub, secrets_by_id
+    finally:
+        hub.shutdown(grace=5)
+
+
+def connect(hub, secrets_by_id, agent="a1") -> TestAgent:
+    return TestAgent(hub.address, agent, secrets_by_id[agent]).connect()
+
+
+def replica_bytes(hub, name: str) -> bytes:
+    hub.store.wait_applied(hub.store.journal.durable_seq)
+    with open(os.path.join(hub.store.dir, "volumes", name, "replica"), "rb") as f:
+        return f.read()
+
+
+def attach_synced(agent: TestAgent, hub, name: str, vol: MemVolume, **kw) -> int:
+    vid, plan = agent.attach(name, vol, **kw)
+    wait_for(lambda: hub.store.volume(name).state == rephub.VolState.CONSISTENT
+             and hub.store.volume(name).sync is None, 20, f"{name} consistent")
+    return vid
+
+
+# -- handshake ---------------------------------------------------------------------
+
+
+def test_handshake_good_secret_gets_auth_ok(hubenv):
+    hub, sec = hubenv
+    with connect(hub, sec) as agent:
+        assert agent.hub_id == hub.store.hub_id
+        req = agent.request_id()
+        agent.send(p.Ping(request_id=req, sent_ns=123))
+        pong = agent.wait_reply(req)
+        assert isinstance(pong, p.Pong) and pong.echo_ns == 123
+
+
+@pytest.mark.parametrize("agent_id,secret", [("a1", bytes(32)), ("nobody", bytes(32))])
+def test_wrong_secret_and_unknown_agent_both_fail_auth(hubenv, agent_id, secret):
+    hub, _ = hubenv
+    agent = TestAgent(hub.address, agent_id, secret)
+    with pytest.raises(AgentError) as info:
+        agent.connect()
+    # The hub proof is made from a secret the agent does not have: the agent
+    # refuses it first, and the hub never says whether the id exists.
+    assert "hub proof does not match" in str(info.value)
+    agent.close()
+
+
+def test_hub_refuses_bad_agent_proof_and_replayed_auth(hubenv):
+    hub, sec = hubenv
+    # A normal handshake, recording what went over the wire.
+    sock = socket.create_connection(hub.address)
+    nonce = os.urandom(32)
+    p.send_message(sock, p.Hello(nonce=nonce, agent_id="a1"))
+    reply = p.recv_message(sock)
+    auth = p.Auth(proof=p.agent_proof(sec["a1"], nonce, reply.nonce, "a1", reply.hub_id))
+    p.send_message(sock, auth)
+    assert isinstance(p.recv_message(sock), p.AuthOk)
+    sock.close()
+    # Replay HELLO and AUTH on a new connection: the hub's fresh nonce defeats it.
+    sock = socket.create_connection(hub.address)
+    p.send_message(sock, p.Hello(nonce=nonce, agent_id="a1"))
+    reply2 = p.recv_message(sock)
+    assert reply2.nonce != reply.nonce
+    p.send_message(sock, auth)
+    err = p.recv_message(sock)
+    assert isinstance(err, p.Error) and err.code == p.ErrorCode.AUTH_FAILED
+    assert p.recv_message(sock) is None  # closed
+    sock.close()
+
+
+def test_frames_before_auth_ok_are_refused_and_closed(hubenv):
+    hub, _ = hubenv
+    sock = socket.create_connection(hub.address)
+    p.send_message(sock, p.Write(request_id=5, volume=1, offset=0, data=b"x" * 512))
+    err = p.recv_message(sock)
+    assert isinstance(err, p.Error) and err.code == p.ErrorCode.BAD_PHASE
+    assert err.request_id == 5
+    assert p.recv_message(sock) is None
+    sock.close()
+
+
+def test_no_common_version_is_refused(hubenv):
+    hub, _ = hubenv
+    sock = socket.create_connection(hub.address)
+    p.send_message(sock, p.Hello(min_version=2, max_version=3, nonce=os.urandom(32),
+                                 agent_id="a1"))
+    err = p.recv_message(sock)
+    assert isinstance(err, p.Error) and err.code == p.ErrorCode.VERSION
+    sock.close()
+
+
+# -- writes, durability, group commit ---------------------------------------------------
+
+
+def test_pipelined_writes_from_several_agents_and_volumes_group_commit(hubenv):
+    hub, sec = hubenv
+    agents = [connect(hub, sec, a) for a in ("a1", "a2")]
+    vols = {}
+    for agent in agents:
+        for k in range(2):
+            name = f"{agent.agent_id}-disk{k}"
+            mv = MemVolume(4 * MiB)
+            vid = attach_synced(agent, hub, name, mv)
+            vols[name] = (agent, vid, mv)
+    syncs_before = hub.store.journal.fdatasyncs
+    n_writes = 150
+    errors = []
+
+    def writer(agent, vid, seed):
+        rnd = random.Random(seed)
+        try:
+            reqs = []
+            for _ in range(n_writes):
+                off = rnd.randrange(0, 4 * MiB - 65536, 512)
+                reqs.append(agent.write(vid, off, rnd.randbytes(rnd.choice([512, 4096, 65536]))))
+            for req in reqs:
+                agent.expect_ack(req)
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=writer, args=(a, vid, i))
+               for i, (a, vid, _) in enumerate(vols.values())]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    total = n_writes * len(vols)
+    syncs = hub.store.journal.fdatasyncs - syncs_before
+    assert syncs * 3 < total, f"{syncs} fdatasyncs for {total} writes: no group commit"
+    for name, (_, _, mv) in vols.items():
+        assert replica_bytes(hub, name) == bytes(mv.buf), name
+    for agent in agents:
+        agent.close()
+
+
+def test_zero_and_flush_and_checkpoint_are_acked(hubenv):
+    hub, sec = hubenv
+    with connect(hub, sec) as agent:
+        mv = MemVolume(1 * MiB)
+        vid = attach_synced(agent, hub, "z", mv)
+        agent.expect_ack(agent.write(vid, 0, b"\xff" * 65536))
+        agent.expect_ack(agent.zero(vid, 4096, 8192))
+        agent.expect_ack(agent.checkpoint("cp-1"))
+        agent.flush()
+        assert replica_bytes(hub, "z") == bytes(mv.buf)
+        assert [c[3] for c in hub.store.journal.checkpoints] == ["cp-1"]
+
+
+def test_ownership_and_name_validation(hubenv):
+    hub, sec = hubenv
+    a1, a2 = connect(hub, sec, "a1"), connect(hub, sec, "a2")
+    try:
+        attach_synced(a1, hub, "owned", MemVolume(MiB))
+        with pytest.raises(AgentError) as info:
+            a2.attach("owned", MemVolume(MiB))
+        assert info.value.error.code == p.ErrorCode.NOT_OWNER
+        with pytest.raises(AgentError) as info:
+            a1.attach("owned", MemVolume(2 * MiB))
+        assert info.value.error.code == p.ErrorCode.INVALID
+        for bad in ("../etc", "a/b", ".hidden", "-dash", "..", "nul\0"):
+            with pytest.raises(AgentError) as info:
+                a1.attach(bad, MemVolume(MiB))
+            assert info.value.error.code == p.ErrorCode.BAD_NAME, bad
+        assert sorted(os.listdir(os.path.join(hub.store.dir, "volumes"))) == ["owned"]
+        # a2 cannot write into a1's volume id either: it is not attached there.
+        vid = hub.store.volume("owned").id
+        req = a2.write(vid, 0, b"evil" * 128)
+        assert a2.wait_reply(req).code == p.ErrorCode.NO_SUCH_VOLUME
+    finally:
+        a1.close()
+        a2.close()
+
+
+def test_bad_input_is_answered_while_another_connection_carries_on(hubenv):
+    hub, sec = hubenv
+    good = connect(hub, sec, "a2")
+    mv = MemVolume(MiB)
+    gvid = attach_synced(good, hub, "good", mv)
+    stop = threading.Event()
+    acked = []
+
+    def keep_writing():
+        i = 0
+        while not stop.is_set() and i < 2000:
+            req = good.write(gvid, (i % 16) * 65536, os.urandom(4096))
+            good.expect_ack(req)
+            acked.append(req)
+            i += 1
+    t = threading.Thread(target=keep_writing)
+    t.start()
+    try:
+        bad = connect(hub, sec, "a1")
+        bvid = attach_synced(bad, hub, "bad", MemVolume(MiB))
+        # offset past the end: ERROR(OUT_OF_RANGE), the connection goes on
+        req = bad.write(bvid, MiB - 100, b"x" * 512)
+        assert bad.wait_reply(req).code == p.ErrorCode.OUT_OF_RANGE
+        # unknown volume id
+        req = bad.write(9999, 0, b"x" * 512)
+        assert bad.wait_reply(req).code == p.ErrorCode.NO_SUCH_VOLUME
+        # unknown message type: UNSUPPORTED, goes on
+        frame = bytearray(p.encode(p.Flush(request_id=77)))
+        frame[5] = 0x7E
+        frame[44:48] = (rephub.zlib.crc32(frame[:44])).to_bytes(4, "big")
+        bad.send_raw(bytes(frame))
+        assert bad.wait_reply(77).code == p.ErrorCode.UNSUPPORTED
+        bad.expect_ack(bad.write(bvid, 0, b"still fine" * 50))
+        # bad payload CRC: ERROR(PROTOCOL) and the connection is closed
+        frame = bytearray(p.encode(p.Write(request_id=90, volume=bvid, offset=0, data=b"y" * 512)))
+        frame[-1] ^= 1
+        bad.send_raw(bytes(frame))
+        wait_for(bad.closed.is_set, 10, "bad connection closed")
+        assert any(e.code == p.ErrorCode.PROTOCOL for e in bad.errors)
+        bad.close()
+        # oversize payload length in the header: closed before anything is allocated
+        bad = connect(hub, sec, "a1")
+        header = p.encode_header(p.MsgType.WRITE, 0, 91, bvid, p.MAX_PAYLOAD + 1, 0,
+                                 p.MAX_PAYLOAD + 1, 0)
+        bad.send_raw(bytes(header))
+        wait_for(bad.closed.is_set, 10, "oversize connection closed")
+        assert any("MAX_PAYLOAD" in e.message for e in bad.errors)
+        bad.close()
+        n = len(acked)
+        wait_for(lambda: len(acked) > n + 5, 10, "good connection still acked")
+    finally:
+        stop.set()
+        t.join(timeout=30)
+        good.close()
+    assert replica_bytes(hub, "good") == bytes(mv.buf)
+
+
+# -- sync plans ---------------------------------------------------------------------------
+
+
+def patterned_volume(size: int, seed: int, fill: float = 0.5) -> MemVolume:
+    """A volume where about ``fill`` of the 64 KiB chunks hold data, the rest zero."""
+    rnd = random.Random(seed)
+    mv = MemVolume(size)
+    for off in range(0, size, 65536):
+        if rnd.random() < fill:
+            mv.write(off, rnd.randbytes(65536))
+    return mv
+
+
+def test_full_sync_with_writes_to_the_regions_being_read(hubenv):
+    hub, sec = hubenv
+    size = 24 * MiB
+    mv = patterned_volume(size, 1)
+    agent = connect(hub, sec)
+    rnd = random.Random(2)
+    pending = []
+
+    # Race a write against every READ: sometimes it lands before the read takes
+    # its data (the reply has it), sometimes after (it follows the reply).
+    def inject(read):
+        off = read.offset + rnd.randrange(0, read.length - 4096, 512)
+        data = rnd.randbytes(4096)
+        if rnd.random() < 0.5:
+            pending.append(agent.write(read.volume, off, data))
+        else:
+            threading.Thread(target=lambda: pending.append(
+                agent.write(read.volume, off, data))).start()
+    agent.before_read_reply = inject
+    try:
+        vid, plan = agent.attach("full", mv)
+        assert plan == p.SyncPlan.FULL
+        assert hub.store.volume("full").state == rephub.VolState.INCONSISTENT
+        wait_for(lambda: hub.store.volume("full").state == rephub.VolState.CONSISTENT, 30)
+        agent.before_read_reply = None
+        wait_for(lambda: len(pending) >= len(agent.reads), 10, "injected writes sent")
+        for req in list(pending):
+            agent.expect_ack(req)
+        assert len(agent.reads) == size // MiB
+        assert {s.request_id for s in agent.synced} == {r.request_id for r in agent.reads}
+        assert replica_bytes(hub, "full") == bytes(mv.buf)
+        assert hub.store.volume("full").meta["full_synced"] is True
+    finally:
+        agent.close()
+
+
+def test_full_sync_stores_zero_answers_as_holes(hubenv):
+    hub, sec = hubenv
+    size = 16 * MiB
+    mv = MemVolume(size)
+    mv.write(3 * MiB, os.urandom(MiB))
+    mv.write(9 * MiB + 4096, os.urandom(8192))
+    with connect(hub, sec) as agent:
+        attach_synced(agent, hub, "sparse", mv)
+        assert replica_bytes(hub, "sparse") == bytes(mv.buf)
+    st = os.stat(os.path.join(hub.store.dir, "volumes", "sparse", "replica"))
+    assert st.st_blocks * 512 <= 2 * MiB + 64 * 1024
+
+
+def test_stale_read_reply_would_be_caught(hubenv):
+    """The check above has teeth: an agent that breaks rule 4 leaves a stale replica."""
+    hub, sec = hubenv
+    mv = MemVolume(2 * MiB, b"\x01" * 2 * MiB)
+    agent = connect(hub, sec)
+
+    def broken_on_read(msg):
+        vol = agent.volumes[msg.volume]
+        stale = vol.read(msg.offset, msg.length)       # read ...
+        agent.write(msg.volume, msg.offset, b"\x02" * 4096)  # ... a write slips in ...
+        agent.send(p.ReadReply(request_id=msg.request_id, volume=msg.volume,
+                               offset=msg.offset, data=stale))  # ... stale reply after it
+    agent.on_READ = broken_on_read
+    try:
+        agent.attach("stale", mv)
+        wait_for(lambda: hub.store.volume("stale").state == rephub.VolState.CONSISTENT, 20)
+        agent.flush()
+        assert replica_bytes(hub, "stale") != bytes(mv.buf)
+    finally:
+        agent.close()
+
+
+def test_dirty_resync_reads_only_the_dirty_extents(hubenv):
+    hub, sec = hubenv
+    size = 8 * MiB
+    mv = patterned_volume(size, 3)
+    gen = os.urandom(16)
+    agent = connect(hub, sec)
+    attach_synced(agent, hub, "dv", mv, generation=gen)
+    agent.close()
+    # While disconnected, two regions change and are marked dirty.
+    mv.write(65536 * 3, b"\xaa" * 70000)
+    mv.write(5 * MiB, b"\xbb" * 100)
+    mv.dirty = [(65536 * 3, 3 * 65536), (5 * MiB, 65536)]
+    agent = connect(hub, sec)
+    try:
+        vid, plan = agent.attach("dv", mv, state=p.VolumeState.DIRTY, generation=gen)
+        assert plan == p.SyncPlan.DIRTY
+        wait_for(lambda: hub.store.volume("dv").state == rephub.VolState.CONSISTENT
+                 and hub.store.volume("dv").sync is None, 20)
+        assert sum(r.length for r in agent.reads) == 4 * 65536
+        assert replica_bytes(hub, "dv") == bytes(mv.buf)
+        # Same generation and CLEAN: nothing to do.
+        agent.close()
+        agent = connect(hub, sec)
+        assert agent.attach("dv", mv, state=p.VolumeState.CLEAN, generation=gen)[1] == \
+            p.SyncPlan.NONE
+    finally:
+        agent.close()
+
+
+def test_unsolicited_dirty_map_is_resynced(hubenv):
+    hub, sec = hubenv
+    mv = patterned_volume(4 * MiB, 4)
+    with connect(hub, sec) as agent:
+        vid = attach_synced(agent, hub, "ud", mv)
+        mv.write(MiB, b"\xcc" * 65536)  # a write the agent could not stream
+        agent.send(p.DirtyMap(request_id=0, volume=vid, extents=[(MiB, 65536)]))
+        wait_for(lambda: any(r.offset == MiB for r in agent.reads), 10, "resync READ")
+        wait_for(lambda: hub.store.volume("ud").sync is None, 10)
+        assert replica_bytes(hub, "ud") == bytes(mv.buf)
+
+
+def test_verify_ships_only_differing_chunks(hubenv):
+    hub, sec = hubenv
+    size = 20 * MiB
+    mv = patterned_volume(size, 5, fill=0.8)
+    agent = connect(hub, sec)
+    attach_synced(agent, hub, "vv", mv, generation=b"g" * 16)
+    agent.close()
+    changed = [3, 17, 18, 200]  # 64 KiB chunks changed behind the hub's back
+    for c in changed:
+        mv.write(c * 65536 + 10, b"\xdd" * 1000)
+    agent = connect(hub, sec)
+    try:
+        reads_before = len(agent.reads)
+        vid, plan = agent.attach("vv", mv, state=p.VolumeState.UNKNOWN, generation=b"h" * 16)
+        assert plan == p.SyncPlan.VERIFY
+        wait_for(lambda: hub.store.volume("vv").state == rephub.VolState.CONSISTENT
+                 and hub.store.volume("vv").sync is None, 30)
+        fetched = sorted((r.offset, r.length) for r in agent.reads[reads_before:])
+        assert fetched == [(3 * 65536, 65536), (17 * 65536, 2 * 65536), (200 * 65536, 65536)]
+        matched = sum(s.length for s in agent.synced if s.request_id not in
+                      {r.request_id for r in agent.reads})
+        assert matched == size - 4 * 65536
+        assert replica_bytes(hub, "vv") == bytes(mv.buf)
+    finally:
+        agent.close()
+
+
+# -- points in time -------------------------------------------------------------------------
+
+
+def test_checkpoints_points_and_export(hubenv, tmp_path):
+    hub, sec = hubenv
+    mv = MemVolume(2 * MiB)
+    images = {}
+    with connect(hub, sec) as agent:
+        vid = attach_synced(agent, hub, "pt", mv)
+        for phase in range(3):
+            for i in range(8):
+                agent.expect_ack(agent.write(vid, random.randrange(0, 2 * MiB - 8192, 4096),
+                                             bytes([phase + 1]) * 8192))
+            if phase == 1:
+                agent.expect_ack(agent.zero(vid, 0, MiB))
+            agent.expect_ack(agent.checkpoint(f"phase{phase}"))
+            images[f"phase{phase}"] = bytes(mv.buf)
+        agent.expect_ack(agent.write(vid, 0, b"\x09" * 4096))
+        images["latest"] = bytes(mv.buf)
+    vol = hub.store.volume("pt")
+    pts = hub.store.points(vol)
+    assert [c["name"] for c in pts["checkpoints"]] == ["phase0", "phase1", "phase2"]
+    for point, image in images.items():
+        out = str(tmp_path / f"{point}.img")
+        rephub.export_volume(hub.store, vol, point, out)
+        with open(out, "rb") as f:
+            assert f.read() == image, point
+    # An ISO time right after phase1's checkpoint gives phase1's image.
+    t_ns = pts["checkpoints"][1]["time_ns"]
+    iso = rephub.datetime.datetime.fromtimestamp(t_ns / 1e9, rephub.datetime.timezone.utc)
+    seq, _ = hub.store.resolve_point(vol, iso.isoformat())
+    assert seq >= pts["checkpoints"][1]["seq"]
+    with pytest.raises(rephub.PointError):
+        hub.store.resolve_point(vol, "no-such-checkpoint")
+    with pytest.raises(rephub.PointError):
+        hub.store.resolve_point(vol, "2000-01-01T00:00:00+00:00")
+    # Through the CLI and the control socket.
+    out = str(tmp_path / "cli.img")
+    res = subprocess.run([sys.executable, REPHUB, "export", "--data", hub.store.dir, "pt",
+                          "--at", "phase0", "-o", out], capture_output=True, text=True,
+                         timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert "100.0%" in res.stderr
+    with open(out, "rb") as f:
+        assert f.read() == images["phase0"]
+    res = subprocess.run([sys.executable, REPHUB, "points", "--data", hub.store.dir, "pt",
+                          "--json"], capture_output=True, text=True, timeout=30)
+    assert [c["name"] for c in json.loads(res.stdout)["checkpoints"]] == \
+        ["phase0", "phase1", "phase2"]
+
+
+def test_export_refuses_inconsistent_volume(hubenv, tmp_path):
+    hub, sec = hubenv
+    agent = connect(hub, sec)
+    # The agent vanishes at the first READ: the full sync never completes.
+    agent.before_read_reply = lambda msg: agent.sock.shutdown(socket.SHUT_RDWR)
+    try:
+        agent.attach("never", MemVolume(MiB, b"n" * MiB))
+        vol = hub.store.volume("never")
+        wait_for(lambda: vol.sync is None, 10, "sync job ended")
+        assert vol.state == rephub.VolState.INCONSISTENT
+        with pytest.raises(p.RequestError) as info:
+            rephub.export_volume(hub.store, vol, "latest", str(tmp_path / "x"))
+        assert info.value.code == p.ErrorCode.INCONSISTENT
+        assert "not consistent" in str(info.value)
+    finally:
+        agent.close()
+
+
+def test_retention_drops_old_segments_and_refuses_points_outside(tmp_path):
+    agents = str(tmp_path / "agents")
+    sec = make_agents_file(agents, "a1")
+    hub = rephub.Hub(str(tmp_path / "data"), agents, retention=0.0,
+                     segment_bytes=256 * 1024)
+    hub.start()
+    try:
+        with connect(hub, sec) as agent:
+            mv = MemVolume(MiB)
+            vid = attach_synced(agent, hub, "r", mv)
+            agent.expect_ack(agent.checkpoint("early"))
+            for i in range(40):
+                agent.expect_ack(agent.write(vid, (i % 16) * 65536, os.urandom(65536)))
+            agent.flush()
+        wait_for(lambda: hub.store.journal.first_seq > 5, 10, "segments dropped")
+        vol = hub.store.volume("r")
+        with pytest.raises(rephub.PointError):
+            hub.store.resolve_point(vol, "early")
+        out = str(tmp_path / "r.img")
+        rephub.export_volume(hub.store, vol, "latest", out)
+        with open(out, "rb") as f:
+            assert f.read() == bytes(mv.buf)
+    finally:
+        hub.shutdown(grace=5)
+
+
+# -- TLS, status, CLI ------------------------------------------------------------------------
+
+
+def make_cert(tmp_path):
+    import shutil
+    if not shutil.which("openssl"):
+        pytest.skip("openssl CLI not installed")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                    "-out", cert, "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def test_tls_handshake_then_hmac(tmp_path):
+    cert, key = make_cert(tmp_path)
+    agents = str(tmp_path / "agents")
+    sec = make_agents_file(agents, "a1")
+    hub = rephub.Hub(str(tmp_path / "data"), agents, tls_cert=cert, tls_key=key)
+    hub.start()
+    try:
+        ctx = rephub.ssl.create_default_context(cafile=cert)
+        with TestAgent(hub.address, "a1", sec["a1"], tls=ctx,
+                       server_hostname="localhost").connect() as agent:
+            mv = MemVolume(2 * MiB, os.urandom(2 * MiB))
+            vid = attach_synced(agent, hub, "tls", mv)
+            agent.expect_ack(agent.write(vid, 4096, b"t" * 8192))
+            assert replica_bytes(hub, "tls") == bytes(mv.buf)
+        # TLS still runs the HMAC handshake inside: a wrong secret fails.
+        with pytest.raises(AgentError):
+            TestAgent(hub.address, "a1", bytes(32), tls=ctx,
+                      server_hostname="localhost").connect()
+        # A plain-TCP client gets no HELLO_REPLY.
+        with pytest.raises((AgentError, OSError, p.ReplicationError)):
+            TestAgent(hub.address, "a1", sec["a1"]).connect(timeout=5)
+    finally:
+        hub.shutdown(grace=5)
+
+
+def test_status_text_and_json(hubenv):
+    hub, sec = hubenv
+    with connect(hub, sec) as agent:
+        attach_synced(agent, hub, "st", MemVolume(MiB, b"s" * MiB))
+        wait_for(lambda: hub.status()["agents"][0]["rtt_ms"] is not None, 10, "heartbeat")
+        res = subprocess.run([sys.executable, REPHUB, "status", "--data", hub.store.dir,
+                              "--json"], capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0, res.stderr
+        st = json.loads(res.stdout)
+        (vol,) = st["volumes"]
+        assert (vol["name"], vol["owner"], vol["state"], vol["size"]) == \
+            ("st", "a1", "consistent", MiB)
+        assert vol["sync"]["plan"] == "FULL" and vol["sync"]["bytes_done"] == MiB
+        assert st["agents"][0]["agent_id"] == "a1" and st["agents"][0]["rtt_ms"] > 0
+        res = subprocess.run([sys.executable, REPHUB, "status", "--data", hub.store.dir],
+                             capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0
+        line = next(x for x in res.stdout.splitlines() if x.startswith("st "))
+        assert "a1" in line and "consistent" in line and "1.0 MiB" in line
+        assert "127.0.0.1:" in res.stdout and " ms" in res.stdout
+
+
+def test_status_without_hub_is_a_clear_error(tmp_path):
+    res = subprocess.run([sys.executable, REPHUB, "status", "--data", str(tmp_path)],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 1 and "no hub is running" in res.stderr
+
+
+def test_add_agent_prints_secret_and_keeps_file_private(tmp_path):
+    path = str(tmp_path / "agents")
+    res = subprocess.run([sys.executable, REPHUB, "add-agent", "--agents", path, "vm1"],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0
+    secret = res.stdout.strip()
+    assert len(secret) == 64 and int(secret, 16) >= 0
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert rephub.load_agents(path) == {"vm1": bytes.fromhex(secret)}
+    res = subprocess.run([sys.executable, REPHUB, "add-agent", "--agents", path, "vm1"],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 1 and "already" in res.stderr
+    res = subprocess.run([sys.executable, REPHUB, "add-agent", "--agents", path, "../x"],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 1
