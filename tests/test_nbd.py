@@ -396,6 +396,10 @@ def test_many_connections_and_tcp(tmp_path):
             for client in clients:
                 client.close()
         wait_until(lambda: server.connection_count == 0, 10.0, "connections closed")
+        out = run(["qemu-io", "-f", "raw", f"nbd://{host}:{port}/{EXPORT}",
+                   "-c", "write -P 0x3c 64k 8k", "-c", "read -P 0x3c 64k 8k"]).stdout
+        assert "Pattern verification failed" not in out
+        assert handler.image[65536:65536 + 8192] == b"\x3c" * 8192
 
 
 # ---------------------------------------------------------------------------
