@@ -63,6 +63,11 @@ def test_every_error_class_and_header_field_has_a_malformed_vector():
         assert field in names, field
 
 
+def test_every_message_type_has_a_malformed_vector():
+    types = {v["bytes"][5] for v in MALFORMED if len(v["bytes"]) >= p.HEADER_SIZE}
+    assert set(p.MsgType) <= types
+
+
 @pytest.mark.parametrize("v", VALID, ids=ids(VALID))
 def test_encode_gives_the_vector_bytes(v):
     msg = p.message_from_fields(v["type"], v["fields"])
