@@ -1,0 +1,168 @@
+"""rephub as a subprocess: SIGKILL mid-stream and restart, torn journal tail, SIGTERM.
+
+The promise under test: an ACK means durable.  Whatever the hub was doing
+when it died, every write it ACKed is in the replica after a restart, and a
+record cut short by the crash is detected by its CRC and never applied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import protocol as p
+import rephub
+from hubtools import REPHUB, HubProcess, MemVolume, TestAgent, make_agents_file, wait_for
+
+MiB = 1024 * 1024
+PIECE = 65536
+
+
+@pytest.fixture
+def env(tmp_path):
+    agents = str(tmp_path / "agents")
+    sec = make_agents_file(agents, "a1")
+    procs = []
+
+    def start(name="hub"):
+        hp = HubProcess(str(tmp_path / "data"), agents, "--log-level", "INFO",
+                        log_path=str(tmp_path / f"{name}.log")).start()
+        procs.append(hp)
+        return hp
+    try:
+        yield tmp_path, sec, start
+    finally:
+        for hp in procs:
+            hp.stop()
+
+
+def status(data_dir):
+    out = subprocess.run([sys.executable, REPHUB, "status", "--data", data_dir, "--json"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def acked_requests(agent: TestAgent) -> set[int]:
+    with agent.reply_cond:
+        return {req for req, msg in agent.replies.items() if isinstance(msg, p.Ack)}
+
+
+def test_sigkill_mid_stream_then_restart_keeps_every_acked_write(env):
+    tmp_path, sec, start = env
+    data_dir = str(tmp_path / "data")
+    hub = start("hub1")
+    agent = TestAgent(hub.address, "a1", sec["a1"]).connect()
+    mv = MemVolume(16 * MiB)
+    vid, plan = agent.attach("k", mv)
+    wait_for(lambda: status(data_dir)["volumes"][0]["state"] == "consistent", 20)
+    rnd = random.Random(7)
+    written = {}
+    for i in range(200):  # pipelined: nothing waits for an ACK
+        data = rnd.randbytes(PIECE)
+        written[agent.write(vid, i * PIECE, data)] = (i * PIECE, data)
+        if i == 120:
+            wait_for(lambda: len(acked_requests(agent)) >= 20, 20, "some ACKs")
+            hub.kill(signal.SIGKILL)
+            break
+    wait_for(agent.closed.is_set, 10, "connection dropped by the killed hub")
+    acked = acked_requests(agent)
+    agent.close()
+    assert len(acked) >= 20
+
+    # A crash in the middle of an append: a whole header, part of the payload.
+    seg_dir = os.path.join(data_dir, "journal")
+    last_seg = sorted(os.listdir(seg_dir))[-1]
+    path = os.path.join(seg_dir, last_seg)
+    records = rephub.SegmentLog(seg_dir, "scan")._scan(int(last_seg[:-4]), last=True)
+    payload = b"\xee" * PIECE
+    header = rephub.encode_record(rephub.RecordKind.WRITE, 0, records[-1].seq + 1,
+                                  time.time_ns(), vid, 15 * MiB, PIECE, PIECE,
+                                  rephub.zlib.crc32(payload))
+    with open(path, "ab") as f:
+        f.write(header + payload[:rnd.randrange(1, PIECE)])
+
+    hub2 = start("hub2")
+    st = wait_for(lambda: (lambda s: s if s["journal"]["applied_seq"] ==
+                           s["journal"]["last_seq"] else None)(status(data_dir)), 20)
+    log_text = hub2.read_log()
+    assert "WARNING" in log_text and "torn or corrupt tail" in log_text
+    assert st["journal"]["last_seq"] == records[-1].seq
+    with open(os.path.join(data_dir, "volumes", "k", "replica"), "rb") as f:
+        replica = f.read()
+    for req in acked:
+        off, data = written[req]
+        assert replica[off:off + PIECE] == data, f"ACKed write req={req} off={off} lost"
+    assert replica[15 * MiB:15 * MiB + PIECE] == bytes(PIECE)  # torn record never applied
+    # The volume is still consistent and the agent can carry on after the restart.
+    agent = TestAgent(hub2.address, "a1", sec["a1"]).connect()
+    try:
+        vid, plan = agent.attach("k", mv, state=p.VolumeState.UNKNOWN)
+        assert plan == p.SyncPlan.VERIFY
+    finally:
+        agent.close()
+
+
+def test_sigterm_finishes_frames_makes_durable_and_exits_zero(env):
+    tmp_path, sec, start = env
+    data_dir = str(tmp_path / "data")
+    hub = start("hub1")
+    agent = TestAgent(hub.address, "a1", sec["a1"]).connect()
+    mv = MemVolume(8 * MiB)
+    vid, _ = agent.attach("t", mv)
+    wait_for(lambda: status(data_dir)["volumes"][0]["state"] == "consistent", 20)
+    written = {agent.write(vid, i * PIECE, os.urandom(PIECE)): i * PIECE for i in range(64)}
+    wait_for(lambda: len(acked_requests(agent)) >= 10, 20, "some ACKs")
+    hub.proc.send_signal(signal.SIGTERM)
+    assert hub.proc.wait(timeout=30) == 0
+    wait_for(agent.closed.is_set, 10, "connection closed")
+    assert agent.goodbye == "hub shutting down"
+    acked = acked_requests(agent)
+    agent.close()
+    log_text = hub.read_log()
+    assert "hub stopped" in log_text
+    # Clean stop: the replicas hold everything; nothing is torn.
+    applied = json.load(open(os.path.join(data_dir, "applied.json")))["applied_seq"]
+    with open(os.path.join(data_dir, "volumes", "t", "replica"), "rb") as f:
+        replica = f.read()
+    for req in acked:
+        off = written[req]
+        assert replica[off:off + PIECE] == bytes(mv.buf[off:off + PIECE])
+    hub2 = start("hub2")
+    st = status(data_dir)
+    assert st["journal"]["applied_seq"] == applied == st["journal"]["last_seq"]
+    assert "torn" not in hub2.read_log()
+
+
+def test_second_signal_exits_at_once_without_corrupting(env):
+    tmp_path, sec, start = env
+    data_dir = str(tmp_path / "data")
+    hub = start("hub1")
+    agent = TestAgent(hub.address, "a1", sec["a1"]).connect()
+    vid, _ = agent.attach("s", MemVolume(MiB))
+    agent.expect_ack(agent.write(vid, 0, b"kept" * 1024))
+    # A frame that never ends holds the first, graceful stop.
+    header = p.encode_header(p.MsgType.WRITE, 0, 999, vid, PIECE, 0, PIECE, 0)
+    agent.send_raw(bytes(header) + b"\x00" * 100)
+    hub.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: "hub stopping" in hub.read_log(), 10, "graceful stop begun")
+    t0 = time.monotonic()
+    hub.proc.send_signal(signal.SIGINT)
+    assert hub.proc.wait(timeout=10) == 128 + signal.SIGINT
+    assert time.monotonic() - t0 < 5
+    agent.close()
+    hub2 = start("hub2")
+    st = status(data_dir)
+    assert st["volumes"][0]["name"] == "s"
+    wait_for(lambda: status(data_dir)["journal"]["applied_seq"] ==
+             status(data_dir)["journal"]["last_seq"], 10)
+    with open(os.path.join(data_dir, "volumes", "s", "replica"), "rb") as f:
+        assert f.read(4096) == b"kept" * 1024
+    assert hub2.proc.poll() is None
