@@ -383,8 +383,11 @@ def test_unsolicited_dirty_map_is_resynced(hubenv):
     with connect(hub, sec) as agent:
         vid = attach_synced(agent, hub, "ud", mv)
         mv.write(MiB, b"\xcc" * 65536)  # a write the agent could not stream
+        n = len(agent.reads)
         agent.send(p.DirtyMap(request_id=0, volume=vid, extents=[(MiB, 65536)]))
-        wait_for(lambda: any(r.offset == MiB for r in agent.reads), 10, "resync READ")
+        wait_for(lambda: len(agent.synced) > n and agent.synced[-1].offset == MiB, 10,
+                 "resync READ and SYNCED")
+        assert [(r.offset, r.length) for r in agent.reads[n:]] == [(MiB, 65536)]
         wait_for(lambda: hub.store.volume("ud").sync is None, 10)
         assert replica_bytes(hub, "ud") == bytes(mv.buf)
 

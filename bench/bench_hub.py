@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Hub ingest throughput: 1 MiB WRITEs with durability on, against the disk's own speed.
+
+Measured in the same run, on the same file system:
+
+  baseline A  sequential 1 MiB os.write to a file, one fdatasync at the end
+              (the disk's sequential write speed: what group commit aims at)
+  baseline B  sequential 1 MiB os.write, fdatasync after each write
+              (what "each write durable before the next" costs without group commit)
+  hub         an agent pipelines WINDOW 1 MiB WRITEs over a real TCP socket to
+              ``rephub.py serve`` (a subprocess; durability on: every ACK follows
+              an fdatasync), and waits for every ACK
+
+Prints MiB/s for each, the ratios hub/A and hub/B (target hub/A >= 0.7), and
+the hub's fdatasyncs per 1000 writes (from ``rephub.py status --json``).
+
+    python3 bench/bench_hub.py [--count N] [--window W] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+import protocol as p  # noqa: E402
+from hubtools import REPHUB, HubProcess, MemVolume, TestAgent, make_agents_file, wait_for  # noqa: E402
+
+MiB = 1024 * 1024
+
+
+def baseline(path: str, count: int, buffers: list[bytes], sync_each: bool) -> float:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        t0 = time.perf_counter()
+        for i in range(count):
+            os.write(fd, buffers[i % len(buffers)])
+            if sync_each:
+                os.fdatasync(fd)
+        os.fdatasync(fd)
+        return time.perf_counter() - t0
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def hub_status(data_dir: str) -> dict:
+    out = subprocess.run([sys.executable, REPHUB, "status", "--data", data_dir, "--json"],
+                         capture_output=True, text=True, timeout=30, check=True)
+    return json.loads(out.stdout)
+
+
+def run_hub(work: str, count: int, window: int, buffers: list[bytes]) -> tuple[float, int, int]:
+    agents = os.path.join(work, "agents")
+    sec = make_agents_file(agents, "bench")
+    data_dir = os.path.join(work, "data")
+    hub = HubProcess(data_dir, agents, "--log-level", "WARNING",
+                     log_path=os.path.join(work, "hub.log")).start()
+    try:
+        agent = TestAgent(hub.address, "bench", sec["bench"]).connect()
+        vol = SizedVolume(count * MiB)
+        vid, _ = agent.attach("bench-vol", vol)
+        wait_for(lambda: any(v["name"] == "bench-vol" and v["state"] == "consistent"
+                             for v in hub_status(data_dir)["volumes"]), 120, "initial sync")
+        before = hub_status(data_dir)["journal"]["fdatasyncs"]
+        reqs = []
+        t0 = time.perf_counter()
+        for i in range(count):
+            if i >= window:
+                agent.expect_ack(reqs[i - window], timeout=120)
+            req = agent.request_id()
+            agent.send(p.Write(request_id=req, volume=vid, offset=i * MiB,
+                               data=buffers[i % len(buffers)]))
+            reqs.append(req)
+        for req in reqs[max(count - window, 0):]:
+            agent.expect_ack(req, timeout=120)
+        elapsed = time.perf_counter() - t0
+        syncs = hub_status(data_dir)["journal"]["fdatasyncs"] - before
+        agent.close()
+        return elapsed, syncs, count
+    finally:
+        hub.stop()
+
+
+class SizedVolume(MemVolume):
+    """An all-zero protected volume that needs no memory (the bench only writes)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.dirty = []
+        self.lock = None
+
+    def read(self, offset: int, length: int) -> bytes:
+        return bytes(length)
+
+    def write(self, offset: int, data: bytes) -> None:
+        pass
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--count", type=int, default=512, help="1 MiB writes per measurement")
+    ap.add_argument("--window", type=int, default=32, help="WRITEs in flight")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds of (A, B, hub); medians are compared")
+    ap.add_argument("--dir", default=None, help="directory on the file system to measure")
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="bench_hub.", dir=args.dir)
+    buffers = [os.urandom(MiB) for _ in range(8)]
+    total = args.count * MiB / MiB
+    a_rates, b_rates, h_rates, per_1000 = [], [], [], []
+    try:
+        for r in range(args.rounds):
+            a = baseline(os.path.join(work, "baseline"), args.count, buffers, sync_each=False)
+            b = baseline(os.path.join(work, "baseline"), args.count, buffers, sync_each=True)
+            round_dir = os.path.join(work, f"round{r}")
+            os.makedirs(round_dir)
+            h, syncs, n = run_hub(round_dir, args.count, args.window, buffers)
+            shutil.rmtree(round_dir, ignore_errors=True)
+            a_rates.append(total / a)
+            b_rates.append(total / b)
+            h_rates.append(total / h)
+            per_1000.append(1000.0 * syncs / n)
+        a, b, h = (statistics.median(x) for x in (a_rates, b_rates, h_rates))
+        fmt = lambda xs: " ".join(f"{x:.0f}" for x in xs)  # noqa: E731
+        print(f"bench_hub: {args.count} x 1 MiB writes, window {args.window}, "
+              f"{args.rounds} rounds, dir {work}")
+        print(f"  baseline A (write, one fdatasync)    {a:8.1f} MiB/s  [{fmt(a_rates)}]")
+        print(f"  baseline B (write+fdatasync each)    {b:8.1f} MiB/s  [{fmt(b_rates)}]")
+        print(f"  hub ingest (durable ACKs, pipelined) {h:8.1f} MiB/s  [{fmt(h_rates)}]")
+        print(f"  ratio hub/A {h / a:.2f}x (target >= 0.7x), hub/B {h / b:.2f}x "
+              "(medians)")
+        print(f"  fdatasyncs per 1000 writes: {statistics.median(per_1000):.0f}")
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
