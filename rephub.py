@@ -1178,7 +1178,10 @@ class VolumeStore:
         window no longer covers ``seq``.
         """
         p.check_range(offset, length, vol.size, "read")
-        self.wait_applied(min(seq, self.journal.durable_seq))
+        if seq > self.journal.durable_seq and not self.journal.wait_durable(seq, timeout=60):
+            raise p.RequestError(f"journal did not become durable up to seq {seq}",
+                                 code=p.ErrorCode.IO_ERROR)
+        self.wait_applied(seq)
         with self.apply_lock:
             if seq < self.window_start():
                 raise PointError(f"seq {seq} left the journal window "

@@ -597,3 +597,79 @@ def test_add_agent_prints_secret_and_keeps_file_private(tmp_path):
     res = subprocess.run([sys.executable, REPHUB, "add-agent", "--agents", path, "../x"],
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 1
+
+
+def test_handshake_deadline_closes_a_silent_peer(hubenv, monkeypatch):
+    hub, sec = hubenv
+    monkeypatch.setattr(rephub, "HANDSHAKE_TIMEOUT", 0.5)
+    sock = socket.create_connection(hub.address)
+    sock.settimeout(10)
+    try:
+        assert sock.recv(1) == b""  # closed by the hub, not by our timeout
+    finally:
+        sock.close()
+    with connect(hub, sec) as agent:  # the hub still serves others
+        assert agent.hub_id
+
+
+def test_reconnecting_agent_replaces_its_old_connection(hubenv):
+    hub, sec = hubenv
+    old = connect(hub, sec)
+    mv = MemVolume(MiB)
+    attach_synced(old, hub, "re", mv)
+    new = connect(hub, sec)
+    try:
+        wait_for(old.closed.is_set, 10, "old connection closed")
+        vid, plan = new.attach("re", mv, state=p.VolumeState.CLEAN)
+        assert plan == p.SyncPlan.NONE
+        new.expect_ack(new.write(vid, 0, b"n" * 4096))
+        assert replica_bytes(hub, "re") == bytes(mv.buf)
+        assert [a["agent_id"] for a in hub.status()["agents"]] == ["a1"]
+    finally:
+        old.close()
+        new.close()
+
+
+def test_sync_rate_throttles_sync_reads(tmp_path):
+    agents = str(tmp_path / "agents")
+    sec = make_agents_file(agents, "a1")
+    hub = rephub.Hub(str(tmp_path / "data"), agents, sync_rate=8 * MiB)
+    hub.start()
+    try:
+        with connect(hub, sec) as agent:
+            t0 = rephub.time.monotonic()
+            attach_synced(agent, hub, "slow", MemVolume(4 * MiB))
+            # 4 MiB at 8 MiB/s: the first piece is free, the other three wait.
+            assert rephub.time.monotonic() - t0 >= 0.3
+    finally:
+        hub.shutdown(grace=5)
+
+
+def test_cli_checkpoint_through_the_running_hub_and_offline_export(hubenv, tmp_path):
+    hub, sec = hubenv
+    mv = MemVolume(MiB)
+    with connect(hub, sec) as agent:
+        vid = attach_synced(agent, hub, "cli", mv)
+        agent.expect_ack(agent.write(vid, 0, b"1" * 65536))
+        res = subprocess.run([sys.executable, REPHUB, "checkpoint", "--data", hub.store.dir,
+                              "cli", "before-2"], capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0, res.stderr
+        image1 = bytes(mv.buf)
+        agent.expect_ack(agent.write(vid, 0, b"2" * 65536))
+    data_dir = hub.store.dir
+    hub.shutdown(grace=5)
+    # Offline: the CLI opens the store itself.
+    res = subprocess.run([sys.executable, REPHUB, "points", "--data", data_dir, "cli"],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0 and "before-2" in res.stdout, res.stderr
+    out = str(tmp_path / "cli.img")
+    for at, image in (("before-2", image1), ("latest", bytes(mv.buf))):
+        res = subprocess.run([sys.executable, REPHUB, "export", "--data", data_dir, "cli",
+                              "--at", at, "-o", out], capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0, res.stderr
+        with open(out, "rb") as f:
+            assert f.read() == image, at
+    res = subprocess.run([sys.executable, REPHUB, "export", "--data", data_dir, "cli",
+                          "--at", "1999-01-01T00:00:00Z", "-o", out],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 1 and "BAD_POINT" in res.stderr
