@@ -129,6 +129,7 @@ DEFAULT_MAX_JOURNAL_BYTES = 16 * 1024 ** 3
 IO_BLOCK = 1024 * 1024
 ZERO_BLOCK = bytes(IO_BLOCK)
 
+EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 CONTROL_SOCKET = "control.sock"
 LOCK_FILE = "lock"
 HUB_FILE = "hub.json"
@@ -1151,7 +1152,7 @@ class VolumeStore:
                                      "time") from err
                 if when.tzinfo is None:
                     when = when.astimezone()
-                t_ns = int(when.timestamp() * 1e9)
+                t_ns = (when - EPOCH) // datetime.timedelta(microseconds=1) * 1000 + 999
                 with j.lock:
                     times = [r.time_ns for r in j.records]
                     i = bisect.bisect_right(times, t_ns)
