@@ -723,6 +723,7 @@ class Volume:
         self.queued_frames = 0
         self.queued_bytes = 0
         self.job_status = "unknown"
+        self.job_info: dict = {}        # the last query-block-jobs entry
         self.counters = collections.Counter()
 
     def _load_meta(self) -> dict:
@@ -1507,18 +1508,21 @@ class Agent:
             self._setup_volume_mirror(vol)
 
     def _check_job(self, vol: Volume) -> None:
+        """Record the job's state; resume it if paused; set it up again if gone."""
         job = find_job(self.qmp, vol.meta["job_id"])
+        vol.job_info = job or {}
         status = job.get("status") if job else "gone"
-        if job is not None and job_is_paused(job) and not self.stopping.is_set():
-            self.qmp.execute("block-job-resume", device=vol.meta["job_id"])
-            status = f"{status}, resumed"
         if status != vol.job_status:
-            level = logging.INFO if job and status in ("ready", "running") else logging.WARNING
+            level = logging.INFO if status in ("ready", "running") else logging.WARNING
             log.log(level, "mirror job %s: %s (io-status %s)", vol.meta["job_id"], status,
                     job.get("io-status") if job else "-")
             vol.job_status = status
         if job is None or status in ("concluded", "aborting", "null"):
             self._setup_volume_mirror(vol)
+        elif job_is_paused(job) and not self.stopping.is_set():
+            # on-target-error=stop paused it (our target was away): QEMU kept
+            # what it could not deliver as dirty and re-copies it on resume.
+            self.qmp.execute("block-job-resume", device=vol.meta["job_id"])
 
     def _setup_volume_mirror(self, vol: Volume) -> None:
         outcome = setup_mirror(self.qmp, vol.meta, vol.target_socket, vol.name,
@@ -1529,7 +1533,8 @@ class Agent:
             vol.meta["needs_verify"] = True
         vol.meta["mirror"] = True
         vol.save_meta()
-        vol.job_status = "ready"
+        job = find_job(self.qmp, vol.meta["job_id"]) or {}
+        vol.job_info, vol.job_status = job, job.get("status", "gone")
         if outcome == JobSetup.RESTARTED and self.conn is not None:
             self.conn.close("QSD restarted: re-attaching with state UNKNOWN")
 
@@ -1702,6 +1707,12 @@ class Agent:
                     "queue_frames": vol.queued_frames, "queue_bytes": vol.queued_bytes,
                     "held_writes": len(vol.held),
                     "job": vol.job_status, "job_id": vol.meta["job_id"],
+                    # What QEMU itself still has to copy into us (after a target
+                    # outage the job re-copies the regions it kept dirty).
+                    "job_remaining_bytes": max(0, vol.job_info.get("len", 0)
+                                               - vol.job_info.get("offset", 0)),
+                    "job_paused": bool(vol.job_info.get("paused")),
+                    "job_io_status": vol.job_info.get("io-status"),
                     "generation": vol.bitmap.generation.hex(),
                     "needs_verify": vol.meta["needs_verify"],
                     "counters": dict(vol.counters)})

@@ -1,0 +1,472 @@
+"""repagent end to end: real qemu-storage-daemon, real rephub, real sockets.
+
+Every test protects a QSD node with ``repagent.py protect`` (a subprocess),
+replicating into ``rephub.py serve`` (a subprocess) on loopback, writes
+through QSD's own NBD export (qemu-io and nbd.NBDClient), waits for
+quiescence by polling both status commands, and compares the hub's replica
+with the source image byte for byte (sha256).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import nbd
+import repagent as ra
+from qemu_harness import (QSD, MiB, RandomWorkload, file_sha256, kill_all, nbd_sha256,
+                          qemu_io, requires_qemu, short_tmpdir, wait_until)
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = 32 * MiB
+CHUNK = 64 * 1024
+
+pytestmark = requires_qemu
+
+
+# ---------------------------------------------------------------------------
+# Processes
+
+
+def _spawn(argv, log_path: Path) -> subprocess.Popen:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _end(proc: subprocess.Popen | None, sig=signal.SIGKILL) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)
+        proc.send_signal(sig)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+class Hub:
+    """``rephub.py serve`` on 127.0.0.1; keeps its port across restarts."""
+
+    def __init__(self, workdir: Path):
+        self.data = workdir / "hub"
+        self.agents = workdir / "agents.json"
+        self.log = workdir / "hub.log"
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+        out = subprocess.run([sys.executable, "rephub.py", "add-agent", "--agents",
+                              str(self.agents), "agent1"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=30, check=True)
+        self.secret_file = workdir / "secret"
+        self.secret_file.write_text(out.stdout.strip().split()[-1] + "\n")
+
+    def start(self) -> "Hub":
+        self.proc = _spawn(["rephub.py", "--log-level", "INFO", "serve", "--data",
+                            str(self.data), "--listen", f"127.0.0.1:{self.port}",
+                            "--agents", str(self.agents)], self.log)
+        status = wait_until(self._status_or_none, 20, "rephub control socket", 0.05)
+        self.port = int(status["listen"].rsplit(":", 1)[1])
+        return self
+
+    def _status_or_none(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"rephub exited {self.proc.returncode}:\n{self.tail()}")
+        try:
+            return self.status()
+        except (OSError, ValueError):
+            return None
+
+    def status(self) -> dict:
+        import rephub
+        return rephub.control_request(str(self.data), {"cmd": "status"}, timeout=5)
+
+    def volume(self, name: str) -> dict | None:
+        for vol in self.status()["volumes"]:
+            if vol["name"] == name:
+                return vol
+        return None
+
+    def replica(self, name: str) -> Path:
+        return self.data / "volumes" / name / "replica"
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        _end(self.proc, sig)
+
+    def tail(self, n=3000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+
+class Agent:
+    """``repagent.py protect`` for one QSD node."""
+
+    def __init__(self, workdir: Path, hub: Hub, qsd: QSD, qmp: Path, mode="async",
+                 volume="vol0", source=False, extra=()):
+        self.state = short_tmpdir("agst")
+        self.log = workdir / "agent.log"
+        self.hub, self.qsd, self.qmp, self.mode, self.volume = hub, qsd, qmp, mode, volume
+        self.source, self.extra = source, list(extra)
+        self.proc: subprocess.Popen | None = None
+
+    def argv(self):
+        argv = ["repagent.py", "protect", "--hub", f"127.0.0.1:{self.hub.port}",
+                "--agent-id", "agent1", "--secret-file", str(self.hub.secret_file),
+                "--qmp", str(self.qmp), "--node", f"{self.qsd.node}={self.volume}",
+                "--state-dir", str(self.state), "--mode", self.mode, "--hub-timeout", "5",
+                "--sync-timeout", "5", "--log-level", "INFO", *self.extra]
+        if self.source:
+            argv += ["--source", f"{self.qsd.node}={self.qsd.uri}"]
+        return argv
+
+    def start(self) -> "Agent":
+        self.proc = _spawn(self.argv(), self.log)
+        wait_until(self._status_or_none, 20, "repagent control socket", 0.05)
+        return self
+
+    def _status_or_none(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"repagent exited {self.proc.returncode}:\n{self.tail()}")
+        try:
+            return ra.query_status(str(self.state))
+        except (OSError, ValueError):
+            return None
+
+    def status(self) -> dict:
+        return ra.query_status(str(self.state))
+
+    def vol(self) -> dict:
+        return self.status()["volumes"][0]
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        _end(self.proc, sig)
+
+    def tail(self, n=4000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+
+@pytest.fixture
+def world(tmp_path):
+    """make(fmt=..., mode=..., ...) -> (qsd, hub, agent); everything killed at teardown."""
+    made = {}
+
+    def make(fmt="raw", mode="async", prefill=None, start_agent=True, source=False,
+             extra=()):
+        qmpdir = short_tmpdir("aqmp")
+        made.setdefault("dirs", []).append(qmpdir)
+        agent_qmp = qmpdir / "qmp.sock"
+        qsd = QSD(tmp_path / "qsd", size=SIZE, fmt=fmt, extra_args=[
+            "--chardev", f"socket,id=qmp1,path={agent_qmp},server=on,wait=off",
+            "--monitor", "chardev=qmp1"])
+        made["qsd"] = qsd
+        qsd.start()
+        if prefill:
+            prefill(qsd)
+        hub = made["hub"] = Hub(tmp_path).start()
+        agent = made["agent"] = Agent(tmp_path, hub, qsd, agent_qmp, mode=mode,
+                                      source=source, extra=extra)
+        if start_agent:
+            agent.start()
+        return qsd, hub, agent
+
+    try:
+        yield make
+    finally:
+        if "qsd" in made:       # first: a QSD quitting with its target gone waits 5 s
+            made["qsd"].kill()
+        for key in ("agent", "hub"):
+            if key in made:
+                made[key].kill()
+        if "qsd" in made:
+            made["qsd"].close()
+        kill_all()
+        for d in made.get("dirs", []):
+            shutil.rmtree(d, ignore_errors=True)
+        if "agent" in made:
+            shutil.rmtree(made["agent"].state, ignore_errors=True)
+
+
+def show(hub: Hub, agent: Agent) -> str:
+    return f"--- hub log ---\n{hub.tail()}\n--- agent log ---\n{agent.tail()}"
+
+
+def wait_quiet(hub: Hub, agent: Agent, timeout=60.0, volume="vol0") -> None:
+    """Until the agent has nothing pending and the hub has applied everything."""
+    def quiet():
+        a = agent.vol()
+        if not (a["attached"] and a["dirty_bytes"] == 0 and a["queue_frames"] == 0
+                and agent.status()["pending_writes"] == 0 and a["job"] == "ready"
+                and a["job_remaining_bytes"] == 0 and not a["job_paused"]):
+            return False
+        h = hub.volume(volume)
+        return (h is not None and h["state"] == "consistent" and h["lag_bytes"] == 0
+                and not (h["sync"] or {}).get("running"))
+    try:
+        wait_until(quiet, timeout, "replication to quiesce", 0.1)
+    except TimeoutError:
+        raise AssertionError(f"not quiet: agent {agent.vol()}\nhub {hub.volume(volume)}\n"
+                             f"{show(hub, agent)}") from None
+
+
+def assert_identical(qsd: QSD, hub: Hub, agent: Agent, volume="vol0") -> None:
+    wait_quiet(hub, agent, volume=volume)
+    source = source_sha256(qsd)
+    replica = file_sha256(hub.replica(volume))
+    assert replica == source, (f"replica differs from the source in chunks "
+                               f"{differing_chunks(qsd, hub.replica(volume))}\n"
+                               f"{show(hub, agent)}")
+
+
+def source_sha256(qsd: QSD) -> str:
+    """The guest-visible content, read through QSD (a qcow2 file on disk may lag
+    behind QSD's metadata cache, so ``qemu-img convert -U`` is not used)."""
+    return nbd_sha256(str(qsd.export_path), qsd.export_name)
+
+
+def differing_chunks(qsd: QSD, replica: Path) -> list[int]:
+    """Offsets of the chunks that differ (read through QSD's export)."""
+    out = []
+    with nbd.NBDClient(str(qsd.export_path), qsd.export_name) as client, \
+            open(replica, "rb") as f:
+        for offset in range(0, SIZE, CHUNK):
+            if client.read(offset, CHUNK) != f.read(CHUNK).ljust(CHUNK, b"\0"):
+                out.append(offset)
+    return out
+
+
+class Writer(threading.Thread):
+    """Random 4-256 KiB writes (some zeroes) through QSD's export until stopped."""
+
+    def __init__(self, qsd: QSD, seed: int, limit: int = 4000):
+        super().__init__(name=f"writer-{seed}", daemon=True)
+        self.qsd, self.rng, self.limit = qsd, random.Random(seed), limit
+        self.stop_event = threading.Event()
+        self.go = threading.Event()
+        self.go.set()
+        self.idle = threading.Event()
+        self.count = 0
+        self.bytes = 0
+        self.error: BaseException | None = None
+
+    def pause(self) -> None:
+        """Return once no write is in progress and none will start until resume()."""
+        self.go.clear()
+        self.idle.clear()
+        assert self.idle.wait(60) or not self.is_alive(), "writer did not pause"
+
+    def resume(self) -> None:
+        self.go.set()
+
+    def run(self):
+        try:
+            with nbd.NBDClient(str(self.qsd.export_path), self.qsd.export_name) as client:
+                while not self.stop_event.is_set() and self.count < self.limit:
+                    if not self.go.is_set():
+                        self.idle.set()
+                        self.go.wait(60)
+                        continue
+                    length = self.rng.randrange(4096, 256 * 1024 + 1, 4096)
+                    offset = self.rng.randrange(0, SIZE - length + 1, 512)
+                    if self.rng.random() < 0.1:
+                        client.write_zeroes(offset, length)
+                    else:
+                        client.write(offset, self.rng.randbytes(length))
+                    self.count += 1
+                    self.bytes += length
+        except BaseException as err:  # reported by stop()
+            self.error = err
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(60)
+        assert not self.is_alive(), "writer did not stop"
+        if self.error:
+            raise self.error
+
+
+def prefill_data(qsd: QSD) -> None:
+    """Data already on the disk before protection starts (a zero hole in between)."""
+    qemu_io(qsd.export_path, "write -P 0x11 0 4M", "write -P 0x22 12M 3M",
+            f"write -P 0x33 {SIZE - 1024 * 1024} 1M", export=qsd.export_name)
+
+
+def wait_writes(writer: Writer, count: int, timeout=30.0) -> None:
+    wait_until(lambda: writer.count >= count or writer.error, timeout, f"{count} writes")
+    if writer.error:
+        raise writer.error
+
+
+# ---------------------------------------------------------------------------
+# Tests
+
+
+@pytest.mark.parametrize("fmt, mode", [("raw", "async"), ("qcow2", "sync")])
+def test_full_sync_under_writes_then_random_writes_converge(world, fmt, mode):
+    """Initial full sync of a disk that holds data while writes go on, then
+    qemu-io and NBD random writes: the replica equals the source."""
+    qsd, hub, agent = world(fmt=fmt, mode=mode, prefill=prefill_data, source=(fmt == "qcow2"))
+    writer = Writer(qsd, seed=1)
+    writer.start()
+    wait_writes(writer, 150)
+    RandomWorkload(seed=2, size=SIZE, count=150, max_length=128 * 1024).run_qemu_io(
+        qsd.export_path, export=qsd.export_name)
+    writer.stop()
+    assert_identical(qsd, hub, agent)
+    vol = agent.vol()
+    assert vol["plan"] == "FULL" and vol["job"] == "ready"
+    assert vol["counters"]["sent_writes"] > 0 and vol["counters"]["read_replies"] > 0
+    # The zero regions travelled as zero answers, not data.
+    assert vol["counters"]["read_reply_bytes"] < SIZE
+    if mode == "sync":
+        assert agent.status()["mode"] == "sync", "sync mode must recover from the initial sync"
+
+
+def test_sync_mode_write_acked_by_qsd_is_durable_at_the_hub(world):
+    qsd, hub, agent = world(fmt="raw", mode="sync")
+    wait_quiet(hub, agent)
+    wait_until(lambda: agent.status()["mode"] == "sync", 20, "sync mode not degraded")
+    RandomWorkload(seed=3, size=SIZE, count=60, max_length=64 * 1024).run_qemu_io(
+        qsd.export_path, export=qsd.export_name)
+    # Every write above completed at QSD, so the hub ACKed it: kill the hub
+    # at once, freeze the agent so that it cannot resend anything, and look
+    # at what the hub kept.
+    hub.kill(signal.SIGKILL)
+    agent.proc.send_signal(signal.SIGSTOP)
+    try:
+        hub.start()
+        wait_until(lambda: hub.volume("vol0")["lag_bytes"] == 0, 30, "hub replay")
+        assert file_sha256(hub.replica("vol0")) == source_sha256(qsd), \
+            f"an acknowledged write was lost\n{show(hub, agent)}"
+    finally:
+        agent.proc.send_signal(signal.SIGCONT)
+    assert_identical(qsd, hub, agent)
+
+
+def test_hub_killed_during_writes_agent_reconnects_and_resends_only_dirty(world):
+    qsd, hub, agent = world(fmt="raw", mode="async")
+    wait_quiet(hub, agent)
+    before = agent.vol()["counters"].get("read_reply_bytes", 0)
+    writer = Writer(qsd, seed=4)
+    writer.start()
+    wait_writes(writer, 50)
+    hub.kill(signal.SIGKILL)
+    wait_until(lambda: agent.status()["connection"] != "connected", 20, "agent sees hub down")
+    wait_writes(writer, writer.count + 40)       # QEMU is not held up by a dead hub
+    writer.pause()
+    dirty = agent.vol()["dirty_bytes"]             # what must be resent, exactly
+    assert 0 < dirty < SIZE
+    hub.start()
+    wait_until(lambda: agent.vol()["attached"], 30, "agent reconnected by itself")
+    at_resume = writer.bytes
+    writer.resume()
+    wait_writes(writer, writer.count + 50)
+    writer.stop()
+    assert_identical(qsd, hub, agent)
+    vol = agent.vol()
+    assert vol["plan"] == "DIRTY", "a hub restart needs a dirty resync, nothing more"
+    resent = vol["counters"]["read_reply_bytes"] - before
+    # Only the marked chunks were read again (plus, at most, chunks that new
+    # writes dirtied before the hub asked for the dirty map).
+    assert 0 < resent <= dirty + 2 * (writer.bytes - at_resume), (resent, dirty)
+    log = agent.tail(100000)
+    assert log.count("disconnected") <= 3, "link state is logged per change, not per try"
+
+
+def test_agent_sigkilled_and_restarted_resumes_the_mirror(world):
+    qsd, hub, agent = world(fmt="qcow2", mode="async", source=True)
+    wait_quiet(hub, agent)
+    full_bytes = agent.vol()["counters"].get("read_reply_bytes", 0)
+    writer = Writer(qsd, seed=5)
+    writer.start()
+    wait_writes(writer, 80)
+    agent.kill(signal.SIGKILL)
+    wait_writes(writer, writer.count + 20, timeout=60)
+    agent.start()
+    wait_writes(writer, writer.count + 40, timeout=60)
+    writer.stop()
+    assert_identical(qsd, hub, agent)
+    log = agent.tail(200000)
+    assert "not restarted" in log
+    assert log.count("mirror job ra-disk0 of node disk0 started") == 1
+    vol = agent.vol()
+    assert vol["plan"] == "DIRTY" and not vol["needs_verify"]
+    assert vol["counters"].get("read_reply_bytes", 0) < SIZE // 2, "no full resync"
+    assert qsd.job_status("ra-disk0") == "ready"
+    del full_bytes
+
+
+def test_sigterm_drains_keeps_the_job_and_unprotect_removes_it(world):
+    qsd, hub, agent = world(fmt="raw", mode="async")
+    wait_quiet(hub, agent)
+    qemu_io(qsd.export_path, "write -P 0x5a 1M 256k", export=qsd.export_name)
+    agent.kill(signal.SIGTERM)
+    assert agent.proc.returncode == 0, agent.tail()
+    assert qsd.job_status("ra-disk0") is not None, "SIGTERM must leave the job resumable"
+    wait_until(lambda: hub.volume("vol0")["lag_bytes"] == 0, 20, "hub applied the drain")
+    assert file_sha256(hub.replica("vol0")) == source_sha256(qsd)
+    out = subprocess.run([sys.executable, "repagent.py", "unprotect", "--qmp", str(agent.qmp),
+                          "--node", "disk0=vol0", "--state-dir", str(agent.state)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert qsd.job_status("ra-disk0") is None
+    nodes = {n["node-name"] for n in qsd.qmp("query-named-block-nodes", flat=True)}
+    assert "ra-disk0-tgt" not in nodes and "ra-disk0-top" not in nodes
+    qemu_io(qsd.export_path, "write -P 0x6b 0 64k", export=qsd.export_name)  # guest unharmed
+
+
+def test_bad_nbd_input_is_refused_and_replication_goes_on(world):
+    qsd, hub, agent = world(fmt="raw", mode="async")
+    wait_quiet(hub, agent)
+    target = str(agent.state / "vol0.nbd")
+    # Bad request magic: the connection is closed.
+    client = nbd.NBDClient(target, "vol0")
+    client._sock.sendall(b"\xde\xad\xbe\xef" + bytes(24))
+    client._sock.settimeout(5)
+    assert client._sock.recv(64) == b""
+    client._sock.close()
+    # Past the end, and an oversize length: an NBD error or a closed connection.
+    for offset, length in ((SIZE, 4096), (SIZE - 512, 4096), (0, 64 * MiB)):
+        client = nbd.NBDClient(target, "vol0")
+        try:
+            client._sock.settimeout(5)
+            header = nbd.REQUEST_HEADER.pack(nbd.REQUEST_MAGIC, 0, nbd.Command.WRITE, 1,
+                                             offset, length)
+            client._sock.sendall(header + bytes(min(length, 8192)))
+            reply = client._sock.recv(16)
+            if reply:
+                magic, error, handle = nbd.SIMPLE_REPLY_HEADER.unpack(reply)
+                assert magic == nbd.SIMPLE_REPLY_MAGIC and error != 0
+        except (ConnectionError, socket.timeout) as err:
+            assert not isinstance(err, socket.timeout), "no answer at all"
+        finally:
+            client._sock.close()
+    assert agent.proc.poll() is None, "the agent must survive bad NBD input"
+    qemu_io(qsd.export_path, "write -P 0x77 2M 128k", export=qsd.export_name)
+    assert_identical(qsd, hub, agent)
+    assert agent.vol()["dirty_bytes"] == 0
+
+
+def test_status_command_prints_a_summary_and_json(world):
+    qsd, hub, agent = world(fmt="raw", mode="async")
+    wait_quiet(hub, agent)
+    out = subprocess.run([sys.executable, "repagent.py", "status", "--state-dir",
+                          str(agent.state)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0 and "connected" in out.stdout and "vol0" in out.stdout
+    js = subprocess.run([sys.executable, "repagent.py", "status", "--state-dir",
+                         str(agent.state), "--json"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=30)
+    doc = json.loads(js.stdout)
+    vol = doc["volumes"][0]
+    for key in ("mode", "connection", "dirty_bytes", "queue_frames", "last_ack_age_s"):
+        assert key in vol
+    assert os.path.exists(agent.state / "vol0.bitmap")
