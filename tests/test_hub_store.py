@@ -1,0 +1,138 @@
+"""rephub's VolumeStore without a server: journal replay, undo log, points in time.
+
+These drive the store API that recovery builds on (append_data, wait_applied,
+read_at, resolve_point) across close and reopen.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+import protocol as p
+import rephub
+
+MiB = 1024 * 1024
+
+
+def open_store(path, **kw) -> rephub.VolumeStore:
+    store = rephub.VolumeStore(str(path), **kw)
+    store.open()
+    store.start()
+    return store
+
+
+def durable(store, rec):
+    assert store.journal.wait_durable(rec.seq, timeout=10)
+    return rec.seq
+
+
+def test_read_at_walks_undo_back_across_a_reopen(tmp_path):
+    store = open_store(tmp_path)
+    vol = store.create_volume("v", MiB, 65536, "a1", bytes(16))
+    seqs = [durable(store, store.append_data(vol, 0, 8192, b"A" * 8192))]
+    seqs.append(durable(store, store.append_data(vol, 4096, 8192, b"B" * 8192)))
+    seqs.append(durable(store, store.append_data(vol, 0, 4096, None)))  # ZERO over data
+    seqs.append(durable(store, store.append_data(vol, MiB - 4096, 4096, b"C" * 4096)))
+    store.wait_applied(seqs[-1])
+    store.close()
+
+    store = open_store(tmp_path)
+    try:
+        vol = store.volume("v")
+        expect = [b"A" * 8192 + bytes(4096),
+                  b"A" * 4096 + b"B" * 8192,
+                  bytes(4096) + b"B" * 8192,
+                  bytes(4096) + b"B" * 8192]
+        for seq, image in zip(seqs, expect):
+            assert store.read_at(vol, seq, 0, 12288) == image, seq
+        assert store.read_at(vol, seqs[0] - 1, 0, 12288) is None  # before any write: zeroes
+        assert store.read_at(vol, seqs[2], MiB - 4096, 4096) is None
+        assert store.read_at(vol, seqs[3], MiB - 4096, 4096) == b"C" * 4096
+        with pytest.raises(p.OutOfRange):
+            store.read_at(vol, seqs[3], MiB - 4096, 8192)
+    finally:
+        store.close()
+
+
+def test_unapplied_records_are_replayed_on_open(tmp_path):
+    store = rephub.VolumeStore(str(tmp_path))
+    store.open()
+    store.journal.start()  # committer only: nothing is applied
+    vol = store.create_volume("v", MiB, 65536, "a1", bytes(16))
+    rec = store.append_data(vol, 65536, 4096, b"R" * 4096)
+    durable(store, rec)
+    store.journal.stop()
+    store.undo_log.close()
+    for v in store.volumes.values():
+        v.close()
+    os.close(store.lock_fd)
+
+    store = open_store(tmp_path)
+    try:
+        vol = store.volume("v")
+        store.wait_applied(rec.seq)
+        with open(os.path.join(vol.dir, "replica"), "rb") as f:
+            f.seek(65536)
+            assert f.read(4096) == b"R" * 4096
+    finally:
+        store.close()
+
+
+def test_undo_records_after_the_last_commit_are_dropped(tmp_path, caplog):
+    store = open_store(tmp_path)
+    vol = store.create_volume("v", MiB, 65536, "a1", bytes(16))
+    seq = durable(store, store.append_data(vol, 0, 4096, b"x" * 4096))
+    store.wait_applied(seq)
+    store.close()
+    # A batch whose undo was written but never committed (crash before its fdatasync).
+    undo_dir = os.path.join(str(tmp_path), "undo")
+    seg = sorted(os.listdir(undo_dir))[-1]
+    payload = rephub.UNDO_COUNT.pack(1) + rephub.UNDO_EXTENT.pack(0, 4096, rephub.UNDO_HOLE)
+    with open(os.path.join(undo_dir, seg), "ab") as f:
+        f.write(rephub.encode_record(rephub.RecordKind.UNDO, 0, seq + 1, 0, vol.id, 0, 4096,
+                                     len(payload), rephub.zlib.crc32(payload)) + payload)
+    with caplog.at_level(logging.WARNING, logger="rephub"):
+        store = open_store(tmp_path)
+    try:
+        assert "after the last commit" in caplog.text
+        assert [u.seq for u in store.volume("v").undo] == [seq]
+    finally:
+        store.close()
+
+
+def test_corruption_before_the_last_segment_refuses_to_start(tmp_path):
+    store = open_store(tmp_path, segment_bytes=16 * 1024)
+    vol = store.create_volume("v", MiB, 65536, "a1", bytes(16))
+    for i in range(8):
+        durable(store, store.append_data(vol, i * 8192, 8192, os.urandom(8192)))
+    store.wait_applied(store.journal.durable_seq)
+    store.close()
+    first = sorted(os.listdir(tmp_path / "journal"))[0]
+    with open(tmp_path / "journal" / first, "r+b") as f:
+        f.seek(rephub.RECORD.size + 10)
+        f.write(b"\xff")
+    with pytest.raises(rephub.StoreError, match="not the last segment"):
+        rephub.VolumeStore(str(tmp_path)).open()
+
+
+def test_data_directory_is_locked_by_its_user(tmp_path):
+    store = open_store(tmp_path)
+    try:
+        with pytest.raises(rephub.StoreError, match="in use"):
+            rephub.VolumeStore(str(tmp_path)).open()
+    finally:
+        store.close()
+
+
+def test_volume_names_never_leave_the_data_directory(tmp_path):
+    store = open_store(tmp_path)
+    try:
+        for bad in ("..", "../x", "a/b", "", ".x"):
+            with pytest.raises(p.InvalidField):
+                store.create_volume(bad, MiB, 65536, "a1", bytes(16))
+        assert os.listdir(tmp_path / "volumes") == []
+    finally:
+        store.close()
