@@ -1311,6 +1311,23 @@ class AgentsFile:
 # Connections
 
 
+class ConnState(enum.Enum):
+    """Phases of an agent connection; ``AgentConnection.set_state`` enforces the order."""
+
+    HANDSHAKE = "handshake"      # TLS, HELLO/HELLO_REPLY/AUTH: only those frames allowed
+    ESTABLISHED = "established"  # AUTH_OK sent: the recv loop dispatches on_<TYPE>
+    CLOSING = "closing"          # stopping: syncs stopped, ACKs flushed, GOODBYE
+    CLOSED = "closed"
+
+
+CONN_TRANSITIONS = {
+    ConnState.HANDSHAKE: {ConnState.ESTABLISHED, ConnState.CLOSING},
+    ConnState.ESTABLISHED: {ConnState.CLOSING},
+    ConnState.CLOSING: {ConnState.CLOSED},
+    ConnState.CLOSED: set(),
+}
+
+
 class ConnectionClosed(Exception):
     """The peer went away, or the connection is being torn down."""
 
@@ -1431,6 +1448,15 @@ class AgentConnection:
         self.closing = threading.Event()
         self.acker = Acker(self)
         self.thread: threading.Thread | None = None
+        self.state = ConnState.HANDSHAKE
+
+    def set_state(self, new: ConnState) -> None:
+        """Move to ``new`` (connection thread); an unexpected move is a bug, said clearly."""
+        if new not in CONN_TRANSITIONS[self.state]:
+            raise RuntimeError(f"connection {self.peer}: cannot go from {self.state.value} "
+                               f"to {new.value}")
+        log.debug("connection %s: %s -> %s", self.peer, self.state.value, new.value)
+        self.state = new
 
     # -- plumbing --------------------------------------------------------------
 
@@ -1587,6 +1613,7 @@ class AgentConnection:
             return False
         self.agent_id = hello.agent_id
         self.send(p.AuthOk())
+        self.set_state(ConnState.ESTABLISHED)
         self.sock.settimeout(FRAME_TIMEOUT)
         self.acker.start()
         self.hub.register(self)
@@ -1634,6 +1661,7 @@ class AgentConnection:
 
     def finish(self) -> None:
         """Stop syncs, flush ACKs, detach volumes, close (connection thread)."""
+        self.set_state(ConnState.CLOSING)
         for job in list(self.jobs):
             job.stop()
         if self.agent_id is not None and self.acker.is_alive():
@@ -1659,6 +1687,7 @@ class AgentConnection:
             except OSError:
                 pass
         self.hub.unregister(self)
+        self.set_state(ConnState.CLOSED)
         if self.agent_id:
             log.info("agent %s from %s disconnected", self.agent_id, self.peer)
 
@@ -1837,7 +1866,7 @@ class AgentConnection:
         self.send(p.Ping(request_id=req, sent_ns=time.time_ns()))
 
     def status(self) -> dict:
-        return dict(agent_id=self.agent_id, address=self.peer,
+        return dict(agent_id=self.agent_id, address=self.peer, state=self.state.value,
                     connected_since=fmt_time_ns(self.connected_ns),
                     connected_since_ns=self.connected_ns,
                     rtt_ms=None if self.rtt_ns is None else round(self.rtt_ns / 1e6, 3),
