@@ -1302,6 +1302,7 @@ class Agent:
                 reply = p.ReadReply(request_id=msg.request_id, volume=msg.volume,
                                     offset=msg.offset, length=msg.length, flags=p.FLAG_ZERO)
                 nbytes = 0
+                vol.counters["zero_replies"] += 1
             else:
                 reply = p.ReadReply(request_id=msg.request_id, volume=msg.volume,
                                     offset=msg.offset, length=msg.length, data=data)
@@ -1369,7 +1370,8 @@ class Agent:
                 vol.queued_frames = vol.queued_bytes = 0
             self._degrade("hub connection lost")
             self.timer_cond.notify_all()
-        self._set_link(LinkState.DISCONNECTED, reason, logging.WARNING)
+        self._set_link(LinkState.DISCONNECTED, reason,
+                       logging.INFO if self.stopping.is_set() else logging.WARNING)
         for reply in replies:
             reply(0)
 

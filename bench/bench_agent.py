@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""What repagent costs the guest: QSD's write-blocking mirror into repagent -> rephub
+against the same mirror into qemu-nbd serving a file (the baseline), in one run.
+
+For each target a fresh qemu-storage-daemon owns a raw image and exports it
+over NBD; an active mirror (QEMU-NOTES.md settings) sends every guest write to
+the target before the guest's write completes.  The "guest" is nbd.NBDClient
+on QSD's export:
+
+* 1 MiB sequential writes, QD1: throughput (MiB/s);
+* 4 KiB random writes, QD1: latency p50 and p99 (microseconds).
+
+Targets: (a) qemu-nbd serving a file, (b) repagent --mode async -> rephub,
+(c) repagent --mode sync -> rephub (durable at the hub before the guest's write
+completes).  Printed as absolute figures and as ratios to (a).  Issue targets:
+async throughput >= 0.8x and async 4 KiB p50 <= 1.5x.
+
+    python3 bench/bench_agent.py [--size-mib 256] [--latency-ops 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import nbd  # noqa: E402
+import repagent  # noqa: E402
+from qemu_harness import QSD, MiB, QemuNBD, kill_all, short_tmpdir, wait_until  # noqa: E402
+
+KiB = 1024
+
+
+def spawn(argv, log: Path) -> subprocess.Popen:
+    with open(log, "ab") as f:
+        return subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdin=subprocess.DEVNULL,
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def end(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def measure(qsd: QSD, size: int, latency_ops: int) -> dict:
+    """Run both workloads through QSD's export; return the figures."""
+    rng = random.Random(42)
+    with nbd.NBDClient(str(qsd.export_path), qsd.export_name) as client:
+        block = os.urandom(MiB)
+        for off in range(0, 16 * MiB, MiB):          # warm-up
+            client.write(off, block)
+        start = time.perf_counter()
+        for off in range(0, size, MiB):
+            client.write(off, block)
+        elapsed = time.perf_counter() - start
+        small = os.urandom(4 * KiB)
+        lat = []
+        for _ in range(latency_ops):
+            off = rng.randrange(0, size // (4 * KiB)) * 4 * KiB
+            t0 = time.perf_counter()
+            client.write(off, small)
+            lat.append(time.perf_counter() - t0)
+    lat.sort()
+    return {"mib_s": size / MiB / elapsed,
+            "p50_us": statistics.median(lat) * 1e6,
+            "p99_us": lat[int(len(lat) * 0.99) - 1] * 1e6}
+
+
+def run_baseline(work: Path, size: int, ops: int) -> dict:
+    qsd = QSD(work / "a", size=size)
+    target = None
+    try:
+        qsd.start()
+        tgt_image = work / "a" / "target.raw"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(tgt_image), str(size)],
+                       check=True)
+        target = QemuNBD(tgt_image, export_name="tgt").start()
+        qsd.start_mirror(target.export_path, "tgt")
+        return measure(qsd, size, ops)
+    finally:
+        qsd.kill()
+        qsd.close()
+        if target is not None:
+            target.stop()
+
+
+def run_agent(work: Path, size: int, ops: int, mode: str) -> dict:
+    base = work / mode
+    base.mkdir(parents=True)
+    qmpdir = short_tmpdir("bq")
+    agent_qmp = qmpdir / "qmp.sock"
+    state = short_tmpdir("bst")
+    qsd = QSD(base / "qsd", size=size, extra_args=[
+        "--chardev", f"socket,id=qmp1,path={agent_qmp},server=on,wait=off",
+        "--monitor", "chardev=qmp1"])
+    hub = agent = None
+    try:
+        qsd.start()
+        agents = base / "agents.json"
+        out = subprocess.run([sys.executable, "rephub.py", "add-agent", "--agents", str(agents),
+                              "bench"], cwd=ROOT, capture_output=True, text=True, check=True)
+        secret = base / "secret"
+        secret.write_text(out.stdout.strip().split()[-1] + "\n")
+        hub = spawn(["rephub.py", "--log-level", "WARNING", "serve", "--data", str(base / "hub"),
+                     "--listen", "127.0.0.1:0", "--agents", str(agents)], base / "hub.log")
+        import rephub
+        status = wait_until(lambda: _try(lambda: rephub.control_request(
+            str(base / "hub"), {"cmd": "status"})), 20, "rephub", 0.05)
+        agent = spawn(["repagent.py", "protect", "--hub", status["listen"], "--agent-id", "bench",
+                       "--secret-file", str(secret), "--qmp", str(agent_qmp),
+                       "--node", "disk0=bench", "--state-dir", str(state), "--mode", mode,
+                       "--log-level", "WARNING"], base / "agent.log")
+
+        def synced():
+            st = _try(lambda: repagent.query_status(str(state)))
+            return st and st["volumes"][0]["attached"] and st["volumes"][0]["dirty_bytes"] == 0 \
+                and (mode == "async" or st["mode"] == "sync")
+        wait_until(synced, 60, "initial sync", 0.05)
+        return measure(qsd, size, ops)
+    finally:
+        qsd.kill()
+        end(agent)
+        end(hub)
+        qsd.close()
+        shutil.rmtree(qmpdir, ignore_errors=True)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _try(fn):
+    try:
+        return fn()
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--latency-ops", type=int, default=2000)
+    args = ap.parse_args()
+    size = args.size_mib * MiB
+    work = short_tmpdir("bench-agent")
+    try:
+        results = {"a: qemu-nbd file": run_baseline(work, size, args.latency_ops),
+                   "b: repagent async": run_agent(work, size, args.latency_ops, "async"),
+                   "c: repagent sync": run_agent(work, size, args.latency_ops, "sync")}
+    finally:
+        kill_all()
+        shutil.rmtree(work, ignore_errors=True)
+    base = results["a: qemu-nbd file"]
+    print(f"QSD write-blocking mirror, guest = NBD client on QSD's export, QD1, "
+          f"{args.size_mib} MiB volume")
+    print(f"{'target':<20} {'1M seq MiB/s':>12} {'x(a)':>6} {'4K p50 us':>10} {'x(a)':>6} "
+          f"{'4K p99 us':>10} {'x(a)':>6}")
+    for name, r in results.items():
+        print(f"{name:<20} {r['mib_s']:>12.0f} {r['mib_s'] / base['mib_s']:>6.2f} "
+              f"{r['p50_us']:>10.0f} {r['p50_us'] / base['p50_us']:>6.2f} "
+              f"{r['p99_us']:>10.0f} {r['p99_us'] / base['p99_us']:>6.2f}")
+    a = results["b: repagent async"]
+    print(f"targets: async throughput >= 0.8x: {a['mib_s'] / base['mib_s']:.2f}x "
+          f"({'met' if a['mib_s'] / base['mib_s'] >= 0.8 else 'NOT met'}); "
+          f"async 4K p50 <= 1.5x: {a['p50_us'] / base['p50_us']:.2f}x "
+          f"({'met' if a['p50_us'] / base['p50_us'] <= 1.5 else 'NOT met'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
