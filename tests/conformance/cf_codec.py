@@ -510,3 +510,34 @@ def decode_frame(codec, frame: bytes) -> Msg:
 
 def header_payload_length(header) -> int:
     return header[4] if isinstance(header, tuple) else header.payload_length
+
+
+def vector_clauses(vector: dict) -> tuple[str, ...]:
+    """The PROTOCOL.md clauses a malformed vector exercises (for the clause table)."""
+    by_error = {"BadMagic": "FR-2", "BadVersion": "FR-3", "BadHeaderCRC": "FR-4",
+                "PayloadTooLarge": "FR-5", "BadPayloadCRC": "FR-6", "TruncatedFrame": "ER-1",
+                "UnsupportedMessage": "FR-16", "UnsupportedFlags": "FR-13",
+                "OutOfRange": "FR-8"}
+    name = vector["name"]
+    ids = {by_error.get(vector["error"], "FR-9")}
+    if vector["code"] == "BAD_NAME":
+        ids = {"FR-11"}
+    elif vector["error"] == "InvalidField":
+        if "unused" in name:
+            ids = {"FR-7"}
+        elif "reserved" in name:
+            ids = {"FR-12"}
+        elif "utf8" in name or "too_long" in name and "name" in name or "text_too_long" in name:
+            ids = {"FR-10"}
+        elif name.startswith("write_") or "length_mismatch" in name:
+            ids = {"RP-9"}
+        elif name.startswith("dirty_map"):
+            ids = {"SY-7"}
+        elif name.startswith("checksums_wrong"):
+            ids = {"SY-11"}
+        elif "too_many_chunks" in name:
+            ids = {"SY-10"}
+        elif "read_reply_zero" in name:
+            ids = {"SY-6"}
+    ids.add("ER-1" if vector["action"] == "close" else "ER-2")
+    return tuple(sorted(ids))

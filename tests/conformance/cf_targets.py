@@ -105,7 +105,7 @@ class RefHub:
             if not ready or self.proc.poll() is not None:
                 self.stop()
                 raise RuntimeError(f"rephub did not start: {self.tail()}")
-            byte = self.proc.stdout.read(1)
+            byte = os.read(self.proc.stdout.fileno(), 1)
             if not byte:
                 raise RuntimeError(f"rephub exited: {self.tail()}")
             line += byte

@@ -84,6 +84,9 @@ class Setup:
             self.judge_agent = False
         if VARIANT.endswith("agent"):
             self.judge_hub = False
+        #: The reference implementations are judged (xfail markers of known bugs apply).
+        self.ref_hub = self.judge_hub and not self.hub and not VARIANT
+        self.ref_agent = self.judge_agent and not self.agent_listen and not VARIANT
 
     def describe(self) -> str:
         hub = self.hub or (VARIANT if VARIANT.endswith("hub") else "rephub.py (reference)")
@@ -100,6 +103,7 @@ def _setup(config) -> Setup:
 
 
 def pytest_configure(config):
+    _setup(config)
     config.addinivalue_line("markers", "clause(*ids): PROTOCOL.md clause ids a test checks")
     config.addinivalue_line("markers", "hub: a hub-direction conformance test")
     config.addinivalue_line("markers", "agent: an agent-direction conformance test")
