@@ -1351,6 +1351,81 @@ class RateLimiter:
             stop.wait(start - now)
 
 
+class TLSStream:
+    """A TLS connection shared by a reader and senders, one OpenSSL call at a time.
+
+    OpenSSL forbids SSL_read and SSL_write on one connection from two threads
+    at once (CPython's SSLSocket does not serialise them either).  The socket
+    is made non-blocking; each call holds ``lock`` only for the call itself and
+    waits for readiness with select outside it, so the recv loop waiting for
+    the next frame never stalls the acker's sends.  Offers the few socket
+    methods the hub and ``protocol.send_message``/``recv_message`` use.
+    """
+
+    def __init__(self, sock: ssl.SSLSocket, timeout: float):
+        sock.setblocking(False)
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.timeout = timeout
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def pending(self) -> int:
+        with self.lock:
+            return self.sock.pending()
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.timeout = FRAME_TIMEOUT if timeout is None else timeout
+
+    def _wait(self, want: str, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout(f"TLS peer made no progress for {self.timeout:.0f} s")
+        fd = [self.sock.fileno()]
+        select.select(fd if want == "r" else [], fd if want == "w" else [], [],
+                      min(remaining, POLL_INTERVAL))
+
+    def recv_into(self, view) -> int:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            with self.lock:
+                try:
+                    return self.sock.recv_into(view)
+                except ssl.SSLWantReadError:
+                    want = "r"
+                except ssl.SSLWantWriteError:
+                    want = "w"
+                except ssl.SSLZeroReturnError:
+                    return 0
+            self._wait(want, deadline)
+
+    def sendall(self, data) -> None:
+        view = memoryview(data).cast("B")
+        deadline = time.monotonic() + self.timeout
+        while len(view):
+            with self.lock:
+                try:
+                    n = self.sock.send(view)
+                    view = view[n:]
+                    deadline = time.monotonic() + self.timeout
+                    continue
+                except ssl.SSLWantWriteError:
+                    want = "w"
+                except ssl.SSLWantReadError:
+                    want = "r"
+            self._wait(want, deadline)
+
+    def sendmsg(self, parts):
+        raise NotImplementedError("TLS: send_message falls back to sendall")
+
+    def shutdown(self, how: int) -> None:
+        socket.socket.shutdown(self.sock, how)  # the TCP socket; never touch the SSL object
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class Acker(threading.Thread):
     """Per connection: sends each reply once the journal is durable past its seq.
 
@@ -1496,7 +1571,7 @@ class AgentConnection:
         while True:
             if self.closing.is_set() or self.hub.stopping.is_set():
                 return False
-            if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            if isinstance(self.sock, TLSStream) and self.sock.pending():
                 return True
             wait = POLL_INTERVAL
             if deadline is not None:
@@ -1572,7 +1647,8 @@ class AgentConnection:
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT
         self.sock.settimeout(HANDSHAKE_TIMEOUT)
         if self.hub.tls is not None:
-            self.sock = self.hub.tls.wrap_socket(self.sock, server_side=True)
+            tls = self.hub.tls.wrap_socket(self.sock, server_side=True)  # handshake, timed
+            self.sock = TLSStream(tls, HANDSHAKE_TIMEOUT)
         item = self.recv_frame(deadline)
         if item is None:
             return False

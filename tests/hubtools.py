@@ -115,7 +115,10 @@ class TestAgent:
         sock = socket.create_connection(self.address, timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls is not None:
-            sock = self.tls.wrap_socket(sock, server_hostname=self.server_hostname)
+            # One OpenSSL call at a time: the recv thread and senders share it.
+            import rephub
+            sock = rephub.TLSStream(self.tls.wrap_socket(
+                sock, server_hostname=self.server_hostname), timeout)
         self.sock = sock
         nonce = secrets.token_bytes(p.NONCE_SIZE)
         self.send(p.Hello(nonce=nonce, agent_id=self.agent_id))

@@ -542,6 +542,10 @@ def test_tls_handshake_then_hmac(tmp_path):
             mv = MemVolume(2 * MiB, os.urandom(2 * MiB))
             vid = attach_synced(agent, hub, "tls", mv)
             agent.expect_ack(agent.write(vid, 4096, b"t" * 8192))
+            # Pipelined: the hub's recv loop and its acker share the TLS connection.
+            reqs = [agent.write(vid, (i % 32) * 65536, os.urandom(65536)) for i in range(200)]
+            for req in reqs:
+                agent.expect_ack(req)
             assert replica_bytes(hub, "tls") == bytes(mv.buf)
         # TLS still runs the HMAC handshake inside: a wrong secret fails.
         with pytest.raises(AgentError):
