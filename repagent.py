@@ -965,8 +965,9 @@ class Agent:
         self.seq = 1                 # last stream sequence number given out
         self._req = 0
         self.conn: HubConnection | None = None
-        self.link_state = LinkState.DISCONNECTED
+        self.link_state = LinkState.CONNECTING   # until the first attempt ends
         self.link_cause = ""
+        self.connect_attempts = 0
         self.pending: dict[int, PendingWrite] = {}
         self.requests: dict[int, tuple[str, object]] = {}   # ATTACH / PING / DETACH
         self.replies: collections.OrderedDict = collections.OrderedDict()  # req -> (vol, seq)
@@ -1390,10 +1391,9 @@ class Agent:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.cfg.tls_ca:
+                # The certificate must chain to --tls-ca and name HOST; the
+                # HMAC handshake then runs inside TLS as without it.
                 ctx = ssl.create_default_context(cafile=self.cfg.tls_ca)
-                # The hub is authenticated by its HMAC proof; TLS adds privacy
-                # and pins the chain to --tls-ca, whatever name the cert holds.
-                ctx.check_hostname = False
                 sock = ctx.wrap_socket(sock, server_hostname=host)
             hub_id = self._handshake(sock)
             sock.settimeout(None)
@@ -1451,8 +1451,7 @@ class Agent:
         while not self.stopping.is_set():
             conn = self.conn
             if conn is None:
-                if self.link_state != LinkState.CONNECTING:
-                    self._set_link(LinkState.CONNECTING, "", logging.INFO)
+                self.connect_attempts += 1
                 try:
                     conn = self._connect()
                 except (OSError, p.ReplicationError, HandshakeError, ValueError) as err:
@@ -1721,7 +1720,7 @@ class Agent:
             return {
                 "agent_id": self.cfg.agent_id, "hub": "%s:%d" % self.cfg.hub,
                 "pid": os.getpid(), **common, "degraded": self.degraded,
-                "link_cause": self.link_cause,
+                "link_cause": self.link_cause, "connect_attempts": self.connect_attempts,
                 "connected_since": conn.connected_at if conn else None,
                 "rtt_s": conn.rtt if conn else None,
                 "pending_writes": len(self.pending),

@@ -476,3 +476,48 @@ def test_status_command_prints_a_summary_and_json(world):
     for key in ("mode", "connection", "dirty_bytes", "queue_frames", "last_ack_age_s"):
         assert key in vol
     assert os.path.exists(agent.state / "vol0.bitmap")
+
+
+def test_qsd_restart_sets_the_mirror_up_again_and_the_hub_verifies(world):
+    """Job gone although the state dir says we had one: set up again, ATTACH
+    UNKNOWN, the hub verifies by checksums and fetches only what differs."""
+    qsd, hub, agent = world(fmt="raw", mode="async")
+    wait_quiet(hub, agent)
+    qemu_io(qsd.export_path, "write -P 0x21 0 1M", export=qsd.export_name)
+    qsd.restart()
+    # Written before the agent can set the mirror up again: QEMU never tells
+    # anyone about these, only a verify can find them.
+    qemu_io(qsd.export_path, "write -P 0x42 8M 192k", export=qsd.export_name)
+    wait_until(lambda: agent.vol()["plan"] == "VERIFY" and agent.vol()["attached"], 30,
+               "re-attach with a VERIFY plan")
+    qemu_io(qsd.export_path, "write -P 0x43 9M 64k", export=qsd.export_name)
+    assert_identical(qsd, hub, agent)
+    vol = agent.vol()
+    assert not vol["needs_verify"] and vol["job"] == "ready"
+    assert vol["counters"].get("read_reply_bytes", 0) < SIZE // 2, "verify, not a full copy"
+    assert "QSD restarted" in agent.tail(100000)
+
+
+def test_tls_link_and_a_wrong_secret(world, tmp_path):
+    if not shutil.which("openssl"):
+        pytest.skip("openssl CLI not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    qsd, hub, agent = world(fmt="raw", mode="async", extra=["--tls-ca", str(cert)],
+                            hub_args=["--tls-cert", str(cert), "--tls-key", str(key)])
+    qemu_io(qsd.export_path, "write -P 0x3c 3M 256k", export=qsd.export_name)
+    assert_identical(qsd, hub, agent)
+    # The same agent with a wrong secret: refused, retried quietly, QEMU unharmed.
+    agent.kill(signal.SIGTERM)
+    hub.secret_file.write_text("ab" * 32 + "\n")
+    agent.start()
+    wait_until(lambda: "AUTH" in agent.status()["link_cause"]
+               or "prove" in agent.status()["link_cause"], 20, "authentication refused")
+    qemu_io(qsd.export_path, "write -P 0x3d 5M 64k", export=qsd.export_name)
+    assert agent.vol()["dirty_bytes"] == CHUNK and not agent.vol()["attached"]
+    wait_until(lambda: agent.status()["connect_attempts"] >= 4, 20, "a few retries")
+    log = agent.tail(100000).split("protecting vol0")[-1]
+    assert log.count("WARNING") <= 2, f"one warning per state change, not per try:\n{log}"
