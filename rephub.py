@@ -1622,7 +1622,14 @@ class AgentConnection:
     def run(self) -> None:
         """Connection thread."""
         try:
-            if self.setup():
+            try:
+                established = self.setup()
+            except p.RequestError as err:
+                # Any error in the handshake ends the connection, answered (HS-10, HS-12).
+                log.warning("handshake from %s refused: %s", self.peer, err)
+                self.send_error(err)
+                established = False
+            if established:
                 self.handle()
         except Exception as err:  # noqa: BLE001 - one connection never kills the server
             self.handle_error(err)
@@ -1730,6 +1737,12 @@ class AgentConnection:
                 if msg is not None:
                     err.request_id = err.request_id or msg.request_id
                     err.msg_type = err.msg_type or msg.TYPE
+                if err.msg_type in NEVER_ANSWERED or (
+                        err.msg_type == p.MsgType.DIRTY_MAP and not err.request_id):
+                    # PROTOCOL.md ER-3: no ERROR for these, or two peers could loop.
+                    log.warning("ignoring a bad %s from %s (%s): %s",
+                                p.MsgType(err.msg_type).name, self.peer, self.agent_id, err)
+                    continue
                 log.warning("request error from %s (%s): %s", self.peer, self.agent_id, err)
                 self.send_error(err)
                 if err.code == p.ErrorCode.IO_ERROR:
@@ -1948,6 +1961,11 @@ class AgentConnection:
                     rtt_ms=None if self.rtt_ns is None else round(self.rtt_ns / 1e6, 3),
                     last_heartbeat=fmt_time_ns(self.last_heartbeat_ns),
                     volumes=sorted(v.name for v in self.volumes.values()))
+
+
+#: Messages never answered with ERROR, even when malformed (PROTOCOL.md ER-3).
+NEVER_ANSWERED = frozenset({p.MsgType.ERROR, p.MsgType.ACK, p.MsgType.PONG,
+                            p.MsgType.SYNCED, p.MsgType.GOODBYE})
 
 
 def vol_acked(vol: Volume):

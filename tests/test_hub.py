@@ -677,3 +677,34 @@ def test_cli_checkpoint_through_the_running_hub_and_offline_export(hubenv, tmp_p
                           "--at", "1999-01-01T00:00:00Z", "-o", out],
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 1 and "BAD_POINT" in res.stderr
+
+
+def test_handshake_request_error_is_answered_then_closed(hubenv):
+    hub, _ = hubenv
+    sock = socket.create_connection(hub.address)
+    try:
+        # A HELLO whose agent_id is not a name: ERROR(BAD_NAME), then close (HS-10).
+        raw = bytearray(p.encode(p.Hello(nonce=os.urandom(32), agent_id="okname")))
+        payload = raw[p.HEADER_SIZE:].replace(b"okname", b"../etc")
+        header = p.encode_header(p.MsgType.HELLO, 0, 0, 0, len(payload), 0, 0,
+                                 rephub.zlib.crc32(payload))
+        sock.sendall(bytes(header) + payload)
+        err = p.recv_message(sock)
+        assert isinstance(err, p.Error) and err.code == p.ErrorCode.BAD_NAME
+        assert p.recv_message(sock) is None
+    finally:
+        sock.close()
+
+
+def test_acks_errors_and_synced_from_the_agent_are_never_answered(hubenv):
+    hub, sec = hubenv
+    with connect(hub, sec) as agent:
+        agent.send(p.Ack(request_id=4242))
+        agent.send(p.Error(request_id=4243, code=p.ErrorCode.INVALID, message="x"))
+        agent.send(p.Synced(request_id=4244, volume=1, offset=0, length=512))
+        agent.send(p.Pong(request_id=4245))
+        agent.send(p.DirtyMap(request_id=0, volume=77, extents=[(0, 4096)]))
+        req = agent.request_id()
+        agent.send(p.Read(request_id=req, volume=1, offset=0, length=512))  # wrong direction
+        assert agent.wait_reply(req).code == p.ErrorCode.UNSUPPORTED
+        assert [e.request_id for e in agent.errors] == [req]
