@@ -378,13 +378,17 @@ class RefAgent(ExternalAgent):
     def start(self, hub_address):
         from qemu_harness import QSD
         if self.qsd is None:
-            self.qsd = QSD(self.dir / "qsd", size=self.size).start()
+            # A second QMP monitor for the agent: QSD serves one client per monitor.
+            self.agent_qmp = self.dir / "aqmp.sock"
+            self.qsd = QSD(self.dir / "qsd", size=self.size, extra_args=[
+                "--chardev", f"socket,id=qmp1,path={self.agent_qmp},server=on,wait=off",
+                "--monitor", "chardev=qmp1"]).start()
             self.nbd_uri = self.qsd.uri
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, str(ROOT / "repagent.py"), "protect", "--hub",
                  f"{hub_address[0]}:{hub_address[1]}", "--agent-id", self.agent_id,
-                 "--secret-file", str(self.secret_file), "--qmp", str(self.qsd.qmp_path),
+                 "--secret-file", str(self.secret_file), "--qmp", str(self.agent_qmp),
                  "--node", f"{self.qsd.node}={self.volume}", "--source",
                  f"{self.qsd.node}={self.qsd.uri}", "--state-dir", str(self.state),
                  "--mode", "async", "--hub-timeout", "30", "--log-level", "DEBUG"],
