@@ -868,7 +868,7 @@ class HubConnection:
                     if volume is not None:
                         volume.queued_frames -= 1
                         volume.queued_bytes -= nbytes
-                    agent.after_send(self)
+                    agent.report_dropped(self)
         except OSError as err:
             self.close(f"send failed: {err}")
 
@@ -1153,9 +1153,15 @@ class Agent:
             if entry is None or vol is None or entry[0] is not vol:
                 log.debug("SYNCED req=%d: no reply of ours on this connection", msg.request_id)
                 return
-            if msg.length == 0 or msg.offset + msg.length > vol.size:
+            end = msg.offset + msg.length
+            if msg.length == 0 or end > vol.size:
                 return
-            vol.bitmap.synced(vol.bitmap.chunk_range(msg.offset, msg.length), entry[1])
+            # Only chunks the range covers whole (the last one may end at the
+            # volume's end): a partial read says nothing of the rest of a chunk.
+            chunk = vol.bitmap.chunk_size
+            first = -(-msg.offset // chunk)
+            last = vol.bitmap.chunks if end == vol.size else end // chunk
+            vol.bitmap.synced(range(first, last), entry[1])
             vol.counters["synced_bytes"] += msg.length
             if self.degraded:
                 self._maybe_undegrade()
@@ -1178,7 +1184,9 @@ class Agent:
             if pw is not None:
                 # The hub refused the write: it stays marked for a resync.
                 pw.volume.bitmap.drop_inflight(pw.chunks, self.seq)
+                pw.volume.dropped.update(pw.chunks)
                 pw.volume.counters["refused_writes"] += 1
+                self.report_dropped(conn)
                 reply, pw.reply = pw.reply, None
                 self._degrade(f"hub refused a write: {msg.code_name()}")
                 log.warning("hub refused %s write req=%d: %s %s", pw.volume.name,
@@ -1206,8 +1214,9 @@ class Agent:
 
     # -- send-queue bookkeeping (repagent-send thread) ---------------------------
 
-    def after_send(self, conn: HubConnection) -> None:
-        """After each send (lock held): report dropped regions once there is room."""
+    def report_dropped(self, conn: HubConnection) -> None:
+        """After each send, or a refused write (lock held): report the regions
+        dropped while attached with an unsolicited DIRTY_MAP once there is room."""
         if conn is not self.conn or conn.queued_bytes > self.cfg.max_queue // 2:
             return
         for vol in self.volumes:
@@ -1275,21 +1284,25 @@ class Agent:
         """Queue the reply, then the writes held behind it (lock taken here)."""
         with self.lock:
             vol.windows.remove(window)
-            live = window.conn is self.conn and vol.volume_id is not None
-            if reply is not None and live:
-                seq = self._enqueue(window.conn, reply, nbytes, vol)
+            conn = self.conn
+            if conn is None or vol.volume_id is None:
+                return          # connection_lost dropped the held writes already
+            if reply is not None and window.conn is conn:
+                seq = self._enqueue(conn, reply, nbytes, vol)
                 self.replies[reply.request_id] = (vol, seq)
                 while len(self.replies) > MAX_SYNCED_MEMORY:
                     self.replies.popitem(last=False)
-            if live and vol.held:
+            # Held writes belong to the current connection (a window of an
+            # older one may still hold them back): release what is free now.
+            if vol.held:
                 still = collections.deque()
                 held, vol.held = vol.held, still
                 for msg, held_bytes, pw in held:
                     if vol.must_hold(msg.offset, msg.offset + msg.length):
                         still.append((msg, held_bytes, pw))   # checked against `still` too
                     else:
-                        window.conn.queued_bytes -= held_bytes
-                        self._enqueue(window.conn, msg, held_bytes, vol)
+                        conn.queued_bytes -= held_bytes
+                        self._enqueue(conn, msg, held_bytes, vol)
 
     def serve_READ(self, conn, msg: p.Read, readers) -> None:
         vol = self._volume_for(conn, msg)

@@ -451,3 +451,28 @@ def ra_wait(predicate, what, timeout=5.0):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.005)
+
+
+def test_synced_for_part_of_a_chunk_clears_nothing_of_it(rig):
+    agent, vol, conn, hub = rig()
+    with agent.lock:
+        vol.bitmap.mark(range(0, 3))
+        vol.bitmap.lose(range(0, 3), 1)
+    hub.send(p.Read(request_id=12, volume=1, offset=4096, length=2 * CHUNK))
+    hub.recv_until(p.MsgType.READ_REPLY)
+    hub.send(p.Synced(request_id=12, volume=1, offset=4096, length=2 * CHUNK))
+    hub.send(p.Ping(request_id=13, sent_ns=1))
+    hub.recv_until(p.MsgType.PONG)
+    assert vol.bitmap.extents() == [(0, CHUNK), (2 * CHUNK, CHUNK)], \
+        "only chunk 1 was read whole"
+
+
+def test_a_write_the_hub_refuses_stays_marked_and_is_reported(rig):
+    agent, vol, conn, hub = rig()
+    agent.protected_write(vol, 6 * CHUNK, 100, memoryview(b"r" * 100), Replies())
+    msg = hub.recv()
+    hub.send(p.Error(request_id=msg.request_id, code=p.ErrorCode.IO_ERROR, failed_type=msg.TYPE,
+                     message="disk full"))
+    dmap = hub.recv()
+    assert dmap.request_id == 0 and dmap.extents == [(6 * CHUNK, CHUNK)]
+    assert vol.bitmap.is_set(6)

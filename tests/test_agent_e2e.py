@@ -521,3 +521,25 @@ def test_tls_link_and_a_wrong_secret(world, tmp_path):
     wait_until(lambda: agent.status()["connect_attempts"] >= 4, 20, "a few retries")
     log = agent.tail(100000).split("protecting vol0")[-1]
     assert log.count("WARNING") <= 2, f"one warning per state change, not per try:\n{log}"
+
+
+def test_hung_hub_never_hangs_qemu_and_sync_mode_recovers(world):
+    qsd, hub, agent = world(fmt="raw", mode="sync",
+                            extra=["--hub-timeout", "2", "--sync-timeout", "0.5"])
+    wait_quiet(hub, agent)
+    wait_until(lambda: agent.status()["mode"] == "sync", 20, "sync mode")
+    hub.proc.send_signal(signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        RandomWorkload(seed=9, size=SIZE, count=30).run_qemu_io(qsd.export_path,
+                                                                 export=qsd.export_name)
+        took = time.monotonic() - start
+        assert took < 5, f"guest writes took {took:.1f}s with a hung hub"
+        assert agent.status()["mode"] == "sync (degraded)"
+        wait_until(lambda: agent.status()["connection"] != "connected", 20,
+                   "hung hub declared down after --hub-timeout")
+    finally:
+        hub.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: agent.vol()["attached"], 30, "re-attached")
+    assert_identical(qsd, hub, agent)
+    wait_until(lambda: agent.status()["mode"] == "sync", 20, "sync mode restored")
