@@ -458,6 +458,7 @@ class FakeAgent:
                 pass
             with self.lock:
                 self.conn = None
+                self.vid = 0
                 self.inflight.clear()          # un-ACKed writes stay dirty [RP-8]
             self.stopping.wait(0.1)
 
@@ -499,6 +500,7 @@ class FakeAgent:
 
     def guest_write(self, offset: int, data: bytes) -> None:
         chunks = set(range(offset // self.chunk_size, -(-(offset + len(data)) // self.chunk_size)))
+        wait_until(lambda: self.vid, 10, "the fake agent to be attached")
         with self.lock:
             self.data[offset:offset + len(data)] = data
             self.dirty |= chunks

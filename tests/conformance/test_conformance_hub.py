@@ -56,8 +56,6 @@ recovery_xfail = pytest.mark.xfail(
            "(answers ERROR(UNSUPPORTED))")
 #: A crafting codec: encodes any field values, even ones the spec forbids.
 CRAFT = cf_codec.IndependentCodec()
-ER3_BUG = ("rephub.py answers a malformed or unsolicited ACK/PONG/ERROR/GOODBYE/SYNCED with "
-           "ERROR (its recv loop answers every decode failure and unknown handler)")
 
 
 # ---------------------------------------------------------------------------
@@ -304,9 +302,23 @@ def test_frames_before_auth_ok(hub, codec, when):
     hub_is_up(hub, codec)
 
 
+@clause("HS-13")
+def test_hello_or_auth_after_auth_ok(hub, codec):
+    a = connect(hub, codec)
+    try:
+        a.conn.send_raw(CRAFT.encode(msg("HELLO", min_version=1, max_version=1, features=0,
+                                         nonce=secrets.token_bytes(32), agent_id=hub.agent_id)))
+        a.conn.send_raw(CRAFT.encode(msg("AUTH", proof=secrets.token_bytes(32))))
+        assert a.request(msg("PING", sent_ns=1)).type == "PONG", "the connection goes on [HS-13]"
+        errors = a.frames("ERROR")
+        assert [error_of(e) for e in errors] == ["BAD_PHASE", "BAD_PHASE"], \
+            [describe(e) for e in errors]
+        assert [int(e.failed_type) for e in errors] == [TYPE_VALUES["HELLO"], TYPE_VALUES["AUTH"]]
+    finally:
+        a.close()
+
+
 @clause("HS-10", "HS-12")
-@ref_bug("rephub.py closes without ERROR(BAD_NAME) when HELLO's agent_id is not a name: "
-         "a request error raised while decoding a handshake frame is logged, not answered")
 @pytest.mark.parametrize("agent_id", ["../etc", "a/b", "-x", ".hidden"])
 def test_handshake_bad_agent_id(hub, codec, agent_id):
     conn = raw_conn(hub, codec)
@@ -819,11 +831,6 @@ def test_recover_failover(hub, codec):
 # Malformed frames, unknown types and flags
 
 
-HANDSHAKE_ERROR_BUG = ("rephub.py closes without an ERROR when a HELLO or AUTH frame is "
-                       "malformed (a request error raised while decoding a handshake frame is "
-                       "logged, not answered) [HS-12]")
-
-
 def _frame_type(raw: bytes) -> str | None:
     return cf_codec.TYPE_NAMES.get(raw[5]) if len(raw) > 5 else None
 
@@ -837,10 +844,8 @@ def _malformed():
             marks = []
             if ftype in NEVER_ANSWERED:
                 ids = ("ER-3",)
-                marks.append(ref_bug(ER3_BUG))
             elif ftype in ("HELLO", "AUTH"):
                 ids = ("HS-12", "HS-10") if v["code"] == "BAD_NAME" else ("HS-12",)
-                marks.append(ref_bug(HANDSHAKE_ERROR_BUG))
             elif ftype and cf_codec.TYPES[ftype][1] == "H":
                 ids += ("ER-5",)
             marks.append(clause(*ids) if marks else clause(*ids, "ER-6"))
@@ -982,7 +987,6 @@ def test_unused_header_field(hub, codec):
 
 
 @clause("ER-3")
-@ref_bug(ER3_BUG)
 def test_never_answered_with_error(hub, codec):
     a = connect(hub, codec)
     try:
