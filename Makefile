@@ -30,8 +30,11 @@ test: deps qemu
 	$(PYTHON) -m coverage run -m pytest -q -p no:cacheprovider tests; rc=$$?; \
 		$(PYTHON) -m coverage report; exit $$rc
 
+# The demo also needs mkfs.ext4, debugfs and e2fsck (e2fsprogs).
 demo: qemu
-	@echo "make demo: not yet (see the demo issue)"
+	@command -v debugfs >/dev/null || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q e2fsprogs; }
+	$(PYTHON) demo/demo.py
 
 bench: deps qemu
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PYTHON) $$b || exit 1; done
