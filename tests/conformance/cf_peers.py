@@ -529,8 +529,35 @@ class HubSession:
         self.next_vol += 1
         self.volumes[vid] = m
         self.hub.replica.setdefault(m.name, bytearray(m.size))
-        self.conn.send(msg("ATTACHED", request_id=m.request_id, volume=vid,
-                           plan=self.hub.plan_for(m)))
+        plan = self.hub.plan_for(m)
+        self.conn.send(msg("ATTACHED", request_id=m.request_id, volume=vid, plan=plan))
+        if self.hub.heal and plan != "NONE":
+            self._sync(vid, plan, None)
+
+    def on_DIRTY_MAP(self, m: Msg) -> None:
+        if m.request_id == 0 and self.hub.heal:     # regions the agent could not stream [SY-9]
+            self._sync(m.volume, "DIRTY", [tuple(e) for e in m.extents])
+
+    def _sync(self, vid: int, plan: str, extents) -> None:
+        """Bring the model replica up to date like a hub would (on cf-hub-sync)."""
+        def run():
+            try:
+                ext = extents
+                size = self.volumes[vid].size
+                if ext is None and plan == "DIRTY":
+                    ext = [tuple(e) for e in self.request(msg("DIRTY_QUERY", volume=vid)).extents]
+                elif ext is None:
+                    ext = [(0, size)]
+                for off, n in ext:
+                    for piece in range(off, off + n, 1 << 20):
+                        length = min(1 << 20, off + n - piece)
+                        r = self.request(msg("READ", volume=vid, offset=piece, length=length))
+                        if r.type == "READ_REPLY":
+                            self.conn.send(msg("SYNCED", request_id=r.request_id, volume=vid,
+                                               offset=piece, length=length))
+            except (Closed, OSError, TimeoutError, WireError, KeyError):
+                pass
+        threading.Thread(target=run, name="cf-hub-sync", daemon=True).start()
 
     def _apply(self, m: Msg, data: bytes) -> None:
         att = self.volumes.get(m.volume)
@@ -585,11 +612,14 @@ class SpecHub:
         self.secret = secret
         self.codec = codec
         self.ack_policy = "auto"
-        self.plan = "NONE"
+        self.heal = True          # act on plans and unsolicited DIRTY_MAPs like a hub
+        self.plan = None          # None: the table of PROTOCOL.md "Sync plans"
         self.replica: dict[str, bytearray] = {}
 
     def plan_for(self, attach: Msg) -> str:
-        return self.plan
+        if self.plan is not None:
+            return self.plan
+        return {0: "NONE", 1: "DIRTY"}.get(int(attach.state), "FULL")
 
     def accept(self, timeout: float = 30.0) -> HubSession:
         self.sock.settimeout(timeout)

@@ -98,6 +98,7 @@ def rig(agent_target, codec):
 @pytest.fixture
 def s(rig):
     """The current, healthy connection (reconnected if a test cut it)."""
+    rig.hub.heal = True
     if rig.session is None or rig.session.closed.is_set():
         rig.connect()
     rig.session.ack_policy = "auto"
@@ -314,6 +315,7 @@ def test_agent_never_answers_malformed_ack_with_error(rig, s):
 @clause("RP-8", "SY-14", "LV-3", "SY-8", "SY-7", "VO-1")
 def test_ack_withholding_keeps_the_region_dirty(rig, s):
     rig.need_writes()
+    rig.hub.heal = False        # nothing may clear the marks but the agent's own rules
     s.ack_policy = "hold"
     off = 12 * 65536 + 4096
     rig.write_seen(off, b"\x5a" * 8192)
@@ -331,6 +333,7 @@ def test_ack_withholding_keeps_the_region_dirty(rig, s):
 def test_synced_clears_only_after_the_reply(rig, s):
     """A write dropped after the READ_REPLY was enqueued is not healed by its SYNCED."""
     rig.need_writes()
+    rig.hub.heal = False        # nothing may clear the marks but the agent's own rules
     off = 20 * 65536
     s.ack_policy = "hold"
     rig.write_seen(off, b"\x01" * 4096)
@@ -354,6 +357,7 @@ def test_marked_before_the_guest_write_completes(rig, s):
     if not hasattr(rig.agent, "stop_agent"):
         pytest.skip("the suite can restart only the reference agent")
     rig.need_writes()
+    rig.hub.heal = False        # nothing may clear the marks but the agent's own rules
     s.ack_policy = "hold"
     off = 30 * 65536
     rig.agent.guest_write(off, b"\x77" * 65536)       # completes before the hub ACKs (async)
