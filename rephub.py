@@ -2041,9 +2041,9 @@ class SyncJob(threading.Thread):
         if want is None:
             raise p.InvalidField(f"READ_REPLY req={msg.request_id} answers no outstanding READ")
         if (msg.volume, msg.offset, msg.length) != (self.vol.id, *want):
-            raise p.InvalidField(f"READ_REPLY req={msg.request_id} is for vol={msg.volume} "
-                                 f"off={msg.offset} len={msg.length}, expected vol="
-                                 f"{self.vol.id} off={want[0]} len={want[1]}")
+            self.abandon(p.InvalidField(
+                f"READ_REPLY req={msg.request_id} is for vol={msg.volume} off={msg.offset} "
+                f"len={msg.length}, expected vol={self.vol.id} off={want[0]} len={want[1]}"))
         self.conn.hub_requests.pop(msg.request_id, None)
         # A zero answer becomes a ZERO record: holes stay holes, never stored as data.
         data = None if msg.is_zero else msg.data
@@ -2067,18 +2067,33 @@ class SyncJob(threading.Thread):
         with self.cond:
             want = self.queries.get(msg.request_id)
         if msg.volume != self.vol.id:
-            raise p.InvalidField(f"{msg.TYPE.name} req={msg.request_id} is for vol="
-                                 f"{msg.volume}, expected {self.vol.id}")
+            self.abandon(p.InvalidField(f"{msg.TYPE.name} req={msg.request_id} is for vol="
+                                        f"{msg.volume}, expected {self.vol.id}"))
         if isinstance(msg, p.Checksums) and (msg.offset, msg.length) != want:
-            raise p.InvalidField(f"CHECKSUMS req={msg.request_id} covers off={msg.offset} "
-                                 f"len={msg.length}, expected off={want[0]} len={want[1]}")
+            self.abandon(p.InvalidField(
+                f"CHECKSUMS req={msg.request_id} covers off={msg.offset} len={msg.length}, "
+                f"expected off={want[0]} len={want[1]}"))
         if isinstance(msg, p.Checksums) and msg.chunk_size != self.chunk:
-            raise p.InvalidField(f"CHECKSUMS chunk_size {msg.chunk_size}, expected {self.chunk}")
+            self.abandon(p.InvalidField(f"CHECKSUMS chunk_size {msg.chunk_size}, "
+                                        f"expected {self.chunk}"))
         if isinstance(msg, p.DirtyMap):
             for off, n in msg.extents:
-                p.check_range(off, n, self.vol.size, "DIRTY_MAP extent")
+                try:
+                    p.check_range(off, n, self.vol.size, "DIRTY_MAP extent")
+                except p.OutOfRange as err:
+                    self.abandon(err)
         self.conn.hub_requests.pop(msg.request_id, None)
         self.inbox.put((msg, barrier_seq))
+
+    def abandon(self, err: p.RequestError):
+        """Recv loop: a reply that does not fit its request: stop this sync, raise ``err``.
+
+        The volume keeps its state (inconsistent or syncing), so the next
+        ATTACH redoes the plan."""
+        self.error = str(err)
+        log.warning("sync of %s abandoned: %s", self.vol.name, err)
+        self.stop()
+        raise err
 
     def on_error(self, msg: p.Error) -> None:
         """Recv loop: the agent refused one of our requests: give up this sync."""
