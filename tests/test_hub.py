@@ -714,3 +714,30 @@ def test_acks_errors_and_synced_from_the_agent_are_never_answered(hubenv):
         agent.send(p.Read(request_id=req, volume=1, offset=0, length=512))  # wrong direction
         assert agent.wait_reply(req).code == p.ErrorCode.UNSUPPORTED
         assert [e.request_id for e in agent.errors] == [req]
+
+
+def test_unfinished_verify_is_redone_as_verify(hubenv):
+    hub, sec = hubenv
+    mv = patterned_volume(4 * MiB, 9)
+    agent = connect(hub, sec)
+    attach_synced(agent, hub, "uv", mv, generation=b"1" * 16)
+    agent.close()
+    agent = connect(hub, sec)
+    # The agent goes away at the first CHECKSUM_QUERY: the verify never finishes.
+    agent.on_CHECKSUM_QUERY = lambda msg: agent.sock.shutdown(socket.SHUT_RDWR)
+    vid, plan = agent.attach("uv", mv, state=p.VolumeState.UNKNOWN, generation=b"2" * 16)
+    assert plan == p.SyncPlan.VERIFY
+    vol = hub.store.volume("uv")
+    wait_for(lambda: vol.sync is None, 10, "verify stopped")
+    agent.close()
+    assert (vol.state, vol.meta["pending_plan"]) == (rephub.VolState.SYNCING, "VERIFY")
+    # Same generation now, and the agent says CLEAN: the hub still verifies.
+    agent = connect(hub, sec)
+    try:
+        vid, plan = agent.attach("uv", mv, state=p.VolumeState.CLEAN, generation=b"2" * 16)
+        assert plan == p.SyncPlan.VERIFY
+        wait_for(lambda: vol.state == rephub.VolState.CONSISTENT and vol.sync is None, 20)
+        assert vol.meta["pending_plan"] is None
+        assert replica_bytes(hub, "uv") == bytes(mv.buf)
+    finally:
+        agent.close()
