@@ -2612,8 +2612,7 @@ def format_status(st: dict) -> str:
              f"applied {j['applied_seq']}), {fmt_bytes(j['bytes'])} + undo "
              f"{fmt_bytes(j['undo_bytes'])}, span {j['span_s']:.0f} s "
              f"[{j['oldest'] or '-'} .. {j['newest'] or '-'}], {j['fdatasyncs']} fdatasyncs",
-             "", "VOLUME           OWNER        STATE         SIZE       SYNC"
-             "                                  LAG"]
+             "", "VOLUME           OWNER        STATE         SIZE       LAG (time/bytes)   SYNC"]
     for v in st["volumes"]:
         sync = v["sync"]
         if sync and sync.get("running"):
@@ -2626,7 +2625,7 @@ def format_status(st: dict) -> str:
             text = "-"
         lag = f"{v['lag_s']:.1f}s/{fmt_bytes(v['lag_bytes'])}"
         lines.append(f"{v['name']:<16} {v['owner']:<12} {v['state']:<13} "
-                     f"{fmt_bytes(v['size']):<10} {text:<37} {lag}"
+                     f"{fmt_bytes(v['size']):<10} {lag:<18} {text}"
                      + ("" if v["attached"] else "  (detached)"))
     if not st["volumes"]:
         lines.append("(no volumes)")
