@@ -33,6 +33,30 @@ Replica store
     store truncates a torn journal tail (CRC) and applies what was journaled
     but not applied.
 
+    The applier works in batches whose records do not overlap: it captures
+    and appends the batch's UNDO records, appends an UNDO_COMMIT, fdatasyncs
+    the undo log, and only then writes the replicas; ``applied.json`` moves
+    forward only after the replicas are fdatasync'ed.  So after any crash the
+    undo of a half-applied batch is complete, and undo records after the last
+    UNDO_COMMIT (their batch never touched a replica) are dropped at start.
+    A ZERO (or a zero READ_REPLY) writes zeroes only where the replica has
+    data: holes stay holes.
+
+Points in time (for recovery)
+    Every record carries a global ``seq`` and a wall-clock ``time_ns``.  A
+    point is a seq: the state of every volume right after that record.  It is
+    named ``latest``, by a checkpoint (a CHECKPOINT record of the volume's
+    agent), or by an ISO 8601 time (the newest record not after it).  The
+    window is bounded by ``--journal-retention`` and ``--journal-max-bytes``:
+    applied journal segments older than that are dropped, and with them the
+    undo records no point in the window needs.
+
+Stopping
+    SIGTERM/SIGINT: stop accepting, let each recv loop finish the frame it is
+    on, send the pending ACKs, GOODBYE, make journal and replicas durable,
+    exit 0.  A second signal exits at once (status 128+signal): every file
+    is append-only with CRCs or replaced atomically, so nothing is corrupt.
+
 Sync (SEMANTICS.md "Sync")
     On ATTACH the hub picks a plan (FULL, DIRTY, VERIFY or NONE) and a
     ``SyncJob`` thread per volume drives it: pipelined READs (several in
