@@ -2509,6 +2509,9 @@ class ControlServer:
         self.path = os.path.join(hub.store.dir, CONTROL_SOCKET)
         if os.path.exists(self.path):
             os.unlink(self.path)  # left by a killed hub; the store lock proves it is gone
+        if len(os.fsencode(self.path)) >= 108:  # sun_path
+            raise StoreError(f"control socket path {self.path} is longer than a unix "
+                             "socket allows (107 bytes); use a shorter --data path")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(self.path)
         os.chmod(self.path, 0o600)
@@ -2854,7 +2857,7 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(threadName)s: %(message)s")
     try:
         return args.func(args)
-    except (CommandError, StoreError, p.ReplicationError) as err:
+    except (CommandError, StoreError, p.ReplicationError, OSError, ssl.SSLError) as err:
         print(f"rephub.py {args.command}: {err}", file=sys.stderr)
         return 1
 
