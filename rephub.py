@@ -2293,7 +2293,11 @@ class SyncJob(threading.Thread):
             self.progress()
 
     def complete(self) -> None:
+        """Every piece is SYNCED: the volume is consistent once all it was compared
+        with is durable too (a VERIFY where everything matched sent no READ)."""
         vol = self.vol
+        while not self.store.journal.wait_durable(self.store.journal.last_seq, timeout=0.5):
+            self.check_stop()
         changes = dict(state=VolState.CONSISTENT.value, pending_plan=None, full_synced=True)
         if not vol.meta["full_synced"]:
             changes["consistent_since_seq"] = max(self.last_sync_seq, 1)
