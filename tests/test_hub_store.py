@@ -29,6 +29,22 @@ def durable(store, rec):
     return rec.seq
 
 
+def journal_only(tmp_path):
+    """A store whose committer runs but whose applier does not (a crash before apply)."""
+    store = rephub.VolumeStore(str(tmp_path))
+    store.open()
+    store.journal.start()
+    return store
+
+
+def abandon(store):
+    store.journal.stop()
+    store.undo_log.close()
+    for v in store.volumes.values():
+        v.close()
+    os.close(store.lock_fd)
+
+
 def test_read_at_walks_undo_back_across_a_reopen(tmp_path):
     store = open_store(tmp_path)
     vol = store.create_volume("v", MiB, 65536, "a1", bytes(16))
@@ -58,17 +74,11 @@ def test_read_at_walks_undo_back_across_a_reopen(tmp_path):
 
 
 def test_unapplied_records_are_replayed_on_open(tmp_path):
-    store = rephub.VolumeStore(str(tmp_path))
-    store.open()
-    store.journal.start()  # committer only: nothing is applied
+    store = journal_only(tmp_path)
     vol = store.create_volume("v", MiB, 65536, "a1", bytes(16))
     rec = store.append_data(vol, 65536, 4096, b"R" * 4096)
     durable(store, rec)
-    store.journal.stop()
-    store.undo_log.close()
-    for v in store.volumes.values():
-        v.close()
-    os.close(store.lock_fd)
+    abandon(store)
 
     store = open_store(tmp_path)
     try:
@@ -134,5 +144,36 @@ def test_volume_names_never_leave_the_data_directory(tmp_path):
             with pytest.raises(p.InvalidField):
                 store.create_volume(bad, MiB, 65536, "a1", bytes(16))
         assert os.listdir(tmp_path / "volumes") == []
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_journal_truncated_at_a_random_byte_drops_only_the_torn_record(tmp_path, caplog, seed):
+    import random
+    rnd = random.Random(seed)
+    store = journal_only(tmp_path)
+    vol = store.create_volume("v", MiB, 65536, "a1", bytes(16))
+    recs = [store.append_data(vol, i * 65536, 65536, bytes([i + 1]) * 65536) for i in range(5)]
+    durable(store, recs[-1])
+    abandon(store)
+    last = recs[-1]
+    path = os.path.join(str(tmp_path), "journal", f"{last.segment:020d}.seg")
+    cut = rnd.randrange(last.pos - rephub.RECORD.size + 1, last.pos + last.payload_length)
+    os.truncate(path, cut)
+    with caplog.at_level(logging.WARNING, logger="rephub"):
+        store = open_store(tmp_path)
+    try:
+        assert "torn or corrupt tail" in caplog.text
+        assert store.journal.last_seq == recs[-2].seq
+        vol = store.volume("v")
+        store.wait_applied(recs[-2].seq)
+        with open(os.path.join(vol.dir, "replica"), "rb") as f:
+            image = f.read()
+        for i in range(4):
+            assert image[i * 65536:(i + 1) * 65536] == bytes([i + 1]) * 65536
+        assert image[4 * 65536:5 * 65536] == bytes(65536)  # the torn record: never applied
+        # The journal goes on from the cut: the next record gets the torn one's seq.
+        assert store.append_data(vol, 0, 512, b"n" * 512).seq == last.seq
     finally:
         store.close()
