@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 
 import pytest
 
@@ -150,7 +151,6 @@ def test_volume_names_never_leave_the_data_directory(tmp_path):
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_journal_truncated_at_a_random_byte_drops_only_the_torn_record(tmp_path, caplog, seed):
-    import random
     rnd = random.Random(seed)
     store = journal_only(tmp_path)
     vol = store.create_volume("v", MiB, 65536, "a1", bytes(16))
