@@ -741,3 +741,19 @@ def test_unfinished_verify_is_redone_as_verify(hubenv):
         assert replica_bytes(hub, "uv") == bytes(mv.buf)
     finally:
         agent.close()
+
+
+def test_detach_acks_after_durable_and_invalidates_the_id(hubenv):
+    hub, sec = hubenv
+    mv = MemVolume(MiB)
+    with connect(hub, sec) as agent:
+        vid = attach_synced(agent, hub, "det", mv)
+        agent.write(vid, 0, b"d" * 4096)  # not waited for: DETACH's ACK covers it
+        req = agent.request_id()
+        agent.send(p.Detach(request_id=req, volume=vid))
+        agent.expect_ack(req)
+        assert hub.store.journal.durable_seq == hub.store.journal.last_seq
+        assert hub.store.volume("det").attached_to is None
+        req = agent.write(vid, 0, b"x" * 512)
+        assert agent.wait_reply(req).code == p.ErrorCode.NO_SUCH_VOLUME
+    assert replica_bytes(hub, "det")[:4096] == b"d" * 4096
