@@ -6,8 +6,6 @@ from __future__ import annotations
 import re
 import sys
 
-import pytest
-
 from conftest import SPEC, clause_index
 
 MODULES = ("test_conformance_codec", "test_conformance_hub", "test_conformance_agent")
