@@ -122,3 +122,16 @@ def test_handshake_vector_proofs():
     assert transcript(AGENT_LABEL, *args).hex() == doc["agent_transcript"]
     assert proof(secret, HUB_LABEL, *args).hex() == doc["hub_proof"]
     assert proof(secret, AGENT_LABEL, *args).hex() == doc["agent_proof"]
+
+
+@pytest.mark.parametrize("vector", _malformed())
+def test_both_codecs_reject_alike(vector):
+    """The spec's tables and protocol.py reject each malformed frame the same way."""
+    outcomes = []
+    for c in (cf_codec.ReferenceCodec(), cf_codec.IndependentCodec()):
+        with pytest.raises(WireError) as info:
+            decode_frame(c, bytes.fromhex(vector["hex"]))
+        e = info.value
+        outcomes.append((e.action, e.code if e.action == "answer" else None,
+                         e.request_id if e.action == "answer" else None))
+    assert outcomes[0] == outcomes[1]
