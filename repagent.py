@@ -143,6 +143,9 @@ CHECKSUM_PIECE = 4 * 1024 * 1024
 MAX_SYNCED_MEMORY = 65536
 """Replies whose stream sequence we remember for a later SYNCED."""
 
+MAX_EXTENTS = p.MAX_PAYLOAD // 16
+"""A DIRTY_MAP carries 16 bytes per extent; longer maps are coarsened."""
+
 QMP_TIMEOUT = 30.0
 CONTROL_TIMEOUT = 5.0
 MAX_UNIX_PATH = 107
@@ -343,8 +346,12 @@ class DirtyBitmap:
                             if chunk < self.chunks:
                                 yield chunk
 
-    def extents(self, chunks=None) -> list[tuple[int, int]]:
-        """Sorted, merged (offset, length) byte extents of the given (or set) chunks."""
+    def extents(self, chunks=None, limit: int = MAX_EXTENTS) -> list[tuple[int, int]]:
+        """Sorted, merged (offset, length) byte extents of the given (or set) chunks.
+
+        At most ``limit`` extents: beyond it, neighbours separated by the
+        smallest gaps are joined (a superset of the dirty regions is allowed).
+        """
         out: list[list[int]] = []
         for chunk in sorted(chunks) if chunks is not None else self.set_chunks():
             start = chunk * self.chunk_size
@@ -353,6 +360,15 @@ class DirtyBitmap:
                 out[-1][1] = end
             else:
                 out.append([start, end])
+        gap = self.chunk_size
+        while len(out) > limit:
+            joined = [out[0]]
+            for start, end in out[1:]:
+                if start - joined[-1][1] <= gap:
+                    joined[-1][1] = end
+                else:
+                    joined.append([start, end])
+            out, gap = joined, gap * 2
         return [(s, e - s) for s, e in out]
 
     @property
@@ -871,6 +887,9 @@ class HubConnection:
                     agent.report_dropped(self)
         except OSError as err:
             self.close(f"send failed: {err}")
+        except Exception as err:   # a bug must cost the connection, not the thread silently
+            log.exception("send thread failed")
+            self.close(f"send thread failed: {type(err).__name__}: {err}")
 
     def _recv_loop(self) -> None:
         """repagent-recv thread: read frames one after the other, dispatch them."""
@@ -905,6 +924,9 @@ class HubConnection:
             self.close(f"protocol error: {err}")
         except OSError as err:
             self.close(f"receive failed: {err}")
+        except Exception as err:
+            log.exception("recv thread failed")
+            self.close(f"recv thread failed: {type(err).__name__}: {err}")
 
     def close(self, reason: str) -> None:
         """Any thread: tear the connection down once; the agent forgets it."""
@@ -1243,8 +1265,11 @@ class Agent:
                 except p.RequestError as err:
                     err.request_id, err.msg_type = msg.request_id, msg.TYPE
                     self.send_error(conn, p.Error.from_exception(err))
-                except OSError as err:
-                    log.warning("%s failed: %s", msg.describe(), err)
+                except Exception as err:   # OSError from QSD, or a bug: answer, go on
+                    if not isinstance(err, OSError):
+                        log.exception("%s failed", msg.describe())
+                    else:
+                        log.warning("%s failed: %s", msg.describe(), err)
                     self.send_error(conn, p.Error(request_id=msg.request_id,
                                                   code=p.ErrorCode.IO_ERROR,
                                                   failed_type=msg.TYPE, message=str(err)))
@@ -1545,6 +1570,12 @@ class Agent:
             log.warning("volume %s: the mirror job was gone (QSD restarted): guest writes "
                         "may have escaped the bitmap, the hub will verify", vol.name)
             vol.meta["needs_verify"] = True
+        elif outcome == JobSetup.STARTED and not vol.bitmap.created:
+            # An old bitmap but no mirror (unprotected meanwhile): writes made
+            # without the mirror were never tracked.
+            log.warning("volume %s: protected again after a pause: the hub will verify",
+                        vol.name)
+            vol.meta["needs_verify"] = True
         vol.meta["mirror"] = True
         vol.save_meta()
         job = find_job(self.qmp, vol.meta["job_id"]) or {}
@@ -1612,6 +1643,7 @@ class Agent:
                 try:
                     teardown_mirror(self.qmp, vol.meta)
                     vol.meta["mirror"] = False
+                    vol.meta["needs_verify"] = True
                     vol.save_meta()
                 except (OSError, QMPError, QMPClosed) as err:
                     log.error("could not tear down the mirror of %s: %s", vol.name, err)
@@ -1898,6 +1930,7 @@ def cmd_unprotect(args) -> int:
             try:
                 teardown_mirror(qmp, vol.meta)
                 vol.meta["mirror"] = False
+                vol.meta["needs_verify"] = True     # writes from now on are not tracked
                 vol.save_meta()
                 print(f"{volume}: mirror of node {node} removed")
             except (QMPError, TimeoutError) as err:

@@ -476,3 +476,18 @@ def test_a_write_the_hub_refuses_stays_marked_and_is_reported(rig):
     dmap = hub.recv()
     assert dmap.request_id == 0 and dmap.extents == [(6 * CHUNK, CHUNK)]
     assert vol.bitmap.is_set(6)
+
+
+def test_a_dirty_map_too_long_for_one_frame_is_coarsened(tmp_path):
+    bm = ra.DirtyBitmap(str(tmp_path / "v.bitmap"), 1000 * 4096, 4096)
+    try:
+        for chunk in range(0, 1000, 3):
+            bm.mark(range(chunk, chunk + 1))
+        exact = bm.extents()
+        assert len(exact) == 334
+        coarse = bm.extents(limit=10)
+        assert len(coarse) <= 10
+        covered = {c for off, n in coarse for c in range(off // 4096, (off + n) // 4096)}
+        assert set(bm.set_chunks()) <= covered, "a coarse map still covers every dirty chunk"
+    finally:
+        bm.close()

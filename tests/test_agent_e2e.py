@@ -432,6 +432,12 @@ def test_sigterm_drains_keeps_the_job_and_unprotect_removes_it(world):
     nodes = {n["node-name"] for n in qsd.qmp("query-named-block-nodes", flat=True)}
     assert "ra-disk0-tgt" not in nodes and "ra-disk0-top" not in nodes
     qemu_io(qsd.export_path, "write -P 0x6b 0 64k", export=qsd.export_name)  # guest unharmed
+    # Protected again with the same state dir: the write above was never
+    # tracked, so the agent must not claim CLEAN: the hub verifies.
+    agent.start()
+    wait_until(lambda: agent.vol()["attached"], 20, "attached again")
+    assert agent.vol()["plan"] == "VERIFY"
+    assert_identical(qsd, hub, agent)
 
 
 def test_bad_nbd_input_is_refused_and_replication_goes_on(world):
