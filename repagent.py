@@ -1083,6 +1083,8 @@ class Agent:
         """Sync mode stops waiting for ACKs (lock held)."""
         if self.cfg.mode == "sync" and not self.degraded:
             self.degraded = True
+            if self.stopping.is_set():
+                return
             log.warning("sync mode degraded (%s): writes are answered once marked until "
                         "a resync catches up", cause)
 

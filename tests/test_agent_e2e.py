@@ -120,12 +120,14 @@ class Agent:
         self.log = workdir / "agent.log"
         self.hub, self.qsd, self.qmp, self.mode, self.volume = hub, qsd, qmp, mode, volume
         self.source, self.extra = source, list(extra)
+        self.more_nodes: list[tuple[str, str]] = []
         self.proc: subprocess.Popen | None = None
 
     def argv(self):
         argv = ["repagent.py", "protect", "--hub", f"127.0.0.1:{self.hub.port}",
                 "--agent-id", "agent1", "--secret-file", str(self.hub.secret_file),
                 "--qmp", str(self.qmp), "--node", f"{self.qsd.node}={self.volume}",
+                *[arg for node, vol in self.more_nodes for arg in ("--node", f"{node}={vol}")],
                 "--state-dir", str(self.state), "--mode", self.mode, "--hub-timeout", "5",
                 "--sync-timeout", "5", "--log-level", "INFO", *self.extra]
         if self.source:
@@ -164,13 +166,13 @@ def world(tmp_path):
     made = {}
 
     def make(fmt="raw", mode="async", prefill=None, start_agent=True, source=False,
-             extra=(), hub_args=()):
+             extra=(), hub_args=(), qsd_args=()):
         qmpdir = short_tmpdir("aqmp")
         made.setdefault("dirs", []).append(qmpdir)
         agent_qmp = qmpdir / "qmp.sock"
         qsd = QSD(tmp_path / "qsd", size=SIZE, fmt=fmt, extra_args=[
             "--chardev", f"socket,id=qmp1,path={agent_qmp},server=on,wait=off",
-            "--monitor", "chardev=qmp1"])
+            "--monitor", "chardev=qmp1", *qsd_args])
         made["qsd"] = qsd
         qsd.start()
         if prefill:
@@ -554,3 +556,21 @@ def test_hung_hub_never_hangs_qemu_and_sync_mode_recovers(world):
     wait_until(lambda: agent.vol()["attached"], 30, "re-attached")
     assert_identical(qsd, hub, agent)
     wait_until(lambda: agent.status()["mode"] == "sync", 20, "sync mode restored")
+
+
+def test_two_volumes_share_one_ordered_connection(world, tmp_path):
+    second = tmp_path / "disk1.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(second), str(SIZE)], check=True)
+    qsd, hub, agent = world(fmt="raw", mode="async", start_agent=False, qsd_args=[
+        "--blockdev", f"driver=file,node-name=disk1-file,filename={second}",
+        "--blockdev", "driver=raw,node-name=disk1,file=disk1-file",
+        "--export", "type=nbd,id=exp1,node-name=disk1,name=disk1,writable=on"])
+    agent.more_nodes = [("disk1", "vol1")]
+    agent.start()
+    RandomWorkload(seed=11, size=SIZE, count=40).run_qemu_io(qsd.export_path, export="disk0")
+    RandomWorkload(seed=12, size=SIZE, count=40).run_qemu_io(qsd.export_path, export="disk1")
+    assert_identical(qsd, hub, agent)
+    wait_until(lambda: hub.volume("vol1") and hub.volume("vol1")["lag_bytes"] == 0
+               and agent.status()["volumes"][1]["dirty_bytes"] == 0, 30, "vol1 quiet")
+    assert file_sha256(hub.replica("vol1")) == nbd_sha256(str(qsd.export_path), "disk1")
+    assert len(hub.status()["agents"]) == 1, "one connection carries both volumes"
