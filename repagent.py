@@ -1126,7 +1126,12 @@ class Agent:
 
     # -- the hub's answers (repagent-recv thread) ---------------------------------
 
+    # The on_<TYPE> methods run on the repagent-recv thread, one frame at a
+    # time in arrival order; READ/CHECKSUM_QUERY/DIRTY_QUERY are handed to the
+    # sync threads so that ACKs keep flowing while QSD is read.
+
     def on_ACK(self, conn: HubConnection, msg: p.Ack) -> None:
+        """A WRITE/ZERO is durable: its chunks may clear; sync mode answers QEMU."""
         reply = None
         with self.lock:
             pw = self.pending.pop(msg.request_id, None)
@@ -1142,6 +1147,7 @@ class Agent:
             reply(0)
 
     def on_ATTACHED(self, conn: HubConnection, msg: p.Attached) -> None:
+        """The volume has an id on this connection: its writes stream from now on."""
         with self.lock:
             kind, vol = self.requests.pop(msg.request_id, (None, None))
             if kind != "ATTACH" or conn is not self.conn:
@@ -1171,6 +1177,7 @@ class Agent:
         self.work.put((conn, msg))
 
     def on_SYNCED(self, conn: HubConnection, msg: p.Synced) -> None:
+        """Our reply to READ/CHECKSUM_QUERY ``req`` is durable: forget older losses."""
         with self.lock:
             entry = self.replies.get(msg.request_id)
             vol = self.by_id.get(msg.volume)
@@ -1202,6 +1209,7 @@ class Agent:
             self.requests.pop(msg.request_id, None)
 
     def on_ERROR(self, conn: HubConnection, msg: p.Error) -> None:
+        """A refused write stays marked (and is reported); other errors are logged."""
         reply = None
         with self.lock:
             pw = self.pending.pop(msg.request_id, None)
