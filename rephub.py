@@ -652,12 +652,17 @@ class Journal:
         return self.log.fdatasyncs
 
     def stop(self) -> None:
-        """Make everything durable and stop the committer (the stopping thread)."""
+        """Make everything durable and stop the committer (the stopping thread).
+
+        The segments stay open for reading: the applier may still be copying."""
         self.stop_event.set()
         with self.durable_cond:
             self.durable_cond.notify_all()
         if self.committer:
             self.committer.join(timeout=30)
+
+    def close(self) -> None:
+        """Close the segment files (after ``stop``, once the applier is done)."""
         with self.lock:
             self.log.close()
 
@@ -850,6 +855,7 @@ class VolumeStore:
             if self.applier.is_alive():
                 log.warning("applier did not stop within 60 s; replay will finish its work")
         self._persist_applied(set(self.volumes.values()))
+        self.journal.close()
         self.undo_log.close()
         for vol in self.volumes.values():
             vol.close()

@@ -40,6 +40,7 @@ def journal_only(tmp_path):
 
 def abandon(store):
     store.journal.stop()
+    store.journal.close()
     store.undo_log.close()
     for v in store.volumes.values():
         v.close()
