@@ -201,6 +201,17 @@ def world(tmp_path):
             shutil.rmtree(made["agent"].state, ignore_errors=True)
 
 
+def hub_state(hub: Hub, volume="vol0") -> str | None:
+    """The hub's state of the volume (None until it is first attached)."""
+    vol = hub.volume(volume)
+    return vol["state"] if vol else None
+
+
+def sync_done(hub: Hub, volume="vol0") -> int:
+    vol = hub.volume(volume)
+    return ((vol or {}).get("sync") or {}).get("bytes_done", 0)
+
+
 def show(hub: Hub, agent: Agent) -> str:
     return f"--- hub log ---\n{hub.tail()}\n--- agent log ---\n{agent.tail()}"
 
@@ -252,9 +263,10 @@ def differing_chunks(qsd: QSD, replica: Path) -> list[int]:
 class Writer(threading.Thread):
     """Random 4-256 KiB writes (some zeroes) through QSD's export until stopped."""
 
-    def __init__(self, qsd: QSD, seed: int, limit: int = 4000):
+    def __init__(self, qsd: QSD, seed: int, limit: int = 4000, region: tuple = (0, SIZE)):
         super().__init__(name=f"writer-{seed}", daemon=True)
         self.qsd, self.rng, self.limit = qsd, random.Random(seed), limit
+        self.region = region
         self.stop_event = threading.Event()
         self.go = threading.Event()
         self.go.set()
@@ -280,8 +292,9 @@ class Writer(threading.Thread):
                         self.idle.set()
                         self.go.wait(60)
                         continue
+                    start, end = self.region
                     length = self.rng.randrange(4096, 256 * 1024 + 1, 4096)
-                    offset = self.rng.randrange(0, SIZE - length + 1, 512)
+                    offset = self.rng.randrange(start, end - length + 1, 512)
                     if self.rng.random() < 0.1:
                         client.write_zeroes(offset, length)
                     else:
@@ -326,7 +339,7 @@ def test_full_sync_under_writes_then_random_writes_converge(world, fmt, mode):
     writer = Writer(qsd, seed=1)
     writer.start()
     wait_writes(writer, 100)
-    assert hub.volume("vol0")["state"] == "inconsistent", "writes must overlap the full sync"
+    assert hub_state(hub) in (None, "inconsistent"), "writes must overlap the full sync"
     RandomWorkload(seed=2, size=SIZE, count=150, max_length=128 * 1024).run_qemu_io(
         qsd.export_path, export=qsd.export_name)
     writer.stop()
@@ -574,3 +587,23 @@ def test_two_volumes_share_one_ordered_connection(world, tmp_path):
                and agent.status()["volumes"][1]["dirty_bytes"] == 0, 30, "vol1 quiet")
     assert file_sha256(hub.replica("vol1")) == nbd_sha256(str(qsd.export_path), "disk1")
     assert len(hub.status()["agents"]) == 1, "one connection carries both volumes"
+
+
+def test_stale_reads_never_overwrite_newer_writes(world):
+    """Rule 4, pressed: while the hub slowly reads the whole disk, two writers
+    hammer the region it reads first, so reads and writes of the same chunks
+    overlap.  (With the read windows disabled this test fails about every
+    other run; test_agent.py proves the ordering deterministically.)"""
+    qsd, hub, agent = world(fmt="qcow2", mode="async", prefill=prefill_data, source=True,
+                            hub_args=["--sync-rate", str(8 * MiB)])
+    writers = [Writer(qsd, seed=20 + i, region=(0, 8 * MiB)) for i in range(2)]
+    for w in writers:
+        w.start()
+    # Stop writing as soon as the hub has read past the region, so that a
+    # stale reply is not healed by a later write.
+    wait_until(lambda: sync_done(hub) >= 8 * MiB or any(w.error for w in writers), 60,
+               "the full sync to read past the written region")
+    for w in writers:
+        w.stop()
+    assert all(w.count > 10 for w in writers)
+    assert_identical(qsd, hub, agent)
