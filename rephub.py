@@ -759,7 +759,8 @@ class VolumeStore:
         self.applied_seq = 0
         self.undo_committed_seq = 0
         self.undo_tables: dict[tuple[int, int], list] = {}
-        self.stop_event = threading.Event()
+        self.stop_event = threading.Event()   # the applier: drain and stop
+        self.closing = threading.Event()      # long readers (export): give up
         self.applier: threading.Thread | None = None
         self.lock_fd: int | None = None
         self.hub_meta: dict = {}
@@ -846,6 +847,7 @@ class VolumeStore:
 
     def close(self) -> None:
         """Make everything durable, stop the threads, unlock (the stopping thread)."""
+        self.closing.set()
         self.journal.stop()
         self.stop_event.set()
         with self.journal.durable_cond:
@@ -1267,6 +1269,9 @@ class VolumeStore:
         try:
             os.ftruncate(fd, vol.size)
             for off in range(0, vol.size, IO_BLOCK):
+                if self.closing.is_set():
+                    raise p.RequestError("the hub is stopping; export abandoned",
+                                         code=p.ErrorCode.SHUTTING_DOWN)
                 n = min(IO_BLOCK, vol.size - off)
                 data = self.read_at(vol, seq, off, n)
                 if data is not None:
@@ -2486,6 +2491,7 @@ class Hub:
         for t in self.threads:
             t.join(timeout=5)
         self.listener.close()
+        self.store.closing.set()
         if self.control:
             self.control.close()
         with self.conn_lock:
@@ -2527,6 +2533,7 @@ class ControlServer:
         os.chmod(self.path, 0o600)
         self.sock.listen(8)
         self.stop_event = threading.Event()
+        self.requests: list[threading.Thread] = []
         self.thread = threading.Thread(target=self._loop, name="control", daemon=True)
         self.thread.start()
 
@@ -2541,8 +2548,10 @@ class ControlServer:
                 client, _ = self.sock.accept()
             except OSError:
                 continue
-            threading.Thread(target=self._serve, args=(client,), name=f"control-{next(n)}",
-                             daemon=True).start()
+            t = threading.Thread(target=self._serve, args=(client,), name=f"control-{next(n)}",
+                                 daemon=True)
+            self.requests = [r for r in self.requests if r.is_alive()] + [t]
+            t.start()
 
     def _serve(self, client: socket.socket) -> None:
         """Control request thread."""
@@ -2584,10 +2593,16 @@ class ControlServer:
                                  lambda done, total: emit(dict(progress=done, total=total)))
         raise ValueError(f"unknown command {cmd!r}")
 
-    def close(self) -> None:
+    def close(self, grace: float = 30.0) -> None:
+        """Stop accepting; let running requests (an export) finish before the store closes."""
         self.stop_event.set()
         self.thread.join(timeout=5)
         self.sock.close()
+        deadline = time.monotonic() + grace
+        for t in self.requests:
+            t.join(timeout=max(deadline - time.monotonic(), 0.1))
+            if t.is_alive():
+                log.warning("control request %s still running at shutdown", t.name)
         try:
             os.unlink(self.path)
         except OSError:
