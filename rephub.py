@@ -751,7 +751,7 @@ class VolumeStore:
         self.volumes_dir = os.path.join(self.dir, "volumes")
         self.journal = Journal(os.path.join(self.dir, "journal"), segment_bytes)
         self.undo_log = SegmentLog(os.path.join(self.dir, "undo"), "undo log", segment_bytes)
-        self.lock = threading.Lock()            # volumes dict, hub.json
+        self.lock = threading.RLock()           # volumes dict, hub.json
         self.apply_lock = threading.Lock()      # replica contents vs read_at
         self.applied_cond = threading.Condition(threading.Lock())
         self.volumes: dict[str, Volume] = {}
@@ -913,6 +913,17 @@ class VolumeStore:
         log.info("volume %s created: id=%d size=%d chunk=%d owner=%s", name, vid, size,
                  chunk_size, owner)
         return vol
+
+    def open_or_create(self, name: str, size: int, chunk_size: int, owner: str,
+                       generation: bytes) -> tuple[Volume, bool]:
+        """The volume named ``name``, created for ``owner`` if new: (volume, created).
+
+        Atomic, so two agents attaching a new name at once cannot both own it."""
+        with self.lock:
+            vol = self.volumes.get(name)
+            if vol is not None:
+                return vol, False
+            return self.create_volume(name, size, chunk_size, owner, generation), True
 
     # -- appending -------------------------------------------------------------
 
@@ -1828,10 +1839,9 @@ class AgentConnection:
         return vol
 
     def on_ATTACH(self, header, msg: p.Attach) -> None:
-        vol = self.store.volume(msg.name)
-        if vol is None:
-            vol = self.store.create_volume(msg.name, msg.size, msg.chunk_size,
-                                           self.agent_id, msg.generation)
+        vol, created = self.store.open_or_create(msg.name, msg.size, msg.chunk_size,
+                                                 self.agent_id, msg.generation)
+        if created:
             plan = p.SyncPlan.FULL
         else:
             if vol.owner != self.agent_id:
