@@ -1976,10 +1976,13 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(status, indent=1))
         return 0
-    print(f"agent {status['agent_id']} -> hub {status['hub']}: {status['connection']}, "
+    age = status["last_ack_age_s"]
+    cause = f" ({status['link_cause']})" if status["connection"] != "connected" \
+        and status["link_cause"] else ""
+    print(f"agent {status['agent_id']} -> hub {status['hub']}: {status['connection']}{cause}, "
           f"mode {status['mode']}, queue {status['queue_frames']} frames / "
           f"{status['queue_bytes']} bytes, last ACK "
-          f"{'-' if status['last_ack_age_s'] is None else str(status['last_ack_age_s']) + 's'} ago")
+          f"{'never' if age is None else f'{age:.1f}s ago'}")
     for v in status["volumes"]:
         print(f"  {v['volume']:<16} node {v['node']:<12} {v['size']:>14} B  "
               f"{'attached' if v['attached'] else 'detached':<8} plan {v['plan'] or '-':<6} "
