@@ -607,3 +607,24 @@ def test_stale_reads_never_overwrite_newer_writes(world):
         w.stop()
     assert all(w.count > 10 for w in writers)
     assert_identical(qsd, hub, agent)
+
+
+def test_async_queue_full_drops_to_bitmap_and_the_hub_resyncs(world):
+    """--max-queue reached: writes are only marked, reported by an unsolicited
+    DIRTY_MAP, and the hub's resync brings the replica back."""
+    qsd, hub, agent = world(fmt="raw", mode="async", extra=["--max-queue", "300K"])
+    wait_quiet(hub, agent)
+    writers = [Writer(qsd, seed=30 + i) for i in range(3)]
+    for w in writers:
+        w.start()
+    wait_until(lambda: agent.vol()["counters"].get("dropped_writes", 0) >= 5
+               or sum(w.count for w in writers) > 3000, 60, "dropped writes")
+    for w in writers:
+        w.stop()
+    assert agent.vol()["counters"]["dropped_writes"] >= 5
+    assert_identical(qsd, hub, agent)
+    assert "unsolicited" in agent.tail(200000)
+    target = f"nbd+unix:///vol0?socket={agent.state / 'vol0.nbd'}"
+    info = subprocess.run(["nbdinfo", "--size", target], capture_output=True, text=True,
+                          timeout=30)
+    assert info.returncode == 0 and int(info.stdout) == SIZE, info
