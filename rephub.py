@@ -127,6 +127,9 @@ POLL_INTERVAL = 0.2
 FRAME_TIMEOUT = 60.0
 #: The hub pings every connection this often; status shows the RTT.
 HEARTBEAT_INTERVAL = 5.0
+#: A connection from which nothing (not even a PONG) arrived for this many
+#: heartbeat intervals is half-open or hung: the heartbeat closes it.
+PEER_SILENCE_INTERVALS = 4
 #: FULL/DIRTY syncs read pieces of this size (chunk aligned) ...
 SYNC_PIECE = 1024 * 1024
 #: ... with this many READs in flight, so the agent's disk and the link stay busy.
@@ -1565,6 +1568,7 @@ class AgentConnection:
         self.pings: dict[int, int] = {}
         self.rtt_ns: int | None = None
         self.last_heartbeat_ns = 0
+        self.last_recv = time.monotonic()   # when the last frame header arrived
         self.connected_ns = time.time_ns()
         self.closing = threading.Event()
         self.acker = Acker(self)
@@ -1652,6 +1656,7 @@ class AgentConnection:
         if got < p.HEADER_SIZE:
             raise p.TruncatedFrame(f"connection closed inside a frame header "
                                    f"({got} of {p.HEADER_SIZE} bytes)")
+        self.last_recv = time.monotonic()
         header = p.parse_header(self.header_buf)
         payload = bytearray(header.payload_length)
         got = self._read_into(memoryview(payload))
@@ -2040,8 +2045,15 @@ class SyncJob(threading.Thread):
     SYNCED was sent, i.e. once the reply is durable.
     """
 
-    def __init__(self, conn: AgentConnection, vol: Volume, plan: p.SyncPlan, extents=None):
+    def __init__(self, conn: AgentConnection, vol: Volume, plan: p.SyncPlan, extents=None,
+                 online: bool = False, repair: bool = True):
         super().__init__(name=f"sync-{vol.name}", daemon=True)
+        # An online verify (operator's ``verify``) runs beside replication; without
+        # ``repair`` it only reports the differing chunks and leaves the state alone.
+        self.online = online
+        self.repair = repair
+        self.differing: list[tuple[int, int]] = []
+        self.completed = False
         self.conn = conn
         self.store = conn.store
         self.vol = vol
@@ -2309,8 +2321,10 @@ class SyncJob(threading.Thread):
             if differ:
                 log.info("verify of %s: %d differing ranges in [%d, %d)", self.vol.name,
                          len(differ), msg.offset, msg.offset + msg.length)
-                self.bytes_total += sum(n for _, n in differ)
-                self.pull(differ)
+                self.differing.extend(differ)
+                if self.repair:
+                    self.bytes_total += sum(n for _, n in differ)
+                    self.pull(differ)
             self.progress()
 
     def complete(self) -> None:
@@ -2319,6 +2333,11 @@ class SyncJob(threading.Thread):
         vol = self.vol
         while not self.store.journal.wait_durable(self.store.journal.last_seq, timeout=0.5):
             self.check_stop()
+        if self.online and not self.repair:
+            log.info("verify of %s done: %d differing ranges (%s), nothing repaired", vol.name,
+                     len(self.differing), fmt_bytes(sum(n for _, n in self.differing)))
+            self.completed = True
+            return
         changes = dict(state=VolState.CONSISTENT.value, pending_plan=None, full_synced=True)
         if not vol.meta["full_synced"]:
             changes["consistent_since_seq"] = max(self.last_sync_seq, 1)
@@ -2326,6 +2345,7 @@ class SyncJob(threading.Thread):
         took = time.monotonic() - self.started
         log.info("volume %s is consistent: %s sync done, %s fetched in %.1f s", vol.name,
                  self.plan.name, fmt_bytes(self.bytes_fetched), took)
+        self.completed = True
 
     def progress(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -2429,7 +2449,13 @@ class Hub:
         while not self.stopping.wait(self.heartbeat_interval):
             with self.conn_lock:
                 conns = list(self.by_agent.values())
+            silent_limit = PEER_SILENCE_INTERVALS * self.heartbeat_interval
             for conn in conns:
+                silent = time.monotonic() - conn.last_recv
+                if silent > silent_limit:
+                    conn.abort(f"nothing received for {silent:.1f} s, PINGs unanswered: "
+                               "the peer is hung or the connection half-open")
+                    continue
                 try:
                     conn.ping()
                 except (OSError, ConnectionClosed) as err:
@@ -2459,6 +2485,45 @@ class Hub:
             raise p.RequestError("checkpoint not durable", code=p.ErrorCode.IO_ERROR)
         log.info("checkpoint %r of agent %s at seq %d (operator)", name, vol.owner, rec.seq)
         return dict(name=name, agent=vol.owner, seq=rec.seq, time=fmt_time_ns(rec.time_ns))
+
+    def verify(self, volume: str, repair: bool, progress=None, timeout: float = 3600.0) -> dict:
+        """Online verify (control thread): compare ``volume`` with its agent's copy by
+        checksums over the live connection, while replication goes on; with
+        ``repair`` READ the differing chunks.  Returns once the comparison is done."""
+        vol = self.store.volume(volume)
+        if vol is None:
+            raise p.RequestError(f"no volume named {volume!r}", code=p.ErrorCode.NO_SUCH_VOLUME)
+        conn = vol.attached_to
+        if conn is None or conn.closing.is_set():
+            raise p.RequestError(f"volume {volume!r} is not attached: its agent is not "
+                                 "connected, nothing to compare with", code=p.ErrorCode.BUSY)
+        with conn.sync_lock:
+            if vol.sync is not None and not vol.sync.finished:
+                raise p.RequestError(f"volume {volume!r} is syncing ({vol.sync.plan.name}); "
+                                     "verify again once it is done", code=p.ErrorCode.BUSY)
+            job = SyncJob(conn, vol, p.SyncPlan.VERIFY, online=True, repair=repair)
+            vol.sync = job
+            conn.jobs.add(job)
+        if repair:
+            job.begin()
+        log.info("online verify of %s%s starts", vol.name, " with repair" if repair else "")
+        job.start()
+        deadline = time.monotonic() + timeout
+        while job.is_alive() and time.monotonic() < deadline:
+            job.join(0.5)
+            if progress:
+                progress(job.bytes_done, job.bytes_total)
+        st = job.status()
+        if not job.completed:
+            raise p.RequestError(f"verify of {volume!r} did not complete: "
+                                 f"{st['error'] or 'connection closed or timed out'}",
+                                 code=p.ErrorCode.IO_ERROR)
+        differing = [dict(offset=o, length=n) for o, n in job.differing]
+        return dict(volume=vol.name, size=vol.size, chunk_size=job.chunk,
+                    chunks=-(-vol.size // job.chunk), compared_bytes=job.bytes_done,
+                    differing=differing, differing_bytes=sum(n for _, n in job.differing),
+                    repaired=repair and bool(differing), bytes_fetched=job.bytes_fetched,
+                    seconds=round(time.monotonic() - job.started, 3))
 
     def status(self) -> dict:
         store, j = self.store, self.store.journal
@@ -2524,8 +2589,9 @@ class ControlServer:
 
     Requests: ``{"cmd": "status"}``, ``{"cmd": "points", "volume": V}``,
     ``{"cmd": "checkpoint", "volume": V, "name": N}``, ``{"cmd": "export",
-    "volume": V, "at": POINT, "output": ABSOLUTE_PATH}``.  Replies: for
-    export zero or more ``{"progress": done, "total": size}`` lines, then
+    "volume": V, "at": POINT, "output": ABSOLUTE_PATH}``, ``{"cmd": "verify",
+    "volume": V, "repair": BOOL}`` (``Hub.verify``).  Replies: for
+    export and verify zero or more ``{"progress": done, "total": size}`` lines, then
     always ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": text,
     "code": ErrorCode name}``.
     """
@@ -2598,6 +2664,9 @@ class ControlServer:
             return store.points(vol)
         if cmd == "checkpoint":
             return self.hub.checkpoint(vol.name, req["name"])
+        if cmd == "verify":
+            return self.hub.verify(vol.name, bool(req.get("repair")),
+                                   lambda done, total: emit(dict(progress=done, total=total)))
         if cmd == "export":
             return export_volume(store, vol, req["at"], req["output"],
                                  lambda done, total: emit(dict(progress=done, total=total)))
@@ -2836,6 +2905,31 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    """Online verify through the running hub; exit 0 if identical (or repaired), 2 if not."""
+    if not hub_running(args.data):
+        raise CommandError(f"no hub is running on {args.data}: verify compares over the "
+                           "live agent connection")
+
+    def progress(o):
+        if o["total"]:
+            print(f"\rverify: {100.0 * o['progress'] / o['total']:5.1f}%", end="",
+                  file=sys.stderr, flush=True)
+    res = control_request(args.data, {"cmd": "verify", "volume": args.volume,
+                                      "repair": args.repair}, on_line=progress, timeout=10)
+    print("", file=sys.stderr)
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        for d in res["differing"]:
+            print(f"differs: offset {d['offset']} length {d['length']}")
+        print(f"verified {res['volume']}: {res['chunks']} chunks of {fmt_bytes(res['chunk_size'])}"
+              f", {len(res['differing'])} differing ranges ({fmt_bytes(res['differing_bytes'])})"
+              f"{', repaired' if res['repaired'] else ''}, {fmt_bytes(res['bytes_fetched'])} "
+              f"fetched in {res['seconds']:.1f} s")
+    return 0 if res["repaired"] or not res["differing"] else 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rephub.py", description=__doc__.split("\n")[0])
     ap.add_argument("--log-level", default="INFO",
@@ -2875,6 +2969,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--at", default="latest", help="latest | checkpoint name | ISO 8601 time")
     s.add_argument("-o", "--output", required=True)
     s.set_defaults(func=cmd_export)
+    s = sub.add_parser("verify", help="compare a volume with its agent's copy by checksums "
+                       "(online, through the running hub)")
+    s.add_argument("--data", required=True)
+    s.add_argument("volume")
+    s.add_argument("--repair", action="store_true", help="resync the differing chunks")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_verify)
     return ap
 
 
