@@ -1,0 +1,498 @@
+"""A protected-VM cluster on loopback for fault tests, with a fault proxy in the link.
+
+    writer (QD1) ──NBD──> QSD ──mirror──> repagent ──> FaultProxy ──> rephub
+
+``Cluster`` starts qemu-storage-daemon (the protected disk), ``rephub.py
+serve`` and ``repagent.py protect`` as subprocesses, with a ``FaultProxy``
+between the agent and the hub.  ``Writer`` issues random writes through
+QSD's own NBD export one at a time (each is acknowledged before the next is
+issued), so the order in which they enter the replication stream is known:
+it records each acknowledged write in a ``StreamModel`` (tests/oracle.py),
+the replica-state oracle.
+
+Faults (``Cluster.inject``) are named by ``Fault``; each one is followed by
+``converge`` (poll both status commands with a deadline) and ``check_identical``.
+Used by tests/faults/test_faults.py (a few rounds in CI) and
+tests/faults/soak.py (``make soak ROUNDS=N``).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import nbd
+import rephub
+import repagent as ra
+from faults.proxy import FaultProxy
+from oracle import StreamModel
+from qemu_harness import QSD, MiB, kill_all, nbd_sha256, short_tmpdir, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+CHUNK = 64 * 1024
+
+
+def spawn(argv, log_path: Path) -> subprocess.Popen:
+    """A Python script of the project as a subprocess in its own session."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def end(proc: subprocess.Popen | None, sig=signal.SIGKILL) -> None:
+    """Send ``sig`` (after SIGCONT, so a stopped process can act on it) and reap."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)
+        proc.send_signal(sig)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def last_record_start(segment: bytes) -> int | None:
+    """Offset of the last whole record in a journal segment (rephub ``RECORD`` layout)."""
+    offset, last = 0, None
+    header = rephub.RECORD.size
+    while offset + header <= len(segment):
+        payload_length = int.from_bytes(segment[offset + 28:offset + 32], "big")
+        end_ = offset + header + payload_length
+        if end_ > len(segment):
+            break
+        last, offset = offset, end_
+    return last
+
+
+class HubProc:
+    """``rephub.py serve`` on 127.0.0.1; keeps its port across restarts."""
+
+    def __init__(self, workdir: Path, agent_ids=("agent1",), args=()):
+        self.args = list(args)
+        self.data = workdir / "hub"
+        self.agents = workdir / "agents.json"
+        self.log = workdir / "hub.log"
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+        self.secret_files: dict[str, Path] = {}
+        for agent_id in agent_ids:
+            out = subprocess.run([sys.executable, "rephub.py", "add-agent", "--agents",
+                                  str(self.agents), agent_id], cwd=ROOT, capture_output=True,
+                                 text=True, timeout=30)
+            secret = re.search(r"\b[0-9a-f]{64}\b", out.stdout)
+            if out.returncode != 0 or not secret:
+                raise RuntimeError(f"add-agent {agent_id} failed: {out}")
+            path = workdir / f"{agent_id}.secret"
+            path.write_text(secret.group(0) + "\n")
+            self.secret_files[agent_id] = path
+
+    def start(self) -> "HubProc":
+        self.proc = spawn(["rephub.py", "--log-level", "INFO", "serve", "--data",
+                           str(self.data), "--listen", f"127.0.0.1:{self.port}",
+                           "--agents", str(self.agents), *self.args], self.log)
+        status = wait_until(self._status_or_none, 30, "rephub control socket", 0.05)
+        self.port = int(status["listen"].rsplit(":", 1)[1])
+        return self
+
+    def _status_or_none(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"rephub exited {self.proc.returncode}:\n{self.tail()}")
+        try:
+            return self.status()
+        except (OSError, ValueError, rephub.CommandError):
+            return None
+
+    def request(self, req: dict, timeout: float = 10.0):
+        return rephub.control_request(str(self.data), req, timeout=timeout)
+
+    def status(self) -> dict:
+        return self.request({"cmd": "status"})
+
+    def volume(self, name: str) -> dict | None:
+        for vol in self.status()["volumes"]:
+            if vol["name"] == name:
+                return vol
+        return None
+
+    def replica(self, name: str) -> Path:
+        return self.data / "volumes" / name / "replica"
+
+    def journal_segments(self) -> list[Path]:
+        return sorted((self.data / "journal").glob("*.seg"))
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        end(self.proc, sig)
+
+    def tail(self, n=3000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+
+class AgentProc:
+    """``repagent.py protect`` for QSD nodes, connecting to ``hub_address``."""
+
+    def __init__(self, workdir: Path, hub_address, secret_file: Path, qmp: Path,
+                 nodes: dict[str, str], mode="async", agent_id="agent1", extra=()):
+        self.state = short_tmpdir("agst")
+        self.log = workdir / f"{agent_id}.log"
+        self.hub_address, self.secret_file, self.qmp = hub_address, secret_file, qmp
+        self.nodes, self.mode, self.agent_id, self.extra = nodes, mode, agent_id, list(extra)
+        self.proc: subprocess.Popen | None = None
+
+    def argv(self) -> list[str]:
+        host, port = self.hub_address
+        return ["repagent.py", "protect", "--hub", f"{host}:{port}", "--agent-id",
+                self.agent_id, "--secret-file", str(self.secret_file), "--qmp", str(self.qmp),
+                *[a for node, vol in self.nodes.items() for a in ("--node", f"{node}={vol}")],
+                "--state-dir", str(self.state), "--mode", self.mode, "--hub-timeout", "3",
+                "--sync-timeout", "2", "--reconnect-delay", "1", "--log-level", "INFO",
+                *self.extra]
+
+    def start(self) -> "AgentProc":
+        self.proc = spawn(self.argv(), self.log)
+        wait_until(self._status_or_none, 30, "repagent control socket", 0.05)
+        return self
+
+    def _status_or_none(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"repagent exited {self.proc.returncode}:\n{self.tail()}")
+        try:
+            return self.status()
+        except (OSError, ValueError):
+            return None
+
+    def status(self) -> dict:
+        return ra.query_status(str(self.state))
+
+    def vol(self) -> dict:
+        return self.status()["volumes"][0]
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        end(self.proc, sig)
+
+    def tail(self, n=4000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+    def close(self) -> None:
+        self.kill()
+        shutil.rmtree(self.state, ignore_errors=True)
+
+
+class Writer(threading.Thread):
+    """Random writes through QSD's export, one at a time, recorded in a StreamModel.
+
+    A write enters ``model`` only once QSD acknowledged it; the write in
+    flight when the writer is paused completes first (``pause`` waits), so
+    the model is exactly the acknowledged stream.  ``marks`` records, per
+    write, (issued_ns, acked_ns): between two of them the hub's state in
+    sync mode is exactly a prefix of the model (the replica-state oracle).
+    """
+
+    def __init__(self, qsd: QSD, model: StreamModel, seed: int, max_length=128 * 1024,
+                 gap: float = 0.002):
+        super().__init__(name=f"writer-{seed}", daemon=True)
+        self.qsd, self.model, self.rng = qsd, model, random.Random(seed)
+        self.max_length, self.gap = max_length, gap
+        self.stop_event = threading.Event()
+        self.go = threading.Event()
+        self.go.set()
+        self.idle = threading.Event()
+        self.marks: list[tuple[int, int]] = []
+        self.count = 0
+        self.bytes = 0
+        self.error: BaseException | None = None
+
+    def pause(self, timeout: float = 60) -> None:
+        """Return once no write is in progress and none starts until ``resume``."""
+        self.go.clear()
+        self.idle.clear()
+        if not self.idle.wait(timeout) and self.is_alive():
+            raise AssertionError(f"writer did not pause within {timeout} s")
+        self.raise_error()
+
+    def resume(self) -> None:
+        self.go.set()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise AssertionError(f"writer failed: {self.error!r}") from self.error
+
+    def run(self) -> None:
+        """Writer thread: (re)connects to QSD's export after each pause."""
+        try:
+            while not self.stop_event.is_set():
+                if not self.go.is_set():
+                    self.idle.set()
+                    self.go.wait(0.1)
+                    continue
+                with nbd.NBDClient(str(self.qsd.export_path), self.qsd.export_name,
+                                   timeout=60) as client:
+                    while self.go.is_set() and not self.stop_event.is_set():
+                        self.one_write(client)
+                        self.stop_event.wait(self.gap)   # pacing, not synchronisation
+        except BaseException as err:  # noqa: BLE001 - reported by pause/stop
+            self.error = err
+        finally:
+            self.idle.set()
+
+    def one_write(self, client: nbd.NBDClient) -> None:
+        size = self.model.size
+        length = self.rng.randrange(4096, self.max_length + 1, 4096)
+        offset = self.rng.randrange(0, size - length + 1, 4096)
+        issued = time.time_ns()
+        if self.rng.random() < 0.1:
+            client.write_zeroes(offset, length)
+            self.model.zero(offset, length)
+        else:
+            data = self.rng.randbytes(length)
+            client.write(offset, data)
+            self.model.write(offset, data)
+        self.marks.append((issued, time.time_ns()))
+        self.count += 1
+        self.bytes += length
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.go.set()
+        self.join(60)
+        if self.is_alive():
+            raise AssertionError("writer did not stop")
+        self.raise_error()
+
+
+class Fault(str, enum.Enum):
+    KILL_HUB = "kill-hub"
+    KILL_AGENT = "kill-agent"
+    KILL_QSD = "kill-qsd"
+    CUT = "cut-network"
+    STALL_HUB = "stall-hub"
+    TORN_JOURNAL = "torn-journal"
+    STALL_LINK = "stall-link"
+
+
+class Cluster:
+    """QSD + agent + hub with a FaultProxy between agent and hub.
+
+    ``volume`` is the hub's name of QSD's node; the source is always read
+    through QSD's export (what the guest sees)."""
+
+    def __init__(self, workdir: Path, size=16 * MiB, fmt="raw", mode="async", seed=1,
+                 hub_args=(), agent_extra=()):
+        self.workdir = Path(workdir)
+        self.size, self.mode, self.volume = size, mode, "vol0"
+        self.rng = random.Random(seed)
+        self.seed = seed
+        self.qmpdir = short_tmpdir("fqmp")
+        agent_qmp = self.qmpdir / "qmp.sock"
+        self.qsd = QSD(self.workdir / "qsd", size=size, fmt=fmt, extra_args=[
+            "--chardev", f"socket,id=qmp1,path={agent_qmp},server=on,wait=off",
+            "--monitor", "chardev=qmp1"])
+        self.hub = HubProc(self.workdir, args=hub_args)
+        self.proxy: FaultProxy | None = None
+        self.agent: AgentProc | None = None
+        self._agent_args = (agent_qmp, mode, list(agent_extra))
+        self.model = StreamModel(size)
+        self.writer: Writer | None = None
+        self.faults: dict[str, int] = {}
+        self.checkpoints: list[str] = []
+        self.sync_intervals: list[tuple[int, int]] = []   # writer.marks index ranges
+
+    # -- life cycle -------------------------------------------------------------
+
+    def start(self) -> "Cluster":
+        self.qsd.start()
+        self.hub.start()
+        self.proxy = FaultProxy(("127.0.0.1", self.hub.port)).start()
+        qmp, mode, extra = self._agent_args
+        self.agent = AgentProc(self.workdir, self.proxy.address,
+                               self.hub.secret_files["agent1"], qmp,
+                               {self.qsd.node: self.volume}, mode=mode, extra=extra).start()
+        self.writer = Writer(self.qsd, self.model, self.seed)
+        return self
+
+    def close(self) -> None:
+        if self.writer is not None and self.writer.is_alive():
+            self.writer.stop_event.set()
+            self.writer.go.set()
+        self.qsd.kill()    # first: a QSD quitting with its target gone waits 5 s
+        if self.agent is not None:
+            self.agent.close()
+        self.hub.kill()
+        if self.proxy is not None:
+            self.proxy.stop()
+        if self.writer is not None:
+            self.writer.join(10)
+        self.qsd.close()
+        kill_all()
+        shutil.rmtree(self.qmpdir, ignore_errors=True)
+
+    def __enter__(self) -> "Cluster":
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def logs(self) -> str:
+        return (f"--- hub log ---\n{self.hub.tail()}\n--- agent log ---\n"
+                f"{self.agent.tail() if self.agent else ''}")
+
+    # -- convergence ----------------------------------------------------------------
+
+    def quiet(self) -> bool:
+        """Agent: attached, nothing dirty or queued, job ready; hub: consistent, applied."""
+        try:
+            st = self.agent.status()
+            a = st["volumes"][0]
+            if not (a["attached"] and a["dirty_bytes"] == 0 and a["queue_frames"] == 0
+                    and st["pending_writes"] == 0 and a["job"] == "ready"
+                    and a["job_remaining_bytes"] == 0 and not a["job_paused"]):
+                return False
+            h = self.hub.volume(self.volume)
+        except (OSError, ValueError, KeyError, IndexError, rephub.CommandError):
+            return False
+        return (h is not None and h["state"] == "consistent" and h["lag_bytes"] == 0
+                and not (h["sync"] or {}).get("running"))
+
+    def converge(self, timeout: float = 90.0) -> float:
+        """Poll until quiet (writer paused); return how long it took."""
+        start = time.monotonic()
+        try:
+            wait_until(self.quiet, timeout, "replication to converge", 0.1)
+        except TimeoutError:
+            raise AssertionError(f"did not converge in {timeout} s: agent "
+                                 f"{self._safe(self.agent.status)}\nhub "
+                                 f"{self._safe(lambda: self.hub.volume(self.volume))}\n"
+                                 f"{self.logs()}") from None
+        return time.monotonic() - start
+
+    @staticmethod
+    def _safe(fn):
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - diagnostics only
+            return f"<{err!r}>"
+
+    def source_sha256(self) -> str:
+        return nbd_sha256(str(self.qsd.export_path), self.qsd.export_name)
+
+    def replica_sha256(self) -> str:
+        digest = hashlib.sha256()
+        with open(self.hub.replica(self.volume), "rb") as f:
+            while block := f.read(4 * MiB):
+                digest.update(block)
+        return digest.hexdigest()
+
+    def check_identical(self) -> None:
+        """Replica == source == oracle (the model of every acknowledged write)."""
+        source, replica = self.source_sha256(), self.replica_sha256()
+        expected = self.model.sha256_at()
+        if source != expected:
+            raise AssertionError("the source differs from the model of acknowledged writes "
+                                 "(the workload itself lost a write)")
+        if replica != source:
+            raise AssertionError(f"replica differs from the source in chunks "
+                                 f"{self.differing_chunks()[:20]}\n{self.logs()}")
+
+    def differing_chunks(self) -> list[int]:
+        out = []
+        with nbd.NBDClient(str(self.qsd.export_path), self.qsd.export_name) as client, \
+                open(self.hub.replica(self.volume), "rb") as f:
+            for offset in range(0, self.size, CHUNK):
+                if client.read(offset, CHUNK) != f.read(CHUNK).ljust(CHUNK, b"\0"):
+                    out.append(offset)
+        return out
+
+    def checkpoint(self, name: str) -> None:
+        """A named point at the current end of the stream (writer paused, converged)."""
+        self.hub.request({"cmd": "checkpoint", "volume": self.volume, "name": name})
+        self.model.checkpoint(name)
+        self.checkpoints.append(name)
+
+    def export(self, at: str, output: Path) -> bytes:
+        self.hub.request({"cmd": "export", "volume": self.volume, "at": at,
+                          "output": str(output)}, timeout=60)
+        data = output.read_bytes()
+        output.unlink()
+        return data.ljust(self.size, b"\0")
+
+    # -- faults ------------------------------------------------------------------------
+
+    def inject(self, fault: Fault, hold: float = 1.0) -> None:
+        """Inject ``fault`` (the writer keeps writing unless QSD is the victim)."""
+        self.faults[fault.value] = self.faults.get(fault.value, 0) + 1
+        getattr(self, "fault_" + fault.name.lower())(hold)
+
+    def fault_kill_hub(self, hold: float) -> None:
+        self.hub.kill(signal.SIGKILL)
+        time.sleep(hold)   # the outage itself (the writer keeps going)
+        self.hub.start()
+
+    def fault_torn_journal(self, hold: float) -> None:
+        """SIGKILL the hub, then leave a torn record at the end of its last journal
+        segment, as a power cut in the middle of an append would: the file ends
+        a random number of bytes into a copy of its last record.
+
+        A tear can only hit bytes the hub never made durable, hence never
+        ACKed; cutting into ACKed records would model a disk that lies about
+        fdatasync, which no replication protocol survives.  The hub must drop
+        the torn tail at start and go on (checked by convergence and sha256)."""
+        self.hub.kill(signal.SIGKILL)
+        segs = self.hub.journal_segments()
+        if segs:
+            data = segs[-1].read_bytes()
+            last = last_record_start(data)
+            if last is not None:
+                record = data[last:]
+                with open(segs[-1], "ab") as f:
+                    f.write(record[:self.rng.randrange(1, len(record))])
+        time.sleep(hold)
+        self.hub.start()
+
+    def fault_kill_agent(self, hold: float) -> None:
+        self.agent.kill(signal.SIGKILL)
+        time.sleep(hold)
+        self.agent.start()
+
+    def fault_kill_qsd(self, hold: float) -> None:
+        """SIGKILL QSD with the writer paused (an in-flight write's fate is unknown
+        to the guest too), restart it on the same image; the agent must set the
+        mirror up again and the hub verify."""
+        self.writer.pause()
+        self.qsd.kill(signal.SIGKILL)
+        time.sleep(hold)
+        self.qsd.start()
+        self.writer.resume()
+
+    def fault_cut(self, hold: float) -> None:
+        self.proxy.partition()
+        time.sleep(hold)
+        self.proxy.heal()
+
+    def fault_stall_hub(self, hold: float) -> None:
+        self.hub.proc.send_signal(signal.SIGSTOP)
+        time.sleep(hold)
+        self.hub.proc.send_signal(signal.SIGCONT)
+
+    def fault_stall_link(self, hold: float) -> None:
+        self.proxy.stall()
+        time.sleep(hold)
+        self.proxy.resume()
