@@ -103,6 +103,7 @@ import os
 import queue
 import secrets
 import select
+import shutil
 import signal
 import socket
 import ssl
@@ -579,11 +580,16 @@ class Journal:
         self.committer.start()
 
     def append(self, kind: RecordKind, volume: int, offset: int, length: int,
-               parts: list = (), payload_crc: int | None = None, flags: int = 0) -> Record:
-        """Append one record; return it (not yet durable).  Any thread."""
+               parts: list = (), payload_crc: int | None = None, flags: int = 0,
+               check=None) -> Record:
+        """Append one record; return it (not yet durable).  Any thread.
+
+        ``check`` runs under the journal lock first and may refuse the record."""
         if self.failed:
             raise p.RequestError(f"journal failed: {self.failed}", code=p.ErrorCode.IO_ERROR)
         with self.lock:
+            if check is not None:
+                check()
             seq = self.last_seq + 1
             now = max(time.time_ns(), self.last_time_ns)
             try:
@@ -769,6 +775,7 @@ class VolumeStore:
         self.hub_meta: dict = {}
         self.applier_error: BaseException | None = None
         self.apply_waiters = 0
+        self.pins: collections.Counter = collections.Counter()  # seq -> sessions reading it
 
     # -- opening -------------------------------------------------------------
 
@@ -815,6 +822,11 @@ class VolumeStore:
         for rec in self.journal.records_between(self.applied_seq, self.journal.last_seq,
                                                  len(self.journal.records)):
             self._count_unapplied(rec)
+        for vol in self.volumes.values():
+            if any(not pr["rolled_back"] for pr in vol.meta.get("promotions", ())):
+                log.warning("volume %s: its promotion was interrupted; rolling back again",
+                            vol.name)
+                self._roll_back(vol)
 
     def _open_undo(self) -> None:
         records = self.undo_log.open()
@@ -840,7 +852,10 @@ class VolumeStore:
             if rec.kind == RecordKind.UNDO_COMMIT:
                 self.undo_committed_seq = rec.seq
             elif rec.kind == RecordKind.UNDO and rec.volume in self.by_id:
-                self.by_id[rec.volume].undo.append(rec)
+                vol = self.by_id[rec.volume]
+                pr = self.set_aside_of(vol, rec.seq)
+                if pr is None or not pr["rolled_back"]:  # a pending roll back needs it
+                    vol.undo.append(rec)
 
     def start(self) -> None:
         """Start the committer and the applier threads."""
@@ -931,16 +946,31 @@ class VolumeStore:
     # -- appending -------------------------------------------------------------
 
     def append_data(self, vol: Volume, offset: int, length: int, data, payload_crc=None,
-                    flags: int = 0) -> Record:
-        """Journal a WRITE (``data``) or ZERO (``data`` None) for ``vol``; not yet durable."""
+                    flags: int = 0, recovery: bool = False) -> Record:
+        """Journal a WRITE (``data``) or ZERO (``data`` None) for ``vol``; not yet durable.
+
+        Unless ``recovery`` (a FAILOVER session's write), a promoted volume refuses
+        it with ERROR(ROLE), checked under the journal lock so that no write of
+        the protected side can slip in after a promotion (RC-7)."""
+        check = None if recovery else (lambda: self.check_role(vol))
         if data is None:
-            rec = self.journal.append(RecordKind.ZERO, vol.id, offset, length, flags=flags)
+            rec = self.journal.append(RecordKind.ZERO, vol.id, offset, length, flags=flags,
+                                      check=check)
         else:
             rec = self.journal.append(RecordKind.WRITE, vol.id, offset, length, [data],
-                                      payload_crc, flags)
+                                      payload_crc, flags, check=check)
         with self.applied_cond:
             self._count_unapplied(rec)
         return rec
+
+    @staticmethod
+    def check_role(vol: Volume) -> None:
+        if vol.meta.get("role") == "promoted":
+            pr = vol.meta.get("promotions", [{}])[-1]
+            raise p.RequestError(f"volume {vol.name} was promoted at {pr.get('point')!r} "
+                                 f"({fmt_time_ns(pr.get('time_ns'))}): the recovery site owns "
+                                 "it now and writes from the protected side are refused",
+                                 code=p.ErrorCode.ROLE)
 
     def _count_unapplied(self, rec: Record) -> None:
         vol = self.by_id.get(rec.volume)
@@ -1025,7 +1055,8 @@ class VolumeStore:
             for rec in batch:
                 vol = self.by_id.get(rec.volume)
                 if (rec.kind in (RecordKind.WRITE, RecordKind.ZERO) and vol is not None
-                        and rec.seq > self.undo_committed_seq):
+                        and rec.seq > self.undo_committed_seq
+                        and self.set_aside_of(vol, rec.seq) is None):
                     parts = self._capture_undo(vol, rec.offset, rec.length)
                     urec = self.undo_log.append(rec.seq, RecordKind.UNDO, 0, rec.time_ns,
                                                 vol.id, rec.offset, rec.length, parts)
@@ -1037,7 +1068,9 @@ class VolumeStore:
         with self.apply_lock:
             for rec in batch:
                 vol = self.by_id.get(rec.volume)
-                if rec.kind == RecordKind.WRITE and vol is not None:
+                if vol is not None and self.set_aside_of(vol, rec.seq) is not None:
+                    pass  # set aside by a promotion: kept in the journal, never applied
+                elif rec.kind == RecordKind.WRITE and vol is not None:
                     self.journal.log.copy_payload(rec, vol.fd, rec.offset)
                 elif rec.kind == RecordKind.ZERO and vol is not None:
                     write_zeroes(vol.fd, rec.offset, rec.length)
@@ -1125,8 +1158,9 @@ class VolumeStore:
         j = self.journal
         segments = j.log.segments()
         now = time.time_ns()
+        floor = self.pin_floor()  # recovery sessions, kept set-aside entries
         for seg, nxt in zip(segments, segments[1:]):
-            if nxt - 1 > self.applied_seq:
+            if nxt - 1 > self.applied_seq or (floor is not None and nxt - 1 > floor):
                 break
             last = j.record(nxt - 1)
             too_old = last is not None and now - last.time_ns > self.retention * 1e9
@@ -1160,35 +1194,57 @@ class VolumeStore:
     # -- points in time ------------------------------------------------------------
 
     def points(self, vol: Volume) -> dict:
-        """The window and the checkpoints of ``vol``'s agent inside it."""
+        """The window, the recoverable checkpoints of ``vol``'s agent inside it,
+        the checkpoints that cannot be recovered (and why), resyncs, promotions."""
         j = self.journal
         first = j.record(j.first_seq)
         last = j.record(j.last_seq)
-        cps = [dict(name=name, seq=seq, time_ns=t, time=fmt_time_ns(t))
-               for seq, t, agent, name in list(j.checkpoints) if agent == vol.owner]
+        cps, bad = [], []
+        for seq, t, agent, name in list(j.checkpoints):
+            if agent != vol.owner:
+                continue
+            cp = dict(name=name, seq=seq, time_ns=t, time=fmt_time_ns(t))
+            pr = self.set_aside_of(vol, seq)
+            why = (f"set aside by the promotion at {pr['point']!r}" if pr
+                   else self.seq_problem(vol, seq))
+            if why:
+                bad.append(dict(cp, reason=why, set_aside=pr is not None))
+            else:
+                cps.append(cp)
+        promos = [dict(pr, time=fmt_time_ns(pr["time_ns"]))
+                  for pr in vol.meta.get("promotions", [])]
         return dict(volume=vol.name, owner=vol.owner, state=vol.state.value,
+                    role=vol.meta.get("role", "replica"),
                     oldest=dict(seq=first.seq, time_ns=first.time_ns,
                                 time=fmt_time_ns(first.time_ns)) if first else None,
                     newest=dict(seq=last.seq, time_ns=last.time_ns,
                                 time=fmt_time_ns(last.time_ns)) if last else None,
-                    checkpoints=cps)
+                    checkpoints=cps, unrecoverable=bad,
+                    resyncs=[dict(after_seq=lo, consistent_from_seq=hi)
+                             for lo, hi in vol.meta.get("resyncs", [])],
+                    promotions=promos)
 
-    def resolve_point(self, vol: Volume, point: str) -> tuple[int, int]:
+    def resolve_point(self, vol: Volume, point: str, set_aside: bool = False) -> tuple[int, int]:
         """(seq, time_ns) of a point: "latest", a checkpoint name, or ISO 8601 time.
 
-        Refuses points outside the window and volumes that were not consistent there.
+        Refuses points outside the window, before the first full sync, inside a
+        resync (not crash-consistent), and checkpoints set aside by a promotion
+        (unless ``set_aside``: then only those, for exporting the old history).
+        A time or ``latest`` inside a set-aside range is the promotion point:
+        that is what the volume's new history holds there.
         """
         j = self.journal
-        if vol.state != VolState.CONSISTENT:
+        if vol.state == VolState.INCONSISTENT:
             raise p.RequestError(f"volume {vol.name} is {vol.state.value}, not consistent: "
                                  "no point of it can be recovered yet",
                                  code=p.ErrorCode.INCONSISTENT)
+        named = False
         if point == "latest":
             seq = j.durable_seq
         else:
-            named = [c for c in list(j.checkpoints) if c[2] == vol.owner and c[3] == point]
-            if named:
-                seq = named[-1][0]
+            cps = [c for c in list(j.checkpoints) if c[2] == vol.owner and c[3] == point]
+            if cps:
+                seq, named = cps[-1][0], True
             else:
                 try:
                     when = datetime.datetime.fromisoformat(point)
@@ -1210,11 +1266,21 @@ class VolumeStore:
         if seq < self.window_start():
             raise PointError(f"point {point!r} (seq {seq}) is outside the journal window "
                              f"(oldest seq {self.window_start()})")
-        since = vol.meta.get("consistent_since_seq")
-        if since is None or seq < since:
-            raise p.RequestError(f"at point {point!r} (seq {seq}) volume {vol.name} had not "
-                                 f"completed its first full sync (seq {since})",
-                                 code=p.ErrorCode.INCONSISTENT)
+        pr = self.set_aside_of(vol, seq)
+        if set_aside and pr is None:
+            raise PointError(f"point {point!r} (seq {seq}) of volume {vol.name} is not in a "
+                             "range set aside by a promotion")
+        if pr is not None and not set_aside:
+            if named:
+                raise PointError(f"checkpoint {point!r} (seq {seq}) of volume {vol.name} was "
+                                 f"set aside by the promotion at {pr['point']!r} (seq "
+                                 f"{pr['point_seq']}); export it with --set-aside")
+            seq = pr["point_seq"]
+        why = self.seq_problem(vol, seq)
+        if why:
+            raise p.RequestError(f"point {point!r} (seq {seq}) of volume {vol.name} is {why}",
+                                 code=p.ErrorCode.BAD_POINT if "window" in why
+                                 else p.ErrorCode.INCONSISTENT)
         rec = j.record(seq)
         return seq, (rec.time_ns if rec else 0)
 
@@ -1298,31 +1364,191 @@ class VolumeStore:
             os.close(fd)
         return written
 
+    # -- recovery: resync intervals, promotion, pins ------------------------------
+
+    def resync_begins(self, vol: Volume) -> None:
+        """A DIRTY/VERIFY resync of a consistent volume starts: points after the
+        last record journaled so far are not crash-consistent until it ends."""
+        spans = [list(s) for s in vol.meta.get("resyncs", [])]
+        if not spans or spans[-1][1] is not None:
+            spans.append([self.journal.last_seq, None])
+            vol.update(resyncs=spans)
+
+    def resync_ends(self, vol: Volume) -> None:
+        """The resync completed: the state after the last record journaled is consistent."""
+        spans = [list(s) for s in vol.meta.get("resyncs", [])]
+        if spans and spans[-1][1] is None:
+            spans[-1][1] = max(self.journal.last_seq, spans[-1][0] + 1)
+            vol.update(resyncs=spans)
+
+    @staticmethod
+    def set_aside_of(vol: Volume, seq: int) -> dict | None:
+        """The promotion that set record ``seq`` of ``vol`` aside, if any."""
+        for pr in vol.meta.get("promotions", ()):
+            if pr["set_aside_from"] <= seq <= pr["set_aside_to"]:
+                return pr
+        return None
+
+    def seq_problem(self, vol: Volume, seq: int) -> str | None:
+        """Why the state of ``vol`` right after ``seq`` cannot be recovered, or None."""
+        if seq < self.window_start():
+            return f"outside the journal window (oldest seq {self.window_start()})"
+        since = vol.meta.get("consistent_since_seq")
+        if since is None or seq < since:
+            return f"before the volume's first full sync completed (seq {since})"
+        for lo, hi in vol.meta.get("resyncs", ()):
+            if lo < seq and (hi is None or seq < hi):
+                return (f"inside a resync (seq {lo + 1}..{'now' if hi is None else hi - 1}), "
+                        "where the replica was a mix of old and new data: not crash-consistent")
+        return None
+
+    def pin(self, seq: int, delta: int = 1) -> None:
+        """Keep ``seq`` inside the window while a session reads at it."""
+        with self.lock:
+            self.pins[seq] += delta
+            if self.pins[seq] <= 0:
+                del self.pins[seq]
+
+    def pin_floor(self) -> int | None:
+        """The oldest seq that retention must keep readable (sessions, set-aside
+        entries the operator has not released)."""
+        with self.lock:
+            seqs = list(self.pins)
+            for vol in self.volumes.values():
+                seqs += [pr["point_seq"] for pr in vol.meta.get("promotions", ())
+                         if pr.get("kept", True)]
+        return min(seqs) if seqs else None
+
+    def promote(self, vol: Volume, seq: int, point: str) -> dict:
+        """Make ``vol`` at ``seq`` the start of its new history (PROTOCOL.md RC-6, RC-7).
+
+        From the moment the promotion is persisted (under the journal lock, so no
+        protected write can slip in) writes of the protected side are refused
+        (``append_data``), journal entries of ``vol`` after ``seq`` are set aside:
+        kept in the journal and exportable, never applied again.  Then the
+        replica is rolled back to ``seq``.  A crash in between redoes the roll
+        back at the next open (it is idempotent)."""
+        j = self.journal
+        with j.lock:
+            last = j.last_seq
+            promos = [dict(pr) for pr in vol.meta.get("promotions", [])]
+            pr = dict(point=point, point_seq=seq, set_aside_from=seq + 1, set_aside_to=last,
+                      time_ns=time.time_ns(), rolled_back=False, kept=True)
+            spans = [[lo, last if hi is None else hi] for lo, hi in vol.meta.get("resyncs", [])]
+            vol.update(role="promoted", promotions=promos + [pr], resyncs=spans)
+        log.info("volume %s promoted at %r (seq %d); its journal entries %d..%d are set aside",
+                 vol.name, point, seq, seq + 1, last)
+        if not j.wait_durable(last, timeout=60):
+            raise p.RequestError("journal not durable", code=p.ErrorCode.IO_ERROR)
+        self.wait_applied(last)
+        self._roll_back(vol)
+        return dict(volume=vol.name, point=point, seq=seq, set_aside_from=seq + 1,
+                    set_aside_to=last, time=fmt_time_ns(pr["time_ns"]))
+
+    def _roll_back(self, vol: Volume) -> None:
+        """Write the state at each pending promotion's point back into the replica."""
+        promos = [dict(pr) for pr in vol.meta.get("promotions", [])]
+        for pr in promos:
+            if pr["rolled_back"]:
+                continue
+            lo, hi = pr["set_aside_from"], pr["set_aside_to"]
+            ranges = sorted((u.offset, u.end) for u in vol.undo if lo <= u.seq <= hi)
+            merged: list[list[int]] = []
+            for start, end in ranges:
+                if merged and start <= merged[-1][1]:
+                    merged[-1][1] = max(merged[-1][1], end)
+                else:
+                    merged.append([start, end])
+            done = 0
+            for start, end in merged:
+                for off in range(start, end, IO_BLOCK):
+                    n = min(IO_BLOCK, end - off)
+                    data = self.read_at(vol, pr["point_seq"], off, n)
+                    with self.apply_lock:
+                        if data is None:
+                            write_zeroes(vol.fd, off, n)
+                        else:
+                            os.pwrite(vol.fd, data, off)
+                    done += n
+            os.fdatasync(vol.fd)
+            with self.apply_lock:
+                vol.undo = [u for u in vol.undo if not lo <= u.seq <= hi]
+            pr["rolled_back"] = True
+            vol.update(promotions=promos, state=VolState.CONSISTENT.value, pending_plan=None)
+            log.info("volume %s rolled back to seq %d (%s rewritten)", vol.name,
+                     pr["point_seq"], fmt_bytes(done))
+
+    def export_set_aside(self, vol: Volume, seq: int, out_path: str, progress=None) -> int:
+        """Export the old history at a set-aside ``seq``: the promotion point, then
+        the volume's set-aside journal records up to ``seq`` replayed on top."""
+        pr = self.set_aside_of(vol, seq)
+        written = self.export(vol, pr["point_seq"], out_path, progress)
+        fd = os.open(out_path, os.O_WRONLY)
+        try:
+            after = pr["point_seq"]
+            while after < seq:
+                recs = self.journal.records_between(after, seq, 1024)
+                if not recs:
+                    raise PointError(f"set-aside journal records after seq {after} are gone")
+                for rec in recs:
+                    if rec.volume == vol.id and rec.kind == RecordKind.WRITE:
+                        os.pwrite(fd, self.journal.log.read_payload(rec), rec.offset)
+                    elif rec.volume == vol.id and rec.kind == RecordKind.ZERO:
+                        write_zeroes(fd, rec.offset, rec.length)
+                after = recs[-1].seq
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return written
+
+    def release_set_aside(self, vol: Volume) -> int:
+        """The operator gives up the set-aside entries: retention may drop them."""
+        promos = [dict(pr, kept=False) for pr in vol.meta.get("promotions", [])]
+        vol.update(promotions=promos)
+        return len(promos)
+
 
 # ---------------------------------------------------------------------------
 # Agents file
 
 
 def load_agents(path: str) -> dict[str, bytes]:
-    """``AGENT_ID SECRET_HEX`` per line; '#' starts a comment."""
-    agents = {}
+    """``AGENT_ID SECRET_HEX [recover=OWNER,...]`` per line; '#' starts a comment."""
+    return parse_agents(path)[0]
+
+
+def parse_agents(path: str) -> tuple[dict[str, bytes], dict[str, set[str]]]:
+    """The agents file: secrets, and whose volumes each agent may recover
+    (``recover=OWNER,...``; ``recover=*``: every volume) besides its own."""
+    agents, rights = {}, {}
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             line = line.split("#", 1)[0].strip()
             if not line:
                 continue
             try:
-                agent_id, secret = line.split()
+                agent_id, secret, *options = line.split()
                 p.validate_name(agent_id, "agent id")
                 agents[agent_id] = p.parse_secret(secret)
+                for opt in options:
+                    key, _, value = opt.partition("=")
+                    if key != "recover" or not value:
+                        raise ValueError(f"unknown option {opt!r}, expected recover=OWNER,...")
+                    rights.setdefault(agent_id, set()).update(value.split(","))
             except (ValueError, p.ReplicationError) as err:
-                raise StoreError(f"{path}:{lineno}: expected 'AGENT_ID SECRET_HEX': {err}") from err
-    return agents
+                raise StoreError(f"{path}:{lineno}: expected 'AGENT_ID SECRET_HEX "
+                                 f"[recover=OWNER,...]': {err}") from err
+    return agents, rights
 
 
-def add_agent(path: str, agent_id: str) -> str:
-    """Add an agent with a fresh secret to the agents file (mode 0600); return the secret."""
+def add_agent(path: str, agent_id: str, recover_for=()) -> str:
+    """Add an agent with a fresh secret to the agents file (mode 0600); return the secret.
+
+    ``recover_for``: owners whose volumes it may open recovery sessions on."""
     p.validate_name(agent_id, "agent id")
+    for owner in recover_for:
+        if owner != "*":
+            p.validate_name(owner, "--recover-for agent id")
     lines = []
     if os.path.exists(path):
         if agent_id in load_agents(path):
@@ -1330,7 +1556,8 @@ def add_agent(path: str, agent_id: str) -> str:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     secret = secrets.token_hex(32)
-    lines.append(f"{agent_id} {secret}")
+    lines.append(f"{agent_id} {secret}" + (f" recover={','.join(recover_for)}"
+                                           if recover_for else ""))
     atomic_write(path, ("\n".join(lines) + "\n").encode(), mode=0o600)
     os.chmod(path, 0o600)
     return secret
@@ -1351,9 +1578,15 @@ class AgentsFile:
             st = os.stat(self.path)
             stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
             if stamp != self.stamp:
-                self.agents = load_agents(self.path)
+                self.agents, self.rights = parse_agents(self.path)
                 self.stamp = stamp
             return self.agents.get(agent_id)
+
+    def may_recover(self, agent_id: str, owner: str) -> bool:
+        """May ``agent_id`` open recovery sessions on ``owner``'s volumes?"""
+        self.get(agent_id)
+        allowed = self.rights.get(agent_id, set())
+        return agent_id == owner or owner in allowed or "*" in allowed
 
 
 # ---------------------------------------------------------------------------
@@ -1566,6 +1799,8 @@ class AgentConnection:
         self.sync_lock = threading.Lock()
         self.jobs: set[SyncJob] = set()
         self.pings: dict[int, int] = {}
+        self.sessions: dict[int, RecoverySession] = {}  # recovery sessions by id
+        self.session_ids = itertools.count(1)
         self.rtt_ns: int | None = None
         self.last_heartbeat_ns = 0
         self.last_recv = time.monotonic()   # when the last frame header arrived
@@ -1814,6 +2049,8 @@ class AgentConnection:
                 pass
         for job in list(self.jobs):
             job.join(timeout=5)
+        for s in list(self.sessions.values()):  # RC-5: a TEST overlay ends with the connection
+            self.hub.close_session(s)
         for vol in self.volumes.values():
             if vol.attached_to is self:
                 vol.attached_to = None
@@ -1972,11 +2209,45 @@ class AgentConnection:
 
     on_AUTH = on_HELLO
 
-    def on_RECOVER_OPEN(self, header, msg) -> None:
-        raise p.RequestError("recovery sessions are not available on this hub yet",
-                             code=p.ErrorCode.UNSUPPORTED)
+    # -- recovery sessions (connection thread; PROTOCOL.md "Recovery") -------------
 
-    on_RREAD = on_RWRITE = on_RFLUSH = on_RECOVER_CLOSE = on_RECOVER_OPEN
+    def _session(self, msg) -> RecoverySession:
+        s = self.sessions.get(msg.volume)
+        if s is None:
+            raise p.RequestError(f"session id {msg.volume} is not open on this connection",
+                                 code=p.ErrorCode.NO_SUCH_VOLUME)
+        return s
+
+    def on_RECOVER_OPEN(self, header, msg: p.RecoverOpen) -> None:
+        s = self.hub.open_session(self, msg.mode, msg.name, msg.point)
+        self.send(p.RecoverReady(request_id=msg.request_id, volume=s.id, size=s.vol.size,
+                                 point_time_ns=s.time_ns))
+
+    def on_RREAD(self, header, msg: p.RRead) -> None:
+        s = self._session(msg)
+        p.check_range(msg.offset, msg.length, s.vol.size, "RREAD")
+        data = s.read(msg.offset, msg.length)
+        if data is None:
+            reply = p.RReadReply(request_id=msg.request_id, volume=msg.volume,
+                                 offset=msg.offset, length=msg.length, flags=p.FLAG_ZERO)
+        else:
+            reply = p.RReadReply(request_id=msg.request_id, volume=msg.volume,
+                                 offset=msg.offset, length=msg.length, data=data)
+        self.send(reply)
+
+    def on_RWRITE(self, header, msg: p.RWrite) -> None:
+        s = self._session(msg)
+        p.check_range(msg.offset, msg.length, s.vol.size, "RWRITE")
+        seq = s.write(msg.offset, msg.length, None if msg.is_zero else msg.data,
+                      None if msg.is_zero else header.payload_crc)
+        self.acker.after(seq, p.Ack(request_id=msg.request_id))  # RC-4: once durable
+
+    def on_RFLUSH(self, header, msg: p.RFlush) -> None:
+        self.acker.after(self._session(msg).flush_seq(), p.Ack(request_id=msg.request_id))
+
+    def on_RECOVER_CLOSE(self, header, msg: p.RecoverClose) -> None:
+        seq = self.hub.close_session(self._session(msg))
+        self.acker.after(seq, p.Ack(request_id=msg.request_id))
 
     # -- sync and liveness (any thread) ------------------------------------------
 
@@ -2211,6 +2482,8 @@ class SyncJob(threading.Thread):
         if self.plan == p.SyncPlan.FULL:
             vol.update(state=VolState.INCONSISTENT.value, pending_plan="FULL")
         else:
+            if vol.meta["full_synced"]:  # points from here on are not crash-consistent
+                self.store.resync_begins(vol)
             vol.update(state=(VolState.SYNCING if vol.meta["full_synced"]
                               else VolState.INCONSISTENT).value,
                        pending_plan="VERIFY" if "VERIFY" in (
@@ -2338,6 +2611,7 @@ class SyncJob(threading.Thread):
                      len(self.differing), fmt_bytes(sum(n for _, n in self.differing)))
             self.completed = True
             return
+        self.store.resync_ends(vol)
         changes = dict(state=VolState.CONSISTENT.value, pending_plan=None, full_synced=True)
         if not vol.meta["full_synced"]:
             changes["consistent_since_seq"] = max(self.last_sync_seq, 1)
@@ -2365,6 +2639,126 @@ class SyncJob(threading.Thread):
                     percent=100.0 * self.bytes_done / self.bytes_total if self.bytes_total else 100.0,
                     rate=rate, eta_s=(left / rate) if rate > 0 else None,
                     running=not self.finished, error=self.error)
+
+
+# ---------------------------------------------------------------------------
+# Recovery sessions (PROTOCOL.md "Recovery (remote IO)")
+#
+# An agent in recovery mode opens a session on a volume at a point
+# (RECOVER_OPEN) and forwards its recovery VM's IO as RREAD/RWRITE/RFLUSH.
+# TEST: reads are the volume at the point (``VolumeStore.read_at``) with the
+# session's own writes laid over them from an ``Overlay``; the journal and the
+# replica never see a test write, and the overlay is deleted at RECOVER_CLOSE,
+# at the end of the connection, and (leftovers of a killed hub) at start.
+# FAILOVER: the volume is promoted first (``Hub.promote``); the session's
+# writes are journaled like any write and become the volume's history.
+
+SCRATCH_DIR = "scratch"
+
+
+class ExtentKind(enum.IntEnum):
+    """What an overlay extent holds."""
+
+    DATA = 1   # the bytes are in the overlay file at the same offsets
+    ZERO = 2   # the session wrote zeroes there
+
+
+class Overlay:
+    """A TEST session's writes: ``DIR/scratch/<session>/overlay`` (sparse, the
+    written bytes at their own offsets) and an in-memory extent map of what the
+    session wrote.  Used by the connection thread of the session only."""
+
+    def __init__(self, directory: str, size: int):
+        os.makedirs(directory, exist_ok=False)
+        self.dir = directory
+        self.fd = os.open(os.path.join(directory, "overlay"),
+                          os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self.fd, size)
+        self.starts: list[int] = []                   # sorted extent starts
+        self.extents: list[tuple[int, int, int]] = []  # (start, end, ExtentKind)
+
+    def _span(self, start: int, end: int) -> tuple[int, int]:
+        """Index range of the extents overlapping [start, end)."""
+        i = bisect.bisect_right(self.starts, start) - 1
+        if i < 0 or self.extents[i][1] <= start:
+            i += 1
+        return i, bisect.bisect_left(self.starts, end)
+
+    def write(self, offset: int, length: int, data) -> None:
+        """Lay ``data`` (None: zeroes) over [offset, offset+length); durable on return."""
+        end = offset + length
+        if data is not None:
+            os.pwrite(self.fd, data, offset)
+            os.fdatasync(self.fd)
+        i, j = self._span(offset, end)
+        new = []
+        if i < j and self.extents[i][0] < offset:
+            new.append((self.extents[i][0], offset, self.extents[i][2]))
+        new.append((offset, end, ExtentKind.DATA if data is not None else ExtentKind.ZERO))
+        if i < j and self.extents[j - 1][1] > end:
+            new.append((end, self.extents[j - 1][1], self.extents[j - 1][2]))
+        self.extents[i:j] = new
+        self.starts[i:j] = [e[0] for e in new]
+
+    def lay_over(self, base: bytes | None, offset: int, length: int) -> bytes | None:
+        """``base`` (None: zeroes) with the session's writes applied; None if all zero."""
+        end = offset + length
+        i, j = self._span(offset, end)
+        if i >= j:
+            return base
+        buf = bytearray(base) if base is not None else bytearray(length)
+        for start, stop, kind in self.extents[i:j]:
+            lo, hi = max(start, offset), min(stop, end)
+            if kind == ExtentKind.DATA:
+                buf[lo - offset:hi - offset] = os.pread(self.fd, hi - lo, lo)
+            else:
+                buf[lo - offset:hi - offset] = bytes(hi - lo)
+        return None if buf.count(0) == length else bytes(buf)
+
+    def discard(self) -> None:
+        os.close(self.fd)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RecoverySession:
+    """One open session.  Created by ``Hub.open_session``; its methods run on
+    the connection thread of the agent that opened it."""
+
+    def __init__(self, sid: int, conn: AgentConnection, vol: Volume, mode: p.RecoverMode,
+                 point: str, seq: int, time_ns: int, overlay: Overlay | None):
+        self.id = sid
+        self.conn = conn
+        self.store = conn.store
+        self.vol = vol
+        self.mode = mode
+        self.point = point
+        self.seq = seq            # the point: the volume right after this record
+        self.read_seq = seq       # FAILOVER: moves to the session's last write
+        self.time_ns = time_ns
+        self.overlay = overlay
+        self.writes = 0
+
+    def read(self, offset: int, length: int) -> bytes | None:
+        data = self.store.read_at(self.vol, self.read_seq, offset, length)
+        return self.overlay.lay_over(data, offset, length) if self.overlay else data
+
+    def write(self, offset: int, length: int, data, payload_crc=None) -> int:
+        """Apply an RWRITE; return the journal seq the ACK waits for (0: durable now)."""
+        self.writes += 1
+        if self.overlay is not None:
+            self.overlay.write(offset, length, data)
+            return 0
+        rec = self.store.append_data(self.vol, offset, length, data, payload_crc,
+                                     recovery=True)
+        self.read_seq = rec.seq
+        return rec.seq
+
+    def flush_seq(self) -> int:
+        return self.read_seq if self.overlay is None else 0
+
+    def describe(self) -> str:
+        return (f"{self.mode.name} session {self.id} of {self.vol.name} at {self.point!r} "
+                f"(seq {self.seq}) for agent {self.conn.agent_id}")
 
 
 # ---------------------------------------------------------------------------
@@ -2402,6 +2796,8 @@ class Hub:
         self.threads: list[threading.Thread] = []
         self.control: ControlServer | None = None
         self.started_ns = time.time_ns()
+        self.session_lock = threading.Lock()
+        self.sessions: dict[str, RecoverySession | None] = {}  # by volume name (BUSY)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -2410,6 +2806,11 @@ class Hub:
     def start(self) -> None:
         self.store.open()
         self.store.start()
+        scratch = os.path.join(self.store.dir, SCRATCH_DIR)
+        if os.path.isdir(scratch) and os.listdir(scratch):
+            log.info("discarding %d recovery test overlays left by a stopped hub",
+                     len(os.listdir(scratch)))
+        shutil.rmtree(scratch, ignore_errors=True)
         host, port = self.listen_addr
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.listener = socket.socket(family, socket.SOCK_STREAM)
@@ -2524,6 +2925,95 @@ class Hub:
                     differing=differing, differing_bytes=sum(n for _, n in job.differing),
                     repaired=repair and bool(differing), bytes_fetched=job.bytes_fetched,
                     seconds=round(time.monotonic() - job.started, 3))
+
+    # -- recovery (PROTOCOL.md "Recovery"; any thread) -----------------------------
+
+    def open_session(self, conn: AgentConnection, mode: p.RecoverMode, name: str,
+                     point: str) -> RecoverySession:
+        """Open a TEST or FAILOVER session for ``conn``'s agent (RC-1, RC-2)."""
+        vol = self.store.volume(name)
+        if vol is None:
+            raise p.RequestError(f"no volume named {name!r}", code=p.ErrorCode.NO_SUCH_VOLUME)
+        if not self.agents.may_recover(conn.agent_id, vol.owner):
+            raise p.RequestError(f"agent {conn.agent_id} may not recover volume {name!r} of "
+                                 f"agent {vol.owner} (not its owner, and the agents file "
+                                 f"does not give it recover={vol.owner})",
+                                 code=p.ErrorCode.NOT_OWNER)
+        self._reserve(vol)
+        try:
+            if mode == p.RecoverMode.TEST:
+                seq, t_ns = self.store.resolve_point(vol, point)
+                sid = next(conn.session_ids)
+                overlay = Overlay(os.path.join(self.store.dir, SCRATCH_DIR,
+                                               f"{vol.id}-{secrets.token_hex(6)}"), vol.size)
+                self.store.pin(seq)
+            elif vol.meta.get("role") == "promoted" and point == "latest":
+                seq, t_ns = self.store.resolve_point(vol, point)  # carry on the new history
+                sid, overlay = next(conn.session_ids), None
+            else:
+                res = self.promote(vol.name, point, reserved=True)
+                seq, t_ns, sid, overlay = res["seq"], res["time_ns"], next(conn.session_ids), None
+            s = RecoverySession(sid, conn, vol, mode, point, seq, t_ns, overlay)
+        except BaseException:
+            with self.session_lock:
+                self.sessions.pop(vol.name, None)
+            raise
+        with self.session_lock:
+            self.sessions[vol.name] = s
+        conn.sessions[sid] = s
+        log.info("recovery: %s opened", s.describe())
+        return s
+
+    def _reserve(self, vol: Volume) -> None:
+        with self.session_lock:
+            if vol.name in self.sessions:
+                other = self.sessions[vol.name]
+                raise p.RequestError(f"volume {vol.name!r} is busy: "
+                                     f"{other.describe() if other else 'being promoted'}",
+                                     code=p.ErrorCode.BUSY)
+            self.sessions[vol.name] = None
+
+    def close_session(self, s: RecoverySession) -> int:
+        """End a session (RECOVER_CLOSE or end of connection); return the seq its
+        ACK waits for.  A TEST overlay is deleted here (RC-5)."""
+        if s.conn.sessions.pop(s.id, None) is None:
+            return 0
+        if s.overlay is not None:
+            s.overlay.discard()
+            self.store.pin(s.seq, -1)
+        with self.session_lock:
+            if self.sessions.get(s.vol.name) is s:
+                del self.sessions[s.vol.name]
+        log.info("recovery: %s closed after %d writes%s", s.describe(), s.writes,
+                 "; overlay discarded" if s.overlay is not None else "")
+        return s.flush_seq()
+
+    def promote(self, volume: str, at: str, reserved: bool = False) -> dict:
+        """Promote ``volume`` at point ``at`` (FAILOVER, or ``rephub.py promote``):
+        newer journal entries are set aside, the replica rolled back, and the
+        protected side's WRITE/ZERO/ATTACH refused with ERROR(ROLE) from now on."""
+        vol = self.store.volume(volume)
+        if vol is None:
+            raise p.RequestError(f"no volume named {volume!r}", code=p.ErrorCode.NO_SUCH_VOLUME)
+        if not reserved:
+            self._reserve(vol)
+        try:
+            seq, t_ns = self.store.resolve_point(vol, at)
+            conn = vol.attached_to
+            job = vol.sync
+            if job is not None:  # a resync from the protected side ends here
+                job.stop()
+                if job is not threading.current_thread():
+                    job.join(timeout=5)
+            res = self.store.promote(vol, seq, at)
+            if conn is not None:
+                log.info("volume %s: the protected agent %s stays connected; its writes to "
+                         "the volume are refused (ROLE)", vol.name, conn.agent_id)
+        finally:
+            if not reserved:
+                with self.session_lock:
+                    self.sessions.pop(vol.name, None)
+        return dict(res, time_ns=t_ns)
 
     def status(self) -> dict:
         store, j = self.store, self.store.journal
@@ -2669,7 +3159,12 @@ class ControlServer:
                                    lambda done, total: emit(dict(progress=done, total=total)))
         if cmd == "export":
             return export_volume(store, vol, req["at"], req["output"],
-                                 lambda done, total: emit(dict(progress=done, total=total)))
+                                 lambda done, total: emit(dict(progress=done, total=total)),
+                                 set_aside=bool(req.get("set_aside")))
+        if cmd == "promote":
+            return self.hub.promote(vol.name, req["at"])
+        if cmd == "release":
+            return store.release_set_aside(vol)
         raise ValueError(f"unknown command {cmd!r}")
 
     def close(self, grace: float = 30.0) -> None:
@@ -2688,8 +3183,9 @@ class ControlServer:
             pass
 
 
-def export_volume(store: VolumeStore, vol: Volume, at: str, output: str, progress=None) -> dict:
-    seq, t_ns = store.resolve_point(vol, at)
+def export_volume(store: VolumeStore, vol: Volume, at: str, output: str, progress=None,
+                  set_aside: bool = False) -> dict:
+    seq, t_ns = store.resolve_point(vol, at, set_aside=set_aside)
     last = [0.0]
 
     def report(done, total):
@@ -2697,7 +3193,10 @@ def export_volume(store: VolumeStore, vol: Volume, at: str, output: str, progres
         if progress and (now - last[0] > 0.5 or done == total):
             last[0] = now
             progress(done, total)
-    written = store.export(vol, seq, output, report)
+    if set_aside:
+        written = store.export_set_aside(vol, seq, output, report)
+    else:
+        written = store.export(vol, seq, output, report)
     log.info("exported %s at %s (seq %d) to %s: %s of data", vol.name, at, seq, output,
              fmt_bytes(written))
     return dict(volume=vol.name, point=at, seq=seq, time=fmt_time_ns(t_ns), output=output,
@@ -2778,6 +3277,16 @@ def format_points(pt: dict) -> str:
         lines.append("window: latest only (journal empty)")
     for cp in pt["checkpoints"]:
         lines.append(f"checkpoint {cp['name']:<24} {cp['time']}  seq {cp['seq']}")
+    for rs in pt.get("resyncs", ()):
+        end = rs["consistent_from_seq"]
+        lines.append(f"not recoverable: seq {rs['after_seq'] + 1}.."
+                     f"{'now' if end is None else end - 1} (resync)")
+    for pr in pt.get("promotions", ()):
+        lines.append(f"promoted at {pr['point']} (seq {pr['point_seq']}) on {pr['time']}; "
+                     f"set aside: seq {pr['set_aside_from']}..{pr['set_aside_to']}"
+                     f"{'' if pr.get('kept', True) else ' (released)'}")
+    for cp in pt.get("unrecoverable", ()):
+        lines.append(f"  checkpoint {cp['name']} (seq {cp['seq']}): {cp['reason']}")
     return "\n".join(lines)
 
 
@@ -2826,7 +3335,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_add_agent(args) -> int:
-    print(add_agent(args.agents, args.agent_id))
+    print(add_agent(args.agents, args.agent_id, args.recover_for or ()))
     return 0
 
 
@@ -2886,7 +3395,8 @@ def cmd_export(args) -> int:
               flush=True)
     if hub_running(args.data):
         res = control_request(args.data, {"cmd": "export", "volume": args.volume,
-                                           "at": args.at, "output": output},
+                                           "at": args.at, "output": output,
+                                           "set_aside": args.set_aside},
                               on_line=lambda o: progress(o["progress"], o["total"]))
     else:
         store = open_offline(args.data)
@@ -2895,13 +3405,56 @@ def cmd_export(args) -> int:
             if vol is None:
                 raise CommandError(f"no volume named {args.volume!r} in {args.data}")
             try:
-                res = export_volume(store, vol, args.at, output, progress)
+                res = export_volume(store, vol, args.at, output, progress,
+                                    set_aside=args.set_aside)
             except p.ReplicationError as err:
                 raise CommandError(f"{p.ErrorCode(err.code).name}: {err}") from err
         finally:
             store.close()
     print(f"exported {res['volume']} at {res['point']} (seq {res['seq']}, {res['time']}) "
           f"to {res['output']}: {fmt_bytes(res['size'])}, {fmt_bytes(res['data_bytes'])} of data")
+    return 0
+
+
+def cmd_promote(args) -> int:
+    """Promote a volume at a point: through the running hub, or offline."""
+    if hub_running(args.data):
+        res = control_request(args.data, {"cmd": "promote", "volume": args.volume,
+                                          "at": args.at}, timeout=10)
+    else:
+        store = open_offline(args.data)
+        try:
+            vol = store.volume(args.volume)
+            if vol is None:
+                raise CommandError(f"no volume named {args.volume!r} in {args.data}")
+            try:
+                seq, _ = store.resolve_point(vol, args.at)
+                res = store.promote(vol, seq, args.at)
+            except p.ReplicationError as err:
+                raise CommandError(f"{p.ErrorCode(err.code).name}: {err}") from err
+        finally:
+            store.close()
+    print(f"promoted {res['volume']} at {res['point']} (seq {res['seq']}); journal entries "
+          f"{res['set_aside_from']}..{res['set_aside_to']} set aside; writes of the "
+          "protected side are refused from now on")
+    return 0
+
+
+def cmd_release(args) -> int:
+    """Let retention drop the journal entries set aside by a volume's promotions."""
+    req = {"cmd": "release", "volume": args.volume}
+    if hub_running(args.data):
+        n = control_request(args.data, req)
+    else:
+        store = open_offline(args.data)
+        try:
+            vol = store.volume(args.volume)
+            if vol is None:
+                raise CommandError(f"no volume named {args.volume!r} in {args.data}")
+            n = store.release_set_aside(vol)
+        finally:
+            store.close()
+    print(f"{args.volume}: set-aside entries of {n} promotions released to retention")
     return 0
 
 
@@ -2948,6 +3501,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("add-agent", help="add an agent, print its new secret")
     s.add_argument("--agents", required=True)
     s.add_argument("agent_id")
+    s.add_argument("--recover-for", action="append", metavar="OWNER",
+                   help="it may also recover the volumes of agent OWNER (* = any); repeatable")
     s.set_defaults(func=cmd_add_agent)
     s = sub.add_parser("status", help="ask the running hub")
     s.add_argument("--data", required=True)
@@ -2968,7 +3523,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("volume")
     s.add_argument("--at", default="latest", help="latest | checkpoint name | ISO 8601 time")
     s.add_argument("-o", "--output", required=True)
+    s.add_argument("--set-aside", action="store_true",
+                   help="export the history a promotion set aside, at a point inside it")
     s.set_defaults(func=cmd_export)
+    s = sub.add_parser("promote", help="fail over: make a volume at a point its new history, "
+                       "set newer journal entries aside, refuse the protected side's writes")
+    s.add_argument("--data", required=True)
+    s.add_argument("volume")
+    s.add_argument("--at", required=True, help="latest | checkpoint name | ISO 8601 time")
+    s.set_defaults(func=cmd_promote)
+    s = sub.add_parser("release", help="let retention drop the entries set aside by promotions")
+    s.add_argument("--data", required=True)
+    s.add_argument("volume")
+    s.set_defaults(func=cmd_release)
     s = sub.add_parser("verify", help="compare a volume with its agent's copy by checksums "
                        "(online, through the running hub)")
     s.add_argument("--data", required=True)
