@@ -1235,6 +1235,19 @@ HUB_TO_AGENT = frozenset({
 BOTH_WAYS = frozenset({MsgType.ACK, MsgType.PING, MsgType.PONG, MsgType.ERROR,
                        MsgType.GOODBYE})
 
+#: Never answered with ERROR, even when malformed: answering them could make
+#: two peers trade ERRORs forever (PROTOCOL.md [ER-3]).
+NEVER_ANSWERED = frozenset({MsgType.ERROR, MsgType.ACK, MsgType.PONG, MsgType.SYNCED,
+                            MsgType.GOODBYE})
+
+
+def may_answer_with_error(err: RequestError) -> bool:
+    """False for a bad frame that [ER-3] forbids answering: one of
+    NEVER_ANSWERED, or an unsolicited DIRTY_MAP (request_id 0)."""
+    if err.msg_type in NEVER_ANSWERED:
+        return False
+    return not (err.msg_type == MsgType.DIRTY_MAP and err.request_id == 0)
+
 # ---------------------------------------------------------------------------
 # Decoding
 

@@ -899,8 +899,9 @@ class HubConnection:
                 try:
                     msg = p.recv_message(self.sock, header_buf)
                 except p.RequestError as err:
-                    log.warning("hub %s sent a bad request: %s", self.peer, err)
-                    self.agent.send_error(self, p.Error.from_exception(err))
+                    log.warning("hub %s sent a bad frame: %s", self.peer, err)
+                    if p.may_answer_with_error(err):
+                        self.agent.send_error(self, p.Error.from_exception(err))
                     continue
                 if msg is None:
                     self.close("hub closed the connection")
@@ -1466,7 +1467,9 @@ class Agent:
     def _handshake(self, sock) -> str:
         """HELLO -> HELLO_REPLY (check the hub's proof) -> AUTH -> AUTH_OK."""
         nonce = os.urandom(p.NONCE_SIZE)
-        p.send_message(sock, p.Hello(nonce=nonce, agent_id=self.cfg.agent_id))
+        offered = int(p.Feature.NONE)    # v1 defines no feature bits
+        p.send_message(sock, p.Hello(nonce=nonce, agent_id=self.cfg.agent_id,
+                                     features=offered))
         reply = p.recv_message(sock)
         if isinstance(reply, p.Error):
             raise HandshakeError(f"hub refused HELLO: {reply.code_name()} {reply.message}")
@@ -1474,8 +1477,17 @@ class Agent:
             raise HandshakeError(f"expected HELLO_REPLY, got "
                                  f"{reply.TYPE.name if reply else 'end of stream'}")
         if reply.version not in p.SUPPORTED_VERSIONS:
-            raise HandshakeError(f"hub chose version {reply.version}, expected one of "
-                                 f"{p.SUPPORTED_VERSIONS}")
+            problem = (f"hub chose version {reply.version}, expected one of "
+                       f"{p.SUPPORTED_VERSIONS}")
+            p.send_message(sock, p.Error(code=p.ErrorCode.VERSION, message=problem,
+                                         failed_type=p.MsgType.HELLO_REPLY))
+            raise HandshakeError(problem)                          # PROTOCOL.md [HS-4]
+        if reply.features & ~offered:
+            problem = (f"hub granted feature bits 0x{reply.features & ~offered:x} "
+                       f"that were not offered (offered 0x{offered:x})")
+            p.send_message(sock, p.Error(code=p.ErrorCode.UNSUPPORTED, message=problem,
+                                         failed_type=p.MsgType.HELLO_REPLY))
+            raise HandshakeError(problem)                          # PROTOCOL.md [VN-4]
         expected = p.hub_proof(self.cfg.secret, nonce, reply.nonce, self.cfg.agent_id,
                                reply.hub_id)
         if not p.proof_matches(expected, reply.proof):

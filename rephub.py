@@ -2023,8 +2023,7 @@ class AgentConnection:
                 if msg is not None:
                     err.request_id = err.request_id or msg.request_id
                     err.msg_type = err.msg_type or msg.TYPE
-                if err.msg_type in NEVER_ANSWERED or (
-                        err.msg_type == p.MsgType.DIRTY_MAP and not err.request_id):
+                if not p.may_answer_with_error(err):
                     # PROTOCOL.md ER-3: no ERROR for these, or two peers could loop.
                     log.warning("ignoring a bad %s from %s (%s): %s",
                                 p.MsgType(err.msg_type).name, self.peer, self.agent_id, err)
@@ -2282,11 +2281,6 @@ class AgentConnection:
                     rtt_ms=None if self.rtt_ns is None else round(self.rtt_ns / 1e6, 3),
                     last_heartbeat=fmt_time_ns(self.last_heartbeat_ns),
                     volumes=sorted(v.name for v in self.volumes.values()))
-
-
-#: Messages never answered with ERROR, even when malformed (PROTOCOL.md ER-3).
-NEVER_ANSWERED = frozenset({p.MsgType.ERROR, p.MsgType.ACK, p.MsgType.PONG,
-                            p.MsgType.SYNCED, p.MsgType.GOODBYE})
 
 
 def vol_acked(vol: Volume):
