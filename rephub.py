@@ -2862,7 +2862,12 @@ class Hub:
             old = self.by_agent.get(conn.agent_id)
             self.by_agent[conn.agent_id] = conn
         if old is not None and old is not conn:
-            old.abort(f"agent {conn.agent_id} connected again from {conn.peer}")
+            if old.sessions and not old.volumes:
+                # A recovery agent may hold several sessions, one connection each.
+                log.info("agent %s: connection %s keeps its recovery sessions", conn.agent_id,
+                         old.peer)
+            else:
+                old.abort(f"agent {conn.agent_id} connected again from {conn.peer}")
 
     def unregister(self, conn: AgentConnection) -> None:
         with self.conn_lock:
