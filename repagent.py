@@ -1143,7 +1143,9 @@ class Agent:
                 if self.degraded:
                     self._maybe_undegrade()
             else:
-                self.requests.pop(msg.request_id, None)
+                kind, what = self.requests.pop(msg.request_id, (None, None))
+                if kind == "CHECKPOINT":
+                    what.answer(msg)  # repagent.py checkpoint waits for it
         if reply is not None:
             reply(0)
 
@@ -1226,6 +1228,8 @@ class Agent:
                             msg.request_id, msg.code_name(), msg.message)
             else:
                 kind, what = self.requests.pop(msg.request_id, (None, None))
+                if kind == "CHECKPOINT":
+                    what.answer(msg)  # repagent.py checkpoint reports it
                 if kind == "ATTACH":
                     log.error("hub refused to attach volume %s: %s %s (writes stay "
                               "tracked; retried on the next connection)", what.name,
@@ -1741,9 +1745,12 @@ class Agent:
             with client:
                 try:
                     client.settimeout(CONTROL_TIMEOUT)
-                    request = client.recv(64).strip()
+                    request = client.recv(512).strip()
                     if request == b"status":
                         client.sendall(json.dumps(self.status()).encode() + b"\n")
+                    elif request.startswith(b"checkpoint "):  # repagent.py checkpoint
+                        client.sendall(json.dumps(agent_checkpoint(
+                            self, request[11:].decode(errors="replace"))).encode() + b"\n")
                     else:
                         client.sendall(json.dumps(
                             {"error": f"unknown request {request[:32]!r}, "
@@ -1795,6 +1802,384 @@ class Agent:
                 "queue_bytes": conn.queued_bytes if conn else 0,
                 "stream_seq": self.seq,
                 "volumes": volumes}
+
+
+# ---------------------------------------------------------------------------
+# Recovery mode: ``repagent.py recover`` (PROTOCOL.md "Recovery (remote IO)")
+#
+# On the recovery site the agent serves an NBD export that a recovery VM (or
+# QSD, or qemu-io) opens.  Each NBD request is forwarded at once as RREAD /
+# RWRITE / RFLUSH over one authenticated hub connection and answered only
+# when the hub answers: requests are pipelined and matched to answers by
+# request id, nothing is cached here, so the VM sees exactly what the hub
+# holds (the volume at the point plus the session's own writes).  SIGTERM
+# ends the session with RECOVER_CLOSE.  ``repagent.py checkpoint`` (further
+# down) asks a running protect agent to put a CHECKPOINT on its stream.
+
+RECOVER_OPEN_TIMEOUT = 300.0
+"""A FAILOVER open rolls the replica back first: that may take a while."""
+
+RECOVER_CLOSE_TIMEOUT = 30.0
+"""On SIGTERM, how long to wait for the hub's ACK of RECOVER_CLOSE."""
+
+CHECKPOINT_TIMEOUT = 30.0
+"""How long ``repagent.py checkpoint`` waits for the hub's ACK."""
+
+
+class RecoveryError(Exception):
+    """The recovery session could not be opened, or its connection was lost."""
+
+
+@dataclasses.dataclass
+class RecoveryConfig:
+    hub: tuple[str, int]
+    agent_id: str
+    secret: bytes
+    hub_timeout: float = DEFAULT_HUB_TIMEOUT
+    tls_ca: str | None = None
+
+
+class RecoveryClient:
+    """One hub connection carrying one recovery session.
+
+    Threads: ``repagent-recover-recv`` alone reads the socket (answers, PINGs);
+    the nbd-conn threads call ``request``; every send holds ``send_lock``.
+    """
+
+    def __init__(self, cfg: RecoveryConfig, volume: str, point: str, mode: p.RecoverMode):
+        self.cfg = cfg            # what Agent._handshake needs
+        self.volume, self.point, self.mode = volume, point, mode
+        self.sock: socket.socket | None = None
+        self.session = 0
+        self.size = 0
+        self.lock = threading.Lock()
+        self.send_lock = threading.Lock()
+        self.pending: dict[int, tuple[str, Callable, int]] = {}  # req -> (type, reply, length)
+        self._req = 0
+        self.lost = threading.Event()
+        self.lost_cause = ""
+        self.closed = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def open(self) -> p.RecoverReady:
+        """Connect, authenticate, RECOVER_OPEN; start the recv thread (caller's thread)."""
+        host, port = self.cfg.hub
+        sock = socket.create_connection((host, port), timeout=self.cfg.hub_timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.cfg.tls_ca:
+                ctx = ssl.create_default_context(cafile=self.cfg.tls_ca)
+                sock = ctx.wrap_socket(sock, server_hostname=host)
+            hub_id = Agent._handshake(self, sock)  # the same HELLO/AUTH as protect mode
+            sock.settimeout(RECOVER_OPEN_TIMEOUT)
+            log.info("--> RECOVER_OPEN %s %s at %r", self.mode.name, self.volume, self.point)
+            p.send_message(sock, p.RecoverOpen(request_id=self._next_req(), mode=self.mode,
+                                               name=self.volume, point=self.point))
+            while True:
+                reply = p.recv_message(sock)
+                if isinstance(reply, p.Ping):  # the hub's heartbeat may come first
+                    p.send_message(sock, p.Pong(request_id=reply.request_id,
+                                                echo_ns=reply.sent_ns, responder_ns=time.time_ns()))
+                    continue
+                break
+            if isinstance(reply, p.Error):
+                raise RecoveryError(f"hub {hub_id} refused RECOVER_OPEN {self.mode.name} of "
+                                    f"{self.volume} at {self.point!r}: {reply.code_name()} "
+                                    f"{reply.message}")
+            if not isinstance(reply, p.RecoverReady):
+                raise RecoveryError(f"expected RECOVER_READY, got "
+                                    f"{reply.TYPE.name if reply else 'end of stream'}")
+            sock.settimeout(None)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock, self.session, self.size = sock, reply.volume, reply.size
+        log.info("<-- RECOVER_READY session=%d size=%d point time %s", reply.volume,
+                 reply.size, time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                           time.gmtime(reply.point_time_ns / 1e9)))
+        self.thread = threading.Thread(target=self._recv_loop, name="repagent-recover-recv",
+                                       daemon=True)
+        self.thread.start()
+        return reply
+
+    def _next_req(self) -> int:
+        self._req = self._req % ((1 << 64) - 1) + 1
+        return self._req
+
+    def request(self, make: Callable[[int], p.Message], reply: Callable, length: int = 0) -> None:
+        """Send one request; ``reply`` is called from the recv thread with the
+        hub's answer (nbd-conn threads).  A lost link answers EIO at once."""
+        with self.lock:
+            if self.lost.is_set():
+                reply(errno.EIO)
+                return
+            req = self._next_req()
+            msg = make(req)
+            self.pending[req] = (msg.TYPE.name, reply, length)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("--> %s", msg.describe())
+        try:
+            with self.send_lock:
+                p.send_message(self.sock, msg)
+        except OSError as err:
+            self._lose(f"send failed: {err}")
+
+    def _recv_loop(self) -> None:
+        """repagent-recover-recv thread: dispatch each hub message to ``on_<TYPE>``."""
+        try:
+            while True:
+                msg = p.recv_message(self.sock)
+                if msg is None:
+                    self._lose("the hub closed the connection")
+                    return
+                handler = getattr(self, f"on_{msg.TYPE.name}", None)
+                if handler is None:
+                    log.warning("unexpected %s from the hub; ignored", msg.TYPE.name)
+                    continue
+                handler(msg)
+        except (OSError, p.ReplicationError) as err:
+            self._lose(f"hub connection failed: {err}")
+
+    def _answer(self, req: int):
+        with self.lock:
+            return self.pending.pop(req, None)
+
+    def on_RREAD_REPLY(self, msg: p.RReadReply) -> None:
+        item = self._answer(msg.request_id)
+        if item is not None:
+            item[1](0, bytes(item[2]) if msg.is_zero else msg.data)
+
+    def on_ACK(self, msg: p.Ack) -> None:
+        item = self._answer(msg.request_id)
+        if item is not None:
+            item[1](0)
+
+    def on_ERROR(self, msg: p.Error) -> None:
+        item = self._answer(msg.request_id)
+        log.warning("hub error for %s req=%d: %s %s%s",
+                    item[0] if item else "request", msg.request_id, msg.code_name(),
+                    msg.message, "; answered EIO" if item else "")
+        if item is not None:
+            item[1](errno.EIO)
+
+    def on_PING(self, msg: p.Ping) -> None:
+        with self.send_lock:
+            p.send_message(self.sock, p.Pong(request_id=msg.request_id, echo_ns=msg.sent_ns,
+                                             responder_ns=time.time_ns()))
+
+    def on_PONG(self, msg: p.Pong) -> None:
+        pass
+
+    def on_GOODBYE(self, msg: p.Goodbye) -> None:
+        self._lose(f"hub said goodbye: {msg.reason}")
+
+    def _lose(self, cause: str) -> None:
+        """The link is gone: every outstanding request fails with EIO (LV-3)."""
+        with self.lock:
+            if self.lost.is_set():
+                return
+            self.lost_cause = cause
+            self.lost.set()
+            failed, self.pending = list(self.pending.values()), {}
+        if not self.closed.is_set():
+            log.error("recovery session %d of %s lost: %s (%d requests answered EIO)",
+                      self.session, self.volume, cause, len(failed))
+        for _, reply, _ in failed:
+            reply(errno.EIO)
+
+    def close(self) -> bool:
+        """RECOVER_CLOSE, wait for its ACK (bounded), close (main thread)."""
+        done = threading.Event()
+        result = []
+        self.request(lambda req: p.RecoverClose(request_id=req, volume=self.session),
+                     lambda err, data=None: (result.append(err), done.set()))
+        ok = done.wait(RECOVER_CLOSE_TIMEOUT) and result == [0]
+        self.closed.set()
+        if ok:
+            log.info("recovery session %d of %s closed", self.session, self.volume)
+        else:
+            log.warning("RECOVER_CLOSE of session %d not acknowledged (%s); the hub ends the "
+                        "session when the connection closes", self.session,
+                        self.lost_cause or "timeout")
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+        return ok
+
+
+class RecoveryHandler(nbd.Handler):
+    """The recovery export: each NBD request becomes one hub request (nbd-conn threads)."""
+
+    def __init__(self, client: RecoveryClient):
+        self.client = client
+
+    def read(self, offset, length, reply):
+        sid = self.client.session
+        self.client.request(lambda req: p.RRead(request_id=req, volume=sid, offset=offset,
+                                                length=length), reply, length)
+
+    def write(self, offset, data, reply):
+        sid = self.client.session
+        self.client.request(lambda req: p.RWrite(request_id=req, volume=sid, offset=offset,
+                                                 length=len(data), data=data), reply)
+
+    def write_zeroes(self, offset, length, reply):
+        # An NBD zero may exceed MAX_DATA: one RWRITE per piece, one answer at the end.
+        sid = self.client.session
+        pieces = [(o, min(p.MAX_DATA, offset + length - o))
+                  for o in range(offset, offset + length, p.MAX_DATA)]
+        state = {"left": len(pieces), "error": 0}
+        lock = threading.Lock()
+
+        def piece_done(err, data=None):
+            with lock:
+                state["error"] = state["error"] or err
+                state["left"] -= 1
+                last = state["left"] == 0
+            if last:
+                reply(state["error"])
+        for o, n in pieces:
+            self.client.request(lambda req, o=o, n=n: p.RWrite(
+                request_id=req, volume=sid, offset=o, length=n, flags=p.FLAG_ZERO), piece_done)
+
+    def flush(self, reply):
+        sid = self.client.session
+        self.client.request(lambda req: p.RFlush(request_id=req, volume=sid), reply)
+
+
+def parse_listen(text: str):
+    """``unix:PATH`` -> PATH; ``HOST:PORT`` -> (HOST, PORT)."""
+    if text.startswith("unix:"):
+        return check_unix_path(os.path.abspath(text[5:]), "--listen socket")
+    return parse_hostport(text)
+
+
+def export_uri(address, export: str) -> str:
+    if isinstance(address, str):
+        return f"nbd+unix:///{urllib.parse.quote(export)}?socket={address}"
+    host, port = address[:2]
+    return f"nbd://{host}:{port}/{urllib.parse.quote(export)}"
+
+
+def cmd_recover(args) -> int:
+    """Serve VOLUME at POINT from the hub as an NBD export until SIGTERM."""
+    try:
+        with open(args.secret_file, encoding="ascii") as f:
+            secret = p.parse_secret(f.read())
+        p.validate_name(args.agent_id, "agent id")
+        p.validate_name(args.volume, "volume name")
+        listen = parse_listen(args.listen)
+    except (OSError, ValueError, p.ReplicationError) as err:
+        print(f"repagent.py: {err}", file=sys.stderr)
+        return 2
+    mode = p.RecoverMode.FAILOVER if args.failover else p.RecoverMode.TEST
+    client = RecoveryClient(RecoveryConfig(hub=args.hub, agent_id=args.agent_id, secret=secret,
+                                           hub_timeout=args.hub_timeout, tls_ca=args.tls_ca),
+                            args.volume, args.at, mode)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        ready = client.open()
+    except (OSError, HandshakeError, RecoveryError, p.ReplicationError) as err:
+        log.error("cannot open the recovery session: %s", err)
+        return 1
+    if isinstance(listen, str) and os.path.exists(listen):
+        os.unlink(listen)
+    server = nbd.NBDServer(listen, args.volume, ready.size, RecoveryHandler(client))
+    try:
+        server.start()
+    except OSError as err:
+        log.error("cannot listen on %s: %s", args.listen, err)
+        client.close()
+        return 1
+    log.info("%s of %s at %r served on %s", mode.name, args.volume, args.at, args.listen)
+    print(export_uri(server.address if not isinstance(listen, str) else listen, args.volume),
+          flush=True)
+    rc = 0
+    while not stop.wait(0.5):
+        if client.lost.is_set():
+            log.error("hub connection lost (%s); stopping the export", client.lost_cause)
+            rc = 1
+            break
+    server.stop()
+    client.close()
+    if isinstance(listen, str):
+        try:
+            os.unlink(listen)
+        except OSError:
+            pass
+    return rc
+
+
+class CheckpointWaiter:
+    """A CHECKPOINT sent through the running protect agent, until the hub answers."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.answer_msg: p.Message | None = None
+
+    def answer(self, msg: p.Message) -> None:
+        """Recv loop (on_ACK / on_ERROR)."""
+        self.answer_msg = msg
+        self.event.set()
+
+
+def agent_checkpoint(agent: Agent, name: str) -> dict:
+    """Queue a CHECKPOINT on the ordered hub stream, after every write queued so
+    far, and wait for the hub's answer (repagent-control thread)."""
+    try:
+        p.validate_name(name, "checkpoint name")
+    except p.ReplicationError as err:
+        return {"error": str(err)}
+    waiter = CheckpointWaiter()
+    with agent.lock:
+        conn = agent.conn
+        if conn is None:
+            return {"error": "not connected to the hub; try again"}
+        req = agent._next_req()
+        agent.requests[req] = ("CHECKPOINT", waiter)
+        seq = agent._enqueue(conn, p.Checkpoint(request_id=req, name=name))
+    log.info("--> CHECKPOINT %r req=%d (stream seq %d)", name, req, seq)
+    if not waiter.event.wait(CHECKPOINT_TIMEOUT):
+        with agent.lock:
+            agent.requests.pop(req, None)
+        return {"error": f"no answer from the hub within {CHECKPOINT_TIMEOUT:.0f} s"}
+    msg = waiter.answer_msg
+    if isinstance(msg, p.Error):
+        return {"error": f"hub refused the checkpoint: {msg.code_name()} {msg.message}"}
+    return {"ok": True, "name": name, "request_id": req, "stream_seq": seq,
+            "reply": msg.TYPE.name}
+
+
+def cmd_checkpoint(args) -> int:
+    """Ask the running protect agent (control socket) for a checkpoint; print the ACK."""
+    try:
+        p.validate_name(args.name, "checkpoint name")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(CHECKPOINT_TIMEOUT + CONTROL_TIMEOUT)
+            s.connect(os.path.join(args.state_dir, "control.sock"))
+            s.sendall(f"checkpoint {args.name}\n".encode())
+            buf = bytearray()
+            while not buf.endswith(b"\n"):
+                data = s.recv(65536)
+                if not data:
+                    break
+                buf += data
+        res = json.loads(buf)
+    except (OSError, ValueError, p.ReplicationError) as err:
+        print(f"repagent.py: checkpoint: no answer from the agent on "
+              f"{args.state_dir}/control.sock: {err}", file=sys.stderr)
+        return 1
+    if not res.get("ok"):
+        print(f"repagent.py: checkpoint {args.name}: {res.get('error')}", file=sys.stderr)
+        return 1
+    print(f"checkpoint {res['name']}: {res['reply']} from the hub (req={res['request_id']})")
+    return 0
 
 
 # ---------------------------------------------------------------------------
@@ -1887,6 +2272,29 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--state-dir", required=True)
     st.add_argument("--json", action="store_true")
     st.add_argument("--log-level", default="WARNING")
+
+    rc = sub.add_parser("recover", help="serve a replica at a point as an NBD export for a "
+                        "recovery VM; every IO goes to the hub (fail-over test or fail-over)")
+    rc.add_argument("--hub", required=True, type=parse_hostport, help="HOST:PORT of rephub")
+    rc.add_argument("--agent-id", required=True)
+    rc.add_argument("--secret-file", required=True)
+    rc.add_argument("--volume", required=True, help="hub volume name")
+    rc.add_argument("--at", required=True, help="latest | checkpoint name | ISO 8601 time")
+    how = rc.add_mutually_exclusive_group(required=True)
+    how.add_argument("--test", action="store_true",
+                     help="fail-over test: writes go to a scratch overlay at the hub")
+    how.add_argument("--failover", action="store_true",
+                     help="promote the volume at the point; writes become its history")
+    rc.add_argument("--listen", required=True, help="unix:PATH or HOST:PORT of the NBD export")
+    rc.add_argument("--hub-timeout", type=float, default=DEFAULT_HUB_TIMEOUT)
+    rc.add_argument("--tls-ca", help="connect with TLS, trusting this CA file")
+    rc.add_argument("--log-level", default="INFO")
+
+    cp = sub.add_parser("checkpoint", help="put a named CHECKPOINT on the running agent's "
+                        "hub stream (after every write it has taken so far)")
+    cp.add_argument("--state-dir", required=True)
+    cp.add_argument("name")
+    cp.add_argument("--log-level", default="WARNING")
     return parser
 
 
@@ -2006,7 +2414,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     return {"protect": cmd_protect, "unprotect": cmd_unprotect,
-            "status": cmd_status}[args.command](args)
+            "status": cmd_status, "recover": cmd_recover,
+            "checkpoint": cmd_checkpoint}[args.command](args)
 
 
 if __name__ == "__main__":
