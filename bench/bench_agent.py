@@ -21,6 +21,7 @@ async throughput >= 0.8x and async 4 KiB p50 <= 1.5x.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -153,6 +154,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--latency-ops", type=int, default=2000)
+    ap.add_argument("--json", action="store_true",
+                    help="also print a BENCH-JSON line for bench/report.py")
     args = ap.parse_args()
     size = args.size_mib * MiB
     work = short_tmpdir("bench-agent")
@@ -177,6 +180,26 @@ def main() -> int:
           f"({'met' if a['mib_s'] / base['mib_s'] >= 0.8 else 'NOT met'}); "
           f"async 4K p50 <= 1.5x: {a['p50_us'] / base['p50_us']:.2f}x "
           f"({'met' if a['p50_us'] / base['p50_us'] <= 1.5 else 'NOT met'})")
+    if args.json:
+        figures = []
+        for name in ("b: repagent async", "c: repagent sync"):
+            r, mode = results[name], name.split()[-1]
+            tput, p50 = r["mib_s"] / base["mib_s"], r["p50_us"] / base["p50_us"]
+            figures += [
+                {"name": f"guest 1 MiB seq writes QD1, repagent {mode}", "value": round(r["mib_s"]),
+                 "unit": "MiB/s", "baseline_name": "mirror into qemu-nbd",
+                 "baseline": round(base["mib_s"]), "ratio": round(tput, 2),
+                 **({"target": ">= 0.8x", "met": tput >= 0.8} if mode == "async" else {})},
+                {"name": f"guest 4 KiB random write p50 QD1, repagent {mode}",
+                 "value": round(r["p50_us"]), "unit": "us",
+                 "baseline_name": "mirror into qemu-nbd", "baseline": round(base["p50_us"]),
+                 "ratio": round(p50, 2),
+                 **({"target": "<= 1.5x", "met": p50 <= 1.5} if mode == "async" else {})},
+                {"name": f"guest 4 KiB random write p99 QD1, repagent {mode}",
+                 "value": round(r["p99_us"]), "unit": "us",
+                 "baseline_name": "mirror into qemu-nbd", "baseline": round(base["p99_us"]),
+                 "ratio": round(r["p99_us"] / base["p99_us"], 2)}]
+        print("BENCH-JSON " + json.dumps({"bench": "agent", "figures": figures}))
     return 0
 
 

@@ -113,6 +113,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3,
                     help="interleaved rounds of (A, B, hub); medians are compared")
     ap.add_argument("--dir", default=None, help="directory on the file system to measure")
+    ap.add_argument("--json", action="store_true",
+                    help="also print a BENCH-JSON line for bench/report.py")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="bench_hub.", dir=args.dir)
     buffers = [os.urandom(MiB) for _ in range(8)]
@@ -140,6 +142,17 @@ def main() -> int:
         print(f"  ratio hub/A {h / a:.2f}x (target >= 0.7x), hub/B {h / b:.2f}x "
               "(medians)")
         print(f"  fdatasyncs per 1000 writes: {statistics.median(per_1000):.0f}")
+        if args.json:
+            print("BENCH-JSON " + json.dumps({"bench": "hub", "figures": [
+                {"name": f"hub ingest, 1 MiB WRITEs, window {args.window}, durable ACKs",
+                 "value": round(h, 1), "unit": "MiB/s",
+                 "baseline_name": "write + one fdatasync (A)", "baseline": round(a, 1),
+                 "ratio": round(h / a, 2), "target": ">= 0.7x", "met": h / a >= 0.7,
+                 "note": f"median of {args.rounds} rounds; "
+                         f"{statistics.median(per_1000):.0f} fdatasyncs per 1000 writes"},
+                {"name": "hub ingest vs write + fdatasync each (B)", "value": round(h, 1),
+                 "unit": "MiB/s", "baseline_name": "write + fdatasync each (B)",
+                 "baseline": round(b, 1), "ratio": round(h / b, 2)}]}))
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
