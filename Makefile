@@ -38,3 +38,14 @@ demo: qemu
 
 bench: deps qemu
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PYTHON) $$b || exit 1; done
+
+# The long fault run and the long fuzz run (docs/RELIABILITY.md); CI runs
+# bounded versions of both inside `make test` (tests/faults/).
+ROUNDS ?= 100
+N ?= 100000
+.PHONY: soak fuzz
+soak: qemu
+	$(PYTHON) tests/faults/soak.py --rounds $(ROUNDS)
+
+fuzz: qemu
+	$(PYTHON) tests/faults/fuzz.py --frames $(N)

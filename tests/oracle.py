@@ -112,3 +112,12 @@ def assert_same_image(path: str, expected: bytes) -> None:
     problem = first_difference(actual, expected)
     if problem:
         raise AssertionError(f"{path}: {problem}")
+
+
+def rebase(model: StreamModel) -> None:
+    """Fold every recorded write into ``model.base`` and forget them (and the
+    points): a long run (tests/faults/soak.py) keeps memory bounded this way,
+    keeping the sha256 of each point it still wants to check."""
+    model.base = model.image_at()
+    model.ops.clear()
+    model.points.clear()

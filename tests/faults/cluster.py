@@ -35,11 +35,13 @@ import nbd
 import rephub
 import repagent as ra
 from faults.proxy import FaultProxy
-from oracle import StreamModel
+from oracle import StreamModel, first_difference
 from qemu_harness import QSD, MiB, kill_all, nbd_sha256, short_tmpdir, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CHUNK = 64 * 1024
+#: What repagent logs once it has set a vanished mirror job up again.
+QSD_RESTART_NOTICE = "the mirror job was gone (QSD restarted)"
 
 
 def spawn(argv, log_path: Path) -> subprocess.Popen:
@@ -213,6 +215,8 @@ class Writer(threading.Thread):
         self.go.set()
         self.idle = threading.Event()
         self.marks: list[tuple[int, int]] = []
+        #: (offset, length, data or None for zeroes) of the write issued, not yet acknowledged
+        self.inflight: tuple[int, int, bytes | None] | None = None
         self.count = 0
         self.bytes = 0
         self.error: BaseException | None = None
@@ -254,14 +258,16 @@ class Writer(threading.Thread):
         size = self.model.size
         length = self.rng.randrange(4096, self.max_length + 1, 4096)
         offset = self.rng.randrange(0, size - length + 1, 4096)
+        data = None if self.rng.random() < 0.1 else self.rng.randbytes(length)
+        self.inflight = (offset, length, data)
         issued = time.time_ns()
-        if self.rng.random() < 0.1:
+        if data is None:
             client.write_zeroes(offset, length)
             self.model.zero(offset, length)
         else:
-            data = self.rng.randbytes(length)
             client.write(offset, data)
             self.model.write(offset, data)
+        self.inflight = None
         self.marks.append((issued, time.time_ns()))
         self.count += 1
         self.bytes += length
@@ -292,8 +298,9 @@ class Cluster:
     through QSD's export (what the guest sees)."""
 
     def __init__(self, workdir: Path, size=16 * MiB, fmt="raw", mode="async", seed=1,
-                 hub_args=(), agent_extra=()):
+                 hub_args=(), agent_extra=(), writer_gap=0.002, max_write=128 * 1024):
         self.workdir = Path(workdir)
+        self.writer_args = dict(gap=writer_gap, max_length=max_write)
         self.size, self.mode, self.volume = size, mode, "vol0"
         self.rng = random.Random(seed)
         self.seed = seed
@@ -310,6 +317,7 @@ class Cluster:
         self.writer: Writer | None = None
         self.faults: dict[str, int] = {}
         self.checkpoints: list[str] = []
+        self.acked_checks = 0     # sync-mode hub kills checked for lost ACKed writes
         self.sync_intervals: list[tuple[int, int]] = []   # writer.marks index ranges
 
     # -- life cycle -------------------------------------------------------------
@@ -322,7 +330,7 @@ class Cluster:
         self.agent = AgentProc(self.workdir, self.proxy.address,
                                self.hub.secret_files["agent1"], qmp,
                                {self.qsd.node: self.volume}, mode=mode, extra=extra).start()
-        self.writer = Writer(self.qsd, self.model, self.seed)
+        self.writer = Writer(self.qsd, self.model, self.seed, **self.writer_args)
         return self
 
     def close(self) -> None:
@@ -421,6 +429,28 @@ class Cluster:
                     out.append(offset)
         return out
 
+    def explain(self, replica: bytes, acked: int) -> str:
+        """Which writes of the model the replica lacks or has beyond ``acked``."""
+        missing, extra = [], []
+        for i, op in enumerate(self.model.ops):
+            data = op.data if op.data is not None else bytes(op.length)
+            have = replica[op.offset:op.offset + op.length] == data
+            later = any(o.offset < op.offset + op.length and op.offset < o.offset + o.length
+                        for o in self.model.ops[i + 1:acked])
+            if i < acked and not have and not later:
+                missing.append((i, op.offset, op.length, op.data is None))
+            if i >= acked and have:
+                extra.append((i, op.offset, op.length, op.data is None))
+        return (f"writes acknowledged but missing (index, offset, length, zero): "
+                f"{missing[:10]}; writes after the ack point present: {extra[:10]}")
+
+    def resync_counter(self) -> int:
+        """Bytes of READ_REPLY data the running agent has sent (its process's count)."""
+        try:
+            return self.agent.vol()["counters"].get("read_reply_bytes", 0)
+        except (OSError, ValueError, KeyError, IndexError):
+            return 0
+
     def checkpoint(self, name: str) -> None:
         """A named point at the current end of the stream (writer paused, converged)."""
         self.hub.request({"cmd": "checkpoint", "volume": self.volume, "name": name})
@@ -442,9 +472,43 @@ class Cluster:
         getattr(self, "fault_" + fault.name.lower())(hold)
 
     def fault_kill_hub(self, hold: float) -> None:
+        if self.mode == "sync" and self.agent.status()["mode"] == "sync":  # not degraded
+            self.acked_checks += 1
+            self.kill_hub_check_acked()
+            return
         self.hub.kill(signal.SIGKILL)
         time.sleep(hold)   # the outage itself (the writer keeps going)
         self.hub.start()
+
+    def kill_hub_check_acked(self) -> int:
+        """Sync mode: SIGKILL the hub under writes, freeze the agent (it cannot
+        resend), restart the hub: its replica must be a prefix of the stream
+        holding every write QEMU acknowledged before the kill.  Returns that prefix."""
+        acked = len(self.model.ops)    # prefix lengths count from the model's base
+        self.hub.kill(signal.SIGKILL)
+        self.agent.proc.send_signal(signal.SIGSTOP)
+        try:
+            last = len(self.model.ops)   # later writes wait on the frozen agent
+            inflight = self.writer.inflight  # may have reached the hub, unacknowledged
+            self.hub.start()
+            wait_until(lambda: self.hub.volume(self.volume)["lag_bytes"] == 0, 60, "hub replay")
+            replica = self.hub.replica(self.volume).read_bytes().ljust(self.size, b"\0")
+            for k in range(acked, last + 1):
+                if replica == self.model.image_at(k):
+                    return k
+            if inflight is not None:
+                offset, length, data = inflight
+                image = bytearray(self.model.image_at(last))
+                image[offset:offset + length] = data if data is not None else bytes(length)
+                if replica == image:
+                    return last + 1
+            raise AssertionError(
+                f"sync mode: after a hub kill the replica is no stream prefix holding the "
+                f"{acked} acknowledged writes (of {last} seen): "
+                f"{first_difference(replica, self.model.image_at(acked))}; "
+                f"{self.explain(replica, acked)}\n{self.logs()}")
+        finally:
+            self.agent.proc.send_signal(signal.SIGCONT)
 
     def fault_torn_journal(self, hold: float) -> None:
         """SIGKILL the hub, then leave a torn record at the end of its last journal
@@ -476,11 +540,16 @@ class Cluster:
         """SIGKILL QSD with the writer paused (an in-flight write's fate is unknown
         to the guest too), restart it on the same image; the agent must set the
         mirror up again and the hub verify."""
+        noticed = self.agent.log.read_text(errors="replace").count(QSD_RESTART_NOTICE)
         self.writer.pause()
         self.qsd.kill(signal.SIGKILL)
         time.sleep(hold)
         self.qsd.start()
+        # Writes from here until the agent sets the mirror up again escape it:
+        # only the hub's verify can find them.
         self.writer.resume()
+        wait_until(lambda: self.agent.log.read_text(errors="replace").count(
+            QSD_RESTART_NOTICE) > noticed, 60, "the agent to notice the QSD restart", 0.1)
 
     def fault_cut(self, hold: float) -> None:
         self.proxy.partition()
