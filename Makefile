@@ -9,7 +9,7 @@ APT_PACKAGES = qemu-system-common qemu-utils libnbd-bin
 help:
 	@echo "make demo   replicate a small VM disk end to end and prove it identical"
 	@echo "make test   run the whole test-suite under coverage"
-	@echo "make bench  run the benchmarks in bench/"
+	@echo "make bench  run the benchmarks in bench/ and write docs/BENCHMARKS.md"
 
 # pytest and coverage for the tests; nothing from pip is needed at run time.
 deps:
@@ -36,8 +36,10 @@ demo: qemu
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q e2fsprogs; }
 	$(PYTHON) demo/demo.py
 
+# Runs every bench/bench_*.py (each against a baseline measured in the same run)
+# and writes docs/BENCHMARKS.md; bench_sync also needs nbdcopy (libnbd-bin).
 bench: deps qemu
-	@for b in bench/bench_*.py; do echo "== $$b"; $(PYTHON) $$b || exit 1; done
+	$(PYTHON) bench/report.py
 
 # The long fault run and the long fuzz run (docs/RELIABILITY.md); CI runs
 # bounded versions of both inside `make test` (tests/faults/).
