@@ -2864,15 +2864,17 @@ class Hub:
                     conn.abort(f"heartbeat send failed: {err}")
 
     def register(self, conn: AgentConnection) -> None:
-        """An agent authenticated: it replaces an older connection of the same agent."""
+        """An agent authenticated: it replaces an older connection of the same agent
+        that has volumes attached (recovery connections stay)."""
         with self.conn_lock:
             old = self.by_agent.get(conn.agent_id)
             self.by_agent[conn.agent_id] = conn
         if old is not None and old is not conn:
-            if old.sessions and not old.volumes:
-                # A recovery agent may hold several sessions, one connection each.
-                log.info("agent %s: connection %s keeps its recovery sessions", conn.agent_id,
-                         old.peer)
+            if not old.volumes:
+                # Nothing attached there to take over: a recovery agent may hold several
+                # sessions, one connection each, opened at the same time.
+                log.info("agent %s: connection %s stays (no volume attached on it)",
+                         conn.agent_id, old.peer)
             else:
                 old.abort(f"agent {conn.agent_id} connected again from {conn.peer}")
 
