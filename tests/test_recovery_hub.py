@@ -1,0 +1,239 @@
+"""Recovery inside the hub, without QEMU: in-process ``rephub.Hub`` and ``TestAgent``.
+
+Points inside a resync are not crash-consistent and are refused; who may open
+a session; the TEST overlay's extent map against a bytearray model; leftover
+overlays are discarded at start; a promotion interrupted before its roll back
+finished is completed when the store opens again.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+
+import pytest
+
+import protocol as p
+import rephub
+from hubtools import MemVolume, TestAgent, make_agents_file, wait_for
+
+MiB = 1024 * 1024
+CHUNK = 65536
+
+
+@pytest.fixture
+def hubenv(tmp_path):
+    agents = str(tmp_path / "agents")
+    secrets = make_agents_file(agents, "a1", "a2", "rec")
+    lines = open(agents, encoding="utf-8").read().splitlines()  # rec may recover a1's
+    lines = [ln + " recover=a1" if ln.startswith("rec ") else ln for ln in lines]
+    open(agents, "w", encoding="utf-8").write("\n".join(lines) + "\n")
+    hub = rephub.Hub(str(tmp_path / "data"), agents, heartbeat=0.2)
+    hub.start()
+    try:
+        yield hub, secrets
+    finally:
+        hub.shutdown(grace=5)
+
+
+def connect(hub, secrets, agent="a1") -> TestAgent:
+    return TestAgent(hub.address, agent, secrets[agent]).connect()
+
+
+def synced(hub, name: str) -> bool:
+    vol = hub.store.volume(name)
+    return vol is not None and vol.state == rephub.VolState.CONSISTENT and vol.sync is None
+
+
+def request(agent: TestAgent, msg: p.Message) -> p.Message:
+    agent.send(msg)
+    return agent.wait_reply(msg.request_id)
+
+
+def open_session(agent, name, point, mode=p.RecoverMode.TEST) -> p.Message:
+    return request(agent, p.RecoverOpen(request_id=agent.request_id(), mode=mode, name=name,
+                                        point=point))
+
+
+class HoldingAgent(TestAgent):
+    """Answers the hub's READs only once ``gate`` is set (from a side thread, so
+    its recv thread keeps answering PINGs and reading ACKs meanwhile)."""
+
+    def __init__(self, address, agent_id, secret, gate, first):
+        super().__init__(address, agent_id, secret)
+        self.gate, self.first, self.holders = gate, first, []
+
+    def on_READ(self, msg):
+        self.first.set()
+
+        def later():
+            self.gate.wait(20)
+            TestAgent.on_READ(self, msg)
+        t = threading.Thread(target=later, name="held-read", daemon=True)
+        self.holders.append(t)
+        t.start()
+
+
+def test_points_inside_a_resync_are_refused(hubenv):
+    hub, secrets = hubenv
+    mv = MemVolume(2 * MiB, data=os.urandom(2 * MiB))
+    gen = os.urandom(16)
+    a = connect(hub, secrets)
+    vid, _ = a.attach("rv", mv, generation=gen)
+    wait_for(lambda: synced(hub, "rv"), 20, "first sync")
+    a.expect_ack(a.checkpoint("before"))
+    a.close()
+    # Offline writes the agent tracked as dirty; the resync is held half way.
+    mv.write(0, b"\x01" * CHUNK)
+    mv.write(MiB, b"\x02" * CHUNK)
+    mv.dirty = [(0, CHUNK), (MiB, CHUNK)]
+    gate, first = threading.Event(), threading.Event()
+    a = HoldingAgent(hub.address, "a1", secrets["a1"], gate, first).connect()
+    try:
+        vid, plan = a.attach("rv", mv, state=p.VolumeState.DIRTY, generation=gen)
+        assert plan == p.SyncPlan.DIRTY
+        wait_for(first.is_set, 20, "the resync's first READ")
+        a.expect_ack(a.write(vid, 4 * CHUNK, b"\x03" * CHUNK))
+        a.expect_ack(a.checkpoint("during"))
+        vol = hub.store.volume("rv")
+        with pytest.raises(p.RequestError) as err:
+            hub.store.resolve_point(vol, "latest")
+        assert err.value.code == p.ErrorCode.INCONSISTENT and "resync" in str(err.value)
+        b = connect(hub, secrets, "rec")
+        try:
+            reply = open_session(b, "rv", "during")
+            assert isinstance(reply, p.Error) and reply.code == p.ErrorCode.INCONSISTENT
+            assert isinstance(open_session(b, "rv", "before"), p.RecoverReady)
+        finally:
+            b.close()
+        gate.set()
+        wait_for(lambda: synced(hub, "rv"), 20, "the resync")
+        a.expect_ack(a.checkpoint("after"))
+        pts = hub.store.points(vol)
+        assert [c["name"] for c in pts["checkpoints"]] == ["before", "after"]
+        assert [c["name"] for c in pts["unrecoverable"]] == ["during"]
+        assert "resync" in pts["unrecoverable"][0]["reason"]
+        assert pts["resyncs"] and pts["resyncs"][0]["consistent_from_seq"] is not None
+        seq, _ = hub.store.resolve_point(vol, "after")
+        assert hub.store.read_at(vol, seq, 0, 2 * MiB) == bytes(mv.buf)
+        assert "not recoverable" in rephub.format_points(pts)
+    finally:
+        gate.set()
+        for t in a.holders:
+            t.join(10)
+        a.close()
+
+
+def test_only_the_owner_or_an_allowed_agent_may_recover(hubenv):
+    hub, secrets = hubenv
+    a = connect(hub, secrets)
+    try:
+        a.attach("ov", MemVolume(MiB, data=os.urandom(MiB)))
+        wait_for(lambda: synced(hub, "ov"), 20, "first sync")
+        b = connect(hub, secrets, "a2")
+        try:
+            reply = open_session(b, "ov", "latest")
+            assert isinstance(reply, p.Error) and reply.code == p.ErrorCode.NOT_OWNER
+            reply = open_session(b, "nosuch", "latest")
+            assert isinstance(reply, p.Error) and reply.code == p.ErrorCode.NO_SUCH_VOLUME
+        finally:
+            b.close()
+        # Two sessions of the allowed agent, one per connection, on two volumes.
+        a.attach("ov2", MemVolume(MiB))
+        wait_for(lambda: synced(hub, "ov2"), 20, "first sync")
+        r1, r2 = connect(hub, secrets, "rec"), connect(hub, secrets, "rec")
+        try:
+            assert isinstance(open_session(r1, "ov", "latest"), p.RecoverReady)
+            assert isinstance(open_session(r2, "ov2", "latest"), p.RecoverReady)
+            busy = open_session(r2, "ov", "latest")
+            assert isinstance(busy, p.Error) and busy.code == p.ErrorCode.BUSY
+            assert not r1.closed.is_set(), "a second connection of rec cut off the first"
+        finally:
+            r1.close()
+            r2.close()
+        wait_for(lambda: not hub.sessions, 10, "sessions closed with their connections")
+    finally:
+        a.close()
+
+
+def test_overlay_matches_a_bytearray_model(tmp_path):
+    size = 1 * MiB
+    rng = random.Random(5)
+    base = bytes(rng.randrange(256) for _ in range(4096)) * (size // 4096)
+    model = bytearray(base)
+    ov = rephub.Overlay(str(tmp_path / "ov"), size)
+    try:
+        for i in range(300):
+            off = rng.randrange(0, size - 1)
+            n = rng.randrange(1, min(size - off, 70000) + 1)
+            if rng.random() < 0.3:
+                ov.write(off, n, None)
+                model[off:off + n] = bytes(n)
+            else:
+                data = bytes([i % 255 + 1]) * n
+                ov.write(off, n, data)
+                model[off:off + n] = data
+            starts = [e[0] for e in ov.extents]
+            assert starts == sorted(starts) and all(
+                a[1] <= b[0] for a, b in zip(ov.extents, ov.extents[1:]))
+        for _ in range(50):
+            off = rng.randrange(0, size - 1)
+            n = rng.randrange(1, size - off + 1)
+            got = ov.lay_over(base[off:off + n], off, n)
+            assert (got if got is not None else bytes(n)) == bytes(model[off:off + n])
+    finally:
+        ov.discard()
+    assert not os.path.exists(tmp_path / "ov")
+
+
+def test_leftover_overlays_are_discarded_at_start(tmp_path):
+    agents = str(tmp_path / "agents")
+    make_agents_file(agents, "a1")
+    leftover = tmp_path / "data" / rephub.SCRATCH_DIR / "7-deadbeef"
+    leftover.mkdir(parents=True)
+    (leftover / "overlay").write_bytes(b"\x5a" * 4096)
+    hub = rephub.Hub(str(tmp_path / "data"), agents)
+    hub.start()
+    try:
+        assert not (tmp_path / "data" / rephub.SCRATCH_DIR).exists()
+    finally:
+        hub.shutdown(grace=5)
+
+
+def test_interrupted_promotion_is_rolled_back_at_open(hubenv, monkeypatch):
+    hub, secrets = hubenv
+    mv = MemVolume(MiB, data=os.urandom(MiB))
+    a = connect(hub, secrets)
+    try:
+        vid, _ = a.attach("pv", mv)
+        wait_for(lambda: synced(hub, "pv"), 20, "first sync")
+        a.expect_ack(a.checkpoint("p"))
+        at_point = bytes(mv.buf)
+        a.expect_ack(a.write(vid, 0, b"\x07" * 3 * CHUNK))
+        a.expect_ack(a.zero(vid, 5 * CHUNK, CHUNK))
+        monkeypatch.setattr(rephub.VolumeStore, "_roll_back",
+                            lambda self, vol: (_ for _ in ()).throw(OSError("crash")))
+        with pytest.raises(OSError):
+            hub.promote("pv", "p")
+        reply = request(a, p.Write(request_id=a.request_id(), volume=vid, offset=0,
+                                   data=b"\x08" * 512))
+        assert isinstance(reply, p.Error) and reply.code == p.ErrorCode.ROLE
+        assert "promoted" in reply.message
+    finally:
+        a.close()
+    monkeypatch.undo()
+    data_dir = hub.store.dir
+    hub.shutdown(grace=5)
+    store = rephub.VolumeStore(data_dir)
+    store.open()  # finishes the roll back
+    try:
+        vol = store.volume("pv")
+        assert all(pr["rolled_back"] for pr in vol.meta["promotions"])
+        with open(os.path.join(vol.dir, "replica"), "rb") as f:
+            assert f.read() == at_point
+        seq, _ = store.resolve_point(vol, "latest")
+        assert store.read_at(vol, seq, 0, MiB) == at_point
+    finally:
+        store.close()
+    hub.listener = None  # already shut down; the fixture's shutdown is a no-op
