@@ -64,6 +64,24 @@ Sync (SEMANTICS.md "Sync")
     stream order and are journaled like writes, so a stale READ_REPLY can never
     overwrite a newer WRITE (DESIGN.md rule 4).
 
+Recovery (PROTOCOL.md "Recovery (remote IO)")
+    A recovery agent opens a session (``Hub.open_session``) on a volume at a
+    point and sends its VM's IO as RREAD/RWRITE.  TEST: the volume at the
+    point (``read_at``) with the session's writes laid over it from an
+    ``Overlay`` (``DIR/scratch``, deleted at close and at start); the journal
+    and replica never see them.  FAILOVER, or ``rephub.py promote``
+    (``Hub.promote``/``VolumeStore.promote``): under the journal lock the
+    volume is marked promoted (protected-side writes get ERROR(ROLE) from that
+    instant) and its journal entries after the point are set aside: never
+    applied again, kept and exportable (``export --set-aside``) until
+    ``release``; then the replica is rolled back to the point by writing
+    ``read_at(point)`` over the ranges the set-aside records touched (redone at
+    open if interrupted).  The session's writes are then journaled like any.
+    Points where a volume was not crash-consistent are refused: before its
+    first full sync, and inside a DIRTY/VERIFY resync (``meta["resyncs"]``:
+    from the last record before the resync began to the one at which it
+    completed).
+
 Control
     ``DIR/control.sock`` (unix stream socket): one JSON request line, JSON
     reply lines (see ``ControlServer``).  ``rephub.py status`` uses it.
@@ -3088,7 +3106,9 @@ class ControlServer:
     Requests: ``{"cmd": "status"}``, ``{"cmd": "points", "volume": V}``,
     ``{"cmd": "checkpoint", "volume": V, "name": N}``, ``{"cmd": "export",
     "volume": V, "at": POINT, "output": ABSOLUTE_PATH}``, ``{"cmd": "verify",
-    "volume": V, "repair": BOOL}`` (``Hub.verify``).  Replies: for
+    "volume": V, "repair": BOOL}`` (``Hub.verify``), ``{"cmd": "promote",
+    "volume": V, "at": POINT}``, ``{"cmd": "release", "volume": V}``; export
+    takes ``"set_aside": true`` for the history a promotion set aside.  Replies: for
     export and verify zero or more ``{"progress": done, "total": size}`` lines, then
     always ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": text,
     "code": ErrorCode name}``.
