@@ -237,3 +237,43 @@ def test_interrupted_promotion_is_rolled_back_at_open(hubenv, monkeypatch):
     finally:
         store.close()
     hub.listener = None  # already shut down; the fixture's shutdown is a no-op
+
+
+def test_promote_cli_offline_and_release(tmp_path):
+    """``rephub.py promote`` with no hub running, then points, export, release."""
+    import subprocess
+    import sys
+    agents = str(tmp_path / "agents")
+    secrets = make_agents_file(agents, "a1")
+    data = str(tmp_path / "data")
+    hub = rephub.Hub(data, agents)
+    hub.start()
+    try:
+        mv = MemVolume(MiB, data=os.urandom(MiB))
+        with connect(hub, secrets) as a:
+            vid, _ = a.attach("cv", mv)
+            wait_for(lambda: synced(hub, "cv"), 20, "first sync")
+            a.expect_ack(a.checkpoint("keep"))
+            at_keep = bytes(mv.buf)
+            a.expect_ack(a.write(vid, CHUNK, b"\x09" * CHUNK))
+            a.expect_ack(a.checkpoint("later"))
+            later = bytes(mv.buf)
+    finally:
+        hub.shutdown(grace=5)
+
+    def cli(*argv):
+        return subprocess.run([sys.executable, "rephub.py", *argv], cwd=rephub.os.path.dirname(
+            rephub.__file__), capture_output=True, text=True, timeout=60)
+    out = cli("promote", "--data", data, "cv", "--at", "keep")
+    assert out.returncode == 0 and "promoted cv at keep" in out.stdout, out.stderr
+    pts = cli("points", "--data", data, "cv").stdout
+    assert "promoted at keep" in pts and "checkpoint later" in pts and "set aside" in pts, pts
+    exp = str(tmp_path / "x.raw")
+    assert cli("export", "--data", data, "cv", "--at", "latest", "-o", exp).returncode == 0
+    assert open(exp, "rb").read() == at_keep
+    assert cli("export", "--data", data, "cv", "--at", "later", "--set-aside",
+               "-o", exp).returncode == 0
+    assert open(exp, "rb").read() == later
+    out = cli("release", "--data", data, "cv")
+    assert out.returncode == 0 and "released" in out.stdout
+    assert "(released)" in cli("points", "--data", data, "cv").stdout
