@@ -136,7 +136,8 @@ def main() -> int:
                 f"receiver's check) and zlib.crc32 runs at {r_crc / gb:.2f} GB/s here against "
                 f"{r_copy / gb:.2f} GB/s for memcpy, so two passes alone allow at most "
                 f"{bound / r_copy:.2f}x of memcpy; the codec reaches {r_codec / bound:.0%} of "
-                "that ceiling and copies no payload.  The 0.5x target cannot be met while "
+                "that ceiling (above 100% means the CRC figure, measured separately, was slowed "
+                "by other load) and copies no payload.  The 0.5x target cannot be met while "
                 "the payload is checked with CRC-32 in Python's zlib."]}))
     return 0
 

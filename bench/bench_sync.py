@@ -50,6 +50,7 @@ import random
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -100,9 +101,9 @@ def make_sparse(path: Path, size: int, data: int, seed: int = 9) -> int:
 # ---------------------------------------------------------------------------
 # Baselines: C tools copying QSD's export into qemu-nbd serving a fresh file
 
-def copy_baseline(tool: str, qsd: QSD, work: Path) -> float:
+def copy_baseline(tool: str, qsd: QSD, work: Path, source_sha: str) -> float:
     """Seconds for ``tool`` to copy QSD's export into a fresh NBD target, plus
-    the fdatasync of the target's file."""
+    the fdatasync of the target's file (checked against ``source_sha``)."""
     target = work / f"{tool}-target.raw"
     create_image(target, qsd.size)
     server = QemuNBD(target, export_name="tgt").start()
@@ -122,7 +123,7 @@ def copy_baseline(tool: str, qsd: QSD, work: Path) -> float:
         elapsed = time.perf_counter() - t0
     finally:
         server.stop()
-    if file_sha256(target) != file_sha256(qsd.image):
+    if file_sha256(target) != source_sha:
         raise RuntimeError(f"{tool} produced a copy that differs from the source")
     target.unlink()
     return elapsed
@@ -308,12 +309,12 @@ class Replication:
                 "dirtied": sum(len(d) for _, d in writes), "chunk_bytes": len(touched) * CHUNK,
                 "agent_tracked": tracked, "resent": vol["sync"]["bytes_fetched"]}
 
-    def check_replica(self) -> None:
+    def check_replica(self, source_sha: str | None = None) -> None:
         """Wait until the hub applied everything, then compare replica and source."""
         poll(lambda: (hub_volume(self.data) or {}).get("lag_bytes") == 0, 300,
              "the hub to apply its journal")
         replica = self.data / "volumes" / VOLUME / "replica"
-        if file_sha256(replica) != file_sha256(self.qsd.image):
+        if file_sha256(replica) != (source_sha or file_sha256(self.qsd.image)):
             raise RuntimeError(f"the hub's replica {replica} differs from the source image")
 
     def close(self) -> None:
@@ -328,26 +329,43 @@ class Replication:
 
 # ---------------------------------------------------------------------------
 
-def run_case(name: str, work: Path, size: int, make, outages=()) -> dict:
-    """Baselines and the hub's initial sync on one image (and optional outages)."""
-    base = work / name
-    base.mkdir()
-    image = base / "source.raw"
+def run_case(name: str, work: Path, size: int, make, rounds: int, outages=()) -> dict:
+    """Baselines and the hub's initial sync on one image, ``rounds`` times
+    interleaved (fresh QSD, target, hub and agent each round); the outages
+    after the last round's sync.  Returns the medians, the hub figures of the
+    median round and every round's times."""
+    case = work / name
+    case.mkdir()
+    image = case / "source.raw"
     data = make(image, size)
-    rep = Replication(image, size, base)
-    try:
-        qsd = rep.start_qsd()
-        result = {"data_bytes": data,
-                  "nbdcopy": copy_baseline("nbdcopy", qsd, base),
-                  "qemu-img": copy_baseline("qemu-img", qsd, base)}
-        rep.start_hub()
-        result["hub"] = rep.sync()
-        result["outages"] = [rep.outage(w) for w in outages]
-        rep.check_replica()
-        return result
-    finally:
-        rep.close()
-        shutil.rmtree(base, ignore_errors=True)
+    source_sha = file_sha256(image)
+    runs = []
+    for r in range(rounds):
+        base = case / f"round{r}"
+        base.mkdir()
+        rep = Replication(image, size, base)
+        try:
+            qsd = rep.start_qsd()
+            run = {"nbdcopy": copy_baseline("nbdcopy", qsd, base, source_sha),
+                   "qemu-img": copy_baseline("qemu-img", qsd, base, source_sha)}
+            rep.start_hub()
+            run["hub"] = rep.sync()
+            rep.check_replica(source_sha)
+            if r == rounds - 1:
+                run["outages"] = [rep.outage(w) for w in outages]
+                if outages:
+                    rep.check_replica()
+            runs.append(run)
+        finally:
+            rep.close()
+            shutil.rmtree(base, ignore_errors=True)
+    shutil.rmtree(case, ignore_errors=True)
+    median_run = sorted(runs, key=lambda run: run["hub"]["seconds"])[(len(runs) - 1) // 2]
+    return {"data_bytes": data, "hub": median_run["hub"], "outages": runs[-1]["outages"],
+            "nbdcopy": statistics.median_low(run["nbdcopy"] for run in runs),
+            "qemu-img": statistics.median_low(run["qemu-img"] for run in runs),
+            "rounds": {k: [run[k]["seconds"] if k == "hub" else run[k] for run in runs]
+                       for k in ("nbdcopy", "qemu-img", "hub")}}
 
 
 def outage_writes(size: int, seed: int) -> list[list[tuple[int, bytes]]]:
@@ -370,16 +388,21 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int, default=1024, help="volume size")
     ap.add_argument("--sparse-data-mib", type=int, default=32,
                     help="data in the sparse volume")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds of (nbdcopy, qemu-img, hub) per volume; "
+                         "medians are compared")
     ap.add_argument("--json", action="store_true",
                     help="also print a BENCH-JSON line for bench/report.py")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds}: expected at least 1")
     size = args.size_mib * MiB
     work = short_tmpdir("bench-sync")
     try:
-        dense = run_case("dense", work, size, make_dense)
+        dense = run_case("dense", work, size, make_dense, args.rounds)
         sparse = run_case("sparse", work, size,
                           lambda path, n: make_sparse(path, n, args.sparse_data_mib * MiB),
-                          outages=outage_writes(size, seed=5))
+                          args.rounds, outages=outage_writes(size, seed=5))
     finally:
         kill_all()
         shutil.rmtree(work, ignore_errors=True)
@@ -388,21 +411,28 @@ def main() -> int:
     mib = size / MiB
     d_lag = dense["hub"]["lag_bytes"]
     print(f"bench_sync: {args.size_mib} MiB volume, QSD raw image exported on a unix socket, "
-          "hub on 127.0.0.1; times include an fdatasync of the copy")
-    print(f"{'volume':<8} {'copy':<10} {'seconds':>8} {'MiB/s':>8} {'x best C':>9}")
+          f"hub on 127.0.0.1; times include an fdatasync of the copy; medians of {args.rounds} "
+          "rounds")
+    print(f"{'volume':<8} {'copy':<10} {'seconds':>8} {'MiB/s':>8} {'x best C':>9}  rounds (s)")
     for label, case in (("dense", dense), ("sparse", sparse)):
         best_name = min(("nbdcopy", "qemu-img"), key=lambda k: case[k])
         best = case[best_name]
         for what in ("nbdcopy", "qemu-img", "hub"):
             t = case[what]["seconds"] if what == "hub" else case[what]
-            print(f"{label:<8} {what:<10} {t:>8.2f} {mib / t:>8.0f} {best / t:>9.2f}")
+            each = " ".join(f"{x:.2f}" for x in case["rounds"][what])
+            print(f"{label:<8} {what:<10} {t:>8.2f} {mib / t:>8.0f} {best / t:>9.2f}  [{each}]")
         ratio = best / case["hub"]["seconds"]
         if label == "dense":
             figures.append(figure(
                 "initial sync, 1 GiB random data" if args.size_mib == 1024 else
                 f"initial sync, {args.size_mib} MiB random data",
                 round(mib / case["hub"]["seconds"], 1), "MiB/s", best_name,
-                round(mib / best, 1), round(ratio, 2), ">= 0.7x", ratio >= 0.7))
+                round(mib / best, 1), round(ratio, 2), ">= 0.7x", ratio >= 0.7,
+                note=f"median of {args.rounds} rounds; hub rounds "
+                     + " ".join(f"{mib / x:.0f}" for x in case["rounds"]["hub"])
+                     + f" MiB/s, {best_name} rounds "
+                     + " ".join(f"{mib / x:.0f}" for x in case["rounds"][best_name])
+                     + " MiB/s"))
         else:
             figures.append(figure(
                 f"initial sync, sparse ({args.sparse_data_mib} MiB data)",
