@@ -2867,8 +2867,8 @@ class Hub:
     def _heartbeat_loop(self) -> None:
         """Heartbeat thread: PING every authenticated connection."""
         while not self.stopping.wait(self.heartbeat_interval):
-            with self.conn_lock:
-                conns = list(self.by_agent.values())
+            with self.conn_lock:  # every authenticated one: recovery connections too
+                conns = [c for c in self.connections if c.state == ConnState.ESTABLISHED]
             silent_limit = PEER_SILENCE_INTERVALS * self.heartbeat_interval
             for conn in conns:
                 silent = time.monotonic() - conn.last_recv
