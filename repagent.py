@@ -2137,13 +2137,23 @@ def agent_checkpoint(agent: Agent, name: str) -> dict:
     except p.ReplicationError as err:
         return {"error": str(err)}
     waiter = CheckpointWaiter()
-    with agent.lock:
-        conn = agent.conn
-        if conn is None:
-            return {"error": "not connected to the hub; try again"}
-        req = agent._next_req()
-        agent.requests[req] = ("CHECKPOINT", waiter)
-        seq = agent._enqueue(conn, p.Checkpoint(request_id=req, name=name))
+    deadline = time.monotonic() + CHECKPOINT_TIMEOUT
+    while True:
+        with agent.lock:
+            conn = agent.conn
+            if conn is None:
+                return {"error": "not connected to the hub; try again"}
+            # Writes held behind a hub read are answered but not yet queued: a
+            # checkpoint queued now would land before them.  Wait until none is.
+            if not any(v.held for v in agent.volumes):
+                req = agent._next_req()
+                agent.requests[req] = ("CHECKPOINT", waiter)
+                seq = agent._enqueue(conn, p.Checkpoint(request_id=req, name=name))
+                break
+        if time.monotonic() > deadline:
+            return {"error": "writes stayed held behind the hub's sync reads for "
+                             f"{CHECKPOINT_TIMEOUT:.0f} s; try again after the sync"}
+        time.sleep(0.01)
     log.info("--> CHECKPOINT %r req=%d (stream seq %d)", name, req, seq)
     if not waiter.event.wait(CHECKPOINT_TIMEOUT):
         with agent.lock:
