@@ -3310,9 +3310,11 @@ def format_points(pt: dict) -> str:
         lines.append(f"not recoverable: seq {rs['after_seq'] + 1}.."
                      f"{'now' if end is None else end - 1} (resync)")
     for pr in pt.get("promotions", ()):
+        aside = (f"set aside: seq {pr['set_aside_from']}..{pr['set_aside_to']}"
+                 f"{'' if pr.get('kept', True) else ' (released)'}"
+                 if pr["set_aside_from"] <= pr["set_aside_to"] else "nothing set aside")
         lines.append(f"promoted at {pr['point']} (seq {pr['point_seq']}) on {pr['time']}; "
-                     f"set aside: seq {pr['set_aside_from']}..{pr['set_aside_to']}"
-                     f"{'' if pr.get('kept', True) else ' (released)'}")
+                     + aside)
     for cp in pt.get("unrecoverable", ()):
         lines.append(f"  checkpoint {cp['name']} (seq {cp['seq']}): {cp['reason']}")
     return "\n".join(lines)
