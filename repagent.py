@@ -2097,9 +2097,9 @@ def cmd_recover(args) -> int:
         log.error("cannot listen on %s: %s", args.listen, err)
         client.close()
         return 1
-    log.info("%s of %s at %r served on %s", mode.name, args.volume, args.at, args.listen)
-    print(export_uri(server.address if not isinstance(listen, str) else listen, args.volume),
-          flush=True)
+    uri = export_uri(server.address if not isinstance(listen, str) else listen, args.volume)
+    log.info("%s of %s at %r served as %s", mode.name, args.volume, args.at, uri)
+    print(uri, flush=True)
     rc = 0
     while not stop.wait(0.5):
         if client.lost.is_set():
