@@ -494,12 +494,15 @@ def main() -> int:
     cores = (d["hub_cpu_s"] + d["agent_cpu_s"]) / d["seconds"]
     dense_ratio = min(dense["nbdcopy"], dense["qemu-img"]) / d["seconds"]
     if dense_ratio < 0.7:
-        bound = ("so the copy path is CPU-bound" if cores >= 0.75 * os.cpu_count()
-                 else "so neither process is CPU-bound (each is below one core)")
+        hub_cores, agent_cores = d["hub_cpu_s"] / d["seconds"], d["agent_cpu_s"] / d["seconds"]
+        bound = ("so the copy path is CPU-bound" if cores >= 0.75 * os.cpu_count() else
+                 "so neither process saturates a core" if max(hub_cores, agent_cores) < 0.8
+                 else "so one process is close to a full core")
         notes.append(
-            f"Dense sync at {dense_ratio:.2f}x the faster C copy: rephub and repagent used "
-            f"{d['hub_cpu_s']:.1f} + {d['agent_cpu_s']:.1f} CPU seconds in {d['seconds']:.1f} s, "
-            f"{cores:.2f} of {os.cpu_count()} cores, {bound}.  The hub writes each byte twice: "
+            f"Dense sync at {dense_ratio:.2f}x the faster C copy: rephub used {hub_cores:.2f} "
+            f"and repagent {agent_cores:.2f} cores ({d['hub_cpu_s']:.1f} + "
+            f"{d['agent_cpu_s']:.1f} CPU seconds in {d['seconds']:.1f} s on "
+            f"{os.cpu_count()} cores), {bound}.  The hub writes each byte twice: "
             f"to its journal (durable before the volume is consistent) and, by the applier "
             f"running behind the sync, to the replica ({d_lag / MiB:.0f} MiB were still "
             f"unapplied at 'consistent'; all applied after {d['applied_seconds']:.1f} s), while "
