@@ -3071,7 +3071,16 @@ class Hub:
                          newest=fmt_time_ns(last.time_ns) if last else None,
                          span_s=round((last.time_ns - first.time_ns) / 1e9, 3)
                          if first and last else 0.0),
-            volumes=vols, agents=sorted(agents, key=lambda a: a["agent_id"]))
+            volumes=vols, agents=sorted(agents, key=lambda a: a["agent_id"]),
+            sessions=self.session_status())
+
+    def session_status(self) -> list[dict]:
+        """The open recovery sessions, for ``status``."""
+        with self.session_lock:
+            sessions = [s for s in self.sessions.values() if s is not None]
+        return [dict(volume=s.vol.name, mode=s.mode.name, point=s.point, seq=s.seq,
+                     agent=s.conn.agent_id, address=s.conn.peer, writes=s.writes)
+                for s in sorted(sessions, key=lambda s: s.vol.name)]
 
     def shutdown(self, grace: float = 30.0) -> None:
         """Stop accepting, finish frames, make everything durable (the stopping thread)."""
@@ -3293,6 +3302,9 @@ def format_status(st: dict) -> str:
         lines.append(f"{a['agent_id']:<16} {a['address']:<22} {a['connected_since']:<31} {rtt}")
     if not st["agents"]:
         lines.append("(no agents connected)")
+    for s in st.get("sessions", ()):
+        lines.append(f"recovery: {s['mode']} session of {s['volume']} at {s['point']} (seq "
+                     f"{s['seq']}) by {s['agent']} from {s['address']}, {s['writes']} writes")
     return "\n".join(lines)
 
 
