@@ -250,6 +250,8 @@ def test_failover_test_leaves_no_trace(site):
     assert uri_a.startswith("nbd+unix:///vola?socket="), uri_a
     assert uri_b.startswith("nbd+unix:///volb?socket="), uri_b
     sock_a, sock_b = uri_a.split("socket=")[1], uri_b.split("socket=")[1]
+    status = py("rephub.py", "status", "--data", site.data).stdout
+    assert "recovery: TEST session of vola at before-test" in status, status
     busy, _ = site.recover("vola", "latest", "--test", "busy")  # one session per volume
     assert busy.wait(30) == 1
     assert "BUSY" in (site.work / "recover-busy.log").read_text()
