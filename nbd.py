@@ -827,7 +827,17 @@ class _Connection:
             raise ProtocolError(f"WRITE len={length}, expected at most {MAX_REQUEST_LENGTH}")
         reply = self.begin(command, handle, offset, length, cost=length)
         payload = bytearray(length)
-        recv_into_exactly(self.sock, memoryview(payload), "WRITE payload")
+        try:
+            recv_into_exactly(self.sock, memoryview(payload), "WRITE payload")
+        except BaseException:
+            # The payload never arrived: no reply is owed, so the request is not
+            # in flight (close() would otherwise wait DRAIN_TIMEOUT for it).
+            reply.done = True
+            with self.in_flight_changed:
+                self.in_flight -= 1
+                self.in_flight_bytes -= length
+                self.in_flight_changed.notify_all()
+            raise
         try:
             self.check(Command.WRITE, flags, offset, length, Error.ENOSPC)
         except RequestError as err:
