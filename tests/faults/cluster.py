@@ -343,7 +343,7 @@ class Cluster:
         self.hub.kill()
         if self.proxy is not None:
             self.proxy.stop()
-        if self.writer is not None:
+        if self.writer is not None and self.writer.ident is not None:
             self.writer.join(10)
         self.qsd.close()
         kill_all()
