@@ -189,3 +189,37 @@ def test_half_open_connection_is_closed_by_the_hubs_heartbeat(tmp_path):
                 direct.close()
     finally:
         hub.shutdown()
+
+
+def test_online_verify_in_process_reports_differences_and_refuses_without_an_agent(tmp_path):
+    """The control command against an in-process hub and a test agent: a
+    difference in the agent's copy is reported, not repaired, then repaired on
+    request; with the agent gone verify says why it cannot run."""
+    secrets = make_agents_file(str(tmp_path / "agents.json"), "a1")
+    hub = rephub.Hub(str(tmp_path / "hub"), str(tmp_path / "agents.json"))
+    hub.start()
+    try:
+        agent = TestAgent(hub.address, "a1", secrets["a1"]).connect()
+        vol = MemVolume(2 * MiB, bytes(range(256)) * (2 * MiB // 256))
+        vid, _ = agent.attach("v", vol)
+        wait_until(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT
+                   and hub.store.volume("v").sync is None, 20, "first sync")
+        ask = lambda repair: rephub.control_request(  # noqa: E731
+            str(tmp_path / "hub"), {"cmd": "verify", "volume": "v", "repair": repair},
+            timeout=10)
+        assert ask(False)["differing"] == []
+        with vol.lock:   # the agent's copy changes behind the stream's back
+            vol.buf[MiB + 5] ^= 0xFF
+        res = ask(False)
+        assert res["differing"] == [dict(offset=MiB, length=65536)] and not res["repaired"]
+        res = ask(True)
+        assert res["repaired"] and res["bytes_fetched"] == 65536
+        assert ask(False)["differing"] == []
+        agent.close()
+        wait_until(lambda: not hub.store.volume("v").attached_to, 10, "detached")
+        with pytest.raises(rephub.CommandError, match="BUSY: volume 'v' is not attached"):
+            ask(False)
+        with pytest.raises(rephub.CommandError, match="NO_SUCH_VOLUME"):
+            rephub.control_request(str(tmp_path / "hub"), {"cmd": "verify", "volume": "w"})
+    finally:
+        hub.shutdown(grace=5)
