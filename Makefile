@@ -4,7 +4,7 @@
 PYTHON ?= python3
 APT_PACKAGES = qemu-system-common qemu-utils libnbd-bin
 
-.PHONY: test demo deps qemu bench help
+.PHONY: test demo deps qemu e2fsprogs bench help
 
 help:
 	@echo "make demo   replicate a small VM disk end to end and prove it identical"
@@ -25,15 +25,17 @@ qemu:
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(APT_PACKAGES); \
 	fi
 
-test: deps qemu
+# The demo (and its test) also need mkfs.ext4, debugfs and e2fsck.
+e2fsprogs:
+	@command -v debugfs >/dev/null || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q e2fsprogs; }
+
+test: deps qemu e2fsprogs
 	@rm -f .coverage .coverage.*
 	$(PYTHON) -m coverage run -m pytest -q -p no:cacheprovider tests; rc=$$?; \
 		$(PYTHON) -m coverage report; exit $$rc
 
-# The demo also needs mkfs.ext4, debugfs and e2fsck (e2fsprogs).
-demo: qemu
-	@command -v debugfs >/dev/null || { apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q e2fsprogs; }
+demo: qemu e2fsprogs
 	$(PYTHON) demo/demo.py
 
 # Runs every bench/bench_*.py (each against a baseline measured in the same run)

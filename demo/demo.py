@@ -227,9 +227,9 @@ def scenario(demo: Demo) -> int:
     demo.run("mkfs.ext4", "-q", "-F", "-b", "4096", "-L", "vm1", "-d", seed, "disk.raw", "64M")
     # The guest's future states, made on copies with debugfs (guest-like writes).
     versions = {"v2": {"motd": "version 2: after the first upgrade\n",
-                       "orders.csv": "".join(f"{i},{rng.randrange(10**6)}\n" for i in range(20000))},
+                       "orders.csv": "".join(f"{i},{rng.randrange(10**6)}\n" for i in range(150000))},
                 "v3": {"motd": "version 3: after the second upgrade\n",
-                       "audit.log": "".join(f"event {i}\n" for i in range(40000))}}
+                       "audit.log": "".join(f"event {i}\n" for i in range(300000))}}
     shutil.copy(os.path.join(demo.work, "disk.raw"), os.path.join(demo.work, "v1.img"))
     previous = "v1.img"
     for name, files in versions.items():
@@ -287,16 +287,20 @@ def scenario(demo: Demo) -> int:
     demo.wait_for("the initial sync", demo.quiet, show=show_sync)
     print()
     vol = demo.hub_volume()
-    demo.say(f"{VOLUME}: {vol['state']}; fetched {human((vol.get('sync') or {}).get('bytes_fetched', 0))} "
-             f"of {human(vol['size'])} (holes are not copied)")
+    counters = demo.agent_status()["volumes"][0]["counters"]
+    demo.say(f"{VOLUME}: {vol['state']}; the agent sent {human(counters.get('read_reply_bytes', 0))} "
+             f"of data for a {human(vol['size'])} disk ({counters.get('zero_replies', 0)} zero "
+             "pieces answered without data)")
 
     demo.step("5. The guest writes (upgrade to v2) while replication runs: live lag (RPO)")
     with nbd.NBDClient(export, "disk0") as disk:
         guest_writes(demo, disk, block_diff(os.path.join(demo.work, "v1.img"),
                                             os.path.join(demo.work, "v2.img")), rng)
         disk.flush()
+    # The checkpoint travels in the agent's stream: it lands after every write
+    # QEMU had completed, so it names exactly the guest's v2.
+    demo.run(PY, f"{ROOT}/repagent.py", "checkpoint", "--state-dir", "agent", "v2")
     demo.wait_for("replication to catch up", demo.quiet)
-    demo.run(PY, f"{ROOT}/rephub.py", "checkpoint", "--data", "hub", VOLUME, "v2")
 
     demo.step("6. The hub restarts in the middle of the next upgrade (v3): automatic resync")
     with nbd.NBDClient(export, "disk0") as disk:
@@ -317,12 +321,20 @@ def scenario(demo: Demo) -> int:
     sync = vol.get("sync") or {}
     demo.say(f"resynced: plan {sync.get('plan')}, {human(sync.get('bytes_fetched', 0))} fetched "
              f"(not {human(DISK_SIZE)})")
-    demo.run(PY, f"{ROOT}/rephub.py", "checkpoint", "--data", "hub", VOLUME, "v3")
+    demo.run(PY, f"{ROOT}/repagent.py", "checkpoint", "--state-dir", "agent", "v3")
     demo.run(PY, f"{ROOT}/rephub.py", "points", "--data", "hub", VOLUME)
 
-    demo.step("7. Fail-over test: the disk as it was at checkpoint v2, read back as a file system")
-    demo.run(PY, f"{ROOT}/rephub.py", "export", "--data", "hub", VOLUME, "--at", "v2",
-             "-o", "at-v2.raw", quiet=True)
+    demo.step("7. Fail-over test: a recovery agent serves checkpoint v2; replication goes on")
+    recovery_sock = f"{run_dir}/recovery.sock"
+    recovery = demo.start("recovery", PY, f"{ROOT}/repagent.py", "recover", "--hub", demo.hub_addr,
+                          "--agent-id", AGENT_ID, "--secret-file", "secret", "--volume", VOLUME,
+                          "--at", "v2", "--test", "--listen", f"unix:{recovery_sock}")
+    demo.wait_for("the recovery export", lambda: export_uri(demo, "recovery"), timeout=60)
+    uri = export_uri(demo, "recovery")
+    demo.say(f"recovery export ready: {uri}")
+    # What a recovery VM would do: read its disk, and write to it (scratch overlay).
+    demo.run("qemu-img", "convert", "-f", "raw", "-O", "raw", uri, "at-v2.raw")
+    demo.run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 64k", uri, quiet=True)
     demo.run("e2fsck", "-f", "-n", "at-v2.raw", quiet=True)
     motd = demo.run("debugfs", "-R", "cat /motd", "at-v2.raw", quiet=True).strip()
     demo.say(f"e2fsck: clean; /motd at v2 reads {motd!r}")
@@ -331,7 +343,14 @@ def scenario(demo: Demo) -> int:
     if sha256_file(os.path.join(demo.work, "at-v2.raw")) != sha256_file(
             os.path.join(demo.work, "v2.img")):
         raise DemoError("the image at checkpoint v2 differs from the guest's v2")
-    demo.say("the image at checkpoint v2 is byte-identical to the guest's v2")
+    demo.say("the disk at checkpoint v2 is byte-identical to the guest's v2")
+    with nbd.NBDClient(export, "disk0") as disk:
+        disk.write(DISK_SIZE - BLOCK, b"still protected during the test".ljust(BLOCK, b"."))
+        disk.flush()
+    if demo.stop("recovery") != 0:
+        raise DemoError(f"the recovery agent did not close its test cleanly; see {demo.work}/recovery.log")
+    demo.wait_for("replication to catch up", demo.quiet)
+    demo.say("test closed: its scratch writes are discarded, the protected write replicated")
 
     demo.step("8. Proof: source sha256 == replica sha256")
     demo.run(PY, f"{ROOT}/rephub.py", "status", "--data", "hub")
@@ -364,6 +383,15 @@ def guest_writes(demo: Demo, disk: nbd.NBDClient, writes, rng, shuffle=True) -> 
             print(f"\r    {i + 1}/{len(writes)} blocks written, {lag}          ",
                   end="", flush=True)
     print()
+
+
+def export_uri(demo: Demo, name: str) -> str | None:
+    """The NBD URI a recovery agent prints on stdout once its export is ready."""
+    with open(os.path.join(demo.work, f"{name}.log"), encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.startswith("nbd"):
+                return line.strip()
+    return None
 
 
 def free_port() -> int:
