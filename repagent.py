@@ -60,6 +60,8 @@ Threads (each named; stopped by ``Agent.stopping`` and joined with a timeout)::
     repagent-jobs        watches the mirror jobs: resumes a paused job, sets
                          up again after a QSD restart
     repagent-control     serves ``status`` on the control socket
+    repagent-metrics     ``--metrics-listen``: the same status as Prometheus
+                         text on ``/metrics`` (``agent_metrics``)
     qmp-reader           reads QMP replies and events
     nbd-*                the NBD target (nbd.py), calls ``TargetHandler``
 
@@ -89,6 +91,7 @@ import enum
 import errno
 import fcntl
 import hashlib
+import http.server
 import json
 import logging
 import mmap
@@ -900,6 +903,7 @@ class HubConnection:
                     msg = p.recv_message(self.sock, header_buf)
                 except p.RequestError as err:
                     log.warning("hub %s sent a bad frame: %s", self.peer, err)
+                    self.agent.count_error("bad_frame")
                     if p.may_answer_with_error(err):
                         self.agent.send_error(self, p.Error.from_exception(err))
                     continue
@@ -918,6 +922,7 @@ class HubConnection:
                 handler(self, msg)
         except p.ProtocolError as err:
             log.warning("hub %s broke the protocol: %s", self.peer, err)
+            self.agent.count_error("protocol")
             try:
                 self.send_direct(p.Error(code=p.ErrorCode.PROTOCOL, message=str(err)))
             except OSError:
@@ -1005,6 +1010,14 @@ class Agent:
         self.threads: list[threading.Thread] = []
         self.control: socket.socket | None = None
         self.lockfile = None
+        self.metrics: MetricsServer | None = None   # set by cmd_protect
+        self.error_lock = threading.Lock()
+        self.errors: collections.Counter[str] = collections.Counter()  # kind -> WARNINGs
+
+    def count_error(self, kind: str) -> None:
+        """Count a fault logged at WARNING, for status and /metrics.  Any thread."""
+        with self.error_lock:
+            self.errors[kind] += 1
 
     # -- identifiers -----------------------------------------------------------
 
@@ -1226,6 +1239,7 @@ class Agent:
                 self._degrade(f"hub refused a write: {msg.code_name()}")
                 log.warning("hub refused %s write req=%d: %s %s", pw.volume.name,
                             msg.request_id, msg.code_name(), msg.message)
+                self.count_error("hub_error")
             else:
                 kind, what = self.requests.pop(msg.request_id, (None, None))
                 if kind == "CHECKPOINT":
@@ -1237,6 +1251,7 @@ class Agent:
                 else:
                     log.warning("hub error req=%d: %s %s", msg.request_id,
                                 msg.code_name(), msg.message)
+                self.count_error("hub_error")
         if reply is not None:
             reply(0)
 
@@ -1424,6 +1439,8 @@ class Agent:
                 vol.queued_frames = vol.queued_bytes = 0
             self._degrade("hub connection lost")
             self.timer_cond.notify_all()
+        if not self.stopping.is_set():
+            self.count_error("connection_lost")
         self._set_link(LinkState.DISCONNECTED, reason,
                        logging.INFO if self.stopping.is_set() else logging.WARNING)
         for reply in replies:
@@ -1521,6 +1538,7 @@ class Agent:
                 except (OSError, p.ReplicationError, HandshakeError, ValueError) as err:
                     self._set_link(LinkState.DISCONNECTED, f"{type(err).__name__}: {err}",
                                    logging.WARNING)
+                    self.count_error("connect")
                     self.stopping.wait(backoff * (0.8 + 0.4 * random.random()))
                     backoff = min(backoff * 2, BACKOFF_MAX)
                     continue
@@ -1561,12 +1579,14 @@ class Agent:
             except (OSError, QMPError, QMPClosed, LookupError) as err:
                 if self.qmp is not None and not self.qmp.closed.is_set():
                     log.warning("mirror check failed: %s", err)
+                    self.count_error("qmp")
 
     def _qmp_reconnect(self) -> None:
         if self.qmp is not None:
             self.qmp.close()
             self.qmp = None
             log.warning("QMP connection to %s lost (QSD stopped or restarted)", self.cfg.qmp)
+            self.count_error("qmp")
         self.qmp = QMPClient(self.cfg.qmp, self._on_qmp_event)
         log.info("QMP connection to %s re-established", self.cfg.qmp)
         for vol in self.volumes:
@@ -1703,6 +1723,8 @@ class Agent:
             t.join(2.0)
             if t.is_alive():
                 log.warning("thread %s did not stop within 2s", t.name)
+        if self.metrics is not None:
+            self.metrics.close()
         if self.control is not None:
             self.control.close()
             try:
@@ -1800,8 +1822,139 @@ class Agent:
                 "pending_writes": len(self.pending),
                 "queue_frames": len(conn.queue) if conn else 0,
                 "queue_bytes": conn.queued_bytes if conn else 0,
-                "stream_seq": self.seq,
+                "stream_seq": self.seq, "errors": self.error_counts(),
                 "volumes": volumes}
+
+    def error_counts(self) -> dict[str, int]:
+        with self.error_lock:
+            return dict(self.errors)
+
+
+# ---------------------------------------------------------------------------
+# Metrics: ``protect --metrics-listen HOST:PORT`` (Prometheus text format 0.0.4)
+#
+# Built from ``Agent.status``, the document ``repagent.py status`` shows, so
+# the two never disagree.  Counters count since the agent started.  rephub.py
+# has the same small text writer and server: each daemon stays one file.
+
+#: The kinds ``Agent.count_error`` counts, each at a WARNING of the same cause;
+#: every one is exported, 0 until it happens, so alerts have a series to watch.
+AGENT_ERROR_KINDS = ("connect", "connection_lost", "protocol", "bad_frame", "hub_error", "qmp")
+
+
+def prometheus_escape(value) -> str:
+    """A label value as the text format wants it: backslash, quote, newline escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def prometheus_text(families) -> str:
+    """``families``: (name, type, help, [(labels dict, value), ...]); samples with a
+    value of None are left out.  Returns the exposition text, one family after
+    the other: ``# HELP``, ``# TYPE``, then ``name{label="v"} value`` lines."""
+    out = []
+    for name, kind, text, samples in families:
+        out.append(f"# HELP {name} {text}")
+        out.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            if value is None:
+                continue
+            lab = ",".join(f'{k}="{prometheus_escape(v)}"' for k, v in labels.items())
+            num = repr(float(value)) if isinstance(value, float) else str(int(value))
+            out.append(f"{name}{{{lab}}} {num}" if lab else f"{name} {num}")
+    return "\n".join(out) + "\n"
+
+
+def agent_metrics(st: dict) -> str:
+    """The agent's status document (``Agent.status``) as Prometheus text."""
+    vols = st["volumes"]
+    errors = dict.fromkeys(AGENT_ERROR_KINDS, 0) | st.get("errors", {})
+
+    def per_volume(key):
+        return [({"volume": v["volume"]}, v[key]) for v in vols]
+    return prometheus_text([
+        ("repagent_connection_up", "gauge", "1 while the hub connection is established.",
+         [({"hub": st["hub"]}, st["connection"] == LinkState.CONNECTED.value)]),
+        ("repagent_degraded", "gauge", "1 while sync mode answers writes before the hub's "
+         "ACK (always 0 in async mode).", [({}, st["degraded"])]),
+        ("repagent_last_ack_age_seconds", "gauge", "Time since the hub's last ACK.",
+         [({}, st["last_ack_age_s"])]),
+        ("repagent_hub_rtt_seconds", "gauge", "Round trip of the last PING to the hub.",
+         [({}, st["rtt_s"])]),
+        ("repagent_pending_writes", "gauge", "Writes sent or queued, not yet ACKed.",
+         [({}, st["pending_writes"])]),
+        ("repagent_queue_bytes", "gauge", "Data bytes queued for the hub.",
+         per_volume("queue_bytes")),
+        ("repagent_queue_frames", "gauge", "Frames queued for the hub.",
+         per_volume("queue_frames")),
+        ("repagent_dirty_bytes", "gauge", "Bytes of the chunks marked in the dirty bitmap.",
+         per_volume("dirty_bytes")),
+        ("repagent_volume_attached", "gauge", "1 while the hub has the volume attached.",
+         per_volume("attached")),
+        ("repagent_volume_size_bytes", "gauge", "Volume size.", per_volume("size")),
+        ("repagent_sent_bytes_total", "counter", "Data bytes put on the hub stream: guest "
+         "writes (kind=write) and replies to the hub's sync reads (kind=sync).",
+         [({"volume": v["volume"], "kind": kind}, v["counters"].get(key, 0))
+          for v in vols for kind, key in (("write", "sent_bytes"),
+                                          ("sync", "read_reply_bytes"))]),
+        ("repagent_dropped_writes_total", "counter", "Writes only marked (queue full or no "
+         "connection): the hub resyncs them.",
+         [({"volume": v["volume"]}, v["counters"].get("dropped_writes", 0)
+           + v["counters"].get("untracked_writes", 0)) for v in vols]),
+        ("repagent_errors_total", "counter", "Faults logged at WARNING, by kind.",
+         [({"kind": k}, n) for k, n in sorted(errors.items())]),
+    ])
+
+
+class MetricsServer:
+    """``GET /metrics`` answers ``render()`` as Prometheus text; other paths 404.
+
+    A ``ThreadingHTTPServer`` served by one named daemon thread (each request
+    gets its own short-lived thread); ``close`` stops it and joins the thread.
+    ``address`` is the bound (host, port), so port 0 picks a free one.
+    """
+
+    def __init__(self, listen: tuple[str, int], render, name: str):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                """A request thread of the metrics server."""
+                if self.path.split("?", 1)[0] != "/metrics":
+                    self.send_error(404, "only /metrics is served here")
+                    return
+                try:
+                    body = render().encode()
+                except Exception as err:  # noqa: BLE001 - a scrape never kills the server
+                    log.warning("metrics: building the status failed: %r", err)
+                    self.send_error(500, "status unavailable")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, fmt, *args):
+                log.debug("metrics: %s %s", self.address_string(), fmt % args)
+
+        server_class = http.server.ThreadingHTTPServer
+        if ":" in listen[0]:
+            server_class = type("ThreadingHTTPServer6", (server_class,),
+                                {"address_family": socket.AF_INET6})
+        self.server = server_class(listen, Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.5,),
+                                       name=name, daemon=True)
+        self.thread.start()
+        log.info("metrics on http://%s:%d/metrics", *self.address)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.server.server_address[:2]
+
+    def close(self) -> None:
+        """Stop serving and join the server thread (the stopping thread)."""
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
 
 
 # ---------------------------------------------------------------------------
@@ -2269,6 +2422,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="on SIGTERM also tear the mirror jobs down")
     pr.add_argument("--fsync-bitmap", action="store_true",
                     help="msync the bitmap before answering QEMU (host-crash durability)")
+    pr.add_argument("--metrics-listen", type=parse_hostport, metavar="HOST:PORT",
+                    help="serve Prometheus metrics on http://HOST:PORT/metrics")
     pr.add_argument("--log-level", default="INFO")
 
     un = sub.add_parser("unprotect", help="tear the mirror jobs down (agent not running)")
@@ -2280,7 +2435,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="show the running agent's state")
     st.add_argument("--state-dir", required=True)
-    st.add_argument("--json", action="store_true")
+    st.add_argument("--json", action="store_true", help="the status document (with --watch: "
+                    "one document per line per refresh)")
+    st.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
+                    help="redraw every SECONDS (default 2) until Ctrl-C")
     st.add_argument("--log-level", default="WARNING")
 
     rc = sub.add_parser("recover", help="serve a replica at a point as an NBD export for a "
@@ -2346,6 +2504,15 @@ def cmd_protect(args) -> int:
             if vol.server is not None:
                 vol.server.stop()
         return 1
+    if args.metrics_listen is not None:
+        try:
+            agent.metrics = MetricsServer(args.metrics_listen,
+                                          lambda: agent_metrics(agent.status()),
+                                          "repagent-metrics")
+        except OSError as err:
+            log.error("cannot serve metrics on %s:%d: %s", *args.metrics_listen, err)
+            agent.stop()
+            return 1
     log.info("protecting %s in %s mode", ", ".join(v.name for v in agent.volumes), cfg.mode)
     while not stop.wait(1.0):
         pass
@@ -2396,27 +2563,109 @@ def query_status(state_dir: str, timeout: float = CONTROL_TIMEOUT) -> dict:
     return json.loads(buf)
 
 
+def fmt_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB' (binary units, as rephub prints them)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n}"  # pragma: no cover
+
+
+def format_table(headers: list[str], rows: list[list[str]], right=()) -> list[str]:
+    """Columns as wide as their widest cell; the columns numbered in ``right``
+    (sizes, counts) are right-aligned so their units line up."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return [line(headers)] + [line(r) for r in rows]
+
+
+def format_status(status: dict) -> str:
+    """``repagent.py status`` for a person: the link, then one row per volume."""
+    age = status["last_ack_age_s"]
+    cause = f" ({status['link_cause']})" if status["connection"] != "connected" \
+        and status["link_cause"] else ""
+    rtt = status.get("rtt_s")
+    lines = [f"agent {status['agent_id']} -> hub {status['hub']}: {status['connection']}{cause}",
+             f"mode {status['mode']}, queue {status['queue_frames']} frames / "
+             f"{fmt_bytes(status['queue_bytes'])}, {status['pending_writes']} writes not ACKed, "
+             f"last ACK {'never' if age is None else f'{age:.1f} s ago'}, "
+             f"RTT {'-' if rtt is None else f'{rtt * 1e3:.2f} ms'}", ""]
+    rows = []
+    for v in status["volumes"]:
+        if v["needs_verify"] and not v["attached"]:
+            hub_side = "detached, verify due"
+        else:
+            hub_side = ("attached" if v["attached"] else "detached") + \
+                (f", {v['plan'].lower()} sync" if v["plan"] not in (None, "NONE") else "")
+        job = v["job"] + (" (paused)" if v.get("job_paused") else "")
+        if v.get("job_remaining_bytes"):
+            job += f", {fmt_bytes(v['job_remaining_bytes'])} to copy"
+        rows.append([v["volume"], v["node"], fmt_bytes(v["size"]), hub_side,
+                     fmt_bytes(v["dirty_bytes"]), f"{v['queue_frames']}",
+                     fmt_bytes(v["queue_bytes"]),
+                     fmt_bytes(v["counters"].get("sent_bytes", 0)
+                               + v["counters"].get("read_reply_bytes", 0)), job])
+    lines += format_table(["VOLUME", "NODE", "SIZE", "HUB", "DIRTY", "QUEUED", "QUEUE BYTES",
+                           "SENT", "MIRROR JOB"], rows, right=(2, 4, 5, 6, 7))
+    errors = {k: n for k, n in sorted(status.get("errors", {}).items()) if n}
+    if errors:
+        lines.append("warnings since start: " + ", ".join(f"{k} {n}" for k, n in errors.items())
+                     + " (see the log)")
+    return "\n".join(lines)
+
+
+#: Home the cursor and clear the screen (ANSI), for ``status --watch`` on a terminal.
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
+
+def watch(fetch, render, interval: float, as_json: bool, failures) -> int:
+    """``status --watch``: redraw every ``interval`` seconds until Ctrl-C (exit 0).
+
+    On a terminal the screen is cleared before each table; otherwise (a pipe,
+    a log) tables follow one another.  With ``as_json`` each refresh is one
+    JSON document on one line.  A failed ``fetch`` (agent not running yet, or
+    restarting) is shown and retried, not fatal."""
+    clear = sys.stdout.isatty() and not as_json
+    try:
+        while True:
+            try:
+                st, err = fetch(), None
+            except failures as e:
+                st, err = None, e
+            if as_json:
+                if err is not None:
+                    print(f"status: {err}", file=sys.stderr, flush=True)
+                else:
+                    print(json.dumps(st), flush=True)
+            else:
+                now = time.strftime("%H:%M:%S", time.gmtime())
+                body = f"status: {err}" if err is not None else render(st)
+                print(f"{CLEAR_SCREEN if clear else ''}every {interval:g} s, {now} UTC"
+                      f" (Ctrl-C to stop)\n{body}\n", flush=True)
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0
+
+
 def cmd_status(args) -> int:
+    if args.watch is not None:
+        if args.watch <= 0:
+            print(f"repagent.py: --watch {args.watch}: the interval must be > 0 seconds",
+                  file=sys.stderr)
+            return 2
+        return watch(lambda: query_status(args.state_dir), format_status, args.watch,
+                     args.json, (OSError, ValueError))
     try:
         status = query_status(args.state_dir)
     except (OSError, ValueError) as err:
         print(f"repagent.py: no agent answers on {args.state_dir}/control.sock: {err}",
               file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(status, indent=1))
-        return 0
-    age = status["last_ack_age_s"]
-    cause = f" ({status['link_cause']})" if status["connection"] != "connected" \
-        and status["link_cause"] else ""
-    print(f"agent {status['agent_id']} -> hub {status['hub']}: {status['connection']}{cause}, "
-          f"mode {status['mode']}, queue {status['queue_frames']} frames / "
-          f"{status['queue_bytes']} bytes, last ACK "
-          f"{'never' if age is None else f'{age:.1f}s ago'}")
-    for v in status["volumes"]:
-        print(f"  {v['volume']:<16} node {v['node']:<12} {v['size']:>14} B  "
-              f"{'attached' if v['attached'] else 'detached':<8} plan {v['plan'] or '-':<6} "
-              f"dirty {v['dirty_bytes']} B  queue {v['queue_frames']}  job {v['job']}")
+    print(json.dumps(status, indent=1) if args.json else format_status(status))
     return 0
 
 

@@ -84,7 +84,10 @@ Recovery (PROTOCOL.md "Recovery (remote IO)")
 
 Control
     ``DIR/control.sock`` (unix stream socket): one JSON request line, JSON
-    reply lines (see ``ControlServer``).  ``rephub.py status`` uses it.
+    reply lines (see ``ControlServer``).  ``rephub.py status`` uses it
+    (``--watch`` redraws it).  ``serve --metrics-listen HOST:PORT`` serves
+    the same status document as Prometheus text on ``/metrics``
+    (``hub_metrics``, ``MetricsServer``).
 
 Journal record layout (``RECORD``), network byte order::
 
@@ -114,6 +117,7 @@ import enum
 import errno
 import fcntl
 import hashlib
+import http.server
 import itertools
 import json
 import logging
@@ -737,6 +741,7 @@ class Volume:
         self.unapplied_bytes = 0          # journaled, not yet in the replica
         self.unapplied_since_ns = 0       # time of the oldest such record
         self.last_ack_ns = 0
+        self.journaled_bytes = 0          # WRITE data journaled since start (metrics)
 
     name = property(lambda self: self.meta["name"])
     id = property(lambda self: self.meta["id"])
@@ -986,6 +991,8 @@ class VolumeStore:
                                       payload_crc, flags, check=check)
         with self.applied_cond:
             self._count_unapplied(rec)
+            if data is not None:
+                vol.journaled_bytes += length
         return rec
 
     @staticmethod
@@ -1938,6 +1945,7 @@ class AgentConnection:
             except p.RequestError as err:
                 # Any error in the handshake ends the connection, answered (HS-10, HS-12).
                 log.warning("handshake from %s refused: %s", self.peer, err)
+                self.hub.count_error("handshake")
                 self.send_error(err)
                 established = False
             if established:
@@ -1951,11 +1959,13 @@ class AgentConnection:
         if isinstance(err, p.ProtocolError):
             log.warning("protocol error from %s (%s): %s; closing", self.peer,
                         self.agent_id, err)
+            self.hub.count_error("protocol")
             self.send_error(err)
         elif isinstance(err, (ConnectionClosed, ConnectionError, socket.timeout,
                               ssl.SSLError)) or (isinstance(err, OSError) and self.closing.is_set()):
             if not self.closing.is_set():
                 log.warning("connection %s (%s) lost: %s", self.peer, self.agent_id, err)
+                self.hub.count_error("connection_lost")
         else:
             log.error("connection %s (%s) failed: %r", self.peer, self.agent_id, err,
                       exc_info=err)
@@ -1979,6 +1989,7 @@ class AgentConnection:
                 f"{hello.max_version}, hub speaks {p.SUPPORTED_VERSIONS}",
                 code=p.ErrorCode.VERSION, msg_type=p.MsgType.HELLO)
             log.warning("%s: %s", self.peer, raise_and_close)
+            self.hub.count_error("handshake")
             self.send_error(raise_and_close)
             return False
         secret = self.hub.agents.get(hello.agent_id)
@@ -2001,6 +2012,7 @@ class AgentConnection:
             log.warning("authentication failed from %s: %s", self.peer,
                         "unknown agent id %r" % hello.agent_id if not known
                         else f"wrong proof for agent {hello.agent_id!r}")
+            self.hub.count_error("auth")
             self.send_error(p.RequestError("authentication failed",
                                            code=p.ErrorCode.AUTH_FAILED,
                                            msg_type=p.MsgType.AUTH))
@@ -2027,6 +2039,7 @@ class AgentConnection:
                              f"(expected {cls.TYPE.name})", code=p.ErrorCode.BAD_PHASE,
                              request_id=msg.request_id, msg_type=msg.TYPE)
         log.warning("%s: %s; closing", self.peer, err)
+        self.hub.count_error("handshake")
         self.send_error(err)
         return None
 
@@ -2052,8 +2065,10 @@ class AgentConnection:
                     # PROTOCOL.md ER-3: no ERROR for these, or two peers could loop.
                     log.warning("ignoring a bad %s from %s (%s): %s",
                                 p.MsgType(err.msg_type).name, self.peer, self.agent_id, err)
+                    self.hub.count_error("request")
                     continue
                 log.warning("request error from %s (%s): %s", self.peer, self.agent_id, err)
+                self.hub.count_error("request")
                 self.send_error(err)
                 if err.code == p.ErrorCode.IO_ERROR:
                     self.abort("journal failed")
@@ -2439,6 +2454,7 @@ class SyncJob(threading.Thread):
         ATTACH redoes the plan."""
         self.error = str(err)
         log.warning("sync of %s abandoned: %s", self.vol.name, err)
+        self.conn.hub.count_error("sync")
         self.stop()
         raise err
 
@@ -2446,6 +2462,7 @@ class SyncJob(threading.Thread):
         """Recv loop: the agent refused one of our requests: give up this sync."""
         self.error = f"agent answered {msg.describe()}"
         log.warning("sync of %s aborted: %s", self.vol.name, self.error)
+        self.conn.hub.count_error("sync")
         self.conn.hub_requests.pop(msg.request_id, None)
         self.stop()
 
@@ -2481,10 +2498,13 @@ class SyncJob(threading.Thread):
                      fmt_bytes(self.bytes_total), f" ({self.error})" if self.error else "")
         except (OSError, ConnectionClosed) as err:
             log.warning("sync of %s stopped: connection %s: %s", vol.name, self.conn.peer, err)
+            self.conn.hub.count_error("sync")
         except p.ReplicationError as err:
             log.warning("sync of %s failed: %s", vol.name, err)
+            self.conn.hub.count_error("sync")
         except Exception as err:  # noqa: BLE001 - reported, never lost
             log.exception("sync of %s failed: %r", vol.name, err)
+            self.conn.hub.count_error("sync")
         finally:
             self.finished = True
             for req in list(self.reads) + list(self.queries):
@@ -2796,7 +2816,8 @@ class Hub:
                  tls_cert: str | None = None, tls_key: str | None = None,
                  sync_rate: float = 0, retention: float = DEFAULT_RETENTION,
                  max_bytes: int = DEFAULT_MAX_JOURNAL_BYTES,
-                 segment_bytes: int = SEGMENT_BYTES, heartbeat: float = HEARTBEAT_INTERVAL):
+                 segment_bytes: int = SEGMENT_BYTES, heartbeat: float = HEARTBEAT_INTERVAL,
+                 metrics_listen: tuple[str, int] | None = None):
         self.store = VolumeStore(data_dir, retention, max_bytes, segment_bytes)
         self.agents = AgentsFile(agents_file)
         self.listen_addr = listen
@@ -2817,10 +2838,19 @@ class Hub:
         self.started_ns = time.time_ns()
         self.session_lock = threading.Lock()
         self.sessions: dict[str, RecoverySession | None] = {}  # by volume name (BUSY)
+        self.metrics_listen = metrics_listen
+        self.metrics: MetricsServer | None = None
+        self.error_lock = threading.Lock()
+        self.errors: collections.Counter[str] = collections.Counter()  # kind -> WARNINGs
 
     @property
     def address(self) -> tuple[str, int]:
         return self.listener.getsockname()[:2]
+
+    def count_error(self, kind: str) -> None:
+        """Count a fault logged at WARNING, for status and /metrics.  Any thread."""
+        with self.error_lock:
+            self.errors[kind] += 1
 
     def start(self) -> None:
         self.store.open()
@@ -2837,6 +2867,9 @@ class Hub:
         self.listener.bind((host, port))
         self.listener.listen(64)
         self.control = ControlServer(self)
+        if self.metrics_listen is not None:
+            self.metrics = MetricsServer(self.metrics_listen, lambda: hub_metrics(self.status()),
+                                         "rephub-metrics")
         for target, name in ((self._accept_loop, "accept"), (self._heartbeat_loop, "heartbeat")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -3057,9 +3090,11 @@ class Hub:
                 lag_s=round((now - vol.unapplied_since_ns) / 1e9, 3)
                 if vol.unapplied_since_ns else 0.0,
                 last_ack=fmt_time_ns(vol.last_ack_ns),
-                undo_records=len(vol.undo)))
+                undo_records=len(vol.undo), replicated_bytes=vol.journaled_bytes))
         with self.conn_lock:
             agents = [c.status() for c in self.by_agent.values()]
+        with self.error_lock:
+            errors = dict(self.errors)
         return dict(
             hub_id=store.hub_id, listen="%s:%d" % self.address, tls=self.tls is not None,
             started=fmt_time_ns(self.started_ns),
@@ -3072,7 +3107,7 @@ class Hub:
                          span_s=round((last.time_ns - first.time_ns) / 1e9, 3)
                          if first and last else 0.0),
             volumes=vols, agents=sorted(agents, key=lambda a: a["agent_id"]),
-            sessions=self.session_status())
+            sessions=self.session_status(), errors=errors)
 
     def session_status(self) -> list[dict]:
         """The open recovery sessions, for ``status``."""
@@ -3094,6 +3129,8 @@ class Hub:
         self.store.closing.set()
         if self.control:
             self.control.close()
+        if self.metrics:
+            self.metrics.close()
         with self.conn_lock:
             conns = list(self.connections)
         deadline = time.monotonic() + grace
@@ -3107,6 +3144,137 @@ class Hub:
         self.listener = None
         log.info("hub stopped; journal durable up to seq %d, replicas up to seq %d",
                  self.store.journal.durable_seq, self.store.applied_seq)
+
+
+# ---------------------------------------------------------------------------
+# Metrics: ``serve --metrics-listen HOST:PORT`` (Prometheus text format 0.0.4)
+#
+# Built from the status document the control socket serves, so the two never
+# disagree.  Counters count since the hub started.
+
+#: The kinds ``Hub.count_error`` counts, each at a WARNING of the same cause;
+#: every one is exported, 0 until it happens, so alerts have a series to watch.
+HUB_ERROR_KINDS = ("handshake", "auth", "protocol", "request", "connection_lost", "sync")
+
+
+def prometheus_escape(value) -> str:
+    """A label value as the text format wants it: backslash, quote, newline escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def prometheus_text(families) -> str:
+    """``families``: (name, type, help, [(labels dict, value), ...]); samples with a
+    value of None are left out.  Returns the exposition text, one family after
+    the other: ``# HELP``, ``# TYPE``, then ``name{label="v"} value`` lines."""
+    out = []
+    for name, kind, text, samples in families:
+        out.append(f"# HELP {name} {text}")
+        out.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            if value is None:
+                continue
+            lab = ",".join(f'{k}="{prometheus_escape(v)}"' for k, v in labels.items())
+            num = repr(float(value)) if isinstance(value, float) else str(int(value))
+            out.append(f"{name}{{{lab}}} {num}" if lab else f"{name} {num}")
+    return "\n".join(out) + "\n"
+
+
+def hub_metrics(st: dict) -> str:
+    """The hub's status document (``Hub.status``) as Prometheus text."""
+    vols = st["volumes"]
+    syncs = [(v, v["sync"]) for v in vols if v["sync"]]
+    errors = dict.fromkeys(HUB_ERROR_KINDS, 0) | st.get("errors", {})
+    j = st["journal"]
+    return prometheus_text([
+        ("rephub_replicated_bytes_total", "counter",
+         "Data bytes of WRITEs and READ_REPLYs journaled since the hub started.",
+         [({"volume": v["name"]}, v["replicated_bytes"]) for v in vols]),
+        ("rephub_volume_lag_seconds", "gauge",
+         "Age of the oldest journaled record not yet applied to the replica.",
+         [({"volume": v["name"]}, v["lag_s"]) for v in vols]),
+        ("rephub_volume_lag_bytes", "gauge", "Bytes journaled, not yet applied to the replica.",
+         [({"volume": v["name"]}, v["lag_bytes"]) for v in vols]),
+        ("rephub_volume_state", "gauge", "1 for the volume's state, 0 for the others.",
+         [({"volume": v["name"], "state": s.value}, v["state"] == s.value)
+          for v in vols for s in VolState]),
+        ("rephub_volume_attached", "gauge", "1 if the volume's agent has it attached.",
+         [({"volume": v["name"]}, v["attached"]) for v in vols]),
+        ("rephub_volume_size_bytes", "gauge", "Volume size.",
+         [({"volume": v["name"]}, v["size"]) for v in vols]),
+        ("rephub_sync_running", "gauge", "1 while a sync of the volume runs.",
+         [({"volume": v["name"]}, bool(v["sync"] and v["sync"].get("running"))) for v in vols]),
+        ("rephub_sync_done_bytes", "gauge", "Bytes of the current or last sync done.",
+         [({"volume": v["name"], "plan": sy["plan"]}, sy["bytes_done"]) for v, sy in syncs]),
+        ("rephub_sync_total_bytes", "gauge", "Bytes the current or last sync covers.",
+         [({"volume": v["name"], "plan": sy["plan"]}, sy["bytes_total"]) for v, sy in syncs]),
+        ("rephub_agents_connected", "gauge", "Authenticated agent connections.",
+         [({}, len(st["agents"]))]),
+        ("rephub_agent_rtt_seconds", "gauge", "Round trip of the last heartbeat PING.",
+         [({"agent": a["agent_id"]}, None if a["rtt_ms"] is None else a["rtt_ms"] / 1e3)
+          for a in st["agents"]]),
+        ("rephub_journal_fdatasyncs_total", "counter", "fdatasync calls on the journal.",
+         [({}, j["fdatasyncs"])]),
+        ("rephub_journal_bytes", "gauge", "Size of the journal segments on disk.",
+         [({}, j["bytes"])]),
+        ("rephub_journal_span_seconds", "gauge", "Time between the oldest and newest record: "
+         "how far back a point in time can be.", [({}, j["span_s"])]),
+        ("rephub_recovery_sessions", "gauge", "Open recovery sessions.",
+         [({}, len(st.get("sessions", ())))]),
+        ("rephub_errors_total", "counter", "Faults logged at WARNING, by kind.",
+         [({"kind": k}, n) for k, n in sorted(errors.items())]),
+    ])
+
+
+class MetricsServer:
+    """``GET /metrics`` answers ``render()`` as Prometheus text; other paths 404.
+
+    A ``ThreadingHTTPServer`` served by one named daemon thread (each request
+    gets its own short-lived thread); ``close`` stops it and joins the thread.
+    ``address`` is the bound (host, port), so port 0 picks a free one.
+    """
+
+    def __init__(self, listen: tuple[str, int], render, name: str):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                """A request thread of the metrics server."""
+                if self.path.split("?", 1)[0] != "/metrics":
+                    self.send_error(404, "only /metrics is served here")
+                    return
+                try:
+                    body = render().encode()
+                except Exception as err:  # noqa: BLE001 - a scrape never kills the server
+                    log.warning("metrics: building the status failed: %r", err)
+                    self.send_error(500, "status unavailable")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, fmt, *args):
+                log.debug("metrics: %s %s", self.address_string(), fmt % args)
+
+        server_class = http.server.ThreadingHTTPServer
+        if ":" in listen[0]:
+            server_class = type("ThreadingHTTPServer6", (server_class,),
+                                {"address_family": socket.AF_INET6})
+        self.server = server_class(listen, Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.5,),
+                                       name=name, daemon=True)
+        self.thread.start()
+        log.info("metrics on http://%s:%d/metrics", *self.address)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.server.server_address[:2]
+
+    def close(self) -> None:
+        """Stop serving and join the server thread (the stopping thread)."""
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
 
 
 class ControlServer:
@@ -3271,6 +3439,27 @@ class CommandError(Exception):
     """A CLI command failed; the message is for the operator."""
 
 
+def format_table(headers: list[str], rows: list[list[str]], right=()) -> list[str]:
+    """Columns as wide as their widest cell; the columns numbered in ``right``
+    (sizes, times) are right-aligned so their units line up."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return [line(headers)] + [line(r) for r in rows]
+
+
+def volume_state_words(v: dict) -> str:
+    """What a volume's state means for an operator (the JSON keeps ``state``)."""
+    running = bool(v["sync"] and v["sync"].get("running"))
+    if v["state"] == VolState.CONSISTENT.value:
+        return "consistent"
+    if v["state"] == VolState.SYNCING.value:
+        return "resyncing" if running else "resync pending"
+    return "initial sync" if running else "never synced"
+
+
 def format_status(st: dict) -> str:
     j = st["journal"]
     lines = [f"hub {st['hub_id']} on {st['listen']}{' (TLS)' if st['tls'] else ''}, "
@@ -3279,32 +3468,45 @@ def format_status(st: dict) -> str:
              f"applied {j['applied_seq']}), {fmt_bytes(j['bytes'])} + undo "
              f"{fmt_bytes(j['undo_bytes'])}, span {j['span_s']:.0f} s "
              f"[{j['oldest'] or '-'} .. {j['newest'] or '-'}], {j['fdatasyncs']} fdatasyncs",
-             "", "VOLUME           OWNER        STATE         SIZE       LAG (time/bytes)   SYNC"]
+             ""]
+    rows = []
     for v in st["volumes"]:
         sync = v["sync"]
         if sync and sync.get("running"):
-            eta = "-" if sync["eta_s"] is None else f"{sync['eta_s']:.0f}s"
-            text = (f"{sync['plan']} {sync['percent']:.1f}% {fmt_bytes(sync['bytes_done'])}/"
-                    f"{fmt_bytes(sync['bytes_total'])} {fmt_bytes(sync['rate'])}/s ETA {eta}")
+            eta = "-" if sync["eta_s"] is None else f"{sync['eta_s']:.0f} s"
+            text = (f"{sync['plan']} {sync['percent']:5.1f}% {fmt_bytes(sync['bytes_done'])}"
+                    f" of {fmt_bytes(sync['bytes_total'])} at {fmt_bytes(sync['rate'])}/s,"
+                    f" ETA {eta}")
         elif sync:
-            text = f"{sync['plan']} done" if not sync.get("error") else f"{sync['plan']} failed"
+            text = f"{sync['plan']} done" if not sync.get("error") else \
+                f"{sync['plan']} failed: {sync['error']}"
         else:
             text = "-"
-        lag = f"{v['lag_s']:.1f}s/{fmt_bytes(v['lag_bytes'])}"
-        lines.append(f"{v['name']:<16} {v['owner']:<12} {v['state']:<13} "
-                     f"{fmt_bytes(v['size']):<10} {lag:<18} {text}"
-                     + ("" if v["attached"] else "  (detached)"))
-    if not st["volumes"]:
+        rows.append([v["name"], v["owner"], volume_state_words(v),
+                     "attached" if v["attached"] else "detached", fmt_bytes(v["size"]),
+                     f"{v['lag_s']:.1f} s", fmt_bytes(v["lag_bytes"]),
+                     fmt_bytes(v.get("replicated_bytes", 0)), text])
+    if rows:
+        lines += format_table(["VOLUME", "OWNER", "STATE", "LINK", "SIZE", "LAG",
+                               "LAG BYTES", "REPLICATED", "SYNC"], rows, right=(4, 5, 6, 7))
+    else:
         lines.append("(no volumes)")
-    lines += ["", "AGENT            ADDRESS                CONNECTED SINCE                 RTT"]
-    for a in st["agents"]:
-        rtt = "-" if a["rtt_ms"] is None else f"{a['rtt_ms']:.2f} ms"
-        lines.append(f"{a['agent_id']:<16} {a['address']:<22} {a['connected_since']:<31} {rtt}")
-    if not st["agents"]:
+    lines.append("")
+    rows = [[a["agent_id"], a["address"], a["connected_since"],
+             "-" if a["rtt_ms"] is None else f"{a['rtt_ms']:.2f} ms",
+             ", ".join(a["volumes"]) or "-"] for a in st["agents"]]
+    if rows:
+        lines += format_table(["AGENT", "ADDRESS", "CONNECTED SINCE", "RTT", "VOLUMES"],
+                              rows, right=(3,))
+    else:
         lines.append("(no agents connected)")
     for s in st.get("sessions", ()):
         lines.append(f"recovery: {s['mode']} session of {s['volume']} at {s['point']} (seq "
                      f"{s['seq']}) by {s['agent']} from {s['address']}, {s['writes']} writes")
+    errors = {k: n for k, n in sorted(st.get("errors", {}).items()) if n}
+    if errors:
+        lines.append("warnings since start: " + ", ".join(f"{k} {n}" for k, n in errors.items())
+                     + " (see the log)")
     return "\n".join(lines)
 
 
@@ -3353,7 +3555,7 @@ def cmd_serve(args) -> int:
     host, _, port = args.listen.rpartition(":")
     hub = Hub(args.data, args.agents, (host.strip("[]") or "0.0.0.0", int(port)),
               args.tls_cert, args.tls_key, args.sync_rate, args.journal_retention,
-              args.journal_max_bytes)
+              args.journal_max_bytes, metrics_listen=args.metrics_listen)
     stop = threading.Event()
     signals = []
 
@@ -3382,12 +3584,51 @@ def cmd_add_agent(args) -> int:
 
 
 def cmd_status(args) -> int:
-    try:
-        st = control_request(args.data, {"cmd": "status"})
-    except (FileNotFoundError, ConnectionRefusedError) as err:
-        raise CommandError(f"no hub is running on {args.data} ({err})") from err
+    def fetch():
+        try:
+            return control_request(args.data, {"cmd": "status"})
+        except (FileNotFoundError, ConnectionRefusedError) as err:
+            raise CommandError(f"no hub is running on {args.data} ({err})") from err
+    if args.watch is not None:
+        return watch(fetch, format_status, args.watch, args.json, (CommandError, OSError))
+    st = fetch()
     print(json.dumps(st, indent=1) if args.json else format_status(st))
     return 0
+
+
+#: Home the cursor and clear the screen (ANSI), for ``status --watch`` on a terminal.
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
+
+def watch(fetch, render, interval: float, as_json: bool, failures) -> int:
+    """``status --watch``: redraw every ``interval`` seconds until Ctrl-C (exit 0).
+
+    On a terminal the screen is cleared before each table; otherwise (a pipe,
+    a log) tables follow one another.  With ``as_json`` each refresh is one
+    JSON document on one line.  A failed ``fetch`` (hub or agent not running
+    yet, or restarting) is shown and retried, not fatal."""
+    if interval <= 0:
+        raise CommandError(f"--watch {interval}: the interval must be > 0 seconds")
+    clear = sys.stdout.isatty() and not as_json
+    try:
+        while True:
+            try:
+                st, err = fetch(), None
+            except failures as e:
+                st, err = None, e
+            if as_json:
+                if err is not None:
+                    print(f"status: {err}", file=sys.stderr, flush=True)
+                else:
+                    print(json.dumps(st), flush=True)
+            else:
+                now = datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S")
+                body = f"status: {err}" if err is not None else render(st)
+                print(f"{CLEAR_SCREEN if clear else ''}every {interval:g} s, {now} UTC"
+                      f" (Ctrl-C to stop)\n{body}\n", flush=True)
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_points(args) -> int:
@@ -3525,6 +3766,14 @@ def cmd_verify(args) -> int:
     return 0 if res["repaired"] or not res["differing"] else 2
 
 
+def parse_host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6; an empty host means every address)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rephub.py", description=__doc__.split("\n")[0])
     ap.add_argument("--log-level", default="INFO",
@@ -3539,6 +3788,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sync-rate", type=float, default=0, help="bytes/s for sync reads, 0 = no limit")
     s.add_argument("--journal-retention", type=float, default=DEFAULT_RETENTION, help="seconds")
     s.add_argument("--journal-max-bytes", type=int, default=DEFAULT_MAX_JOURNAL_BYTES)
+    s.add_argument("--metrics-listen", type=parse_host_port, metavar="HOST:PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics")
     s.set_defaults(func=cmd_serve)
     s = sub.add_parser("add-agent", help="add an agent, print its new secret")
     s.add_argument("--agents", required=True)
@@ -3548,7 +3799,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_add_agent)
     s = sub.add_parser("status", help="ask the running hub")
     s.add_argument("--data", required=True)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="the status document (with --watch: "
+                   "one document per line per refresh)")
+    s.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
+                   help="redraw every SECONDS (default 2) until Ctrl-C")
     s.set_defaults(func=cmd_status)
     s = sub.add_parser("points", help="list a volume's points in time")
     s.add_argument("--data", required=True)
