@@ -27,7 +27,7 @@ import pytest
 import protocol as p
 import repagent as ra
 import rephub
-from hubtools import REPHUB, MemVolume, TestAgent, make_agents_file, wait_for
+from hubtools import REPHUB, HubProcess, MemVolume, TestAgent, make_agents_file, wait_for
 
 MiB = 1024 * 1024
 CHUNK = 64 * 1024
@@ -161,6 +161,23 @@ def test_hub_metrics_server_stops_with_the_hub(tmp_path):
     assert not thread.is_alive()
     with pytest.raises(OSError):
         socket.create_connection(addr, timeout=2).close()
+
+
+def test_serve_metrics_listen_logs_its_port_and_serves(tmp_path):
+    agents = str(tmp_path / "agents")
+    make_agents_file(agents, "a1")
+    hub = HubProcess(str(tmp_path / "data"), agents, "--metrics-listen", "127.0.0.1:0")
+    try:
+        hub.start()
+        m = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", hub.read_log())
+        assert m, hub.read_log()
+        samples = scrape(("127.0.0.1", int(m.group(1))))
+        assert value(samples, "rephub_agents_connected") == 0
+        assert value(samples, "rephub_errors_total", kind="protocol") == 0
+        hub.proc.send_signal(signal.SIGTERM)
+        assert hub.proc.wait(timeout=30) == 0
+    finally:
+        hub.stop()
 
 
 # -- the agent (no QEMU: a scripted hub on a socketpair, as in test_agent.py) ----------
