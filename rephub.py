@@ -2868,8 +2868,12 @@ class Hub:
         self.listener.listen(64)
         self.control = ControlServer(self)
         if self.metrics_listen is not None:
-            self.metrics = MetricsServer(self.metrics_listen, lambda: hub_metrics(self.status()),
-                                         "rephub-metrics")
+            try:
+                self.metrics = MetricsServer(self.metrics_listen,
+                                             lambda: hub_metrics(self.status()), "rephub-metrics")
+            except OSError as err:
+                raise OSError(err.errno, f"--metrics-listen {self.metrics_listen[0]}:"
+                              f"{self.metrics_listen[1]}: {err.strerror}") from err
         for target, name in ((self._accept_loop, "accept"), (self._heartbeat_loop, "heartbeat")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
