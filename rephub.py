@@ -3416,16 +3416,26 @@ def export_volume(store: VolumeStore, vol: Volume, at: str, output: str, progres
 # Command line
 
 
+#: Control commands that may run for long (whole-volume work) wait as long
+#: as they need; every other answer must come within QUICK_REPLY seconds, so
+#: `status` against a hung (SIGSTOPped) hub fails instead of hanging.
+LONG_CONTROL_COMMANDS = frozenset({"export", "verify", "promote"})
+QUICK_REPLY = 30.0
+
+
 def control_request(data_dir: str, req: dict, on_line=None, timeout: float = 5.0):
     """Send one request to a running hub; return its result (raises on failure).
 
-    Raises FileNotFoundError/ConnectionRefusedError when no hub runs on ``data_dir``.
+    ``timeout`` bounds the connect; the answer is bounded by QUICK_REPLY
+    unless the command is one of LONG_CONTROL_COMMANDS.  Raises
+    FileNotFoundError/ConnectionRefusedError when no hub runs on ``data_dir``,
+    TimeoutError when a running hub does not answer in time.
     """
     path = os.path.join(os.path.abspath(data_dir), CONTROL_SOCKET)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
-        s.settimeout(None)
+        s.settimeout(None if req.get("cmd") in LONG_CONTROL_COMMANDS else QUICK_REPLY)
         s.sendall(json.dumps(req).encode() + b"\n")
         for line in s.makefile("rb"):
             obj = json.loads(line)
@@ -3593,6 +3603,9 @@ def cmd_status(args) -> int:
             return control_request(args.data, {"cmd": "status"})
         except (FileNotFoundError, ConnectionRefusedError) as err:
             raise CommandError(f"no hub is running on {args.data} ({err})") from err
+        except TimeoutError as err:
+            raise CommandError(f"the hub on {args.data} does not answer within "
+                               f"{QUICK_REPLY:.0f} s (stopped or overloaded?)") from err
     if args.watch is not None:
         return watch(fetch, format_status, args.watch, args.json, (CommandError, OSError))
     st = fetch()
