@@ -3648,40 +3648,43 @@ def watch(fetch, render, interval: float, as_json: bool, failures) -> int:
         return 0
 
 
-def cmd_points(args) -> int:
-    req = {"cmd": "points", "volume": args.volume}
+def through_hub_or_store(args, req: dict, offline, **request_options):
+    """Run a volume command through the running hub's control socket, or, when
+    no hub runs on ``args.data``, as ``offline(store, volume)`` on the store
+    opened (and locked) here.  Refusals become CommandErrors either way."""
     if hub_running(args.data):
-        pt = control_request(args.data, req)
-    else:
-        store = open_offline(args.data)
+        return control_request(args.data, req, **request_options)
+    store = open_offline(args.data)
+    try:
+        vol = store.volume(args.volume)
+        if vol is None:
+            raise CommandError(f"no volume named {args.volume!r} in {args.data}")
         try:
-            vol = store.volume(args.volume)
-            if vol is None:
-                raise CommandError(f"no volume named {args.volume!r} in {args.data}")
-            pt = store.points(vol)
-        finally:
-            store.close()
+            return offline(store, vol)
+        except p.ReplicationError as err:
+            raise CommandError(f"{p.ErrorCode(err.code).name}: {err}") from err
+    finally:
+        store.close()
+
+
+def cmd_points(args) -> int:
+    pt = through_hub_or_store(args, {"cmd": "points", "volume": args.volume},
+                              lambda store, vol: store.points(vol))
     print(json.dumps(pt, indent=1) if args.json else format_points(pt))
     return 0
 
 
 def cmd_checkpoint(args) -> int:
     p.validate_name(args.name, "checkpoint name")
-    if hub_running(args.data):
-        cp = control_request(args.data, {"cmd": "checkpoint", "volume": args.volume,
-                                         "name": args.name})
-    else:
-        store = open_offline(args.data)
-        try:
-            vol = store.volume(args.volume)
-            if vol is None:
-                raise CommandError(f"no volume named {args.volume!r} in {args.data}")
-            rec = store.append_checkpoint(vol.owner, args.name)
-            store.journal.log.do_sync(store.journal.log.take_sync_work())
-            store.journal.durable_seq = rec.seq
-            cp = dict(name=args.name, agent=vol.owner, seq=rec.seq, time=fmt_time_ns(rec.time_ns))
-        finally:
-            store.close()
+
+    def offline(store, vol):
+        rec = store.append_checkpoint(vol.owner, args.name)
+        store.journal.log.do_sync(store.journal.log.take_sync_work())
+        store.journal.durable_seq = rec.seq
+        return dict(name=args.name, agent=vol.owner, seq=rec.seq, time=fmt_time_ns(rec.time_ns))
+
+    cp = through_hub_or_store(
+        args, {"cmd": "checkpoint", "volume": args.volume, "name": args.name}, offline)
     print(f"checkpoint {cp['name']} of agent {cp['agent']} at seq {cp['seq']} ({cp['time']})")
     return 0
 
@@ -3693,24 +3696,12 @@ def cmd_export(args) -> int:
         print(f"\rexport: {100.0 * done / total:5.1f}% ({fmt_bytes(done)} of "
               f"{fmt_bytes(total)})", end="" if done < total else "\n", file=sys.stderr,
               flush=True)
-    if hub_running(args.data):
-        res = control_request(args.data, {"cmd": "export", "volume": args.volume,
-                                           "at": args.at, "output": output,
-                                           "set_aside": args.set_aside},
-                              on_line=lambda o: progress(o["progress"], o["total"]))
-    else:
-        store = open_offline(args.data)
-        try:
-            vol = store.volume(args.volume)
-            if vol is None:
-                raise CommandError(f"no volume named {args.volume!r} in {args.data}")
-            try:
-                res = export_volume(store, vol, args.at, output, progress,
-                                    set_aside=args.set_aside)
-            except p.ReplicationError as err:
-                raise CommandError(f"{p.ErrorCode(err.code).name}: {err}") from err
-        finally:
-            store.close()
+    res = through_hub_or_store(
+        args, {"cmd": "export", "volume": args.volume, "at": args.at, "output": output,
+               "set_aside": args.set_aside},
+        lambda store, vol: export_volume(store, vol, args.at, output, progress,
+                                         set_aside=args.set_aside),
+        on_line=lambda o: progress(o["progress"], o["total"]))
     print(f"exported {res['volume']} at {res['point']} (seq {res['seq']}, {res['time']}) "
           f"to {res['output']}: {fmt_bytes(res['size'])}, {fmt_bytes(res['data_bytes'])} of data")
     return 0
@@ -3718,22 +3709,12 @@ def cmd_export(args) -> int:
 
 def cmd_promote(args) -> int:
     """Promote a volume at a point: through the running hub, or offline."""
-    if hub_running(args.data):
-        res = control_request(args.data, {"cmd": "promote", "volume": args.volume,
-                                          "at": args.at}, timeout=10)
-    else:
-        store = open_offline(args.data)
-        try:
-            vol = store.volume(args.volume)
-            if vol is None:
-                raise CommandError(f"no volume named {args.volume!r} in {args.data}")
-            try:
-                seq, _ = store.resolve_point(vol, args.at)
-                res = store.promote(vol, seq, args.at)
-            except p.ReplicationError as err:
-                raise CommandError(f"{p.ErrorCode(err.code).name}: {err}") from err
-        finally:
-            store.close()
+    def offline(store, vol):
+        seq, _ = store.resolve_point(vol, args.at)
+        return store.promote(vol, seq, args.at)
+
+    res = through_hub_or_store(args, {"cmd": "promote", "volume": args.volume, "at": args.at},
+                               offline, timeout=10)
     print(f"promoted {res['volume']} at {res['point']} (seq {res['seq']}); journal entries "
           f"{res['set_aside_from']}..{res['set_aside_to']} set aside; writes of the "
           "protected side are refused from now on")
@@ -3742,18 +3723,8 @@ def cmd_promote(args) -> int:
 
 def cmd_release(args) -> int:
     """Let retention drop the journal entries set aside by a volume's promotions."""
-    req = {"cmd": "release", "volume": args.volume}
-    if hub_running(args.data):
-        n = control_request(args.data, req)
-    else:
-        store = open_offline(args.data)
-        try:
-            vol = store.volume(args.volume)
-            if vol is None:
-                raise CommandError(f"no volume named {args.volume!r} in {args.data}")
-            n = store.release_set_aside(vol)
-        finally:
-            store.close()
+    n = through_hub_or_store(args, {"cmd": "release", "volume": args.volume},
+                             lambda store, vol: store.release_set_aside(vol))
     print(f"{args.volume}: set-aside entries of {n} promotions released to retention")
     return 0
 
