@@ -1697,8 +1697,11 @@ class TLSStream:
         if remaining <= 0:
             raise socket.timeout(f"TLS peer made no progress for {self.timeout:.0f} s")
         fd = [self.sock.fileno()]
-        select.select(fd if want == "r" else [], fd if want == "w" else [], [],
-                      min(remaining, POLL_INTERVAL))
+        try:
+            select.select(fd if want == "r" else [], fd if want == "w" else [], [],
+                          min(remaining, POLL_INTERVAL))
+        except ValueError as err:   # fd -1: closed by another thread (stop, abort)
+            raise OSError(errno.EBADF, "TLS connection closed") from err
 
     def recv_into(self, view) -> int:
         deadline = time.monotonic() + self.timeout
