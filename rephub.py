@@ -1468,8 +1468,9 @@ class VolumeStore:
                       time_ns=time.time_ns(), rolled_back=False, kept=True)
             spans = [[lo, last if hi is None else hi] for lo, hi in vol.meta.get("resyncs", [])]
             vol.update(role="promoted", promotions=promos + [pr], resyncs=spans)
-        log.info("volume %s promoted at %r (seq %d); its journal entries %d..%d are set aside",
-                 vol.name, point, seq, seq + 1, last)
+        log.info("volume %s promoted at %r (seq %d); %s", vol.name, point, seq,
+                 f"its journal entries {seq + 1}..{last} are set aside" if last > seq
+                 else "no newer journal entry to set aside")
         if not j.wait_durable(last, timeout=60):
             raise p.RequestError("journal not durable", code=p.ErrorCode.IO_ERROR)
         self.wait_applied(last)
@@ -3718,9 +3719,10 @@ def cmd_promote(args) -> int:
 
     res = through_hub_or_store(args, {"cmd": "promote", "volume": args.volume, "at": args.at},
                                offline, timeout=10)
-    print(f"promoted {res['volume']} at {res['point']} (seq {res['seq']}); journal entries "
-          f"{res['set_aside_from']}..{res['set_aside_to']} set aside; writes of the "
-          "protected side are refused from now on")
+    aside = (f"journal entries {res['set_aside_from']}..{res['set_aside_to']} set aside"
+             if res["set_aside_from"] <= res["set_aside_to"] else "nothing newer to set aside")
+    print(f"promoted {res['volume']} at {res['point']} (seq {res['seq']}); {aside}; writes "
+          "of the protected side are refused from now on")
     return 0
 
 
