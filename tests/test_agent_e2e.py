@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import socket
@@ -25,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import nbd
-import repagent as ra
+from procs import AgentProc, HubProc
 from qemu_harness import (QSD, MiB, RandomWorkload, file_sha256, kill_all, nbd_sha256,
                           qemu_io, requires_qemu, short_tmpdir, wait_until)
 
@@ -34,130 +33,6 @@ SIZE = 32 * MiB
 CHUNK = 64 * 1024
 
 pytestmark = requires_qemu
-
-
-# ---------------------------------------------------------------------------
-# Processes
-
-
-def _spawn(argv, log_path: Path) -> subprocess.Popen:
-    with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _end(proc: subprocess.Popen | None, sig=signal.SIGKILL) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.send_signal(signal.SIGCONT)
-        proc.send_signal(sig)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-class Hub:
-    """``rephub.py serve`` on 127.0.0.1; keeps its port across restarts."""
-
-    def __init__(self, workdir: Path, args=()):
-        self.args = list(args)
-        self.data = workdir / "hub"
-        self.agents = workdir / "agents.json"
-        self.log = workdir / "hub.log"
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
-        out = subprocess.run([sys.executable, "rephub.py", "add-agent", "--agents",
-                              str(self.agents), "agent1"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=30)
-        secret = re.search(r"\b[0-9a-f]{64}\b", out.stdout)
-        assert out.returncode == 0 and secret, f"add-agent failed: {out}"
-        self.secret_file = workdir / "secret"
-        self.secret_file.write_text(secret.group(0) + "\n")
-
-    def start(self) -> "Hub":
-        self.proc = _spawn(["rephub.py", "--log-level", "INFO", "serve", "--data",
-                            str(self.data), "--listen", f"127.0.0.1:{self.port}",
-                            "--agents", str(self.agents), *self.args], self.log)
-        status = wait_until(self._status_or_none, 20, "rephub control socket", 0.05)
-        self.port = int(status["listen"].rsplit(":", 1)[1])
-        return self
-
-    def _status_or_none(self):
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"rephub exited {self.proc.returncode}:\n{self.tail()}")
-        try:
-            return self.status()
-        except (OSError, ValueError):
-            return None
-
-    def status(self) -> dict:
-        import rephub
-        return rephub.control_request(str(self.data), {"cmd": "status"}, timeout=5)
-
-    def volume(self, name: str) -> dict | None:
-        for vol in self.status()["volumes"]:
-            if vol["name"] == name:
-                return vol
-        return None
-
-    def replica(self, name: str) -> Path:
-        return self.data / "volumes" / name / "replica"
-
-    def kill(self, sig=signal.SIGKILL) -> None:
-        _end(self.proc, sig)
-
-    def tail(self, n=3000) -> str:
-        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
-
-
-class Agent:
-    """``repagent.py protect`` for one QSD node."""
-
-    def __init__(self, workdir: Path, hub: Hub, qsd: QSD, qmp: Path, mode="async",
-                 volume="vol0", source=False, extra=()):
-        self.state = short_tmpdir("agst")
-        self.log = workdir / "agent.log"
-        self.hub, self.qsd, self.qmp, self.mode, self.volume = hub, qsd, qmp, mode, volume
-        self.source, self.extra = source, list(extra)
-        self.more_nodes: list[tuple[str, str]] = []
-        self.proc: subprocess.Popen | None = None
-
-    def argv(self):
-        argv = ["repagent.py", "protect", "--hub", f"127.0.0.1:{self.hub.port}",
-                "--agent-id", "agent1", "--secret-file", str(self.hub.secret_file),
-                "--qmp", str(self.qmp), "--node", f"{self.qsd.node}={self.volume}",
-                *[arg for node, vol in self.more_nodes for arg in ("--node", f"{node}={vol}")],
-                "--state-dir", str(self.state), "--mode", self.mode, "--hub-timeout", "5",
-                "--sync-timeout", "5", "--log-level", "INFO", *self.extra]
-        if self.source:
-            argv += ["--source", f"{self.qsd.node}={self.qsd.uri}"]
-        return argv
-
-    def start(self) -> "Agent":
-        self.proc = _spawn(self.argv(), self.log)
-        wait_until(self._status_or_none, 20, "repagent control socket", 0.05)
-        return self
-
-    def _status_or_none(self):
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"repagent exited {self.proc.returncode}:\n{self.tail()}")
-        try:
-            return ra.query_status(str(self.state))
-        except (OSError, ValueError):
-            return None
-
-    def status(self) -> dict:
-        return ra.query_status(str(self.state))
-
-    def vol(self) -> dict:
-        return self.status()["volumes"][0]
-
-    def kill(self, sig=signal.SIGKILL) -> None:
-        _end(self.proc, sig)
-
-    def tail(self, n=4000) -> str:
-        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
 
 
 @pytest.fixture
@@ -177,9 +52,12 @@ def world(tmp_path):
         qsd.start()
         if prefill:
             prefill(qsd)
-        hub = made["hub"] = Hub(tmp_path, hub_args).start()
-        agent = made["agent"] = Agent(tmp_path, hub, qsd, agent_qmp, mode=mode,
-                                      source=source, extra=extra)
+        hub = made["hub"] = HubProc(tmp_path, args=hub_args, start_timeout=20,
+                                    request_timeout=5, retry_command_errors=False).start()
+        agent = made["agent"] = AgentProc(
+            tmp_path, hub, hub.secret_file, agent_qmp, {qsd.node: "vol0"}, mode=mode,
+            extra=extra, sources={qsd.node: qsd.uri} if source else None, hub_timeout=5,
+            sync_timeout=5, reconnect_delay=None, start_timeout=20)
         if start_agent:
             agent.start()
         return qsd, hub, agent
@@ -201,22 +79,22 @@ def world(tmp_path):
             shutil.rmtree(made["agent"].state, ignore_errors=True)
 
 
-def hub_state(hub: Hub, volume="vol0") -> str | None:
+def hub_state(hub: HubProc, volume="vol0") -> str | None:
     """The hub's state of the volume (None until it is first attached)."""
     vol = hub.volume(volume)
     return vol["state"] if vol else None
 
 
-def sync_done(hub: Hub, volume="vol0") -> int:
+def sync_done(hub: HubProc, volume="vol0") -> int:
     vol = hub.volume(volume)
     return ((vol or {}).get("sync") or {}).get("bytes_done", 0)
 
 
-def show(hub: Hub, agent: Agent) -> str:
+def show(hub: HubProc, agent: AgentProc) -> str:
     return f"--- hub log ---\n{hub.tail()}\n--- agent log ---\n{agent.tail()}"
 
 
-def wait_quiet(hub: Hub, agent: Agent, timeout=60.0, volume="vol0") -> None:
+def wait_quiet(hub: HubProc, agent: AgentProc, timeout=60.0, volume="vol0") -> None:
     """Until the agent has nothing pending and the hub has applied everything."""
     def quiet():
         a = agent.vol()
@@ -234,7 +112,7 @@ def wait_quiet(hub: Hub, agent: Agent, timeout=60.0, volume="vol0") -> None:
                              f"{show(hub, agent)}") from None
 
 
-def assert_identical(qsd: QSD, hub: Hub, agent: Agent, volume="vol0") -> None:
+def assert_identical(qsd: QSD, hub: HubProc, agent: AgentProc, volume="vol0") -> None:
     wait_quiet(hub, agent, volume=volume)
     source = source_sha256(qsd)
     replica = file_sha256(hub.replica(volume))
@@ -578,7 +456,7 @@ def test_two_volumes_share_one_ordered_connection(world, tmp_path):
         "--blockdev", f"driver=file,node-name=disk1-file,filename={second}",
         "--blockdev", "driver=raw,node-name=disk1,file=disk1-file",
         "--export", "type=nbd,id=exp1,node-name=disk1,name=disk1,writable=on"])
-    agent.more_nodes = [("disk1", "vol1")]
+    agent.nodes["disk1"] = "vol1"
     agent.start()
     RandomWorkload(seed=11, size=SIZE, count=40).run_qemu_io(qsd.export_path, export="disk0")
     RandomWorkload(seed=12, size=SIZE, count=40).run_qemu_io(qsd.export_path, export="disk1")

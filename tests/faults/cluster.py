@@ -3,7 +3,7 @@
     writer (QD1) ──NBD──> QSD ──mirror──> repagent ──> FaultProxy ──> rephub
 
 ``Cluster`` starts qemu-storage-daemon (the protected disk), ``rephub.py
-serve`` and ``repagent.py protect`` as subprocesses, with a ``FaultProxy``
+serve`` and ``repagent.py protect`` as subprocesses (tests/procs.py), with a ``FaultProxy``
 between the agent and the hub.  ``Writer`` issues random writes through
 QSD's own NBD export one at a time (each is acknowledged before the next is
 issued), so the order in which they enter the replication stream is known:
@@ -20,47 +20,23 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import os
 import random
-import re
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import nbd
 import rephub
-import repagent as ra
 from faults.proxy import FaultProxy
 from oracle import StreamModel, first_difference
+from procs import AgentProc, HubProc
 from qemu_harness import QSD, MiB, kill_all, nbd_sha256, short_tmpdir, wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
 CHUNK = 64 * 1024
 #: What repagent logs once it has set a vanished mirror job up again.
 QSD_RESTART_NOTICE = "the mirror job was gone (QSD restarted)"
-
-
-def spawn(argv, log_path: Path) -> subprocess.Popen:
-    """A Python script of the project as a subprocess in its own session."""
-    with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def end(proc: subprocess.Popen | None, sig=signal.SIGKILL) -> None:
-    """Send ``sig`` (after SIGCONT, so a stopped process can act on it) and reap."""
-    if proc is not None and proc.poll() is None:
-        proc.send_signal(signal.SIGCONT)
-        proc.send_signal(sig)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def last_record_start(segment: bytes) -> int | None:
@@ -74,125 +50,6 @@ def last_record_start(segment: bytes) -> int | None:
             break
         last, offset = offset, end_
     return last
-
-
-class HubProc:
-    """``rephub.py serve`` on 127.0.0.1; keeps its port across restarts."""
-
-    def __init__(self, workdir: Path, agent_ids=("agent1",), args=()):
-        self.args = list(args)
-        self.data = workdir / "hub"
-        self.agents = workdir / "agents.json"
-        self.log = workdir / "hub.log"
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
-        self.secret_files: dict[str, Path] = {}
-        for agent_id in agent_ids:
-            out = subprocess.run([sys.executable, "rephub.py", "add-agent", "--agents",
-                                  str(self.agents), agent_id], cwd=ROOT, capture_output=True,
-                                 text=True, timeout=30)
-            secret = re.search(r"\b[0-9a-f]{64}\b", out.stdout)
-            if out.returncode != 0 or not secret:
-                raise RuntimeError(f"add-agent {agent_id} failed: {out}")
-            path = workdir / f"{agent_id}.secret"
-            path.write_text(secret.group(0) + "\n")
-            self.secret_files[agent_id] = path
-
-    def start(self) -> "HubProc":
-        self.proc = spawn(["rephub.py", "--log-level", "INFO", "serve", "--data",
-                           str(self.data), "--listen", f"127.0.0.1:{self.port}",
-                           "--agents", str(self.agents), *self.args], self.log)
-        status = wait_until(self._status_or_none, 30, "rephub control socket", 0.05)
-        self.port = int(status["listen"].rsplit(":", 1)[1])
-        return self
-
-    def _status_or_none(self):
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"rephub exited {self.proc.returncode}:\n{self.tail()}")
-        try:
-            return self.status()
-        except (OSError, ValueError, rephub.CommandError):
-            return None
-
-    def request(self, req: dict, timeout: float = 10.0):
-        return rephub.control_request(str(self.data), req, timeout=timeout)
-
-    def status(self) -> dict:
-        return self.request({"cmd": "status"})
-
-    def volume(self, name: str) -> dict | None:
-        for vol in self.status()["volumes"]:
-            if vol["name"] == name:
-                return vol
-        return None
-
-    def replica(self, name: str) -> Path:
-        return self.data / "volumes" / name / "replica"
-
-    def journal_segments(self) -> list[Path]:
-        return sorted((self.data / "journal").glob("*.seg"))
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self, sig=signal.SIGKILL) -> None:
-        end(self.proc, sig)
-
-    def tail(self, n=3000) -> str:
-        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
-
-
-class AgentProc:
-    """``repagent.py protect`` for QSD nodes, connecting to ``hub_address``."""
-
-    def __init__(self, workdir: Path, hub_address, secret_file: Path, qmp: Path,
-                 nodes: dict[str, str], mode="async", agent_id="agent1", extra=()):
-        self.state = short_tmpdir("agst")
-        self.log = workdir / f"{agent_id}.log"
-        self.hub_address, self.secret_file, self.qmp = hub_address, secret_file, qmp
-        self.nodes, self.mode, self.agent_id, self.extra = nodes, mode, agent_id, list(extra)
-        self.proc: subprocess.Popen | None = None
-
-    def argv(self) -> list[str]:
-        host, port = self.hub_address
-        return ["repagent.py", "protect", "--hub", f"{host}:{port}", "--agent-id",
-                self.agent_id, "--secret-file", str(self.secret_file), "--qmp", str(self.qmp),
-                *[a for node, vol in self.nodes.items() for a in ("--node", f"{node}={vol}")],
-                "--state-dir", str(self.state), "--mode", self.mode, "--hub-timeout", "3",
-                "--sync-timeout", "2", "--reconnect-delay", "1", "--log-level", "INFO",
-                *self.extra]
-
-    def start(self) -> "AgentProc":
-        self.proc = spawn(self.argv(), self.log)
-        wait_until(self._status_or_none, 30, "repagent control socket", 0.05)
-        return self
-
-    def _status_or_none(self):
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"repagent exited {self.proc.returncode}:\n{self.tail()}")
-        try:
-            return self.status()
-        except (OSError, ValueError):
-            return None
-
-    def status(self) -> dict:
-        return ra.query_status(str(self.state))
-
-    def vol(self) -> dict:
-        return self.status()["volumes"][0]
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self, sig=signal.SIGKILL) -> None:
-        end(self.proc, sig)
-
-    def tail(self, n=4000) -> str:
-        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
-
-    def close(self) -> None:
-        self.kill()
-        shutil.rmtree(self.state, ignore_errors=True)
 
 
 class Writer(threading.Thread):
