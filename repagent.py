@@ -983,6 +983,70 @@ class Config:
         return max(0.2, min(2.0, self.hub_timeout / 4))
 
 
+def handshake(sock, agent_id: str, secret: bytes) -> str:
+    """HELLO -> HELLO_REPLY (check the hub's proof) -> AUTH -> AUTH_OK; return the hub id.
+
+    PROTOCOL.md "Handshake phase", the agent's side, on a fresh blocking socket.
+    """
+    nonce = os.urandom(p.NONCE_SIZE)
+    offered = int(p.Feature.NONE)    # v1 defines no feature bits
+    p.send_message(sock, p.Hello(nonce=nonce, agent_id=agent_id, features=offered))
+    reply = p.recv_message(sock)
+    if isinstance(reply, p.Error):
+        raise HandshakeError(f"hub refused HELLO: {reply.code_name()} {reply.message}")
+    if not isinstance(reply, p.HelloReply):
+        raise HandshakeError(f"expected HELLO_REPLY, got "
+                             f"{reply.TYPE.name if reply else 'end of stream'}")
+    if reply.version not in p.SUPPORTED_VERSIONS:
+        problem = (f"hub chose version {reply.version}, expected one of "
+                   f"{p.SUPPORTED_VERSIONS}")
+        p.send_message(sock, p.Error(code=p.ErrorCode.VERSION, message=problem,
+                                     failed_type=p.MsgType.HELLO_REPLY))
+        raise HandshakeError(problem)                          # PROTOCOL.md [HS-4]
+    if reply.features & ~offered:
+        problem = (f"hub granted feature bits 0x{reply.features & ~offered:x} "
+                   f"that were not offered (offered 0x{offered:x})")
+        p.send_message(sock, p.Error(code=p.ErrorCode.UNSUPPORTED, message=problem,
+                                     failed_type=p.MsgType.HELLO_REPLY))
+        raise HandshakeError(problem)                          # PROTOCOL.md [VN-4]
+    expected = p.hub_proof(secret, nonce, reply.nonce, agent_id, reply.hub_id)
+    if not p.proof_matches(expected, reply.proof):
+        p.send_message(sock, p.Error(code=p.ErrorCode.AUTH_FAILED,
+                                     failed_type=p.MsgType.HELLO_REPLY,
+                                     message="hub proof does not match our secret"))
+        raise HandshakeError(f"hub {reply.hub_id!r} failed to prove it knows our "
+                             "secret (wrong --secret-file, or not our hub)")
+    p.send_message(sock, p.Auth(proof=p.agent_proof(
+        secret, nonce, reply.nonce, agent_id, reply.hub_id)))
+    ok = p.recv_message(sock)
+    if isinstance(ok, p.Error):
+        raise HandshakeError(f"hub refused AUTH: {ok.code_name()} {ok.message}")
+    if not isinstance(ok, p.AuthOk):
+        raise HandshakeError(f"expected AUTH_OK, got {ok.TYPE.name if ok else 'EOF'}")
+    return reply.hub_id
+
+
+def connect_to_hub(cfg) -> tuple[socket.socket, str]:
+    """Open an authenticated connection to ``cfg.hub`` (TLS when ``cfg.tls_ca``).
+
+    Returns the socket, still with ``cfg.hub_timeout`` as its timeout, and the
+    hub's id; on any failure the socket is closed and the error raised.
+    """
+    host, port = cfg.hub
+    sock = socket.create_connection((host, port), timeout=cfg.hub_timeout)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if cfg.tls_ca:
+            # The certificate must chain to --tls-ca and name HOST; the
+            # HMAC handshake then runs inside TLS as without it.
+            ctx = ssl.create_default_context(cafile=cfg.tls_ca)
+            sock = ctx.wrap_socket(sock, server_hostname=host)
+        return sock, handshake(sock, cfg.agent_id, cfg.secret)
+    except BaseException:
+        sock.close()
+        raise
+
+
 class Agent:
     """The stream state every thread shares, and the threads that move it."""
 
@@ -1456,21 +1520,9 @@ class Agent:
 
     def _connect(self) -> HubConnection:
         """Connect, authenticate, queue an ATTACH per volume (heartbeat thread)."""
-        host, port = self.cfg.hub
-        sock = socket.create_connection((host, port), timeout=self.cfg.hub_timeout)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.cfg.tls_ca:
-                # The certificate must chain to --tls-ca and name HOST; the
-                # HMAC handshake then runs inside TLS as without it.
-                ctx = ssl.create_default_context(cafile=self.cfg.tls_ca)
-                sock = ctx.wrap_socket(sock, server_hostname=host)
-            hub_id = self._handshake(sock)
-            sock.settimeout(None)
-        except BaseException:
-            sock.close()
-            raise
-        conn = HubConnection(self, sock, f"{host}:{port}", hub_id)
+        sock, hub_id = connect_to_hub(self.cfg)
+        sock.settimeout(None)
+        conn = HubConnection(self, sock, "%s:%d" % self.cfg.hub, hub_id)
         with self.lock:
             self.conn = conn
             for vol in self.volumes:
@@ -1485,46 +1537,6 @@ class Agent:
         conn.start()
         return conn
 
-    def _handshake(self, sock) -> str:
-        """HELLO -> HELLO_REPLY (check the hub's proof) -> AUTH -> AUTH_OK."""
-        nonce = os.urandom(p.NONCE_SIZE)
-        offered = int(p.Feature.NONE)    # v1 defines no feature bits
-        p.send_message(sock, p.Hello(nonce=nonce, agent_id=self.cfg.agent_id,
-                                     features=offered))
-        reply = p.recv_message(sock)
-        if isinstance(reply, p.Error):
-            raise HandshakeError(f"hub refused HELLO: {reply.code_name()} {reply.message}")
-        if not isinstance(reply, p.HelloReply):
-            raise HandshakeError(f"expected HELLO_REPLY, got "
-                                 f"{reply.TYPE.name if reply else 'end of stream'}")
-        if reply.version not in p.SUPPORTED_VERSIONS:
-            problem = (f"hub chose version {reply.version}, expected one of "
-                       f"{p.SUPPORTED_VERSIONS}")
-            p.send_message(sock, p.Error(code=p.ErrorCode.VERSION, message=problem,
-                                         failed_type=p.MsgType.HELLO_REPLY))
-            raise HandshakeError(problem)                          # PROTOCOL.md [HS-4]
-        if reply.features & ~offered:
-            problem = (f"hub granted feature bits 0x{reply.features & ~offered:x} "
-                       f"that were not offered (offered 0x{offered:x})")
-            p.send_message(sock, p.Error(code=p.ErrorCode.UNSUPPORTED, message=problem,
-                                         failed_type=p.MsgType.HELLO_REPLY))
-            raise HandshakeError(problem)                          # PROTOCOL.md [VN-4]
-        expected = p.hub_proof(self.cfg.secret, nonce, reply.nonce, self.cfg.agent_id,
-                               reply.hub_id)
-        if not p.proof_matches(expected, reply.proof):
-            p.send_message(sock, p.Error(code=p.ErrorCode.AUTH_FAILED,
-                                         failed_type=p.MsgType.HELLO_REPLY,
-                                         message="hub proof does not match our secret"))
-            raise HandshakeError(f"hub {reply.hub_id!r} failed to prove it knows our "
-                                 "secret (wrong --secret-file, or not our hub)")
-        p.send_message(sock, p.Auth(proof=p.agent_proof(
-            self.cfg.secret, nonce, reply.nonce, self.cfg.agent_id, reply.hub_id)))
-        ok = p.recv_message(sock)
-        if isinstance(ok, p.Error):
-            raise HandshakeError(f"hub refused AUTH: {ok.code_name()} {ok.message}")
-        if not isinstance(ok, p.AuthOk):
-            raise HandshakeError(f"expected AUTH_OK, got {ok.TYPE.name if ok else 'EOF'}")
-        return reply.hub_id
 
     def _heartbeat_loop(self) -> None:
         """repagent-heartbeat thread: the only one that (re)connects to the hub."""
@@ -2000,7 +2012,7 @@ class RecoveryClient:
     """
 
     def __init__(self, cfg: RecoveryConfig, volume: str, point: str, mode: p.RecoverMode):
-        self.cfg = cfg            # what Agent._handshake needs
+        self.cfg = cfg            # what connect_to_hub needs
         self.volume, self.point, self.mode = volume, point, mode
         self.sock: socket.socket | None = None
         self.session = 0
@@ -2016,14 +2028,8 @@ class RecoveryClient:
 
     def open(self) -> p.RecoverReady:
         """Connect, authenticate, RECOVER_OPEN; start the recv thread (caller's thread)."""
-        host, port = self.cfg.hub
-        sock = socket.create_connection((host, port), timeout=self.cfg.hub_timeout)
+        sock, hub_id = connect_to_hub(self.cfg)  # the same HELLO/AUTH as protect mode
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.cfg.tls_ca:
-                ctx = ssl.create_default_context(cafile=self.cfg.tls_ca)
-                sock = ctx.wrap_socket(sock, server_hostname=host)
-            hub_id = Agent._handshake(self, sock)  # the same HELLO/AUTH as protect mode
             sock.settimeout(RECOVER_OPEN_TIMEOUT)
             log.info("--> RECOVER_OPEN %s %s at %r", self.mode.name, self.volume, self.point)
             p.send_message(sock, p.RecoverOpen(request_id=self._next_req(), mode=self.mode,
