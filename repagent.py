@@ -400,6 +400,10 @@ class QMPClosed(ConnectionError):
     """The QMP socket closed (QSD exited or restarted)."""
 
 
+#: A QSD that has been running a while may have this many stale events queued.
+MAX_EVENTS_BEFORE_GREETING = 1000
+
+
 class QMPClient:
     """A small blocking QMP client over a unix socket.
 
@@ -423,6 +427,16 @@ class QMPClient:
             self.sock.connect(path)
             self._file = self.sock.makefile("rb")
             greeting = self._read_json()
+            # QSD 7.2 can hand a new client events that were pending for a
+            # previous client (seen after the agent was SIGKILLed mid-job)
+            # before its greeting.  The agent queries the jobs' state once
+            # connected, so such stale events are logged and skipped.
+            for _ in range(MAX_EVENTS_BEFORE_GREETING):
+                if "event" not in greeting:
+                    break
+                log.info("QMP %s: skipping %s sent before the greeting", path,
+                         greeting["event"])
+                greeting = self._read_json()
             if "QMP" not in greeting:
                 raise QMPClosed(f"QMP greeting expected from {path}, got {greeting!r}")
             self.sock.settimeout(None)
