@@ -12,9 +12,13 @@ help:
 	@echo "make bench  run the benchmarks in bench/ and write docs/BENCHMARKS.md"
 
 # pytest and coverage for the tests; nothing from pip is needed at run time.
+# On Debian's own python3 (no pip, or pip refusing an externally managed
+# environment) they come from apt-get instead.
 deps:
 	@$(PYTHON) -c "import pytest, coverage" 2>/dev/null || \
-		$(PYTHON) -m pip install --quiet pytest coverage
+		$(PYTHON) -m pip install --quiet pytest coverage 2>/dev/null || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+		  apt-get install -y -q python3-pytest python3-coverage; }
 
 # The real QEMU tools: qemu-storage-daemon is in qemu-system-common,
 # qemu-img/qemu-io/qemu-nbd in qemu-utils, nbdinfo in libnbd-bin.
