@@ -1445,7 +1445,7 @@ class Agent:
         reply = None
         try:
             data = reader.read(msg.offset, msg.length)
-            if data.count(0) == len(data):
+            if p.is_zero(data):
                 reply = p.ReadReply(request_id=msg.request_id, volume=msg.volume,
                                     offset=msg.offset, length=msg.length, flags=p.FLAG_ZERO)
                 nbytes = 0

@@ -295,13 +295,6 @@ def write_zeroes(fd: int, offset: int, length: int) -> None:
             n -= k
 
 
-def is_zero(buf) -> bool:
-    """Is ``buf`` all zeroes?  A compare with ZERO_BLOCK is a memcmp that stops at the
-    first data byte: many times faster than ``buf.count(0)`` (recovery reads, exports)."""
-    return all(buf[i:i + IO_BLOCK] == ZERO_BLOCK[:min(IO_BLOCK, len(buf) - i)]
-               for i in range(0, len(buf), IO_BLOCK))
-
-
 def fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -1347,7 +1340,7 @@ class VolumeStore:
                 buf[:len(got)] = got
             for u in undos:  # newest first: each restores what was there before it
                 self._overlay_undo(u, buf, offset, end)
-        return None if is_zero(buf) else bytes(buf)
+        return None if p.is_zero(buf) else bytes(buf)
 
     def _overlay_undo(self, u: Record, buf: bytearray, offset: int, end: int) -> None:
         table = self.undo_tables.get((u.segment, u.pos))
@@ -2756,7 +2749,7 @@ class Overlay:
                 buf[lo - offset:hi - offset] = os.pread(self.fd, hi - lo, lo)
             else:
                 buf[lo - offset:hi - offset] = bytes(hi - lo)
-        return None if is_zero(buf) else bytes(buf)
+        return None if p.is_zero(buf) else bytes(buf)
 
     def discard(self) -> None:
         os.close(self.fd)

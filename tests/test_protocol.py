@@ -675,3 +675,13 @@ def test_decoder_receives_large_payloads_into_their_own_buffer():
     assert dec.next_message() is None and dec.pending() == 1000
     with pytest.raises(p.TruncatedFrame, match="1000 bytes left over"):
         dec.close()
+
+
+def test_is_zero_finds_a_single_data_byte_anywhere():
+    """FLAG_ZERO may be used only when every byte is zero, across piece boundaries."""
+    size = 3 * 1024 * 1024 + 5
+    assert p.is_zero(b"") and p.is_zero(bytes(size)) and p.is_zero(bytearray(7))
+    for where in (0, 1024 * 1024 - 1, 1024 * 1024, size - 1):
+        data = bytearray(size)
+        data[where] = 1
+        assert not p.is_zero(data), where
