@@ -116,6 +116,8 @@ class MsgType(enum.IntEnum):
     CHECKSUM_QUERY = 0x34
     CHECKSUMS = 0x35
     SYNCED = 0x36
+    EXTENT_QUERY = 0x37
+    EXTENTS = 0x38
     CHECKPOINT = 0x40
     RECOVER_OPEN = 0x50
     RECOVER_READY = 0x51
@@ -128,6 +130,9 @@ class MsgType(enum.IntEnum):
     PONG = 0x61
     ERROR = 0x62
     GOODBYE = 0x63
+    FAILBACK_BEGIN = 0x70
+    PUT = 0x71
+    FAILBACK_END = 0x72
 
 
 #: Flag bits 0-7 must be understood by the receiver; 8-15 may be ignored.
@@ -136,9 +141,12 @@ MUST_UNDERSTAND_FLAGS = 0x00FF
 
 
 class Feature(enum.IntFlag):
-    """Feature bits offered in HELLO and granted in HELLO_REPLY (none yet in v1)."""
+    """Feature bits offered in HELLO and granted in HELLO_REPLY (PROTOCOL.md
+    "Feature bits")."""
 
     NONE = 0
+    EXTENTS = 1 << 0   # the hub may ask EXTENT_QUERY: sparse-aware sync
+    FAILBACK = 1 << 1  # DEMOTED attach, FAILBACK_BEGIN / PUT / FAILBACK_END
 
 
 class ErrorCode(enum.IntEnum):
@@ -160,6 +168,7 @@ class ErrorCode(enum.IntEnum):
     INCONSISTENT = 14    # the volume is not consistent yet: cannot recover from it
     SHUTTING_DOWN = 15   # the receiver is stopping; try again later
     PROTOCOL = 16        # the peer broke the protocol; the connection is closed
+    NOT_ALLOWED = 17     # the receiver's operator has not allowed this (fail-back)
 
 
 class VolumeState(enum.IntEnum):
@@ -177,10 +186,22 @@ class SyncPlan(enum.IntEnum):
     DIRTY = 1   # the hub will DIRTY_QUERY and READ the dirty regions
     VERIFY = 2  # the hub will compare checksums and READ what differs
     FULL = 3    # the hub will READ the whole volume
+    DEMOTED = 4  # promoted at the recovery site: no writes taken, fail-back may follow
 
 
 class ChecksumAlgo(enum.IntEnum):
     SHA256 = 1
+
+
+class FailbackOutcome(enum.IntEnum):
+    """FAILBACK_END ``outcome``."""
+
+    DONE = 0   # every PUT is in: the volume equals the hub's; protection resumes
+    ABORT = 1  # the fail-back is abandoned: resume as before (still DEMOTED)
+
+
+#: EXTENTS extent flag: the extent reads as zeroes.
+EXTENT_ZERO = 1 << 0
 
 
 class RecoverMode(enum.IntEnum):
@@ -985,6 +1006,71 @@ class Synced(Message):
     HEADER_FIELDS = _DATA_FIELDS
 
 
+@dataclass
+class ExtentQuery(Message):
+    """H: which parts of a range read as zeroes?  (feature EXTENTS)
+
+    Header: request_id, volume, offset, length (>= 1).  No payload.
+    Answered by EXTENTS or ERROR.
+    """
+
+    TYPE = MsgType.EXTENT_QUERY
+    HEADER_FIELDS = _DATA_FIELDS
+
+    def check(self):
+        if self.length == 0:
+            raise InvalidField("EXTENT_QUERY length is 0")
+
+
+_ALLOC_EXTENT = struct.Struct("!QI4x")  # length, flags, reserved
+
+
+@dataclass
+class Extents(Message):
+    """A: answer to EXTENT_QUERY.  Header: as the query, unchanged.
+
+    Payload: n >= 1 extents, each u64 length, u32 flags (EXTENT_ZERO: the
+    extent reads as zeroes), 4 bytes reserved (0).  They follow each other
+    from the query's offset and cover at most its length: an answer may
+    describe only a prefix of the range (the hub asks again for the rest).
+    """
+
+    TYPE = MsgType.EXTENTS
+    HEADER_FIELDS = _DATA_FIELDS
+    extents: list = field(default_factory=list)
+
+    def _payload(self):
+        return [b"".join(_ALLOC_EXTENT.pack(n, f) for n, f in self.extents)]
+
+    @classmethod
+    def _parse(cls, header, r):
+        raw = r.rest()
+        if len(raw) % _ALLOC_EXTENT.size:
+            raise InvalidField(f"EXTENTS payload of {len(raw)} bytes is not a "
+                               f"multiple of {_ALLOC_EXTENT.size}")
+        extents = []
+        for i in range(0, len(raw), _ALLOC_EXTENT.size):
+            if any(raw[i + 12:i + 16]):
+                raise InvalidField("EXTENTS reserved bytes are not zero")
+            extents.append(_ALLOC_EXTENT.unpack_from(raw, i))
+        return dict(extents=extents)
+
+    def check(self):
+        if not self.extents:
+            raise InvalidField("EXTENTS carries no extent")
+        total = 0
+        for length, flags in self.extents:
+            if length == 0:
+                raise InvalidField("EXTENTS extent of length 0")
+            if flags & ~EXTENT_ZERO:
+                raise InvalidField(f"EXTENTS extent flags 0x{flags:x} unknown "
+                                   f"(allowed 0x{EXTENT_ZERO:x})")
+            total += length
+        if total > self.length:
+            raise InvalidField(f"EXTENTS extents cover {total} bytes, more than the "
+                               f"query's length {self.length}")
+
+
 # Points in time -----------------------------------------------------------------
 
 
@@ -1233,6 +1319,65 @@ class Goodbye(Message):
         return dict(reason=reason)
 
 
+# Fail-back (PROTOCOL.md "Fail-back") -------------------------------------------
+
+
+@dataclass
+class FailbackBegin(Message):
+    """H: prepare to take PUTs into the protected volume (feature FAILBACK).
+
+    Header: request_id, volume (attached DEMOTED).  No payload.  Answered by
+    ACK once the agent can write the volume with nothing else writing it, or
+    ERROR (NOT_ALLOWED, BUSY, IO_ERROR).
+    """
+
+    TYPE = MsgType.FAILBACK_BEGIN
+    HEADER_FIELDS = ("request_id", "volume")
+
+
+@dataclass
+class Put(ReadReply):
+    """H: write the hub's data into the protected volume during a fail-back.
+
+    Header: request_id, volume, offset, length; flag ZERO: the range becomes
+    zeroes, no payload.  Answered by ACK once written.
+    """
+
+    TYPE = MsgType.PUT
+
+
+_FAILBACK_END = struct.Struct("!B3x")  # outcome
+
+
+@dataclass
+class FailbackEnd(Message):
+    """H: the fail-back is over.  Header: request_id, volume.
+
+    Payload: u8 outcome (FailbackOutcome), 3 bytes reserved (0).  Answered by
+    ACK (for DONE: once the PUTs are durable, the dirty marks cleared and
+    protection set up again).
+    """
+
+    TYPE = MsgType.FAILBACK_END
+    HEADER_FIELDS = ("request_id", "volume")
+    outcome: FailbackOutcome = FailbackOutcome.DONE
+
+    def _payload(self):
+        return [_FAILBACK_END.pack(self.outcome)]
+
+    @classmethod
+    def _parse(cls, header, r):
+        raw = r.take(_FAILBACK_END.size, "outcome")
+        r.end()
+        if any(raw[1:]):
+            raise InvalidField("FAILBACK_END reserved bytes are not zero")
+        try:
+            return dict(outcome=FailbackOutcome(raw[0]))
+        except ValueError as err:
+            raise InvalidField(f"FAILBACK_END outcome {raw[0]} is not a FailbackOutcome "
+                               f"(0..{max(FailbackOutcome)})") from err
+
+
 def message_class(msg_type: int) -> type[Message]:
     return _REGISTRY[msg_type]
 
@@ -1242,11 +1387,12 @@ AGENT_TO_HUB = frozenset({
     MsgType.HELLO, MsgType.AUTH, MsgType.ATTACH, MsgType.DETACH, MsgType.WRITE,
     MsgType.ZERO, MsgType.FLUSH, MsgType.READ_REPLY, MsgType.DIRTY_MAP,
     MsgType.CHECKSUMS, MsgType.CHECKPOINT, MsgType.RECOVER_OPEN, MsgType.RREAD,
-    MsgType.RWRITE, MsgType.RFLUSH, MsgType.RECOVER_CLOSE})
+    MsgType.RWRITE, MsgType.RFLUSH, MsgType.RECOVER_CLOSE, MsgType.EXTENTS})
 HUB_TO_AGENT = frozenset({
     MsgType.HELLO_REPLY, MsgType.AUTH_OK, MsgType.ATTACHED, MsgType.READ,
     MsgType.DIRTY_QUERY, MsgType.CHECKSUM_QUERY, MsgType.SYNCED,
-    MsgType.RECOVER_READY, MsgType.RREAD_REPLY})
+    MsgType.RECOVER_READY, MsgType.RREAD_REPLY, MsgType.EXTENT_QUERY,
+    MsgType.FAILBACK_BEGIN, MsgType.PUT, MsgType.FAILBACK_END})
 BOTH_WAYS = frozenset({MsgType.ACK, MsgType.PING, MsgType.PONG, MsgType.ERROR,
                        MsgType.GOODBYE})
 
@@ -1500,7 +1646,8 @@ def message_from_fields(type_name: str, fields: dict) -> Message:
 
 
 _ENUM_HINTS = {"VolumeState": VolumeState, "SyncPlan": SyncPlan,
-               "ChecksumAlgo": ChecksumAlgo, "RecoverMode": RecoverMode}
+               "ChecksumAlgo": ChecksumAlgo, "RecoverMode": RecoverMode,
+               "FailbackOutcome": FailbackOutcome}
 
 
 def load_vectors(path) -> list[dict]:

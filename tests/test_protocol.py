@@ -345,12 +345,12 @@ def random_message(rng: random.Random, t: p.MsgType) -> p.Message:
         return p.Attached(request_id=req, volume=vol, plan=rng.choice(list(p.SyncPlan)))
     if t in (p.MsgType.WRITE,):
         return _data_msg(p.Write, rng)
-    if t in (p.MsgType.READ_REPLY, p.MsgType.RREAD_REPLY, p.MsgType.RWRITE):
+    if t in (p.MsgType.READ_REPLY, p.MsgType.RREAD_REPLY, p.MsgType.RWRITE, p.MsgType.PUT):
         return _data_msg(p.message_class(t), rng, zero_flag=True)
     if t in (p.MsgType.READ, p.MsgType.RREAD):
         offset, length = _range(rng, p.MAX_DATA)
         return p.message_class(t)(request_id=req, volume=vol, offset=offset, length=length)
-    if t in (p.MsgType.ZERO, p.MsgType.SYNCED):
+    if t in (p.MsgType.ZERO, p.MsgType.SYNCED, p.MsgType.EXTENT_QUERY):
         offset, length = _range(rng)
         return p.message_class(t)(request_id=req, volume=vol, offset=offset, length=length)
     if t == p.MsgType.DIRTY_MAP:
@@ -369,6 +369,20 @@ def random_message(rng: random.Random, t: p.MsgType) -> p.Message:
         if t == p.MsgType.CHECKSUMS:
             kw["digests"] = [rng.randbytes(32) for _ in range(-(-length // chunk))]
         return p.message_class(t)(**kw)
+    if t == p.MsgType.EXTENTS:
+        offset, length = _range(rng)
+        extents, left = [], length
+        for _ in range(rng.randint(1, 20)):
+            if not left:
+                break
+            n = rng.randint(1, left)
+            extents.append((n, rng.choice((0, p.EXTENT_ZERO))))
+            left -= n
+        return p.Extents(request_id=req, volume=vol, offset=offset, length=length,
+                         extents=extents)
+    if t == p.MsgType.FAILBACK_END:
+        return p.FailbackEnd(request_id=req, volume=vol,
+                             outcome=rng.choice(list(p.FailbackOutcome)))
     if t == p.MsgType.CHECKPOINT:
         return p.Checkpoint(request_id=req, name=_name(rng))
     if t == p.MsgType.RECOVER_OPEN:

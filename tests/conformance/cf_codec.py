@@ -59,17 +59,19 @@ ERROR_CODES = {
     "UNSUPPORTED": 1, "INVALID": 2, "OUT_OF_RANGE": 3, "NO_SUCH_VOLUME": 4,
     "NOT_OWNER": 5, "BAD_NAME": 6, "AUTH_FAILED": 7, "BAD_PHASE": 8, "IO_ERROR": 9,
     "ROLE": 10, "BAD_POINT": 11, "BUSY": 12, "VERSION": 13, "INCONSISTENT": 14,
-    "SHUTTING_DOWN": 15, "PROTOCOL": 16,
+    "SHUTTING_DOWN": 15, "PROTOCOL": 16, "NOT_ALLOWED": 17,
 }
 CODE_NAMES = {v: k for k, v in ERROR_CODES.items()}
 
 #: PROTOCOL.md "Enumerations".
 ENUMS = {
     "state": {"CLEAN": 0, "DIRTY": 1, "UNKNOWN": 2},
-    "plan": {"NONE": 0, "DIRTY": 1, "VERIFY": 2, "FULL": 3},
+    "plan": {"NONE": 0, "DIRTY": 1, "VERIFY": 2, "FULL": 3, "DEMOTED": 4},
     "algorithm": {"SHA256": 1},
     "mode": {"TEST": 1, "FAILOVER": 2},
+    "outcome": {"DONE": 0, "ABORT": 1},
 }
+EXTENT_ZERO = 1 << 0
 
 # PROTOCOL.md "Message types": value, direction, header fields used, flags
 # allowed, payload layout.  Layout items:
@@ -80,6 +82,7 @@ ENUMS = {
 #   ("name"|"text"|"point", field)     a string: a name, a MAX_TEXT text, a point
 #   ("data", field)                    the rest of the payload (length rules apply)
 #   ("extents", field)                 n x (u64 offset, u64 length)
+#   ("allocs", field)                  n x (u64 length, u32 flags, 4 reserved)
 #   ("digests", field)                 n x bytes[32]
 R, V, O, L = "request_id", "volume", "offset", "length"
 ID_FIELDS = (R, V, O, L)
@@ -110,6 +113,8 @@ TYPES: dict[str, tuple[int, str, tuple, int, list]] = {
     "CHECKSUM_QUERY": (0x34, "H", ID_FIELDS, 0, list(_CSUM)),
     "CHECKSUMS": (0x35, "A", ID_FIELDS, 0, [*_CSUM, ("digests", "digests")]),
     "SYNCED": (0x36, "H", ID_FIELDS, 0, []),
+    "EXTENT_QUERY": (0x37, "H", ID_FIELDS, 0, []),
+    "EXTENTS": (0x38, "A", ID_FIELDS, 0, [("allocs", "extents")]),
     "CHECKPOINT": (0x40, "A", (R,), 0, [("name", "name")]),
     "RECOVER_OPEN": (0x50, "A", (R,), 0, [("enum", "mode", 1), ("reserved", 3),
                                           ("name", "name"), ("point", "point")]),
@@ -124,6 +129,9 @@ TYPES: dict[str, tuple[int, str, tuple, int, list]] = {
     "ERROR": (0x62, "AH", (R,), 0, [("u32", "code"), ("u8", "failed_type"),
                                     ("text", "message")]),
     "GOODBYE": (0x63, "AH", (), 0, [("text", "reason")]),
+    "FAILBACK_BEGIN": (0x70, "H", (R, V), 0, []),
+    "PUT": (0x71, "H", ID_FIELDS, FLAG_ZERO, [("data", "data")]),
+    "FAILBACK_END": (0x72, "H", (R, V), 0, [("enum", "outcome", 1), ("reserved", 3)]),
 }
 TYPE_VALUES = {name: spec[0] for name, spec in TYPES.items()}
 TYPE_NAMES = {spec[0]: name for name, spec in TYPES.items()}
@@ -137,6 +145,7 @@ _INTS = {"u8": struct.Struct("!B"), "u16": struct.Struct("!H"),
          "u32": struct.Struct("!I"), "u64": struct.Struct("!Q")}
 _ENUM_WIDTH = {1: _INTS["u8"]}
 _EXTENT = struct.Struct("!QQ")
+_ALLOC = struct.Struct("!QI4x")
 
 
 # ---------------------------------------------------------------------------
@@ -269,6 +278,8 @@ class IndependentCodec:
                 parts.append(bytes(m.fields.get(item[1], b"")))
             elif kind == "extents":
                 parts.append(b"".join(_EXTENT.pack(o, n) for o, n in m.fields.get(item[1], [])))
+            elif kind == "allocs":
+                parts.append(b"".join(_ALLOC.pack(n, fl) for n, fl in m.fields.get(item[1], [])))
             elif kind == "digests":
                 parts.append(b"".join(bytes(d) for d in m.fields.get(item[1], [])))
         payload = b"".join(parts)
@@ -361,6 +372,15 @@ class IndependentCodec:
                     raise AnswerError("DIRTY_MAP payload not a multiple of 16 [FR-9]",
                                       "INVALID", **ctx)
                 m.fields[item[1]] = list(_EXTENT.iter_unpack(rest))
+            elif kind == "allocs":
+                rest = buf[pos:]
+                pos = len(buf)
+                if len(rest) % 16:
+                    raise AnswerError("EXTENTS payload not a multiple of 16 [FR-9]",
+                                      "INVALID", **ctx)
+                if any(rest[i + 12:i + 16] != bytes(4) for i in range(0, len(rest), 16)):
+                    raise AnswerError("EXTENTS reserved bytes not zero [FR-12]", "INVALID", **ctx)
+                m.fields[item[1]] = [_ALLOC.unpack_from(rest, i) for i in range(0, len(rest), 16)]
             elif kind == "digests":
                 rest = buf[pos:]
                 pos = len(buf)
@@ -394,7 +414,7 @@ class IndependentCodec:
             invalid(f"size {f['size']}")
         if m.type == "WRITE" and not (m.length == len(f["data"]) and 0 < m.length <= MAX_DATA):
             invalid("length != payload_length or outside 1..MAX_DATA [RP-9]")
-        if m.type in ("READ_REPLY", "RREAD_REPLY", "RWRITE"):
+        if m.type in ("READ_REPLY", "RREAD_REPLY", "RWRITE", "PUT"):
             if m.flags & FLAG_ZERO:
                 if f["data"] or not 0 < m.length <= MAX_DATA:
                     invalid("FLAG_ZERO with a payload or a bad length [SY-6]")
@@ -402,7 +422,7 @@ class IndependentCodec:
                 invalid("length != payload_length [RP-9]")
         if m.type in ("READ", "RREAD") and not 0 < m.length <= MAX_DATA:
             invalid("length outside 1..MAX_DATA")
-        if m.type in ("ZERO", "CHECKSUM_QUERY", "CHECKSUMS") and m.length == 0:
+        if m.type in ("ZERO", "CHECKSUM_QUERY", "CHECKSUMS", "EXTENT_QUERY") and m.length == 0:
             invalid("length 0")
         if m.type in ("CHECKSUM_QUERY", "CHECKSUMS"):
             pieces = -(-m.length // chunk)
@@ -416,6 +436,13 @@ class IndependentCodec:
                 if n == 0 or off < end or off + n > MAX_VOLUME_SIZE:
                     invalid("extents unsorted, overlapping or empty [SY-7]")
                 end = off + n
+        if m.type == "EXTENTS":
+            if not f["extents"]:
+                invalid("no extent [SY-17]")
+            if any(n == 0 or fl & ~EXTENT_ZERO for n, fl in f["extents"]):
+                invalid("an extent of length 0 or with an unknown flag [SY-17]")
+            if sum(n for n, _ in f["extents"]) > m.length:
+                invalid("extents cover more than the query [SY-17]")
         if m.type == "RECOVER_OPEN" and not f["point"]:
             invalid("empty point")
 
