@@ -131,6 +131,8 @@ def test_malformed_frame_raises_the_named_error(v):
     assert type(err).__name__ == v["error"]
     assert err.code.name == v["code"]
     assert isinstance(err, p.ProtocolError) == (v["action"] == "close")
+    if v["action"] != "close":  # "drop": [ER-3] forbids an ERROR answer
+        assert p.may_answer_with_error(err) == (v["action"] == "answer")
     assert err.request_id == v["request_id"]
     assert str(err)  # every error says what was wrong
 

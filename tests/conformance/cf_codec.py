@@ -566,5 +566,5 @@ def vector_clauses(vector: dict) -> tuple[str, ...]:
             ids = {"SY-10"}
         elif "read_reply_zero" in name:
             ids = {"SY-6"}
-    ids.add("ER-1" if vector["action"] == "close" else "ER-2")
+    ids.add({"close": "ER-1", "answer": "ER-2", "drop": "ER-3"}[vector["action"]])
     return tuple(sorted(ids))

@@ -447,7 +447,7 @@ def _vectors():
     for path in sorted(VECTORS.glob("malformed*.json")):
         for v in json.loads(path.read_text())["vectors"]:
             raw = bytes.fromhex(v["hex"])
-            if v["action"] != "answer":
+            if v["action"] == "close":
                 continue
             ftype = cf_codec.TYPE_NAMES.get(raw[5])
             if ftype in NEVER_ANSWERED:

@@ -493,16 +493,19 @@ def error_vector(name: str, desc: str, raw: bytes, error: str, code: str) -> dic
     try:
         p.decode(raw)
     except p.ReplicationError as err:
-        request_id = err.request_id
+        raised, request_id = err, err.request_id
         got = type(err).__name__
         if got != error or err.code.name != code:
             raise SystemExit(f"vector {name}: raised {got}/{err.code.name} "
                              f"({err}), expected {error}/{code}")
     else:
         raise SystemExit(f"vector {name}: decoded, expected {error}")
-    closes = issubclass(p.ERROR_CLASSES[error], p.ProtocolError)
+    if isinstance(raised, p.ProtocolError):
+        action = "close"
+    else:  # a request error: answered with ERROR unless [ER-3] forbids it
+        action = "answer" if p.may_answer_with_error(raised) else "drop"
     return {"name": name, "description": desc, "error": error, "code": code,
-            "action": "close" if closes else "answer",
+            "action": action,
             "request_id": request_id, "hex": raw.hex()}
 
 
