@@ -82,6 +82,18 @@ Recovery (PROTOCOL.md "Recovery (remote IO)")
     from the last record before the resync began to the one at which it
     completed).
 
+Fail-back (PROTOCOL.md "Fail-back")
+    The original agent comes back offering FAILBACK: its ATTACH of the
+    promoted volume gets plan DEMOTED (its writes stay refused).  ``rephub.py
+    failback`` (``Hub.failback``, ``Failback``): FAILBACK_BEGIN; the late
+    writes (the agent's dirty map, or the chunks whose checksums differ) READ
+    into ``DIR/volumes/<name>/failback-<n>/`` and reported with the set-aside
+    entries and the delta for the operator to confirm; the recovery session
+    fenced (RWRITE refused); every region written since the promotion, plus
+    the late writes, sent as PUTs; FAILBACK_END(DONE), on whose ACK the recv
+    loop makes the volume protected again; the recovery session closed with
+    GOODBYE.  Set-aside entries stay until ``release``.
+
 Control
     ``DIR/control.sock`` (unix stream socket): one JSON request line, JSON
     reply lines (see ``ControlServer``).  ``rephub.py status`` uses it
