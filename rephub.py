@@ -3043,6 +3043,10 @@ class Failback:
                     f"CHECKSUMS req={msg.request_id} covers off={msg.offset} len={msg.length} "
                     f"chunk={msg.chunk_size}, expected off={want[0]} len={want[1]} "
                     f"chunk={self.attach.chunk_size}")
+            elif len(msg.digests) != -(-msg.length // msg.chunk_size):
+                raise p.InvalidField(f"CHECKSUMS req={msg.request_id} carries "
+                                     f"{len(msg.digests)} digests, expected "
+                                     f"{-(-msg.length // msg.chunk_size)}")
         except p.RequestError as err:
             self._answer(msg.request_id, str(err))
             raise
@@ -3101,9 +3105,10 @@ class Failback:
                       "nothing changed on the hub: run the fail-back again")
         return msg.request_id
 
-    def wait(self, reqs, what: str):
-        """The first answer to one of ``reqs``: (req, msg, barrier).  An ERROR, a
-        bad answer, a lost connection or a timeout fails the fail-back."""
+    def wait(self, reqs, what: str, answer: type = p.Ack):
+        """The first answer to one of ``reqs``: (req, msg, barrier).  An ERROR, an
+        answer that is not an ``answer``, a lost connection or a timeout fails
+        the fail-back."""
         deadline = time.monotonic() + FAILBACK_ANSWER_TIMEOUT
         with self.cond:
             while True:
@@ -3117,6 +3122,9 @@ class Failback:
                                 p.ErrorCode.IO_ERROR
                             self.fail(f"the agent answered {what} with ERROR "
                                       f"{item.code_name()}: {item.message}", code)
+                        if not isinstance(item, answer):
+                            self.fail(f"the agent answered {what} with {item.TYPE.name}, "
+                                      f"expected {answer.TYPE.name}", p.ErrorCode.PROTOCOL)
                         return req, item, barrier
                 if self.conn.closing.is_set() or self.hub.stopping.is_set():
                     self.fail(f"the agent's connection closed while waiting for {what}; the "
@@ -3196,7 +3204,7 @@ class Failback:
         if self.late_known:
             self.set_phase(FailbackPhase.COLLECTING, "DIRTY_QUERY: the agent's dirty map")
             req = self.ask(p.DirtyQuery(request_id=self.conn.next_request_id(), volume=vol.id))
-            _, msg, _ = self.wait([req], "DIRTY_QUERY")
+            _, msg, _ = self.wait([req], "DIRTY_QUERY", p.DirtyMap)
             self.late = [(s, e - s) for s, e in merge_ranges((o, o + n) for o, n in msg.extents)]
         else:
             self.set_phase(FailbackPhase.COLLECTING, f"no trustworthy dirty map ({self.late_why}):"
@@ -3218,7 +3226,7 @@ class Failback:
                 outstanding.add(self.ask(p.ChecksumQuery(
                     request_id=self.conn.next_request_id(), volume=self.vol.id, offset=off,
                     length=n, chunk_size=chunk), (off, n)))
-            req, msg, barrier = self.wait(list(outstanding), "CHECKSUM_QUERY")
+            req, msg, barrier = self.wait(list(outstanding), "CHECKSUM_QUERY", p.Checksums)
             outstanding.discard(req)
             data = self.store.read_at(self.vol, barrier, msg.offset, msg.length)
             for i, digest in enumerate(msg.digests):
@@ -3256,7 +3264,7 @@ class Failback:
                     outstanding.add(self.ask(p.Read(request_id=self.conn.next_request_id(),
                                                     volume=self.vol.id, offset=off, length=k),
                                              (off, k)))
-                req, msg, _ = self.wait(list(outstanding), "READ (late writes)")
+                req, msg, _ = self.wait(list(outstanding), "READ (late writes)", p.ReadReply)
                 outstanding.discard(req)
                 if not msg.is_zero:
                     os.pwrite(fd, msg.data, msg.offset)
@@ -3311,7 +3319,8 @@ class Failback:
                            note="kept: fail-back never releases them; export them with "
                                 "rephub.py export --set-aside"),
             late_writes=dict(self.late_summary(), extents=report_extents(self.late),
-                             saved_in=self.late_dir),
+                             saved_in=self.late_dir,
+                             image=os.path.join(self.late_dir, LATE_WRITES_IMAGE)),
             recovery_writes=dict(extent_count=len(recovery),
                                  bytes=sum(e - s for s, e in recovery)),
             delta=dict(extent_count=len(self.delta), extents=report_extents(self.delta),
@@ -3973,9 +3982,14 @@ class ControlServer:
                 out.flush()
 
             def ask(obj, timeout: float):
-                """Send ``obj``, return the client's one-line JSON answer (None: none)."""
+                """Send ``obj``, return the client's one-line JSON answer (None: none
+                within ``timeout``, or the hub is stopping)."""
                 emit(obj)
-                client.settimeout(timeout)
+                deadline = time.monotonic() + timeout
+                while not select.select([client], [], [], POLL_INTERVAL)[0]:
+                    if self.stop_event.is_set() or time.monotonic() > deadline:
+                        return None
+                client.settimeout(10)
                 try:
                     answer = reader.readline(64 * 1024)
                 except OSError:

@@ -279,6 +279,8 @@ def test_failback_happy_path(hubenv):
     assert report["late_writes"]["known"] is True
     assert report["late_writes"]["bytes"] == sum(n for _, n, _ in LATE)
     assert report["late_writes"]["extents"] == [[o, n] for o, n, _ in LATE]
+    assert report["late_writes"]["image"] == os.path.join(res["late_writes_dir"],
+                                                          rephub.LATE_WRITES_IMAGE)
     assert report["set_aside"]["records"] == len(ASIDE)
     assert report["set_aside"]["bytes"] == sum(n for _, n, _ in ASIDE)
     assert report["delta"]["extents"] == [[o, n] for o, n in DELTA]
@@ -448,6 +450,29 @@ def test_agent_error_midway_then_rerun(hubenv):
         t.join(30)
         assert outcome["result"]["outcome"] == "done", outcome
         assert os.path.basename(outcome["result"]["late_writes_dir"]) == "failback-2"
+        assert bytes(fa.volumes[fa.vid].buf) == bytes(sc.model) == sc.hub_volume()
+    finally:
+        fa.close()
+
+
+def test_agent_disconnects_midway(hubenv):
+    hub, secrets = hubenv
+    sc = Scene(hub, secrets)
+    fa = sc.come_back()
+    fa.hold = True
+    t, _, outcome = run_failback(hub)
+    wait_for(lambda: fa.puts(), 20, "the first PUT")
+    fa.close()  # the original site goes away with the PUTs un-ACKed
+    t.join(30)
+    assert "connection closed" in outcome["error"] and "run the fail-back again" in \
+        outcome["error"]
+    assert sc.vol.meta["role"] == "promoted"
+    assert isinstance(sc.rwrite(0, 4096, 0x62), p.Ack)  # the fence is lifted
+    fa = sc.come_back()
+    try:
+        t, _, outcome = run_failback(hub)
+        t.join(30)
+        assert outcome["result"]["outcome"] == "done", outcome
         assert bytes(fa.volumes[fa.vid].buf) == bytes(sc.model) == sc.hub_volume()
     finally:
         fa.close()
