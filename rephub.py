@@ -4465,8 +4465,8 @@ def format_failback_report(r: dict) -> str:
         lines.append(f"  late writes: unknown (no trustworthy bitmap: {lw['why_unknown']}): "
                      f"{lw['extent_count']} extents differ, {fmt_bytes(lw['bytes'])}"
                      f"{extents(lw['extents'], lw['extent_count'])}")
-    lines.append(f"    saved in {lw['saved_in']}/{LATE_WRITES_IMAGE} (+ {LATE_WRITES_JSON}); "
-                 "the fail-back overwrites them at the original site")
+    lines.append(f"    saved in {lw['image']} (+ {LATE_WRITES_JSON}); the fail-back "
+                 "overwrites them at the original site")
     lines.append(f"  written at the recovery site since the promotion: {rw['extent_count']} "
                  f"extents, {fmt_bytes(rw['bytes'])}")
     lines.append(f"  delta to send: {d['extent_count']} extents, {fmt_bytes(d['bytes'])}"
