@@ -1433,13 +1433,13 @@ class Agent:
                 self._maybe_undegrade()
 
     def on_FAILBACK_BEGIN(self, conn, msg):
-        self.failback_work.put((conn, msg))
+        self.failback_work.put((conn, msg, None))
 
     def on_PUT(self, conn, msg):
-        self.failback_work.put((conn, msg))
+        self.failback_work.put((conn, msg, None))
 
     def on_FAILBACK_END(self, conn, msg):
-        self.failback_work.put((conn, msg))
+        self.failback_work.put((conn, msg, None))
 
     def on_PING(self, conn, msg):
         with self.lock:
@@ -1453,8 +1453,13 @@ class Agent:
             self.requests.pop(msg.request_id, None)
 
     def on_ERROR(self, conn: HubConnection, msg: p.Error) -> None:
-        """A refused write stays marked (and is reported); other errors are logged."""
-        reply = None
+        """A refused write stays marked (and is reported); other errors are logged.
+
+        ROLE for a write: the volume was promoted at the recovery site while
+        attached here.  The connection is closed so that the next one attaches
+        it again: DEMOTED where FAILBACK is granted, refused otherwise; either
+        way its writes stop going to the hub and stay marked."""
+        reply = promoted = None
         with self.lock:
             pw = self.pending.pop(msg.request_id, None)
             if pw is not None:
@@ -1468,6 +1473,8 @@ class Agent:
                 log.warning("hub refused %s write req=%d: %s %s", pw.volume.name,
                             msg.request_id, msg.code_name(), msg.message)
                 self.count_error("hub_error")
+                if msg.code == p.ErrorCode.ROLE and conn is self.conn:
+                    promoted = pw.volume.name
             else:
                 kind, what = self.requests.pop(msg.request_id, (None, None))
                 if kind == "CHECKPOINT":
@@ -1482,6 +1489,9 @@ class Agent:
                 self.count_error("hub_error")
         if reply is not None:
             reply(0)
+        if promoted is not None:
+            conn.close(f"volume {promoted} was promoted at the recovery site (ERROR ROLE): "
+                       "re-attaching")
 
     def on_GOODBYE(self, conn, msg):
         log.info("hub says goodbye: %s", msg.reason)
@@ -1645,8 +1655,8 @@ class Agent:
     # PROTOCOL.md "Fail-back", the agent's side.  FAILBACK_BEGIN, PUT and
     # FAILBACK_END are taken in arrival order by one thread (the hub keeps
     # several PUTs in flight); QMP and NBD calls block, so none of this runs on
-    # the recv loop.  connection_lost leaves a note (conn, Volume) on the same
-    # queue: a fail-back cut short ends like an ABORT.
+    # the recv loop.  connection_lost and stop leave a note (conn, Volume, why)
+    # on the same queue: a fail-back cut short ends like an ABORT.
 
     def _failback_loop(self) -> None:
         """repagent-failback thread; ends on the None that ``stop`` queues."""
@@ -1654,10 +1664,10 @@ class Agent:
             item = self.failback_work.get()
             if item is None:
                 return
-            conn, msg = item
+            conn, msg, why = item
             if isinstance(msg, Volume):
                 if msg.failback is not None and msg.failback.conn is conn:
-                    self._failback_abort(msg, "the hub connection was lost")
+                    self._failback_abort(msg, why)
                 continue
             try:
                 getattr(self, f"failback_{msg.TYPE.name}")(conn, msg)
@@ -1809,6 +1819,7 @@ class Agent:
                 if vol.bitmap.dirty_count:      # written since the mirror came back
                     self._enqueue(conn, p.DirtyMap(volume=vol.volume_id,
                                                    extents=vol.bitmap.extents()))
+                self._maybe_undegrade()
         log.info("volume %s: fail-back done (%d PUTs, %s, in %.1f s): marks cleared, mirror "
                  "set up again, protection resumes; add the VM's export on node %s so that "
                  "its writes are replicated", vol.name, fb.puts, fmt_bytes(fb.put_bytes),
@@ -1875,8 +1886,8 @@ class Agent:
                 vol.held.clear()
                 vol.dropped.clear()
                 vol.queued_frames = vol.queued_bytes = 0
-                if vol.failback is not None:
-                    self.failback_work.put((conn, vol))   # ends it like an ABORT
+                if vol.failback is not None:      # ends it like an ABORT
+                    self.failback_work.put((conn, vol, "the hub connection was lost"))
             self._degrade("hub connection lost")
             self.timer_cond.notify_all()
         if not self.stopping.is_set():
@@ -2080,6 +2091,14 @@ class Agent:
         """SIGTERM: stop taking writes, drain to the hub (bounded), keep the job resumable."""
         log.info("stopping: no new writes, draining the queue for at most %.1fs",
                  self.cfg.drain_timeout)
+        # A fail-back in progress is undone first: the mirror needs our NBD target.
+        for vol in self.volumes:
+            if vol.failback is not None:
+                self.failback_work.put((vol.failback.conn, vol, "the agent is stopping"))
+        self.failback_work.put(None)
+        for t in self.threads:
+            if t.name == "repagent-failback":
+                t.join(FAILBACK_STOP_TIMEOUT)
         if self.cfg.unprotect_on_exit and self.qmp is not None:
             for vol in self.volumes:
                 try:
@@ -2113,11 +2132,10 @@ class Agent:
                 pass
             conn.close("agent stopping")
             conn.join(2.0)
-        self.failback_work.put(None)    # after connection_lost's note: undo a fail-back
         with self.lock:
             self.timer_cond.notify_all()
         for t in self.threads:
-            t.join(FAILBACK_STOP_TIMEOUT if t.name == "repagent-failback" else 2.0)
+            t.join(2.0)
             if t.is_alive():
                 log.warning("thread %s did not stop within 2s", t.name)
         if self.metrics is not None:

@@ -155,7 +155,8 @@ def world(tmp_path):
     for agent, qsd, hub, run in made:
         qsd.kill()          # first: a QSD quitting with its mirror target gone waits 5 s
         hub.close()
-        agent.stop()
+        if agent.link_state != ra.LinkState.STOPPED:
+            agent.stop()
         qsd.close()
         shutil.rmtree(run, ignore_errors=True)
 
@@ -385,3 +386,33 @@ def test_protect_cli_takes_accept_failback():
     assert not ra.build_parser().parse_args([
         "protect", "--hub", "127.0.0.1:1", "--agent-id", "a", "--secret-file", "s",
         "--qmp", "q", "--node", "disk0=vol0", "--state-dir", "d"]).accept_failback
+
+
+def test_a_write_refused_with_role_makes_the_agent_reattach_demoted(world):
+    """Promoted while attached here: the next connection attaches it DEMOTED."""
+    agent, vol, qsd, hub = world(plan=p.SyncPlan.NONE)
+    guest_write(qsd, qsd.export_name, 4 * CHUNK, b"R" * 4096)
+    w = hub.wait_for(lambda f: f.TYPE == p.MsgType.WRITE, "the guest's WRITE")
+    hub.send(p.Error(request_id=w.request_id, code=p.ErrorCode.ROLE, failed_type=w.TYPE,
+                     message="volume vol0 was promoted"))
+    hub.plan = p.SyncPlan.DEMOTED
+    hub.accept()
+    assert hub.attach.state == p.VolumeState.DIRTY
+    wait_until(lambda: agent.status()["volumes"][0]["role"] == "demoted", T, "demoted")
+    assert hub.request(p.DirtyQuery(volume=1)).extents == [(4 * CHUNK, CHUNK)]
+
+
+def test_stopping_mid_failback_removes_the_export_and_sets_the_mirror_up(world):
+    agent, vol, qsd, hub = world()
+    stop_vm(qsd)
+    assert begin(hub).TYPE == p.MsgType.ACK
+    assert hub.request(p.Put(volume=1, offset=0, length=4096,
+                             data=b"S" * 4096)).TYPE == p.MsgType.ACK
+    agent.stop()                                       # SIGTERM
+    assert ra.failback_export("vol0") not in exports(qsd)
+    assert qsd.job_status(vol.meta["job_id"]) == "ready"
+    again = ra.DirtyBitmap(vol.bitmap_path, SIZE, CHUNK)
+    try:
+        assert again.is_set(0), "the PUT region stays marked on disk"
+    finally:
+        again.close()
