@@ -2438,6 +2438,7 @@ class RecoveryClient:
         self._req = 0
         self.lost = threading.Event()
         self.lost_cause = ""
+        self.failed_back = False   # the hub ended the session: the volume went home
         self.closed = threading.Event()
         self.thread: threading.Thread | None = None
 
@@ -2545,6 +2546,9 @@ class RecoveryClient:
         pass
 
     def on_GOODBYE(self, msg: p.Goodbye) -> None:
+        # A fail-back that succeeded ends the session with this reason
+        # (PROTOCOL.md [FB-12]; rephub's wording, the protocol has no code).
+        self.failed_back = msg.reason.startswith(f"volume {self.volume} failed back to ")
         self._lose(f"hub said goodbye: {msg.reason}")
 
     def _lose(self, cause: str) -> None:
@@ -2555,7 +2559,10 @@ class RecoveryClient:
             self.lost_cause = cause
             self.lost.set()
             failed, self.pending = list(self.pending.values()), {}
-        if not self.closed.is_set():
+        if self.failed_back:
+            log.info("recovery session %d of %s ended by the hub: %s", self.session,
+                     self.volume, cause)
+        elif not self.closed.is_set():
             log.error("recovery session %d of %s lost: %s (%d requests answered EIO)",
                       self.session, self.volume, cause, len(failed))
         for _, reply, _ in failed:
@@ -2563,18 +2570,20 @@ class RecoveryClient:
 
     def close(self) -> bool:
         """RECOVER_CLOSE, wait for its ACK (bounded), close (main thread)."""
-        done = threading.Event()
-        result = []
-        self.request(lambda req: p.RecoverClose(request_id=req, volume=self.session),
-                     lambda err, data=None: (result.append(err), done.set()))
-        ok = done.wait(RECOVER_CLOSE_TIMEOUT) and result == [0]
+        ok = self.failed_back         # then the hub has closed the session itself
+        if not ok:
+            done = threading.Event()
+            result = []
+            self.request(lambda req: p.RecoverClose(request_id=req, volume=self.session),
+                         lambda err, data=None: (result.append(err), done.set()))
+            ok = done.wait(RECOVER_CLOSE_TIMEOUT) and result == [0]
+            if ok:
+                log.info("recovery session %d of %s closed", self.session, self.volume)
+            else:
+                log.warning("RECOVER_CLOSE of session %d not acknowledged (%s); the hub ends "
+                            "the session when the connection closes", self.session,
+                            self.lost_cause or "timeout")
         self.closed.set()
-        if ok:
-            log.info("recovery session %d of %s closed", self.session, self.volume)
-        else:
-            log.warning("RECOVER_CLOSE of session %d not acknowledged (%s); the hub ends the "
-                        "session when the connection closes", self.session,
-                        self.lost_cause or "timeout")
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -2676,6 +2685,10 @@ def cmd_recover(args) -> int:
     print(uri, flush=True)
     rc = 0
     while not stop.wait(0.5):
+        if client.lost.is_set() and client.failed_back:
+            log.info("volume %s failed back to its original site: this recovery export "
+                     "ends (%s)", args.volume, client.lost_cause)
+            break
         if client.lost.is_set():
             log.error("hub connection lost (%s); stopping the export", client.lost_cause)
             rc = 1

@@ -21,7 +21,10 @@ import random
 import secrets
 import shutil
 import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +39,19 @@ SIZE = 8 * MiB
 CHUNK = 64 * 1024
 T = 15.0
 SRC = "src"
+
+
+def hub_handshake(sock: socket.socket, secret: bytes, features: int) -> p.Hello:
+    """The hub's half of HELLO .. AUTH_OK on an accepted socket."""
+    hello = p.recv_message(sock)
+    assert isinstance(hello, p.Hello), hello
+    nonce = os.urandom(p.NONCE_SIZE)
+    p.send_message(sock, p.HelloReply(
+        features=features, nonce=nonce, hub_id="hub",
+        proof=p.hub_proof(secret, hello.nonce, nonce, hello.agent_id, "hub")))
+    assert isinstance(p.recv_message(sock), p.Auth)
+    p.send_message(sock, p.AuthOk())
+    return hello
 
 
 class Hub:
@@ -57,15 +73,8 @@ class Hub:
         self.listener.settimeout(T)
         sock, _ = self.listener.accept()
         sock.settimeout(T)
-        hello = p.recv_message(sock)
-        assert isinstance(hello, p.Hello) and hello.features & p.Feature.FAILBACK, \
-            "the agent offers FAILBACK"
-        nonce = os.urandom(p.NONCE_SIZE)
-        p.send_message(sock, p.HelloReply(
-            features=self.features, nonce=nonce, hub_id="hub",
-            proof=p.hub_proof(self.secret, hello.nonce, nonce, hello.agent_id, "hub")))
-        assert isinstance(p.recv_message(sock), p.Auth)
-        p.send_message(sock, p.AuthOk())
+        hello = hub_handshake(sock, self.secret, self.features)
+        assert hello.features & p.Feature.FAILBACK, "the agent offers FAILBACK"
         attach = p.recv_message(sock)
         assert isinstance(attach, p.Attach), attach
         self.attach = attach
@@ -416,3 +425,43 @@ def test_stopping_mid_failback_removes_the_export_and_sets_the_mirror_up(world):
         assert again.is_set(0), "the PUT region stays marked on disk"
     finally:
         again.close()
+
+
+@pytest.mark.parametrize("reason, rc", [
+    ("volume vol0 failed back to agent a1", 0),      # PROTOCOL.md [FB-12]: the session ends
+    ("hub stopping", 1)])
+def test_recover_ends_cleanly_when_its_volume_fails_back(tmp_path, reason, rc):
+    """``repagent.py recover`` exits 0 on the hub's GOODBYE after a fail-back,
+    1 when the hub goes away for any other reason."""
+    secret = secrets.token_bytes(32)
+    (tmp_path / "secret").write_text(secret.hex() + "\n")
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(T)
+    run = short_tmpdir("fbrc")
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(ra.__file__)), "recover", "--hub",
+         "%s:%d" % listener.getsockname()[:2], "--agent-id", "r1", "--secret-file",
+         str(tmp_path / "secret"), "--volume", "vol0", "--at", "latest", "--failover",
+         "--listen", f"unix:{run}/nbd.sock"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        sock, _ = listener.accept()
+        sock.settimeout(T)
+        hub_handshake(sock, secret, 0)
+        opened = p.recv_message(sock)
+        assert isinstance(opened, p.RecoverOpen)
+        p.send_message(sock, p.RecoverReady(request_id=opened.request_id, volume=1,
+                                            size=SIZE, point_time_ns=1))
+        assert proc.stdout.readline().startswith("nbd+unix://"), "the export is served"
+        p.send_message(sock, p.Goodbye(reason=reason))
+        out, err = proc.communicate(timeout=T)
+        assert proc.returncode == rc, err
+        if rc == 0:
+            assert "failed back to its original site" in err
+        sock.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(T)
+        listener.close()
+        shutil.rmtree(run, ignore_errors=True)
