@@ -673,10 +673,11 @@ def failback_export(volume: str) -> str:
     return f"repagent-fb-{volume}"
 
 
-def node_writers(qmp: QMPClient, node: str) -> int:
+def node_writers(qmp: QMPClient, node: str, through_filters: bool = True) -> int:
     """How many users of QSD can write ``node``: block-backends (exports, a
-    VM's drive) and block-jobs holding the "write" permission on it, or on a
-    filter node above it that holds "write" on it (the mirror's filter).
+    VM's drive) and block-jobs holding the "write" permission on it, or (with
+    ``through_filters``) on a filter node above it that holds "write" on it
+    (the mirror's filter).  Without: the writers that bypass such a filter.
 
     Read from ``x-debug-query-block-graph`` (see the module docstring for
     what QSD 7.2 shows); anonymous block-backends cannot be named, so this
@@ -686,7 +687,7 @@ def node_writers(qmp: QMPClient, node: str) -> int:
     kinds = {n["id"]: (n.get("type"), n.get("name")) for n in graph.get("nodes", [])}
     ids = {i for i, (kind, name) in kinds.items() if kind == "block-driver" and name == node}
     writing = [e for e in graph.get("edges", []) if "write" in e.get("perm", [])]
-    chain, todo = set(ids), list(ids)
+    chain, todo = set(ids), list(ids) if through_filters else []
     while todo:                          # up through filters that write the node
         child = todo.pop()
         for e in writing:
@@ -873,6 +874,7 @@ class Volume:
         self.job_status = "unknown"
         self.job_info: dict = {}        # the last query-block-jobs entry
         self.failback: Failback | None = None
+        self.bypass_writers = 0         # writers of the node that skip the mirror
         self.counters = collections.Counter()
 
     def _load_meta(self) -> dict:
@@ -2011,6 +2013,16 @@ class Agent:
             # on-target-error=stop paused it (our target was away): QEMU kept
             # what it could not deliver as dirty and re-copies it on resume.
             self.qmp.execute("block-job-resume", device=vol.meta["job_id"])
+        # An export added on the node after the mirror started bypasses the
+        # mirror's filter (QEMU-NOTES.md): say so, it is silent data loss.
+        bypass = node_writers(self.qmp, vol.node, through_filters=False) if job else 0
+        if bypass != vol.bypass_writers:
+            if bypass:
+                log.warning("volume %s: %d writer(s) on node %s below the mirror's filter: "
+                            "their writes are neither replicated nor tracked; add exports "
+                            "on node %s instead", vol.name, bypass, vol.node,
+                            vol.meta["filter_node"])
+            vol.bypass_writers = bypass
 
     def _setup_volume_mirror(self, vol: Volume) -> None:
         outcome = setup_mirror(self.qmp, vol.meta, vol.target_socket, vol.name,
@@ -2232,6 +2244,7 @@ class Agent:
                     "job_io_status": vol.job_info.get("io-status"),
                     "generation": vol.bitmap.generation.hex(),
                     "needs_verify": vol.meta["needs_verify"],
+                    "bypass_writers": vol.bypass_writers,
                     "counters": dict(vol.counters)})
             return {
                 "agent_id": self.cfg.agent_id, "hub": "%s:%d" % self.cfg.hub,

@@ -465,3 +465,16 @@ def test_recover_ends_cleanly_when_its_volume_fails_back(tmp_path, reason, rc):
             proc.wait(T)
         listener.close()
         shutil.rmtree(run, ignore_errors=True)
+
+
+def test_a_writer_added_below_the_mirror_is_reported(world, caplog):
+    """After a fail-back the VM's export must go on the mirror's filter: one
+    added on the node itself bypasses the mirror, and the agent says so."""
+    agent, vol, qsd, hub = world(plan=p.SyncPlan.NONE)
+    qsd.qmp("block-export-add", type="nbd", id="vm", name="vm", writable=True,
+            **{"node-name": "disk0"})
+    wait_until(lambda: agent.status()["volumes"][0]["bypass_writers"] == 1, T,
+               "the bypassing writer seen by the jobs thread")
+    assert f"add exports on node {vol.meta['filter_node']} instead" in caplog.text
+    qsd.qmp("block-export-del", id="vm")
+    wait_until(lambda: agent.status()["volumes"][0]["bypass_writers"] == 0, T, "gone again")
