@@ -506,6 +506,9 @@ def test_failback_cli(hubenv):
     with --yes --json it prints the report and the result as JSON lines."""
     hub, secrets = hubenv
     sc = Scene(hub, secrets)
+    # Released set-aside entries stay while the volume is promoted: the delta needs them.
+    hub.store.release_set_aside(sc.vol)
+    assert hub.store.pin_floor() == sc.vol.meta["promotions"][-1]["point_seq"]
     fa = sc.come_back()
 
     def cli(*argv):
@@ -529,5 +532,6 @@ def test_failback_cli(hubenv):
         assert bytes(fa.volumes[fa.vid].buf) == bytes(sc.model)
         out = cli("--yes")
         assert out.returncode == 1 and "not promoted: nothing to fail back" in out.stderr
+        assert hub.store.pin_floor() is None  # protected again, entries released
     finally:
         fa.close()
