@@ -46,6 +46,29 @@ The rules this file implements (SEMANTICS.md, DESIGN.md "rules"):
   state dir says we had one means QSD restarted: the job is set up again and
   the volume attached as UNKNOWN, so the hub verifies it by checksums.
 
+Fail-back (PROTOCOL.md "Fail-back"): once the hub has promoted a volume at
+the recovery site it attaches it here as DEMOTED.  Guest writes are then only
+marked in the bitmap, never sent.  When the operator runs ``rephub.py
+failback`` the hub sends FAILBACK_BEGIN: if ``--accept-failback`` was given,
+and QMP shows that nothing else can write the node, the agent tears its
+mirror down and adds its own writable export ``repagent-fb-VOLUME`` on QSD's
+NBD server (the one ``--source`` names).  Each PUT is marked dirty first, then
+written through that export; FAILBACK_END(DONE) flushes, clears the marks
+(the disk now equals the hub's volume), sets the mirror up again and the
+volume streams as usual; ABORT, or a lost connection, keeps the marks and
+stays DEMOTED.  How "nothing else can write" is decided, as measured on QSD
+7.2 (``x-debug-query-block-graph``)::
+
+    writable NBD export, even with no client   block-backend -> node, perm "write"
+    read-only NBD export                       block-backend -> node, no "write"
+    the mirror job (no writer above it)        filter -> node "consistent-read";
+                                               the job's own edges hold no "write"
+    an export while the mirror runs            block-backend -> filter, "write";
+                                               filter -> node, "write"
+
+so the writers of a node are the block-backends and block-jobs holding "write"
+on it or on a filter above it that holds "write" on it (``node_writers``).
+
 Threads (each named; stopped by ``Agent.stopping`` and joined with a timeout)::
 
     main                 set-up, then waits for SIGTERM/SIGINT, then drains
@@ -56,6 +79,8 @@ Threads (each named; stopped by ``Agent.stopping`` and joined with a timeout)::
                          dispatches to ``Agent.on_<TYPE>``
     repagent-sync-N      serves READ / CHECKSUM_QUERY / DIRTY_QUERY (never on
                          the recv loop, so ACKs keep flowing meanwhile)
+    repagent-failback    FAILBACK_BEGIN / PUT / FAILBACK_END in arrival order
+                         (QMP and NBD work, off the recv loop)
     repagent-timer       answers sync-mode writes whose ACK is late
     repagent-jobs        watches the mirror jobs: resumes a paused job, sets
                          up again after a QSD restart
@@ -152,6 +177,13 @@ MAX_EXTENTS = p.MAX_PAYLOAD // 16
 QMP_TIMEOUT = 30.0
 CONTROL_TIMEOUT = 5.0
 MAX_UNIX_PATH = 107
+
+FAILBACK_NBD_TIMEOUT = 60.0
+"""One PUT's write into QSD, as for sync reads (NBDSource)."""
+
+FAILBACK_STOP_TIMEOUT = 60.0
+"""On SIGTERM mid fail-back: long enough to delete our export and set the
+mirror up again (two QMP round trips and a job start)."""
 
 
 def parse_size(text: str) -> int:
@@ -290,7 +322,7 @@ class DirtyBitmap:
         for chunk in chunks:
             self._set(chunk)
         if self.fsync:
-            self.map.flush()
+            self.sync()
 
     def add_inflight(self, chunks: range) -> None:
         """A WRITE/ZERO touching these chunks was queued for the hub."""
@@ -306,6 +338,19 @@ class DirtyBitmap:
             else:
                 self.inflight.pop(chunk, None)
                 self._clear_if_done(chunk)
+
+    def sync(self) -> None:
+        """msync the bits: they survive a host crash, not only an agent crash."""
+        self.map.flush()
+
+    def clear_all(self) -> None:
+        """Forget every mark: the volume is known to equal the hub's (fail-back
+        DONE).  Nothing may be in flight for the volume."""
+        self.bits[:] = bytes(len(self.bits))
+        self.inflight.clear()
+        self.lost_seq.clear()
+        self.dirty_count = 0
+        self.sync()
 
     def lose(self, chunks: range, seq: int) -> None:
         """A write touching these chunks was dropped (not sent) at stream seq."""
@@ -623,6 +668,61 @@ def teardown_mirror(qmp: QMPClient, meta: dict, timeout: float = 30.0) -> None:
         log.info("target node %s deleted", target)
 
 
+def failback_export(volume: str) -> str:
+    """The id and name of the agent's own writable export during a fail-back."""
+    return f"repagent-fb-{volume}"
+
+
+def node_writers(qmp: QMPClient, node: str, through_filters: bool = True) -> int:
+    """How many users of QSD can write ``node``: block-backends (exports, a
+    VM's drive) and block-jobs holding the "write" permission on it, or (with
+    ``through_filters``) on a filter node above it that holds "write" on it
+    (the mirror's filter).  Without: the writers that bypass such a filter.
+
+    Read from ``x-debug-query-block-graph`` (see the module docstring for
+    what QSD 7.2 shows); anonymous block-backends cannot be named, so this
+    counts them.  The mirror job itself holds no "write" on the node.
+    """
+    graph = qmp.execute("x-debug-query-block-graph")
+    kinds = {n["id"]: (n.get("type"), n.get("name")) for n in graph.get("nodes", [])}
+    ids = {i for i, (kind, name) in kinds.items() if kind == "block-driver" and name == node}
+    writing = [e for e in graph.get("edges", []) if "write" in e.get("perm", [])]
+    chain, todo = set(ids), list(ids) if through_filters else []
+    while todo:                          # up through filters that write the node
+        child = todo.pop()
+        for e in writing:
+            parent = e["parent"]
+            if e["child"] == child and kinds.get(parent, ("",))[0] == "block-driver" \
+                    and parent not in chain:
+                chain.add(parent)
+                todo.append(parent)
+    return sum(1 for e in writing if e["child"] in chain
+               and kinds.get(e["parent"], ("",))[0] in ("block-backend", "block-job"))
+
+
+def exports_on(qmp: QMPClient, node: str, filter_node: str) -> list[str]:
+    """Ids of the block exports on ``node`` or on its mirror filter."""
+    return [e.get("id", "?") for e in qmp.execute("query-block-exports")
+            if e.get("node-name") in (node, filter_node)]
+
+
+def delete_export(qmp: QMPClient, export: str, timeout: float = 10.0) -> bool:
+    """block-export-del in mode "hard" (our own client may still be on its way
+    out; "safe" refuses an export "still in use").  False if there was none."""
+    def listed():
+        return any(e.get("id") == export for e in qmp.execute("query-block-exports"))
+    if not listed():
+        return False
+    qmp.execute("block-export-del", id=export, mode="hard")
+    deadline = time.monotonic() + timeout
+    while listed():                 # "shutting-down" until its connections are gone
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"export {export} still listed {timeout}s after "
+                               "block-export-del")
+        time.sleep(0.02)            # QMP offers no blocking wait on an export's end
+    return True
+
+
 # ---------------------------------------------------------------------------
 # Reading the protected volume for the hub
 
@@ -724,6 +824,22 @@ class PendingWrite:
 
 
 @dataclasses.dataclass
+class Failback:
+    """A fail-back in progress on one volume (PROTOCOL.md "Fail-back").
+
+    Created by FAILBACK_BEGIN before the mirror is torn down (so the jobs
+    thread leaves the volume alone), ``client`` set once the BEGIN is ACKed;
+    only the repagent-failback thread changes it."""
+
+    conn: "HubConnection"
+    export: str
+    client: nbd.NBDClient | None = None
+    puts: int = 0
+    put_bytes: int = 0
+    started: float = dataclasses.field(default_factory=time.time)
+
+
+@dataclasses.dataclass
 class ReadWindow:
     """A hub READ/CHECKSUM_QUERY being served: writes overlapping it are held."""
 
@@ -757,6 +873,8 @@ class Volume:
         self.queued_bytes = 0
         self.job_status = "unknown"
         self.job_info: dict = {}        # the last query-block-jobs entry
+        self.failback: Failback | None = None
+        self.bypass_writers = 0         # writers of the node that skip the mirror
         self.counters = collections.Counter()
 
     def _load_meta(self) -> dict:
@@ -782,6 +900,13 @@ class Volume:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.meta_path)
+
+    @property
+    def role(self) -> str:
+        """protected / demoted (promoted at the recovery site) / failing back."""
+        if self.failback is not None:
+            return "failing back"
+        return "demoted" if self.plan == p.SyncPlan.DEMOTED else "protected"
 
     def attach_state(self) -> p.VolumeState:
         if self.meta.get("needs_verify"):
@@ -991,6 +1116,7 @@ class Config:
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     unprotect_on_exit: bool = False
     fsync_bitmap: bool = False
+    accept_failback: bool = False
 
     @property
     def ping_interval(self) -> float:
@@ -1003,7 +1129,7 @@ def handshake(sock, agent_id: str, secret: bytes) -> str:
     PROTOCOL.md "Handshake phase", the agent's side, on a fresh blocking socket.
     """
     nonce = os.urandom(p.NONCE_SIZE)
-    offered = int(p.Feature.NONE)    # v1 defines no feature bits
+    offered = int(p.Feature.FAILBACK)    # we can be DEMOTED and failed back
     p.send_message(sock, p.Hello(nonce=nonce, agent_id=agent_id, features=offered))
     reply = p.recv_message(sock)
     if isinstance(reply, p.Error):
@@ -1084,6 +1210,8 @@ class Agent:
         self.volumes = [Volume(volume, node, cfg.state_dir) for node, volume in cfg.nodes]
         self.by_id: dict[int, Volume] = {}
         self.work: queue.Queue = queue.Queue()
+        self.failback_work: queue.Queue = queue.Queue()   # (conn, msg) in arrival order
+        self.mirror_lock = threading.Lock()   # the jobs thread vs a fail-back's QMP work
         self.qmp: QMPClient | None = None
         self.threads: list[threading.Thread] = []
         self.control: socket.socket | None = None
@@ -1131,6 +1259,11 @@ class Agent:
             if conn is None or vol.volume_id is None:
                 bitmap.lose(chunks, self.seq)
                 vol.counters["untracked_writes"] += 1
+            elif vol.plan == p.SyncPlan.DEMOTED:
+                # Promoted at the recovery site: the hub takes no writes of
+                # ours; the marks are what a fail-back collects (late writes).
+                bitmap.lose(chunks, self.seq)
+                vol.counters["demoted_writes"] += 1
             elif data is not None and conn.queued_bytes + length > self.cfg.max_queue:
                 bitmap.lose(chunks, self.seq)
                 vol.dropped.update(chunks)
@@ -1259,6 +1392,12 @@ class Agent:
                 # Marked between ATTACH and ATTACHED: the hub must resync it.
                 extents = vol.bitmap.extents()
                 self._enqueue(conn, p.DirtyMap(volume=msg.volume, extents=extents))
+            if msg.plan == p.SyncPlan.DEMOTED:
+                log.warning("volume %s was promoted at the recovery site; this side is "
+                            "demoted: guest writes are tracked in the dirty bitmap, not "
+                            "sent; bring it back with rephub.py failback%s", vol.name,
+                            "" if self.cfg.accept_failback else
+                            " (after restarting repagent.py protect with --accept-failback)")
             self._maybe_undegrade()
 
     def on_READ(self, conn, msg):
@@ -1278,6 +1417,10 @@ class Agent:
             if entry is None or vol is None or entry[0] is not vol:
                 log.debug("SYNCED req=%d: no reply of ours on this connection", msg.request_id)
                 return
+            if vol.plan == p.SyncPlan.DEMOTED:
+                # A demoted volume's hub keeps what it reads aside (late writes),
+                # it does not apply it: nothing is synced, the marks stay.
+                return
             end = msg.offset + msg.length
             if msg.length == 0 or end > vol.size:
                 return
@@ -1291,6 +1434,15 @@ class Agent:
             if self.degraded:
                 self._maybe_undegrade()
 
+    def on_FAILBACK_BEGIN(self, conn, msg):
+        self.failback_work.put((conn, msg, None))
+
+    def on_PUT(self, conn, msg):
+        self.failback_work.put((conn, msg, None))
+
+    def on_FAILBACK_END(self, conn, msg):
+        self.failback_work.put((conn, msg, None))
+
     def on_PING(self, conn, msg):
         with self.lock:
             if conn is self.conn:
@@ -1303,8 +1455,13 @@ class Agent:
             self.requests.pop(msg.request_id, None)
 
     def on_ERROR(self, conn: HubConnection, msg: p.Error) -> None:
-        """A refused write stays marked (and is reported); other errors are logged."""
-        reply = None
+        """A refused write stays marked (and is reported); other errors are logged.
+
+        ROLE for a write: the volume was promoted at the recovery site while
+        attached here.  The connection is closed so that the next one attaches
+        it again: DEMOTED where FAILBACK is granted, refused otherwise; either
+        way its writes stop going to the hub and stay marked."""
+        reply = promoted = None
         with self.lock:
             pw = self.pending.pop(msg.request_id, None)
             if pw is not None:
@@ -1318,6 +1475,8 @@ class Agent:
                 log.warning("hub refused %s write req=%d: %s %s", pw.volume.name,
                             msg.request_id, msg.code_name(), msg.message)
                 self.count_error("hub_error")
+                if msg.code == p.ErrorCode.ROLE and conn is self.conn:
+                    promoted = pw.volume.name
             else:
                 kind, what = self.requests.pop(msg.request_id, (None, None))
                 if kind == "CHECKPOINT":
@@ -1332,6 +1491,9 @@ class Agent:
                 self.count_error("hub_error")
         if reply is not None:
             reply(0)
+        if promoted is not None:
+            conn.close(f"volume {promoted} was promoted at the recovery site (ERROR ROLE): "
+                       "re-attaching")
 
     def on_GOODBYE(self, conn, msg):
         log.info("hub says goodbye: %s", msg.reason)
@@ -1490,6 +1652,217 @@ class Agent:
         log.info("volume %s: DIRTY_MAP of %d extents (%d bytes)", vol.name, len(extents),
                  sum(n for _, n in extents))
 
+    # -- fail-back (repagent-failback thread) -------------------------------------
+    #
+    # PROTOCOL.md "Fail-back", the agent's side.  FAILBACK_BEGIN, PUT and
+    # FAILBACK_END are taken in arrival order by one thread (the hub keeps
+    # several PUTs in flight); QMP and NBD calls block, so none of this runs on
+    # the recv loop.  connection_lost and stop leave a note (conn, Volume, why)
+    # on the same queue: a fail-back cut short ends like an ABORT.
+
+    def _failback_loop(self) -> None:
+        """repagent-failback thread; ends on the None that ``stop`` queues."""
+        while True:
+            item = self.failback_work.get()
+            if item is None:
+                return
+            conn, msg, why = item
+            if isinstance(msg, Volume):
+                if msg.failback is not None and msg.failback.conn is conn:
+                    self._failback_abort(msg, why)
+                continue
+            try:
+                getattr(self, f"failback_{msg.TYPE.name}")(conn, msg)
+            except p.RequestError as err:
+                err.request_id, err.msg_type = msg.request_id, msg.TYPE
+                log.warning("%s refused: %s %s", msg.describe(), err.code.name, err)
+                self.send_error(conn, p.Error.from_exception(err))
+            except Exception as err:   # QSD or QMP failed, or a bug: answer, go on
+                if isinstance(err, (OSError, QMPError, QMPClosed, nbd.NBDError)):
+                    log.warning("%s failed: %s", msg.describe(), err)
+                else:
+                    log.exception("%s failed", msg.describe())
+                self.count_error("failback")
+                self.send_error(conn, p.Error(request_id=msg.request_id,
+                                              code=p.ErrorCode.IO_ERROR,
+                                              failed_type=msg.TYPE, message=str(err)))
+
+    def _ack_failback(self, conn: HubConnection, msg: p.Message) -> None:
+        with self.lock:
+            if conn is self.conn:
+                self._enqueue(conn, p.Ack(request_id=msg.request_id))
+
+    def _other_writers(self, vol: Volume, ours: int) -> None:
+        """Raise ERROR(BUSY) unless exactly ``ours`` users of QSD can write the
+        node (PROTOCOL.md [FB-4]; ``node_writers`` says how that is read)."""
+        others = node_writers(self.qmp, vol.node) - ours
+        if others > 0:
+            exports = [e for e in exports_on(self.qmp, vol.node, vol.meta["filter_node"])
+                       if e != failback_export(vol.name)]
+            raise p.RequestError(
+                f"node {vol.node} has other writers ({others}; exports: "
+                f"{', '.join(exports) or 'none'}); stop the VM and remove its export "
+                "(block-export-del) first", code=p.ErrorCode.BUSY)
+
+    def failback_FAILBACK_BEGIN(self, conn: HubConnection, msg: p.FailbackBegin) -> None:
+        """Become the only writer of the volume's node, or refuse (FB-3, FB-4, FB-5):
+        tear the mirror down, add our writable export, check, connect to it."""
+        vol = self._volume_for(conn, msg)
+        if vol.failback is not None:
+            raise p.RequestError(f"a fail-back of volume {vol.name} is already running",
+                                 code=p.ErrorCode.BAD_PHASE)
+        if vol.plan != p.SyncPlan.DEMOTED:
+            raise p.RequestError(f"volume {vol.name} is not attached DEMOTED (plan "
+                                 f"{vol.plan.name if vol.plan is not None else None}): "
+                                 "nothing to fail back", code=p.ErrorCode.BAD_PHASE)
+        if not self.cfg.accept_failback:
+            raise p.RequestError("fail-back not accepted: stop the VM, then restart "
+                                 "repagent.py protect with --accept-failback",
+                                 code=p.ErrorCode.NOT_ALLOWED)
+        if vol.node not in self.cfg.sources:
+            raise p.RequestError(f"fail-back writes through QSD's NBD server, which this "
+                                 f"agent was not given: restart repagent.py protect with "
+                                 f"--source {vol.node}=nbd+unix:///EXPORT?socket=PATH",
+                                 code=p.ErrorCode.NOT_ALLOWED)
+        address = self.cfg.sources[vol.node][0]
+        with self.mirror_lock:
+            self._other_writers(vol, ours=0)        # refuse before touching anything
+            with self.lock:
+                if conn is not self.conn:
+                    return                          # lost meanwhile: nobody to answer
+                # From here connection_lost queues the undo, the jobs thread keeps off.
+                fb = vol.failback = Failback(conn, failback_export(vol.name))
+            escaped = False
+            try:
+                teardown_mirror(self.qmp, vol.meta)
+                vol.meta["mirror"] = False          # a crash from here on: verify at restart
+                vol.save_meta()
+                self.qmp.execute("block-export-add", type="nbd", id=fb.export, name=fb.export,
+                                 writable=True, **{"node-name": vol.node})
+                escaped = True
+                self._other_writers(vol, ours=1)
+                escaped = False
+                fb.client = nbd.NBDClient(address, fb.export, timeout=FAILBACK_NBD_TIMEOUT)
+            except BaseException:
+                if escaped:
+                    # A writer appeared after the first check, while no mirror
+                    # ran: what it wrote is nowhere in the bitmap.  Every chunk
+                    # is marked, so the hub's fail-back keeps all as late writes.
+                    log.warning("volume %s: a writer appeared while the mirror was down; "
+                                "every chunk is marked dirty", vol.name)
+                    with self.lock:
+                        vol.bitmap.mark(range(vol.bitmap.chunks))
+                        vol.bitmap.lose(range(vol.bitmap.chunks), self.seq)
+                    vol.bitmap.sync()
+                self._failback_undo(vol)
+                raise
+        log.info("volume %s: fail-back begins: mirror removed, writable export %s on node "
+                 "%s, no other writer", vol.name, fb.export, vol.node)
+        self._ack_failback(conn, msg)
+
+    def _failback_of(self, conn: HubConnection, msg: p.Message) -> tuple[Volume, Failback]:
+        vol = self._volume_for(conn, msg)
+        fb = vol.failback
+        if fb is None or fb.client is None or fb.conn is not conn:
+            raise p.RequestError(f"{msg.TYPE.name} for volume {vol.name} without an ACKed "
+                                 "FAILBACK_BEGIN", code=p.ErrorCode.BAD_PHASE)
+        return vol, fb
+
+    def failback_PUT(self, conn: HubConnection, msg: p.Put) -> None:
+        """Mark the range dirty (persistently), write it through our export, ACK (FB-6)."""
+        vol, fb = self._failback_of(conn, msg)
+        p.check_range(msg.offset, msg.length, vol.size, "PUT")
+        chunks = vol.bitmap.chunk_range(msg.offset, msg.length)
+        with self.lock:
+            vol.bitmap.mark(chunks)
+            vol.bitmap.lose(chunks, self.seq)
+        vol.bitmap.sync()       # an interrupted fail-back is found again, even after a crash
+        try:
+            if not msg.is_zero:
+                fb.client.write(msg.offset, msg.data)
+            elif fb.client.transmission_flags & nbd.TransmissionFlag.SEND_WRITE_ZEROES:
+                fb.client.write_zeroes(msg.offset, msg.length)
+            else:
+                fb.client.write(msg.offset, bytes(msg.length))
+        except nbd.RequestError as err:
+            raise OSError(err.error, f"writing export {fb.export}: {err}") from err
+        fb.puts += 1
+        fb.put_bytes += msg.length
+        vol.counters["put_bytes"] += msg.length
+        self._ack_failback(conn, msg)
+
+    def failback_FAILBACK_END(self, conn: HubConnection, msg: p.FailbackEnd) -> None:
+        """DONE: flush, drop our export, clear the marks, mirror again, stream (FB-7).
+        ABORT: drop our export, mirror again, stay DEMOTED with the marks (FB-11)."""
+        vol, fb = self._failback_of(conn, msg)
+        if msg.outcome == p.FailbackOutcome.ABORT:
+            with self.mirror_lock:
+                self._failback_undo(vol)
+            log.warning("volume %s: fail-back abandoned by the hub after %d PUTs (%s): still "
+                        "demoted, the regions written stay marked", vol.name, fb.puts,
+                        fmt_bytes(fb.put_bytes))
+            self._ack_failback(conn, msg)
+            return
+        fb.client.flush()       # every PUT durable before a mark goes
+        with self.mirror_lock:
+            try:
+                fb.client.close()
+                delete_export(self.qmp, fb.export)
+                with self.lock:
+                    vol.bitmap.clear_all()      # the disk now equals the hub's volume
+                vol.meta["needs_verify"] = False
+                self._mirror_again(vol)
+            finally:
+                vol.failback = None
+        with self.lock:
+            if conn is self.conn:
+                self._enqueue(conn, p.Ack(request_id=msg.request_id))
+                vol.plan = p.SyncPlan.NONE      # WRITEs from the frame after the ACK on
+                if vol.bitmap.dirty_count:      # written since the mirror came back
+                    self._enqueue(conn, p.DirtyMap(volume=vol.volume_id,
+                                                   extents=vol.bitmap.extents()))
+                self._maybe_undegrade()
+        log.info("volume %s: fail-back done (%d PUTs, %s, in %.1f s): marks cleared, mirror "
+                 "set up again, protection resumes; add the VM's export on node %s so that "
+                 "its writes are replicated", vol.name, fb.puts, fmt_bytes(fb.put_bytes),
+                 time.time() - fb.started, vol.meta["filter_node"])
+
+    def _failback_abort(self, vol: Volume, why: str) -> None:
+        """A fail-back cut short (connection lost, agent stopping): as ABORT, no ACK."""
+        if vol.failback is None:
+            return
+        fb = vol.failback
+        with self.mirror_lock:
+            self._failback_undo(vol)
+        log.warning("volume %s: fail-back interrupted (%s) after %d PUTs (%s): export "
+                    "removed, mirror set up again, still demoted; the regions written stay "
+                    "marked", vol.name, why, fb.puts, fmt_bytes(fb.put_bytes))
+
+    def _failback_undo(self, vol: Volume) -> None:
+        """Back to where the BEGIN found the volume: no export of ours, the mirror
+        running (mirror_lock held).  Failures are logged; the jobs thread retries
+        the mirror, and a mirror set up anew makes the hub verify."""
+        fb = vol.failback
+        try:
+            if fb.client is not None:
+                fb.client.close()
+            delete_export(self.qmp, fb.export)
+            self._mirror_again(vol)
+        except (OSError, QMPError, QMPClosed, LookupError) as err:
+            log.error("volume %s: undoing the fail-back set-up failed: %s", vol.name, err)
+            self.count_error("failback")
+        finally:
+            vol.failback = None
+
+    def _mirror_again(self, vol: Volume) -> None:
+        """The mirror after a fail-back (mirror_lock held): fresh, no verify due."""
+        setup_mirror(self.qmp, vol.meta, vol.target_socket, vol.name, self.cfg.chunk_size,
+                     self.cfg.reconnect_delay)
+        vol.meta["mirror"] = True
+        vol.save_meta()
+        job = find_job(self.qmp, vol.meta["job_id"]) or {}
+        vol.job_info, vol.job_status = job, job.get("status", "gone")
+
     # -- connection life (repagent-heartbeat thread) -----------------------------
 
     def connection_lost(self, conn: HubConnection, reason: str) -> None:
@@ -1515,6 +1888,8 @@ class Agent:
                 vol.held.clear()
                 vol.dropped.clear()
                 vol.queued_frames = vol.queued_bytes = 0
+                if vol.failback is not None:      # ends it like an ABORT
+                    self.failback_work.put((conn, vol, "the hub connection was lost"))
             self._degrade("hub connection lost")
             self.timer_cond.notify_all()
         if not self.stopping.is_set():
@@ -1601,7 +1976,9 @@ class Agent:
                 if self.qmp is None or self.qmp.closed.is_set():
                     self._qmp_reconnect()
                 for vol in self.volumes:
-                    self._check_job(vol)
+                    with self.mirror_lock:
+                        if vol.failback is None:   # a fail-back owns the node meanwhile
+                            self._check_job(vol)
             except (OSError, QMPError, QMPClosed, LookupError) as err:
                 if self.qmp is not None and not self.qmp.closed.is_set():
                     log.warning("mirror check failed: %s", err)
@@ -1616,7 +1993,9 @@ class Agent:
         self.qmp = QMPClient(self.cfg.qmp, self._on_qmp_event)
         log.info("QMP connection to %s re-established", self.cfg.qmp)
         for vol in self.volumes:
-            self._setup_volume_mirror(vol)
+            with self.mirror_lock:
+                if vol.failback is None:
+                    self._setup_volume_mirror(vol)
 
     def _check_job(self, vol: Volume) -> None:
         """Record the job's state; resume it if paused; set it up again if gone."""
@@ -1634,6 +2013,16 @@ class Agent:
             # on-target-error=stop paused it (our target was away): QEMU kept
             # what it could not deliver as dirty and re-copies it on resume.
             self.qmp.execute("block-job-resume", device=vol.meta["job_id"])
+        # An export added on the node after the mirror started bypasses the
+        # mirror's filter (QEMU-NOTES.md): say so, it is silent data loss.
+        bypass = node_writers(self.qmp, vol.node, through_filters=False) if job else 0
+        if bypass != vol.bypass_writers:
+            if bypass:
+                log.warning("volume %s: %d writer(s) on node %s below the mirror's filter: "
+                            "their writes are neither replicated nor tracked; add exports "
+                            "on node %s instead", vol.name, bypass, vol.node,
+                            vol.meta["filter_node"])
+            vol.bypass_writers = bypass
 
     def _setup_volume_mirror(self, vol: Volume) -> None:
         outcome = setup_mirror(self.qmp, vol.meta, vol.target_socket, vol.name,
@@ -1694,12 +2083,16 @@ class Agent:
             vol.server = nbd.NBDServer(vol.target_socket, vol.name, vol.size,
                                        TargetHandler(self, vol))
             vol.server.start()
+            if delete_export(self.qmp, failback_export(vol.name)):
+                log.warning("volume %s: removed export %s left by an interrupted fail-back",
+                            vol.name, failback_export(vol.name))
             self._setup_volume_mirror(vol)
         self._start_control()
         specs = [("repagent-heartbeat", self._heartbeat_loop),
                  ("repagent-timer", self._timer_loop),
                  ("repagent-jobs", self._jobs_loop),
-                 ("repagent-control", self._control_loop)]
+                 ("repagent-control", self._control_loop),
+                 ("repagent-failback", self._failback_loop)]
         specs += [(f"repagent-sync-{i}", self._sync_loop) for i in range(SYNC_WORKERS)]
         for name, target in specs:
             t = threading.Thread(target=target, name=name, daemon=True)
@@ -1710,6 +2103,14 @@ class Agent:
         """SIGTERM: stop taking writes, drain to the hub (bounded), keep the job resumable."""
         log.info("stopping: no new writes, draining the queue for at most %.1fs",
                  self.cfg.drain_timeout)
+        # A fail-back in progress is undone first: the mirror needs our NBD target.
+        for vol in self.volumes:
+            if vol.failback is not None:
+                self.failback_work.put((vol.failback.conn, vol, "the agent is stopping"))
+        self.failback_work.put(None)
+        for t in self.threads:
+            if t.name == "repagent-failback":
+                t.join(FAILBACK_STOP_TIMEOUT)
         if self.cfg.unprotect_on_exit and self.qmp is not None:
             for vol in self.volumes:
                 try:
@@ -1823,6 +2224,11 @@ class Agent:
                     "chunk_size": vol.bitmap.chunk_size, **common,
                     "attached": vol.volume_id is not None, "volume_id": vol.volume_id,
                     "plan": vol.plan.name if vol.plan is not None else None,
+                    "role": vol.role,
+                    "failback": None if vol.failback is None else {
+                        "export": vol.failback.export, "puts": vol.failback.puts,
+                        "put_bytes": vol.failback.put_bytes,
+                        "started": vol.failback.started},
                     "dirty_bytes": vol.bitmap.dirty_bytes,
                     "dirty_chunks": vol.bitmap.dirty_count,
                     "lost_chunks": len(vol.bitmap.lost_seq),
@@ -1838,6 +2244,7 @@ class Agent:
                     "job_io_status": vol.job_info.get("io-status"),
                     "generation": vol.bitmap.generation.hex(),
                     "needs_verify": vol.meta["needs_verify"],
+                    "bypass_writers": vol.bypass_writers,
                     "counters": dict(vol.counters)})
             return {
                 "agent_id": self.cfg.agent_id, "hub": "%s:%d" % self.cfg.hub,
@@ -1865,7 +2272,8 @@ class Agent:
 
 #: The kinds ``Agent.count_error`` counts, each at a WARNING of the same cause;
 #: every one is exported, 0 until it happens, so alerts have a series to watch.
-AGENT_ERROR_KINDS = ("connect", "connection_lost", "protocol", "bad_frame", "hub_error", "qmp")
+AGENT_ERROR_KINDS = ("connect", "connection_lost", "protocol", "bad_frame", "hub_error", "qmp",
+                     "failback")
 
 
 def prometheus_escape(value) -> str:
@@ -1917,6 +2325,12 @@ def agent_metrics(st: dict) -> str:
         ("repagent_volume_attached", "gauge", "1 while the hub has the volume attached.",
          per_volume("attached")),
         ("repagent_volume_size_bytes", "gauge", "Volume size.", per_volume("size")),
+        ("repagent_volume_demoted", "gauge", "1 while the volume is promoted at the recovery "
+         "site (writes only marked) or failing back.",
+         [({"volume": v["volume"]}, v.get("role", "protected") != "protected") for v in vols]),
+        ("repagent_failback_put_bytes_total", "counter", "Bytes the hub wrote into the volume "
+         "with PUT during fail-backs.",
+         [({"volume": v["volume"]}, v["counters"].get("put_bytes", 0)) for v in vols]),
         ("repagent_sent_bytes_total", "counter", "Data bytes put on the hub stream: guest "
          "writes (kind=write) and replies to the hub's sync reads (kind=sync).",
          [({"volume": v["volume"], "kind": kind}, v["counters"].get(key, 0))
@@ -2037,6 +2451,7 @@ class RecoveryClient:
         self._req = 0
         self.lost = threading.Event()
         self.lost_cause = ""
+        self.failed_back = False   # the hub ended the session: the volume went home
         self.closed = threading.Event()
         self.thread: threading.Thread | None = None
 
@@ -2144,6 +2559,9 @@ class RecoveryClient:
         pass
 
     def on_GOODBYE(self, msg: p.Goodbye) -> None:
+        # A fail-back that succeeded ends the session with this reason
+        # (PROTOCOL.md [FB-12]; rephub's wording, the protocol has no code).
+        self.failed_back = msg.reason.startswith(f"volume {self.volume} failed back to ")
         self._lose(f"hub said goodbye: {msg.reason}")
 
     def _lose(self, cause: str) -> None:
@@ -2154,7 +2572,10 @@ class RecoveryClient:
             self.lost_cause = cause
             self.lost.set()
             failed, self.pending = list(self.pending.values()), {}
-        if not self.closed.is_set():
+        if self.failed_back:
+            log.info("recovery session %d of %s ended by the hub: %s", self.session,
+                     self.volume, cause)
+        elif not self.closed.is_set():
             log.error("recovery session %d of %s lost: %s (%d requests answered EIO)",
                       self.session, self.volume, cause, len(failed))
         for _, reply, _ in failed:
@@ -2162,18 +2583,20 @@ class RecoveryClient:
 
     def close(self) -> bool:
         """RECOVER_CLOSE, wait for its ACK (bounded), close (main thread)."""
-        done = threading.Event()
-        result = []
-        self.request(lambda req: p.RecoverClose(request_id=req, volume=self.session),
-                     lambda err, data=None: (result.append(err), done.set()))
-        ok = done.wait(RECOVER_CLOSE_TIMEOUT) and result == [0]
+        ok = self.failed_back         # then the hub has closed the session itself
+        if not ok:
+            done = threading.Event()
+            result = []
+            self.request(lambda req: p.RecoverClose(request_id=req, volume=self.session),
+                         lambda err, data=None: (result.append(err), done.set()))
+            ok = done.wait(RECOVER_CLOSE_TIMEOUT) and result == [0]
+            if ok:
+                log.info("recovery session %d of %s closed", self.session, self.volume)
+            else:
+                log.warning("RECOVER_CLOSE of session %d not acknowledged (%s); the hub ends "
+                            "the session when the connection closes", self.session,
+                            self.lost_cause or "timeout")
         self.closed.set()
-        if ok:
-            log.info("recovery session %d of %s closed", self.session, self.volume)
-        else:
-            log.warning("RECOVER_CLOSE of session %d not acknowledged (%s); the hub ends the "
-                        "session when the connection closes", self.session,
-                        self.lost_cause or "timeout")
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -2275,6 +2698,10 @@ def cmd_recover(args) -> int:
     print(uri, flush=True)
     rc = 0
     while not stop.wait(0.5):
+        if client.lost.is_set() and client.failed_back:
+            log.info("volume %s failed back to its original site: this recovery export "
+                     "ends (%s)", args.volume, client.lost_cause)
+            break
         if client.lost.is_set():
             log.error("hub connection lost (%s); stopping the export", client.lost_cause)
             rc = 1
@@ -2444,6 +2871,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="msync the bitmap before answering QEMU (host-crash durability)")
     pr.add_argument("--metrics-listen", type=parse_hostport, metavar="HOST:PORT",
                     help="serve Prometheus metrics on http://HOST:PORT/metrics")
+    pr.add_argument("--accept-failback", action="store_true",
+                    help="let the hub write a demoted volume back (rephub.py failback): "
+                         "only once the VM is stopped and its export removed; needs "
+                         "--source for QSD's NBD server")
     pr.add_argument("--log-level", default="INFO")
 
     un = sub.add_parser("unprotect", help="tear the mirror jobs down (agent not running)")
@@ -2505,7 +2936,7 @@ def cmd_protect(args) -> int:
                  hub_timeout=args.hub_timeout, max_queue=args.max_queue, tls_ca=args.tls_ca,
                  sources=dict(args.source), reconnect_delay=args.reconnect_delay,
                  drain_timeout=args.drain_timeout, unprotect_on_exit=args.unprotect,
-                 fsync_bitmap=args.fsync_bitmap)
+                 fsync_bitmap=args.fsync_bitmap, accept_failback=args.accept_failback)
     try:
         p.check_chunk_size(cfg.chunk_size)
     except p.InvalidField as err:
@@ -2616,8 +3047,13 @@ def format_status(status: dict) -> str:
              f"RTT {'-' if rtt is None else f'{rtt * 1e3:.2f} ms'}", ""]
     rows = []
     for v in status["volumes"]:
+        role = v.get("role", "protected")
         if v["needs_verify"] and not v["attached"]:
             hub_side = "detached, verify due"
+        elif role == "failing back":
+            hub_side = f"attached, failing back ({fmt_bytes(v['failback']['put_bytes'])} put)"
+        elif role == "demoted":
+            hub_side = ("attached" if v["attached"] else "detached") + ", demoted"
         else:
             hub_side = ("attached" if v["attached"] else "detached") + \
                 (f", {v['plan'].lower()} sync" if v["plan"] not in (None, "NONE") else "")

@@ -82,6 +82,18 @@ Recovery (PROTOCOL.md "Recovery (remote IO)")
     from the last record before the resync began to the one at which it
     completed).
 
+Fail-back (PROTOCOL.md "Fail-back")
+    The original agent comes back offering FAILBACK: its ATTACH of the
+    promoted volume gets plan DEMOTED (its writes stay refused).  ``rephub.py
+    failback`` (``Hub.failback``, ``Failback``): FAILBACK_BEGIN; the late
+    writes (the agent's dirty map, or the chunks whose checksums differ) READ
+    into ``DIR/volumes/<name>/failback-<n>/`` and reported with the set-aside
+    entries and the delta for the operator to confirm; the recovery session
+    fenced (RWRITE refused); every region written since the promotion, plus
+    the late writes, sent as PUTs; FAILBACK_END(DONE), on whose ACK the recv
+    loop makes the volume protected again; the recovery session closed with
+    GOODBYE.  Set-aside entries stay until ``release``.
+
 Control
     ``DIR/control.sock`` (unix stream socket): one JSON request line, JSON
     reply lines (see ``ControlServer``).  ``rephub.py status`` uses it
@@ -178,6 +190,21 @@ DEFAULT_MAX_JOURNAL_BYTES = 16 * 1024 ** 3
 #: Replica reads and exports go in blocks of this size.
 IO_BLOCK = 1024 * 1024
 ZERO_BLOCK = bytes(IO_BLOCK)
+
+#: Feature bits this hub implements: it grants those the agent offers (VN-3).
+HUB_FEATURES = p.Feature.FAILBACK
+#: Fail-back PUTs carry at most this much each (PROTOCOL.md "Fail-back") ...
+FAILBACK_PIECE = 1024 * 1024
+#: ... with this many in flight; the late-writes READs go the same way.
+FAILBACK_WINDOW = 8
+#: The agent answers FAILBACK_BEGIN/END (it reconfigures QSD over QMP) and every
+#: PUT, READ or query of a fail-back within this; else the fail-back fails.
+FAILBACK_ANSWER_TIMEOUT = 120.0
+#: The operator has this long to confirm a fail-back's report; then it is declined.
+FAILBACK_CONFIRM_TIMEOUT = 3600.0
+FAILBACK_DIR = "failback-{n}"
+LATE_WRITES_IMAGE = "late-writes.img"
+LATE_WRITES_JSON = "late-writes.json"
 
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 CONTROL_SOCKET = "control.sock"
@@ -293,6 +320,17 @@ def write_zeroes(fd: int, offset: int, length: int) -> None:
             os.pwrite(fd, ZERO_BLOCK[:k], start)
             start += k
             n -= k
+
+
+def merge_ranges(ranges) -> list[tuple[int, int]]:
+    """(start, end) ranges sorted and merged where they overlap or touch."""
+    merged: list[list[int]] = []
+    for start, end in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(s, e) for s, e in merged]
 
 
 def fmt_bytes(n: float) -> str:
@@ -735,6 +773,7 @@ class Volume:
         self.unapplied_since_ns = 0       # time of the oldest such record
         self.last_ack_ns = 0
         self.journaled_bytes = 0          # WRITE data journaled since start (metrics)
+        self.failback = None              # the running (or last) Failback, for status
 
     name = property(lambda self: self.meta["name"])
     id = property(lambda self: self.meta["id"])
@@ -974,8 +1013,10 @@ class VolumeStore:
 
         Unless ``recovery`` (a FAILOVER session's write), a promoted volume refuses
         it with ERROR(ROLE), checked under the journal lock so that no write of
-        the protected side can slip in after a promotion (RC-7)."""
-        check = None if recovery else (lambda: self.check_role(vol))
+        the protected side can slip in after a promotion (RC-7); a ``recovery``
+        write is refused once a fail-back fenced the volume (FB-12), under the
+        same lock so that none slips in after the fence."""
+        check = (lambda: self.check_fence(vol)) if recovery else (lambda: self.check_role(vol))
         if data is None:
             rec = self.journal.append(RecordKind.ZERO, vol.id, offset, length, flags=flags,
                                       check=check)
@@ -995,6 +1036,13 @@ class VolumeStore:
             raise p.RequestError(f"volume {vol.name} was promoted at {pr.get('point')!r} "
                                  f"({fmt_time_ns(pr.get('time_ns'))}): the recovery site owns "
                                  "it now and writes from the protected side are refused",
+                                 code=p.ErrorCode.ROLE)
+
+    @staticmethod
+    def check_fence(vol: Volume) -> None:
+        fb = vol.failback
+        if fb is not None and fb.fenced:
+            raise p.RequestError(f"volume {vol.name} is failing back to agent {fb.agent}",
                                  code=p.ErrorCode.ROLE)
 
     def _count_unapplied(self, rec: Record) -> None:
@@ -1436,13 +1484,23 @@ class VolumeStore:
 
     def pin_floor(self) -> int | None:
         """The oldest seq that retention must keep readable (sessions, set-aside
-        entries the operator has not released)."""
+        entries the operator has not released, and while a volume is promoted
+        every record since its promotion: a fail-back sends their regions)."""
         with self.lock:
             seqs = list(self.pins)
             for vol in self.volumes.values():
                 seqs += [pr["point_seq"] for pr in vol.meta.get("promotions", ())
                          if pr.get("kept", True)]
+                if vol.meta.get("role") == "promoted":
+                    seqs += [pr["point_seq"] for pr in self.current_promotions(vol)]
         return min(seqs) if seqs else None
+
+    @staticmethod
+    def current_promotions(vol: Volume) -> list[dict]:
+        """The promotions of ``vol`` since its last fail-back: what a fail-back undoes."""
+        failbacks = vol.meta.get("failbacks", ())
+        since = failbacks[-1]["time_ns"] if failbacks else 0
+        return [pr for pr in vol.meta.get("promotions", ()) if pr["time_ns"] > since]
 
     def promote(self, vol: Volume, seq: int, point: str) -> dict:
         """Make ``vol`` at ``seq`` the start of its new history (PROTOCOL.md RC-6, RC-7).
@@ -1478,13 +1536,7 @@ class VolumeStore:
             if pr["rolled_back"]:
                 continue
             lo, hi = pr["set_aside_from"], pr["set_aside_to"]
-            ranges = sorted((u.offset, u.end) for u in vol.undo if lo <= u.seq <= hi)
-            merged: list[list[int]] = []
-            for start, end in ranges:
-                if merged and start <= merged[-1][1]:
-                    merged[-1][1] = max(merged[-1][1], end)
-                else:
-                    merged.append([start, end])
+            merged = merge_ranges((u.offset, u.end) for u in vol.undo if lo <= u.seq <= hi)
             done = 0
             for start, end in merged:
                 for off in range(start, end, IO_BLOCK):
@@ -1822,7 +1874,10 @@ class AgentConnection:
         self.send_lock = threading.Lock()
         self.header_buf = bytearray(p.HEADER_SIZE)
         self.volumes: dict[int, Volume] = {}
-        self.hub_requests: dict[int, SyncJob] = {}
+        self.hub_requests: dict[int, SyncJob | Failback] = {}  # our requests' owners
+        self.features = p.Feature.NONE    # granted in HELLO_REPLY
+        self.demoted: dict[int, p.Attach] = {}  # volume id -> its DEMOTED ATTACH
+        self.goodbye_sent = False
         self.req_lock = threading.Lock()
         self.req_ids = itertools.count(1)
         self.sync_lock = threading.Lock()
@@ -1858,7 +1913,7 @@ class AgentConnection:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("<-- %s to %s", msg.describe(), self.peer)
         with self.send_lock:
-            if self.sock is None:
+            if self.sock is None or self.goodbye_sent:
                 raise ConnectionClosed("connection closed")
             p.send_message(self.sock, msg)
 
@@ -1867,6 +1922,21 @@ class AgentConnection:
             self.send(p.Error.from_exception(err))
         except (OSError, ConnectionClosed):
             pass
+
+    def say_goodbye(self, reason: str) -> None:
+        """End the connection with GOODBYE (any thread): the replies already queued
+        go first, nothing after it (LV-2); then the recv loop ends."""
+        self.acker.drain(timeout=10)
+        with self.send_lock:
+            if self.sock is not None and not self.goodbye_sent:
+                try:
+                    p.send_message(self.sock, p.Goodbye(reason=reason))
+                except OSError as err:
+                    log.debug("GOODBYE to %s not sent: %s", self.peer, err)
+            self.goodbye_sent = True
+        log.info("connection %s (%s) closed by the hub: %s", self.peer, self.agent_id, reason)
+        self.closing.set()
+        self.abort(reason)
 
     def abort(self, reason: str) -> None:
         """Cut the connection now (any thread); the recv loop then ends."""
@@ -1995,7 +2065,10 @@ class AgentConnection:
             secret = secrets.token_bytes(32)
         nonce = secrets.token_bytes(p.NONCE_SIZE)
         hub_id = self.store.hub_id
-        self.send(p.HelloReply(version=p.VERSION, nonce=nonce, hub_id=hub_id,
+        # VN-3: grant what was offered and is implemented; unknown bits are ignored.
+        self.features = p.Feature(hello.features & HUB_FEATURES)
+        self.send(p.HelloReply(version=p.VERSION, features=self.features, nonce=nonce,
+                               hub_id=hub_id,
                                proof=p.hub_proof(secret, hello.nonce, nonce,
                                                  hello.agent_id, hub_id)))
         item = self.recv_frame(deadline)
@@ -2106,14 +2179,19 @@ class AgentConnection:
 
     # -- handlers (connection thread) ---------------------------------------------
 
-    def _volume(self, msg) -> Volume:
+    def _volume(self, msg, writing: bool = True) -> Volume:
+        """The attached volume ``msg`` names; for ``writing``, refused with ERROR(ROLE)
+        while it is promoted (RC-7), attached DEMOTED included (FB-2)."""
         vol = self.volumes.get(msg.volume)
         if vol is None:
             raise p.RequestError(f"volume id {msg.volume} is not attached on this connection",
                                  code=p.ErrorCode.NO_SUCH_VOLUME)
-        if vol.meta.get("role") == "promoted":
+        if writing and vol.meta.get("role") == "promoted":
             raise p.RequestError(f"volume {vol.name} was promoted; writes from the old "
-                                 "protected side are refused", code=p.ErrorCode.ROLE)
+                                 "protected side are refused"
+                                 + ("; bring it back with rephub.py failback"
+                                    if vol.id in self.demoted else ""),
+                                 code=p.ErrorCode.ROLE)
         return vol
 
     def on_ATTACH(self, header, msg: p.Attach) -> None:
@@ -2129,8 +2207,11 @@ class AgentConnection:
                 raise p.InvalidField(f"ATTACH size {msg.size} differs from volume "
                                      f"{msg.name!r}'s size {vol.size}")
             if vol.meta.get("role") == "promoted":
-                raise p.RequestError(f"volume {msg.name!r} was promoted",
-                                     code=p.ErrorCode.ROLE)
+                if not self.features & p.Feature.FAILBACK:  # FB-1, RC-7
+                    raise p.RequestError(f"volume {msg.name!r} was promoted",
+                                         code=p.ErrorCode.ROLE)
+                self.attach_demoted(vol, msg)
+                return
             same_gen = vol.meta["generation"] == bytes(msg.generation).hex()
             if not vol.meta["full_synced"]:
                 plan = p.SyncPlan.FULL
@@ -2156,6 +2237,22 @@ class AgentConnection:
         if job is not None:
             job.start()  # its READs follow ATTACHED on the wire
 
+    def attach_demoted(self, vol: Volume, msg: p.Attach) -> None:
+        """ATTACHED(plan DEMOTED) for a promoted volume, to an agent that offered
+        FAILBACK (FB-1): no sync, its writes refused (FB-2), but ``rephub.py
+        failback`` may bring the volume home through it.  The ATTACH's state and
+        generation say whether its dirty map can be trusted then."""
+        old = vol.attached_to
+        if old is not None and old is not self:
+            old.detach_volume(vol)
+        self.volumes[vol.id] = vol
+        self.demoted[vol.id] = msg
+        vol.attached_to = self
+        log.warning("volume %s attached DEMOTED by %s (agent state %s): it was promoted at "
+                    "the recovery site; its writes are refused until rephub.py failback "
+                    "brings it back", vol.name, self.agent_id, msg.state.name)
+        self.send(p.Attached(request_id=msg.request_id, volume=vol.id, plan=p.SyncPlan.DEMOTED))
+
     def detach_volume(self, vol: Volume) -> None:
         """Forget ``vol`` on this connection and stop its sync (any thread)."""
         with self.sync_lock:
@@ -2164,11 +2261,12 @@ class AgentConnection:
             job.stop()
             job.join(timeout=5)
         self.volumes.pop(vol.id, None)
+        self.demoted.pop(vol.id, None)
         if vol.attached_to is self:
             vol.attached_to = None
 
     def on_DETACH(self, header, msg) -> None:
-        vol = self._volume(msg)
+        vol = self._volume(msg, writing=False)
         self.detach_volume(vol)
         log.info("volume %s detached by %s", vol.name, self.agent_id)
         self.acker.after(self.store.journal.last_seq, p.Ack(request_id=msg.request_id))
@@ -2228,6 +2326,14 @@ class AgentConnection:
         if sent is not None:
             self.rtt_ns = time.monotonic_ns() - sent
             self.last_heartbeat_ns = time.time_ns()
+
+    def on_ACK(self, header, msg: p.Ack) -> None:
+        owner = self.hub_requests.get(msg.request_id)
+        if owner is None or not hasattr(owner, "on_ack"):
+            log.warning("agent %s sent an ACK for req=%d, which the hub did not ask: ignored",
+                        self.agent_id, msg.request_id)
+            return
+        owner.on_ack(msg)
 
     def on_ERROR(self, header, msg: p.Error) -> None:
         job = self.hub_requests.get(msg.request_id)
@@ -2798,6 +2904,502 @@ class RecoverySession:
 
 
 # ---------------------------------------------------------------------------
+# Fail-back (PROTOCOL.md "Fail-back")
+#
+# A promoted volume goes home to its original agent, which attached it DEMOTED
+# (FB-1).  ``rephub.py failback`` runs a ``Failback`` in its control request
+# thread: FAILBACK_BEGIN; the late writes (what the old site has that the hub
+# never received: its dirty map, or with no trustworthy map the chunks whose
+# checksums differ) are READ and saved under DIR/volumes/<name>/failback-<n>/
+# (never journaled); a report for the operator to confirm; the recovery
+# session fenced (FB-12); the delta (every region written since the promotion,
+# set-aside records included, and the late writes) sent as PUTs; then
+# FAILBACK_END(DONE), whose ACK gives the volume back to the agent (FB-10).
+
+
+class FailbackPhase(str, enum.Enum):
+    PREPARING = "preparing"      # checks, FAILBACK_BEGIN
+    COLLECTING = "collecting"    # DIRTY_QUERY, or CHECKSUM_QUERY over the volume
+    PRESERVING = "preserving"    # READ the late writes into late-writes.img
+    CONFIRMING = "confirming"    # the report is with the operator
+    APPLYING = "applying"        # recovery session fenced, PUTs
+    FINISHING = "finishing"      # FAILBACK_END(DONE), role back, recovery session closed
+    DONE = "done"
+    ABANDONED = "abandoned"      # declined: FAILBACK_END(ABORT), nothing changed
+    FAILED = "failed"
+
+    @property
+    def running(self) -> bool:
+        return self not in (FailbackPhase.DONE, FailbackPhase.ABANDONED, FailbackPhase.FAILED)
+
+
+def extent_bytes(extents) -> int:
+    return sum(n for _, n in extents)
+
+
+def pieces_of(extents, piece: int):
+    """(offset, length) pieces of at most ``piece`` bytes covering ``extents``."""
+    for off, n in extents:
+        end = off + n
+        while off < end:
+            k = min(piece, end - off)
+            yield off, k
+            off += k
+
+
+def report_extents(extents, limit: int = 64) -> list[list[int]]:
+    """The first ``limit`` extents, for a report a person reads."""
+    return [[o, n] for o, n in extents[:limit]]
+
+
+class Failback:
+    """One fail-back of ``vol`` to the agent of ``conn`` (which attached it DEMOTED).
+
+    ``run`` drives it in the caller's thread (a control request thread) and
+    returns the summary, or raises RequestError; ``emit(obj)`` sends progress to
+    the operator, ``confirm(report)`` returns their answer.  The agent's answers
+    arrive on the connection's recv loop, which hands them over through
+    ``on_ack``/``on_error``/``on_read_reply``/``on_reply`` (this object is the
+    owner of its requests in ``conn.hub_requests``, as a SyncJob is of its own).
+    """
+
+    def __init__(self, hub: Hub, vol: Volume, conn: AgentConnection, emit, confirm):
+        self.hub = hub
+        self.store = hub.store
+        self.vol = vol
+        self.conn = conn
+        self.agent = conn.agent_id
+        self.attach = conn.demoted[vol.id]   # the agent's DEMOTED ATTACH
+        self.emit = emit
+        self.confirm = confirm
+        self.phase = FailbackPhase.PREPARING
+        self.cond = threading.Condition()
+        self.asked: dict[int, tuple[int, int]] = {}     # our outstanding req -> range
+        self.answers: dict[int, tuple] = {}             # req -> (msg or error text, barrier)
+        self.begun = False        # FAILBACK_BEGIN was ACKed: the agent takes PUTs
+        self.fenced = False       # the recovery session's RWRITEs are refused (FB-12)
+        self.end_req = 0          # FAILBACK_END(DONE)'s request id
+        self.returned = False     # its ACK came: the volume is the agent's again
+        self.late: list[tuple[int, int]] = []
+        self.late_known = True    # False: no trustworthy dirty map, chunks compared
+        self.late_why = ""
+        self.late_dir: str | None = None
+        self.delta: list[tuple[int, int]] = []
+        self.done_bytes = 0
+        self.total_bytes = 0
+        self.sent_bytes = 0       # PUT lengths sent (FLAG_ZERO ones included)
+        self.error: str | None = None
+        self.started = time.monotonic()
+        self.started_ns = time.time_ns()
+        self.last_emit = 0.0
+        promos = self.store.current_promotions(vol)
+        #: Records of the volume after this seq are its writes since the promotion:
+        #: the set-aside ones and the recovery site's (PROTOCOL.md FB-8).
+        self.since_seq = min(pr["point_seq"] for pr in promos) if promos else \
+            self.store.journal.last_seq
+
+    # -- the recv loop hands answers over (connection thread) -----------------------
+
+    def _answer(self, req: int, item, barrier: int = 0) -> None:
+        with self.cond:
+            self.asked.pop(req, None)
+            self.answers[req] = (item, barrier)
+            self.cond.notify_all()
+        self.conn.hub_requests.pop(req, None)
+
+    def on_ack(self, msg: p.Ack) -> None:
+        if msg.request_id == self.end_req and msg.request_id:
+            # FB-10: the volume is the agent's again before its next frame is read.
+            self._role_returns()
+        self._answer(msg.request_id, msg)
+
+    def on_error(self, msg: p.Error) -> None:
+        self._answer(msg.request_id, msg)
+
+    def on_read_reply(self, header, msg: p.ReadReply) -> None:
+        with self.cond:
+            want = self.asked.get(msg.request_id)
+        if (msg.volume, msg.offset, msg.length) != (self.vol.id, *want):
+            err = p.InvalidField(f"READ_REPLY req={msg.request_id} is for vol={msg.volume} "
+                                 f"off={msg.offset} len={msg.length}, expected vol={self.vol.id}"
+                                 f" off={want[0]} len={want[1]}")
+            self._answer(msg.request_id, str(err))
+            raise err
+        self._answer(msg.request_id, msg)
+
+    def on_reply(self, msg, barrier_seq: int) -> None:
+        """A DIRTY_MAP or CHECKSUMS answering our query (recv loop)."""
+        with self.cond:
+            want = self.asked.get(msg.request_id)
+        try:
+            if msg.volume != self.vol.id:
+                raise p.InvalidField(f"{msg.TYPE.name} req={msg.request_id} is for vol="
+                                     f"{msg.volume}, expected {self.vol.id}")
+            if isinstance(msg, p.DirtyMap):
+                for off, n in msg.extents:
+                    p.check_range(off, n, self.vol.size, "DIRTY_MAP extent")
+            elif (msg.offset, msg.length, msg.chunk_size) != (*want, self.attach.chunk_size):
+                raise p.InvalidField(
+                    f"CHECKSUMS req={msg.request_id} covers off={msg.offset} len={msg.length} "
+                    f"chunk={msg.chunk_size}, expected off={want[0]} len={want[1]} "
+                    f"chunk={self.attach.chunk_size}")
+            elif len(msg.digests) != -(-msg.length // msg.chunk_size):
+                raise p.InvalidField(f"CHECKSUMS req={msg.request_id} carries "
+                                     f"{len(msg.digests)} digests, expected "
+                                     f"{-(-msg.length // msg.chunk_size)}")
+        except p.RequestError as err:
+            self._answer(msg.request_id, str(err))
+            raise
+        self._answer(msg.request_id, msg, barrier_seq)
+
+    def _role_returns(self) -> None:
+        """FAILBACK_END(DONE) is ACKed (recv loop): the agent's disk equals the
+        volume; it is protected again, attached normally on this connection."""
+        vol, a = self.vol, self.attach
+        entry = dict(time_ns=time.time_ns(), agent=self.agent, delta_bytes=extent_bytes(self.delta),
+                     sent_bytes=self.sent_bytes, after_seq=self.store.journal.last_seq,
+                     late_writes=self.late_summary(), late_writes_dir=self.late_dir)
+        vol.update(role="protected", failbacks=vol.meta.get("failbacks", []) + [entry],
+                   state=VolState.CONSISTENT.value, pending_plan=None,
+                   generation=bytes(a.generation).hex(), chunk_size=a.chunk_size)
+        self.conn.demoted.pop(vol.id, None)
+        self.returned = True
+        log.info("volume %s failed back to agent %s: protected again, its writes are "
+                 "journaled from the next frame on", vol.name, self.agent)
+
+    # -- the driver (control request thread) -------------------------------------------
+
+    def fail(self, text: str, code=p.ErrorCode.IO_ERROR):
+        raise p.RequestError(f"fail-back of {self.vol.name} to agent {self.agent}: {text}",
+                             code=code)
+
+    def set_phase(self, phase: FailbackPhase, text: str) -> None:
+        self.phase = phase
+        log.info("fail-back of %s to %s: %s: %s", self.vol.name, self.agent, phase.value, text)
+        self._emit(dict(phase=phase.value, message=text), force=True)
+
+    def _emit(self, obj: dict, force: bool = False) -> None:
+        """Tell the operator; a CLI that went away does not stop the fail-back."""
+        now = time.monotonic()
+        if not force and now - self.last_emit < 0.5:
+            return
+        self.last_emit = now
+        try:
+            self.emit(obj)
+        except (OSError, ValueError):
+            pass
+
+    def progress(self) -> None:
+        self._emit(dict(phase=self.phase.value, progress=self.done_bytes,
+                        total=self.total_bytes))
+
+    def ask(self, msg: p.Message, rng=(0, 0)) -> int:
+        """Send a request whose answer comes back to us; return its id."""
+        with self.cond:
+            self.asked[msg.request_id] = rng
+        self.conn.hub_requests[msg.request_id] = self
+        try:
+            self.conn.send(msg)
+        except (OSError, ConnectionClosed) as err:
+            self.fail(f"the agent's connection is gone ({err}); the volume stays promoted, "
+                      "nothing changed on the hub: run the fail-back again")
+        return msg.request_id
+
+    def wait(self, reqs, what: str, answer: type = p.Ack):
+        """The first answer to one of ``reqs``: (req, msg, barrier).  An ERROR, an
+        answer that is not an ``answer``, a lost connection or a timeout fails
+        the fail-back."""
+        deadline = time.monotonic() + FAILBACK_ANSWER_TIMEOUT
+        with self.cond:
+            while True:
+                for req in reqs:
+                    if req in self.answers:
+                        item, barrier = self.answers.pop(req)
+                        if isinstance(item, str):
+                            self.fail(f"bad answer to {what}: {item}", p.ErrorCode.PROTOCOL)
+                        if isinstance(item, p.Error):
+                            code = item.code if item.code in set(p.ErrorCode) else \
+                                p.ErrorCode.IO_ERROR
+                            self.fail(f"the agent answered {what} with ERROR "
+                                      f"{item.code_name()}: {item.message}", code)
+                        if not isinstance(item, answer):
+                            self.fail(f"the agent answered {what} with {item.TYPE.name}, "
+                                      f"expected {answer.TYPE.name}", p.ErrorCode.PROTOCOL)
+                        return req, item, barrier
+                if self.conn.closing.is_set() or self.hub.stopping.is_set():
+                    self.fail(f"the agent's connection closed while waiting for {what}; the "
+                              "volume stays promoted, nothing is lost: run the fail-back again",
+                              p.ErrorCode.IO_ERROR)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.fail(f"no answer to {what} within {FAILBACK_ANSWER_TIMEOUT:.0f} s",
+                              p.ErrorCode.IO_ERROR)
+                self.cond.wait(min(left, POLL_INTERVAL))
+
+    def run(self) -> dict:
+        try:
+            self.begin()
+            self.collect()
+            self.preserve()
+            report = self.report()
+            self.set_phase(FailbackPhase.CONFIRMING, "waiting for the operator")
+            if not self.confirm(report):
+                self.end(p.FailbackOutcome.ABORT)
+                self.phase = FailbackPhase.ABANDONED
+                log.info("fail-back of %s to %s abandoned by the operator: nothing changed",
+                         self.vol.name, self.agent)
+                return dict(self.summary(), outcome="abandoned",
+                            message="fail-back abandoned: nothing changed")
+            self.apply()
+            self.finish()
+            self.phase = FailbackPhase.DONE
+            return dict(self.summary(), outcome="done")
+        except BaseException as err:
+            self.error = str(err)
+            self.phase = FailbackPhase.FAILED
+            log.warning("fail-back of %s to %s failed: %s", self.vol.name, self.agent, err)
+            if self.begun and not self.returned and not self.conn.closing.is_set():
+                try:  # the agent resumes as before, still DEMOTED (FB-11)
+                    self.end(p.FailbackOutcome.ABORT)
+                except p.RequestError as abort_err:
+                    log.warning("fail-back of %s: FAILBACK_END(ABORT) failed too: %s",
+                                self.vol.name, abort_err)
+            raise
+        finally:
+            if self.fenced and not self.returned:
+                log.info("fail-back of %s: the recovery session may write again",
+                         self.vol.name)
+            self.fenced = False
+            self.answers.clear()
+            for req in list(self.asked):
+                self.conn.hub_requests.pop(req, None)
+
+    def begin(self) -> None:
+        self.set_phase(FailbackPhase.PREPARING, f"FAILBACK_BEGIN to agent {self.agent}")
+        req = self.ask(p.FailbackBegin(request_id=self.conn.next_request_id(),
+                                       volume=self.vol.id))
+        self.wait([req], "FAILBACK_BEGIN")
+        self.begun = True
+
+    def end(self, outcome: p.FailbackOutcome) -> None:
+        req = self.conn.next_request_id()
+        if outcome == p.FailbackOutcome.DONE:
+            self.end_req = req
+        self.ask(p.FailbackEnd(request_id=req, volume=self.vol.id, outcome=outcome))
+        self.wait([req], f"FAILBACK_END({outcome.name})")
+        self.begun = False
+
+    def collect(self) -> None:
+        """The late writes: the agent's dirty map if it can be trusted (ATTACH
+        said CLEAN/DIRTY with the generation the hub knows), else the chunks
+        whose checksums differ from the hub's volume (FB-8)."""
+        a, vol, j = self.attach, self.vol, self.store.journal
+        if bytes(a.generation).hex() != vol.meta["generation"]:
+            self.late_known, self.late_why = False, "another generation (state created anew)"
+        elif a.state == p.VolumeState.UNKNOWN:
+            self.late_known, self.late_why = False, "the agent reported state UNKNOWN"
+        elif j.first_seq > self.since_seq + 1:
+            self.late_known = False
+            self.late_why = "the journal no longer covers the promotion"
+        if self.late_known:
+            self.set_phase(FailbackPhase.COLLECTING, "DIRTY_QUERY: the agent's dirty map")
+            req = self.ask(p.DirtyQuery(request_id=self.conn.next_request_id(), volume=vol.id))
+            _, msg, _ = self.wait([req], "DIRTY_QUERY", p.DirtyMap)
+            self.late = [(s, e - s) for s, e in merge_ranges((o, o + n) for o, n in msg.extents)]
+        else:
+            self.set_phase(FailbackPhase.COLLECTING, f"no trustworthy dirty map ({self.late_why}):"
+                           " comparing checksums over the whole volume")
+            self.late = self.compare()
+
+    def compare(self) -> list[tuple[int, int]]:
+        """CHECKSUM_QUERY over the volume against the hub's current volume; the
+        differing chunks, merged."""
+        chunk, size = self.attach.chunk_size, self.vol.size
+        span = chunk * VERIFY_CHUNKS_PER_QUERY
+        todo = collections.deque((off, min(span, size - off)) for off in range(0, size, span))
+        self.total_bytes, self.done_bytes = size, 0
+        outstanding: set[int] = set()
+        differ: list[tuple[int, int]] = []
+        while todo or outstanding:
+            while todo and len(outstanding) < VERIFY_WINDOW:
+                off, n = todo.popleft()
+                outstanding.add(self.ask(p.ChecksumQuery(
+                    request_id=self.conn.next_request_id(), volume=self.vol.id, offset=off,
+                    length=n, chunk_size=chunk), (off, n)))
+            req, msg, barrier = self.wait(list(outstanding), "CHECKSUM_QUERY", p.Checksums)
+            outstanding.discard(req)
+            data = self.store.read_at(self.vol, barrier, msg.offset, msg.length)
+            for i, digest in enumerate(msg.digests):
+                c_off = msg.offset + i * chunk
+                c_len = min(chunk, msg.offset + msg.length - c_off)
+                rel = c_off - msg.offset
+                mine = bytes(c_len) if data is None else memoryview(data)[rel:rel + c_len]
+                if hashlib.sha256(mine).digest() != digest:
+                    differ.append((c_off, c_off + c_len))
+            self.done_bytes += msg.length
+            self.progress()
+        return [(s, e - s) for s, e in merge_ranges(differ)]
+
+    def preserve(self) -> None:
+        """READ every late region from the agent into late-writes.img (sparse, the
+        data at its own offsets) + late-writes.json; never journaled."""
+        base = self.vol.dir
+        n = 1
+        while os.path.exists(os.path.join(base, FAILBACK_DIR.format(n=n))):
+            n += 1
+        self.late_dir = os.path.join(base, FAILBACK_DIR.format(n=n))
+        os.makedirs(self.late_dir)
+        self.set_phase(FailbackPhase.PRESERVING, f"saving {len(self.late)} late-write extents "
+                       f"({fmt_bytes(extent_bytes(self.late))}) in {self.late_dir}")
+        self.total_bytes, self.done_bytes = extent_bytes(self.late), 0
+        fd = os.open(os.path.join(self.late_dir, LATE_WRITES_IMAGE),
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, self.vol.size)
+            outstanding: set[int] = set()
+            todo = collections.deque(pieces_of(self.late, FAILBACK_PIECE))
+            while todo or outstanding:
+                while todo and len(outstanding) < FAILBACK_WINDOW:
+                    off, k = todo.popleft()
+                    outstanding.add(self.ask(p.Read(request_id=self.conn.next_request_id(),
+                                                    volume=self.vol.id, offset=off, length=k),
+                                             (off, k)))
+                req, msg, _ = self.wait(list(outstanding), "READ (late writes)", p.ReadReply)
+                outstanding.discard(req)
+                if not msg.is_zero:
+                    os.pwrite(fd, msg.data, msg.offset)
+                self.done_bytes += msg.length
+                self.progress()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        atomic_write_json(os.path.join(self.late_dir, LATE_WRITES_JSON),
+                          dict(self.late_summary(), extents=[[o, k] for o, k in self.late],
+                               image=LATE_WRITES_IMAGE, volume=self.vol.name,
+                               size=self.vol.size))
+        fsync_dir(base)
+
+    def late_summary(self) -> dict:
+        return dict(agent=self.agent, time_ns=self.started_ns, known=self.late_known,
+                    why_unknown=self.late_why or None, extent_count=len(self.late),
+                    bytes=extent_bytes(self.late))
+
+    def journal_regions(self, upto: int) -> tuple[list, list, int]:
+        """Merged regions of the volume's records after ``since_seq`` up to ``upto``:
+        (set-aside ones, the others: the recovery site's, how many set-aside records)."""
+        vol, j = self.vol, self.store.journal
+        aside, recovery = [], []
+        after = self.since_seq
+        while after < upto:
+            recs = j.records_between(after, upto, 4096)
+            if not recs:
+                break
+            for rec in recs:
+                if rec.volume == vol.id and rec.kind in (RecordKind.WRITE, RecordKind.ZERO):
+                    into = aside if self.store.set_aside_of(vol, rec.seq) else recovery
+                    into.append((rec.offset, rec.end))
+            after = recs[-1].seq
+        return merge_ranges(aside), merge_ranges(recovery), len(aside)
+
+    def report(self) -> dict:
+        """What the operator confirms (FB-9): the set-aside entries (kept), the late
+        writes (saved, about to be overwritten), the recovery-side writes, the delta."""
+        aside, recovery, records = self.journal_regions(self.store.journal.last_seq)
+        self.delta = self.merged_delta(aside, recovery)
+        promos = self.store.current_promotions(self.vol)
+        as_ext = [(s, e - s) for s, e in aside]
+        return dict(
+            volume=self.vol.name, agent=self.agent,
+            set_aside=dict(records=records, extent_count=len(as_ext),
+                           extents=report_extents(as_ext), bytes=extent_bytes(as_ext),
+                           promotions=[dict(point=pr["point"], seq=pr["point_seq"],
+                                            set_aside_from=pr["set_aside_from"],
+                                            set_aside_to=pr["set_aside_to"],
+                                            kept=pr.get("kept", True)) for pr in promos],
+                           note="kept: fail-back never releases them; export them with "
+                                "rephub.py export --set-aside"),
+            late_writes=dict(self.late_summary(), extents=report_extents(self.late),
+                             saved_in=self.late_dir,
+                             image=os.path.join(self.late_dir, LATE_WRITES_IMAGE)),
+            recovery_writes=dict(extent_count=len(recovery),
+                                 bytes=sum(e - s for s, e in recovery)),
+            delta=dict(extent_count=len(self.delta), extents=report_extents(self.delta),
+                       bytes=extent_bytes(self.delta)))
+
+    def merged_delta(self, aside, recovery) -> list[tuple[int, int]]:
+        late = [(o, o + n) for o, n in self.late]
+        return [(s, e - s) for s, e in merge_ranges([*aside, *recovery, *late])]
+
+    def apply(self) -> None:
+        """Fence the recovery session, wait until the replica has every record,
+        send the delta as PUTs (FB-8), FAILBACK_WINDOW in flight."""
+        j, vol = self.store.journal, self.vol
+        with j.lock:  # no RWRITE is journaled after this (append_data checks under the lock)
+            self.fenced = True
+            last = j.last_seq
+        self.set_phase(FailbackPhase.APPLYING, "recovery session fenced: its writes are "
+                       "refused from now on")
+        self.store.pin(last)
+        try:
+            if not j.wait_durable(last, timeout=FAILBACK_ANSWER_TIMEOUT):
+                self.fail(f"the journal did not become durable up to seq {last}")
+            self.store.wait_applied(last, timeout=FAILBACK_ANSWER_TIMEOUT)
+            aside, recovery, _ = self.journal_regions(last)  # the newest writes included
+            self.delta = self.merged_delta(aside, recovery)
+            self.total_bytes, self.done_bytes = extent_bytes(self.delta), 0
+            self._emit(dict(phase=self.phase.value, message=f"sending {len(self.delta)} "
+                            f"extents ({fmt_bytes(self.total_bytes)}) as PUTs"), force=True)
+            outstanding: dict[int, int] = {}
+            todo = collections.deque(pieces_of(self.delta, FAILBACK_PIECE))
+            while todo or outstanding:
+                while todo and len(outstanding) < FAILBACK_WINDOW:
+                    off, k = todo.popleft()
+                    data = self.store.read_at(vol, last, off, k)
+                    req = self.conn.next_request_id()
+                    put = (p.Put(request_id=req, volume=vol.id, offset=off, length=k,
+                                 flags=p.FLAG_ZERO) if data is None else
+                           p.Put(request_id=req, volume=vol.id, offset=off, data=data))
+                    outstanding[self.ask(put, (off, k))] = k
+                    self.sent_bytes += k
+                req, _, _ = self.wait(list(outstanding), "PUT")
+                self.done_bytes += outstanding.pop(req)
+                self.progress()
+        finally:
+            self.store.pin(last, -1)
+
+    def finish(self) -> None:
+        """Every PUT is ACKed: FAILBACK_END(DONE); its ACK returns the role (in the
+        recv loop); then the recovery session is closed with GOODBYE (FB-12)."""
+        self.set_phase(FailbackPhase.FINISHING, "FAILBACK_END(DONE)")
+        self.end(p.FailbackOutcome.DONE)
+        if not self.returned:
+            self.fail("FAILBACK_END was answered but the volume was not handed back")
+        with self.hub.session_lock:
+            s = self.hub.sessions.get(self.vol.name)
+        if s is not None:
+            self.hub.close_session(s)
+            reason = f"volume {self.vol.name} failed back to agent {self.agent}"
+            if s.conn.sessions:
+                log.warning("recovery connection %s keeps other sessions open: not closed",
+                            s.conn.peer)
+            else:
+                s.conn.say_goodbye(reason)
+
+    def summary(self) -> dict:
+        return dict(volume=self.vol.name, agent=self.agent,
+                    delta_bytes=extent_bytes(self.delta), sent_bytes=self.sent_bytes,
+                    late_writes=self.late_summary(), late_writes_dir=self.late_dir,
+                    seconds=round(time.monotonic() - self.started, 3))
+
+    def status(self) -> dict:
+        return dict(phase=self.phase.value, to=self.agent, done_bytes=self.done_bytes,
+                    total_bytes=self.total_bytes, sent_bytes=self.sent_bytes,
+                    delta_bytes=extent_bytes(self.delta), late_writes_bytes=extent_bytes(self.late),
+                    late_writes_known=self.late_known, late_writes_dir=self.late_dir,
+                    fenced=self.fenced, started=fmt_time_ns(self.started_ns), error=self.error)
+
+
+# ---------------------------------------------------------------------------
 # The hub
 
 
@@ -3026,6 +3628,10 @@ class Hub:
 
     def _reserve(self, vol: Volume) -> None:
         with self.session_lock:
+            fb = vol.failback
+            if fb is not None and fb.phase.running:
+                raise p.RequestError(f"volume {vol.name!r} is busy: failing back to agent "
+                                     f"{fb.agent} ({fb.phase.value})", code=p.ErrorCode.BUSY)
             if vol.name in self.sessions:
                 other = self.sessions[vol.name]
                 raise p.RequestError(f"volume {vol.name!r} is busy: "
@@ -3075,6 +3681,36 @@ class Hub:
                     self.sessions.pop(vol.name, None)
         return dict(res, time_ns=t_ns)
 
+    def failback(self, volume: str, agent_id: str, emit, confirm) -> dict:
+        """Bring promoted ``volume`` home to ``agent_id`` (``rephub.py failback``;
+        the control request thread): see ``Failback``.  Refused clearly unless
+        the volume is promoted and its owner is connected with it attached DEMOTED."""
+        vol = self.store.volume(volume)
+        if vol is None:
+            raise p.RequestError(f"no volume named {volume!r}", code=p.ErrorCode.NO_SUCH_VOLUME)
+        if vol.meta.get("role") != "promoted":
+            raise p.RequestError(f"volume {volume} is not promoted: nothing to fail back",
+                                 code=p.ErrorCode.BAD_PHASE)
+        if vol.owner != agent_id:
+            raise p.RequestError(f"volume {volume} belongs to agent {vol.owner}, not "
+                                 f"{agent_id}: a fail-back goes to the volume's owner",
+                                 code=p.ErrorCode.NOT_OWNER)
+        conn = vol.attached_to
+        if (conn is None or conn.agent_id != agent_id or conn.closing.is_set()
+                or vol.id not in conn.demoted):
+            raise p.RequestError(f"agent {agent_id} is not connected with volume {volume} "
+                                 "attached DEMOTED: start repagent.py protect --accept-failback "
+                                 "... on the original host", code=p.ErrorCode.BAD_PHASE)
+        with self.session_lock:
+            if vol.failback is not None and vol.failback.phase.running:
+                raise p.RequestError(f"a fail-back of {volume} to agent {vol.failback.agent} "
+                                     f"is already running ({vol.failback.phase.value})",
+                                     code=p.ErrorCode.BUSY)
+            if vol.name in self.sessions and self.sessions[vol.name] is None:
+                raise p.RequestError(f"volume {volume} is being promoted", code=p.ErrorCode.BUSY)
+            fb = vol.failback = Failback(self, vol, conn, emit, confirm)
+        return fb.run()
+
     def status(self) -> dict:
         store, j = self.store, self.store.journal
         now = time.time_ns()
@@ -3091,7 +3727,10 @@ class Hub:
                 lag_s=round((now - vol.unapplied_since_ns) / 1e9, 3)
                 if vol.unapplied_since_ns else 0.0,
                 last_ack=fmt_time_ns(vol.last_ack_ns),
-                undo_records=len(vol.undo), replicated_bytes=vol.journaled_bytes))
+                undo_records=len(vol.undo), replicated_bytes=vol.journaled_bytes,
+                role=vol.meta.get("role", "protected"),
+                demoted=vol.attached_to is not None and vol.id in vol.attached_to.demoted,
+                failback=vol.failback.status() if vol.failback is not None else None))
         with self.conn_lock:
             agents = [c.status() for c in self.by_agent.values()]
         with self.error_lock:
@@ -3290,6 +3929,13 @@ class ControlServer:
     export and verify zero or more ``{"progress": done, "total": size}`` lines, then
     always ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": text,
     "code": ErrorCode name}``.
+
+    ``{"cmd": "failback", "volume": V, "to": AGENT_ID}`` (``Hub.failback``) is a
+    conversation: the hub sends ``{"phase": P, "message": text}`` as each phase
+    starts and ``{"phase": P, "progress": done, "total": n}`` lines, then
+    ``{"report": {...}}``; the client answers one line ``{"confirm": true}``
+    (or false: the fail-back is abandoned); then progress lines and the final
+    ``{"ok": ...}`` line, whose result has ``"outcome": "done"`` or ``"abandoned"``.
     """
 
     def __init__(self, hub: Hub):
@@ -3329,13 +3975,37 @@ class ControlServer:
         """Control request thread."""
         with client:
             out = client.makefile("wb")
+            reader = client.makefile("rb")
+
+            def emit(obj):
+                out.write(json.dumps(obj).encode() + b"\n")
+                out.flush()
+
+            def ask(obj, timeout: float):
+                """Send ``obj``, return the client's one-line JSON answer (None: none
+                within ``timeout``, or the hub is stopping)."""
+                emit(obj)
+                deadline = time.monotonic() + timeout
+                while not select.select([client], [], [], POLL_INTERVAL)[0]:
+                    if self.stop_event.is_set() or time.monotonic() > deadline:
+                        return None
+                client.settimeout(10)
+                try:
+                    answer = reader.readline(64 * 1024)
+                except OSError:
+                    return None
+                finally:
+                    client.settimeout(None)
+                try:
+                    return json.loads(answer) if answer else None
+                except ValueError:
+                    return None
             try:
                 client.settimeout(10)
-                line = client.makefile("rb").readline(64 * 1024)
+                line = reader.readline(64 * 1024)
                 client.settimeout(None)
                 req = json.loads(line)
-                result = self.dispatch(req, lambda obj: (out.write(json.dumps(obj).encode()
-                                                                   + b"\n"), out.flush()))
+                result = self.dispatch(req, emit, ask)
                 reply = dict(ok=True, result=result)
             except p.ReplicationError as err:
                 reply = dict(ok=False, error=str(err), code=p.ErrorCode(err.code).name)
@@ -3347,7 +4017,7 @@ class ControlServer:
             except OSError:
                 pass
 
-    def dispatch(self, req: dict, emit):
+    def dispatch(self, req: dict, emit, ask=None):
         cmd = req["cmd"]
         store = self.hub.store
         if cmd == "status":
@@ -3371,6 +4041,11 @@ class ControlServer:
             return self.hub.promote(vol.name, req["at"])
         if cmd == "release":
             return store.release_set_aside(vol)
+        if cmd == "failback":
+            def confirm(report) -> bool:
+                answer = ask(dict(report=report), FAILBACK_CONFIRM_TIMEOUT) if ask else None
+                return isinstance(answer, dict) and answer.get("confirm") is True
+            return self.hub.failback(vol.name, str(req["to"]), emit, confirm)
         raise ValueError(f"unknown command {cmd!r}")
 
     def close(self, grace: float = 30.0) -> None:
@@ -3416,7 +4091,7 @@ def export_volume(store: VolumeStore, vol: Volume, at: str, output: str, progres
 #: Control commands that may run for long (whole-volume work) wait as long
 #: as they need; every other answer must come within QUICK_REPLY seconds, so
 #: `status` against a hung (SIGSTOPped) hub fails instead of hanging.
-LONG_CONTROL_COMMANDS = frozenset({"export", "verify", "promote"})
+LONG_CONTROL_COMMANDS = frozenset({"export", "verify", "promote", "failback"})
 QUICK_REPLY = 30.0
 
 
@@ -3424,7 +4099,9 @@ def control_request(data_dir: str, req: dict, on_line=None, timeout: float = 5.0
     """Send one request to a running hub; return its result (raises on failure).
 
     ``timeout`` bounds the connect; the answer is bounded by QUICK_REPLY
-    unless the command is one of LONG_CONTROL_COMMANDS.  Raises
+    unless the command is one of LONG_CONTROL_COMMANDS.  Each line before the
+    answer goes to ``on_line``; a dict it returns is sent back as one JSON line
+    (``failback``'s confirmation).  Raises
     FileNotFoundError/ConnectionRefusedError when no hub runs on ``data_dir``,
     TimeoutError when a running hub does not answer in time.
     """
@@ -3437,8 +4114,9 @@ def control_request(data_dir: str, req: dict, on_line=None, timeout: float = 5.0
         for line in s.makefile("rb"):
             obj = json.loads(line)
             if "ok" not in obj:
-                if on_line:
-                    on_line(obj)
+                back = on_line(obj) if on_line else None
+                if back is not None:
+                    s.sendall(json.dumps(back).encode() + b"\n")
                 continue
             if not obj["ok"]:
                 raise CommandError(f"{obj.get('code')}: {obj['error']}")
@@ -3464,6 +4142,11 @@ def format_table(headers: list[str], rows: list[list[str]], right=()) -> list[st
 def volume_state_words(v: dict) -> str:
     """What a volume's state means for an operator (the JSON keeps ``state``)."""
     running = bool(v["sync"] and v["sync"].get("running"))
+    fb = v.get("failback")
+    if fb and FailbackPhase(fb["phase"]).running:
+        return "failing back"
+    if v.get("role") == "promoted":
+        return "promoted, demoted agent attached" if v.get("demoted") else "promoted"
     if v["state"] == VolState.CONSISTENT.value:
         return "consistent"
     if v["state"] == VolState.SYNCING.value:
@@ -3511,6 +4194,17 @@ def format_status(st: dict) -> str:
                               rows, right=(3,))
     else:
         lines.append("(no agents connected)")
+    for v in st["volumes"]:
+        fb = v.get("failback")
+        if fb:
+            total = fb["total_bytes"]
+            pct = f" {100.0 * fb['done_bytes'] / total:5.1f}% ({fmt_bytes(fb['done_bytes'])} of " \
+                  f"{fmt_bytes(total)})" if total else ""
+            lines.append(f"fail-back of {v['name']} to {fb['to']} (since {fb['started']}): "
+                         f"{fb['phase']}{pct}; delta {fmt_bytes(fb['delta_bytes'])}, sent "
+                         f"{fmt_bytes(fb['sent_bytes'])}, late writes "
+                         f"{fmt_bytes(fb['late_writes_bytes'])}"
+                         + (f"; {fb['error']}" if fb["error"] else ""))
     for s in st.get("sessions", ()):
         lines.append(f"recovery: {s['mode']} session of {s['volume']} at {s['point']} (seq "
                      f"{s['seq']}) by {s['agent']} from {s['address']}, {s['writes']} writes")
@@ -3752,6 +4446,85 @@ def cmd_verify(args) -> int:
     return 0 if res["repaired"] or not res["differing"] else 2
 
 
+def format_failback_report(r: dict) -> str:
+    """The fail-back report the operator confirms (``Failback.report``)."""
+    def extents(ext: list, count: int) -> str:
+        shown = ", ".join(f"{o}+{n}" for o, n in ext[:8])
+        return f" [{shown}{', ...' if count > 8 else ''}]" if ext else ""
+    sa, lw, rw, d = r["set_aside"], r["late_writes"], r["recovery_writes"], r["delta"]
+    lines = [f"fail-back of {r['volume']} to agent {r['agent']}:"]
+    lines.append(f"  set aside at the promotion: {sa['records']} journal records, "
+                 f"{sa['extent_count']} extents, {fmt_bytes(sa['bytes'])}"
+                 f"{extents(sa['extents'], sa['extent_count'])}; kept, exportable with "
+                 f"rephub.py export --set-aside (fail-back never releases them)")
+    if lw["known"]:
+        lines.append(f"  late writes at the original site, never received: "
+                     f"{lw['extent_count']} extents, {fmt_bytes(lw['bytes'])}"
+                     f"{extents(lw['extents'], lw['extent_count'])}")
+    else:
+        lines.append(f"  late writes: unknown (no trustworthy bitmap: {lw['why_unknown']}): "
+                     f"{lw['extent_count']} extents differ, {fmt_bytes(lw['bytes'])}"
+                     f"{extents(lw['extents'], lw['extent_count'])}")
+    lines.append(f"    saved in {lw['image']} (+ {LATE_WRITES_JSON}); the fail-back "
+                 "overwrites them at the original site")
+    lines.append(f"  written at the recovery site since the promotion: {rw['extent_count']} "
+                 f"extents, {fmt_bytes(rw['bytes'])}")
+    lines.append(f"  delta to send: {d['extent_count']} extents, {fmt_bytes(d['bytes'])}"
+                 f"{extents(d['extents'], d['extent_count'])}")
+    return "\n".join(lines)
+
+
+def cmd_failback(args) -> int:
+    """Bring a promoted volume home: the hub sends the delta to the original agent
+    after the operator confirmed the report.  Exit 0 done, 1 refused/failed/declined."""
+    if not hub_running(args.data):
+        raise CommandError(f"no hub is running on {args.data}: a fail-back talks to the "
+                           "original agent over its live connection")
+
+    def out(obj):
+        if args.json:
+            print(json.dumps(obj), flush=True)
+
+    def on_line(o):
+        if "report" in o:
+            out(o)
+            if not args.json:
+                print(format_failback_report(o["report"]), flush=True)
+            return {"confirm": confirm()}
+        if "message" in o:
+            print(f"fail-back: {o['phase']}: {o['message']}", file=sys.stderr, flush=True)
+        elif o.get("total"):
+            print(f"fail-back: {o['phase']}: {100.0 * o['progress'] / o['total']:5.1f}% "
+                  f"({fmt_bytes(o['progress'])} of {fmt_bytes(o['total'])})", file=sys.stderr,
+                  flush=True)
+        return None
+
+    def confirm() -> bool:
+        if args.yes:
+            return True
+        if not sys.stdin.isatty():
+            print("fail-back: stdin is not a terminal and --yes was not given: declining",
+                  file=sys.stderr, flush=True)
+            return False
+        print('Type "yes" to overwrite the late writes at the original site and fail back: ',
+              end="", file=sys.stderr, flush=True)
+        return sys.stdin.readline().strip() == "yes"
+
+    res = control_request(args.data, {"cmd": "failback", "volume": args.volume,
+                                      "to": args.to}, on_line=on_line, timeout=10)
+    out({"result": res})
+    if res["outcome"] != "done":
+        print(f"{res['message']}", file=sys.stderr)
+        return 1
+    if not args.json:
+        lw = res["late_writes"]
+        print(f"failed back {res['volume']} to agent {res['agent']}: delta "
+              f"{fmt_bytes(res['delta_bytes'])}, {fmt_bytes(res['sent_bytes'])} sent, late writes "
+              f"{fmt_bytes(lw['bytes'])} saved in {res['late_writes_dir']}, "
+              f"{res['seconds']:.1f} s; protection from {res['agent']} resumes")
+    return 0
+
+
 def parse_host_port(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:PORT`` for IPv6; an empty host means every address)."""
     host, sep, port = text.rpartition(":")
@@ -3825,6 +4598,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repair", action="store_true", help="resync the differing chunks")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_verify)
+    s = sub.add_parser("failback", help="bring a promoted volume home: send the delta to its "
+                       "original agent (attached DEMOTED), after a report you confirm")
+    s.add_argument("--data", required=True)
+    s.add_argument("volume")
+    s.add_argument("--to", required=True, metavar="AGENT_ID", help="the volume's owner")
+    s.add_argument("--yes", action="store_true", help="confirm without asking")
+    s.add_argument("--json", action="store_true", help="the report and the result as JSON "
+                   "lines on stdout")
+    s.set_defaults(func=cmd_failback)
     return ap
 
 

@@ -374,6 +374,8 @@ class RefAgent(ExternalAgent):
         self.log = self.dir / "agent.log"
         self.proc = None
         self.qsd = None
+        self.source_uri: str | None = None    # --source URI (default: QSD's export)
+        self.extra_args: list[str] = []       # more repagent.py protect options
 
     def start(self, hub_address):
         from qemu_harness import QSD
@@ -390,8 +392,9 @@ class RefAgent(ExternalAgent):
                  f"{hub_address[0]}:{hub_address[1]}", "--agent-id", self.agent_id,
                  "--secret-file", str(self.secret_file), "--qmp", str(self.agent_qmp),
                  "--node", f"{self.qsd.node}={self.volume}", "--source",
-                 f"{self.qsd.node}={self.qsd.uri}", "--state-dir", str(self.state),
-                 "--mode", "async", "--hub-timeout", "30", "--log-level", "DEBUG"],
+                 f"{self.qsd.node}={self.source_uri or self.qsd.uri}", "--state-dir",
+                 str(self.state), "--mode", "async", "--hub-timeout", "30",
+                 "--log-level", "DEBUG", *self.extra_args],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, cwd=ROOT)
         return self

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 
 from conftest import SPEC, clause_index
 
-MODULES = ("test_conformance_codec", "test_conformance_hub", "test_conformance_agent")
 #: Tests of the suite itself, not of an implementation: they cite no clause.
 SELF_TESTS = ("test_conformance_clauses", "test_conformance_broken")
+#: Every other module of the suite (codec, hub, agent, fail-back hub and agent, ...).
+MODULES = tuple(sorted(path.stem for path in Path(__file__).parent.glob("test_conformance_*.py")
+                       if path.stem not in SELF_TESTS))
 
 
 def _marks(obj) -> list:
