@@ -2792,6 +2792,35 @@ def cmd_checkpoint(args) -> int:
     return 0
 
 
+def cmd_qmp(args) -> int:
+    """Send one QMP command to QSD and print its answer as JSON (for the
+    operator's steps around a fail-back: remove the VM's export, add it back
+    above the mirror's filter node)."""
+    try:
+        arguments = json.loads(args.arguments) if args.arguments else {}
+        if not isinstance(arguments, dict):
+            raise ValueError("the arguments must be a JSON object")
+    except ValueError as err:
+        print(f"repagent.py: qmp: arguments {args.arguments!r}: {err}", file=sys.stderr)
+        return 2
+    try:
+        qmp = QMPClient(check_unix_path(args.qmp, "--qmp"))
+    except (OSError, ValueError, QMPClosed) as err:
+        hint = (" (QSD serves one client per monitor: is another one, the running agent "
+                "perhaps, holding this socket?)" if isinstance(err, TimeoutError) else "")
+        print(f"repagent.py: qmp: cannot talk to QSD on {args.qmp}: {err}{hint}",
+              file=sys.stderr)
+        return 1
+    try:
+        print(json.dumps(qmp.execute(args.command_name, **arguments), indent=2))
+        return 0
+    except (QMPError, QMPClosed, TimeoutError) as err:
+        print(f"repagent.py: qmp: {args.command_name}: {err}", file=sys.stderr)
+        return 1
+    finally:
+        qmp.close()
+
+
 # ---------------------------------------------------------------------------
 # Command line
 
@@ -2914,6 +2943,18 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--state-dir", required=True)
     cp.add_argument("name")
     cp.add_argument("--log-level", default="WARNING")
+
+    qm = sub.add_parser("qmp", help="send one QMP command to QSD, print the answer "
+                        "(e.g. to remove or add the VM's export around a fail-back)",
+                        epilog="QSD serves one client per monitor socket: use a monitor "
+                        "the running agent does not hold.  Example: repagent.py qmp "
+                        "--qmp /run/qsd/admin.sock block-export-del '{\"id\": \"vm1\"}'")
+    qm.add_argument("--qmp", required=True, help="QSD's QMP unix socket")
+    qm.add_argument("command_name", metavar="COMMAND", help="a QMP command, e.g. "
+                    "query-block-exports")
+    qm.add_argument("arguments", nargs="?", metavar="ARGS",
+                    help="its arguments as a JSON object")
+    qm.add_argument("--log-level", default="WARNING")
     return parser
 
 
@@ -3130,7 +3171,7 @@ def main(argv=None) -> int:
     setup_logging(args.log_level)
     return {"protect": cmd_protect, "unprotect": cmd_unprotect,
             "status": cmd_status, "recover": cmd_recover,
-            "checkpoint": cmd_checkpoint}[args.command](args)
+            "checkpoint": cmd_checkpoint, "qmp": cmd_qmp}[args.command](args)
 
 
 if __name__ == "__main__":

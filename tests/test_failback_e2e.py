@@ -102,10 +102,15 @@ class Sites:
                  "--recover-for", "agent1").stdout
         self.rec_secret = work / "rec1.secret"
         self.rec_secret.write_text(re.search(r"\b[0-9a-f]{64}\b", out).group(0) + "\n")
-        self.agent_qmp = work / "agent-qmp.sock"  # the harness keeps QSD's first monitor
+        # The harness keeps QSD's first monitor, the agent has the second, the
+        # operator's `repagent.py qmp` the third.
+        self.agent_qmp = work / "agent-qmp.sock"
+        self.admin_qmp = work / "admin-qmp.sock"
         self.qsd = QSD(work / "qsd", size=SIZE, node="disk0", export_name="disk0", extra_args=[
             "--chardev", f"socket,id=qmp1,path={self.agent_qmp},server=on,wait=off",
             "--monitor", "chardev=qmp1",
+            "--chardev", f"socket,id=qmp2,path={self.admin_qmp},server=on,wait=off",
+            "--monitor", "chardev=qmp2",
             "--export", "type=nbd,id=src0,node-name=disk0,name=src0,writable=off"]).start()
         self.source = f"nbd+unix:///src0?socket={self.qsd.export_path}"
         self.agent = AgentProc(work, self.hub, self.hub.secret_file, self.agent_qmp,
@@ -125,6 +130,11 @@ class Sites:
     def checkpoint(self, name: str) -> None:
         py("repagent.py", "checkpoint", "--state-dir", str(self.agent.state), name)
         self.model.checkpoint(name)
+
+    def qmp(self, command: str, arguments: dict | None = None, check=True):
+        """The operator's QMP command, through ``repagent.py qmp``."""
+        argv = ["repagent.py", "qmp", "--qmp", str(self.admin_qmp), command]
+        return py(*argv, *([json.dumps(arguments)] if arguments else []), check=check)
 
     def recover_failover(self, at: str) -> str:
         """``repagent.py recover --failover``; return the NBD socket it serves."""
@@ -225,9 +235,11 @@ def test_failback_brings_the_recovery_volume_home_with_the_delta_only(sites):
     # 4. The old site goes down and comes back; its VM is stopped (export removed).
     s.agent.kill()
     s.guest.close()
-    s.qsd.qmp("block-export-del", id="exp0")
-    wait_until(lambda: not any(e["id"] == "exp0" for e in s.qsd.qmp("query-block-exports")),
-               20, "the VM's export gone")
+    s.qmp("block-export-del", {"id": "exp0"})
+    wait_until(lambda: "exp0" not in s.qmp("query-block-exports").stdout, 20,
+               "the VM's export gone")
+    gone = s.qmp("block-export-del", {"id": "exp0"}, check=False)
+    assert gone.returncode == 1 and "exp0" in gone.stderr, gone
     s.agent.start()
     wait_until(lambda: s.agent.vol().get("role") == "demoted", 30, "the agent demoted", 0.1)
 
@@ -271,8 +283,8 @@ def test_failback_brings_the_recovery_volume_home_with_the_delta_only(sites):
     assert s.agent.vol()["dirty_bytes"] == 0
     # The VM's export goes above the mirror's filter again: on the node itself
     # its writes would bypass the mirror.
-    s.qsd.qmp("block-export-add", type="nbd", id="exp0", name="disk0", writable=True,
-              **{"node-name": ra.qemu_names("disk0")[2]})
+    s.qmp("block-export-add", {"type": "nbd", "id": "exp0", "name": "disk0", "writable": True,
+                               "node-name": ra.qemu_names("disk0")[2]})
     s.guest = nbd.NBDClient(str(s.qsd.export_path), "disk0")
     s.model = StreamModel(SIZE)
     s.model.write(0, bytes(recovered))
