@@ -4599,7 +4599,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_verify)
     s = sub.add_parser("failback", help="bring a promoted volume home: send the delta to its "
-                       "original agent (attached DEMOTED), after a report you confirm")
+                       "original agent (attached DEMOTED), after a report you confirm",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="""\
+Bring a promoted volume home to its original agent, sending only what differs.
+
+Before: stop the VM at the original site and remove its QSD export, then run
+`repagent.py protect ... --accept-failback` there (same --state-dir: its dirty
+bitmap tells which writes the hub never received); it attaches the volume
+DEMOTED.  Then, through the running hub:
+
+  preparing   FAILBACK_BEGIN: the agent checks that nothing else can write
+  collecting  the agent's dirty map (or, with no trustworthy map, checksums)
+  preserving  the late writes read into DIR/volumes/VOLUME/failback-N/
+  confirming  the report: set-aside entries, late writes, the delta; type yes
+  applying    the recovery session fenced; the delta sent as PUTs
+  finishing   FAILBACK_END: the volume is protected from AGENT_ID again, the
+              recovery agent closed
+
+Set-aside entries stay exportable (export --set-aside) until `release`.
+Exit status: 0 done; 1 refused, failed or declined (nothing changed).""")
     s.add_argument("--data", required=True)
     s.add_argument("volume")
     s.add_argument("--to", required=True, metavar="AGENT_ID", help="the volume's owner")
