@@ -157,6 +157,18 @@ PEER_SILENCE_INTERVALS = 4
 SYNC_PIECE = 1024 * 1024
 #: ... with this many READs in flight, so the agent's disk and the link stay busy.
 SYNC_WINDOW = 8
+#: With feature EXTENTS, a FULL sync first asks which parts read as zeroes,
+#: this much per EXTENT_QUERY (an agent answers from its disk's allocation map,
+#: so a large span costs it little) ...
+EXTENT_SPAN = 1024 ** 3
+#: ... with this many queries in flight, so the next answer is there when the
+#: READs of the data in the previous one are out.
+EXTENT_WINDOW = 2
+#: A zero extent is journaled as ZERO records of at most this, which bounds
+#: the undo one record can need on a replica already holding data.
+ZERO_RECORD_MAX = 64 * 1024 * 1024
+#: Feature bits the hub grants when offered (PROTOCOL.md "Feature bits").
+HUB_FEATURES = p.Feature.EXTENTS
 #: VERIFY asks checksums for ranges of this many chunks per CHECKSUM_QUERY.
 VERIFY_CHUNKS_PER_QUERY = 256
 VERIFY_WINDOW = 4
@@ -1831,6 +1843,7 @@ class AgentConnection:
         self.sessions: dict[int, RecoverySession] = {}  # recovery sessions by id
         self.session_ids = itertools.count(1)
         self.rtt_ns: int | None = None
+        self.features = p.Feature.NONE      # granted in HELLO_REPLY
         self.last_heartbeat_ns = 0
         self.last_recv = time.monotonic()   # when the last frame header arrived
         self.connected_ns = time.time_ns()
@@ -1995,7 +2008,10 @@ class AgentConnection:
             secret = secrets.token_bytes(32)
         nonce = secrets.token_bytes(p.NONCE_SIZE)
         hub_id = self.store.hub_id
-        self.send(p.HelloReply(version=p.VERSION, nonce=nonce, hub_id=hub_id,
+        # Only offered bits we implement; unknown offered bits are ignored [VN-3].
+        self.features = p.Feature(hello.features & HUB_FEATURES)
+        self.send(p.HelloReply(version=p.VERSION, features=self.features, nonce=nonce,
+                               hub_id=hub_id,
                                proof=p.hub_proof(secret, hello.nonce, nonce,
                                                  hello.agent_id, hub_id)))
         item = self.recv_frame(deadline)
@@ -2067,6 +2083,9 @@ class AgentConnection:
                 log.warning("request error from %s (%s): %s", self.peer, self.agent_id, err)
                 self.hub.count_error("request")
                 self.send_error(err)
+                job = self.hub_requests.pop(err.request_id, None) if msg is None else None
+                if job is not None:  # a refused answer to a sync request: that sync cannot end
+                    job.give_up(f"its answer to req={err.request_id} was refused: {err}")
                 if err.code == p.ErrorCode.IO_ERROR:
                     self.abort("journal failed")
 
@@ -2215,6 +2234,9 @@ class AgentConnection:
             return
         self._job_for(msg, "DIRTY_QUERY").on_reply(msg, self.store.journal.last_seq)
 
+    def on_EXTENTS(self, header, msg: p.Extents) -> None:
+        self._job_for(msg, "EXTENT_QUERY").on_extents(msg)
+
     def on_CHECKSUMS(self, header, msg: p.Checksums) -> None:
         # Every frame received before this one is journaled: compare with that state.
         self._job_for(msg, "CHECKSUM_QUERY").on_reply(msg, self.store.journal.last_seq)
@@ -2345,6 +2367,12 @@ class SyncJob(threading.Thread):
     which journals READ_REPLYs in stream order and hands CHECKSUMS and
     DIRTY_MAPs over through ``inbox``.  A READ's piece counts as done once its
     SYNCED was sent, i.e. once the reply is durable.
+
+    A FULL sync on a connection granted feature EXTENTS walks the volume with
+    EXTENT_QUERY first (``pull_sparse``): the recv loop journals each answer's
+    zero extents as ZERO records at the answer's place in the stream (SY-16;
+    holes stay holes) and hands the data extents over, which are READ as
+    above.  So a sparse volume costs what its data costs.
     """
 
     def __init__(self, conn: AgentConnection, vol: Volume, plan: p.SyncPlan, extents=None,
@@ -2421,6 +2449,72 @@ class SyncJob(threading.Thread):
         self.conn.acker.after(rec.seq, p.Synced(request_id=req, volume=self.vol.id,
                                                 offset=msg.offset, length=msg.length), done)
 
+    def on_extents(self, msg: p.Extents) -> None:
+        """Recv loop: journal the zero extents of an EXTENTS now, at its place in
+        the stream, SYNCED once durable; hand the data extents to the job thread."""
+        with self.cond:
+            want = self.queries.get(msg.request_id)
+        if want is None:
+            raise p.InvalidField(f"EXTENTS req={msg.request_id} answers no outstanding "
+                                 "EXTENT_QUERY")
+        if (msg.volume, msg.offset, msg.length) != (self.vol.id, *want):
+            self.abandon(p.InvalidField(
+                f"EXTENTS req={msg.request_id} is for vol={msg.volume} off={msg.offset} "
+                f"len={msg.length}, expected vol={self.vol.id} off={want[0]} len={want[1]}"))
+        self.conn.hub_requests.pop(msg.request_id, None)
+        end, zeros, data = self.split_extents(msg.offset, msg.extents)
+        for off, n in zeros:
+            for start in range(off, off + n, ZERO_RECORD_MAX):
+                k = min(ZERO_RECORD_MAX, off + n - start)
+                rec = self.store.append_data(self.vol, start, k, None, flags=RECORD_FROM_SYNC)
+                self.last_sync_seq = max(self.last_sync_seq, rec.seq)
+                self.conn.acker.after(rec.seq, p.Synced(request_id=msg.request_id,
+                                                        volume=self.vol.id, offset=start,
+                                                        length=k), self._count_done(k))
+        self.inbox.put((msg, (end, data)))
+
+    def split_extents(self, offset: int, extents) -> tuple[int, list, list]:
+        """An EXTENTS answer from ``offset`` -> (end, zero ranges, data ranges).
+
+        Data runs are widened to whole chunks (what READ pieces cover); zero
+        ranges are the rest.  ``end`` is where the answer's use stops: its end,
+        cut back to a chunk boundary when that leaves something, so the next
+        query starts aligned.  Ranges are (offset, length), sorted, disjoint.
+        """
+        chunk = self.chunk
+        end = offset + sum(n for n, _ in extents)
+        if end < self.vol.size and end % chunk and end - end % chunk > offset:
+            end -= end % chunk
+        data: list[list[int]] = []
+        pos = offset
+        for n, flags in extents:
+            start, stop = pos, min(pos + n, end)
+            pos += n
+            if start >= end:
+                break
+            if flags & p.EXTENT_ZERO:
+                continue
+            start = max(offset, start - start % chunk)
+            stop = min(end, -(-stop // chunk) * chunk)
+            if data and data[-1][1] >= start:
+                data[-1][1] = max(data[-1][1], stop)
+            else:
+                data.append([start, stop])
+        zeros, pos = [], offset
+        for start, stop in data:
+            if start > pos:
+                zeros.append((pos, start - pos))
+            pos = stop
+        if pos < end:
+            zeros.append((pos, end - pos))
+        return end, zeros, [(a, b - a) for a, b in data]
+
+    def _count_done(self, n: int):
+        def done():
+            with self.cond:
+                self.bytes_done += n
+        return done
+
     def on_reply(self, msg, barrier_seq: int) -> None:
         """Recv loop: a DIRTY_MAP or CHECKSUMS answering one of our queries."""
         with self.cond:
@@ -2457,10 +2551,14 @@ class SyncJob(threading.Thread):
 
     def on_error(self, msg: p.Error) -> None:
         """Recv loop: the agent refused one of our requests: give up this sync."""
-        self.error = f"agent answered {msg.describe()}"
-        log.warning("sync of %s aborted: %s", self.vol.name, self.error)
-        self.conn.hub.count_error("sync")
         self.conn.hub_requests.pop(msg.request_id, None)
+        self.give_up(f"agent answered {msg.describe()}")
+
+    def give_up(self, why: str) -> None:
+        """Recv loop: stop this sync; the volume keeps its state for the next ATTACH."""
+        self.error = why
+        log.warning("sync of %s aborted: %s", self.vol.name, why)
+        self.conn.hub.count_error("sync")
         self.stop()
 
     # -- the job's thread -------------------------------------------------------------
@@ -2473,7 +2571,10 @@ class SyncJob(threading.Thread):
                      self.plan.name)
             if self.plan == p.SyncPlan.FULL:
                 self.bytes_total = vol.size
-                self.pull([(0, vol.size)])
+                if self.conn.features & p.Feature.EXTENTS:
+                    self.pull_sparse()
+                else:
+                    self.pull([(0, vol.size)])
             elif self.plan == p.SyncPlan.DIRTY:
                 if self.extents is None:
                     self.extents = self.query_dirty()
@@ -2561,6 +2662,28 @@ class SyncJob(threading.Thread):
             self.conn.hub_requests[req] = self
             self.conn.send(p.Read(request_id=req, volume=self.vol.id, offset=off, length=n))
 
+    def pull_sparse(self) -> None:
+        """FULL sync with EXTENTS: EXTENT_QUERY the volume in EXTENT_SPAN ranges,
+        EXTENT_WINDOW in flight; READ the data extents of each answer (the recv
+        loop has journaled its zero extents already); ask again for the rest of
+        a range an answer covered only in part."""
+        size = self.vol.size
+        todo = collections.deque((off, min(EXTENT_SPAN, size - off))
+                                 for off in range(0, size, EXTENT_SPAN))
+        pending = 0
+        while todo or pending:
+            while todo and pending < EXTENT_WINDOW:
+                off, n = todo.popleft()
+                req = self.conn.next_request_id()
+                self.ask(p.ExtentQuery(request_id=req, volume=self.vol.id, offset=off,
+                                       length=n), (off, n))
+                pending += 1
+            msg, (end, data) = self.answer()
+            pending -= 1
+            if end < msg.offset + msg.length:
+                todo.appendleft((end, msg.offset + msg.length - end))
+            self.pull(data)
+
     def ask(self, msg: p.Message, rng: tuple[int, int]) -> None:
         with self.cond:
             self.queries[msg.request_id] = rng
@@ -2568,7 +2691,7 @@ class SyncJob(threading.Thread):
         self.conn.send(msg)
 
     def answer(self):
-        """Wait for the next DIRTY_MAP/CHECKSUMS the recv loop hands over."""
+        """Wait for the next DIRTY_MAP/CHECKSUMS/EXTENTS the recv loop hands over."""
         while True:
             self.check_stop()
             try:

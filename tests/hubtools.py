@@ -106,6 +106,8 @@ class TestAgent:
         self.goodbye: str | None = None
         self.closed = threading.Event()
         self.hub_id = None
+        self.features = 0        # offered in HELLO (subclasses that implement them set it)
+        self.granted = 0         # granted in HELLO_REPLY
         self.thread = None
         self.before_read_reply = None  # test hook: called with the READ, outside locks
 
@@ -121,7 +123,7 @@ class TestAgent:
                 sock, server_hostname=self.server_hostname), timeout)
         self.sock = sock
         nonce = secrets.token_bytes(p.NONCE_SIZE)
-        self.send(p.Hello(nonce=nonce, agent_id=self.agent_id))
+        self.send(p.Hello(nonce=nonce, agent_id=self.agent_id, features=self.features))
         reply = p.recv_message(sock)
         if isinstance(reply, p.Error):
             raise AgentError(f"hub refused HELLO: {reply.describe()}", reply)
@@ -132,6 +134,7 @@ class TestAgent:
             self.send(p.Error(code=p.ErrorCode.AUTH_FAILED, message="hub proof wrong"))
             raise AgentError("hub proof does not match")
         self.hub_id = reply.hub_id
+        self.granted = reply.features
         self.send(p.Auth(proof=p.agent_proof(self.secret, nonce, reply.nonce,
                                              self.agent_id, reply.hub_id)))
         answer = p.recv_message(sock)
