@@ -60,9 +60,11 @@ Stopping
 Sync (SEMANTICS.md "Sync")
     On ATTACH the hub picks a plan (FULL, DIRTY, VERIFY or NONE) and a
     ``SyncJob`` thread per volume drives it: pipelined READs (several in
-    flight), DIRTY_QUERY, CHECKSUM_QUERY.  Replies arrive on the recv loop in
-    stream order and are journaled like writes, so a stale READ_REPLY can never
-    overwrite a newer WRITE (DESIGN.md rule 4).
+    flight), DIRTY_QUERY, CHECKSUM_QUERY, and for a FULL sync on a connection
+    granted feature EXTENTS, EXTENT_QUERY first so that only data is READ.
+    Replies arrive on the recv loop in stream order and are journaled like
+    writes (an EXTENTS answer's zero extents as ZERO records), so a stale
+    READ_REPLY can never overwrite a newer WRITE (DESIGN.md rule 4).
 
 Recovery (PROTOCOL.md "Recovery (remote IO)")
     A recovery agent opens a session (``Hub.open_session``) on a volume at a
@@ -155,8 +157,13 @@ HEARTBEAT_INTERVAL = 5.0
 PEER_SILENCE_INTERVALS = 4
 #: FULL/DIRTY syncs read pieces of this size (chunk aligned) ...
 SYNC_PIECE = 1024 * 1024
-#: ... with this many READs in flight, so the agent's disk and the link stay busy.
+#: ... with this many pieces' worth of bytes in flight, so the agent's disk and
+#: the link stay busy ...
 SYNC_WINDOW = 8
+#: ... in at most this many READs: small pieces (a sparse volume's data, dirty
+#: extents) keep as many bytes in flight as large ones, which matters because
+#: a READ stays in flight until its reply is durable (one group commit).
+SYNC_MAX_READS = 128
 #: With feature EXTENTS, a FULL sync first asks which parts read as zeroes,
 #: this much per EXTENT_QUERY (an agent answers from its disk's allocation map,
 #: so a large span costs it little) ...
@@ -2650,10 +2657,22 @@ class SyncJob(threading.Thread):
         self.check_stop()
         self.progress()
 
+    def wait_window(self, n: int) -> None:
+        """Wait until a READ of ``n`` bytes fits the window (SYNC_WINDOW pieces'
+        worth of bytes, at most SYNC_MAX_READS READs not yet durable)."""
+        budget = SYNC_WINDOW * SYNC_PIECE
+        with self.cond:
+            while self.reads and (len(self.reads) >= SYNC_MAX_READS or
+                                  sum(k for _, k in self.reads.values()) + n > budget):
+                self.check_stop()
+                self.cond.wait(0.2)
+        self.check_stop()
+        self.progress()
+
     def pull(self, extents) -> None:
-        """READ every piece of ``extents``, SYNC_WINDOW in flight."""
+        """READ every piece of ``extents``, within the window."""
         for off, n in self.pieces(extents):
-            self.wait_reads(SYNC_WINDOW - 1)
+            self.wait_window(n)
             self.conn.hub.rate.acquire(n, self.stop_event)
             self.check_stop()
             req = self.conn.next_request_id()
