@@ -1382,12 +1382,13 @@ class NBDClient:
                                                        "chunk length"))
             if echoed != handle:
                 raise ProtocolError(f"reply handle {echoed:#x}, expected {handle:#x}")
-            limit = OFFSET_DATA.size + length if chunk_type == ReplyType.OFFSET_DATA \
-                else MAX_STATUS_CHUNK
-            if size > limit:
+            reading = command == Command.READ and into is not None
+            limit = OFFSET_DATA.size + length if reading and \
+                chunk_type == ReplyType.OFFSET_DATA else MAX_STATUS_CHUNK
+            if size > limit:       # checked before anything of that size is read
                 raise ProtocolError(f"{_name(ReplyType, chunk_type)} chunk of {size} bytes "
                                     f"for {what}, expected at most {limit}")
-            if chunk_type == ReplyType.OFFSET_DATA and command == Command.READ and into is not None:
+            if chunk_type == ReplyType.OFFSET_DATA and reading:
                 if size <= OFFSET_DATA.size:
                     raise ProtocolError(f"OFFSET_DATA chunk of {size} bytes, expected >= 9")
                 (start,) = OFFSET_DATA.unpack(recv_exactly(self._sock, OFFSET_DATA.size,
@@ -1402,8 +1403,7 @@ class NBDClient:
                 body = recv_exactly(self._sock, size, "chunk payload")
                 if chunk_type & REPLY_TYPE_ERROR_BIT:
                     error = error or self._chunk_error(chunk_type, body, what)
-                elif chunk_type == ReplyType.OFFSET_HOLE and command == Command.READ \
-                        and into is not None:
+                elif chunk_type == ReplyType.OFFSET_HOLE and reading:
                     if size != OFFSET_HOLE.size:
                         raise ProtocolError(f"OFFSET_HOLE chunk of {size} bytes, expected 12")
                     start, n = OFFSET_HOLE.unpack(body)

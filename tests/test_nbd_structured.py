@@ -172,7 +172,7 @@ def test_block_status_keeps_our_context_and_cuts_at_the_request_end(serve):
 
 @pytest.mark.parametrize("bad", ["data_outside", "short_cover", "hole_size_zero",
                                  "status_for_read", "zero_descriptor", "no_status",
-                                 "huge_chunk"])
+                                 "huge_chunk", "data_for_status"])
 def test_chunks_a_server_must_not_send_close_the_client(serve, bad):
     def script(command, handle, offset, length):
         if bad == "data_outside":
@@ -187,6 +187,9 @@ def test_chunks_a_server_must_not_send_close_the_client(serve, bad):
             return status_chunk(handle, CONTEXT, [(0, 0)], done=True)
         if bad == "no_status":
             return none_chunk(handle)
+        if bad == "data_for_status":   # as long as the request: never read, never allocated
+            return struct.pack("!IHHQI", nbd.STRUCTURED_REPLY_MAGIC, 0,
+                               nbd.ReplyType.OFFSET_DATA, handle, 8 + length)
         return struct.pack("!IHHQI", nbd.STRUCTURED_REPLY_MAGIC, 0, nbd.ReplyType.BLOCK_STATUS,
                            handle, nbd.MAX_STATUS_CHUNK + 1)
 
@@ -194,6 +197,8 @@ def test_chunks_a_server_must_not_send_close_the_client(serve, bad):
     with pytest.raises(nbd.ProtocolError):
         if bad in ("zero_descriptor", "no_status", "huge_chunk"):
             client.block_status(0, 8192)
+        elif bad == "data_for_status":
+            client.block_status(0, SIZE)
         else:
             client.read(0, 8192)
     with pytest.raises(OSError):
