@@ -157,12 +157,13 @@ HEARTBEAT_INTERVAL = 5.0
 PEER_SILENCE_INTERVALS = 4
 #: FULL/DIRTY syncs read pieces of this size (chunk aligned) ...
 SYNC_PIECE = 1024 * 1024
-#: ... with this many pieces' worth of bytes in flight, so the agent's disk and
-#: the link stay busy ...
-SYNC_WINDOW = 8
+#: ... with this many pieces' worth of bytes in flight (a READ is in flight until
+#: its reply is durable), so the agent's disk and the link stay busy and one
+#: group commit covers many replies (32 MiB: the dense 1 GiB sync takes about
+#: 3/4 of the time it took with 8 MiB) ...
+SYNC_WINDOW = 32
 #: ... in at most this many READs: small pieces (a sparse volume's data, dirty
-#: extents) keep as many bytes in flight as large ones, which matters because
-#: a READ stays in flight until its reply is durable (one group commit).
+#: extents) keep the link busy too.
 SYNC_MAX_READS = 128
 #: With feature EXTENTS, a FULL sync first asks which parts read as zeroes,
 #: this much per EXTENT_QUERY (an agent answers from its disk's allocation map,

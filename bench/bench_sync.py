@@ -64,6 +64,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import nbd  # noqa: E402
 import repagent  # noqa: E402
+import rephub  # noqa: E402
 from qemu_harness import QSD, MiB, QemuNBD, create_image, file_sha256, kill_all, short_tmpdir  # noqa: E402
 
 KiB = 1024
@@ -511,8 +512,9 @@ def main() -> int:
             f"running behind the sync, to the replica ({d_lag / MiB:.0f} MiB were still "
             f"unapplied at 'consistent'; all applied after {d['applied_seconds']:.1f} s), while "
             "each baseline writes it once and fdatasyncs once.  Each byte also goes through the "
-            "agent's Python NBD client, two CRC-32 passes and TCP, with 8 READs of 1 MiB in "
-            "flight; nbdcopy moves it between two NBD sockets in C with no checksum.")
+            "agent's Python NBD client, two CRC-32 passes and TCP, with "
+            f"{rephub.SYNC_WINDOW * rephub.SYNC_PIECE // MiB} MiB of READs in flight until "
+            "durable; nbdcopy moves it between two NBD sockets in C with no checksum.")
     if s["bytes_fetched"] > 2 * sparse["data_bytes"]:
         notes.append(
             f"The sparse sync READ {s['bytes_fetched'] / MiB:.0f} MiB for "
