@@ -2111,7 +2111,7 @@ class AgentConnection:
             except (OSError, ConnectionClosed):
                 pass
         for job in list(self.jobs):
-            job.join(timeout=5)
+            job.join_if_started(timeout=5)
         for s in list(self.sessions.values()):  # RC-5: a TEST overlay ends with the connection
             self.hub.close_session(s)
         for vol in self.volumes.values():
@@ -2189,7 +2189,7 @@ class AgentConnection:
             job = vol.sync if vol.sync is not None and vol.sync.conn is self else None
         if job is not None:
             job.stop()
-            job.join(timeout=5)
+            job.join_if_started(timeout=5)
         self.volumes.pop(vol.id, None)
         if vol.attached_to is self:
             vol.attached_to = None
@@ -2428,6 +2428,13 @@ class SyncJob(threading.Thread):
         self.stop_event.set()
         with self.cond:
             self.cond.notify_all()
+
+    def join_if_started(self, timeout: float) -> None:
+        """Any thread: join, unless the job was never started: on_ATTACH starts
+        it only after ATTACHED is sent, and another connection of the agent may
+        detach the volume in between (or the send may fail)."""
+        if self.ident is not None:
+            self.join(timeout)
 
     def on_read_reply(self, header, msg: p.ReadReply) -> None:
         """Recv loop: journal a READ_REPLY in stream order; SYNCED once durable."""
