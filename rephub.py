@@ -177,6 +177,9 @@ EXTENT_WINDOW = 2
 ZERO_RECORD_MAX = 64 * 1024 * 1024
 #: Feature bits the hub grants when offered (PROTOCOL.md "Feature bits").
 HUB_FEATURES = p.Feature.EXTENTS
+#: The agent's answers to a SyncJob's requests (their request ids are the hub's).
+SYNC_ANSWERS = frozenset({p.MsgType.READ_REPLY, p.MsgType.DIRTY_MAP, p.MsgType.CHECKSUMS,
+                          p.MsgType.EXTENTS})
 #: VERIFY asks checksums for ranges of this many chunks per CHECKSUM_QUERY.
 VERIFY_CHUNKS_PER_QUERY = 256
 VERIFY_WINDOW = 4
@@ -2091,9 +2094,12 @@ class AgentConnection:
                 log.warning("request error from %s (%s): %s", self.peer, self.agent_id, err)
                 self.hub.count_error("request")
                 self.send_error(err)
-                job = self.hub_requests.pop(err.request_id, None) if msg is None else None
-                if job is not None:  # a refused answer to a sync request: that sync cannot end
-                    job.give_up(f"its answer to req={err.request_id} was refused: {err}")
+                if msg is None and err.msg_type in SYNC_ANSWERS:
+                    # A refused answer to a sync request (the hub's id space): that sync
+                    # would wait for it forever.
+                    job = self.hub_requests.pop(err.request_id, None)
+                    if job is not None:
+                        job.give_up(f"its answer to req={err.request_id} was refused: {err}")
                 if err.code == p.ErrorCode.IO_ERROR:
                     self.abort("journal failed")
 

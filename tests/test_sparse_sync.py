@@ -272,3 +272,26 @@ def test_unsolicited_extents_are_refused(hubenv):
         err = wait_for(lambda: next((e for e in agent.errors if e.request_id == 999), None),
                        10, "ERROR for the unsolicited EXTENTS")
         assert err.code == p.ErrorCode.INVALID
+
+
+def test_a_bad_agent_request_sharing_an_id_with_a_query_leaves_the_sync_alone(hubenv):
+    """Request ids of the agent and of the hub are separate spaces: a refused
+    WRITE numbered like an outstanding EXTENT_QUERY must not end that sync."""
+    hub, secret = hubenv
+    vol, _ = sparse_volume(4 * MiB, 2)
+    with SparseAgent(hub.address, "a1", secret).connect() as agent:
+        held = []
+        agent.on_EXTENT_QUERY = held.append            # held: answered below
+        vid, _ = agent.attach("ids", vol)
+        q = wait_for(lambda: held and held[0], 10, "the EXTENT_QUERY")
+        frame = bytearray(p.encode(p.Write(request_id=q.request_id, volume=vid, offset=0,
+                                           data=b"w" * 512)))
+        frame[7] |= 0x02            # an undefined must-understand flag: refused by the codec
+        frame[44:48] = rephub.zlib.crc32(frame[:44]).to_bytes(4, "big")
+        agent.send_raw(bytes(frame))
+        wait_for(lambda: any(e.request_id == q.request_id for e in agent.errors), 10,
+                 "ERROR for the bad WRITE")
+        assert hub.store.volume("ids").sync is not None, "the sync must go on"
+        SparseAgent.on_EXTENT_QUERY(agent, q)
+        wait_consistent(hub, "ids")
+        assert replica(hub, "ids")[0] == bytes(vol.buf)
