@@ -12,7 +12,6 @@ byte-identical while the agent sends about its data, not its size.
 
 from __future__ import annotations
 
-import os
 import threading
 
 import pytest
@@ -21,7 +20,7 @@ import nbd
 import protocol as p
 import repagent as ra
 from qemu_harness import MiB, qemu_io, qsd_factory, requires_qemu  # noqa: F401 - fixture
-from test_agent import CHUNK, SIZE, Replies, ScriptedHub, ra_wait, rig  # noqa: F401 - fixture
+from test_agent import CHUNK, SIZE, Replies, ra_wait, rig  # noqa: F401 - rig: fixture
 from test_agent_e2e import assert_identical, world  # noqa: F401 - fixture
 
 
