@@ -15,7 +15,7 @@ subset is implemented:
   ``NBD_OPT_ABORT``, ``NBD_OPT_LIST``, ``NBD_OPT_INFO``, ``NBD_OPT_GO``.
   Every other option -- ``NBD_OPT_STRUCTURED_REPLY`` included -- is answered
   ``NBD_REP_ERR_UNSUP``; QEMU then falls back to simple replies.
-* "Transmission phase", simple replies only: ``NBD_CMD_READ``,
+* "Transmission phase", simple replies only (server side): ``NBD_CMD_READ``,
   ``NBD_CMD_WRITE``, ``NBD_CMD_WRITE_ZEROES``, ``NBD_CMD_FLUSH``,
   ``NBD_CMD_DISC``.  ``NBD_CMD_TRIM`` is not advertised (``NBD_FLAG_SEND_TRIM``
   clear) and is answered ``EINVAL`` like any command the server did not
@@ -24,6 +24,13 @@ subset is implemented:
   breaks the spec.  ``NBD_CMD_FLAG_FUA`` is not advertised either; if a
   client sets it anyway it is accepted and ignored -- what a write's reply
   promises is the Handler's durability rule, not the flag's.
+
+The client (``NBDClient``) asked for ``block_status=True`` also negotiates
+``NBD_OPT_STRUCTURED_REPLY`` and ``NBD_OPT_SET_META_CONTEXT`` "base:allocation"
+("Metadata querying"), then sends ``NBD_CMD_BLOCK_STATUS`` and reads READ
+replies as structured chunks (``OFFSET_DATA``, ``OFFSET_HOLE``, error
+chunks).  A server that refuses either option leaves the client on simple
+replies, with ``can_block_status`` false.
 
 What malformed input gets ("Terminating the transmission phase": either
 side may hard-disconnect on a violation of a mandatory condition):
@@ -42,10 +49,11 @@ Public API::
     NBDServer(address, export_name, size, handler)   .start() .stop(timeout)
         .address (bound; TCP port 0 resolved) .connection_count, context manager
     Handler                  write / write_zeroes / flush / read, each with reply()
-    NBDClient(address, export_name="", timeout=60.0)
-        .size .transmission_flags .max_block
+    NBDClient(address, export_name="", timeout=60.0, block_status=False)
+        .size .transmission_flags .max_block .structured .can_block_status
         .read(off, len) -> bytes   .readinto(off, buf)   .write(off, data)
         .write_zeroes(off, len)    .flush()              .close(), context manager
+        .block_status(off, len) -> [(length, flags)]   (NBD_STATE_HOLE/_ZERO)
     parse_address("HOST:PORT" | "/path.sock")
     NBDError, ProtocolError, ConnectionClosed, OptionError, RequestError(.error)
 
@@ -110,6 +118,14 @@ MAX_OPTION_REPLY_LENGTH = 64 * 1024
 MAX_OPTIONS = 64
 """Options per handshake; a client haggling longer is dropped."""
 
+MAX_STATUS_CHUNK = 4 + 8 * (1 << 17)
+"""(client) Largest non-data structured reply chunk accepted: a BLOCK_STATUS
+chunk of 2^17 descriptors (QEMU sends at most 1 MiB of them in one reply)."""
+
+MAX_BLOCK_STATUS_LENGTH = (1 << 32) - (1 << 20)
+"""(client) Longest range asked in one NBD_CMD_BLOCK_STATUS: the length field
+is 32 bits; keeping it 1 MiB-aligned keeps the pieces aligned too."""
+
 MAX_IN_FLIGHT = 64
 """Requests read and not yet replied to, per connection.  QEMU keeps at
 most 16; past this limit the recv thread stops reading (backpressure on the
@@ -137,7 +153,7 @@ OLDSTYLE_MAGIC = 0x00420281861253       # oldstyle negotiation (not supported)
 OPTION_REPLY_MAGIC = 0x0003E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
-STRUCTURED_REPLY_MAGIC = 0x668E33EF     # never sent: structured replies are refused
+STRUCTURED_REPLY_MAGIC = 0x668E33EF     # the server never sends it; the client reads it
 
 # ---------------------------------------------------------------------------
 # Wire layouts, one per message, network byte order.
@@ -209,6 +225,34 @@ SIMPLE_REPLY_HEADER = struct.Struct("!IIQ")
 
 # First 32 bits of any server reply, to tell simple from structured.
 REPLY_MAGIC = struct.Struct("!I")
+
+# "Structured reply chunk message":
+# S: 32 bits, 0x668e33ef, magic (NBD_STRUCTURED_REPLY_MAGIC)
+# S: 16 bits, flags
+# S: 16 bits, type
+# S: 64 bits, handle
+# S: 32 bits, length of payload (unsigned)
+# Its first 16 bytes are read as a simple reply header is; LENGTH follows.
+STRUCTURED_REPLY_HEADER = struct.Struct("!IHHQ")
+CHUNK_LENGTH = struct.Struct("!I")
+
+# NBD_REPLY_TYPE_OFFSET_DATA: 64 bits offset, then length - 8 bytes of data.
+OFFSET_DATA = struct.Struct("!Q")
+# NBD_REPLY_TYPE_OFFSET_HOLE: 64 bits offset, 32 bits hole size (non-zero).
+OFFSET_HOLE = struct.Struct("!QI")
+# NBD_REPLY_TYPE_BLOCK_STATUS: 32 bits metadata context id, then descriptors
+# of 32 bits length (non-zero) and 32 bits status flags.
+BLOCK_STATUS_CONTEXT = struct.Struct("!I")
+BLOCK_DESCRIPTOR = struct.Struct("!II")
+# Error chunks (type bit 15): 32 bits error, 16 bits message length, message
+# (NBD_REPLY_TYPE_ERROR_OFFSET: then 64 bits offset).
+CHUNK_ERROR = struct.Struct("!IH")
+
+# NBD_REP_META_CONTEXT: 32 bits context id, then the context name.
+META_CONTEXT_ID = struct.Struct("!I")
+# NBD_OPT_SET_META_CONTEXT data: 32 bits export name length, name, 32 bits
+# number of queries, then each query as 32 bits length + string.
+META_LENGTH = struct.Struct("!I")
 
 # ---------------------------------------------------------------------------
 # Values ("Values" section of the spec).
@@ -289,6 +333,32 @@ class Command(enum.IntEnum):
     WRITE_ZEROES = 6
     BLOCK_STATUS = 7
     RESIZE = 8
+
+
+class ReplyFlag(enum.IntFlag):
+    DONE = 1 << 0
+
+
+class ReplyType(enum.IntEnum):
+    """Structured reply chunk types ("Structured reply types")."""
+    NONE = 0
+    OFFSET_DATA = 1
+    OFFSET_HOLE = 2
+    BLOCK_STATUS = 5
+    ERROR = (1 << 15) + 1
+    ERROR_OFFSET = (1 << 15) + 2
+
+
+REPLY_TYPE_ERROR_BIT = 1 << 15
+
+
+class BlockState(enum.IntFlag):
+    """``base:allocation`` status flags ("Metadata contexts")."""
+    HOLE = 1 << 0   # not allocated: writing may fail with ENOSPC
+    ZERO = 1 << 1   # reads as zeroes
+
+
+BASE_ALLOCATION = "base:allocation"
 
 
 class CommandFlag(enum.IntFlag):
@@ -1095,17 +1165,25 @@ class NBDClient:
     one request at a time on the wire, so threads may share a client but do
     not run in parallel; open one client per thread for parallel reads.
 
+    With ``block_status=True`` it first asks for structured replies and the
+    ``base:allocation`` metadata context; if the server grants both,
+    ``can_block_status`` is true and ``block_status`` tells data from holes
+    and zeroes.  READ then takes structured replies too (``structured``).
+
     Requests longer than the server's maximum block size are split.
     Server errors raise ``RequestError`` (the connection stays usable);
     protocol violations raise ``ProtocolError`` (the client is closed).
     """
 
-    def __init__(self, address: Address, export_name: str = "", timeout: float | None = 60.0):
+    def __init__(self, address: Address, export_name: str = "", timeout: float | None = 60.0,
+                 block_status: bool = False):
         self.address = address
         self.export_name = export_name
         self.size = 0
         self.transmission_flags = TransmissionFlag(0)
         self.max_block = MAX_REQUEST_LENGTH
+        self.structured = False
+        self.meta_context: int | None = None    # base:allocation's id, once granted
         self._lock = threading.Lock()
         self._handles = itertools.count(1)
         self._header = bytearray(SIMPLE_REPLY_HEADER.size)
@@ -1116,10 +1194,14 @@ class NBDClient:
             self._sock.connect(address)
             if self._sock.family != socket.AF_UNIX:
                 self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._handshake()
+            self._handshake(block_status)
         except BaseException:
             self._sock.close()
             raise
+
+    @property
+    def can_block_status(self) -> bool:
+        return self.meta_context is not None
 
     def __enter__(self) -> "NBDClient":
         return self
@@ -1129,7 +1211,7 @@ class NBDClient:
 
     # -- handshake -----------------------------------------------------------
 
-    def _handshake(self) -> None:
+    def _handshake(self, block_status: bool) -> None:
         greeting = recv_exactly(self._sock, SERVER_GREETING.size, "server greeting")
         magic, opt_magic, flags = SERVER_GREETING.unpack(greeting)
         if magic != NBDMAGIC:
@@ -1145,6 +1227,8 @@ class NBDClient:
         if flags & HandshakeFlag.NO_ZEROES:
             client_flags |= ClientFlag.NO_ZEROES
         self._sock.sendall(CLIENT_FLAGS.pack(client_flags))
+        if block_status:
+            self._negotiate_block_status()
         try:
             self._go()
         except OptionError as err:
@@ -1171,6 +1255,34 @@ class NBDClient:
         data = bytes(recv_exactly(self._sock, length, "option reply data"))
         log.debug("client: <-- OPT %s %s len=%d", option.name, _name(OptionReply, reply), length)
         return reply, data
+
+    def _negotiate_block_status(self) -> None:
+        """NBD_OPT_STRUCTURED_REPLY, then NBD_OPT_SET_META_CONTEXT base:allocation.
+
+        A refusal of either is not an error: the client goes on without
+        block status (a server without it has every byte as data).
+        """
+        self._send_option(Option.STRUCTURED_REPLY, b"")
+        reply, data = self._recv_option_reply(Option.STRUCTURED_REPLY)
+        if reply != OptionReply.ACK:
+            log.debug("client: no structured replies (%s %r)", _name(OptionReply, reply), data)
+            return
+        self.structured = True
+        name = self.export_name.encode()
+        query = BASE_ALLOCATION.encode()
+        self._send_option(Option.SET_META_CONTEXT,
+                          META_LENGTH.pack(len(name)) + name + META_LENGTH.pack(1)
+                          + META_LENGTH.pack(len(query)) + query)
+        while True:
+            reply, data = self._recv_option_reply(Option.SET_META_CONTEXT)
+            if reply == OptionReply.ACK or reply & OPTION_REPLY_ERROR_BIT:
+                break
+            if reply == OptionReply.META_CONTEXT and len(data) > META_CONTEXT_ID.size:
+                (context,) = META_CONTEXT_ID.unpack_from(data)
+                if data[META_CONTEXT_ID.size:] == query:
+                    self.meta_context = context
+        if self.meta_context is None:
+            log.debug("client: server did not select %s", BASE_ALLOCATION)
 
     def _go(self) -> None:
         """NBD_OPT_GO, asking for NBD_INFO_BLOCK_SIZE too."""
@@ -1210,8 +1322,11 @@ class NBDClient:
     # -- transmission ----------------------------------------------------------
 
     def _request(self, command: Command, offset: int, length: int, payload=None,
-                 flags: int = 0, into: memoryview | None = None) -> None:
-        """Send one request and read its simple reply (caller holds the lock)."""
+                 flags: int = 0, into: memoryview | None = None) -> list | None:
+        """Send one request and read its reply (caller holds the lock).
+
+        READ data lands in ``into``; BLOCK_STATUS returns its descriptors.
+        """
         handle = next(self._handles)
         header = REQUEST_HEADER.pack(REQUEST_MAGIC, flags, command, handle, offset, length)
         try:
@@ -1219,19 +1334,132 @@ class NBDClient:
                 self._sock.sendall(header)
             else:
                 send_parts(self._sock, (header, payload))
+            if self.structured:
+                return self._structured_reply(command, handle, offset, length, into)
             recv_into_exactly(self._sock, memoryview(self._header), "reply header")
-            magic, error, echoed = SIMPLE_REPLY_HEADER.unpack(self._header)
-            if magic != SIMPLE_REPLY_MAGIC:
-                raise ProtocolError(f"reply magic {magic:#x}, expected {SIMPLE_REPLY_MAGIC:#x}")
-            if echoed != handle:
-                raise ProtocolError(f"reply handle {echoed:#x}, expected {handle:#x}")
-            if error:
-                raise RequestError(error, f"{command.name} off={offset} len={length}")
-            if into is not None:
-                recv_into_exactly(self._sock, into, "READ data")
+            self._simple_reply(command, handle, offset, length, into)
+            return None
         except (ProtocolError, OSError):
             self._sock.close()
             raise
+
+    def _simple_reply(self, command: Command, handle: int, offset: int, length: int,
+                      into: memoryview | None) -> None:
+        """The rest of a simple reply whose 16-byte header is in ``self._header``."""
+        magic, error, echoed = SIMPLE_REPLY_HEADER.unpack(self._header)
+        if magic != SIMPLE_REPLY_MAGIC:
+            raise ProtocolError(f"reply magic {magic:#x}, expected {SIMPLE_REPLY_MAGIC:#x}")
+        if echoed != handle:
+            raise ProtocolError(f"reply handle {echoed:#x}, expected {handle:#x}")
+        if error:
+            raise RequestError(error, f"{command.name} off={offset} len={length}")
+        if into is not None:
+            recv_into_exactly(self._sock, into, "READ data")
+
+    def _structured_reply(self, command: Command, handle: int, offset: int, length: int,
+                          into: memoryview | None) -> list | None:
+        """Read chunks until NBD_REPLY_FLAG_DONE ("Structured reply chunk message").
+
+        A simple reply is allowed for any command but READ.  Content chunks
+        must lie inside the request and cover all of it; an error chunk fails
+        the request once the reply is complete (the connection stays usable).
+        """
+        covered = 0
+        descriptors = None
+        error: RequestError | None = None
+        what = f"{command.name} off={offset} len={length}"
+        while True:
+            recv_into_exactly(self._sock, memoryview(self._header), "reply header")
+            (magic,) = REPLY_MAGIC.unpack_from(self._header)
+            if magic == SIMPLE_REPLY_MAGIC and command != Command.READ:
+                self._simple_reply(command, handle, offset, length, None)
+                return descriptors
+            if magic != STRUCTURED_REPLY_MAGIC:
+                raise ProtocolError(f"reply magic {magic:#x}, expected "
+                                    f"{STRUCTURED_REPLY_MAGIC:#x} (structured replies)")
+            _, chunk_flags, chunk_type, echoed = STRUCTURED_REPLY_HEADER.unpack(self._header)
+            (size,) = CHUNK_LENGTH.unpack(recv_exactly(self._sock, CHUNK_LENGTH.size,
+                                                       "chunk length"))
+            if echoed != handle:
+                raise ProtocolError(f"reply handle {echoed:#x}, expected {handle:#x}")
+            reading = command == Command.READ and into is not None
+            limit = OFFSET_DATA.size + length if reading and \
+                chunk_type == ReplyType.OFFSET_DATA else MAX_STATUS_CHUNK
+            if size > limit:       # checked before anything of that size is read
+                raise ProtocolError(f"{_name(ReplyType, chunk_type)} chunk of {size} bytes "
+                                    f"for {what}, expected at most {limit}")
+            if chunk_type == ReplyType.OFFSET_DATA and reading:
+                if size <= OFFSET_DATA.size:
+                    raise ProtocolError(f"OFFSET_DATA chunk of {size} bytes, expected >= 9")
+                (start,) = OFFSET_DATA.unpack(recv_exactly(self._sock, OFFSET_DATA.size,
+                                                           "OFFSET_DATA offset"))
+                n = size - OFFSET_DATA.size
+                if start < offset or start + n > offset + length:
+                    raise ProtocolError(f"OFFSET_DATA off={start} len={n} outside {what}")
+                recv_into_exactly(self._sock, into[start - offset:start - offset + n],
+                                  "READ data")
+                covered += n
+            else:
+                body = recv_exactly(self._sock, size, "chunk payload")
+                if chunk_type & REPLY_TYPE_ERROR_BIT:
+                    error = error or self._chunk_error(chunk_type, body, what)
+                elif chunk_type == ReplyType.OFFSET_HOLE and reading:
+                    if size != OFFSET_HOLE.size:
+                        raise ProtocolError(f"OFFSET_HOLE chunk of {size} bytes, expected 12")
+                    start, n = OFFSET_HOLE.unpack(body)
+                    if n == 0 or start < offset or start + n > offset + length:
+                        raise ProtocolError(f"OFFSET_HOLE off={start} len={n} outside {what}")
+                    into[start - offset:start - offset + n] = bytes(n)
+                    covered += n
+                elif chunk_type == ReplyType.BLOCK_STATUS and command == Command.BLOCK_STATUS:
+                    got = self._descriptors(body, length, what)
+                    if got is not None:
+                        descriptors = got
+                elif chunk_type != ReplyType.NONE or size:
+                    raise ProtocolError(f"unexpected {_name(ReplyType, chunk_type)} chunk "
+                                        f"({size} bytes) for {what}")
+            if chunk_flags & ReplyFlag.DONE:
+                break
+        if error is not None:
+            raise error
+        if command == Command.READ and covered != length:
+            raise ProtocolError(f"{what}: the chunks cover {covered} bytes, expected {length}")
+        if command == Command.BLOCK_STATUS and descriptors is None:
+            raise ProtocolError(f"{what}: no BLOCK_STATUS chunk for base:allocation")
+        return descriptors
+
+    @staticmethod
+    def _chunk_error(chunk_type: int, body: bytes, what: str) -> RequestError:
+        if len(body) < CHUNK_ERROR.size:
+            raise ProtocolError(f"{_name(ReplyType, chunk_type)} chunk of {len(body)} bytes, "
+                                f"expected at least {CHUNK_ERROR.size}")
+        error, n = CHUNK_ERROR.unpack_from(body)
+        if n > len(body) - CHUNK_ERROR.size:
+            raise ProtocolError(f"error chunk message length {n} exceeds its chunk")
+        message = bytes(body[CHUNK_ERROR.size:CHUNK_ERROR.size + n]).decode("utf-8", "replace")
+        return RequestError(error or Error.EIO, f"{what}: {message}" if message else what)
+
+    def _descriptors(self, body: bytes, length: int, what: str) -> list | None:
+        """(length, flags) descriptors of a BLOCK_STATUS chunk for our context,
+        cut at the request's end (the last may run past it); None for another context."""
+        if len(body) < BLOCK_STATUS_CONTEXT.size + BLOCK_DESCRIPTOR.size \
+                or (len(body) - BLOCK_STATUS_CONTEXT.size) % BLOCK_DESCRIPTOR.size:
+            raise ProtocolError(f"BLOCK_STATUS chunk of {len(body)} bytes: expected 4 + a "
+                                "positive multiple of 8")
+        (context,) = BLOCK_STATUS_CONTEXT.unpack_from(body)
+        if context != self.meta_context:
+            return None
+        out, total = [], 0
+        for pos in range(BLOCK_STATUS_CONTEXT.size, len(body), BLOCK_DESCRIPTOR.size):
+            n, state = BLOCK_DESCRIPTOR.unpack_from(body, pos)
+            if n == 0:
+                raise ProtocolError(f"{what}: BLOCK_STATUS descriptor of length 0")
+            n = min(n, length - total)
+            if n <= 0:
+                break
+            out.append((n, state))
+            total += n
+        return out
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -1263,6 +1491,19 @@ class NBDClient:
                 chunk = view[start:min(length, start + self.max_block)]
                 self._request(Command.READ, offset + start, len(chunk), into=chunk)
             return bytes(view[:length])
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """NBD_CMD_BLOCK_STATUS over ``base:allocation``: consecutive (length,
+        flags) extents from ``offset``, covering at most ``length`` bytes (the
+        server may describe only a prefix).  ``flags`` is ``BlockState``:
+        ZERO means the extent reads as zeroes; HOLE alone says nothing of its
+        contents."""
+        self._check_range(offset, length)
+        if not self.can_block_status:
+            raise RequestError(Error.ENOTSUP, "base:allocation was not negotiated")
+        with self._lock:
+            return self._request(Command.BLOCK_STATUS, offset,
+                                 min(length, MAX_BLOCK_STATUS_LENGTH))
 
     def write(self, offset: int, data) -> None:
         view = memoryview(data).cast("B")

@@ -34,13 +34,14 @@ The rules this file implements (SEMANTICS.md, DESIGN.md "rules"):
   A bit clears when inflight == 0 and lost_seq == 0.  Every frame queued on
   the hub stream gets the next stream sequence number; a SYNCED for a reply
   queued at sequence ``s`` forgets a loss at ``lost_seq < s``.
-* Rule 4, stale reads: a READ or CHECKSUM_QUERY from the hub opens a *read
-  window* over its range before reading QSD.  A guest write to a volume
-  with an open window overlapping it (or with writes already held back) is
-  marked and answered as usual, but its frame is held back and queued only
-  after the window's reply.  So every write the read may not have seen is
-  sent after the reply, and QEMU's write path never waits on a QSD read
-  (a QSD read waiting on a guest write that waits on us cannot deadlock).
+* Rule 4, stale reads: a READ, CHECKSUM_QUERY or EXTENT_QUERY from the hub
+  opens a *read window* over its range before reading QSD.  A guest write
+  to a volume with an open window overlapping it (or with writes already
+  held back) is marked and answered as usual, but its frame is held back
+  and queued only after the window's reply.  So every write the read may
+  not have seen is sent after the reply, and QEMU's write path never waits
+  on a QSD read (a QSD read waiting on a guest write that waits on us
+  cannot deadlock).
 * Rule 5, QEMU is told the truth: the mirror job survives an agent restart
   and is resumed, never started twice; a job that vanished although the
   state dir says we had one means QSD restarted: the job is set up again and
@@ -77,7 +78,8 @@ Threads (each named; stopped by ``Agent.stopping`` and joined with a timeout)::
     repagent-send        (per connection) pops the send queue, sends frames
     repagent-recv        (per connection) sequential blocking recv loop,
                          dispatches to ``Agent.on_<TYPE>``
-    repagent-sync-N      serves READ / CHECKSUM_QUERY / DIRTY_QUERY (never on
+    repagent-sync-N      serves READ / CHECKSUM_QUERY / EXTENT_QUERY /
+                         DIRTY_QUERY (never on
                          the recv loop, so ACKs keep flowing meanwhile)
     repagent-failback    FAILBACK_BEGIN / PUT / FAILBACK_END in arrival order
                          (QMP and NBD work, off the recv loop)
@@ -172,7 +174,13 @@ MAX_SYNCED_MEMORY = 65536
 """Replies whose stream sequence we remember for a later SYNCED."""
 
 MAX_EXTENTS = p.MAX_PAYLOAD // 16
-"""A DIRTY_MAP carries 16 bytes per extent; longer maps are coarsened."""
+"""A DIRTY_MAP carries 16 bytes per extent; longer maps are coarsened.  An
+EXTENTS answer (16 bytes per extent too) is cut to a prefix of this many."""
+
+AGENT_FEATURES = p.Feature.EXTENTS | p.Feature.FAILBACK
+"""Feature bits protect mode offers (PROTOCOL.md "Feature bits"): EXTENTS
+lets the hub's full sync ask which regions read as zeroes (EXTENT_QUERY);
+FAILBACK lets a promoted volume attach DEMOTED and be failed back."""
 
 QMP_TIMEOUT = 30.0
 CONTROL_TIMEOUT = 5.0
@@ -740,6 +748,26 @@ class FileSource:
             data += bytes(length - len(data))
         return data
 
+    def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        """(length, reads_as_zero) runs from ``offset``: the file's holes
+        (SEEK_HOLE) and what lies past its end read as zeroes."""
+        out, pos, end = [], offset, offset + length
+        while pos < end:
+            try:
+                data = min(os.lseek(self.fd, pos, os.SEEK_DATA), end)
+            except OSError as err:
+                if err.errno != errno.ENXIO:   # ENXIO: no data at or after pos
+                    raise
+                data = end
+            if data > pos:
+                out.append((data - pos, True))
+            if data < end:
+                hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), end)
+                out.append((hole - data, False))
+                data = hole
+            pos = data
+        return out
+
     def close(self) -> None:
         os.close(self.fd)
 
@@ -755,17 +783,34 @@ class NBDSource:
         self.client: nbd.NBDClient | None = None
 
     def read(self, offset: int, length: int) -> bytes:
+        return self._call(lambda c: c.read(offset, length), "reading")
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        """(length, reads_as_zero) runs from ``offset`` from NBD block status
+        (``base:allocation``: NBD_STATE_ZERO means zeroes; a hole without it
+        says nothing).  They may cover only a prefix of the range.  Without
+        block status at the server, the whole range is data."""
+        def status(client):
+            if not client.can_block_status:
+                return [(length, False)]
+            return [(n, bool(flags & nbd.BlockState.ZERO))
+                    for n, flags in client.block_status(offset, length)]
+        return self._call(status, "block status of")
+
+    def _call(self, request, what: str):
+        """Run ``request(client)``, reconnecting once on a broken connection."""
         for attempt in (1, 2):
             try:
                 if self.client is None:
-                    self.client = nbd.NBDClient(self.address, self.export, timeout=60.0)
-                return self.client.read(offset, length)
+                    self.client = nbd.NBDClient(self.address, self.export, timeout=60.0,
+                                                block_status=True)
+                return request(self.client)
             except (OSError, nbd.ProtocolError) as err:
                 self.close()
                 if attempt == 2:
-                    raise OSError(errno.EIO, f"reading {self!r}: {err}") from err
+                    raise OSError(errno.EIO, f"{what} {self!r}: {err}") from err
             except nbd.RequestError as err:
-                raise OSError(err.error, f"reading {self!r}: {err}") from err
+                raise OSError(err.error, f"{what} {self!r}: {err}") from err
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -841,7 +886,7 @@ class Failback:
 
 @dataclasses.dataclass
 class ReadWindow:
-    """A hub READ/CHECKSUM_QUERY being served: writes overlapping it are held."""
+    """A hub READ/CHECKSUM_QUERY/EXTENT_QUERY being served: overlapping writes are held."""
 
     start: int
     end: int
@@ -970,8 +1015,10 @@ class HubConnection:
     ``put`` is called with ``Agent.lock`` held and never blocks.
     """
 
-    def __init__(self, agent: "Agent", sock: socket.socket, peer: str, hub_id: str):
+    def __init__(self, agent: "Agent", sock: socket.socket, peer: str, hub_id: str,
+                 features: p.Feature = p.Feature.NONE):
         self.agent, self.sock, self.peer, self.hub_id = agent, sock, peer, hub_id
+        self.features = features        # granted in HELLO_REPLY
         self.queue: collections.deque = collections.deque()
         self.queued_bytes = 0
         self.cond = threading.Condition(agent.lock)
@@ -1123,13 +1170,15 @@ class Config:
         return max(0.2, min(2.0, self.hub_timeout / 4))
 
 
-def handshake(sock, agent_id: str, secret: bytes) -> str:
-    """HELLO -> HELLO_REPLY (check the hub's proof) -> AUTH -> AUTH_OK; return the hub id.
+def handshake(sock, agent_id: str, secret: bytes,
+              features: p.Feature = p.Feature.NONE) -> tuple[str, p.Feature]:
+    """HELLO -> HELLO_REPLY (check the hub's proof) -> AUTH -> AUTH_OK.
 
-    PROTOCOL.md "Handshake phase", the agent's side, on a fresh blocking socket.
+    PROTOCOL.md "Handshake phase", the agent's side, on a fresh blocking
+    socket.  Offers ``features``; returns the hub id and the granted features.
     """
     nonce = os.urandom(p.NONCE_SIZE)
-    offered = int(p.Feature.FAILBACK)    # we can be DEMOTED and failed back
+    offered = int(features)
     p.send_message(sock, p.Hello(nonce=nonce, agent_id=agent_id, features=offered))
     reply = p.recv_message(sock)
     if isinstance(reply, p.Error):
@@ -1163,14 +1212,16 @@ def handshake(sock, agent_id: str, secret: bytes) -> str:
         raise HandshakeError(f"hub refused AUTH: {ok.code_name()} {ok.message}")
     if not isinstance(ok, p.AuthOk):
         raise HandshakeError(f"expected AUTH_OK, got {ok.TYPE.name if ok else 'EOF'}")
-    return reply.hub_id
+    return reply.hub_id, p.Feature(reply.features)
 
 
-def connect_to_hub(cfg) -> tuple[socket.socket, str]:
+def connect_to_hub(cfg, features: p.Feature = p.Feature.NONE
+                   ) -> tuple[socket.socket, str, p.Feature]:
     """Open an authenticated connection to ``cfg.hub`` (TLS when ``cfg.tls_ca``).
 
-    Returns the socket, still with ``cfg.hub_timeout`` as its timeout, and the
-    hub's id; on any failure the socket is closed and the error raised.
+    Returns the socket, still with ``cfg.hub_timeout`` as its timeout, the
+    hub's id and the features it granted of ``features``; on any failure the
+    socket is closed and the error raised.
     """
     host, port = cfg.hub
     sock = socket.create_connection((host, port), timeout=cfg.hub_timeout)
@@ -1181,7 +1232,7 @@ def connect_to_hub(cfg) -> tuple[socket.socket, str]:
             # HMAC handshake then runs inside TLS as without it.
             ctx = ssl.create_default_context(cafile=cfg.tls_ca)
             sock = ctx.wrap_socket(sock, server_hostname=host)
-        return sock, handshake(sock, cfg.agent_id, cfg.secret)
+        return sock, *handshake(sock, cfg.agent_id, cfg.secret, features)
     except BaseException:
         sock.close()
         raise
@@ -1352,7 +1403,7 @@ class Agent:
     # -- the hub's answers (repagent-recv thread) ---------------------------------
 
     # The on_<TYPE> methods run on the repagent-recv thread, one frame at a
-    # time in arrival order; READ/CHECKSUM_QUERY/DIRTY_QUERY are handed to the
+    # time in arrival order; READ/CHECKSUM_QUERY/EXTENT_QUERY/DIRTY_QUERY go to the
     # sync threads so that ACKs keep flowing while QSD is read.
 
     def on_ACK(self, conn: HubConnection, msg: p.Ack) -> None:
@@ -1409,8 +1460,17 @@ class Agent:
     def on_DIRTY_QUERY(self, conn, msg):
         self.work.put((conn, msg))
 
+    def on_EXTENT_QUERY(self, conn, msg):
+        if not conn.features & p.Feature.EXTENTS:   # PROTOCOL.md [VN-5]
+            self.send_error(conn, p.Error(
+                request_id=msg.request_id, code=p.ErrorCode.UNSUPPORTED,
+                failed_type=msg.TYPE, message="EXTENT_QUERY without the EXTENTS feature"))
+            return
+        self.work.put((conn, msg))
+
     def on_SYNCED(self, conn: HubConnection, msg: p.Synced) -> None:
-        """Our reply to READ/CHECKSUM_QUERY ``req`` is durable: forget older losses."""
+        """Our reply to READ/CHECKSUM_QUERY/EXTENT_QUERY ``req`` is durable: forget
+        older losses."""
         with self.lock:
             entry = self.replies.get(msg.request_id)
             vol = self.by_id.get(msg.volume)
@@ -1522,7 +1582,7 @@ class Agent:
     # -- sync requests (repagent-sync-N threads) --------------------------------
 
     def _sync_loop(self) -> None:
-        """repagent-sync-N thread: serve READ / CHECKSUM_QUERY / DIRTY_QUERY."""
+        """repagent-sync-N thread: serve READ / CHECKSUM_QUERY / EXTENT_QUERY / DIRTY_QUERY."""
         readers: dict[str, object] = {}
         try:
             while not self.stopping.is_set():
@@ -1639,6 +1699,38 @@ class Agent:
                                 offset=msg.offset, length=msg.length,
                                 chunk_size=msg.chunk_size, algorithm=msg.algorithm,
                                 digests=digests)
+        finally:
+            self._close_window(vol, window, reply)
+
+    def serve_EXTENT_QUERY(self, conn, msg: p.ExtentQuery, readers) -> None:
+        """Which runs of the range read as zeroes (PROTOCOL.md "EXTENT_QUERY").
+
+        Asked under a read window, like a READ: a zero extent reflects every
+        write queued before the EXTENTS frame, and a write it may not reflect
+        is held until the frame is queued [SY-16].  Adjacent runs of one kind
+        are merged; a reply too long for one frame describes a prefix.
+        """
+        vol = self._volume_for(conn, msg)
+        p.check_range(msg.offset, msg.length, vol.size, "EXTENT_QUERY")
+        reader = self._reader(vol, readers)
+        window = self._open_window(conn, vol, msg.offset, msg.length)
+        reply = None
+        try:
+            runs: list[list] = []
+            for n, zero in reader.extents(msg.offset, msg.length):
+                if runs and runs[-1][1] == zero:
+                    runs[-1][0] += n
+                elif len(runs) < MAX_EXTENTS:
+                    runs.append([n, zero])
+                else:
+                    break
+            if not runs:
+                raise OSError(errno.EIO, f"{vol.name}: no extent at offset {msg.offset}")
+            extents = [(n, p.EXTENT_ZERO if zero else 0) for n, zero in runs]
+            reply = p.Extents(request_id=msg.request_id, volume=msg.volume,
+                              offset=msg.offset, length=msg.length, extents=extents)
+            vol.counters["extent_replies"] += 1
+            vol.counters["zero_extent_bytes"] += sum(n for n, zero in runs if zero)
         finally:
             self._close_window(vol, window, reply)
 
@@ -1909,9 +2001,9 @@ class Agent:
 
     def _connect(self) -> HubConnection:
         """Connect, authenticate, queue an ATTACH per volume (heartbeat thread)."""
-        sock, hub_id = connect_to_hub(self.cfg)
+        sock, hub_id, features = connect_to_hub(self.cfg, AGENT_FEATURES)
         sock.settimeout(None)
-        conn = HubConnection(self, sock, "%s:%d" % self.cfg.hub, hub_id)
+        conn = HubConnection(self, sock, "%s:%d" % self.cfg.hub, hub_id, features)
         with self.lock:
             self.conn = conn
             for vol in self.volumes:
@@ -2457,7 +2549,7 @@ class RecoveryClient:
 
     def open(self) -> p.RecoverReady:
         """Connect, authenticate, RECOVER_OPEN; start the recv thread (caller's thread)."""
-        sock, hub_id = connect_to_hub(self.cfg)  # the same HELLO/AUTH as protect mode
+        sock, hub_id, _ = connect_to_hub(self.cfg)  # the same HELLO/AUTH as protect mode
         try:
             sock.settimeout(RECOVER_OPEN_TIMEOUT)
             log.info("--> RECOVER_OPEN %s %s at %r", self.mode.name, self.volume, self.point)

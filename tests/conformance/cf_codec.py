@@ -72,6 +72,8 @@ ENUMS = {
     "outcome": {"DONE": 0, "ABORT": 1},
 }
 EXTENT_ZERO = 1 << 0
+#: PROTOCOL.md "Feature bits".
+FEATURES = {"EXTENTS": 1 << 0, "FAILBACK": 1 << 1}
 
 # PROTOCOL.md "Message types": value, direction, header fields used, flags
 # allowed, payload layout.  Layout items:

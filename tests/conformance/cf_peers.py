@@ -27,8 +27,8 @@ import struct
 import threading
 import time
 
-from cf_codec import (CloseError, FLAG_ZERO, HEADER_SIZE, Msg, WireError, decode_frame,
-                      header_payload_length, msg)
+from cf_codec import (CloseError, EXTENT_ZERO, FLAG_ZERO, HEADER_SIZE, Msg, WireError,
+                      decode_frame, header_payload_length, msg)
 
 HUB_LABEL = b"RPL1 hub proof"
 AGENT_LABEL = b"RPL1 agent proof"
@@ -382,6 +382,26 @@ class SpecAgent:
                                offset=m.offset, length=m.length, chunk_size=m.chunk_size,
                                algorithm=m.algorithm, digests=self.checksums(m, vol)))
 
+    def extents(self, m: Msg, vol: MemVolume, block: int = 4096) -> list:
+        """Runs of zero / non-zero ``block``s of the range: (length, flags)."""
+        runs: list = []
+        for start in range(m.offset, m.offset + m.length, block):
+            n = min(block, m.offset + m.length - start)
+            flags = 0 if any(vol.read(start, n)) else EXTENT_ZERO
+            if runs and runs[-1][1] == flags:
+                runs[-1][0] += n
+            else:
+                runs.append([n, flags])
+        return [tuple(r) for r in runs]
+
+    def on_EXTENT_QUERY(self, m: Msg) -> None:
+        vol = self._vol(m)
+        if vol is None:
+            return
+        with self.stream_lock:      # the answer and the writes it reflects, in order [SY-16]
+            self.conn.send(msg("EXTENTS", request_id=m.request_id, volume=m.volume,
+                               offset=m.offset, length=m.length, extents=self.extents(m, vol)))
+
     def close(self) -> None:
         try:
             self.conn.sock.shutdown(socket.SHUT_RDWR)
@@ -467,8 +487,8 @@ class HubSession:
             m.request_id = self.new_req()
         self.conn.send(m)
         return self.wait_for(lambda f: isinstance(f, Msg) and f.request_id == m.request_id
-                             and f.type in ("READ_REPLY", "DIRTY_MAP", "CHECKSUMS", "ERROR",
-                                            "PONG"), timeout, f"answer to {m.type}")
+                             and f.type in ("READ_REPLY", "DIRTY_MAP", "CHECKSUMS", "EXTENTS",
+                                            "ERROR", "PONG"), timeout, f"answer to {m.type}")
 
     def wait_for(self, pred, timeout: float = TIMEOUT, what: str = "frame"):
         deadline = time.monotonic() + timeout

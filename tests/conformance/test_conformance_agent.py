@@ -430,6 +430,117 @@ def test_stale_read_rule(rig, s):
         f"a READ_REPLY carried data older than a WRITE sent before it ({reads} READs) [SY-2]"
 
 
+EXTENTS = cf_codec.FEATURES["EXTENTS"]
+
+
+@pytest.fixture
+def ext(rig, s):
+    """A connection granted EXTENTS (skips for an agent that does not offer it);
+    the next test gets a connection without it again."""
+    if not s.hello.features & EXTENTS:
+        pytest.skip("the agent does not offer feature EXTENTS")
+    session = rig.reconnect(features=EXTENTS)
+    try:
+        yield session
+    finally:
+        rig.reconnect()
+
+
+def apply_stream(frames, vid: int, image: bytearray, base: int) -> None:
+    """Apply WRITE / ZERO / READ_REPLY / zero extents of EXTENTS to ``image``
+    (which holds [base, base + len(image))) in stream order, as a hub does."""
+    end = base + len(image)
+
+    def put(offset, length, data=None):
+        lo, hi = max(offset, base), min(offset + length, end)
+        if lo < hi:
+            image[lo - base:hi - base] = bytes(hi - lo) if data is None else \
+                data[lo - offset:hi - offset]
+
+    for f in frames:
+        if not isinstance(f, Msg) or f.volume != vid:
+            continue
+        if f.type in ("WRITE", "READ_REPLY") and not f.flags & FLAG_ZERO:
+            put(f.offset, f.length, bytes(f.data))
+        elif f.type in ("ZERO", "READ_REPLY"):
+            put(f.offset, f.length)
+        elif f.type == "EXTENTS":
+            pos = f.offset
+            for n, flags in f.extents:
+                if flags & cf_codec.EXTENT_ZERO:
+                    put(pos, n)
+                pos += n
+
+
+@clause("SY-5", "SY-17", "SY-18")
+def test_extents_answers(rig, ext):
+    rig.need_writes()
+    base = 56 * 65536               # after the other tests' regions, before the last 64 KiB
+    data = os.urandom(2 * 4096)
+    rig.write_seen(base + 65536, data)
+    length = 2 * 65536
+    r = ext.request(msg("EXTENT_QUERY", volume=rig.vid, offset=base, length=length))
+    assert (r.type, r.volume, r.offset, r.length) == ("EXTENTS", rig.vid, base, length), \
+        f"echo [SY-5]: {r}"
+    assert r.extents and all(n >= 1 and not fl & ~cf_codec.EXTENT_ZERO for n, fl in r.extents) \
+        and sum(n for n, _ in r.extents) <= length, f"extents {r.extents} [SY-17]"
+    disk = rig.agent.guest_read(base, length)
+    pos = 0
+    for n, flags in r.extents:
+        if flags & cf_codec.EXTENT_ZERO:
+            assert not any(disk[pos:pos + n]), \
+                f"EXTENT_ZERO on [{base + pos}, +{n}) which holds data [SY-18]"
+        pos += n
+    rig.alive()
+
+
+@clause("SY-16", "RP-1")
+def test_stale_extents_rule(rig, ext):
+    """Guest writes land in zero regions while the hub asks EXTENT_QUERY about
+    them; applying the stream in order (zero extents as ZERO) must end in the
+    disk's content [SY-16]."""
+    rig.need_writes()
+    base, span = 60 * 65536, 3 * 65536
+    first = ext.request(msg("READ", volume=rig.vid, offset=base, length=span))
+    image = bytearray(bytes(first.data) if not first.flags & FLAG_ZERO else bytes(span))
+    start = len(ext.received)
+    stop = threading.Event()
+    errors = []
+
+    def writer():
+        rng = random.Random(9)
+        try:
+            for _ in range(40):
+                off = base + rng.randrange(0, span - 4096, 4096)
+                rig.agent.guest_write(off, bytes([rng.randrange(1, 256)]) * 4096)
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+        finally:
+            stop.set()
+
+    t = threading.Thread(target=writer, name="cf-guest-writer")
+    t.start()
+    queries = 0
+    while not stop.is_set() and queries < 300:
+        r = ext.request(msg("EXTENT_QUERY", volume=rig.vid, offset=base, length=span))
+        assert r.type == "EXTENTS", r
+        queries += 1
+    t.join(60)
+    assert not errors, errors
+    disk = rig.agent.guest_read(base, span)
+
+    def model() -> bytes:
+        out = bytearray(image)
+        apply_stream(list(ext.received)[start:], rig.vid, out, base)
+        return bytes(out)
+
+    deadline = time.monotonic() + T
+    while model() != disk and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert model() == disk, \
+        f"a zero extent hid a write sent before its EXTENTS ({queries} queries) [SY-16]"
+
+
 @clause("LV-3", "RP-8")
 def test_agent_reconnects_after_goodbye(rig, s):
     s.conn.send(msg("GOODBYE", reason="hub going away"))

@@ -180,7 +180,9 @@ def test_handshake_good(hub, codec):
         conn.buf = bytearray(raw)
         reply = conn.recv()
         assert reply.type == "HELLO_REPLY" and reply.version == 1
-        assert reply.features == 0, "a v1 hub grants no feature [VN-3, VN-5]"
+        known = sum(cf_codec.FEATURES.values())
+        assert not reply.features & ~(0x80000001 & known), \
+            f"granted 0x{reply.features:x}: only offered, defined bits may be [VN-3]"
         assert len(reply.nonce) == 32 and any(reply.nonce)
         assert proof(hub.secret, HUB_LABEL, nonce, reply.nonce, hub.agent_id,
                      reply.hub_id) == bytes(reply.proof), "hub_proof [HS-5]"
@@ -747,6 +749,84 @@ def test_read_reply_applied_at_its_stream_position(hub, codec, order):
     finally:
         a.close()
     assert replica_diff(hub, codec, vol) == [], "READ_REPLY applied like a write, in order [SY-4]"
+
+
+EXTENTS = cf_codec.FEATURES["EXTENTS"]
+
+
+def sparse_agent(hub, codec) -> SpecAgent:
+    """An agent offering EXTENTS; skips when the hub under test does not grant it."""
+    a = connect(hub, codec, features=EXTENTS)
+    if not a.handshake["reply"].features & EXTENTS:
+        a.close()
+        pytest.skip("the hub does not grant feature EXTENTS")
+    return a
+
+
+@clause("SY-16", "SY-4", "RP-2")
+@pytest.mark.parametrize("order", ["extents-then-write", "write-then-extents"])
+def test_zero_extents_applied_at_their_stream_position(hub, codec, order):
+    """A zero extent is applied like a ZERO where the EXTENTS frame is in the stream."""
+    vol = MemVolume(vname("ext"), SIZE, CHUNK, data=os.urandom(SIZE // 4) + bytes(3 * SIZE // 4))
+    a = sparse_agent(hub, codec)
+    try:
+        a.answer_override["EXTENT_QUERY"] = lambda q: None     # answered below, in order
+        assert a.attach(vol).plan == PLAN["FULL"]
+        q = a.wait_for(lambda f: isinstance(f, Msg) and f.type == "EXTENT_QUERY", T,
+                       "EXTENT_QUERY for a FULL sync")
+        assert (q.volume, q.offset) == (vol.volume_id, 0) and 0 < q.length <= SIZE
+        at = SIZE // 2                     # inside the zero part
+        newer = b"\x66" * 4096
+        with a.stream_lock:
+            extents = a.extents(q, vol)
+            answer = msg("EXTENTS", request_id=q.request_id, volume=q.volume, offset=q.offset,
+                         length=q.length, extents=extents)
+            write = msg("WRITE", request_id=a.new_req(), volume=vol.volume_id, offset=at,
+                        data=newer)
+            if order == "extents-then-write":
+                a.send(answer)
+                a.send(write)          # newer than the zero extent: it must survive
+                vol.buf[at:at + 4096] = newer
+            else:
+                a.send(write)
+                a.send(answer)         # later in the stream: its zeroes win
+        del a.answer_override["EXTENT_QUERY"]
+        for f in a.frames("EXTENT_QUERY"):
+            if f.request_id != q.request_id:
+                a.on_EXTENT_QUERY(f)
+        wait_until(lambda: a.synced_cover(vol), T, "the FULL sync to finish")
+    finally:
+        a.close()
+    assert replica_diff(hub, codec, vol) == [], \
+        "a zero extent is applied like a ZERO, in stream order [SY-16, SY-4]"
+
+
+@clause("SY-17", "SY-5", "ER-2")
+@pytest.mark.parametrize("wrong", ["too_long", "empty_extent", "unknown_flag", "no_extent",
+                                   "changed_offset"])
+def test_bad_extents_answers_are_refused(hub, codec, wrong):
+    vol = MemVolume(vname("badext"), SIZE, CHUNK)
+    a = sparse_agent(hub, codec)
+    try:
+        def answer(q):
+            ext = {"too_long": [(q.length, 0), (4096, cf_codec.EXTENT_ZERO)],
+                   "empty_extent": [(0, 0), (q.length, 0)],
+                   "unknown_flag": [(q.length, 4)],
+                   "no_extent": [],
+                   "changed_offset": [(q.length - 4096, 0)]}[wrong]
+            shift = 4096 if wrong == "changed_offset" else 0
+            payload = b"".join(struct.pack("!QI4x", n, f) for n, f in ext)
+            a.conn.send_raw(raw_frame(TYPE_VALUES["EXTENTS"], payload, request_id=q.request_id,
+                                      volume=q.volume, offset=q.offset + shift,
+                                      length=q.length - shift))
+        a.answer_override["EXTENT_QUERY"] = answer
+        assert a.attach(vol).plan == PLAN["FULL"]
+        err = a.wait_for(lambda f: isinstance(f, Msg) and f.type == "ERROR", T, "ERROR")
+        assert error_of(err) == "INVALID", f"bad EXTENTS ({wrong}): {describe(err)} [SY-17]"
+        assert a.request(msg("PING", sent_ns=9)).type == "PONG", "the connection goes on [ER-2]"
+    finally:
+        a.close()
+    hub_is_up(hub, codec)
 
 
 # ---------------------------------------------------------------------------
