@@ -3252,9 +3252,12 @@ class Failback:
         try:
             self.conn.send(msg)
         except (OSError, ConnectionClosed) as err:
-            self.fail(f"the agent's connection is gone ({err}); the volume stays promoted, "
-                      "nothing changed on the hub: run the fail-back again")
+            self.connection_gone(str(err))
         return msg.request_id
+
+    def connection_gone(self, detail: str) -> None:
+        self.fail(f"the agent's connection is gone ({detail}); the volume stays promoted, "
+                  "nothing changed on the hub: run the fail-back again", p.ErrorCode.IO_ERROR)
 
     def wait(self, reqs, what: str, answer: type = p.Ack):
         """The first answer to one of ``reqs``: (req, msg, barrier).  An ERROR, an
@@ -3278,9 +3281,7 @@ class Failback:
                                       f"expected {answer.TYPE.name}", p.ErrorCode.PROTOCOL)
                         return req, item, barrier
                 if self.conn.closing.is_set() or self.hub.stopping.is_set():
-                    self.fail(f"the agent's connection closed while waiting for {what}; the "
-                              "volume stays promoted, nothing is lost: run the fail-back again",
-                              p.ErrorCode.IO_ERROR)
+                    self.connection_gone(f"closed while waiting for {what}")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self.fail(f"no answer to {what} within {FAILBACK_ANSWER_TIMEOUT:.0f} s",

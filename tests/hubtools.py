@@ -108,7 +108,6 @@ class TestAgent:
         self.goodbye: str | None = None
         self.closed = threading.Event()
         self.hub_id = None
-        self.features = 0        # offered in HELLO (subclasses that implement them set it)
         self.granted = 0         # granted in HELLO_REPLY
         self.thread = None
         self.before_read_reply = None  # test hook: called with the READ, outside locks

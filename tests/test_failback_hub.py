@@ -464,7 +464,7 @@ def test_agent_disconnects_midway(hubenv):
     wait_for(lambda: fa.puts(), 20, "the first PUT")
     fa.close()  # the original site goes away with the PUTs un-ACKed
     t.join(30)
-    assert "connection closed" in outcome["error"] and "run the fail-back again" in \
+    assert "connection is gone" in outcome["error"] and "run the fail-back again" in \
         outcome["error"]
     assert sc.vol.meta["role"] == "promoted"
     assert isinstance(sc.rwrite(0, 4096, 0x62), p.Ack)  # the fence is lifted
