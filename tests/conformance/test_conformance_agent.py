@@ -373,77 +373,25 @@ def test_writes_sent_in_completion_order(rig, s):
     assert offs == sorted(offs) and len(set(id(f) for f in seen)) == 8
 
 
-@clause("SY-2", "RP-1")
-def test_stale_read_rule(rig, s):
-    """Writes race with the hub's READs of the same region; applying the stream in
-    order (as a hub must) has to end in the disk's content [SY-2]."""
-    rig.need_writes()
-    base, span = 48 * 65536, 4 * 65536
-    replica = bytearray(s.request(msg("READ", volume=rig.vid, offset=base, length=span)).data
-                        or bytes(span))
-    start = len(s.received)
-    stop = threading.Event()
-    errors = []
+def start_guest_writer(rig, base: int, span: int, seed: int, align: int):
+    """40 random 4 KiB guest writes into [base, base + span) on a thread;
+    returns (thread, event set when done, list of the errors raised)."""
+    stop, errors = threading.Event(), []
 
     def writer():
-        rng = random.Random(5)
+        rng = random.Random(seed)
         try:
-            for i in range(40):
-                off = base + rng.randrange(0, span - 4096, 512)
+            for _ in range(40):
+                off = base + rng.randrange(0, span - 4096, align)
                 rig.agent.guest_write(off, bytes([rng.randrange(1, 256)]) * 4096)
-        except Exception as err:  # noqa: BLE001 - reported below
+        except Exception as err:  # noqa: BLE001 - reported by the caller
             errors.append(err)
         finally:
             stop.set()
 
     t = threading.Thread(target=writer, name="cf-guest-writer")
     t.start()
-    reads = 0
-    while not stop.is_set() and reads < 200:
-        s.request(msg("READ", volume=rig.vid, offset=base, length=span))
-        reads += 1
-    t.join(60)
-    assert not errors, errors
-    disk = rig.agent.guest_read(base, span)
-
-    def model() -> bytes:
-        image = bytearray(replica)
-        for f in list(s.received)[start:]:
-            if not isinstance(f, Msg) or f.volume != rig.vid:
-                continue
-            if f.type in ("WRITE", "READ_REPLY") and not f.flags & FLAG_ZERO:
-                data = f.data
-            elif f.type in ("ZERO", "READ_REPLY"):
-                data = bytes(f.length)
-            else:
-                continue
-            lo, hi = max(f.offset, base), min(f.offset + f.length, base + span)
-            if lo < hi:
-                image[lo - base:hi - base] = data[lo - f.offset:hi - f.offset]
-        return bytes(image)
-
-    # Poll: the last WRITEs may still be on their way; stale data never heals.
-    deadline = time.monotonic() + T
-    while model() != disk and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert model() == disk, \
-        f"a READ_REPLY carried data older than a WRITE sent before it ({reads} READs) [SY-2]"
-
-
-EXTENTS = cf_codec.FEATURES["EXTENTS"]
-
-
-@pytest.fixture
-def ext(rig, s):
-    """A connection granted EXTENTS (skips for an agent that does not offer it);
-    the next test gets a connection without it again."""
-    if not s.hello.features & EXTENTS:
-        pytest.skip("the agent does not offer feature EXTENTS")
-    session = rig.reconnect(features=EXTENTS)
-    try:
-        yield session
-    finally:
-        rig.reconnect()
+    return t, stop, errors
 
 
 def apply_stream(frames, vid: int, image: bytearray, base: int) -> None:
@@ -470,6 +418,53 @@ def apply_stream(frames, vid: int, image: bytearray, base: int) -> None:
                 if flags & cf_codec.EXTENT_ZERO:
                     put(pos, n)
                 pos += n
+
+
+@clause("SY-2", "RP-1")
+def test_stale_read_rule(rig, s):
+    """Writes race with the hub's READs of the same region; applying the stream in
+    order (as a hub must) has to end in the disk's content [SY-2]."""
+    rig.need_writes()
+    base, span = 48 * 65536, 4 * 65536
+    replica = bytearray(s.request(msg("READ", volume=rig.vid, offset=base, length=span)).data
+                        or bytes(span))
+    start = len(s.received)
+    t, stop, errors = start_guest_writer(rig, base, span, seed=5, align=512)
+    reads = 0
+    while not stop.is_set() and reads < 200:
+        s.request(msg("READ", volume=rig.vid, offset=base, length=span))
+        reads += 1
+    t.join(60)
+    assert not errors, errors
+    disk = rig.agent.guest_read(base, span)
+
+    def model() -> bytes:
+        image = bytearray(replica)
+        apply_stream(list(s.received)[start:], rig.vid, image, base)
+        return bytes(image)
+
+    # Poll: the last WRITEs may still be on their way; stale data never heals.
+    deadline = time.monotonic() + T
+    while model() != disk and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert model() == disk, \
+        f"a READ_REPLY carried data older than a WRITE sent before it ({reads} READs) [SY-2]"
+
+
+EXTENTS = cf_codec.FEATURES["EXTENTS"]
+
+
+@pytest.fixture
+def ext(rig, s):
+    """A connection granted EXTENTS (skips for an agent that does not offer it);
+    the next test gets a connection without it again."""
+    if not s.hello.features & EXTENTS:
+        pytest.skip("the agent does not offer feature EXTENTS")
+    session = rig.reconnect(features=EXTENTS)
+    try:
+        yield session
+    finally:
+        rig.reconnect()
 
 
 @clause("SY-5", "SY-17", "SY-18")
@@ -504,22 +499,7 @@ def test_stale_extents_rule(rig, ext):
     first = ext.request(msg("READ", volume=rig.vid, offset=base, length=span))
     image = bytearray(bytes(first.data) if not first.flags & FLAG_ZERO else bytes(span))
     start = len(ext.received)
-    stop = threading.Event()
-    errors = []
-
-    def writer():
-        rng = random.Random(9)
-        try:
-            for _ in range(40):
-                off = base + rng.randrange(0, span - 4096, 4096)
-                rig.agent.guest_write(off, bytes([rng.randrange(1, 256)]) * 4096)
-        except Exception as err:  # noqa: BLE001 - reported below
-            errors.append(err)
-        finally:
-            stop.set()
-
-    t = threading.Thread(target=writer, name="cf-guest-writer")
-    t.start()
+    t, stop, errors = start_guest_writer(rig, base, span, seed=9, align=4096)
     queries = 0
     while not stop.is_set() and queries < 300:
         r = ext.request(msg("EXTENT_QUERY", volume=rig.vid, offset=base, length=span))
