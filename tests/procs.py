@@ -13,11 +13,14 @@ Used by tests/test_agent_e2e.py and tests/faults/cluster.py.
 
 from __future__ import annotations
 
+import os
 import re
+import selectors
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from qemu_harness import short_tmpdir, wait_until
@@ -45,6 +48,34 @@ def end(proc: subprocess.Popen | None, sig=signal.SIGKILL) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+def start_recover(hub: str, agent_id: str, secret_file, volume: str, at: str, mode: str,
+                  log_path: Path, timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
+    """``repagent.py recover`` (``mode`` "--test" or "--failover") serving a unix
+    socket; return the process and the URI it prints once ready ("" if it
+    printed none within ``timeout``: read ``log_path``)."""
+    sock = short_tmpdir("rcv") / "nbd.sock"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "repagent.py", "recover", "--hub", hub, "--agent-id", agent_id,
+             "--secret-file", str(secret_file), "--volume", volume, "--at", at, mode,
+             "--listen", f"unix:{sock}", "--log-level", "INFO"],
+            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+            start_new_session=True)
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    line, deadline = b"", time.monotonic() + timeout
+    while not line.endswith(b"\n") and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        if sel.select(timeout=0.2):
+            chunk = os.read(proc.stdout.fileno(), 256)
+            if not chunk:
+                break
+            line += chunk
+    sel.close()
+    return proc, line.decode().strip()
 
 
 def _tail(log: Path, n: int) -> str:

@@ -20,13 +20,9 @@ reported and kept, and protection resumes.
 from __future__ import annotations
 
 import json
-import os
 import re
-import selectors
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -34,7 +30,7 @@ import pytest
 import nbd
 import repagent as ra
 from oracle import StreamModel
-from procs import AgentProc, HubProc, end
+from procs import AgentProc, HubProc, end, start_recover
 from qemu_harness import QSD, MiB, kill_all, nbd_sha256, qemu_io, requires_qemu, short_tmpdir, \
     wait_until
 
@@ -138,28 +134,9 @@ class Sites:
 
     def recover_failover(self, at: str) -> str:
         """``repagent.py recover --failover``; return the NBD socket it serves."""
-        sock = short_tmpdir("fbr") / "nbd.sock"
-        log = open(self.work / "recover.log", "ab")
-        self.recoverer = subprocess.Popen(
-            [sys.executable, "repagent.py", "recover", "--hub", f"127.0.0.1:{self.hub.port}",
-             "--agent-id", "rec1", "--secret-file", str(self.rec_secret), "--volume", VOL,
-             "--at", at, "--failover", "--listen", f"unix:{sock}", "--log-level", "INFO"],
-            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-            start_new_session=True)
-        log.close()
-        sel = selectors.DefaultSelector()
-        sel.register(self.recoverer.stdout, selectors.EVENT_READ)
-        line, deadline = b"", time.monotonic() + 60
-        while not line.endswith(b"\n") and time.monotonic() < deadline:
-            if self.recoverer.poll() is not None:
-                break
-            if sel.select(timeout=0.2):
-                chunk = os.read(self.recoverer.stdout.fileno(), 256)
-                if not chunk:
-                    break
-                line += chunk
-        sel.close()
-        uri = line.decode().strip()
+        self.recoverer, uri = start_recover(f"127.0.0.1:{self.hub.port}", "rec1",
+                                            self.rec_secret, VOL, at, "--failover",
+                                            self.work / "recover.log")
         assert "socket=" in uri, f"recover printed {uri!r}:\n{self.recover_log()}"
         return uri.split("socket=")[1]
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import selectors
 import signal
 import subprocess
 import sys
@@ -26,7 +25,8 @@ import pytest
 import nbd
 from hubtools import HubProcess
 from oracle import StreamGroup, StreamModel, assert_same_image
-from qemu_harness import (QSD, MiB, create_image, file_sha256, kill_all, nbd_uri, qemu_io,
+from procs import start_recover
+from qemu_harness import (QSD, MiB, create_image, file_sha256, kill_all, qemu_io,
                           requires_qemu, short_tmpdir, wait_until)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,29 +133,10 @@ class Site:
 
     def recover(self, vol: str, at: str, mode: str, name: str) -> tuple[subprocess.Popen, str]:
         """Start ``repagent.py recover``; return it and the URI it prints once ready."""
-        sock = short_tmpdir("rcv") / "nbd.sock"
-        log = open(self.work / f"recover-{name}.log", "ab")
-        proc = subprocess.Popen(
-            [sys.executable, "repagent.py", "recover", "--hub", self.hub_addr,
-             "--agent-id", "rec1", "--secret-file", self.secrets["rec1"], "--volume", vol,
-             "--at", at, mode, "--listen", f"unix:{sock}", "--log-level", "INFO"],
-            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-            start_new_session=True)
-        log.close()
+        proc, uri = start_recover(self.hub_addr, "rec1", self.secrets["rec1"], vol, at, mode,
+                                  self.work / f"recover-{name}.log")
         self.recoverers.append(proc)
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        line, deadline = b"", time.monotonic() + 60
-        while not line.endswith(b"\n") and time.monotonic() < deadline:
-            if proc.poll() is not None:
-                break
-            if sel.select(timeout=0.2):
-                chunk = os.read(proc.stdout.fileno(), 256)
-                if not chunk:
-                    break
-                line += chunk
-        sel.close()
-        return proc, line.decode().strip()
+        return proc, uri
 
     def close(self) -> None:
         for proc in self.recoverers:
