@@ -30,6 +30,10 @@ pieces scattered over it, the rest holes)
   feature EXTENTS the zero extents are not READ) and the bytes the agent
   sent as data.
 
+sparse volume, ``--sparse-scale`` times the size (the same data)
+  The hub's sync only (no baselines): its sync job's time divided by the
+  sparse run's (1.0 = the size does not matter, only the data).
+
 resync after a hub outage (on the sparse volume, once it is consistent)
   The hub is killed (SIGKILL); N writes go through QSD's export while it is
   down; the hub restarts on the same port and the agent reconnects.  The hub
@@ -332,8 +336,9 @@ class Replication:
 
 # ---------------------------------------------------------------------------
 
-def run_case(name: str, work: Path, size: int, make, rounds: int, outages=()) -> dict:
-    """Baselines and the hub's initial sync on one image, ``rounds`` times
+def run_case(name: str, work: Path, size: int, make, rounds: int, outages=(),
+             baselines=("nbdcopy", "qemu-img")) -> dict:
+    """``baselines`` and the hub's initial sync on one image, ``rounds`` times
     interleaved (fresh QSD, target, hub and agent each round); the outages
     after the last round's sync.  Returns the medians, the hub figures of the
     median round and every round's times."""
@@ -349,8 +354,7 @@ def run_case(name: str, work: Path, size: int, make, rounds: int, outages=()) ->
         rep = Replication(image, size, base)
         try:
             qsd = rep.start_qsd()
-            run = {"nbdcopy": copy_baseline("nbdcopy", qsd, base, source_sha),
-                   "qemu-img": copy_baseline("qemu-img", qsd, base, source_sha)}
+            run = {tool: copy_baseline(tool, qsd, base, source_sha) for tool in baselines}
             rep.start_hub()
             run["hub"] = rep.sync()
             rep.check_replica(source_sha)
@@ -365,10 +369,9 @@ def run_case(name: str, work: Path, size: int, make, rounds: int, outages=()) ->
     shutil.rmtree(case, ignore_errors=True)
     median_run = sorted(runs, key=lambda run: run["hub"]["seconds"])[(len(runs) - 1) // 2]
     return {"data_bytes": data, "hub": median_run["hub"], "outages": runs[-1]["outages"],
-            "nbdcopy": statistics.median_low(run["nbdcopy"] for run in runs),
-            "qemu-img": statistics.median_low(run["qemu-img"] for run in runs),
+            **{tool: statistics.median_low(run[tool] for run in runs) for tool in baselines},
             "rounds": {k: [run[k]["seconds"] if k == "hub" else run[k] for run in runs]
-                       for k in ("nbdcopy", "qemu-img", "hub")}}
+                       for k in (*baselines, "hub")}}
 
 
 def outage_writes(size: int, seed: int) -> list[list[tuple[int, bytes]]]:
@@ -391,6 +394,8 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int, default=1024, help="volume size")
     ap.add_argument("--sparse-data-mib", type=int, default=32,
                     help="data in the sparse volume")
+    ap.add_argument("--sparse-scale", type=int, default=4,
+                    help="the size factor of the second sparse volume (same data)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="interleaved rounds of (nbdcopy, qemu-img, hub) per volume; "
                          "medians are compared")
@@ -406,6 +411,9 @@ def main() -> int:
         sparse = run_case("sparse", work, size,
                           lambda path, n: make_sparse(path, n, args.sparse_data_mib * MiB),
                           args.rounds, outages=outage_writes(size, seed=5))
+        bigger = run_case("sparse-scaled", work, size * args.sparse_scale,
+                          lambda path, n: make_sparse(path, n, args.sparse_data_mib * MiB),
+                          args.rounds, baselines=())
     finally:
         kill_all()
         shutil.rmtree(work, ignore_errors=True)
@@ -476,6 +484,18 @@ def main() -> int:
                                f"which the sync job {s['job_seconds']:.2f} s); hub READ "
                                f"{s['bytes_fetched'] / MiB:.0f} MiB, agent sent "
                                f"{s['agent_data_bytes'] / MiB:.1f} MiB as data"))
+    b = bigger["hub"]
+    scale = b["job_seconds"] / s["job_seconds"]
+    print(f"  {args.sparse_scale}x the size, the same data: sync job {b['job_seconds']:.2f} s "
+          f"vs {s['job_seconds']:.2f} s = {scale:.2f}x (1.00x = the size does not matter); "
+          f"agent sent {b['agent_data_bytes'] / MiB:.1f} MiB as data")
+    figures.append(figure(f"sparse sync job, {args.sparse_scale}x the size with the same "
+                          f"{args.sparse_data_mib} MiB of data", round(b["job_seconds"], 2), "s",
+                          f"{args.size_mib} MiB volume", round(s["job_seconds"], 2),
+                          round(scale, 2), "<= 1.5x (time follows the data, not the size)",
+                          scale <= 1.5,
+                          note=f"agent sent {b['agent_data_bytes'] / MiB:.1f} MiB as data; "
+                               f"median of {args.rounds} rounds"))
     sent_ratio = s["agent_data_bytes"] / sparse["data_bytes"]
     figures.append(figure("sparse sync: bytes the agent sent as data", s["agent_data_bytes"],
                           "bytes", "data bytes", sparse["data_bytes"], round(sent_ratio, 2),
