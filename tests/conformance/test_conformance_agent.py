@@ -394,6 +394,27 @@ def start_guest_writer(rig, base: int, span: int, seed: int, align: int):
     return t, stop, errors
 
 
+def assert_stream_ends_in_disk(rig, writer, errors, received, start: int, initial,
+                               base: int, why: str) -> None:
+    """Once the guest writer is done: ``initial`` (the region at ``base`` before
+    frame ``start``) with the frames received since applied in stream order, as
+    a hub must, equals the disk.  Polled: the last WRITEs may still be on their
+    way, while stale data never heals."""
+    writer.join(60)
+    assert not errors, errors
+    disk = rig.agent.guest_read(base, len(initial))
+
+    def model() -> bytes:
+        image = bytearray(initial)
+        apply_stream(list(received)[start:], rig.vid, image, base)
+        return bytes(image)
+
+    deadline = time.monotonic() + T
+    while model() != disk and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert model() == disk, why
+
+
 def apply_stream(frames, vid: int, image: bytearray, base: int) -> None:
     """Apply WRITE / ZERO / READ_REPLY / zero extents of EXTENTS to ``image``
     (which holds [base, base + len(image))) in stream order, as a hub does."""
@@ -434,21 +455,9 @@ def test_stale_read_rule(rig, s):
     while not stop.is_set() and reads < 200:
         s.request(msg("READ", volume=rig.vid, offset=base, length=span))
         reads += 1
-    t.join(60)
-    assert not errors, errors
-    disk = rig.agent.guest_read(base, span)
-
-    def model() -> bytes:
-        image = bytearray(replica)
-        apply_stream(list(s.received)[start:], rig.vid, image, base)
-        return bytes(image)
-
-    # Poll: the last WRITEs may still be on their way; stale data never heals.
-    deadline = time.monotonic() + T
-    while model() != disk and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert model() == disk, \
-        f"a READ_REPLY carried data older than a WRITE sent before it ({reads} READs) [SY-2]"
+    assert_stream_ends_in_disk(
+        rig, t, errors, s.received, start, replica, base,
+        f"a READ_REPLY carried data older than a WRITE sent before it ({reads} READs) [SY-2]")
 
 
 EXTENTS = cf_codec.FEATURES["EXTENTS"]
@@ -505,20 +514,9 @@ def test_stale_extents_rule(rig, ext):
         r = ext.request(msg("EXTENT_QUERY", volume=rig.vid, offset=base, length=span))
         assert r.type == "EXTENTS", r
         queries += 1
-    t.join(60)
-    assert not errors, errors
-    disk = rig.agent.guest_read(base, span)
-
-    def model() -> bytes:
-        out = bytearray(image)
-        apply_stream(list(ext.received)[start:], rig.vid, out, base)
-        return bytes(out)
-
-    deadline = time.monotonic() + T
-    while model() != disk and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert model() == disk, \
-        f"a zero extent hid a write sent before its EXTENTS ({queries} queries) [SY-16]"
+    assert_stream_ends_in_disk(
+        rig, t, errors, ext.received, start, image, base,
+        f"a zero extent hid a write sent before its EXTENTS ({queries} queries) [SY-16]")
 
 
 @clause("LV-3", "RP-8")
