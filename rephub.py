@@ -169,10 +169,11 @@ HEARTBEAT_INTERVAL = 5.0
 PEER_SILENCE_INTERVALS = 4
 #: FULL/DIRTY syncs read pieces of this size (chunk aligned) ...
 SYNC_PIECE = 1024 * 1024
-#: ... with this many pieces' worth of bytes in flight (a READ is in flight until
-#: its reply is durable), so the agent's disk and the link stay busy and one
-#: group commit covers many replies (32 MiB: the dense 1 GiB sync takes about
-#: 3/4 of the time it took with 8 MiB) ...
+#: ... with this many pieces' worth of bytes in flight, so the agent's disk and
+#: the link stay busy (32 MiB: the dense 1 GiB sync takes about 3/4 of the time
+#: it took with 8 MiB).  A READ is in flight until its reply arrives, not until
+#: it is durable: a group commit's fdatasync must not stall the stream (the
+#: kernel's dirty-page limits hold back a journal faster than its disk) ...
 SYNC_WINDOW = 32
 #: ... in at most this many READs: small pieces (a sparse volume's data, dirty
 #: extents) keep the link busy too.
@@ -2507,7 +2508,8 @@ class SyncJob(threading.Thread):
         self.extra: list[tuple[int, int]] = []
         self.finished = False
         self.cond = threading.Condition()
-        self.reads: dict[int, tuple[int, int]] = {}   # READ req -> (offset, length)
+        self.reads: dict[int, tuple[int, int]] = {}   # READ req -> (offset, length) until durable
+        self.unanswered: dict[int, int] = {}           # READ req -> length until its reply
         self.queries: dict[int, tuple[int, int]] = {}  # CHECKSUM/DIRTY query req -> range
         self.inbox: queue.Queue = queue.Queue()
         self.stop_event = threading.Event()
@@ -2554,6 +2556,9 @@ class SyncJob(threading.Thread):
                 f"READ_REPLY req={msg.request_id} is for vol={msg.volume} off={msg.offset} "
                 f"len={msg.length}, expected vol={self.vol.id} off={want[0]} len={want[1]}"))
         self.conn.hub_requests.pop(msg.request_id, None)
+        with self.cond:
+            self.unanswered.pop(msg.request_id, None)
+            self.cond.notify_all()
         # A zero answer becomes a ZERO record: holes stay holes, never stored as data.
         data = None if msg.is_zero else msg.data
         rec = self.store.append_data(self.vol, msg.offset, msg.length, data,
@@ -2774,11 +2779,11 @@ class SyncJob(threading.Thread):
 
     def wait_window(self, n: int) -> None:
         """Wait until a READ of ``n`` bytes fits the window (SYNC_WINDOW pieces'
-        worth of bytes, at most SYNC_MAX_READS READs not yet durable)."""
+        worth of bytes, at most SYNC_MAX_READS READs not yet answered)."""
         budget = SYNC_WINDOW * SYNC_PIECE
         with self.cond:
-            while self.reads and (len(self.reads) >= SYNC_MAX_READS or
-                                  sum(k for _, k in self.reads.values()) + n > budget):
+            while self.unanswered and (len(self.unanswered) >= SYNC_MAX_READS or
+                                       sum(self.unanswered.values()) + n > budget):
                 self.check_stop()
                 self.cond.wait(0.2)
         self.check_stop()
@@ -2793,6 +2798,7 @@ class SyncJob(threading.Thread):
             req = self.conn.next_request_id()
             with self.cond:
                 self.reads[req] = (off, n)
+                self.unanswered[req] = n
             self.conn.hub_requests[req] = self
             self.conn.send(p.Read(request_id=req, volume=self.vol.id, offset=off, length=n))
 

@@ -321,6 +321,38 @@ def test_full_sync_with_writes_to_the_regions_being_read(hubenv):
         agent.close()
 
 
+def test_full_sync_keeps_reading_while_the_journal_is_not_yet_durable(hubenv):
+    """A READ leaves the sync window when its reply arrives, not when it is
+    durable: a slow group commit does not stall the stream.  The replies are
+    SYNCED only once durable, and the volume turns consistent only then."""
+    hub, sec = hubenv
+    window = rephub.SYNC_WINDOW * rephub.SYNC_PIECE
+    mv = MemVolume(2 * window, os.urandom(2 * window))
+    log = hub.store.journal.log
+    do_sync, release = log.do_sync, threading.Event()
+
+    def slow_sync(work):
+        release.wait(30)
+        do_sync(work)
+    log.do_sync = slow_sync
+    agent = connect(hub, sec)
+    try:
+        agent.attach("slow", mv)
+        # More than a window's worth of READs answered while nothing is durable.
+        wait_for(lambda: len(agent.reads) * rephub.SYNC_PIECE > window, 20,
+                 "READs beyond one window before the first fdatasync")
+        assert agent.synced == []
+        assert hub.store.volume("slow").state == rephub.VolState.INCONSISTENT
+        release.set()
+        wait_for(lambda: hub.store.volume("slow").state == rephub.VolState.CONSISTENT, 30)
+        assert len(agent.reads) == len(mv.buf) // rephub.SYNC_PIECE
+        wait_for(lambda: len(agent.synced) == len(agent.reads), 10, "a SYNCED for every READ")
+        assert replica_bytes(hub, "slow") == bytes(mv.buf)
+    finally:
+        release.set()
+        agent.close()
+
+
 def test_full_sync_stores_zero_answers_as_holes(hubenv):
     hub, sec = hubenv
     size = 16 * MiB
