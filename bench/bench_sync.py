@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Initial sync and resync through repagent -> rephub, against nbdcopy and qemu-img convert.
 
-    python3 bench/bench_sync.py [--size-mib 1024] [--sparse-data-mib 32] [--json]
+    python3 bench/bench_sync.py [--size-mib 1024] [--sparse-data-mib 32] [--rounds 5] [--json]
 
 Every figure is measured in one run, from the same qemu-storage-daemon (QSD)
 export of the same raw image (all of it in the page cache, for every copy):
@@ -18,7 +18,9 @@ dense volume (``--size-mib`` of random data)
               ``consistent`` (every byte durable in the hub's journal).
   Each baseline's time includes an fdatasync of its target file after the
   copy, so all three end with the data on disk.  Printed as MiB/s of volume
-  size and as the ratio to the faster baseline (issue target >= 0.7x).
+  size and as the ratio to the faster baseline (issue target >= 0.7x): the
+  median over the rounds of the ratio within each round, since the speed of
+  a machine with shared cores drifts more between rounds than within one.
 
 sparse volume (same size, ``--sparse-data-mib`` of random data in 64 KiB
 pieces scattered over it, the rest holes)
@@ -396,7 +398,7 @@ def main() -> int:
                     help="data in the sparse volume")
     ap.add_argument("--sparse-scale", type=int, default=4,
                     help="the size factor of the second sparse volume (same data)")
-    ap.add_argument("--rounds", type=int, default=3,
+    ap.add_argument("--rounds", type=int, default=5,
                     help="interleaved rounds of (nbdcopy, qemu-img, hub) per volume; "
                          "medians are compared")
     ap.add_argument("--json", action="store_true",
@@ -434,13 +436,23 @@ def main() -> int:
             print(f"{label:<8} {what:<10} {t:>8.2f} {mib / t:>8.0f} {best / t:>9.2f}  [{each}]")
         ratio = best / case["hub"]["seconds"]
         if label == "dense":
+            # This machine's speed drifts between rounds (shared cores): each
+            # round's baseline and hub run back to back, so the ratio within a
+            # round is the figure; the median of the rounds' ratios is reported.
+            paired = statistics.median(b / h for b, h in zip(case["rounds"][best_name],
+                                                              case["rounds"]["hub"]))
+            print(f"{label:<8} hub / {best_name} within each round: "
+                  + " ".join(f"{b / h:.2f}" for b, h in zip(case["rounds"][best_name],
+                                                            case["rounds"]["hub"]))
+                  + f"; median {paired:.2f}x (ratio of the medians {ratio:.2f}x)")
             figures.append(figure(
                 "initial sync, 1 GiB random data" if args.size_mib == 1024 else
                 f"initial sync, {args.size_mib} MiB random data",
                 round(mib / case["hub"]["seconds"], 1), "MiB/s", best_name,
-                round(mib / best, 1), round(ratio, 2), ">= 0.7x", ratio >= 0.7,
-                note=f"median of {args.rounds} rounds; hub rounds "
-                     + " ".join(f"{mib / x:.0f}" for x in case["rounds"]["hub"])
+                round(mib / best, 1), round(paired, 2), ">= 0.7x", paired >= 0.7,
+                note=f"ratio: median over {args.rounds} rounds of {best_name}'s time / the "
+                     f"hub's time in the same round (ratio of the medians {ratio:.2f}x); "
+                     "hub rounds " + " ".join(f"{mib / x:.0f}" for x in case["rounds"]["hub"])
                      + f" MiB/s, {best_name} rounds "
                      + " ".join(f"{mib / x:.0f}" for x in case["rounds"][best_name])
                      + " MiB/s"))
@@ -517,7 +529,7 @@ def main() -> int:
 
     notes = []
     cores = (d["hub_cpu_s"] + d["agent_cpu_s"]) / d["seconds"]
-    dense_ratio = min(dense["nbdcopy"], dense["qemu-img"]) / d["seconds"]
+    dense_ratio = figures[0]["ratio"]
     if dense_ratio < 0.7:
         hub_cores, agent_cores = d["hub_cpu_s"] / d["seconds"], d["agent_cpu_s"] / d["seconds"]
         bound = ("so the copy path is CPU-bound" if cores >= 0.75 * os.cpu_count() else
@@ -533,8 +545,8 @@ def main() -> int:
             f"unapplied at 'consistent'; all applied after {d['applied_seconds']:.1f} s), while "
             "each baseline writes it once and fdatasyncs once.  Each byte also goes through the "
             "agent's Python NBD client, two CRC-32 passes and TCP, with "
-            f"{rephub.SYNC_WINDOW * rephub.SYNC_PIECE // MiB} MiB of READs in flight until "
-            "durable; nbdcopy moves it between two NBD sockets in C with no checksum.")
+            f"{rephub.SYNC_WINDOW * rephub.SYNC_PIECE // MiB} MiB of READs in flight; "
+            "nbdcopy moves it between two NBD sockets in C with no checksum.")
     if s["bytes_fetched"] > 2 * sparse["data_bytes"]:
         notes.append(
             f"The sparse sync READ {s['bytes_fetched'] / MiB:.0f} MiB for "
