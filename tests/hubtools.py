@@ -274,8 +274,14 @@ class TestAgent:
 
     def on_ERROR(self, msg: p.Error) -> None:
         self.errors.append(msg)
-        if msg.request_id:
-            self._reply(msg)
+        if not msg.request_id:
+            return
+        with self.reply_cond:
+            # An ERROR about one of our answers carries the hub's request id,
+            # which may equal the id of a request of ours whose reply is
+            # waiting to be taken: it must not replace that reply.
+            if msg.request_id not in self.replies:
+                self._reply(msg)
 
     def on_GOODBYE(self, msg: p.Goodbye) -> None:
         self.goodbye = msg.reason
