@@ -13,6 +13,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -166,3 +167,39 @@ def test_second_signal_exits_at_once_without_corrupting(env):
     with open(os.path.join(data_dir, "volumes", "s", "replica"), "rb") as f:
         assert f.read(4096) == b"kept" * 1024
     assert hub2.proc.poll() is None
+
+
+def test_sigkill_mid_first_sync_redoes_it_in_full(env):
+    """A crash in the middle of the first full sync leaves the volume
+    inconsistent; its next sync is FULL again and rewrites every byte, so
+    nothing of the first try survives where the disk has changed since."""
+    tmp_path, sec, start = env
+    data_dir = str(tmp_path / "data")
+    hub = start("hub1")
+    mv = MemVolume(32 * MiB, os.urandom(32 * MiB))
+    agent = TestAgent(hub.address, "a1", sec["a1"]).connect()
+    held = threading.Event()
+    agent.before_read_reply = lambda read: len(agent.reads) == 12 and held.wait(30)
+    try:
+        vid, plan = agent.attach("f", mv)
+        assert plan == p.SyncPlan.FULL
+        # 11 replies sent, the 12th held back: kill the hub once they are durable.
+        wait_for(lambda: status(data_dir)["journal"]["durable_seq"] >= 11, 20,
+                 "the first replies durable")
+        hub.kill(signal.SIGKILL)
+    finally:
+        held.set()
+    wait_for(agent.closed.is_set, 20, "connection dropped by the killed hub")
+    agent.close()
+    replica = os.path.join(data_dir, "volumes", "f", "replica")
+    for off in range(0, 32 * MiB, 4 * MiB):      # the disk changes while the hub is down
+        mv.write(off + 4096, b"\xc3" * 8192)
+    hub2 = start("hub2")
+    assert status(data_dir)["volumes"][0]["state"] == "inconsistent"
+    with TestAgent(hub2.address, "a1", sec["a1"]).connect() as agent:
+        vid, plan = agent.attach("f", mv)
+        assert plan == p.SyncPlan.FULL
+        wait_for(lambda: (lambda v: v["state"] == "consistent" and v["lag_bytes"] == 0)(
+            status(data_dir)["volumes"][0]), 30, "the second FULL sync")
+    with open(replica, "rb") as f:
+        assert f.read() == bytes(mv.buf)
