@@ -82,7 +82,8 @@ Recovery (PROTOCOL.md "Recovery (remote IO)")
     Points where a volume was not crash-consistent are refused: before its
     first full sync, and inside a DIRTY/VERIFY resync (``meta["resyncs"]``:
     from the last record before the resync began to the one at which it
-    completed).
+    completed), which is also where an agent's unsolicited DIRTY_MAP starts
+    one: the stream lacks a write from there (PROTOCOL.md [SY-20]).
 
 Fail-back (PROTOCOL.md "Fail-back")
     The original agent comes back offering FAILBACK: its ATTACH of the
@@ -1461,13 +1462,16 @@ class VolumeStore:
 
     # -- recovery: resync intervals, promotion, pins ------------------------------
 
-    def resync_begins(self, vol: Volume) -> None:
+    def resync_begins(self, vol: Volume) -> bool:
         """A DIRTY/VERIFY resync of a consistent volume starts: points after the
-        last record journaled so far are not crash-consistent until it ends."""
+        last record journaled so far are not crash-consistent until it ends.
+        False if one had begun already and not ended."""
         spans = [list(s) for s in vol.meta.get("resyncs", [])]
-        if not spans or spans[-1][1] is not None:
-            spans.append([self.journal.last_seq, None])
-            vol.update(resyncs=spans)
+        if spans and spans[-1][1] is None:
+            return False
+        spans.append([self.journal.last_seq, None])
+        vol.update(resyncs=spans)
+        return True
 
     def resync_ends(self, vol: Volume) -> None:
         """The resync completed: the state after the last record journaled is consistent."""
@@ -2498,6 +2502,7 @@ class SyncJob(threading.Thread):
         # ``repair`` it only reports the differing chunks and leaves the state alone.
         self.online = online
         self.repair = repair
+        self.opened_resync = False   # a report-only verify that READs reported regions
         self.differing: list[tuple[int, int]] = []
         self.completed = False
         self.conn = conn
@@ -2525,9 +2530,13 @@ class SyncJob(threading.Thread):
     # -- called by other threads ---------------------------------------------------
 
     def add_extents(self, extents) -> bool:
-        """More regions to read (conn.sync_lock held); False if the job is ending."""
+        """More regions to read (conn.sync_lock held, recv loop); False if the job
+        is ending.  A report-only verify READs them too, and the volume's points
+        from here until it ends are not crash-consistent, as in any resync."""
         if self.finished or self.stop_event.is_set():
             return False
+        if extents and self.online and not self.repair and self.vol.meta["full_synced"]:
+            self.opened_resync |= self.store.resync_begins(self.vol)
         if extents:
             self.extra.extend(extents)
             self.bytes_total += sum(n for _, n in extents)
@@ -2908,6 +2917,8 @@ class SyncJob(threading.Thread):
         if self.online and not self.repair:
             log.info("verify of %s done: %d differing ranges (%s), nothing repaired", vol.name,
                      len(self.differing), fmt_bytes(sum(n for _, n in self.differing)))
+            if self.opened_resync:   # the regions the agent reported meanwhile are in
+                self.store.resync_ends(vol)
             self.completed = True
             return
         self.store.resync_ends(vol)

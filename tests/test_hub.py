@@ -418,18 +418,61 @@ def test_dirty_resync_reads_only_the_dirty_extents(hubenv):
 
 
 def test_unsolicited_dirty_map_is_resynced(hubenv):
+    """[SY-9] the reported regions are READ; the points from the DIRTY_MAP's
+    place in the stream until that resync ends lack the write the agent
+    could not stream, so they are not offered for recovery."""
     hub, sec = hubenv
     mv = patterned_volume(4 * MiB, 4)
     with connect(hub, sec) as agent:
         vid = attach_synced(agent, hub, "ud", mv)
+        vol = hub.store.volume("ud")
+        agent.expect_ack(agent.checkpoint("before"))
         mv.write(MiB, b"\xcc" * 65536)  # a write the agent could not stream
         n = len(agent.reads)
-        agent.send(p.DirtyMap(request_id=0, volume=vid, extents=[(MiB, 65536)]))
+        # One send: the checkpoint follows the DIRTY_MAP, ahead of the READ_REPLY.
+        req = agent.request_id()
+        agent.send_raw(p.DirtyMap(request_id=0, volume=vid, extents=[(MiB, 65536)]).to_bytes()
+                       + p.Checkpoint(request_id=req, name="during").to_bytes())
+        agent.expect_ack(req)
         wait_for(lambda: len(agent.synced) > n and agent.synced[-1].offset == MiB, 10,
                  "resync READ and SYNCED")
         assert [(r.offset, r.length) for r in agent.reads[n:]] == [(MiB, 65536)]
-        wait_for(lambda: hub.store.volume("ud").sync is None, 10)
+        wait_for(lambda: vol.sync is None, 10)
+        with pytest.raises(p.RequestError, match="inside a resync"):
+            hub.store.resolve_point(vol, "during")
+        agent.expect_ack(agent.checkpoint("after"))
+        for point in ("before", "after"):
+            assert hub.store.seq_problem(vol, hub.store.resolve_point(vol, point)[0]) is None
         assert replica_bytes(hub, "ud") == bytes(mv.buf)
+
+
+def test_unsolicited_dirty_map_during_a_report_only_verify(hubenv):
+    """A report-only online verify takes the reported regions in (READ) and
+    keeps the points from the DIRTY_MAP to its end out of recovery."""
+    hub, sec = hubenv
+    mv = patterned_volume(4 * MiB, 6)
+    with connect(hub, sec) as agent:
+        vid = attach_synced(agent, hub, "uv", mv)
+        vol = hub.store.volume("uv")
+        answer = agent.on_CHECKSUM_QUERY
+
+        def report_first(msg):
+            if agent.on_CHECKSUM_QUERY is report_first:
+                agent.on_CHECKSUM_QUERY = answer
+                mv.write(2 * MiB, b"\xab" * 65536)         # could not be streamed
+                agent.send(p.DirtyMap(request_id=0, volume=vid, extents=[(2 * MiB, 65536)]))
+                agent.checkpoint("during")
+            answer(msg)
+        agent.on_CHECKSUM_QUERY = report_first
+        n = len(agent.reads)
+        result = hub.verify("uv", repair=False)
+        assert result is not None
+        assert [(r.offset, r.length) for r in agent.reads[n:]] == [(2 * MiB, 65536)]
+        with pytest.raises(p.RequestError, match="inside a resync"):
+            hub.store.resolve_point(vol, "during")
+        agent.expect_ack(agent.checkpoint("after"))
+        assert hub.store.seq_problem(vol, hub.store.resolve_point(vol, "after")[0]) is None
+        assert replica_bytes(hub, "uv") == bytes(mv.buf)
 
 
 def test_verify_ships_only_differing_chunks(hubenv):
