@@ -23,7 +23,11 @@ agent has answered it (QEMU-NOTES.md).  What the answer promises depends on
 * ``async``: the chunk is marked; the write is sent in the background.  The
   send queue is bounded in bytes (``--max-queue``): when it is full the write
   is not queued, only marked, and the dropped regions are reported to the hub
-  with an unsolicited DIRTY_MAP so that it resyncs them.
+  with an unsolicited DIRTY_MAP so that it resyncs them.  That DIRTY_MAP
+  takes its place in the queue at the first dropped write, ahead of every
+  later frame, and carries every region dropped until it is sent: the hub
+  knows from where on the stream lacks a write (points there are not
+  crash-consistent until the resync ends).
 
 The rules this file implements (SEMANTICS.md, DESIGN.md "rules"):
 
@@ -914,6 +918,7 @@ class Volume:
         self.windows: list[ReadWindow] = []
         self.held: collections.deque = collections.deque()  # (msg, PendingWrite)
         self.dropped: set[int] = set()  # chunks dropped while attached, not yet reported
+        self.drop_report: p.DirtyMap | None = None  # queued to report them, not yet sent
         self.queued_frames = 0
         self.queued_bytes = 0
         self.job_status = "unknown"
@@ -1062,6 +1067,8 @@ class HubConnection:
                     if self.closed.is_set():
                         return
                     msg, nbytes, volume = self.queue.popleft()
+                    if volume is not None and msg is volume.drop_report:
+                        agent.fill_drop_report(volume)
                 with self.send_lock:
                     if log.isEnabledFor(logging.DEBUG):
                         log.debug("--> %s", msg.describe())
@@ -1073,7 +1080,6 @@ class HubConnection:
                     if volume is not None:
                         volume.queued_frames -= 1
                         volume.queued_bytes -= nbytes
-                    agent.report_dropped(self)
         except OSError as err:
             self.close(f"send failed: {err}")
         except Exception as err:   # a bug must cost the connection, not the thread silently
@@ -1317,7 +1323,7 @@ class Agent:
                 vol.counters["demoted_writes"] += 1
             elif data is not None and conn.queued_bytes + length > self.cfg.max_queue:
                 bitmap.lose(chunks, self.seq)
-                vol.dropped.update(chunks)
+                self.report_dropped(conn, vol, chunks)
                 vol.counters["dropped_writes"] += 1
                 if vol.counters["dropped_writes"] == 1 or not self.degraded:
                     log.warning("send queue full (%d bytes): %s off=%d len=%d only marked; "
@@ -1527,9 +1533,9 @@ class Agent:
             if pw is not None:
                 # The hub refused the write: it stays marked for a resync.
                 pw.volume.bitmap.drop_inflight(pw.chunks, self.seq)
-                pw.volume.dropped.update(pw.chunks)
                 pw.volume.counters["refused_writes"] += 1
-                self.report_dropped(conn)
+                if conn is self.conn and pw.volume.volume_id is not None:
+                    self.report_dropped(conn, pw.volume, pw.chunks)
                 reply, pw.reply = pw.reply, None
                 self._degrade(f"hub refused a write: {msg.code_name()}")
                 log.warning("hub refused %s write req=%d: %s %s", pw.volume.name,
@@ -1566,18 +1572,24 @@ class Agent:
 
     # -- send-queue bookkeeping (repagent-send thread) ---------------------------
 
-    def report_dropped(self, conn: HubConnection) -> None:
-        """After each send, or a refused write (lock held): report the regions
-        dropped while attached with an unsolicited DIRTY_MAP once there is room."""
-        if conn is not self.conn or conn.queued_bytes > self.cfg.max_queue // 2:
-            return
-        for vol in self.volumes:
-            if vol.dropped and vol.volume_id is not None:
-                extents = vol.bitmap.extents(vol.dropped)
-                vol.dropped.clear()
-                log.info("--> DIRTY_MAP vol=%d (unsolicited): %d extents dropped while "
-                         "the queue was full", vol.volume_id, len(extents))
-                self._enqueue(conn, p.DirtyMap(volume=vol.volume_id, extents=extents))
+    def report_dropped(self, conn: HubConnection, vol: Volume, chunks) -> None:
+        """A write of ``vol`` over ``chunks`` was dropped or refused (lock held):
+        queue the unsolicited DIRTY_MAP that reports it now, ahead of every
+        later frame, unless one is queued already: it will carry these chunks
+        too [SY-19].  Its extents are filled in when it is sent."""
+        vol.dropped.update(chunks)
+        if vol.drop_report is None:
+            vol.drop_report = p.DirtyMap(volume=vol.volume_id, extents=[])
+            self._enqueue(conn, vol.drop_report, 0, vol)
+
+    def fill_drop_report(self, vol: Volume) -> None:
+        """Its drop report is about to be sent (repagent-send thread, lock held):
+        every region dropped so far goes in it."""
+        report, vol.drop_report = vol.drop_report, None
+        report.extents = vol.bitmap.extents(vol.dropped)
+        vol.dropped.clear()
+        log.info("--> DIRTY_MAP vol=%d (unsolicited): %d extents dropped or refused",
+                 report.volume, len(report.extents))
 
     # -- sync requests (repagent-sync-N threads) --------------------------------
 
@@ -1979,6 +1991,7 @@ class Agent:
                 vol.volume_id = None
                 vol.held.clear()
                 vol.dropped.clear()
+                vol.drop_report = None
                 vol.queued_frames = vol.queued_bytes = 0
                 if vol.failback is not None:      # ends it like an ABORT
                     self.failback_work.put((conn, vol, "the hub connection was lost"))

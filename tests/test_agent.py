@@ -445,6 +445,29 @@ def test_a_full_queue_drops_to_bitmap_and_reports_a_dirty_map(rig):
     ra_wait(lambda: vol.bitmap.dirty_count == 0, "resync clears the dropped chunks")
 
 
+def test_the_dirty_map_of_a_dropped_write_goes_ahead_of_every_later_frame(rig):
+    """[SY-19]: the hub learns where the stream starts to lack a write, so no
+    point after it passes for crash-consistent; later drops ride along."""
+    agent, vol, conn, hub = rig(max_queue=2 * CHUNK, start=False)
+    replies = Replies()
+    for i in range(2):                                    # fills the queue
+        agent.protected_write(vol, i * CHUNK, CHUNK, memoryview(b"a" * CHUNK), replies)
+    agent.protected_write(vol, 5 * CHUNK, CHUNK, memoryview(b"b" * CHUNK), replies)  # dropped
+    agent.protected_write(vol, 9 * CHUNK, CHUNK, None, replies)  # a ZERO is always queued
+    agent.protected_write(vol, 7 * CHUNK, CHUNK, memoryview(b"c" * CHUNK), replies)  # dropped
+    assert vol.counters["dropped_writes"] == 2
+    conn.start()
+    frames = [hub.recv() for _ in range(4)]
+    assert [(m.TYPE, m.offset) for m in frames if m.TYPE != p.MsgType.DIRTY_MAP] == \
+        [(p.MsgType.WRITE, 0), (p.MsgType.WRITE, CHUNK), (p.MsgType.ZERO, 9 * CHUNK)]
+    assert frames[2].TYPE == p.MsgType.DIRTY_MAP, "reported before the frame queued next"
+    assert (frames[2].request_id, frames[2].extents) == (0, [(5 * CHUNK, CHUNK),
+                                                             (7 * CHUNK, CHUNK)])
+    agent.protected_write(vol, 12 * CHUNK, CHUNK, memoryview(b"d" * CHUNK), replies)
+    assert hub.recv().TYPE == p.MsgType.WRITE           # room again: nothing more dropped
+    assert not vol.dropped and vol.drop_report is None
+
+
 def ra_wait(predicate, what, timeout=5.0):
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -445,6 +445,8 @@ class HubSession:
         self.next_vol = 1
         self.next_req = 1 << 32
         self.thread: threading.Thread | None = None
+        self.reading = threading.Event()      # clear: frames stay unread (a stalled hub)
+        self.reading.set()
 
     def handshake(self, *, version: int = 1, features: int = 0, bad_proof: bool = False,
                   hub_id: str = "cf-hub") -> bool:
@@ -518,6 +520,7 @@ class HubSession:
     def _recv_loop(self) -> None:
         try:
             while True:
+                self.reading.wait()
                 try:
                     m = self.conn.recv(timeout=3600)
                 except WireError as err:
@@ -611,6 +614,7 @@ class HubSession:
 
     def drop(self) -> None:
         """Cut the connection without a word (a network failure)."""
+        self.reading.set()
         try:
             self.conn.sock.shutdown(socket.SHUT_RDWR)
         except OSError:

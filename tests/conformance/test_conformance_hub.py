@@ -875,6 +875,37 @@ def test_recover_refuses_inconsistent_volume(hub, codec):
         a.close()
 
 
+@clause("SY-20", "RC-1")
+@recovery_xfail
+def test_no_point_between_an_unsolicited_dirty_map_and_its_resync(hub, codec):
+    a, vol = _synced_volume(hub, codec, "udpt")
+    try:
+        before, mid = vname("before"), vname("mid")
+        assert a.request(msg("CHECKPOINT", name=before)).type == "ACK"
+        vol.buf[5 * CHUNK:6 * CHUNK] = b"\x56" * CHUNK   # a write the agent could not send
+        reads = len(a.frames("READ"))
+        a.hold_reads.set()               # the checkpoint goes ahead of the resync's answer
+        a.send(msg("DIRTY_MAP", volume=vol.volume_id, extents=[(5 * CHUNK, CHUNK)]))
+        assert a.request(msg("CHECKPOINT", name=mid)).type == "ACK"
+        wait_until(lambda: len(a.frames("READ")) > reads, T, "the resync READ")
+        a.hold_reads.clear()
+        for r in a.frames("READ")[reads:]:
+            a.on_READ(r)
+        wait_until(lambda: any(s.offset <= 5 * CHUNK < s.offset + s.length
+                               for s in a.frames("SYNCED")[-4:]), T, "the resync's SYNCED")
+        m = a.request(msg("RECOVER_OPEN", mode="TEST", name=vol.name, point=mid))
+        assert error_of(m) == "INCONSISTENT", \
+            "a point after an unsolicited DIRTY_MAP, before its resync [SY-20]"
+
+        def opened():
+            r = a.request(msg("RECOVER_OPEN", mode="TEST", name=vol.name, point=before))
+            return r if r.type == "RECOVER_READY" else None
+        ready = wait_until(opened, T, "a session at the point before the DIRTY_MAP")
+        assert a.request(msg("RECOVER_CLOSE", volume=ready.volume)).type == "ACK"
+    finally:
+        a.close()
+
+
 @clause("RC-6", "RC-7", "RC-4")
 @recovery_xfail
 def test_recover_failover(hub, codec):
