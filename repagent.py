@@ -117,6 +117,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import enum
 import errno
@@ -890,11 +891,17 @@ class Failback:
 
 @dataclasses.dataclass
 class ReadWindow:
-    """A hub READ/CHECKSUM_QUERY/EXTENT_QUERY being served: overlapping writes are held."""
+    """A hub READ/CHECKSUM_QUERY/EXTENT_QUERY being served: overlapping writes are
+    held until its answer is queued (``Agent.read_window``)."""
 
     start: int
     end: int
     conn: "HubConnection"
+    reply: p.Message | None = None     # the answer, queued as the window closes
+    nbytes: int = 0                    # of it, data counted in the send queue
+
+    def answer(self, reply: p.Message, nbytes: int = 0) -> None:
+        self.reply, self.nbytes = reply, nbytes
 
 
 class Volume:
@@ -1640,22 +1647,33 @@ class Agent:
         finally:
             reader.close()
 
-    def _open_window(self, conn, vol: Volume, offset: int, length: int) -> ReadWindow:
-        window = ReadWindow(offset, offset + length, conn)
+    @contextlib.contextmanager
+    def read_window(self, conn, msg: p.Message, readers):
+        """Serve ``msg`` (READ, CHECKSUM_QUERY, EXTENT_QUERY) under a read window over
+        its range: yields (volume, reader, window).  A guest write overlapping
+        the window is held back; as the window closes, the answer given with
+        ``window.answer`` is queued, then the writes it held [SY-2, SY-16]."""
+        vol = self._volume_for(conn, msg)
+        p.check_range(msg.offset, msg.length, vol.size, msg.TYPE.name)
+        reader = self._reader(vol, readers)
+        window = ReadWindow(msg.offset, msg.offset + msg.length, conn)
         with self.lock:
             vol.windows.append(window)
-        return window
+        try:
+            yield vol, reader, window
+        finally:
+            self._close_window(vol, window)
 
-    def _close_window(self, vol: Volume, window: ReadWindow, reply: p.Message | None,
-                      nbytes: int = 0) -> None:
-        """Queue the reply, then the writes held behind it (lock taken here)."""
+    def _close_window(self, vol: Volume, window: ReadWindow) -> None:
+        """Queue the window's answer, then the writes held behind it (lock taken here)."""
         with self.lock:
             vol.windows.remove(window)
             conn = self.conn
             if conn is None or vol.volume_id is None:
                 return          # connection_lost dropped the held writes already
+            reply = window.reply
             if reply is not None and window.conn is conn:
-                seq = self._enqueue(conn, reply, nbytes, vol)
+                seq = self._enqueue(conn, reply, window.nbytes, vol)
                 self.replies[reply.request_id] = (vol, seq)
                 while len(self.replies) > MAX_SYNCED_MEMORY:
                     self.replies.popitem(last=False)
@@ -1672,34 +1690,22 @@ class Agent:
                         self._enqueue(conn, msg, held_bytes, vol)
 
     def serve_READ(self, conn, msg: p.Read, readers) -> None:
-        vol = self._volume_for(conn, msg)
-        p.check_range(msg.offset, msg.length, vol.size, "READ")
-        reader = self._reader(vol, readers)
-        window = self._open_window(conn, vol, msg.offset, msg.length)
-        reply = None
-        try:
+        with self.read_window(conn, msg, readers) as (vol, reader, window):
             data = reader.read(msg.offset, msg.length)
             if p.is_zero(data):
-                reply = p.ReadReply(request_id=msg.request_id, volume=msg.volume,
-                                    offset=msg.offset, length=msg.length, flags=p.FLAG_ZERO)
-                nbytes = 0
+                window.answer(p.ReadReply(request_id=msg.request_id, volume=msg.volume,
+                                          offset=msg.offset, length=msg.length,
+                                          flags=p.FLAG_ZERO))
                 vol.counters["zero_replies"] += 1
             else:
-                reply = p.ReadReply(request_id=msg.request_id, volume=msg.volume,
-                                    offset=msg.offset, length=msg.length, data=data)
-                nbytes = len(data)
+                window.answer(p.ReadReply(request_id=msg.request_id, volume=msg.volume,
+                                          offset=msg.offset, length=msg.length, data=data),
+                              len(data))
             vol.counters["read_replies"] += 1
-            vol.counters["read_reply_bytes"] += nbytes
-        finally:
-            self._close_window(vol, window, reply, nbytes if reply else 0)
+            vol.counters["read_reply_bytes"] += window.nbytes
 
     def serve_CHECKSUM_QUERY(self, conn, msg: p.ChecksumQuery, readers) -> None:
-        vol = self._volume_for(conn, msg)
-        p.check_range(msg.offset, msg.length, vol.size, "CHECKSUM_QUERY")
-        reader = self._reader(vol, readers)
-        window = self._open_window(conn, vol, msg.offset, msg.length)
-        reply = None
-        try:
+        with self.read_window(conn, msg, readers) as (vol, reader, window):
             digests = []
             piece = max(msg.chunk_size, CHECKSUM_PIECE // msg.chunk_size * msg.chunk_size)
             end = msg.offset + msg.length
@@ -1707,12 +1713,10 @@ class Agent:
                 data = memoryview(reader.read(start, min(piece, end - start)))
                 for i in range(0, len(data), msg.chunk_size):
                     digests.append(hashlib.sha256(data[i:i + msg.chunk_size]).digest())
-            reply = p.Checksums(request_id=msg.request_id, volume=msg.volume,
-                                offset=msg.offset, length=msg.length,
-                                chunk_size=msg.chunk_size, algorithm=msg.algorithm,
-                                digests=digests)
-        finally:
-            self._close_window(vol, window, reply)
+            window.answer(p.Checksums(request_id=msg.request_id, volume=msg.volume,
+                                      offset=msg.offset, length=msg.length,
+                                      chunk_size=msg.chunk_size, algorithm=msg.algorithm,
+                                      digests=digests))
 
     def serve_EXTENT_QUERY(self, conn, msg: p.ExtentQuery, readers) -> None:
         """Which runs of the range read as zeroes (PROTOCOL.md "EXTENT_QUERY").
@@ -1722,12 +1726,7 @@ class Agent:
         is held until the frame is queued [SY-16].  Adjacent runs of one kind
         are merged; a reply too long for one frame describes a prefix.
         """
-        vol = self._volume_for(conn, msg)
-        p.check_range(msg.offset, msg.length, vol.size, "EXTENT_QUERY")
-        reader = self._reader(vol, readers)
-        window = self._open_window(conn, vol, msg.offset, msg.length)
-        reply = None
-        try:
+        with self.read_window(conn, msg, readers) as (vol, reader, window):
             runs: list[list] = []
             for n, zero in reader.extents(msg.offset, msg.length):
                 if runs and runs[-1][1] == zero:
@@ -1739,12 +1738,10 @@ class Agent:
             if not runs:
                 raise OSError(errno.EIO, f"{vol.name}: no extent at offset {msg.offset}")
             extents = [(n, p.EXTENT_ZERO if zero else 0) for n, zero in runs]
-            reply = p.Extents(request_id=msg.request_id, volume=msg.volume,
-                              offset=msg.offset, length=msg.length, extents=extents)
+            window.answer(p.Extents(request_id=msg.request_id, volume=msg.volume,
+                                    offset=msg.offset, length=msg.length, extents=extents))
             vol.counters["extent_replies"] += 1
             vol.counters["zero_extent_bytes"] += sum(n for n, zero in runs if zero)
-        finally:
-            self._close_window(vol, window, reply)
 
     def serve_DIRTY_QUERY(self, conn, msg: p.DirtyQuery, readers) -> None:
         vol = self._volume_for(conn, msg)
