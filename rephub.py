@@ -39,8 +39,9 @@ Replica store
     forward only after the replicas are fdatasync'ed.  So after any crash the
     undo of a half-applied batch is complete, and undo records after the last
     UNDO_COMMIT (their batch never touched a replica) are dropped at start.
-    A ZERO (or a zero READ_REPLY) writes zeroes only where the replica has
-    data: holes stay holes.
+    A ZERO (or a zero READ_REPLY) punches holes where the replica has data
+    (writes zeroes where the file system cannot): holes stay holes, and a
+    zeroed range gives its space back.
 
 Points in time (for recovery)
     Every record carries a global ``seq`` and a wall-clock ``time_ns``.  A
@@ -126,6 +127,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import collections
+import ctypes
 import dataclasses
 import datetime
 import enum
@@ -332,12 +334,51 @@ def data_extents(fd: int, offset: int, length: int):
         pos = stop
 
 
+def _fallocate():
+    """libc's fallocate(2) (Linux), or None: the os module has no punch-hole mode."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_FALLOCATE = _fallocate()
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+#: Cleared when the file system refuses to punch holes (EOPNOTSUPP): zeroes are written.
+punch_holes = _FALLOCATE is not None
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate a range of a file, which then reads as zeroes (its size kept);
+    False where the file system cannot (the caller writes zeroes)."""
+    global punch_holes
+    if not punch_holes:
+        return False
+    if _FALLOCATE(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+        log.info("this file system cannot punch holes (%s); zero ranges are written as "
+                 "zeroes", os.strerror(err))
+        punch_holes = False
+        return False
+    raise OSError(err, f"fallocate(PUNCH_HOLE) at {offset} len {length}: {os.strerror(err)}")
+
+
 def write_zeroes(fd: int, offset: int, length: int) -> None:
-    """Make a range of a replica read as zeroes, writing only where data exists.
+    """Make a range of a replica read as zeroes, only where data exists: each
+    data extent becomes a hole (its space freed), or is overwritten with
+    zeroes where the file system cannot punch holes.
 
     Holes are left alone, so a zero range on a sparse replica costs nothing.
     """
     for start, n in list(data_extents(fd, offset, length)):
+        if punch_hole(fd, start, n):
+            continue
         while n:
             k = min(n, IO_BLOCK)
             os.pwrite(fd, ZERO_BLOCK[:k], start)

@@ -366,6 +366,33 @@ def test_full_sync_stores_zero_answers_as_holes(hubenv):
     assert st.st_blocks * 512 <= 2 * MiB + 64 * 1024
 
 
+@pytest.mark.parametrize("punch", [True, False], ids=["punch-hole", "write-zeroes"])
+def test_zero_frees_the_replicas_space_and_keeps_the_point_before(hubenv, monkeypatch, punch):
+    hub, sec = hubenv
+    if not punch:
+        monkeypatch.setattr(rephub, "punch_holes", False)
+    elif not rephub.punch_holes:
+        pytest.skip("no fallocate(2) here")
+    data = os.urandom(4 * MiB)
+    with connect(hub, sec) as agent:
+        vid = attach_synced(agent, hub, "z", MemVolume(4 * MiB, data))
+        path = os.path.join(hub.store.dir, "volumes", "z", "replica")
+        agent.expect_ack(agent.checkpoint("before"))
+        replica_bytes(hub, "z")
+        allocated = os.stat(path).st_blocks * 512
+        agent.expect_ack(agent.zero(vid, MiB + 4096, 2 * MiB))
+        assert replica_bytes(hub, "z") == data[:MiB + 4096] + bytes(2 * MiB) + \
+            data[3 * MiB + 4096:]
+        freed = allocated - os.stat(path).st_blocks * 512
+        if punch:
+            assert freed >= 2 * MiB - 8192, f"only {freed} bytes freed"
+        else:
+            assert freed == 0
+        vol = hub.store.volume("z")
+        seq, _ = hub.store.resolve_point(vol, "before")
+        assert hub.store.read_at(vol, seq, MiB, 2 * MiB) == data[MiB:3 * MiB]
+
+
 def test_stale_read_reply_would_be_caught(hubenv):
     """The check above has teeth: an agent that breaks rule 4 leaves a stale replica."""
     hub, sec = hubenv
