@@ -4470,7 +4470,8 @@ def cmd_serve(args) -> int:
     host, _, port = args.listen.rpartition(":")
     hub = Hub(args.data, args.agents, (host.strip("[]") or "0.0.0.0", int(port)),
               args.tls_cert, args.tls_key, args.sync_rate, args.journal_retention,
-              args.journal_max_bytes, metrics_listen=args.metrics_listen)
+              args.journal_max_bytes, heartbeat=args.heartbeat,
+              metrics_listen=args.metrics_listen)
     stop = threading.Event()
     signals = []
 
@@ -4743,6 +4744,16 @@ def parse_host_port(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds > 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rephub.py", description=__doc__.split("\n")[0])
     ap.add_argument("--log-level", default="INFO",
@@ -4759,6 +4770,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--journal-max-bytes", type=int, default=DEFAULT_MAX_JOURNAL_BYTES)
     s.add_argument("--metrics-listen", type=parse_host_port, metavar="HOST:PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics")
+    s.add_argument("--heartbeat", type=positive_seconds, default=HEARTBEAT_INTERVAL,
+                   metavar="SECONDS",
+                   help=f"PING every connection this often (default {HEARTBEAT_INTERVAL:g}); "
+                        f"one silent for {PEER_SILENCE_INTERVALS} intervals is closed")
     s.set_defaults(func=cmd_serve)
     s = sub.add_parser("add-agent", help="add an agent, print its new secret")
     s.add_argument("--agents", required=True)

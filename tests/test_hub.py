@@ -20,7 +20,8 @@ import pytest
 
 import protocol as p
 import rephub
-from hubtools import (REPHUB, AgentError, MemVolume, TestAgent, make_agents_file, wait_for)
+from hubtools import (REPHUB, AgentError, HubProcess, MemVolume, TestAgent, make_agents_file,
+                      wait_for)
 
 MiB = 1024 * 1024
 
@@ -724,6 +725,30 @@ def test_handshake_deadline_closes_a_silent_peer(hubenv, monkeypatch):
         sock.close()
     with connect(hub, sec) as agent:  # the hub still serves others
         assert agent.hub_id
+
+
+def test_serve_heartbeat_closes_a_peer_silent_for_four_intervals(tmp_path):
+    """``serve --heartbeat``: an agent that answers no PING is closed after
+    PEER_SILENCE_INTERVALS of them (20 s with the default 5 s)."""
+    agents = str(tmp_path / "agents")
+    sec = make_agents_file(agents, "a1")
+    for bad in ("0", "-1", "soon"):
+        res = subprocess.run([sys.executable, REPHUB, "serve", "--data", str(tmp_path / "d"),
+                              "--listen", "127.0.0.1:0", "--agents", agents, "--heartbeat", bad],
+                             capture_output=True, text=True, timeout=30)
+        assert res.returncode == 2 and "--heartbeat" in res.stderr, res.stderr
+    hub = HubProcess(str(tmp_path / "data"), agents, "--heartbeat", "0.2").start()
+    try:
+        agent = TestAgent(hub.address, "a1", sec["a1"])
+        agent.on_PING = lambda msg: None
+        agent.connect()
+        try:
+            wait_for(agent.closed.is_set, 10, "the hub to close a silent agent")
+            assert "PINGs unanswered" in hub.read_log()
+        finally:
+            agent.close()
+    finally:
+        hub.stop()
 
 
 def test_reconnecting_agent_replaces_its_old_connection(hubenv):
