@@ -111,7 +111,8 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=512, help="1 MiB writes per measurement")
     ap.add_argument("--window", type=int, default=32, help="WRITEs in flight")
     ap.add_argument("--rounds", type=int, default=3,
-                    help="interleaved rounds of (A, B, hub); medians are compared")
+                    help="interleaved rounds of (A, B, hub); the ratios within each round "
+                         "are compared (their median)")
     ap.add_argument("--dir", default=None, help="directory on the file system to measure")
     ap.add_argument("--json", action="store_true",
                     help="also print a BENCH-JSON line for bench/report.py")
@@ -133,32 +134,38 @@ def main() -> int:
             h_rates.append(total / h)
             per_1000.append(1000.0 * syncs / n)
         a, b, h = (statistics.median(x) for x in (a_rates, b_rates, h_rates))
+        # The disk's speed drifts between rounds more than within one: each
+        # round's hub and baselines run back to back, so the ratio within a
+        # round is the figure, and the median of the rounds' ratios is reported.
+        ha = statistics.median(x / y for x, y in zip(h_rates, a_rates))
+        hb = statistics.median(x / y for x, y in zip(h_rates, b_rates))
         fmt = lambda xs: " ".join(f"{x:.0f}" for x in xs)  # noqa: E731
         print(f"bench_hub: {args.count} x 1 MiB writes, window {args.window}, "
               f"{args.rounds} rounds, dir {work}")
         print(f"  baseline A (write, one fdatasync)    {a:8.1f} MiB/s  [{fmt(a_rates)}]")
         print(f"  baseline B (write+fdatasync each)    {b:8.1f} MiB/s  [{fmt(b_rates)}]")
         print(f"  hub ingest (durable ACKs, pipelined) {h:8.1f} MiB/s  [{fmt(h_rates)}]")
-        print(f"  ratio hub/A {h / a:.2f}x (target >= 0.7x), hub/B {h / b:.2f}x "
-              "(medians)")
+        print(f"  ratio hub/A {ha:.2f}x (target >= 0.7x), hub/B {hb:.2f}x (medians of each "
+              f"round's ratio; ratios of the medians {h / a:.2f}x, {h / b:.2f}x)")
         print(f"  fdatasyncs per 1000 writes: {statistics.median(per_1000):.0f}")
         if args.json:
             print("BENCH-JSON " + json.dumps({"bench": "hub", "figures": [
                 {"name": f"hub ingest, 1 MiB WRITEs, window {args.window}, durable ACKs",
                  "value": round(h, 1), "unit": "MiB/s",
                  "baseline_name": "write + one fdatasync (A)", "baseline": round(a, 1),
-                 "ratio": round(h / a, 2), "target": ">= 0.7x", "met": h / a >= 0.7,
-                 "note": f"median of {args.rounds} rounds; "
+                 "ratio": round(ha, 2), "target": ">= 0.7x", "met": ha >= 0.7,
+                 "note": f"ratio: median over {args.rounds} rounds of the ratio within each "
+                         f"round (ratio of the medians {h / a:.2f}x); "
                          f"{statistics.median(per_1000):.0f} fdatasyncs per 1000 writes"},
                 {"name": "hub ingest vs write + fdatasync each (B)", "value": round(h, 1),
                  "unit": "MiB/s", "baseline_name": "write + fdatasync each (B)",
-                 "baseline": round(b, 1), "ratio": round(h / b, 2)}],
-                "notes": [] if h / a >= 0.7 else [
-                    f"Hub ingest at {h / a:.2f}x of one sequential write: the hub writes every "
+                 "baseline": round(b, 1), "ratio": round(hb, 2)}],
+                "notes": [] if ha >= 0.7 else [
+                    f"Hub ingest at {ha:.2f}x of one sequential write: the hub writes every "
                     "byte twice, to the journal (fdatasync'ed before the ACK) and then to the "
                     "replica (the applier, with its own fdatasyncs), so where the disk is the "
                     "limit its ceiling against baseline A is about 0.5x.  Against a durable "
-                    f"write per request (B) it reaches {h / b:.2f}x, with group commit at "
+                    f"write per request (B) it reaches {hb:.2f}x, with group commit at "
                     f"{statistics.median(per_1000):.0f} fdatasyncs per 1000 writes."]}))
         return 0
     finally:
