@@ -25,6 +25,7 @@ The fakes exist so the suite can prove it catches the broken variants
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -45,6 +46,17 @@ from cf_peers import (AGENT_LABEL, HUB_LABEL, Closed, Conn, handshake_agent, pro
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 20.0
+
+
+def require_reference_agent(setup, why: str) -> None:
+    """Skip the calling fixture's tests unless the reference agent is judged
+    and the QEMU tools it runs on are here; ``why`` says what needs it."""
+    import pytest
+    if not setup.ref_agent:
+        pytest.skip(f"{why}: reference agent only (not --agent-listen, not the fakes)")
+    from qemu_harness import missing_tools
+    if missing_tools():
+        pytest.skip(f"reference agent needs QEMU tools: missing {missing_tools()}")
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -401,6 +413,21 @@ class RefAgent(ExternalAgent):
 
     def tail(self, n: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+    def status(self) -> dict:
+        """The agent's status document, from its control socket (not the wire:
+        only for tests that need to see inside the reference agent)."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(self.state / "control.sock"))
+            s.sendall(b"status\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                data = s.recv(65536)
+                if not data:
+                    break
+                buf += data
+        return json.loads(buf)
 
     def stop_agent(self):
         if self.proc is not None and self.proc.poll() is None:

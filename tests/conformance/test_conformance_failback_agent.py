@@ -24,7 +24,7 @@ import pytest
 
 from cf_codec import CODE_NAMES, ENUMS, FLAG_ZERO, Msg, msg
 from cf_peers import Closed, SpecHub, wait_until
-from cf_targets import RefAgent
+from cf_targets import RefAgent, require_reference_agent
 
 clause = pytest.mark.clause
 T = 15.0
@@ -140,12 +140,7 @@ class FailbackRig:
 
 @pytest.fixture(scope="module")
 def fb(setup, codec):
-    if not setup.ref_agent:
-        pytest.skip("fail-back tests arrange the agent's QSD and options: reference agent "
-                    "only (not --agent-listen, not the fakes)")
-    from qemu_harness import missing_tools
-    if missing_tools():
-        pytest.skip(f"reference agent needs QEMU tools: missing {missing_tools()}")
+    require_reference_agent(setup, "fail-back tests arrange the agent's QSD and options")
     rig = FailbackRig(codec)
     try:
         yield rig

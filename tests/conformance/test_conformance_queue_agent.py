@@ -10,8 +10,6 @@ reason; the clause table shows them as skipped, not passed.
 
 from __future__ import annotations
 
-import json
-import socket
 import struct
 import time
 
@@ -19,7 +17,7 @@ import pytest
 
 from cf_codec import Msg
 from cf_peers import SpecHub, wait_until
-from cf_targets import RefAgent
+from cf_targets import RefAgent, require_reference_agent
 
 clause = pytest.mark.clause
 T = 15.0
@@ -40,23 +38,11 @@ class QueueRig:
         self.session = self.hub.session(timeout=30.0)
         self.attach = self.session.wait_for(
             lambda f: isinstance(f, Msg) and f.type == "ATTACH", T, "ATTACH")
-        wait_until(lambda: self.status()["volumes"][0]["attached"], T, "the volume attached")
-
-    def status(self) -> dict:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(T)
-            s.connect(str(self.agent.state / "control.sock"))
-            s.sendall(b"status\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                data = s.recv(65536)
-                if not data:
-                    break
-                buf += data
-        return json.loads(buf)
+        wait_until(lambda: self.agent.status()["volumes"][0]["attached"], T,
+                   "the volume attached")
 
     def dropped(self) -> int:
-        return self.status()["volumes"][0]["counters"].get("dropped_writes", 0)
+        return self.agent.status()["volumes"][0]["counters"].get("dropped_writes", 0)
 
     def close(self) -> None:
         self.session.drop()
@@ -68,12 +54,8 @@ class QueueRig:
 
 @pytest.fixture(scope="module")
 def qr(setup, codec):
-    if not setup.ref_agent:
-        pytest.skip("filling the agent's send queue needs its --max-queue and its drop "
-                    "counter: reference agent only (not --agent-listen, not the fakes)")
-    from qemu_harness import missing_tools
-    if missing_tools():
-        pytest.skip(f"reference agent needs QEMU tools: missing {missing_tools()}")
+    require_reference_agent(setup, "filling the agent's send queue needs its --max-queue "
+                                   "and its drop counter")
     rig = QueueRig(codec)
     try:
         yield rig
@@ -110,7 +92,7 @@ def test_a_dropped_write_is_reported_ahead_of_every_later_frame(qr):
             zeroed = written % slots * CHUNK
             guest.write_zeroes(zeroed, CHUNK)
             s.reading.set()           # drains: the next writes are queued again
-            wait_until(lambda: qr.status()["volumes"][0]["queue_bytes"] < MAX_QUEUE // 2,
+            wait_until(lambda: qr.agent.status()["volumes"][0]["queue_bytes"] < MAX_QUEUE // 2,
                        T, "the queue to drain")
             for _ in range(4):
                 write()
