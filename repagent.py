@@ -1577,7 +1577,7 @@ class Agent:
             if conn is self.conn:
                 self._enqueue(conn, err)
 
-    # -- send-queue bookkeeping (repagent-send thread) ---------------------------
+    # -- drop reports (lock held: nbd-conn, repagent-recv, repagent-send) ---------
 
     def report_dropped(self, conn: HubConnection, vol: Volume, chunks) -> None:
         """A write of ``vol`` over ``chunks`` was dropped or refused (lock held):
