@@ -236,6 +236,13 @@ CONTROL_SOCKET = "control.sock"
 LOCK_FILE = "lock"
 HUB_FILE = "hub.json"
 APPLIED_FILE = "applied.json"
+#: A full journal takes records again once its file system has this much free
+#: (two of the largest records), or a sixteenth of it on a smaller one.
+RESUME_FREE_BYTES = 2 * p.MAX_PAYLOAD
+#: The storage watcher retries a failed journal or replica after this long,
+#: doubling up to the maximum.
+FAULT_RETRY_MIN = 0.2
+FAULT_RETRY_MAX = 10.0
 
 
 class RecordKind(enum.IntEnum):
@@ -271,6 +278,77 @@ class VolState(str, enum.Enum):
     INCONSISTENT = "inconsistent"  # its first full sync has not completed
     SYNCING = "syncing"            # a DIRTY or VERIFY resync is running
     CONSISTENT = "consistent"
+
+
+class Fault(str, enum.Enum):
+    """What the hub's own storage is failing at (``status``'s ``degraded``)."""
+    JOURNAL_FULL = "journal full"
+    JOURNAL_IO = "journal I/O error"
+    REPLICA_IO = "replica I/O error"
+    METADATA_IO = "metadata I/O error"
+
+
+#: The faults that stop the journal taking records.
+JOURNAL_FAULTS = (Fault.JOURNAL_FULL, Fault.JOURNAL_IO)
+
+
+def journal_fault_of(err: OSError) -> Fault:
+    """JOURNAL_FULL for a full disk or quota, else JOURNAL_IO."""
+    return Fault.JOURNAL_FULL if err.errno in (errno.ENOSPC, errno.EDQUOT) else Fault.JOURNAL_IO
+
+
+class Health:
+    """The faults of the hub's storage now, per hub (volume None) and per volume.
+
+    Each fault is logged once when it begins and once when it ends, never
+    per frame.  Any thread."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.faults: dict[tuple[Fault, str | None], tuple[str, int]] = {}  # -> (detail, since)
+
+    def fail(self, fault: Fault, detail: str, volume: str | None = None) -> None:
+        with self.lock:
+            new = (fault, volume) not in self.faults
+            if new:
+                self.faults[(fault, volume)] = (detail, time.time_ns())
+        if new:
+            log.error("degraded: %s%s: %s", fault.value,
+                      f" on volume {volume}" if volume else "", detail)
+
+    def clear(self, fault: Fault, volume: str | None = None) -> None:
+        with self.lock:
+            old = self.faults.pop((fault, volume), None)
+        if old is not None:
+            log.warning("recovered: %s%s ended (began %s)", fault.value,
+                        f" on volume {volume}" if volume else "", fmt_time_ns(old[1]))
+
+    def active(self, fault: Fault) -> list[str | None]:
+        """The volumes (None: the hub) that suffer ``fault`` now."""
+        with self.lock:
+            return [v for f, v in self.faults if f == fault]
+
+    def journal_fault(self) -> str | None:
+        """Why the journal refuses records now, or None."""
+        with self.lock:
+            for fault in JOURNAL_FAULTS:
+                if (fault, None) in self.faults:
+                    return f"{fault.value}: {self.faults[(fault, None)][0]}"
+        return None
+
+    def report(self, volume: str | None = None) -> list[dict]:
+        """Every fault (``volume`` None), or those a volume suffers: its own and
+        the hub's."""
+        with self.lock:
+            items = sorted(self.faults.items(), key=lambda kv: kv[1][1])
+        return [dict(fault=f.value, detail=d, since=fmt_time_ns(t), volume=v)
+                for (f, v), (d, t) in items if volume is None or v in (None, volume)]
+
+
+class JournalRefused(p.RequestError):
+    """The journal could not take a record: nothing of it is in the journal."""
+
+    code = p.ErrorCode.IO_ERROR
 
 
 class StoreError(Exception):
@@ -460,6 +538,7 @@ class SegmentLog:
         self.fd: int | None = None        # current segment, open for append
         self.segment: int | None = None   # its id
         self.size = 0                     # its size
+        self.broken: int | None = None    # size to cut it back to (a failed append)
         self.unsynced: list[int] = []     # older segment fds not yet fdatasync'ed
         self.dir_dirty = False
         self.read_fds: dict[int, int] = {}
@@ -547,28 +626,48 @@ class SegmentLog:
             payload_crc = 0
             for part in parts:
                 payload_crc = zlib.crc32(part, payload_crc)
+        if self.broken is not None:
+            self.repair()
         if self.fd is None or (self.size and self.size + RECORD.size + plen > self.segment_bytes):
             self._roll(seq)
         header = encode_record(kind, flags, seq, time_ns, volume, offset, length,
                                plen, payload_crc)
         buffers = [header, *parts]
         total = RECORD.size + plen
-        written = os.writev(self.fd, buffers)
-        if written != total:  # short write (disk full, ...): finish it or fail loudly
-            blob = b"".join(bytes(b) for b in buffers)
-            while written < total:
-                written += os.write(self.fd, blob[written:])
+        try:
+            written = os.writev(self.fd, buffers)
+            if written != total:  # short write (disk full, ...): finish it or fail
+                blob = b"".join(bytes(b) for b in buffers)
+                while written < total:
+                    written += os.write(self.fd, blob[written:])
+        except OSError:
+            # All or nothing: cut the torn record off before anything else lands
+            # after it, so that every position kept in memory is the one on disk.
+            self.broken = self.size
+            self.repair()
+            raise
         rec = Record(seq, time_ns, kind, flags, volume, offset, length, plen, payload_crc,
                      self.segment, self.size + RECORD.size)
         self.size += total
         self.segment_sizes[self.segment] = self.size
         return rec
 
+    def repair(self) -> None:
+        """Cut the current segment back to ``broken``, the end of its last whole
+        record, and make that durable; until it succeeds no record is appended
+        (raises the OSError, and ``broken`` stays set)."""
+        os.ftruncate(self.fd, self.broken)
+        os.fdatasync(self.fd)
+        log.info("%s: segment %s cut back to byte %d after a failed append", self.what,
+                 self.path(self.segment), self.broken)
+        self.broken = None
+
     def _roll(self, seq: int) -> None:
+        fd = os.open(self.path(seq), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         if self.fd is not None:
             self.unsynced.append(self.fd)
         self.segment = seq
-        self.fd = os.open(self.path(seq), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.fd = fd
         self.size = 0
         self.segment_sizes[seq] = 0
         self.dir_dirty = True
@@ -620,7 +719,10 @@ class SegmentLog:
                     if n == 0:
                         break
                     done += n
-            except OSError as err:  # EXDEV, ENOSYS, EINVAL on some file systems
+            except OSError as err:
+                if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL,
+                                     errno.EOPNOTSUPP):
+                    raise  # a full or failing disk, not a missing feature
                 log.info("copy_file_range unavailable (%s); copying through memory", err)
                 self.kernel_copy = False
         if done < rec.payload_length:
@@ -645,7 +747,10 @@ class SegmentLog:
 
     def close(self) -> None:
         for fd in self.unsynced + ([self.fd] if self.fd is not None else []):
-            os.fdatasync(fd)
+            try:
+                os.fdatasync(fd)
+            except OSError as err:  # only records never acknowledged are at stake
+                log.error("%s: fdatasync at close failed: %s", self.what, err)
             os.close(fd)
         self.unsynced, self.fd = [], None
         with self.read_lock:
@@ -663,8 +768,10 @@ class Journal:
     appended so far, runs one fdatasync, and wakes every waiter it covered.
     """
 
-    def __init__(self, directory: str, segment_bytes: int = SEGMENT_BYTES):
+    def __init__(self, directory: str, segment_bytes: int = SEGMENT_BYTES,
+                 health: Health | None = None):
         self.log = SegmentLog(directory, "journal", segment_bytes)
+        self.health = health or Health()
         self.lock = threading.Lock()
         self.durable_cond = threading.Condition(threading.Lock())
         self.records: list[Record] = []   # records[seq - first_seq]
@@ -708,20 +815,26 @@ class Journal:
                check=None) -> Record:
         """Append one record; return it (not yet durable).  Any thread.
 
-        ``check`` runs under the journal lock first and may refuse the record."""
+        ``check`` runs under the journal lock first and may refuse the record.
+        A record that cannot be written is not in the journal at all (the
+        segment is cut back to its start): JournalRefused, and the journal
+        refuses every record until the storage watcher clears the fault."""
         if self.failed:
-            raise p.RequestError(f"journal failed: {self.failed}", code=p.ErrorCode.IO_ERROR)
+            raise JournalRefused(f"hub journal failed: {self.failed}")
         with self.lock:
             if check is not None:
                 check()
+            fault = self.health.journal_fault()
+            if fault is not None:
+                raise JournalRefused(f"hub storage degraded ({fault}): record not journaled")
             seq = self.last_seq + 1
             now = max(time.time_ns(), self.last_time_ns)
             try:
                 rec = self.log.append(seq, kind, flags, now, volume, offset, length,
                                       list(parts), payload_crc)
             except OSError as err:
-                raise p.RequestError(f"journal append failed: {err}",
-                                     code=p.ErrorCode.IO_ERROR) from err
+                self.health.fail(journal_fault_of(err), f"append of seq {seq} failed: {err}")
+                raise JournalRefused(f"hub journal append failed: {err}") from err
             self.records.append(rec)
             self.last_seq = seq
             self.last_time_ns = now
@@ -746,7 +859,10 @@ class Journal:
             try:
                 self.log.do_sync(work)
             except OSError as err:
-                log.error("journal fdatasync failed: %s; no further write is acknowledged", err)
+                # Whether the records since the last commit reached the disk is
+                # unknown: none of them is ever acknowledged.
+                self.health.fail(Fault.JOURNAL_IO, f"fdatasync failed: {err}; no further "
+                                 "record is acknowledged until the hub restarts")
                 self.failed = err
                 with self.durable_cond:
                     self.durable_cond.notify_all()
@@ -824,9 +940,10 @@ class Volume:
     consistent_since_seq); the other attributes are run-time figures for status.
     """
 
-    def __init__(self, directory: str, meta: dict):
+    def __init__(self, directory: str, meta: dict, health: Health | None = None):
         self.dir = directory
         self.meta = meta
+        self.health = health or Health()
         self.lock = threading.Lock()
         self.fd = os.open(os.path.join(directory, "replica"), os.O_RDWR)
         self.undo: list[Record] = []      # undo index, seq order
@@ -846,10 +963,19 @@ class Volume:
     state = property(lambda self: VolState(self.meta["state"]))
 
     def update(self, **changes) -> None:
-        """Change and persist metadata atomically (any thread)."""
+        """Change and persist metadata atomically (any thread).  If it cannot be
+        written, nothing changes, not even in memory: JournalRefused."""
         with self.lock:
-            self.meta.update(changes)
-            atomic_write_json(os.path.join(self.dir, "metadata.json"), self.meta)
+            meta = self.meta | changes
+            try:
+                atomic_write_json(os.path.join(self.dir, "metadata.json"), meta)
+            except OSError as err:
+                self.health.fail(Fault.METADATA_IO, f"writing metadata.json failed: {err}",
+                                 self.name)
+                raise JournalRefused(f"hub cannot write the metadata of volume {self.name}: "
+                                     f"{err}") from err
+            self.meta = meta
+        self.health.clear(Fault.METADATA_IO, self.name)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -884,7 +1010,8 @@ class VolumeStore:
         self.retention = retention
         self.max_bytes = max_bytes
         self.volumes_dir = os.path.join(self.dir, "volumes")
-        self.journal = Journal(os.path.join(self.dir, "journal"), segment_bytes)
+        self.health = Health()
+        self.journal = Journal(os.path.join(self.dir, "journal"), segment_bytes, self.health)
         self.undo_log = SegmentLog(os.path.join(self.dir, "undo"), "undo log", segment_bytes)
         self.lock = threading.RLock()           # volumes dict, hub.json
         self.apply_lock = threading.Lock()      # replica contents vs read_at
@@ -897,6 +1024,8 @@ class VolumeStore:
         self.stop_event = threading.Event()   # the applier: drain and stop
         self.closing = threading.Event()      # long readers (export): give up
         self.applier: threading.Thread | None = None
+        self.watcher: threading.Thread | None = None
+        self.on_reopened = None   # the hub's callback: resync what was refused
         self.lock_fd: int | None = None
         self.hub_meta: dict = {}
         self.applier_error: BaseException | None = None
@@ -926,7 +1055,8 @@ class VolumeStore:
             meta_path = os.path.join(self.volumes_dir, name, "metadata.json")
             if not os.path.exists(meta_path):
                 continue
-            vol = Volume(os.path.join(self.volumes_dir, name), read_json(meta_path))
+            vol = Volume(os.path.join(self.volumes_dir, name), read_json(meta_path),
+                         self.health)
             self.volumes[vol.name] = vol
             self.by_id[vol.id] = vol
         applied_path = os.path.join(self.dir, APPLIED_FILE)
@@ -984,10 +1114,56 @@ class VolumeStore:
                     vol.undo.append(rec)
 
     def start(self) -> None:
-        """Start the committer and the applier threads."""
+        """Start the committer, the applier and the storage watcher threads."""
         self.journal.start()
         self.applier = threading.Thread(target=self._apply_loop, name="applier", daemon=True)
         self.applier.start()
+        self.watcher = threading.Thread(target=self._watch_loop, name="storage-watch",
+                                        daemon=True)
+        self.watcher.start()
+
+    def _watch_loop(self) -> None:
+        """Storage watcher thread: reopen a journal that refused records, once its
+        file system has room again (polled with backoff)."""
+        retry = FAULT_RETRY_MIN
+        while not self.stop_event.wait(retry):
+            if self.writable() or self.journal.failed:
+                retry = FAULT_RETRY_MIN
+                continue
+            retry = min(retry * 2, FAULT_RETRY_MAX)
+            if self.try_reopen():
+                retry = FAULT_RETRY_MIN
+
+    def writable(self) -> bool:
+        """Can the store take records and metadata now?"""
+        return (self.health.journal_fault() is None and not self.journal.failed
+                and not self.health.active(Fault.METADATA_IO))
+
+    def try_reopen(self) -> bool:
+        """Take records and metadata again if the disk has room and the journal's
+        last segment ends with a whole record (watcher thread).  A write that
+        still fails marks the store degraded again."""
+        st = os.statvfs(self.journal.log.dir)
+        free = st.f_bavail * st.f_frsize
+        needed = min(RESUME_FREE_BYTES, st.f_blocks * st.f_frsize // 16)
+        if free < needed:
+            log.debug("storage still full: %s free, %s needed", fmt_bytes(free),
+                      fmt_bytes(needed))
+            return False
+        with self.journal.lock:
+            try:
+                if self.journal.log.broken is not None:
+                    self.journal.log.repair()
+            except OSError as err:
+                log.debug("journal segment still cannot be cut back: %s", err)
+                return False
+            for fault in JOURNAL_FAULTS:
+                self.health.clear(fault)
+            for volume in self.health.active(Fault.METADATA_IO):
+                self.health.clear(Fault.METADATA_IO, volume)
+        if self.on_reopened is not None:
+            self.on_reopened()
+        return True
 
     def close(self) -> None:
         """Make everything durable, stop the threads, unlock (the stopping thread)."""
@@ -1000,7 +1176,13 @@ class VolumeStore:
             self.applier.join(timeout=60)
             if self.applier.is_alive():
                 log.warning("applier did not stop within 60 s; replay will finish its work")
-        self._persist_applied(set(self.volumes.values()))
+        if self.watcher:
+            self.watcher.join(timeout=5)
+        try:
+            self._persist_applied(set(self.volumes.values()))
+        except (OSError, JournalRefused) as err:
+            log.error("replicas not made durable at close (%s); the next start replays "
+                      "the journal from the last seq recorded as applied", err)
         self.journal.close()
         self.undo_log.close()
         for vol in self.volumes.values():
@@ -1051,7 +1233,7 @@ class VolumeStore:
                         created_ns=time.time_ns())
             atomic_write_json(os.path.join(path, "metadata.json"), meta)
             fsync_dir(self.volumes_dir)
-            vol = Volume(path, meta)
+            vol = Volume(path, meta, self.health)
             self.volumes[name] = vol
             self.by_id[vid] = vol
         log.info("volume %s created: id=%d size=%d chunk=%d owner=%s", name, vid, size,
@@ -1062,12 +1244,19 @@ class VolumeStore:
                        generation: bytes) -> tuple[Volume, bool]:
         """The volume named ``name``, created for ``owner`` if new: (volume, created).
 
-        Atomic, so two agents attaching a new name at once cannot both own it."""
+        Atomic, so two agents attaching a new name at once cannot both own it.
+        A volume the hub's storage cannot create: JournalRefused."""
         with self.lock:
             vol = self.volumes.get(name)
             if vol is not None:
                 return vol, False
-            return self.create_volume(name, size, chunk_size, owner, generation), True
+            try:
+                vol = self.create_volume(name, size, chunk_size, owner, generation)
+            except OSError as err:
+                self.health.fail(Fault.METADATA_IO, f"creating volume {name} failed: {err}")
+                raise JournalRefused(f"hub cannot create volume {name}: {err}") from err
+            self.health.clear(Fault.METADATA_IO)
+            return vol, True
 
     # -- appending -------------------------------------------------------------
 
@@ -1125,21 +1314,36 @@ class VolumeStore:
     # -- the applier -----------------------------------------------------------
 
     def _apply_loop(self) -> None:
-        """Applier thread: durable journal records -> replicas, in journal order."""
+        """Applier thread: durable journal records -> replicas, in journal order.
+
+        A replica, undo or metadata write that fails marks the hub degraded
+        (REPLICA_IO) and is retried with backoff from where it stopped: the
+        records stay in the journal until they are applied."""
         touched: set[Volume] = set()
         last_persist = time.monotonic()
         last_trim = 0.0
+        retry = FAULT_RETRY_MIN
         try:
             while True:
-                batch = self.apply_some(touched)
-                now = time.monotonic()
-                if touched and (not batch or now - last_persist > APPLY_PERSIST_INTERVAL):
-                    self._persist_applied(touched)
-                    touched = set()
-                    last_persist = now
-                if now - last_trim > 1.0:
-                    self.trim()
-                    last_trim = now
+                try:
+                    batch = self.apply_some(touched)
+                    now = time.monotonic()
+                    if touched and (not batch or now - last_persist > APPLY_PERSIST_INTERVAL):
+                        self._persist_applied(touched)
+                        touched = set()
+                        last_persist = now
+                    if now - last_trim > 1.0:
+                        self.trim()
+                        last_trim = now
+                except (OSError, JournalRefused) as err:
+                    self.health.fail(Fault.REPLICA_IO, f"applying the journal at seq "
+                                     f"{self.applied_seq + 1} failed: {err}; retrying")
+                    if self.stop_event.wait(retry):
+                        return
+                    retry = min(retry * 2, FAULT_RETRY_MAX)
+                    continue
+                retry = FAULT_RETRY_MIN
+                self.health.clear(Fault.REPLICA_IO)
                 if not batch:
                     if self.stop_event.is_set():
                         return
@@ -1148,6 +1352,8 @@ class VolumeStore:
                             self.journal.durable_cond.wait(0.05)
         except BaseException as err:  # keep the evidence; the journal still has everything
             self.applier_error = err
+            self.health.fail(Fault.REPLICA_IO, f"applier stopped: {err!r}; replicas stay "
+                             "behind until the hub restarts")
             log.exception("applier stopped: %s; replicas stay behind until restart", err)
 
     def _apply_ready(self) -> bool:
@@ -1953,6 +2159,7 @@ class AgentConnection:
         self.sessions: dict[int, RecoverySession] = {}  # recovery sessions by id
         self.session_ids = itertools.count(1)
         self.rtt_ns: int | None = None
+        self.refusing: str | None = None    # why this stream's records are refused
         self.features = p.Feature.NONE      # granted in HELLO_REPLY
         self.last_heartbeat_ns = 0
         self.last_recv = time.monotonic()   # when the last frame header arrived
@@ -2194,6 +2401,14 @@ class AgentConnection:
                 if handler is None:
                     raise p.RequestError(f"{msg.TYPE.name} is not accepted by the hub",
                                          code=p.ErrorCode.UNSUPPORTED)
+                if self.refusing is not None and self.store.writable():
+                    self.say_goodbye(STORAGE_RECOVERED)
+                    return
+                if self.refusing is not None and msg.TYPE in REFUSED_WHILE_DEGRADED:
+                    raise JournalRefused(
+                        f"refused: an earlier record of this connection could not be "
+                        f"journaled ({self.refusing}); this and every later record stay "
+                        "marked at the agent until the hub's storage recovers")
                 handler(self, header, msg)
             except p.RequestError as err:
                 if msg is not None:
@@ -2205,8 +2420,12 @@ class AgentConnection:
                                 p.MsgType(err.msg_type).name, self.peer, self.agent_id, err)
                     self.hub.count_error("request")
                     continue
-                log.warning("request error from %s (%s): %s", self.peer, self.agent_id, err)
-                self.hub.count_error("request")
+                if isinstance(err, JournalRefused):  # logged once, by refuse()
+                    log.debug("refused from %s (%s): %s", self.peer, self.agent_id, err)
+                    self.hub.count_error("refused")
+                else:
+                    log.warning("request error from %s (%s): %s", self.peer, self.agent_id, err)
+                    self.hub.count_error("request")
                 self.send_error(err)
                 if msg is None and err.msg_type in SYNC_ANSWERS:
                     # A refused answer to a sync request (the hub's id space): that sync
@@ -2214,8 +2433,25 @@ class AgentConnection:
                     job = self.hub_requests.pop(err.request_id, None)
                     if job is not None:
                         job.give_up(f"its answer to req={err.request_id} was refused: {err}")
-                if err.code == p.ErrorCode.IO_ERROR:
-                    self.abort("journal failed")
+                if isinstance(err, JournalRefused) and self.refusing is None:
+                    self.refuse(str(err))
+
+    # -- the hub's storage fails (PROTOCOL.md RP-10) -----------------------------------
+
+    def refuse(self, reason: str) -> None:
+        """Recv loop: a record of this stream could not be made part of the
+        journal, so no later one may be (stream order, RP-2): refuse them all
+        with ERROR(IO_ERROR) until the hub's storage recovers.  The agent keeps
+        every refused write marked; its syncs stop (their READ_REPLYs would be
+        refused too) and the volumes keep their state.  Once the storage takes
+        records again the hub ends the connection with GOODBYE, so that the
+        agent attaches again and the plan covers everything it kept marked."""
+        self.refusing = reason
+        log.error("agent %s: %s; its records are refused from here on, stay marked at the "
+                  "agent and are resynced when the hub's storage recovers",
+                  self.agent_id, reason)
+        for job in list(self.jobs):
+            job.give_up(f"the hub's storage is degraded ({reason})")
 
     def finish(self) -> None:
         """Stop syncs, flush ACKs, detach volumes, close (connection thread)."""
@@ -2376,6 +2612,8 @@ class AgentConnection:
         self._job_for(msg, "READ").on_read_reply(header, msg)
 
     def on_DIRTY_MAP(self, header, msg: p.DirtyMap) -> None:
+        if msg.request_id == 0 and self.refusing is not None:
+            return  # refused writes: the plan at the next ATTACH covers them (RP-10)
         if msg.request_id == 0:  # regions the agent could not stream: resync them
             vol = self._volume(msg)
             for off, n in msg.extents:
@@ -2501,6 +2739,14 @@ class AgentConnection:
                     rtt_ms=None if self.rtt_ns is None else round(self.rtt_ns / 1e6, 3),
                     last_heartbeat=fmt_time_ns(self.last_heartbeat_ns),
                     volumes=sorted(v.name for v in self.volumes.values()))
+
+
+#: The GOODBYE to a connection whose records were refused, once they can be taken.
+STORAGE_RECOVERED = "the hub's storage recovered: attach again to resync the refused writes"
+#: What a connection whose stream the journal refused refuses too (RP-10).
+REFUSED_WHILE_DEGRADED = frozenset({
+    p.MsgType.WRITE, p.MsgType.ZERO, p.MsgType.CHECKPOINT, p.MsgType.READ_REPLY,
+    p.MsgType.EXTENTS, p.MsgType.ATTACH})
 
 
 def vol_acked(vol: Volume):
@@ -3663,6 +3909,7 @@ class Hub:
 
     def start(self) -> None:
         self.store.open()
+        self.store.on_reopened = self._storage_recovered
         self.store.start()
         scratch = os.path.join(self.store.dir, SCRATCH_DIR)
         if os.path.isdir(scratch) and os.listdir(scratch):
@@ -3726,6 +3973,14 @@ class Hub:
                     conn.ping()
                 except (OSError, ConnectionClosed) as err:
                     conn.abort(f"heartbeat send failed: {err}")
+
+    def _storage_recovered(self) -> None:
+        """Storage watcher: the journal takes records again; every connection whose
+        records were refused ends, so that its agent attaches again (RP-10)."""
+        with self.conn_lock:
+            refusing = [c for c in self.connections if c.refusing is not None]
+        for conn in refusing:
+            conn.say_goodbye(STORAGE_RECOVERED)
 
     def register(self, conn: AgentConnection) -> None:
         """An agent authenticated: it replaces an older connection of the same agent
@@ -3940,6 +4195,7 @@ class Hub:
                 undo_records=len(vol.undo), replicated_bytes=vol.journaled_bytes,
                 role=vol.meta.get("role", "protected"),
                 demoted=vol.attached_to is not None and vol.id in vol.attached_to.demoted,
+                degraded=store.health.report(vol.name),
                 failback=vol.failback.status() if vol.failback is not None else None))
         with self.conn_lock:
             agents = [c.status() for c in self.by_agent.values()]
@@ -3957,7 +4213,8 @@ class Hub:
                          span_s=round((last.time_ns - first.time_ns) / 1e9, 3)
                          if first and last else 0.0),
             volumes=vols, agents=sorted(agents, key=lambda a: a["agent_id"]),
-            sessions=self.session_status(), errors=errors)
+            sessions=self.session_status(), errors=errors,
+            degraded=store.health.report())
 
     def session_status(self) -> list[dict]:
         """The open recovery sessions, for ``status``."""
@@ -4004,7 +4261,8 @@ class Hub:
 
 #: The kinds ``Hub.count_error`` counts, each at a WARNING of the same cause;
 #: every one is exported, 0 until it happens, so alerts have a series to watch.
-HUB_ERROR_KINDS = ("handshake", "auth", "protocol", "request", "connection_lost", "sync")
+HUB_ERROR_KINDS = ("handshake", "auth", "protocol", "request", "connection_lost", "sync",
+                   "refused")
 
 
 def prometheus_escape(value) -> str:
@@ -4072,6 +4330,13 @@ def hub_metrics(st: dict) -> str:
          [({}, len(st.get("sessions", ())))]),
         ("rephub_errors_total", "counter", "Faults logged at WARNING, by kind.",
          [({"kind": k}, n) for k, n in sorted(errors.items())]),
+        ("rephub_degraded", "gauge", "1 while the hub's storage suffers the fault (volume "
+         "\"\": the whole hub).",
+         [({"fault": f.value, "volume": ""}, any(d["fault"] == f.value and d["volume"] is None
+                                                 for d in st.get("degraded", ())))
+          for f in Fault]
+         + [({"fault": d["fault"], "volume": d["volume"]}, 1)
+            for d in st.get("degraded", ()) if d["volume"] is not None]),
     ])
 
 
@@ -4357,6 +4622,8 @@ def volume_state_words(v: dict) -> str:
         return "failing back"
     if v.get("role") == "promoted":
         return "promoted, demoted agent attached" if v.get("demoted") else "promoted"
+    if v.get("degraded"):
+        return "degraded: " + ", ".join(sorted({d["fault"] for d in v["degraded"]}))
     if v["state"] == VolState.CONSISTENT.value:
         return "consistent"
     if v["state"] == VolState.SYNCING.value:
@@ -4371,8 +4638,11 @@ def format_status(st: dict) -> str:
              f"journal: seq {j['first_seq']}..{j['last_seq']} (durable {j['durable_seq']}, "
              f"applied {j['applied_seq']}), {fmt_bytes(j['bytes'])} + undo "
              f"{fmt_bytes(j['undo_bytes'])}, span {j['span_s']:.0f} s "
-             f"[{j['oldest'] or '-'} .. {j['newest'] or '-'}], {j['fdatasyncs']} fdatasyncs",
-             ""]
+             f"[{j['oldest'] or '-'} .. {j['newest'] or '-'}], {j['fdatasyncs']} fdatasyncs"]
+    for d in st.get("degraded", ()):
+        lines.append(f"DEGRADED: {d['fault']}{' on volume ' + d['volume'] if d['volume'] else ''}"
+                     f" since {d['since']}: {d['detail']}")
+    lines.append("")
     rows = []
     for v in st["volumes"]:
         sync = v["sync"]

@@ -1,0 +1,302 @@
+"""The hub's own disk fails: an ACKed write is never lost, and the hub says so.
+
+The hub's data directory is put on a real small file system (tmpfs with
+``size=``) and filled with a ballast file, so that journal appends, replica
+writes and metadata writes fail with ENOSPC as they would on a full disk.
+Each test asserts what PROTOCOL.md RP-10 promises: a record that could not
+be journaled is answered with ERROR(IO_ERROR) and so is every later record
+of the stream; nothing refused is ever ACKed; the segment holds whole
+records only; ``status`` says ``degraded`` while it lasts; and once space
+comes back the hub takes records again by itself and the agent's marked
+regions are resynced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import random
+import subprocess
+import zlib
+
+import pytest
+
+import protocol as p
+import rephub
+from hubtools import AgentError, MemVolume, TestAgent, make_agents_file, wait_for
+
+MiB = 1024 * 1024
+
+
+@contextlib.contextmanager
+def small_fs(path, size: int):
+    """A tmpfs of ``size`` bytes mounted at ``path`` (unmounted on exit)."""
+    os.makedirs(path, exist_ok=True)
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                         capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({out.stderr.strip()}): the "
+                    "disk-full tests need one")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+def free_bytes(path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def fill(path, leave: int) -> str:
+    """Write a ballast file so that about ``leave`` bytes stay free; return its path."""
+    ballast = os.path.join(path, "ballast")
+    block = b"\xa5" * MiB
+    with open(ballast, "wb") as f:
+        while free_bytes(path) > leave + MiB:
+            f.write(block)
+            f.flush()
+        rest = max(free_bytes(path) - leave, 0)
+        f.write(block[:rest])
+    return ballast
+
+
+def segment_records(path: str) -> list[tuple[int, bytes]]:
+    """(seq, payload) of every whole record of a segment file; raise on a torn byte."""
+    data = open(path, "rb").read()
+    out, pos = [], 0
+    while pos < len(data):
+        fields = rephub.RECORD.unpack_from(data, pos)
+        magic, seq, plen, payload_crc = fields[0], fields[4], fields[7], fields[10]
+        assert magic == rephub.RECORD_MAGIC, f"no record at byte {pos} of {path}"
+        start = pos + rephub.RECORD.size
+        payload = data[start:start + plen]
+        assert len(payload) == plen and zlib.crc32(payload) == payload_crc, \
+            f"torn record seq {seq} at byte {pos} of {path}"
+        out.append((seq, payload))
+        pos = start + plen
+    return out
+
+
+# -- SegmentLog: an append is all or nothing -----------------------------------------------
+
+
+def test_append_after_enospc_reads_back_what_was_appended(tmp_path):
+    """ENOSPC in the middle of a record cuts it off; the next record, after
+    space is freed, reads back exactly its own bytes, before and after a rescan."""
+    rng = random.Random(14)
+    with small_fs(tmp_path / "fs", 4 * MiB) as fs:
+        ballast = fill(fs, 900 * 1024)
+        seglog = rephub.SegmentLog(os.path.join(fs, "journal"), "journal")
+        kept: dict[int, bytes] = {}
+        failed_at = None
+        for seq in range(1, 40):
+            payload = rng.randbytes(256 * 1024)
+            try:
+                rec = seglog.append(seq, rephub.RecordKind.WRITE, 0, seq, 1, 0, len(payload),
+                                    [payload])
+            except OSError as err:
+                assert err.errno == errno.ENOSPC
+                failed_at = seq
+                break
+            kept[seq] = payload
+            assert seglog.read_payload(rec) == payload
+        assert failed_at is not None and kept, "the file system never filled"
+        path = seglog.path(seglog.segment)
+        assert seglog.broken is None, "the cut-back after the failed append did not succeed"
+        assert os.path.getsize(path) == seglog.size == seglog.total_bytes()
+        assert [s for s, _ in segment_records(path)] == sorted(kept)
+
+        os.unlink(ballast)
+        payload = rng.randbytes(256 * 1024)
+        rec = seglog.append(failed_at, rephub.RecordKind.WRITE, 0, failed_at, 1, 0,
+                            len(payload), [payload])
+        kept[failed_at] = payload
+        assert seglog.read_payload(rec) == payload
+        seglog.do_sync(seglog.take_sync_work())
+        seglog.close()
+
+        again = rephub.SegmentLog(os.path.join(fs, "journal"), "journal")
+        records = again.open()
+        assert {r.seq: again.read_payload(r) for r in records} == kept
+        again.close()
+
+
+def test_a_failed_cut_back_closes_the_log_until_it_succeeds(tmp_path, monkeypatch):
+    """If the torn record cannot be cut off either, nothing is appended after it."""
+    seglog = rephub.SegmentLog(str(tmp_path / "j"), "journal")
+    seglog.append(1, rephub.RecordKind.WRITE, 0, 1, 1, 0, 5, [b"first"])
+    real_writev, real_ftruncate = os.writev, os.ftruncate
+
+    def torn_writev(fd, buffers):
+        os.write(fd, bytes(buffers[0])[:7])   # part of a header reaches the file
+        raise OSError(errno.EIO, "injected write error")
+
+    def failing_ftruncate(fd, length):
+        raise OSError(errno.EIO, "injected truncate error")
+
+    monkeypatch.setattr(os, "writev", torn_writev)
+    monkeypatch.setattr(os, "ftruncate", failing_ftruncate)
+    with pytest.raises(OSError):
+        seglog.append(2, rephub.RecordKind.WRITE, 0, 2, 1, 0, 6, [b"second"])
+    assert seglog.broken is not None
+    monkeypatch.setattr(os, "writev", real_writev)
+    with pytest.raises(OSError, match="injected truncate"):
+        seglog.append(2, rephub.RecordKind.WRITE, 0, 2, 1, 0, 6, [b"second"])
+    monkeypatch.setattr(os, "ftruncate", real_ftruncate)
+    rec = seglog.append(2, rephub.RecordKind.WRITE, 0, 2, 1, 0, 6, [b"second"])
+    assert seglog.read_payload(rec) == b"second"
+    assert [s for s, _ in segment_records(seglog.path(seglog.segment))] == [1, 2]
+    seglog.close()
+
+
+# -- the hub: refuse, degrade, recover -------------------------------------------------------
+
+
+@pytest.fixture
+def full_hub(tmp_path):
+    """An in-process hub whose data directory is a 48 MiB tmpfs."""
+    agents = str(tmp_path / "agents")
+    secrets_by_id = make_agents_file(agents, "a1", "a2")
+    with small_fs(tmp_path / "fs", 48 * MiB) as fs:
+        hub = rephub.Hub(os.path.join(fs, "data"), agents, heartbeat=0.2)
+        hub.start()
+        try:
+            yield hub, secrets_by_id, fs
+        finally:
+            hub.shutdown(grace=5)
+
+
+def write_until_refused(agent: TestAgent, vid: int, vol: MemVolume, rng, limit: int = 400):
+    """Random 256 KiB writes, each waited for, until the hub refuses one; then a
+    few more.  Returns (acked, refused) lists of (offset, length).  A refused
+    write stays marked, as a real agent keeps it (RP-8)."""
+    acked, refused = [], []
+    for _ in range(limit):
+        offset = rng.randrange(0, vol.size // 65536) * 65536
+        data = rng.randbytes(256 * 1024)[:vol.size - offset]
+        reply = agent.wait_reply(agent.write(vid, offset, data))
+        if isinstance(reply, p.Error):
+            assert reply.code == p.ErrorCode.IO_ERROR, reply.describe()
+            vol.dirty.append((offset, len(data)))
+            refused.append((offset, len(data)))
+            if len(refused) >= 5:
+                break
+        else:
+            assert not refused, "a write after a refused one was ACKed (stream order)"
+            acked.append((offset, len(data)))
+    return acked, refused
+
+
+def test_a_full_journal_refuses_degrades_and_recovers(full_hub, caplog):
+    hub, secrets_by_id, fs = full_hub
+    rng = random.Random(1414)
+    vol = MemVolume(8 * MiB, rng.randbytes(8 * MiB))
+    with TestAgent(hub.address, "a1", secrets_by_id["a1"]).connect() as agent:
+        vid, plan = agent.attach("v", vol)
+        assert plan == p.SyncPlan.FULL
+        wait_for(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 30,
+                 "the initial sync")
+        ballast = fill(fs, 12 * MiB)
+        acked, refused = write_until_refused(agent, vid, vol, rng)
+        assert acked and refused, f"acked {len(acked)}, refused {len(refused)}"
+
+        st = hub.status()
+        faults = {d["fault"] for d in st["degraded"]}
+        assert "journal full" in faults, st["degraded"]
+        v = next(v for v in st["volumes"] if v["name"] == "v")
+        assert "journal full" in {d["fault"] for d in v["degraded"]}
+        assert "degraded: " in rephub.format_status(st)
+        assert 'rephub_degraded{fault="journal full",volume=""} 1' in rephub.hub_metrics(st)
+        # Later records of the stream are refused without touching the disk.
+        assert isinstance(agent.wait_reply(agent.checkpoint("after-refusal")), p.Error)
+
+        # A hub whose journal cannot take records still answers the rest.
+        with TestAgent(hub.address, "a2", secrets_by_id["a2"]).connect() as other:
+            with pytest.raises(AgentError, match="IO_ERROR"):
+                other.attach("w", MemVolume(MiB))
+        assert hub.store.points(hub.store.volume("v"))["volume"] == "v"
+
+        # Every segment holds whole records only.
+        for seg in hub.store.journal.log.segments():
+            segment_records(hub.store.journal.log.path(seg))
+
+        os.unlink(ballast)
+        wait_for(lambda: agent.goodbye == rephub.STORAGE_RECOVERED, 30,
+                 "the hub to end the refused stream once space is back")
+        wait_for(lambda: not hub.status()["degraded"], 30, "degraded to clear")
+
+    vol.dirty = [(s, e - s) for s, e in rephub.merge_ranges((o, o + n) for o, n in vol.dirty)]
+    with TestAgent(hub.address, "a1", secrets_by_id["a1"]).connect() as agent:
+        vid, plan = agent.attach("v", vol, state=p.VolumeState.DIRTY)
+        assert plan == p.SyncPlan.DIRTY
+        wait_for(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT
+                 and hub.store.volume("v").sync is None, 30, "the resync of refused writes")
+        hub.store.wait_applied(hub.store.journal.durable_seq)
+        with open(os.path.join(hub.store.dir, "volumes", "v", "replica"), "rb") as f:
+            assert f.read() == bytes(vol.buf), "replica differs from the agent's disk"
+    assert not [r for r in caplog.records if r.exc_info], "a traceback in the hub log"
+
+
+def test_metadata_enospc_at_attach_is_an_error_not_a_closed_connection(full_hub, caplog):
+    hub, secrets_by_id, fs = full_hub
+    fill(fs, 0)
+    with TestAgent(hub.address, "a1", secrets_by_id["a1"]).connect() as agent:
+        with pytest.raises(AgentError, match="IO_ERROR") as info:
+            agent.attach("new", MemVolume(MiB))
+        assert "cannot create volume new" in info.value.error.message
+        assert not agent.closed.is_set(), "the hub closed the connection"
+        agent.flush()   # the connection goes on
+    assert "metadata I/O error" in {d["fault"] for d in hub.status()["degraded"]}
+    assert not [r for r in caplog.records if r.exc_info], "a traceback in the hub log"
+
+
+def test_a_failing_replica_write_degrades_and_resumes(tmp_path, monkeypatch):
+    """EIO from the replica: ACKs go on (the journal has the data), status says
+    ``replica I/O error``, and the applier resumes where it stopped."""
+    agents = str(tmp_path / "agents")
+    secrets_by_id = make_agents_file(agents, "a1")
+    hub = rephub.Hub(str(tmp_path / "data"), agents, heartbeat=0.2)
+    hub.start()
+    try:
+        vol = MemVolume(2 * MiB)
+        with TestAgent(hub.address, "a1", secrets_by_id["a1"]).connect() as agent:
+            vid, _ = agent.attach("v", vol)
+            wait_for(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 20,
+                     "the initial sync")
+            failing = [True]
+            real_copy = rephub.SegmentLog.copy_payload
+
+            def copy_payload(self, rec, fd, offset):
+                if failing[0]:
+                    raise OSError(errno.EIO, "injected replica write error")
+                return real_copy(self, rec, fd, offset)
+
+            monkeypatch.setattr(rephub.SegmentLog, "copy_payload", copy_payload)
+            for i in range(8):
+                agent.expect_ack(agent.write(vid, i * 65536, bytes([i + 1]) * 65536))
+            wait_for(lambda: "replica I/O error" in {
+                d["fault"] for d in hub.status()["degraded"]}, 20, "replica fault reported")
+            assert hub.store.applied_seq < hub.store.journal.durable_seq
+            failing[0] = False
+            wait_for(lambda: not hub.status()["degraded"]
+                     and hub.store.applied_seq == hub.store.journal.durable_seq, 30,
+                     "the applier to resume")
+            with open(os.path.join(hub.store.dir, "volumes", "v", "replica"), "rb") as f:
+                assert f.read() == bytes(vol.buf)
+    finally:
+        hub.shutdown(grace=5)
+
+
+def test_degraded_is_logged_once_per_transition(caplog):
+    health = rephub.Health()
+    with caplog.at_level(logging.INFO, logger="rephub"):
+        for _ in range(50):
+            health.fail(rephub.Fault.JOURNAL_FULL, "no space")
+        health.clear(rephub.Fault.JOURNAL_FULL)
+        health.clear(rephub.Fault.JOURNAL_FULL)
+    texts = [r.getMessage() for r in caplog.records]
+    assert sum("degraded: journal full" in t for t in texts) == 1
+    assert sum("recovered: journal full" in t for t in texts) == 1
