@@ -234,6 +234,7 @@ LATE_WRITES_JSON = "late-writes.json"
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 CONTROL_SOCKET = "control.sock"
 LOCK_FILE = "lock"
+QUARANTINE_DIR = "quarantine"
 HUB_FILE = "hub.json"
 APPLIED_FILE = "applied.json"
 #: A full journal takes records again once its file system has this much free
@@ -253,6 +254,7 @@ class RecordKind(enum.IntEnum):
     CHECKPOINT = 3   # payload = CHECKPOINT_PAYLOAD: a named point for one agent
     UNDO = 4         # undo log: payload = the range's bytes before record `seq`
     UNDO_COMMIT = 5  # undo log: every UNDO up to `seq` is durable (batch end)
+    LOST = 6         # in memory only: a journal record lost to damage at rest
 
 
 RECORD_FROM_SYNC = 1 << 0
@@ -543,6 +545,7 @@ class SegmentLog:
         self.dir_dirty = False
         self.read_fds: dict[int, int] = {}
         self.segment_sizes: dict[int, int] = {}
+        self.damage: list[dict] = []      # found by ``open``: see ``_damaged``
         self.fdatasyncs = 0
         self.read_lock = threading.Lock()
         self.kernel_copy = hasattr(os, "copy_file_range")
@@ -564,58 +567,109 @@ class SegmentLog:
         segments = self.segments()
         for i, segment in enumerate(segments):
             last = i == len(segments) - 1
-            records.extend(self._scan(segment, last))
+            records.extend(self._scan(segment, last, records[-1].seq if records else None))
         if segments:
             self.segment = segments[-1]
             self.fd = os.open(self.path(self.segment), os.O_WRONLY | os.O_APPEND)
             self.size = os.fstat(self.fd).st_size
         return records
 
-    def _scan(self, segment: int, last: bool) -> list[Record]:
+    def _scan(self, segment: int, last: bool, prev_seq: int | None = None) -> list[Record]:
+        """The records of one segment.  Bytes that hold no whole record are
+        either a torn tail -- nothing valid follows them in the last segment:
+        an append that never completed, hence never acknowledged, cut off -- or
+        damage at rest (a bad record with valid ones after it, or in an older
+        segment): kept, copied aside, and reported in ``damage``, never cut."""
         path = self.path(segment)
-        out = []
         with open(path, "rb") as f:
             data = f.read()
+        out: list[Record] = []
         pos = 0
-        problem = None
         while pos < len(data):
-            if len(data) - pos < RECORD.size:
-                problem = f"{len(data) - pos} bytes of a record header"
+            rec, problem = self._parse(data, pos, segment)
+            if rec is not None:
+                out.append(rec)
+                pos = rec.pos + rec.payload_length
+                continue
+            resume = self._next_record(data, pos + 1, segment)
+            if resume is None and last:
+                log.warning("%s: torn tail in %s at byte %d (%s); discarding %d bytes, "
+                            "never acknowledged", self.what, path, pos, problem,
+                            len(data) - pos)
+                with open(path, "r+b") as f:
+                    f.truncate(pos)
+                    os.fsync(f.fileno())
+                data = data[:pos]
                 break
-            fields = RECORD.unpack_from(data, pos)
-            (magic, kind, flags, _res, seq, time_ns, volume, plen, offset, length,
-             payload_crc, header_crc) = fields
-            if magic != RECORD_MAGIC:
-                problem = f"bad record magic 0x{magic:08x}, expected 0x{RECORD_MAGIC:08x}"
-                break
-            crc = zlib.crc32(memoryview(data)[pos:pos + RECORD_BODY.size])
-            if crc != header_crc:
-                problem = f"bad record header_crc 0x{header_crc:08x}, computed 0x{crc:08x}"
-                break
-            start = pos + RECORD.size
-            if start + plen > len(data):
-                problem = f"payload of {plen} bytes cut short at {len(data) - start}"
-                break
-            crc = zlib.crc32(memoryview(data)[start:start + plen])
-            if crc != payload_crc:
-                problem = f"bad record payload_crc 0x{payload_crc:08x}, computed 0x{crc:08x}"
-                break
-            out.append(Record(seq, time_ns, kind, flags, volume, offset, length, plen,
-                              payload_crc, segment, start))
-            pos = start + plen
-        if problem:
-            if not last:
-                raise StoreError(f"{self.what} segment {path} is corrupt at byte {pos} "
-                                 f"({problem}) and is not the last segment; refusing to "
-                                 "start (a torn tail can only be in the last one)")
-            log.warning("%s: torn or corrupt tail in %s at byte %d (%s); discarding "
-                        "%d bytes, never applied", self.what, path, pos, problem,
-                        len(data) - pos)
-            with open(path, "r+b") as f:
-                f.truncate(pos)
-                os.fsync(f.fileno())
-        self.segment_sizes[segment] = pos
+            end = len(data) if resume is None else resume
+            self._damaged(segment, pos, end, problem, out[-1].seq if out else prev_seq,
+                          RECORD.unpack_from(data, pos) if len(data) - pos >= RECORD.size
+                          else None)
+            pos = end
+        self.segment_sizes[segment] = len(data)
         return out
+
+    @staticmethod
+    def _parse(data: bytes, pos: int, segment: int) -> tuple[Record | None, str | None]:
+        """The whole record at ``pos``, or (None, what is wrong with it)."""
+        if len(data) - pos < RECORD.size:
+            return None, f"{len(data) - pos} bytes of a record header"
+        (magic, kind, flags, _res, seq, time_ns, volume, plen, offset, length,
+         payload_crc, header_crc) = RECORD.unpack_from(data, pos)
+        if magic != RECORD_MAGIC:
+            return None, f"bad record magic 0x{magic:08x}, expected 0x{RECORD_MAGIC:08x}"
+        crc = zlib.crc32(memoryview(data)[pos:pos + RECORD_BODY.size])
+        if crc != header_crc:
+            return None, f"bad record header_crc 0x{header_crc:08x}, computed 0x{crc:08x}"
+        start = pos + RECORD.size
+        if start + plen > len(data):
+            return None, f"payload of {plen} bytes cut short at {len(data) - start}"
+        crc = zlib.crc32(memoryview(data)[start:start + plen])
+        if crc != payload_crc:
+            return None, f"bad record payload_crc 0x{payload_crc:08x}, computed 0x{crc:08x}"
+        return Record(seq, time_ns, kind, flags, volume, offset, length, plen, payload_crc,
+                      segment, start), None
+
+    def _next_record(self, data: bytes, pos: int, segment: int) -> int | None:
+        """Where the next whole record after damage at ``pos`` starts, or None."""
+        magic = struct.pack("!I", RECORD_MAGIC)
+        while (pos := data.find(magic, pos)) >= 0:
+            if self._parse(data, pos, segment)[0] is not None:
+                return pos
+            pos += 1
+        return None
+
+    def _damaged(self, segment: int, start: int, end: int, problem: str,
+                 after_seq: int | None, header) -> None:
+        """Report damage at rest; copy the segment aside once (quarantine)."""
+        path = self.path(segment)
+        # The header, if it survived, says which record was lost.
+        known = header is not None and header[0] == RECORD_MAGIC and zlib.crc32(
+            RECORD_BODY.pack(*header[:11])) == header[11]
+        seq, volume = (header[4], header[6]) if known else (None, None)
+        aside = os.path.join(os.path.dirname(self.dir), QUARANTINE_DIR,
+                             f"{os.path.basename(self.dir)}-{segment:020d}.seg.at-{start}")
+        new = not os.path.exists(aside)
+        (log.error if new else log.info)(
+            "%s: %s is damaged at bytes %d..%d (%s), after seq %s; %s; later records are "
+            "intact and kept (copy: %s)", self.what, path, start, end, problem, after_seq,
+            f"the record is seq {seq} of volume id {volume}" if known
+            else "which record it held is unknown", aside)
+        self.damage.append(dict(segment=segment, start=start, end=end, problem=problem,
+                                after_seq=after_seq, seq=seq, volume=volume, copy=aside,
+                                new=new))
+
+    def quarantine(self, damage: dict) -> None:
+        """Copy a damaged segment aside (once: the copy marks the damage as handled)."""
+        aside = damage["copy"]
+        try:
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            shutil.copyfile(self.path(damage["segment"]), aside + ".tmp")
+            os.replace(aside + ".tmp", aside)
+            fsync_dir(os.path.dirname(aside))
+        except OSError as err:
+            log.error("%s: could not copy damaged segment %s aside: %s", self.what,
+                      self.path(damage["segment"]), err)
 
     def append(self, seq: int, kind: int, flags: int, time_ns: int, volume: int,
                offset: int, length: int, parts: list, payload_crc: int | None = None
@@ -780,6 +834,7 @@ class Journal:
         self.durable_seq = 0       # fdatasync'ed
         self.last_time_ns = 0
         self.checkpoints: list[tuple[int, int, str, str]] = []  # (seq, time, agent, name)
+        self.lost: list[tuple[int, int | None, dict]] = []  # (seq, volume id, damage)
         self.commits = 0           # fdatasync rounds of the committer
         self.failed: BaseException | None = None
         self.stop_event = threading.Event()
@@ -787,11 +842,32 @@ class Journal:
 
     def open(self, start_seq: int = 1) -> None:
         """Load the records; ``start_seq`` is the next seq if the journal is empty."""
-        self.records = self.log.open()
-        for prev, rec in zip(self.records, self.records[1:]):
-            if rec.seq != prev.seq + 1:
-                raise StoreError(f"journal seq jumps from {prev.seq} to {rec.seq} "
+        self.records = []
+        scanned = self.log.open()
+        damaged_after = {d["after_seq"]: d for d in self.log.damage}
+        for rec in scanned:
+            after = self.records[-1].seq if self.records else None
+            if self.records:
+                expected = after + 1
+            elif None in damaged_after:   # damage first: a segment is named by its first seq
+                expected = damaged_after[None]["segment"]
+            else:
+                expected = start_seq
+            if rec.seq != expected and (after in damaged_after and rec.seq > expected):
+                self.records.extend(self._lost(expected, rec.seq, damaged_after[after],
+                                               rec.time_ns))
+            elif rec.seq != expected and self.records:
+                raise StoreError(f"journal seq jumps from {after} to {rec.seq} "
                                  f"(segment {self.log.path(rec.segment)})")
+            self.records.append(rec)
+        # Damage at the end of an older segment: the next one's name is its first seq.
+        segments = self.log.segments()
+        after = self.records[-1].seq if self.records else None
+        expected = after + 1 if self.records else start_seq
+        if (after in damaged_after and segments and segments[-1] > expected
+                and damaged_after[after]["segment"] != segments[-1]):
+            self.records.extend(self._lost(expected, segments[-1], damaged_after[after],
+                                           self.records[-1].time_ns if self.records else 0))
         if self.records:
             self.first_seq = self.records[0].seq
             self.last_seq = self.records[-1].seq
@@ -804,6 +880,17 @@ class Journal:
             if rec.kind == RecordKind.CHECKPOINT:
                 agent, name = decode_checkpoint(self.log.read_payload(rec))
                 self.checkpoints.append((rec.seq, rec.time_ns, agent, name))
+
+    def _lost(self, first: int, end: int, damage: dict, time_ns: int) -> list[Record]:
+        """Stand-ins for records ``first`` .. ``end - 1`` lost to damage at rest: they
+        keep the seqs in order and are never applied (``lost`` lists them)."""
+        out = []
+        for seq in range(first, end):
+            volume = damage["volume"] if damage["seq"] == seq else None
+            self.lost.append((seq, volume, damage))
+            out.append(Record(seq, time_ns, RecordKind.LOST, 0, volume or 0, 0, 0, 0, 0,
+                              damage["segment"], -1))
+        return out
 
     def start(self) -> None:
         self.committer = threading.Thread(target=self._commit_loop, name="journal-committer",
@@ -1020,6 +1107,7 @@ class VolumeStore:
         self.by_id: dict[int, Volume] = {}
         self.applied_seq = 0
         self.undo_committed_seq = 0
+        self.undo_floor = 0      # points before it lost their undo to damage at rest
         self.undo_tables: dict[tuple[int, int], list] = {}
         self.stop_event = threading.Event()   # the applier: drain and stop
         self.closing = threading.Event()      # long readers (export): give up
@@ -1071,6 +1159,7 @@ class VolumeStore:
             raise StoreError(f"replicas have seq {self.applied_seq} applied but the journal "
                              f"ends at {self.journal.last_seq}")
         self._open_undo()
+        self._handle_damage()
         pending = self.journal.last_seq - self.applied_seq
         log.info("store %s: %d volumes, journal seq %d..%d, applied %d (%d to replay)",
                  self.dir, len(self.volumes), self.journal.first_seq, self.journal.last_seq,
@@ -1083,6 +1172,36 @@ class VolumeStore:
                 log.warning("volume %s: its promotion was interrupted; rolling back again",
                             vol.name)
                 self._roll_back(vol)
+
+    def _handle_damage(self) -> None:
+        """Damage at rest found by the scans (SegmentLog._damaged), first seen now:
+        each volume a lost journal record may have touched is verified against
+        its agent at the next ATTACH, and if the replica never got the record,
+        its points from there until that verify ends are not offered.  Then
+        the segment is copied aside, which marks the damage as handled."""
+        for damage in self.journal.log.damage:
+            if not damage["new"]:
+                continue
+            lost = [(seq, vid) for seq, vid, d in self.journal.lost if d is damage]
+            if any(vid is None for _, vid in lost) or not lost:
+                touched = list(self.volumes.values())
+            else:
+                touched = [self.by_id[vid] for _, vid in lost if vid in self.by_id]
+            first = min((seq for seq, _ in lost), default=self.journal.last_seq + 1)
+            for vol in touched:
+                if not vol.meta["full_synced"]:
+                    continue   # its FULL sync is still owed anyway
+                spans = [list(x) for x in vol.meta.get("resyncs", [])]
+                if first > self.applied_seq and not (spans and spans[-1][1] is None):
+                    spans.append([first - 1, None])
+                vol.update(state=VolState.SYNCING.value, pending_plan="VERIFY", resyncs=spans)
+                log.error("volume %s: journal damage may have lost its record(s) %s; it is "
+                          "verified against its agent at the next ATTACH", vol.name,
+                          ", ".join(str(seq) for seq, _ in lost) or "(none known)")
+            self.journal.log.quarantine(damage)
+        for damage in self.undo_log.damage:
+            if damage["new"]:
+                self.undo_log.quarantine(damage)
 
     def _open_undo(self) -> None:
         records = self.undo_log.open()
@@ -1112,6 +1231,15 @@ class VolumeStore:
                 pr = self.set_aside_of(vol, rec.seq)
                 if pr is None or not pr["rolled_back"]:  # a pending roll back needs it
                     vol.undo.append(rec)
+        # Points older than an undo record lost to damage cannot be rebuilt.
+        for damage in self.undo_log.damage:
+            after = [r.seq for r in records if (r.segment, r.pos) > (damage["segment"],
+                                                                      damage["start"])]
+            floor = min(after, default=self.applied_seq)
+            if floor > self.undo_floor:
+                self.undo_floor = floor
+                log.error("undo log damage: points before seq %d can no longer be rebuilt "
+                          "and leave the window", floor)
 
     def start(self) -> None:
         """Start the committer, the applier and the storage watcher threads."""
@@ -1308,8 +1436,15 @@ class VolumeStore:
     def append_checkpoint(self, agent: str, name: str) -> Record:
         """Journal a named point covering every volume of ``agent``; not yet durable."""
         p.validate_name(name, "checkpoint name")
+
+        def unique():  # under the journal lock: two of one name cannot both pass
+            for seq, _, owner, taken in self.journal.checkpoints:
+                if owner == agent and taken == name:
+                    raise p.InvalidField(f"checkpoint {name!r} of agent {agent} exists (seq "
+                                         f"{seq}): a name names one point (CP-3)")
+
         return self.journal.append(RecordKind.CHECKPOINT, 0, 0, 0,
-                                   [encode_checkpoint(agent, name)])
+                                   [encode_checkpoint(agent, name)], check=unique)
 
     # -- the applier -----------------------------------------------------------
 
@@ -1532,7 +1667,7 @@ class VolumeStore:
 
     def window_start(self) -> int:
         """The oldest seq the volumes can be read at."""
-        return self.journal.first_seq - 1
+        return max(self.journal.first_seq - 1, self.undo_floor)
 
     # -- points in time ------------------------------------------------------------
 
@@ -1744,8 +1879,13 @@ class VolumeStore:
             return f"before the volume's first full sync completed (seq {since})"
         for lo, hi in vol.meta.get("resyncs", ()):
             if lo < seq and (hi is None or seq < hi):
+                rec = self.journal.record(lo)
+                newest = (f"; the newest consistent point before it is seq {lo}"
+                          + (f" ({fmt_time_ns(rec.time_ns)})" if rec else "")
+                          if lo >= max(self.window_start(), since) else "")
                 return (f"inside a resync (seq {lo + 1}..{'now' if hi is None else hi - 1}), "
-                        "where the replica was a mix of old and new data: not crash-consistent")
+                        "where the replica was a mix of old and new data: not crash-consistent"
+                        + newest)
         return None
 
     def pin(self, seq: int, delta: int = 1) -> None:
@@ -2532,6 +2672,7 @@ class AgentConnection:
                 plan = p.SyncPlan.NONE
             else:
                 plan = p.SyncPlan.DIRTY
+            plan = max(plan, owed_plan(vol))   # a sync that did not finish is redone (SY-1)
         old = vol.attached_to
         if old is not None and old is not self:
             old.detach_volume(vol)
@@ -2711,11 +2852,20 @@ class AgentConnection:
     def start_sync(self, vol: Volume, plan: p.SyncPlan, extents=None,
                    start: bool = True) -> SyncJob | None:
         """Start a sync job for ``vol`` (its state is persisted first), or add
-        ``extents`` to the one running; return the new job, else None."""
+        ``extents`` to the one running; return the new job, else None.
+
+        A new job covers at least what an earlier one that did not finish owed
+        (SY-1): a DIRTY job for a few reported ``extents`` becomes that plan in
+        full (the agent still has those extents marked, so the plan covers them)."""
         with self.sync_lock:
             job = vol.sync
             if job is not None and job.conn is self and job.add_extents(extents):
                 return None
+            owed = owed_plan(vol)
+            if owed > plan or (owed == plan and extents is not None):
+                log.info("volume %s: an earlier %s sync did not finish; redoing it in full",
+                         vol.name, owed.name)
+                plan, extents = owed, None
             job = SyncJob(self, vol, plan, extents)
             vol.sync = job
             self.jobs.add(job)
@@ -2747,6 +2897,16 @@ STORAGE_RECOVERED = "the hub's storage recovered: attach again to resync the ref
 REFUSED_WHILE_DEGRADED = frozenset({
     p.MsgType.WRITE, p.MsgType.ZERO, p.MsgType.CHECKPOINT, p.MsgType.READ_REPLY,
     p.MsgType.EXTENTS, p.MsgType.ATTACH})
+
+
+def owed_plan(vol: Volume) -> p.SyncPlan:
+    """The sync a volume still owes: the plan of one that began and did not
+    finish (FULL until the first full sync completes), NONE when consistent."""
+    if not vol.meta["full_synced"]:
+        return p.SyncPlan.FULL
+    if vol.state == VolState.CONSISTENT or not vol.meta.get("pending_plan"):
+        return p.SyncPlan.NONE
+    return p.SyncPlan[vol.meta["pending_plan"]]
 
 
 def vol_acked(vol: Volume):
@@ -4211,7 +4371,11 @@ class Hub:
                          oldest=fmt_time_ns(first.time_ns) if first else None,
                          newest=fmt_time_ns(last.time_ns) if last else None,
                          span_s=round((last.time_ns - first.time_ns) / 1e9, 3)
-                         if first and last else 0.0),
+                         if first and last else 0.0,
+                         damage=[dict(file=seglog.path(d["segment"]), start=d["start"],
+                                      end=d["end"], problem=d["problem"], copy=d["copy"])
+                                 for seglog in (j.log, store.undo_log) for d in seglog.damage],
+                         lost_seqs=[seq for seq, _, _ in j.lost]),
             volumes=vols, agents=sorted(agents, key=lambda a: a["agent_id"]),
             sessions=self.session_status(), errors=errors,
             degraded=store.health.report())
@@ -4639,6 +4803,9 @@ def format_status(st: dict) -> str:
              f"applied {j['applied_seq']}), {fmt_bytes(j['bytes'])} + undo "
              f"{fmt_bytes(j['undo_bytes'])}, span {j['span_s']:.0f} s "
              f"[{j['oldest'] or '-'} .. {j['newest'] or '-'}], {j['fdatasyncs']} fdatasyncs"]
+    for d in j.get("damage", ()):
+        lines.append(f"DAMAGED at rest: {d['file']} bytes {d['start']}..{d['end']} "
+                     f"({d['problem']}); later records kept; copy in {d['copy']}")
     for d in st.get("degraded", ()):
         lines.append(f"DEGRADED: {d['fault']}{' on volume ' + d['volume'] if d['volume'] else ''}"
                      f" since {d['since']}: {d['detail']}")

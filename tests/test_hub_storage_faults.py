@@ -300,3 +300,73 @@ def test_degraded_is_logged_once_per_transition(caplog):
     texts = [r.getMessage() for r in caplog.records]
     assert sum("degraded: journal full" in t for t in texts) == 1
     assert sum("recovered: journal full" in t for t in texts) == 1
+
+
+# -- corruption at rest ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("applied", [True, False], ids=["applied", "not-yet-applied"])
+def test_bit_rot_in_the_middle_of_the_journal(tmp_path, applied, caplog):
+    """16 bytes flipped inside a record in the middle of a segment: the hub
+    starts, keeps every later record, copies the segment aside, and verifies
+    the volume against its agent; if the replica never got the record, the
+    points after it are refused until that verify ends."""
+    agents = str(tmp_path / "agents")
+    secrets_by_id = make_agents_file(agents, "a1")
+    data_dir = str(tmp_path / "data")
+    rng = random.Random(16)
+    vol = MemVolume(2 * MiB, rng.randbytes(2 * MiB))
+    hub = rephub.Hub(data_dir, agents, heartbeat=0.2)
+    hub.start()
+    try:
+        with TestAgent(hub.address, "a1", secrets_by_id["a1"]).connect() as agent:
+            vid, _ = agent.attach("v", vol)
+            wait_for(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 20,
+                     "the initial sync")
+            for i in range(30):
+                agent.expect_ack(agent.write(vid, rng.randrange(32) * 65536,
+                                             rng.randbytes(65536)))
+        last_seq = hub.store.journal.last_seq
+        writes = [r for r in hub.store.journal.records if r.kind == rephub.RecordKind.WRITE
+                  and not r.flags & rephub.RECORD_FROM_SYNC]
+        victim = writes[len(writes) // 2]
+    finally:
+        hub.shutdown(grace=5)
+    seg = os.path.join(data_dir, "journal", f"{victim.segment:020d}.seg")
+    with open(seg, "r+b") as f:
+        f.seek(victim.pos + victim.payload_length // 2)
+        rotten = bytes(b ^ 0xFF for b in f.read(16))
+        f.seek(victim.pos + victim.payload_length // 2)
+        f.write(rotten)
+    if not applied:   # as if the hub had crashed before applying it
+        with open(os.path.join(data_dir, "applied.json"), "w") as f:
+            f.write('{"applied_seq": %d}' % (victim.seq - 1))
+        with open(os.path.join(data_dir, "volumes", "v", "replica"), "r+b") as f:
+            f.seek(victim.offset)
+            f.write(bytes(victim.length))
+
+    hub = rephub.Hub(data_dir, agents, heartbeat=0.2)
+    hub.start()
+    try:
+        store = hub.store
+        assert [seq for seq, _, _ in store.journal.lost] == [victim.seq]
+        assert store.journal.last_seq == last_seq, "records after the damage were cut"
+        assert os.path.exists(store.journal.log.damage[0]["copy"])
+        v = store.volume("v")
+        assert v.meta["pending_plan"] == "VERIFY" and v.state == rephub.VolState.SYNCING
+        latest_problem = store.seq_problem(v, last_seq)
+        assert (latest_problem is None) == applied, latest_problem
+        assert "DAMAGED at rest" in rephub.format_status(hub.status())
+
+        with TestAgent(hub.address, "a1", secrets_by_id["a1"]).connect() as agent:
+            _, plan = agent.attach("v", vol, state=p.VolumeState.CLEAN)
+            assert plan == p.SyncPlan.VERIFY
+            wait_for(lambda: v.state == rephub.VolState.CONSISTENT and v.sync is None, 30,
+                     "the verify to converge")
+        store.wait_applied(store.journal.durable_seq)
+        with open(os.path.join(data_dir, "volumes", "v", "replica"), "rb") as f:
+            assert f.read() == bytes(vol.buf)
+        assert store.seq_problem(v, store.journal.last_seq) is None
+    finally:
+        hub.shutdown(grace=5)
+    assert not [r for r in caplog.records if r.exc_info], "a traceback in the hub log"

@@ -115,19 +115,39 @@ def test_undo_records_after_the_last_commit_are_dropped(tmp_path, caplog):
         store.close()
 
 
-def test_corruption_before_the_last_segment_refuses_to_start(tmp_path):
+def test_corruption_before_the_last_segment_keeps_every_later_record(tmp_path, caplog):
+    """Damage at rest in an older segment is reported, copied aside and skipped
+    (its record is lost, the seqs stay in order); nothing after it is cut."""
     store = open_store(tmp_path, segment_bytes=16 * 1024)
     vol = store.create_volume("v", MiB, 65536, "a1", bytes(16))
+    payloads = {}
     for i in range(8):
-        durable(store, store.append_data(vol, i * 8192, 8192, os.urandom(8192)))
+        data = os.urandom(8192)
+        payloads[durable(store, store.append_data(vol, i * 8192, 8192, data))] = data
     store.wait_applied(store.journal.durable_seq)
     store.close()
     first = sorted(os.listdir(tmp_path / "journal"))[0]
     with open(tmp_path / "journal" / first, "r+b") as f:
         f.seek(rephub.RECORD.size + 10)
         f.write(b"\xff")
-    with pytest.raises(rephub.StoreError, match="not the last segment"):
-        rephub.VolumeStore(str(tmp_path)).open()
+    with caplog.at_level(logging.INFO, logger="rephub"):
+        store = rephub.VolumeStore(str(tmp_path))
+        store.open()
+    try:
+        assert [seq for seq, _, _ in store.journal.lost] == [1]
+        kept = {r.seq: store.journal.log.read_payload(r) for r in store.journal.records
+                if r.kind == rephub.RecordKind.WRITE}
+        assert kept == {seq: data for seq, data in payloads.items() if seq != 1}
+        assert os.path.exists(store.journal.log.damage[0]["copy"])
+        assert "is damaged at bytes" in caplog.text
+    finally:
+        store.close()
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="rephub"):
+        store = rephub.VolumeStore(str(tmp_path))
+        store.open()   # the same damage, already handled: not reported as new
+    store.close()
+    assert "is damaged" not in caplog.text
 
 
 def test_data_directory_is_locked_by_its_user(tmp_path):
@@ -165,7 +185,7 @@ def test_journal_truncated_at_a_random_byte_drops_only_the_torn_record(tmp_path,
     with caplog.at_level(logging.WARNING, logger="rephub"):
         store = open_store(tmp_path)
     try:
-        assert "torn or corrupt tail" in caplog.text
+        assert "torn tail in" in caplog.text
         assert store.journal.last_seq == recs[-2].seq
         vol = store.volume("v")
         store.wait_applied(recs[-2].seq)

@@ -560,6 +560,7 @@ def test_checkpoint_names_exact_state(hub, codec):
     a = connect(hub, codec)
     try:
         full_sync(a, vol)
+        wait_recoverable(a, vol)
         a.write(vol, 0, b"\x01" * 4096)
         point = vname("p")
         assert a.request(msg("CHECKPOINT", name=point)).type == "ACK"
@@ -837,7 +838,22 @@ def _synced_volume(hub, codec, tag):
     vol = MemVolume(vname(tag), SIZE, CHUNK, data=os.urandom(SIZE))
     a = connect(hub, codec)
     full_sync(a, vol)
+    wait_recoverable(a, vol)
     return a, vol
+
+
+def wait_recoverable(a: SpecAgent, vol: MemVolume) -> None:
+    """Poll until the hub recorded the first full sync as complete: that may
+    trail the last SYNCED frame (SY-1), so a TEST session at ``latest`` can be
+    refused INCONSISTENT for a moment after it."""
+    def opened():
+        r = a.request(msg("RECOVER_OPEN", mode="TEST", name=vol.name, point="latest"))
+        if r.type == "RECOVER_READY":
+            return r
+        assert error_of(r) == "INCONSISTENT", describe(r)
+        return None
+    ready = wait_until(opened, T, "the first full sync to be recorded as complete")
+    assert a.request(msg("RECOVER_CLOSE", volume=ready.volume)).type == "ACK"
 
 
 @clause("RC-2", "RC-3", "RC-4", "RC-5")

@@ -1,0 +1,117 @@
+"""The hub never calls a replica consistent, or offers a point, that lacks writes.
+
+A resync the hub began ends only when a job that covered everything it owed
+completed (SY-1): an agent that answers the sync's DIRTY_QUERY with ERROR,
+then reports a few unsent regions, must not get the volume declared
+consistent.  Points inside an unfinished resync are refused, ``latest``
+included, naming the newest consistent point; checkpoint names are unique.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+import protocol as p
+import rephub
+from hubtools import AgentError, MemVolume, TestAgent, make_agents_file, wait_for
+
+MiB = 1024 * 1024
+
+
+class RefusingAgent(TestAgent):
+    """Answers every DIRTY_QUERY with ERROR, as a misconfigured agent might."""
+
+    __test__ = False
+    code = p.ErrorCode.NO_SUCH_VOLUME
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.dirty_queries = 0
+
+    def on_DIRTY_QUERY(self, msg: p.DirtyQuery) -> None:
+        self.dirty_queries += 1
+        self.send(p.Error(request_id=msg.request_id, code=self.code,
+                          failed_type=msg.TYPE, message="no such volume here"))
+
+
+@pytest.fixture
+def hubenv(tmp_path):
+    agents = str(tmp_path / "agents")
+    secrets_by_id = make_agents_file(agents, "a1")
+    hub = rephub.Hub(str(tmp_path / "data"), agents, heartbeat=0.2)
+    hub.start()
+    try:
+        yield hub, secrets_by_id["a1"]
+    finally:
+        hub.shutdown(grace=5)
+
+
+def replica(hub, name: str) -> bytes:
+    hub.store.wait_applied(hub.store.journal.durable_seq)
+    with open(os.path.join(hub.store.dir, "volumes", name, "replica"), "rb") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("code", [p.ErrorCode.NO_SUCH_VOLUME, p.ErrorCode.IO_ERROR])
+def test_an_aborted_dirty_resync_is_never_declared_done(hubenv, code):
+    hub, secret = hubenv
+    rng = random.Random(15)
+    mv = MemVolume(2 * MiB, rng.randbytes(2 * MiB))
+    with TestAgent(hub.address, "a1", secret).connect() as agent:
+        agent.attach("v", mv)
+        wait_for(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 20,
+                 "the initial sync")
+    # Written while disconnected: the agent has it marked.
+    mv.write(0, b"\x11" * 65536)
+    mv.dirty = [(0, 65536)]
+    vol = hub.store.volume("v")
+
+    RefusingAgent.code = code
+    with RefusingAgent(hub.address, "a1", secret).connect() as agent:
+        vid, plan = agent.attach("v", mv, state=p.VolumeState.DIRTY)
+        assert plan == p.SyncPlan.DIRTY
+        wait_for(lambda: agent.dirty_queries == 1 and vol.sync is None, 20,
+                 "the DIRTY sync to give up")
+        assert vol.state == rephub.VolState.SYNCING
+        # One more write and an unsolicited DIRTY_MAP for another region.
+        agent.expect_ack(agent.write(vid, MiB, b"\x22" * 65536))
+        mv.write(MiB + 65536, b"\x33" * 65536)
+        agent.send(p.DirtyMap(request_id=0, volume=vid, extents=[(MiB + 65536, 65536)]))
+        # The hub redoes the whole DIRTY plan (another DIRTY_QUERY), which fails again.
+        wait_for(lambda: agent.dirty_queries == 2 and vol.sync is None, 20,
+                 "the DIRTY plan to be redone in full")
+        assert vol.state == rephub.VolState.SYNCING, "declared consistent after an abort"
+        with pytest.raises(p.RequestError, match="inside a resync") as info:
+            hub.store.resolve_point(vol, "latest")
+        assert info.value.code == p.ErrorCode.INCONSISTENT
+        assert "newest consistent point before it is seq" in str(info.value)
+
+    # A working agent finishes it: now, and only now, consistent and identical.
+    mv.dirty = [(0, 65536), (MiB + 65536, 65536)]
+    with TestAgent(hub.address, "a1", secret).connect() as agent:
+        _, plan = agent.attach("v", mv, state=p.VolumeState.CLEAN)
+        assert plan == p.SyncPlan.DIRTY, "an unfinished DIRTY sync must be redone"
+        wait_for(lambda: vol.state == rephub.VolState.CONSISTENT and vol.sync is None, 20,
+                 "the resync")
+    assert replica(hub, "v") == bytes(mv.buf)
+    hub.store.resolve_point(vol, "latest")
+
+
+def test_checkpoint_names_are_unique(hubenv):
+    hub, secret = hubenv
+    mv = MemVolume(MiB)
+    with TestAgent(hub.address, "a1", secret).connect() as agent:
+        agent.attach("v", mv)
+        wait_for(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 20,
+                 "the initial sync")
+        agent.expect_ack(agent.checkpoint("before-upgrade"))
+        with pytest.raises(AgentError, match="INVALID") as info:
+            agent.expect_ack(agent.checkpoint("before-upgrade"))
+        assert "exists" in info.value.error.message
+    with pytest.raises(p.RequestError, match="exists"):
+        hub.checkpoint("v", "before-upgrade")
+    names = [c[3] for c in hub.store.journal.checkpoints]
+    assert names.count("before-upgrade") == 1
