@@ -1691,7 +1691,12 @@ class VolumeStore:
                 cps.append(cp)
         promos = [dict(pr, time=fmt_time_ns(pr["time_ns"]))
                   for pr in vol.meta.get("promotions", [])]
-        return dict(volume=vol.name, owner=vol.owner, state=vol.state.value,
+        try:
+            seq, _ = self.resolve_point(vol, "latest")
+            latest = dict(seq=seq, reason=None)
+        except p.RequestError as err:
+            latest = dict(seq=None, reason=str(err))
+        return dict(volume=vol.name, owner=vol.owner, state=vol.state.value, latest=latest,
                     role=vol.meta.get("role", "replica"),
                     oldest=dict(seq=first.seq, time_ns=first.time_ns,
                                 time=fmt_time_ns(first.time_ns)) if first else None,
@@ -1719,6 +1724,15 @@ class VolumeStore:
         named = False
         if point == "latest":
             seq = j.durable_seq
+            spans = vol.meta.get("resyncs", ())
+            if spans and spans[-1][1] is None:  # even with nothing journaled since it began
+                lo = spans[-1][0]
+                rec = j.record(lo)
+                raise p.RequestError(
+                    f"volume {vol.name} is resyncing: 'latest' is not crash-consistent until "
+                    f"the resync ends; the newest consistent point is seq {lo}"
+                    + (f" ({fmt_time_ns(rec.time_ns)}): name it by that time" if rec else ""),
+                    code=p.ErrorCode.INCONSISTENT)
         else:
             cps = [c for c in list(j.checkpoints) if c[2] == vol.owner and c[3] == point]
             if cps:
@@ -4869,6 +4883,11 @@ def format_points(pt: dict) -> str:
                      f"{pt['newest']['time']} (seq {pt['newest']['seq']})")
     else:
         lines.append("window: latest only (journal empty)")
+    latest = pt.get("latest") or {}
+    if latest.get("reason"):
+        lines.append(f"latest: not recoverable now: {latest['reason']}")
+    elif latest:
+        lines.append(f"latest: recoverable (seq {latest['seq']})")
     for cp in pt["checkpoints"]:
         lines.append(f"checkpoint {cp['name']:<24} {cp['time']}  seq {cp['seq']}")
     for rs in pt.get("resyncs", ()):

@@ -84,10 +84,13 @@ def test_an_aborted_dirty_resync_is_never_declared_done(hubenv, code):
         wait_for(lambda: agent.dirty_queries == 2 and vol.sync is None, 20,
                  "the DIRTY plan to be redone in full")
         assert vol.state == rephub.VolState.SYNCING, "declared consistent after an abort"
-        with pytest.raises(p.RequestError, match="inside a resync") as info:
+        with pytest.raises(p.RequestError, match="is resyncing") as info:
             hub.store.resolve_point(vol, "latest")
         assert info.value.code == p.ErrorCode.INCONSISTENT
-        assert "newest consistent point before it is seq" in str(info.value)
+        assert "the newest consistent point is seq" in str(info.value)
+        assert "latest: not recoverable now" in rephub.format_points(hub.store.points(vol))
+        problem = hub.store.seq_problem(vol, hub.store.journal.durable_seq)
+        assert "inside a resync" in problem and "newest consistent point before it" in problem
 
     # A working agent finishes it: now, and only now, consistent and identical.
     mv.dirty = [(0, 65536), (MiB + 65536, 65536)]
@@ -98,6 +101,7 @@ def test_an_aborted_dirty_resync_is_never_declared_done(hubenv, code):
                  "the resync")
     assert replica(hub, "v") == bytes(mv.buf)
     hub.store.resolve_point(vol, "latest")
+    assert "latest: recoverable" in rephub.format_points(hub.store.points(vol))
 
 
 def test_checkpoint_names_are_unique(hubenv):

@@ -1,0 +1,151 @@
+"""Hub conformance: unfinished syncs, checkpoint names, and a hub whose storage fails.
+
+SY-21 and CP-3 are judged on the hub under test.  RP-10 and RP-11 need the
+hub's own disk to fill up, which only a hub this suite starts can be made
+to do: they run against the reference hub with its data directory on a
+small tmpfs, and are skipped for an external hub (``--hub``) or where a
+tmpfs cannot be mounted.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from cf_codec import msg
+from cf_peers import MemVolume, SpecAgent
+from cf_targets import RefHub
+from test_conformance_hub import (CHUNK, SIZE, T, clause, connect, describe, error_of, full_sync,
+                                  vname, wait_recoverable)
+
+pytestmark = pytest.mark.hub
+MiB = 1024 * 1024
+
+
+class RefusingSync(SpecAgent):
+    """Answers every DIRTY_QUERY with ERROR(NO_SUCH_VOLUME)."""
+
+    def on_DIRTY_QUERY(self, m) -> None:
+        self.conn.send(msg("ERROR", request_id=m.request_id, code=4, failed_type=0x32,
+                           message="not here"))
+
+
+@clause("SY-21", "SY-1", "RC-1")
+def test_a_sync_answered_with_error_is_not_ended_by_a_partial_one(hub, codec):
+    vol = MemVolume(vname("sy21"), SIZE, CHUNK, data=os.urandom(SIZE))
+    a = connect(hub, codec)
+    try:
+        full_sync(a, vol)
+        wait_recoverable(a, vol)
+    finally:
+        a.close()
+    vol.buf[0:CHUNK] = b"\x21" * CHUNK           # written while disconnected: marked
+    a = RefusingSync(hub.address, hub.agent_id, hub.secret, codec)
+    try:
+        att = a.attach(vol, "DIRTY")
+        assert att.type == "ATTACHED", describe(att)
+        a.wait_for(lambda f: getattr(f, "type", "") == "DIRTY_QUERY", T, "the DIRTY_QUERY")
+        vol.buf[2 * CHUNK:3 * CHUNK] = b"\x22" * CHUNK
+        a.send(msg("DIRTY_MAP", volume=vol.volume_id, extents=[(2 * CHUNK, CHUNK)]))
+        # Whatever the hub does with the report (READ it, or redo the whole
+        # plan), the sync it owes is not done: no point of now is offered.
+        a.wait_for(lambda f: len(a.frames("DIRTY_QUERY")) >= 2 or any(
+            s.offset <= 2 * CHUNK < s.offset + s.length for s in a.frames("SYNCED")),
+            T, "the hub to act on the unsolicited DIRTY_MAP")
+        m = a.request(msg("RECOVER_OPEN", mode="TEST", name=vol.name, point="latest"))
+        assert error_of(m) == "INCONSISTENT", \
+            "latest offered although the DIRTY sync the agent refused never finished [SY-21]"
+    finally:
+        a.close()
+
+
+@clause("CP-3")
+def test_a_checkpoint_name_names_one_point(hub, codec):
+    vol = MemVolume(vname("cp3"), SIZE, CHUNK)
+    a = connect(hub, codec)
+    try:
+        full_sync(a, vol)
+        name = vname("twice")
+        assert a.request(msg("CHECKPOINT", name=name)).type == "ACK"
+        assert error_of(a.request(msg("CHECKPOINT", name=name))) == "INVALID", "[CP-3]"
+    finally:
+        a.close()
+
+
+# -- the hub's own disk fills up (reference hub only) -------------------------------
+
+
+@pytest.fixture
+def full_disk_hub(setup):
+    if not setup.ref_hub:
+        pytest.skip("RP-10/RP-11 fill the hub's own disk: reference hub only")
+    target = RefHub()
+    data = target.dir / "data"
+    data.mkdir()
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(data)],
+                         capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        target.stop()
+        pytest.skip(f"cannot mount a tmpfs for the hub's data ({out.stderr.strip()})")
+    try:
+        yield target.start(), data
+    finally:
+        target._kill()
+        subprocess.run(["umount", "-l", str(data)], capture_output=True, timeout=30)
+        target.stop()
+
+
+def ballast(path, leave: int) -> str:
+    """Fill the file system at ``path`` until about ``leave`` bytes are free."""
+    name = os.path.join(path, "ballast")
+    with open(name, "wb") as f:
+        while True:
+            st = os.statvfs(path)
+            free = st.f_bavail * st.f_frsize
+            if free <= leave:
+                return name
+            f.write(b"\x5a" * min(MiB, free - leave))
+            f.flush()
+
+
+@clause("RP-10", "RP-11", "RP-5", "RP-3")
+def test_a_hole_in_the_stream_is_never_followed_by_an_ack(full_disk_hub, codec):
+    hub, data = full_disk_hub
+    vol = MemVolume(vname("rp10"), 4 * MiB, CHUNK, data=os.urandom(4 * MiB))
+    a = connect(hub, codec)
+    try:
+        full_sync(a, vol)
+        space = ballast(data, 6 * MiB)
+        answers = []
+        for i in range(64):
+            off = (i % 32) * 2 * CHUNK
+            answers.append(a.request(msg("WRITE", volume=vol.volume_id, offset=off,
+                                         data=os.urandom(2 * CHUNK))))
+            if sum(m.type == "ERROR" for m in answers) >= 3:
+                break
+        kinds = [m.type for m in answers]
+        assert "ERROR" in kinds, f"the hub never refused a write on a full disk: {kinds}"
+        first = kinds.index("ERROR")
+        assert all(k == "ERROR" for k in kinds[first:]), \
+            f"a write after a refused one was ACKed [RP-10]: {kinds}"
+        assert {error_of(m) for m in answers[first:]} == {"IO_ERROR"}
+        assert error_of(a.request(msg("CHECKPOINT", name=vname("hole")))) == "IO_ERROR", \
+            "a checkpoint after a hole [RP-10]"
+        assert a.request(msg("FLUSH")).type == "ACK", "FLUSH covers what was not refused [RP-3]"
+        assert a.request(msg("PING", sent_ns=7)).type == "PONG"
+
+        os.unlink(space)
+        bye = a.wait_for(lambda f: getattr(f, "type", "") == "GOODBYE", T,
+                         "GOODBYE once the hub's storage recovered [RP-11]")
+        assert bye.reason
+    finally:
+        a.close()
+    a = connect(hub, codec)
+    try:
+        att = a.attach(vol, "DIRTY")
+        assert att.type == "ATTACHED" and att.plan in (1, 2, 3), \
+            f"the ATTACH after the hole must resync the marked regions [RP-11]: {describe(att)}"
+    finally:
+        a.close()
