@@ -51,9 +51,13 @@ bench: deps qemu
 # bounded versions of both inside `make test` (tests/faults/).
 ROUNDS ?= 100
 N ?= 100000
-.PHONY: soak fuzz
+.PHONY: soak soak-disk-full fuzz
 soak: qemu
 	$(PYTHON) tests/faults/soak.py --rounds $(ROUNDS)
+
+# The same rounds with the hub's data on a 384 MiB tmpfs and the disk-full fault.
+soak-disk-full: qemu
+	$(PYTHON) tests/faults/soak.py --rounds $(ROUNDS) --disk-full-mib 384
 
 fuzz: qemu
 	$(PYTHON) tests/faults/fuzz.py --frames $(N)

@@ -4926,7 +4926,7 @@ def cmd_serve(args) -> int:
     host, _, port = args.listen.rpartition(":")
     hub = Hub(args.data, args.agents, (host.strip("[]") or "0.0.0.0", int(port)),
               args.tls_cert, args.tls_key, args.sync_rate, args.journal_retention,
-              args.journal_max_bytes, heartbeat=args.heartbeat,
+              args.journal_max_bytes, args.journal_segment_bytes, heartbeat=args.heartbeat,
               metrics_listen=args.metrics_listen)
     stop = threading.Event()
     signals = []
@@ -5224,6 +5224,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sync-rate", type=float, default=0, help="bytes/s for sync reads, 0 = no limit")
     s.add_argument("--journal-retention", type=float, default=DEFAULT_RETENTION, help="seconds")
     s.add_argument("--journal-max-bytes", type=int, default=DEFAULT_MAX_JOURNAL_BYTES)
+    s.add_argument("--journal-segment-bytes", type=int, default=SEGMENT_BYTES, metavar="BYTES",
+                   help=f"start a new journal segment file at this size (default "
+                        f"{SEGMENT_BYTES // 2**20} MiB); retention drops whole segments, so "
+                        "a small data disk wants small segments")
     s.add_argument("--metrics-listen", type=parse_host_port, metavar="HOST:PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics")
     s.add_argument("--heartbeat", type=positive_seconds, default=HEARTBEAT_INTERVAL,

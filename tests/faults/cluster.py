@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import os
 import random
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -37,6 +39,22 @@ from qemu_harness import QSD, MiB, kill_all, nbd_sha256, short_tmpdir, wait_unti
 CHUNK = 64 * 1024
 #: What repagent logs once it has set a vanished mirror job up again.
 QSD_RESTART_NOTICE = "the mirror job was gone (QSD restarted)"
+
+
+def free_bytes(path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def mount_tmpfs(path: Path, size: int) -> None:
+    """Mount a tmpfs of ``size`` bytes at ``path``; skip the test where the
+    kernel refuses (the output says so)."""
+    path.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                         capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        import pytest
+        pytest.skip(f"cannot mount a tmpfs for the hub's data here: {out.stderr.strip()}")
 
 
 def last_record_start(segment: bytes) -> int | None:
@@ -146,6 +164,11 @@ class Fault(str, enum.Enum):
     STALL_HUB = "stall-hub"
     TORN_JOURNAL = "torn-journal"
     STALL_LINK = "stall-link"
+    DISK_FULL = "disk-full"       # needs Cluster(hub_fs_size=...): the hub's own disk
+
+
+#: The faults any cluster can take (DISK_FULL needs the hub's data on a small fs).
+LINK_AND_PROCESS_FAULTS = [f for f in Fault if f != Fault.DISK_FULL]
 
 
 class Cluster:
@@ -155,8 +178,14 @@ class Cluster:
     through QSD's export (what the guest sees)."""
 
     def __init__(self, workdir: Path, size=16 * MiB, fmt="raw", mode="async", seed=1,
-                 hub_args=(), agent_extra=(), writer_gap=0.002, max_write=128 * 1024):
+                 hub_args=(), agent_extra=(), writer_gap=0.002, max_write=128 * 1024,
+                 hub_fs_size: int | None = None):
         self.workdir = Path(workdir)
+        #: With ``hub_fs_size``, the hub's data directory is a tmpfs of that size
+        #: (mounted by ``start``), which the DISK_FULL fault fills.
+        self.hub_fs_size = hub_fs_size
+        self.hub_fs_mounted = False
+        self.degraded_seen: list[str] = []   # the faults status showed, per DISK_FULL
         self.writer_args = dict(gap=writer_gap, max_length=max_write)
         self.size, self.mode, self.volume = size, mode, "vol0"
         self.rng = random.Random(seed)
@@ -180,6 +209,9 @@ class Cluster:
     # -- life cycle -------------------------------------------------------------
 
     def start(self) -> "Cluster":
+        if self.hub_fs_size is not None:
+            mount_tmpfs(self.hub.data, self.hub_fs_size)
+            self.hub_fs_mounted = True
         self.qsd.start()
         self.hub.start()
         self.proxy = FaultProxy(("127.0.0.1", self.hub.port)).start()
@@ -205,6 +237,9 @@ class Cluster:
         self.qsd.close()
         kill_all()
         shutil.rmtree(self.qmpdir, ignore_errors=True)
+        if self.hub_fs_mounted:
+            subprocess.run(["umount", "-l", str(self.hub.data)], capture_output=True, timeout=30)
+            self.hub_fs_mounted = False
 
     def __enter__(self) -> "Cluster":
         try:
@@ -412,6 +447,37 @@ class Cluster:
         self.proxy.partition()
         time.sleep(hold)
         self.proxy.heal()
+
+    def fault_disk_full(self, hold: float) -> None:
+        """Fill the hub's file system under writes until status says degraded;
+        at a random moment restart the hub by SIGTERM, SIGKILL or not (in turn); then
+        free the space: the hub must take writes again by itself and the
+        agent's refused writes be resynced (checked by converge and sha256)."""
+        data = self.hub.data
+        ballast = data / "ballast"
+        with open(ballast, "wb") as f:
+            while free_bytes(data) > 2 * MiB:
+                f.write(b"\xb1" * min(MiB, free_bytes(data) - 2 * MiB))
+                f.flush()
+        wait_until(lambda: self._degraded(), 60, "the hub to report its disk full", 0.05)
+        # Each kind of restart in turn: SIGTERM, SIGKILL, none.
+        restart = (signal.SIGTERM, signal.SIGKILL, None)[(self.faults[Fault.DISK_FULL.value] - 1)
+                                                         % 3]
+        if restart is not None:
+            time.sleep(self.rng.uniform(0, hold))   # a random moment while full
+            self.hub.kill(restart)
+            self.hub.start()
+        time.sleep(self.rng.uniform(0, hold))
+        ballast.unlink()
+
+    def _degraded(self) -> bool:
+        try:
+            faults = [d["fault"] for d in self.hub.status().get("degraded", ())]
+        except (OSError, ValueError, rephub.CommandError):
+            return False
+        if faults:
+            self.degraded_seen.append(", ".join(sorted(set(faults))))
+        return bool(faults)
 
     def fault_stall_hub(self, hold: float) -> None:
         self.hub.proc.send_signal(signal.SIGSTOP)

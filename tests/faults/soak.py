@@ -29,24 +29,31 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent.parent), str(HERE.parent)]
 
-from faults.cluster import CHUNK, Cluster, Fault  # noqa: E402
+from faults.cluster import CHUNK, LINK_AND_PROCESS_FAULTS, Cluster, Fault  # noqa: E402
 from oracle import rebase  # noqa: E402
 from qemu_harness import MiB, wait_until  # noqa: E402
 
 
-def soak(mode: str, rounds: int, seed: int, size: int, workdir: Path, out) -> dict:
+def soak(mode: str, rounds: int, seed: int, size: int, workdir: Path, out,
+         disk_full_mib: int = 0) -> dict:
+    """``disk_full_mib``: the hub's data on a tmpfs that big, and DISK_FULL among the
+    faults (the journal then keeps 20 s in 16 MiB segments, so that the rounds
+    themselves do not fill it)."""
     rng = random.Random(seed)
+    faults = list(Fault) if disk_full_mib else LINK_AND_PROCESS_FAULTS
     stats = dict(mode=mode, rounds=0, bytes_up=0, failed=0, faults={}, converged=0, resent=0,
                  written=0, max_converge=0.0, worst_resent=0, checkpoints=0,
                  checkpoints_ok=0, acked_checks=0, errors=[])
     expected: dict[str, str] = {}
     started = time.monotonic()
     with Cluster(workdir, size=size, mode=mode, seed=seed, writer_gap=0.01,
-                 max_write=64 * 1024) as cl:
+                 max_write=64 * 1024, hub_fs_size=disk_full_mib * MiB or None,
+                 hub_args=["--journal-retention", "20", "--journal-segment-bytes",
+                           str(16 * MiB)] if disk_full_mib else ()) as cl:
         cl.converge(180)
         cl.writer.start()
         for i in range(rounds):
-            fault = rng.choice(list(Fault))
+            fault = rng.choice(faults)
             hold = rng.uniform(0.3, 2.5)
             stats["rounds"] += 1
             stats["faults"][fault.value] = stats["faults"].get(fault.value, 0) + 1
@@ -161,6 +168,8 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="async,sync")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--size-mib", type=int, default=32)
+    ap.add_argument("--disk-full-mib", type=int, default=0, metavar="MIB",
+                    help="put the hub's data on a tmpfs of MIB and add the disk-full fault")
     ap.add_argument("--verify-mib", type=int, default=0,
                     help="instead of rounds: measure an online verify of a volume this big")
     args = ap.parse_args(argv)
@@ -181,7 +190,7 @@ def main(argv=None) -> int:
         workdir = Path(tempfile.mkdtemp(prefix=f"soak-{mode}-"))
         try:
             results.append(soak(mode, rounds, args.seed + i, args.size_mib * MiB, workdir,
-                                sys.stdout))
+                                sys.stdout, args.disk_full_mib))
         finally:
             if results and not results[-1]["failed"] and not results[-1]["errors"]:
                 shutil.rmtree(workdir, ignore_errors=True)
