@@ -213,6 +213,9 @@ APPLY_PERSIST_INTERVAL = 1.0
 #: not compete with the journal's; a reader waiting in ``wait_applied`` cuts it short.
 APPLY_DELAY = 0.25
 DEFAULT_RETENTION = 24 * 3600.0
+#: The scrub reads every replica this often, at most this fast.
+DEFAULT_SCRUB_INTERVAL = 24 * 3600.0
+DEFAULT_SCRUB_RATE = 64 * 1024 * 1024
 DEFAULT_MAX_JOURNAL_BYTES = 16 * 1024 ** 3
 #: Replica reads and exports go in blocks of this size.
 IO_BLOCK = 1024 * 1024
@@ -235,6 +238,11 @@ EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 CONTROL_SOCKET = "control.sock"
 LOCK_FILE = "lock"
 QUARANTINE_DIR = "quarantine"
+#: Each volume's replica has a CRC-32 per CHECK_CHUNK in ``checksums`` (4 bytes
+#: per 64 KiB: 64 MiB per TiB), kept by the applier and checked by every read.
+CHECKSUMS_FILE = "checksums"
+CHECK_CHUNK = 64 * 1024
+CHECK_ENTRY = struct.Struct("!I")
 HUB_FILE = "hub.json"
 APPLIED_FILE = "applied.json"
 #: A full journal takes records again once its file system has this much free
@@ -288,6 +296,7 @@ class Fault(str, enum.Enum):
     JOURNAL_IO = "journal I/O error"
     REPLICA_IO = "replica I/O error"
     METADATA_IO = "metadata I/O error"
+    REPLICA_DAMAGED = "replica damaged"
 
 
 #: The faults that stop the journal taking records.
@@ -1019,6 +1028,70 @@ def decode_checkpoint(payload: bytes) -> tuple[str, str]:
 # Volumes and the store
 
 
+class ReplicaSums:
+    """The replica's checksums: CRC-32 of each CHECK_CHUNK, as the applier last
+    wrote it (0 = not known yet: a volume from before checksums, or a chunk
+    never written).  ``note`` after writing the replica (under the store's
+    apply lock), ``flush`` before ``applied_seq`` is persisted, so after a
+    crash every chunk the journal will not write again has its sum on disk."""
+
+    def __init__(self, directory: str, size: int):
+        self.fd = os.open(os.path.join(directory, CHECKSUMS_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+        self.size = size
+        self.chunks = -(-size // CHECK_CHUNK)
+        if os.fstat(self.fd).st_size < self.chunks * CHECK_ENTRY.size:
+            os.ftruncate(self.fd, self.chunks * CHECK_ENTRY.size)
+        self.pending: dict[int, int] = {}
+
+    @staticmethod
+    def crc(data) -> int:
+        return zlib.crc32(data) or 1   # never the "not known" 0
+
+    def note(self, replica_fd: int, offset: int, length: int) -> None:
+        """Sum the chunks [offset, offset + length) touches, as the replica has them."""
+        for c in range(offset // CHECK_CHUNK, -(-(offset + length) // CHECK_CHUNK)):
+            self.pending[c] = self.crc(os.pread(replica_fd, self.chunk_len(c), c * CHECK_CHUNK))
+
+    def chunk_len(self, c: int) -> int:
+        return min(CHECK_CHUNK, self.size - c * CHECK_CHUNK)
+
+    def expected(self, c: int) -> int:
+        if c in self.pending:
+            return self.pending[c]
+        raw = os.pread(self.fd, CHECK_ENTRY.size, c * CHECK_ENTRY.size)
+        return CHECK_ENTRY.unpack(raw)[0] if len(raw) == CHECK_ENTRY.size else 0
+
+    def bad_chunks(self, data, first: int) -> list[int]:
+        """The chunks of ``data`` (whole chunks from chunk ``first``) whose sum differs."""
+        bad = []
+        for i in range(-(-len(data) // CHECK_CHUNK)):
+            want = self.expected(first + i)
+            if want and self.crc(memoryview(data)[i * CHECK_CHUNK:(i + 1) * CHECK_CHUNK]) != want:
+                bad.append(first + i)
+        return bad
+
+    def flush(self) -> None:
+        for c, value in sorted(self.pending.items()):
+            os.pwrite(self.fd, CHECK_ENTRY.pack(value), c * CHECK_ENTRY.size)
+        if self.pending:
+            os.fdatasync(self.fd)
+        self.pending = {}
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class ReplicaDamaged(p.RequestError):
+    """A replica read whose checksum does not match (rot at rest)."""
+
+    code = p.ErrorCode.IO_ERROR
+
+    def __init__(self, vol_name: str, chunks: list[int]):
+        super().__init__(f"replica of volume {vol_name} is damaged in {len(chunks)} chunk(s) "
+                         f"at byte {chunks[0] * CHECK_CHUNK}: it is resynced from its agent")
+        self.chunks = chunks
+
+
 class Volume:
     """One replicated volume: ``replica`` (sparse raw) and ``metadata.json``.
 
@@ -1033,6 +1106,7 @@ class Volume:
         self.health = health or Health()
         self.lock = threading.Lock()
         self.fd = os.open(os.path.join(directory, "replica"), os.O_RDWR)
+        self.sums = ReplicaSums(directory, meta["size"])
         self.undo: list[Record] = []      # undo index, seq order
         self.attached_to = None           # AgentConnection or None
         self.sync = None                  # running SyncJob or None
@@ -1042,6 +1116,7 @@ class Volume:
         self.last_ack_ns = 0
         self.journaled_bytes = 0          # WRITE data journaled since start (metrics)
         self.failback = None              # the running (or last) Failback, for status
+        self.last_scrub: dict | None = None
 
     name = property(lambda self: self.meta["name"])
     id = property(lambda self: self.meta["id"])
@@ -1066,6 +1141,7 @@ class Volume:
 
     def close(self) -> None:
         os.close(self.fd)
+        self.sums.close()
 
 
 class VolumeStore:
@@ -1114,6 +1190,7 @@ class VolumeStore:
         self.applier: threading.Thread | None = None
         self.watcher: threading.Thread | None = None
         self.on_reopened = None   # the hub's callback: resync what was refused
+        self.on_damaged = None    # the hub's callback: verify a volume with rot
         self.lock_fd: int | None = None
         self.hub_meta: dict = {}
         self.applier_error: BaseException | None = None
@@ -1550,8 +1627,10 @@ class VolumeStore:
                     pass  # set aside by a promotion: kept in the journal, never applied
                 elif rec.kind == RecordKind.WRITE and vol is not None:
                     self.journal.log.copy_payload(rec, vol.fd, rec.offset)
+                    vol.sums.note(vol.fd, rec.offset, rec.length)
                 elif rec.kind == RecordKind.ZERO and vol is not None:
                     write_zeroes(vol.fd, rec.offset, rec.length)
+                    vol.sums.note(vol.fd, rec.offset, rec.length)
                 elif rec.kind in (RecordKind.WRITE, RecordKind.ZERO):
                     log.warning("journal seq %d names unknown volume id %d; skipped",
                                 rec.seq, rec.volume)
@@ -1591,6 +1670,8 @@ class VolumeStore:
         """Make the replicas durable, then record how far they go (applier thread)."""
         for vol in touched:
             os.fdatasync(vol.fd)
+            with self.apply_lock:
+                vol.sums.flush()
         seq = self.applied_seq
         atomic_write_json(os.path.join(self.dir, APPLIED_FILE), {"applied_seq": seq})
         for vol in touched:
@@ -1776,11 +1857,15 @@ class VolumeStore:
         rec = j.record(seq)
         return seq, (rec.time_ns if rec else 0)
 
-    def read_at(self, vol: Volume, seq: int, offset: int, length: int) -> bytes | None:
+    def read_at(self, vol: Volume, seq: int, offset: int, length: int,
+                check: bool = True) -> bytes | None:
         """The bytes of ``vol`` right after journal record ``seq``; None if all zero.
 
         Waits for the applier to reach ``seq``; raises PointError when the
-        window no longer covers ``seq``.
+        window no longer covers ``seq``.  The replica's bytes are checked
+        against its checksums (the whole chunks the range touches): a
+        mismatch is ReplicaDamaged, never returned (``check`` False: a verify,
+        which compares with the agent itself).
         """
         p.check_range(offset, length, vol.size, "read")
         if seq > self.journal.durable_seq and not self.journal.wait_durable(seq, timeout=60):
@@ -1802,7 +1887,16 @@ class VolumeStore:
             if not has_data and not undos:
                 return None
             buf = bytearray(length)
-            if has_data:
+            if has_data and check:
+                lo = offset // CHECK_CHUNK * CHECK_CHUNK
+                got = os.pread(vol.fd, min(-(-end // CHECK_CHUNK) * CHECK_CHUNK, vol.size) - lo, lo)
+                bad = vol.sums.bad_chunks(got, lo // CHECK_CHUNK)
+                if bad:
+                    self.replica_damaged(vol, bad)
+                    raise ReplicaDamaged(vol.name, bad)
+                part = memoryview(got)[offset - lo:end - lo]
+                buf[:len(part)] = part
+            elif has_data:
                 got = os.pread(vol.fd, length, offset)
                 buf[:len(got)] = got
             for u in undos:  # newest first: each restores what was there before it
@@ -1855,6 +1949,45 @@ class VolumeStore:
         finally:
             os.close(fd)
         return written
+
+    # -- rot at rest: checksums and the scrub -----------------------------------------
+
+    def replica_damaged(self, vol: Volume, chunks: list[int]) -> None:
+        """Rot found in ``vol``'s replica (a read or the scrub; any thread): the
+        volume owes a VERIFY against its agent, which rewrites what differs;
+        until it ends no point after now is offered, and reads of the damaged
+        chunks fail rather than return rot."""
+        self.health.fail(Fault.REPLICA_DAMAGED, f"{len(chunks)} chunk(s) of {CHECK_CHUNK} "
+                         f"bytes fail their checksum, first at byte {chunks[0] * CHECK_CHUNK}",
+                         vol.name)
+        if vol.meta["full_synced"] and vol.meta.get("pending_plan") != "VERIFY":
+            try:
+                self.resync_begins(vol)
+                vol.update(state=VolState.SYNCING.value, pending_plan="VERIFY")
+            except JournalRefused as err:
+                log.error("volume %s: cannot record that it needs a verify: %s", vol.name, err)
+        if self.on_damaged is not None:
+            self.on_damaged(vol)
+
+    def scrub(self, vol: Volume, rate: RateLimiter, stop: threading.Event) -> dict:
+        """Read the whole replica and check it against its checksums (scrub thread)."""
+        started, bad = time.monotonic(), []
+        for off in range(0, vol.size, IO_BLOCK):
+            if stop.is_set():
+                break
+            n = min(IO_BLOCK, vol.size - off)
+            rate.acquire(n, stop)
+            with self.apply_lock:
+                if next(data_extents(vol.fd, off, n), None) is None:
+                    continue
+                bad += vol.sums.bad_chunks(os.pread(vol.fd, n, off), off // CHECK_CHUNK)
+        if bad:
+            self.replica_damaged(vol, bad)
+        result = dict(volume=vol.name, time=fmt_time_ns(time.time_ns()), damaged_chunks=len(bad),
+                      seconds=round(time.monotonic() - started, 3), complete=not stop.is_set())
+        log.log(logging.ERROR if bad else logging.INFO, "scrub of %s: %s in %.1f s", vol.name,
+                f"{len(bad)} damaged chunks" if bad else "no damage", result["seconds"])
+        return result
 
     # -- recovery: resync intervals, promotion, pins ------------------------------
 
@@ -1974,8 +2107,11 @@ class VolumeStore:
                             write_zeroes(vol.fd, off, n)
                         else:
                             os.pwrite(vol.fd, data, off)
+                        vol.sums.note(vol.fd, off, n)
                     done += n
             os.fdatasync(vol.fd)
+            with self.apply_lock:
+                vol.sums.flush()
             with self.apply_lock:
                 vol.undo = [u for u in vol.undo if not lo <= u.seq <= hi]
             pr["rolled_back"] = True
@@ -3338,7 +3474,7 @@ class SyncJob(threading.Thread):
                 pending += 1
             msg, barrier = self.answer()
             pending -= 1
-            data = self.store.read_at(self.vol, barrier, msg.offset, msg.length)
+            data = self.store.read_at(self.vol, barrier, msg.offset, msg.length, check=False)
             differ, same = [], []
             for i, digest in enumerate(msg.digests):
                 c_off = msg.offset + i * chunk
@@ -3383,6 +3519,7 @@ class SyncJob(threading.Thread):
             self.completed = True
             return
         self.store.resync_ends(vol)
+        self.store.health.clear(Fault.REPLICA_DAMAGED, vol.name)
         changes = dict(state=VolState.CONSISTENT.value, pending_plan=None, full_synced=True)
         if not vol.meta["full_synced"]:
             changes["consistent_since_seq"] = max(self.last_sync_seq, 1)
@@ -4046,7 +4183,9 @@ class Hub:
                  sync_rate: float = 0, retention: float = DEFAULT_RETENTION,
                  max_bytes: int = DEFAULT_MAX_JOURNAL_BYTES,
                  segment_bytes: int = SEGMENT_BYTES, heartbeat: float = HEARTBEAT_INTERVAL,
-                 metrics_listen: tuple[str, int] | None = None):
+                 metrics_listen: tuple[str, int] | None = None,
+                 scrub_interval: float = DEFAULT_SCRUB_INTERVAL,
+                 scrub_rate: float = DEFAULT_SCRUB_RATE):
         self.store = VolumeStore(data_dir, retention, max_bytes, segment_bytes)
         self.agents = AgentsFile(agents_file)
         self.listen_addr = listen
@@ -4056,6 +4195,7 @@ class Hub:
             self.tls.minimum_version = ssl.TLSVersion.TLSv1_2
             self.tls.load_cert_chain(tls_cert, tls_key)
         self.rate = RateLimiter(sync_rate)
+        self.scrub_interval, self.scrub_rate = scrub_interval, RateLimiter(scrub_rate)
         self.heartbeat_interval = heartbeat
         self.stopping = threading.Event()
         self.conn_lock = threading.Lock()
@@ -4084,6 +4224,7 @@ class Hub:
     def start(self) -> None:
         self.store.open()
         self.store.on_reopened = self._storage_recovered
+        self.store.on_damaged = self._verify_damaged
         self.store.start()
         scratch = os.path.join(self.store.dir, SCRATCH_DIR)
         if os.path.isdir(scratch) and os.listdir(scratch):
@@ -4104,7 +4245,10 @@ class Hub:
             except OSError as err:
                 raise OSError(err.errno, f"--metrics-listen {self.metrics_listen[0]}:"
                               f"{self.metrics_listen[1]}: {err.strerror}") from err
-        for target, name in ((self._accept_loop, "accept"), (self._heartbeat_loop, "heartbeat")):
+        loops = [(self._accept_loop, "accept"), (self._heartbeat_loop, "heartbeat")]
+        if self.scrub_interval:
+            loops.append((self._scrub_loop, "scrub"))
+        for target, name in loops:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self.threads.append(t)
@@ -4155,6 +4299,27 @@ class Hub:
             refusing = [c for c in self.connections if c.refusing is not None]
         for conn in refusing:
             conn.say_goodbye(STORAGE_RECOVERED)
+
+    def _verify_damaged(self, vol: Volume) -> None:
+        """Rot in ``vol``'s replica (any thread): verify it now if its agent is attached
+        (it rewrites what differs); else the next ATTACH does (pending VERIFY)."""
+        conn = vol.attached_to
+        if conn is not None and vol.id not in conn.demoted and vol.sync is None:
+            try:
+                conn.start_sync(vol, p.SyncPlan.VERIFY)
+            except (p.ReplicationError, OSError, ConnectionClosed) as err:
+                log.warning("volume %s: verify of the damaged replica not started: %s",
+                            vol.name, err)
+
+    def _scrub_loop(self) -> None:
+        """Scrub thread: every ``scrub_interval``, check each replica against its
+        checksums at ``scrub_rate`` at most; rot found is verified away."""
+        while not self.stopping.wait(self.scrub_interval):
+            for vol in list(self.store.volumes.values()):
+                try:
+                    vol.last_scrub = self.store.scrub(vol, self.scrub_rate, self.stopping)
+                except OSError as err:
+                    log.error("scrub of %s failed: %s", vol.name, err)
 
     def register(self, conn: AgentConnection) -> None:
         """An agent authenticated: it replaces an older connection of the same agent
@@ -4369,7 +4534,7 @@ class Hub:
                 undo_records=len(vol.undo), replicated_bytes=vol.journaled_bytes,
                 role=vol.meta.get("role", "protected"),
                 demoted=vol.attached_to is not None and vol.id in vol.attached_to.demoted,
-                degraded=store.health.report(vol.name),
+                degraded=store.health.report(vol.name), last_scrub=vol.last_scrub,
                 failback=vol.failback.status() if vol.failback is not None else None))
         with self.conn_lock:
             agents = [c.status() for c in self.by_agent.values()]
@@ -4866,6 +5031,13 @@ def format_status(st: dict) -> str:
                          f"{fmt_bytes(fb['sent_bytes'])}, late writes "
                          f"{fmt_bytes(fb['late_writes_bytes'])}"
                          + (f"; {fb['error']}" if fb["error"] else ""))
+    for v in st["volumes"]:
+        sc = v.get("last_scrub")
+        if sc:
+            lines.append(f"scrub of {v['name']}: {sc['time']}, "
+                         + (f"{sc['damaged_chunks']} damaged chunks (resynced from the agent)"
+                            if sc["damaged_chunks"] else "no damage")
+                         + ("" if sc["complete"] else " (interrupted)"))
     for s in st.get("sessions", ()):
         lines.append(f"recovery: {s['mode']} session of {s['volume']} at {s['point']} (seq "
                      f"{s['seq']}) by {s['agent']} from {s['address']}, {s['writes']} writes")
@@ -4927,7 +5099,8 @@ def cmd_serve(args) -> int:
     hub = Hub(args.data, args.agents, (host.strip("[]") or "0.0.0.0", int(port)),
               args.tls_cert, args.tls_key, args.sync_rate, args.journal_retention,
               args.journal_max_bytes, args.journal_segment_bytes, heartbeat=args.heartbeat,
-              metrics_listen=args.metrics_listen)
+              metrics_listen=args.metrics_listen, scrub_interval=args.scrub_interval,
+              scrub_rate=args.scrub_rate)
     stop = threading.Event()
     signals = []
 
@@ -5228,6 +5401,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"start a new journal segment file at this size (default "
                         f"{SEGMENT_BYTES // 2**20} MiB); retention drops whole segments, so "
                         "a small data disk wants small segments")
+    s.add_argument("--scrub-interval", type=float, default=DEFAULT_SCRUB_INTERVAL,
+                   metavar="SECONDS", help="read every replica this often and check it against "
+                   f"its checksums (default {DEFAULT_SCRUB_INTERVAL:g}; 0 = never); rot found is "
+                   "resynced from the agent")
+    s.add_argument("--scrub-rate", type=float, default=DEFAULT_SCRUB_RATE, metavar="BYTES",
+                   help=f"the scrub reads at most this many bytes/s (default "
+                        f"{DEFAULT_SCRUB_RATE // 2**20} MiB/s)")
     s.add_argument("--metrics-listen", type=parse_host_port, metavar="HOST:PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics")
     s.add_argument("--heartbeat", type=positive_seconds, default=HEARTBEAT_INTERVAL,

@@ -370,3 +370,52 @@ def test_bit_rot_in_the_middle_of_the_journal(tmp_path, applied, caplog):
     finally:
         hub.shutdown(grace=5)
     assert not [r for r in caplog.records if r.exc_info], "a traceback in the hub log"
+
+
+def rot(data_dir: str, name: str, offset: int) -> None:
+    """Flip 16 bytes of a replica in place, as bit rot at rest would."""
+    with open(os.path.join(data_dir, "volumes", name, "replica"), "r+b") as f:
+        f.seek(offset)
+        rotten = bytes(b ^ 0xFF for b in f.read(16))
+        f.seek(offset)
+        f.write(rotten)
+
+
+@pytest.mark.parametrize("found_by", ["read", "scrub"])
+def test_replica_rot_is_never_served_and_is_resynced(tmp_path, found_by, caplog):
+    """A read that meets a chunk failing its checksum raises, never returns the
+    rot; the scrub finds rot nobody read; either way the volume is verified
+    against its agent, which rewrites the chunk, and the fault clears."""
+    agents = str(tmp_path / "agents")
+    secrets_by_id = make_agents_file(agents, "a1")
+    data_dir = str(tmp_path / "data")
+    hub = rephub.Hub(data_dir, agents, heartbeat=0.2,
+                     scrub_interval=0.3 if found_by == "scrub" else 0)
+    hub.start()
+    try:
+        rng = random.Random(17)
+        mv = MemVolume(2 * MiB, rng.randbytes(2 * MiB))
+        with TestAgent(hub.address, "a1", secrets_by_id["a1"]).connect() as agent:
+            agent.attach("v", mv)
+            vol = hub.store.volume("v")
+            wait_for(lambda: vol.state == rephub.VolState.CONSISTENT and vol.sync is None, 20,
+                     "the initial sync")
+            hub.store.wait_applied(hub.store.journal.durable_seq)
+            rot(data_dir, "v", 5 * 65536 + 100)
+            if found_by == "read":
+                with pytest.raises(rephub.ReplicaDamaged):
+                    hub.store.read_at(vol, hub.store.journal.durable_seq, 5 * 65536, 4096)
+            wait_for(lambda: "replica damaged" in {d["fault"] for d in vol.health.report("v")}
+                     or vol.last_sync and vol.last_sync["plan"] == "VERIFY", 20,
+                     "the damage to be found")
+            wait_for(lambda: vol.last_sync is not None and vol.last_sync["plan"] == "VERIFY"
+                     and vol.sync is None and vol.state == rephub.VolState.CONSISTENT, 30,
+                     "the verify to repair it")
+            assert not vol.health.report("v"), vol.health.report("v")
+            got = hub.store.read_at(vol, hub.store.journal.durable_seq, 0, 2 * MiB)
+            assert got == bytes(mv.buf)
+            if found_by == "scrub":
+                assert "scrub of v: 1 damaged chunks" in caplog.text
+                assert "scrub of v" in rephub.format_status(hub.status())
+    finally:
+        hub.shutdown(grace=5)
