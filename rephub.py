@@ -31,7 +31,12 @@ Replica store
     as it was at an earlier point is the replica with the undo records walked
     back from newest to that point (``VolumeStore.read_at``).  On start the
     store truncates a torn journal tail (CRC) and applies what was journaled
-    but not applied.
+    but not applied.  Damage at rest elsewhere in a segment is never cut:
+    it is copied to ``DIR/quarantine``, its lost records keep their seqs
+    (``RecordKind.LOST``), and the volumes they touched are verified against
+    their agents.  Each replica has a CRC-32 per 64 KiB chunk
+    (``ReplicaSums``): every read checks it, and a scrub thread reads every
+    replica now and then; rot is verified away, never served.
 
     The applier works in batches whose records do not overlap: it captures
     and appends the batch's UNDO records, appends an UNDO_COMMIT, fdatasyncs
@@ -51,6 +56,20 @@ Points in time (for recovery)
     window is bounded by ``--journal-retention`` and ``--journal-max-bytes``:
     applied journal segments older than that are dropped, and with them the
     undo records no point in the window needs.
+
+When the hub's own storage fails (PROTOCOL.md RP-10, RP-11)
+    A journal append is all or nothing.  A record the journal cannot take
+    (disk full, I/O error) is answered ERROR(IO_ERROR), and so is every
+    later record of that connection: a hole in the stream is never followed
+    by an ACK, and the agent keeps it all marked.  ``Health`` holds each
+    fault (journal full, journal/replica/metadata I/O error, replica
+    damaged) for status and metrics, logged once per transition.  The
+    storage watcher thread polls with backoff; when there is room again the
+    journal takes records, each refused connection ends with GOODBYE, and
+    the agent's next ATTACH gets a plan that covers what it kept marked.
+    The applier retries a failed replica write with backoff.  A failed
+    fdatasync of the journal is not retried (what reached the disk is
+    unknown): nothing after it is acknowledged until a restart.
 
 Stopping
     SIGTERM/SIGINT: stop accepting, let each recv loop finish the frame it is
@@ -536,10 +555,13 @@ def encode_record(kind: int, flags: int, seq: int, time_ns: int, volume: int,
 class SegmentLog:
     """An append-only log in numbered segment files ``<first seq>.seg``.
 
-    ``append`` is called under the owner's lock; ``sync`` makes everything
-    appended so far durable (fdatasync of each touched segment, and of the
-    directory when a segment was created).  ``open`` scans the segments,
-    truncates a torn or corrupt tail (CRC) and returns the records found.
+    ``append`` is called under the owner's lock and is all or nothing (a
+    failed one is cut off the file before anything else is appended);
+    ``take_sync_work``/``do_sync`` make everything appended so far durable
+    (fdatasync of each touched segment, and of the directory when a segment
+    was created).  ``open`` scans the segments, cuts a torn tail off the last
+    one, reports damage anywhere else in ``damage`` (never cutting it), and
+    returns the records found.
     """
 
     def __init__(self, directory: str, what: str, segment_bytes: int = SEGMENT_BYTES):
@@ -1114,6 +1136,7 @@ class Volume:
         self.unapplied_bytes = 0          # journaled, not yet in the replica
         self.unapplied_since_ns = 0       # time of the oldest such record
         self.last_ack_ns = 0
+        self.attach_lock = threading.RLock()   # attached_to, sync: take-over vs completion
         self.journaled_bytes = 0          # WRITE data journaled since start (metrics)
         self.failback = None              # the running (or last) Failback, for status
         self.last_scrub: dict | None = None
@@ -2823,17 +2846,17 @@ class AgentConnection:
             else:
                 plan = p.SyncPlan.DIRTY
             plan = max(plan, owed_plan(vol))   # a sync that did not finish is redone (SY-1)
-        old = vol.attached_to
-        if old is not None and old is not self:
-            old.detach_volume(vol)
-        vol.update(generation=bytes(msg.generation).hex(), chunk_size=msg.chunk_size)
-        if plan == p.SyncPlan.NONE and vol.state != VolState.CONSISTENT:
-            vol.update(state=VolState.CONSISTENT.value, pending_plan=None)
-        self.volumes[vol.id] = vol
-        vol.attached_to = self
-        log.info("volume %s attached by %s (agent state %s): plan %s", vol.name,
-                 self.agent_id, msg.state.name, plan.name)
-        job = self.start_sync(vol, plan, start=False) if plan != p.SyncPlan.NONE else None
+        with vol.attach_lock:   # one connection at a time has the volume (VO-7)
+            if self.take_over(vol) and plan < p.SyncPlan.VERIFY:
+                plan = p.SyncPlan.VERIFY   # two live hosts, one agent id: trust no bitmap
+            vol.update(generation=bytes(msg.generation).hex(), chunk_size=msg.chunk_size)
+            if plan == p.SyncPlan.NONE and vol.state != VolState.CONSISTENT:
+                vol.update(state=VolState.CONSISTENT.value, pending_plan=None)
+            self.volumes[vol.id] = vol
+            vol.attached_to = self
+            log.info("volume %s attached by %s (agent state %s): plan %s", vol.name,
+                     self.agent_id, msg.state.name, plan.name)
+            job = self.start_sync(vol, plan, start=False) if plan != p.SyncPlan.NONE else None
         self.send(p.Attached(request_id=msg.request_id, volume=vol.id, plan=plan))
         if job is not None:
             job.start()  # its READs follow ATTACHED on the wire
@@ -2843,24 +2866,45 @@ class AgentConnection:
         FAILBACK (FB-1): no sync, its writes refused (FB-2), but ``rephub.py
         failback`` may bring the volume home through it.  The ATTACH's state and
         generation say whether its dirty map can be trusted then."""
-        old = vol.attached_to
-        if old is not None and old is not self:
-            old.detach_volume(vol)
-        self.volumes[vol.id] = vol
-        self.demoted[vol.id] = msg
-        vol.attached_to = self
+        with vol.attach_lock:
+            self.take_over(vol)
+            self.volumes[vol.id] = vol
+            self.demoted[vol.id] = msg
+            vol.attached_to = self
         log.warning("volume %s attached DEMOTED by %s (agent state %s): it was promoted at "
                     "the recovery site; its writes are refused until rephub.py failback "
                     "brings it back", vol.name, self.agent_id, msg.state.name)
         self.send(p.Attached(request_id=msg.request_id, volume=vol.id, plan=p.SyncPlan.DEMOTED))
 
-    def detach_volume(self, vol: Volume) -> None:
+    def take_over(self, vol: Volume) -> bool:
+        """Under ``vol.attach_lock``, before attaching ``vol`` here: detach it from
+        the connection that has it (its sync stops and can no longer end, its
+        answers are dropped); that connection ends if nothing is left on it.
+        True if it was alive: an agent restarted while its old connection
+        lingers, or two hosts run with one agent id."""
+        old = vol.attached_to
+        if old is None or old is self:
+            return False
+        alive = not old.closing.is_set()
+        if alive:
+            log.warning("volume %s: attached by agent %s from %s while its connection from %s "
+                        "still has it (a restarted agent, or two hosts with one agent id?): "
+                        "that attachment ends and the volume is verified", vol.name,
+                        self.agent_id, self.peer, old.peer)
+        old.detach_volume(vol, join=False)
+        if alive and not old.volumes and not old.sessions:
+            old.abort(f"volume {vol.name} was attached by another connection of agent "
+                      f"{self.agent_id} from {self.peer}")
+        return alive
+
+    def detach_volume(self, vol: Volume, join: bool = True) -> None:
         """Forget ``vol`` on this connection and stop its sync (any thread)."""
         with self.sync_lock:
             job = vol.sync if vol.sync is not None and vol.sync.conn is self else None
         if job is not None:
             job.stop()
-            job.join_if_started(timeout=5)
+            if join:
+                job.join_if_started(timeout=5)
         self.volumes.pop(vol.id, None)
         self.demoted.pop(vol.id, None)
         if vol.attached_to is self:
@@ -3007,7 +3051,7 @@ class AgentConnection:
         A new job covers at least what an earlier one that did not finish owed
         (SY-1): a DIRTY job for a few reported ``extents`` becomes that plan in
         full (the agent still has those extents marked, so the plan covers them)."""
-        with self.sync_lock:
+        with vol.attach_lock, self.sync_lock:
             job = vol.sync
             if job is not None and job.conn is self and job.add_extents(extents):
                 return None
@@ -3019,7 +3063,7 @@ class AgentConnection:
             job = SyncJob(self, vol, plan, extents)
             vol.sync = job
             self.jobs.add(job)
-        job.begin()
+            job.begin()
         if start:
             job.start()
         return job
@@ -3152,7 +3196,9 @@ class SyncJob(threading.Thread):
             self.join(timeout)
 
     def on_read_reply(self, header, msg: p.ReadReply) -> None:
-        """Recv loop: journal a READ_REPLY in stream order; SYNCED once durable."""
+        """Recv loop: journal a READ_REPLY in stream order; SYNCED once durable.
+        The answer to a sync that was stopped is dropped, never journaled: the
+        volume may be attached elsewhere now."""
         with self.cond:
             want = self.reads.get(msg.request_id)
         if want is None:
@@ -3167,9 +3213,14 @@ class SyncJob(threading.Thread):
             self.cond.notify_all()
         # A zero answer becomes a ZERO record: holes stay holes, never stored as data.
         data = None if msg.is_zero else msg.data
-        rec = self.store.append_data(self.vol, msg.offset, msg.length, data,
-                                     None if msg.is_zero else header.payload_crc,
-                                     flags=RECORD_FROM_SYNC)
+        with self.vol.attach_lock:
+            if self.stop_event.is_set() or self.vol.sync is not self:
+                log.debug("READ_REPLY req=%d of a stopped sync of %s dropped", msg.request_id,
+                          self.vol.name)
+                return
+            rec = self.store.append_data(self.vol, msg.offset, msg.length, data,
+                                         None if msg.is_zero else header.payload_crc,
+                                         flags=RECORD_FROM_SYNC)
         self.last_sync_seq = max(self.last_sync_seq, rec.seq)
         req, n = msg.request_id, msg.length
 
@@ -3511,6 +3562,13 @@ class SyncJob(threading.Thread):
         vol = self.vol
         while not self.store.journal.wait_durable(self.store.journal.last_seq, timeout=0.5):
             self.check_stop()
+        with vol.attach_lock:   # a connection that took the volume over owns its state now
+            if self.stop_event.is_set() or vol.sync is not self:
+                raise JobStopped()
+            self._complete()
+
+    def _complete(self) -> None:
+        vol = self.vol
         if self.online and not self.repair:
             log.info("verify of %s done: %d differing ranges (%s), nothing repaired", vol.name,
                      len(self.differing), fmt_bytes(sum(n for _, n in self.differing)))
@@ -4200,7 +4258,6 @@ class Hub:
         self.stopping = threading.Event()
         self.conn_lock = threading.Lock()
         self.connections: set[AgentConnection] = set()
-        self.by_agent: dict[str, AgentConnection] = {}
         self.listener: socket.socket | None = None
         self.threads: list[threading.Thread] = []
         self.control: ControlServer | None = None
@@ -4322,25 +4379,19 @@ class Hub:
                     log.error("scrub of %s failed: %s", vol.name, err)
 
     def register(self, conn: AgentConnection) -> None:
-        """An agent authenticated: it replaces an older connection of the same agent
-        that has volumes attached (recovery connections stay)."""
+        """An agent authenticated.  Its older connections stay: one that has a
+        volume loses it only when this one attaches that volume (take_over),
+        so a recovery session of the same agent id leaves protection alone."""
         with self.conn_lock:
-            old = self.by_agent.get(conn.agent_id)
-            self.by_agent[conn.agent_id] = conn
-        if old is not None and old is not conn:
-            if not old.volumes:
-                # Nothing attached there to take over: a recovery agent may hold several
-                # sessions, one connection each, opened at the same time.
-                log.info("agent %s: connection %s stays (no volume attached on it)",
-                         conn.agent_id, old.peer)
-            else:
-                old.abort(f"agent {conn.agent_id} connected again from {conn.peer}")
+            others = [c.peer for c in self.connections
+                      if c is not conn and c.agent_id == conn.agent_id]
+        if others:
+            log.info("agent %s: connected from %s as well as from %s", conn.agent_id, conn.peer,
+                     ", ".join(others))
 
     def unregister(self, conn: AgentConnection) -> None:
         with self.conn_lock:
             self.connections.discard(conn)
-            if conn.agent_id and self.by_agent.get(conn.agent_id) is conn:
-                del self.by_agent[conn.agent_id]
 
     def checkpoint(self, volume: str, name: str) -> dict:
         """A checkpoint for every volume of ``volume``'s owner, durable on return."""
@@ -4364,7 +4415,7 @@ class Hub:
         if conn is None or conn.closing.is_set():
             raise p.RequestError(f"volume {volume!r} is not attached: its agent is not "
                                  "connected, nothing to compare with", code=p.ErrorCode.BUSY)
-        with conn.sync_lock:
+        with vol.attach_lock, conn.sync_lock:
             if vol.sync is not None and not vol.sync.finished:
                 raise p.RequestError(f"volume {volume!r} is syncing ({vol.sync.plan.name}); "
                                      "verify again once it is done", code=p.ErrorCode.BUSY)
@@ -4537,7 +4588,8 @@ class Hub:
                 degraded=store.health.report(vol.name), last_scrub=vol.last_scrub,
                 failback=vol.failback.status() if vol.failback is not None else None))
         with self.conn_lock:
-            agents = [c.status() for c in self.by_agent.values()]
+            agents = [c.status() for c in self.connections if c.agent_id is not None
+                      and c.state == ConnState.ESTABLISHED]
         with self.error_lock:
             errors = dict(self.errors)
         return dict(

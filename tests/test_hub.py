@@ -751,16 +751,22 @@ def test_serve_heartbeat_closes_a_peer_silent_for_four_intervals(tmp_path):
         hub.stop()
 
 
-def test_reconnecting_agent_replaces_its_old_connection(hubenv):
+def test_reconnecting_agent_takes_its_volume_over_from_the_old_connection(hubenv):
+    """Authenticating takes nothing over (a recovery session of the same agent id
+    leaves protection alone); attaching the volume does, and since the old
+    connection was still alive, the new one gets a VERIFY, never NONE."""
     hub, sec = hubenv
     old = connect(hub, sec)
     mv = MemVolume(MiB)
     attach_synced(old, hub, "re", mv)
     new = connect(hub, sec)
     try:
-        wait_for(old.closed.is_set, 10, "old connection closed")
+        old.flush()   # still served after the second connection authenticated
         vid, plan = new.attach("re", mv, state=p.VolumeState.CLEAN)
-        assert plan == p.SyncPlan.NONE
+        assert plan == p.SyncPlan.VERIFY
+        wait_for(old.closed.is_set, 10, "old connection closed once its volume was taken")
+        wait_for(lambda: hub.store.volume("re").state == rephub.VolState.CONSISTENT
+                 and hub.store.volume("re").sync is None, 20, "the verify")
         new.expect_ack(new.write(vid, 0, b"n" * 4096))
         assert replica_bytes(hub, "re") == bytes(mv.buf)
         assert [a["agent_id"] for a in hub.status()["agents"]] == ["a1"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 
 import pytest
 
@@ -119,3 +120,79 @@ def test_checkpoint_names_are_unique(hubenv):
         hub.checkpoint("v", "before-upgrade")
     names = [c[3] for c in hub.store.journal.checkpoints]
     assert names.count("before-upgrade") == 1
+
+
+def test_a_recovery_test_by_the_same_agent_id_leaves_protection_alone(hubenv):
+    """README walkthrough step 6: ``repagent.py recover --test`` with the
+    protected agent's own id must not close the protecting connection."""
+    hub, secret = hubenv
+    mv = MemVolume(MiB, bytes(range(256)) * (MiB // 256))
+    with TestAgent(hub.address, "a1", secret).connect() as protect:
+        vid = protect.attach("v", mv)[0]
+        wait_for(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 20,
+                 "the initial sync")
+        with TestAgent(hub.address, "a1", secret).connect() as recovery:
+            req = recovery.request_id()
+            recovery.send(p.RecoverOpen(request_id=req, mode=p.RecoverMode.TEST, name="v",
+                                        point="latest"))
+            ready = recovery.wait_reply(req)
+            assert isinstance(ready, p.RecoverReady), ready
+            protect.expect_ack(protect.write(vid, 0, b"\x01" * 4096))   # while the test runs
+            req = recovery.request_id()
+            recovery.send(p.RRead(request_id=req, volume=ready.volume, offset=4096,
+                                  length=4096))
+            assert recovery.wait_reply(req).data == mv.read(4096, 4096)
+        protect.expect_ack(protect.write(vid, 8192, b"\x02" * 4096))
+        assert not protect.closed.is_set() and protect.goodbye is None
+    assert replica(hub, "v") == bytes(mv.buf)
+
+
+def test_two_hosts_with_one_agent_id_never_share_a_volume(hubenv):
+    """A cloned host: two connections of one agent id attach the same volume name
+    from different disks, at the same moment, several times.  The volume is
+    never attached to both; each take-over verifies against the new disk, and
+    the replica ends equal to the disk of the connection that has it."""
+    hub, secret = hubenv
+    rng = random.Random(152)
+    disks = [MemVolume(MiB, rng.randbytes(MiB)) for _ in range(2)]
+    with TestAgent(hub.address, "a1", secret).connect() as first:
+        first.attach("v", disks[0])
+        vol = hub.store.volume("v")
+        wait_for(lambda: vol.state == rephub.VolState.CONSISTENT, 20, "the initial sync")
+    winner = None
+    for round_ in range(4):
+        agents = [TestAgent(hub.address, "a1", secret).connect() for _ in disks]
+        try:
+            threads = [threading.Thread(target=lambda a=a, d=d: _attach_quietly(a, d))
+                       for a, d in zip(agents, disks)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(20)
+            with hub.conn_lock:
+                holders = [c for c in hub.connections if vol.id in c.volumes]
+            assert len(holders) <= 1, f"round {round_}: attached on {len(holders)} connections"
+            wait_for(lambda: vol.sync is None and vol.attached_to is not None
+                     and vol.state == rephub.VolState.CONSISTENT, 30, "the take-over's verify")
+            holder = vol.attached_to
+            winner = next(d for a, d in zip(agents, disks)
+                          if a.sock.getsockname() == _peer_of(holder))
+            assert replica(hub, "v") == bytes(winner.buf), f"round {round_}"
+            loser = next(a for a, d in zip(agents, disks) if d is not winner)
+            wait_for(loser.closed.is_set, 10, "the other connection to be closed")
+        finally:
+            for a in agents:
+                a.close()
+    assert winner is not None
+
+
+def _attach_quietly(agent: TestAgent, disk: MemVolume) -> None:
+    try:
+        agent.attach("v", disk, state=p.VolumeState.CLEAN)
+    except (AgentError, TimeoutError, OSError):
+        pass   # the other connection took it over first and this one was closed
+
+
+def _peer_of(conn) -> tuple[str, int]:
+    host, port = conn.peer.rsplit(":", 1)
+    return host, int(port)

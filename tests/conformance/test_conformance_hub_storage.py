@@ -1,4 +1,5 @@
-"""Hub conformance: unfinished syncs, checkpoint names, and a hub whose storage fails.
+"""Hub conformance: unfinished syncs, checkpoint names, one attachment per volume,
+and a hub whose storage fails.
 
 SY-21 and CP-3 are judged on the hub under test.  RP-10 and RP-11 need the
 hub's own disk to fill up, which only a hub this suite starts can be made
@@ -15,7 +16,7 @@ import subprocess
 import pytest
 
 from cf_codec import msg
-from cf_peers import MemVolume, SpecAgent
+from cf_peers import Closed, MemVolume, SpecAgent
 from cf_targets import RefHub
 from test_conformance_hub import (CHUNK, SIZE, T, clause, connect, describe, error_of, full_sync,
                                   vname, wait_recoverable)
@@ -72,6 +73,28 @@ def test_a_checkpoint_name_names_one_point(hub, codec):
         assert error_of(a.request(msg("CHECKPOINT", name=name))) == "INVALID", "[CP-3]"
     finally:
         a.close()
+
+
+@clause("VO-7", "VO-6")
+def test_a_volume_is_attached_on_one_connection_at_a_time(hub, codec):
+    vol = MemVolume(vname("vo7"), SIZE, CHUNK, data=os.urandom(SIZE))
+    first = connect(hub, codec)
+    second = None
+    try:
+        full_sync(first, vol)
+        second = connect(hub, codec)
+        att = second.attach(vol, "CLEAN")
+        assert att.type == "ATTACHED", describe(att)
+        assert att.plan >= 2, f"taken from a live connection: plan {att.plan}, not VERIFY [VO-7]"
+        try:
+            m = first.request(msg("WRITE", volume=vol.volume_id, offset=0, data=b"\x07" * 4096))
+        except Closed:   # the hub MAY close the old connection
+            return
+        assert error_of(m) == "NO_SUCH_VOLUME", "the old attachment still takes writes [VO-7]"
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
 
 
 # -- the hub's own disk fills up (reference hub only) -------------------------------

@@ -87,6 +87,8 @@ def soak(mode: str, rounds: int, seed: int, size: int, workdir: Path, out,
                 name = f"soak-{i}"
                 cl.checkpoint(name)
                 expected[name] = cl.model.sha256_at(name)
+                if disk_full_mib:   # a 20 s window: each checkpoint is checked at once
+                    check_exports(cl, {name: expected.pop(name)}, workdir, stats)
                 rebase(cl.model)
                 print(f"{mode} round {i + 1}/{rounds}: {fault.value:13s} hold {hold:.1f}s "
                       f"converged in {took:5.1f}s, resent {resent / MiB:6.2f} MiB", file=out,
@@ -99,21 +101,26 @@ def soak(mode: str, rounds: int, seed: int, size: int, workdir: Path, out,
         cl.writer.stop()
         stats["acked_checks"] = cl.acked_checks
         # Replica-state oracle over the whole run: every checkpoint's export.
-        for name, sha in expected.items():
-            stats["checkpoints"] += 1
-            try:
-                got = cl.export(name, workdir / "export.raw")
-            except Exception as err:  # noqa: BLE001 - e.g. outside the window
-                stats["errors"].append(f"export {name}: {err}")
-                continue
-            if hashlib.sha256(got).hexdigest() == sha:
-                stats["checkpoints_ok"] += 1
-            else:
-                stats["errors"].append(f"checkpoint {name}: export differs from the oracle")
+        check_exports(cl, expected, workdir, stats)
         log = cl.hub.log.read_text(errors="replace") + cl.agent.log.read_text(errors="replace")
         stats["tracebacks"] = log.count("Traceback")
     stats["seconds"] = time.monotonic() - started
     return stats
+
+
+def check_exports(cl: Cluster, expected: dict[str, str], workdir: Path, stats: dict) -> None:
+    """Export each checkpoint and compare it with the oracle's sha256 there."""
+    for name, sha in expected.items():
+        stats["checkpoints"] += 1
+        try:
+            got = cl.export(name, workdir / "export.raw")
+        except Exception as err:  # noqa: BLE001 - e.g. outside the window
+            stats["errors"].append(f"export {name}: {err}")
+            continue
+        if hashlib.sha256(got).hexdigest() == sha:
+            stats["checkpoints_ok"] += 1
+        else:
+            stats["errors"].append(f"checkpoint {name}: export differs from the oracle")
 
 
 def measure_verify(size: int, workdir: Path, out) -> dict:
