@@ -12,54 +12,111 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import pytest
 
 from cf_codec import msg
 from cf_peers import Closed, MemVolume, SpecAgent
 from cf_targets import RefHub
-from test_conformance_hub import (CHUNK, SIZE, T, clause, connect, describe, error_of, full_sync,
-                                  vname, wait_recoverable)
+from test_conformance_hub import (CHUNK, PLAN, SIZE, T, clause, connect, describe, error_of,
+                                  full_sync, replica_diff, vname, wait_recoverable)
 
 pytestmark = pytest.mark.hub
 MiB = 1024 * 1024
 
 
-class RefusingSync(SpecAgent):
-    """Answers every DIRTY_QUERY with ERROR(NO_SUCH_VOLUME)."""
+class SyncAgent(SpecAgent):
+    """Answers DIRTY_QUERY with ``dirty``; with ``refuse`` set, answers every
+    request of that type (READ, DIRTY_QUERY or CHECKSUM_QUERY) with ERROR."""
+
+    refuse: str | None = None
+    dirty: list = []
+
+    def _refused(self, m) -> bool:
+        if m.type != self.refuse:
+            return False
+        self.conn.send(msg("ERROR", request_id=m.request_id, code=9,
+                           failed_type=FAILED_TYPE[m.type], message="refused by the test"))
+        return True
+
+    def on_READ(self, m) -> None:
+        if not self._refused(m):
+            super().on_READ(m)
+
+    def on_CHECKSUM_QUERY(self, m) -> None:
+        if not self._refused(m):
+            super().on_CHECKSUM_QUERY(m)
 
     def on_DIRTY_QUERY(self, m) -> None:
-        self.conn.send(msg("ERROR", request_id=m.request_id, code=4, failed_type=0x32,
-                           message="not here"))
+        if not self._refused(m):
+            self.conn.send(msg("DIRTY_MAP", request_id=m.request_id, volume=m.volume,
+                               extents=list(self.dirty)))
 
 
-@clause("SY-21", "SY-1", "RC-1")
-def test_a_sync_answered_with_error_is_not_ended_by_a_partial_one(hub, codec):
+FAILED_TYPE = {"READ": 0x30, "DIRTY_QUERY": 0x32, "CHECKSUM_QUERY": 0x34}
+
+
+def sync_agent(hub, codec, refuse=None, dirty=()) -> SyncAgent:
+    a = SyncAgent(hub.address, hub.agent_id, hub.secret, codec)
+    a.refuse, a.dirty = refuse, list(dirty)
+    return a
+
+
+@clause("SY-21", "SY-1", "RC-1", "SY-9")
+@pytest.mark.parametrize("plan,refused", [("FULL", "READ"), ("DIRTY", "DIRTY_QUERY"),
+                                          ("DIRTY", "READ"), ("VERIFY", "CHECKSUM_QUERY"),
+                                          ("VERIFY", "READ")])
+def test_a_sync_answered_with_error_is_redone_in_full(hub, codec, plan, refused):
+    """The agent answers one of the plan's requests with ERROR, then writes and
+    reports an unsent region: the volume is not consistent and no point of it
+    is offered until a later ATTACH redoes the whole plan, which converges to
+    the agent's disk byte for byte."""
     vol = MemVolume(vname("sy21"), SIZE, CHUNK, data=os.urandom(SIZE))
-    a = connect(hub, codec)
+    state = {"FULL": "CLEAN", "DIRTY": "DIRTY", "VERIFY": "UNKNOWN"}[plan]
+    if plan != "FULL":
+        a = connect(hub, codec)
+        try:
+            full_sync(a, vol)
+            wait_recoverable(a, vol)
+        finally:
+            a.close()
+        vol.buf[0:CHUNK] = os.urandom(CHUNK)      # written while disconnected: marked
+    a = sync_agent(hub, codec, refused, [(0, CHUNK)])
     try:
-        full_sync(a, vol)
-        wait_recoverable(a, vol)
-    finally:
-        a.close()
-    vol.buf[0:CHUNK] = b"\x21" * CHUNK           # written while disconnected: marked
-    a = RefusingSync(hub.address, hub.agent_id, hub.secret, codec)
-    try:
-        att = a.attach(vol, "DIRTY")
-        assert att.type == "ATTACHED", describe(att)
-        a.wait_for(lambda f: getattr(f, "type", "") == "DIRTY_QUERY", T, "the DIRTY_QUERY")
-        vol.buf[2 * CHUNK:3 * CHUNK] = b"\x22" * CHUNK
+        att = a.attach(vol, state)
+        assert att.type == "ATTACHED" and att.plan == PLAN[plan], describe(att)
+        a.wait_for(lambda f: getattr(f, "type", "") == refused, T, f"the plan's {refused}")
+        assert a.request(msg("WRITE", volume=vol.volume_id, offset=4 * CHUNK,
+                             data=b"\x21" * 4096)).type == "ACK"
+        vol.buf[4 * CHUNK:4 * CHUNK + 4096] = b"\x21" * 4096
+        vol.buf[2 * CHUNK:3 * CHUNK] = os.urandom(CHUNK)
+        seen = len(a.frames(refused))
         a.send(msg("DIRTY_MAP", volume=vol.volume_id, extents=[(2 * CHUNK, CHUNK)]))
-        # Whatever the hub does with the report (READ it, or redo the whole
-        # plan), the sync it owes is not done: no point of now is offered.
-        a.wait_for(lambda f: len(a.frames("DIRTY_QUERY")) >= 2 or any(
+        # Whatever the hub does with the report (READ it, or redo the whole plan),
+        # the sync it owes is not done: no point of now is offered.
+        a.wait_for(lambda f: len(a.frames(refused)) > seen or any(
             s.offset <= 2 * CHUNK < s.offset + s.length for s in a.frames("SYNCED")),
             T, "the hub to act on the unsolicited DIRTY_MAP")
-        m = a.request(msg("RECOVER_OPEN", mode="TEST", name=vol.name, point="latest"))
-        assert error_of(m) == "INCONSISTENT", \
-            "latest offered although the DIRTY sync the agent refused never finished [SY-21]"
+        # The hub records a sync's end a little after its last SYNCED: ask for
+        # a while, so that a hub that wrongly ends the resync is caught.
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            m = a.request(msg("RECOVER_OPEN", mode="TEST", name=vol.name, point="latest"))
+            assert error_of(m) == "INCONSISTENT", \
+                f"latest offered although the {plan} sync the agent refused never finished " \
+                "[SY-21]"
     finally:
         a.close()
+    good = sync_agent(hub, codec, None, [(0, CHUNK), (2 * CHUNK, CHUNK)])
+    try:
+        att = good.attach(vol, "DIRTY")
+        assert att.type == "ATTACHED" and att.plan >= PLAN[plan], \
+            f"the unfinished {plan} sync is redone at least as strong [SY-1]: {describe(att)}"
+        wait_recoverable(good, vol)
+    finally:
+        good.close()
+    assert replica_diff(hub, codec, vol) == [], "the redone sync left differences"
 
 
 @clause("CP-3")
