@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import pytest
 
+import nbd
+import repagent
 from faults.cluster import Cluster, Fault
-from qemu_harness import MiB, requires_qemu
+from procs import start_recover
+from qemu_harness import MiB, requires_qemu, wait_until
 from oracle import first_difference
 from test_faults import run_round
 
@@ -45,3 +48,36 @@ def test_a_full_hub_disk_loses_no_acknowledged_write(tmp_path, mode, seed):
         assert not cl.hub.status()["degraded"], "still degraded after the space came back"
         log = cl.hub.log.read_text(errors="replace") + cl.agent.log.read_text(errors="replace")
         assert "Traceback" not in log, log[-5000:]
+
+
+@requires_qemu
+def test_a_recovery_test_with_the_protected_agents_id_leaves_protection_up(tmp_path):
+    """README walkthrough step 6 with real processes: ``repagent.py recover
+    --test`` under the protected agent's own id opens a session, reads the
+    volume and closes, while protection goes on: the protect agent neither
+    loses its hub connection nor re-attaches, and its writes keep flowing."""
+    with Cluster(tmp_path, size=SIZE, mode="sync", seed=143,
+                 agent_extra=["--sync-timeout", "2"]) as cl:
+        cl.converge()
+        cl.writer.start()
+        before = cl.agent.log.read_text(errors="replace")
+        proc, uri = start_recover(f"127.0.0.1:{cl.hub.port}", "agent1",
+                                  cl.hub.secret_files["agent1"], cl.volume, "latest",
+                                  "--test", tmp_path / "recover.log")
+        try:
+            assert uri, (tmp_path / "recover.log").read_text(errors="replace")
+            with nbd.NBDClient(*repagent.parse_nbd_uri(uri)) as client:
+                assert len(client.read(0, 65536)) == 65536
+            count = cl.writer.count
+            wait_until(lambda: cl.writer.count > count + 10 or cl.writer.error, 30,
+                       "guest writes during the test session")
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        cl.writer.pause()
+        cl.converge()
+        cl.check_identical()
+        during = cl.agent.log.read_text(errors="replace")[len(before):]
+        for line in ("hub connection lost", "degraded", "attached by"):
+            assert line not in during, f"protection disturbed: {line!r}\n{during[-3000:]}"
+        assert cl.agent.status()["mode"] == "sync"
