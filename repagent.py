@@ -166,6 +166,12 @@ BACKOFF_MIN = 0.2
 BACKOFF_MAX = 5.0
 """Reconnect backoff bounds (seconds, doubling, with jitter)."""
 
+HEALTHY_CONNECTION = 5.0
+"""A connection resets the reconnect backoff only once a volume has stayed
+attached on it this long (seconds).  A hub that completes the handshake and
+then fails (closes, or refuses ATTACH, at once) is retried with the same
+growing backoff as one that refuses the connection, not at once."""
+
 JOB_POLL_INTERVAL = 1.0
 """How often the mirror jobs are checked (and a paused job resumed)."""
 
@@ -1036,10 +1042,15 @@ class HubConnection:
         self.cond = threading.Condition(agent.lock)
         self.send_lock = threading.Lock()
         self.closed = threading.Event()
+        self.ended = threading.Event()   # set once connection_lost has run
         self.last_rx = time.monotonic()
         self.connected_at = time.time()
         self.last_ping = 0.0
         self.rtt: float | None = None
+        self.started = time.monotonic()
+        self.attached_at: float | None = None   # first ATTACHED (monotonic)
+        self.hub_said = ""              # the last ERROR or GOODBYE text the hub sent
+        self.hub_said_at = 0.0          # ... and when (monotonic)
         self.threads = [
             threading.Thread(target=self._send_loop, name="repagent-send", daemon=True),
             threading.Thread(target=self._recv_loop, name="repagent-recv", daemon=True)]
@@ -1107,7 +1118,7 @@ class HubConnection:
                         self.agent.send_error(self, p.Error.from_exception(err))
                     continue
                 if msg is None:
-                    self.close("hub closed the connection")
+                    self.close(self.with_hub_reason("hub closed the connection"))
                     return
                 self.last_rx = time.monotonic()
                 if log.isEnabledFor(logging.DEBUG):
@@ -1128,10 +1139,25 @@ class HubConnection:
                 pass
             self.close(f"protocol error: {err}")
         except OSError as err:
-            self.close(f"receive failed: {err}")
+            self.close(self.with_hub_reason(f"receive failed: {err}"))
         except Exception as err:
             log.exception("recv thread failed")
             self.close(f"recv thread failed: {type(err).__name__}: {err}")
+
+    def with_hub_reason(self, reason: str) -> str:
+        """``reason`` plus the last ERROR/GOODBYE the hub sent, if any: a hub
+        that refuses something and then closes says why in that ERROR."""
+        if not self.hub_said:
+            return reason
+        return f"{reason} {time.monotonic() - self.hub_said_at:.1f}s after {self.hub_said}"
+
+    def heard(self, what: str) -> None:
+        """The hub sent an ERROR or GOODBYE (recv thread): kept for the close reason."""
+        self.hub_said, self.hub_said_at = what, time.monotonic()
+
+    def healthy(self, now: float) -> bool:
+        """A volume has been attached for HEALTHY_CONNECTION seconds."""
+        return self.attached_at is not None and now - self.attached_at >= HEALTHY_CONNECTION
 
     def close(self, reason: str) -> None:
         """Any thread: tear the connection down once; the agent forgets it."""
@@ -1145,6 +1171,7 @@ class HubConnection:
         self.agent.connection_lost(self, reason)
         with self.agent.lock:
             self.cond.notify_all()
+        self.ended.set()
 
     def join(self, timeout: float) -> None:
         for t in self.threads:
@@ -1264,6 +1291,8 @@ class Agent:
         self.link_state = LinkState.CONNECTING   # until the first attempt ends
         self.link_cause = ""
         self.connect_attempts = 0
+        self.last_disconnect: dict | None = None   # why the last connection ended
+        self.retry_at: float | None = None         # next connect attempt (monotonic)
         self.pending: dict[int, PendingWrite] = {}
         self.requests: dict[int, tuple[str, object]] = {}   # ATTACH / PING / DETACH
         self.replies: collections.OrderedDict = collections.OrderedDict()  # req -> (vol, seq)
@@ -1447,6 +1476,8 @@ class Agent:
             vol.volume_id = msg.volume
             vol.plan = msg.plan
             self.by_id[msg.volume] = vol
+            if conn.attached_at is None:
+                conn.attached_at = time.monotonic()
             log.info("volume %s attached as id %d, plan %s (dirty %d bytes)", vol.name,
                      msg.volume, msg.plan.name, vol.bitmap.dirty_bytes)
             if msg.plan in (p.SyncPlan.VERIFY, p.SyncPlan.FULL) and vol.meta["needs_verify"]:
@@ -1535,6 +1566,7 @@ class Agent:
         it again: DEMOTED where FAILBACK is granted, refused otherwise; either
         way its writes stop going to the hub and stay marked."""
         reply = promoted = None
+        conn.heard(f"ERROR {msg.code_name()} {msg.message}".rstrip())
         with self.lock:
             pw = self.pending.pop(msg.request_id, None)
             if pw is not None:
@@ -1570,6 +1602,7 @@ class Agent:
 
     def on_GOODBYE(self, conn, msg):
         log.info("hub says goodbye: %s", msg.reason)
+        conn.heard(f"GOODBYE {msg.reason}".rstrip())
         conn.close(f"hub said goodbye: {msg.reason}")
 
     def send_error(self, conn: HubConnection, err: p.Error) -> None:
@@ -1996,6 +2029,10 @@ class Agent:
             self.timer_cond.notify_all()
         if not self.stopping.is_set():
             self.count_error("connection_lost")
+        self.last_disconnect = {"reason": reason, "hub_said": conn.hub_said or None,
+                                "at": time.time(),
+                                "lived_s": round(time.monotonic() - conn.started, 3),
+                                "attached": conn.attached_at is not None}
         self._set_link(LinkState.DISCONNECTED, reason,
                        logging.INFO if self.stopping.is_set() else logging.WARNING)
         for reply in replies:
@@ -2025,15 +2062,33 @@ class Agent:
                 self._enqueue(conn, p.Attach(
                     request_id=req, size=vol.size, chunk_size=vol.bitmap.chunk_size,
                     state=state, generation=vol.bitmap.generation, name=vol.name))
+        # Before its threads start: a connection that ends at once must not
+        # be logged (and shown) connected after its end.
+        self._set_link(LinkState.CONNECTED, f"hub {conn.hub_id}", logging.INFO)
         conn.start()
         return conn
 
 
+    def _backoff(self, backoff: float) -> float:
+        """Wait ``backoff`` seconds (with jitter, or until stopping); return the
+        next, doubled, backoff.  Heartbeat thread."""
+        delay = backoff * (0.8 + 0.4 * random.random())
+        self.retry_at = time.monotonic() + delay
+        self.stopping.wait(delay)
+        self.retry_at = None
+        return min(backoff * 2, BACKOFF_MAX)
+
     def _heartbeat_loop(self) -> None:
-        """repagent-heartbeat thread: the only one that (re)connects to the hub."""
+        """repagent-heartbeat thread: the only one that (re)connects to the hub.
+
+        The backoff doubles after every failed attempt and after every
+        connection that ended before it was healthy (HEALTHY_CONNECTION): a
+        hub that answers the handshake and then closes is retried as slowly
+        as one that refuses the connection.  Only a healthy connection's end
+        reconnects at once and resets the backoff."""
         backoff = BACKOFF_MIN
-        while not self.stopping.is_set():
-            conn = self.conn
+        conn: HubConnection | None = None   # ours until it has ended, even if
+        while not self.stopping.is_set():   # connection_lost forgot it already
             if conn is None:
                 self.connect_attempts += 1
                 try:
@@ -2042,11 +2097,8 @@ class Agent:
                     self._set_link(LinkState.DISCONNECTED, f"{type(err).__name__}: {err}",
                                    logging.WARNING)
                     self.count_error("connect")
-                    self.stopping.wait(backoff * (0.8 + 0.4 * random.random()))
-                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    backoff = self._backoff(backoff)
                     continue
-                backoff = BACKOFF_MIN
-                self._set_link(LinkState.CONNECTED, f"hub {conn.hub_id}", logging.INFO)
                 continue
             now = time.monotonic()
             if now - conn.last_rx > self.cfg.hub_timeout:
@@ -2059,8 +2111,16 @@ class Agent:
                         req = self._next_req()
                         self.requests[req] = ("PING", None)
                         self._enqueue(conn, p.Ping(request_id=req, sent_ns=time.time_ns()))
-            if conn.closed.wait(min(0.5, self.cfg.ping_interval)):
+            if conn.ended.wait(min(0.5, self.cfg.ping_interval)):
                 conn.join(1.0)
+                if conn.healthy(time.monotonic()):
+                    backoff = BACKOFF_MIN
+                elif not self.stopping.is_set():
+                    log.info("hub connection ended %.1fs after the handshake, before a "
+                             "volume stayed attached %.0fs: next attempt in about %.1fs",
+                             time.monotonic() - conn.started, HEALTHY_CONNECTION, backoff)
+                    backoff = self._backoff(backoff)
+                conn = None
 
     # -- the mirror jobs (repagent-jobs thread) -----------------------------------
 
@@ -2352,6 +2412,11 @@ class Agent:
                 "agent_id": self.cfg.agent_id, "hub": "%s:%d" % self.cfg.hub,
                 "pid": os.getpid(), **common, "degraded": self.degraded,
                 "link_cause": self.link_cause, "connect_attempts": self.connect_attempts,
+                # Why the last connection ended, with the hub's own words (its
+                # last ERROR or GOODBYE) when it gave any.
+                "last_disconnect": self.last_disconnect,
+                "retry_in_s": (None if self.retry_at is None
+                               else round(max(0.0, self.retry_at - now), 3)),
                 "connected_since": conn.connected_at if conn else None,
                 "rtt_s": conn.rtt if conn else None,
                 "pending_writes": len(self.pending),
@@ -3187,7 +3252,14 @@ def format_status(status: dict) -> str:
              f"mode {status['mode']}, queue {status['queue_frames']} frames / "
              f"{fmt_bytes(status['queue_bytes'])}, {status['pending_writes']} writes not ACKed, "
              f"last ACK {'never' if age is None else f'{age:.1f} s ago'}, "
-             f"RTT {'-' if rtt is None else f'{rtt * 1e3:.2f} ms'}", ""]
+             f"RTT {'-' if rtt is None else f'{rtt * 1e3:.2f} ms'}"]
+    gone = status.get("last_disconnect")
+    if gone:
+        retry = status.get("retry_in_s")
+        lines.append(f"last disconnect {max(0.0, time.time() - gone['at']):.1f} s ago, "
+                     f"{gone['lived_s']:.1f} s after connecting: {gone['reason']}"
+                     + ("" if retry is None else f"; next attempt in {retry:.1f} s"))
+    lines.append("")
     rows = []
     for v in status["volumes"]:
         role = v.get("role", "protected")

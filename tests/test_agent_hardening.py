@@ -1,0 +1,230 @@
+"""repagent against a failing hub, damaged state files and hostile local users.
+
+* A hub that completes the handshake and then fails (ERROR on ATTACH, or
+  GOODBYE, then close) is retried with a growing backoff, and the agent's
+  status and log say what the hub said (issue 14).
+* A damaged bitmap body or VOLUME.json is never trusted as "nothing dirty":
+  the volume attaches UNKNOWN so that the hub verifies it (issue 15).
+* Every file, directory and socket the agent creates is private whatever the
+  umask, and a secret file others can read is refused (issue 16).
+
+The hub here is a small scripted one on 127.0.0.1 (``ScriptedHub``): it speaks
+the hub's half of the handshake with protocol.py's codec and then does what
+each test tells it to per connection.  No QEMU: the agent's heartbeat thread
+runs in-process against a volume whose bitmap the test opens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+import protocol as p
+import repagent as ra
+
+CHUNK = 64 * 1024
+SIZE = 16 * CHUNK
+SECRET = bytes(range(32))
+
+
+def wait_for(predicate, what: str, timeout: float = 10.0):
+    """Poll ``predicate`` until it is truthy (bounded); return its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+# ---------------------------------------------------------------------------
+# A hub that fails after the handshake (issue 14 item 3)
+
+
+class ScriptedHub:
+    """Accepts connections on 127.0.0.1; after the handshake and the agent's
+    first ATTACH, ``behave(index, sock, attach)`` decides what happens on the
+    connection (its return closes it).  Records when each one was accepted;
+    errors of the hub's side are kept in ``problems``, not raised in its thread."""
+
+    def __init__(self, behave):
+        self.behave = behave
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.address = self.listener.getsockname()[:2]
+        self.accepted: list[float] = []
+        self.problems: list[str] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="test-hub", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.accepted.append(time.monotonic())
+            with sock:
+                try:
+                    sock.settimeout(5)
+                    self._handshake(sock)
+                    attach = p.recv_message(sock)
+                    if not isinstance(attach, p.Attach):
+                        self.problems.append(f"expected ATTACH, got {attach!r}")
+                        continue
+                    self.behave(len(self.accepted) - 1, sock, attach)
+                except (OSError, p.ReplicationError) as err:
+                    self.problems.append(f"connection {len(self.accepted)}: {err!r}")
+
+    def _handshake(self, sock) -> None:
+        hello = p.recv_message(sock)
+        if not isinstance(hello, p.Hello):
+            raise OSError(f"expected HELLO, got {hello!r}")
+        nonce = os.urandom(p.NONCE_SIZE)
+        p.send_message(sock, p.HelloReply(
+            features=0, nonce=nonce, hub_id="hub",
+            proof=p.hub_proof(SECRET, hello.nonce, nonce, hello.agent_id, "hub")))
+        auth = p.recv_message(sock)
+        if not isinstance(auth, p.Auth):
+            raise OSError(f"expected AUTH, got {auth!r}")
+        p.send_message(sock, p.AuthOk())
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+def refuse_attach(index, sock, attach):
+    """What the hub of issue 14 did on a full disk, with a reason."""
+    p.send_message(sock, p.Error(request_id=attach.request_id, code=p.ErrorCode.IO_ERROR,
+                                 failed_type=p.MsgType.ATTACH,
+                                 message="volume metadata: No space left on device"))
+
+
+def say_goodbye(index, sock, attach):
+    p.send_message(sock, p.Goodbye(reason="journal full, try later"))
+
+
+@pytest.fixture
+def heartbeat_agent(tmp_path):
+    """An Agent (one volume, bitmap opened, no QEMU) whose heartbeat thread
+    connects to the hub address the test passes."""
+    made = []
+
+    def make(address):
+        cfg = ra.Config(hub=address, agent_id="a1", secret=SECRET, qmp="-",
+                        nodes=[("disk0", "vol0")], state_dir=str(tmp_path / "state"),
+                        hub_timeout=5.0)
+        os.makedirs(cfg.state_dir, exist_ok=True)
+        agent = ra.Agent(cfg)
+        vol = agent.volumes[0]
+        vol.size = SIZE
+        vol.bitmap = ra.DirtyBitmap(vol.bitmap_path, SIZE, CHUNK)
+        t = threading.Thread(target=agent._heartbeat_loop, name="repagent-heartbeat",
+                             daemon=True)
+        agent.threads.append(t)
+        made.append(agent)
+        t.start()
+        return agent
+
+    yield make
+    for agent in made:
+        agent.stopping.set()
+        conn = agent.conn
+        if conn is not None:
+            conn.close("test over")
+            conn.join(2)
+        for t in agent.threads:
+            t.join(5)
+            assert not t.is_alive(), f"{t.name} did not stop"
+        agent.volumes[0].bitmap.close()
+
+
+@pytest.mark.parametrize("behave, words", [
+    (refuse_attach, "ERROR IO_ERROR volume metadata: No space left on device"),
+    (say_goodbye, "GOODBYE journal full, try later")])
+def test_a_hub_failing_after_the_handshake_is_retried_with_a_growing_backoff(
+        heartbeat_agent, caplog, behave, words):
+    hub = ScriptedHub(behave)
+    try:
+        with caplog.at_level(logging.INFO, logger="repagent"):
+            agent = heartbeat_agent(hub.address)
+            wait_for(lambda: len(hub.accepted) >= 5, "five connections", timeout=20)
+        times = list(hub.accepted)
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        # Before: the backoff reset at every handshake and the agent came
+        # straight back (hundreds of connections a second).
+        assert sum(1 for t in times if t - times[0] <= 1.0) <= 4, gaps
+        assert gaps[0] >= 0.8 * ra.BACKOFF_MIN, gaps
+        for before, after in zip(gaps, gaps[1:]):
+            assert after > 1.15 * before, f"the backoff must grow: {gaps}"
+        st = wait_for(lambda: (lambda s: s if s["last_disconnect"] else None)(agent.status()),
+                      "a disconnect in the status")
+        said = words.split(" ", 1)[1]       # GOODBYE's reason, or ERROR's code and text
+        assert st["last_disconnect"]["hub_said"] == words
+        assert said in st["last_disconnect"]["reason"]
+        assert st["last_disconnect"]["attached"] is False
+        assert st["connect_attempts"] >= 5
+        wait_for(lambda: "next attempt in" in ra.format_status(agent.status()),
+                 "the table during a backoff")
+        text = ra.format_status(agent.status())
+        assert said in text, text
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert any(said in m and "disconnected" in m for m in warnings), warnings
+        assert not hub.problems, hub.problems
+    finally:
+        hub.close()
+
+
+def test_a_connection_that_stayed_attached_resets_the_backoff(heartbeat_agent, monkeypatch):
+    """Three failing connections grow the backoff; then one stays attached
+    past HEALTHY_CONNECTION and the hub closes it: the agent comes back at once."""
+    monkeypatch.setattr(ra, "HEALTHY_CONNECTION", 0.3)
+    healthy_done = threading.Event()
+
+    def behave(index, sock, attach):
+        if index < 3:
+            refuse_attach(index, sock, attach)
+        elif index == 3:
+            p.send_message(sock, p.Attached(request_id=attach.request_id, volume=1,
+                                            plan=p.SyncPlan.NONE))
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:     # answer PINGs for 0.6 s, then close
+                sock.settimeout(0.1)
+                try:
+                    msg = p.recv_message(sock)
+                except socket.timeout:
+                    msg = None
+                if isinstance(msg, p.Ping):
+                    p.send_message(sock, p.Pong(request_id=msg.request_id,
+                                                echo_ns=msg.sent_ns, responder_ns=1))
+                if time.monotonic() - hub.accepted[3] > 0.6:
+                    break
+            healthy_done.set()
+
+    hub = ScriptedHub(behave)
+    try:
+        agent = heartbeat_agent(hub.address)
+        wait_for(lambda: len(hub.accepted) >= 5, "five connections", timeout=20)
+        assert healthy_done.is_set()
+        t = hub.accepted
+        backoff_before = t[3] - t[2]
+        after_healthy = t[4] - t[3] - 0.6
+        assert backoff_before >= 0.8 * 4 * ra.BACKOFF_MIN, list(t)
+        assert after_healthy < 0.5 * backoff_before, \
+            f"after a healthy connection the agent reconnects at once: {list(t)}"
+        assert agent.connect_attempts >= 5
+        assert not hub.problems, hub.problems
+    finally:
+        hub.close()
