@@ -101,9 +101,12 @@ State directory (``--state-dir``)::
     agent.lock           flock'ed by the running agent (one agent per dir)
     control.sock         status requests ("status\\n" -> one JSON document)
     VOLUME.bitmap        dirty bitmap: header (magic, chunk size, size,
-                         generation) then one bit per chunk, mmap'ed
+                         generation), one bit per chunk, then a CRC per 4 KiB
+                         of bits (damage => the volume attaches UNKNOWN), mmap'ed
     VOLUME.json          QEMU side: node, job and node names, whether a
                          mirror was set up, whether the hub must verify
+                         (a damaged one is set aside as VOLUME.json.damaged
+                         and the volume verified)
     VOLUME.nbd           unix socket of the NBD target QSD writes into
 
 How the agent reads the protected volume for the hub: ``--source
@@ -138,6 +141,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import zlib
 from typing import Callable
 
 import nbd
@@ -234,16 +238,24 @@ def check_unix_path(path: str, what: str) -> str:
 
 # offset size field
 #  0      8  magic        b"RPAGBMP1"
-#  8      2  version      1
+#  8      2  version      2 (1: the same without the block CRCs; upgraded on open)
 # 10      2  reserved     0
 # 12      4  chunk_size
 # 16      8  size         volume size in bytes
 # 24     16  generation   random, created with the file (ATTACH.generation)
 # 40     24  reserved     0
-# 64      -  bits         bit i of byte j is chunk 8*j+i
+# 64      B  bits         B = ceil(chunks / 8); bit i of byte j is chunk 8*j+i
+# 64+B  4*N  block CRCs   N = ceil(B / BITMAP_CRC_BLOCK); CRC-32 (zlib) of each
+#                         BITMAP_CRC_BLOCK bytes of bits (the last one shorter)
 BITMAP_HEADER = struct.Struct("!8sHHIQ16s24x")
 BITMAP_MAGIC = b"RPAGBMP1"
-BITMAP_VERSION = 1
+BITMAP_VERSION = 2
+BITMAP_VERSION_NO_CRC = 1
+BITMAP_CRC = struct.Struct("!I")
+BITMAP_CRC_BLOCK = 4096
+"""Bytes of bits one CRC covers: one page.  A change to a bit recomputes the
+CRC of its 4 KiB only; the bitmap of a 1 TiB disk at 64 KiB chunks (2 MiB)
+has 512 of them (2 KiB), all checked at start in a few milliseconds."""
 
 
 class BitmapError(Exception):
@@ -253,6 +265,14 @@ class BitmapError(Exception):
 class DirtyBitmap:
     """One bit per chunk, persisted in a memory-mapped file, plus in-memory
     ``inflight`` and ``lost_seq`` per chunk (sparse dicts).
+
+    Body damage (bits zeroed or flipped on disk, the header intact) is told
+    by a CRC per BITMAP_CRC_BLOCK of bits, kept in the same mapping and
+    recomputed after every change of a bit in it.  A crash between a bit's
+    change and its block's CRC (or a host crash that wrote back one page and
+    not the other) looks like damage too: either way ``damaged`` lists the
+    blocks that fail at open, and the caller must not trust the marks
+    (``Volume.open_bitmap``: the hub verifies the volume).
 
     Not locked itself: every method runs with ``Agent.lock`` held (any
     thread), which is also what makes "mark, then queue" atomic.
@@ -267,37 +287,58 @@ class DirtyBitmap:
         self.inflight: dict[int, int] = {}
         self.lost_seq: dict[int, int] = {}
         self.dirty_count = 0
+        self.damaged: list[int] = []    # blocks whose CRC failed at open
+        self._stale: set[int] = set()   # blocks whose bits changed since their CRC
         self.created = not os.path.exists(path)
-        file_size = BITMAP_HEADER.size + -(-self.chunks // 8)
+        bits_size = -(-self.chunks // 8)
+        self.crc_offset = BITMAP_HEADER.size + bits_size
+        self.blocks = -(-bits_size // BITMAP_CRC_BLOCK)
+        file_size = self.crc_offset + BITMAP_CRC.size * self.blocks
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            if self.created or os.fstat(fd).st_size == 0:
+            have = os.fstat(fd).st_size
+            upgrade = False
+            if self.created or have == 0:
                 self.created = True
                 self.generation = os.urandom(p.GENERATION_SIZE)
                 os.ftruncate(fd, file_size)
+            else:
+                self.generation, version = self._check_header(
+                    os.pread(fd, BITMAP_HEADER.size, 0), have, file_size)
+                if version == BITMAP_VERSION_NO_CRC:
+                    upgrade = True
+                    os.ftruncate(fd, file_size)
+            self.map = mmap.mmap(fd, file_size)
+            self.bits = memoryview(self.map)[BITMAP_HEADER.size:self.crc_offset]
+            if self.created or upgrade:
+                # CRCs first, then the header that says they are there.
+                self._seal(range(self.blocks))
+                self.map.flush()
                 os.pwrite(fd, BITMAP_HEADER.pack(BITMAP_MAGIC, BITMAP_VERSION, 0, chunk_size,
                                                  size, self.generation), 0)
                 os.fsync(fd)
+                if upgrade:
+                    log.info("%s: upgraded from bitmap version %d to %d (block CRCs added)",
+                             path, BITMAP_VERSION_NO_CRC, BITMAP_VERSION)
             else:
-                self.generation = self._check_header(os.pread(fd, BITMAP_HEADER.size, 0),
-                                                     os.fstat(fd).st_size, file_size)
-            self.map = mmap.mmap(fd, file_size)
+                self.damaged = [b for b in range(self.blocks)
+                                if self._block_crc(b) != self._stored_crc(b)]
         finally:
             os.close(fd)
-        self.bits = memoryview(self.map)[BITMAP_HEADER.size:]
         for chunk in self.set_chunks():
             # Loaded from disk: only a SYNCED (a READ made now) may clear it.
             self.lost_seq[chunk] = 1
             self.dirty_count += 1
 
-    def _check_header(self, raw: bytes, have: int, want: int) -> bytes:
+    def _check_header(self, raw: bytes, have: int, want: int) -> tuple[bytes, int]:
+        """(generation, version) of a header that fits this volume."""
         if len(raw) < BITMAP_HEADER.size:
             raise BitmapError(f"{self.path}: header is {len(raw)} bytes, "
                               f"expected {BITMAP_HEADER.size}")
         magic, version, _, chunk_size, size, generation = BITMAP_HEADER.unpack(raw)
         if magic != BITMAP_MAGIC:
             raise BitmapError(f"{self.path}: bad magic {magic!r}, expected {BITMAP_MAGIC!r}")
-        if version != BITMAP_VERSION:
+        if version not in (BITMAP_VERSION, BITMAP_VERSION_NO_CRC):
             raise BitmapError(f"{self.path}: version {version}, expected {BITMAP_VERSION}")
         if chunk_size != self.chunk_size:
             raise BitmapError(f"{self.path}: chunk_size {chunk_size}, expected "
@@ -306,9 +347,40 @@ class DirtyBitmap:
         if size != self.size:
             raise BitmapError(f"{self.path}: volume size {size}, expected {self.size} "
                               "(the disk was resized: remove the state dir)")
-        if have != want:
+        # A version 1 file is as long as its bits; an upgrade cut short by a
+        # crash may have made it as long as version 2 already.
+        sizes = (want,) if version == BITMAP_VERSION else (self.crc_offset, want)
+        if have not in sizes:
             raise BitmapError(f"{self.path}: file is {have} bytes, expected {want}")
-        return generation
+        return generation, version
+
+    # -- block CRCs --------------------------------------------------------
+
+    def _block_crc(self, block: int) -> int:
+        start = block * BITMAP_CRC_BLOCK
+        return zlib.crc32(self.bits[start:start + BITMAP_CRC_BLOCK])
+
+    def _stored_crc(self, block: int) -> int:
+        return BITMAP_CRC.unpack_from(self.map, self.crc_offset + BITMAP_CRC.size * block)[0]
+
+    def _seal(self, blocks=None) -> None:
+        """Store the CRC of every block changed since (or of ``blocks``)."""
+        for block in self._stale if blocks is None else blocks:
+            BITMAP_CRC.pack_into(self.map, self.crc_offset + BITMAP_CRC.size * block,
+                                 self._block_crc(block))
+        self._stale.clear()
+
+    def reseal(self) -> None:
+        """Trust the bits as they are now: recompute every CRC (the caller has
+        made sure the volume is verified anyway)."""
+        self._seal(range(self.blocks))
+        self.damaged = []
+        self.sync()
+
+    def damaged_chunks(self) -> list[tuple[int, int]]:
+        """The chunk ranges [first, end) the damaged blocks cover, for the log."""
+        per_block = BITMAP_CRC_BLOCK * 8
+        return [(b * per_block, min((b + 1) * per_block, self.chunks)) for b in self.damaged]
 
     # -- bit primitives ----------------------------------------------------
 
@@ -321,6 +393,7 @@ class DirtyBitmap:
         if not value & bit:
             self.bits[byte] = value | bit
             self.dirty_count += 1
+            self._stale.add(byte // BITMAP_CRC_BLOCK)
 
     def _clear_if_done(self, chunk: int) -> None:
         if chunk in self.inflight or chunk in self.lost_seq:
@@ -330,6 +403,7 @@ class DirtyBitmap:
         if value & bit:
             self.bits[byte] = value & ~bit
             self.dirty_count -= 1
+            self._stale.add(byte // BITMAP_CRC_BLOCK)
 
     # -- the rules -----------------------------------------------------------
 
@@ -340,6 +414,7 @@ class DirtyBitmap:
         """A write from QEMU touches these chunks: set them before QEMU is answered."""
         for chunk in chunks:
             self._set(chunk)
+        self._seal()
         if self.fsync:
             self.sync()
 
@@ -357,6 +432,7 @@ class DirtyBitmap:
             else:
                 self.inflight.pop(chunk, None)
                 self._clear_if_done(chunk)
+        self._seal()
 
     def sync(self) -> None:
         """msync the bits: they survive a host crash, not only an agent crash."""
@@ -369,6 +445,7 @@ class DirtyBitmap:
         self.inflight.clear()
         self.lost_seq.clear()
         self.dirty_count = 0
+        self._seal(range(self.blocks))
         self.sync()
 
     def lose(self, chunks: range, seq: int) -> None:
@@ -393,6 +470,7 @@ class DirtyBitmap:
             if lost is not None and lost < seq:
                 del self.lost_seq[chunk]
             self._clear_if_done(chunk)
+        self._seal()
 
     # -- reading it out --------------------------------------------------------
 
@@ -910,6 +988,42 @@ class ReadWindow:
         self.reply, self.nbytes = reply, nbytes
 
 
+META_FORMAT = 1
+"""Version of VOLUME.json (its "format" key; files without one are format 1)."""
+
+MAX_META_SIZE = 64 * 1024
+"""VOLUME.json holds a few names and flags: anything longer is not ours."""
+
+META_FIELDS = {"format": int, "volume": str, "node": str, "job_id": str,
+               "target_node": str, "filter_node": str, "mirror": bool,
+               "needs_verify": bool}
+"""The keys of VOLUME.json and their JSON types (other keys are kept as they are)."""
+
+
+def parse_meta(raw: bytes) -> tuple[dict, str | None]:
+    """(VOLUME.json's content, None), or ({}, what is wrong with it)."""
+    if len(raw) > MAX_META_SIZE:
+        return {}, f"longer than {MAX_META_SIZE} bytes"
+    try:
+        saved = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        return {}, f"not UTF-8 text: {err.reason} at byte {err.start}"
+    except json.JSONDecodeError as err:
+        return {}, (f"not JSON: {err.msg} at line {err.lineno} column {err.colno}"
+                    if raw.strip(b"\0 \t\r\n") else "empty or zeroed")
+    if not isinstance(saved, dict):
+        return {}, f"a JSON {type(saved).__name__}, expected an object"
+    for key, kind in META_FIELDS.items():
+        value = saved.get(key)
+        # bool is an int to Python, not to JSON: 'format: true' is wrong.
+        if key in saved and (not isinstance(value, kind)
+                             or (kind is int and isinstance(value, bool))):
+            return {}, f"{key!r} is {value!r}, expected a JSON {kind.__name__}"
+    if "node" not in saved:
+        return {}, "no 'node'"
+    return saved, None
+
+
 class Volume:
     """One protected node: its bitmap, QEMU names, hub id and counters."""
 
@@ -941,20 +1055,60 @@ class Volume:
         self.counters = collections.Counter()
 
     def _load_meta(self) -> dict:
+        """VOLUME.json, or the defaults for a new volume.  A damaged file is
+        not trusted: it is kept aside as VOLUME.json.damaged, one WARNING
+        says what is wrong with it, and the volume is verified by the hub."""
         job_id, target, filter_node = qemu_names(self.node)
-        meta = {"volume": self.name, "node": self.node, "job_id": job_id,
-                "target_node": target, "filter_node": filter_node, "mirror": False,
-                "needs_verify": False}
+        meta = {"format": META_FORMAT, "volume": self.name, "node": self.node,
+                "job_id": job_id, "target_node": target, "filter_node": filter_node,
+                "mirror": False, "needs_verify": False}
         try:
-            with open(self.meta_path, encoding="utf-8") as f:
-                saved = json.load(f)
+            with open(self.meta_path, "rb") as f:
+                raw = f.read(MAX_META_SIZE + 1)
         except FileNotFoundError:
             return meta
-        if saved.get("node") != self.node:
-            raise ValueError(f"{self.meta_path}: volume {self.name!r} belongs to node "
-                             f"{saved.get('node')!r}, not {self.node!r}")
-        meta.update(saved)
+        saved, problem = parse_meta(raw)
+        if problem is None and saved.get("format", 1) > META_FORMAT:
+            raise ValueError(f"{self.meta_path}: format {saved['format']} was written by a "
+                             f"newer repagent (this one reads format {META_FORMAT})")
+        if problem is None:
+            if saved.get("node") != self.node:
+                raise ValueError(f"{self.meta_path}: volume {self.name!r} belongs to node "
+                                 f"{saved.get('node')!r}, not {self.node!r}")
+            meta.update(saved)
+            meta["format"] = META_FORMAT
+            return meta
+        aside = self.meta_path + ".damaged"
+        os.replace(self.meta_path, aside)
+        log.warning("volume %s: state file %s is damaged (%s): not trusted, kept as %s; "
+                    "the volume attaches UNKNOWN so that the hub verifies it", self.name,
+                    self.meta_path, problem, aside)
+        meta["needs_verify"] = True
+        self.meta = meta
+        self.save_meta()
         return meta
+
+    def open_bitmap(self, size: int, chunk_size: int, fsync: bool = False) -> None:
+        """Open (or create) the volume's dirty bitmap (main thread, at start).
+
+        A bitmap whose body fails its block CRCs may have lost marks: the
+        volume attaches UNKNOWN (the hub verifies it by checksums).  That is
+        recorded in VOLUME.json before the CRCs are made to match again, so a
+        crash in between finds the damage again rather than forgetting it."""
+        self.size = size
+        self.bitmap = DirtyBitmap(self.bitmap_path, size, chunk_size, fsync)
+        if self.bitmap.created and self.meta.get("mirror"):
+            self.meta["needs_verify"] = True   # state lost: bitmap gone, job was ours
+        if self.bitmap.damaged:
+            chunks = ", ".join(f"{a}-{b - 1}" for a, b in self.bitmap.damaged_chunks()[:4])
+            log.warning("volume %s: bitmap %s is damaged (%d of %d CRC blocks fail, "
+                        "chunks %s%s): its marks are not trusted; the volume attaches "
+                        "UNKNOWN so that the hub verifies it", self.name, self.bitmap_path,
+                        len(self.bitmap.damaged), self.bitmap.blocks, chunks,
+                        ", ..." if len(self.bitmap.damaged) > 4 else "")
+            self.meta["needs_verify"] = True
+            self.save_meta()
+            self.bitmap.reseal()
 
     def save_meta(self) -> None:
         tmp = self.meta_path + ".tmp"
@@ -2233,12 +2387,9 @@ class Agent:
                  self.qmp.version.get("micro"))
         for vol in self.volumes:
             info = find_node(self.qmp, vol.node)
-            vol.size = info["image"]["virtual-size"]
             vol.source = self._make_source(vol, info)
-            vol.bitmap = DirtyBitmap(vol.bitmap_path, vol.size, self.cfg.chunk_size,
-                                     self.cfg.fsync_bitmap)
-            if vol.bitmap.created and vol.meta.get("mirror"):
-                vol.meta["needs_verify"] = True   # state lost: bitmap gone, job was ours
+            vol.open_bitmap(info["image"]["virtual-size"], self.cfg.chunk_size,
+                            self.cfg.fsync_bitmap)
             log.info("volume %s: node %s, %d bytes, %d chunks of %d, %d dirty, generation %s",
                      vol.name, vol.node, vol.size, vol.bitmap.chunks, self.cfg.chunk_size,
                      vol.bitmap.dirty_count, vol.bitmap.generation.hex())
@@ -3153,7 +3304,11 @@ def cmd_protect(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    agent = Agent(cfg)
+    try:
+        agent = Agent(cfg)      # reads each VOLUME.json
+    except (OSError, ValueError) as err:
+        log.error("cannot start: %s", err)
+        return 1
     try:
         agent.start()
     except (OSError, QMPError, QMPClosed, LookupError, ValueError, BitmapError) as err:
@@ -3192,7 +3347,12 @@ def cmd_unprotect(args) -> int:
     rc = 0
     try:
         for node, volume in args.node:
-            vol = Volume(volume, node, state_dir)
+            try:
+                vol = Volume(volume, node, state_dir)
+            except (OSError, ValueError) as err:
+                print(f"repagent.py: {volume}: {err}", file=sys.stderr)
+                rc = 1
+                continue
             try:
                 teardown_mirror(qmp, vol.meta)
                 vol.meta["mirror"] = False

@@ -19,14 +19,18 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 import protocol as p
 import repagent as ra
 
+ROOT = Path(ra.__file__).resolve().parent
 CHUNK = 64 * 1024
 SIZE = 16 * CHUNK
 SECRET = bytes(range(32))
@@ -228,3 +232,202 @@ def test_a_connection_that_stayed_attached_resets_the_backoff(heartbeat_agent, m
         assert not hub.problems, hub.problems
     finally:
         hub.close()
+
+
+# ---------------------------------------------------------------------------
+# Damaged state files (issue 15 item 3)
+
+
+def damage(path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_every_bitmap_change_keeps_the_block_crcs_true(tmp_path):
+    path = str(tmp_path / "v.bitmap")
+    bm = ra.DirtyBitmap(path, SIZE, CHUNK)
+    assert bm.created and not bm.damaged
+    bm.mark(range(1, 4))
+    bm.add_inflight(range(1, 2))
+    bm.ack(range(1, 2))
+    bm.lose(range(2, 3), 5)
+    bm.synced(range(2, 3), 6)
+    bm.mark(range(9, 10))
+    bm.close()
+    again = ra.DirtyBitmap(path, SIZE, CHUNK)
+    try:
+        assert not again.damaged, "a bitmap changed only through its methods is intact"
+        assert list(again.set_chunks()) == [3, 9]
+        again.clear_all()
+    finally:
+        again.close()
+    third = ra.DirtyBitmap(path, SIZE, CHUNK)
+    try:
+        assert not third.damaged and third.dirty_count == 0
+    finally:
+        third.close()
+
+
+def test_zeroed_bitmap_bits_are_found_with_an_intact_header(tmp_path):
+    path = str(tmp_path / "v.bitmap")
+    bm = ra.DirtyBitmap(path, SIZE, CHUNK)
+    bm.mark(range(5, 6))
+    bm.close()
+    damage(path, ra.BITMAP_HEADER.size, b"\0\0")    # chunk 5's byte, as bit rot would
+    again = ra.DirtyBitmap(path, SIZE, CHUNK)
+    try:
+        assert again.dirty_count == 0, "the damage did zero the mark"
+        assert again.damaged == [0] and again.damaged_chunks() == [(0, 16)]
+    finally:
+        again.close()
+
+
+def test_a_crash_between_a_bit_and_its_crc_looks_damaged_never_clean(tmp_path):
+    path = str(tmp_path / "v.bitmap")
+    bm = ra.DirtyBitmap(path, SIZE, CHUNK)
+    bm.bits[0] |= 0x04          # the bit is set, the agent dies before _seal
+    bm.close()
+    again = ra.DirtyBitmap(path, SIZE, CHUNK)
+    try:
+        assert again.damaged == [0]
+        assert again.is_set(2), "the mark itself is kept"
+    finally:
+        again.close()
+
+
+def test_a_damaged_bitmap_makes_the_volume_attach_unknown(tmp_path, caplog):
+    state = tmp_path / "state"
+    state.mkdir()
+    vol = ra.Volume("vol0", "disk0", str(state))
+    vol.open_bitmap(SIZE, CHUNK)
+    vol.bitmap.mark(range(7, 8))
+    vol.save_meta()
+    assert vol.attach_state() == p.VolumeState.DIRTY
+    vol.bitmap.close()
+    damage(vol.bitmap_path, ra.BITMAP_HEADER.size, bytes(2))   # the pending write forgotten
+
+    vol = ra.Volume("vol0", "disk0", str(state))
+    with caplog.at_level(logging.WARNING, logger="repagent"):
+        vol.open_bitmap(SIZE, CHUNK)
+    try:
+        assert vol.bitmap.dirty_count == 0
+        assert vol.attach_state() == p.VolumeState.UNKNOWN, "never CLEAN after damage"
+        lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(lines) == 1 and vol.bitmap_path in lines[0] and "damaged" in lines[0] \
+            and "UNKNOWN" in lines[0], lines
+    finally:
+        vol.bitmap.close()
+    # The verdict was saved before the CRCs were fixed: a restart still verifies.
+    again = ra.Volume("vol0", "disk0", str(state))
+    again.open_bitmap(SIZE, CHUNK)
+    try:
+        assert not again.bitmap.damaged
+        assert again.attach_state() == p.VolumeState.UNKNOWN
+    finally:
+        again.bitmap.close()
+
+
+def test_a_version_1_bitmap_is_upgraded_with_its_marks(tmp_path):
+    path = tmp_path / "v.bitmap"
+    generation = os.urandom(p.GENERATION_SIZE)
+    bits = bytearray(SIZE // CHUNK // 8)
+    bits[1] = 0x81                                   # chunks 8 and 15
+    path.write_bytes(ra.BITMAP_HEADER.pack(ra.BITMAP_MAGIC, 1, 0, CHUNK, SIZE, generation)
+                     + bytes(bits))
+    bm = ra.DirtyBitmap(str(path), SIZE, CHUNK)
+    try:
+        assert not bm.created and not bm.damaged and bm.generation == generation
+        assert list(bm.set_chunks()) == [8, 15]
+    finally:
+        bm.close()
+    assert path.stat().st_size == ra.BITMAP_HEADER.size + len(bits) + ra.BITMAP_CRC.size
+    assert ra.BITMAP_HEADER.unpack(path.read_bytes()[:64])[1] == ra.BITMAP_VERSION
+    again = ra.DirtyBitmap(str(path), SIZE, CHUNK)
+    try:
+        assert not again.damaged and list(again.set_chunks()) == [8, 15]
+    finally:
+        again.close()
+
+
+def test_a_terabyte_bitmap_has_few_crcs_and_each_change_reseals_one(tmp_path):
+    size = 1 << 40
+    bm = ra.DirtyBitmap(str(tmp_path / "big.bitmap"), size, CHUNK)
+    try:
+        assert bm.blocks == 512     # 2 MiB of bits, 2 KiB of CRCs
+        bm.mark(range(10_000_000, 10_000_001))
+        crc = bm._stored_crc(10_000_000 // 8 // ra.BITMAP_CRC_BLOCK)
+        assert crc == bm._block_crc(10_000_000 // 8 // ra.BITMAP_CRC_BLOCK)
+        assert not bm._stale
+    finally:
+        bm.close()
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"{\"node\": \"disk0\", \"mirr", "not JSON"),          # truncated
+    (bytes(200), "empty or zeroed"),
+    (b"", "empty or zeroed"),
+    (b"\xff\xfe garbage", "not UTF-8"),
+    (b"[1, 2]", "a JSON list, expected an object"),
+    (b"{\"node\": \"disk0\", \"mirror\": \"yes\"}", "'mirror' is 'yes'"),
+    (b"{\"node\": \"disk0\", \"needs_verify\": 0}", "'needs_verify' is 0")])
+def test_a_damaged_volume_json_is_named_set_aside_and_verified(tmp_path, caplog, content,
+                                                                 words):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "vol0.json").write_bytes(content)
+    with caplog.at_level(logging.WARNING, logger="repagent"):
+        vol = ra.Volume("vol0", "disk0", str(state))
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(lines) == 1, lines
+    assert str(state / "vol0.json") in lines[0] and words in lines[0], lines
+    assert (state / "vol0.json.damaged").read_bytes() == content, "the evidence is kept"
+    assert vol.meta["needs_verify"] is True and vol.meta["job_id"] == "ra-disk0"
+    vol.open_bitmap(SIZE, CHUNK)
+    try:
+        assert vol.attach_state() == p.VolumeState.UNKNOWN
+    finally:
+        vol.bitmap.close()
+    again = ra.Volume("vol0", "disk0", str(state))      # saved at once: a restart verifies
+    assert again.meta["needs_verify"] is True
+
+
+def test_a_volume_json_of_a_newer_format_or_another_node_is_refused(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "vol0.json").write_text('{"format": 9, "node": "disk0"}')
+    with pytest.raises(ValueError, match=r"vol0\.json: format 9 was written by a newer"):
+        ra.Volume("vol0", "disk0", str(state))
+    (state / "vol0.json").write_text('{"node": "disk7"}')
+    with pytest.raises(ValueError, match="belongs to node 'disk7', not 'disk0'"):
+        ra.Volume("vol0", "disk0", str(state))
+
+
+def run_agent(*argv, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "repagent.py"), *argv],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def write_secret(path: Path, mode: int = 0o600) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(SECRET.hex() + "\n")
+    os.chmod(path, mode)
+    return path
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"{\"node\": \"disk0\"", "is damaged (not JSON"),
+    (b"{\"format\": 9, \"node\": \"disk0\"}", "cannot start: "),
+    (b"{\"node\": \"disk9\"}", "cannot start: ")])
+def test_protect_with_a_bad_volume_json_says_so_in_one_line(tmp_path, content, words):
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "vol0.json").write_bytes(content)
+    out = run_agent("protect", "--hub", "127.0.0.1:9", "--agent-id", "a1", "--secret-file",
+                    str(write_secret(tmp_path / "secret")), "--qmp",
+                    str(tmp_path / "no-qmp.sock"), "--node", "disk0=vol0", "--state-dir",
+                    str(state))
+    assert out.returncode == 1, out
+    assert "Traceback" not in out.stderr, out.stderr
+    assert words in out.stderr and str(state / "vol0.json") in out.stderr, out.stderr
