@@ -96,7 +96,8 @@ Threads (each named; stopped by ``Agent.stopping`` and joined with a timeout)::
     qmp-reader           reads QMP replies and events
     nbd-*                the NBD target (nbd.py), calls ``TargetHandler``
 
-State directory (``--state-dir``)::
+State directory (``--state-dir``; created 0700, every file and socket in it
+0600 whatever the umask; an existing wider dir is named in a WARNING)::
 
     agent.lock           flock'ed by the running agent (one agent per dir)
     control.sock         status requests ("status\\n" -> one JSON document)
@@ -136,6 +137,7 @@ import random
 import signal
 import socket
 import ssl
+import stat
 import struct
 import sys
 import threading
@@ -234,6 +236,71 @@ def check_unix_path(path: str, what: str) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Private files (README "Configuration and security": another local user
+# must not read the bitmaps or connect to the sockets, whatever the umask)
+
+PRIVATE_FILE = 0o600
+PRIVATE_DIR = 0o700
+
+
+def private_open(path: str, flags: int) -> int:
+    """``os.open`` a file only its owner can read or write: created 0600
+    whatever the umask, and narrowed to 0600 if it existed wider."""
+    fd = os.open(path, flags | os.O_CLOEXEC, PRIVATE_FILE)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+            os.fchmod(fd, PRIVATE_FILE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def private_dir(path: str, what: str) -> None:
+    """Create ``path`` 0700 (parents as the umask says), or warn if it exists
+    with group or other permissions: its files and sockets are private, but
+    the operator chose the directory's mode, so it is named, not changed."""
+    try:
+        os.makedirs(path, PRIVATE_DIR)
+    except FileExistsError:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & 0o077:
+            log.warning("%s %s is open to group or others (mode %04o): chmod 700 %s",
+                        what, path, mode, path)
+        return
+    os.chmod(path, PRIVATE_DIR)    # the umask may have taken owner bits away
+
+
+def open_lockfile(state_dir: str):
+    """agent.lock (0600), for flock: one agent per state dir."""
+    return open(private_open(os.path.join(state_dir, "agent.lock"), os.O_RDWR | os.O_CREAT),
+                "a+")
+
+
+def listen_private_unix(sock: socket.socket, path: str, backlog: int) -> None:
+    """bind, chmod 0600, then listen: nobody else can connect, even for a moment."""
+    sock.bind(path)
+    os.chmod(path, PRIVATE_FILE)
+    sock.listen(backlog)
+
+
+def read_secret_file(path: str) -> bytes:
+    """The agent's secret, from a file only its owner can read (as ssh wants
+    of a private key): group or other permissions are refused."""
+    with open(path, encoding="ascii") as f:
+        mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+        if mode & 0o077:
+            how = "readable" if mode & 0o044 else "writable"
+            who = "others" if mode & 0o007 else "its group"
+            raise ValueError(f"secret file {path} is {how} by {who} (mode {mode:04o}): "
+                             f"chmod 600 {path}")
+        try:
+            return p.parse_secret(f.read(4096))
+        except ValueError as err:
+            raise ValueError(f"secret file {path}: {err}") from err
+
+
+# ---------------------------------------------------------------------------
 # The persistent dirty bitmap (SEMANTICS.md "Agent's dirty bitmap")
 
 # offset size field
@@ -294,7 +361,7 @@ class DirtyBitmap:
         self.crc_offset = BITMAP_HEADER.size + bits_size
         self.blocks = -(-bits_size // BITMAP_CRC_BLOCK)
         file_size = self.crc_offset + BITMAP_CRC.size * self.blocks
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = private_open(path, os.O_RDWR | os.O_CREAT)
         try:
             have = os.fstat(fd).st_size
             upgrade = False
@@ -1112,7 +1179,8 @@ class Volume:
 
     def save_meta(self) -> None:
         tmp = self.meta_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        fd = private_open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with open(fd, "w", encoding="utf-8") as f:
             json.dump(self.meta, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
@@ -2374,8 +2442,8 @@ class Agent:
         return lambda: FileSource(path)
 
     def start(self) -> None:
-        os.makedirs(self.cfg.state_dir, exist_ok=True)
-        self.lockfile = open(os.path.join(self.cfg.state_dir, "agent.lock"), "a+")
+        private_dir(self.cfg.state_dir, "state dir")
+        self.lockfile = open_lockfile(self.cfg.state_dir)
         try:
             fcntl.flock(self.lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -2396,6 +2464,9 @@ class Agent:
             vol.server = nbd.NBDServer(vol.target_socket, vol.name, vol.size,
                                        TargetHandler(self, vol))
             vol.server.start()
+            # NBDServer binds and listens in one call: the socket is made
+            # private right after, in a state dir that is private already.
+            os.chmod(vol.target_socket, PRIVATE_FILE)
             if delete_export(self.qmp, failback_export(vol.name)):
                 log.warning("volume %s: removed export %s left by an interrupted fail-back",
                             vol.name, failback_export(vol.name))
@@ -2491,8 +2562,7 @@ class Agent:
         except FileNotFoundError:
             pass
         self.control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.control.bind(path)
-        self.control.listen(4)
+        listen_private_unix(self.control, path, 4)
         self.control.settimeout(0.5)
 
     def _control_loop(self) -> None:
@@ -2982,8 +3052,7 @@ def export_uri(address, export: str) -> str:
 def cmd_recover(args) -> int:
     """Serve VOLUME at POINT from the hub as an NBD export until SIGTERM."""
     try:
-        with open(args.secret_file, encoding="ascii") as f:
-            secret = p.parse_secret(f.read())
+        secret = read_secret_file(args.secret_file)
         p.validate_name(args.agent_id, "agent id")
         p.validate_name(args.volume, "volume name")
         listen = parse_listen(args.listen)
@@ -3007,6 +3076,8 @@ def cmd_recover(args) -> int:
     server = nbd.NBDServer(listen, args.volume, ready.size, RecoveryHandler(client))
     try:
         server.start()
+        if isinstance(listen, str):
+            os.chmod(listen, PRIVATE_FILE)   # only its owner connects (the recovery VM's)
     except OSError as err:
         log.error("cannot listen on %s: %s", args.listen, err)
         client.close()
@@ -3283,8 +3354,7 @@ def setup_logging(level: str) -> None:
 
 def cmd_protect(args) -> int:
     try:
-        with open(args.secret_file, encoding="ascii") as f:
-            secret = p.parse_secret(f.read())
+        secret = read_secret_file(args.secret_file)
         p.validate_name(args.agent_id, "agent id")
     except (OSError, ValueError, p.ReplicationError) as err:
         print(f"repagent.py: {err}", file=sys.stderr)
@@ -3336,7 +3406,7 @@ def cmd_protect(args) -> int:
 
 def cmd_unprotect(args) -> int:
     state_dir = os.path.abspath(args.state_dir)
-    lockfile = open(os.path.join(state_dir, "agent.lock"), "a+")
+    lockfile = open_lockfile(state_dir)
     try:
         fcntl.flock(lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -16,11 +16,15 @@ runs in-process against a volume whose bitmap the test opens.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -431,3 +435,183 @@ def test_protect_with_a_bad_volume_json_says_so_in_one_line(tmp_path, content, w
     assert out.returncode == 1, out
     assert "Traceback" not in out.stderr, out.stderr
     assert words in out.stderr and str(state / "vol0.json") in out.stderr, out.stderr
+
+
+# ---------------------------------------------------------------------------
+# Private files, sockets and secrets (issue 16, the agent's side)
+
+
+class FakeQSD:
+    """Just enough of QSD's QMP for ``repagent.py protect`` to start: one raw
+    node over ``image``, a mirror job once the agent asks for one, no exports."""
+
+    def __init__(self, path: Path, image: Path, size: int):
+        self.path, self.image, self.size = path, image, size
+        self.commands: list[str] = []
+        self.mirrored = False
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(2)
+        self.listener.settimeout(0.1)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="test-qmp", daemon=True)
+        self.thread.start()
+
+    def answer(self, command: str):
+        if command == "query-named-block-nodes":
+            return [{"node-name": "disk0", "drv": "raw",
+                     "image": {"virtual-size": self.size, "filename": str(self.image)}}]
+        if command == "query-block-jobs":
+            return [{"device": "ra-disk0", "status": "running", "len": 0, "offset": 0}] \
+                if self.mirrored else []
+        if command == "blockdev-mirror":
+            self.mirrored = True
+        if command == "query-block-exports":
+            return []
+        if command == "x-debug-query-block-graph":
+            return {"nodes": [], "edges": []}
+        return {}
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with conn, conn.makefile("rwb") as f:
+                try:
+                    f.write(json.dumps({"QMP": {"version": {"qemu": {
+                        "major": 7, "minor": 2, "micro": 0}}, "capabilities": []}}).encode()
+                        + b"\n")
+                    f.flush()
+                    for line in f:
+                        request = json.loads(line)
+                        self.commands.append(request["execute"])
+                        f.write(json.dumps({"return": self.answer(request["execute"]),
+                                            "id": request.get("id")}).encode() + b"\n")
+                        f.flush()
+                except (OSError, ValueError):
+                    pass
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (the agent keeps retrying it)."""
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def short_dir():
+    path = Path(tempfile.mkdtemp(prefix="rah", dir="/tmp"))   # socket paths fit sun_path
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_under_umask_000_everything_the_agent_creates_is_private(short_dir):
+    image = short_dir / "disk.raw"
+    image.write_bytes(bytes(SIZE))
+    qsd = FakeQSD(short_dir / "qmp.sock", image, SIZE)
+    state = short_dir / "state"
+    log_path = short_dir / "agent.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "repagent.py"), "protect", "--hub",
+             f"127.0.0.1:{closed_port()}", "--agent-id", "a1", "--secret-file",
+             str(write_secret(short_dir / "secret")), "--qmp", str(qsd.path), "--node",
+             "disk0=vol0", "--state-dir", str(state), "--log-level", "INFO"],
+            cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, umask=0)
+    try:
+        def started():
+            if proc.poll() is not None:
+                raise AssertionError(f"agent exited {proc.returncode}:\n"
+                                     + log_path.read_text())
+            try:
+                return ra.query_status(str(state))
+            except (OSError, ValueError):
+                return None
+        wait_for(started, "the agent's control socket", timeout=30)
+        wait_for(lambda: "blockdev-mirror" in qsd.commands, "the mirror set up")
+        wait_for(lambda: (state / "vol0.json").exists(), "VOLUME.json saved")
+        modes = {name: os.stat(state / name).st_mode for name in
+                 ("vol0.bitmap", "vol0.json", "agent.lock", "control.sock", "vol0.nbd")}
+        assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+        assert {n: stat.S_IMODE(m) for n, m in modes.items()} == dict.fromkeys(modes, 0o600)
+        assert stat.S_ISSOCK(modes["control.sock"]) and stat.S_ISSOCK(modes["vol0.nbd"])
+        assert not [p for p in state.iterdir() if p.name not in modes], list(state.iterdir())
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        qsd.close()
+    assert "Traceback" not in log_path.read_text(), log_path.read_text()
+
+
+def test_an_existing_wide_state_dir_is_named_with_the_fix(tmp_path, caplog):
+    wide = tmp_path / "state"
+    wide.mkdir()
+    os.chmod(wide, 0o755)
+    with caplog.at_level(logging.WARNING, logger="repagent"):
+        ra.private_dir(str(wide), "state dir")
+    assert f"state dir {wide} is open to group or others (mode 0755): chmod 700 {wide}" \
+        in caplog.text
+    assert stat.S_IMODE(os.stat(wide).st_mode) == 0o755, "the operator's mode is kept"
+    caplog.clear()
+    os.chmod(wide, 0o700)
+    with caplog.at_level(logging.WARNING, logger="repagent"):
+        ra.private_dir(str(wide), "state dir")
+    assert not caplog.records
+
+
+def test_files_left_wide_by_an_older_agent_are_narrowed(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    vol = ra.Volume("vol0", "disk0", str(state))
+    vol.open_bitmap(SIZE, CHUNK)
+    vol.bitmap.close()
+    vol.save_meta()
+    for name in ("vol0.bitmap", "vol0.json"):
+        os.chmod(state / name, 0o666)
+    vol = ra.Volume("vol0", "disk0", str(state))
+    vol.open_bitmap(SIZE, CHUNK)
+    vol.bitmap.close()
+    vol.save_meta()
+    ra.open_lockfile(str(state)).close()
+    for name in ("vol0.bitmap", "vol0.json", "agent.lock"):
+        assert stat.S_IMODE(os.stat(state / name).st_mode) == 0o600, name
+
+
+@pytest.mark.parametrize("mode, words", [
+    (0o644, "is readable by others (mode 0644)"),
+    (0o640, "is readable by its group (mode 0640)"),
+    (0o602, "is writable by others (mode 0602)")])
+@pytest.mark.parametrize("command", ["protect", "recover"])
+def test_a_secret_file_others_can_read_is_refused(tmp_path, mode, words, command):
+    secret = write_secret(tmp_path / "secret", mode)
+    common = ["--hub", "127.0.0.1:9", "--agent-id", "a1", "--secret-file", str(secret)]
+    argv = {"protect": ["protect", *common, "--qmp", str(tmp_path / "q.sock"), "--node",
+                        "disk0=vol0", "--state-dir", str(tmp_path / "state")],
+            "recover": ["recover", *common, "--volume", "vol0", "--at", "latest", "--test",
+                        "--listen", f"unix:{tmp_path}/n.sock"]}[command]
+    out = run_agent(*argv)
+    assert out.returncode == 2, out
+    assert f"secret file {secret} {words}: chmod 600 {secret}" in out.stderr, out.stderr
+    assert not (tmp_path / "state").exists(), "refused before anything was created"
+
+
+def test_a_private_secret_file_is_read_and_a_bad_one_is_named(tmp_path):
+    good = write_secret(tmp_path / "good")
+    assert ra.read_secret_file(str(good)) == SECRET
+    bad = tmp_path / "bad"
+    write_secret(bad).write_text("not hex\n")
+    with pytest.raises(ValueError, match=f"secret file {bad}: secret is not a hex string"):
+        ra.read_secret_file(str(bad))

@@ -359,6 +359,7 @@ class AgentTarget:
         self.secret = secrets.token_bytes(32)
         secret_file = workdir / "fz.secret"
         secret_file.write_text(self.secret.hex() + "\n")
+        secret_file.chmod(0o600)
         self.qmpdir = short_tmpdir("fzq")
         qmp = self.qmpdir / "qmp.sock"
         self.qsd = QSD(workdir / "qsd", size=VOLUME_SIZE, extra_args=[
