@@ -1102,6 +1102,7 @@ class Volume:
         self.bitmap_path = os.path.join(state_dir, f"{name}.bitmap")
         self.target_socket = check_unix_path(os.path.join(state_dir, f"{name}.nbd"),
                                               "NBD target socket")
+        self.meta_missing = False       # no VOLUME.json (set by _load_meta)
         self.meta = self._load_meta()
         self.size = 0
         self.bitmap: DirtyBitmap | None = None
@@ -1133,6 +1134,7 @@ class Volume:
             with open(self.meta_path, "rb") as f:
                 raw = f.read(MAX_META_SIZE + 1)
         except FileNotFoundError:
+            self.meta_missing = True
             return meta
         saved, problem = parse_meta(raw)
         if problem is None and saved.get("format", 1) > META_FORMAT:
@@ -1145,8 +1147,12 @@ class Volume:
             meta.update(saved)
             meta["format"] = META_FORMAT
             return meta
+        # The evidence is copied aside, then replaced by a file that says
+        # "verify": a crash in between finds the damaged file again.
         aside = self.meta_path + ".damaged"
-        os.replace(self.meta_path, aside)
+        fd = private_open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with open(fd, "wb") as f:
+            f.write(raw)
         log.warning("volume %s: state file %s is damaged (%s): not trusted, kept as %s; "
                     "the volume attaches UNKNOWN so that the hub verifies it", self.name,
                     self.meta_path, problem, aside)
@@ -1166,6 +1172,13 @@ class Volume:
         self.bitmap = DirtyBitmap(self.bitmap_path, size, chunk_size, fsync)
         if self.bitmap.created and self.meta.get("mirror"):
             self.meta["needs_verify"] = True   # state lost: bitmap gone, job was ours
+        if self.meta_missing and not self.bitmap.created:
+            # Whatever it said (a verify still owed, say) is lost with it.
+            log.warning("volume %s: state file %s is missing but its bitmap is not: the "
+                        "volume attaches UNKNOWN so that the hub verifies it", self.name,
+                        self.meta_path)
+            self.meta["needs_verify"] = True
+            self.save_meta()
         if self.bitmap.damaged:
             chunks = ", ".join(f"{a}-{b - 1}" for a, b in self.bitmap.damaged_chunks()[:4])
             log.warning("volume %s: bitmap %s is damaged (%d of %d CRC blocks fail, "
@@ -2408,7 +2421,7 @@ class Agent:
                             vol.meta["filter_node"])
             vol.bypass_writers = bypass
 
-    def _setup_volume_mirror(self, vol: Volume) -> None:
+    def _setup_volume_mirror(self, vol: Volume) -> JobSetup:
         outcome = setup_mirror(self.qmp, vol.meta, vol.target_socket, vol.name,
                                self.cfg.chunk_size, self.cfg.reconnect_delay)
         if outcome == JobSetup.RESTARTED:
@@ -2427,6 +2440,7 @@ class Agent:
         vol.job_info, vol.job_status = job, job.get("status", "gone")
         if outcome == JobSetup.RESTARTED and self.conn is not None:
             self.conn.close("QSD restarted: re-attaching with state UNKNOWN")
+        return outcome
 
     # -- start and stop (main thread) ----------------------------------------------
 
@@ -2470,7 +2484,16 @@ class Agent:
             if delete_export(self.qmp, failback_export(vol.name)):
                 log.warning("volume %s: removed export %s left by an interrupted fail-back",
                             vol.name, failback_export(vol.name))
-            self._setup_volume_mirror(vol)
+            outcome = self._setup_volume_mirror(vol)
+            if outcome == JobSetup.RESUMED and vol.bitmap.created \
+                    and not vol.meta["needs_verify"]:
+                # Our job ran before this bitmap existed: the marks of the
+                # writes it had sent us, not ACKed yet, went with the old one.
+                log.warning("volume %s: mirror job %s is older than the bitmap %s (state "
+                            "dir lost or replaced): the hub will verify", vol.name,
+                            vol.meta["job_id"], vol.bitmap_path)
+                vol.meta["needs_verify"] = True
+                vol.save_meta()
         self._start_control()
         specs = [("repagent-heartbeat", self._heartbeat_loop),
                  ("repagent-timer", self._timer_loop),

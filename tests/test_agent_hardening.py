@@ -445,10 +445,10 @@ class FakeQSD:
     """Just enough of QSD's QMP for ``repagent.py protect`` to start: one raw
     node over ``image``, a mirror job once the agent asks for one, no exports."""
 
-    def __init__(self, path: Path, image: Path, size: int):
+    def __init__(self, path: Path, image: Path, size: int, job: bool = False):
         self.path, self.image, self.size = path, image, size
         self.commands: list[str] = []
-        self.mirrored = False
+        self.mirrored = job             # the agent's job runs already
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(str(path))
         self.listener.listen(2)
@@ -514,29 +514,51 @@ def short_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
+class ProtectProc:
+    """``repagent.py protect`` of FakeQSD's disk0 as vol0, towards a hub
+    address nothing listens on (it keeps retrying: no hub is needed here)."""
+
+    def __init__(self, workdir: Path, qsd: FakeQSD, umask: int = 0o022):
+        self.state = workdir / "state"
+        self.log = workdir / "agent.log"
+        with open(self.log, "wb") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "repagent.py"), "protect", "--hub",
+                 f"127.0.0.1:{closed_port()}", "--agent-id", "a1", "--secret-file",
+                 str(write_secret(workdir / "secret")), "--qmp", str(qsd.path), "--node",
+                 "disk0=vol0", "--state-dir", str(self.state), "--log-level", "INFO"],
+                cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, umask=umask)
+
+    def status(self, timeout: float = 30.0) -> dict:
+        def answer():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited {self.proc.returncode}:\n"
+                                     + self.log.read_text())
+            try:
+                return ra.query_status(str(self.state))
+            except (OSError, ValueError):
+                return None
+        return wait_for(answer, "the agent's control socket", timeout=timeout)
+
+    def stop(self) -> str:
+        """SIGTERM, reap; the log."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        return self.log.read_text()
+
+
 def test_under_umask_000_everything_the_agent_creates_is_private(short_dir):
     image = short_dir / "disk.raw"
     image.write_bytes(bytes(SIZE))
     qsd = FakeQSD(short_dir / "qmp.sock", image, SIZE)
-    state = short_dir / "state"
-    log_path = short_dir / "agent.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "repagent.py"), "protect", "--hub",
-             f"127.0.0.1:{closed_port()}", "--agent-id", "a1", "--secret-file",
-             str(write_secret(short_dir / "secret")), "--qmp", str(qsd.path), "--node",
-             "disk0=vol0", "--state-dir", str(state), "--log-level", "INFO"],
-            cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, umask=0)
+    agent = ProtectProc(short_dir, qsd, umask=0)
+    state = agent.state
     try:
-        def started():
-            if proc.poll() is not None:
-                raise AssertionError(f"agent exited {proc.returncode}:\n"
-                                     + log_path.read_text())
-            try:
-                return ra.query_status(str(state))
-            except (OSError, ValueError):
-                return None
-        wait_for(started, "the agent's control socket", timeout=30)
+        agent.status()
         wait_for(lambda: "blockdev-mirror" in qsd.commands, "the mirror set up")
         wait_for(lambda: (state / "vol0.json").exists(), "VOLUME.json saved")
         modes = {name: os.stat(state / name).st_mode for name in
@@ -546,14 +568,47 @@ def test_under_umask_000_everything_the_agent_creates_is_private(short_dir):
         assert stat.S_ISSOCK(modes["control.sock"]) and stat.S_ISSOCK(modes["vol0.nbd"])
         assert not [p for p in state.iterdir() if p.name not in modes], list(state.iterdir())
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        log = agent.stop()
         qsd.close()
-    assert "Traceback" not in log_path.read_text(), log_path.read_text()
+    assert "Traceback" not in log, log
+
+
+def test_a_mirror_job_older_than_a_new_bitmap_makes_the_volume_verified(short_dir):
+    """The state dir was lost while the job ran: the marks of writes not yet
+    ACKed went with it, so the volume must not attach CLEAN."""
+    image = short_dir / "disk.raw"
+    image.write_bytes(bytes(SIZE))
+    qsd = FakeQSD(short_dir / "qmp.sock", image, SIZE, job=True)
+    agent = ProtectProc(short_dir, qsd)
+    try:
+        vol = agent.status()["volumes"][0]
+        assert vol["needs_verify"] is True and vol["dirty_bytes"] == 0
+        assert "blockdev-mirror" not in qsd.commands, "the job is resumed, not restarted"
+    finally:
+        log = agent.stop()
+        qsd.close()
+    assert "is older than the bitmap" in log and "the hub will verify" in log, log
+    assert json.loads((agent.state / "vol0.json").read_text())["needs_verify"] is True
+
+
+def test_a_deleted_volume_json_beside_a_bitmap_makes_the_volume_verified(tmp_path, caplog):
+    state = tmp_path / "state"
+    state.mkdir()
+    vol = ra.Volume("vol0", "disk0", str(state))
+    vol.open_bitmap(SIZE, CHUNK)
+    vol.meta["mirror"] = True
+    vol.save_meta()
+    vol.bitmap.close()
+    os.unlink(vol.meta_path)
+    vol = ra.Volume("vol0", "disk0", str(state))
+    with caplog.at_level(logging.WARNING, logger="repagent"):
+        vol.open_bitmap(SIZE, CHUNK)
+    try:
+        assert vol.attach_state() == p.VolumeState.UNKNOWN
+        assert f"{vol.meta_path} is missing but its bitmap is not" in caplog.text
+    finally:
+        vol.bitmap.close()
+    assert json.loads(open(vol.meta_path).read())["needs_verify"] is True
 
 
 def test_an_existing_wide_state_dir_is_named_with_the_fix(tmp_path, caplog):
