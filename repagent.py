@@ -633,7 +633,11 @@ class QMPClient:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.settimeout(timeout)
-            self.sock.connect(path)
+            try:
+                self.sock.connect(path)
+            except OSError as err:      # name the socket: errno alone does not
+                raise QMPClosed(f"cannot connect to QMP socket {path}: "
+                                f"{err.strerror or err}") from err
             self._file = self.sock.makefile("rb")
             greeting = self._read_json()
             # QSD 7.2 can hand a new client events that were pending for a

@@ -435,6 +435,8 @@ def test_protect_with_a_bad_volume_json_says_so_in_one_line(tmp_path, content, w
     assert out.returncode == 1, out
     assert "Traceback" not in out.stderr, out.stderr
     assert words in out.stderr and str(state / "vol0.json") in out.stderr, out.stderr
+    if "damaged" in words:      # then it starts, and stops at the missing QSD
+        assert f"cannot connect to QMP socket {tmp_path / 'no-qmp.sock'}" in out.stderr
 
 
 # ---------------------------------------------------------------------------
