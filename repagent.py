@@ -172,11 +172,13 @@ BACKOFF_MIN = 0.2
 BACKOFF_MAX = 5.0
 """Reconnect backoff bounds (seconds, doubling, with jitter)."""
 
-HEALTHY_CONNECTION = 5.0
+HEALTHY_CONNECTION = 2.0
 """A connection resets the reconnect backoff only once a volume has stayed
 attached on it this long (seconds).  A hub that completes the handshake and
-then fails (closes, or refuses ATTACH, at once) is retried with the same
-growing backoff as one that refuses the connection, not at once."""
+then fails (closes, or refuses ATTACH) is retried with the same growing
+backoff as one that refuses the connection, not at once; one that attaches
+and then closes costs at most one connection per this many seconds.  Short,
+so that a hub restarted soon after the agent connected is not waited for."""
 
 JOB_POLL_INTERVAL = 1.0
 """How often the mirror jobs are checked (and a paused job resumed)."""
