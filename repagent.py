@@ -170,7 +170,8 @@ fails a target write (and the job pauses): long enough for an agent restart."""
 
 BACKOFF_MIN = 0.2
 BACKOFF_MAX = 5.0
-"""Reconnect backoff bounds (seconds, doubling, with jitter)."""
+"""Reconnect backoff bounds (seconds, doubling, with jitter); ``--max-backoff``
+lowers the upper one (and the lower one with it, if it is lower still)."""
 
 HEALTHY_CONNECTION = 2.0
 """A connection resets the reconnect backoff only once a volume has stayed
@@ -1445,6 +1446,7 @@ class Config:
     unprotect_on_exit: bool = False
     fsync_bitmap: bool = False
     accept_failback: bool = False
+    max_backoff: float = BACKOFF_MAX
 
     @property
     def ping_interval(self) -> float:
@@ -2317,7 +2319,7 @@ class Agent:
         self.retry_at = time.monotonic() + delay
         self.stopping.wait(delay)
         self.retry_at = None
-        return min(backoff * 2, BACKOFF_MAX)
+        return min(backoff * 2, self.cfg.max_backoff)
 
     def _heartbeat_loop(self) -> None:
         """repagent-heartbeat thread: the only one that (re)connects to the hub.
@@ -2327,7 +2329,7 @@ class Agent:
         hub that answers the handshake and then closes is retried as slowly
         as one that refuses the connection.  Only a healthy connection's end
         reconnects at once and resets the backoff."""
-        backoff = BACKOFF_MIN
+        least = backoff = min(BACKOFF_MIN, self.cfg.max_backoff)
         conn: HubConnection | None = None   # ours until it has ended, even if
         while not self.stopping.is_set():   # connection_lost forgot it already
             if conn is None:
@@ -2355,7 +2357,7 @@ class Agent:
             if conn.ended.wait(min(0.5, self.cfg.ping_interval)):
                 conn.join(1.0)
                 if conn.healthy(time.monotonic()):
-                    backoff = BACKOFF_MIN
+                    backoff = least
                 elif not self.stopping.is_set():
                     log.info("hub connection ended %.1fs after the handshake, before a "
                              "volume stayed attached %.0fs: next attempt in about %.1fs",
@@ -3312,6 +3314,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="QEMU NBD client reconnect-delay for the mirror target (s)")
     pr.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT,
                     help="on SIGTERM, how long to wait for the hub's ACKs (s)")
+    pr.add_argument("--max-backoff", type=float, default=BACKOFF_MAX,
+                    help="longest wait between attempts to reach a hub that refuses or "
+                         f"fails (s, default {BACKOFF_MAX:g}; doubling from "
+                         f"{BACKOFF_MIN:g})")
     pr.add_argument("--unprotect", action="store_true",
                     help="on SIGTERM also tear the mirror jobs down")
     pr.add_argument("--fsync-bitmap", action="store_true",
@@ -3394,11 +3400,16 @@ def cmd_protect(args) -> int:
                  hub_timeout=args.hub_timeout, max_queue=args.max_queue, tls_ca=args.tls_ca,
                  sources=dict(args.source), reconnect_delay=args.reconnect_delay,
                  drain_timeout=args.drain_timeout, unprotect_on_exit=args.unprotect,
-                 fsync_bitmap=args.fsync_bitmap, accept_failback=args.accept_failback)
+                 fsync_bitmap=args.fsync_bitmap, accept_failback=args.accept_failback,
+                 max_backoff=args.max_backoff)
     try:
         p.check_chunk_size(cfg.chunk_size)
     except p.InvalidField as err:
         print(f"repagent.py: --chunk-size: {err}", file=sys.stderr)
+        return 2
+    if not 0 < cfg.max_backoff <= 3600:
+        print(f"repagent.py: --max-backoff {cfg.max_backoff:g}: expected more than 0 and "
+              "at most 3600 seconds", file=sys.stderr)
         return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -130,10 +130,10 @@ def heartbeat_agent(tmp_path):
     connects to the hub address the test passes."""
     made = []
 
-    def make(address):
+    def make(address, max_backoff=ra.BACKOFF_MAX):
         cfg = ra.Config(hub=address, agent_id="a1", secret=SECRET, qmp="-",
                         nodes=[("disk0", "vol0")], state_dir=str(tmp_path / "state"),
-                        hub_timeout=5.0)
+                        hub_timeout=5.0, max_backoff=max_backoff)
         os.makedirs(cfg.state_dir, exist_ok=True)
         agent = ra.Agent(cfg)
         vol = agent.volumes[0]
@@ -193,6 +193,28 @@ def test_a_hub_failing_after_the_handshake_is_retried_with_a_growing_backoff(
         assert not hub.problems, hub.problems
     finally:
         hub.close()
+
+
+def test_max_backoff_bounds_the_wait(heartbeat_agent):
+    hub = ScriptedHub(refuse_attach)
+    try:
+        heartbeat_agent(hub.address, max_backoff=0.05)
+        wait_for(lambda: len(hub.accepted) >= 8, "eight connections", timeout=20)
+        gaps = [b - a for a, b in zip(hub.accepted, hub.accepted[1:])]
+        assert max(gaps[:7]) < 0.5, gaps
+        assert not hub.problems, hub.problems
+    finally:
+        hub.close()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1e9"])
+def test_max_backoff_out_of_range_is_refused(tmp_path, value):
+    out = run_agent("protect", "--hub", "127.0.0.1:9", "--agent-id", "a1", "--secret-file",
+                    str(write_secret(tmp_path / "secret")), "--qmp", str(tmp_path / "q.sock"),
+                    "--node", "disk0=vol0", "--state-dir", str(tmp_path / "state"),
+                    "--max-backoff", value)
+    assert out.returncode == 2, out
+    assert f"--max-backoff {float(value):g}: expected more than 0" in out.stderr, out.stderr
 
 
 def test_a_connection_that_stayed_attached_resets_the_backoff(heartbeat_agent, monkeypatch):
