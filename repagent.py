@@ -293,8 +293,10 @@ def read_secret_file(path: str) -> bytes:
     with open(path, encoding="ascii") as f:
         mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
         if mode & 0o077:
-            how = "readable" if mode & 0o044 else "writable"
-            who = "others" if mode & 0o007 else "its group"
+            for bits, how in ((0o044, "readable"), (0o022, "writable"), (0o011, "usable")):
+                if mode & bits:
+                    who = "others" if mode & bits & 0o007 else "its group"
+                    break
             raise ValueError(f"secret file {path} is {how} by {who} (mode {mode:04o}): "
                              f"chmod 600 {path}")
         try:
@@ -368,7 +370,10 @@ class DirtyBitmap:
         try:
             have = os.fstat(fd).st_size
             upgrade = False
-            if self.created or have == 0:
+            # Empty, or a header of zeroes: a creation that a crash cut short
+            # before its header (written last) was written.
+            if self.created or have == 0 or os.pread(fd, BITMAP_HEADER.size, 0) == bytes(
+                    min(have, BITMAP_HEADER.size)):
                 self.created = True
                 self.generation = os.urandom(p.GENERATION_SIZE)
                 os.ftruncate(fd, file_size)

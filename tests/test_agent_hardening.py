@@ -354,6 +354,17 @@ def test_a_damaged_bitmap_makes_the_volume_attach_unknown(tmp_path, caplog):
         again.bitmap.close()
 
 
+def test_a_bitmap_whose_creation_was_cut_short_is_created_again(tmp_path):
+    path = tmp_path / "v.bitmap"
+    path.write_bytes(bytes(ra.BITMAP_HEADER.size + SIZE // CHUNK // 8 + ra.BITMAP_CRC.size))
+    bm = ra.DirtyBitmap(str(path), SIZE, CHUNK)
+    try:
+        assert bm.created and not bm.damaged and bm.generation != bytes(p.GENERATION_SIZE)
+    finally:
+        bm.close()
+    assert ra.BITMAP_HEADER.unpack(path.read_bytes()[:64])[0] == ra.BITMAP_MAGIC
+
+
 def test_a_version_1_bitmap_is_upgraded_with_its_marks(tmp_path):
     path = tmp_path / "v.bitmap"
     generation = os.urandom(p.GENERATION_SIZE)
@@ -672,7 +683,8 @@ def test_files_left_wide_by_an_older_agent_are_narrowed(tmp_path):
 @pytest.mark.parametrize("mode, words", [
     (0o644, "is readable by others (mode 0644)"),
     (0o640, "is readable by its group (mode 0640)"),
-    (0o602, "is writable by others (mode 0602)")])
+    (0o602, "is writable by others (mode 0602)"),
+    (0o641, "is readable by its group (mode 0641)")])
 @pytest.mark.parametrize("command", ["protect", "recover"])
 def test_a_secret_file_others_can_read_is_refused(tmp_path, mode, words, command):
     secret = write_secret(tmp_path / "secret", mode)
