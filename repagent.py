@@ -370,16 +370,17 @@ class DirtyBitmap:
         try:
             have = os.fstat(fd).st_size
             upgrade = False
-            # Empty, or a header of zeroes: a creation that a crash cut short
-            # before its header (written last) was written.
-            if self.created or have == 0 or os.pread(fd, BITMAP_HEADER.size, 0) == bytes(
-                    min(have, BITMAP_HEADER.size)):
+            # Empty, or all zeroes: a creation that a crash cut short before
+            # its header (written last) was written.  (Zeroes in the header
+            # only are damage: refused below, as a bad magic.)
+            header = os.pread(fd, BITMAP_HEADER.size, 0)
+            if self.created or have == 0 or (have == file_size and not any(header)
+                                             and not any(os.pread(fd, file_size, 0))):
                 self.created = True
                 self.generation = os.urandom(p.GENERATION_SIZE)
                 os.ftruncate(fd, file_size)
             else:
-                self.generation, version = self._check_header(
-                    os.pread(fd, BITMAP_HEADER.size, 0), have, file_size)
+                self.generation, version = self._check_header(header, have, file_size)
                 if version == BITMAP_VERSION_NO_CRC:
                     upgrade = True
                     os.ftruncate(fd, file_size)

@@ -363,6 +363,11 @@ def test_a_bitmap_whose_creation_was_cut_short_is_created_again(tmp_path):
     finally:
         bm.close()
     assert ra.BITMAP_HEADER.unpack(path.read_bytes()[:64])[0] == ra.BITMAP_MAGIC
+    marked = bytearray(path.stat().st_size)
+    marked[ra.BITMAP_HEADER.size] = 1           # a zeroed header over real marks
+    path.write_bytes(bytes(marked))
+    with pytest.raises(ra.BitmapError, match="bad magic"):
+        ra.DirtyBitmap(str(path), SIZE, CHUNK)
 
 
 def test_a_version_1_bitmap_is_upgraded_with_its_marks(tmp_path):
