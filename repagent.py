@@ -3523,6 +3523,8 @@ def format_status(status: dict) -> str:
     age = status["last_ack_age_s"]
     cause = f" ({status['link_cause']})" if status["connection"] != "connected" \
         and status["link_cause"] else ""
+    if status.get("retry_in_s") is not None:
+        cause += f", next attempt in {status['retry_in_s']:.1f} s"
     rtt = status.get("rtt_s")
     lines = [f"agent {status['agent_id']} -> hub {status['hub']}: {status['connection']}{cause}",
              f"mode {status['mode']}, queue {status['queue_frames']} frames / "
@@ -3530,11 +3532,9 @@ def format_status(status: dict) -> str:
              f"last ACK {'never' if age is None else f'{age:.1f} s ago'}, "
              f"RTT {'-' if rtt is None else f'{rtt * 1e3:.2f} ms'}"]
     gone = status.get("last_disconnect")
-    if gone:
-        retry = status.get("retry_in_s")
+    if gone and status["connection"] == "connected":   # else the first line says why
         lines.append(f"last disconnect {max(0.0, time.time() - gone['at']):.1f} s ago, "
-                     f"{gone['lived_s']:.1f} s after connecting: {gone['reason']}"
-                     + ("" if retry is None else f"; next attempt in {retry:.1f} s"))
+                     f"{gone['lived_s']:.1f} s after connecting: {gone['reason']}")
     lines.append("")
     rows = []
     for v in status["volumes"]:

@@ -188,6 +188,9 @@ def test_a_hub_failing_after_the_handshake_is_retried_with_a_growing_backoff(
                  "the table during a backoff")
         text = ra.format_status(agent.status())
         assert said in text, text
+        st = agent.status()
+        st["connection"] = "connected"          # as between two attempts
+        assert f"after connecting: {st['last_disconnect']['reason']}" in ra.format_status(st)
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         assert any(said in m and "disconnected" in m for m in warnings), warnings
         assert not hub.problems, hub.problems
