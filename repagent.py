@@ -2664,6 +2664,8 @@ class Agent:
                     "job_io_status": vol.job_info.get("io-status"),
                     "generation": vol.bitmap.generation.hex(),
                     "needs_verify": vol.meta["needs_verify"],
+                    # What the next ATTACH will say (UNKNOWN: the hub verifies).
+                    "attach_state": vol.attach_state().name,
                     "bypass_writers": vol.bypass_writers,
                     "counters": dict(vol.counters)})
             return {

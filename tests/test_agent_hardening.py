@@ -604,6 +604,7 @@ def test_under_umask_000_everything_the_agent_creates_is_private(short_dir):
         agent.status()
         wait_for(lambda: "blockdev-mirror" in qsd.commands, "the mirror set up")
         wait_for(lambda: (state / "vol0.json").exists(), "VOLUME.json saved")
+        assert agent.status()["volumes"][0]["attach_state"] == "CLEAN"
         modes = {name: os.stat(state / name).st_mode for name in
                  ("vol0.bitmap", "vol0.json", "agent.lock", "control.sock", "vol0.nbd")}
         assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
@@ -626,6 +627,7 @@ def test_a_mirror_job_older_than_a_new_bitmap_makes_the_volume_verified(short_di
     try:
         vol = agent.status()["volumes"][0]
         assert vol["needs_verify"] is True and vol["dirty_bytes"] == 0
+        assert vol["attach_state"] == "UNKNOWN"
         assert "blockdev-mirror" not in qsd.commands, "the job is resumed, not restarted"
     finally:
         log = agent.stop()
@@ -714,3 +716,32 @@ def test_a_private_secret_file_is_read_and_a_bad_one_is_named(tmp_path):
     write_secret(bad).write_text("not hex\n")
     with pytest.raises(ValueError, match=f"secret file {bad}: secret is not a hex string"):
         ra.read_secret_file(str(bad))
+
+
+def test_protect_restarted_on_a_zeroed_bitmap_attaches_unknown(short_dir):
+    """Issue 15 item 3 through the real command: a write QEMU made while the
+    hub was away is marked; the bitmap's bits are zeroed on disk while the
+    agent is stopped; the restarted agent must not attach CLEAN."""
+    import nbd
+    image = short_dir / "disk.raw"
+    image.write_bytes(bytes(SIZE))
+    qsd = FakeQSD(short_dir / "qmp.sock", image, SIZE)
+    try:
+        agent = ProtectProc(short_dir, qsd)
+        agent.status()
+        client = nbd.NBDClient(str(agent.state / "vol0.nbd"), "vol0", timeout=10)
+        client.write(3 * CHUNK, b"w" * 4096)       # as the mirror would
+        client.close()
+        assert agent.status()["volumes"][0]["attach_state"] == "DIRTY"
+        agent.stop()
+        bitmap = agent.state / "vol0.bitmap"
+        damage(bitmap, ra.BITMAP_HEADER.size, bytes(SIZE // CHUNK // 8))
+        again = ProtectProc(short_dir, qsd)
+        vol = again.status()["volumes"][0]
+        assert (vol["attach_state"], vol["dirty_bytes"]) == ("UNKNOWN", 0)
+        log = again.stop()
+    finally:
+        qsd.close()
+    lines = [line for line in log.splitlines() if "WARNING" in line and str(bitmap) in line]
+    assert len(lines) == 1 and "is damaged" in lines[0], log
+    assert "Traceback" not in log, log
