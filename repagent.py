@@ -1423,7 +1423,9 @@ class HubConnection:
 
     def join(self, timeout: float) -> None:
         for t in self.threads:
-            if t is not threading.current_thread():
+            # Not started: closed by Agent.stop while the heartbeat thread was
+            # between making it current and starting it (they exit at once).
+            if t is not threading.current_thread() and t.ident is not None:
                 t.join(timeout)
         self.sock.close()
 

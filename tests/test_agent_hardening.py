@@ -149,13 +149,13 @@ def heartbeat_agent(tmp_path):
     yield make
     for agent in made:
         agent.stopping.set()
+        for t in agent.threads:             # the heartbeat first: it makes connections
+            t.join(10)
+            assert not t.is_alive(), f"{t.name} did not stop"
         conn = agent.conn
         if conn is not None:
             conn.close("test over")
             conn.join(2)
-        for t in agent.threads:
-            t.join(5)
-            assert not t.is_alive(), f"{t.name} did not stop"
         agent.volumes[0].bitmap.close()
 
 
