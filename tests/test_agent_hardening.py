@@ -8,10 +8,12 @@
 * Every file, directory and socket the agent creates is private whatever the
   umask, and a secret file others can read is refused (issue 16).
 
-The hub here is a small scripted one on 127.0.0.1 (``ScriptedHub``): it speaks
-the hub's half of the handshake with protocol.py's codec and then does what
-each test tells it to per connection.  No QEMU: the agent's heartbeat thread
-runs in-process against a volume whose bitmap the test opens.
+No QEMU.  The hub is a small scripted one on 127.0.0.1 (``ScriptedHub``): it
+speaks the hub's half of the handshake with protocol.py's codec and then does
+what each test tells it to per connection, against the agent's heartbeat
+thread run in-process.  Where the real ``repagent.py protect`` must run (under
+umask 000, restarted over a damaged bitmap) it talks to ``FakeQSD``, just
+enough QMP for the agent to start, and to a hub address nothing listens on.
 """
 
 from __future__ import annotations
