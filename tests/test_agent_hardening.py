@@ -60,9 +60,10 @@ def wait_for(predicate, what: str, timeout: float = 10.0):
 
 class ScriptedHub:
     """Accepts connections on 127.0.0.1; after the handshake and the agent's
-    first ATTACH, ``behave(index, sock, attach)`` decides what happens on the
-    connection (its return closes it).  Records when each one was accepted;
-    errors of the hub's side are kept in ``problems``, not raised in its thread."""
+    first frame (ATTACH from ``protect``, RECOVER_OPEN from ``recover``),
+    ``behave(index, sock, first)`` decides what happens on the connection (its
+    return closes it).  Records when each one was accepted; errors of the
+    hub's side are kept in ``problems``, not raised in its thread."""
 
     def __init__(self, behave):
         self.behave = behave
@@ -88,11 +89,11 @@ class ScriptedHub:
                 try:
                     sock.settimeout(5)
                     self._handshake(sock)
-                    attach = p.recv_message(sock)
-                    if not isinstance(attach, p.Attach):
-                        self.problems.append(f"expected ATTACH, got {attach!r}")
+                    first = p.recv_message(sock)
+                    if not isinstance(first, (p.Attach, p.RecoverOpen)):
+                        self.problems.append(f"expected ATTACH or RECOVER_OPEN, got {first!r}")
                         continue
-                    self.behave(len(self.accepted) - 1, sock, attach)
+                    self.behave(len(self.accepted) - 1, sock, first)
                 except (OSError, p.ReplicationError) as err:
                     self.problems.append(f"connection {len(self.accepted)}: {err!r}")
 
@@ -747,3 +748,38 @@ def test_protect_restarted_on_a_zeroed_bitmap_attaches_unknown(short_dir):
     lines = [line for line in log.splitlines() if "WARNING" in line and str(bitmap) in line]
     assert len(lines) == 1 and "is damaged" in lines[0], log
     assert "Traceback" not in log, log
+
+
+def test_recover_under_umask_000_serves_a_private_unix_socket(short_dir):
+    """``repagent.py recover --listen unix:PATH``: only its owner (the recovery
+    VM's user) may connect to the export, whatever the umask."""
+    served = threading.Event()
+
+    def ready(index, sock, first):
+        p.send_message(sock, p.RecoverReady(request_id=first.request_id, volume=1, size=SIZE,
+                                            point_time_ns=1))
+        served.wait(30)             # keep the session open until the test looked
+
+    hub = ScriptedHub(ready)
+    path = short_dir / "recovery.sock"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "repagent.py"), "recover", "--hub",
+         "%s:%d" % hub.address, "--agent-id", "a1", "--secret-file",
+         str(write_secret(short_dir / "secret")), "--volume", "vol0", "--at", "latest",
+         "--test", "--listen", f"unix:{path}"], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, umask=0)
+    try:
+        uri = proc.stdout.readline()     # printed once it listens (bounded: the hub's
+        assert uri.startswith("nbd+unix://"), proc.stderr.read()   # session ends in 30 s)
+        mode = os.stat(path).st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600, oct(mode)
+        assert not hub.problems, hub.problems
+    finally:
+        served.set()
+        proc.terminate()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate(timeout=10)
+        hub.close()
