@@ -1295,7 +1295,7 @@ class HubConnection:
         self.connected_at = time.time()
         self.last_ping = 0.0
         self.rtt: float | None = None
-        self.started = time.monotonic()
+        self.since = time.monotonic()    # connected_at, on the monotonic clock
         self.attached_at: float | None = None   # first ATTACHED (monotonic)
         self.hub_said = ""              # the last ERROR or GOODBYE text the hub sent
         self.hub_said_at = 0.0          # ... and when (monotonic)
@@ -2282,7 +2282,7 @@ class Agent:
             self.count_error("connection_lost")
         self.last_disconnect = {"reason": reason, "hub_said": conn.hub_said or None,
                                 "at": time.time(),
-                                "lived_s": round(time.monotonic() - conn.started, 3),
+                                "lived_s": round(time.monotonic() - conn.since, 3),
                                 "attached": conn.attached_at is not None}
         self._set_link(LinkState.DISCONNECTED, reason,
                        logging.INFO if self.stopping.is_set() else logging.WARNING)
@@ -2369,7 +2369,7 @@ class Agent:
                 elif not self.stopping.is_set():
                     log.info("hub connection ended %.1fs after the handshake, before a "
                              "volume stayed attached %.0fs: next attempt in about %.1fs",
-                             time.monotonic() - conn.started, HEALTHY_CONNECTION, backoff)
+                             time.monotonic() - conn.since, HEALTHY_CONNECTION, backoff)
                     backoff = self._backoff(backoff)
                 conn = None
 
