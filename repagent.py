@@ -96,14 +96,18 @@ Threads (each named; stopped by ``Agent.stopping`` and joined with a timeout)::
     qmp-reader           reads QMP replies and events
     nbd-*                the NBD target (nbd.py), calls ``TargetHandler``
 
-State directory (``--state-dir``)::
+State directory (``--state-dir``; created 0700, every file and socket in it
+0600 whatever the umask; an existing wider dir is named in a WARNING)::
 
     agent.lock           flock'ed by the running agent (one agent per dir)
     control.sock         status requests ("status\\n" -> one JSON document)
     VOLUME.bitmap        dirty bitmap: header (magic, chunk size, size,
-                         generation) then one bit per chunk, mmap'ed
+                         generation), one bit per chunk, then a CRC per 4 KiB
+                         of bits (damage => the volume attaches UNKNOWN), mmap'ed
     VOLUME.json          QEMU side: node, job and node names, whether a
                          mirror was set up, whether the hub must verify
+                         (a damaged one is set aside as VOLUME.json.damaged
+                         and the volume verified)
     VOLUME.nbd           unix socket of the NBD target QSD writes into
 
 How the agent reads the protected volume for the hub: ``--source
@@ -133,11 +137,13 @@ import random
 import signal
 import socket
 import ssl
+import stat
 import struct
 import sys
 import threading
 import time
 import urllib.parse
+import zlib
 from typing import Callable
 
 import nbd
@@ -164,7 +170,16 @@ fails a target write (and the job pauses): long enough for an agent restart."""
 
 BACKOFF_MIN = 0.2
 BACKOFF_MAX = 5.0
-"""Reconnect backoff bounds (seconds, doubling, with jitter)."""
+"""Reconnect backoff bounds (seconds, doubling, with jitter); ``--max-backoff``
+lowers the upper one (and the lower one with it, if it is lower still)."""
+
+HEALTHY_CONNECTION = 2.0
+"""A connection resets the reconnect backoff only once a volume has stayed
+attached on it this long (seconds).  A hub that completes the handshake and
+then fails (closes, or refuses ATTACH) is retried with the same growing
+backoff as one that refuses the connection, not at once; one that attaches
+and then closes costs at most one connection per this many seconds.  Short,
+so that a hub restarted soon after the agent connected is not waited for."""
 
 JOB_POLL_INTERVAL = 1.0
 """How often the mirror jobs are checked (and a paused job resumed)."""
@@ -224,20 +239,95 @@ def check_unix_path(path: str, what: str) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Private files (README "Configuration and security": another local user
+# must not read the bitmaps or connect to the sockets, whatever the umask)
+
+PRIVATE_FILE = 0o600
+PRIVATE_DIR = 0o700
+
+
+def private_open(path: str, flags: int) -> int:
+    """``os.open`` a file only its owner can read or write: created 0600
+    whatever the umask, and narrowed to 0600 if it existed wider."""
+    fd = os.open(path, flags | os.O_CLOEXEC, PRIVATE_FILE)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+            os.fchmod(fd, PRIVATE_FILE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def private_dir(path: str, what: str) -> None:
+    """Create ``path`` 0700 (parents as the umask says), or warn if it exists
+    with group or other permissions: its files and sockets are private, but
+    the operator chose the directory's mode, so it is named, not changed."""
+    try:
+        os.makedirs(path, PRIVATE_DIR)
+    except FileExistsError:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & 0o077:
+            log.warning("%s %s is open to group or others (mode %04o): chmod 700 %s",
+                        what, path, mode, path)
+        return
+    os.chmod(path, PRIVATE_DIR)    # the umask may have taken owner bits away
+
+
+def open_lockfile(state_dir: str):
+    """agent.lock (0600), for flock: one agent per state dir."""
+    return open(private_open(os.path.join(state_dir, "agent.lock"), os.O_RDWR | os.O_CREAT),
+                "a+")
+
+
+def listen_private_unix(sock: socket.socket, path: str, backlog: int) -> None:
+    """bind, chmod 0600, then listen: nobody else can connect, even for a moment."""
+    sock.bind(path)
+    os.chmod(path, PRIVATE_FILE)
+    sock.listen(backlog)
+
+
+def read_secret_file(path: str) -> bytes:
+    """The agent's secret, from a file only its owner can read (as ssh wants
+    of a private key): group or other permissions are refused."""
+    with open(path, encoding="ascii") as f:
+        mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+        if mode & 0o077:
+            for bits, how in ((0o044, "readable"), (0o022, "writable"), (0o011, "usable")):
+                if mode & bits:
+                    who = "others" if mode & bits & 0o007 else "its group"
+                    break
+            raise ValueError(f"secret file {path} is {how} by {who} (mode {mode:04o}): "
+                             f"chmod 600 {path}")
+        try:
+            return p.parse_secret(f.read(4096))
+        except ValueError as err:
+            raise ValueError(f"secret file {path}: {err}") from err
+
+
+# ---------------------------------------------------------------------------
 # The persistent dirty bitmap (SEMANTICS.md "Agent's dirty bitmap")
 
 # offset size field
 #  0      8  magic        b"RPAGBMP1"
-#  8      2  version      1
+#  8      2  version      2 (1: the same without the block CRCs; upgraded on open)
 # 10      2  reserved     0
 # 12      4  chunk_size
 # 16      8  size         volume size in bytes
 # 24     16  generation   random, created with the file (ATTACH.generation)
 # 40     24  reserved     0
-# 64      -  bits         bit i of byte j is chunk 8*j+i
+# 64      B  bits         B = ceil(chunks / 8); bit i of byte j is chunk 8*j+i
+# 64+B  4*N  block CRCs   N = ceil(B / BITMAP_CRC_BLOCK); CRC-32 (zlib) of each
+#                         BITMAP_CRC_BLOCK bytes of bits (the last one shorter)
 BITMAP_HEADER = struct.Struct("!8sHHIQ16s24x")
 BITMAP_MAGIC = b"RPAGBMP1"
-BITMAP_VERSION = 1
+BITMAP_VERSION = 2
+BITMAP_VERSION_NO_CRC = 1
+BITMAP_CRC = struct.Struct("!I")
+BITMAP_CRC_BLOCK = 4096
+"""Bytes of bits one CRC covers: one page.  A change to a bit recomputes the
+CRC of its 4 KiB only; the bitmap of a 1 TiB disk at 64 KiB chunks (2 MiB)
+has 512 of them (2 KiB), all checked at start in a few milliseconds."""
 
 
 class BitmapError(Exception):
@@ -247,6 +337,14 @@ class BitmapError(Exception):
 class DirtyBitmap:
     """One bit per chunk, persisted in a memory-mapped file, plus in-memory
     ``inflight`` and ``lost_seq`` per chunk (sparse dicts).
+
+    Body damage (bits zeroed or flipped on disk, the header intact) is told
+    by a CRC per BITMAP_CRC_BLOCK of bits, kept in the same mapping and
+    recomputed after every change of a bit in it.  A crash between a bit's
+    change and its block's CRC (or a host crash that wrote back one page and
+    not the other) looks like damage too: either way ``damaged`` lists the
+    blocks that fail at open, and the caller must not trust the marks
+    (``Volume.open_bitmap``: the hub verifies the volume).
 
     Not locked itself: every method runs with ``Agent.lock`` held (any
     thread), which is also what makes "mark, then queue" atomic.
@@ -261,37 +359,62 @@ class DirtyBitmap:
         self.inflight: dict[int, int] = {}
         self.lost_seq: dict[int, int] = {}
         self.dirty_count = 0
+        self.damaged: list[int] = []    # blocks whose CRC failed at open
+        self._stale: set[int] = set()   # blocks whose bits changed since their CRC
         self.created = not os.path.exists(path)
-        file_size = BITMAP_HEADER.size + -(-self.chunks // 8)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        bits_size = -(-self.chunks // 8)
+        self.crc_offset = BITMAP_HEADER.size + bits_size
+        self.blocks = -(-bits_size // BITMAP_CRC_BLOCK)
+        file_size = self.crc_offset + BITMAP_CRC.size * self.blocks
+        fd = private_open(path, os.O_RDWR | os.O_CREAT)
         try:
-            if self.created or os.fstat(fd).st_size == 0:
+            have = os.fstat(fd).st_size
+            upgrade = False
+            # Empty, or all zeroes: a creation that a crash cut short before
+            # its header (written last) was written.  (Zeroes in the header
+            # only are damage: refused below, as a bad magic.)
+            header = os.pread(fd, BITMAP_HEADER.size, 0)
+            if self.created or have == 0 or (have == file_size and not any(header)
+                                             and not any(os.pread(fd, file_size, 0))):
                 self.created = True
                 self.generation = os.urandom(p.GENERATION_SIZE)
                 os.ftruncate(fd, file_size)
+            else:
+                self.generation, version = self._check_header(header, have, file_size)
+                if version == BITMAP_VERSION_NO_CRC:
+                    upgrade = True
+                    os.ftruncate(fd, file_size)
+            self.map = mmap.mmap(fd, file_size)
+            self.bits = memoryview(self.map)[BITMAP_HEADER.size:self.crc_offset]
+            if self.created or upgrade:
+                # CRCs first, then the header that says they are there.
+                self._seal(range(self.blocks))
+                self.map.flush()
                 os.pwrite(fd, BITMAP_HEADER.pack(BITMAP_MAGIC, BITMAP_VERSION, 0, chunk_size,
                                                  size, self.generation), 0)
                 os.fsync(fd)
+                if upgrade:
+                    log.info("%s: upgraded from bitmap version %d to %d (block CRCs added)",
+                             path, BITMAP_VERSION_NO_CRC, BITMAP_VERSION)
             else:
-                self.generation = self._check_header(os.pread(fd, BITMAP_HEADER.size, 0),
-                                                     os.fstat(fd).st_size, file_size)
-            self.map = mmap.mmap(fd, file_size)
+                self.damaged = [b for b in range(self.blocks)
+                                if self._block_crc(b) != self._stored_crc(b)]
         finally:
             os.close(fd)
-        self.bits = memoryview(self.map)[BITMAP_HEADER.size:]
         for chunk in self.set_chunks():
             # Loaded from disk: only a SYNCED (a READ made now) may clear it.
             self.lost_seq[chunk] = 1
             self.dirty_count += 1
 
-    def _check_header(self, raw: bytes, have: int, want: int) -> bytes:
+    def _check_header(self, raw: bytes, have: int, want: int) -> tuple[bytes, int]:
+        """(generation, version) of a header that fits this volume."""
         if len(raw) < BITMAP_HEADER.size:
             raise BitmapError(f"{self.path}: header is {len(raw)} bytes, "
                               f"expected {BITMAP_HEADER.size}")
         magic, version, _, chunk_size, size, generation = BITMAP_HEADER.unpack(raw)
         if magic != BITMAP_MAGIC:
             raise BitmapError(f"{self.path}: bad magic {magic!r}, expected {BITMAP_MAGIC!r}")
-        if version != BITMAP_VERSION:
+        if version not in (BITMAP_VERSION, BITMAP_VERSION_NO_CRC):
             raise BitmapError(f"{self.path}: version {version}, expected {BITMAP_VERSION}")
         if chunk_size != self.chunk_size:
             raise BitmapError(f"{self.path}: chunk_size {chunk_size}, expected "
@@ -300,9 +423,40 @@ class DirtyBitmap:
         if size != self.size:
             raise BitmapError(f"{self.path}: volume size {size}, expected {self.size} "
                               "(the disk was resized: remove the state dir)")
-        if have != want:
+        # A version 1 file is as long as its bits; an upgrade cut short by a
+        # crash may have made it as long as version 2 already.
+        sizes = (want,) if version == BITMAP_VERSION else (self.crc_offset, want)
+        if have not in sizes:
             raise BitmapError(f"{self.path}: file is {have} bytes, expected {want}")
-        return generation
+        return generation, version
+
+    # -- block CRCs --------------------------------------------------------
+
+    def _block_crc(self, block: int) -> int:
+        start = block * BITMAP_CRC_BLOCK
+        return zlib.crc32(self.bits[start:start + BITMAP_CRC_BLOCK])
+
+    def _stored_crc(self, block: int) -> int:
+        return BITMAP_CRC.unpack_from(self.map, self.crc_offset + BITMAP_CRC.size * block)[0]
+
+    def _seal(self, blocks=None) -> None:
+        """Store the CRC of every block changed since (or of ``blocks``)."""
+        for block in self._stale if blocks is None else blocks:
+            BITMAP_CRC.pack_into(self.map, self.crc_offset + BITMAP_CRC.size * block,
+                                 self._block_crc(block))
+        self._stale.clear()
+
+    def reseal(self) -> None:
+        """Trust the bits as they are now: recompute every CRC (the caller has
+        made sure the volume is verified anyway)."""
+        self._seal(range(self.blocks))
+        self.damaged = []
+        self.sync()
+
+    def damaged_chunks(self) -> list[tuple[int, int]]:
+        """The chunk ranges [first, end) the damaged blocks cover, for the log."""
+        per_block = BITMAP_CRC_BLOCK * 8
+        return [(b * per_block, min((b + 1) * per_block, self.chunks)) for b in self.damaged]
 
     # -- bit primitives ----------------------------------------------------
 
@@ -315,6 +469,7 @@ class DirtyBitmap:
         if not value & bit:
             self.bits[byte] = value | bit
             self.dirty_count += 1
+            self._stale.add(byte // BITMAP_CRC_BLOCK)
 
     def _clear_if_done(self, chunk: int) -> None:
         if chunk in self.inflight or chunk in self.lost_seq:
@@ -324,6 +479,7 @@ class DirtyBitmap:
         if value & bit:
             self.bits[byte] = value & ~bit
             self.dirty_count -= 1
+            self._stale.add(byte // BITMAP_CRC_BLOCK)
 
     # -- the rules -----------------------------------------------------------
 
@@ -334,6 +490,7 @@ class DirtyBitmap:
         """A write from QEMU touches these chunks: set them before QEMU is answered."""
         for chunk in chunks:
             self._set(chunk)
+        self._seal()
         if self.fsync:
             self.sync()
 
@@ -351,6 +508,7 @@ class DirtyBitmap:
             else:
                 self.inflight.pop(chunk, None)
                 self._clear_if_done(chunk)
+        self._seal()
 
     def sync(self) -> None:
         """msync the bits: they survive a host crash, not only an agent crash."""
@@ -363,6 +521,7 @@ class DirtyBitmap:
         self.inflight.clear()
         self.lost_seq.clear()
         self.dirty_count = 0
+        self._seal(range(self.blocks))
         self.sync()
 
     def lose(self, chunks: range, seq: int) -> None:
@@ -387,6 +546,7 @@ class DirtyBitmap:
             if lost is not None and lost < seq:
                 del self.lost_seq[chunk]
             self._clear_if_done(chunk)
+        self._seal()
 
     # -- reading it out --------------------------------------------------------
 
@@ -482,7 +642,11 @@ class QMPClient:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.settimeout(timeout)
-            self.sock.connect(path)
+            try:
+                self.sock.connect(path)
+            except OSError as err:      # name the socket: errno alone does not
+                raise QMPClosed(f"cannot connect to QMP socket {path}: "
+                                f"{err.strerror or err}") from err
             self._file = self.sock.makefile("rb")
             greeting = self._read_json()
             # QSD 7.2 can hand a new client events that were pending for a
@@ -904,6 +1068,42 @@ class ReadWindow:
         self.reply, self.nbytes = reply, nbytes
 
 
+META_FORMAT = 1
+"""Version of VOLUME.json (its "format" key; files without one are format 1)."""
+
+MAX_META_SIZE = 64 * 1024
+"""VOLUME.json holds a few names and flags: anything longer is not ours."""
+
+META_FIELDS = {"format": int, "volume": str, "node": str, "job_id": str,
+               "target_node": str, "filter_node": str, "mirror": bool,
+               "needs_verify": bool}
+"""The keys of VOLUME.json and their JSON types (other keys are kept as they are)."""
+
+
+def parse_meta(raw: bytes) -> tuple[dict, str | None]:
+    """(VOLUME.json's content, None), or ({}, what is wrong with it)."""
+    if len(raw) > MAX_META_SIZE:
+        return {}, f"longer than {MAX_META_SIZE} bytes"
+    try:
+        saved = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        return {}, f"not UTF-8 text: {err.reason} at byte {err.start}"
+    except json.JSONDecodeError as err:
+        return {}, (f"not JSON: {err.msg} at line {err.lineno} column {err.colno}"
+                    if raw.strip(b"\0 \t\r\n") else "empty or zeroed")
+    if not isinstance(saved, dict):
+        return {}, f"a JSON {type(saved).__name__}, expected an object"
+    for key, kind in META_FIELDS.items():
+        value = saved.get(key)
+        # bool is an int to Python, not to JSON: 'format: true' is wrong.
+        if key in saved and (not isinstance(value, kind)
+                             or (kind is int and isinstance(value, bool))):
+            return {}, f"{key!r} is {value!r}, expected a JSON {kind.__name__}"
+    if "node" not in saved:
+        return {}, "no 'node'"
+    return saved, None
+
+
 class Volume:
     """One protected node: its bitmap, QEMU names, hub id and counters."""
 
@@ -915,6 +1115,7 @@ class Volume:
         self.bitmap_path = os.path.join(state_dir, f"{name}.bitmap")
         self.target_socket = check_unix_path(os.path.join(state_dir, f"{name}.nbd"),
                                               "NBD target socket")
+        self.meta_missing = False       # no VOLUME.json (set by _load_meta)
         self.meta = self._load_meta()
         self.size = 0
         self.bitmap: DirtyBitmap | None = None
@@ -935,24 +1136,77 @@ class Volume:
         self.counters = collections.Counter()
 
     def _load_meta(self) -> dict:
+        """VOLUME.json, or the defaults for a new volume.  A damaged file is
+        not trusted: it is kept aside as VOLUME.json.damaged, one WARNING
+        says what is wrong with it, and the volume is verified by the hub."""
         job_id, target, filter_node = qemu_names(self.node)
-        meta = {"volume": self.name, "node": self.node, "job_id": job_id,
-                "target_node": target, "filter_node": filter_node, "mirror": False,
-                "needs_verify": False}
+        meta = {"format": META_FORMAT, "volume": self.name, "node": self.node,
+                "job_id": job_id, "target_node": target, "filter_node": filter_node,
+                "mirror": False, "needs_verify": False}
         try:
-            with open(self.meta_path, encoding="utf-8") as f:
-                saved = json.load(f)
+            with open(self.meta_path, "rb") as f:
+                raw = f.read(MAX_META_SIZE + 1)
         except FileNotFoundError:
+            self.meta_missing = True
             return meta
-        if saved.get("node") != self.node:
-            raise ValueError(f"{self.meta_path}: volume {self.name!r} belongs to node "
-                             f"{saved.get('node')!r}, not {self.node!r}")
-        meta.update(saved)
+        saved, problem = parse_meta(raw)
+        if problem is None and saved.get("format", 1) > META_FORMAT:
+            raise ValueError(f"{self.meta_path}: format {saved['format']} was written by a "
+                             f"newer repagent (this one reads format {META_FORMAT})")
+        if problem is None:
+            if saved.get("node") != self.node:
+                raise ValueError(f"{self.meta_path}: volume {self.name!r} belongs to node "
+                                 f"{saved.get('node')!r}, not {self.node!r}")
+            meta.update(saved)
+            meta["format"] = META_FORMAT
+            return meta
+        # The evidence is copied aside, then replaced by a file that says
+        # "verify": a crash in between finds the damaged file again.
+        aside = self.meta_path + ".damaged"
+        fd = private_open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with open(fd, "wb") as f:
+            f.write(raw)
+        log.warning("volume %s: state file %s is damaged (%s): not trusted, kept as %s; "
+                    "the volume attaches UNKNOWN so that the hub verifies it", self.name,
+                    self.meta_path, problem, aside)
+        meta["needs_verify"] = True
+        self.meta = meta
+        self.save_meta()
         return meta
+
+    def open_bitmap(self, size: int, chunk_size: int, fsync: bool = False) -> None:
+        """Open (or create) the volume's dirty bitmap (main thread, at start).
+
+        A bitmap whose body fails its block CRCs may have lost marks: the
+        volume attaches UNKNOWN (the hub verifies it by checksums).  That is
+        recorded in VOLUME.json before the CRCs are made to match again, so a
+        crash in between finds the damage again rather than forgetting it."""
+        self.size = size
+        self.bitmap = DirtyBitmap(self.bitmap_path, size, chunk_size, fsync)
+        if self.bitmap.created and self.meta.get("mirror"):
+            self.meta["needs_verify"] = True   # state lost: bitmap gone, job was ours
+        if self.meta_missing and not self.bitmap.created:
+            # Whatever it said (a verify still owed, say) is lost with it.
+            log.warning("volume %s: state file %s is missing but its bitmap is not: the "
+                        "volume attaches UNKNOWN so that the hub verifies it", self.name,
+                        self.meta_path)
+            self.meta["needs_verify"] = True
+            self.save_meta()
+        if self.bitmap.damaged:
+            chunks = ", ".join(f"{a}-{b - 1}" for a, b in self.bitmap.damaged_chunks()[:4])
+            log.warning("volume %s: bitmap %s is damaged (%d of %d CRC blocks fail, "
+                        "chunks %s%s): its marks are not trusted; the volume attaches "
+                        "UNKNOWN so that the hub verifies it", self.name, self.bitmap_path,
+                        len(self.bitmap.damaged), self.bitmap.blocks, chunks,
+                        ", ..." if len(self.bitmap.damaged) > 4 else "")
+            self.meta["needs_verify"] = True
+            self.save_meta()
+            self.bitmap.reseal()
 
     def save_meta(self) -> None:
         tmp = self.meta_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        fd = private_open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with open(fd, "w", encoding="utf-8") as f:
             json.dump(self.meta, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
@@ -1036,10 +1290,15 @@ class HubConnection:
         self.cond = threading.Condition(agent.lock)
         self.send_lock = threading.Lock()
         self.closed = threading.Event()
+        self.ended = threading.Event()   # set once connection_lost has run
         self.last_rx = time.monotonic()
         self.connected_at = time.time()
         self.last_ping = 0.0
         self.rtt: float | None = None
+        self.since = time.monotonic()    # connected_at, on the monotonic clock
+        self.attached_at: float | None = None   # first ATTACHED (monotonic)
+        self.hub_said = ""              # the last ERROR or GOODBYE text the hub sent
+        self.hub_said_at = 0.0          # ... and when (monotonic)
         self.threads = [
             threading.Thread(target=self._send_loop, name="repagent-send", daemon=True),
             threading.Thread(target=self._recv_loop, name="repagent-recv", daemon=True)]
@@ -1107,7 +1366,7 @@ class HubConnection:
                         self.agent.send_error(self, p.Error.from_exception(err))
                     continue
                 if msg is None:
-                    self.close("hub closed the connection")
+                    self.close(self.with_hub_reason("hub closed the connection"))
                     return
                 self.last_rx = time.monotonic()
                 if log.isEnabledFor(logging.DEBUG):
@@ -1128,10 +1387,25 @@ class HubConnection:
                 pass
             self.close(f"protocol error: {err}")
         except OSError as err:
-            self.close(f"receive failed: {err}")
+            self.close(self.with_hub_reason(f"receive failed: {err}"))
         except Exception as err:
             log.exception("recv thread failed")
             self.close(f"recv thread failed: {type(err).__name__}: {err}")
+
+    def with_hub_reason(self, reason: str) -> str:
+        """``reason`` plus the last ERROR/GOODBYE the hub sent, if any: a hub
+        that refuses something and then closes says why in that ERROR."""
+        if not self.hub_said:
+            return reason
+        return f"{reason} {time.monotonic() - self.hub_said_at:.1f}s after {self.hub_said}"
+
+    def heard(self, what: str) -> None:
+        """The hub sent an ERROR or GOODBYE (recv thread): kept for the close reason."""
+        self.hub_said, self.hub_said_at = what, time.monotonic()
+
+    def healthy(self, now: float) -> bool:
+        """A volume has been attached for HEALTHY_CONNECTION seconds."""
+        return self.attached_at is not None and now - self.attached_at >= HEALTHY_CONNECTION
 
     def close(self, reason: str) -> None:
         """Any thread: tear the connection down once; the agent forgets it."""
@@ -1145,10 +1419,13 @@ class HubConnection:
         self.agent.connection_lost(self, reason)
         with self.agent.lock:
             self.cond.notify_all()
+        self.ended.set()
 
     def join(self, timeout: float) -> None:
         for t in self.threads:
-            if t is not threading.current_thread():
+            # Not started: closed by Agent.stop while the heartbeat thread was
+            # between making it current and starting it (they exit at once).
+            if t is not threading.current_thread() and t.ident is not None:
                 t.join(timeout)
         self.sock.close()
 
@@ -1177,6 +1454,7 @@ class Config:
     unprotect_on_exit: bool = False
     fsync_bitmap: bool = False
     accept_failback: bool = False
+    max_backoff: float = BACKOFF_MAX
 
     @property
     def ping_interval(self) -> float:
@@ -1264,6 +1542,8 @@ class Agent:
         self.link_state = LinkState.CONNECTING   # until the first attempt ends
         self.link_cause = ""
         self.connect_attempts = 0
+        self.last_disconnect: dict | None = None   # why the last connection ended
+        self.retry_at: float | None = None         # next connect attempt (monotonic)
         self.pending: dict[int, PendingWrite] = {}
         self.requests: dict[int, tuple[str, object]] = {}   # ATTACH / PING / DETACH
         self.replies: collections.OrderedDict = collections.OrderedDict()  # req -> (vol, seq)
@@ -1447,6 +1727,8 @@ class Agent:
             vol.volume_id = msg.volume
             vol.plan = msg.plan
             self.by_id[msg.volume] = vol
+            if conn.attached_at is None:
+                conn.attached_at = time.monotonic()
             log.info("volume %s attached as id %d, plan %s (dirty %d bytes)", vol.name,
                      msg.volume, msg.plan.name, vol.bitmap.dirty_bytes)
             if msg.plan in (p.SyncPlan.VERIFY, p.SyncPlan.FULL) and vol.meta["needs_verify"]:
@@ -1535,6 +1817,7 @@ class Agent:
         it again: DEMOTED where FAILBACK is granted, refused otherwise; either
         way its writes stop going to the hub and stay marked."""
         reply = promoted = None
+        conn.heard(f"ERROR {msg.code_name()} {msg.message}".rstrip())
         with self.lock:
             pw = self.pending.pop(msg.request_id, None)
             if pw is not None:
@@ -1570,6 +1853,7 @@ class Agent:
 
     def on_GOODBYE(self, conn, msg):
         log.info("hub says goodbye: %s", msg.reason)
+        conn.heard(f"GOODBYE {msg.reason}".rstrip())
         conn.close(f"hub said goodbye: {msg.reason}")
 
     def send_error(self, conn: HubConnection, err: p.Error) -> None:
@@ -1996,6 +2280,10 @@ class Agent:
             self.timer_cond.notify_all()
         if not self.stopping.is_set():
             self.count_error("connection_lost")
+        self.last_disconnect = {"reason": reason, "hub_said": conn.hub_said or None,
+                                "at": time.time(),
+                                "lived_s": round(time.monotonic() - conn.since, 3),
+                                "attached": conn.attached_at is not None}
         self._set_link(LinkState.DISCONNECTED, reason,
                        logging.INFO if self.stopping.is_set() else logging.WARNING)
         for reply in replies:
@@ -2025,15 +2313,33 @@ class Agent:
                 self._enqueue(conn, p.Attach(
                     request_id=req, size=vol.size, chunk_size=vol.bitmap.chunk_size,
                     state=state, generation=vol.bitmap.generation, name=vol.name))
+        # Before its threads start: a connection that ends at once must not
+        # be logged (and shown) connected after its end.
+        self._set_link(LinkState.CONNECTED, f"hub {conn.hub_id}", logging.INFO)
         conn.start()
         return conn
 
 
+    def _backoff(self, backoff: float) -> float:
+        """Wait ``backoff`` seconds (with jitter, or until stopping); return the
+        next, doubled, backoff.  Heartbeat thread."""
+        delay = backoff * (0.8 + 0.4 * random.random())
+        self.retry_at = time.monotonic() + delay
+        self.stopping.wait(delay)
+        self.retry_at = None
+        return min(backoff * 2, self.cfg.max_backoff)
+
     def _heartbeat_loop(self) -> None:
-        """repagent-heartbeat thread: the only one that (re)connects to the hub."""
-        backoff = BACKOFF_MIN
-        while not self.stopping.is_set():
-            conn = self.conn
+        """repagent-heartbeat thread: the only one that (re)connects to the hub.
+
+        The backoff doubles after every failed attempt and after every
+        connection that ended before it was healthy (HEALTHY_CONNECTION): a
+        hub that answers the handshake and then closes is retried as slowly
+        as one that refuses the connection.  Only a healthy connection's end
+        reconnects at once and resets the backoff."""
+        least = backoff = min(BACKOFF_MIN, self.cfg.max_backoff)
+        conn: HubConnection | None = None   # ours until it has ended, even if
+        while not self.stopping.is_set():   # connection_lost forgot it already
             if conn is None:
                 self.connect_attempts += 1
                 try:
@@ -2042,11 +2348,8 @@ class Agent:
                     self._set_link(LinkState.DISCONNECTED, f"{type(err).__name__}: {err}",
                                    logging.WARNING)
                     self.count_error("connect")
-                    self.stopping.wait(backoff * (0.8 + 0.4 * random.random()))
-                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    backoff = self._backoff(backoff)
                     continue
-                backoff = BACKOFF_MIN
-                self._set_link(LinkState.CONNECTED, f"hub {conn.hub_id}", logging.INFO)
                 continue
             now = time.monotonic()
             if now - conn.last_rx > self.cfg.hub_timeout:
@@ -2059,8 +2362,16 @@ class Agent:
                         req = self._next_req()
                         self.requests[req] = ("PING", None)
                         self._enqueue(conn, p.Ping(request_id=req, sent_ns=time.time_ns()))
-            if conn.closed.wait(min(0.5, self.cfg.ping_interval)):
+            if conn.ended.wait(min(0.5, self.cfg.ping_interval)):
                 conn.join(1.0)
+                if conn.healthy(time.monotonic()):
+                    backoff = least
+                elif not self.stopping.is_set():
+                    log.info("hub connection ended %.1fs after the handshake, before a "
+                             "volume stayed attached %.0fs: next attempt in about %.1fs",
+                             time.monotonic() - conn.since, HEALTHY_CONNECTION, backoff)
+                    backoff = self._backoff(backoff)
+                conn = None
 
     # -- the mirror jobs (repagent-jobs thread) -----------------------------------
 
@@ -2126,7 +2437,7 @@ class Agent:
                             vol.meta["filter_node"])
             vol.bypass_writers = bypass
 
-    def _setup_volume_mirror(self, vol: Volume) -> None:
+    def _setup_volume_mirror(self, vol: Volume) -> JobSetup:
         outcome = setup_mirror(self.qmp, vol.meta, vol.target_socket, vol.name,
                                self.cfg.chunk_size, self.cfg.reconnect_delay)
         if outcome == JobSetup.RESTARTED:
@@ -2145,6 +2456,7 @@ class Agent:
         vol.job_info, vol.job_status = job, job.get("status", "gone")
         if outcome == JobSetup.RESTARTED and self.conn is not None:
             self.conn.close("QSD restarted: re-attaching with state UNKNOWN")
+        return outcome
 
     # -- start and stop (main thread) ----------------------------------------------
 
@@ -2160,8 +2472,8 @@ class Agent:
         return lambda: FileSource(path)
 
     def start(self) -> None:
-        os.makedirs(self.cfg.state_dir, exist_ok=True)
-        self.lockfile = open(os.path.join(self.cfg.state_dir, "agent.lock"), "a+")
+        private_dir(self.cfg.state_dir, "state dir")
+        self.lockfile = open_lockfile(self.cfg.state_dir)
         try:
             fcntl.flock(self.lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -2173,22 +2485,31 @@ class Agent:
                  self.qmp.version.get("micro"))
         for vol in self.volumes:
             info = find_node(self.qmp, vol.node)
-            vol.size = info["image"]["virtual-size"]
             vol.source = self._make_source(vol, info)
-            vol.bitmap = DirtyBitmap(vol.bitmap_path, vol.size, self.cfg.chunk_size,
-                                     self.cfg.fsync_bitmap)
-            if vol.bitmap.created and vol.meta.get("mirror"):
-                vol.meta["needs_verify"] = True   # state lost: bitmap gone, job was ours
+            vol.open_bitmap(info["image"]["virtual-size"], self.cfg.chunk_size,
+                            self.cfg.fsync_bitmap)
             log.info("volume %s: node %s, %d bytes, %d chunks of %d, %d dirty, generation %s",
                      vol.name, vol.node, vol.size, vol.bitmap.chunks, self.cfg.chunk_size,
                      vol.bitmap.dirty_count, vol.bitmap.generation.hex())
             vol.server = nbd.NBDServer(vol.target_socket, vol.name, vol.size,
                                        TargetHandler(self, vol))
             vol.server.start()
+            # NBDServer binds and listens in one call: the socket is made
+            # private right after, in a state dir that is private already.
+            os.chmod(vol.target_socket, PRIVATE_FILE)
             if delete_export(self.qmp, failback_export(vol.name)):
                 log.warning("volume %s: removed export %s left by an interrupted fail-back",
                             vol.name, failback_export(vol.name))
-            self._setup_volume_mirror(vol)
+            outcome = self._setup_volume_mirror(vol)
+            if outcome == JobSetup.RESUMED and vol.bitmap.created \
+                    and not vol.meta["needs_verify"]:
+                # Our job ran before this bitmap existed: the marks of the
+                # writes it had sent us, not ACKed yet, went with the old one.
+                log.warning("volume %s: mirror job %s is older than the bitmap %s (state "
+                            "dir lost or replaced): the hub will verify", vol.name,
+                            vol.meta["job_id"], vol.bitmap_path)
+                vol.meta["needs_verify"] = True
+                vol.save_meta()
         self._start_control()
         specs = [("repagent-heartbeat", self._heartbeat_loop),
                  ("repagent-timer", self._timer_loop),
@@ -2280,8 +2601,7 @@ class Agent:
         except FileNotFoundError:
             pass
         self.control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.control.bind(path)
-        self.control.listen(4)
+        listen_private_unix(self.control, path, 4)
         self.control.settimeout(0.5)
 
     def _control_loop(self) -> None:
@@ -2346,12 +2666,19 @@ class Agent:
                     "job_io_status": vol.job_info.get("io-status"),
                     "generation": vol.bitmap.generation.hex(),
                     "needs_verify": vol.meta["needs_verify"],
+                    # What the next ATTACH will say (UNKNOWN: the hub verifies).
+                    "attach_state": vol.attach_state().name,
                     "bypass_writers": vol.bypass_writers,
                     "counters": dict(vol.counters)})
             return {
                 "agent_id": self.cfg.agent_id, "hub": "%s:%d" % self.cfg.hub,
                 "pid": os.getpid(), **common, "degraded": self.degraded,
                 "link_cause": self.link_cause, "connect_attempts": self.connect_attempts,
+                # Why the last connection ended, with the hub's own words (its
+                # last ERROR or GOODBYE) when it gave any.
+                "last_disconnect": self.last_disconnect,
+                "retry_in_s": (None if self.retry_at is None
+                               else round(max(0.0, self.retry_at - now), 3)),
                 "connected_since": conn.connected_at if conn else None,
                 "rtt_s": conn.rtt if conn else None,
                 "pending_writes": len(self.pending),
@@ -2766,8 +3093,7 @@ def export_uri(address, export: str) -> str:
 def cmd_recover(args) -> int:
     """Serve VOLUME at POINT from the hub as an NBD export until SIGTERM."""
     try:
-        with open(args.secret_file, encoding="ascii") as f:
-            secret = p.parse_secret(f.read())
+        secret = read_secret_file(args.secret_file)
         p.validate_name(args.agent_id, "agent id")
         p.validate_name(args.volume, "volume name")
         listen = parse_listen(args.listen)
@@ -2791,6 +3117,8 @@ def cmd_recover(args) -> int:
     server = nbd.NBDServer(listen, args.volume, ready.size, RecoveryHandler(client))
     try:
         server.start()
+        if isinstance(listen, str):
+            os.chmod(listen, PRIVATE_FILE)   # only its owner connects (the recovery VM's)
     except OSError as err:
         log.error("cannot listen on %s: %s", args.listen, err)
         client.close()
@@ -2996,6 +3324,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="QEMU NBD client reconnect-delay for the mirror target (s)")
     pr.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT,
                     help="on SIGTERM, how long to wait for the hub's ACKs (s)")
+    pr.add_argument("--max-backoff", type=float, default=BACKOFF_MAX,
+                    help="longest wait between attempts to reach a hub that refuses or "
+                         f"fails (s, default {BACKOFF_MAX:g}; doubling from "
+                         f"{BACKOFF_MIN:g})")
     pr.add_argument("--unprotect", action="store_true",
                     help="on SIGTERM also tear the mirror jobs down")
     pr.add_argument("--fsync-bitmap", action="store_true",
@@ -3067,8 +3399,7 @@ def setup_logging(level: str) -> None:
 
 def cmd_protect(args) -> int:
     try:
-        with open(args.secret_file, encoding="ascii") as f:
-            secret = p.parse_secret(f.read())
+        secret = read_secret_file(args.secret_file)
         p.validate_name(args.agent_id, "agent id")
     except (OSError, ValueError, p.ReplicationError) as err:
         print(f"repagent.py: {err}", file=sys.stderr)
@@ -3079,16 +3410,25 @@ def cmd_protect(args) -> int:
                  hub_timeout=args.hub_timeout, max_queue=args.max_queue, tls_ca=args.tls_ca,
                  sources=dict(args.source), reconnect_delay=args.reconnect_delay,
                  drain_timeout=args.drain_timeout, unprotect_on_exit=args.unprotect,
-                 fsync_bitmap=args.fsync_bitmap, accept_failback=args.accept_failback)
+                 fsync_bitmap=args.fsync_bitmap, accept_failback=args.accept_failback,
+                 max_backoff=args.max_backoff)
     try:
         p.check_chunk_size(cfg.chunk_size)
     except p.InvalidField as err:
         print(f"repagent.py: --chunk-size: {err}", file=sys.stderr)
         return 2
+    if not 0 < cfg.max_backoff <= 3600:
+        print(f"repagent.py: --max-backoff {cfg.max_backoff:g}: expected more than 0 and "
+              "at most 3600 seconds", file=sys.stderr)
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    agent = Agent(cfg)
+    try:
+        agent = Agent(cfg)      # reads each VOLUME.json
+    except (OSError, ValueError) as err:
+        log.error("cannot start: %s", err)
+        return 1
     try:
         agent.start()
     except (OSError, QMPError, QMPClosed, LookupError, ValueError, BitmapError) as err:
@@ -3116,7 +3456,7 @@ def cmd_protect(args) -> int:
 
 def cmd_unprotect(args) -> int:
     state_dir = os.path.abspath(args.state_dir)
-    lockfile = open(os.path.join(state_dir, "agent.lock"), "a+")
+    lockfile = open_lockfile(state_dir)
     try:
         fcntl.flock(lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -3127,7 +3467,12 @@ def cmd_unprotect(args) -> int:
     rc = 0
     try:
         for node, volume in args.node:
-            vol = Volume(volume, node, state_dir)
+            try:
+                vol = Volume(volume, node, state_dir)
+            except (OSError, ValueError) as err:
+                print(f"repagent.py: {volume}: {err}", file=sys.stderr)
+                rc = 1
+                continue
             try:
                 teardown_mirror(qmp, vol.meta)
                 vol.meta["mirror"] = False
@@ -3182,12 +3527,19 @@ def format_status(status: dict) -> str:
     age = status["last_ack_age_s"]
     cause = f" ({status['link_cause']})" if status["connection"] != "connected" \
         and status["link_cause"] else ""
+    if status.get("retry_in_s") is not None:
+        cause += f", next attempt in {status['retry_in_s']:.1f} s"
     rtt = status.get("rtt_s")
     lines = [f"agent {status['agent_id']} -> hub {status['hub']}: {status['connection']}{cause}",
              f"mode {status['mode']}, queue {status['queue_frames']} frames / "
              f"{fmt_bytes(status['queue_bytes'])}, {status['pending_writes']} writes not ACKed, "
              f"last ACK {'never' if age is None else f'{age:.1f} s ago'}, "
-             f"RTT {'-' if rtt is None else f'{rtt * 1e3:.2f} ms'}", ""]
+             f"RTT {'-' if rtt is None else f'{rtt * 1e3:.2f} ms'}"]
+    gone = status.get("last_disconnect")
+    if gone and status["connection"] == "connected":   # else the first line says why
+        lines.append(f"last disconnect {max(0.0, time.time() - gone['at']):.1f} s ago, "
+                     f"{gone['lived_s']:.1f} s after connecting: {gone['reason']}")
+    lines.append("")
     rows = []
     for v in status["volumes"]:
         role = v.get("role", "protected")

@@ -113,6 +113,7 @@ class HubProc:
                 raise RuntimeError(f"add-agent {agent_id} failed: {out}")
             path = workdir / f"{agent_id}.secret"
             path.write_text(secret.group(0) + "\n")
+            path.chmod(0o600)           # the agent refuses a secret others can read
             self.secret_files[agent_id] = path
 
     @property

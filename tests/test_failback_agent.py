@@ -435,6 +435,7 @@ def test_recover_ends_cleanly_when_its_volume_fails_back(tmp_path, reason, rc):
     1 when the hub goes away for any other reason."""
     secret = secrets.token_bytes(32)
     (tmp_path / "secret").write_text(secret.hex() + "\n")
+    (tmp_path / "secret").chmod(0o600)
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(T)
     run = short_tmpdir("fbrc")

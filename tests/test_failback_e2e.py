@@ -98,6 +98,7 @@ class Sites:
                  "--recover-for", "agent1").stdout
         self.rec_secret = work / "rec1.secret"
         self.rec_secret.write_text(re.search(r"\b[0-9a-f]{64}\b", out).group(0) + "\n")
+        self.rec_secret.chmod(0o600)
         # The harness keeps QSD's first monitor, the agent has the second, the
         # operator's `repagent.py qmp` the third.
         self.agent_qmp = work / "agent-qmp.sock"

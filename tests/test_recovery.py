@@ -74,6 +74,7 @@ class Site:
             out = py("rephub.py", "add-agent", "--agents", self.agents, agent, *extra).stdout
             path = work / f"{agent}.secret"
             path.write_text(re.search(r"\b[0-9a-f]{64}\b", out).group(0) + "\n")
+            path.chmod(0o600)
             self.secrets[agent] = str(path)
         self.hub = HubProcess(self.data, self.agents, "--log-level", "INFO",
                               log_path=str(work / "hub.log")).start()

@@ -379,6 +379,7 @@ class RefAgent(ExternalAgent):
         self.dir = Path(tempfile.mkdtemp(prefix="cfag", dir="/tmp"))
         self.secret_file = self.dir / "secret"
         self.secret_file.write_text(self.secret.hex() + "\n")
+        self.secret_file.chmod(0o600)   # repagent.py refuses a secret others can read
         self.state = self.dir / "state"
         self.volume = "cfvol"
         self.size = self.SIZE

@@ -359,13 +359,17 @@ class AgentTarget:
         self.secret = secrets.token_bytes(32)
         secret_file = workdir / "fz.secret"
         secret_file.write_text(self.secret.hex() + "\n")
+        secret_file.chmod(0o600)
         self.qmpdir = short_tmpdir("fzq")
         qmp = self.qmpdir / "qmp.sock"
         self.qsd = QSD(workdir / "qsd", size=VOLUME_SIZE, extra_args=[
             "--chardev", f"socket,id=qmp1,path={qmp},server=on,wait=off",
             "--monitor", "chardev=qmp1"])
+        # Each session is a short connection the fuzzer (or the agent) cuts:
+        # by design the agent backs off on such a hub, here it must not.
         self.agent = AgentProc(workdir, self.listener.getsockname()[:2], secret_file, qmp,
-                               {"disk0": "vol0"}, mode="async", agent_id="fz")
+                               {"disk0": "vol0"}, mode="async", agent_id="fz",
+                               extra=["--max-backoff", "0.01"])
         self.sessions = 0
         self.nbd_sessions = 0
         self.bad_range: str | None = None
