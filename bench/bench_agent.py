@@ -125,6 +125,7 @@ def run_agent(work: Path, size: int, ops: int, mode: str) -> dict:
                               "bench"], cwd=ROOT, capture_output=True, text=True, check=True)
         secret = base / "secret"
         secret.write_text(out.stdout.strip().split()[-1] + "\n")
+        secret.chmod(0o600)   # the agent refuses a secret others can read
         hub = spawn(["rephub.py", "--log-level", "WARNING", "serve", "--data", str(base / "hub"),
                      "--listen", "127.0.0.1:0", "--agents", str(agents)], base / "hub.log")
         import rephub

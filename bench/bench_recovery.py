@@ -98,7 +98,7 @@ def main() -> int:
     try:
         secrets = make_agents_file(os.path.join(work, "agents"), "agent1")
         secret_file = os.path.join(work, "secret")
-        with open(secret_file, "w") as f:
+        with open(os.open(secret_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
             f.write(secrets["agent1"].hex() + "\n")
         data_dir = os.path.join(work, "hub")
         hub = HubProcess(data_dir, os.path.join(work, "agents"), "--log-level", "WARNING",

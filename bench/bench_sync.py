@@ -255,6 +255,7 @@ class Replication:
                                   str(agents), AGENT_ID], cwd=ROOT, capture_output=True,
                                  text=True, check=True, timeout=60)
             (self.work / "secret").write_text(out.stdout.strip().split()[-1] + "\n")
+            (self.work / "secret").chmod(0o600)   # the agent refuses a secret others can read
         self.hub = spawn(["rephub.py", "--log-level", "INFO", "serve", "--data", str(self.data),
                           "--listen", f"127.0.0.1:{self.port}", "--agents", str(agents)],
                          self.work / "hub.log")
