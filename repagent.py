@@ -1298,6 +1298,7 @@ class HubConnection:
         self.since = time.monotonic()    # connected_at, on the monotonic clock
         self.attached_at: float | None = None   # first ATTACHED (monotonic)
         self.hub_said = ""              # the last ERROR or GOODBYE text the hub sent
+        self.refused_writes = 0         # writes the hub answered with ERROR here
         self.hub_said_at = 0.0          # ... and when (monotonic)
         self.threads = [
             threading.Thread(target=self._send_loop, name="repagent-send", daemon=True),
@@ -1828,8 +1829,14 @@ class Agent:
                     self.report_dropped(conn, pw.volume, pw.chunks)
                 reply, pw.reply = pw.reply, None
                 self._degrade(f"hub refused a write: {msg.code_name()}")
-                log.warning("hub refused %s write req=%d: %s %s", pw.volume.name,
-                            msg.request_id, msg.code_name(), msg.message)
+                # A hub whose storage failed refuses every later write of the
+                # connection (PROTOCOL.md RP-10): one line tells it, not one per write.
+                conn.refused_writes += 1
+                log.log(logging.WARNING if conn.refused_writes == 1 else logging.DEBUG,
+                        "hub refused %s write req=%d: %s %s%s", pw.volume.name,
+                        msg.request_id, msg.code_name(), msg.message,
+                        " (later refusals on this connection are logged at DEBUG; they stay "
+                        "marked)" if conn.refused_writes == 1 else "")
                 self.count_error("hub_error")
                 if msg.code == p.ErrorCode.ROLE and conn is self.conn:
                     promoted = pw.volume.name
@@ -2280,6 +2287,9 @@ class Agent:
             self.timer_cond.notify_all()
         if not self.stopping.is_set():
             self.count_error("connection_lost")
+        if conn.refused_writes > 1:
+            log.warning("the hub refused %d writes on the connection that ended; they stay "
+                        "marked and are resynced", conn.refused_writes)
         self.last_disconnect = {"reason": reason, "hub_said": conn.hub_said or None,
                                 "at": time.time(),
                                 "lived_s": round(time.monotonic() - conn.since, 3),
