@@ -9,6 +9,23 @@ the reference implementations.  See docs/CONFORMANCE.md.
 
 import os
 
+import pytest
+
+
+@pytest.fixture
+def hub_a1(tmp_path):
+    """An in-process hub (heartbeat 0.2 s) that knows agent a1: (hub, a1's secret)."""
+    import rephub
+    from hubtools import make_agents_file
+    agents = str(tmp_path / "agents")
+    secret = make_agents_file(agents, "a1")["a1"]
+    hub = rephub.Hub(str(tmp_path / "data"), agents, heartbeat=0.2)
+    hub.start()
+    try:
+        yield hub, secret
+    finally:
+        hub.shutdown(grace=5)
+
 
 def pytest_addoption(parser):
     group = parser.getgroup("conformance", "PROTOCOL.md conformance suite (tests/conformance)")

@@ -35,23 +35,12 @@ import pytest
 
 import protocol as p
 import repagent as ra
+from hubtools import wait_for
 
 ROOT = Path(ra.__file__).resolve().parent
 CHUNK = 64 * 1024
 SIZE = 16 * CHUNK
 SECRET = bytes(range(32))
-
-
-def wait_for(predicate, what: str, timeout: float = 10.0):
-    """Poll ``predicate`` until it is truthy (bounded); return its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 # ---------------------------------------------------------------------------
@@ -171,7 +160,7 @@ def test_a_hub_failing_after_the_handshake_is_retried_with_a_growing_backoff(
     try:
         with caplog.at_level(logging.INFO, logger="repagent"):
             agent = heartbeat_agent(hub.address)
-            wait_for(lambda: len(hub.accepted) >= 5, "five connections", timeout=20)
+            wait_for(lambda: len(hub.accepted) >= 5, what="five connections", timeout=20)
         times = list(hub.accepted)
         gaps = [b - a for a, b in zip(times, times[1:])]
         # Before: the backoff reset at every handshake and the agent came
@@ -181,14 +170,14 @@ def test_a_hub_failing_after_the_handshake_is_retried_with_a_growing_backoff(
         for before, after in zip(gaps, gaps[1:]):
             assert after > 1.15 * before, f"the backoff must grow: {gaps}"
         st = wait_for(lambda: (lambda s: s if s["last_disconnect"] else None)(agent.status()),
-                      "a disconnect in the status")
+                      what="a disconnect in the status")
         said = words.split(" ", 1)[1]       # GOODBYE's reason, or ERROR's code and text
         assert st["last_disconnect"]["hub_said"] == words
         assert said in st["last_disconnect"]["reason"]
         assert st["last_disconnect"]["attached"] is False
         assert st["connect_attempts"] >= 5
         wait_for(lambda: "next attempt in" in ra.format_status(agent.status()),
-                 "the table during a backoff")
+                 what="the table during a backoff")
         text = ra.format_status(agent.status())
         assert said in text, text
         st = agent.status()
@@ -205,7 +194,7 @@ def test_max_backoff_bounds_the_wait(heartbeat_agent):
     hub = ScriptedHub(refuse_attach)
     try:
         heartbeat_agent(hub.address, max_backoff=0.05)
-        wait_for(lambda: len(hub.accepted) >= 8, "eight connections", timeout=20)
+        wait_for(lambda: len(hub.accepted) >= 8, what="eight connections", timeout=20)
         gaps = [b - a for a, b in zip(hub.accepted, hub.accepted[1:])]
         assert max(gaps[:7]) < 0.5, gaps
         assert not hub.problems, hub.problems
@@ -252,7 +241,7 @@ def test_a_connection_that_stayed_attached_resets_the_backoff(heartbeat_agent, m
     hub = ScriptedHub(behave)
     try:
         agent = heartbeat_agent(hub.address)
-        wait_for(lambda: len(hub.accepted) >= 5, "five connections", timeout=20)
+        wait_for(lambda: len(hub.accepted) >= 5, what="five connections", timeout=20)
         assert healthy_done.is_set()
         t = hub.accepted
         backoff_before = t[3] - t[2]
@@ -584,7 +573,7 @@ class ProtectProc:
                 return ra.query_status(str(self.state))
             except (OSError, ValueError):
                 return None
-        return wait_for(answer, "the agent's control socket", timeout=timeout)
+        return wait_for(answer, what="the agent's control socket", timeout=timeout)
 
     def stop(self) -> str:
         """SIGTERM, reap; the log."""
@@ -605,8 +594,8 @@ def test_under_umask_000_everything_the_agent_creates_is_private(short_dir):
     state = agent.state
     try:
         agent.status()
-        wait_for(lambda: "blockdev-mirror" in qsd.commands, "the mirror set up")
-        wait_for(lambda: (state / "vol0.json").exists(), "VOLUME.json saved")
+        wait_for(lambda: "blockdev-mirror" in qsd.commands, what="the mirror set up")
+        wait_for(lambda: (state / "vol0.json").exists(), what="VOLUME.json saved")
         assert agent.status()["volumes"][0]["attach_state"] == "CLEAN"
         modes = {name: os.stat(state / name).st_mode for name in
                  ("vol0.bitmap", "vol0.json", "agent.lock", "control.sock", "vol0.nbd")}
@@ -783,3 +772,4 @@ def test_recover_under_umask_000_serves_a_private_unix_socket(short_dir):
             proc.kill()
             proc.communicate(timeout=10)
         hub.close()
+

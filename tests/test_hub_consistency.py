@@ -17,7 +17,7 @@ import pytest
 
 import protocol as p
 import rephub
-from hubtools import AgentError, MemVolume, TestAgent, make_agents_file, wait_for
+from hubtools import AgentError, MemVolume, TestAgent, wait_for
 
 MiB = 1024 * 1024
 
@@ -38,18 +38,6 @@ class RefusingAgent(TestAgent):
                           failed_type=msg.TYPE, message="no such volume here"))
 
 
-@pytest.fixture
-def hubenv(tmp_path):
-    agents = str(tmp_path / "agents")
-    secrets_by_id = make_agents_file(agents, "a1")
-    hub = rephub.Hub(str(tmp_path / "data"), agents, heartbeat=0.2)
-    hub.start()
-    try:
-        yield hub, secrets_by_id["a1"]
-    finally:
-        hub.shutdown(grace=5)
-
-
 def replica(hub, name: str) -> bytes:
     hub.store.wait_applied(hub.store.journal.durable_seq)
     with open(os.path.join(hub.store.dir, "volumes", name, "replica"), "rb") as f:
@@ -57,8 +45,8 @@ def replica(hub, name: str) -> bytes:
 
 
 @pytest.mark.parametrize("code", [p.ErrorCode.NO_SUCH_VOLUME, p.ErrorCode.IO_ERROR])
-def test_an_aborted_dirty_resync_is_never_declared_done(hubenv, code):
-    hub, secret = hubenv
+def test_an_aborted_dirty_resync_is_never_declared_done(hub_a1, code):
+    hub, secret = hub_a1
     rng = random.Random(15)
     mv = MemVolume(2 * MiB, rng.randbytes(2 * MiB))
     with TestAgent(hub.address, "a1", secret).connect() as agent:
@@ -105,8 +93,8 @@ def test_an_aborted_dirty_resync_is_never_declared_done(hubenv, code):
     assert "latest: recoverable" in rephub.format_points(hub.store.points(vol))
 
 
-def test_checkpoint_names_are_unique(hubenv):
-    hub, secret = hubenv
+def test_checkpoint_names_are_unique(hub_a1):
+    hub, secret = hub_a1
     mv = MemVolume(MiB)
     with TestAgent(hub.address, "a1", secret).connect() as agent:
         agent.attach("v", mv)
@@ -122,10 +110,10 @@ def test_checkpoint_names_are_unique(hubenv):
     assert names.count("before-upgrade") == 1
 
 
-def test_a_recovery_test_by_the_same_agent_id_leaves_protection_alone(hubenv):
+def test_a_recovery_test_by_the_same_agent_id_leaves_protection_alone(hub_a1):
     """README walkthrough step 6: ``repagent.py recover --test`` with the
     protected agent's own id must not close the protecting connection."""
-    hub, secret = hubenv
+    hub, secret = hub_a1
     mv = MemVolume(MiB, bytes(range(256)) * (MiB // 256))
     with TestAgent(hub.address, "a1", secret).connect() as protect:
         vid = protect.attach("v", mv)[0]
@@ -147,12 +135,12 @@ def test_a_recovery_test_by_the_same_agent_id_leaves_protection_alone(hubenv):
     assert replica(hub, "v") == bytes(mv.buf)
 
 
-def test_two_hosts_with_one_agent_id_never_share_a_volume(hubenv):
+def test_two_hosts_with_one_agent_id_never_share_a_volume(hub_a1):
     """A cloned host: two connections of one agent id attach the same volume name
     from different disks, at the same moment, several times.  The volume is
     never attached to both; each take-over verifies against the new disk, and
     the replica ends equal to the disk of the connection that has it."""
-    hub, secret = hubenv
+    hub, secret = hub_a1
     rng = random.Random(152)
     disks = [MemVolume(MiB, rng.randbytes(MiB)) for _ in range(2)]
     with TestAgent(hub.address, "a1", secret).connect() as first:

@@ -16,23 +16,11 @@ import pytest
 
 import protocol as p
 import rephub
-from hubtools import MemVolume, TestAgent, make_agents_file, wait_for
+from hubtools import MemVolume, TestAgent, wait_for
 
 MiB = 1024 * 1024
 CHUNK = 65536
 BLOCK = 4096          # the granularity SparseAgent sees zeroes at
-
-
-@pytest.fixture
-def hubenv(tmp_path):
-    agents = str(tmp_path / "agents")
-    secrets_by_id = make_agents_file(agents, "a1")
-    hub = rephub.Hub(str(tmp_path / "data"), agents, heartbeat=0.2)
-    hub.start()
-    try:
-        yield hub, secrets_by_id["a1"]
-    finally:
-        hub.shutdown(grace=5)
 
 
 class SparseAgent(TestAgent):
@@ -113,8 +101,8 @@ def wait_consistent(hub, name: str, timeout: float = 30.0):
     return hub.store.volume(name)
 
 
-def test_full_sync_reads_only_the_data_and_keeps_holes(hubenv):
-    hub, secret = hubenv
+def test_full_sync_reads_only_the_data_and_keeps_holes(hub_a1):
+    hub, secret = hub_a1
     vol, data_bytes = sparse_volume(64 * MiB, 20)
     with SparseAgent(hub.address, "a1", secret).connect() as agent:
         assert agent.granted == p.Feature.EXTENTS
@@ -139,8 +127,8 @@ def test_full_sync_reads_only_the_data_and_keeps_holes(hubenv):
         assert pos == 64 * MiB
 
 
-def test_without_the_feature_the_hub_grants_nothing_and_reads_everything(hubenv):
-    hub, secret = hubenv
+def test_without_the_feature_the_hub_grants_nothing_and_reads_everything(hub_a1):
+    hub, secret = hub_a1
     vol, _ = sparse_volume(8 * MiB, 3)
     with TestAgent(hub.address, "a1", secret).connect() as agent:
         assert agent.granted == 0
@@ -151,8 +139,8 @@ def test_without_the_feature_the_hub_grants_nothing_and_reads_everything(hubenv)
 
 
 @pytest.mark.parametrize("max_extents", [1, 2])
-def test_prefix_answers_are_asked_again_for_the_rest(hubenv, max_extents):
-    hub, secret = hubenv
+def test_prefix_answers_are_asked_again_for_the_rest(hub_a1, max_extents):
+    hub, secret = hub_a1
     vol, _ = sparse_volume(16 * MiB, 12, seed=max_extents)
     # Unaligned data too: a prefix may end inside a chunk.
     vol.write(5 * MiB + 1000, b"\x07" * 3000)
@@ -167,12 +155,12 @@ def test_prefix_answers_are_asked_again_for_the_rest(hubenv, max_extents):
 
 
 @pytest.mark.parametrize("stale", [False, True])
-def test_a_write_racing_an_extents_answer_is_not_lost(hubenv, stale):
+def test_a_write_racing_an_extents_answer_is_not_lost(hub_a1, stale):
     """Writes land in zero regions while the hub asks about them.  A correct
     agent's answer is ordered with its writes, so the replica ends equal to the
     volume; the broken ``stale`` agent shows the test would notice (the hub
     zeroes a write that was sent before the stale answer)."""
-    hub, secret = hubenv
+    hub, secret = hub_a1
     size = 8 * MiB
     vol = MemVolume(size)
     with SparseAgent(hub.address, "a1", secret).connect() as agent:
@@ -197,8 +185,8 @@ def test_a_write_racing_an_extents_answer_is_not_lost(hubenv, stale):
             assert data == bytes(vol.buf)
 
 
-def test_concurrent_writes_during_a_sparse_sync_converge(hubenv):
-    hub, secret = hubenv
+def test_concurrent_writes_during_a_sparse_sync_converge(hub_a1):
+    hub, secret = hub_a1
     size = 32 * MiB
     vol, _ = sparse_volume(size, 30, seed=7)
     stop = threading.Event()
@@ -230,8 +218,8 @@ def test_concurrent_writes_during_a_sparse_sync_converge(hubenv):
 
 @pytest.mark.parametrize("bad", ["too_long", "zero_length", "unknown_flag", "wrong_range",
                                  "no_extent"])
-def test_bad_extents_are_refused_and_end_the_sync(hubenv, bad):
-    hub, secret = hubenv
+def test_bad_extents_are_refused_and_end_the_sync(hub_a1, bad):
+    hub, secret = hub_a1
     vol, _ = sparse_volume(4 * MiB, 2)
 
     def answer(msg):
@@ -261,8 +249,8 @@ def test_bad_extents_are_refused_and_end_the_sync(hubenv, bad):
         agent.expect_ack(agent.write(vid, 0, b"x" * 512))
 
 
-def test_unsolicited_extents_are_refused(hubenv):
-    hub, secret = hubenv
+def test_unsolicited_extents_are_refused(hub_a1):
+    hub, secret = hub_a1
     vol = MemVolume(MiB)
     with SparseAgent(hub.address, "a1", secret).connect() as agent:
         vid, _ = agent.attach("u", vol)
@@ -274,10 +262,10 @@ def test_unsolicited_extents_are_refused(hubenv):
         assert err.code == p.ErrorCode.INVALID
 
 
-def test_a_bad_agent_request_sharing_an_id_with_a_query_leaves_the_sync_alone(hubenv):
+def test_a_bad_agent_request_sharing_an_id_with_a_query_leaves_the_sync_alone(hub_a1):
     """Request ids of the agent and of the hub are separate spaces: a refused
     WRITE numbered like an outstanding EXTENT_QUERY must not end that sync."""
-    hub, secret = hubenv
+    hub, secret = hub_a1
     vol, _ = sparse_volume(4 * MiB, 2)
     with SparseAgent(hub.address, "a1", secret).connect() as agent:
         held = []
