@@ -9,27 +9,13 @@ new connection.
 
 from __future__ import annotations
 
-import pytest
-
 import protocol as p
 import rephub
-from hubtools import MemVolume, TestAgent, make_agents_file, wait_for
+from hubtools import MemVolume, TestAgent, wait_for
 
 
-@pytest.fixture
-def hubenv(tmp_path):
-    agents = str(tmp_path / "agents")
-    secret = make_agents_file(agents, "a1")["a1"]
-    hub = rephub.Hub(str(tmp_path / "data"), agents, heartbeat=0.2)
-    hub.start()
-    try:
-        yield hub, secret
-    finally:
-        hub.shutdown(grace=5)
-
-
-def test_a_reconnect_detaching_a_sync_not_started_yet_is_served(hubenv, monkeypatch):
-    hub, secret = hubenv
+def test_a_reconnect_detaching_a_sync_not_started_yet_is_served(hub_a1, monkeypatch):
+    hub, secret = hub_a1
     vol = MemVolume(1 << 20)
     start = rephub.SyncJob.start
     held = []
