@@ -165,6 +165,7 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import struct
 import sys
 import threading
@@ -403,7 +404,39 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
+#: Every file the hub creates: replicas, journal and undo segments, metadata,
+#: the lock file.  They hold the protected disks' contents, so only the hub's
+#: user may read them; ``os.open`` modes are masked by the umask, never widened.
+PRIVATE_FILE = 0o600
+#: Every directory the hub creates.
+PRIVATE_DIR = 0o700
+
+
+def makedirs_private(path: str, exist_ok: bool = True) -> None:
+    """``os.makedirs`` whose every new directory is PRIVATE_DIR, intermediate ones
+    included (``os.makedirs`` gives those the umask's default mode)."""
+    head = os.path.dirname(path)
+    if head and head != path and not os.path.isdir(head):
+        makedirs_private(head)
+    try:
+        os.mkdir(path, PRIVATE_DIR)
+    except FileExistsError:
+        if not exist_ok or not os.path.isdir(path):
+            raise
+
+
+def private_data_dir(path: str) -> None:
+    """Create the data directory 0700, or warn if an existing one is open to others."""
+    if not os.path.isdir(path):
+        makedirs_private(path)
+        return
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o077:
+        log.warning("data directory %s has mode %04o: other local users can reach the "
+                    "replicas and journal in it; fix: chmod 700 %s", path, mode, path)
+
+
+def atomic_write(path: str, data: bytes, mode: int = PRIVATE_FILE) -> None:
     """Replace ``path`` with ``data`` so a crash leaves the old or the new file."""
     tmp = f"{path}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
@@ -580,7 +613,7 @@ class SegmentLog:
         self.fdatasyncs = 0
         self.read_lock = threading.Lock()
         self.kernel_copy = hasattr(os, "copy_file_range")
-        os.makedirs(directory, exist_ok=True)
+        makedirs_private(directory)
 
     def path(self, segment: int) -> str:
         return os.path.join(self.dir, f"{segment:020d}.seg")
@@ -748,7 +781,7 @@ class SegmentLog:
         self.broken = None
 
     def _roll(self, seq: int) -> None:
-        fd = os.open(self.path(seq), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(self.path(seq), os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE_FILE)
         if self.fd is not None:
             self.unsynced.append(self.fd)
         self.segment = seq
@@ -1193,6 +1226,7 @@ class VolumeStore:
                  max_bytes: int = DEFAULT_MAX_JOURNAL_BYTES,
                  segment_bytes: int = SEGMENT_BYTES):
         self.dir = os.path.abspath(data_dir)
+        private_data_dir(self.dir)
         self.retention = retention
         self.max_bytes = max_bytes
         self.volumes_dir = os.path.join(self.dir, "volumes")
@@ -1224,8 +1258,9 @@ class VolumeStore:
 
     def open(self) -> None:
         """Lock the directory, load everything, truncate torn tails (caller's thread)."""
-        os.makedirs(self.volumes_dir, exist_ok=True)
-        self.lock_fd = os.open(os.path.join(self.dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        makedirs_private(self.volumes_dir)
+        self.lock_fd = os.open(os.path.join(self.dir, LOCK_FILE), os.O_RDWR | os.O_CREAT,
+                               PRIVATE_FILE)
         try:
             fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -1447,8 +1482,9 @@ class VolumeStore:
             vid = self.hub_meta["next_volume_id"]
             self.hub_meta["next_volume_id"] = vid + 1
             atomic_write_json(os.path.join(self.dir, HUB_FILE), self.hub_meta)
-            os.makedirs(path, exist_ok=True)
-            fd = os.open(os.path.join(path, "replica"), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            makedirs_private(path)
+            fd = os.open(os.path.join(path, "replica"), os.O_RDWR | os.O_CREAT | os.O_TRUNC,
+                         PRIVATE_FILE)
             try:
                 os.ftruncate(fd, size)
                 os.fsync(fd)
@@ -1953,7 +1989,7 @@ class VolumeStore:
 
     def export(self, vol: Volume, seq: int, out_path: str, progress=None) -> int:
         """Write ``vol`` as of ``seq`` to a sparse raw file; return the data bytes written."""
-        fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
         written = 0
         try:
             os.ftruncate(fd, vol.size)
@@ -3635,7 +3671,7 @@ class Overlay:
     session wrote.  Used by the connection thread of the session only."""
 
     def __init__(self, directory: str, size: int):
-        os.makedirs(directory, exist_ok=False)
+        makedirs_private(directory, exist_ok=False)
         self.dir = directory
         self.fd = os.open(os.path.join(directory, "overlay"),
                           os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -4073,7 +4109,7 @@ class Failback:
         while os.path.exists(os.path.join(base, FAILBACK_DIR.format(n=n))):
             n += 1
         self.late_dir = os.path.join(base, FAILBACK_DIR.format(n=n))
-        os.makedirs(self.late_dir)
+        makedirs_private(self.late_dir, exist_ok=False)
         self.set_phase(FailbackPhase.PRESERVING, f"saving {len(self.late)} late-write extents "
                        f"({fmt_bytes(extent_bytes(self.late))}) in {self.late_dir}")
         self.total_bytes, self.done_bytes = extent_bytes(self.late), 0
