@@ -2212,6 +2212,14 @@ class VolumeStore:
 # Agents file
 
 
+def check_secret_file_mode(path: str, st: os.stat_result) -> None:
+    """Refuse a file of secrets that group or others may access (as ssh does for keys)."""
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise StoreError(f"agents file {path} has mode {mode:04o}: it holds agent secrets, so it must "
+                         f"not be accessible by group or others (fix: chmod 600 {path})")
+
+
 def load_agents(path: str) -> dict[str, bytes]:
     """``AGENT_ID SECRET_HEX [recover=OWNER,...]`` per line; '#' starts a comment."""
     return parse_agents(path)[0]
@@ -2222,6 +2230,7 @@ def parse_agents(path: str) -> tuple[dict[str, bytes], dict[str, set[str]]]:
     (``recover=OWNER,...``; ``recover=*``: every volume) besides its own."""
     agents, rights = {}, {}
     with open(path, encoding="utf-8") as f:
+        check_secret_file_mode(path, os.fstat(f.fileno()))
         for lineno, line in enumerate(f, 1):
             line = line.split("#", 1)[0].strip()
             if not line:
@@ -5212,7 +5221,27 @@ def cmd_serve(args) -> int:
 
 
 def cmd_add_agent(args) -> int:
-    print(add_agent(args.agents, args.agent_id, args.recover_for or ()))
+    if args.secret_out is None:
+        print(add_agent(args.agents, args.agent_id, args.recover_for or ()))
+        return 0
+    # The secret file is created first, 0600 and exclusively, so an existing
+    # file is never overwritten and a failure leaves the agents file as it was.
+    try:
+        fd = os.open(args.secret_out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+    except FileExistsError:
+        raise CommandError(f"--secret-out {args.secret_out} exists; remove it or choose "
+                           "another file (it is never overwritten)") from None
+    try:
+        secret = add_agent(args.agents, args.agent_id, args.recover_for or ())
+        os.write(fd, f"{secret}\n".encode())
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(args.secret_out)
+        raise
+    os.close(fd)
+    print(f"agent {args.agent_id} added to {args.agents}; its secret is in {args.secret_out} "
+          "(mode 0600): copy it to the protected host for --secret-file", file=sys.stderr)
     return 0
 
 
@@ -5506,6 +5535,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("add-agent", help="add an agent, print its new secret")
     s.add_argument("--agents", required=True)
     s.add_argument("agent_id")
+    s.add_argument("--secret-out", metavar="FILE",
+                   help="write the secret to FILE (created 0600; refused if it exists) "
+                        "instead of printing it")
     s.add_argument("--recover-for", action="append", metavar="OWNER",
                    help="it may also recover the volumes of agent OWNER (* = any); repeatable")
     s.set_defaults(func=cmd_add_agent)

@@ -46,7 +46,9 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
 def make_agents_file(path: str, *agent_ids: str) -> dict[str, bytes]:
     """Write an agents file with fresh secrets; return {agent_id: secret}."""
     secrets_by_id = {a: secrets.token_bytes(32) for a in agent_ids}
-    with open(path, "w", encoding="utf-8") as f:
+    # Created 0600: the hub refuses an agents file group or others may read.
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w",
+              encoding="utf-8") as f:
         for agent_id, secret in secrets_by_id.items():
             f.write(f"{agent_id} {secret.hex()}\n")
     os.chmod(path, 0o600)
