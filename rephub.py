@@ -179,8 +179,26 @@ log = logging.getLogger("rephub")
 # ---------------------------------------------------------------------------
 # Constants
 
-#: HELLO..AUTH_OK must be done within this (SEMANTICS.md).
+#: TLS, HELLO..AUTH_OK must be done within this from accept, the bytes of a
+#: frame included (SEMANTICS.md, PROTOCOL.md "Security considerations");
+#: ``serve --handshake-timeout``.
 HANDSHAKE_TIMEOUT = 10.0
+#: The hub holds at most this many connections (``--max-connections``); one
+#: more is closed at accept.  Each costs a thread, so this bounds the threads
+#: unauthenticated peers can make the hub run.
+MAX_CONNECTIONS = 256
+#: ... and at most this many unauthenticated ones from one address
+#: (``--max-unauthenticated-per-address``), so one host cannot take them all.
+MAX_UNAUTHENTICATED_PER_ADDRESS = 16
+#: Out of descriptors, memory or threads, the accept loop waits this long,
+#: doubling up to ACCEPT_BACKOFF_MAX, instead of retrying at once (it would
+#: spin: the pending connection keeps the listener readable) ...
+ACCEPT_BACKOFF_MIN = 0.05
+ACCEPT_BACKOFF_MAX = 2.0
+#: ... and logs each kind of such trouble at most once this often.
+ACCEPT_LOG_INTERVAL = 30.0
+#: accept() errors that mean the process or the system is out of a resource.
+ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 #: How often a recv loop waiting between frames looks at the stop flag.
 POLL_INTERVAL = 0.2
 #: A peer that stalls inside a frame for this long is cut off.
@@ -213,6 +231,8 @@ EXTENT_WINDOW = 2
 ZERO_RECORD_MAX = 64 * 1024 * 1024
 #: Feature bits this hub implements: it grants those the agent offers (VN-3).
 HUB_FEATURES = p.Feature.EXTENTS | p.Feature.FAILBACK
+#: How every frame starts on the wire: tells a plaintext agent from a TLS one.
+MAGIC_BYTES = struct.pack("!I", p.MAGIC)
 #: The agent's answers to a SyncJob's requests (their request ids are the hub's).
 SYNC_ANSWERS = frozenset({p.MsgType.READ_REPLY, p.MsgType.DIRTY_MAP, p.MsgType.CHECKSUMS,
                           p.MsgType.EXTENTS})
@@ -2323,6 +2343,27 @@ class ConnectionClosed(Exception):
     """The peer went away, or the connection is being torn down."""
 
 
+class LogThrottle:
+    """One WARNING per ``interval`` for each kind of trouble, saying how many like
+    it were held back meanwhile: a flood of peers or a lasting shortage of
+    descriptors gives a few lines, not one per attempt.  One thread uses it."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.last: dict[str, float] = {}
+        self.held: collections.Counter[str] = collections.Counter()
+
+    def warning(self, kind: str, fmt: str, *args) -> None:
+        now = time.monotonic()
+        if kind in self.last and now - self.last[kind] < self.interval:
+            self.held[kind] += 1
+            return
+        self.last[kind] = now
+        held = self.held.pop(kind, 0)
+        log.warning(fmt + (f" ({held} more like it in the last {self.interval:g} s)"
+                           if held else ""), *args)
+
+
 class RateLimiter:
     """Token bucket shared by every sync (``--sync-rate`` bytes/s; 0 = unlimited)."""
 
@@ -2501,6 +2542,8 @@ class AgentConnection:
         self.store = hub.store
         self.sock = sock
         self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        self.host = addr[0] if isinstance(addr, tuple) else str(addr)  # per-address limit
+        self.handshake_timeout = hub.handshake_timeout or HANDSHAKE_TIMEOUT
         self.agent_id: str | None = None
         self.send_lock = threading.Lock()
         self.header_buf = bytearray(p.HEADER_SIZE)
@@ -2594,16 +2637,31 @@ class AgentConnection:
             if deadline is not None:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
-                    raise ConnectionClosed("handshake not done within "
-                                           f"{HANDSHAKE_TIMEOUT:.0f} s")
+                    raise self._handshake_late()
             ready, _, _ = select.select([self.sock], [], [], wait)
             if ready:
                 return True
 
-    def _read_into(self, view: memoryview) -> int:
+    def _handshake_late(self) -> ConnectionClosed:
+        return ConnectionClosed(f"handshake not done within {self.handshake_timeout:g} s")
+
+    def _read_into(self, view: memoryview, deadline: float | None = None) -> int:
+        """Fill ``view``; short only at EOF.  With a ``deadline`` (the handshake)
+        every recv waits only for what is left of it, so a peer trickling a
+        frame byte by byte is cut off at the deadline too."""
         got = 0
         while got < len(view):
-            n = self.sock.recv_into(view[got:])
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._handshake_late()
+                self.sock.settimeout(left)
+            try:
+                n = self.sock.recv_into(view[got:])
+            except socket.timeout as err:
+                if deadline is None:
+                    raise
+                raise self._handshake_late() from err
             if n == 0:
                 break
             got += n
@@ -2614,19 +2672,27 @@ class AgentConnection:
 
         Raises ProtocolError (close) or RequestError (answer, go on) as
         ``protocol.decode_body``; once a frame has started it is read to its end.
+        Before AUTH_OK (``deadline`` set: the handshake's) a payload over
+        MAX_HANDSHAKE_PAYLOAD is refused before it is read or allocated [SE-3].
         """
         if not self._wait_readable(deadline):
             return None
-        got = self._read_into(memoryview(self.header_buf))
+        got = self._read_into(memoryview(self.header_buf), deadline)
         if got == 0:
             return None
         if got < p.HEADER_SIZE:
             raise p.TruncatedFrame(f"connection closed inside a frame header "
                                    f"({got} of {p.HEADER_SIZE} bytes)")
         self.last_recv = time.monotonic()
+        handshake = self.state is ConnState.HANDSHAKE
+        if handshake and self.hub.tls is None and p.looks_like_tls(self.header_buf):
+            raise p.BadMagic("a TLS client connected to a plaintext hub (start the hub with "
+                             "--tls-cert/--tls-key, or drop --tls-ca on the agent)")
         header = p.parse_header(self.header_buf)
+        if handshake:
+            p.check_handshake_header(header)
         payload = bytearray(header.payload_length)
-        got = self._read_into(memoryview(payload))
+        got = self._read_into(memoryview(payload), deadline)
         if got < header.payload_length:
             raise p.TruncatedFrame(f"connection closed inside a payload ({got} of "
                                    f"{header.payload_length} bytes)")
@@ -2671,12 +2737,20 @@ class AgentConnection:
                       exc_info=err)
 
     def setup(self) -> bool:
-        """TLS, then HELLO / HELLO_REPLY / AUTH / AUTH_OK within HANDSHAKE_TIMEOUT."""
-        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
-        self.sock.settimeout(HANDSHAKE_TIMEOUT)
+        """TLS, then HELLO / HELLO_REPLY / AUTH / AUTH_OK, all within the handshake
+        timeout from here (HANDSHAKE_TIMEOUT, ``--handshake-timeout``)."""
+        deadline = time.monotonic() + self.handshake_timeout
+        self.sock.settimeout(self.handshake_timeout)
         if self.hub.tls is not None:
-            tls = self.hub.tls.wrap_socket(self.sock, server_side=True)  # handshake, timed
-            self.sock = TLSStream(tls, HANDSHAKE_TIMEOUT)
+            if not self._wait_readable(deadline):
+                return False
+            if self.sock.recv(1, socket.MSG_PEEK) == MAGIC_BYTES[:1]:
+                self._refuse_plaintext_agent(deadline)
+            # The socket's timeout bounds the whole TLS handshake (CPython
+            # counts it from the start of do_handshake), so set what is left.
+            self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            tls = self.hub.tls.wrap_socket(self.sock, server_side=True)
+            self.sock = TLSStream(tls, self.handshake_timeout)
         item = self.recv_frame(deadline)
         if item is None:
             return False
@@ -2729,6 +2803,17 @@ class AgentConnection:
         log.info("agent %s connected from %s%s", self.agent_id, self.peer,
                  " (TLS)" if self.hub.tls else "")
         return True
+
+    def _refuse_plaintext_agent(self, deadline: float) -> None:
+        """A TLS hub's new connection starts with RPL1: an agent without TLS.  Read
+        its HELLO (so closing does not reset the connection before the agent
+        reads the answer) and refuse it in plaintext, which that agent can read."""
+        try:
+            self.recv_frame(deadline)
+        except p.ReplicationError:
+            pass
+        raise p.ProtocolError("the hub expects TLS: use --tls-ca on the agent (a plaintext "
+                              "agent connected to a TLS hub)")
 
     def _expect(self, item, cls):
         """During the handshake: the message if it is ``cls``, else answer and None."""
@@ -4288,8 +4373,15 @@ class Hub:
                  segment_bytes: int = SEGMENT_BYTES, heartbeat: float = HEARTBEAT_INTERVAL,
                  metrics_listen: tuple[str, int] | None = None,
                  scrub_interval: float = DEFAULT_SCRUB_INTERVAL,
-                 scrub_rate: float = DEFAULT_SCRUB_RATE):
+                 scrub_rate: float = DEFAULT_SCRUB_RATE,
+                 handshake_timeout: float | None = None,
+                 max_connections: int = MAX_CONNECTIONS,
+                 max_unauthenticated_per_address: int = MAX_UNAUTHENTICATED_PER_ADDRESS):
         self.store = VolumeStore(data_dir, retention, max_bytes, segment_bytes)
+        self.handshake_timeout = handshake_timeout   # None: HANDSHAKE_TIMEOUT
+        self.max_connections = max_connections
+        self.max_unauthenticated_per_address = max_unauthenticated_per_address
+        self.accept_log = LogThrottle(ACCEPT_LOG_INTERVAL)
         self.agents = AgentsFile(agents_file)
         self.listen_addr = listen
         self.tls = None
@@ -4358,24 +4450,82 @@ class Hub:
                  " (TLS)" if self.tls else "", self.store.dir)
 
     def _accept_loop(self) -> None:
-        """Accept thread: one connection thread per agent."""
+        """Accept thread: one connection thread per agent; it never dies and never spins.
+
+        Out of descriptors or memory (ACCEPT_RESOURCE_ERRNOS), or when a
+        connection thread cannot start (that connection is closed), it waits on
+        ``stopping`` for a delay doubling from ACCEPT_BACKOFF_MIN to
+        ACCEPT_BACKOFF_MAX, back to none once a connection starts, and logs
+        each kind of trouble once per ACCEPT_LOG_INTERVAL (``accept_log``).
+        """
+        backoff = 0.0
         while not self.stopping.is_set():
+            if backoff and self.stopping.wait(backoff):
+                return
             ready, _, _ = select.select([self.listener], [], [], POLL_INTERVAL)
             if not ready:
                 continue
             try:
                 sock, addr = self.listener.accept()
             except OSError as err:
-                if not self.stopping.is_set():
-                    log.warning("accept failed: %s", err)
+                if self.stopping.is_set():
+                    return
+                if err.errno in ACCEPT_RESOURCE_ERRNOS:
+                    backoff = min(max(2 * backoff, ACCEPT_BACKOFF_MIN), ACCEPT_BACKOFF_MAX)
+                    self.accept_log.warning(
+                        "accept-" + errno.errorcode.get(err.errno, "?"),
+                        "accept failed: %s; new connections wait (retrying every %g s at "
+                        "most; raise the fd limit or --max-connections lower)",
+                        err, ACCEPT_BACKOFF_MAX)
+                else:   # ECONNABORTED, EPROTO, ...: that peer is gone, the next one is not
+                    log.debug("accept failed: %s", err)
                 continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = AgentConnection(self, sock, addr)
-            with self.conn_lock:
+            try:
+                started = self._start_connection(sock, addr)
+            except (RuntimeError, MemoryError, OSError) as err:
+                sock.close()
+                backoff = min(max(2 * backoff, ACCEPT_BACKOFF_MIN), ACCEPT_BACKOFF_MAX)
+                self.accept_log.warning("thread", "connection from %s closed: cannot start "
+                                        "its thread (%s)", addr[0], err)
+                continue
+            if started:
+                backoff = 0.0
+
+    def _start_connection(self, sock: socket.socket, addr) -> bool:
+        """Accept thread: start ``sock``'s connection thread, or close it at once
+        (without a byte: [HS-1]) when the hub holds ``max_connections``, or
+        ``max_unauthenticated_per_address`` unauthenticated ones from its address.
+        Raises if the thread cannot start (the connection is forgotten)."""
+        with self.conn_lock:
+            refused = None
+            if len(self.connections) >= self.max_connections:
+                refused = ("limit", f"{len(self.connections)} connections open "
+                                    f"(--max-connections {self.max_connections})")
+            else:
+                waiting = sum(1 for c in self.connections
+                              if c.host == addr[0] and c.state is ConnState.HANDSHAKE)
+                if waiting >= self.max_unauthenticated_per_address:
+                    refused = ("per-address", f"{waiting} unauthenticated connections from it "
+                               f"(--max-unauthenticated-per-address "
+                               f"{self.max_unauthenticated_per_address})")
+            if refused is None:
+                conn = AgentConnection(self, sock, addr)
                 self.connections.add(conn)
+        if refused is not None:
+            sock.close()
+            self.accept_log.warning(refused[0], "connection from %s closed at once: %s",
+                                    addr[0], refused[1])
+            return False
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.thread = threading.Thread(target=conn.run, name=f"conn-{conn.peer}",
                                            daemon=True)
             conn.thread.start()
+        except BaseException:
+            with self.conn_lock:
+                self.connections.discard(conn)
+            raise
+        return True
 
     def _heartbeat_loop(self) -> None:
         """Heartbeat thread: PING every authenticated connection."""
@@ -5197,7 +5347,9 @@ def cmd_serve(args) -> int:
               args.tls_cert, args.tls_key, args.sync_rate, args.journal_retention,
               args.journal_max_bytes, args.journal_segment_bytes, heartbeat=args.heartbeat,
               metrics_listen=args.metrics_listen, scrub_interval=args.scrub_interval,
-              scrub_rate=args.scrub_rate)
+              scrub_rate=args.scrub_rate, handshake_timeout=args.handshake_timeout,
+              max_connections=args.max_connections,
+              max_unauthenticated_per_address=args.max_unauthenticated_per_address)
     stop = threading.Event()
     signals = []
 
@@ -5500,6 +5652,12 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rephub.py", description=__doc__.split("\n")[0])
     ap.add_argument("--log-level", default="INFO",
@@ -5531,6 +5689,16 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SECONDS",
                    help=f"PING every connection this often (default {HEARTBEAT_INTERVAL:g}); "
                         f"one silent for {PEER_SILENCE_INTERVALS} intervals is closed")
+    s.add_argument("--handshake-timeout", type=positive_seconds, default=HANDSHAKE_TIMEOUT,
+                   metavar="SECONDS", help="close a connection not authenticated this long "
+                   f"after accept, TLS included (default {HANDSHAKE_TIMEOUT:g})")
+    s.add_argument("--max-connections", type=positive_int, default=MAX_CONNECTIONS,
+                   metavar="N", help="connections held at most; more are closed at accept "
+                   f"(default {MAX_CONNECTIONS})")
+    s.add_argument("--max-unauthenticated-per-address", type=positive_int,
+                   default=MAX_UNAUTHENTICATED_PER_ADDRESS, metavar="N",
+                   help="connections from one address still in the handshake, at most "
+                        f"(default {MAX_UNAUTHENTICATED_PER_ADDRESS})")
     s.set_defaults(func=cmd_serve)
     s = sub.add_parser("add-agent", help="add an agent, print its new secret")
     s.add_argument("--agents", required=True)
