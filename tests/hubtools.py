@@ -329,7 +329,9 @@ class TestAgent:
 class HubProcess:
     """``python3 rephub.py serve`` as a subprocess on 127.0.0.1:0."""
 
-    def __init__(self, data_dir: str, agents_file: str, *extra: str, log_path: str | None = None):
+    def __init__(self, data_dir: str, agents_file: str, *extra: str, log_path: str | None = None,
+                 preexec_fn=None):
+        self.preexec_fn = preexec_fn   # run in the child before rephub (umask, rlimits)
         self.data_dir = data_dir
         self.log_path = log_path or os.path.join(os.path.dirname(data_dir), "hub.log")
         self.args = [sys.executable, REPHUB, "serve", "--data", data_dir, "--listen",
@@ -340,7 +342,7 @@ class HubProcess:
     def start(self, timeout: float = 15.0) -> "HubProcess":
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=self.log,
-                                     cwd=ROOT)
+                                     cwd=ROOT, preexec_fn=self.preexec_fn)
         line = b""
         deadline = time.monotonic() + timeout
         # The first stdout line names the port; read it with a deadline.
