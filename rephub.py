@@ -5021,7 +5021,10 @@ class ControlServer:
         self.thread.start()
 
     def _loop(self) -> None:
-        """Control thread: accept; each request runs in its own short thread."""
+        """Control thread: accept; each request runs in its own short thread.
+
+        Out of descriptors or threads it waits ACCEPT_BACKOFF_MAX rather than
+        spin (the waiting client keeps the socket readable), as ``Hub._accept_loop``."""
         n = itertools.count(1)
         while not self.stop_event.is_set():
             ready, _, _ = select.select([self.sock], [], [], POLL_INTERVAL)
@@ -5029,12 +5032,20 @@ class ControlServer:
                 continue
             try:
                 client, _ = self.sock.accept()
-            except OSError:
+            except OSError as err:
+                if err.errno in ACCEPT_RESOURCE_ERRNOS:
+                    self.stop_event.wait(ACCEPT_BACKOFF_MAX)
                 continue
             t = threading.Thread(target=self._serve, args=(client,), name=f"control-{next(n)}",
                                  daemon=True)
+            try:
+                t.start()
+            except RuntimeError as err:   # cannot start a thread: drop this request only
+                client.close()
+                log.warning("control request dropped: cannot start its thread (%s)", err)
+                self.stop_event.wait(ACCEPT_BACKOFF_MAX)
+                continue
             self.requests = [r for r in self.requests if r.is_alive()] + [t]
-            t.start()
 
     def _serve(self, client: socket.socket) -> None:
         """Control request thread."""

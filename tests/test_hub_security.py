@@ -614,8 +614,8 @@ def test_a_flood_of_unauthenticated_connections_is_bounded(hub_process):
 
 
 def test_the_accept_loop_survives_rlimit_nofile_without_spinning(hub_process):
-    """The hub runs with RLIMIT_NOFILE 64 and 90 peers connect: accept fails with
-    EMFILE.  The hub must not spin (it used to take 123 % CPU and write ~590 000
+    """The hub runs with RLIMIT_NOFILE 64 and 90 peers connect, and a control
+    client: accept fails with EMFILE on both sockets.  The hub must not spin (it used to take 123 % CPU and write ~590 000
     lines in 5 s), must log a bounded number of lines, and must accept again
     once the peers are gone."""
     limit = 64
@@ -631,6 +631,10 @@ def test_the_accept_loop_survives_rlimit_nofile_without_spinning(hub_process):
         for _ in range(90):
             peers.append(socket.create_connection(hub.address, timeout=5))
         wait_for(lambda: "Too many open files" in hub.read_log(), 20, "accept hitting EMFILE")
+        # A control client waiting too: the control socket's accept fails the same way.
+        control = socket.socket(socket.AF_UNIX)
+        control.connect(os.path.join(hub.data_dir, rephub.CONTROL_SOCKET))
+        peers.append(control)
         cpu_before = cpu_seconds(pid)
         window = threading.Event()
         window.wait(2.0)      # an observation window, not synchronisation
