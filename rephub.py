@@ -6,7 +6,10 @@ Read this file top to bottom; it follows the path of a write.
 Server (DESIGN.md "Shape", SEMANTICS.md "Connection and handshake")
     ``Hub`` owns a listening socket (optionally TLS).  Each accepted agent
     connection gets one thread running ``AgentConnection``: ``setup``
-    (TLS + HMAC handshake, 10 s deadline), ``handle`` (a sequential blocking
+    (TLS + HMAC handshake, one 10 s deadline for all of it, payloads of at
+    most MAX_HANDSHAKE_PAYLOAD until AUTH_OK: PROTOCOL.md [SE-3]; the accept
+    loop caps connections in total and unauthenticated ones per address,
+    and backs off when out of descriptors), ``handle`` (a sequential blocking
     recv loop dispatching to ``on_<TYPE>`` methods) and ``finish``; an
     exception in one connection is logged with the peer's address and never
     reaches the server.  Every send on a connection goes through
