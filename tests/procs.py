@@ -112,8 +112,7 @@ class HubProc:
             if out.returncode != 0 or not secret:
                 raise RuntimeError(f"add-agent {agent_id} failed: {out}")
             path = workdir / f"{agent_id}.secret"
-            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-                f.write(secret.group(0) + "\n")   # a secret file is private (0600)
+            path.write_text(secret.group(0) + "\n")
             self.secret_files[agent_id] = path
 
     @property

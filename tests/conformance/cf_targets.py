@@ -378,8 +378,7 @@ class RefAgent(ExternalAgent):
         super().__init__(agent_id, secret or secrets.token_bytes(32))
         self.dir = Path(tempfile.mkdtemp(prefix="cfag", dir="/tmp"))
         self.secret_file = self.dir / "secret"
-        with open(os.open(self.secret_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
-            f.write(self.secret.hex() + "\n")   # a secret file is private (0600)
+        self.secret_file.write_text(self.secret.hex() + "\n")
         self.state = self.dir / "state"
         self.volume = "cfvol"
         self.size = self.SIZE
