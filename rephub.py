@@ -2752,7 +2752,10 @@ class AgentConnection:
             # The socket's timeout bounds the whole TLS handshake (CPython
             # counts it from the start of do_handshake), so set what is left.
             self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            tls = self.hub.tls.wrap_socket(self.sock, server_side=True)
+            try:
+                tls = self.hub.tls.wrap_socket(self.sock, server_side=True)
+            except socket.timeout as err:
+                raise self._handshake_late() from err
             self.sock = TLSStream(tls, self.handshake_timeout)
         item = self.recv_frame(deadline)
         if item is None:
