@@ -2239,8 +2239,9 @@ def check_secret_file_mode(path: str, st: os.stat_result) -> None:
     """Refuse a file of secrets that group or others may access (as ssh does for keys)."""
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o077:
-        raise StoreError(f"agents file {path} has mode {mode:04o}: it holds agent secrets, so it must "
-                         f"not be accessible by group or others (fix: chmod 600 {path})")
+        raise StoreError(f"agents file {path} has mode {mode:04o}: it holds agent secrets, "
+                         "so it must not be accessible by group or others "
+                         f"(fix: chmod 600 {path})")
 
 
 def load_agents(path: str) -> dict[str, bytes]:

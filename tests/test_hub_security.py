@@ -615,9 +615,9 @@ def test_a_flood_of_unauthenticated_connections_is_bounded(hub_process):
 
 def test_the_accept_loop_survives_rlimit_nofile_without_spinning(hub_process):
     """The hub runs with RLIMIT_NOFILE 64 and 90 peers connect, and a control
-    client: accept fails with EMFILE on both sockets.  The hub must not spin (it used to take 123 % CPU and write ~590 000
-    lines in 5 s), must log a bounded number of lines, and must accept again
-    once the peers are gone."""
+    client: accept fails with EMFILE on both sockets.  The hub must not spin
+    (it used to take 123 % CPU and write ~590 000 lines in 5 s), must log a
+    bounded number of lines, and must accept again once the peers are gone."""
     limit = 64
 
     def low_nofile():

@@ -64,7 +64,9 @@ def test_a_handshake_error_of_max_handshake_payload_is_accepted(hub, codec):
     try:
         conn.send(hello(hub))
         assert conn.recv(T).type == "HELLO_REPLY"
-        err = msg("ERROR", code={n: c for c, n in CODE_NAMES.items()}["PROTOCOL"], failed_type=TYPE_VALUES["HELLO_REPLY"], message="x" * 1024)
+        protocol_code = {name: code for code, name in CODE_NAMES.items()}["PROTOCOL"]
+        err = msg("ERROR", code=protocol_code, failed_type=TYPE_VALUES["HELLO_REPLY"],
+                  message="x" * 1024)
         raw = codec.encode(err)
         assert len(raw) - 48 == MAX_HANDSHAKE_PAYLOAD
         conn.send_raw(raw)
