@@ -129,9 +129,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def replicate_once(address, secret: bytes, name: str) -> None:
+def replicate_once(address, secret: bytes, name: str, **agent_options) -> None:
     """A legitimate agent attaches a new volume, gets it synced and has a write ACKed."""
-    with TestAgent(address, "a1", secret).connect() as agent:
+    with TestAgent(address, "a1", secret, **agent_options).connect() as agent:
         vid, _ = agent.attach(name, MemVolume(MiB, os.urandom(MiB)))
         agent.expect_ack(agent.write(vid, 0, os.urandom(4096)))
         agent.flush()
@@ -563,21 +563,32 @@ def test_connection_limits_total_and_per_address(hub_factory, caplog):
     replicate_once(hub.address, hub.secret, "after-limits")
 
 
-def test_a_flood_of_unauthenticated_connections_is_bounded(hub_process):
+@pytest.mark.parametrize("transport", ["plain", "tls"])
+def test_a_flood_of_unauthenticated_connections_is_bounded(hub_process, tmp_path, transport):
     """128 idle peers from 8 addresses (16 each, the default per-address limit; a
-    17th per address is closed at once) hold 128 threads and a bounded amount of
-    memory, while a legitimate agent from another address replicates."""
-    hub = hub_process("--handshake-timeout", "60")
+    17th per address is closed at once), each 20 bytes into its HELLO (or TLS
+    ClientHello), hold 128 threads and a bounded amount of memory, while a
+    legitimate agent from another address replicates."""
+    if transport == "tls":
+        cert, key = tls_files(tmp_path)
+        hub = hub_process("--handshake-timeout", "60", "--tls-cert", cert, "--tls-key", key)
+        first_bytes = client_hello()[:20]
+        agent_options = dict(tls=ssl.create_default_context(cafile=cert),
+                             server_hostname="localhost")
+    else:
+        hub = hub_process("--handshake-timeout", "60")
+        first_bytes = hello_frame()[:20]
+        agent_options = {}
     pid = hub.proc.pid
     threads_before = proc_status(pid, "Threads")
-    replicate_once(hub.address, hub.secret, "warm-up")
+    replicate_once(hub.address, hub.secret, "warm-up", **agent_options)
     wait_for(lambda: proc_status(pid, "Threads") <= threads_before, 20, "warm-up threads gone")
     rss_before = proc_status(pid, "VmRSS")
     held = []
     try:
         for i in range(8 * 17):
             sock = connect_from(f"127.0.1.{1 + i % 8}", hub.address)
-            sock.sendall(hello_frame()[:20])   # inside a frame header: a thread waits
+            sock.sendall(first_bytes)   # inside a frame header or ClientHello: a thread waits
             held.append(sock)
         wait_for(lambda: proc_status(pid, "Threads") >= threads_before + 128, 20,
                  "128 connection threads")
@@ -595,11 +606,11 @@ def test_a_flood_of_unauthenticated_connections_is_bounded(hub_process):
                 assert sock.recv(1) == b"", "closed without a byte"
             except ConnectionResetError:
                 pass
-        replicate_once(hub.address, hub.secret, "during-the-flood")
+        replicate_once(hub.address, hub.secret, "during-the-flood", **agent_options)
         threads = proc_status(pid, "Threads") - threads_before
         growth = proc_status(pid, "VmRSS") - rss_before
-        print(f"128 unauthenticated connections: +{threads} threads, +{growth} KiB RSS "
-              f"({growth / 128:.0f} KiB each)")
+        print(f"128 unauthenticated {transport} connections: +{threads} threads, "
+              f"+{growth} KiB RSS ({growth / 128:.0f} KiB each)")
         assert threads <= 128 + 8, threads   # + the legitimate agent's, finishing
         assert growth < 32 * 1024, f"RSS grew by {growth} KiB for 128 connections"
     finally:
