@@ -4489,11 +4489,15 @@ class Hub:
                 continue
             try:
                 started = self._start_connection(sock, addr)
-            except (RuntimeError, MemoryError, OSError) as err:
+            except (RuntimeError, MemoryError) as err:   # "can't start new thread"
                 sock.close()
                 backoff = min(max(2 * backoff, ACCEPT_BACKOFF_MIN), ACCEPT_BACKOFF_MAX)
                 self.accept_log.warning("thread", "connection from %s closed: cannot start "
                                         "its thread (%s)", addr[0], err)
+                continue
+            except Exception as err:  # noqa: BLE001 - the accept thread never dies
+                sock.close()
+                log.error("connection from %s closed: %r", addr[0], err, exc_info=err)
                 continue
             if started:
                 backoff = 0.0
@@ -4503,6 +4507,12 @@ class Hub:
         (without a byte: [HS-1]) when the hub holds ``max_connections``, or
         ``max_unauthenticated_per_address`` unauthenticated ones from its address.
         Raises if the thread cannot start (the connection is forgotten)."""
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as err:   # reset before we got to it
+            log.debug("connection from %s gone at accept: %s", addr[0], err)
+            sock.close()
+            return False
         with self.conn_lock:
             refused = None
             if len(self.connections) >= self.max_connections:
@@ -4524,7 +4534,6 @@ class Hub:
                                     addr[0], refused[1])
             return False
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.thread = threading.Thread(target=conn.run, name=f"conn-{conn.peer}",
                                            daemon=True)
             conn.thread.start()
