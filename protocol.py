@@ -81,6 +81,11 @@ MAX_PAYLOAD = MAX_DATA
 MAX_NAME = 128
 #: ERROR messages and GOODBYE reasons: enough for a sentence, never a dump.
 MAX_TEXT = 1024
+#: Before AUTH_OK no payload may exceed this (PROTOCOL.md [SE-3]): the largest
+#: message the handshake allows, an ERROR with a MAX_TEXT message (u32 code,
+#: u8 type, u16 length, text; HELLO is at most 170 bytes, HELLO_REPLY 202).
+#: An unauthenticated peer can so make a receiver allocate 1031 bytes, not 32 MiB.
+MAX_HANDSHAKE_PAYLOAD = 4 + 1 + 2 + MAX_TEXT
 #: A point in time as text: "latest", a checkpoint name or an ISO 8601 stamp.
 MAX_POINT = MAX_NAME
 #: Chunk sizes (dirty tracking, checksums) are powers of two in this range.
@@ -323,7 +328,8 @@ def parse_header(buf: bytes | bytearray | memoryview) -> Header:
     (magic, version, msg_type, flags, request_id, volume, payload_length,
      offset, length, payload_crc, header_crc) = HEADER.unpack_from(buf)
     if magic != MAGIC:
-        raise BadMagic(f"bad magic 0x{magic:08x}, expected 0x{MAGIC:08x}")
+        hint = " (a TLS record: the peer speaks TLS)" if looks_like_tls(buf) else ""
+        raise BadMagic(f"bad magic 0x{magic:08x}, expected 0x{MAGIC:08x}{hint}")
     if version != VERSION:
         raise BadVersion(f"bad frame version {version}, expected {VERSION}")
     crc = zlib.crc32(memoryview(buf)[:HEADER_SIZE - 4])
@@ -334,6 +340,37 @@ def parse_header(buf: bytes | bytearray | memoryview) -> Header:
             f"payload_length {payload_length} exceeds MAX_PAYLOAD {MAX_PAYLOAD}")
     return Header(msg_type, flags, request_id, volume, payload_length,
                   offset, length, payload_crc)
+
+
+def check_handshake_header(header: Header) -> None:
+    """Before AUTH_OK: refuse a payload over MAX_HANDSHAKE_PAYLOAD [SE-3].
+
+    Called between ``parse_header`` and reading the payload, so an
+    unauthenticated peer never makes the receiver allocate more than the
+    handshake needs.  Raises ``PayloadTooLarge`` (close the connection).
+    """
+    if header.payload_length > MAX_HANDSHAKE_PAYLOAD:
+        raise PayloadTooLarge(f"payload_length {header.payload_length} before AUTH_OK "
+                              f"exceeds MAX_HANDSHAKE_PAYLOAD {MAX_HANDSHAKE_PAYLOAD}")
+
+
+#: TLS record content types a TLS peer sends first: a ClientHello or ServerHello
+#: is a handshake record (22), a refusal an alert (21) (RFC 8446 section 5.1).
+TLS_HANDSHAKE_RECORD = 0x16
+TLS_ALERT_RECORD = 0x15
+
+
+def looks_like_tls(buf: bytes | bytearray | memoryview) -> bool:
+    """Do these first bytes of a stream look like a TLS record, not a frame?
+
+    A TLS record starts with its content type (handshake 0x16 or alert 0x15)
+    and a legacy version 0x03 0x00..0x04; a frame starts with ``RPL1``.  A hub
+    without TLS reading this from a new connection faces a TLS client, and an
+    agent without TLS reading it in answer to HELLO faces a TLS hub.
+    """
+    head = bytes(buf[:3])
+    return (len(head) >= 2 and head[0] in (TLS_HANDSHAKE_RECORD, TLS_ALERT_RECORD)
+            and head[1] == 0x03 and (len(head) < 3 or head[2] <= 0x04))
 
 
 def encode_header(msg_type: int, flags: int, request_id: int, volume: int,
@@ -1686,12 +1723,14 @@ def recv_exactly_into(sock, view: memoryview) -> int:
     return got
 
 
-def recv_message(sock, header_buf: bytearray | None = None) -> Message | None:
+def recv_message(sock, header_buf: bytearray | None = None,
+                 handshake: bool = False) -> Message | None:
     """Read one frame from a blocking socket and decode it.
 
     Returns None on a clean end of stream at a frame boundary.  The payload
     is read with ``recv_into`` straight into its own buffer, which the
-    message keeps (no copy).  Raises as ``decode_body``.
+    message keeps (no copy).  Raises as ``decode_body``; with ``handshake``
+    (before AUTH_OK) also ``PayloadTooLarge`` past MAX_HANDSHAKE_PAYLOAD.
     """
     header_buf = header_buf if header_buf is not None else bytearray(HEADER_SIZE)
     got = recv_exactly_into(sock, memoryview(header_buf))
@@ -1701,6 +1740,8 @@ def recv_message(sock, header_buf: bytearray | None = None) -> Message | None:
         raise TruncatedFrame(f"connection closed inside a frame header ({got} of "
                              f"{HEADER_SIZE} bytes)")
     header = parse_header(header_buf)
+    if handshake:
+        check_handshake_header(header)
     payload = bytearray(header.payload_length)
     got = recv_exactly_into(sock, memoryview(payload))
     if got < header.payload_length:

@@ -6,7 +6,10 @@ Read this file top to bottom; it follows the path of a write.
 Server (DESIGN.md "Shape", SEMANTICS.md "Connection and handshake")
     ``Hub`` owns a listening socket (optionally TLS).  Each accepted agent
     connection gets one thread running ``AgentConnection``: ``setup``
-    (TLS + HMAC handshake, 10 s deadline), ``handle`` (a sequential blocking
+    (TLS + HMAC handshake, one 10 s deadline for all of it, payloads of at
+    most MAX_HANDSHAKE_PAYLOAD until AUTH_OK: PROTOCOL.md [SE-3]; the accept
+    loop caps connections in total and unauthenticated ones per address,
+    and backs off when out of descriptors), ``handle`` (a sequential blocking
     recv loop dispatching to ``on_<TYPE>`` methods) and ``finish``; an
     exception in one connection is logged with the peer's address and never
     reaches the server.  Every send on a connection goes through
@@ -165,6 +168,7 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import struct
 import sys
 import threading
@@ -178,8 +182,26 @@ log = logging.getLogger("rephub")
 # ---------------------------------------------------------------------------
 # Constants
 
-#: HELLO..AUTH_OK must be done within this (SEMANTICS.md).
+#: TLS, HELLO..AUTH_OK must be done within this from accept, the bytes of a
+#: frame included (SEMANTICS.md, PROTOCOL.md "Security considerations");
+#: ``serve --handshake-timeout``.
 HANDSHAKE_TIMEOUT = 10.0
+#: The hub holds at most this many connections (``--max-connections``); one
+#: more is closed at accept.  Each costs a thread, so this bounds the threads
+#: unauthenticated peers can make the hub run.
+MAX_CONNECTIONS = 256
+#: ... and at most this many unauthenticated ones from one address
+#: (``--max-unauthenticated-per-address``), so one host cannot take them all.
+MAX_UNAUTHENTICATED_PER_ADDRESS = 16
+#: Out of descriptors, memory or threads, the accept loop waits this long,
+#: doubling up to ACCEPT_BACKOFF_MAX, instead of retrying at once (it would
+#: spin: the pending connection keeps the listener readable) ...
+ACCEPT_BACKOFF_MIN = 0.05
+ACCEPT_BACKOFF_MAX = 2.0
+#: ... and logs each kind of such trouble at most once this often.
+ACCEPT_LOG_INTERVAL = 30.0
+#: accept() errors that mean the process or the system is out of a resource.
+ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 #: How often a recv loop waiting between frames looks at the stop flag.
 POLL_INTERVAL = 0.2
 #: A peer that stalls inside a frame for this long is cut off.
@@ -212,6 +234,8 @@ EXTENT_WINDOW = 2
 ZERO_RECORD_MAX = 64 * 1024 * 1024
 #: Feature bits this hub implements: it grants those the agent offers (VN-3).
 HUB_FEATURES = p.Feature.EXTENTS | p.Feature.FAILBACK
+#: How every frame starts on the wire: tells a plaintext agent from a TLS one.
+MAGIC_BYTES = struct.pack("!I", p.MAGIC)
 #: The agent's answers to a SyncJob's requests (their request ids are the hub's).
 SYNC_ANSWERS = frozenset({p.MsgType.READ_REPLY, p.MsgType.DIRTY_MAP, p.MsgType.CHECKSUMS,
                           p.MsgType.EXTENTS})
@@ -403,7 +427,39 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
+#: Every file the hub creates: replicas, journal and undo segments, metadata,
+#: the lock file.  They hold the protected disks' contents, so only the hub's
+#: user may read them; ``os.open`` modes are masked by the umask, never widened.
+PRIVATE_FILE = 0o600
+#: Every directory the hub creates.
+PRIVATE_DIR = 0o700
+
+
+def makedirs_private(path: str, exist_ok: bool = True) -> None:
+    """``os.makedirs`` whose every new directory is PRIVATE_DIR, intermediate ones
+    included (``os.makedirs`` gives those the umask's default mode)."""
+    head = os.path.dirname(path)
+    if head and head != path and not os.path.isdir(head):
+        makedirs_private(head)
+    try:
+        os.mkdir(path, PRIVATE_DIR)
+    except FileExistsError:
+        if not exist_ok or not os.path.isdir(path):
+            raise
+
+
+def private_data_dir(path: str) -> None:
+    """Create the data directory 0700, or warn if an existing one is open to others."""
+    if not os.path.isdir(path):
+        makedirs_private(path)
+        return
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o077:
+        log.warning("data directory %s has mode %04o: other local users can reach the "
+                    "replicas and journal in it; fix: chmod 700 %s", path, mode, path)
+
+
+def atomic_write(path: str, data: bytes, mode: int = PRIVATE_FILE) -> None:
     """Replace ``path`` with ``data`` so a crash leaves the old or the new file."""
     tmp = f"{path}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
@@ -580,7 +636,7 @@ class SegmentLog:
         self.fdatasyncs = 0
         self.read_lock = threading.Lock()
         self.kernel_copy = hasattr(os, "copy_file_range")
-        os.makedirs(directory, exist_ok=True)
+        makedirs_private(directory)
 
     def path(self, segment: int) -> str:
         return os.path.join(self.dir, f"{segment:020d}.seg")
@@ -748,7 +804,7 @@ class SegmentLog:
         self.broken = None
 
     def _roll(self, seq: int) -> None:
-        fd = os.open(self.path(seq), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(self.path(seq), os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE_FILE)
         if self.fd is not None:
             self.unsynced.append(self.fd)
         self.segment = seq
@@ -1193,6 +1249,7 @@ class VolumeStore:
                  max_bytes: int = DEFAULT_MAX_JOURNAL_BYTES,
                  segment_bytes: int = SEGMENT_BYTES):
         self.dir = os.path.abspath(data_dir)
+        private_data_dir(self.dir)
         self.retention = retention
         self.max_bytes = max_bytes
         self.volumes_dir = os.path.join(self.dir, "volumes")
@@ -1224,8 +1281,9 @@ class VolumeStore:
 
     def open(self) -> None:
         """Lock the directory, load everything, truncate torn tails (caller's thread)."""
-        os.makedirs(self.volumes_dir, exist_ok=True)
-        self.lock_fd = os.open(os.path.join(self.dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        makedirs_private(self.volumes_dir)
+        self.lock_fd = os.open(os.path.join(self.dir, LOCK_FILE), os.O_RDWR | os.O_CREAT,
+                               PRIVATE_FILE)
         try:
             fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -1447,8 +1505,9 @@ class VolumeStore:
             vid = self.hub_meta["next_volume_id"]
             self.hub_meta["next_volume_id"] = vid + 1
             atomic_write_json(os.path.join(self.dir, HUB_FILE), self.hub_meta)
-            os.makedirs(path, exist_ok=True)
-            fd = os.open(os.path.join(path, "replica"), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            makedirs_private(path)
+            fd = os.open(os.path.join(path, "replica"), os.O_RDWR | os.O_CREAT | os.O_TRUNC,
+                         PRIVATE_FILE)
             try:
                 os.ftruncate(fd, size)
                 os.fsync(fd)
@@ -1953,7 +2012,7 @@ class VolumeStore:
 
     def export(self, vol: Volume, seq: int, out_path: str, progress=None) -> int:
         """Write ``vol`` as of ``seq`` to a sparse raw file; return the data bytes written."""
-        fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
         written = 0
         try:
             os.ftruncate(fd, vol.size)
@@ -2176,6 +2235,15 @@ class VolumeStore:
 # Agents file
 
 
+def check_secret_file_mode(path: str, st: os.stat_result) -> None:
+    """Refuse a file of secrets that group or others may access (as ssh does for keys)."""
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise StoreError(f"agents file {path} has mode {mode:04o}: it holds agent secrets, "
+                         "so it must not be accessible by group or others "
+                         f"(fix: chmod 600 {path})")
+
+
 def load_agents(path: str) -> dict[str, bytes]:
     """``AGENT_ID SECRET_HEX [recover=OWNER,...]`` per line; '#' starts a comment."""
     return parse_agents(path)[0]
@@ -2186,6 +2254,7 @@ def parse_agents(path: str) -> tuple[dict[str, bytes], dict[str, set[str]]]:
     (``recover=OWNER,...``; ``recover=*``: every volume) besides its own."""
     agents, rights = {}, {}
     with open(path, encoding="utf-8") as f:
+        check_secret_file_mode(path, os.fstat(f.fileno()))
         for lineno, line in enumerate(f, 1):
             line = line.split("#", 1)[0].strip()
             if not line:
@@ -2276,6 +2345,27 @@ CONN_TRANSITIONS = {
 
 class ConnectionClosed(Exception):
     """The peer went away, or the connection is being torn down."""
+
+
+class LogThrottle:
+    """One WARNING per ``interval`` for each kind of trouble, saying how many like
+    it were held back meanwhile: a flood of peers or a lasting shortage of
+    descriptors gives a few lines, not one per attempt.  One thread uses it."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.last: dict[str, float] = {}
+        self.held: collections.Counter[str] = collections.Counter()
+
+    def warning(self, kind: str, fmt: str, *args) -> None:
+        now = time.monotonic()
+        if kind in self.last and now - self.last[kind] < self.interval:
+            self.held[kind] += 1
+            return
+        self.last[kind] = now
+        held = self.held.pop(kind, 0)
+        log.warning(fmt + (f" ({held} more like it in the last {self.interval:g} s)"
+                           if held else ""), *args)
 
 
 class RateLimiter:
@@ -2456,6 +2546,8 @@ class AgentConnection:
         self.store = hub.store
         self.sock = sock
         self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        self.host = addr[0] if isinstance(addr, tuple) else str(addr)  # per-address limit
+        self.handshake_timeout = hub.handshake_timeout or HANDSHAKE_TIMEOUT
         self.agent_id: str | None = None
         self.send_lock = threading.Lock()
         self.header_buf = bytearray(p.HEADER_SIZE)
@@ -2549,16 +2641,31 @@ class AgentConnection:
             if deadline is not None:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
-                    raise ConnectionClosed("handshake not done within "
-                                           f"{HANDSHAKE_TIMEOUT:.0f} s")
+                    raise self._handshake_late()
             ready, _, _ = select.select([self.sock], [], [], wait)
             if ready:
                 return True
 
-    def _read_into(self, view: memoryview) -> int:
+    def _handshake_late(self) -> ConnectionClosed:
+        return ConnectionClosed(f"handshake not done within {self.handshake_timeout:g} s")
+
+    def _read_into(self, view: memoryview, deadline: float | None = None) -> int:
+        """Fill ``view``; short only at EOF.  With a ``deadline`` (the handshake)
+        every recv waits only for what is left of it, so a peer trickling a
+        frame byte by byte is cut off at the deadline too."""
         got = 0
         while got < len(view):
-            n = self.sock.recv_into(view[got:])
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._handshake_late()
+                self.sock.settimeout(left)
+            try:
+                n = self.sock.recv_into(view[got:])
+            except socket.timeout as err:
+                if deadline is None:
+                    raise
+                raise self._handshake_late() from err
             if n == 0:
                 break
             got += n
@@ -2569,19 +2676,27 @@ class AgentConnection:
 
         Raises ProtocolError (close) or RequestError (answer, go on) as
         ``protocol.decode_body``; once a frame has started it is read to its end.
+        Before AUTH_OK (``deadline`` set: the handshake's) a payload over
+        MAX_HANDSHAKE_PAYLOAD is refused before it is read or allocated [SE-3].
         """
         if not self._wait_readable(deadline):
             return None
-        got = self._read_into(memoryview(self.header_buf))
+        got = self._read_into(memoryview(self.header_buf), deadline)
         if got == 0:
             return None
         if got < p.HEADER_SIZE:
             raise p.TruncatedFrame(f"connection closed inside a frame header "
                                    f"({got} of {p.HEADER_SIZE} bytes)")
         self.last_recv = time.monotonic()
+        handshake = self.state is ConnState.HANDSHAKE
+        if handshake and self.hub.tls is None and p.looks_like_tls(self.header_buf):
+            raise p.BadMagic("a TLS client connected to a plaintext hub (start the hub with "
+                             "--tls-cert/--tls-key, or drop --tls-ca on the agent)")
         header = p.parse_header(self.header_buf)
+        if handshake:
+            p.check_handshake_header(header)
         payload = bytearray(header.payload_length)
-        got = self._read_into(memoryview(payload))
+        got = self._read_into(memoryview(payload), deadline)
         if got < header.payload_length:
             raise p.TruncatedFrame(f"connection closed inside a payload ({got} of "
                                    f"{header.payload_length} bytes)")
@@ -2626,12 +2741,23 @@ class AgentConnection:
                       exc_info=err)
 
     def setup(self) -> bool:
-        """TLS, then HELLO / HELLO_REPLY / AUTH / AUTH_OK within HANDSHAKE_TIMEOUT."""
-        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
-        self.sock.settimeout(HANDSHAKE_TIMEOUT)
+        """TLS, then HELLO / HELLO_REPLY / AUTH / AUTH_OK, all within the handshake
+        timeout from here (HANDSHAKE_TIMEOUT, ``--handshake-timeout``)."""
+        deadline = time.monotonic() + self.handshake_timeout
+        self.sock.settimeout(self.handshake_timeout)
         if self.hub.tls is not None:
-            tls = self.hub.tls.wrap_socket(self.sock, server_side=True)  # handshake, timed
-            self.sock = TLSStream(tls, HANDSHAKE_TIMEOUT)
+            if not self._wait_readable(deadline):
+                return False
+            if self.sock.recv(1, socket.MSG_PEEK) == MAGIC_BYTES[:1]:
+                self._refuse_plaintext_agent(deadline)
+            # The socket's timeout bounds the whole TLS handshake (CPython
+            # counts it from the start of do_handshake), so set what is left.
+            self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            try:
+                tls = self.hub.tls.wrap_socket(self.sock, server_side=True)
+            except socket.timeout as err:
+                raise self._handshake_late() from err
+            self.sock = TLSStream(tls, self.handshake_timeout)
         item = self.recv_frame(deadline)
         if item is None:
             return False
@@ -2684,6 +2810,17 @@ class AgentConnection:
         log.info("agent %s connected from %s%s", self.agent_id, self.peer,
                  " (TLS)" if self.hub.tls else "")
         return True
+
+    def _refuse_plaintext_agent(self, deadline: float) -> None:
+        """A TLS hub's new connection starts with RPL1: an agent without TLS.  Read
+        its HELLO (so closing does not reset the connection before the agent
+        reads the answer) and refuse it in plaintext, which that agent can read."""
+        try:
+            self.recv_frame(deadline)
+        except p.ReplicationError:
+            pass
+        raise p.ProtocolError("the hub expects TLS: use --tls-ca on the agent (a plaintext "
+                              "agent connected to a TLS hub)")
 
     def _expect(self, item, cls):
         """During the handshake: the message if it is ``cls``, else answer and None."""
@@ -3635,7 +3772,7 @@ class Overlay:
     session wrote.  Used by the connection thread of the session only."""
 
     def __init__(self, directory: str, size: int):
-        os.makedirs(directory, exist_ok=False)
+        makedirs_private(directory, exist_ok=False)
         self.dir = directory
         self.fd = os.open(os.path.join(directory, "overlay"),
                           os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -4073,7 +4210,7 @@ class Failback:
         while os.path.exists(os.path.join(base, FAILBACK_DIR.format(n=n))):
             n += 1
         self.late_dir = os.path.join(base, FAILBACK_DIR.format(n=n))
-        os.makedirs(self.late_dir)
+        makedirs_private(self.late_dir, exist_ok=False)
         self.set_phase(FailbackPhase.PRESERVING, f"saving {len(self.late)} late-write extents "
                        f"({fmt_bytes(extent_bytes(self.late))}) in {self.late_dir}")
         self.total_bytes, self.done_bytes = extent_bytes(self.late), 0
@@ -4243,8 +4380,15 @@ class Hub:
                  segment_bytes: int = SEGMENT_BYTES, heartbeat: float = HEARTBEAT_INTERVAL,
                  metrics_listen: tuple[str, int] | None = None,
                  scrub_interval: float = DEFAULT_SCRUB_INTERVAL,
-                 scrub_rate: float = DEFAULT_SCRUB_RATE):
+                 scrub_rate: float = DEFAULT_SCRUB_RATE,
+                 handshake_timeout: float | None = None,
+                 max_connections: int = MAX_CONNECTIONS,
+                 max_unauthenticated_per_address: int = MAX_UNAUTHENTICATED_PER_ADDRESS):
         self.store = VolumeStore(data_dir, retention, max_bytes, segment_bytes)
+        self.handshake_timeout = handshake_timeout   # None: HANDSHAKE_TIMEOUT
+        self.max_connections = max_connections
+        self.max_unauthenticated_per_address = max_unauthenticated_per_address
+        self.accept_log = LogThrottle(ACCEPT_LOG_INTERVAL)
         self.agents = AgentsFile(agents_file)
         self.listen_addr = listen
         self.tls = None
@@ -4313,24 +4457,91 @@ class Hub:
                  " (TLS)" if self.tls else "", self.store.dir)
 
     def _accept_loop(self) -> None:
-        """Accept thread: one connection thread per agent."""
+        """Accept thread: one connection thread per agent; it never dies and never spins.
+
+        Out of descriptors or memory (ACCEPT_RESOURCE_ERRNOS), or when a
+        connection thread cannot start (that connection is closed), it waits on
+        ``stopping`` for a delay doubling from ACCEPT_BACKOFF_MIN to
+        ACCEPT_BACKOFF_MAX, back to none once a connection starts, and logs
+        each kind of trouble once per ACCEPT_LOG_INTERVAL (``accept_log``).
+        """
+        backoff = 0.0
         while not self.stopping.is_set():
+            if backoff and self.stopping.wait(backoff):
+                return
             ready, _, _ = select.select([self.listener], [], [], POLL_INTERVAL)
             if not ready:
                 continue
             try:
                 sock, addr = self.listener.accept()
             except OSError as err:
-                if not self.stopping.is_set():
-                    log.warning("accept failed: %s", err)
+                if self.stopping.is_set():
+                    return
+                if err.errno in ACCEPT_RESOURCE_ERRNOS:
+                    backoff = min(max(2 * backoff, ACCEPT_BACKOFF_MIN), ACCEPT_BACKOFF_MAX)
+                    self.accept_log.warning(
+                        "accept-" + errno.errorcode.get(err.errno, "?"),
+                        "accept failed: %s; new connections wait (retrying every %g s at "
+                        "most; raise the fd limit or --max-connections lower)",
+                        err, ACCEPT_BACKOFF_MAX)
+                else:   # ECONNABORTED, EPROTO, ...: that peer is gone, the next one is not
+                    log.debug("accept failed: %s", err)
                 continue
+            try:
+                started = self._start_connection(sock, addr)
+            except (RuntimeError, MemoryError) as err:   # "can't start new thread"
+                sock.close()
+                backoff = min(max(2 * backoff, ACCEPT_BACKOFF_MIN), ACCEPT_BACKOFF_MAX)
+                self.accept_log.warning("thread", "connection from %s closed: cannot start "
+                                        "its thread (%s)", addr[0], err)
+                continue
+            except Exception as err:  # noqa: BLE001 - the accept thread never dies
+                sock.close()
+                log.error("connection from %s closed: %r", addr[0], err, exc_info=err)
+                continue
+            if started:
+                backoff = 0.0
+
+    def _start_connection(self, sock: socket.socket, addr) -> bool:
+        """Accept thread: start ``sock``'s connection thread, or close it at once
+        (without a byte: [HS-1]) when the hub holds ``max_connections``, or
+        ``max_unauthenticated_per_address`` unauthenticated ones from its address.
+        Raises if the thread cannot start (the connection is forgotten)."""
+        try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = AgentConnection(self, sock, addr)
-            with self.conn_lock:
+        except OSError as err:   # reset before we got to it
+            log.debug("connection from %s gone at accept: %s", addr[0], err)
+            sock.close()
+            return False
+        with self.conn_lock:
+            refused = None
+            if len(self.connections) >= self.max_connections:
+                refused = ("limit", f"{len(self.connections)} connections open "
+                                    f"(--max-connections {self.max_connections})")
+            else:
+                waiting = sum(1 for c in self.connections
+                              if c.host == addr[0] and c.state is ConnState.HANDSHAKE)
+                if waiting >= self.max_unauthenticated_per_address:
+                    refused = ("per-address", f"{waiting} unauthenticated connections from it "
+                               f"(--max-unauthenticated-per-address "
+                               f"{self.max_unauthenticated_per_address})")
+            if refused is None:
+                conn = AgentConnection(self, sock, addr)
                 self.connections.add(conn)
+        if refused is not None:
+            sock.close()
+            self.accept_log.warning(refused[0], "connection from %s closed at once: %s",
+                                    addr[0], refused[1])
+            return False
+        try:
             conn.thread = threading.Thread(target=conn.run, name=f"conn-{conn.peer}",
                                            daemon=True)
             conn.thread.start()
+        except BaseException:
+            with self.conn_lock:
+                self.connections.discard(conn)
+            raise
+        return True
 
     def _heartbeat_loop(self) -> None:
         """Heartbeat thread: PING every authenticated connection."""
@@ -4826,7 +5037,10 @@ class ControlServer:
         self.thread.start()
 
     def _loop(self) -> None:
-        """Control thread: accept; each request runs in its own short thread."""
+        """Control thread: accept; each request runs in its own short thread.
+
+        Out of descriptors or threads it waits ACCEPT_BACKOFF_MAX rather than
+        spin (the waiting client keeps the socket readable), as ``Hub._accept_loop``."""
         n = itertools.count(1)
         while not self.stop_event.is_set():
             ready, _, _ = select.select([self.sock], [], [], POLL_INTERVAL)
@@ -4834,12 +5048,20 @@ class ControlServer:
                 continue
             try:
                 client, _ = self.sock.accept()
-            except OSError:
+            except OSError as err:
+                if err.errno in ACCEPT_RESOURCE_ERRNOS:
+                    self.stop_event.wait(ACCEPT_BACKOFF_MAX)
                 continue
             t = threading.Thread(target=self._serve, args=(client,), name=f"control-{next(n)}",
                                  daemon=True)
+            try:
+                t.start()
+            except RuntimeError as err:   # cannot start a thread: drop this request only
+                client.close()
+                log.warning("control request dropped: cannot start its thread (%s)", err)
+                self.stop_event.wait(ACCEPT_BACKOFF_MAX)
+                continue
             self.requests = [r for r in self.requests if r.is_alive()] + [t]
-            t.start()
 
     def _serve(self, client: socket.socket) -> None:
         """Control request thread."""
@@ -5152,7 +5374,9 @@ def cmd_serve(args) -> int:
               args.tls_cert, args.tls_key, args.sync_rate, args.journal_retention,
               args.journal_max_bytes, args.journal_segment_bytes, heartbeat=args.heartbeat,
               metrics_listen=args.metrics_listen, scrub_interval=args.scrub_interval,
-              scrub_rate=args.scrub_rate)
+              scrub_rate=args.scrub_rate, handshake_timeout=args.handshake_timeout,
+              max_connections=args.max_connections,
+              max_unauthenticated_per_address=args.max_unauthenticated_per_address)
     stop = threading.Event()
     signals = []
 
@@ -5176,7 +5400,27 @@ def cmd_serve(args) -> int:
 
 
 def cmd_add_agent(args) -> int:
-    print(add_agent(args.agents, args.agent_id, args.recover_for or ()))
+    if args.secret_out is None:
+        print(add_agent(args.agents, args.agent_id, args.recover_for or ()))
+        return 0
+    # The secret file is created first, 0600 and exclusively, so an existing
+    # file is never overwritten and a failure leaves the agents file as it was.
+    try:
+        fd = os.open(args.secret_out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+    except FileExistsError:
+        raise CommandError(f"--secret-out {args.secret_out} exists; remove it or choose "
+                           "another file (it is never overwritten)") from None
+    try:
+        secret = add_agent(args.agents, args.agent_id, args.recover_for or ())
+        os.write(fd, f"{secret}\n".encode())
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(args.secret_out)
+        raise
+    os.close(fd)
+    print(f"agent {args.agent_id} added to {args.agents}; its secret is in {args.secret_out} "
+          "(mode 0600): copy it to the protected host for --secret-file", file=sys.stderr)
     return 0
 
 
@@ -5435,6 +5679,12 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rephub.py", description=__doc__.split("\n")[0])
     ap.add_argument("--log-level", default="INFO",
@@ -5466,10 +5716,23 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SECONDS",
                    help=f"PING every connection this often (default {HEARTBEAT_INTERVAL:g}); "
                         f"one silent for {PEER_SILENCE_INTERVALS} intervals is closed")
+    s.add_argument("--handshake-timeout", type=positive_seconds, default=HANDSHAKE_TIMEOUT,
+                   metavar="SECONDS", help="close a connection not authenticated this long "
+                   f"after accept, TLS included (default {HANDSHAKE_TIMEOUT:g})")
+    s.add_argument("--max-connections", type=positive_int, default=MAX_CONNECTIONS,
+                   metavar="N", help="connections held at most; more are closed at accept "
+                   f"(default {MAX_CONNECTIONS})")
+    s.add_argument("--max-unauthenticated-per-address", type=positive_int,
+                   default=MAX_UNAUTHENTICATED_PER_ADDRESS, metavar="N",
+                   help="connections from one address still in the handshake, at most "
+                        f"(default {MAX_UNAUTHENTICATED_PER_ADDRESS})")
     s.set_defaults(func=cmd_serve)
     s = sub.add_parser("add-agent", help="add an agent, print its new secret")
     s.add_argument("--agents", required=True)
     s.add_argument("agent_id")
+    s.add_argument("--secret-out", metavar="FILE",
+                   help="write the secret to FILE (created 0600; refused if it exists) "
+                        "instead of printing it")
     s.add_argument("--recover-for", action="append", metavar="OWNER",
                    help="it may also recover the volumes of agent OWNER (* = any); repeatable")
     s.set_defaults(func=cmd_add_agent)

@@ -46,7 +46,9 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
 def make_agents_file(path: str, *agent_ids: str) -> dict[str, bytes]:
     """Write an agents file with fresh secrets; return {agent_id: secret}."""
     secrets_by_id = {a: secrets.token_bytes(32) for a in agent_ids}
-    with open(path, "w", encoding="utf-8") as f:
+    # Created 0600: the hub refuses an agents file group or others may read.
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w",
+              encoding="utf-8") as f:
         for agent_id, secret in secrets_by_id.items():
             f.write(f"{agent_id} {secret.hex()}\n")
     os.chmod(path, 0o600)
@@ -327,7 +329,9 @@ class TestAgent:
 class HubProcess:
     """``python3 rephub.py serve`` as a subprocess on 127.0.0.1:0."""
 
-    def __init__(self, data_dir: str, agents_file: str, *extra: str, log_path: str | None = None):
+    def __init__(self, data_dir: str, agents_file: str, *extra: str, log_path: str | None = None,
+                 preexec_fn=None):
+        self.preexec_fn = preexec_fn   # run in the child before rephub (umask, rlimits)
         self.data_dir = data_dir
         self.log_path = log_path or os.path.join(os.path.dirname(data_dir), "hub.log")
         self.args = [sys.executable, REPHUB, "serve", "--data", data_dir, "--listen",
@@ -338,7 +342,7 @@ class HubProcess:
     def start(self, timeout: float = 15.0) -> "HubProcess":
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=self.log,
-                                     cwd=ROOT)
+                                     cwd=ROOT, preexec_fn=self.preexec_fn)
         line = b""
         deadline = time.monotonic() + timeout
         # The first stdout line names the port; read it with a deadline.

@@ -306,7 +306,8 @@ def test_tls_peers_with_untrusted_certificates(tmp_path):
         with pytest.raises(AgentError, match="hub proof does not match"):
             TestAgent(hub.address, "a1", bytes(32), tls=ctx).connect(timeout=5)
         raw = ctx.wrap_socket(socket.create_connection(hub.address, timeout=5))
-        raw.sendall(p.encode(p.Write(request_id=9, volume=1, offset=0, data=b"T" * 4096)))
+        # (512 bytes: a larger payload before AUTH_OK is refused unread [SE-3].)
+        raw.sendall(p.encode(p.Write(request_id=9, volume=1, offset=0, data=b"T" * 512)))
         got = recv_until_closed(raw)
         raw.close()
         assert errors(got) and errors(got)[0].code == p.ErrorCode.BAD_PHASE
