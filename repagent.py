@@ -1472,12 +1472,22 @@ def handshake(sock, agent_id: str, secret: bytes,
     nonce = os.urandom(p.NONCE_SIZE)
     offered = int(features)
     p.send_message(sock, p.Hello(nonce=nonce, agent_id=agent_id, features=offered))
-    reply = p.recv_message(sock)
+    try:
+        reply = p.recv_message(sock, handshake=True)   # PROTOCOL.md [SE-3]
+    except p.BadMagic as err:
+        if "TLS" in str(err):
+            raise HandshakeError("the hub expects TLS: use --tls-ca") from err
+        raise
+    except ConnectionResetError as err:
+        raise HandshakeError("the hub closed the connection without answering HELLO (a hub "
+                             "started with --tls-cert needs --tls-ca here)") from err
+    if reply is None:
+        raise HandshakeError("the hub closed the connection without answering HELLO (a hub "
+                             "started with --tls-cert needs --tls-ca here)")
     if isinstance(reply, p.Error):
         raise HandshakeError(f"hub refused HELLO: {reply.code_name()} {reply.message}")
     if not isinstance(reply, p.HelloReply):
-        raise HandshakeError(f"expected HELLO_REPLY, got "
-                             f"{reply.TYPE.name if reply else 'end of stream'}")
+        raise HandshakeError(f"expected HELLO_REPLY, got {reply.TYPE.name}")
     if reply.version not in p.SUPPORTED_VERSIONS:
         problem = (f"hub chose version {reply.version}, expected one of "
                    f"{p.SUPPORTED_VERSIONS}")
@@ -1499,7 +1509,7 @@ def handshake(sock, agent_id: str, secret: bytes,
                              "secret (wrong --secret-file, or not our hub)")
     p.send_message(sock, p.Auth(proof=p.agent_proof(
         secret, nonce, reply.nonce, agent_id, reply.hub_id)))
-    ok = p.recv_message(sock)
+    ok = p.recv_message(sock, handshake=True)
     if isinstance(ok, p.Error):
         raise HandshakeError(f"hub refused AUTH: {ok.code_name()} {ok.message}")
     if not isinstance(ok, p.AuthOk):
@@ -1523,7 +1533,13 @@ def connect_to_hub(cfg, features: p.Feature = p.Feature.NONE
             # The certificate must chain to --tls-ca and name HOST; the
             # HMAC handshake then runs inside TLS as without it.
             ctx = ssl.create_default_context(cafile=cfg.tls_ca)
-            sock = ctx.wrap_socket(sock, server_hostname=host)
+            try:
+                sock = ctx.wrap_socket(sock, server_hostname=host)
+            except ssl.SSLError as err:
+                if err.reason == "WRONG_VERSION_NUMBER":   # a frame, not a TLS record
+                    raise HandshakeError("the hub does not speak TLS: drop --tls-ca, or start "
+                                         "the hub with --tls-cert/--tls-key") from err
+                raise
         return sock, *handshake(sock, cfg.agent_id, cfg.secret, features)
     except BaseException:
         sock.close()

@@ -750,8 +750,12 @@ class SegmentLog:
         """Copy a damaged segment aside (once: the copy marks the damage as handled)."""
         aside = damage["copy"]
         try:
-            os.makedirs(os.path.dirname(aside), exist_ok=True)
-            shutil.copyfile(self.path(damage["segment"]), aside + ".tmp")
+            makedirs_private(os.path.dirname(aside))
+            fd = os.open(aside + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+            with open(fd, "wb") as out, open(self.path(damage["segment"]), "rb") as src:
+                shutil.copyfileobj(src, out)
+                out.flush()
+                os.fsync(out.fileno())
             os.replace(aside + ".tmp", aside)
             fsync_dir(os.path.dirname(aside))
         except OSError as err:
@@ -1114,7 +1118,8 @@ class ReplicaSums:
     crash every chunk the journal will not write again has its sum on disk."""
 
     def __init__(self, directory: str, size: int):
-        self.fd = os.open(os.path.join(directory, CHECKSUMS_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+        self.fd = os.open(os.path.join(directory, CHECKSUMS_FILE), os.O_RDWR | os.O_CREAT,
+                          PRIVATE_FILE)
         self.size = size
         self.chunks = -(-size // CHECK_CHUNK)
         if os.fstat(self.fd).st_size < self.chunks * CHECK_ENTRY.size:

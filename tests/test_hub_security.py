@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -711,6 +712,30 @@ def test_a_tls_client_on_a_plaintext_hub_is_named(hub_factory, caplog):
             "--tls-cert/--tls-key, or drop --tls-ca on the agent)")
     wait_for(lambda: want in caplog.text, 5, "the hub's log line")
     assert "bad magic" not in caplog.text
+
+
+def test_a_tls_agent_on_a_plaintext_hub_is_told_to_drop_tls(hub_factory, tmp_path):
+    cert, _ = tls_files(tmp_path)
+    hub = hub_factory()
+    cfg = types.SimpleNamespace(hub=hub.address, hub_timeout=5.0, tls_ca=cert, agent_id="a1",
+                                secret=hub.secret)
+    with pytest.raises(ra.HandshakeError, match="the hub does not speak TLS: drop --tls-ca"):
+        ra.connect_to_hub(cfg)
+
+
+def test_a_hub_that_closes_at_hello_is_named_with_the_tls_hint():
+    """A TLS server other than ours just closes on a plaintext HELLO."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        def close_one():
+            conn, _ = server.accept()
+            conn.recv(4096)
+            conn.close()
+        t = threading.Thread(target=close_one, daemon=True)
+        t.start()
+        with socket.create_connection(server.getsockname(), timeout=5) as sock:
+            with pytest.raises(ra.HandshakeError, match="needs --tls-ca here"):
+                ra.handshake(sock, "a1", bytes(32))
+        t.join(5)
 
 
 def test_a_plaintext_agent_on_a_tls_hub_is_told_to_use_tls(hub_factory, tmp_path, caplog):

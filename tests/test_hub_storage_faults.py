@@ -351,7 +351,9 @@ def test_bit_rot_in_the_middle_of_the_journal(tmp_path, applied, caplog):
         store = hub.store
         assert [seq for seq, _, _ in store.journal.lost] == [victim.seq]
         assert store.journal.last_seq == last_seq, "records after the damage were cut"
-        assert os.path.exists(store.journal.log.damage[0]["copy"])
+        copy = store.journal.log.damage[0]["copy"]
+        assert os.stat(copy).st_mode & 0o777 == 0o600    # it holds protected data
+        assert os.stat(os.path.dirname(copy)).st_mode & 0o777 == 0o700
         v = store.volume("v")
         assert v.meta["pending_plan"] == "VERIFY" and v.state == rephub.VolState.SYNCING
         latest_problem = store.seq_problem(v, last_seq)
