@@ -13,6 +13,13 @@ import pytest
 
 
 @pytest.fixture
+def other_user():
+    """A throw-away local user (useradd), removed at the end (tests/localuser.py)."""
+    from localuser import local_user
+    yield from local_user()
+
+
+@pytest.fixture
 def hub_a1(tmp_path):
     """An in-process hub (heartbeat 0.2 s) that knows agent a1: (hub, a1's secret)."""
     import rephub

@@ -36,6 +36,7 @@ import pytest
 import protocol as p
 import repagent as ra
 from hubtools import wait_for
+from localuser import probe_as
 
 ROOT = Path(ra.__file__).resolve().parent
 CHUNK = 64 * 1024
@@ -773,3 +774,26 @@ def test_recover_under_umask_000_serves_a_private_unix_socket(short_dir):
             proc.communicate(timeout=10)
         hub.close()
 
+
+
+def test_another_local_user_reaches_no_agent_socket_or_state(short_dir, other_user):
+    """Even with the state dir opened up (as an older agent left it), another local
+    user can neither inject writes through the NBD target nor drive the control
+    socket, nor read the bitmap or the secret."""
+    image = short_dir / "disk.raw"
+    image.write_bytes(bytes(SIZE))
+    qsd = FakeQSD(short_dir / "qmp.sock", image, SIZE)
+    agent = ProtectProc(short_dir, qsd, umask=0)
+    state = agent.state
+    try:
+        agent.status()
+        wait_for(lambda: (state / "vol0.json").exists(), what="VOLUME.json saved")
+        for d in (short_dir, state):
+            d.chmod(0o755)
+        private = [state / "control.sock", state / "vol0.nbd", state / "vol0.bitmap",
+                   state / "vol0.json", short_dir / "secret"]
+        got = probe_as(other_user, private)
+        assert set(got.values()) == {"PermissionError"}, got
+    finally:
+        agent.stop()
+        qsd.close()

@@ -24,10 +24,8 @@ other source addresses than 127.0.0.1 stand for other hosts).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import pwd
 import resource
 import select
 import shutil
@@ -47,6 +45,7 @@ import pytest
 import protocol as p
 import repagent as ra
 import rephub
+from localuser import probe_as
 from hubtools import (REPHUB, ROOT, AgentError, HubProcess, MemVolume, TestAgent,
                       make_agents_file, wait_for)
 
@@ -246,61 +245,6 @@ def test_umask_000_every_path_the_hub_creates_is_private(private_site):
     assert stat.S_IMODE(data.parent.stat().st_mode) == 0o700
     for path in ("export", "agents", "secret"):
         assert stat.S_IMODE(private_site[path].stat().st_mode) == 0o600, path
-
-
-@pytest.fixture
-def other_user():
-    """A throw-away local user (useradd), removed at the end."""
-    if os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("userdel"):
-        pytest.skip("needs root and useradd/userdel")
-    name = f"rpsec{os.getpid() % 100000}"
-    made = subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                           "--user-group", name], capture_output=True, text=True, timeout=30)
-    if made.returncode != 0:
-        pytest.skip(f"useradd failed: {made.stderr.strip()}")
-    try:
-        yield pwd.getpwnam(name)
-    finally:
-        subprocess.run(["userdel", name], capture_output=True, timeout=30)
-
-
-#: Run as the other user: try each path (read a byte, or connect to a socket).
-PROBE = r"""
-import json, os, socket, stat, sys
-out = {}
-for path in sys.argv[1:]:
-    try:
-        if path.endswith(".sock"):
-            s = socket.socket(socket.AF_UNIX)
-            s.connect(path)
-            s.close()
-        else:
-            with open(path, "rb") as f:
-                f.read(1)
-        out[path] = "ok"
-    except OSError as err:
-        out[path] = type(err).__name__
-print(json.dumps(out))
-"""
-
-
-def python_for_anyone() -> str:
-    """A Python interpreter every user may run (the test's own may live under /root)."""
-    for candidate in (sys.executable, "/usr/bin/python3", "/bin/python3"):
-        path = Path(candidate)
-        if path.exists() and all(stat.S_IMODE(q.stat().st_mode) & 0o001
-                                 for q in [path.resolve(), *path.resolve().parents]):
-            return str(path)
-    pytest.skip("no Python interpreter that another user may run")
-
-
-def probe_as(user, paths) -> dict:
-    res = subprocess.run([python_for_anyone(), "-I", "-c", PROBE, *map(str, paths)],
-                         user=user.pw_uid,
-                         group=user.pw_gid, extra_groups=[], capture_output=True, text=True,
-                         timeout=30, cwd="/")
-    assert res.returncode == 0, res
-    return json.loads(res.stdout)
 
 
 def test_another_local_user_reads_no_replica_journal_or_secret(private_site, other_user):
