@@ -1003,7 +1003,8 @@ class NBDServer:
     a stopped server stays stopped (make a new one to serve again).
     """
 
-    def __init__(self, address: Address, export_name: str, size: int, handler: Handler):
+    def __init__(self, address: Address, export_name: str, size: int, handler: Handler,
+                 socket_mode: int | None = None):
         if size < 0:
             raise ValueError(f"export size {size}, expected >= 0")
         if len(export_name.encode()) > MAX_STRING_LENGTH:
@@ -1013,6 +1014,7 @@ class NBDServer:
         self.export_name = export_name
         self.size = size
         self.handler = handler
+        self.socket_mode = socket_mode   # a unix socket's mode, set before it listens
         self.stopping = threading.Event()
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
@@ -1042,6 +1044,8 @@ class NBDServer:
             else:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(self.address)
+            if family == socket.AF_UNIX and self.socket_mode is not None:
+                os.chmod(self.address, self.socket_mode)   # nobody else connects, ever
             sock.listen(16)
         except OSError:
             sock.close()

@@ -2518,11 +2518,8 @@ class Agent:
                      vol.name, vol.node, vol.size, vol.bitmap.chunks, self.cfg.chunk_size,
                      vol.bitmap.dirty_count, vol.bitmap.generation.hex())
             vol.server = nbd.NBDServer(vol.target_socket, vol.name, vol.size,
-                                       TargetHandler(self, vol))
+                                       TargetHandler(self, vol), socket_mode=PRIVATE_FILE)
             vol.server.start()
-            # NBDServer binds and listens in one call: the socket is made
-            # private right after, in a state dir that is private already.
-            os.chmod(vol.target_socket, PRIVATE_FILE)
             if delete_export(self.qmp, failback_export(vol.name)):
                 log.warning("volume %s: removed export %s left by an interrupted fail-back",
                             vol.name, failback_export(vol.name))
@@ -3140,11 +3137,11 @@ def cmd_recover(args) -> int:
         return 1
     if isinstance(listen, str) and os.path.exists(listen):
         os.unlink(listen)
-    server = nbd.NBDServer(listen, args.volume, ready.size, RecoveryHandler(client))
+    # A unix socket only its owner connects to (the recovery VM's).
+    server = nbd.NBDServer(listen, args.volume, ready.size, RecoveryHandler(client),
+                           socket_mode=PRIVATE_FILE)
     try:
         server.start()
-        if isinstance(listen, str):
-            os.chmod(listen, PRIVATE_FILE)   # only its owner connects (the recovery VM's)
     except OSError as err:
         log.error("cannot listen on %s: %s", args.listen, err)
         client.close()

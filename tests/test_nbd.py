@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import struct
 import threading
 
@@ -588,3 +589,27 @@ def test_export_name_option_with_unknown_name_closes(memory_server):
         send_option(sock, nbd.Option.EXPORT_NAME, b"nope")
         assert_closed(sock)
     still_serves(server)
+
+
+def test_a_unix_socket_gets_its_mode_before_it_listens(tmp_path, monkeypatch):
+    """``socket_mode`` is set between bind and listen: no moment where another
+    user could connect under a wide umask."""
+    path = str(tmp_path / "s.nbd")
+    seen = []
+    real_listen = socket.socket.listen
+
+    def listen(sock, *args):
+        seen.append(stat.S_IMODE(os.stat(path).st_mode))
+        return real_listen(sock, *args)
+
+    monkeypatch.setattr(socket.socket, "listen", listen)
+    old = os.umask(0)
+    try:
+        server = nbd.NBDServer(path, "e", 4096, nbd.Handler(), socket_mode=0o600)
+        server.start()
+    finally:
+        os.umask(old)
+    try:
+        assert seen == [0o600]
+    finally:
+        server.stop()
