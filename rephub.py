@@ -1974,13 +1974,11 @@ class VolumeStore:
             if not has_data and not undos:
                 return None
             buf = bytearray(length)
+            damaged: list[int] = []
             if has_data and check:
                 lo = offset // CHECK_CHUNK * CHECK_CHUNK
                 got = os.pread(vol.fd, min(-(-end // CHECK_CHUNK) * CHECK_CHUNK, vol.size) - lo, lo)
-                bad = vol.sums.bad_chunks(got, lo // CHECK_CHUNK)
-                if bad:
-                    self.replica_damaged(vol, bad)
-                    raise ReplicaDamaged(vol.name, bad)
+                damaged = vol.sums.bad_chunks(got, lo // CHECK_CHUNK)
                 part = memoryview(got)[offset - lo:end - lo]
                 buf[:len(part)] = part
             elif has_data:
@@ -1988,6 +1986,9 @@ class VolumeStore:
                 buf[:len(got)] = got
             for u in undos:  # newest first: each restores what was there before it
                 self._overlay_undo(u, buf, offset, end)
+        if damaged:   # reported outside the apply lock: it writes metadata, starts a verify
+            self.replica_damaged(vol, damaged)
+            raise ReplicaDamaged(vol.name, damaged)
         return None if p.is_zero(buf) else bytes(buf)
 
     def _overlay_undo(self, u: Record, buf: bytearray, offset: int, end: int) -> None:
