@@ -13,12 +13,10 @@ regions are resynced.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
 import random
-import subprocess
 import zlib
 
 import pytest
@@ -26,41 +24,9 @@ import pytest
 import protocol as p
 import rephub
 from hubtools import AgentError, MemVolume, TestAgent, make_agents_file, wait_for
+from smallfs import ballast, tmpfs
 
 MiB = 1024 * 1024
-
-
-@contextlib.contextmanager
-def small_fs(path, size: int):
-    """A tmpfs of ``size`` bytes mounted at ``path`` (unmounted on exit)."""
-    os.makedirs(path, exist_ok=True)
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                         capture_output=True, text=True, timeout=30)
-    if out.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({out.stderr.strip()}): the "
-                    "disk-full tests need one")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
-
-
-def free_bytes(path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
-def fill(path, leave: int) -> str:
-    """Write a ballast file so that about ``leave`` bytes stay free; return its path."""
-    ballast = os.path.join(path, "ballast")
-    block = b"\xa5" * MiB
-    with open(ballast, "wb") as f:
-        while free_bytes(path) > leave + MiB:
-            f.write(block)
-            f.flush()
-        rest = max(free_bytes(path) - leave, 0)
-        f.write(block[:rest])
-    return ballast
 
 
 def segment_records(path: str) -> list[tuple[int, bytes]]:
@@ -87,8 +53,8 @@ def test_append_after_enospc_reads_back_what_was_appended(tmp_path):
     """ENOSPC in the middle of a record cuts it off; the next record, after
     space is freed, reads back exactly its own bytes, before and after a rescan."""
     rng = random.Random(14)
-    with small_fs(tmp_path / "fs", 4 * MiB) as fs:
-        ballast = fill(fs, 900 * 1024)
+    with tmpfs(tmp_path / "fs", 4 * MiB) as fs:
+        space = ballast(fs, 900 * 1024)
         seglog = rephub.SegmentLog(os.path.join(fs, "journal"), "journal")
         kept: dict[int, bytes] = {}
         failed_at = None
@@ -109,7 +75,7 @@ def test_append_after_enospc_reads_back_what_was_appended(tmp_path):
         assert os.path.getsize(path) == seglog.size == seglog.total_bytes()
         assert [s for s, _ in segment_records(path)] == sorted(kept)
 
-        os.unlink(ballast)
+        os.unlink(space)
         payload = rng.randbytes(256 * 1024)
         rec = seglog.append(failed_at, rephub.RecordKind.WRITE, 0, failed_at, 1, 0,
                             len(payload), [payload])
@@ -160,7 +126,7 @@ def full_hub(tmp_path):
     """An in-process hub whose data directory is a 48 MiB tmpfs."""
     agents = str(tmp_path / "agents")
     secrets_by_id = make_agents_file(agents, "a1", "a2")
-    with small_fs(tmp_path / "fs", 48 * MiB) as fs:
+    with tmpfs(tmp_path / "fs", 48 * MiB) as fs:
         hub = rephub.Hub(os.path.join(fs, "data"), agents, heartbeat=0.2)
         hub.start()
         try:
@@ -199,7 +165,7 @@ def test_a_full_journal_refuses_degrades_and_recovers(full_hub, caplog):
         assert plan == p.SyncPlan.FULL
         wait_for(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 30,
                  "the initial sync")
-        ballast = fill(fs, 12 * MiB)
+        space = ballast(fs, 12 * MiB)
         acked, refused = write_until_refused(agent, vid, vol, rng)
         assert acked and refused, f"acked {len(acked)}, refused {len(refused)}"
 
@@ -223,7 +189,7 @@ def test_a_full_journal_refuses_degrades_and_recovers(full_hub, caplog):
         for seg in hub.store.journal.log.segments():
             segment_records(hub.store.journal.log.path(seg))
 
-        os.unlink(ballast)
+        os.unlink(space)
         wait_for(lambda: agent.goodbye == rephub.STORAGE_RECOVERED, 30,
                  "the hub to end the refused stream once space is back")
         wait_for(lambda: not hub.status()["degraded"], 30, "degraded to clear")
@@ -242,7 +208,7 @@ def test_a_full_journal_refuses_degrades_and_recovers(full_hub, caplog):
 
 def test_metadata_enospc_at_attach_is_an_error_not_a_closed_connection(full_hub, caplog):
     hub, secrets_by_id, fs = full_hub
-    fill(fs, 0)
+    ballast(fs, 0)
     with TestAgent(hub.address, "a1", secrets_by_id["a1"]).connect() as agent:
         with pytest.raises(AgentError, match="IO_ERROR") as info:
             agent.attach("new", MemVolume(MiB))

@@ -11,7 +11,6 @@ tmpfs cannot be mounted.
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 
 import pytest
@@ -19,11 +18,11 @@ import pytest
 from cf_codec import msg
 from cf_peers import Closed, MemVolume, SpecAgent
 from cf_targets import RefHub
+from smallfs import MiB, ballast, tmpfs
 from test_conformance_hub import (CHUNK, PLAN, SIZE, T, clause, connect, describe, error_of,
                                   full_sync, replica_diff, vname, wait_recoverable)
 
 pytestmark = pytest.mark.hub
-MiB = 1024 * 1024
 
 
 class SyncAgent(SpecAgent):
@@ -162,32 +161,14 @@ def full_disk_hub(setup):
     if not setup.ref_hub:
         pytest.skip("RP-10/RP-11 fill the hub's own disk: reference hub only")
     target = RefHub()
-    data = target.dir / "data"
-    data.mkdir()
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(data)],
-                         capture_output=True, text=True, timeout=30)
-    if out.returncode != 0:
-        target.stop()
-        pytest.skip(f"cannot mount a tmpfs for the hub's data ({out.stderr.strip()})")
     try:
-        yield target.start(), data
+        with tmpfs(target.dir / "data", 40 * MiB) as data:
+            try:
+                yield target.start(), data
+            finally:
+                target._kill()   # before the unmount
     finally:
-        target._kill()
-        subprocess.run(["umount", "-l", str(data)], capture_output=True, timeout=30)
         target.stop()
-
-
-def ballast(path, leave: int) -> str:
-    """Fill the file system at ``path`` until about ``leave`` bytes are free."""
-    name = os.path.join(path, "ballast")
-    with open(name, "wb") as f:
-        while True:
-            st = os.statvfs(path)
-            free = st.f_bavail * st.f_frsize
-            if free <= leave:
-                return name
-            f.write(b"\x5a" * min(MiB, free - leave))
-            f.flush()
 
 
 @clause("RP-10", "RP-11", "RP-5", "RP-3")

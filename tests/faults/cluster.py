@@ -18,13 +18,12 @@ tests/faults/soak.py (``make soak ROUNDS=N``).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
-import os
 import random
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -35,26 +34,11 @@ from faults.proxy import FaultProxy
 from oracle import StreamModel, first_difference
 from procs import AgentProc, HubProc
 from qemu_harness import QSD, MiB, kill_all, nbd_sha256, short_tmpdir, wait_until
+from smallfs import ballast, tmpfs
 
 CHUNK = 64 * 1024
 #: What repagent logs once it has set a vanished mirror job up again.
 QSD_RESTART_NOTICE = "the mirror job was gone (QSD restarted)"
-
-
-def free_bytes(path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
-def mount_tmpfs(path: Path, size: int) -> None:
-    """Mount a tmpfs of ``size`` bytes at ``path``; skip the test where the
-    kernel refuses (the output says so)."""
-    path.mkdir(parents=True, exist_ok=True)
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                         capture_output=True, text=True, timeout=30)
-    if out.returncode != 0:
-        import pytest
-        pytest.skip(f"cannot mount a tmpfs for the hub's data here: {out.stderr.strip()}")
 
 
 def last_record_start(segment: bytes) -> int | None:
@@ -184,7 +168,7 @@ class Cluster:
         #: With ``hub_fs_size``, the hub's data directory is a tmpfs of that size
         #: (mounted by ``start``), which the DISK_FULL fault fills.
         self.hub_fs_size = hub_fs_size
-        self.hub_fs_mounted = False
+        self.hub_fs = contextlib.ExitStack()
         self.degraded_seen: list[str] = []   # the faults status showed, per DISK_FULL
         self.writer_args = dict(gap=writer_gap, max_length=max_write)
         self.size, self.mode, self.volume = size, mode, "vol0"
@@ -210,8 +194,7 @@ class Cluster:
 
     def start(self) -> "Cluster":
         if self.hub_fs_size is not None:
-            mount_tmpfs(self.hub.data, self.hub_fs_size)
-            self.hub_fs_mounted = True
+            self.hub_fs.enter_context(tmpfs(self.hub.data, self.hub_fs_size))
         self.qsd.start()
         self.hub.start()
         self.proxy = FaultProxy(("127.0.0.1", self.hub.port)).start()
@@ -237,9 +220,7 @@ class Cluster:
         self.qsd.close()
         kill_all()
         shutil.rmtree(self.qmpdir, ignore_errors=True)
-        if self.hub_fs_mounted:
-            subprocess.run(["umount", "-l", str(self.hub.data)], capture_output=True, timeout=30)
-            self.hub_fs_mounted = False
+        self.hub_fs.close()
 
     def __enter__(self) -> "Cluster":
         try:
@@ -453,12 +434,7 @@ class Cluster:
         at a random moment restart the hub by SIGTERM, SIGKILL or not (in turn); then
         free the space: the hub must take writes again by itself and the
         agent's refused writes be resynced (checked by converge and sha256)."""
-        data = self.hub.data
-        ballast = data / "ballast"
-        with open(ballast, "wb") as f:
-            while free_bytes(data) > 2 * MiB:
-                f.write(b"\xb1" * min(MiB, free_bytes(data) - 2 * MiB))
-                f.flush()
+        space = ballast(self.hub.data, 2 * MiB)
         wait_until(lambda: self._degraded(), 60, "the hub to report its disk full", 0.05)
         # Each kind of restart in turn: SIGTERM, SIGKILL, none.
         restart = (signal.SIGTERM, signal.SIGKILL, None)[(self.faults[Fault.DISK_FULL.value] - 1)
@@ -468,7 +444,7 @@ class Cluster:
             self.hub.kill(restart)
             self.hub.start()
         time.sleep(self.rng.uniform(0, hold))
-        ballast.unlink()
+        space.unlink()
 
     def _degraded(self) -> bool:
         try:
