@@ -48,7 +48,39 @@ SECRET = bytes(range(32))
 # A hub that fails after the handshake (issue 14 item 3)
 
 
-class ScriptedHub:
+class LoopbackServer:
+    """A test server: ``serve(conn)`` for each connection ``listener`` accepts, in
+    one daemon thread, until ``close``.  Subclasses set their own state before
+    calling ``__init__`` (the thread starts in it)."""
+
+    def __init__(self, listener: socket.socket, name: str):
+        self.listener = listener
+        self.listener.settimeout(0.1)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with conn:
+                self.serve(conn)
+
+    def serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+class ScriptedHub(LoopbackServer):
     """Accepts connections on 127.0.0.1; after the handshake and the agent's
     first frame (ATTACH from ``protect``, RECOVER_OPEN from ``recover``),
     ``behave(index, sock, first)`` decides what happens on the connection (its
@@ -57,35 +89,24 @@ class ScriptedHub:
 
     def __init__(self, behave):
         self.behave = behave
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.1)
-        self.address = self.listener.getsockname()[:2]
         self.accepted: list[float] = []
         self.problems: list[str] = []
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="test-hub", daemon=True)
-        self.thread.start()
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.address = listener.getsockname()[:2]
+        super().__init__(listener, "test-hub")
 
-    def _loop(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                sock, _ = self.listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
+    def serve(self, sock: socket.socket) -> None:
+        self.accepted.append(time.monotonic())
+        try:
+            sock.settimeout(5)
+            self._handshake(sock)
+            first = p.recv_message(sock)
+            if not isinstance(first, (p.Attach, p.RecoverOpen)):
+                self.problems.append(f"expected ATTACH or RECOVER_OPEN, got {first!r}")
                 return
-            self.accepted.append(time.monotonic())
-            with sock:
-                try:
-                    sock.settimeout(5)
-                    self._handshake(sock)
-                    first = p.recv_message(sock)
-                    if not isinstance(first, (p.Attach, p.RecoverOpen)):
-                        self.problems.append(f"expected ATTACH or RECOVER_OPEN, got {first!r}")
-                        continue
-                    self.behave(len(self.accepted) - 1, sock, first)
-                except (OSError, p.ReplicationError) as err:
-                    self.problems.append(f"connection {len(self.accepted)}: {err!r}")
+            self.behave(len(self.accepted) - 1, sock, first)
+        except (OSError, p.ReplicationError) as err:
+            self.problems.append(f"connection {len(self.accepted)}: {err!r}")
 
     def _handshake(self, sock) -> None:
         hello = p.recv_message(sock)
@@ -99,11 +120,6 @@ class ScriptedHub:
         if not isinstance(auth, p.Auth):
             raise OSError(f"expected AUTH, got {auth!r}")
         p.send_message(sock, p.AuthOk())
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.thread.join(5)
-        self.listener.close()
 
 
 def refuse_attach(index, sock, attach):
@@ -477,7 +493,7 @@ def test_protect_with_a_bad_volume_json_says_so_in_one_line(tmp_path, content, w
 # Private files, sockets and secrets (issue 16, the agent's side)
 
 
-class FakeQSD:
+class FakeQSD(LoopbackServer):
     """Just enough of QSD's QMP for ``repagent.py protect`` to start: one raw
     node over ``image``, a mirror job once the agent asks for one, no exports."""
 
@@ -485,13 +501,10 @@ class FakeQSD:
         self.path, self.image, self.size = path, image, size
         self.commands: list[str] = []
         self.mirrored = job             # the agent's job runs already
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(path))
-        self.listener.listen(2)
-        self.listener.settimeout(0.1)
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="test-qmp", daemon=True)
-        self.thread.start()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        listener.listen(2)
+        super().__init__(listener, "test-qmp")
 
     def answer(self, command: str):
         if command == "query-named-block-nodes":
@@ -508,33 +521,21 @@ class FakeQSD:
             return {"nodes": [], "edges": []}
         return {}
 
-    def _loop(self) -> None:
-        while not self.stopping.is_set():
+    def serve(self, conn: socket.socket) -> None:
+        with conn.makefile("rwb") as f:
             try:
-                conn, _ = self.listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            with conn, conn.makefile("rwb") as f:
-                try:
-                    f.write(json.dumps({"QMP": {"version": {"qemu": {
-                        "major": 7, "minor": 2, "micro": 0}}, "capabilities": []}}).encode()
-                        + b"\n")
+                f.write(json.dumps({"QMP": {"version": {"qemu": {
+                    "major": 7, "minor": 2, "micro": 0}}, "capabilities": []}}).encode()
+                    + b"\n")
+                f.flush()
+                for line in f:
+                    request = json.loads(line)
+                    self.commands.append(request["execute"])
+                    f.write(json.dumps({"return": self.answer(request["execute"]),
+                                        "id": request.get("id")}).encode() + b"\n")
                     f.flush()
-                    for line in f:
-                        request = json.loads(line)
-                        self.commands.append(request["execute"])
-                        f.write(json.dumps({"return": self.answer(request["execute"]),
-                                            "id": request.get("id")}).encode() + b"\n")
-                        f.flush()
-                except (OSError, ValueError):
-                    pass
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.thread.join(5)
-        self.listener.close()
+            except (OSError, ValueError):
+                pass
 
 
 def closed_port() -> int:
