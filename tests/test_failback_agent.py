@@ -208,7 +208,9 @@ def error(msg: p.Message) -> tuple[str, str]:
 
 def test_demoted_volume_marks_guest_writes_and_sends_none(world, caplog):
     agent, vol, qsd, hub = world()
-    assert "was promoted at the recovery site; this side is demoted" in caplog.text
+    # ATTACHED sets the volume id before the agent logs the demotion: wait for the line.
+    wait_until(lambda: "was promoted at the recovery site; this side is demoted" in caplog.text,
+               T, "the demotion logged")
     guest_write(qsd, qsd.export_name, 3 * CHUNK + 512, b"L" * 4096)      # through the mirror
     wait_until(lambda: vol.bitmap.is_set(3), T, "the late write marked")
     reply = hub.request(p.Read(volume=1, offset=3 * CHUNK, length=CHUNK))
