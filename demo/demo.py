@@ -34,6 +34,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import nbd  # noqa: E402  (the project's own NBD client)
+import repagent  # noqa: E402  (status is polled over the control sockets, in process:
+import rephub  # noqa: E402   a python3 per poll would compete with the daemons for CPU)
 
 PY = sys.executable
 MiB = 1024 * 1024
@@ -43,6 +45,8 @@ AGENT_ID = "demo-host"
 VOLUME = "vm1-disk0"
 #: Every wait in the demo is bounded; a step that takes longer has failed.
 STEP_TIMEOUT = 120.0
+#: A status query a daemon does not answer in this time counts as "not up yet".
+STATUS_TIMEOUT = 10.0
 
 
 class DemoError(Exception):
@@ -106,6 +110,15 @@ class Demo:
             proc.kill()
             return proc.wait(5)
 
+    def show_logs(self, lines: int = 15) -> None:
+        """The end of each daemon's log, so a failed run explains itself."""
+        for name in ("hub", "agent", "qsd", "recovery"):
+            path = os.path.join(self.work, f"{name}.log")
+            if os.path.exists(path):
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    tail = f.readlines()[-lines:]
+                print(f"--- last lines of {path}\n" + "".join(tail), end="", file=sys.stderr)
+
     def stop_all(self) -> None:
         for name in ("recovery", "agent", "hub", "qsd"):
             self.stop(name)
@@ -130,10 +143,15 @@ class Demo:
 
     # -- the hub and agent's own status ---------------------------------------
 
+    # What `rephub.py status --json` and `repagent.py status --json` print,
+    # asked over the same control sockets; None while a daemon is not up.
+
     def hub_status(self) -> dict | None:
-        res = subprocess.run([PY, f"{ROOT}/rephub.py", "status", "--data", "hub", "--json"],
-                             capture_output=True, text=True, cwd=self.work)
-        return json.loads(res.stdout) if res.returncode == 0 else None
+        try:
+            return rephub.control_request(os.path.join(self.work, "hub"), {"cmd": "status"},
+                                          timeout=STATUS_TIMEOUT)
+        except (OSError, ValueError, rephub.CommandError):
+            return None
 
     def hub_volume(self) -> dict | None:
         st = self.hub_status()
@@ -143,9 +161,10 @@ class Demo:
         return None
 
     def agent_status(self) -> dict | None:
-        res = subprocess.run([PY, f"{ROOT}/repagent.py", "status", "--state-dir", "agent",
-                              "--json"], capture_output=True, text=True, cwd=self.work)
-        return json.loads(res.stdout) if res.returncode == 0 else None
+        try:
+            return repagent.query_status(os.path.join(self.work, "agent"), timeout=STATUS_TIMEOUT)
+        except (OSError, ValueError):
+            return None
 
     def quiet(self) -> bool:
         """True once the hub holds every write: consistent, nothing dirty or queued."""
@@ -209,6 +228,7 @@ def main() -> int:
         return scenario(demo)
     except DemoError as err:
         print(f"\ndemo FAILED: {err}", file=sys.stderr)
+        demo.show_logs()
         return 1
     finally:
         demo.stop_all()
