@@ -26,6 +26,11 @@ def test_demo_runs_end_to_end_and_proves_identity(tmp_path):
     digests = {line.split()[0]: line.split()[-1] for line in out.splitlines()
                if line.strip().startswith(("source  sha256", "replica sha256"))}
     assert len(digests["source"]) == 64 and digests["source"] == digests["replica"]
+    # The fail-over test (step 7) leaves protection alone: the agent attached
+    # once at start and once after the hub's restart (step 6), never again.
+    agent_log = (tmp_path / "work" / "agent.log").read_text()
+    assert agent_log.count("attached as id") == 2, agent_log[-3000:]
+    assert "degraded" not in agent_log, agent_log[-3000:]
     log = (tmp_path / "work" / "commands.log").read_text()
     assert "repagent.py protect" in log and "rephub.py serve" in log
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True)
