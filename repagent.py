@@ -1122,6 +1122,7 @@ class Volume:
         self.source = None              # factory for a reader (one per sync thread)
         self.server: nbd.NBDServer | None = None
         self.volume_id: int | None = None   # the hub's id on the current connection
+        self.refused: str | None = None     # why the hub refused the last ATTACH
         self.plan: p.SyncPlan | None = None
         self.windows: list[ReadWindow] = []
         self.held: collections.deque = collections.deque()  # (msg, PendingWrite)
@@ -1743,6 +1744,7 @@ class Agent:
                 return
             vol.volume_id = msg.volume
             vol.plan = msg.plan
+            vol.refused = None
             self.by_id[msg.volume] = vol
             if conn.attached_at is None:
                 conn.attached_at = time.monotonic()
@@ -1861,6 +1863,7 @@ class Agent:
                 if kind == "CHECKPOINT":
                     what.answer(msg)  # repagent.py checkpoint reports it
                 if kind == "ATTACH":
+                    what.refused = f"{msg.code_name()}: {msg.message}"
                     log.error("hub refused to attach volume %s: %s %s (writes stay "
                               "tracked; retried on the next connection)", what.name,
                               msg.code_name(), msg.message)
@@ -2668,6 +2671,7 @@ class Agent:
                     "volume": vol.name, "node": vol.node, "size": vol.size,
                     "chunk_size": vol.bitmap.chunk_size, **common,
                     "attached": vol.volume_id is not None, "volume_id": vol.volume_id,
+                    "refused": vol.refused,
                     "plan": vol.plan.name if vol.plan is not None else None,
                     "role": vol.role,
                     "failback": None if vol.failback is None else {
@@ -3566,7 +3570,9 @@ def format_status(status: dict) -> str:
     rows = []
     for v in status["volumes"]:
         role = v.get("role", "protected")
-        if v["needs_verify"] and not v["attached"]:
+        if v.get("refused") and not v["attached"]:
+            hub_side = "refused by the hub"
+        elif v["needs_verify"] and not v["attached"]:
             hub_side = "detached, verify due"
         elif role == "failing back":
             hub_side = f"attached, failing back ({fmt_bytes(v['failback']['put_bytes'])} put)"
@@ -3585,6 +3591,9 @@ def format_status(status: dict) -> str:
                                + v["counters"].get("read_reply_bytes", 0)), job])
     lines += format_table(["VOLUME", "NODE", "SIZE", "HUB", "DIRTY", "QUEUED", "QUEUE BYTES",
                            "SENT", "MIRROR JOB"], rows, right=(2, 4, 5, 6, 7))
+    for v in status["volumes"]:
+        if v.get("refused") and not v["attached"]:
+            lines.append(f"{v['volume']}: the hub refused it: {v['refused']}")
     errors = {k: n for k, n in sorted(status.get("errors", {}).items()) if n}
     if errors:
         lines.append("warnings since start: " + ", ".join(f"{k} {n}" for k, n in errors.items())

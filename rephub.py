@@ -2561,6 +2561,7 @@ class AgentConnection:
         self.hub_requests: dict[int, SyncJob | Failback] = {}  # our requests' owners
         self.features = p.Feature.NONE    # granted in HELLO_REPLY
         self.demoted: dict[int, p.Attach] = {}  # volume id -> its DEMOTED ATTACH
+        self.refused_identity: set[str] = set()  # volumes refused for their disk (VO-8)
         self.goodbye_sent = False
         self.req_lock = threading.Lock()
         self.req_ids = itertools.count(1)
@@ -2979,6 +2980,9 @@ class AgentConnection:
                 self.attach_demoted(vol, msg)
                 return
             same_gen = vol.meta["generation"] == bytes(msg.generation).hex()
+            if not same_gen and not vol.meta.get("reseed"):
+                self.refused_identity.add(vol.name)
+                raise p.RequestError(self.other_disk(vol, msg), code=p.ErrorCode.NOT_OWNER)
             if not vol.meta["full_synced"]:
                 plan = p.SyncPlan.FULL
             elif (vol.meta.get("pending_plan") == "VERIFY" or not same_gen
@@ -2992,7 +2996,8 @@ class AgentConnection:
         with vol.attach_lock:   # one connection at a time has the volume (VO-7)
             if self.take_over(vol) and plan < p.SyncPlan.VERIFY:
                 plan = p.SyncPlan.VERIFY   # two live hosts, one agent id: trust no bitmap
-            vol.update(generation=bytes(msg.generation).hex(), chunk_size=msg.chunk_size)
+            vol.update(generation=bytes(msg.generation).hex(), chunk_size=msg.chunk_size,
+                       reseed=False)
             if plan == p.SyncPlan.NONE and vol.state != VolState.CONSISTENT:
                 vol.update(state=VolState.CONSISTENT.value, pending_plan=None)
             self.volumes[vol.id] = vol
@@ -3003,6 +3008,21 @@ class AgentConnection:
         self.send(p.Attached(request_id=msg.request_id, volume=vol.id, plan=plan))
         if job is not None:
             job.start()  # its READs follow ATTACHED on the wire
+
+    def other_disk(self, vol: Volume, msg: p.Attach) -> str:
+        """Why an ATTACH with another generation than the volume's is refused
+        (VO-8): it names another disk, or this disk with its agent state lost;
+        only the operator can tell, and ``rephub.py reseed`` says which."""
+        known, offered = vol.meta["generation"][:8], bytes(msg.generation).hex()[:8]
+        where = (f"; the volume is attached from {vol.attached_to.peer}"
+                 if vol.attached_to is not None and not vol.attached_to.closing.is_set() else "")
+        log.warning("volume %s: agent %s from %s offers disk identity %s, the hub knows %s%s: "
+                    "refused (rephub.py reseed %s accepts it)", vol.name, self.agent_id,
+                    self.peer, offered, known, where, vol.name)
+        return (f"volume {vol.name!r} is bound to another disk (identity {known}..., this "
+                f"agent's is {offered}...{where}): a cloned host or a copied configuration? "
+                f"If this disk replaces it, or this agent lost its state directory, run "
+                f"`rephub.py reseed {vol.name}` on the hub")
 
     def attach_demoted(self, vol: Volume, msg: p.Attach) -> None:
         """ATTACHED(plan DEMOTED) for a promoted volume, to an agent that offered
@@ -4621,6 +4641,23 @@ class Hub:
         log.info("checkpoint %r of agent %s at seq %d (operator)", name, vol.owner, rec.seq)
         return dict(name=name, agent=vol.owner, seq=rec.seq, time=fmt_time_ns(rec.time_ns))
 
+    def reseed(self, volume: str) -> dict:
+        """``rephub.py reseed``: the next ATTACH of ``volume`` may bring another disk
+        identity (VO-8); it is VERIFYed, so the replica becomes that disk.  A
+        connection whose ATTACH was refused for its identity is closed so that
+        its agent reconnects and attaches again now."""
+        vol = self.store.volume(volume)
+        if vol is None:
+            raise p.RequestError(f"no volume named {volume!r}", code=p.ErrorCode.NO_SUCH_VOLUME)
+        vol.update(reseed=True)
+        with self.conn_lock:
+            refused = [c for c in self.connections if vol.name in c.refused_identity]
+        for conn in refused:
+            conn.abort(f"volume {vol.name} was re-seeded: the agent attaches it again")
+        log.warning("volume %s re-seeded by the operator: the next ATTACH of agent %s may bring "
+                    "another disk; it is verified against the replica", vol.name, vol.owner)
+        return dict(volume=vol.name, owner=vol.owner, reconnected=len(refused))
+
     def verify(self, volume: str, repair: bool, progress=None, timeout: float = 3600.0) -> dict:
         """Online verify (control thread): compare ``volume`` with its agent's copy by
         checksums over the live connection, while replication goes on; with
@@ -5011,7 +5048,7 @@ class ControlServer:
     ``{"cmd": "checkpoint", "volume": V, "name": N}``, ``{"cmd": "export",
     "volume": V, "at": POINT, "output": ABSOLUTE_PATH}``, ``{"cmd": "verify",
     "volume": V, "repair": BOOL}`` (``Hub.verify``), ``{"cmd": "promote",
-    "volume": V, "at": POINT}``, ``{"cmd": "release", "volume": V}``; export
+    "volume": V, "at": POINT}``, ``{"cmd": "release", "volume": V}``, ``{"cmd": "reseed", "volume": V}`` (``Hub.reseed``); export
     takes ``"set_aside": true`` for the history a promotion set aside.  Replies: for
     export and verify zero or more ``{"progress": done, "total": size}`` lines, then
     always ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": text,
@@ -5139,6 +5176,8 @@ class ControlServer:
             return self.hub.promote(vol.name, req["at"])
         if cmd == "release":
             return store.release_set_aside(vol)
+        if cmd == "reseed":
+            return self.hub.reseed(vol.name)
         if cmd == "failback":
             def confirm(report) -> bool:
                 answer = ask(dict(report=report), FAILBACK_CONFIRM_TIMEOUT) if ask else None
@@ -5563,6 +5602,20 @@ def cmd_release(args) -> int:
     return 0
 
 
+def cmd_reseed(args) -> int:
+    """Accept another disk for a volume at its next ATTACH (VO-8)."""
+    def offline(store, vol):
+        vol.update(reseed=True)
+        return dict(volume=vol.name, owner=vol.owner, reconnected=0)
+
+    res = through_hub_or_store(args, {"cmd": "reseed", "volume": args.volume}, offline)
+    print(f"{res['volume']}: the next attach of agent {res['owner']} may bring another disk "
+          "identity; the replica is verified against that disk and becomes it"
+          + (f" ({res['reconnected']} refused connection(s) closed to attach again)"
+             if res["reconnected"] else ""))
+    return 0
+
+
 def cmd_verify(args) -> int:
     """Online verify through the running hub; exit 0 if identical (or repaired), 2 if not."""
     if not hub_running(args.data):
@@ -5777,6 +5830,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True)
     s.add_argument("volume")
     s.set_defaults(func=cmd_release)
+    s = sub.add_parser("reseed", help="let a volume's next attach bring another disk "
+                       "(a replaced disk, or an agent whose state directory was lost)")
+    s.add_argument("--data", required=True)
+    s.add_argument("volume")
+    s.set_defaults(func=cmd_reseed)
     s = sub.add_parser("verify", help="compare a volume with its agent's copy by checksums "
                        "(online, through the running hub)")
     s.add_argument("--data", required=True)

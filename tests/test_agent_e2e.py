@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 import nbd
+import repagent as ra
 from procs import AgentProc, HubProc
 from qemu_harness import (QSD, MiB, RandomWorkload, file_sha256, kill_all, nbd_sha256,
                           qemu_io, requires_qemu, short_tmpdir, wait_until)
@@ -509,3 +510,43 @@ def test_async_queue_full_drops_to_bitmap_and_the_hub_resyncs(world):
     info = subprocess.run(["nbdinfo", "--size", target], capture_output=True, text=True,
                           timeout=30)
     assert info.returncode == 0 and int(info.stdout) == SIZE, info
+
+
+def test_a_second_host_with_the_same_agent_id_and_volume_is_refused(world, tmp_path):
+    """A cloned host (VO-8): a second agent with the same id and volume name but
+    its own disk and state directory protects for 30 s while the first does.
+    It is refused (the hub knows the first disk's identity); the replica ends
+    equal to the first disk, and both agents' status say what happened."""
+    qsd, hub, first = world()
+    wait_quiet(hub, first)
+    qmpdir = short_tmpdir("aqmp2")
+    clone_qsd = QSD(tmp_path / "qsd2", size=SIZE, extra_args=[
+        "--chardev", f"socket,id=qmp1,path={qmpdir / 'qmp.sock'},server=on,wait=off",
+        "--monitor", "chardev=qmp1"])
+    clone = AgentProc(tmp_path / "clone", hub, hub.secret_file, qmpdir / "qmp.sock",
+                      {clone_qsd.node: "vol0"}, hub_timeout=5, sync_timeout=5,
+                      reconnect_delay=None, start_timeout=20)
+    (tmp_path / "clone").mkdir()
+    try:
+        clone_qsd.start()
+        clone.start()
+        rng = random.Random(1508)
+        deadline = time.monotonic() + 30
+        with nbd.NBDClient(str(qsd.export_path), qsd.export_name) as disk, \
+                nbd.NBDClient(str(clone_qsd.export_path), clone_qsd.export_name) as other:
+            while time.monotonic() < deadline:
+                for client in (disk, other):
+                    client.write(rng.randrange(SIZE // 4096) * 4096, rng.randbytes(4096))
+                time.sleep(0.05)  # pacing of a bounded load, not synchronisation
+        refused = wait_until(lambda: clone.vol()["refused"], 20, "the clone's refusal")
+        assert refused.startswith("NOT_OWNER") and "bound to another disk" in refused
+        assert not clone.vol()["attached"]
+        assert "the hub refused it: NOT_OWNER" in ra.format_status(clone.status())
+        assert first.vol()["attached"] and first.vol()["refused"] is None
+        assert_identical(qsd, hub, first)
+        assert "offers disk identity" in hub.tail(20000)
+    finally:
+        clone_qsd.kill()
+        clone.close()
+        clone_qsd.close()
+        shutil.rmtree(qmpdir, ignore_errors=True)

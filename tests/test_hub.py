@@ -516,7 +516,7 @@ def test_verify_ships_only_differing_chunks(hubenv):
     agent = connect(hub, sec)
     try:
         reads_before = len(agent.reads)
-        vid, plan = agent.attach("vv", mv, state=p.VolumeState.UNKNOWN, generation=b"h" * 16)
+        vid, plan = agent.attach("vv", mv, state=p.VolumeState.UNKNOWN, generation=b"g" * 16)
         assert plan == p.SyncPlan.VERIFY
         wait_for(lambda: hub.store.volume("vv").state == rephub.VolState.CONSISTENT
                  and hub.store.volume("vv").sync is None, 30)
@@ -860,16 +860,16 @@ def test_unfinished_verify_is_redone_as_verify(hubenv):
     agent = connect(hub, sec)
     # The agent goes away at the first CHECKSUM_QUERY: the verify never finishes.
     agent.on_CHECKSUM_QUERY = lambda msg: agent.sock.shutdown(socket.SHUT_RDWR)
-    vid, plan = agent.attach("uv", mv, state=p.VolumeState.UNKNOWN, generation=b"2" * 16)
+    vid, plan = agent.attach("uv", mv, state=p.VolumeState.UNKNOWN, generation=b"1" * 16)
     assert plan == p.SyncPlan.VERIFY
     vol = hub.store.volume("uv")
     wait_for(lambda: vol.sync is None, 10, "verify stopped")
     agent.close()
     assert (vol.state, vol.meta["pending_plan"]) == (rephub.VolState.SYNCING, "VERIFY")
-    # Same generation now, and the agent says CLEAN: the hub still verifies.
+    # The agent says CLEAN now: the hub still verifies.
     agent = connect(hub, sec)
     try:
-        vid, plan = agent.attach("uv", mv, state=p.VolumeState.CLEAN, generation=b"2" * 16)
+        vid, plan = agent.attach("uv", mv, state=p.VolumeState.CLEAN, generation=b"1" * 16)
         assert plan == p.SyncPlan.VERIFY
         wait_for(lambda: vol.state == rephub.VolState.CONSISTENT and vol.sync is None, 20)
         assert vol.meta["pending_plan"] is None

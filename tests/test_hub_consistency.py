@@ -184,3 +184,47 @@ def _attach_quietly(agent: TestAgent, disk: MemVolume) -> None:
 def _peer_of(conn) -> tuple[str, int]:
     host, port = conn.peer.rsplit(":", 1)
     return host, int(port)
+
+
+def test_another_disk_under_the_same_name_is_refused_until_reseeded(hub_a1, tmp_path, capsys):
+    """VO-8: a second agent with its own state (a cloned host, a copied
+    configuration) attaches the same volume name from another disk.  It is
+    refused while the first keeps replicating; after ``rephub.py reseed`` its
+    next ATTACH is verified and the replica becomes that disk."""
+    hub, secret = hub_a1
+    rng = random.Random(158)
+    first_disk, second_disk = (MemVolume(MiB, rng.randbytes(MiB)) for _ in range(2))
+    first = TestAgent(hub.address, "a1", secret).connect()
+    second = TestAgent(hub.address, "a1", secret).connect()
+    try:
+        vid, _ = first.attach("v", first_disk, generation=b"\x01" * 16)
+        vol = hub.store.volume("v")
+        wait_for(lambda: vol.state == rephub.VolState.CONSISTENT and vol.sync is None, 20,
+                 "the initial sync")
+        with pytest.raises(AgentError) as refused:
+            second.attach("v", second_disk, generation=b"\x02" * 16)
+        err = refused.value.error
+        assert err.code == p.ErrorCode.NOT_OWNER
+        assert "bound to another disk" in err.message and "rephub.py reseed v" in err.message
+        first_disk.write(0, b"\x33" * 4096)
+        first.expect_ack(first.write(vid, 0, b"\x33" * 4096))
+        assert vol.attached_to is not None and not first.closed.is_set()
+        assert replica(hub, "v") == bytes(first_disk.buf), "the refused disk changed nothing"
+
+        assert rephub.main(["reseed", "--data", hub.store.dir, "v"]) == 0
+        assert "may bring another disk" in capsys.readouterr().out
+        wait_for(second.closed.is_set, 10, "the refused connection closed to attach again")
+        first.close()
+        again = TestAgent(hub.address, "a1", secret).connect()
+        try:
+            _, plan = again.attach("v", second_disk, generation=b"\x02" * 16)
+            assert plan == p.SyncPlan.VERIFY
+            wait_for(lambda: vol.state == rephub.VolState.CONSISTENT and vol.sync is None, 20,
+                     "the re-seed's verify")
+            assert replica(hub, "v") == bytes(second_disk.buf)
+            assert not vol.meta["reseed"], "a re-seed admits one new disk, not every one"
+        finally:
+            again.close()
+    finally:
+        first.close()
+        second.close()

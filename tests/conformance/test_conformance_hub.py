@@ -367,11 +367,8 @@ def test_attach_known_volume_plans(hub, codec):
     full_sync(a, vol)
     a.close()
     # The table's minimum per case; a stronger plan is allowed [SY-1].
-    for state, generation, weakest in (("CLEAN", vol.generation, "NONE"),
-                                       ("DIRTY", vol.generation, "DIRTY"),
-                                       ("UNKNOWN", vol.generation, "VERIFY"),
-                                       ("CLEAN", secrets.token_bytes(16), "VERIFY")):
-        probe = MemVolume(vol.name, SIZE, CHUNK, generation=generation)
+    for state, weakest in (("CLEAN", "NONE"), ("DIRTY", "DIRTY"), ("UNKNOWN", "VERIFY")):
+        probe = MemVolume(vol.name, SIZE, CHUNK, generation=vol.generation)
         a = connect(hub, codec)
         try:
             a.hold_reads.set()
@@ -380,6 +377,29 @@ def test_attach_known_volume_plans(hub, codec):
                 f"state {state}: plan {att.plan} weaker than {weakest} [SY-1]"
         finally:
             a.close()
+
+
+@clause("VO-8")
+def test_attach_from_another_disk_is_refused(hub, codec):
+    vol = MemVolume(vname("disk"), SIZE, CHUNK)
+    a = connect(hub, codec)
+    full_sync(a, vol)
+    a.close()
+    other = MemVolume(vol.name, SIZE, CHUNK, generation=secrets.token_bytes(16))
+    for state in ("CLEAN", "UNKNOWN"):
+        a = connect(hub, codec)
+        try:
+            att = a.attach(other, state)
+            assert error_of(att) == "NOT_OWNER", \
+                f"another generation, state {state}: {att.type}, not ERROR(NOT_OWNER) [VO-8]"
+        finally:
+            a.close()
+    a = connect(hub, codec)
+    try:
+        a.hold_reads.set()
+        assert a.attach(vol, "CLEAN").type == "ATTACHED", "the known disk still attaches [VO-8]"
+    finally:
+        a.close()
 
 
 @clause("SY-1")
