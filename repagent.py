@@ -2585,7 +2585,8 @@ class Agent:
         conn = self.conn
         if conn is not None:
             try:
-                conn.send_direct(p.Goodbye(reason="agent stopping"))
+                conn.send_direct(p.Goodbye.for_features(conn.features, "agent stopping",
+                                                        p.GoodbyeCode.SHUTDOWN))
             except OSError:
                 pass
             conn.close("agent stopping")
@@ -2884,6 +2885,10 @@ class RecoveryConfig:
     tls_ca: str | None = None
 
 
+#: What a recovery connection offers: only GOODBYE's code, which tells a
+#: fail-back ending the session from any other end.
+RECOVERY_FEATURES = p.Feature.GOODBYE_CODE
+
 #: What a hub sends on an established recovery connection and the session
 #: acts on.  The hub's volume requests find no volume attached
 #: (RECOVERY_NO_VOLUME: ERROR(NO_SUCH_VOLUME), [VO-6]); its stray answers are
@@ -2919,6 +2924,7 @@ class RecoveryClient:
         self.lost_cause = ""
         self.failed_back = False   # the hub ended the session: the volume went home
         self.goodbye_sent = False  # the agent said GOODBYE: it sends nothing more
+        self.features = p.Feature.NONE  # granted in HELLO_REPLY
         self.closed = threading.Event()
         self.thread: threading.Thread | None = None
 
@@ -2929,7 +2935,8 @@ class RecoveryClient:
         answered as in the session proper (``_next_frame``): PING gets PONG,
         an unknown type or a bad request gets ERROR and the wait goes on
         (FR-16, ER-2, ER-5)."""
-        sock, hub_id, _ = connect_to_hub(self.cfg)  # the same HELLO/AUTH as protect mode
+        # The same HELLO/AUTH as protect mode; GOODBYE_CODE says why the hub ends it.
+        sock, hub_id, self.features = connect_to_hub(self.cfg, RECOVERY_FEATURES)
         self.sock = sock
         try:
             sock.settimeout(RECOVER_OPEN_TIMEOUT)
@@ -3090,10 +3097,10 @@ class RecoveryClient:
         pass
 
     def on_GOODBYE(self, msg: p.Goodbye) -> None:
-        # A fail-back that succeeded ends the session with this reason
-        # (PROTOCOL.md [FB-12]; rephub's wording, the protocol has no code).
-        self.failed_back = msg.reason.startswith(f"volume {self.volume} failed back to ")
-        self._lose(f"hub said goodbye: {msg.reason}")
+        """The hub ends the connection; a fail-back that succeeded says so with
+        code FAILED_BACK (PROTOCOL.md [FB-12], [LV-5]), never in the text."""
+        self.failed_back = msg.reason_code() == p.GoodbyeCode.FAILED_BACK
+        self._lose(f"hub said goodbye ({msg.reason_code().name}): {msg.reason}")
 
     def _lose(self, cause: str) -> None:
         """The link is gone: every outstanding request fails with EIO (LV-3)."""
@@ -3122,7 +3129,8 @@ class RecoveryClient:
             self.lost_cause = "agent closed the connection"
             self.lost.set()        # from here on request() answers EIO, sends nothing
         try:
-            self._send(p.Goodbye(reason="recovery session closed"))
+            self._send(p.Goodbye.for_features(self.features, "recovery session closed",
+                                              p.GoodbyeCode.SHUTDOWN))
         except OSError as err:
             log.debug("GOODBYE not sent: %s", err)
 

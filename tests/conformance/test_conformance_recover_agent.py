@@ -28,8 +28,9 @@ SESSION = 7
 SIZE = 1 << 20
 VOLUME = "cfrvol"
 AGENT_ID = "cf-recover"
-#: GOODBYE reason codes (PROTOCOL.md "Enumerations", [LV-4]).
-SHUTDOWN, FAILED_BACK = 0, 2
+#: GOODBYE codes and their feature bit (PROTOCOL.md "Enumerations", [LV-5]).
+SHUTDOWN, FAILED_BACK = 1, 2
+GOODBYE_CODE = 1 << 2
 
 
 def error_of(m) -> str:
@@ -207,4 +208,30 @@ def test_wrong_direction_answered_and_goodbye_after_recover_close(rig):
         frames = list(s.received)
     assert frames.index(close) < frames.index(bye), "GOODBYE ends an orderly close"
     assert frames[-1] is bye, f"nothing after GOODBYE [LV-2]: {frames[frames.index(bye):]}"
+    assert bye.code is None, f"{bye}: no code without GOODBYE_CODE [VN-5]"
 
+
+
+@pytest.mark.parametrize("reason, code, rc", [
+    ("bye", FAILED_BACK, 0),
+    (f"volume {VOLUME} failed back to agent cf-agent", SHUTDOWN, 1)])
+@clause("LV-5", "FB-12", "VN-5")
+def test_goodbye_code_decides_a_fail_back_never_the_text(rig, reason, code, rc):
+    """The agent offers GOODBYE_CODE; a GOODBYE(FAILED_BACK) ends its export
+    as a fail-back (exit 0), and rephub's old fail-back text with another code
+    ends it as a lost hub (exit 1)."""
+    s = rig.open(features=GOODBYE_CODE)
+    assert int(s.hello.features) & GOODBYE_CODE, f"{s.hello}: GOODBYE_CODE offered"
+    rig.ready()
+    s.conn.send(msg("GOODBYE", reason=reason, code=code))
+    assert rig.proc.wait(T) == rc, rig.tail()
+    assert not rig.nbd_socket.exists(), "the export is gone"
+
+
+@clause("LV-5", "LV-4", "VN-5")
+def test_goodbye_after_recover_close_carries_shutdown_where_granted(rig):
+    s = rig.open(features=GOODBYE_CODE)
+    rig.ready()
+    assert rig.stop() == 0, rig.tail()
+    bye = s.wait_for(lambda f: isinstance(f, Msg) and f.type == "GOODBYE", T, "GOODBYE")
+    assert bye.code == SHUTDOWN, f"{bye}: code SHUTDOWN [LV-5]"
