@@ -2901,6 +2901,9 @@ RECOVERY_NO_VOLUME = frozenset({
     p.MsgType.READ, p.MsgType.DIRTY_QUERY, p.MsgType.CHECKSUM_QUERY, p.MsgType.EXTENT_QUERY,
     p.MsgType.FAILBACK_BEGIN, p.MsgType.PUT, p.MsgType.FAILBACK_END})
 RECOVERY_STRAY_ANSWERS = frozenset({p.MsgType.ATTACHED, p.MsgType.SYNCED})
+#: The hub's answers to the recovery client's requests.
+ANSWER_TYPES = frozenset({p.MsgType.RECOVER_READY, p.MsgType.RREAD_REPLY, p.MsgType.ACK,
+                          p.MsgType.ERROR})
 
 
 class RecoveryClient:
@@ -2925,6 +2928,7 @@ class RecoveryClient:
         self.failed_back = False   # the hub ended the session: the volume went home
         self.goodbye_sent = False  # the agent said GOODBYE: it sends nothing more
         self.features = p.Feature.NONE  # granted in HELLO_REPLY
+        self.opening = 0           # request id of the RECOVER_OPEN awaiting its answer
         self.closed = threading.Event()
         self.thread: threading.Thread | None = None
 
@@ -2940,7 +2944,7 @@ class RecoveryClient:
         self.sock = sock
         try:
             sock.settimeout(RECOVER_OPEN_TIMEOUT)
-            req = self._next_req()
+            req = self.opening = self._next_req()
             log.info("--> RECOVER_OPEN %s %s at %r", self.mode.name, self.volume, self.point)
             p.send_message(sock, p.RecoverOpen(request_id=req, mode=self.mode,
                                                name=self.volume, point=self.point))
@@ -2955,13 +2959,14 @@ class RecoveryClient:
                                         f"{reply.describe()}")
                 if isinstance(reply, p.Ping):  # the hub's heartbeat may come first
                     self.on_PING(reply)
-                elif not isinstance(reply, (p.Pong, p.Error)):
+                elif not isinstance(reply, p.Pong):
                     log.warning("hub sent %s before RECOVER_READY; ignored", reply.describe())
             if isinstance(reply, p.Error):
                 raise RecoveryError(f"hub {hub_id} refused RECOVER_OPEN {self.mode.name} of "
                                     f"{self.volume} at {self.point!r}: {reply.code_name()} "
                                     f"{reply.message}")
             sock.settimeout(None)
+            self.opening = 0
         except BaseException:
             self.sock = None
             sock.close()
@@ -3022,6 +3027,7 @@ class RecoveryClient:
                 log.warning("hub sent a bad frame: %s", err)
                 if p.may_answer_with_error(err):
                     self._send(p.Error.from_exception(err))
+                self._answer_unreadable(err)
                 continue
             if msg is None:
                 return None
@@ -3042,6 +3048,17 @@ class RecoveryClient:
             log.warning("hub sent %s; answered ERROR(%s)", msg.TYPE.name, code.name)
             self._send(p.Error(request_id=msg.request_id, code=code, failed_type=msg.TYPE,
                                message=text))
+
+    def _answer_unreadable(self, err: p.RequestError) -> None:
+        """A malformed answer to one of our requests: that request failed (EIO,
+        or the open fails) rather than wait for an answer that was lost."""
+        if err.msg_type not in ANSWER_TYPES or not err.request_id:
+            return
+        if err.request_id == self.opening:
+            raise RecoveryError(f"the hub's answer to RECOVER_OPEN is malformed: {err}")
+        item = self._answer(err.request_id)
+        if item is not None:
+            item[1](errno.EIO)
 
     def _recv_loop(self) -> None:
         """repagent-recover-recv thread: dispatch each hub message to ``on_<TYPE>``."""

@@ -235,3 +235,27 @@ def test_goodbye_after_recover_close_carries_shutdown_where_granted(rig):
     assert rig.stop() == 0, rig.tail()
     bye = s.wait_for(lambda f: isinstance(f, Msg) and f.type == "GOODBYE", T, "GOODBYE")
     assert bye.code == SHUTDOWN, f"{bye}: code SHUTDOWN [LV-5]"
+
+
+@clause("ER-2", "RP-9", "LV-3")
+def test_malformed_rread_reply_fails_its_read_and_the_session_goes_on(rig):
+    """An RREAD_REPLY whose length is not its payload's is answered
+    ERROR(INVALID); the guest's read it answered fails (EIO) instead of
+    waiting forever, and the next read is served."""
+    import nbd
+    s = rig.open()
+    rig.ready()
+    s.on_RREAD = lambda m: s.conn.send_raw(raw_frame(
+        TYPE_VALUES["RREAD_REPLY"], bytes(m.length - 1), request_id=m.request_id,
+        volume=m.volume, offset=m.offset, length=m.length))
+    with nbd.NBDClient(str(rig.nbd_socket), VOLUME) as c:
+        with pytest.raises(nbd.RequestError):
+            c.read(0, 4096)
+    bad = s.frames("RREAD")[-1]
+    err = s.wait_for(lambda f: isinstance(f, Msg) and f.type == "ERROR"
+                     and f.request_id == bad.request_id, T, "ERROR for the bad RREAD_REPLY")
+    assert error_of(err) == "INVALID" and int(err.failed_type) == TYPE_VALUES["RREAD_REPLY"]
+    s.on_RREAD = lambda m: s.conn.send(msg(
+        "RREAD_REPLY", request_id=m.request_id, volume=m.volume, offset=m.offset,
+        length=m.length, data=bytes(m.length)))
+    rig.alive()
