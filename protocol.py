@@ -152,6 +152,7 @@ class Feature(enum.IntFlag):
     NONE = 0
     EXTENTS = 1 << 0   # the hub may ask EXTENT_QUERY: sparse-aware sync
     FAILBACK = 1 << 1  # DEMOTED attach, FAILBACK_BEGIN / PUT / FAILBACK_END
+    GOODBYE_CODE = 1 << 2  # GOODBYE carries a GoodbyeCode after its reason text
 
 
 class ErrorCode(enum.IntEnum):
@@ -196,6 +197,17 @@ class SyncPlan(enum.IntEnum):
 
 class ChecksumAlgo(enum.IntEnum):
     SHA256 = 1
+
+
+class GoodbyeCode(enum.IntEnum):
+    """GOODBYE ``code`` (feature GOODBYE_CODE): why the sender closes, for
+    programs; the ``reason`` text is for humans only.  A code the receiver
+    does not know means UNSPECIFIED (PROTOCOL.md [LV-5])."""
+
+    UNSPECIFIED = 0        # no reason given (and what a GOODBYE without a code means)
+    SHUTDOWN = 1           # the sender stops or closes in order: connect again later
+    FAILED_BACK = 2        # a fail-back ended this recovery session: the volume went home
+    STORAGE_RECOVERED = 3  # the hub's storage recovered: attach again to resync (RP-11)
 
 
 class FailbackOutcome(enum.IntEnum):
@@ -1339,21 +1351,60 @@ class Error(Message):
         return f"{super().describe()} code={self.code_name()} {self.message!r}"
 
 
+_GOODBYE_CODE = struct.Struct("!B3x")  # code, 3 reserved
+
+
 @dataclass
 class Goodbye(Message):
-    """H/A: the sender closes the connection.  Payload: u16 length + reason."""
+    """H/A: the sender closes the connection.
+
+    Payload: u16 length + reason (for humans), then, only on a connection
+    granted feature GOODBYE_CODE, u8 code (GoodbyeCode) and 3 bytes reserved
+    (0).  ``code`` None is the layout without it (before HELLO_REPLY, or
+    without the feature); ``reason_code()`` is what a receiver decides on.
+    """
 
     TYPE = MsgType.GOODBYE
     reason: str = ""
+    code: GoodbyeCode | None = None
 
     def _payload(self):
-        return [_text(_clip(self.reason, MAX_TEXT), MAX_TEXT, "reason")]
+        parts = [_text(_clip(self.reason, MAX_TEXT), MAX_TEXT, "reason")]
+        if self.code is not None:
+            parts.append(_GOODBYE_CODE.pack(int(self.code)))
+        return parts
 
     @classmethod
     def _parse(cls, header, r):
         reason = r.text(MAX_TEXT, "reason")
+        if r.pos == len(r.buf):
+            return dict(reason=reason, code=None)
+        raw = r.take(_GOODBYE_CODE.size, "code")
         r.end()
-        return dict(reason=reason)
+        if any(raw[1:]):
+            raise InvalidField("GOODBYE reserved bytes after the code are not zero")
+        try:
+            code = GoodbyeCode(raw[0])
+        except ValueError:
+            code = raw[0]          # a later code: kept, read as UNSPECIFIED (LV-5)
+        return dict(reason=reason, code=code)
+
+    def reason_code(self) -> GoodbyeCode:
+        """The code to act on: UNSPECIFIED when absent or unknown (LV-5)."""
+        try:
+            return GoodbyeCode(self.code or 0)
+        except ValueError:
+            return GoodbyeCode.UNSPECIFIED
+
+    @classmethod
+    def for_features(cls, features: int, reason: str, code: GoodbyeCode) -> Goodbye:
+        """The GOODBYE for a connection granted ``features``: with ``code``
+        only where GOODBYE_CODE is granted (VN-5)."""
+        return cls(reason=reason, code=code if features & Feature.GOODBYE_CODE else None)
+
+    def describe(self):
+        code = "" if self.code is None else f" code={getattr(self.code, 'name', self.code)}"
+        return f"{super().describe()}{code} {self.reason!r}"
 
 
 # Fail-back (PROTOCOL.md "Fail-back") -------------------------------------------

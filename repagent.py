@@ -2588,7 +2588,8 @@ class Agent:
         conn = self.conn
         if conn is not None:
             try:
-                conn.send_direct(p.Goodbye(reason="agent stopping"))
+                conn.send_direct(p.Goodbye.for_features(conn.features, "agent stopping",
+                                                        p.GoodbyeCode.SHUTDOWN))
             except OSError:
                 pass
             conn.close("agent stopping")
@@ -2888,6 +2889,27 @@ class RecoveryConfig:
     tls_ca: str | None = None
 
 
+#: What a recovery connection offers: only GOODBYE's code, which tells a
+#: fail-back ending the session from any other end.
+RECOVERY_FEATURES = p.Feature.GOODBYE_CODE
+
+#: What a hub sends on an established recovery connection and the session
+#: acts on.  The hub's volume requests find no volume attached
+#: (RECOVERY_NO_VOLUME: ERROR(NO_SUCH_VOLUME), [VO-6]); its stray answers are
+#: logged; every other known type, HELLO_REPLY and AUTH_OK included, is in
+#: the wrong direction or phase: ERROR(UNSUPPORTED) ([ER-5]).
+RECOVERY_RECEIVES = frozenset({
+    p.MsgType.RECOVER_READY, p.MsgType.RREAD_REPLY, p.MsgType.ACK, p.MsgType.PING,
+    p.MsgType.PONG, p.MsgType.ERROR, p.MsgType.GOODBYE})
+RECOVERY_NO_VOLUME = frozenset({
+    p.MsgType.READ, p.MsgType.DIRTY_QUERY, p.MsgType.CHECKSUM_QUERY, p.MsgType.EXTENT_QUERY,
+    p.MsgType.FAILBACK_BEGIN, p.MsgType.PUT, p.MsgType.FAILBACK_END})
+RECOVERY_STRAY_ANSWERS = frozenset({p.MsgType.ATTACHED, p.MsgType.SYNCED})
+#: The hub's answers to the recovery client's requests.
+ANSWER_TYPES = frozenset({p.MsgType.RECOVER_READY, p.MsgType.RREAD_REPLY, p.MsgType.ACK,
+                          p.MsgType.ERROR})
+
+
 class RecoveryClient:
     """One hub connection carrying one recovery session.
 
@@ -2908,36 +2930,52 @@ class RecoveryClient:
         self.lost = threading.Event()
         self.lost_cause = ""
         self.failed_back = False   # the hub ended the session: the volume went home
+        self.goodbye_sent = False  # the agent said GOODBYE: it sends nothing more
+        self.features = p.Feature.NONE  # granted in HELLO_REPLY
+        self.opening = 0           # request id of the RECOVER_OPEN awaiting its answer
         self.closed = threading.Event()
         self.thread: threading.Thread | None = None
 
     def open(self) -> p.RecoverReady:
-        """Connect, authenticate, RECOVER_OPEN; start the recv thread (caller's thread)."""
-        sock, hub_id, _ = connect_to_hub(self.cfg)  # the same HELLO/AUTH as protect mode
+        """Connect, authenticate, RECOVER_OPEN; start the recv thread (caller's thread).
+
+        Until RECOVER_READY or ERROR answers the open, every other frame is
+        answered as in the session proper (``_next_frame``): PING gets PONG,
+        an unknown type or a bad request gets ERROR and the wait goes on
+        (FR-16, ER-2, ER-5)."""
+        # The same HELLO/AUTH as protect mode; GOODBYE_CODE says why the hub ends it.
+        sock, hub_id, self.features = connect_to_hub(self.cfg, RECOVERY_FEATURES)
+        self.sock = sock
         try:
             sock.settimeout(RECOVER_OPEN_TIMEOUT)
+            req = self.opening = self._next_req()
             log.info("--> RECOVER_OPEN %s %s at %r", self.mode.name, self.volume, self.point)
-            p.send_message(sock, p.RecoverOpen(request_id=self._next_req(), mode=self.mode,
+            p.send_message(sock, p.RecoverOpen(request_id=req, mode=self.mode,
                                                name=self.volume, point=self.point))
             while True:
-                reply = p.recv_message(sock)
+                reply = self._next_frame()
+                if reply is None:
+                    raise RecoveryError("the hub closed the connection before RECOVER_READY")
+                if isinstance(reply, (p.Error, p.RecoverReady)) and reply.request_id == req:
+                    break
+                if isinstance(reply, p.Goodbye):
+                    raise RecoveryError(f"hub {hub_id} said goodbye before RECOVER_READY: "
+                                        f"{reply.describe()}")
                 if isinstance(reply, p.Ping):  # the hub's heartbeat may come first
-                    p.send_message(sock, p.Pong(request_id=reply.request_id,
-                                                echo_ns=reply.sent_ns, responder_ns=time.time_ns()))
-                    continue
-                break
+                    self.on_PING(reply)
+                elif not isinstance(reply, p.Pong):
+                    log.warning("hub sent %s before RECOVER_READY; ignored", reply.describe())
             if isinstance(reply, p.Error):
                 raise RecoveryError(f"hub {hub_id} refused RECOVER_OPEN {self.mode.name} of "
                                     f"{self.volume} at {self.point!r}: {reply.code_name()} "
                                     f"{reply.message}")
-            if not isinstance(reply, p.RecoverReady):
-                raise RecoveryError(f"expected RECOVER_READY, got "
-                                    f"{reply.TYPE.name if reply else 'end of stream'}")
             sock.settimeout(None)
+            self.opening = 0
         except BaseException:
+            self.sock = None
             sock.close()
             raise
-        self.sock, self.session, self.size = sock, reply.volume, reply.size
+        self.session, self.size = reply.volume, reply.size
         log.info("<-- RECOVER_READY session=%d size=%d point time %s", reply.volume,
                  reply.size, time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                            time.gmtime(reply.point_time_ns / 1e9)))
@@ -2960,28 +2998,89 @@ class RecoveryClient:
             req = self._next_req()
             msg = make(req)
             self.pending[req] = (msg.TYPE.name, reply, length)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("--> %s", msg.describe())
         try:
-            with self.send_lock:
-                p.send_message(self.sock, msg)
+            self._send(msg)
         except OSError as err:
             self._lose(f"send failed: {err}")
+
+    def _send(self, msg: p.Message) -> None:
+        """Send one frame under ``send_lock`` (any thread); nothing once
+        GOODBYE is sent (LV-2)."""
+        with self.send_lock:
+            if self.goodbye_sent:
+                return
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("--> %s", msg.describe())
+            p.send_message(self.sock, msg)
+            self.goodbye_sent = isinstance(msg, p.Goodbye)
+
+    def _next_frame(self) -> p.Message | None:
+        """The next frame a recovery connection acts on; None at end of stream.
+
+        Frames that fail as requests are answered here and skipped, as in
+        protect mode: an unknown type, an undefined flag, a non-zero unused
+        field or a malformed payload gets ERROR with the frame's request id
+        and type (FR-16, FR-13, FR-7, ER-2; never for the types ER-3 lists),
+        and a known type a hub does not send on a recovery connection gets
+        ERROR(UNSUPPORTED) (ER-5), a volume request ERROR(NO_SUCH_VOLUME)
+        (VO-6).  A ProtocolError (framing lost) propagates: the caller closes."""
+        while True:
+            try:
+                msg = p.recv_message(self.sock)
+            except p.RequestError as err:
+                log.warning("hub sent a bad frame: %s", err)
+                if p.may_answer_with_error(err):
+                    self._send(p.Error.from_exception(err))
+                self._answer_unreadable(err)
+                continue
+            if msg is None:
+                return None
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("<-- %s", msg.describe())
+            if msg.TYPE in RECOVERY_RECEIVES:
+                return msg
+            if msg.TYPE in RECOVERY_STRAY_ANSWERS:
+                log.warning("hub sent %s on a recovery connection; ignored", msg.describe())
+                continue
+            if msg.TYPE in RECOVERY_NO_VOLUME:
+                code, text = (p.ErrorCode.NO_SUCH_VOLUME,
+                              f"no volume is attached on a recovery connection "
+                              f"(volume id {msg.volume})")
+            else:
+                code, text = (p.ErrorCode.UNSUPPORTED,
+                              f"recovery agent does not accept {msg.TYPE.name}")
+            log.warning("hub sent %s; answered ERROR(%s)", msg.TYPE.name, code.name)
+            self._send(p.Error(request_id=msg.request_id, code=code, failed_type=msg.TYPE,
+                               message=text))
+
+    def _answer_unreadable(self, err: p.RequestError) -> None:
+        """A malformed answer to one of our requests: that request failed (EIO,
+        or the open fails) rather than wait for an answer that was lost."""
+        if err.msg_type not in ANSWER_TYPES or not err.request_id:
+            return
+        if err.request_id == self.opening:
+            raise RecoveryError(f"the hub's answer to RECOVER_OPEN is malformed: {err}")
+        item = self._answer(err.request_id)
+        if item is not None:
+            item[1](errno.EIO)
 
     def _recv_loop(self) -> None:
         """repagent-recover-recv thread: dispatch each hub message to ``on_<TYPE>``."""
         try:
             while True:
-                msg = p.recv_message(self.sock)
+                msg = self._next_frame()
                 if msg is None:
                     self._lose("the hub closed the connection")
                     return
-                handler = getattr(self, f"on_{msg.TYPE.name}", None)
-                if handler is None:
-                    log.warning("unexpected %s from the hub; ignored", msg.TYPE.name)
-                    continue
-                handler(msg)
-        except (OSError, p.ReplicationError) as err:
+                getattr(self, f"on_{msg.TYPE.name}")(msg)
+        except p.ProtocolError as err:
+            log.warning("hub broke the protocol: %s", err)
+            try:
+                self._send(p.Error(code=p.ErrorCode.PROTOCOL, message=str(err)))
+            except OSError:
+                pass
+            self._lose(f"protocol error: {err}")
+        except OSError as err:
             self._lose(f"hub connection failed: {err}")
 
     def _answer(self, req: int):
@@ -3007,18 +3106,22 @@ class RecoveryClient:
             item[1](errno.EIO)
 
     def on_PING(self, msg: p.Ping) -> None:
-        with self.send_lock:
-            p.send_message(self.sock, p.Pong(request_id=msg.request_id, echo_ns=msg.sent_ns,
-                                             responder_ns=time.time_ns()))
+        self._send(p.Pong(request_id=msg.request_id, echo_ns=msg.sent_ns,
+                          responder_ns=time.time_ns()))
+
+    def on_RECOVER_READY(self, msg: p.RecoverReady) -> None:
+        """A second RECOVER_READY answers no open of this connection: ignored
+        (it is an answer, and the session already has its id)."""
+        log.warning("unexpected %s; ignored", msg.describe())
 
     def on_PONG(self, msg: p.Pong) -> None:
         pass
 
     def on_GOODBYE(self, msg: p.Goodbye) -> None:
-        # A fail-back that succeeded ends the session with this reason
-        # (PROTOCOL.md [FB-12]; rephub's wording, the protocol has no code).
-        self.failed_back = msg.reason.startswith(f"volume {self.volume} failed back to ")
-        self._lose(f"hub said goodbye: {msg.reason}")
+        """The hub ends the connection; a fail-back that succeeded says so with
+        code FAILED_BACK (PROTOCOL.md [FB-12], [LV-5]), never in the text."""
+        self.failed_back = msg.reason_code() == p.GoodbyeCode.FAILED_BACK
+        self._lose(f"hub said goodbye ({msg.reason_code().name}): {msg.reason}")
 
     def _lose(self, cause: str) -> None:
         """The link is gone: every outstanding request fails with EIO (LV-3)."""
@@ -3037,8 +3140,23 @@ class RecoveryClient:
         for _, reply, _ in failed:
             reply(errno.EIO)
 
+    def _say_goodbye(self) -> None:
+        """End an orderly close with GOODBYE (shutdown) while the link is up:
+        the agent sends nothing after it (LV-2).  A hub that already ended the
+        connection, or a lost link, gets none."""
+        with self.lock:
+            if self.lost.is_set():
+                return
+            self.lost_cause = "agent closed the connection"
+            self.lost.set()        # from here on request() answers EIO, sends nothing
+        try:
+            self._send(p.Goodbye.for_features(self.features, "recovery session closed",
+                                              p.GoodbyeCode.SHUTDOWN))
+        except OSError as err:
+            log.debug("GOODBYE not sent: %s", err)
+
     def close(self) -> bool:
-        """RECOVER_CLOSE, wait for its ACK (bounded), close (main thread)."""
+        """RECOVER_CLOSE, wait for its ACK (bounded), GOODBYE, close (main thread)."""
         ok = self.failed_back         # then the hub has closed the session itself
         if not ok:
             done = threading.Event()
@@ -3053,6 +3171,7 @@ class RecoveryClient:
                             "the session when the connection closes", self.session,
                             self.lost_cause or "timeout")
         self.closed.set()
+        self._say_goodbye()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:

@@ -233,7 +233,7 @@ EXTENT_WINDOW = 2
 #: the undo one record can need on a replica already holding data.
 ZERO_RECORD_MAX = 64 * 1024 * 1024
 #: Feature bits this hub implements: it grants those the agent offers (VN-3).
-HUB_FEATURES = p.Feature.EXTENTS | p.Feature.FAILBACK
+HUB_FEATURES = p.Feature.EXTENTS | p.Feature.FAILBACK | p.Feature.GOODBYE_CODE
 #: How every frame starts on the wire: tells a plaintext agent from a TLS one.
 MAGIC_BYTES = struct.pack("!I", p.MAGIC)
 #: The agent's answers to a SyncJob's requests (their request ids are the hub's).
@@ -2610,14 +2610,16 @@ class AgentConnection:
         except (OSError, ConnectionClosed):
             pass
 
-    def say_goodbye(self, reason: str) -> None:
+    def say_goodbye(self, reason: str, code: p.GoodbyeCode) -> None:
         """End the connection with GOODBYE (any thread): the replies already queued
-        go first, nothing after it (LV-2); then the recv loop ends."""
+        go first, nothing after it (LV-2); then the recv loop ends.  ``code`` goes
+        on the wire where GOODBYE_CODE is granted (LV-5); ``reason`` is for humans."""
         self.acker.drain(timeout=10)
         with self.send_lock:
             if self.sock is not None and not self.goodbye_sent:
                 try:
-                    p.send_message(self.sock, p.Goodbye(reason=reason))
+                    p.send_message(self.sock, p.Goodbye.for_features(self.features,
+                                                                     reason, code))
                 except OSError as err:
                     log.debug("GOODBYE to %s not sent: %s", self.peer, err)
             self.goodbye_sent = True
@@ -2859,7 +2861,7 @@ class AgentConnection:
                     raise p.RequestError(f"{msg.TYPE.name} is not accepted by the hub",
                                          code=p.ErrorCode.UNSUPPORTED)
                 if self.refusing is not None and self.store.writable():
-                    self.say_goodbye(STORAGE_RECOVERED)
+                    self.say_goodbye(STORAGE_RECOVERED, p.GoodbyeCode.STORAGE_RECOVERED)
                     return
                 if self.refusing is not None and msg.TYPE in REFUSED_WHILE_DEGRADED:
                     raise JournalRefused(
@@ -2920,7 +2922,8 @@ class AgentConnection:
             self.acker.stop()
         if self.hub.stopping.is_set() and not self.closing.is_set() and self.agent_id:
             try:
-                self.send(p.Goodbye(reason="hub shutting down"))
+                self.send(p.Goodbye.for_features(self.features, "hub shutting down",
+                                                 p.GoodbyeCode.SHUTDOWN))
             except (OSError, ConnectionClosed):
                 pass
         for job in list(self.jobs):
@@ -4371,7 +4374,7 @@ class Failback:
                 log.warning("recovery connection %s keeps other sessions open: not closed",
                             s.conn.peer)
             else:
-                s.conn.say_goodbye(reason)
+                s.conn.say_goodbye(reason, p.GoodbyeCode.FAILED_BACK)
 
     def summary(self) -> dict:
         return dict(volume=self.vol.name, agent=self.agent,
@@ -4592,7 +4595,7 @@ class Hub:
         with self.conn_lock:
             refusing = [c for c in self.connections if c.refusing is not None]
         for conn in refusing:
-            conn.say_goodbye(STORAGE_RECOVERED)
+            conn.say_goodbye(STORAGE_RECOVERED, p.GoodbyeCode.STORAGE_RECOVERED)
 
     def _verify_damaged(self, vol: Volume) -> None:
         """Rot in ``vol``'s replica (any thread): verify it now if its agent is attached

@@ -108,6 +108,7 @@ class TestAgent:
         self.reads: list[p.Read] = []
         self.errors: list[p.Error] = []
         self.goodbye: str | None = None
+        self.goodbye_code = None  # GOODBYE's code (None: sent without one)
         self.closed = threading.Event()
         self.hub_id = None
         self.granted = 0         # granted in HELLO_REPLY
@@ -287,6 +288,7 @@ class TestAgent:
 
     def on_GOODBYE(self, msg: p.Goodbye) -> None:
         self.goodbye = msg.reason
+        self.goodbye_code = msg.code
 
     def on_PING(self, msg: p.Ping) -> None:
         self.send(p.Pong(request_id=msg.request_id, echo_ns=msg.sent_ns,

@@ -429,12 +429,14 @@ def test_stopping_mid_failback_removes_the_export_and_sets_the_mirror_up(world):
         again.close()
 
 
-@pytest.mark.parametrize("reason, rc", [
-    ("volume vol0 failed back to agent a1", 0),      # PROTOCOL.md [FB-12]: the session ends
-    ("hub stopping", 1)])
-def test_recover_ends_cleanly_when_its_volume_fails_back(tmp_path, reason, rc):
-    """``repagent.py recover`` exits 0 on the hub's GOODBYE after a fail-back,
-    1 when the hub goes away for any other reason."""
+@pytest.mark.parametrize("reason, code, rc", [
+    ("bye", p.GoodbyeCode.FAILED_BACK, 0),           # PROTOCOL.md [FB-12]: the session ends
+    ("volume vol0 failed back to agent a1", None, 1),  # the text alone decides nothing [LV-5]
+    ("volume vol0 failed back to agent a1", p.GoodbyeCode.SHUTDOWN, 1),
+    ("hub stopping", p.GoodbyeCode.SHUTDOWN, 1)])
+def test_recover_ends_cleanly_when_its_volume_fails_back(tmp_path, reason, code, rc):
+    """``repagent.py recover`` exits 0 on the hub's GOODBYE(FAILED_BACK) after a
+    fail-back, 1 when the hub goes away with any other code, or none."""
     secret = secrets.token_bytes(32)
     (tmp_path / "secret").write_text(secret.hex() + "\n")
     (tmp_path / "secret").chmod(0o600)
@@ -450,13 +452,14 @@ def test_recover_ends_cleanly_when_its_volume_fails_back(tmp_path, reason, rc):
     try:
         sock, _ = listener.accept()
         sock.settimeout(T)
-        hub_handshake(sock, secret, 0)
+        hello = hub_handshake(sock, secret, p.Feature.GOODBYE_CODE)
+        assert hello.features == p.Feature.GOODBYE_CODE, "recover offers GOODBYE_CODE"
         opened = p.recv_message(sock)
         assert isinstance(opened, p.RecoverOpen)
         p.send_message(sock, p.RecoverReady(request_id=opened.request_id, volume=1,
                                             size=SIZE, point_time_ns=1))
         assert proc.stdout.readline().startswith("nbd+unix://"), "the export is served"
-        p.send_message(sock, p.Goodbye(reason=reason))
+        p.send_message(sock, p.Goodbye(reason=reason, code=code))
         out, err = proc.communicate(timeout=T)
         assert proc.returncode == rc, err
         if rc == 0:

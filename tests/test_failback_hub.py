@@ -163,7 +163,9 @@ class Scene:
             self.aside_state = bytes(self.mv.buf)
         finally:
             a.close()
-        self.rec = TestAgent(hub.address, "rec", secrets["rec"]).connect()
+        self.rec = TestAgent(hub.address, "rec", secrets["rec"])
+        self.rec.features = p.Feature.GOODBYE_CODE  # the end of the session has a code
+        self.rec.connect()
         ready = request(self.rec, p.RecoverOpen(request_id=self.rec.request_id(),
                                                 mode=p.RecoverMode.FAILOVER, name=NAME,
                                                 point="p"))
@@ -324,6 +326,7 @@ def test_failback_happy_path(hubenv):
     # The recovery session was closed with GOODBYE; its connection ends.
     wait_for(sc.rec.closed.is_set, 10, "the recovery connection closed")
     assert sc.rec.goodbye == f"volume {NAME} failed back to agent a1"
+    assert sc.rec.goodbye_code == p.GoodbyeCode.FAILED_BACK, "PROTOCOL.md [LV-5]"
     assert hub.sessions == {}
 
     # The role is back; set-aside entries stay exportable; status says done.

@@ -564,6 +564,19 @@ def test_long_texts_are_clipped_on_utf8_boundaries():
     assert back.reason == "\U0001f600" * (p.MAX_TEXT // 4)
 
 
+def test_goodbye_code_only_where_granted_and_unknown_codes_read_unspecified():
+    """PROTOCOL.md [LV-5]: the code follows the reason only with GOODBYE_CODE."""
+    plain = p.Goodbye.for_features(p.Feature.FAILBACK, "bye", p.GoodbyeCode.FAILED_BACK)
+    assert plain.code is None and p.encode(plain) == p.encode(p.Goodbye(reason="bye"))
+    assert p.decode(p.encode(plain)).reason_code() == p.GoodbyeCode.UNSPECIFIED
+    coded = p.Goodbye.for_features(p.Feature.GOODBYE_CODE, "bye", p.GoodbyeCode.FAILED_BACK)
+    back = p.decode(p.encode(coded))
+    assert back.code == p.GoodbyeCode.FAILED_BACK and back.reason == "bye"
+    assert len(p.encode(coded)) == len(p.encode(plain)) + 4
+    later = p.decode(p.encode(p.Goodbye(reason="", code=250)))
+    assert later.code == 250 and later.reason_code() == p.GoodbyeCode.UNSPECIFIED
+
+
 def test_error_from_exception_and_describe():
     err = p.OutOfRange("past the end", request_id=5, msg_type=p.MsgType.WRITE)
     msg = p.Error.from_exception(err)

@@ -73,7 +73,7 @@ ENUMS = {
 }
 EXTENT_ZERO = 1 << 0
 #: PROTOCOL.md "Feature bits".
-FEATURES = {"EXTENTS": 1 << 0, "FAILBACK": 1 << 1}
+FEATURES = {"EXTENTS": 1 << 0, "FAILBACK": 1 << 1, "GOODBYE_CODE": 1 << 2}
 
 # PROTOCOL.md "Message types": value, direction, header fields used, flags
 # allowed, payload layout.  Layout items:
@@ -86,6 +86,8 @@ FEATURES = {"EXTENTS": 1 << 0, "FAILBACK": 1 << 1}
 #   ("extents", field)                 n x (u64 offset, u64 length)
 #   ("allocs", field)                  n x (u64 length, u32 flags, 4 reserved)
 #   ("digests", field)                 n x bytes[32]
+#   ("optcode", field)                 nothing, or u8 + 3 reserved (GOODBYE code:
+#                                      absent = None; any value is accepted)
 R, V, O, L = "request_id", "volume", "offset", "length"
 ID_FIELDS = (R, V, O, L)
 _CSUM = [("u32", "chunk_size"), ("enum", "algorithm", 1), ("reserved", 3)]
@@ -130,7 +132,7 @@ TYPES: dict[str, tuple[int, str, tuple, int, list]] = {
     "PONG": (0x61, "AH", (R,), 0, [("u64", "echo_ns"), ("u64", "responder_ns")]),
     "ERROR": (0x62, "AH", (R,), 0, [("u32", "code"), ("u8", "failed_type"),
                                     ("text", "message")]),
-    "GOODBYE": (0x63, "AH", (), 0, [("text", "reason")]),
+    "GOODBYE": (0x63, "AH", (), 0, [("text", "reason"), ("optcode", "code")]),
     "FAILBACK_BEGIN": (0x70, "H", (R, V), 0, []),
     "PUT": (0x71, "H", ID_FIELDS, FLAG_ZERO, [("data", "data")]),
     "FAILBACK_END": (0x72, "H", (R, V), 0, [("enum", "outcome", 1), ("reserved", 3)]),
@@ -284,6 +286,8 @@ class IndependentCodec:
                 parts.append(b"".join(_ALLOC.pack(n, fl) for n, fl in m.fields.get(item[1], [])))
             elif kind == "digests":
                 parts.append(b"".join(bytes(d) for d in m.fields.get(item[1], [])))
+            elif kind == "optcode" and m.fields.get(item[1]) is not None:
+                parts.append(struct.pack("!B3x", int(m.fields[item[1]])))
         payload = b"".join(parts)
         return raw_frame(value, payload, flags=m.flags, request_id=m.request_id,
                          volume=m.volume, offset=m.offset, length=m.length)
@@ -389,6 +393,14 @@ class IndependentCodec:
                 if len(rest) % DIGEST_SIZE:
                     raise AnswerError("CHECKSUMS digests ragged [FR-9]", "INVALID", **ctx)
                 m.fields[item[1]] = [rest[i:i + 32] for i in range(0, len(rest), 32)]
+            elif kind == "optcode":
+                m.fields[item[1]] = None
+                if pos < len(buf):
+                    raw = take(4, item[1])
+                    if any(raw[1:]):
+                        raise AnswerError(f"{m.type} reserved bytes not zero [FR-12]",
+                                          "INVALID", **ctx)
+                    m.fields[item[1]] = raw[0]
         if pos != len(buf):
             raise AnswerError(f"{m.type} has {len(buf) - pos} trailing bytes [FR-9]",
                               "INVALID", **ctx)

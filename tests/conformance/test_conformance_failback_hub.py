@@ -43,6 +43,10 @@ def vname(tag: str) -> str:
     return f"cf-{tag}-{uuid.uuid4().hex[:8]}"
 
 
+#: PROTOCOL.md "Feature bits" and GoodbyeCode ([LV-5]).
+GOODBYE_CODE, FAILED_BACK = 1 << 2, 2
+
+
 def connect(hub, codec, features: int = 0) -> SpecAgent:
     return SpecAgent(hub.address, hub.agent_id, hub.secret, codec, features=features)
 
@@ -92,7 +96,7 @@ class Scene:
             assert a.wait_answer(a.write(self.vol, off, b"\xa5" * n)).type == "ACK"
         finally:
             a.close()
-        self.rec = connect(hub, codec)
+        self.rec = connect(hub, codec, GOODBYE_CODE)   # the session's end has a code [LV-5]
 
         def ready():
             m = self.rec.request(msg("RECOVER_OPEN", mode="FAILOVER", name=self.vol.name,
@@ -161,7 +165,7 @@ def test_demoted_volume_refuses_writes(hub, codec):
         sc.rec.close()
 
 
-@clause("FB-8", "FB-10", "FB-12")
+@clause("FB-8", "FB-10", "FB-12", "LV-5")
 def test_failback_puts_fence_and_role_return(hub, codec):
     sc = Scene(hub, codec)
     d, att = sc.come_back()
@@ -233,8 +237,9 @@ def test_failback_puts_fence_and_role_return(hub, codec):
         assert bytes(sc.vol.buf) == bytes(sc.model), \
             "after the PUTs the old site equals the volume's new history [FB-8]"
         wait_until(lambda: sc.rec.closed.is_set(), T, "the recovery connection closed")
-        assert any(f.type == "GOODBYE" for f in sc.rec.received if isinstance(f, Msg)), \
-            "the recovery session's connection ends with GOODBYE [FB-12]"
+        byes = [f for f in sc.rec.received if isinstance(f, Msg) and f.type == "GOODBYE"]
+        assert byes, "the recovery session's connection ends with GOODBYE [FB-12]"
+        assert byes[0].code == FAILED_BACK, f"{byes[0]}: code FAILED_BACK [LV-5]"
         assert d.wait_answer(d.write(sc.vol, 0, b"\x78" * 512)).type == "ACK", "[FB-10]"
     finally:
         if proc is not None and proc.poll() is None:

@@ -62,6 +62,10 @@ def sync_agent(hub, codec, refuse=None, dirty=()) -> SyncAgent:
     return a
 
 
+#: PROTOCOL.md "Feature bits" and GoodbyeCode ([LV-5]).
+GOODBYE_CODE, STORAGE_RECOVERED = 1 << 2, 3
+
+
 @clause("SY-21", "SY-1", "RC-1", "SY-9")
 @pytest.mark.parametrize("plan,refused", [("FULL", "READ"), ("DIRTY", "DIRTY_QUERY"),
                                           ("DIRTY", "READ"), ("VERIFY", "CHECKSUM_QUERY"),
@@ -171,11 +175,11 @@ def full_disk_hub(setup):
         target.stop()
 
 
-@clause("RP-10", "RP-11", "RP-5", "RP-3")
+@clause("RP-10", "RP-11", "RP-5", "RP-3", "LV-5")
 def test_a_hole_in_the_stream_is_never_followed_by_an_ack(full_disk_hub, codec):
     hub, data = full_disk_hub
     vol = MemVolume(vname("rp10"), 4 * MiB, CHUNK, data=os.urandom(4 * MiB))
-    a = connect(hub, codec)
+    a = connect(hub, codec, features=GOODBYE_CODE)
     try:
         full_sync(a, vol)
         space = ballast(data, 6 * MiB)
@@ -201,6 +205,8 @@ def test_a_hole_in_the_stream_is_never_followed_by_an_ack(full_disk_hub, codec):
         bye = a.wait_for(lambda f: getattr(f, "type", "") == "GOODBYE", T,
                          "GOODBYE once the hub's storage recovered [RP-11]")
         assert bye.reason
+        if a.handshake["reply"].features & GOODBYE_CODE:
+            assert bye.code == STORAGE_RECOVERED, f"{bye}: code STORAGE_RECOVERED [LV-5]"
     finally:
         a.close()
     a = connect(hub, codec)

@@ -144,6 +144,15 @@ def valid_messages() -> list[tuple[str, str, p.Message]]:
         ("error_unknown_code", "a code this codec does not know is carried as a number",
          p.Error(request_id=0, code=999, failed_type=0, message="")),
         ("goodbye", "either side: the sender closes", p.Goodbye(reason="shutting down")),
+        ("goodbye_code_shutdown", "GOODBYE with its code (feature GOODBYE_CODE): SHUTDOWN",
+         p.Goodbye(reason="shutting down", code=p.GoodbyeCode.SHUTDOWN)),
+        ("goodbye_code_failed_back", "H: a fail-back ended the recovery session (FB-12, LV-5)",
+         p.Goodbye(reason="volume vol0 failed back to agent a1",
+                   code=p.GoodbyeCode.FAILED_BACK)),
+        ("goodbye_code_storage_recovered", "H: the hub's storage recovered (RP-11, LV-5)",
+         p.Goodbye(reason="", code=p.GoodbyeCode.STORAGE_RECOVERED)),
+        ("goodbye_code_unknown", "a code this edition does not define: read as UNSPECIFIED",
+         p.Goodbye(reason="later", code=200)),
     ]
     return m
 
@@ -461,6 +470,10 @@ def malformed() -> list[tuple[str, str, bytes, str, str]]:
          frame(T.RREAD, request_id=1, volume=3, length=p.MAX_DATA + 1), "InvalidField"),
         ("goodbye_length_past_end", "GOODBYE reason length 10, 3 bytes follow",
          frame(T.GOODBYE, struct.pack("!H", 10) + b"bye"), "InvalidField"),
+        ("goodbye_code_short", "GOODBYE code without its 3 reserved bytes",
+         frame(T.GOODBYE, text(b"bye") + b"\x01"), "InvalidField"),
+        ("goodbye_code_reserved", "GOODBYE code with reserved bytes not zero",
+         frame(T.GOODBYE, text(b"bye") + b"\x01\x00\x01\x00"), "InvalidField"),
     ]
     out = []
     for item in v:
