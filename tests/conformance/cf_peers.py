@@ -27,8 +27,8 @@ import struct
 import threading
 import time
 
-from cf_codec import (CloseError, EXTENT_ZERO, FLAG_ZERO, HEADER_SIZE, Msg, WireError,
-                      decode_frame, header_payload_length, msg)
+from cf_codec import (CloseError, EXTENT_ZERO, FLAG_ZERO, HEADER_SIZE, TYPE_VALUES, Msg,
+                      WireError, decode_frame, header_payload_length, msg)
 
 HUB_LABEL = b"RPL1 hub proof"
 AGENT_LABEL = b"RPL1 agent proof"
@@ -85,6 +85,15 @@ class Conn:
     def send_raw(self, data: bytes) -> None:
         with self.send_lock:
             self.sock.sendall(data)
+
+    def send_frame(self, frame: Msg | bytes) -> tuple[int, int]:
+        """Send a message or a raw (possibly malformed) frame; return its
+        header's request id and type, which an ERROR answering it names."""
+        if isinstance(frame, Msg):
+            self.send(frame)
+            return frame.request_id, TYPE_VALUES[frame.type]
+        self.send_raw(frame)
+        return struct.unpack_from("!Q", frame, 8)[0], frame[5]
 
     def _fill(self, n: int, deadline: float) -> bool:
         while len(self.buf) < n:

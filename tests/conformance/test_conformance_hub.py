@@ -118,6 +118,15 @@ def full_sync(a: SpecAgent, vol: MemVolume, timeout=T) -> Msg:
     return att
 
 
+def known_volume(hub, codec, tag: str) -> MemVolume:
+    """A new volume, fully synced on a connection that is then closed."""
+    vol = MemVolume(vname(tag), SIZE, CHUNK)
+    a = connect(hub, codec)
+    full_sync(a, vol)
+    a.close()
+    return vol
+
+
 def replica_diff(hub, codec, vol: MemVolume, timeout=T) -> list:
     """Pieces where the hub's replica differs from ``vol`` (see module docstring)."""
     deadline = time.monotonic() + timeout
@@ -362,10 +371,7 @@ def test_attach_new_volumes_full_sync(hub, codec):
 
 @clause("SY-1")
 def test_attach_known_volume_plans(hub, codec):
-    vol = MemVolume(vname("known"), SIZE, CHUNK)
-    a = connect(hub, codec)
-    full_sync(a, vol)
-    a.close()
+    vol = known_volume(hub, codec, "known")
     # The table's minimum per case; a stronger plan is allowed [SY-1].
     for state, weakest in (("CLEAN", "NONE"), ("DIRTY", "DIRTY"), ("UNKNOWN", "VERIFY")):
         probe = MemVolume(vol.name, SIZE, CHUNK, generation=vol.generation)
@@ -381,10 +387,7 @@ def test_attach_known_volume_plans(hub, codec):
 
 @clause("VO-8")
 def test_attach_from_another_disk_is_refused(hub, codec):
-    vol = MemVolume(vname("disk"), SIZE, CHUNK)
-    a = connect(hub, codec)
-    full_sync(a, vol)
-    a.close()
+    vol = known_volume(hub, codec, "disk")
     other = MemVolume(vol.name, SIZE, CHUNK, generation=secrets.token_bytes(16))
     for state in ("CLEAN", "UNKNOWN"):
         a = connect(hub, codec)
@@ -601,10 +604,7 @@ def test_checkpoint_names_exact_state(hub, codec):
 
 @clause("SY-1", "SY-9", "SY-8")
 def test_dirty_plan_reads_the_dirty_extents(hub, codec):
-    vol = MemVolume(vname("dirty"), SIZE, CHUNK)
-    a = connect(hub, codec)
-    full_sync(a, vol)
-    a.close()
+    vol = known_volume(hub, codec, "dirty")
     vol.buf[3 * CHUNK:4 * CHUNK] = b"\x33" * CHUNK      # a write the hub never got
     a = connect(hub, codec)
     try:

@@ -10,6 +10,8 @@ external agent (--agent-listen) and the fakes skip these tests.
 
 from __future__ import annotations
 
+import secrets
+import shutil
 import struct
 import subprocess
 import sys
@@ -20,6 +22,7 @@ import pytest
 
 from cf_codec import CODE_NAMES, TYPE_VALUES, Msg, msg, raw_frame
 from cf_peers import SpecHub, wait_until
+from cf_targets import require_reference_agent
 
 clause = pytest.mark.clause
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,7 +46,6 @@ class RecoverRig:
     RECOVER_OPEN so a test can send frames before RECOVER_READY."""
 
     def __init__(self, codec):
-        import secrets
         self.dir = Path(tempfile.mkdtemp(prefix="cfrec", dir="/tmp"))
         self.secret = secrets.token_bytes(32)
         self.secret_file = self.dir / "secret"
@@ -87,14 +89,8 @@ class RecoverRig:
         """Send ``frame`` (a Msg or raw bytes); the agent's answer to its request id."""
         s = self.session
         before = s.frames("ERROR")
-        if isinstance(frame, Msg):
-            s.conn.send(frame)
-            req = frame.request_id
-        else:
-            s.conn.send_raw(frame)
-            req = struct.unpack_from("!Q", frame, 8)[0]
+        req, kind = s.conn.send_frame(frame)
         if req == 0:        # a message without request id: its ERROR names its type
-            kind = frame[5] if isinstance(frame, bytes) else TYPE_VALUES[frame.type]
             return s.wait_for(lambda f: isinstance(f, Msg) and f.type == "ERROR"
                               and f.request_id == 0 and int(f.failed_type) == kind
                               and f not in before, timeout, f"answer to type {kind:#x}")
@@ -107,7 +103,7 @@ class RecoverRig:
         assert self.proc.poll() is None, f"agent exited {self.proc.returncode}: {self.tail()}"
         pong = self.session.request(msg("PING", sent_ns=4242))
         assert pong.type == "PONG" and pong.echo_ns == 4242
-        import nbd
+        import nbd      # the reference's NBD client plays the recovery VM
         with nbd.NBDClient(str(self.nbd_socket), VOLUME) as c:
             assert c.read(4096, 512) == bytes(512)
 
@@ -126,13 +122,11 @@ class RecoverRig:
         if self.session is not None:
             self.session.drop()
         self.hub.close()
-        import shutil
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture
 def rig(setup, codec):
-    from cf_targets import require_reference_agent
     require_reference_agent(setup, "recovery mode is started by the suite")
     r = RecoverRig(codec)
     try:
