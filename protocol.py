@@ -38,6 +38,8 @@ Exception tree (PROTOCOL.md "Error handling")::
      |    +-- BadPayloadCRC
      |    +-- PayloadTooLarge
      |    +-- TruncatedFrame
+     |    +-- BadRequestId        a request with request_id 0 (or, at the hub, one
+     |                            already outstanding): answers could not be matched
      +-- RequestError             this request failed: answer ERROR(code), carry on
           +-- UnsupportedMessage  unknown message type (the frame is skipped)
           +-- UnsupportedFlags    a must-understand flag bit that is not defined
@@ -52,13 +54,16 @@ its own refusals (not the owner, no such volume, ...).
 
 from __future__ import annotations
 
+import calendar
 import dataclasses
+import datetime
 import enum
 import hashlib
 import hmac
 import json
 import re
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 from typing import ClassVar, Iterator
@@ -86,7 +91,8 @@ MAX_TEXT = 1024
 #: u8 type, u16 length, text; HELLO is at most 170 bytes, HELLO_REPLY 202).
 #: An unauthenticated peer can so make a receiver allocate 1031 bytes, not 32 MiB.
 MAX_HANDSHAKE_PAYLOAD = 4 + 1 + 2 + MAX_TEXT
-#: A point in time as text: "latest", a checkpoint name or an ISO 8601 stamp.
+#: A point in time as text: "latest", a checkpoint name or an RFC 3339 UTC
+#: time stamp (``parse_point_time``).
 MAX_POINT = MAX_NAME
 #: Chunk sizes (dirty tracking, checksums) are powers of two in this range.
 MIN_CHUNK = 4096
@@ -272,6 +278,12 @@ class TruncatedFrame(ProtocolError):
     pass
 
 
+class BadRequestId(ProtocolError):
+    """A request whose request_id is 0, or equal to one of the same peer's
+    requests still outstanding (PROTOCOL.md [RP-12]): its answer could not be
+    matched to it, so no ACK of this connection could be trusted."""
+
+
 class RequestError(ReplicationError):
     """This request failed: answer ERROR(code) to its request id and go on."""
 
@@ -301,7 +313,7 @@ class OutOfRange(RequestError):
 ERROR_CLASSES: dict[str, type[ReplicationError]] = {
     cls.__name__: cls for cls in (
         ReplicationError, ProtocolError, BadMagic, BadVersion, BadHeaderCRC,
-        BadPayloadCRC, PayloadTooLarge, TruncatedFrame, RequestError,
+        BadPayloadCRC, PayloadTooLarge, TruncatedFrame, BadRequestId, RequestError,
         UnsupportedMessage, UnsupportedFlags, InvalidField, OutOfRange)
 }
 
@@ -429,6 +441,38 @@ def validate_name(name: str, what: str = "name") -> str:
 
 
 _ZERO_PIECE = bytes(1024 * 1024)
+
+
+#: The one time stamp grammar of a point (PROTOCOL.md [RC-8]): RFC 3339 in UTC,
+#: upper-case ``T`` and ``Z``, 0 to 9 fraction digits.
+POINT_TIME = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?Z")
+
+
+def parse_point_time(point: str) -> int | None:
+    """A point's time stamp in ns since the Unix epoch, or None if ``point``
+    is not written as one (``latest`` and checkpoint names never are: a
+    name has no ``:``).  Raises ``ValueError`` for a stamp with the grammar's
+    shape and an impossible date or time (month 13, 24:00, Feb 30, a leap
+    second, a year before 1970).  The time is exact: missing fraction digits
+    are zeroes."""
+    m = POINT_TIME.fullmatch(point)
+    if m is None:
+        return None
+    try:
+        when = datetime.datetime(*(int(g) for g in m.groups()[:6]))
+    except ValueError as err:
+        raise ValueError(f"{point!r} is not a time: {err}") from None
+    if when.year < 1970:
+        raise ValueError(f"{point!r} is before 1970-01-01T00:00:00Z")
+    fraction = int((m.group(7) or "").ljust(9, "0"))
+    return calendar.timegm(when.timetuple()) * 1_000_000_000 + fraction
+
+
+def format_point_time(ns: int) -> str:
+    """``ns`` since the epoch as a point time stamp with all 9 fraction digits,
+    so that ``parse_point_time`` gives ``ns`` back exactly."""
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{fraction:09d}Z"
 
 
 def is_zero(data) -> bool:
@@ -1490,6 +1534,64 @@ NEVER_ANSWERED = frozenset({MsgType.ERROR, MsgType.ACK, MsgType.PONG, MsgType.SY
                             MsgType.GOODBYE})
 
 
+#: Requests: the messages that get an answer, and so carry a non-zero
+#: request_id unique among their sender's outstanding ones (PROTOCOL.md [RP-7]).
+REQUESTS = frozenset({
+    MsgType.ATTACH, MsgType.DETACH, MsgType.WRITE, MsgType.ZERO, MsgType.FLUSH,
+    MsgType.READ, MsgType.DIRTY_QUERY, MsgType.CHECKSUM_QUERY, MsgType.EXTENT_QUERY,
+    MsgType.CHECKPOINT, MsgType.RECOVER_OPEN, MsgType.RREAD, MsgType.RWRITE,
+    MsgType.RFLUSH, MsgType.RECOVER_CLOSE, MsgType.PING, MsgType.FAILBACK_BEGIN,
+    MsgType.PUT, MsgType.FAILBACK_END})
+#: The answers a side sends to its peer's requests (besides ERROR, which
+#: also answers bad answers: look at its ``failed_type``).
+ANSWERS = frozenset({
+    MsgType.ATTACHED, MsgType.ACK, MsgType.READ_REPLY, MsgType.DIRTY_MAP,
+    MsgType.CHECKSUMS, MsgType.EXTENTS, MsgType.RECOVER_READY, MsgType.RREAD_REPLY,
+    MsgType.PONG})
+#: Messages that exist only on a connection whose handshake granted a feature
+#: (PROTOCOL.md "Baseline", [VN-6]).
+FEATURE_OF = {
+    MsgType.EXTENT_QUERY: Feature.EXTENTS, MsgType.EXTENTS: Feature.EXTENTS,
+    MsgType.FAILBACK_BEGIN: Feature.FAILBACK, MsgType.PUT: Feature.FAILBACK,
+    MsgType.FAILBACK_END: Feature.FAILBACK}
+
+
+class Side(enum.Enum):
+    """Which end of a connection receives (PROTOCOL.md "Directions")."""
+
+    AGENT = "agent"
+    HUB = "hub"
+
+
+def check_legal(msg_type: int, receiver: Side, features: int) -> None:
+    """May ``receiver`` take a frame of this known type after AUTH_OK?
+
+    The direction and phase step of PROTOCOL.md's check order, which comes
+    right after the type and before everything else in the frame: a HELLO
+    or AUTH at the hub is ``BAD_PHASE`` [HS-13]; a type its receiver never
+    takes (the wrong direction, HELLO_REPLY or AUTH_OK at the agent) [ER-5],
+    or one of a feature the handshake did not grant [VN-6], is ``UNSUPPORTED``.
+    Raises ``RequestError``; [ER-3] still decides whether it is answered.
+    """
+    if receiver is Side.HUB and msg_type in (MsgType.HELLO, MsgType.AUTH):
+        raise RequestError(f"{MsgType(msg_type).name} after AUTH_OK",
+                           code=ErrorCode.BAD_PHASE)
+    takes = AGENT_TO_HUB if receiver is Side.HUB else HUB_TO_AGENT
+    if msg_type in (MsgType.HELLO, MsgType.AUTH, MsgType.HELLO_REPLY, MsgType.AUTH_OK) \
+            or (msg_type not in takes and msg_type not in BOTH_WAYS):
+        raise UnsupportedMessage(f"{MsgType(msg_type).name} is not a message the "
+                                 f"{receiver.value} takes after AUTH_OK")
+    feature = FEATURE_OF.get(msg_type)
+    if feature is not None and not features & feature:
+        raise UnsupportedMessage(f"{MsgType(msg_type).name} needs feature {feature.name}, "
+                                 "which this connection's handshake did not grant")
+
+
+def legality(receiver: Side, features: int):
+    """The ``legal`` argument of ``decode_body`` for an established connection."""
+    return lambda msg_type: check_legal(msg_type, receiver, features)
+
+
 def may_answer_with_error(err: RequestError) -> bool:
     """False for a bad frame that [ER-3] forbids answering: one of
     NEVER_ANSWERED, or an unsolicited DIRTY_MAP (request_id 0)."""
@@ -1501,15 +1603,20 @@ def may_answer_with_error(err: RequestError) -> bool:
 # Decoding
 
 
-def decode_body(header: Header, payload: bytes | bytearray | memoryview) -> Message:
+def decode_body(header: Header, payload: bytes | bytearray | memoryview,
+                legal=None) -> Message:
     """Build the message for a parsed header and its payload (no data copy).
 
     Checks, in PROTOCOL.md's order: payload CRC [FR-6] (``BadPayloadCRC``:
-    close), then type [FR-16], must-understand flags [FR-13], unused header
-    fields [FR-7], offset + length [FR-8] and the payload layout [FR-9..12]
-    (a ``RequestError`` carrying the frame's request_id and type, so the
-    caller can answer ERROR and go on).  A WRITE's ``data`` is a memoryview
-    of ``payload``: keep that buffer alive and unmodified while you use it.
+    close), then type [FR-16], then ``legal(type)`` if given (direction and
+    phase: ``legality``), must-understand flags [FR-13], unused header fields
+    [FR-7], a request's non-zero request_id [RP-12] (``BadRequestId``: close),
+    offset + length [FR-8] and the payload layout [FR-9..12] (a
+    ``RequestError`` carrying the frame's request_id and type, so the caller
+    can answer ERROR and go on).  Without ``legal`` the checks are those of a
+    frame its receiver takes (the vectors' "established" phase).  A WRITE's
+    ``data`` is a memoryview of ``payload``: keep that buffer alive and
+    unmodified while you use it.
     """
     payload = memoryview(payload)
     if len(payload) != header.payload_length:
@@ -1524,6 +1631,8 @@ def decode_body(header: Header, payload: bytes | bytearray | memoryview) -> Mess
     try:
         if cls is None:
             raise UnsupportedMessage(f"unknown message type 0x{header.type:02x}")
+        if legal is not None:
+            legal(header.type)
         unknown = header.flags & MUST_UNDERSTAND_FLAGS & ~cls.FLAGS
         if unknown:
             raise UnsupportedFlags(f"{cls.TYPE.name} has unknown must-understand "
@@ -1535,6 +1644,9 @@ def decode_body(header: Header, payload: bytes | bytearray | memoryview) -> Mess
         if "request_id" not in cls.HEADER_FIELDS and header.request_id:
             raise InvalidField(f"{cls.TYPE.name} header field request_id is "
                                f"{header.request_id}, expected 0")
+        if cls.TYPE in REQUESTS and not header.request_id:
+            raise BadRequestId(f"{cls.TYPE.name} is a request and has request_id 0 "
+                               "(a request id is never 0)")
         if header.offset + header.length > MAX_VOLUME_SIZE:
             # No volume is larger, so such a range is wrong for every volume;
             # rejecting it here also keeps offset + length inside 63 bits.
@@ -1775,13 +1887,14 @@ def recv_exactly_into(sock, view: memoryview) -> int:
 
 
 def recv_message(sock, header_buf: bytearray | None = None,
-                 handshake: bool = False) -> Message | None:
+                 handshake: bool = False, legal=None) -> Message | None:
     """Read one frame from a blocking socket and decode it.
 
     Returns None on a clean end of stream at a frame boundary.  The payload
     is read with ``recv_into`` straight into its own buffer, which the
     message keeps (no copy).  Raises as ``decode_body``; with ``handshake``
-    (before AUTH_OK) also ``PayloadTooLarge`` past MAX_HANDSHAKE_PAYLOAD.
+    (before AUTH_OK) also ``PayloadTooLarge`` past MAX_HANDSHAKE_PAYLOAD;
+    ``legal`` is ``decode_body``'s (``legality``, after AUTH_OK).
     """
     header_buf = header_buf if header_buf is not None else bytearray(HEADER_SIZE)
     got = recv_exactly_into(sock, memoryview(header_buf))
@@ -1798,7 +1911,7 @@ def recv_message(sock, header_buf: bytearray | None = None,
     if got < header.payload_length:
         raise TruncatedFrame(f"connection closed inside a payload ({got} of "
                              f"{header.payload_length} bytes)")
-    return decode_body(header, payload)
+    return decode_body(header, payload, legal)
 
 
 def send_message(sock, msg: Message) -> None:

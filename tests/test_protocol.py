@@ -123,6 +123,9 @@ def test_whole_corpus_as_one_stream_in_odd_chunks():
     assert [m.fields() for m in got] == [v["fields"] for v in VALID]
 
 
+HANDSHAKE_TYPES = {p.MsgType.HELLO, p.MsgType.HELLO_REPLY, p.MsgType.AUTH, p.MsgType.AUTH_OK}
+
+
 @pytest.mark.parametrize("v", MALFORMED, ids=ids(MALFORMED))
 def test_malformed_frame_raises_the_named_error(v):
     with pytest.raises(p.ReplicationError) as info:
@@ -130,10 +133,15 @@ def test_malformed_frame_raises_the_named_error(v):
     err = info.value
     assert type(err).__name__ == v["error"]
     assert err.code.name == v["code"]
-    assert isinstance(err, p.ProtocolError) == (v["action"] == "close")
+    # The codec is context-free: in the handshake every error closes [HS-12].
+    assert isinstance(err, p.ProtocolError) == (v["action"] == "close"
+                                                and v["phase"] != "handshake")
     if v["action"] != "close":  # "drop": [ER-3] forbids an ERROR answer
         assert p.may_answer_with_error(err) == (v["action"] == "answer")
-    assert err.request_id == v["request_id"]
+        assert err.request_id == v["request_id"]
+    assert v["phase"] == ("any" if v["code"] == "PROTOCOL" and v["error"] != "BadRequestId"
+                          else "handshake" if v["bytes"][5] in HANDSHAKE_TYPES
+                          else "established")
     assert str(err)  # every error says what was wrong
 
 
@@ -154,14 +162,15 @@ def test_decoder_on_malformed_stream_closes_or_goes_on(v):
     if expected is p.TruncatedFrame:
         return  # the stream has ended: nothing follows
     dec.feed(ack)
-    if v["action"] == "close":
+    if isinstance(info.value, p.ProtocolError):
         with pytest.raises(expected):
             dec.next_message()
     else:
         assert dec.next_message() == p.Ack(request_id=42)
         err = p.Error.from_exception(info.value)
         assert err.code == p.ErrorCode[v["code"]]
-        assert err.request_id == v["request_id"]
+        assert err.request_id == (v["request_id"] if v["phase"] != "handshake"
+                                  else info.value.request_id)
         assert p.decode(p.encode(err)).fields() == err.fields()
 
 
@@ -320,7 +329,7 @@ def _range(rng, max_len=None):
 
 def _data_msg(cls, rng, zero_flag=False):
     offset, _ = _range(rng, 1 << 20)
-    common = dict(request_id=_u(rng, 64), volume=_u(rng, 32), offset=offset,
+    common = dict(request_id=_u(rng, 64) or 1, volume=_u(rng, 32), offset=offset,
                   flags=rng.choice([0, 0x100, 0x8000]))
     if zero_flag and rng.random() < 0.3:
         return cls(length=rng.randint(1, p.MAX_DATA), **{**common, "flags": common["flags"] | p.FLAG_ZERO})
@@ -329,6 +338,8 @@ def _data_msg(cls, rng, zero_flag=False):
 
 def random_message(rng: random.Random, t: p.MsgType) -> p.Message:
     req, vol = _u(rng, 64), _u(rng, 32)
+    if t in p.REQUESTS:
+        req = req or 1   # a request's id is never 0 [RP-12]
     if t == p.MsgType.HELLO:
         lo = rng.randint(0, 255)
         return p.Hello(min_version=lo, max_version=rng.randint(lo, 255),
@@ -455,6 +466,8 @@ def test_payload_fuzz_behind_a_valid_header_stays_in_the_error_tree():
         payload = rng.randbytes(rng.choice([0, 1, 4, 8, 16, 40, 44, 80]))
         cls = p.message_class(t)
         kw = {f: rng.choice([0, 1, 4096]) for f in cls.HEADER_FIELDS}
+        if t in p.REQUESTS:
+            kw["request_id"] = rng.choice([1, 4096])
         body = p.encode_header(t, 0, kw.get("request_id", 0), kw.get("volume", 0),
                                len(payload), kw.get("offset", 0), kw.get("length", 0),
                                zlib.crc32(payload))

@@ -71,6 +71,9 @@ def valid_messages() -> list[tuple[str, str, p.Message]]:
          p.Write(request_id=12, volume=7, offset=p.MAX_VOLUME_SIZE - 1, data=b"\x02")),
         ("zero", "A: write 1 MiB of zeroes", p.Zero(request_id=13, volume=7,
                                                      offset=1 << 20, length=1 << 20)),
+        ("zero_large", "A: ZERO of 64 MiB: a ZERO's length is bounded by the volume's "
+         "size only, not by MAX_DATA [RP-9]",
+         p.Zero(request_id=14, volume=7, offset=1 << 30, length=64 << 20)),
         ("ack", "H: request 13 is durable", p.Ack(request_id=13)),
         ("flush", "A: barrier", p.Flush(request_id=14)),
         ("read", "H: read 64 KiB at offset 0", p.Read(request_id=1, volume=7,
@@ -89,6 +92,9 @@ def valid_messages() -> list[tuple[str, str, p.Message]]:
          "it could not stream", p.DirtyMap(request_id=0, volume=7,
                                            extents=[(196608, 65536)])),
         ("dirty_map_empty", "A: nothing pending", p.DirtyMap(request_id=5, volume=7)),
+        ("dirty_map_touching", "A: two extents that touch (the first ends where the "
+         "second begins): allowed, an agent need not merge them [SY-7]",
+         p.DirtyMap(request_id=6, volume=7, extents=[(0, 65536), (65536, 65536)])),
         ("checksum_query", "H: SHA-256 of 64 KiB pieces of a 100 KiB range",
          p.ChecksumQuery(request_id=6, volume=7, offset=0, length=102400,
                          chunk_size=65536)),
@@ -236,10 +242,18 @@ def malformed() -> list[tuple[str, str, bytes, str, str]]:
          "is not defined", frame(T.WRITE, DATA, flags=1 << 1, request_id=1, volume=7,
                                  offset=0, length=len(DATA)), "UnsupportedFlags"),
         ("flag_zero_on_write", "FLAG_ZERO is defined for READ_REPLY, RREAD_REPLY, "
-         "RWRITE only", frame(T.WRITE, flags=p.FLAG_ZERO, request_id=1, volume=7,
+         "RWRITE and PUT only", frame(T.WRITE, flags=p.FLAG_ZERO, request_id=1, volume=7,
                               length=4096), "UnsupportedFlags"),
         ("request_id_unused", "HELLO does not use request_id; it is 5",
          frame(T.HELLO, HELLO_FIXED + text(b"agent-1"), request_id=5), "InvalidField"),
+        ("request_id_unused_goodbye", "GOODBYE does not use request_id; it is 5 "
+         "(never answered [ER-3])",
+         frame(T.GOODBYE, text(b"bye"), request_id=5), "InvalidField"),
+        ("request_id_zero_write", "a WRITE (a request) with request_id 0: its ACK could "
+         "not be matched to it [RP-12]",
+         frame(T.WRITE, DATA, volume=7, offset=4096, length=len(DATA)), "BadRequestId"),
+        ("request_id_zero_ping", "a PING with request_id 0 [RP-12]",
+         frame(T.PING, struct.pack("!Q", 1)), "BadRequestId"),
         ("volume_unused", "ACK does not use volume; it is 7",
          frame(T.ACK, request_id=1, volume=7), "InvalidField"),
         ("offset_unused", "PING does not use offset; it is 4096",
@@ -267,6 +281,10 @@ def malformed() -> list[tuple[str, str, bytes, str, str]]:
          "InvalidField"),
         ("read_too_long", "READ of MAX_DATA + 1 bytes",
          frame(T.READ, request_id=1, volume=7, length=p.MAX_DATA + 1), "InvalidField"),
+        ("read_reply_zero_too_long", "READ_REPLY flag ZERO of MAX_DATA + 1 bytes: "
+         "FLAG_ZERO frames are bounded as their data would be [RP-9]",
+         frame(T.READ_REPLY, flags=p.FLAG_ZERO, request_id=1, volume=7,
+               length=p.MAX_DATA + 1), "InvalidField"),
         ("read_reply_zero_with_payload", "READ_REPLY flag ZERO carrying data",
          frame(T.READ_REPLY, DATA, flags=p.FLAG_ZERO, request_id=1, volume=7,
                length=len(DATA)), "InvalidField"),
@@ -315,6 +333,13 @@ def malformed() -> list[tuple[str, str, bytes, str, str]]:
         ("attach_name_dotdot", "ATTACH name '..'",
          frame(T.ATTACH, ATTACH_FIXED + text(b".."), request_id=1),
          "InvalidField", "BAD_NAME"),
+        ("attach_name_too_long", "ATTACH name of MAX_NAME + 1 bytes: a string over "
+         "its limit is INVALID [FR-10], checked before the name's pattern",
+         frame(T.ATTACH, ATTACH_FIXED + text(b"d" * (p.MAX_NAME + 1)), request_id=1),
+         "InvalidField"),
+        ("attach_name_empty", "ATTACH name is empty: not a name [FR-11]",
+         frame(T.ATTACH, ATTACH_FIXED + text(b""), request_id=1), "InvalidField",
+         "BAD_NAME"),
         ("attach_name_not_utf8", "ATTACH name is not UTF-8",
          frame(T.ATTACH, ATTACH_FIXED + text(b"disk\xe2\x82"), request_id=1),
          "InvalidField"),
@@ -433,6 +458,9 @@ def malformed() -> list[tuple[str, str, bytes, str, str]]:
         ("rwrite_zero_too_long", "RWRITE flag ZERO of MAX_DATA + 1 bytes",
          frame(T.RWRITE, flags=p.FLAG_ZERO, request_id=1, volume=3,
                length=p.MAX_DATA + 1), "InvalidField"),
+        ("rread_reply_zero_too_long", "RREAD_REPLY flag ZERO of MAX_DATA + 1 bytes [RP-9]",
+         frame(T.RREAD_REPLY, flags=p.FLAG_ZERO, request_id=1, volume=3,
+               length=p.MAX_DATA + 1), "InvalidField"),
         ("rflush_trailing", "RFLUSH with a payload",
          frame(T.RFLUSH, b"\x00", request_id=1, volume=3), "InvalidField"),
         ("recover_close_trailing", "RECOVER_CLOSE with a payload",
@@ -441,6 +469,9 @@ def malformed() -> list[tuple[str, str, bytes, str, str]]:
          frame(T.PUT, DATA, request_id=1, volume=7, length=4096), "InvalidField"),
         ("put_zero_with_data", "PUT flag ZERO with 44 bytes of payload",
          frame(T.PUT, DATA, flags=p.FLAG_ZERO, request_id=1, volume=7, length=44),
+         "InvalidField"),
+        ("put_zero_too_long", "PUT flag ZERO of MAX_DATA + 1 bytes [RP-9]",
+         frame(T.PUT, flags=p.FLAG_ZERO, request_id=1, volume=7, length=p.MAX_DATA + 1),
          "InvalidField"),
         ("failback_begin_trailing", "FAILBACK_BEGIN with a payload",
          frame(T.FAILBACK_BEGIN, b"\x00", request_id=1, volume=7), "InvalidField"),
@@ -513,13 +544,27 @@ def error_vector(name: str, desc: str, raw: bytes, error: str, code: str) -> dic
                              f"({err}), expected {error}/{code}")
     else:
         raise SystemExit(f"vector {name}: decoded, expected {error}")
-    if isinstance(raised, p.ProtocolError):
-        action = "close"
+    phase = vector_phase(raw, raised)
+    if isinstance(raised, p.ProtocolError) or phase == "handshake":
+        action, request_id = "close", 0     # [ER-1]; in the handshake [HS-12]
     else:  # a request error: answered with ERROR unless [ER-3] forbids it
         action = "answer" if p.may_answer_with_error(raised) else "drop"
-    return {"name": name, "description": desc, "error": error, "code": code,
-            "action": action,
-            "request_id": request_id, "hex": raw.hex()}
+    return {"name": name, "description": desc, "phase": phase, "error": error,
+            "code": code, "action": action, "request_id": request_id, "hex": raw.hex()}
+
+
+#: Errors found in the header, before the frame's type is looked at.
+HEADER_ERRORS = (p.BadMagic, p.BadVersion, p.BadHeaderCRC, p.PayloadTooLarge,
+                 p.TruncatedFrame, p.BadPayloadCRC)
+
+
+def vector_phase(raw: bytes, raised: p.ReplicationError) -> str:
+    """Where the vector's outcome holds (tests/vectors/README.md "phase")."""
+    if isinstance(raised, HEADER_ERRORS):
+        return "any"
+    if raw[5] in (T.HELLO, T.HELLO_REPLY, T.AUTH, T.AUTH_OK):
+        return "handshake"
+    return "established"
 
 
 def documents() -> dict[str, dict]:
