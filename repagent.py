@@ -1286,6 +1286,7 @@ class HubConnection:
                  features: p.Feature = p.Feature.NONE):
         self.agent, self.sock, self.peer, self.hub_id = agent, sock, peer, hub_id
         self.features = features        # granted in HELLO_REPLY
+        self.legal = p.legality(p.Side.AGENT, features)   # what the agent takes (ER-5, VN-6)
         self.queue: collections.deque = collections.deque()
         self.queued_bytes = 0
         self.cond = threading.Condition(agent.lock)
@@ -1360,7 +1361,7 @@ class HubConnection:
         try:
             while not self.closed.is_set():
                 try:
-                    msg = p.recv_message(self.sock, header_buf)
+                    msg = p.recv_message(self.sock, header_buf, legal=self.legal)
                 except p.RequestError as err:
                     log.warning("hub %s sent a bad frame: %s", self.peer, err)
                     self.agent.count_error("bad_frame")
@@ -1374,10 +1375,8 @@ class HubConnection:
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("<-- %s", msg.describe())
                 handler = getattr(self.agent, f"on_{msg.TYPE.name}", None)
-                if handler is None:
-                    self.agent.send_error(self, p.Error(
-                        request_id=msg.request_id, code=p.ErrorCode.UNSUPPORTED,
-                        failed_type=msg.TYPE, message=f"agent does not accept {msg.TYPE.name}"))
+                if handler is None:   # RECOVER_READY, RREAD_REPLY: no such request here
+                    self.agent.send_error(self, unasked(msg))
                     continue
                 handler(self, msg)
         except p.ProtocolError as err:
@@ -1740,7 +1739,10 @@ class Agent:
         with self.lock:
             kind, vol = self.requests.pop(msg.request_id, (None, None))
             if kind != "ATTACH" or conn is not self.conn:
-                log.warning("ATTACHED for unknown request %d ignored", msg.request_id)
+                log.warning("ATTACHED for unknown request %d: answered ERROR(INVALID)",
+                            msg.request_id)
+                if conn is self.conn:
+                    self._enqueue(conn, unasked(msg))
                 return
             vol.volume_id = msg.volume
             vol.plan = msg.plan
@@ -2904,7 +2906,6 @@ RECOVERY_RECEIVES = frozenset({
 RECOVERY_NO_VOLUME = frozenset({
     p.MsgType.READ, p.MsgType.DIRTY_QUERY, p.MsgType.CHECKSUM_QUERY, p.MsgType.EXTENT_QUERY,
     p.MsgType.FAILBACK_BEGIN, p.MsgType.PUT, p.MsgType.FAILBACK_END})
-RECOVERY_STRAY_ANSWERS = frozenset({p.MsgType.ATTACHED, p.MsgType.SYNCED})
 #: The hub's answers to the recovery client's requests.
 ANSWER_TYPES = frozenset({p.MsgType.RECOVER_READY, p.MsgType.RREAD_REPLY, p.MsgType.ACK,
                           p.MsgType.ERROR})
@@ -3021,12 +3022,16 @@ class RecoveryClient:
         protect mode: an unknown type, an undefined flag, a non-zero unused
         field or a malformed payload gets ERROR with the frame's request id
         and type (FR-16, FR-13, FR-7, ER-2; never for the types ER-3 lists),
-        and a known type a hub does not send on a recovery connection gets
-        ERROR(UNSUPPORTED) (ER-5), a volume request ERROR(NO_SUCH_VOLUME)
-        (VO-6).  A ProtocolError (framing lost) propagates: the caller closes."""
+        a type the agent never takes (the wrong direction, a feature not
+        granted) ERROR(UNSUPPORTED) before anything else in it is looked at
+        (ER-5, VN-6), a known type a hub does not send on a recovery connection
+        ERROR(UNSUPPORTED) too, a volume request ERROR(NO_SUCH_VOLUME) (VO-6)
+        and an ATTACHED ERROR(INVALID) (ER-7).  A ProtocolError (framing lost,
+        a request id 0) propagates: the caller closes."""
+        legal = p.legality(p.Side.AGENT, self.features)
         while True:
             try:
-                msg = p.recv_message(self.sock)
+                msg = p.recv_message(self.sock, legal=legal)
             except p.RequestError as err:
                 log.warning("hub sent a bad frame: %s", err)
                 if p.may_answer_with_error(err):
@@ -3039,8 +3044,13 @@ class RecoveryClient:
                 log.debug("<-- %s", msg.describe())
             if msg.TYPE in RECOVERY_RECEIVES:
                 return msg
-            if msg.TYPE in RECOVERY_STRAY_ANSWERS:
+            if msg.TYPE is p.MsgType.SYNCED:   # never answered (ER-3)
                 log.warning("hub sent %s on a recovery connection; ignored", msg.describe())
+                continue
+            if msg.TYPE is p.MsgType.ATTACHED:   # no ATTACH is ever sent here (ER-7)
+                log.warning("hub sent %s on a recovery connection; answered ERROR(INVALID)",
+                            msg.describe())
+                self._send(unasked(msg))
                 continue
             if msg.TYPE in RECOVERY_NO_VOLUME:
                 code, text = (p.ErrorCode.NO_SUCH_VOLUME,
@@ -3089,8 +3099,11 @@ class RecoveryClient:
 
     def on_RREAD_REPLY(self, msg: p.RReadReply) -> None:
         item = self._answer(msg.request_id)
-        if item is not None:
-            item[1](0, bytes(item[2]) if msg.is_zero else msg.data)
+        if item is None:   # answers no RREAD of ours (ER-7)
+            log.warning("unexpected %s: answered ERROR(INVALID)", msg.describe())
+            self._send(unasked(msg))
+            return
+        item[1](0, bytes(item[2]) if msg.is_zero else msg.data)
 
     def on_ACK(self, msg: p.Ack) -> None:
         item = self._answer(msg.request_id)
@@ -3110,9 +3123,10 @@ class RecoveryClient:
                           responder_ns=time.time_ns()))
 
     def on_RECOVER_READY(self, msg: p.RecoverReady) -> None:
-        """A second RECOVER_READY answers no open of this connection: ignored
-        (it is an answer, and the session already has its id)."""
-        log.warning("unexpected %s; ignored", msg.describe())
+        """A second RECOVER_READY answers no open of this connection (ER-7): the
+        session keeps its id, and the hub hears that the answer was not asked."""
+        log.warning("unexpected %s: answered ERROR(INVALID)", msg.describe())
+        self._send(unasked(msg))
 
     def on_PONG(self, msg: p.Pong) -> None:
         pass
@@ -3408,6 +3422,29 @@ def parse_hostport(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def unasked(msg: p.Message) -> p.Error:
+    """The ERROR for an answer to no request of ours outstanding (PROTOCOL.md
+    ER-7): it is not acted on, and the hub hears why."""
+    return p.Error(request_id=msg.request_id, code=p.ErrorCode.INVALID, failed_type=msg.TYPE,
+                   message=f"{msg.TYPE.name} req={msg.request_id} answers no outstanding "
+                           "request of the agent")
+
+
+def parse_point(text: str) -> str:
+    """``--at``: ``latest``, a checkpoint name or an RFC 3339 UTC time, the one
+    grammar the hub takes (PROTOCOL.md RC-8), checked before connecting."""
+    try:
+        if text == "latest" or p.parse_point_time(text) is not None:
+            return text
+        return p.validate_name(text, "checkpoint name")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--at: {err}") from None
+    except p.InvalidField as err:
+        raise argparse.ArgumentTypeError(
+            f"--at {text!r} is not 'latest', a checkpoint name or an RFC 3339 UTC time "
+            f"such as 2026-11-25T18:00:00Z ({err})") from None
+
+
 def parse_node(text: str) -> tuple[str, str]:
     node, sep, volume = text.partition("=")
     if not sep or not node or not volume:
@@ -3507,7 +3544,8 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--agent-id", required=True)
     rc.add_argument("--secret-file", required=True)
     rc.add_argument("--volume", required=True, help="hub volume name")
-    rc.add_argument("--at", required=True, help="latest | checkpoint name | ISO 8601 time")
+    rc.add_argument("--at", required=True, type=parse_point,
+                    help="latest | checkpoint name | RFC 3339 UTC time (2026-11-25T18:00:00Z)")
     how = rc.add_mutually_exclusive_group(required=True)
     how.add_argument("--test", action="store_true",
                      help="fail-over test: writes go to a scratch overlay at the hub")

@@ -55,7 +55,7 @@ Points in time (for recovery)
     Every record carries a global ``seq`` and a wall-clock ``time_ns``.  A
     point is a seq: the state of every volume right after that record.  It is
     named ``latest``, by a checkpoint (a CHECKPOINT record of the volume's
-    agent), or by an ISO 8601 time (the newest record not after it).  The
+    agent), or by an RFC 3339 UTC time (the newest record not after it).  The
     window is bounded by ``--journal-retention`` and ``--journal-max-bytes``:
     applied journal segments older than that are dropped, and with them the
     undo records no point in the window needs.
@@ -277,7 +277,8 @@ FAILBACK_DIR = "failback-{n}"
 LATE_WRITES_IMAGE = "late-writes.img"
 LATE_WRITES_JSON = "late-writes.json"
 
-EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+#: How a point's time is written (PROTOCOL.md RC-8), for help texts and errors.
+POINT_EXAMPLE = "2026-11-25T18:00:00Z"
 CONTROL_SOCKET = "control.sock"
 LOCK_FILE = "lock"
 QUARANTINE_DIR = "quarantine"
@@ -570,10 +571,11 @@ def fmt_bytes(n: float) -> str:
 
 
 def fmt_time_ns(ns: int | None) -> str:
+    """A time as points are named by (RFC 3339 UTC, to the ns): what status and
+    points show can be given back to ``--at`` and means exactly that instant."""
     if not ns:
         return "-"
-    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.timezone.utc).isoformat(
-        timespec="milliseconds")
+    return p.format_point_time(ns)
 
 
 # ---------------------------------------------------------------------------
@@ -1876,7 +1878,8 @@ class VolumeStore:
                     promotions=promos)
 
     def resolve_point(self, vol: Volume, point: str, set_aside: bool = False) -> tuple[int, int]:
-        """(seq, time_ns) of a point: "latest", a checkpoint name, or ISO 8601 time.
+        """(seq, time_ns) of a point: "latest", a checkpoint name, or an RFC 3339
+        UTC time (``protocol.parse_point_time``: the newest record not after it).
 
         Refuses points outside the window, before the first full sync, inside a
         resync (not crash-consistent), and checkpoints set aside by a promotion
@@ -1907,14 +1910,13 @@ class VolumeStore:
                 seq, named = cps[-1][0], True
             else:
                 try:
-                    when = datetime.datetime.fromisoformat(point)
+                    t_ns = p.parse_point_time(point)   # RC-8: the one grammar
                 except ValueError as err:
+                    raise PointError(f"point {err}") from None
+                if t_ns is None:
                     raise PointError(f"point {point!r} is not 'latest', a checkpoint of "
-                                     f"agent {vol.owner} in the window, or an ISO 8601 "
-                                     "time") from err
-                if when.tzinfo is None:
-                    when = when.astimezone()
-                t_ns = (when - EPOCH) // datetime.timedelta(microseconds=1) * 1000 + 999
+                                     f"agent {vol.owner} in the window, or an RFC 3339 UTC "
+                                     f"time such as {POINT_EXAMPLE}")
                 with j.lock:
                     times = [r.time_ns for r in j.records]
                     i = bisect.bisect_right(times, t_ns)
@@ -2559,7 +2561,8 @@ class AgentConnection:
         self.header_buf = bytearray(p.HEADER_SIZE)
         self.volumes: dict[int, Volume] = {}
         self.hub_requests: dict[int, SyncJob | Failback] = {}  # our requests' owners
-        self.features = p.Feature.NONE    # granted in HELLO_REPLY
+        self.outstanding: set[int] = set()  # the agent's requests not answered yet (RP-12)
+        self.legal = None                 # after HELLO_REPLY: what the hub takes (check_legal)
         self.demoted: dict[int, p.Attach] = {}  # volume id -> its DEMOTED ATTACH
         self.refused_identity: set[str] = set()  # volumes refused for their disk (VO-8)
         self.goodbye_sent = False
@@ -2596,13 +2599,29 @@ class AgentConnection:
             return next(self.req_ids)
 
     def send(self, msg: p.Message) -> None:
-        """Send one message under the send lock (any thread)."""
+        """Send one message under the send lock (any thread).  An answer to one
+        of the agent's requests frees its request id before it leaves: the
+        agent may use the id again once it has the answer (RP-12)."""
         if log.isEnabledFor(logging.DEBUG):
             log.debug("<-- %s to %s", msg.describe(), self.peer)
+        if msg.TYPE in p.ANSWERS or (msg.TYPE is p.MsgType.ERROR
+                                     and msg.failed_type in p.REQUESTS):
+            self.outstanding.discard(msg.request_id)
         with self.send_lock:
             if self.sock is None or self.goodbye_sent:
                 raise ConnectionClosed("connection closed")
             p.send_message(self.sock, msg)
+
+    def track_request(self, msg: p.Message) -> None:
+        """Recv loop: note a request of the agent until its answer is sent.  One
+        whose id is still outstanding is a protocol error (RP-12): its ACK could
+        be taken for the earlier request's, and an ACK decides what the agent
+        may forget."""
+        if msg.request_id in self.outstanding:
+            raise p.BadRequestId(f"{msg.TYPE.name} req={msg.request_id}: an earlier request "
+                                 "with that id is not answered yet (request ids must be "
+                                 "unique among the outstanding ones)")
+        self.outstanding.add(msg.request_id)
 
     def send_error(self, err: p.ReplicationError) -> None:
         try:
@@ -2709,7 +2728,7 @@ class AgentConnection:
         if got < header.payload_length:
             raise p.TruncatedFrame(f"connection closed inside a payload ({got} of "
                                    f"{header.payload_length} bytes)")
-        msg = p.decode_body(header, payload)
+        msg = p.decode_body(header, payload, None if handshake else self.legal)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("--> %s from %s", msg.describe(), self.peer)
         return header, msg
@@ -2790,6 +2809,7 @@ class AgentConnection:
         hub_id = self.store.hub_id
         # VN-3: grant what was offered and is implemented; unknown bits are ignored.
         self.features = p.Feature(hello.features & HUB_FEATURES)
+        self.legal = p.legality(p.Side.HUB, self.features)
         self.send(p.HelloReply(version=p.VERSION, features=self.features, nonce=nonce,
                                hub_id=hub_id,
                                proof=p.hub_proof(secret, hello.nonce, nonce,
@@ -2856,10 +2876,9 @@ class AgentConnection:
                 if item is None:
                     return
                 header, msg = item
-                handler = HANDLERS.get(msg.TYPE)
-                if handler is None:
-                    raise p.RequestError(f"{msg.TYPE.name} is not accepted by the hub",
-                                         code=p.ErrorCode.UNSUPPORTED)
+                if msg.TYPE in p.REQUESTS:
+                    self.track_request(msg)
+                handler = HANDLERS[msg.TYPE]     # check_legal let only these through
                 if self.refusing is not None and self.store.writable():
                     self.say_goodbye(STORAGE_RECOVERED, p.GoodbyeCode.STORAGE_RECOVERED)
                     return
@@ -2965,6 +2984,11 @@ class AgentConnection:
         return vol
 
     def on_ATTACH(self, header, msg: p.Attach) -> None:
+        again = next((v for v in self.volumes.values() if v.name == msg.name), None)
+        if again is not None:   # VO-9: the attachment, and its sync, go on unchanged
+            raise p.RequestError(f"volume {msg.name!r} is already attached on this "
+                                 f"connection as id {again.id}: DETACH it first",
+                                 code=p.ErrorCode.BUSY)
         vol, created = self.store.open_or_create(msg.name, msg.size, msg.chunk_size,
                                                  self.agent_id, msg.generation)
         if created:
@@ -3161,11 +3185,6 @@ class AgentConnection:
     def on_GOODBYE(self, header, msg: p.Goodbye) -> None:
         log.info("agent %s says goodbye: %s", self.agent_id, msg.reason)
         self.closing.set()
-
-    def on_HELLO(self, header, msg) -> None:
-        raise p.RequestError("HELLO after AUTH_OK", code=p.ErrorCode.BAD_PHASE)
-
-    on_AUTH = on_HELLO
 
     # -- recovery sessions (connection thread; PROTOCOL.md "Recovery") -------------
 
@@ -5818,7 +5837,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="write a volume at a point as a sparse raw image")
     s.add_argument("--data", required=True)
     s.add_argument("volume")
-    s.add_argument("--at", default="latest", help="latest | checkpoint name | ISO 8601 time")
+    s.add_argument("--at", default="latest",
+                   help=f"latest | checkpoint name | RFC 3339 UTC time ({POINT_EXAMPLE})")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--set-aside", action="store_true",
                    help="export the history a promotion set aside, at a point inside it")
@@ -5827,7 +5847,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "set newer journal entries aside, refuse the protected side's writes")
     s.add_argument("--data", required=True)
     s.add_argument("volume")
-    s.add_argument("--at", required=True, help="latest | checkpoint name | ISO 8601 time")
+    s.add_argument("--at", required=True,
+                   help=f"latest | checkpoint name | RFC 3339 UTC time ({POINT_EXAMPLE})")
     s.set_defaults(func=cmd_promote)
     s = sub.add_parser("release", help="let retention drop the entries set aside by promotions")
     s.add_argument("--data", required=True)

@@ -197,9 +197,13 @@ def test_ownership_and_name_validation(hubenv):
         with pytest.raises(AgentError) as info:
             a2.attach("owned", MemVolume(MiB))
         assert info.value.error.code == p.ErrorCode.NOT_OWNER
-        with pytest.raises(AgentError) as info:
-            a1.attach("owned", MemVolume(2 * MiB))
-        assert info.value.error.code == p.ErrorCode.INVALID
+        a3 = connect(hub, sec, "a1")    # a1's own connection has it attached (VO-9)
+        try:
+            with pytest.raises(AgentError) as info:
+                a3.attach("owned", MemVolume(2 * MiB))
+            assert info.value.error.code == p.ErrorCode.INVALID
+        finally:
+            a3.close()
         for bad in ("../etc", "a/b", ".hidden", "-dash", "..", "nul\0"):
             with pytest.raises(AgentError) as info:
                 a1.attach(bad, MemVolume(MiB))
@@ -557,15 +561,24 @@ def test_checkpoints_points_and_export(hubenv, tmp_path):
         rephub.export_volume(hub.store, vol, point, out)
         with open(out, "rb") as f:
             assert f.read() == image, point
-    # An ISO time right after phase1's checkpoint gives phase1's image.
-    t_ns = pts["checkpoints"][1]["time_ns"]
-    iso = rephub.EPOCH + rephub.datetime.timedelta(microseconds=t_ns // 1000)
-    seq, _ = hub.store.resolve_point(vol, iso.isoformat())
-    assert seq == pts["checkpoints"][1]["seq"]
+    # phase1's checkpoint time, as points shows it, names phase1's point
+    # exactly; one ns earlier is the record before it (RC-8).
+    cp1 = pts["checkpoints"][1]
+    assert p.parse_point_time(cp1["time"]) == cp1["time_ns"]
+    seq, _ = hub.store.resolve_point(vol, cp1["time"])
+    assert seq == cp1["seq"]
+    seq, _ = hub.store.resolve_point(vol, p.format_point_time(cp1["time_ns"] - 1))
+    assert seq < cp1["seq"]
     with pytest.raises(rephub.PointError):
         hub.store.resolve_point(vol, "no-such-checkpoint")
     with pytest.raises(rephub.PointError):
-        hub.store.resolve_point(vol, "2000-01-01T00:00:00+00:00")
+        hub.store.resolve_point(vol, "2000-01-01T00:00:00Z")
+    for other_grammar in ("2026-11-25T18:00:00+00:00", "2026-11-25 18:00:00Z",
+                          "2026-11-25T18:00:00", "2026-11-25t18:00:00z"):
+        with pytest.raises(rephub.PointError, match="RFC 3339"):
+            hub.store.resolve_point(vol, other_grammar)
+    with pytest.raises(rephub.PointError, match="day is out of range"):
+        hub.store.resolve_point(vol, "2026-02-30T00:00:00Z")
     # Through the CLI and the control socket.
     out = str(tmp_path / "cli.img")
     res = subprocess.run([sys.executable, REPHUB, "export", "--data", hub.store.dir, "pt",

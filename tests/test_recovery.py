@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 import nbd
+import protocol as p
 from hubtools import HubProcess
 from oracle import StreamGroup, StreamModel, assert_same_image
 from procs import start_recover
@@ -169,11 +170,6 @@ def pattern(byte: int, n: int) -> bytes:
     return bytes([byte]) * n
 
 
-def iso(t_ns: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t_ns // 10**9)) + \
-        f".{t_ns % 10**9 // 1000:06d}+00:00"
-
-
 def data_dir_holds(data_dir: str, needle: bytes) -> list[str]:
     """Files under the hub's data directory that contain ``needle``."""
     found = []
@@ -214,8 +210,8 @@ def test_exports_match_the_stream_at_every_point(site):
         for name in ("cp0", "cp1", "cp2"):
             assert site.export(vol, name) == model.image_at(name), f"{vol} at {name}"
         for t in times[:2]:
-            assert site.export(vol, iso(t)) == model.image_at(model.prefix_at_time(t)), \
-                f"{vol} at {iso(t)}"
+            assert site.export(vol, p.format_point_time(t)) == model.image_at(model.prefix_at_time(t)), \
+                f"{vol} at {p.format_point_time(t)}"
         assert site.export(vol, "latest") == model.image_at()
 
 

@@ -141,8 +141,42 @@ TYPE_VALUES = {name: spec[0] for name, spec in TYPES.items()}
 TYPE_NAMES = {spec[0]: name for name, spec in TYPES.items()}
 #: Messages never answered with ERROR, even malformed [ER-3] (DIRTY_MAP only when unsolicited).
 NEVER_ANSWERED = frozenset({"ERROR", "ACK", "PONG", "SYNCED", "GOODBYE"})
+#: PROTOCOL.md "Message types", column "answered by": the requests, whose
+#: request_id is never 0 [RP-7, RP-12].
+REQUEST_TYPES = frozenset({
+    "ATTACH", "DETACH", "WRITE", "ZERO", "FLUSH", "READ", "DIRTY_QUERY", "CHECKSUM_QUERY",
+    "EXTENT_QUERY", "CHECKPOINT", "RECOVER_OPEN", "RREAD", "RWRITE", "RFLUSH",
+    "RECOVER_CLOSE", "PING", "FAILBACK_BEGIN", "PUT", "FAILBACK_END"})
+#: PROTOCOL.md "Feature bits": the messages of a feature [VN-6].
+FEATURE_TYPES = {"EXTENT_QUERY": "EXTENTS", "EXTENTS": "EXTENTS", "FAILBACK_BEGIN": "FAILBACK",
+                 "PUT": "FAILBACK", "FAILBACK_END": "FAILBACK"}
 #: PROTOCOL.md "Connection phases": what the handshake allows [HS-11].
 HANDSHAKE_TYPES = frozenset({"HELLO", "HELLO_REPLY", "AUTH", "AUTH_OK", "ERROR", "GOODBYE"})
+
+
+def established_outcome(vector: dict, receiver: str, features: int) -> tuple[str, str]:
+    """(action, code) for a malformed vector received after AUTH_OK by ``receiver``
+    ("A": the agent, "H": the hub) on a connection granted ``features``.
+
+    PROTOCOL.md's check order puts direction and phase right after the type:
+    a known type the receiver does not take then (the wrong direction [ER-5],
+    a handshake message [HS-13], a feature not granted [VN-6]) is answered
+    UNSUPPORTED (BAD_PHASE for HELLO and AUTH at the hub) whatever else is
+    wrong in it, and dropped if it is a type [ER-3] never answers."""
+    raw = bytes.fromhex(vector["hex"])
+    name = TYPE_NAMES.get(raw[5]) if len(raw) > 5 else None
+    if vector["phase"] == "any" or name is None:
+        return vector["action"], vector["code"]
+    sender = "A" if receiver == "H" else "H"
+    feature = FEATURE_TYPES.get(name)
+    if receiver == "H" and name in ("HELLO", "AUTH"):
+        code = "BAD_PHASE"
+    elif (sender not in TYPES[name][1] or name in HANDSHAKE_TYPES - {"ERROR", "GOODBYE"}
+          or feature is not None and not features & FEATURES[feature]):
+        code = "UNSUPPORTED"
+    else:
+        return vector["action"], vector["code"]
+    return ("drop" if name in NEVER_ANSWERED else "answer"), code
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _INTS = {"u8": struct.Struct("!B"), "u16": struct.Struct("!H"),
@@ -322,6 +356,8 @@ class IndependentCodec:
         for fname, value in zip(ID_FIELDS, (req, vol, off, length)):
             if fname not in used and value:
                 raise AnswerError(f"{name} unused {fname} = {value} [FR-7]", "INVALID", **ctx)
+        if name in REQUEST_TYPES and not req:
+            raise CloseError(f"{name} is a request with request_id 0 [RP-12]")
         if off + length > MAX_VOLUME_SIZE:
             raise AnswerError(f"offset + length = {off + length} [FR-8]", "OUT_OF_RANGE", **ctx)
         m = Msg(name, req, vol, off, length, flags)
@@ -558,7 +594,7 @@ def vector_clauses(vector: dict) -> tuple[str, ...]:
     by_error = {"BadMagic": "FR-2", "BadVersion": "FR-3", "BadHeaderCRC": "FR-4",
                 "PayloadTooLarge": "FR-5", "BadPayloadCRC": "FR-6", "TruncatedFrame": "ER-1",
                 "UnsupportedMessage": "FR-16", "UnsupportedFlags": "FR-13",
-                "OutOfRange": "FR-8"}
+                "OutOfRange": "FR-8", "BadRequestId": "RP-12"}
     name = vector["name"]
     ids = {by_error.get(vector["error"], "FR-9")}
     if vector["code"] == "BAD_NAME":

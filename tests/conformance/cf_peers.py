@@ -471,6 +471,7 @@ class HubSession:
         self.conn.send(msg("HELLO_REPLY", version=version, features=features, nonce=nonce_h,
                            proof=hub_proof, hub_id=hub_id))
         self.nonce_h = nonce_h
+        self.features = features
         nxt = self.conn.recv(TIMEOUT)
         self.auth = nxt
         if nxt.type != "AUTH":
