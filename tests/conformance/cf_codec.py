@@ -606,6 +606,8 @@ def vector_clauses(vector: dict) -> tuple[str, ...]:
             ids = {"FR-12"}
         elif "utf8" in name or "too_long" in name and "name" in name or "text_too_long" in name:
             ids = {"FR-10"}
+        elif "zero_too_long" in name:
+            ids = {"FR-18"}
         elif name.startswith("write_") or "length_mismatch" in name:
             ids = {"RP-9"}
         elif name.startswith("dirty_map"):
