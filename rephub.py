@@ -2565,7 +2565,7 @@ class AgentConnection:
         self.legal = None                 # after HELLO_REPLY: what the hub takes (check_legal)
         self.demoted: dict[int, p.Attach] = {}  # volume id -> its DEMOTED ATTACH
         self.refused_identity: set[str] = set()  # volumes refused for their disk (VO-8)
-        self.goodbye_sent = False
+        self.sealed = False      # GOODBYE, or a protocol error's ERROR, went last (LV-2, ER-1)
         self.req_lock = threading.Lock()
         self.req_ids = itertools.count(1)
         self.sync_lock = threading.Lock()
@@ -2608,7 +2608,7 @@ class AgentConnection:
                                      and msg.failed_type in p.REQUESTS):
             self.outstanding.discard(msg.request_id)
         with self.send_lock:
-            if self.sock is None or self.goodbye_sent:
+            if self.sock is None or self.sealed:
                 raise ConnectionClosed("connection closed")
             p.send_message(self.sock, msg)
 
@@ -2635,13 +2635,13 @@ class AgentConnection:
         on the wire where GOODBYE_CODE is granted (LV-5); ``reason`` is for humans."""
         self.acker.drain(timeout=10)
         with self.send_lock:
-            if self.sock is not None and not self.goodbye_sent:
+            if self.sock is not None and not self.sealed:
                 try:
                     p.send_message(self.sock, p.Goodbye.for_features(self.features,
                                                                      reason, code))
                 except OSError as err:
                     log.debug("GOODBYE to %s not sent: %s", self.peer, err)
-            self.goodbye_sent = True
+            self.sealed = True
         log.info("connection %s (%s) closed by the hub: %s", self.peer, self.agent_id, reason)
         self.closing.set()
         self.abort(reason)
@@ -2759,6 +2759,8 @@ class AgentConnection:
                         self.agent_id, err)
             self.hub.count_error("protocol")
             self.send_error(err)
+            with self.send_lock:   # nothing follows it, ACKs still queued included:
+                self.sealed = True  # an ACK after a reused id could be the wrong one's
         elif isinstance(err, (ConnectionClosed, ConnectionError, socket.timeout,
                               ssl.SSLError)) or (isinstance(err, OSError) and self.closing.is_set()):
             if not self.closing.is_set():

@@ -358,6 +358,40 @@ def test_full_sync_keeps_reading_while_the_journal_is_not_yet_durable(hubenv):
         agent.close()
 
 
+def test_a_request_id_still_outstanding_closes_the_connection(hubenv):
+    """RP-12: while the journal holds WRITE 7 un-durable, a second request 7
+    is a protocol error: the hub closes without an ACK for either id 7, so the
+    agent keeps both writes marked.  Once 7 is ACKed the id is free again."""
+    hub, sec = hubenv
+    log = hub.store.journal.log
+    do_sync, release = log.do_sync, threading.Event()
+
+    def slow_sync(work):
+        release.wait(30)
+        do_sync(work)
+    with connect(hub, sec) as agent:
+        vid = attach_synced(agent, hub, "reuse", MemVolume(MiB))
+        req = agent.write(vid, 0, b"\x01" * 4096)
+        assert agent.wait_reply(req).TYPE is p.MsgType.ACK
+        agent.send(p.Write(request_id=req, volume=vid, offset=4096, data=b"\x02" * 4096))
+        assert agent.wait_reply(req).TYPE is p.MsgType.ACK, "an answered id may be used again"
+        log.do_sync = slow_sync
+        try:
+            agent.send(p.Write(request_id=7000, volume=vid, offset=8192, data=b"\x03" * 4096))
+            agent.send(p.Write(request_id=7000, volume=vid, offset=12288, data=b"\x04" * 4096))
+            wait_for(lambda: agent.errors, 20, "the hub's ERROR")
+            assert [e.code for e in agent.errors] == [p.ErrorCode.PROTOCOL], agent.errors
+            assert 7000 not in agent.replies, "nothing answered id 7000 before the ERROR"
+        finally:
+            release.set()
+            log.do_sync = do_sync
+        assert agent.closed.wait(20), "a reused outstanding id ends the connection"
+        assert 7000 not in agent.replies, "no ACK follows the ERROR: it could be either's"
+    hub.store.wait_applied(hub.store.journal.durable_seq)
+    assert replica_bytes(hub, "reuse")[12288:16384] == bytes(4096), \
+        "the frame that reused id 7000 was applied"
+
+
 def test_full_sync_stores_zero_answers_as_holes(hubenv):
     hub, sec = hubenv
     size = 16 * MiB

@@ -271,6 +271,29 @@ def test_error_replies(rig, s):
     rig.alive()
 
 
+@clause("VN-6", "ER-7", "RP-12", "ER-3")
+def test_spec_gap_answers(rig, s):
+    """A message of a feature not granted is UNSUPPORTED [VN-6]; an answer to
+    no request of the agent's is INVALID [ER-7] (an ACK of nothing is dropped,
+    [ER-3]); and both leave the session up."""
+    if s.features & cf_codec.FEATURES["FAILBACK"]:
+        pytest.skip("this session granted FAILBACK")
+    cases = [
+        (msg("FAILBACK_BEGIN", request_id=601, volume=rig.vid), "UNSUPPORTED"),
+        (msg("PUT", request_id=602, volume=rig.vid, offset=0, data=b"x" * 512), "UNSUPPORTED"),
+        (msg("ATTACHED", request_id=603, volume=9, plan="NONE"), "INVALID"),
+        (msg("RECOVER_READY", request_id=604, volume=9, size=1, point_time_ns=1), "INVALID"),
+        (msg("RREAD_REPLY", request_id=605, volume=9, offset=0, data=b"y" * 512), "INVALID"),
+    ]
+    for frame, code in cases:
+        req, kind = s.conn.send_frame(frame)
+        err = s.wait_for(lambda f: isinstance(f, Msg) and f.request_id == req
+                         and f.type in ("ERROR", "ACK"), T, f"answer {req}")
+        assert error_of(err) == code, f"req {req}: {err}"
+        assert int(err.failed_type) == kind, "[ER-2]"
+    rig.alive()
+
+
 @clause("LV-1")
 def test_agent_ping(rig, s):
     for req in (1, (1 << 64) - 1):
