@@ -160,7 +160,9 @@ def test_a_full_journal_refuses_degrades_and_recovers(full_hub, caplog):
     hub, secrets_by_id, fs = full_hub
     rng = random.Random(1414)
     vol = MemVolume(8 * MiB, rng.randbytes(8 * MiB))
-    with TestAgent(hub.address, "a1", secrets_by_id["a1"]).connect() as agent:
+    coded = TestAgent(hub.address, "a1", secrets_by_id["a1"])
+    coded.features = p.Feature.GOODBYE_CODE
+    with coded.connect() as agent:
         vid, plan = agent.attach("v", vol)
         assert plan == p.SyncPlan.FULL
         wait_for(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 30,
@@ -192,6 +194,9 @@ def test_a_full_journal_refuses_degrades_and_recovers(full_hub, caplog):
         os.unlink(space)
         wait_for(lambda: agent.goodbye == rephub.STORAGE_RECOVERED, 30,
                  "the hub to end the refused stream once space is back")
+        # The code is what an agent decides on, never the text (LV-5).
+        assert agent.granted & p.Feature.GOODBYE_CODE
+        assert agent.goodbye_code == p.GoodbyeCode.STORAGE_RECOVERED, agent.goodbye_code
         wait_for(lambda: not hub.status()["degraded"], 30, "degraded to clear")
 
     vol.dirty = [(s, e - s) for s, e in rephub.merge_ranges((o, o + n) for o, n in vol.dirty)]

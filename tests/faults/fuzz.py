@@ -216,7 +216,9 @@ def hub_wrong_phase() -> list[bytes]:
         p.Attached(request_id=1, volume=1, plan=p.SyncPlan.NONE),
         p.Read(request_id=1, volume=1, offset=0, length=4096),
         p.DirtyQuery(request_id=1, volume=1),
-        p.ChecksumQuery(request_id=1, volume=1, offset=0, length=65536, chunk_size=65536))]
+        p.ChecksumQuery(request_id=1, volume=1, offset=0, length=65536, chunk_size=65536),
+        p.Goodbye(reason="fuzz", code=p.GoodbyeCode.SHUTDOWN),
+        p.Goodbye(reason="fuzz", code=200))]
 
 
 class HubTarget:
@@ -346,7 +348,12 @@ def agent_wrong_phase() -> list[bytes]:
         p.Write(request_id=1, volume=1, offset=0, data=b"x" * 512),
         p.Attach(request_id=1, size=VOLUME_SIZE, chunk_size=65536, state=p.VolumeState.CLEAN,
                  generation=bytes(16), name="vol0"),
-        p.Goodbye(reason="fuzz"))]
+        p.Goodbye(reason="fuzz"),
+        # Coded GOODBYEs (LV-5), granted or not: a fail-back's end in protect
+        # mode, and a code no receiver knows (read as UNSPECIFIED).
+        p.Goodbye(reason="fuzz", code=p.GoodbyeCode.FAILED_BACK),
+        p.Goodbye(reason="fuzz", code=p.GoodbyeCode.STORAGE_RECOVERED),
+        p.Goodbye(reason="fuzz", code=200))]
 
 
 class AgentTarget:
