@@ -239,7 +239,7 @@ def rig(tmp_path):
     made = []
 
     def make(mode="async", max_queue=ra.DEFAULT_MAX_QUEUE, sync_timeout=5.0, start=True,
-             reader=None):
+             reader=None, features=p.Feature.NONE):
         cfg = ra.Config(hub=("127.0.0.1", 1), agent_id="a1", secret=b"s" * 32, qmp="-",
                         nodes=[("disk0", "vol0")], state_dir=str(tmp_path / "state"),
                         mode=mode, max_queue=max_queue, sync_timeout=sync_timeout)
@@ -250,7 +250,7 @@ def rig(tmp_path):
         vol.bitmap = ra.DirtyBitmap(vol.bitmap_path, SIZE, CHUNK)
         vol.source = reader or (lambda: ra.FileSource(str(image)))
         ours, theirs = socket.socketpair()
-        conn = ra.HubConnection(agent, ours, "test", "hub")
+        conn = ra.HubConnection(agent, ours, "test", "hub", features)
         agent.conn = conn
         vol.volume_id = 1
         agent.by_id[1] = vol

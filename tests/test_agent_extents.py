@@ -126,8 +126,7 @@ def test_extent_query_needs_the_feature(rig):
 
 def test_extent_query_answers_zero_and_data_and_synced_clears_marks(rig, tmp_path):
     path = sparse_image(tmp_path)
-    agent, vol, conn, hub = rig(reader=lambda: ra.FileSource(path))
-    conn.features = p.Feature.EXTENTS
+    agent, vol, conn, hub = rig(reader=lambda: ra.FileSource(path), features=p.Feature.EXTENTS)
     with agent.lock:
         vol.bitmap.mark(range(0, 16))
         vol.bitmap.lose(range(0, 16), 1)      # as if loaded from an earlier run
@@ -177,8 +176,8 @@ def test_a_write_during_an_extent_query_is_sent_after_the_answer(rig, tmp_path):
     """[SY-16]: the answer may call the region zero; the write it missed follows it."""
     path = sparse_image(tmp_path)
     started, release = threading.Event(), threading.Event()
-    agent, vol, conn, hub = rig(reader=lambda: BlockingExtents(path, started, release))
-    conn.features = p.Feature.EXTENTS
+    agent, vol, conn, hub = rig(reader=lambda: BlockingExtents(path, started, release),
+                                features=p.Feature.EXTENTS)
     hub.send(p.ExtentQuery(request_id=43, volume=1, offset=0, length=4 * CHUNK))
     assert started.wait(5)
     inside, outside = Replies(), Replies()
