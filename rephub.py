@@ -334,6 +334,14 @@ class VolState(str, enum.Enum):
     CONSISTENT = "consistent"
 
 
+class Role(str, enum.Enum):
+    """Which side writes a volume's replica (persisted in metadata.json)."""
+
+    PROTECTED = "protected"  # its agent's stream; the recovery site reads
+    PROMOTED = "promoted"    # a recovery session (RC-7); the agent's writes are refused
+                             # until a fail-back makes it PROTECTED again (FB-*)
+
+
 class Fault(str, enum.Enum):
     """What the hub's own storage is failing at (``status``'s ``degraded``)."""
     JOURNAL_FULL = "journal full"
@@ -1209,6 +1217,7 @@ class Volume:
     size = property(lambda self: self.meta["size"])
     owner = property(lambda self: self.meta["owner"])
     state = property(lambda self: VolState(self.meta["state"]))
+    role = property(lambda self: Role(self.meta.get("role", Role.PROTECTED)))
 
     def update(self, **changes) -> None:
         """Change and persist metadata atomically (any thread).  If it cannot be
@@ -1578,7 +1587,7 @@ class VolumeStore:
 
     @staticmethod
     def check_role(vol: Volume) -> None:
-        if vol.meta.get("role") == "promoted":
+        if vol.role is Role.PROMOTED:
             pr = vol.meta.get("promotions", [{}])[-1]
             raise p.RequestError(f"volume {vol.name} was promoted at {pr.get('point')!r} "
                                  f"({fmt_time_ns(pr.get('time_ns'))}): the recovery site owns "
@@ -1867,7 +1876,7 @@ class VolumeStore:
         except p.RequestError as err:
             latest = dict(seq=None, reason=str(err))
         return dict(volume=vol.name, owner=vol.owner, state=vol.state.value, latest=latest,
-                    role=vol.meta.get("role", "replica"),
+                    role=vol.role.value,
                     oldest=dict(seq=first.seq, time_ns=first.time_ns,
                                 time=fmt_time_ns(first.time_ns)) if first else None,
                     newest=dict(seq=last.seq, time_ns=last.time_ns,
@@ -2141,7 +2150,7 @@ class VolumeStore:
             for vol in self.volumes.values():
                 seqs += [pr["point_seq"] for pr in vol.meta.get("promotions", ())
                          if pr.get("kept", True)]
-                if vol.meta.get("role") == "promoted":
+                if vol.role is Role.PROMOTED:
                     seqs += [pr["point_seq"] for pr in self.current_promotions(vol)]
         return min(seqs) if seqs else None
 
@@ -2168,7 +2177,7 @@ class VolumeStore:
             pr = dict(point=point, point_seq=seq, set_aside_from=seq + 1, set_aside_to=last,
                       time_ns=time.time_ns(), rolled_back=False, kept=True)
             spans = [[lo, last if hi is None else hi] for lo, hi in vol.meta.get("resyncs", [])]
-            vol.update(role="promoted", promotions=promos + [pr], resyncs=spans)
+            vol.update(role=Role.PROMOTED.value, promotions=promos + [pr], resyncs=spans)
         log.info("volume %s promoted at %r (seq %d); %s", vol.name, point, seq,
                  f"its journal entries {seq + 1}..{last} are set aside" if last > seq
                  else "no newer journal entry to set aside")
@@ -2977,7 +2986,7 @@ class AgentConnection:
         if vol is None:
             raise p.RequestError(f"volume id {msg.volume} is not attached on this connection",
                                  code=p.ErrorCode.NO_SUCH_VOLUME)
-        if writing and vol.meta.get("role") == "promoted":
+        if writing and vol.role is Role.PROMOTED:
             raise p.RequestError(f"volume {vol.name} was promoted; writes from the old "
                                  "protected side are refused"
                                  + ("; bring it back with rephub.py failback"
@@ -3002,7 +3011,7 @@ class AgentConnection:
             if vol.size != msg.size:
                 raise p.InvalidField(f"ATTACH size {msg.size} differs from volume "
                                      f"{msg.name!r}'s size {vol.size}")
-            if vol.meta.get("role") == "promoted":
+            if vol.role is Role.PROMOTED:
                 if not self.features & p.Feature.FAILBACK:  # FB-1, RC-7
                     raise p.RequestError(f"volume {msg.name!r} was promoted",
                                          code=p.ErrorCode.ROLE)
@@ -4070,7 +4079,8 @@ class Failback:
         entry = dict(time_ns=time.time_ns(), agent=self.agent, delta_bytes=extent_bytes(self.delta),
                      sent_bytes=self.sent_bytes, after_seq=self.store.journal.last_seq,
                      late_writes=self.late_summary(), late_writes_dir=self.late_dir)
-        vol.update(role="protected", failbacks=vol.meta.get("failbacks", []) + [entry],
+        vol.update(role=Role.PROTECTED.value,
+                   failbacks=vol.meta.get("failbacks", []) + [entry],
                    state=VolState.CONSISTENT.value, pending_plan=None,
                    generation=bytes(a.generation).hex(), chunk_size=a.chunk_size)
         self.conn.demoted.pop(vol.id, None)
@@ -4742,7 +4752,7 @@ class Hub:
                 overlay = Overlay(os.path.join(self.store.dir, SCRATCH_DIR,
                                                f"{vol.id}-{secrets.token_hex(6)}"), vol.size)
                 self.store.pin(seq)
-            elif vol.meta.get("role") == "promoted" and point == "latest":
+            elif vol.role is Role.PROMOTED and point == "latest":
                 seq, t_ns = self.store.resolve_point(vol, point)  # carry on the new history
                 sid, overlay = next(conn.session_ids), None
             else:
@@ -4821,7 +4831,7 @@ class Hub:
         vol = self.store.volume(volume)
         if vol is None:
             raise p.RequestError(f"no volume named {volume!r}", code=p.ErrorCode.NO_SUCH_VOLUME)
-        if vol.meta.get("role") != "promoted":
+        if vol.role is not Role.PROMOTED:
             raise p.RequestError(f"volume {volume} is not promoted: nothing to fail back",
                                  code=p.ErrorCode.BAD_PHASE)
         if vol.owner != agent_id:
@@ -4861,7 +4871,7 @@ class Hub:
                 if vol.unapplied_since_ns else 0.0,
                 last_ack=fmt_time_ns(vol.last_ack_ns),
                 undo_records=len(vol.undo), replicated_bytes=vol.journaled_bytes,
-                role=vol.meta.get("role", "protected"),
+                role=vol.role.value,
                 demoted=vol.attached_to is not None and vol.id in vol.attached_to.demoted,
                 degraded=store.health.report(vol.name), last_scrub=vol.last_scrub,
                 failback=vol.failback.status() if vol.failback is not None else None))
@@ -5306,7 +5316,7 @@ def volume_state_words(v: dict) -> str:
     fb = v.get("failback")
     if fb and FailbackPhase(fb["phase"]).running:
         return "failing back"
-    if v.get("role") == "promoted":
+    if v.get("role") == Role.PROMOTED:
         return "promoted, demoted agent attached" if v.get("demoted") else "promoted"
     if v.get("degraded"):
         return "degraded: " + ", ".join(sorted({d["fault"] for d in v["degraded"]}))
