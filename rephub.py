@@ -2551,6 +2551,73 @@ class Acker(threading.Thread):
         self.join(timeout=5)
 
 
+class Requester:
+    """What owns requests the hub sends an agent (a SyncJob, a Failback).
+
+    The connection thread hands each answer to the owner of its request id
+    in the connection's ``RequestTable``.  An owner overrides the answers its
+    requests get; any other kind names no request of its type (ER-7), so the
+    defaults refuse it, and an unasked ACK is dropped (ER-3).
+    """
+
+    def on_read_reply(self, header, msg: p.ReadReply) -> None:
+        raise p.InvalidField(f"READ_REPLY req={msg.request_id} answers no outstanding READ")
+
+    def on_reply(self, msg, barrier_seq: int) -> None:
+        raise p.InvalidField(f"{msg.TYPE.name} req={msg.request_id} answers no outstanding "
+                             "query of its type")
+
+    def on_extents(self, msg: p.Extents) -> None:
+        raise p.InvalidField(f"EXTENTS req={msg.request_id} answers no outstanding "
+                             "EXTENT_QUERY")
+
+    def on_ack(self, msg: p.Ack) -> None:
+        log.warning("ACK for req=%d, which asked for no ACK: ignored", msg.request_id)
+
+    def on_error(self, msg: p.Error) -> None:
+        raise NotImplementedError
+
+    def give_up(self, why: str) -> None:
+        """The hub refused the agent's answer to one of our requests (``why``)."""
+        raise NotImplementedError
+
+
+class RequestTable:
+    """The hub's requests outstanding on one connection, by id, and their owners.
+
+    Owners add and drop their own from their threads (sync jobs, fail-back);
+    the connection thread looks answers up.  Ids come from the same table, so
+    none is reused while the connection lives (RP-7).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._owners: dict[int, Requester] = {}
+
+    def new_id(self) -> int:
+        with self._lock:
+            return next(self._ids)
+
+    def add(self, req: int, owner: Requester) -> None:
+        """Before the request is sent: its answer may come at once."""
+        with self._lock:
+            self._owners[req] = owner
+
+    def owner(self, req: int) -> Requester | None:
+        with self._lock:
+            return self._owners.get(req)
+
+    def drop(self, req: int) -> Requester | None:
+        with self._lock:
+            return self._owners.pop(req, None)
+
+    def drop_all(self, reqs) -> None:
+        with self._lock:
+            for req in reqs:
+                self._owners.pop(req, None)
+
+
 class AgentConnection:
     """One agent connection: setup (handshake), handle (recv loop), finish.
 
@@ -2569,14 +2636,12 @@ class AgentConnection:
         self.send_lock = threading.Lock()
         self.header_buf = bytearray(p.HEADER_SIZE)
         self.volumes: dict[int, Volume] = {}
-        self.hub_requests: dict[int, SyncJob | Failback] = {}  # our requests' owners
+        self.requests = RequestTable()    # the hub's requests and their owners
         self.outstanding: set[int] = set()  # the agent's requests not answered yet (RP-12)
         self.legal = None                 # after HELLO_REPLY: what the hub takes (check_legal)
         self.demoted: dict[int, p.Attach] = {}  # volume id -> its DEMOTED ATTACH
         self.refused_identity: set[str] = set()  # volumes refused for their disk (VO-8)
         self.sealed = False      # GOODBYE, or a protocol error's ERROR, went last (LV-2, ER-1)
-        self.req_lock = threading.Lock()
-        self.req_ids = itertools.count(1)
         self.sync_lock = threading.Lock()
         self.jobs: set[SyncJob] = set()
         self.pings: dict[int, int] = {}
@@ -2602,10 +2667,6 @@ class AgentConnection:
         self.state = new
 
     # -- plumbing --------------------------------------------------------------
-
-    def next_request_id(self) -> int:
-        with self.req_lock:
-            return next(self.req_ids)
 
     def send(self, msg: p.Message) -> None:
         """Send one message under the send lock (any thread).  An answer to one
@@ -2919,7 +2980,7 @@ class AgentConnection:
                 if msg is None and err.msg_type in SYNC_ANSWERS:
                     # A refused answer to a sync request (the hub's id space): that sync
                     # would wait for it forever.
-                    job = self.hub_requests.pop(err.request_id, None)
+                    job = self.requests.drop(err.request_id)
                     if job is not None:
                         job.give_up(f"its answer to req={err.request_id} was refused: {err}")
                 if isinstance(err, JournalRefused) and self.refusing is None:
@@ -3137,8 +3198,8 @@ class AgentConnection:
         log.info("checkpoint %r of agent %s at seq %d", msg.name, self.agent_id, rec.seq)
         self.acker.after(rec.seq, p.Ack(request_id=msg.request_id))
 
-    def _job_for(self, msg, what: str) -> SyncJob:
-        job = self.hub_requests.get(msg.request_id)
+    def _job_for(self, msg, what: str) -> Requester:
+        job = self.requests.owner(msg.request_id)
         if job is None:
             raise p.InvalidField(f"{msg.TYPE.name} req={msg.request_id} answers no "
                                  f"outstanding {what}")
@@ -3179,15 +3240,15 @@ class AgentConnection:
             self.last_heartbeat_ns = time.time_ns()
 
     def on_ACK(self, header, msg: p.Ack) -> None:
-        owner = self.hub_requests.get(msg.request_id)
-        if owner is None or not hasattr(owner, "on_ack"):
+        owner = self.requests.owner(msg.request_id)
+        if owner is None:
             log.warning("agent %s sent an ACK for req=%d, which the hub did not ask: ignored",
                         self.agent_id, msg.request_id)
             return
         owner.on_ack(msg)
 
     def on_ERROR(self, header, msg: p.Error) -> None:
-        job = self.hub_requests.get(msg.request_id)
+        job = self.requests.owner(msg.request_id)
         if job is not None:
             job.on_error(msg)
         else:
@@ -3266,7 +3327,7 @@ class AgentConnection:
 
     def ping(self) -> None:
         """Heartbeat thread: send a PING; on_PONG measures the round trip."""
-        req = self.next_request_id()
+        req = self.requests.new_id()
         self.pings = {k: v for k, v in self.pings.items()
                       if time.monotonic_ns() - v < 60e9}
         self.pings[req] = time.monotonic_ns()
@@ -3317,7 +3378,7 @@ class JobStopped(Exception):
     pass
 
 
-class SyncJob(threading.Thread):
+class SyncJob(Requester, threading.Thread):
     """Drives one volume's FULL, DIRTY or VERIFY sync in its own thread.
 
     Requests go out through ``conn.send``; the answers arrive on the recv loop,
@@ -3403,7 +3464,7 @@ class SyncJob(threading.Thread):
             self.abandon(p.InvalidField(
                 f"READ_REPLY req={msg.request_id} is for vol={msg.volume} off={msg.offset} "
                 f"len={msg.length}, expected vol={self.vol.id} off={want[0]} len={want[1]}"))
-        self.conn.hub_requests.pop(msg.request_id, None)
+        self.conn.requests.drop(msg.request_id)
         with self.cond:
             self.unanswered.pop(msg.request_id, None)
             self.cond.notify_all()
@@ -3441,7 +3502,7 @@ class SyncJob(threading.Thread):
             self.abandon(p.InvalidField(
                 f"EXTENTS req={msg.request_id} is for vol={msg.volume} off={msg.offset} "
                 f"len={msg.length}, expected vol={self.vol.id} off={want[0]} len={want[1]}"))
-        self.conn.hub_requests.pop(msg.request_id, None)
+        self.conn.requests.drop(msg.request_id)
         end, zeros, data = self.split_extents(msg.offset, msg.extents)
         for off, n in zeros:
             for start in range(off, off + n, ZERO_RECORD_MAX):
@@ -3515,7 +3576,7 @@ class SyncJob(threading.Thread):
                     p.check_range(off, n, self.vol.size, "DIRTY_MAP extent")
                 except p.OutOfRange as err:
                     self.abandon(err)
-        self.conn.hub_requests.pop(msg.request_id, None)
+        self.conn.requests.drop(msg.request_id)
         self.inbox.put((msg, barrier_seq))
 
     def abandon(self, err: p.RequestError):
@@ -3531,7 +3592,7 @@ class SyncJob(threading.Thread):
 
     def on_error(self, msg: p.Error) -> None:
         """Recv loop: the agent refused one of our requests: give up this sync."""
-        self.conn.hub_requests.pop(msg.request_id, None)
+        self.conn.requests.drop(msg.request_id)
         self.give_up(f"agent answered {msg.describe()}")
 
     def give_up(self, why: str) -> None:
@@ -3585,8 +3646,7 @@ class SyncJob(threading.Thread):
             self.conn.hub.count_error("sync")
         finally:
             self.finished = True
-            for req in list(self.reads) + list(self.queries):
-                self.conn.hub_requests.pop(req, None)
+            self.conn.requests.drop_all(list(self.reads) + list(self.queries))
             with self.conn.sync_lock:
                 if vol.sync is self:
                     vol.sync = None
@@ -3648,11 +3708,11 @@ class SyncJob(threading.Thread):
             self.wait_window(n)
             self.conn.hub.rate.acquire(n, self.stop_event)
             self.check_stop()
-            req = self.conn.next_request_id()
+            req = self.conn.requests.new_id()
             with self.cond:
                 self.reads[req] = (off, n)
                 self.unanswered[req] = n
-            self.conn.hub_requests[req] = self
+            self.conn.requests.add(req, self)
             self.conn.send(p.Read(request_id=req, volume=self.vol.id, offset=off, length=n))
 
     def pull_sparse(self) -> None:
@@ -3667,7 +3727,7 @@ class SyncJob(threading.Thread):
         while todo or pending:
             while todo and pending < EXTENT_WINDOW:
                 off, n = todo.popleft()
-                req = self.conn.next_request_id()
+                req = self.conn.requests.new_id()
                 self.ask(p.ExtentQuery(request_id=req, volume=self.vol.id, offset=off,
                                        length=n), (off, n))
                 pending += 1
@@ -3680,7 +3740,7 @@ class SyncJob(threading.Thread):
     def ask(self, msg: p.Message, rng: tuple[int, int]) -> None:
         with self.cond:
             self.queries[msg.request_id] = rng
-        self.conn.hub_requests[msg.request_id] = self
+        self.conn.requests.add(msg.request_id, self)
         self.conn.send(msg)
 
     def answer(self):
@@ -3696,7 +3756,7 @@ class SyncJob(threading.Thread):
             return msg, barrier
 
     def query_dirty(self) -> list[tuple[int, int]]:
-        req = self.conn.next_request_id()
+        req = self.conn.requests.new_id()
         self.ask(p.DirtyQuery(request_id=req, volume=self.vol.id), (0, self.vol.size))
         msg, _ = self.answer()
         log.info("sync of %s: agent reports %d dirty extents (%s)", self.vol.name,
@@ -3715,7 +3775,7 @@ class SyncJob(threading.Thread):
         while todo or pending:
             while todo and pending < VERIFY_WINDOW:
                 off, n = todo.popleft()
-                req = self.conn.next_request_id()
+                req = self.conn.requests.new_id()
                 self.ask(p.ChecksumQuery(request_id=req, volume=self.vol.id, offset=off,
                                          length=n, chunk_size=chunk), (off, n))
                 pending += 1
@@ -3972,7 +4032,7 @@ def report_extents(extents, limit: int = 64) -> list[list[int]]:
     return [[o, n] for o, n in extents[:limit]]
 
 
-class Failback:
+class Failback(Requester):
     """One fail-back of ``vol`` to the agent of ``conn`` (which attached it DEMOTED).
 
     ``run`` drives it in the caller's thread (a control request thread) and
@@ -3980,7 +4040,7 @@ class Failback:
     the operator, ``confirm(report)`` returns their answer.  The agent's answers
     arrive on the connection's recv loop, which hands them over through
     ``on_ack``/``on_error``/``on_read_reply``/``on_reply`` (this object is the
-    owner of its requests in ``conn.hub_requests``, as a SyncJob is of its own).
+    owner of its requests in ``conn.requests``, as a SyncJob is of its own).
     """
 
     def __init__(self, hub: Hub, vol: Volume, conn: AgentConnection, emit, confirm):
@@ -4025,7 +4085,7 @@ class Failback:
             self.asked.pop(req, None)
             self.answers[req] = (item, barrier)
             self.cond.notify_all()
-        self.conn.hub_requests.pop(req, None)
+        self.conn.requests.drop(req)
 
     def on_ack(self, msg: p.Ack) -> None:
         if msg.request_id == self.end_req and msg.request_id:
@@ -4035,6 +4095,14 @@ class Failback:
 
     def on_error(self, msg: p.Error) -> None:
         self._answer(msg.request_id, msg)
+
+    def give_up(self, why: str) -> None:
+        """Recv loop: the hub refused an answer to one of our requests, so
+        what we wait for will not come: fail every wait with ``why``."""
+        with self.cond:
+            asked = list(self.asked)
+        for req in asked:
+            self._answer(req, why)
 
     def on_read_reply(self, header, msg: p.ReadReply) -> None:
         with self.cond:
@@ -4118,7 +4186,7 @@ class Failback:
         """Send a request whose answer comes back to us; return its id."""
         with self.cond:
             self.asked[msg.request_id] = rng
-        self.conn.hub_requests[msg.request_id] = self
+        self.conn.requests.add(msg.request_id, self)
         try:
             self.conn.send(msg)
         except (OSError, ConnectionClosed) as err:
@@ -4193,18 +4261,17 @@ class Failback:
                          self.vol.name)
             self.fenced = False
             self.answers.clear()
-            for req in list(self.asked):
-                self.conn.hub_requests.pop(req, None)
+            self.conn.requests.drop_all(list(self.asked))
 
     def begin(self) -> None:
         self.set_phase(FailbackPhase.PREPARING, f"FAILBACK_BEGIN to agent {self.agent}")
-        req = self.ask(p.FailbackBegin(request_id=self.conn.next_request_id(),
+        req = self.ask(p.FailbackBegin(request_id=self.conn.requests.new_id(),
                                        volume=self.vol.id))
         self.wait([req], "FAILBACK_BEGIN")
         self.begun = True
 
     def end(self, outcome: p.FailbackOutcome) -> None:
-        req = self.conn.next_request_id()
+        req = self.conn.requests.new_id()
         if outcome == p.FailbackOutcome.DONE:
             self.end_req = req
         self.ask(p.FailbackEnd(request_id=req, volume=self.vol.id, outcome=outcome))
@@ -4225,7 +4292,7 @@ class Failback:
             self.late_why = "the journal no longer covers the promotion"
         if self.late_known:
             self.set_phase(FailbackPhase.COLLECTING, "DIRTY_QUERY: the agent's dirty map")
-            req = self.ask(p.DirtyQuery(request_id=self.conn.next_request_id(), volume=vol.id))
+            req = self.ask(p.DirtyQuery(request_id=self.conn.requests.new_id(), volume=vol.id))
             _, msg, _ = self.wait([req], "DIRTY_QUERY", p.DirtyMap)
             self.late = [(s, e - s) for s, e in merge_ranges((o, o + n) for o, n in msg.extents)]
         else:
@@ -4246,7 +4313,7 @@ class Failback:
             while todo and len(outstanding) < VERIFY_WINDOW:
                 off, n = todo.popleft()
                 outstanding.add(self.ask(p.ChecksumQuery(
-                    request_id=self.conn.next_request_id(), volume=self.vol.id, offset=off,
+                    request_id=self.conn.requests.new_id(), volume=self.vol.id, offset=off,
                     length=n, chunk_size=chunk), (off, n)))
             req, msg, barrier = self.wait(list(outstanding), "CHECKSUM_QUERY", p.Checksums)
             outstanding.discard(req)
@@ -4283,7 +4350,7 @@ class Failback:
             while todo or outstanding:
                 while todo and len(outstanding) < FAILBACK_WINDOW:
                     off, k = todo.popleft()
-                    outstanding.add(self.ask(p.Read(request_id=self.conn.next_request_id(),
+                    outstanding.add(self.ask(p.Read(request_id=self.conn.requests.new_id(),
                                                     volume=self.vol.id, offset=off, length=k),
                                              (off, k)))
                 req, msg, _ = self.wait(list(outstanding), "READ (late writes)", p.ReadReply)
@@ -4377,7 +4444,7 @@ class Failback:
                 while todo and len(outstanding) < FAILBACK_WINDOW:
                     off, k = todo.popleft()
                     data = self.store.read_at(vol, last, off, k)
-                    req = self.conn.next_request_id()
+                    req = self.conn.requests.new_id()
                     put = (p.Put(request_id=req, volume=vol.id, offset=off, length=k,
                                  flags=p.FLAG_ZERO) if data is None else
                            p.Put(request_id=req, volume=vol.id, offset=off, data=data))

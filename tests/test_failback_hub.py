@@ -538,3 +538,97 @@ def test_failback_cli(hubenv):
         assert hub.store.pin_floor() is None  # protected again, entries released
     finally:
         fa.close()
+
+
+class WrongAnswerAgent(FailbackAgent):
+    """Answers the fail-back's DIRTY_QUERY and first READ with an EXTENTS
+    naming their ids before the right answer: an answer of another type."""
+
+    features = p.Feature.FAILBACK | p.Feature.EXTENTS
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.wrong: list[int] = []
+
+    def _wrong_answer(self, msg) -> None:
+        self.wrong.append(msg.request_id)
+        self.send(p.Extents(request_id=msg.request_id, volume=msg.volume, offset=0,
+                            length=CHUNK, extents=[(CHUNK, 1)]))
+
+    def on_DIRTY_QUERY(self, msg: p.DirtyQuery) -> None:
+        self._wrong_answer(msg)
+        super().on_DIRTY_QUERY(msg)
+
+    def on_READ(self, msg: p.Read) -> None:
+        if len(self.wrong) < 2:
+            self._wrong_answer(msg)
+        super().on_READ(msg)
+
+
+def test_an_answer_of_another_type_is_invalid_and_the_failback_goes_on(hubenv):
+    """ER-7: an EXTENTS naming a fail-back's DIRTY_QUERY or READ answers no
+    EXTENT_QUERY: ERROR(INVALID) for each, and the right answers that follow
+    bring the volume home as if nothing had happened."""
+    hub, secrets = hubenv
+    sc = Scene(hub, secrets)
+    fa = WrongAnswerAgent(hub.address, "a1", secrets["a1"]).connect()
+    try:
+        fa.vid, plan = fa.attach(NAME, sc.mv, state=p.VolumeState.DIRTY, generation=sc.gen)
+        assert plan == p.SyncPlan.DEMOTED
+        t, _, outcome = run_failback(hub)
+        t.join(30)
+        assert outcome["result"]["outcome"] == "done", outcome
+        assert len(fa.wrong) == 2, fa.wrong
+        invalid = [(e.request_id, e.code) for e in fa.errors]
+        assert invalid == [(req, p.ErrorCode.INVALID) for req in fa.wrong], fa.errors
+        assert bytes(fa.volumes[fa.vid].buf) == bytes(sc.model) == sc.hub_volume()
+    finally:
+        fa.close()
+
+
+class RefusedAnswerAgent(FailbackAgent):
+    """Answers the fail-back's first READ with a READ_REPLY the codec refuses
+    (an undefined must-understand flag), then behaves."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.refused: list[int] = []
+
+    def on_READ(self, msg: p.Read) -> None:
+        if self.refused:
+            return super().on_READ(msg)
+        self.refused.append(msg.request_id)
+        frame = bytearray(p.encode(p.ReadReply(request_id=msg.request_id, volume=msg.volume,
+                                               offset=msg.offset, data=bytes(msg.length))))
+        frame[7] |= 0x02
+        frame[44:48] = rephub.zlib.crc32(frame[:44]).to_bytes(4, "big")
+        self.send_raw(bytes(frame))
+
+
+def test_a_refused_answer_fails_the_failback_which_runs_again(hubenv):
+    """The hub refuses a malformed READ_REPLY to a fail-back's READ: ERROR to
+    the agent, and the fail-back fails at once naming it (it would otherwise
+    wait for an answer that cannot come); nothing changed, and a re-run on the
+    same connection brings the volume home."""
+    hub, secrets = hubenv
+    sc = Scene(hub, secrets)
+    fa = RefusedAnswerAgent(hub.address, "a1", secrets["a1"]).connect()
+    try:
+        fa.vid, plan = fa.attach(NAME, sc.mv, state=p.VolumeState.DIRTY, generation=sc.gen)
+        assert plan == p.SyncPlan.DEMOTED
+        t, _, outcome = run_failback(hub)
+        t.join(30)
+        assert not t.is_alive()
+        assert "was refused" in outcome.get("error", ""), outcome
+        # The refused READ_REPLY's ERROR, then INVALID for any answer to a READ
+        # of the fail-back that came after it gave up (nothing outstanding, ER-7).
+        assert fa.errors[0].request_id == fa.refused[0], fa.errors
+        assert {e.code for e in fa.errors[1:]} <= {p.ErrorCode.INVALID}, fa.errors
+        assert sc.vol.role is rephub.Role.PROMOTED
+        assert fa.ends() == [p.FailbackOutcome.ABORT]
+        t, _, outcome = run_failback(hub)
+        t.join(30)
+        assert outcome["result"]["outcome"] == "done", outcome
+        assert bytes(fa.volumes[fa.vid].buf) == bytes(sc.model) == sc.hub_volume()
+    finally:
+        fa.close()
