@@ -127,7 +127,6 @@ import enum
 import errno
 import fcntl
 import hashlib
-import http.server
 import json
 import logging
 import mmap
@@ -148,6 +147,7 @@ from typing import Callable
 
 import nbd
 import protocol as p
+from ops import MetricsServer, fmt_bytes, format_table, parse_host_port, prometheus_text, watch
 
 log = logging.getLogger("repagent")
 
@@ -2735,28 +2735,6 @@ AGENT_ERROR_KINDS = ("connect", "connection_lost", "protocol", "bad_frame", "hub
                      "failback")
 
 
-def prometheus_escape(value) -> str:
-    """A label value as the text format wants it: backslash, quote, newline escaped."""
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def prometheus_text(families) -> str:
-    """``families``: (name, type, help, [(labels dict, value), ...]); samples with a
-    value of None are left out.  Returns the exposition text, one family after
-    the other: ``# HELP``, ``# TYPE``, then ``name{label="v"} value`` lines."""
-    out = []
-    for name, kind, text, samples in families:
-        out.append(f"# HELP {name} {text}")
-        out.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            if value is None:
-                continue
-            lab = ",".join(f'{k}="{prometheus_escape(v)}"' for k, v in labels.items())
-            num = repr(float(value)) if isinstance(value, float) else str(int(value))
-            out.append(f"{name}{{{lab}}} {num}" if lab else f"{name} {num}")
-    return "\n".join(out) + "\n"
-
-
 def agent_metrics(st: dict) -> str:
     """The agent's status document (``Agent.status``) as Prometheus text."""
     vols = st["volumes"]
@@ -2802,58 +2780,6 @@ def agent_metrics(st: dict) -> str:
         ("repagent_errors_total", "counter", "Faults logged at WARNING, by kind.",
          [({"kind": k}, n) for k, n in sorted(errors.items())]),
     ])
-
-
-class MetricsServer:
-    """``GET /metrics`` answers ``render()`` as Prometheus text; other paths 404.
-
-    A ``ThreadingHTTPServer`` served by one named daemon thread (each request
-    gets its own short-lived thread); ``close`` stops it and joins the thread.
-    ``address`` is the bound (host, port), so port 0 picks a free one.
-    """
-
-    def __init__(self, listen: tuple[str, int], render, name: str):
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's name
-                """A request thread of the metrics server."""
-                if self.path.split("?", 1)[0] != "/metrics":
-                    self.send_error(404, "only /metrics is served here")
-                    return
-                try:
-                    body = render().encode()
-                except Exception as err:  # noqa: BLE001 - a scrape never kills the server
-                    log.warning("metrics: building the status failed: %r", err)
-                    self.send_error(500, "status unavailable")
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, fmt, *args):
-                log.debug("metrics: %s %s", self.address_string(), fmt % args)
-
-        server_class = http.server.ThreadingHTTPServer
-        if ":" in listen[0]:
-            server_class = type("ThreadingHTTPServer6", (server_class,),
-                                {"address_family": socket.AF_INET6})
-        self.server = server_class(listen, Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.5,),
-                                       name=name, daemon=True)
-        self.thread.start()
-        log.info("metrics on http://%s:%d/metrics", *self.address)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return self.server.server_address[:2]
-
-    def close(self) -> None:
-        """Stop serving and join the server thread (the stopping thread)."""
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
 
 
 # ---------------------------------------------------------------------------
@@ -3240,7 +3166,10 @@ def parse_listen(text: str):
     """``unix:PATH`` -> PATH; ``HOST:PORT`` -> (HOST, PORT)."""
     if text.startswith("unix:"):
         return check_unix_path(os.path.abspath(text[5:]), "--listen socket")
-    return parse_hostport(text)
+    try:
+        return parse_host_port(text)
+    except argparse.ArgumentTypeError:
+        raise ValueError(f"--listen {text!r}: expected unix:PATH or HOST:PORT") from None
 
 
 def export_uri(address, export: str) -> str:
@@ -3415,13 +3344,6 @@ def cmd_qmp(args) -> int:
 # Command line
 
 
-def parse_hostport(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
-
-
 def unasked(msg: p.Message) -> p.Error:
     """The ERROR for an answer to no request of ours outstanding (PROTOCOL.md
     ER-7): it is not acted on, and the hub hears why."""
@@ -3479,7 +3401,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "nbd+unix:///EXPORT?socket=PATH or nbd://HOST:PORT/EXPORT); "
                                "a node without --source\nmust be raw over a plain file, "
                                "which is then read directly.")
-    pr.add_argument("--hub", required=True, type=parse_hostport, help="HOST:PORT of rephub")
+    pr.add_argument("--hub", required=True, type=parse_host_port, help="HOST:PORT of rephub")
     pr.add_argument("--agent-id", required=True)
     pr.add_argument("--secret-file", required=True,
                     help="file holding the 64-hex-digit secret (rephub.py add-agent)")
@@ -3515,7 +3437,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="on SIGTERM also tear the mirror jobs down")
     pr.add_argument("--fsync-bitmap", action="store_true",
                     help="msync the bitmap before answering QEMU (host-crash durability)")
-    pr.add_argument("--metrics-listen", type=parse_hostport, metavar="HOST:PORT",
+    pr.add_argument("--metrics-listen", type=parse_host_port, metavar="HOST:PORT",
                     help="serve Prometheus metrics on http://HOST:PORT/metrics")
     pr.add_argument("--accept-failback", action="store_true",
                     help="let the hub write a demoted volume back (rephub.py failback): "
@@ -3540,7 +3462,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rc = sub.add_parser("recover", help="serve a replica at a point as an NBD export for a "
                         "recovery VM; every IO goes to the hub (fail-over test or fail-over)")
-    rc.add_argument("--hub", required=True, type=parse_hostport, help="HOST:PORT of rephub")
+    rc.add_argument("--hub", required=True, type=parse_host_port, help="HOST:PORT of rephub")
     rc.add_argument("--agent-id", required=True)
     rc.add_argument("--secret-file", required=True)
     rc.add_argument("--volume", required=True, help="hub volume name")
@@ -3626,7 +3548,7 @@ def cmd_protect(args) -> int:
         try:
             agent.metrics = MetricsServer(args.metrics_listen,
                                           lambda: agent_metrics(agent.status()),
-                                          "repagent-metrics")
+                                          "repagent-metrics", log)
         except OSError as err:
             log.error("cannot serve metrics on %s:%d: %s", *args.metrics_listen, err)
             agent.stop()
@@ -3686,26 +3608,6 @@ def query_status(state_dir: str, timeout: float = CONTROL_TIMEOUT) -> dict:
     return json.loads(buf)
 
 
-def fmt_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB' (binary units, as rephub prints them)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n}"  # pragma: no cover
-
-
-def format_table(headers: list[str], rows: list[list[str]], right=()) -> list[str]:
-    """Columns as wide as their widest cell; the columns numbered in ``right``
-    (sizes, counts) are right-aligned so their units line up."""
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-
-    def line(cells):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    return [line(headers)] + [line(r) for r in rows]
-
-
 def format_status(status: dict) -> str:
     """``repagent.py status`` for a person: the link, then one row per volume."""
     age = status["last_ack_age_s"]
@@ -3758,47 +3660,14 @@ def format_status(status: dict) -> str:
     return "\n".join(lines)
 
 
-#: Home the cursor and clear the screen (ANSI), for ``status --watch`` on a terminal.
-CLEAR_SCREEN = "\x1b[H\x1b[2J"
-
-
-def watch(fetch, render, interval: float, as_json: bool, failures) -> int:
-    """``status --watch``: redraw every ``interval`` seconds until Ctrl-C (exit 0).
-
-    On a terminal the screen is cleared before each table; otherwise (a pipe,
-    a log) tables follow one another.  With ``as_json`` each refresh is one
-    JSON document on one line.  A failed ``fetch`` (agent not running yet, or
-    restarting) is shown and retried, not fatal."""
-    clear = sys.stdout.isatty() and not as_json
-    try:
-        while True:
-            try:
-                st, err = fetch(), None
-            except failures as e:
-                st, err = None, e
-            if as_json:
-                if err is not None:
-                    print(f"status: {err}", file=sys.stderr, flush=True)
-                else:
-                    print(json.dumps(st), flush=True)
-            else:
-                now = time.strftime("%H:%M:%S", time.gmtime())
-                body = f"status: {err}" if err is not None else render(st)
-                print(f"{CLEAR_SCREEN if clear else ''}every {interval:g} s, {now} UTC"
-                      f" (Ctrl-C to stop)\n{body}\n", flush=True)
-            time.sleep(interval)
-    except KeyboardInterrupt:
-        return 0
-
-
 def cmd_status(args) -> int:
     if args.watch is not None:
-        if args.watch <= 0:
-            print(f"repagent.py: --watch {args.watch}: the interval must be > 0 seconds",
-                  file=sys.stderr)
+        try:
+            return watch(lambda: query_status(args.state_dir), format_status, args.watch,
+                         args.json, (OSError, ValueError))
+        except ValueError as err:  # the interval
+            print(f"repagent.py: {err}", file=sys.stderr)
             return 2
-        return watch(lambda: query_status(args.state_dir), format_status, args.watch,
-                     args.json, (OSError, ValueError))
     try:
         status = query_status(args.state_dir)
     except (OSError, ValueError) as err:

@@ -151,12 +151,10 @@ import bisect
 import collections
 import ctypes
 import dataclasses
-import datetime
 import enum
 import errno
 import fcntl
 import hashlib
-import http.server
 import itertools
 import json
 import logging
@@ -176,6 +174,7 @@ import time
 import zlib
 
 import protocol as p
+from ops import MetricsServer, fmt_bytes, format_table, parse_host_port, prometheus_text, watch
 
 log = logging.getLogger("rephub")
 
@@ -568,14 +567,6 @@ def merge_ranges(ranges) -> list[tuple[int, int]]:
         else:
             merged.append([start, end])
     return [(s, e) for s, e in merged]
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n}"  # pragma: no cover
 
 
 def fmt_time_ns(ns: int | None) -> str:
@@ -4569,7 +4560,8 @@ class Hub:
         if self.metrics_listen is not None:
             try:
                 self.metrics = MetricsServer(self.metrics_listen,
-                                             lambda: hub_metrics(self.status()), "rephub-metrics")
+                                             lambda: hub_metrics(self.status()),
+                                             "rephub-metrics", log)
             except OSError as err:
                 raise OSError(err.errno, f"--metrics-listen {self.metrics_listen[0]}:"
                               f"{self.metrics_listen[1]}: {err.strerror}") from err
@@ -5015,28 +5007,6 @@ HUB_ERROR_KINDS = ("handshake", "auth", "protocol", "request", "connection_lost"
                    "refused")
 
 
-def prometheus_escape(value) -> str:
-    """A label value as the text format wants it: backslash, quote, newline escaped."""
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def prometheus_text(families) -> str:
-    """``families``: (name, type, help, [(labels dict, value), ...]); samples with a
-    value of None are left out.  Returns the exposition text, one family after
-    the other: ``# HELP``, ``# TYPE``, then ``name{label="v"} value`` lines."""
-    out = []
-    for name, kind, text, samples in families:
-        out.append(f"# HELP {name} {text}")
-        out.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            if value is None:
-                continue
-            lab = ",".join(f'{k}="{prometheus_escape(v)}"' for k, v in labels.items())
-            num = repr(float(value)) if isinstance(value, float) else str(int(value))
-            out.append(f"{name}{{{lab}}} {num}" if lab else f"{name} {num}")
-    return "\n".join(out) + "\n"
-
-
 def hub_metrics(st: dict) -> str:
     """The hub's status document (``Hub.status``) as Prometheus text."""
     vols = st["volumes"]
@@ -5088,58 +5058,6 @@ def hub_metrics(st: dict) -> str:
          + [({"fault": d["fault"], "volume": d["volume"]}, 1)
             for d in st.get("degraded", ()) if d["volume"] is not None]),
     ])
-
-
-class MetricsServer:
-    """``GET /metrics`` answers ``render()`` as Prometheus text; other paths 404.
-
-    A ``ThreadingHTTPServer`` served by one named daemon thread (each request
-    gets its own short-lived thread); ``close`` stops it and joins the thread.
-    ``address`` is the bound (host, port), so port 0 picks a free one.
-    """
-
-    def __init__(self, listen: tuple[str, int], render, name: str):
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's name
-                """A request thread of the metrics server."""
-                if self.path.split("?", 1)[0] != "/metrics":
-                    self.send_error(404, "only /metrics is served here")
-                    return
-                try:
-                    body = render().encode()
-                except Exception as err:  # noqa: BLE001 - a scrape never kills the server
-                    log.warning("metrics: building the status failed: %r", err)
-                    self.send_error(500, "status unavailable")
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, fmt, *args):
-                log.debug("metrics: %s %s", self.address_string(), fmt % args)
-
-        server_class = http.server.ThreadingHTTPServer
-        if ":" in listen[0]:
-            server_class = type("ThreadingHTTPServer6", (server_class,),
-                                {"address_family": socket.AF_INET6})
-        self.server = server_class(listen, Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.5,),
-                                       name=name, daemon=True)
-        self.thread.start()
-        log.info("metrics on http://%s:%d/metrics", *self.address)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return self.server.server_address[:2]
-
-    def close(self) -> None:
-        """Stop serving and join the server thread (the stopping thread)."""
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
 
 
 class ControlServer:
@@ -5366,17 +5284,6 @@ class CommandError(Exception):
     """A CLI command failed; the message is for the operator."""
 
 
-def format_table(headers: list[str], rows: list[list[str]], right=()) -> list[str]:
-    """Columns as wide as their widest cell; the columns numbered in ``right``
-    (sizes, times) are right-aligned so their units line up."""
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-
-    def line(cells):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    return [line(headers)] + [line(r) for r in rows]
-
-
 def volume_state_words(v: dict) -> str:
     """What a volume's state means for an operator (the JSON keeps ``state``)."""
     running = bool(v["sync"] and v["sync"].get("running"))
@@ -5580,45 +5487,13 @@ def cmd_status(args) -> int:
             raise CommandError(f"the hub on {args.data} does not answer within "
                                f"{QUICK_REPLY:.0f} s (stopped or overloaded?)") from err
     if args.watch is not None:
-        return watch(fetch, format_status, args.watch, args.json, (CommandError, OSError))
+        try:
+            return watch(fetch, format_status, args.watch, args.json, (CommandError, OSError))
+        except ValueError as err:  # the interval
+            raise CommandError(str(err)) from None
     st = fetch()
     print(json.dumps(st, indent=1) if args.json else format_status(st))
     return 0
-
-
-#: Home the cursor and clear the screen (ANSI), for ``status --watch`` on a terminal.
-CLEAR_SCREEN = "\x1b[H\x1b[2J"
-
-
-def watch(fetch, render, interval: float, as_json: bool, failures) -> int:
-    """``status --watch``: redraw every ``interval`` seconds until Ctrl-C (exit 0).
-
-    On a terminal the screen is cleared before each table; otherwise (a pipe,
-    a log) tables follow one another.  With ``as_json`` each refresh is one
-    JSON document on one line.  A failed ``fetch`` (hub or agent not running
-    yet, or restarting) is shown and retried, not fatal."""
-    if interval <= 0:
-        raise CommandError(f"--watch {interval}: the interval must be > 0 seconds")
-    clear = sys.stdout.isatty() and not as_json
-    try:
-        while True:
-            try:
-                st, err = fetch(), None
-            except failures as e:
-                st, err = None, e
-            if as_json:
-                if err is not None:
-                    print(f"status: {err}", file=sys.stderr, flush=True)
-                else:
-                    print(json.dumps(st), flush=True)
-            else:
-                now = datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S")
-                body = f"status: {err}" if err is not None else render(st)
-                print(f"{CLEAR_SCREEN if clear else ''}every {interval:g} s, {now} UTC"
-                      f" (Ctrl-C to stop)\n{body}\n", flush=True)
-            time.sleep(interval)
-    except KeyboardInterrupt:
-        return 0
 
 
 def through_hub_or_store(args, req: dict, offline, **request_options):
@@ -5819,14 +5694,6 @@ def cmd_failback(args) -> int:
               f"{fmt_bytes(lw['bytes'])} saved in {res['late_writes_dir']}, "
               f"{res['seconds']:.1f} s; protection from {res['agent']} resumes")
     return 0
-
-
-def parse_host_port(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6; an empty host means every address)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def positive_seconds(text: str) -> float:

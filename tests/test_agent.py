@@ -9,6 +9,7 @@ until the test lets it go, to catch a write in the middle of a READ.
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import threading
@@ -166,7 +167,13 @@ def test_sizes_and_uris_and_qemu_names():
     assert (job, target, top) == ("ra-disk0", "ra-disk0-tgt", "ra-disk0-top")
     long = ra.qemu_names("n" * 40)
     assert all(len(name) <= 31 for name in long)
-    assert ra.parse_hostport("127.0.0.1:7000") == ("127.0.0.1", 7000)
+    assert ra.parse_host_port("127.0.0.1:7000") == ("127.0.0.1", 7000)
+    assert ra.parse_host_port("[::1]:7000") == ("::1", 7000)
+    for bad in ("127.0.0.1", "h:port", "h:65536"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected HOST:PORT"):
+            ra.parse_host_port(bad)
+    with pytest.raises(ValueError, match="expected unix:PATH or HOST:PORT"):
+        ra.parse_listen("nope")
     assert ra.parse_node("disk0=vm1-root") == ("disk0", "vm1-root")
     with pytest.raises(Exception, match="characters"):
         ra.parse_node("disk0=../x")

@@ -24,6 +24,7 @@ import urllib.request
 
 import pytest
 
+import ops
 import protocol as p
 import repagent as ra
 import rephub
@@ -80,9 +81,9 @@ def scrape(address, path="/metrics") -> dict:
 
 def test_label_values_are_escaped_and_parse_back():
     name = 'disk "a"\\b\nc'
-    text = rephub.prometheus_text([("x_total", "counter", "h", [({"volume": name}, 7)])])
+    text = ops.prometheus_text([("x_total", "counter", "h", [({"volume": name}, 7)])])
     assert value(parse_metrics(text), "x_total", volume=name) == 7
-    assert ra.prometheus_text([("y", "gauge", "h", [({"v": name}, 1.5)])]) == \
+    assert ops.prometheus_text([("y", "gauge", "h", [({"v": name}, 1.5)])]) == \
         '# HELP y h\n# TYPE y gauge\ny{v="disk \\"a\\"\\\\b\\nc"} 1.5\n'
 
 
@@ -222,7 +223,7 @@ def agent_rig(tmp_path):
 def test_agent_metrics_show_dirty_queue_sent_and_errors(agent_rig):
     agent, vol, hub = agent_rig
     agent.metrics = ra.MetricsServer(("127.0.0.1", 0), lambda: ra.agent_metrics(agent.status()),
-                                     "repagent-metrics")
+                                     "repagent-metrics", ra.log)
     addr = agent.metrics.address
     agent.protected_write(vol, 4096, 8192, memoryview(b"x" * 8192), lambda code: None)
     msg = p.recv_message(hub)
@@ -319,3 +320,12 @@ def test_agent_status_watch_redraws_until_ctrl_c(agent_rig):
                      lambda x: x.startswith("every 0.2 s"))
     assert any(x.startswith("vol0 ") and "attached" in x for x in seen), seen
     assert any("-> hub 127.0.0.1:1: connected" in x for x in seen), seen
+
+
+@pytest.mark.parametrize("daemon", ["repagent.py", "rephub.py"])
+@pytest.mark.parametrize("interval", ["0", "-1"])
+def test_watch_refuses_an_interval_that_is_not_positive(tmp_path, daemon, interval):
+    where = ["--state-dir" if daemon == "repagent.py" else "--data", str(tmp_path)]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, daemon), "status", *where,
+                        "--watch", interval], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "the interval must be > 0 seconds" in r.stderr, r
