@@ -154,6 +154,7 @@ import dataclasses
 import enum
 import errno
 import fcntl
+import functools
 import hashlib
 import itertools
 import json
@@ -1064,6 +1065,47 @@ class Journal:
                 self.durable_cond.wait(remaining if remaining is not None else 1.0)
             return True
 
+    def fence(self, change) -> int:
+        """Run ``change()`` under the append lock and return the last seq appended.
+
+        Every later ``append`` runs its ``check`` after ``change``, so a state
+        ``change`` sets (a promotion, a fail-back's fence) that the check
+        refuses holds for every record after the seq returned.  ``change``
+        is in-memory work only: every append waits for it."""
+        with self.lock:
+            change()
+            return self.last_seq
+
+    def resume(self) -> None:
+        """Take records again after a storage fault (the storage watcher): a
+        segment a failed append left broken is first cut back to its last
+        whole record.  OSError if that still fails (the fault stays)."""
+        with self.lock:
+            if self.log.broken is not None:
+                self.log.repair()
+            for fault in JOURNAL_FAULTS:
+                self.health.clear(fault)
+
+    def drop_segment(self, seg: int, nxt: int) -> None:
+        """Retention: forget the records before ``nxt`` and delete segment
+        ``seg``, which holds them (``nxt`` is the next segment's first seq)."""
+        with self.lock:
+            del self.records[:max(nxt - self.first_seq, 0)]
+            self.first_seq = nxt
+            self.checkpoints = [c for c in self.checkpoints if c[0] >= nxt]
+            self.log.delete_segment(seg)
+
+    def seq_at_time(self, t_ns: int) -> int | None:
+        """The last durable seq at time ``t_ns``: the last record stamped at or
+        before it (the durable end if that is the newest); None if ``t_ns`` is
+        before the oldest record."""
+        with self.lock:
+            times = [r.time_ns for r in self.records]
+            i = bisect.bisect_right(times, t_ns)
+            if i == 0:
+                return None
+            return self.records[i - 1].seq if i < len(times) else self.durable_seq
+
     def record(self, seq: int) -> Record | None:
         with self.lock:
             i = seq - self.first_seq
@@ -1201,6 +1243,7 @@ class Volume:
         self.attach_lock = threading.RLock()   # attached_to, sync: take-over vs completion
         self.journaled_bytes = 0          # WRITE data journaled since start (metrics)
         self.failback = None              # the running (or last) Failback, for status
+        self.promoting: dict | None = None  # a promotion decided, not yet persisted (Roles)
         self.last_scrub: dict | None = None
 
     name = property(lambda self: self.meta["name"])
@@ -1209,6 +1252,19 @@ class Volume:
     owner = property(lambda self: self.meta["owner"])
     state = property(lambda self: VolState(self.meta["state"]))
     role = property(lambda self: Role(self.meta.get("role", Role.PROTECTED)))
+
+    def set_aside_of(self, seq: int) -> dict | None:
+        """The promotion that set record ``seq`` of this volume aside, if any."""
+        for pr in self.meta.get("promotions", ()):
+            if pr["set_aside_from"] <= seq <= pr["set_aside_to"]:
+                return pr
+        return None
+
+    def current_promotions(self) -> list[dict]:
+        """The promotions since the last fail-back: what a fail-back undoes."""
+        failbacks = self.meta.get("failbacks", ())
+        since = failbacks[-1]["time_ns"] if failbacks else 0
+        return [pr for pr in self.meta.get("promotions", ()) if pr["time_ns"] > since]
 
     def update(self, **changes) -> None:
         """Change and persist metadata atomically (any thread).  If it cannot be
@@ -1283,6 +1339,7 @@ class VolumeStore:
         self.applier_error: BaseException | None = None
         self.apply_waiters = 0
         self.pins: collections.Counter = collections.Counter()  # seq -> sessions reading it
+        self.roles = Roles(self)
 
     # -- opening -------------------------------------------------------------
 
@@ -1336,7 +1393,7 @@ class VolumeStore:
             if any(not pr["rolled_back"] for pr in vol.meta.get("promotions", ())):
                 log.warning("volume %s: its promotion was interrupted; rolling back again",
                             vol.name)
-                self._roll_back(vol)
+                self.roll_back(vol)
 
     def _handle_damage(self) -> None:
         """Damage at rest found by the scans (SegmentLog._damaged), first seen now:
@@ -1393,7 +1450,7 @@ class VolumeStore:
                 self.undo_committed_seq = rec.seq
             elif rec.kind == RecordKind.UNDO and rec.volume in self.by_id:
                 vol = self.by_id[rec.volume]
-                pr = self.set_aside_of(vol, rec.seq)
+                pr = vol.set_aside_of(rec.seq)
                 if pr is None or not pr["rolled_back"]:  # a pending roll back needs it
                     vol.undo.append(rec)
         # Points older than an undo record lost to damage cannot be rebuilt.
@@ -1443,17 +1500,13 @@ class VolumeStore:
             log.debug("storage still full: %s free, %s needed", fmt_bytes(free),
                       fmt_bytes(needed))
             return False
-        with self.journal.lock:
-            try:
-                if self.journal.log.broken is not None:
-                    self.journal.log.repair()
-            except OSError as err:
-                log.debug("journal segment still cannot be cut back: %s", err)
-                return False
-            for fault in JOURNAL_FAULTS:
-                self.health.clear(fault)
-            for volume in self.health.active(Fault.METADATA_IO):
-                self.health.clear(Fault.METADATA_IO, volume)
+        try:
+            self.journal.resume()
+        except OSError as err:
+            log.debug("journal segment still cannot be cut back: %s", err)
+            return False
+        for volume in self.health.active(Fault.METADATA_IO):
+            self.health.clear(Fault.METADATA_IO, volume)
         if self.on_reopened is not None:
             self.on_reopened()
         return True
@@ -1558,12 +1611,11 @@ class VolumeStore:
                     flags: int = 0, recovery: bool = False) -> Record:
         """Journal a WRITE (``data``) or ZERO (``data`` None) for ``vol``; not yet durable.
 
-        Unless ``recovery`` (a FAILOVER session's write), a promoted volume refuses
-        it with ERROR(ROLE), checked under the journal lock so that no write of
-        the protected side can slip in after a promotion (RC-7); a ``recovery``
-        write is refused once a fail-back fenced the volume (FB-12), under the
-        same lock so that none slips in after the fence."""
-        check = (lambda: self.check_fence(vol)) if recovery else (lambda: self.check_role(vol))
+        ``Roles.check_writer`` decides under the journal lock whether the side
+        writing (``recovery``: a FAILOVER session) may: ERROR(ROLE) for the
+        protected side once the volume is promoted (RC-7), for the recovery
+        side once a fail-back fenced it (FB-12); none slips in after either."""
+        check = functools.partial(self.roles.check_writer, vol, recovery)
         if data is None:
             rec = self.journal.append(RecordKind.ZERO, vol.id, offset, length, flags=flags,
                                       check=check)
@@ -1575,22 +1627,6 @@ class VolumeStore:
             if data is not None:
                 vol.journaled_bytes += length
         return rec
-
-    @staticmethod
-    def check_role(vol: Volume) -> None:
-        if vol.role is Role.PROMOTED:
-            pr = vol.meta.get("promotions", [{}])[-1]
-            raise p.RequestError(f"volume {vol.name} was promoted at {pr.get('point')!r} "
-                                 f"({fmt_time_ns(pr.get('time_ns'))}): the recovery site owns "
-                                 "it now and writes from the protected side are refused",
-                                 code=p.ErrorCode.ROLE)
-
-    @staticmethod
-    def check_fence(vol: Volume) -> None:
-        fb = vol.failback
-        if fb is not None and fb.fenced:
-            raise p.RequestError(f"volume {vol.name} is failing back to agent {fb.agent}",
-                                 code=p.ErrorCode.ROLE)
 
     def _count_unapplied(self, rec: Record) -> None:
         vol = self.by_id.get(rec.volume)
@@ -1700,7 +1736,7 @@ class VolumeStore:
                 vol = self.by_id.get(rec.volume)
                 if (rec.kind in (RecordKind.WRITE, RecordKind.ZERO) and vol is not None
                         and rec.seq > self.undo_committed_seq
-                        and self.set_aside_of(vol, rec.seq) is None):
+                        and vol.set_aside_of(rec.seq) is None):
                     parts = self._capture_undo(vol, rec.offset, rec.length)
                     urec = self.undo_log.append(rec.seq, RecordKind.UNDO, 0, rec.time_ns,
                                                 vol.id, rec.offset, rec.length, parts)
@@ -1712,7 +1748,7 @@ class VolumeStore:
         with self.apply_lock:
             for rec in batch:
                 vol = self.by_id.get(rec.volume)
-                if vol is not None and self.set_aside_of(vol, rec.seq) is not None:
+                if vol is not None and vol.set_aside_of(rec.seq) is not None:
                     pass  # set aside by a promotion: kept in the journal, never applied
                 elif rec.kind == RecordKind.WRITE and vol is not None:
                     self.journal.log.copy_payload(rec, vol.fd, rec.offset)
@@ -1815,12 +1851,7 @@ class VolumeStore:
             too_big = j.log.total_bytes() + self.undo_log.total_bytes() > self.max_bytes
             if not (too_old or too_big):
                 break
-            with j.lock:
-                drop = nxt - j.first_seq
-                del j.records[:max(drop, 0)]
-                j.first_seq = nxt
-                j.checkpoints = [c for c in j.checkpoints if c[0] >= nxt]
-                j.log.delete_segment(seg)
+            j.drop_segment(seg, nxt)
             log.info("journal segment %d dropped (%s); window now starts after seq %d",
                      seg, "older than retention" if too_old else "over --journal-max-bytes",
                      nxt - 1)
@@ -1852,7 +1883,7 @@ class VolumeStore:
             if agent != vol.owner:
                 continue
             cp = dict(name=name, seq=seq, time_ns=t, time=fmt_time_ns(t))
-            pr = self.set_aside_of(vol, seq)
+            pr = vol.set_aside_of(seq)
             why = (f"set aside by the promotion at {pr['point']!r}" if pr
                    else self.seq_problem(vol, seq))
             if why:
@@ -1917,18 +1948,15 @@ class VolumeStore:
                     raise PointError(f"point {point!r} is not 'latest', a checkpoint of "
                                      f"agent {vol.owner} in the window, or an RFC 3339 UTC "
                                      f"time such as {POINT_EXAMPLE}")
-                with j.lock:
-                    times = [r.time_ns for r in j.records]
-                    i = bisect.bisect_right(times, t_ns)
-                    if i == 0:
-                        oldest = fmt_time_ns(times[0]) if times else "none"
-                        raise PointError(f"point {point} is before the journal window "
-                                         f"(oldest {oldest})")
-                    seq = j.records[i - 1].seq if i < len(times) else j.durable_seq
+                seq = j.seq_at_time(t_ns)
+                if seq is None:
+                    oldest = j.record(j.first_seq)
+                    raise PointError(f"point {point} is before the journal window (oldest "
+                                     f"{fmt_time_ns(oldest.time_ns) if oldest else 'none'})")
         if seq < self.window_start():
             raise PointError(f"point {point!r} (seq {seq}) is outside the journal window "
                              f"(oldest seq {self.window_start()})")
-        pr = self.set_aside_of(vol, seq)
+        pr = vol.set_aside_of(seq)
         if set_aside and pr is None:
             raise PointError(f"point {point!r} (seq {seq}) of volume {vol.name} is not in a "
                              "range set aside by a promotion")
@@ -2079,7 +2107,7 @@ class VolumeStore:
                 f"{len(bad)} damaged chunks" if bad else "no damage", result["seconds"])
         return result
 
-    # -- recovery: resync intervals, promotion, pins ------------------------------
+    # -- recovery: resync intervals, pins, rolling back a promotion -------------------
 
     def resync_begins(self, vol: Volume) -> bool:
         """A DIRTY/VERIFY resync of a consistent volume starts: points after the
@@ -2098,14 +2126,6 @@ class VolumeStore:
         if spans and spans[-1][1] is None:
             spans[-1][1] = max(self.journal.last_seq, spans[-1][0] + 1)
             vol.update(resyncs=spans)
-
-    @staticmethod
-    def set_aside_of(vol: Volume, seq: int) -> dict | None:
-        """The promotion that set record ``seq`` of ``vol`` aside, if any."""
-        for pr in vol.meta.get("promotions", ()):
-            if pr["set_aside_from"] <= seq <= pr["set_aside_to"]:
-                return pr
-        return None
 
     def seq_problem(self, vol: Volume, seq: int) -> str | None:
         """Why the state of ``vol`` right after ``seq`` cannot be recovered, or None."""
@@ -2142,44 +2162,10 @@ class VolumeStore:
                 seqs += [pr["point_seq"] for pr in vol.meta.get("promotions", ())
                          if pr.get("kept", True)]
                 if vol.role is Role.PROMOTED:
-                    seqs += [pr["point_seq"] for pr in self.current_promotions(vol)]
+                    seqs += [pr["point_seq"] for pr in vol.current_promotions()]
         return min(seqs) if seqs else None
 
-    @staticmethod
-    def current_promotions(vol: Volume) -> list[dict]:
-        """The promotions of ``vol`` since its last fail-back: what a fail-back undoes."""
-        failbacks = vol.meta.get("failbacks", ())
-        since = failbacks[-1]["time_ns"] if failbacks else 0
-        return [pr for pr in vol.meta.get("promotions", ()) if pr["time_ns"] > since]
-
-    def promote(self, vol: Volume, seq: int, point: str) -> dict:
-        """Make ``vol`` at ``seq`` the start of its new history (PROTOCOL.md RC-6, RC-7).
-
-        From the moment the promotion is persisted (under the journal lock, so no
-        protected write can slip in) writes of the protected side are refused
-        (``append_data``), journal entries of ``vol`` after ``seq`` are set aside:
-        kept in the journal and exportable, never applied again.  Then the
-        replica is rolled back to ``seq``.  A crash in between redoes the roll
-        back at the next open (it is idempotent)."""
-        j = self.journal
-        with j.lock:
-            last = j.last_seq
-            promos = [dict(pr) for pr in vol.meta.get("promotions", [])]
-            pr = dict(point=point, point_seq=seq, set_aside_from=seq + 1, set_aside_to=last,
-                      time_ns=time.time_ns(), rolled_back=False, kept=True)
-            spans = [[lo, last if hi is None else hi] for lo, hi in vol.meta.get("resyncs", [])]
-            vol.update(role=Role.PROMOTED.value, promotions=promos + [pr], resyncs=spans)
-        log.info("volume %s promoted at %r (seq %d); %s", vol.name, point, seq,
-                 f"its journal entries {seq + 1}..{last} are set aside" if last > seq
-                 else "no newer journal entry to set aside")
-        if not j.wait_durable(last, timeout=60):
-            raise p.RequestError("journal not durable", code=p.ErrorCode.IO_ERROR)
-        self.wait_applied(last)
-        self._roll_back(vol)
-        return dict(volume=vol.name, point=point, seq=seq, set_aside_from=seq + 1,
-                    set_aside_to=last, time=fmt_time_ns(pr["time_ns"]))
-
-    def _roll_back(self, vol: Volume) -> None:
+    def roll_back(self, vol: Volume) -> None:
         """Write the state at each pending promotion's point back into the replica."""
         promos = [dict(pr) for pr in vol.meta.get("promotions", [])]
         for pr in promos:
@@ -2212,7 +2198,7 @@ class VolumeStore:
     def export_set_aside(self, vol: Volume, seq: int, out_path: str, progress=None) -> int:
         """Export the old history at a set-aside ``seq``: the promotion point, then
         the volume's set-aside journal records up to ``seq`` replayed on top."""
-        pr = self.set_aside_of(vol, seq)
+        pr = vol.set_aside_of(seq)
         written = self.export(vol, pr["point_seq"], out_path, progress)
         fd = os.open(out_path, os.O_WRONLY)
         try:
@@ -2232,7 +2218,86 @@ class VolumeStore:
             os.close(fd)
         return written
 
-    def release_set_aside(self, vol: Volume) -> int:
+
+
+
+# ---------------------------------------------------------------------------
+# Roles: who may write a volume, and promotion (PROTOCOL.md RC-6, RC-7, FB-12)
+
+
+class Roles:
+    """The role policy over the store: which side may write a volume's replica.
+
+    A PROTECTED volume takes its agent's stream; promoting it at a point hands
+    it to the recovery site, after which the protected side's writes are
+    refused with ERROR(ROLE) (RC-7) and a FAILOVER session's writes are taken
+    until a fail-back fences them (FB-12).  Both refusals are decided by
+    ``check_writer``, which ``VolumeStore.append_data`` runs under the
+    journal's append lock: a change made with ``Journal.fence`` holds for
+    every record after the seq it returns.  A fail-back gives the volume back
+    (``Failback``, which sets the role to PROTECTED).
+    """
+
+    def __init__(self, store: VolumeStore):
+        self.store = store
+
+    @staticmethod
+    def check_writer(vol: Volume, recovery: bool) -> None:
+        """Under the journal lock: refuse a write of the side that does not own
+        ``vol`` (``recovery``: a FAILOVER session's write) with ROLE."""
+        if recovery:
+            fb = vol.failback
+            if fb is not None and fb.fenced:
+                raise p.RequestError(f"volume {vol.name} is failing back to agent {fb.agent}",
+                                     code=p.ErrorCode.ROLE)
+            return
+        pr = vol.promoting
+        if pr is None and vol.role is Role.PROMOTED:
+            pr = vol.meta.get("promotions", [{}])[-1]
+        if pr is not None:
+            raise p.RequestError(f"volume {vol.name} was promoted at {pr.get('point')!r} "
+                                 f"({fmt_time_ns(pr.get('time_ns'))}): the recovery site owns "
+                                 "it now and writes from the protected side are refused",
+                                 code=p.ErrorCode.ROLE)
+
+    def promote(self, vol: Volume, seq: int, point: str) -> dict:
+        """Make ``vol`` at ``seq`` the start of its new history (RC-6, RC-7).
+
+        The promotion is decided under the journal's append lock (``fence``):
+        no protected write is journaled after ``last``, the seq it returns.
+        Journal entries of ``vol`` after ``seq`` up to ``last`` are set aside:
+        kept in the journal and exportable, never applied again.  The decision
+        is then persisted in the volume's metadata (an fsync, outside the
+        lock; protected writes are refused meanwhile, and kept marked by the
+        agent if the promotion fails), and the replica is rolled back to
+        ``seq``.  A crash after the metadata is written redoes the roll back
+        at the next open (it is idempotent)."""
+        store, j = self.store, self.store.journal
+        pr = dict(point=point, point_seq=seq, set_aside_from=seq + 1,
+                  time_ns=time.time_ns(), rolled_back=False, kept=True)
+
+        def decide():
+            vol.promoting = pr
+        last = j.fence(decide)
+        try:
+            pr["set_aside_to"] = last
+            promos = [dict(x) for x in vol.meta.get("promotions", [])]
+            spans = [[lo, last if hi is None else hi] for lo, hi in vol.meta.get("resyncs", [])]
+            vol.update(role=Role.PROMOTED.value, promotions=promos + [pr], resyncs=spans)
+        finally:
+            vol.promoting = None   # refused from here on by the persisted role
+        log.info("volume %s promoted at %r (seq %d); %s", vol.name, point, seq,
+                 f"its journal entries {seq + 1}..{last} are set aside" if last > seq
+                 else "no newer journal entry to set aside")
+        if not j.wait_durable(last, timeout=60):
+            raise p.RequestError("journal not durable", code=p.ErrorCode.IO_ERROR)
+        store.wait_applied(last)
+        store.roll_back(vol)
+        return dict(volume=vol.name, point=point, seq=seq, set_aside_from=seq + 1,
+                    set_aside_to=last, time=fmt_time_ns(pr["time_ns"]))
+
+    @staticmethod
+    def release_set_aside(vol: Volume) -> int:
         """The operator gives up the set-aside entries: retention may drop them."""
         promos = [dict(pr, kept=False) for pr in vol.meta.get("promotions", [])]
         vol.update(promotions=promos)
@@ -4063,7 +4128,7 @@ class Failback(Requester):
         self.started = time.monotonic()
         self.started_ns = time.time_ns()
         self.last_emit = 0.0
-        promos = self.store.current_promotions(vol)
+        promos = vol.current_promotions()
         #: Records of the volume after this seq are its writes since the promotion:
         #: the set-aside ones and the recovery site's (PROTOCOL.md FB-8).
         self.since_seq = min(pr["point_seq"] for pr in promos) if promos else \
@@ -4376,7 +4441,7 @@ class Failback(Requester):
                 break
             for rec in recs:
                 if rec.volume == vol.id and rec.kind in (RecordKind.WRITE, RecordKind.ZERO):
-                    into = aside if self.store.set_aside_of(vol, rec.seq) else recovery
+                    into = aside if vol.set_aside_of(rec.seq) else recovery
                     into.append((rec.offset, rec.end))
             after = recs[-1].seq
         return merge_ranges(aside), merge_ranges(recovery), len(aside)
@@ -4386,7 +4451,7 @@ class Failback(Requester):
         writes (saved, about to be overwritten), the recovery-side writes, the delta."""
         aside, recovery, records = self.journal_regions(self.store.journal.last_seq)
         self.delta = self.merged_delta(aside, recovery)
-        promos = self.store.current_promotions(self.vol)
+        promos = self.vol.current_promotions()
         as_ext = [(s, e - s) for s, e in aside]
         return dict(
             volume=self.vol.name, agent=self.agent,
@@ -4414,9 +4479,9 @@ class Failback(Requester):
         """Fence the recovery session, wait until the replica has every record,
         send the delta as PUTs (FB-8), FAILBACK_WINDOW in flight."""
         j, vol = self.store.journal, self.vol
-        with j.lock:  # no RWRITE is journaled after this (append_data checks under the lock)
+        def fence():  # append_data refuses every later RWRITE (Roles.check_writer)
             self.fenced = True
-            last = j.last_seq
+        last = j.fence(fence)
         self.set_phase(FailbackPhase.APPLYING, "recovery session fenced: its writes are "
                        "refused from now on")
         self.store.pin(last)
@@ -4873,7 +4938,7 @@ class Hub:
                 job.stop()
                 if job is not threading.current_thread():
                     job.join(timeout=5)
-            res = self.store.promote(vol, seq, at)
+            res = self.store.roles.promote(vol, seq, at)
             if conn is not None:
                 log.info("volume %s: the protected agent %s stays connected; its writes to "
                          "the volume are refused (ROLE)", vol.name, conn.agent_id)
@@ -5194,7 +5259,7 @@ class ControlServer:
         if cmd == "promote":
             return self.hub.promote(vol.name, req["at"])
         if cmd == "release":
-            return store.release_set_aside(vol)
+            return store.roles.release_set_aside(vol)
         if cmd == "reseed":
             return self.hub.reseed(vol.name)
         if cmd == "failback":
@@ -5559,7 +5624,7 @@ def cmd_promote(args) -> int:
     """Promote a volume at a point: through the running hub, or offline."""
     def offline(store, vol):
         seq, _ = store.resolve_point(vol, args.at)
-        return store.promote(vol, seq, args.at)
+        return store.roles.promote(vol, seq, args.at)
 
     res = through_hub_or_store(args, {"cmd": "promote", "volume": args.volume, "at": args.at},
                                offline, timeout=10)
@@ -5573,7 +5638,7 @@ def cmd_promote(args) -> int:
 def cmd_release(args) -> int:
     """Let retention drop the journal entries set aside by a volume's promotions."""
     n = through_hub_or_store(args, {"cmd": "release", "volume": args.volume},
-                             lambda store, vol: store.release_set_aside(vol))
+                             lambda store, vol: store.roles.release_set_aside(vol))
     print(f"{args.volume}: set-aside entries of {n} promotions released to retention")
     return 0
 

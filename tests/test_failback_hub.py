@@ -510,7 +510,7 @@ def test_failback_cli(hubenv):
     hub, secrets = hubenv
     sc = Scene(hub, secrets)
     # Released set-aside entries stay while the volume is promoted: the delta needs them.
-    hub.store.release_set_aside(sc.vol)
+    hub.store.roles.release_set_aside(sc.vol)
     assert hub.store.pin_floor() == sc.vol.meta["promotions"][-1]["point_seq"]
     fa = sc.come_back()
 

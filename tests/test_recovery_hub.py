@@ -212,7 +212,7 @@ def test_interrupted_promotion_is_rolled_back_at_open(hubenv, monkeypatch):
         at_point = bytes(mv.buf)
         a.expect_ack(a.write(vid, 0, b"\x07" * 3 * CHUNK))
         a.expect_ack(a.zero(vid, 5 * CHUNK, CHUNK))
-        monkeypatch.setattr(rephub.VolumeStore, "_roll_back",
+        monkeypatch.setattr(rephub.VolumeStore, "roll_back",
                             lambda self, vol: (_ for _ in ()).throw(OSError("crash")))
         with pytest.raises(OSError):
             hub.promote("pv", "p")
@@ -277,3 +277,52 @@ def test_promote_cli_offline_and_release(tmp_path):
     out = cli("release", "--data", data, "cv")
     assert out.returncode == 0 and "released" in out.stdout
     assert "(released)" in cli("points", "--data", data, "cv").stdout
+
+
+def test_a_promotion_is_persisted_outside_the_journal_lock_and_a_failed_one_changes_nothing(
+        hubenv, monkeypatch):
+    """While a promotion's metadata is written (an fsync), the journal takes
+    and ACKs other records, and the volume's protected writes are already
+    refused (ROLE).  If that write fails, the promotion fails, the volume
+    stays protected and takes its agent's writes again."""
+    hub, secrets = hubenv
+    a = connect(hub, secrets)
+    try:
+        vid, _ = a.attach("pv", MemVolume(MiB, data=os.urandom(MiB)))
+        oid, _ = a.attach("ov", MemVolume(MiB))
+        wait_for(lambda: synced(hub, "pv") and synced(hub, "ov"), 20, "first syncs")
+        a.expect_ack(a.checkpoint("p"))
+        vol = hub.store.volume("pv")
+        writing, release = threading.Event(), threading.Event()
+        real_update = rephub.Volume.update
+
+        def failing_update(self, **changes):
+            if self is vol and changes.get("role") == rephub.Role.PROMOTED.value:
+                writing.set()
+                assert release.wait(20)
+                raise rephub.JournalRefused("metadata.json: No space left on device")
+            return real_update(self, **changes)
+        monkeypatch.setattr(rephub.Volume, "update", failing_update)
+        outcome = {}
+
+        def promote():
+            try:
+                outcome["result"] = hub.promote("pv", "p")
+            except p.ReplicationError as err:
+                outcome["error"] = err
+        t = threading.Thread(target=promote, name="promote", daemon=True)
+        t.start()
+        try:
+            assert writing.wait(20), "the promotion never wrote its metadata"
+            a.expect_ack(a.write(oid, 0, b"o" * 4096))  # journaled and durable meanwhile
+            reply = request(a, p.Write(request_id=a.request_id(), volume=vid, offset=0,
+                                       data=b"x" * 4096))
+            assert isinstance(reply, p.Error) and reply.code == p.ErrorCode.ROLE, reply
+        finally:
+            release.set()
+            t.join(20)
+        assert "No space left" in str(outcome.get("error")), outcome
+        assert vol.role is rephub.Role.PROTECTED and not vol.meta.get("promotions")
+        a.expect_ack(a.write(vid, 0, b"y" * 4096))
+    finally:
+        a.close()
