@@ -1,6 +1,6 @@
 """The NBD subset QEMU speaks to a mirror target, and a small blocking client.
 
-repagent sits on two NBD connections (DESIGN.md "Data flows"):
+repagent sits on two NBD connections (docs/DESIGN.md "Data flows"):
 
 * it is the **server** that qemu-storage-daemon's active mirror writes into
   (``NBDServer`` plus a ``Handler`` the agent implements), and
@@ -20,10 +20,11 @@ subset is implemented:
   ``NBD_CMD_DISC``.  ``NBD_CMD_TRIM`` is not advertised (``NBD_FLAG_SEND_TRIM``
   clear) and is answered ``EINVAL`` like any command the server did not
   advertise: the Handler has no discard, QEMU's mirror never forwards
-  discards (QEMU-NOTES.md), and a silent no-op would hide a client that
-  breaks the spec.  ``NBD_CMD_FLAG_FUA`` is not advertised either; if a
-  client sets it anyway it is accepted and ignored -- what a write's reply
-  promises is the Handler's durability rule, not the flag's.
+  discards (docs/QEMU.md "What reaches the target"), and a silent no-op
+  would hide a client that breaks the spec.  ``NBD_CMD_FLAG_FUA`` is not
+  advertised either; if a client sets it anyway it is accepted and ignored
+  -- what a write's reply promises is the Handler's durability rule, not
+  the flag's.
 
 The client (``NBDClient``) asked for ``block_status=True`` also negotiates
 ``NBD_OPT_STRUCTURED_REPLY`` and ``NBD_OPT_SET_META_CONTEXT`` "base:allocation"

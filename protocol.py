@@ -107,7 +107,7 @@ HEADER_SIZE = 48
 
 
 class MsgType(enum.IntEnum):
-    """Message types (PROTOCOL.md "Values: message types")."""
+    """Message types (PROTOCOL.md "Message types", under "Values")."""
 
     HELLO = 0x01
     HELLO_REPLY = 0x02
@@ -162,7 +162,7 @@ class Feature(enum.IntFlag):
 
 
 class ErrorCode(enum.IntEnum):
-    """Codes carried by ERROR (PROTOCOL.md "Values: error codes")."""
+    """Codes carried by ERROR (PROTOCOL.md "Error codes", under "Values")."""
 
     UNSUPPORTED = 1      # unknown message type or flag, or a feature not offered
     INVALID = 2          # a field has a value the spec does not allow
@@ -1191,7 +1191,7 @@ class Checkpoint(Message):
         validate_name(self.name, "checkpoint name")
 
 
-# Recovery (PROTOCOL.md "Remote IO") --------------------------------------------
+# Recovery (PROTOCOL.md "Recovery (remote IO)") ------------------------------
 
 _RECOVER_OPEN = struct.Struct("!B3x")  # mode
 

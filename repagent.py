@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """repagent: protect qemu-storage-daemon disks by streaming every guest write to rephub.
 
-How a write travels (DESIGN.md "Data flows")::
+How a write travels (docs/DESIGN.md "Data flows")::
 
     guest --> QSD --active mirror, write-blocking--> NBD target (this agent)
                                                         | 1. mark the chunk in the
@@ -13,8 +13,8 @@ How a write travels (DESIGN.md "Data flows")::
 The agent never patches QEMU.  Over QMP it adds an NBD client node pointing
 at its own NBD server and starts an active mirror (``sync: none``,
 ``copy-mode: write-blocking``), so each guest write completes only after the
-agent has answered it (QEMU-NOTES.md).  What the answer promises depends on
-``--mode``:
+agent has answered it (docs/QEMU.md "How a copy of every guest write leaves
+QEMU").  What the answer promises depends on ``--mode``:
 
 * ``sync``: the hub's ACK (durable at the hub), but never later than
   ``--sync-timeout``; past it the agent answers anyway, keeps the chunk
@@ -29,7 +29,8 @@ agent has answered it (QEMU-NOTES.md).  What the answer promises depends on
   knows from where on the stream lacks a write (points there are not
   crash-consistent until the resync ends).
 
-The rules this file implements (SEMANTICS.md, DESIGN.md "rules"):
+The rules this file implements (docs/DESIGN.md "The rules that make it
+correct"; what they look like from outside: docs/SEMANTICS.md):
 
 * Rule 2, pending IO is never forgotten: ``DirtyBitmap``.  One bit per chunk
   in a memory-mapped file, set *before* QEMU is answered.  In memory per
@@ -306,7 +307,7 @@ def read_secret_file(path: str) -> bytes:
 
 
 # ---------------------------------------------------------------------------
-# The persistent dirty bitmap (SEMANTICS.md "Agent's dirty bitmap")
+# The persistent dirty bitmap (docs/SEMANTICS.md "Agent's dirty bitmap")
 
 # offset size field
 #  0      8  magic        b"RPAGBMP1"
@@ -741,7 +742,7 @@ class QMPClient:
 
 
 # ---------------------------------------------------------------------------
-# The mirror job (QEMU-NOTES.md "How a copy of every guest write leaves QEMU")
+# The mirror job (docs/QEMU.md "How a copy of every guest write leaves QEMU")
 
 
 class JobSetup(enum.Enum):
@@ -1246,8 +1247,9 @@ class TargetHandler(nbd.Handler):
         self.agent.protected_write(self.volume, offset, length, None, reply)
 
     def flush(self, reply):
-        # QEMU never forwards guest flushes to a mirror target (QEMU-NOTES.md);
-        # durability is the hub's ACK, tracked per write.  Nothing to wait for.
+        # QEMU never forwards guest flushes to a mirror target (docs/QEMU.md
+        # "What reaches the target"); durability is the hub's ACK, tracked
+        # per write.  Nothing to wait for.
         reply(0)
 
     def read(self, offset, length, reply):
@@ -2458,7 +2460,8 @@ class Agent:
             # what it could not deliver as dirty and re-copies it on resume.
             self.qmp.execute("block-job-resume", device=vol.meta["job_id"])
         # An export added on the node after the mirror started bypasses the
-        # mirror's filter (QEMU-NOTES.md): say so, it is silent data loss.
+        # mirror's filter (docs/QEMU.md "Exports and the mirror's filter"):
+        # say so, it is silent data loss.
         bypass = node_writers(self.qmp, vol.node, through_filters=False) if job else 0
         if bypass != vol.bypass_writers:
             if bypass:

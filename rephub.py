@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """rephub: the hub on the recovery site — server, durable journal, replica store, sync.
 
-Read this file top to bottom; it follows the path of a write.
+Read this file top to bottom; it follows the path of a write.  The threads,
+what each one does and the order in which they take locks are in
+docs/DESIGN.md "Threads and locks".
 
-Server (DESIGN.md "Shape", SEMANTICS.md "Connection and handshake")
+Server (docs/SEMANTICS.md "Connection and handshake")
     ``Hub`` owns a listening socket (optionally TLS).  Each accepted agent
     connection gets one thread running ``AgentConnection``: ``setup``
     (TLS + HMAC handshake, one 10 s deadline for all of it, payloads of at
@@ -15,7 +17,7 @@ Server (DESIGN.md "Shape", SEMANTICS.md "Connection and handshake")
     reaches the server.  Every send on a connection goes through
     ``AgentConnection.send`` (one send lock).
 
-Durability (DESIGN.md rule 6)
+Durability (docs/DESIGN.md rule 6)
     A WRITE, ZERO, READ_REPLY or CHECKPOINT is appended to the ``Journal``
     (segment files, one CRC per record) by the recv loop, which then goes on
     reading.  One committer thread runs ``fdatasync``: each call covers every
@@ -27,15 +29,16 @@ Durability (DESIGN.md rule 6)
 Replica store
     ``VolumeStore`` keeps ``DIR/volumes/<name>/replica`` (sparse raw file) and
     ``metadata.json`` (atomic: temp + fsync + rename + fsync dir).  The applier
-    thread copies durable journal records into the replicas in journal order
-    (= stream order, DESIGN.md rule 1).  Before it overwrites a range it saves
-    the bytes it replaces as an UNDO record (holes stay holes, so a first write
-    costs nothing), so the replica is always the newest state and the volume
-    as it was at an earlier point is the replica with the undo records walked
-    back from newest to that point (``VolumeStore.read_at``).  On start the
-    store truncates a torn journal tail (CRC) and applies what was journaled
-    but not applied.  Damage at rest elsewhere in a segment is never cut:
-    it is copied to ``DIR/quarantine``, its lost records keep their seqs
+    thread copies durable journal records into the replicas in journal
+    order (= stream order, docs/DESIGN.md rule 1).  Before it overwrites a
+    range it saves the bytes it replaces as an UNDO record (holes stay holes,
+    so a first write costs nothing), so the replica is always the newest
+    state and the volume as it was at an earlier point is the replica with
+    the undo records walked back from newest to that point
+    (``VolumeStore.read_at``).  On start the store truncates a torn journal
+    tail (CRC) and applies what was journaled but not applied.  Damage at
+    rest elsewhere in a segment is never cut: it is copied to
+    ``DIR/quarantine``, its lost records keep their seqs
     (``RecordKind.LOST``), and the volumes they touched are verified against
     their agents.  Each replica has a CRC-32 per 64 KiB chunk
     (``ReplicaSums``): every read checks it, and a scrub thread reads every
@@ -80,14 +83,14 @@ Stopping
     exit 0.  A second signal exits at once (status 128+signal): every file
     is append-only with CRCs or replaced atomically, so nothing is corrupt.
 
-Sync (SEMANTICS.md "Sync")
+Sync (docs/SEMANTICS.md "Sync")
     On ATTACH the hub picks a plan (FULL, DIRTY, VERIFY or NONE) and a
     ``SyncJob`` thread per volume drives it: pipelined READs (several in
     flight), DIRTY_QUERY, CHECKSUM_QUERY, and for a FULL sync on a connection
     granted feature EXTENTS, EXTENT_QUERY first so that only data is READ.
     Replies arrive on the recv loop in stream order and are journaled like
     writes (an EXTENTS answer's zero extents as ZERO records), so a stale
-    READ_REPLY can never overwrite a newer WRITE (DESIGN.md rule 4).
+    READ_REPLY can never overwrite a newer WRITE (docs/DESIGN.md rule 4).
 
 Recovery (PROTOCOL.md "Recovery (remote IO)")
     A recovery agent opens a session (``Hub.open_session``) on a volume at a
@@ -183,8 +186,8 @@ log = logging.getLogger("rephub")
 # Constants
 
 #: TLS, HELLO..AUTH_OK must be done within this from accept, the bytes of a
-#: frame included (SEMANTICS.md, PROTOCOL.md "Security considerations");
-#: ``serve --handshake-timeout``.
+#: frame included (docs/SEMANTICS.md "Connection and handshake";
+#: PROTOCOL.md "Security considerations"); ``serve --handshake-timeout``.
 HANDSHAKE_TIMEOUT = 10.0
 #: The hub holds at most this many connections (``--max-connections``); one
 #: more is closed at accept.  Each costs a thread, so this bounds the threads
@@ -327,7 +330,8 @@ TEXT_LEN = struct.Struct("!H")
 
 
 class VolState(str, enum.Enum):
-    """A replica's state as persisted and shown in status (SEMANTICS.md "Plans")."""
+    """A replica's state as persisted and shown in status
+    (docs/SEMANTICS.md "Plans")."""
 
     INCONSISTENT = "inconsistent"  # its first full sync has not completed
     SYNCING = "syncing"            # a DIRTY or VERIFY resync is running
@@ -1287,17 +1291,19 @@ class Volume:
 
 
 class VolumeStore:
-    """The data directory: volumes, journal, undo log, applier (DESIGN.md "rephub").
+    """The data directory: volumes, journal, undo log, applier.
 
-    Layout::
+    Layout (each file and its state: docs/DESIGN.md "rephub")::
 
-        DIR/hub.json              hub id, next volume id
-        DIR/applied.json          global seq the applier has made durable in replicas
-        DIR/journal/*.seg         WRITE/ZERO/CHECKPOINT records
-        DIR/undo/*.seg            UNDO records (bytes each applied record replaced)
-        DIR/volumes/<name>/       replica, metadata.json
-        DIR/control.sock          the running hub's control socket
-        DIR/lock                  flock'ed by whoever has the store open
+        DIR/hub.json          hub id, next volume id
+        DIR/applied.json      global seq the applier made durable in replicas
+        DIR/journal/*.seg     WRITE/ZERO/CHECKPOINT records
+        DIR/undo/*.seg        UNDO records (the bytes each record replaced)
+        DIR/volumes/<name>/   replica, metadata.json, checksums, failback-<n>/
+        DIR/scratch/          TEST recovery sessions' overlays
+        DIR/quarantine/       copies of segments found damaged at rest
+        DIR/control.sock      the running hub's control socket
+        DIR/lock              flock'ed by whoever has the store open
 
     API other parts build on (any thread unless said):
     ``volume(name)``, ``volume_by_id(id)``, ``create_volume(...)``,
@@ -3427,7 +3433,7 @@ HANDLERS = {t: getattr(AgentConnection, f"on_{t.name}")
 
 
 # ---------------------------------------------------------------------------
-# Sync control (SEMANTICS.md "Sync": the hub drives it)
+# Sync control (docs/SEMANTICS.md "Sync": the hub drives it)
 
 
 class JobStopped(Exception):

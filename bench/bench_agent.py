@@ -3,9 +3,9 @@
 against the same mirror into qemu-nbd serving a file (the baseline), in one run.
 
 For each target a fresh qemu-storage-daemon owns a raw image and exports it
-over NBD; an active mirror (QEMU-NOTES.md settings) sends every guest write to
-the target before the guest's write completes.  The "guest" is nbd.NBDClient
-on QSD's export:
+over NBD; an active mirror (the settings of docs/QEMU.md "How a copy of every
+guest write leaves QEMU") sends every guest write to the target before the
+guest's write completes.  The "guest" is nbd.NBDClient on QSD's export:
 
 * 1 MiB sequential writes, QD1: throughput (MiB/s);
 * 4 KiB random writes, QD1: latency p50 and p99 (microseconds).

@@ -3,10 +3,10 @@
 ``TestAgent`` connects (TCP, optionally TLS), runs the HMAC handshake,
 attaches volumes backed by ``MemVolume`` (in memory) and sends WRITE/ZERO/
 CHECKPOINT/FLUSH.  Its recv thread answers the hub's READ, DIRTY_QUERY and
-CHECKSUM_QUERY from the volume and obeys the stale-read rule (DESIGN.md
-rule 4): a local write plus the send of its WRITE, and a local read plus the
-send of its READ_REPLY, each happen under one ``stream_lock``, so any write
-the read did not see is sent after the reply.
+CHECKSUM_QUERY from the volume and obeys the stale-read rule
+(docs/DESIGN.md rule 4): a local write plus the send of its WRITE, and a
+local read plus the send of its READ_REPLY, each happen under one
+``stream_lock``, so any write the read did not see is sent after the reply.
 
 Also: ``HubProcess`` runs ``rephub.py serve`` as a subprocess, and small
 helpers to make an agents file and wait for conditions with a deadline.

@@ -294,10 +294,11 @@ class QMPClient:
 class QSD:
     """qemu-storage-daemon owning one image, exported over NBD on a unix socket.
 
-    Command line as in QEMU-NOTES.md: a QMP monitor on ``qmp_path``, the
-    image as node ``node`` (driver raw or qcow2 over a file node), an NBD
-    server on ``export_path`` exporting ``node`` writable as ``export_name``.
-    The image is created with qemu-img in ``workdir`` unless it exists.
+    Command line as in docs/QEMU.md "How a copy of every guest write leaves
+    QEMU": a QMP monitor on ``qmp_path``, the image as node ``node`` (driver
+    raw or qcow2 over a file node), an NBD server on ``export_path``
+    exporting ``node`` writable as ``export_name``.  The image is created
+    with qemu-img in ``workdir`` unless it exists.
     """
 
     def __init__(self, workdir: str | Path, size: int = 64 * MiB, fmt: str = "raw",
@@ -393,8 +394,9 @@ class QSD:
                      sync: str = "none") -> None:
         """Add an NBD client node for the target and start an active mirror.
 
-        The arguments are QEMU-NOTES.md's; the target server must already
-        listen.  Returns once the job is READY (``sync: none`` is ready at once).
+        The arguments are those of docs/QEMU.md "How a copy of every guest
+        write leaves QEMU"; the target server must already listen.  Returns
+        once the job is READY (``sync: none`` is ready at once).
         """
         self.qmp("blockdev-add", **{
             "driver": "nbd", "node-name": target_node,
@@ -414,7 +416,8 @@ class QSD:
         return None
 
     def stop_mirror(self, job: str = "rep0", target_node: str = "tgt0") -> None:
-        """Clean tear-down (QEMU-NOTES.md): cancel, finalize, dismiss, delete target."""
+        """Clean tear-down (docs/QEMU.md "Stopping the mirror"): cancel,
+        finalize, dismiss, delete target."""
         self.qmp("block-job-cancel", **{"device": job, "force": True})
         wait_until(lambda: self._job_state(job) in ("pending", "concluded", None),
                    30.0, f"job {job} pending")

@@ -25,7 +25,7 @@ SIZE = 16 * CHUNK
 
 
 # ---------------------------------------------------------------------------
-# The bitmap rules (SEMANTICS.md "Agent's dirty bitmap")
+# The bitmap rules (docs/SEMANTICS.md "Agent's dirty bitmap")
 
 
 @pytest.fixture

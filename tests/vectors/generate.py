@@ -559,7 +559,8 @@ HEADER_ERRORS = (p.BadMagic, p.BadVersion, p.BadHeaderCRC, p.PayloadTooLarge,
 
 
 def vector_phase(raw: bytes, raised: p.ReplicationError) -> str:
-    """Where the vector's outcome holds (tests/vectors/README.md "phase")."""
+    """Where the vector's outcome holds (tests/vectors/README.md "Format",
+    field ``phase``)."""
     if isinstance(raised, HEADER_ERRORS):
         return "any"
     if raw[5] in (T.HELLO, T.HELLO_REPLY, T.AUTH, T.AUTH_OK):
