@@ -1241,10 +1241,10 @@ class TargetHandler(nbd.Handler):
         self.agent, self.volume = agent, volume
 
     def write(self, offset, data, reply):
-        self.agent.protected_write(self.volume, offset, len(data), data, reply)
+        self.agent.stream.protected_write(self.volume, offset, len(data), data, reply)
 
     def write_zeroes(self, offset, length, reply):
-        self.agent.protected_write(self.volume, offset, length, None, reply)
+        self.agent.stream.protected_write(self.volume, offset, length, None, reply)
 
     def flush(self, reply):
         # QEMU never forwards guest flushes to a mirror target (docs/QEMU.md
@@ -1339,7 +1339,7 @@ class HubConnection:
                         return
                     msg, nbytes, volume = self.queue.popleft()
                     if volume is not None and msg is volume.drop_report:
-                        agent.fill_drop_report(volume)
+                        agent.stream.fill_drop_report(volume)
                 with self.send_lock:
                     if log.isEnabledFor(logging.DEBUG):
                         log.debug("--> %s", msg.describe())
@@ -1548,56 +1548,44 @@ def connect_to_hub(cfg, features: p.Feature = p.Feature.NONE
         raise
 
 
-class Agent:
-    """The stream state every thread shares, and the threads that move it."""
+class Stream:
+    """The ordered stream to the hub and the protected write path.
 
-    def __init__(self, cfg: Config):
+    Entered from the nbd-conn threads (protected_write), the repagent-timer
+    thread (timer_loop), and, with ``lock`` held, from every thread that
+    queues a frame (enqueue) or settles a write (acked).  It owns ``lock``,
+    which guards the stream state below, every volume's bitmap (not locked
+    itself), pending writes and held frames, and the current connection's
+    queue; the connection's ``cond`` and ``timer_cond`` are conditions on
+    it.  Lock order: ``Agent.mirror_lock`` before ``lock``; ``error_lock``
+    is a leaf.
+    """
+
+    def __init__(self, cfg: Config, volumes: list[Volume], stopping: threading.Event):
         self.cfg = cfg
+        self.volumes = volumes
+        self.stopping = stopping
         self.lock = threading.Lock()
-        self.stopping = threading.Event()
         self.seq = 1                 # last stream sequence number given out
         self._req = 0
-        self.conn: HubConnection | None = None
-        self.link_state = LinkState.CONNECTING   # until the first attempt ends
-        self.link_cause = ""
-        self.connect_attempts = 0
-        self.last_disconnect: dict | None = None   # why the last connection ended
-        self.retry_at: float | None = None         # next connect attempt (monotonic)
+        self.conn: HubConnection | None = None   # the attached link, if any
         self.pending: dict[int, PendingWrite] = {}
-        self.requests: dict[int, tuple[str, object]] = {}   # ATTACH / PING / DETACH
-        self.replies: collections.OrderedDict = collections.OrderedDict()  # req -> (vol, seq)
         self.sync_waits: collections.deque[PendingWrite] = collections.deque()
         self.timer_cond = threading.Condition(self.lock)
         self.degraded = cfg.mode == "sync"   # until the first connection is attached
         self.last_ack = 0.0
-        self.volumes = [Volume(volume, node, cfg.state_dir) for node, volume in cfg.nodes]
-        self.by_id: dict[int, Volume] = {}
-        self.work: queue.Queue = queue.Queue()
-        self.failback_work: queue.Queue = queue.Queue()   # (conn, msg) in arrival order
-        self.mirror_lock = threading.Lock()   # the jobs thread vs a fail-back's QMP work
-        self.qmp: QMPClient | None = None
-        self.threads: list[threading.Thread] = []
-        self.control: socket.socket | None = None
-        self.lockfile = None
-        self.metrics: MetricsServer | None = None   # set by cmd_protect
-        self.error_lock = threading.Lock()
-        self.errors: collections.Counter[str] = collections.Counter()  # kind -> WARNINGs
-
-    def count_error(self, kind: str) -> None:
-        """Count a fault logged at WARNING, for status and /metrics.  Any thread."""
-        with self.error_lock:
-            self.errors[kind] += 1
 
     # -- identifiers -----------------------------------------------------------
 
-    def _next_req(self) -> int:
-        """A fresh non-zero request id (caller holds the lock)."""
+    def next_req(self) -> int:
+        """A fresh non-zero request id (any thread, lock held)."""
         self._req = self._req % ((1 << 64) - 1) + 1
         return self._req
 
-    def _enqueue(self, conn: HubConnection, msg: p.Message, nbytes: int = 0,
+    def enqueue(self, conn: HubConnection, msg: p.Message, nbytes: int = 0,
                  volume: Volume | None = None) -> int:
-        """Give the frame the next stream sequence number and queue it (lock held)."""
+        """Give the frame the next stream sequence number and queue it (any
+        thread, lock held)."""
         self.seq += 1
         conn.put(msg, nbytes, volume)
         return self.seq
@@ -1635,9 +1623,9 @@ class Agent:
                     log.warning("send queue full (%d bytes): %s off=%d len=%d only marked; "
                                 "the hub will resync it", conn.queued_bytes, vol.name,
                                 offset, length)
-                self._degrade("send queue full")
+                self.degrade("send queue full")
             else:
-                req = self._next_req()
+                req = self.next_req()
                 if data is None:
                     msg = p.Zero(request_id=req, volume=vol.volume_id, offset=offset,
                                  length=length)
@@ -1655,7 +1643,7 @@ class Agent:
                     conn.queued_bytes += nbytes   # held data counts toward --max-queue
                     vol.counters["held_writes"] += 1
                 else:
-                    self._enqueue(conn, msg, nbytes, vol)
+                    self.enqueue(conn, msg, nbytes, vol)
                 vol.counters["sent_writes"] += 1
                 vol.counters["sent_bytes"] += nbytes
                 if wait:
@@ -1667,8 +1655,8 @@ class Agent:
         if answer_now:
             reply(0)
 
-    def _degrade(self, cause: str) -> None:
-        """Sync mode stops waiting for ACKs (lock held)."""
+    def degrade(self, cause: str) -> None:
+        """Sync mode stops waiting for ACKs (any thread, lock held)."""
         if self.cfg.mode == "sync" and not self.degraded:
             self.degraded = True
             if self.stopping.is_set():
@@ -1676,9 +1664,9 @@ class Agent:
             log.warning("sync mode degraded (%s): writes are answered once marked until "
                         "a resync catches up", cause)
 
-    def _maybe_undegrade(self) -> None:
+    def maybe_undegrade(self) -> None:
         """Leave degraded mode once attached, nothing waits for a resync and
-        every write answered early is ACKed (lock held)."""
+        every write answered early is ACKed (any thread, lock held)."""
         if (self.degraded and self.cfg.mode == "sync" and self.conn is not None
                 and not self.stopping.is_set()
                 and all(v.volume_id is not None and not v.bitmap.lost_seq and not v.held
@@ -1687,7 +1675,7 @@ class Agent:
             self.degraded = False
             log.info("sync mode restored: every write is acknowledged by the hub again")
 
-    def _timer_loop(self) -> None:
+    def timer_loop(self) -> None:
         """repagent-timer thread: answer sync-mode writes whose ACK is late."""
         while not self.stopping.is_set():
             late = []
@@ -1708,9 +1696,95 @@ class Agent:
                         late.append(pw.reply)
                         pw.reply = None
                 if late:
-                    self._degrade(f"no ACK within --sync-timeout {self.cfg.sync_timeout}s")
+                    self.degrade(f"no ACK within --sync-timeout {self.cfg.sync_timeout}s")
             for reply in late:
                 reply(0)
+
+    # -- drop reports (lock held: nbd-conn, repagent-recv, repagent-send) ---------
+
+    def report_dropped(self, conn: HubConnection, vol: Volume, chunks) -> None:
+        """A write of ``vol`` over ``chunks`` was dropped or refused (lock held):
+        queue the unsolicited DIRTY_MAP that reports it now, ahead of every
+        later frame, unless one is queued already: it will carry these chunks
+        too [SY-19].  Its extents are filled in when it is sent."""
+        vol.dropped.update(chunks)
+        if vol.drop_report is None:
+            vol.drop_report = p.DirtyMap(volume=vol.volume_id, extents=[])
+            self.enqueue(conn, vol.drop_report, 0, vol)
+
+    def fill_drop_report(self, vol: Volume) -> None:
+        """Its drop report is about to be sent (repagent-send thread, lock held):
+        every region dropped so far goes in it."""
+        report, vol.drop_report = vol.drop_report, None
+        report.extents = vol.bitmap.extents(vol.dropped)
+        vol.dropped.clear()
+        log.info("--> DIRTY_MAP vol=%d (unsolicited): %d extents dropped or refused",
+                 report.volume, len(report.extents))
+
+    def acked(self, request_id: int) -> PendingWrite | None:
+        """Recv loop, lock held: an ACK for ``request_id``.  If it settles a
+        pending WRITE/ZERO its chunks may clear and it is returned (the caller
+        answers QEMU if sync mode still waits); otherwise None."""
+        pw = self.pending.pop(request_id, None)
+        if pw is not None:
+            pw.volume.bitmap.ack(pw.chunks)
+            self.last_ack = time.monotonic()
+            if self.degraded:
+                self.maybe_undegrade()
+        return pw
+
+
+
+class Agent:
+    """The threads around the ordered stream: hub link, sync, fail-back,
+    heartbeat, QMP/jobs and control.
+
+    The stream itself and its lock live in ``stream`` (a Stream); ``lock``
+    and ``conn`` are that lock and its attached connection.
+    """
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.stopping = threading.Event()
+        self.link_state = LinkState.CONNECTING   # until the first attempt ends
+        self.link_cause = ""
+        self.connect_attempts = 0
+        self.last_disconnect: dict | None = None   # why the last connection ended
+        self.retry_at: float | None = None         # next connect attempt (monotonic)
+        self.requests: dict[int, tuple[str, object]] = {}   # ATTACH / PING / DETACH
+        self.replies: collections.OrderedDict = collections.OrderedDict()  # req -> (vol, seq)
+        self.volumes = [Volume(volume, node, cfg.state_dir) for node, volume in cfg.nodes]
+        self.stream = Stream(cfg, self.volumes, self.stopping)
+        self.by_id: dict[int, Volume] = {}
+        self.work: queue.Queue = queue.Queue()
+        self.failback_work: queue.Queue = queue.Queue()   # (conn, msg) in arrival order
+        self.mirror_lock = threading.Lock()   # the jobs thread vs a fail-back's QMP work
+        self.qmp: QMPClient | None = None
+        self.threads: list[threading.Thread] = []
+        self.control: socket.socket | None = None
+        self.lockfile = None
+        self.metrics: MetricsServer | None = None   # set by cmd_protect
+        self.error_lock = threading.Lock()
+        self.errors: collections.Counter[str] = collections.Counter()  # kind -> WARNINGs
+
+    @property
+    def lock(self) -> threading.Lock:
+        """The stream's lock (any thread)."""
+        return self.stream.lock
+
+    @property
+    def conn(self) -> HubConnection | None:
+        """The attached hub connection, if any (read it with ``lock`` held)."""
+        return self.stream.conn
+
+    @conn.setter
+    def conn(self, conn: HubConnection | None) -> None:
+        self.stream.conn = conn
+
+    def count_error(self, kind: str) -> None:
+        """Count a fault logged at WARNING, for status and /metrics.  Any thread."""
+        with self.error_lock:
+            self.errors[kind] += 1
 
     # -- the hub's answers (repagent-recv thread) ---------------------------------
 
@@ -1722,13 +1796,9 @@ class Agent:
         """A WRITE/ZERO is durable: its chunks may clear; sync mode answers QEMU."""
         reply = None
         with self.lock:
-            pw = self.pending.pop(msg.request_id, None)
+            pw = self.stream.acked(msg.request_id)
             if pw is not None:
-                pw.volume.bitmap.ack(pw.chunks)
                 reply, pw.reply = pw.reply, None
-                self.last_ack = time.monotonic()
-                if self.degraded:
-                    self._maybe_undegrade()
             else:
                 kind, what = self.requests.pop(msg.request_id, (None, None))
                 if kind == "CHECKPOINT":
@@ -1744,7 +1814,7 @@ class Agent:
                 log.warning("ATTACHED for unknown request %d: answered ERROR(INVALID)",
                             msg.request_id)
                 if conn is self.conn:
-                    self._enqueue(conn, unasked(msg))
+                    self.stream.enqueue(conn, unasked(msg))
                 return
             vol.volume_id = msg.volume
             vol.plan = msg.plan
@@ -1760,14 +1830,14 @@ class Agent:
             if msg.plan == p.SyncPlan.NONE and vol.bitmap.dirty_count:
                 # Marked between ATTACH and ATTACHED: the hub must resync it.
                 extents = vol.bitmap.extents()
-                self._enqueue(conn, p.DirtyMap(volume=msg.volume, extents=extents))
+                self.stream.enqueue(conn, p.DirtyMap(volume=msg.volume, extents=extents))
             if msg.plan == p.SyncPlan.DEMOTED:
                 log.warning("volume %s was promoted at the recovery site; this side is "
                             "demoted: guest writes are tracked in the dirty bitmap, not "
                             "sent; bring it back with rephub.py failback%s", vol.name,
                             "" if self.cfg.accept_failback else
                             " (after restarting repagent.py protect with --accept-failback)")
-            self._maybe_undegrade()
+            self.stream.maybe_undegrade()
 
     def on_READ(self, conn, msg):
         self.work.put((conn, msg))
@@ -1809,8 +1879,8 @@ class Agent:
             last = vol.bitmap.chunks if end == vol.size else end // chunk
             vol.bitmap.synced(range(first, last), entry[1])
             vol.counters["synced_bytes"] += msg.length
-            if self.degraded:
-                self._maybe_undegrade()
+            if self.stream.degraded:
+                self.stream.maybe_undegrade()
 
     def on_FAILBACK_BEGIN(self, conn, msg):
         self.failback_work.put((conn, msg, None))
@@ -1824,7 +1894,7 @@ class Agent:
     def on_PING(self, conn, msg):
         with self.lock:
             if conn is self.conn:
-                self._enqueue(conn, p.Pong(request_id=msg.request_id, echo_ns=msg.sent_ns,
+                self.stream.enqueue(conn, p.Pong(request_id=msg.request_id, echo_ns=msg.sent_ns,
                                            responder_ns=time.time_ns()))
 
     def on_PONG(self, conn, msg):
@@ -1842,15 +1912,15 @@ class Agent:
         reply = promoted = None
         conn.heard(f"ERROR {msg.code_name()} {msg.message}".rstrip())
         with self.lock:
-            pw = self.pending.pop(msg.request_id, None)
+            pw = self.stream.pending.pop(msg.request_id, None)
             if pw is not None:
                 # The hub refused the write: it stays marked for a resync.
-                pw.volume.bitmap.drop_inflight(pw.chunks, self.seq)
+                pw.volume.bitmap.drop_inflight(pw.chunks, self.stream.seq)
                 pw.volume.counters["refused_writes"] += 1
                 if conn is self.conn and pw.volume.volume_id is not None:
-                    self.report_dropped(conn, pw.volume, pw.chunks)
+                    self.stream.report_dropped(conn, pw.volume, pw.chunks)
                 reply, pw.reply = pw.reply, None
-                self._degrade(f"hub refused a write: {msg.code_name()}")
+                self.stream.degrade(f"hub refused a write: {msg.code_name()}")
                 # A hub whose storage failed refuses every later write of the
                 # connection (PROTOCOL.md RP-10): one line tells it, not one per write.
                 conn.refused_writes += 1
@@ -1889,28 +1959,7 @@ class Agent:
     def send_error(self, conn: HubConnection, err: p.Error) -> None:
         with self.lock:
             if conn is self.conn:
-                self._enqueue(conn, err)
-
-    # -- drop reports (lock held: nbd-conn, repagent-recv, repagent-send) ---------
-
-    def report_dropped(self, conn: HubConnection, vol: Volume, chunks) -> None:
-        """A write of ``vol`` over ``chunks`` was dropped or refused (lock held):
-        queue the unsolicited DIRTY_MAP that reports it now, ahead of every
-        later frame, unless one is queued already: it will carry these chunks
-        too [SY-19].  Its extents are filled in when it is sent."""
-        vol.dropped.update(chunks)
-        if vol.drop_report is None:
-            vol.drop_report = p.DirtyMap(volume=vol.volume_id, extents=[])
-            self._enqueue(conn, vol.drop_report, 0, vol)
-
-    def fill_drop_report(self, vol: Volume) -> None:
-        """Its drop report is about to be sent (repagent-send thread, lock held):
-        every region dropped so far goes in it."""
-        report, vol.drop_report = vol.drop_report, None
-        report.extents = vol.bitmap.extents(vol.dropped)
-        vol.dropped.clear()
-        log.info("--> DIRTY_MAP vol=%d (unsolicited): %d extents dropped or refused",
-                 report.volume, len(report.extents))
+                self.stream.enqueue(conn, err)
 
     # -- sync requests (repagent-sync-N threads) --------------------------------
 
@@ -1987,7 +2036,7 @@ class Agent:
                 return          # connection_lost dropped the held writes already
             reply = window.reply
             if reply is not None and window.conn is conn:
-                seq = self._enqueue(conn, reply, window.nbytes, vol)
+                seq = self.stream.enqueue(conn, reply, window.nbytes, vol)
                 self.replies[reply.request_id] = (vol, seq)
                 while len(self.replies) > MAX_SYNCED_MEMORY:
                     self.replies.popitem(last=False)
@@ -2001,7 +2050,7 @@ class Agent:
                         still.append((msg, held_bytes, pw))   # checked against `still` too
                     else:
                         conn.queued_bytes -= held_bytes
-                        self._enqueue(conn, msg, held_bytes, vol)
+                        self.stream.enqueue(conn, msg, held_bytes, vol)
 
     def serve_READ(self, conn, msg: p.Read, readers) -> None:
         with self.read_window(conn, msg, readers) as (vol, reader, window):
@@ -2062,7 +2111,7 @@ class Agent:
         with self.lock:
             extents = vol.bitmap.extents()
             if conn is self.conn:
-                self._enqueue(conn, p.DirtyMap(request_id=msg.request_id, volume=msg.volume,
+                self.stream.enqueue(conn, p.DirtyMap(request_id=msg.request_id, volume=msg.volume,
                                                extents=extents))
         log.info("volume %s: DIRTY_MAP of %d extents (%d bytes)", vol.name, len(extents),
                  sum(n for _, n in extents))
@@ -2105,7 +2154,7 @@ class Agent:
     def _ack_failback(self, conn: HubConnection, msg: p.Message) -> None:
         with self.lock:
             if conn is self.conn:
-                self._enqueue(conn, p.Ack(request_id=msg.request_id))
+                self.stream.enqueue(conn, p.Ack(request_id=msg.request_id))
 
     def _other_writers(self, vol: Volume, ours: int) -> None:
         """Raise ERROR(BUSY) unless exactly ``ours`` users of QSD can write the
@@ -2167,7 +2216,7 @@ class Agent:
                                 "every chunk is marked dirty", vol.name)
                     with self.lock:
                         vol.bitmap.mark(range(vol.bitmap.chunks))
-                        vol.bitmap.lose(range(vol.bitmap.chunks), self.seq)
+                        vol.bitmap.lose(range(vol.bitmap.chunks), self.stream.seq)
                     vol.bitmap.sync()
                 self._failback_undo(vol)
                 raise
@@ -2190,7 +2239,7 @@ class Agent:
         chunks = vol.bitmap.chunk_range(msg.offset, msg.length)
         with self.lock:
             vol.bitmap.mark(chunks)
-            vol.bitmap.lose(chunks, self.seq)
+            vol.bitmap.lose(chunks, self.stream.seq)
         vol.bitmap.sync()       # an interrupted fail-back is found again, even after a crash
         try:
             if not msg.is_zero:
@@ -2231,12 +2280,12 @@ class Agent:
                 vol.failback = None
         with self.lock:
             if conn is self.conn:
-                self._enqueue(conn, p.Ack(request_id=msg.request_id))
+                self.stream.enqueue(conn, p.Ack(request_id=msg.request_id))
                 vol.plan = p.SyncPlan.NONE      # WRITEs from the frame after the ACK on
                 if vol.bitmap.dirty_count:      # written since the mirror came back
-                    self._enqueue(conn, p.DirtyMap(volume=vol.volume_id,
+                    self.stream.enqueue(conn, p.DirtyMap(volume=vol.volume_id,
                                                    extents=vol.bitmap.extents()))
-                self._maybe_undegrade()
+                self.stream.maybe_undegrade()
         log.info("volume %s: fail-back done (%d PUTs, %s, in %.1f s): marks cleared, mirror "
                  "set up again, protection resumes; add the VM's export on node %s so that "
                  "its writes are replicated", vol.name, fb.puts, fmt_bytes(fb.put_bytes),
@@ -2287,12 +2336,12 @@ class Agent:
             if conn is not self.conn:
                 return
             self.conn = None
-            for pw in self.pending.values():
-                pw.volume.bitmap.drop_inflight(pw.chunks, self.seq)
+            for pw in self.stream.pending.values():
+                pw.volume.bitmap.drop_inflight(pw.chunks, self.stream.seq)
                 if pw.reply is not None:
                     replies.append(pw.reply)
                     pw.reply = None
-            self.pending.clear()
+            self.stream.pending.clear()
             self.requests.clear()
             self.replies.clear()
             self.by_id.clear()
@@ -2306,8 +2355,8 @@ class Agent:
                 vol.queued_frames = vol.queued_bytes = 0
                 if vol.failback is not None:      # ends it like an ABORT
                     self.failback_work.put((conn, vol, "the hub connection was lost"))
-            self._degrade("hub connection lost")
-            self.timer_cond.notify_all()
+            self.stream.degrade("hub connection lost")
+            self.stream.timer_cond.notify_all()
         if not self.stopping.is_set():
             self.count_error("connection_lost")
         if conn.refused_writes > 1:
@@ -2338,12 +2387,12 @@ class Agent:
         with self.lock:
             self.conn = conn
             for vol in self.volumes:
-                req = self._next_req()
+                req = self.stream.next_req()
                 self.requests[req] = ("ATTACH", vol)
                 state = vol.attach_state()
                 log.info("--> ATTACH %s size=%d chunk=%d state=%s", vol.name, vol.size,
                          vol.bitmap.chunk_size, state.name)
-                self._enqueue(conn, p.Attach(
+                self.stream.enqueue(conn, p.Attach(
                     request_id=req, size=vol.size, chunk_size=vol.bitmap.chunk_size,
                     state=state, generation=vol.bitmap.generation, name=vol.name))
         # Before its threads start: a connection that ends at once must not
@@ -2392,9 +2441,9 @@ class Agent:
                 conn.last_ping = now
                 with self.lock:
                     if conn is self.conn:
-                        req = self._next_req()
+                        req = self.stream.next_req()
                         self.requests[req] = ("PING", None)
-                        self._enqueue(conn, p.Ping(request_id=req, sent_ns=time.time_ns()))
+                        self.stream.enqueue(conn, p.Ping(request_id=req, sent_ns=time.time_ns()))
             if conn.ended.wait(min(0.5, self.cfg.ping_interval)):
                 conn.join(1.0)
                 if conn.healthy(time.monotonic()):
@@ -2543,7 +2592,7 @@ class Agent:
                 vol.save_meta()
         self._start_control()
         specs = [("repagent-heartbeat", self._heartbeat_loop),
-                 ("repagent-timer", self._timer_loop),
+                 ("repagent-timer", self.stream.timer_loop),
                  ("repagent-jobs", self._jobs_loop),
                  ("repagent-control", self._control_loop),
                  ("repagent-failback", self._failback_loop)]
@@ -2580,12 +2629,12 @@ class Agent:
         deadline = time.monotonic() + self.cfg.drain_timeout
         while time.monotonic() < deadline:
             with self.lock:
-                busy = self.conn is not None and (self.pending or self.conn.queue)
+                busy = self.conn is not None and (self.stream.pending or self.conn.queue)
             if not busy:
                 break
             self.stopping.wait(0.05)  # the recv thread clears pending; nothing to wait on
         with self.lock:
-            left = len(self.pending)
+            left = len(self.stream.pending)
         if left:
             log.warning("stopping with %d writes not ACKed: they stay marked in the bitmap",
                         left)
@@ -2600,7 +2649,7 @@ class Agent:
             conn.close("agent stopping")
             conn.join(2.0)
         with self.lock:
-            self.timer_cond.notify_all()
+            self.stream.timer_cond.notify_all()
         for t in self.threads:
             t.join(2.0)
             if t.is_alive():
@@ -2666,10 +2715,10 @@ class Agent:
             conn = self.conn
             now = time.monotonic()
             common = {
-                "mode": self.cfg.mode + (" (degraded)" if self.degraded and
+                "mode": self.cfg.mode + (" (degraded)" if self.stream.degraded and
                                          self.cfg.mode == "sync" else ""),
                 "connection": self.link_state.value if conn is None else "connected",
-                "last_ack_age_s": round(now - self.last_ack, 3) if self.last_ack else None,
+                "last_ack_age_s": round(now - self.stream.last_ack, 3) if self.stream.last_ack else None,
             }
             volumes = []
             for vol in self.volumes:
@@ -2705,7 +2754,7 @@ class Agent:
                     "counters": dict(vol.counters)})
             return {
                 "agent_id": self.cfg.agent_id, "hub": "%s:%d" % self.cfg.hub,
-                "pid": os.getpid(), **common, "degraded": self.degraded,
+                "pid": os.getpid(), **common, "degraded": self.stream.degraded,
                 "link_cause": self.link_cause, "connect_attempts": self.connect_attempts,
                 # Why the last connection ended, with the hub's own words (its
                 # last ERROR or GOODBYE) when it gave any.
@@ -2714,10 +2763,10 @@ class Agent:
                                else round(max(0.0, self.retry_at - now), 3)),
                 "connected_since": conn.connected_at if conn else None,
                 "rtt_s": conn.rtt if conn else None,
-                "pending_writes": len(self.pending),
+                "pending_writes": len(self.stream.pending),
                 "queue_frames": len(conn.queue) if conn else 0,
                 "queue_bytes": conn.queued_bytes if conn else 0,
-                "stream_seq": self.seq, "errors": self.error_counts(),
+                "stream_seq": self.stream.seq, "errors": self.error_counts(),
                 "volumes": volumes}
 
     def error_counts(self) -> dict[str, int]:
@@ -3268,9 +3317,9 @@ def agent_checkpoint(agent: Agent, name: str) -> dict:
             # Writes held behind a hub read are answered but not yet queued: a
             # checkpoint queued now would land before them.  Wait until none is.
             if not any(v.held for v in agent.volumes):
-                req = agent._next_req()
+                req = agent.stream.next_req()
                 agent.requests[req] = ("CHECKPOINT", waiter)
-                seq = agent._enqueue(conn, p.Checkpoint(request_id=req, name=name))
+                seq = agent.stream.enqueue(conn, p.Checkpoint(request_id=req, name=name))
                 break
         if time.monotonic() > deadline:
             return {"error": "writes stayed held behind the hub's sync reads for "

@@ -261,8 +261,8 @@ def rig(tmp_path):
         agent.conn = conn
         vol.volume_id = 1
         agent.by_id[1] = vol
-        agent.degraded = False
-        for name, target in (("repagent-timer", agent._timer_loop),
+        agent.stream.degraded = False
+        for name, target in (("repagent-timer", agent.stream.timer_loop),
                              ("repagent-sync-0", agent._sync_loop)):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -277,7 +277,7 @@ def rig(tmp_path):
         agent.stopping.set()
         conn.close("test over")
         with agent.lock:
-            agent.timer_cond.notify_all()
+            agent.stream.timer_cond.notify_all()
         conn.join(2)
         for t in agent.threads:
             t.join(2)
@@ -288,7 +288,7 @@ def rig(tmp_path):
 def test_async_write_is_answered_once_marked_and_cleared_by_ack(rig):
     agent, vol, conn, hub = rig()
     replies = Replies()
-    agent.protected_write(vol, 4096, 8192, memoryview(b"x" * 8192), replies)
+    agent.stream.protected_write(vol, 4096, 8192, memoryview(b"x" * 8192), replies)
     assert replies.codes == [0]
     assert vol.bitmap.is_set(0)
     msg = hub.recv()
@@ -300,7 +300,7 @@ def test_async_write_is_answered_once_marked_and_cleared_by_ack(rig):
 
 def test_write_zeroes_becomes_zero(rig):
     agent, vol, conn, hub = rig()
-    agent.protected_write(vol, CHUNK, CHUNK, None, Replies())
+    agent.stream.protected_write(vol, CHUNK, CHUNK, None, Replies())
     msg = hub.recv()
     assert (msg.TYPE, msg.offset, msg.length) == (p.MsgType.ZERO, CHUNK, CHUNK)
 
@@ -308,45 +308,45 @@ def test_write_zeroes_becomes_zero(rig):
 def test_sync_write_waits_for_the_ack(rig):
     agent, vol, conn, hub = rig(mode="sync")
     replies = Replies()
-    agent.protected_write(vol, 0, 4096, memoryview(b"y" * 4096), replies)
+    agent.stream.protected_write(vol, 0, 4096, memoryview(b"y" * 4096), replies)
     msg = hub.recv()
     assert replies.codes == [], "sync mode answered QEMU before the hub's ACK"
     hub.send(p.Ack(request_id=msg.request_id))
     assert replies.event.wait(5) and replies.codes == [0]
-    assert not agent.degraded
+    assert not agent.stream.degraded
 
 
 def test_sync_write_past_the_timeout_is_answered_and_degrades(rig):
     agent, vol, conn, hub = rig(mode="sync", sync_timeout=0.2)
     replies = Replies()
     start = time.monotonic()
-    agent.protected_write(vol, 0, 4096, memoryview(b"y" * 4096), replies)
+    agent.stream.protected_write(vol, 0, 4096, memoryview(b"y" * 4096), replies)
     msg = hub.recv()
     assert replies.event.wait(5), "a late ACK must not hang QEMU"
     assert 0.15 < time.monotonic() - start < 3
-    assert agent.degraded and vol.bitmap.is_set(0)
+    assert agent.stream.degraded and vol.bitmap.is_set(0)
     second = Replies()
-    agent.protected_write(vol, CHUNK, 4096, memoryview(b"z" * 4096), second)
+    agent.stream.protected_write(vol, CHUNK, 4096, memoryview(b"z" * 4096), second)
     assert second.codes == [0], "degraded sync mode answers once marked"
     hub.send(p.Ack(request_id=msg.request_id))
     hub.send(p.Ack(request_id=hub.recv().request_id))
-    ra_wait(lambda: not agent.degraded and vol.bitmap.dirty_count == 0,
+    ra_wait(lambda: not agent.stream.degraded and vol.bitmap.dirty_count == 0,
             "sync mode restored once everything is ACKed")
 
 
 def test_connection_loss_drops_inflight_writes_and_answers_sync_waiters(rig):
     agent, vol, conn, hub = rig(mode="sync")
     replies = Replies()
-    agent.protected_write(vol, 2 * CHUNK, 4096, memoryview(b"q" * 4096), replies)
+    agent.stream.protected_write(vol, 2 * CHUNK, 4096, memoryview(b"q" * 4096), replies)
     hub.recv()
     hub.sock.close()
     assert replies.event.wait(5) and replies.codes == [0]
     ra_wait(lambda: agent.conn is None, "connection forgotten")
     assert vol.bitmap.lost_seq.get(2) is not None and vol.bitmap.is_set(2)
-    assert vol.volume_id is None and agent.degraded
+    assert vol.volume_id is None and agent.stream.degraded
     assert vol.attach_state() == p.VolumeState.DIRTY
     later = Replies()
-    agent.protected_write(vol, 5 * CHUNK, 10, memoryview(b"w" * 10), later)
+    agent.stream.protected_write(vol, 5 * CHUNK, 10, memoryview(b"w" * 10), later)
     assert later.codes == [0] and vol.bitmap.lost_seq.get(5)
 
 
@@ -363,8 +363,8 @@ def test_read_reply_goes_before_a_write_the_read_may_have_missed(rig):
     hub.send(p.Read(request_id=900, volume=1, offset=0, length=2 * CHUNK))
     assert started.wait(5)
     same, other = Replies(), Replies()
-    agent.protected_write(vol, CHUNK, 4096, memoryview(b"N" * 4096), same)
-    agent.protected_write(vol, 8 * CHUNK, 4096, memoryview(b"O" * 4096), other)
+    agent.stream.protected_write(vol, CHUNK, 4096, memoryview(b"N" * 4096), same)
+    agent.stream.protected_write(vol, 8 * CHUNK, 4096, memoryview(b"O" * 4096), other)
     assert same.codes == [0] and other.codes == [0], "QEMU never waits for a sync read"
     first = hub.recv()
     assert (first.TYPE, first.offset) == (p.MsgType.WRITE, 8 * CHUNK), \
@@ -432,7 +432,7 @@ def test_a_full_queue_drops_to_bitmap_and_reports_a_dirty_map(rig):
     agent, vol, conn, hub = rig(max_queue=3 * CHUNK, start=False)
     replies = Replies()
     for i in range(5):
-        agent.protected_write(vol, i * CHUNK, CHUNK, memoryview(bytes([i + 1]) * CHUNK),
+        agent.stream.protected_write(vol, i * CHUNK, CHUNK, memoryview(bytes([i + 1]) * CHUNK),
                               replies)
     assert replies.codes == [0] * 5, "async QEMU is never blocked by a full queue"
     assert vol.counters["dropped_writes"] == 2
@@ -458,10 +458,10 @@ def test_the_dirty_map_of_a_dropped_write_goes_ahead_of_every_later_frame(rig):
     agent, vol, conn, hub = rig(max_queue=2 * CHUNK, start=False)
     replies = Replies()
     for i in range(2):                                    # fills the queue
-        agent.protected_write(vol, i * CHUNK, CHUNK, memoryview(b"a" * CHUNK), replies)
-    agent.protected_write(vol, 5 * CHUNK, CHUNK, memoryview(b"b" * CHUNK), replies)  # dropped
-    agent.protected_write(vol, 9 * CHUNK, CHUNK, None, replies)  # a ZERO is always queued
-    agent.protected_write(vol, 7 * CHUNK, CHUNK, memoryview(b"c" * CHUNK), replies)  # dropped
+        agent.stream.protected_write(vol, i * CHUNK, CHUNK, memoryview(b"a" * CHUNK), replies)
+    agent.stream.protected_write(vol, 5 * CHUNK, CHUNK, memoryview(b"b" * CHUNK), replies)  # dropped
+    agent.stream.protected_write(vol, 9 * CHUNK, CHUNK, None, replies)  # a ZERO is always queued
+    agent.stream.protected_write(vol, 7 * CHUNK, CHUNK, memoryview(b"c" * CHUNK), replies)  # dropped
     assert vol.counters["dropped_writes"] == 2
     conn.start()
     frames = [hub.recv() for _ in range(4)]
@@ -470,7 +470,7 @@ def test_the_dirty_map_of_a_dropped_write_goes_ahead_of_every_later_frame(rig):
     assert frames[2].TYPE == p.MsgType.DIRTY_MAP, "reported before the frame queued next"
     assert (frames[2].request_id, frames[2].extents) == (0, [(5 * CHUNK, CHUNK),
                                                              (7 * CHUNK, CHUNK)])
-    agent.protected_write(vol, 12 * CHUNK, CHUNK, memoryview(b"d" * CHUNK), replies)
+    agent.stream.protected_write(vol, 12 * CHUNK, CHUNK, memoryview(b"d" * CHUNK), replies)
     assert hub.recv().TYPE == p.MsgType.WRITE           # room again: nothing more dropped
     assert not vol.dropped and vol.drop_report is None
 
@@ -499,7 +499,7 @@ def test_synced_for_part_of_a_chunk_clears_nothing_of_it(rig):
 
 def test_a_write_the_hub_refuses_stays_marked_and_is_reported(rig):
     agent, vol, conn, hub = rig()
-    agent.protected_write(vol, 6 * CHUNK, 100, memoryview(b"r" * 100), Replies())
+    agent.stream.protected_write(vol, 6 * CHUNK, 100, memoryview(b"r" * 100), Replies())
     msg = hub.recv()
     hub.send(p.Error(request_id=msg.request_id, code=p.ErrorCode.IO_ERROR, failed_type=msg.TYPE,
                      message="disk full"))

@@ -181,8 +181,8 @@ def test_a_write_during_an_extent_query_is_sent_after_the_answer(rig, tmp_path):
     hub.send(p.ExtentQuery(request_id=43, volume=1, offset=0, length=4 * CHUNK))
     assert started.wait(5)
     inside, outside = Replies(), Replies()
-    agent.protected_write(vol, CHUNK, 4096, memoryview(b"N" * 4096), inside)
-    agent.protected_write(vol, 8 * CHUNK, 4096, memoryview(b"O" * 4096), outside)
+    agent.stream.protected_write(vol, CHUNK, 4096, memoryview(b"N" * 4096), inside)
+    agent.stream.protected_write(vol, 8 * CHUNK, 4096, memoryview(b"O" * 4096), outside)
     assert inside.codes == [0] and outside.codes == [0], "QEMU never waits for a query"
     first = hub.recv()
     assert (first.TYPE, first.offset) == (p.MsgType.WRITE, 8 * CHUNK)

@@ -202,7 +202,7 @@ def agent_rig(tmp_path):
     agent.conn = conn
     vol.volume_id = 1
     agent.by_id[1] = vol
-    agent.degraded = False
+    agent.stream.degraded = False
     conn.start()
     try:
         yield agent, vol, theirs
@@ -225,7 +225,7 @@ def test_agent_metrics_show_dirty_queue_sent_and_errors(agent_rig):
     agent.metrics = ra.MetricsServer(("127.0.0.1", 0), lambda: ra.agent_metrics(agent.status()),
                                      "repagent-metrics", ra.log)
     addr = agent.metrics.address
-    agent.protected_write(vol, 4096, 8192, memoryview(b"x" * 8192), lambda code: None)
+    agent.stream.protected_write(vol, 4096, 8192, memoryview(b"x" * 8192), lambda code: None)
     msg = p.recv_message(hub)
     assert msg.TYPE == p.MsgType.WRITE
     m = scrape(addr)
