@@ -347,7 +347,7 @@ class DirtyBitmap:
     blocks that fail at open, and the caller must not trust the marks
     (``Volume.open_bitmap``: the hub verifies the volume).
 
-    Not locked itself: every method runs with ``Agent.lock`` held (any
+    Not locked itself: every method runs with ``Stream.lock`` held (any
     thread), which is also what makes "mark, then queue" atomic.
     """
 
@@ -1281,7 +1281,7 @@ class HubConnection:
 
     Owns the send queue (frames in stream order), the ``repagent-send``
     thread that drains it and the ``repagent-recv`` thread that reads.
-    ``put`` is called with ``Agent.lock`` held and never blocks.
+    ``put`` is called with ``Stream.lock`` held and never blocks.
     """
 
     def __init__(self, agent: "Agent", sock: socket.socket, peer: str, hub_id: str,
@@ -1313,7 +1313,7 @@ class HubConnection:
             t.start()
 
     def put(self, msg: p.Message, nbytes: int, volume: Volume | None) -> None:
-        """Queue one frame (caller holds Agent.lock)."""
+        """Queue one frame (caller holds Stream.lock)."""
         self.queue.append((msg, nbytes, volume))
         self.queued_bytes += nbytes
         if volume is not None:
