@@ -194,8 +194,10 @@ class Scene:
             self.model[off:off + n] = bytes(n) if data is None else data
         return reply
 
-    def come_back(self, state=p.VolumeState.DIRTY, generation=None, **kw) -> FailbackAgent:
-        fa = FailbackAgent(self.hub.address, "a1", self.secrets["a1"], **kw).connect()
+    def come_back(self, state=p.VolumeState.DIRTY, generation=None, agent=None,
+                  **kw) -> FailbackAgent:
+        """a1 (a FailbackAgent, or an ``agent`` class derived from it) attaches DEMOTED."""
+        fa = (agent or FailbackAgent)(self.hub.address, "a1", self.secrets["a1"], **kw).connect()
         assert fa.granted & p.Feature.FAILBACK
         vid, plan = fa.attach(NAME, self.mv, state=state,
                               generation=self.gen if generation is None else generation)
@@ -571,10 +573,8 @@ def test_an_answer_of_another_type_is_invalid_and_the_failback_goes_on(hubenv):
     bring the volume home as if nothing had happened."""
     hub, secrets = hubenv
     sc = Scene(hub, secrets)
-    fa = WrongAnswerAgent(hub.address, "a1", secrets["a1"]).connect()
+    fa = sc.come_back(agent=WrongAnswerAgent)
     try:
-        fa.vid, plan = fa.attach(NAME, sc.mv, state=p.VolumeState.DIRTY, generation=sc.gen)
-        assert plan == p.SyncPlan.DEMOTED
         t, _, outcome = run_failback(hub)
         t.join(30)
         assert outcome["result"]["outcome"] == "done", outcome
@@ -612,10 +612,8 @@ def test_a_refused_answer_fails_the_failback_which_runs_again(hubenv):
     same connection brings the volume home."""
     hub, secrets = hubenv
     sc = Scene(hub, secrets)
-    fa = RefusedAnswerAgent(hub.address, "a1", secrets["a1"]).connect()
+    fa = sc.come_back(agent=RefusedAnswerAgent)
     try:
-        fa.vid, plan = fa.attach(NAME, sc.mv, state=p.VolumeState.DIRTY, generation=sc.gen)
-        assert plan == p.SyncPlan.DEMOTED
         t, _, outcome = run_failback(hub)
         t.join(30)
         assert not t.is_alive()
