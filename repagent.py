@@ -83,14 +83,15 @@ Threads (each named; stopped by ``Agent.stopping`` and joined with a timeout)::
     repagent-send        (per connection) pops the send queue, sends frames
     repagent-recv        (per connection) sequential blocking recv loop,
                          dispatches to ``Agent.on_<TYPE>``
-    repagent-sync-N      serves READ / CHECKSUM_QUERY / EXTENT_QUERY /
-                         DIRTY_QUERY (never on
-                         the recv loop, so ACKs keep flowing meanwhile)
-    repagent-failback    FAILBACK_BEGIN / PUT / FAILBACK_END in arrival order
-                         (QMP and NBD work, off the recv loop)
+    repagent-sync-N      ``SyncServer``: serves READ / CHECKSUM_QUERY /
+                         EXTENT_QUERY / DIRTY_QUERY (never on the recv
+                         loop, so ACKs keep flowing meanwhile)
+    repagent-failback    ``FailbackWorker``: FAILBACK_BEGIN / PUT /
+                         FAILBACK_END in arrival order (QMP and NBD work,
+                         off the recv loop)
     repagent-timer       answers sync-mode writes whose ACK is late
-    repagent-jobs        watches the mirror jobs: resumes a paused job, sets
-                         up again after a QSD restart
+    repagent-jobs        ``QemuSide``: watches the mirror jobs: resumes a
+                         paused job, sets up again after a QSD restart
     repagent-control     serves ``status`` on the control socket
     repagent-metrics     ``--metrics-listen``: the same status as Prometheus
                          text on ``/metrics`` (``agent_metrics``)
@@ -1057,7 +1058,7 @@ class Failback:
 @dataclasses.dataclass
 class ReadWindow:
     """A hub READ/CHECKSUM_QUERY/EXTENT_QUERY being served: overlapping writes are
-    held until its answer is queued (``Agent.read_window``)."""
+    held until its answer is queued (``SyncServer.read_window``)."""
 
     start: int
     end: int
@@ -1136,6 +1137,14 @@ class Volume:
         self.failback: Failback | None = None
         self.bypass_writers = 0         # writers of the node that skip the mirror
         self.counters = collections.Counter()
+
+    def read_once(self, offset: int, length: int) -> bytes:
+        """Read the protected volume with a reader of its own (any thread)."""
+        reader = self.source()
+        try:
+            return reader.read(offset, length)
+        finally:
+            reader.close()
 
     def _load_meta(self) -> dict:
         """VOLUME.json, or the defaults for a new volume.  A damaged file is
@@ -1237,14 +1246,14 @@ class Volume:
 class TargetHandler(nbd.Handler):
     """The NBD export QSD's mirror writes into; runs on the nbd-conn threads."""
 
-    def __init__(self, agent: "Agent", volume: Volume):
-        self.agent, self.volume = agent, volume
+    def __init__(self, stream: "Stream", volume: Volume):
+        self.stream, self.volume = stream, volume
 
     def write(self, offset, data, reply):
-        self.agent.stream.protected_write(self.volume, offset, len(data), data, reply)
+        self.stream.protected_write(self.volume, offset, len(data), data, reply)
 
     def write_zeroes(self, offset, length, reply):
-        self.agent.stream.protected_write(self.volume, offset, length, None, reply)
+        self.stream.protected_write(self.volume, offset, length, None, reply)
 
     def flush(self, reply):
         # QEMU never forwards guest flushes to a mirror target (docs/QEMU.md
@@ -1255,7 +1264,7 @@ class TargetHandler(nbd.Handler):
     def read(self, offset, length, reply):
         # The mirror never reads its target; answer from the source anyway.
         try:
-            reply(0, self.agent.read_source(self.volume, offset, length))
+            reply(0, self.volume.read_once(offset, length))
         except OSError as err:
             log.warning("NBD read on target of %s failed: %s", self.volume.name, err)
             reply(err.errno or errno.EIO)
@@ -1368,7 +1377,7 @@ class HubConnection:
                     log.warning("hub %s sent a bad frame: %s", self.peer, err)
                     self.agent.count_error("bad_frame")
                     if p.may_answer_with_error(err):
-                        self.agent.send_error(self, p.Error.from_exception(err))
+                        self.agent.stream.answer(self, p.Error.from_exception(err))
                     continue
                 if msg is None:
                     self.close(self.with_hub_reason("hub closed the connection"))
@@ -1378,7 +1387,7 @@ class HubConnection:
                     log.debug("<-- %s", msg.describe())
                 handler = getattr(self.agent, f"on_{msg.TYPE.name}", None)
                 if handler is None:   # RECOVER_READY, RREAD_REPLY: no such request here
-                    self.agent.send_error(self, unasked(msg))
+                    self.agent.stream.answer(self, unasked(msg))
                     continue
                 handler(self, msg)
         except p.ProtocolError as err:
@@ -1557,7 +1566,7 @@ class Stream:
     which guards the stream state below, every volume's bitmap (not locked
     itself), pending writes and held frames, and the current connection's
     queue; the connection's ``cond`` and ``timer_cond`` are conditions on
-    it.  Lock order: ``Agent.mirror_lock`` before ``lock``; ``error_lock``
+    it.  Lock order: ``QemuSide.mirror_lock`` before ``lock``; ``error_lock``
     is a leaf.
     """
 
@@ -1569,6 +1578,7 @@ class Stream:
         self.seq = 1                 # last stream sequence number given out
         self._req = 0
         self.conn: HubConnection | None = None   # the attached link, if any
+        self.by_id: dict[int, Volume] = {}       # its attached volumes, by volume id
         self.pending: dict[int, PendingWrite] = {}
         self.sync_waits: collections.deque[PendingWrite] = collections.deque()
         self.timer_cond = threading.Condition(self.lock)
@@ -1589,6 +1599,23 @@ class Stream:
         self.seq += 1
         conn.put(msg, nbytes, volume)
         return self.seq
+
+    def answer(self, conn: HubConnection, msg: p.Message) -> None:
+        """Queue ``msg`` if ``conn`` is still the attached link (any thread,
+        lock taken here): an answer for a connection that ended goes nowhere."""
+        with self.lock:
+            if conn is self.conn:
+                self.enqueue(conn, msg)
+
+    def volume_for(self, conn: HubConnection, msg: p.Message) -> Volume:
+        """The volume ``msg`` names on ``conn`` (any thread, lock taken here),
+        or RequestError NO_SUCH_VOLUME."""
+        with self.lock:
+            vol = self.by_id.get(msg.volume) if conn is self.conn else None
+        if vol is None:
+            raise p.RequestError(f"volume id {msg.volume} is not attached",
+                                 code=p.ErrorCode.NO_SUCH_VOLUME)
+        return vol
 
     # -- the write path (nbd-conn threads) -------------------------------------
 
@@ -1735,133 +1762,41 @@ class Stream:
 
 
 
-class Agent:
-    """The threads around the ordered stream: hub link, sync, fail-back,
-    heartbeat, QMP/jobs and control.
+class SyncServer:
+    """The hub's reads of the protected volume (repagent-sync-N threads).
 
-    The stream itself and its lock live in ``stream`` (a Stream); ``lock``
-    and ``conn`` are that lock and its attached connection.
+    READ, CHECKSUM_QUERY, EXTENT_QUERY and DIRTY_QUERY are handed over by the
+    recv loop (``submit``) and served here, so that ACKs keep flowing while
+    QSD is read.  Each read runs under a read window (rule 4, docs/DESIGN.md
+    "The rules that make it correct"); its reply is remembered with the
+    stream position it was queued at, so that the hub's SYNCED for it
+    (``synced``, recv thread) can forget the losses it repairs.  ``replies``
+    is guarded by the stream's lock and forgotten with the connection.
     """
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.stopping = threading.Event()
-        self.link_state = LinkState.CONNECTING   # until the first attempt ends
-        self.link_cause = ""
-        self.connect_attempts = 0
-        self.last_disconnect: dict | None = None   # why the last connection ended
-        self.retry_at: float | None = None         # next connect attempt (monotonic)
-        self.requests: dict[int, tuple[str, object]] = {}   # ATTACH / PING / DETACH
+    def __init__(self, stream: Stream, stopping: threading.Event):
+        self.stream = stream
+        self.stopping = stopping
+        self.work: queue.Queue = queue.Queue()     # (conn, request) in arrival order
         self.replies: collections.OrderedDict = collections.OrderedDict()  # req -> (vol, seq)
-        self.volumes = [Volume(volume, node, cfg.state_dir) for node, volume in cfg.nodes]
-        self.stream = Stream(cfg, self.volumes, self.stopping)
-        self.by_id: dict[int, Volume] = {}
-        self.work: queue.Queue = queue.Queue()
-        self.failback_work: queue.Queue = queue.Queue()   # (conn, msg) in arrival order
-        self.mirror_lock = threading.Lock()   # the jobs thread vs a fail-back's QMP work
-        self.qmp: QMPClient | None = None
-        self.threads: list[threading.Thread] = []
-        self.control: socket.socket | None = None
-        self.lockfile = None
-        self.metrics: MetricsServer | None = None   # set by cmd_protect
-        self.error_lock = threading.Lock()
-        self.errors: collections.Counter[str] = collections.Counter()  # kind -> WARNINGs
 
-    @property
-    def lock(self) -> threading.Lock:
-        """The stream's lock (any thread)."""
-        return self.stream.lock
+    def threads(self) -> list[tuple[str, Callable[[], None]]]:
+        return [(f"repagent-sync-{i}", self.run) for i in range(SYNC_WORKERS)]
 
-    @property
-    def conn(self) -> HubConnection | None:
-        """The attached hub connection, if any (read it with ``lock`` held)."""
-        return self.stream.conn
-
-    @conn.setter
-    def conn(self, conn: HubConnection | None) -> None:
-        self.stream.conn = conn
-
-    def count_error(self, kind: str) -> None:
-        """Count a fault logged at WARNING, for status and /metrics.  Any thread."""
-        with self.error_lock:
-            self.errors[kind] += 1
-
-    # -- the hub's answers (repagent-recv thread) ---------------------------------
-
-    # The on_<TYPE> methods run on the repagent-recv thread, one frame at a
-    # time in arrival order; READ/CHECKSUM_QUERY/EXTENT_QUERY/DIRTY_QUERY go to the
-    # sync threads so that ACKs keep flowing while QSD is read.
-
-    def on_ACK(self, conn: HubConnection, msg: p.Ack) -> None:
-        """A WRITE/ZERO is durable: its chunks may clear; sync mode answers QEMU."""
-        reply = None
-        with self.lock:
-            pw = self.stream.acked(msg.request_id)
-            if pw is not None:
-                reply, pw.reply = pw.reply, None
-            else:
-                kind, what = self.requests.pop(msg.request_id, (None, None))
-                if kind == "CHECKPOINT":
-                    what.answer(msg)  # repagent.py checkpoint waits for it
-        if reply is not None:
-            reply(0)
-
-    def on_ATTACHED(self, conn: HubConnection, msg: p.Attached) -> None:
-        """The volume has an id on this connection: its writes stream from now on."""
-        with self.lock:
-            kind, vol = self.requests.pop(msg.request_id, (None, None))
-            if kind != "ATTACH" or conn is not self.conn:
-                log.warning("ATTACHED for unknown request %d: answered ERROR(INVALID)",
-                            msg.request_id)
-                if conn is self.conn:
-                    self.stream.enqueue(conn, unasked(msg))
-                return
-            vol.volume_id = msg.volume
-            vol.plan = msg.plan
-            vol.refused = None
-            self.by_id[msg.volume] = vol
-            if conn.attached_at is None:
-                conn.attached_at = time.monotonic()
-            log.info("volume %s attached as id %d, plan %s (dirty %d bytes)", vol.name,
-                     msg.volume, msg.plan.name, vol.bitmap.dirty_bytes)
-            if msg.plan in (p.SyncPlan.VERIFY, p.SyncPlan.FULL) and vol.meta["needs_verify"]:
-                vol.meta["needs_verify"] = False    # the hub now owns the verify
-                vol.save_meta()
-            if msg.plan == p.SyncPlan.NONE and vol.bitmap.dirty_count:
-                # Marked between ATTACH and ATTACHED: the hub must resync it.
-                extents = vol.bitmap.extents()
-                self.stream.enqueue(conn, p.DirtyMap(volume=msg.volume, extents=extents))
-            if msg.plan == p.SyncPlan.DEMOTED:
-                log.warning("volume %s was promoted at the recovery site; this side is "
-                            "demoted: guest writes are tracked in the dirty bitmap, not "
-                            "sent; bring it back with rephub.py failback%s", vol.name,
-                            "" if self.cfg.accept_failback else
-                            " (after restarting repagent.py protect with --accept-failback)")
-            self.stream.maybe_undegrade()
-
-    def on_READ(self, conn, msg):
+    def submit(self, conn: HubConnection, msg: p.Message) -> None:
+        """A sync request from the hub (repagent-recv thread)."""
         self.work.put((conn, msg))
 
-    def on_CHECKSUM_QUERY(self, conn, msg):
-        self.work.put((conn, msg))
+    def forget(self) -> None:
+        """The connection ended (lock held): no SYNCED can come for our replies."""
+        self.replies.clear()
 
-    def on_DIRTY_QUERY(self, conn, msg):
-        self.work.put((conn, msg))
-
-    def on_EXTENT_QUERY(self, conn, msg):
-        if not conn.features & p.Feature.EXTENTS:   # PROTOCOL.md [VN-5]
-            self.send_error(conn, p.Error(
-                request_id=msg.request_id, code=p.ErrorCode.UNSUPPORTED,
-                failed_type=msg.TYPE, message="EXTENT_QUERY without the EXTENTS feature"))
-            return
-        self.work.put((conn, msg))
-
-    def on_SYNCED(self, conn: HubConnection, msg: p.Synced) -> None:
+    def synced(self, conn: HubConnection, msg: p.Synced) -> None:
         """Our reply to READ/CHECKSUM_QUERY/EXTENT_QUERY ``req`` is durable: forget
         older losses."""
-        with self.lock:
+        with self.stream.lock:
             entry = self.replies.get(msg.request_id)
-            vol = self.by_id.get(msg.volume)
+            vol = self.stream.by_id.get(msg.volume)
             if entry is None or vol is None or entry[0] is not vol:
                 log.debug("SYNCED req=%d: no reply of ours on this connection", msg.request_id)
                 return
@@ -1882,88 +1817,7 @@ class Agent:
             if self.stream.degraded:
                 self.stream.maybe_undegrade()
 
-    def on_FAILBACK_BEGIN(self, conn, msg):
-        self.failback_work.put((conn, msg, None))
-
-    def on_PUT(self, conn, msg):
-        self.failback_work.put((conn, msg, None))
-
-    def on_FAILBACK_END(self, conn, msg):
-        self.failback_work.put((conn, msg, None))
-
-    def on_PING(self, conn, msg):
-        with self.lock:
-            if conn is self.conn:
-                self.stream.enqueue(conn, p.Pong(request_id=msg.request_id, echo_ns=msg.sent_ns,
-                                           responder_ns=time.time_ns()))
-
-    def on_PONG(self, conn, msg):
-        conn.rtt = (time.time_ns() - msg.echo_ns) / 1e9
-        with self.lock:
-            self.requests.pop(msg.request_id, None)
-
-    def on_ERROR(self, conn: HubConnection, msg: p.Error) -> None:
-        """A refused write stays marked (and is reported); other errors are logged.
-
-        ROLE for a write: the volume was promoted at the recovery site while
-        attached here.  The connection is closed so that the next one attaches
-        it again: DEMOTED where FAILBACK is granted, refused otherwise; either
-        way its writes stop going to the hub and stay marked."""
-        reply = promoted = None
-        conn.heard(f"ERROR {msg.code_name()} {msg.message}".rstrip())
-        with self.lock:
-            pw = self.stream.pending.pop(msg.request_id, None)
-            if pw is not None:
-                # The hub refused the write: it stays marked for a resync.
-                pw.volume.bitmap.drop_inflight(pw.chunks, self.stream.seq)
-                pw.volume.counters["refused_writes"] += 1
-                if conn is self.conn and pw.volume.volume_id is not None:
-                    self.stream.report_dropped(conn, pw.volume, pw.chunks)
-                reply, pw.reply = pw.reply, None
-                self.stream.degrade(f"hub refused a write: {msg.code_name()}")
-                # A hub whose storage failed refuses every later write of the
-                # connection (PROTOCOL.md RP-10): one line tells it, not one per write.
-                conn.refused_writes += 1
-                log.log(logging.WARNING if conn.refused_writes == 1 else logging.DEBUG,
-                        "hub refused %s write req=%d: %s %s%s", pw.volume.name,
-                        msg.request_id, msg.code_name(), msg.message,
-                        " (later refusals on this connection are logged at DEBUG; they stay "
-                        "marked)" if conn.refused_writes == 1 else "")
-                self.count_error("hub_error")
-                if msg.code == p.ErrorCode.ROLE and conn is self.conn:
-                    promoted = pw.volume.name
-            else:
-                kind, what = self.requests.pop(msg.request_id, (None, None))
-                if kind == "CHECKPOINT":
-                    what.answer(msg)  # repagent.py checkpoint reports it
-                if kind == "ATTACH":
-                    what.refused = f"{msg.code_name()}: {msg.message}"
-                    log.error("hub refused to attach volume %s: %s %s (writes stay "
-                              "tracked; retried on the next connection)", what.name,
-                              msg.code_name(), msg.message)
-                else:
-                    log.warning("hub error req=%d: %s %s", msg.request_id,
-                                msg.code_name(), msg.message)
-                self.count_error("hub_error")
-        if reply is not None:
-            reply(0)
-        if promoted is not None:
-            conn.close(f"volume {promoted} was promoted at the recovery site (ERROR ROLE): "
-                       "re-attaching")
-
-    def on_GOODBYE(self, conn, msg):
-        log.info("hub says goodbye: %s", msg.reason)
-        conn.heard(f"GOODBYE {msg.reason}".rstrip())
-        conn.close(f"hub said goodbye: {msg.reason}")
-
-    def send_error(self, conn: HubConnection, err: p.Error) -> None:
-        with self.lock:
-            if conn is self.conn:
-                self.stream.enqueue(conn, err)
-
-    # -- sync requests (repagent-sync-N threads) --------------------------------
-
-    def _sync_loop(self) -> None:
+    def run(self) -> None:
         """repagent-sync-N thread: serve READ / CHECKSUM_QUERY / EXTENT_QUERY / DIRTY_QUERY."""
         readers: dict[str, object] = {}
         try:
@@ -1976,39 +1830,23 @@ class Agent:
                     getattr(self, f"serve_{msg.TYPE.name}")(conn, msg, readers)
                 except p.RequestError as err:
                     err.request_id, err.msg_type = msg.request_id, msg.TYPE
-                    self.send_error(conn, p.Error.from_exception(err))
+                    self.stream.answer(conn, p.Error.from_exception(err))
                 except Exception as err:   # OSError from QSD, or a bug: answer, go on
                     if not isinstance(err, OSError):
                         log.exception("%s failed", msg.describe())
                     else:
                         log.warning("%s failed: %s", msg.describe(), err)
-                    self.send_error(conn, p.Error(request_id=msg.request_id,
-                                                  code=p.ErrorCode.IO_ERROR,
-                                                  failed_type=msg.TYPE, message=str(err)))
+                    self.stream.answer(conn, p.Error(request_id=msg.request_id,
+                                                     code=p.ErrorCode.IO_ERROR,
+                                                     failed_type=msg.TYPE, message=str(err)))
         finally:
             for reader in readers.values():
                 reader.close()
-
-    def _volume_for(self, conn: HubConnection, msg: p.Message) -> Volume:
-        with self.lock:
-            vol = self.by_id.get(msg.volume) if conn is self.conn else None
-        if vol is None:
-            raise p.RequestError(f"volume id {msg.volume} is not attached",
-                                 code=p.ErrorCode.NO_SUCH_VOLUME)
-        return vol
 
     def _reader(self, vol: Volume, readers: dict):
         if vol.name not in readers:
             readers[vol.name] = vol.source()
         return readers[vol.name]
-
-    def read_source(self, vol: Volume, offset: int, length: int) -> bytes:
-        """Read the protected volume outside the sync threads (one-off reader)."""
-        reader = vol.source()
-        try:
-            return reader.read(offset, length)
-        finally:
-            reader.close()
 
     @contextlib.contextmanager
     def read_window(self, conn, msg: p.Message, readers):
@@ -2016,11 +1854,11 @@ class Agent:
         its range: yields (volume, reader, window).  A guest write overlapping
         the window is held back; as the window closes, the answer given with
         ``window.answer`` is queued, then the writes it held [SY-2, SY-16]."""
-        vol = self._volume_for(conn, msg)
+        vol = self.stream.volume_for(conn, msg)
         p.check_range(msg.offset, msg.length, vol.size, msg.TYPE.name)
         reader = self._reader(vol, readers)
         window = ReadWindow(msg.offset, msg.offset + msg.length, conn)
-        with self.lock:
+        with self.stream.lock:
             vol.windows.append(window)
         try:
             yield vol, reader, window
@@ -2029,9 +1867,9 @@ class Agent:
 
     def _close_window(self, vol: Volume, window: ReadWindow) -> None:
         """Queue the window's answer, then the writes held behind it (lock taken here)."""
-        with self.lock:
+        with self.stream.lock:
             vol.windows.remove(window)
-            conn = self.conn
+            conn = self.stream.conn
             if conn is None or vol.volume_id is None:
                 return          # connection_lost dropped the held writes already
             reply = window.reply
@@ -2107,71 +1945,94 @@ class Agent:
             vol.counters["zero_extent_bytes"] += sum(n for n, zero in runs if zero)
 
     def serve_DIRTY_QUERY(self, conn, msg: p.DirtyQuery, readers) -> None:
-        vol = self._volume_for(conn, msg)
-        with self.lock:
+        vol = self.stream.volume_for(conn, msg)
+        with self.stream.lock:
             extents = vol.bitmap.extents()
-            if conn is self.conn:
-                self.stream.enqueue(conn, p.DirtyMap(request_id=msg.request_id, volume=msg.volume,
-                                               extents=extents))
+            if conn is self.stream.conn:
+                self.stream.enqueue(conn, p.DirtyMap(request_id=msg.request_id,
+                                                     volume=msg.volume, extents=extents))
         log.info("volume %s: DIRTY_MAP of %d extents (%d bytes)", vol.name, len(extents),
                  sum(n for _, n in extents))
 
-    # -- fail-back (repagent-failback thread) -------------------------------------
-    #
-    # PROTOCOL.md "Fail-back", the agent's side.  FAILBACK_BEGIN, PUT and
-    # FAILBACK_END are taken in arrival order by one thread (the hub keeps
-    # several PUTs in flight); QMP and NBD calls block, so none of this runs on
-    # the recv loop.  connection_lost and stop leave a note (conn, Volume, why)
-    # on the same queue: a fail-back cut short ends like an ABORT.
 
-    def _failback_loop(self) -> None:
+class FailbackWorker:
+    """The agent's side of a fail-back (PROTOCOL.md "Fail-back"), on the
+    repagent-failback thread.
+
+    FAILBACK_BEGIN, PUT and FAILBACK_END are taken in arrival order by one
+    thread (the hub keeps several PUTs in flight); QMP and NBD calls block, so
+    none of this runs on the recv loop.  ``cut_short`` (a lost connection, the
+    agent stopping) leaves a note on the same queue: a fail-back cut short
+    ends like an ABORT.  The node is shared with the jobs thread under
+    ``QemuSide.mirror_lock``.
+    """
+
+    def __init__(self, cfg: Config, stream: Stream, qemu: "QemuSide",
+                 count_error: Callable[[str], None]):
+        self.cfg = cfg
+        self.stream = stream
+        self.qemu = qemu
+        self.count_error = count_error
+        self.work: queue.Queue = queue.Queue()   # (conn, msg or Volume, why) in arrival order
+
+    def submit(self, conn: HubConnection, msg: p.Message) -> None:
+        """A fail-back request from the hub (repagent-recv thread)."""
+        self.work.put((conn, msg, None))
+
+    def cut_short(self, conn: HubConnection, vol: Volume, why: str) -> None:
+        """Undo ``vol``'s fail-back on ``conn``, if it still runs (any thread)."""
+        self.work.put((conn, vol, why))
+
+    def stop(self) -> None:
+        """The thread ends once the notes queued before this are done."""
+        self.work.put(None)
+
+    def run(self) -> None:
         """repagent-failback thread; ends on the None that ``stop`` queues."""
         while True:
-            item = self.failback_work.get()
+            item = self.work.get()
             if item is None:
                 return
             conn, msg, why = item
             if isinstance(msg, Volume):
                 if msg.failback is not None and msg.failback.conn is conn:
-                    self._failback_abort(msg, why)
+                    self._interrupted(msg, why)
                 continue
             try:
-                getattr(self, f"failback_{msg.TYPE.name}")(conn, msg)
+                getattr(self, f"serve_{msg.TYPE.name}")(conn, msg)
             except p.RequestError as err:
                 err.request_id, err.msg_type = msg.request_id, msg.TYPE
                 log.warning("%s refused: %s %s", msg.describe(), err.code.name, err)
-                self.send_error(conn, p.Error.from_exception(err))
+                self.stream.answer(conn, p.Error.from_exception(err))
             except Exception as err:   # QSD or QMP failed, or a bug: answer, go on
                 if isinstance(err, (OSError, QMPError, QMPClosed, nbd.NBDError)):
                     log.warning("%s failed: %s", msg.describe(), err)
                 else:
                     log.exception("%s failed", msg.describe())
                 self.count_error("failback")
-                self.send_error(conn, p.Error(request_id=msg.request_id,
-                                              code=p.ErrorCode.IO_ERROR,
-                                              failed_type=msg.TYPE, message=str(err)))
+                self.stream.answer(conn, p.Error(request_id=msg.request_id,
+                                                 code=p.ErrorCode.IO_ERROR,
+                                                 failed_type=msg.TYPE, message=str(err)))
 
-    def _ack_failback(self, conn: HubConnection, msg: p.Message) -> None:
-        with self.lock:
-            if conn is self.conn:
-                self.stream.enqueue(conn, p.Ack(request_id=msg.request_id))
+    def _ack(self, conn: HubConnection, msg: p.Message) -> None:
+        self.stream.answer(conn, p.Ack(request_id=msg.request_id))
 
     def _other_writers(self, vol: Volume, ours: int) -> None:
         """Raise ERROR(BUSY) unless exactly ``ours`` users of QSD can write the
         node (PROTOCOL.md [FB-4]; ``node_writers`` says how that is read)."""
-        others = node_writers(self.qmp, vol.node) - ours
+        others = node_writers(self.qemu.qmp, vol.node) - ours
         if others > 0:
-            exports = [e for e in exports_on(self.qmp, vol.node, vol.meta["filter_node"])
+            exports = [e for e in exports_on(self.qemu.qmp, vol.node, vol.meta["filter_node"])
                        if e != failback_export(vol.name)]
             raise p.RequestError(
                 f"node {vol.node} has other writers ({others}; exports: "
                 f"{', '.join(exports) or 'none'}); stop the VM and remove its export "
                 "(block-export-del) first", code=p.ErrorCode.BUSY)
 
-    def failback_FAILBACK_BEGIN(self, conn: HubConnection, msg: p.FailbackBegin) -> None:
+    def serve_FAILBACK_BEGIN(self, conn: HubConnection, msg: p.FailbackBegin) -> None:
         """Become the only writer of the volume's node, or refuse (FB-3, FB-4, FB-5):
         tear the mirror down, add our writable export, check, connect to it."""
-        vol = self._volume_for(conn, msg)
+        vol = self.stream.volume_for(conn, msg)
         if vol.failback is not None:
             raise p.RequestError(f"a fail-back of volume {vol.name} is already running",
                                  code=p.ErrorCode.BAD_PHASE)
@@ -2189,20 +2050,21 @@ class Agent:
                                  f"--source {vol.node}=nbd+unix:///EXPORT?socket=PATH",
                                  code=p.ErrorCode.NOT_ALLOWED)
         address = self.cfg.sources[vol.node][0]
-        with self.mirror_lock:
+        with self.qemu.mirror_lock:
             self._other_writers(vol, ours=0)        # refuse before touching anything
-            with self.lock:
-                if conn is not self.conn:
+            with self.stream.lock:
+                if conn is not self.stream.conn:
                     return                          # lost meanwhile: nobody to answer
                 # From here connection_lost queues the undo, the jobs thread keeps off.
                 fb = vol.failback = Failback(conn, failback_export(vol.name))
             escaped = False
             try:
-                teardown_mirror(self.qmp, vol.meta)
+                teardown_mirror(self.qemu.qmp, vol.meta)
                 vol.meta["mirror"] = False          # a crash from here on: verify at restart
                 vol.save_meta()
-                self.qmp.execute("block-export-add", type="nbd", id=fb.export, name=fb.export,
-                                 writable=True, **{"node-name": vol.node})
+                self.qemu.qmp.execute("block-export-add", type="nbd", id=fb.export,
+                                      name=fb.export, writable=True,
+                                      **{"node-name": vol.node})
                 escaped = True
                 self._other_writers(vol, ours=1)
                 escaped = False
@@ -2214,30 +2076,30 @@ class Agent:
                     # is marked, so the hub's fail-back keeps all as late writes.
                     log.warning("volume %s: a writer appeared while the mirror was down; "
                                 "every chunk is marked dirty", vol.name)
-                    with self.lock:
+                    with self.stream.lock:
                         vol.bitmap.mark(range(vol.bitmap.chunks))
                         vol.bitmap.lose(range(vol.bitmap.chunks), self.stream.seq)
                     vol.bitmap.sync()
-                self._failback_undo(vol)
+                self._undo(vol)
                 raise
         log.info("volume %s: fail-back begins: mirror removed, writable export %s on node "
                  "%s, no other writer", vol.name, fb.export, vol.node)
-        self._ack_failback(conn, msg)
+        self._ack(conn, msg)
 
-    def _failback_of(self, conn: HubConnection, msg: p.Message) -> tuple[Volume, Failback]:
-        vol = self._volume_for(conn, msg)
+    def _running(self, conn: HubConnection, msg: p.Message) -> tuple[Volume, Failback]:
+        vol = self.stream.volume_for(conn, msg)
         fb = vol.failback
         if fb is None or fb.client is None or fb.conn is not conn:
             raise p.RequestError(f"{msg.TYPE.name} for volume {vol.name} without an ACKed "
                                  "FAILBACK_BEGIN", code=p.ErrorCode.BAD_PHASE)
         return vol, fb
 
-    def failback_PUT(self, conn: HubConnection, msg: p.Put) -> None:
+    def serve_PUT(self, conn: HubConnection, msg: p.Put) -> None:
         """Mark the range dirty (persistently), write it through our export, ACK (FB-6)."""
-        vol, fb = self._failback_of(conn, msg)
+        vol, fb = self._running(conn, msg)
         p.check_range(msg.offset, msg.length, vol.size, "PUT")
         chunks = vol.bitmap.chunk_range(msg.offset, msg.length)
-        with self.lock:
+        with self.stream.lock:
             vol.bitmap.mark(chunks)
             vol.bitmap.lose(chunks, self.stream.seq)
         vol.bitmap.sync()       # an interrupted fail-back is found again, even after a crash
@@ -2253,56 +2115,56 @@ class Agent:
         fb.puts += 1
         fb.put_bytes += msg.length
         vol.counters["put_bytes"] += msg.length
-        self._ack_failback(conn, msg)
+        self._ack(conn, msg)
 
-    def failback_FAILBACK_END(self, conn: HubConnection, msg: p.FailbackEnd) -> None:
+    def serve_FAILBACK_END(self, conn: HubConnection, msg: p.FailbackEnd) -> None:
         """DONE: flush, drop our export, clear the marks, mirror again, stream (FB-7).
         ABORT: drop our export, mirror again, stay DEMOTED with the marks (FB-11)."""
-        vol, fb = self._failback_of(conn, msg)
+        vol, fb = self._running(conn, msg)
         if msg.outcome == p.FailbackOutcome.ABORT:
-            with self.mirror_lock:
-                self._failback_undo(vol)
+            with self.qemu.mirror_lock:
+                self._undo(vol)
             log.warning("volume %s: fail-back abandoned by the hub after %d PUTs (%s): still "
                         "demoted, the regions written stay marked", vol.name, fb.puts,
                         fmt_bytes(fb.put_bytes))
-            self._ack_failback(conn, msg)
+            self._ack(conn, msg)
             return
         fb.client.flush()       # every PUT durable before a mark goes
-        with self.mirror_lock:
+        with self.qemu.mirror_lock:
             try:
                 fb.client.close()
-                delete_export(self.qmp, fb.export)
-                with self.lock:
+                delete_export(self.qemu.qmp, fb.export)
+                with self.stream.lock:
                     vol.bitmap.clear_all()      # the disk now equals the hub's volume
                 vol.meta["needs_verify"] = False
-                self._mirror_again(vol)
+                self.qemu.mirror_again(vol)
             finally:
                 vol.failback = None
-        with self.lock:
-            if conn is self.conn:
+        with self.stream.lock:
+            if conn is self.stream.conn:
                 self.stream.enqueue(conn, p.Ack(request_id=msg.request_id))
                 vol.plan = p.SyncPlan.NONE      # WRITEs from the frame after the ACK on
                 if vol.bitmap.dirty_count:      # written since the mirror came back
                     self.stream.enqueue(conn, p.DirtyMap(volume=vol.volume_id,
-                                                   extents=vol.bitmap.extents()))
+                                                         extents=vol.bitmap.extents()))
                 self.stream.maybe_undegrade()
         log.info("volume %s: fail-back done (%d PUTs, %s, in %.1f s): marks cleared, mirror "
                  "set up again, protection resumes; add the VM's export on node %s so that "
                  "its writes are replicated", vol.name, fb.puts, fmt_bytes(fb.put_bytes),
                  time.time() - fb.started, vol.meta["filter_node"])
 
-    def _failback_abort(self, vol: Volume, why: str) -> None:
+    def _interrupted(self, vol: Volume, why: str) -> None:
         """A fail-back cut short (connection lost, agent stopping): as ABORT, no ACK."""
         if vol.failback is None:
             return
         fb = vol.failback
-        with self.mirror_lock:
-            self._failback_undo(vol)
+        with self.qemu.mirror_lock:
+            self._undo(vol)
         log.warning("volume %s: fail-back interrupted (%s) after %d PUTs (%s): export "
                     "removed, mirror set up again, still demoted; the regions written stay "
                     "marked", vol.name, why, fb.puts, fmt_bytes(fb.put_bytes))
 
-    def _failback_undo(self, vol: Volume) -> None:
+    def _undo(self, vol: Volume) -> None:
         """Back to where the BEGIN found the volume: no export of ours, the mirror
         running (mirror_lock held).  Failures are logged; the jobs thread retries
         the mirror, and a mirror set up anew makes the hub verify."""
@@ -2310,22 +2172,347 @@ class Agent:
         try:
             if fb.client is not None:
                 fb.client.close()
-            delete_export(self.qmp, fb.export)
-            self._mirror_again(vol)
+            delete_export(self.qemu.qmp, fb.export)
+            self.qemu.mirror_again(vol)
         except (OSError, QMPError, QMPClosed, LookupError) as err:
             log.error("volume %s: undoing the fail-back set-up failed: %s", vol.name, err)
             self.count_error("failback")
         finally:
             vol.failback = None
 
-    def _mirror_again(self, vol: Volume) -> None:
+
+class QemuSide:
+    """QSD as the agent drives it over QMP: the mirror jobs, kept running by
+    the repagent-jobs thread (docs/QEMU.md).
+
+    ``qmp`` is replaced when QSD comes back after a restart; ``mirror_lock``
+    keeps the jobs thread and a fail-back's QMP work apart (it is taken
+    before the stream's lock).
+    """
+
+    def __init__(self, cfg: Config, volumes: list[Volume], stream: Stream,
+                 stopping: threading.Event, count_error: Callable[[str], None]):
+        self.cfg = cfg
+        self.volumes = volumes
+        self.stream = stream
+        self.stopping = stopping
+        self.count_error = count_error
+        self.mirror_lock = threading.Lock()
+        self.qmp: QMPClient | None = None
+
+    def connect(self) -> QMPClient:
+        """The first QMP connection (main thread, at start)."""
+        self.qmp = QMPClient(self.cfg.qmp, self._on_event)
+        log.info("QMP connected to %s (QEMU %s.%s.%s)", self.cfg.qmp,
+                 self.qmp.version.get("major"), self.qmp.version.get("minor"),
+                 self.qmp.version.get("micro"))
+        return self.qmp
+
+    def unprotect(self) -> None:
+        """``--unprotect-on-exit``: remove every mirror; the hub verifies next time."""
+        for vol in self.volumes:
+            try:
+                teardown_mirror(self.qmp, vol.meta)
+                vol.meta["mirror"] = False
+                vol.meta["needs_verify"] = True
+                vol.save_meta()
+            except (OSError, QMPError, QMPClosed) as err:
+                log.error("could not tear down the mirror of %s: %s", vol.name, err)
+
+    def close(self) -> None:
+        if self.qmp is not None:
+            self.qmp.close()
+
+    def _on_event(self, event: dict) -> None:
+        """qmp-reader thread: log job faults; the jobs thread does the resuming."""
+        if event.get("event") == "BLOCK_JOB_ERROR":
+            data = event.get("data", {})
+            log.debug("BLOCK_JOB_ERROR %s %s %s", data.get("device"), data.get("operation"),
+                      data.get("action"))
+
+    def run(self) -> None:
+        """repagent-jobs thread: keep every mirror running; redo it after a QSD restart."""
+        while not self.stopping.wait(JOB_POLL_INTERVAL):
+            try:
+                if self.qmp is None or self.qmp.closed.is_set():
+                    self._reconnect()
+                for vol in self.volumes:
+                    with self.mirror_lock:
+                        if vol.failback is None:   # a fail-back owns the node meanwhile
+                            self.check_job(vol)
+            except (OSError, QMPError, QMPClosed, LookupError) as err:
+                if self.qmp is not None and not self.qmp.closed.is_set():
+                    log.warning("mirror check failed: %s", err)
+                    self.count_error("qmp")
+
+    def _reconnect(self) -> None:
+        if self.qmp is not None:
+            self.qmp.close()
+            self.qmp = None
+            log.warning("QMP connection to %s lost (QSD stopped or restarted)", self.cfg.qmp)
+            self.count_error("qmp")
+        self.qmp = QMPClient(self.cfg.qmp, self._on_event)
+        log.info("QMP connection to %s re-established", self.cfg.qmp)
+        for vol in self.volumes:
+            with self.mirror_lock:
+                if vol.failback is None:
+                    self.set_up_mirror(vol)
+
+    def check_job(self, vol: Volume) -> None:
+        """Record the job's state; resume it if paused; set it up again if gone."""
+        job = find_job(self.qmp, vol.meta["job_id"])
+        vol.job_info = job or {}
+        status = job.get("status") if job else "gone"
+        if status != vol.job_status:
+            level = logging.INFO if status in ("ready", "running") else logging.WARNING
+            log.log(level, "mirror job %s: %s (io-status %s)", vol.meta["job_id"], status,
+                    job.get("io-status") if job else "-")
+            vol.job_status = status
+        if job is None or status in ("concluded", "aborting", "null"):
+            self.set_up_mirror(vol)
+        elif job_is_paused(job) and not self.stopping.is_set():
+            # on-target-error=stop paused it (our target was away): QEMU kept
+            # what it could not deliver as dirty and re-copies it on resume.
+            self.qmp.execute("block-job-resume", device=vol.meta["job_id"])
+        # An export added on the node after the mirror started bypasses the
+        # mirror's filter (docs/QEMU.md "Exports and the mirror's filter"):
+        # say so, it is silent data loss.
+        bypass = node_writers(self.qmp, vol.node, through_filters=False) if job else 0
+        if bypass != vol.bypass_writers:
+            if bypass:
+                log.warning("volume %s: %d writer(s) on node %s below the mirror's filter: "
+                            "their writes are neither replicated nor tracked; add exports "
+                            "on node %s instead", vol.name, bypass, vol.node,
+                            vol.meta["filter_node"])
+            vol.bypass_writers = bypass
+
+    def set_up_mirror(self, vol: Volume) -> JobSetup:
+        outcome = setup_mirror(self.qmp, vol.meta, vol.target_socket, vol.name,
+                               self.cfg.chunk_size, self.cfg.reconnect_delay)
+        if outcome == JobSetup.RESTARTED:
+            log.warning("volume %s: the mirror job was gone (QSD restarted): guest writes "
+                        "may have escaped the bitmap, the hub will verify", vol.name)
+            vol.meta["needs_verify"] = True
+        elif outcome == JobSetup.STARTED and not vol.bitmap.created:
+            # An old bitmap but no mirror (unprotected meanwhile): writes made
+            # without the mirror were never tracked.
+            log.warning("volume %s: protected again after a pause: the hub will verify",
+                        vol.name)
+            vol.meta["needs_verify"] = True
+        self._mirror_running(vol)
+        conn = self.stream.conn
+        if outcome == JobSetup.RESTARTED and conn is not None:
+            conn.close("QSD restarted: re-attaching with state UNKNOWN")
+        return outcome
+
+    def mirror_again(self, vol: Volume) -> None:
         """The mirror after a fail-back (mirror_lock held): fresh, no verify due."""
         setup_mirror(self.qmp, vol.meta, vol.target_socket, vol.name, self.cfg.chunk_size,
                      self.cfg.reconnect_delay)
+        self._mirror_running(vol)
+
+    def _mirror_running(self, vol: Volume) -> None:
+        """The mirror is set up: VOLUME.json says so; its job is recorded."""
         vol.meta["mirror"] = True
         vol.save_meta()
         job = find_job(self.qmp, vol.meta["job_id"]) or {}
         vol.job_info, vol.job_status = job, job.get("status", "gone")
+
+
+class Agent:
+    """The composition root: the parts above, the hub link's life
+    (repagent-heartbeat), the hub's answers (repagent-recv) and the control
+    socket, started and stopped in order.
+
+    The stream and its lock are ``stream`` (``lock`` and ``conn`` are that
+    lock and its attached connection); ``sync`` serves the hub's reads,
+    ``failback_worker`` a fail-back, ``qemu`` the mirror jobs.
+    """
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.stopping = threading.Event()
+        self.link_state = LinkState.CONNECTING   # until the first attempt ends
+        self.link_cause = ""
+        self.connect_attempts = 0
+        self.last_disconnect: dict | None = None   # why the last connection ended
+        self.retry_at: float | None = None         # next connect attempt (monotonic)
+        self.requests: dict[int, tuple[str, object]] = {}   # ATTACH / PING / DETACH
+        self.volumes = [Volume(volume, node, cfg.state_dir) for node, volume in cfg.nodes]
+        self.stream = Stream(cfg, self.volumes, self.stopping)
+        self.sync = SyncServer(self.stream, self.stopping)
+        self.qemu = QemuSide(cfg, self.volumes, self.stream, self.stopping, self.count_error)
+        self.failback_worker = FailbackWorker(cfg, self.stream, self.qemu, self.count_error)
+        self.threads: list[threading.Thread] = []
+        self.control: socket.socket | None = None
+        self.lockfile = None
+        self.metrics: MetricsServer | None = None   # set by cmd_protect
+        self.error_lock = threading.Lock()
+        self.errors: collections.Counter[str] = collections.Counter()  # kind -> WARNINGs
+
+    @property
+    def lock(self) -> threading.Lock:
+        """The stream's lock (any thread)."""
+        return self.stream.lock
+
+    @property
+    def conn(self) -> HubConnection | None:
+        """The attached hub connection, if any (read it with ``lock`` held)."""
+        return self.stream.conn
+
+    @conn.setter
+    def conn(self, conn: HubConnection | None) -> None:
+        self.stream.conn = conn
+
+    def count_error(self, kind: str) -> None:
+        """Count a fault logged at WARNING, for status and /metrics.  Any thread."""
+        with self.error_lock:
+            self.errors[kind] += 1
+
+    # -- the hub's answers (repagent-recv thread) ---------------------------------
+
+    # The on_<TYPE> methods run on the repagent-recv thread, one frame at a
+    # time in arrival order; READ/CHECKSUM_QUERY/EXTENT_QUERY/DIRTY_QUERY go to the
+    # sync threads so that ACKs keep flowing while QSD is read.
+
+    def on_ACK(self, conn: HubConnection, msg: p.Ack) -> None:
+        """A WRITE/ZERO is durable: its chunks may clear; sync mode answers QEMU."""
+        reply = None
+        with self.lock:
+            pw = self.stream.acked(msg.request_id)
+            if pw is not None:
+                reply, pw.reply = pw.reply, None
+            else:
+                kind, what = self.requests.pop(msg.request_id, (None, None))
+                if kind == "CHECKPOINT":
+                    what.answer(msg)  # repagent.py checkpoint waits for it
+        if reply is not None:
+            reply(0)
+
+    def on_ATTACHED(self, conn: HubConnection, msg: p.Attached) -> None:
+        """The volume has an id on this connection: its writes stream from now on."""
+        with self.lock:
+            kind, vol = self.requests.pop(msg.request_id, (None, None))
+            if kind != "ATTACH" or conn is not self.conn:
+                log.warning("ATTACHED for unknown request %d: answered ERROR(INVALID)",
+                            msg.request_id)
+                if conn is self.conn:
+                    self.stream.enqueue(conn, unasked(msg))
+                return
+            vol.volume_id = msg.volume
+            vol.plan = msg.plan
+            vol.refused = None
+            self.stream.by_id[msg.volume] = vol
+            if conn.attached_at is None:
+                conn.attached_at = time.monotonic()
+            log.info("volume %s attached as id %d, plan %s (dirty %d bytes)", vol.name,
+                     msg.volume, msg.plan.name, vol.bitmap.dirty_bytes)
+            if msg.plan in (p.SyncPlan.VERIFY, p.SyncPlan.FULL) and vol.meta["needs_verify"]:
+                vol.meta["needs_verify"] = False    # the hub now owns the verify
+                vol.save_meta()
+            if msg.plan == p.SyncPlan.NONE and vol.bitmap.dirty_count:
+                # Marked between ATTACH and ATTACHED: the hub must resync it.
+                extents = vol.bitmap.extents()
+                self.stream.enqueue(conn, p.DirtyMap(volume=msg.volume, extents=extents))
+            if msg.plan == p.SyncPlan.DEMOTED:
+                log.warning("volume %s was promoted at the recovery site; this side is "
+                            "demoted: guest writes are tracked in the dirty bitmap, not "
+                            "sent; bring it back with rephub.py failback%s", vol.name,
+                            "" if self.cfg.accept_failback else
+                            " (after restarting repagent.py protect with --accept-failback)")
+            self.stream.maybe_undegrade()
+
+    def on_READ(self, conn, msg):
+        self.sync.submit(conn, msg)
+
+    def on_CHECKSUM_QUERY(self, conn, msg):
+        self.sync.submit(conn, msg)
+
+    def on_DIRTY_QUERY(self, conn, msg):
+        self.sync.submit(conn, msg)
+
+    def on_EXTENT_QUERY(self, conn, msg):
+        if not conn.features & p.Feature.EXTENTS:   # PROTOCOL.md [VN-5]
+            self.stream.answer(conn, p.Error(
+                request_id=msg.request_id, code=p.ErrorCode.UNSUPPORTED,
+                failed_type=msg.TYPE, message="EXTENT_QUERY without the EXTENTS feature"))
+            return
+        self.sync.submit(conn, msg)
+
+    def on_SYNCED(self, conn, msg):
+        self.sync.synced(conn, msg)
+
+    def on_FAILBACK_BEGIN(self, conn, msg):
+        self.failback_worker.submit(conn, msg)
+
+    def on_PUT(self, conn, msg):
+        self.failback_worker.submit(conn, msg)
+
+    def on_FAILBACK_END(self, conn, msg):
+        self.failback_worker.submit(conn, msg)
+
+    def on_PING(self, conn, msg):
+        self.stream.answer(conn, p.Pong(request_id=msg.request_id, echo_ns=msg.sent_ns,
+                                        responder_ns=time.time_ns()))
+
+    def on_PONG(self, conn, msg):
+        conn.rtt = (time.time_ns() - msg.echo_ns) / 1e9
+        with self.lock:
+            self.requests.pop(msg.request_id, None)
+
+    def on_ERROR(self, conn: HubConnection, msg: p.Error) -> None:
+        """A refused write stays marked (and is reported); other errors are logged.
+
+        ROLE for a write: the volume was promoted at the recovery site while
+        attached here.  The connection is closed so that the next one attaches
+        it again: DEMOTED where FAILBACK is granted, refused otherwise; either
+        way its writes stop going to the hub and stay marked."""
+        reply = promoted = None
+        conn.heard(f"ERROR {msg.code_name()} {msg.message}".rstrip())
+        with self.lock:
+            pw = self.stream.pending.pop(msg.request_id, None)
+            if pw is not None:
+                # The hub refused the write: it stays marked for a resync.
+                pw.volume.bitmap.drop_inflight(pw.chunks, self.stream.seq)
+                pw.volume.counters["refused_writes"] += 1
+                if conn is self.conn and pw.volume.volume_id is not None:
+                    self.stream.report_dropped(conn, pw.volume, pw.chunks)
+                reply, pw.reply = pw.reply, None
+                self.stream.degrade(f"hub refused a write: {msg.code_name()}")
+                # A hub whose storage failed refuses every later write of the
+                # connection (PROTOCOL.md RP-10): one line tells it, not one per write.
+                conn.refused_writes += 1
+                log.log(logging.WARNING if conn.refused_writes == 1 else logging.DEBUG,
+                        "hub refused %s write req=%d: %s %s%s", pw.volume.name,
+                        msg.request_id, msg.code_name(), msg.message,
+                        " (later refusals on this connection are logged at DEBUG; they stay "
+                        "marked)" if conn.refused_writes == 1 else "")
+                self.count_error("hub_error")
+                if msg.code == p.ErrorCode.ROLE and conn is self.conn:
+                    promoted = pw.volume.name
+            else:
+                kind, what = self.requests.pop(msg.request_id, (None, None))
+                if kind == "CHECKPOINT":
+                    what.answer(msg)  # repagent.py checkpoint reports it
+                if kind == "ATTACH":
+                    what.refused = f"{msg.code_name()}: {msg.message}"
+                    log.error("hub refused to attach volume %s: %s %s (writes stay "
+                              "tracked; retried on the next connection)", what.name,
+                              msg.code_name(), msg.message)
+                else:
+                    log.warning("hub error req=%d: %s %s", msg.request_id,
+                                msg.code_name(), msg.message)
+                self.count_error("hub_error")
+        if reply is not None:
+            reply(0)
+        if promoted is not None:
+            conn.close(f"volume {promoted} was promoted at the recovery site (ERROR ROLE): "
+                       "re-attaching")
+
+    def on_GOODBYE(self, conn, msg):
+        log.info("hub says goodbye: %s", msg.reason)
+        conn.heard(f"GOODBYE {msg.reason}".rstrip())
+        conn.close(f"hub said goodbye: {msg.reason}")
 
     # -- connection life (repagent-heartbeat thread) -----------------------------
 
@@ -2343,8 +2530,8 @@ class Agent:
                     pw.reply = None
             self.stream.pending.clear()
             self.requests.clear()
-            self.replies.clear()
-            self.by_id.clear()
+            self.sync.forget()
+            self.stream.by_id.clear()
             conn.queue.clear()
             conn.queued_bytes = 0
             for vol in self.volumes:
@@ -2354,7 +2541,7 @@ class Agent:
                 vol.drop_report = None
                 vol.queued_frames = vol.queued_bytes = 0
                 if vol.failback is not None:      # ends it like an ABORT
-                    self.failback_work.put((conn, vol, "the hub connection was lost"))
+                    self.failback_worker.cut_short(conn, vol, "the hub connection was lost")
             self.stream.degrade("hub connection lost")
             self.stream.timer_cond.notify_all()
         if not self.stopping.is_set():
@@ -2455,92 +2642,6 @@ class Agent:
                     backoff = self._backoff(backoff)
                 conn = None
 
-    # -- the mirror jobs (repagent-jobs thread) -----------------------------------
-
-    def _on_qmp_event(self, event: dict) -> None:
-        """qmp-reader thread: log job faults; the jobs thread does the resuming."""
-        if event.get("event") == "BLOCK_JOB_ERROR":
-            data = event.get("data", {})
-            log.debug("BLOCK_JOB_ERROR %s %s %s", data.get("device"), data.get("operation"),
-                      data.get("action"))
-
-    def _jobs_loop(self) -> None:
-        """repagent-jobs thread: keep every mirror running; redo it after a QSD restart."""
-        while not self.stopping.wait(JOB_POLL_INTERVAL):
-            try:
-                if self.qmp is None or self.qmp.closed.is_set():
-                    self._qmp_reconnect()
-                for vol in self.volumes:
-                    with self.mirror_lock:
-                        if vol.failback is None:   # a fail-back owns the node meanwhile
-                            self._check_job(vol)
-            except (OSError, QMPError, QMPClosed, LookupError) as err:
-                if self.qmp is not None and not self.qmp.closed.is_set():
-                    log.warning("mirror check failed: %s", err)
-                    self.count_error("qmp")
-
-    def _qmp_reconnect(self) -> None:
-        if self.qmp is not None:
-            self.qmp.close()
-            self.qmp = None
-            log.warning("QMP connection to %s lost (QSD stopped or restarted)", self.cfg.qmp)
-            self.count_error("qmp")
-        self.qmp = QMPClient(self.cfg.qmp, self._on_qmp_event)
-        log.info("QMP connection to %s re-established", self.cfg.qmp)
-        for vol in self.volumes:
-            with self.mirror_lock:
-                if vol.failback is None:
-                    self._setup_volume_mirror(vol)
-
-    def _check_job(self, vol: Volume) -> None:
-        """Record the job's state; resume it if paused; set it up again if gone."""
-        job = find_job(self.qmp, vol.meta["job_id"])
-        vol.job_info = job or {}
-        status = job.get("status") if job else "gone"
-        if status != vol.job_status:
-            level = logging.INFO if status in ("ready", "running") else logging.WARNING
-            log.log(level, "mirror job %s: %s (io-status %s)", vol.meta["job_id"], status,
-                    job.get("io-status") if job else "-")
-            vol.job_status = status
-        if job is None or status in ("concluded", "aborting", "null"):
-            self._setup_volume_mirror(vol)
-        elif job_is_paused(job) and not self.stopping.is_set():
-            # on-target-error=stop paused it (our target was away): QEMU kept
-            # what it could not deliver as dirty and re-copies it on resume.
-            self.qmp.execute("block-job-resume", device=vol.meta["job_id"])
-        # An export added on the node after the mirror started bypasses the
-        # mirror's filter (docs/QEMU.md "Exports and the mirror's filter"):
-        # say so, it is silent data loss.
-        bypass = node_writers(self.qmp, vol.node, through_filters=False) if job else 0
-        if bypass != vol.bypass_writers:
-            if bypass:
-                log.warning("volume %s: %d writer(s) on node %s below the mirror's filter: "
-                            "their writes are neither replicated nor tracked; add exports "
-                            "on node %s instead", vol.name, bypass, vol.node,
-                            vol.meta["filter_node"])
-            vol.bypass_writers = bypass
-
-    def _setup_volume_mirror(self, vol: Volume) -> JobSetup:
-        outcome = setup_mirror(self.qmp, vol.meta, vol.target_socket, vol.name,
-                               self.cfg.chunk_size, self.cfg.reconnect_delay)
-        if outcome == JobSetup.RESTARTED:
-            log.warning("volume %s: the mirror job was gone (QSD restarted): guest writes "
-                        "may have escaped the bitmap, the hub will verify", vol.name)
-            vol.meta["needs_verify"] = True
-        elif outcome == JobSetup.STARTED and not vol.bitmap.created:
-            # An old bitmap but no mirror (unprotected meanwhile): writes made
-            # without the mirror were never tracked.
-            log.warning("volume %s: protected again after a pause: the hub will verify",
-                        vol.name)
-            vol.meta["needs_verify"] = True
-        vol.meta["mirror"] = True
-        vol.save_meta()
-        job = find_job(self.qmp, vol.meta["job_id"]) or {}
-        vol.job_info, vol.job_status = job, job.get("status", "gone")
-        if outcome == JobSetup.RESTARTED and self.conn is not None:
-            self.conn.close("QSD restarted: re-attaching with state UNKNOWN")
-        return outcome
-
     # -- start and stop (main thread) ----------------------------------------------
 
     def _make_source(self, vol: Volume, node_info: dict):
@@ -2562,12 +2663,9 @@ class Agent:
         except BlockingIOError:
             raise SystemExit(f"repagent: another agent runs on state dir "
                              f"{self.cfg.state_dir}") from None
-        self.qmp = QMPClient(self.cfg.qmp, self._on_qmp_event)
-        log.info("QMP connected to %s (QEMU %s.%s.%s)", self.cfg.qmp,
-                 self.qmp.version.get("major"), self.qmp.version.get("minor"),
-                 self.qmp.version.get("micro"))
+        qmp = self.qemu.connect()
         for vol in self.volumes:
-            info = find_node(self.qmp, vol.node)
+            info = find_node(qmp, vol.node)
             vol.source = self._make_source(vol, info)
             vol.open_bitmap(info["image"]["virtual-size"], self.cfg.chunk_size,
                             self.cfg.fsync_bitmap)
@@ -2575,12 +2673,13 @@ class Agent:
                      vol.name, vol.node, vol.size, vol.bitmap.chunks, self.cfg.chunk_size,
                      vol.bitmap.dirty_count, vol.bitmap.generation.hex())
             vol.server = nbd.NBDServer(vol.target_socket, vol.name, vol.size,
-                                       TargetHandler(self, vol), socket_mode=PRIVATE_FILE)
+                                       TargetHandler(self.stream, vol),
+                                       socket_mode=PRIVATE_FILE)
             vol.server.start()
-            if delete_export(self.qmp, failback_export(vol.name)):
+            if delete_export(qmp, failback_export(vol.name)):
                 log.warning("volume %s: removed export %s left by an interrupted fail-back",
                             vol.name, failback_export(vol.name))
-            outcome = self._setup_volume_mirror(vol)
+            outcome = self.qemu.set_up_mirror(vol)
             if outcome == JobSetup.RESUMED and vol.bitmap.created \
                     and not vol.meta["needs_verify"]:
                 # Our job ran before this bitmap existed: the marks of the
@@ -2593,10 +2692,9 @@ class Agent:
         self._start_control()
         specs = [("repagent-heartbeat", self._heartbeat_loop),
                  ("repagent-timer", self.stream.timer_loop),
-                 ("repagent-jobs", self._jobs_loop),
+                 ("repagent-jobs", self.qemu.run),
                  ("repagent-control", self._control_loop),
-                 ("repagent-failback", self._failback_loop)]
-        specs += [(f"repagent-sync-{i}", self._sync_loop) for i in range(SYNC_WORKERS)]
+                 ("repagent-failback", self.failback_worker.run)] + self.sync.threads()
         for name, target in specs:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -2609,20 +2707,13 @@ class Agent:
         # A fail-back in progress is undone first: the mirror needs our NBD target.
         for vol in self.volumes:
             if vol.failback is not None:
-                self.failback_work.put((vol.failback.conn, vol, "the agent is stopping"))
-        self.failback_work.put(None)
+                self.failback_worker.cut_short(vol.failback.conn, vol, "the agent is stopping")
+        self.failback_worker.stop()
         for t in self.threads:
             if t.name == "repagent-failback":
                 t.join(FAILBACK_STOP_TIMEOUT)
-        if self.cfg.unprotect_on_exit and self.qmp is not None:
-            for vol in self.volumes:
-                try:
-                    teardown_mirror(self.qmp, vol.meta)
-                    vol.meta["mirror"] = False
-                    vol.meta["needs_verify"] = True
-                    vol.save_meta()
-                except (OSError, QMPError, QMPClosed) as err:
-                    log.error("could not tear down the mirror of %s: %s", vol.name, err)
+        if self.cfg.unprotect_on_exit and self.qemu.qmp is not None:
+            self.qemu.unprotect()
         for vol in self.volumes:
             if vol.server is not None:
                 vol.server.stop()
@@ -2665,8 +2756,7 @@ class Agent:
         for vol in self.volumes:
             if vol.bitmap is not None:
                 vol.bitmap.close()
-        if self.qmp is not None:
-            self.qmp.close()
+        self.qemu.close()
         self._set_link(LinkState.STOPPED, "", logging.INFO)
 
     # -- status (repagent-control thread) ------------------------------------------
@@ -2718,7 +2808,8 @@ class Agent:
                 "mode": self.cfg.mode + (" (degraded)" if self.stream.degraded and
                                          self.cfg.mode == "sync" else ""),
                 "connection": self.link_state.value if conn is None else "connected",
-                "last_ack_age_s": round(now - self.stream.last_ack, 3) if self.stream.last_ack else None,
+                "last_ack_age_s": (round(now - self.stream.last_ack, 3)
+                                   if self.stream.last_ack else None),
             }
             volumes = []
             for vol in self.volumes:

@@ -260,10 +260,10 @@ def rig(tmp_path):
         conn = ra.HubConnection(agent, ours, "test", "hub", features)
         agent.conn = conn
         vol.volume_id = 1
-        agent.by_id[1] = vol
+        agent.stream.by_id[1] = vol
         agent.stream.degraded = False
         for name, target in (("repagent-timer", agent.stream.timer_loop),
-                             ("repagent-sync-0", agent._sync_loop)):
+                             ("repagent-sync-0", agent.sync.run)):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             agent.threads.append(t)

@@ -296,7 +296,7 @@ def test_puts_land_in_the_node_after_their_marks_and_done_resumes_streaming(worl
     assert jobs(qsd) == [], "no mirror while the hub writes"
     assert ra.failback_export("vol0") in exports(qsd)
     assert agent.status()["volumes"][0]["role"] == "failing back"
-    assert ra.node_writers(agent.qmp, "disk0") == 1, "only the agent's own export writes"
+    assert ra.node_writers(agent.qemu.qmp, "disk0") == 1, "only the agent's own export writes"
 
     # The marks are set (and msync'ed) before QSD sees the data.
     client = vol.failback.client

@@ -201,7 +201,7 @@ def agent_rig(tmp_path):
     conn = ra.HubConnection(agent, ours, "test", "hub")
     agent.conn = conn
     vol.volume_id = 1
-    agent.by_id[1] = vol
+    agent.stream.by_id[1] = vol
     agent.stream.degraded = False
     conn.start()
     try:
