@@ -78,11 +78,12 @@ on it or on a filter above it that holds "write" on it (``node_writers``).
 Threads (each named; stopped by ``Agent.stopping`` and joined with a timeout)::
 
     main                 set-up, then waits for SIGTERM/SIGINT, then drains
-    repagent-heartbeat   the only thread that connects to the hub: backoff,
-                         handshake, ATTACH every volume, PING, hub-timeout
+    repagent-heartbeat   ``HubLink``: the only thread that connects to the
+                         hub: backoff, handshake, ATTACH every volume, PING,
+                         hub-timeout
     repagent-send        (per connection) pops the send queue, sends frames
     repagent-recv        (per connection) sequential blocking recv loop,
-                         dispatches to ``Agent.on_<TYPE>``
+                         dispatches to ``HubLink.on_<TYPE>``
     repagent-sync-N      ``SyncServer``: serves READ / CHECKSUM_QUERY /
                          EXTENT_QUERY / DIRTY_QUERY (never on the recv
                          loop, so ACKs keep flowing meanwhile)
@@ -1293,14 +1294,14 @@ class HubConnection:
     ``put`` is called with ``Stream.lock`` held and never blocks.
     """
 
-    def __init__(self, agent: "Agent", sock: socket.socket, peer: str, hub_id: str,
+    def __init__(self, link: "HubLink", sock: socket.socket, peer: str, hub_id: str,
                  features: p.Feature = p.Feature.NONE):
-        self.agent, self.sock, self.peer, self.hub_id = agent, sock, peer, hub_id
+        self.link, self.sock, self.peer, self.hub_id = link, sock, peer, hub_id
         self.features = features        # granted in HELLO_REPLY
         self.legal = p.legality(p.Side.AGENT, features)   # what the agent takes (ER-5, VN-6)
         self.queue: collections.deque = collections.deque()
         self.queued_bytes = 0
-        self.cond = threading.Condition(agent.lock)
+        self.cond = threading.Condition(link.stream.lock)
         self.send_lock = threading.Lock()
         self.closed = threading.Event()
         self.ended = threading.Event()   # set once connection_lost has run
@@ -1338,23 +1339,23 @@ class HubConnection:
 
     def _send_loop(self) -> None:
         """repagent-send thread: pop frames in order and send them."""
-        agent = self.agent
+        stream = self.link.stream
         try:
             while True:
-                with agent.lock:
+                with stream.lock:
                     while not self.queue and not self.closed.is_set():
                         self.cond.wait(1.0)
                     if self.closed.is_set():
                         return
                     msg, nbytes, volume = self.queue.popleft()
                     if volume is not None and msg is volume.drop_report:
-                        agent.stream.fill_drop_report(volume)
+                        stream.fill_drop_report(volume)
                 with self.send_lock:
                     if log.isEnabledFor(logging.DEBUG):
                         log.debug("--> %s", msg.describe())
                     p.send_message(self.sock, msg)
-                with agent.lock:
-                    if self is not agent.conn:
+                with stream.lock:
+                    if self is not stream.conn:
                         continue        # connection_lost already reset the counters
                     self.queued_bytes -= nbytes
                     if volume is not None:
@@ -1375,9 +1376,9 @@ class HubConnection:
                     msg = p.recv_message(self.sock, header_buf, legal=self.legal)
                 except p.RequestError as err:
                     log.warning("hub %s sent a bad frame: %s", self.peer, err)
-                    self.agent.count_error("bad_frame")
+                    self.link.count_error("bad_frame")
                     if p.may_answer_with_error(err):
-                        self.agent.stream.answer(self, p.Error.from_exception(err))
+                        self.link.stream.answer(self, p.Error.from_exception(err))
                     continue
                 if msg is None:
                     self.close(self.with_hub_reason("hub closed the connection"))
@@ -1385,14 +1386,14 @@ class HubConnection:
                 self.last_rx = time.monotonic()
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("<-- %s", msg.describe())
-                handler = getattr(self.agent, f"on_{msg.TYPE.name}", None)
+                handler = getattr(self.link, f"on_{msg.TYPE.name}", None)
                 if handler is None:   # RECOVER_READY, RREAD_REPLY: no such request here
-                    self.agent.stream.answer(self, unasked(msg))
+                    self.link.stream.answer(self, unasked(msg))
                     continue
                 handler(self, msg)
         except p.ProtocolError as err:
             log.warning("hub %s broke the protocol: %s", self.peer, err)
-            self.agent.count_error("protocol")
+            self.link.count_error("protocol")
             try:
                 self.send_direct(p.Error(code=p.ErrorCode.PROTOCOL, message=str(err)))
             except OSError:
@@ -1428,8 +1429,8 @@ class HubConnection:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self.agent.connection_lost(self, reason)
-        with self.agent.lock:
+        self.link.connection_lost(self, reason)
+        with self.link.stream.lock:
             self.cond.notify_all()
         self.ended.set()
 
@@ -2319,55 +2320,35 @@ class QemuSide:
         vol.job_info, vol.job_status = job, job.get("status", "gone")
 
 
-class Agent:
-    """The composition root: the parts above, the hub link's life
-    (repagent-heartbeat), the hub's answers (repagent-recv) and the control
-    socket, started and stopped in order.
+class HubLink:
+    """The agent's side of the hub connection: connect, handshake and ATTACH
+    every volume, PING and ``--hub-timeout`` (``run``, repagent-heartbeat,
+    the only thread that connects); the hub's frames in one dispatch table
+    (``on_<TYPE>``, repagent-recv), which hands reads to ``sync`` and
+    fail-back work to ``failbacks``; and what a lost connection leaves
+    (``connection_lost``: every unACKed write stays marked).
 
-    The stream and its lock are ``stream`` (``lock`` and ``conn`` are that
-    lock and its attached connection); ``sync`` serves the hub's reads,
-    ``failback_worker`` a fail-back, ``qemu`` the mirror jobs.
+    ``requests`` (ATTACH, PING, CHECKPOINT by request id) is guarded by the
+    stream's lock; the link state fields are written by the heartbeat thread
+    and read by status.
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, volumes: list[Volume], stream: Stream, sync: SyncServer,
+                 failbacks: FailbackWorker, stopping: threading.Event,
+                 count_error: Callable[[str], None]):
         self.cfg = cfg
-        self.stopping = threading.Event()
+        self.volumes = volumes
+        self.stream = stream
+        self.sync = sync
+        self.failbacks = failbacks
+        self.stopping = stopping
+        self.count_error = count_error
         self.link_state = LinkState.CONNECTING   # until the first attempt ends
         self.link_cause = ""
         self.connect_attempts = 0
         self.last_disconnect: dict | None = None   # why the last connection ended
         self.retry_at: float | None = None         # next connect attempt (monotonic)
-        self.requests: dict[int, tuple[str, object]] = {}   # ATTACH / PING / DETACH
-        self.volumes = [Volume(volume, node, cfg.state_dir) for node, volume in cfg.nodes]
-        self.stream = Stream(cfg, self.volumes, self.stopping)
-        self.sync = SyncServer(self.stream, self.stopping)
-        self.qemu = QemuSide(cfg, self.volumes, self.stream, self.stopping, self.count_error)
-        self.failback_worker = FailbackWorker(cfg, self.stream, self.qemu, self.count_error)
-        self.threads: list[threading.Thread] = []
-        self.control: socket.socket | None = None
-        self.lockfile = None
-        self.metrics: MetricsServer | None = None   # set by cmd_protect
-        self.error_lock = threading.Lock()
-        self.errors: collections.Counter[str] = collections.Counter()  # kind -> WARNINGs
-
-    @property
-    def lock(self) -> threading.Lock:
-        """The stream's lock (any thread)."""
-        return self.stream.lock
-
-    @property
-    def conn(self) -> HubConnection | None:
-        """The attached hub connection, if any (read it with ``lock`` held)."""
-        return self.stream.conn
-
-    @conn.setter
-    def conn(self, conn: HubConnection | None) -> None:
-        self.stream.conn = conn
-
-    def count_error(self, kind: str) -> None:
-        """Count a fault logged at WARNING, for status and /metrics.  Any thread."""
-        with self.error_lock:
-            self.errors[kind] += 1
+        self.requests: dict[int, tuple[str, object]] = {}   # ATTACH / PING / CHECKPOINT
 
     # -- the hub's answers (repagent-recv thread) ---------------------------------
 
@@ -2378,7 +2359,7 @@ class Agent:
     def on_ACK(self, conn: HubConnection, msg: p.Ack) -> None:
         """A WRITE/ZERO is durable: its chunks may clear; sync mode answers QEMU."""
         reply = None
-        with self.lock:
+        with self.stream.lock:
             pw = self.stream.acked(msg.request_id)
             if pw is not None:
                 reply, pw.reply = pw.reply, None
@@ -2391,12 +2372,12 @@ class Agent:
 
     def on_ATTACHED(self, conn: HubConnection, msg: p.Attached) -> None:
         """The volume has an id on this connection: its writes stream from now on."""
-        with self.lock:
+        with self.stream.lock:
             kind, vol = self.requests.pop(msg.request_id, (None, None))
-            if kind != "ATTACH" or conn is not self.conn:
+            if kind != "ATTACH" or conn is not self.stream.conn:
                 log.warning("ATTACHED for unknown request %d: answered ERROR(INVALID)",
                             msg.request_id)
-                if conn is self.conn:
+                if conn is self.stream.conn:
                     self.stream.enqueue(conn, unasked(msg))
                 return
             vol.volume_id = msg.volume
@@ -2443,13 +2424,13 @@ class Agent:
         self.sync.synced(conn, msg)
 
     def on_FAILBACK_BEGIN(self, conn, msg):
-        self.failback_worker.submit(conn, msg)
+        self.failbacks.submit(conn, msg)
 
     def on_PUT(self, conn, msg):
-        self.failback_worker.submit(conn, msg)
+        self.failbacks.submit(conn, msg)
 
     def on_FAILBACK_END(self, conn, msg):
-        self.failback_worker.submit(conn, msg)
+        self.failbacks.submit(conn, msg)
 
     def on_PING(self, conn, msg):
         self.stream.answer(conn, p.Pong(request_id=msg.request_id, echo_ns=msg.sent_ns,
@@ -2457,7 +2438,7 @@ class Agent:
 
     def on_PONG(self, conn, msg):
         conn.rtt = (time.time_ns() - msg.echo_ns) / 1e9
-        with self.lock:
+        with self.stream.lock:
             self.requests.pop(msg.request_id, None)
 
     def on_ERROR(self, conn: HubConnection, msg: p.Error) -> None:
@@ -2469,13 +2450,13 @@ class Agent:
         way its writes stop going to the hub and stay marked."""
         reply = promoted = None
         conn.heard(f"ERROR {msg.code_name()} {msg.message}".rstrip())
-        with self.lock:
+        with self.stream.lock:
             pw = self.stream.pending.pop(msg.request_id, None)
             if pw is not None:
                 # The hub refused the write: it stays marked for a resync.
                 pw.volume.bitmap.drop_inflight(pw.chunks, self.stream.seq)
                 pw.volume.counters["refused_writes"] += 1
-                if conn is self.conn and pw.volume.volume_id is not None:
+                if conn is self.stream.conn and pw.volume.volume_id is not None:
                     self.stream.report_dropped(conn, pw.volume, pw.chunks)
                 reply, pw.reply = pw.reply, None
                 self.stream.degrade(f"hub refused a write: {msg.code_name()}")
@@ -2488,7 +2469,7 @@ class Agent:
                         " (later refusals on this connection are logged at DEBUG; they stay "
                         "marked)" if conn.refused_writes == 1 else "")
                 self.count_error("hub_error")
-                if msg.code == p.ErrorCode.ROLE and conn is self.conn:
+                if msg.code == p.ErrorCode.ROLE and conn is self.stream.conn:
                     promoted = pw.volume.name
             else:
                 kind, what = self.requests.pop(msg.request_id, (None, None))
@@ -2514,15 +2495,15 @@ class Agent:
         conn.heard(f"GOODBYE {msg.reason}".rstrip())
         conn.close(f"hub said goodbye: {msg.reason}")
 
-    # -- connection life (repagent-heartbeat thread) -----------------------------
+    # -- the link's life (repagent-heartbeat thread) -----------------------------
 
     def connection_lost(self, conn: HubConnection, reason: str) -> None:
         """Any thread: every queued, unACKed write becomes dropped."""
         replies = []
-        with self.lock:
-            if conn is not self.conn:
+        with self.stream.lock:
+            if conn is not self.stream.conn:
                 return
-            self.conn = None
+            self.stream.conn = None
             for pw in self.stream.pending.values():
                 pw.volume.bitmap.drop_inflight(pw.chunks, self.stream.seq)
                 if pw.reply is not None:
@@ -2541,7 +2522,7 @@ class Agent:
                 vol.drop_report = None
                 vol.queued_frames = vol.queued_bytes = 0
                 if vol.failback is not None:      # ends it like an ABORT
-                    self.failback_worker.cut_short(conn, vol, "the hub connection was lost")
+                    self.failbacks.cut_short(conn, vol, "the hub connection was lost")
             self.stream.degrade("hub connection lost")
             self.stream.timer_cond.notify_all()
         if not self.stopping.is_set():
@@ -2553,12 +2534,12 @@ class Agent:
                                 "at": time.time(),
                                 "lived_s": round(time.monotonic() - conn.since, 3),
                                 "attached": conn.attached_at is not None}
-        self._set_link(LinkState.DISCONNECTED, reason,
+        self.set_link(LinkState.DISCONNECTED, reason,
                        logging.INFO if self.stopping.is_set() else logging.WARNING)
         for reply in replies:
             reply(0)
 
-    def _set_link(self, state: LinkState, cause: str, level: int) -> None:
+    def set_link(self, state: LinkState, cause: str, level: int) -> None:
         """Log a link state change once (not once per retry)."""
         kind = cause.split(":")[0]
         if state != self.link_state or kind != self.link_cause.split(":")[0]:
@@ -2571,8 +2552,8 @@ class Agent:
         sock, hub_id, features = connect_to_hub(self.cfg, AGENT_FEATURES)
         sock.settimeout(None)
         conn = HubConnection(self, sock, "%s:%d" % self.cfg.hub, hub_id, features)
-        with self.lock:
-            self.conn = conn
+        with self.stream.lock:
+            self.stream.conn = conn
             for vol in self.volumes:
                 req = self.stream.next_req()
                 self.requests[req] = ("ATTACH", vol)
@@ -2584,7 +2565,7 @@ class Agent:
                     state=state, generation=vol.bitmap.generation, name=vol.name))
         # Before its threads start: a connection that ends at once must not
         # be logged (and shown) connected after its end.
-        self._set_link(LinkState.CONNECTED, f"hub {conn.hub_id}", logging.INFO)
+        self.set_link(LinkState.CONNECTED, f"hub {conn.hub_id}", logging.INFO)
         conn.start()
         return conn
 
@@ -2598,7 +2579,7 @@ class Agent:
         self.retry_at = None
         return min(backoff * 2, self.cfg.max_backoff)
 
-    def _heartbeat_loop(self) -> None:
+    def run(self) -> None:
         """repagent-heartbeat thread: the only one that (re)connects to the hub.
 
         The backoff doubles after every failed attempt and after every
@@ -2614,7 +2595,7 @@ class Agent:
                 try:
                     conn = self._connect()
                 except (OSError, p.ReplicationError, HandshakeError, ValueError) as err:
-                    self._set_link(LinkState.DISCONNECTED, f"{type(err).__name__}: {err}",
+                    self.set_link(LinkState.DISCONNECTED, f"{type(err).__name__}: {err}",
                                    logging.WARNING)
                     self.count_error("connect")
                     backoff = self._backoff(backoff)
@@ -2626,8 +2607,8 @@ class Agent:
                            f"(--hub-timeout {self.cfg.hub_timeout}s)")
             elif now - conn.last_ping >= self.cfg.ping_interval:
                 conn.last_ping = now
-                with self.lock:
-                    if conn is self.conn:
+                with self.stream.lock:
+                    if conn is self.stream.conn:
                         req = self.stream.next_req()
                         self.requests[req] = ("PING", None)
                         self.stream.enqueue(conn, p.Ping(request_id=req, sent_ns=time.time_ns()))
@@ -2641,6 +2622,53 @@ class Agent:
                              time.monotonic() - conn.since, HEALTHY_CONNECTION, backoff)
                     backoff = self._backoff(backoff)
                 conn = None
+
+
+class Agent:
+    """The composition root: builds the parts above, starts and stops them
+    in order, and answers the control socket (repagent-control).
+
+    ``stream`` is the ordered stream and its lock (``lock`` and ``conn`` are
+    that lock and its attached connection); ``link`` the hub connection's
+    life and the hub's frames; ``sync`` serves the hub's reads;
+    ``failbacks`` a fail-back; ``qemu`` the mirror jobs.
+    """
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.stopping = threading.Event()
+        self.volumes = [Volume(volume, node, cfg.state_dir) for node, volume in cfg.nodes]
+        self.stream = Stream(cfg, self.volumes, self.stopping)
+        self.sync = SyncServer(self.stream, self.stopping)
+        self.qemu = QemuSide(cfg, self.volumes, self.stream, self.stopping, self.count_error)
+        self.failbacks = FailbackWorker(cfg, self.stream, self.qemu, self.count_error)
+        self.link = HubLink(cfg, self.volumes, self.stream, self.sync, self.failbacks,
+                            self.stopping, self.count_error)
+        self.threads: list[threading.Thread] = []
+        self.control: socket.socket | None = None
+        self.lockfile = None
+        self.metrics: MetricsServer | None = None   # set by cmd_protect
+        self.error_lock = threading.Lock()
+        self.errors: collections.Counter[str] = collections.Counter()  # kind -> WARNINGs
+
+    @property
+    def lock(self) -> threading.Lock:
+        """The stream's lock (any thread)."""
+        return self.stream.lock
+
+    @property
+    def conn(self) -> HubConnection | None:
+        """The attached hub connection, if any (read it with ``lock`` held)."""
+        return self.stream.conn
+
+    @conn.setter
+    def conn(self, conn: HubConnection | None) -> None:
+        self.stream.conn = conn
+
+    def count_error(self, kind: str) -> None:
+        """Count a fault logged at WARNING, for status and /metrics.  Any thread."""
+        with self.error_lock:
+            self.errors[kind] += 1
 
     # -- start and stop (main thread) ----------------------------------------------
 
@@ -2690,11 +2718,11 @@ class Agent:
                 vol.meta["needs_verify"] = True
                 vol.save_meta()
         self._start_control()
-        specs = [("repagent-heartbeat", self._heartbeat_loop),
+        specs = [("repagent-heartbeat", self.link.run),
                  ("repagent-timer", self.stream.timer_loop),
                  ("repagent-jobs", self.qemu.run),
                  ("repagent-control", self._control_loop),
-                 ("repagent-failback", self.failback_worker.run)] + self.sync.threads()
+                 ("repagent-failback", self.failbacks.run)] + self.sync.threads()
         for name, target in specs:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -2707,8 +2735,8 @@ class Agent:
         # A fail-back in progress is undone first: the mirror needs our NBD target.
         for vol in self.volumes:
             if vol.failback is not None:
-                self.failback_worker.cut_short(vol.failback.conn, vol, "the agent is stopping")
-        self.failback_worker.stop()
+                self.failbacks.cut_short(vol.failback.conn, vol, "the agent is stopping")
+        self.failbacks.stop()
         for t in self.threads:
             if t.name == "repagent-failback":
                 t.join(FAILBACK_STOP_TIMEOUT)
@@ -2757,7 +2785,7 @@ class Agent:
             if vol.bitmap is not None:
                 vol.bitmap.close()
         self.qemu.close()
-        self._set_link(LinkState.STOPPED, "", logging.INFO)
+        self.link.set_link(LinkState.STOPPED, "", logging.INFO)
 
     # -- status (repagent-control thread) ------------------------------------------
 
@@ -2807,7 +2835,7 @@ class Agent:
             common = {
                 "mode": self.cfg.mode + (" (degraded)" if self.stream.degraded and
                                          self.cfg.mode == "sync" else ""),
-                "connection": self.link_state.value if conn is None else "connected",
+                "connection": self.link.link_state.value if conn is None else "connected",
                 "last_ack_age_s": (round(now - self.stream.last_ack, 3)
                                    if self.stream.last_ack else None),
             }
@@ -2846,12 +2874,12 @@ class Agent:
             return {
                 "agent_id": self.cfg.agent_id, "hub": "%s:%d" % self.cfg.hub,
                 "pid": os.getpid(), **common, "degraded": self.stream.degraded,
-                "link_cause": self.link_cause, "connect_attempts": self.connect_attempts,
+                "link_cause": self.link.link_cause, "connect_attempts": self.link.connect_attempts,
                 # Why the last connection ended, with the hub's own words (its
                 # last ERROR or GOODBYE) when it gave any.
-                "last_disconnect": self.last_disconnect,
-                "retry_in_s": (None if self.retry_at is None
-                               else round(max(0.0, self.retry_at - now), 3)),
+                "last_disconnect": self.link.last_disconnect,
+                "retry_in_s": (None if self.link.retry_at is None
+                               else round(max(0.0, self.link.retry_at - now), 3)),
                 "connected_since": conn.connected_at if conn else None,
                 "rtt_s": conn.rtt if conn else None,
                 "pending_writes": len(self.stream.pending),
@@ -3409,7 +3437,7 @@ def agent_checkpoint(agent: Agent, name: str) -> dict:
             # checkpoint queued now would land before them.  Wait until none is.
             if not any(v.held for v in agent.volumes):
                 req = agent.stream.next_req()
-                agent.requests[req] = ("CHECKPOINT", waiter)
+                agent.link.requests[req] = ("CHECKPOINT", waiter)
                 seq = agent.stream.enqueue(conn, p.Checkpoint(request_id=req, name=name))
                 break
         if time.monotonic() > deadline:
@@ -3419,7 +3447,7 @@ def agent_checkpoint(agent: Agent, name: str) -> dict:
     log.info("--> CHECKPOINT %r req=%d (stream seq %d)", name, req, seq)
     if not waiter.event.wait(CHECKPOINT_TIMEOUT):
         with agent.lock:
-            agent.requests.pop(req, None)
+            agent.link.requests.pop(req, None)
         return {"error": f"no answer from the hub within {CHECKPOINT_TIMEOUT:.0f} s"}
     msg = waiter.answer_msg
     if isinstance(msg, p.Error):

@@ -257,7 +257,7 @@ def rig(tmp_path):
         vol.bitmap = ra.DirtyBitmap(vol.bitmap_path, SIZE, CHUNK)
         vol.source = reader or (lambda: ra.FileSource(str(image)))
         ours, theirs = socket.socketpair()
-        conn = ra.HubConnection(agent, ours, "test", "hub", features)
+        conn = ra.HubConnection(agent.link, ours, "test", "hub", features)
         agent.conn = conn
         vol.volume_id = 1
         agent.stream.by_id[1] = vol

@@ -148,7 +148,7 @@ def heartbeat_agent(tmp_path):
         vol = agent.volumes[0]
         vol.size = SIZE
         vol.bitmap = ra.DirtyBitmap(vol.bitmap_path, SIZE, CHUNK)
-        t = threading.Thread(target=agent._heartbeat_loop, name="repagent-heartbeat",
+        t = threading.Thread(target=agent.link.run, name="repagent-heartbeat",
                              daemon=True)
         agent.threads.append(t)
         made.append(agent)
@@ -266,7 +266,7 @@ def test_a_connection_that_stayed_attached_resets_the_backoff(heartbeat_agent, m
         assert backoff_before >= 0.8 * 4 * ra.BACKOFF_MIN, list(t)
         assert after_healthy < 0.5 * backoff_before, \
             f"after a healthy connection the agent reconnects at once: {list(t)}"
-        assert agent.connect_attempts >= 5
+        assert agent.link.connect_attempts >= 5
         assert not hub.problems, hub.problems
     finally:
         hub.close()

@@ -164,7 +164,7 @@ def world(tmp_path):
     for agent, qsd, hub, run in made:
         qsd.kill()          # first: a QSD quitting with its mirror target gone waits 5 s
         hub.close()
-        if agent.link_state != ra.LinkState.STOPPED:
+        if agent.link.link_state != ra.LinkState.STOPPED:
             agent.stop()
         qsd.close()
         shutil.rmtree(run, ignore_errors=True)
