@@ -2350,7 +2350,7 @@ class HubLink:
         self.retry_at: float | None = None         # next connect attempt (monotonic)
         self.requests: dict[int, tuple[str, object]] = {}   # ATTACH / PING / CHECKPOINT
 
-    # -- the hub's answers (repagent-recv thread) ---------------------------------
+    # -- the hub's frames (repagent-recv thread) ----------------------------------
 
     # The on_<TYPE> methods run on the repagent-recv thread, one frame at a
     # time in arrival order; READ/CHECKSUM_QUERY/EXTENT_QUERY/DIRTY_QUERY go to the

@@ -31,16 +31,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPHUB = os.path.join(ROOT, "rephub.py")
 
 
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    """Poll ``predicate`` until it returns a true value or the deadline passes."""
+def wait_until(predicate, timeout: float = 10.0, what: str = "condition",
+               interval: float = 0.01):
+    """Poll ``predicate`` until it returns a true value (returned) or
+    ``timeout`` seconds pass (TimeoutError naming ``what``).  The tests' one
+    poll with a deadline; the conformance suite keeps its own, as it is
+    written to run without this directory's helpers."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
 
 
 def make_agents_file(path: str, *agent_ids: str) -> dict[str, bytes]:

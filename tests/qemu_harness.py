@@ -44,6 +44,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import nbd  # noqa: E402
+from hubtools import wait_until  # noqa: E402,F401 - the tests' one poll helper
 
 QEMU_TOOLS = ("qemu-storage-daemon", "qemu-io", "qemu-img", "qemu-nbd", "nbdinfo")
 START_TIMEOUT = 15.0          # seconds for QSD/qemu-nbd to open their sockets
@@ -61,18 +62,6 @@ def missing_tools() -> list[str]:
 def short_tmpdir(prefix: str = "rep") -> Path:
     """A fresh directory under /tmp whose socket paths fit in sun_path."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.01):
-    """Poll ``predicate`` until it returns a true value or ``timeout`` expires."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def socket_accepts(path: str | Path) -> bool:

@@ -19,6 +19,7 @@ import pytest
 
 import protocol as p
 import repagent as ra
+from hubtools import wait_until
 
 CHUNK = 64 * 1024
 SIZE = 16 * CHUNK
@@ -295,7 +296,7 @@ def test_async_write_is_answered_once_marked_and_cleared_by_ack(rig):
     assert (msg.TYPE, msg.offset, msg.length, bytes(msg.data)) == \
         (p.MsgType.WRITE, 4096, 8192, b"x" * 8192)
     hub.send(p.Ack(request_id=msg.request_id))
-    ra_wait(lambda: not vol.bitmap.is_set(0), "bit cleared by ACK")
+    wait_until(lambda: not vol.bitmap.is_set(0), 5.0, "bit cleared by ACK")
 
 
 def test_write_zeroes_becomes_zero(rig):
@@ -330,8 +331,8 @@ def test_sync_write_past_the_timeout_is_answered_and_degrades(rig):
     assert second.codes == [0], "degraded sync mode answers once marked"
     hub.send(p.Ack(request_id=msg.request_id))
     hub.send(p.Ack(request_id=hub.recv().request_id))
-    ra_wait(lambda: not agent.stream.degraded and vol.bitmap.dirty_count == 0,
-            "sync mode restored once everything is ACKed")
+    wait_until(lambda: not agent.stream.degraded and vol.bitmap.dirty_count == 0, 5.0,
+               "sync mode restored once everything is ACKed")
 
 
 def test_connection_loss_drops_inflight_writes_and_answers_sync_waiters(rig):
@@ -341,7 +342,7 @@ def test_connection_loss_drops_inflight_writes_and_answers_sync_waiters(rig):
     hub.recv()
     hub.sock.close()
     assert replies.event.wait(5) and replies.codes == [0]
-    ra_wait(lambda: agent.conn is None, "connection forgotten")
+    wait_until(lambda: agent.conn is None, 5.0, "connection forgotten")
     assert vol.bitmap.lost_seq.get(2) is not None and vol.bitmap.is_set(2)
     assert vol.volume_id is None and agent.stream.degraded
     assert vol.attach_state() == p.VolumeState.DIRTY
@@ -378,10 +379,10 @@ def test_read_reply_goes_before_a_write_the_read_may_have_missed(rig):
     # SYNCED for the read clears chunk 0; chunk 1 waits for its write's ACK.
     hub.send(p.Synced(request_id=900, volume=1, offset=0, length=2 * CHUNK))
     hub.send(p.Ack(request_id=first.request_id))
-    ra_wait(lambda: not vol.bitmap.is_set(8), "ACK of the unrelated write")
+    wait_until(lambda: not vol.bitmap.is_set(8), 5.0, "ACK of the unrelated write")
     assert vol.bitmap.is_set(1)
     hub.send(p.Ack(request_id=held.request_id))
-    ra_wait(lambda: vol.bitmap.dirty_count == 0, "every bit cleared")
+    wait_until(lambda: vol.bitmap.dirty_count == 0, 5.0, "every bit cleared")
 
 
 def test_synced_clears_loaded_bits_and_zero_reads_carry_no_data(rig, tmp_path):
@@ -397,7 +398,7 @@ def test_synced_clears_loaded_bits_and_zero_reads_carry_no_data(rig, tmp_path):
     reply = hub.recv()
     assert reply.TYPE == p.MsgType.READ_REPLY and reply.is_zero and not len(reply.data)
     hub.send(p.Synced(request_id=6, volume=1, offset=3 * CHUNK, length=CHUNK))
-    ra_wait(lambda: vol.bitmap.dirty_count == 0, "SYNCED clears the loaded bit")
+    wait_until(lambda: vol.bitmap.dirty_count == 0, 5.0, "SYNCED clears the loaded bit")
 
 
 def test_checksums_match_the_volume(rig, tmp_path):
@@ -444,12 +445,12 @@ def test_a_full_queue_drops_to_bitmap_and_reports_a_dirty_map(rig):
     for m in seen:
         hub.send(p.Ack(request_id=m.request_id))
         acks.append(m.request_id)
-    ra_wait(lambda: vol.bitmap.extents() == [(3 * CHUNK, 2 * CHUNK)],
-            "only the dropped chunks stay marked")
+    wait_until(lambda: vol.bitmap.extents() == [(3 * CHUNK, 2 * CHUNK)], 5.0,
+               "only the dropped chunks stay marked")
     hub.send(p.Read(request_id=50, volume=1, offset=3 * CHUNK, length=2 * CHUNK))
     hub.recv_until(p.MsgType.READ_REPLY)
     hub.send(p.Synced(request_id=50, volume=1, offset=3 * CHUNK, length=2 * CHUNK))
-    ra_wait(lambda: vol.bitmap.dirty_count == 0, "resync clears the dropped chunks")
+    wait_until(lambda: vol.bitmap.dirty_count == 0, 5.0, "resync clears the dropped chunks")
 
 
 def test_the_dirty_map_of_a_dropped_write_goes_ahead_of_every_later_frame(rig):
@@ -473,14 +474,6 @@ def test_the_dirty_map_of_a_dropped_write_goes_ahead_of_every_later_frame(rig):
     agent.stream.protected_write(vol, 12 * CHUNK, CHUNK, memoryview(b"d" * CHUNK), replies)
     assert hub.recv().TYPE == p.MsgType.WRITE           # room again: nothing more dropped
     assert not vol.dropped and vol.drop_report is None
-
-
-def ra_wait(predicate, what, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def test_synced_for_part_of_a_chunk_clears_nothing_of_it(rig):

@@ -19,8 +19,9 @@ import pytest
 import nbd
 import protocol as p
 import repagent as ra
+from hubtools import wait_until
 from qemu_harness import MiB, qemu_io, qsd_factory, requires_qemu  # noqa: F401 - fixture
-from test_agent import CHUNK, SIZE, Replies, ra_wait, rig  # noqa: F401 - rig: fixture
+from test_agent import CHUNK, SIZE, Replies, rig  # noqa: F401 - rig: fixture
 from test_agent_e2e import assert_identical, world  # noqa: F401 - fixture
 
 
@@ -144,7 +145,7 @@ def test_extent_query_answers_zero_and_data_and_synced_clears_marks(rig, tmp_pat
     assert vol.counters["extent_replies"] == 1
     # SYNCED for the whole range (as a hub sends for zero extents) clears the marks.
     hub.send(p.Synced(request_id=41, volume=1, offset=0, length=SIZE))
-    ra_wait(lambda: vol.bitmap.dirty_count == 0, "SYNCED for EXTENTS clears the bits")
+    wait_until(lambda: vol.bitmap.dirty_count == 0, 5.0, "SYNCED for EXTENTS clears the bits")
     # Out of range: an ERROR, and the stream goes on.
     hub.send(p.ExtentQuery(request_id=42, volume=1, offset=SIZE - 4096, length=8192))
     err, _ = hub.recv_until(p.MsgType.ERROR)

@@ -35,7 +35,7 @@ import pytest
 
 import protocol as p
 import repagent as ra
-from hubtools import wait_for
+from hubtools import wait_until
 from localuser import probe_as
 
 ROOT = Path(ra.__file__).resolve().parent
@@ -177,7 +177,7 @@ def test_a_hub_failing_after_the_handshake_is_retried_with_a_growing_backoff(
     try:
         with caplog.at_level(logging.INFO, logger="repagent"):
             agent = heartbeat_agent(hub.address)
-            wait_for(lambda: len(hub.accepted) >= 5, what="five connections", timeout=20)
+            wait_until(lambda: len(hub.accepted) >= 5, what="five connections", timeout=20)
         times = list(hub.accepted)
         gaps = [b - a for a, b in zip(times, times[1:])]
         # Before: the backoff reset at every handshake and the agent came
@@ -186,14 +186,14 @@ def test_a_hub_failing_after_the_handshake_is_retried_with_a_growing_backoff(
         assert gaps[0] >= 0.8 * ra.BACKOFF_MIN, gaps
         for before, after in zip(gaps, gaps[1:]):
             assert after > 1.15 * before, f"the backoff must grow: {gaps}"
-        st = wait_for(lambda: (lambda s: s if s["last_disconnect"] else None)(agent.status()),
+        st = wait_until(lambda: (lambda s: s if s["last_disconnect"] else None)(agent.status()),
                       what="a disconnect in the status")
         said = words.split(" ", 1)[1]       # GOODBYE's reason, or ERROR's code and text
         assert st["last_disconnect"]["hub_said"] == words
         assert said in st["last_disconnect"]["reason"]
         assert st["last_disconnect"]["attached"] is False
         assert st["connect_attempts"] >= 5
-        wait_for(lambda: "next attempt in" in ra.format_status(agent.status()),
+        wait_until(lambda: "next attempt in" in ra.format_status(agent.status()),
                  what="the table during a backoff")
         text = ra.format_status(agent.status())
         assert said in text, text
@@ -211,7 +211,7 @@ def test_max_backoff_bounds_the_wait(heartbeat_agent):
     hub = ScriptedHub(refuse_attach)
     try:
         heartbeat_agent(hub.address, max_backoff=0.05)
-        wait_for(lambda: len(hub.accepted) >= 8, what="eight connections", timeout=20)
+        wait_until(lambda: len(hub.accepted) >= 8, what="eight connections", timeout=20)
         gaps = [b - a for a, b in zip(hub.accepted, hub.accepted[1:])]
         assert max(gaps[:7]) < 0.5, gaps
         assert not hub.problems, hub.problems
@@ -258,7 +258,7 @@ def test_a_connection_that_stayed_attached_resets_the_backoff(heartbeat_agent, m
     hub = ScriptedHub(behave)
     try:
         agent = heartbeat_agent(hub.address)
-        wait_for(lambda: len(hub.accepted) >= 5, what="five connections", timeout=20)
+        wait_until(lambda: len(hub.accepted) >= 5, what="five connections", timeout=20)
         assert healthy_done.is_set()
         t = hub.accepted
         backoff_before = t[3] - t[2]
@@ -575,7 +575,7 @@ class ProtectProc:
                 return ra.query_status(str(self.state))
             except (OSError, ValueError):
                 return None
-        return wait_for(answer, what="the agent's control socket", timeout=timeout)
+        return wait_until(answer, what="the agent's control socket", timeout=timeout)
 
     def stop(self) -> str:
         """SIGTERM, reap; the log."""
@@ -596,8 +596,8 @@ def test_under_umask_000_everything_the_agent_creates_is_private(short_dir):
     state = agent.state
     try:
         agent.status()
-        wait_for(lambda: "blockdev-mirror" in qsd.commands, what="the mirror set up")
-        wait_for(lambda: (state / "vol0.json").exists(), what="VOLUME.json saved")
+        wait_until(lambda: "blockdev-mirror" in qsd.commands, what="the mirror set up")
+        wait_until(lambda: (state / "vol0.json").exists(), what="VOLUME.json saved")
         assert agent.status()["volumes"][0]["attach_state"] == "CLEAN"
         modes = {name: os.stat(state / name).st_mode for name in
                  ("vol0.bitmap", "vol0.json", "agent.lock", "control.sock", "vol0.nbd")}
@@ -788,7 +788,7 @@ def test_another_local_user_reaches_no_agent_socket_or_state(short_dir, other_us
     state = agent.state
     try:
         agent.status()
-        wait_for(lambda: (state / "vol0.json").exists(), what="VOLUME.json saved")
+        wait_until(lambda: (state / "vol0.json").exists(), what="VOLUME.json saved")
         for d in (short_dir, state):
             d.chmod(0o755)
         private = [state / "control.sock", state / "vol0.nbd", state / "vol0.bitmap",

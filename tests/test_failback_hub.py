@@ -25,7 +25,7 @@ import pytest
 
 import protocol as p
 import rephub
-from hubtools import MemVolume, TestAgent, make_agents_file, wait_for
+from hubtools import MemVolume, TestAgent, make_agents_file, wait_until
 
 KiB, MiB = 1024, 1024 * 1024
 CHUNK = 64 * KiB
@@ -153,7 +153,7 @@ class Scene:
         a = TestAgent(hub.address, "a1", secrets["a1"]).connect()
         try:
             vid, _ = a.attach(NAME, self.mv, generation=self.gen)
-            wait_for(lambda: self.vol.state == rephub.VolState.CONSISTENT
+            wait_until(lambda: self.vol.state == rephub.VolState.CONSISTENT
                      and self.vol.sync is None, 20, "first sync")
             a.expect_ack(a.checkpoint("p"))
             for off, n, byte in ASIDE:
@@ -255,7 +255,7 @@ def test_failback_happy_path(hubenv):
         seen_at_report = []
         t, lines, outcome = run_failback(
             hub, on_report=lambda r: seen_at_report.append((r, list(fa.puts()))))
-        wait_for(lambda: fa.puts(), 20, "the first PUT")
+        wait_until(lambda: fa.puts(), 20, "the first PUT")
         # FB-12: fenced from the first PUT: RWRITE refused, RREAD still served.
         reply = sc.rwrite(0, 4096, 0x99)
         assert isinstance(reply, p.Error) and reply.code == p.ErrorCode.ROLE
@@ -267,7 +267,7 @@ def test_failback_happy_path(hubenv):
         assert st["phase"] == "applying" and st["to"] == "a1" and st["fenced"]
         assert "failing back" in rephub.format_status(hub.status())
         # FB-8: no FAILBACK_END while PUTs are un-ACKed.
-        wait_for(lambda: len(fa.puts()) == 6, 20, "every PUT (6 pieces < the window)")
+        wait_until(lambda: len(fa.puts()) == 6, 20, "every PUT (6 pieces < the window)")
         assert fa.ends() == []
         fa.release()
         t.join(30)
@@ -310,7 +310,7 @@ def test_failback_happy_path(hubenv):
     expected = bytearray(sc.model)
     expected[3 * MiB + 512 * KiB:3 * MiB + 516 * KiB] = b"\x77" * 4096
     fa.expect_ack(fa.write_after_end_req)   # FB-10: accepted from the frame after the ACK
-    wait_for(lambda: sc.hub_volume() == bytes(expected), 20, "the WRITE after END journaled")
+    wait_until(lambda: sc.hub_volume() == bytes(expected), 20, "the WRITE after END journaled")
     assert bytes(fa.volumes[fa.vid].buf) == bytes(expected)
 
     # The late writes are saved, at their own offsets, in a sparse image.
@@ -326,7 +326,7 @@ def test_failback_happy_path(hubenv):
     assert info["extents"] == [[o, n] for o, n, _ in LATE] and info["agent"] == "a1"
 
     # The recovery session was closed with GOODBYE; its connection ends.
-    wait_for(sc.rec.closed.is_set, 10, "the recovery connection closed")
+    wait_until(sc.rec.closed.is_set, 10, "the recovery connection closed")
     assert sc.rec.goodbye == f"volume {NAME} failed back to agent a1"
     assert sc.rec.goodbye_code == p.GoodbyeCode.FAILED_BACK, "PROTOCOL.md [LV-5]"
     assert hub.sessions == {}
@@ -353,7 +353,7 @@ def test_refusals(hubenv):
     a = TestAgent(hub.address, "a2", secrets["a2"]).connect()
     try:
         a.attach("other", MemVolume(MiB))
-        wait_for(lambda: hub.store.volume("other").sync is None, 20, "first sync")
+        wait_until(lambda: hub.store.volume("other").sync is None, 20, "first sync")
     finally:
         a.close()
     t, _, outcome = run_failback(hub)
@@ -391,7 +391,7 @@ def test_refusals(hubenv):
         fa.accept = True
         gate = threading.Event()
         t, _, outcome = run_failback(hub, confirm=lambda: gate.wait(20) and False)
-        wait_for(lambda: (sc.vol.failback is not None
+        wait_until(lambda: (sc.vol.failback is not None
                           and sc.vol.failback.phase == rephub.FailbackPhase.CONFIRMING),
                  20, "the first fail-back at its report")
         with pytest.raises(p.RequestError, match="already running") as err:
@@ -466,7 +466,7 @@ def test_agent_disconnects_midway(hubenv):
     fa = sc.come_back()
     fa.hold = True
     t, _, outcome = run_failback(hub)
-    wait_for(lambda: fa.puts(), 20, "the first PUT")
+    wait_until(lambda: fa.puts(), 20, "the first PUT")
     fa.close()  # the original site goes away with the PUTs un-ACKed
     t.join(30)
     assert "connection is gone" in outcome["error"] and "run the fail-back again" in \

@@ -21,7 +21,7 @@ import pytest
 import protocol as p
 import rephub
 from hubtools import (REPHUB, AgentError, HubProcess, MemVolume, TestAgent, make_agents_file,
-                      wait_for)
+                      wait_until)
 
 MiB = 1024 * 1024
 
@@ -51,7 +51,7 @@ def replica_bytes(hub, name: str) -> bytes:
 
 def attach_synced(agent: TestAgent, hub, name: str, vol: MemVolume, **kw) -> int:
     vid, plan = agent.attach(name, vol, **kw)
-    wait_for(lambda: hub.store.volume(name).state == rephub.VolState.CONSISTENT
+    wait_until(lambda: hub.store.volume(name).state == rephub.VolState.CONSISTENT
              and hub.store.volume(name).sync is None, 20, f"{name} consistent")
     return vid
 
@@ -255,7 +255,7 @@ def test_bad_input_is_answered_while_another_connection_carries_on(hubenv):
         frame = bytearray(p.encode(p.Write(request_id=90, volume=bvid, offset=0, data=b"y" * 512)))
         frame[-1] ^= 1
         bad.send_raw(bytes(frame))
-        wait_for(bad.closed.is_set, 10, "bad connection closed")
+        wait_until(bad.closed.is_set, 10, "bad connection closed")
         assert any(e.code == p.ErrorCode.PROTOCOL for e in bad.errors)
         bad.close()
         # oversize payload length in the header: closed before anything is allocated
@@ -263,11 +263,11 @@ def test_bad_input_is_answered_while_another_connection_carries_on(hubenv):
         header = p.encode_header(p.MsgType.WRITE, 0, 91, bvid, p.MAX_PAYLOAD + 1, 0,
                                  p.MAX_PAYLOAD + 1, 0)
         bad.send_raw(bytes(header))
-        wait_for(bad.closed.is_set, 10, "oversize connection closed")
+        wait_until(bad.closed.is_set, 10, "oversize connection closed")
         assert any("MAX_PAYLOAD" in e.message for e in bad.errors)
         bad.close()
         n = len(acked)
-        wait_for(lambda: len(acked) > n + 5, 10, "good connection still acked")
+        wait_until(lambda: len(acked) > n + 5, 10, "good connection still acked")
     finally:
         stop.set()
         t.join(timeout=30)
@@ -311,14 +311,14 @@ def test_full_sync_with_writes_to_the_regions_being_read(hubenv):
         vid, plan = agent.attach("full", mv)
         assert plan == p.SyncPlan.FULL
         assert hub.store.volume("full").state == rephub.VolState.INCONSISTENT
-        wait_for(lambda: hub.store.volume("full").state == rephub.VolState.CONSISTENT, 30)
+        wait_until(lambda: hub.store.volume("full").state == rephub.VolState.CONSISTENT, 30)
         agent.before_read_reply = None
-        wait_for(lambda: len(pending) >= len(agent.reads), 10, "injected writes sent")
+        wait_until(lambda: len(pending) >= len(agent.reads), 10, "injected writes sent")
         for req in list(pending):
             agent.expect_ack(req)
         assert len(agent.reads) == size // MiB
         # The last SYNCEDs may still be on their way when the volume turns consistent.
-        wait_for(lambda: {s.request_id for s in agent.synced}
+        wait_until(lambda: {s.request_id for s in agent.synced}
                  == {r.request_id for r in agent.reads}, 10, "a SYNCED for every READ")
         assert replica_bytes(hub, "full") == bytes(mv.buf)
         assert hub.store.volume("full").meta["full_synced"] is True
@@ -344,14 +344,14 @@ def test_full_sync_keeps_reading_while_the_journal_is_not_yet_durable(hubenv):
     try:
         agent.attach("slow", mv)
         # More than a window's worth of READs answered while nothing is durable.
-        wait_for(lambda: len(agent.reads) * rephub.SYNC_PIECE > window, 20,
+        wait_until(lambda: len(agent.reads) * rephub.SYNC_PIECE > window, 20,
                  "READs beyond one window before the first fdatasync")
         assert agent.synced == []
         assert hub.store.volume("slow").state == rephub.VolState.INCONSISTENT
         release.set()
-        wait_for(lambda: hub.store.volume("slow").state == rephub.VolState.CONSISTENT, 30)
+        wait_until(lambda: hub.store.volume("slow").state == rephub.VolState.CONSISTENT, 30)
         assert len(agent.reads) == len(mv.buf) // rephub.SYNC_PIECE
-        wait_for(lambda: len(agent.synced) == len(agent.reads), 10, "a SYNCED for every READ")
+        wait_until(lambda: len(agent.synced) == len(agent.reads), 10, "a SYNCED for every READ")
         assert replica_bytes(hub, "slow") == bytes(mv.buf)
     finally:
         release.set()
@@ -379,7 +379,7 @@ def test_a_request_id_still_outstanding_closes_the_connection(hubenv):
         try:
             agent.send(p.Write(request_id=7000, volume=vid, offset=8192, data=b"\x03" * 4096))
             agent.send(p.Write(request_id=7000, volume=vid, offset=12288, data=b"\x04" * 4096))
-            wait_for(lambda: agent.errors, 20, "the hub's ERROR")
+            wait_until(lambda: agent.errors, 20, "the hub's ERROR")
             assert [e.code for e in agent.errors] == [p.ErrorCode.PROTOCOL], agent.errors
             assert 7000 not in agent.replies, "nothing answered id 7000 before the ERROR"
         finally:
@@ -447,7 +447,7 @@ def test_stale_read_reply_would_be_caught(hubenv):
     agent.on_READ = broken_on_read
     try:
         agent.attach("stale", mv)
-        wait_for(lambda: hub.store.volume("stale").state == rephub.VolState.CONSISTENT, 20)
+        wait_until(lambda: hub.store.volume("stale").state == rephub.VolState.CONSISTENT, 20)
         agent.flush()
         assert replica_bytes(hub, "stale") != bytes(mv.buf)
     finally:
@@ -470,7 +470,7 @@ def test_dirty_resync_reads_only_the_dirty_extents(hubenv):
     try:
         vid, plan = agent.attach("dv", mv, state=p.VolumeState.DIRTY, generation=gen)
         assert plan == p.SyncPlan.DIRTY
-        wait_for(lambda: hub.store.volume("dv").state == rephub.VolState.CONSISTENT
+        wait_until(lambda: hub.store.volume("dv").state == rephub.VolState.CONSISTENT
                  and hub.store.volume("dv").sync is None, 20)
         assert sum(r.length for r in agent.reads) == 4 * 65536
         assert replica_bytes(hub, "dv") == bytes(mv.buf)
@@ -500,10 +500,10 @@ def test_unsolicited_dirty_map_is_resynced(hubenv):
         agent.send_raw(p.DirtyMap(request_id=0, volume=vid, extents=[(MiB, 65536)]).to_bytes()
                        + p.Checkpoint(request_id=req, name="during").to_bytes())
         agent.expect_ack(req)
-        wait_for(lambda: len(agent.synced) > n and agent.synced[-1].offset == MiB, 10,
+        wait_until(lambda: len(agent.synced) > n and agent.synced[-1].offset == MiB, 10,
                  "resync READ and SYNCED")
         assert [(r.offset, r.length) for r in agent.reads[n:]] == [(MiB, 65536)]
-        wait_for(lambda: vol.sync is None, 10)
+        wait_until(lambda: vol.sync is None, 10)
         with pytest.raises(p.RequestError, match="inside a resync"):
             hub.store.resolve_point(vol, "during")
         agent.expect_ack(agent.checkpoint("after"))
@@ -556,7 +556,7 @@ def test_verify_ships_only_differing_chunks(hubenv):
         reads_before = len(agent.reads)
         vid, plan = agent.attach("vv", mv, state=p.VolumeState.UNKNOWN, generation=b"g" * 16)
         assert plan == p.SyncPlan.VERIFY
-        wait_for(lambda: hub.store.volume("vv").state == rephub.VolState.CONSISTENT
+        wait_until(lambda: hub.store.volume("vv").state == rephub.VolState.CONSISTENT
                  and hub.store.volume("vv").sync is None, 30)
         fetched = sorted((r.offset, r.length) for r in agent.reads[reads_before:])
         assert fetched == [(3 * 65536, 65536), (17 * 65536, 2 * 65536), (200 * 65536, 65536)]
@@ -636,7 +636,7 @@ def test_export_refuses_inconsistent_volume(hubenv, tmp_path):
     try:
         agent.attach("never", MemVolume(MiB, b"n" * MiB))
         vol = hub.store.volume("never")
-        wait_for(lambda: vol.sync is None, 10, "sync job ended")
+        wait_until(lambda: vol.sync is None, 10, "sync job ended")
         assert vol.state == rephub.VolState.INCONSISTENT
         with pytest.raises(p.RequestError) as info:
             rephub.export_volume(hub.store, vol, "latest", str(tmp_path / "x"))
@@ -660,7 +660,7 @@ def test_retention_drops_old_segments_and_refuses_points_outside(tmp_path):
             for i in range(40):
                 agent.expect_ack(agent.write(vid, (i % 16) * 65536, os.urandom(65536)))
             agent.flush()
-        wait_for(lambda: hub.store.journal.first_seq > 5, 10, "segments dropped")
+        wait_until(lambda: hub.store.journal.first_seq > 5, 10, "segments dropped")
         vol = hub.store.volume("r")
         with pytest.raises(rephub.PointError):
             hub.store.resolve_point(vol, "early")
@@ -720,7 +720,7 @@ def test_status_text_and_json(hubenv):
     hub, sec = hubenv
     with connect(hub, sec) as agent:
         attach_synced(agent, hub, "st", MemVolume(MiB, b"s" * MiB))
-        wait_for(lambda: hub.status()["agents"][0]["rtt_ms"] is not None, 10, "heartbeat")
+        wait_until(lambda: hub.status()["agents"][0]["rtt_ms"] is not None, 10, "heartbeat")
         res = subprocess.run([sys.executable, REPHUB, "status", "--data", hub.store.dir,
                               "--json"], capture_output=True, text=True, timeout=30)
         assert res.returncode == 0, res.stderr
@@ -790,7 +790,7 @@ def test_serve_heartbeat_closes_a_peer_silent_for_four_intervals(tmp_path):
         agent.on_PING = lambda msg: None
         agent.connect()
         try:
-            wait_for(agent.closed.is_set, 10, "the hub to close a silent agent")
+            wait_until(agent.closed.is_set, 10, "the hub to close a silent agent")
             assert "PINGs unanswered" in hub.read_log()
         finally:
             agent.close()
@@ -811,8 +811,8 @@ def test_reconnecting_agent_takes_its_volume_over_from_the_old_connection(hubenv
         old.flush()   # still served after the second connection authenticated
         vid, plan = new.attach("re", mv, state=p.VolumeState.CLEAN)
         assert plan == p.SyncPlan.VERIFY
-        wait_for(old.closed.is_set, 10, "old connection closed once its volume was taken")
-        wait_for(lambda: hub.store.volume("re").state == rephub.VolState.CONSISTENT
+        wait_until(old.closed.is_set, 10, "old connection closed once its volume was taken")
+        wait_until(lambda: hub.store.volume("re").state == rephub.VolState.CONSISTENT
                  and hub.store.volume("re").sync is None, 20, "the verify")
         new.expect_ack(new.write(vid, 0, b"n" * 4096))
         assert replica_bytes(hub, "re") == bytes(mv.buf)
@@ -910,7 +910,7 @@ def test_unfinished_verify_is_redone_as_verify(hubenv):
     vid, plan = agent.attach("uv", mv, state=p.VolumeState.UNKNOWN, generation=b"1" * 16)
     assert plan == p.SyncPlan.VERIFY
     vol = hub.store.volume("uv")
-    wait_for(lambda: vol.sync is None, 10, "verify stopped")
+    wait_until(lambda: vol.sync is None, 10, "verify stopped")
     agent.close()
     assert (vol.state, vol.meta["pending_plan"]) == (rephub.VolState.SYNCING, "VERIFY")
     # The agent says CLEAN now: the hub still verifies.
@@ -918,7 +918,7 @@ def test_unfinished_verify_is_redone_as_verify(hubenv):
     try:
         vid, plan = agent.attach("uv", mv, state=p.VolumeState.CLEAN, generation=b"1" * 16)
         assert plan == p.SyncPlan.VERIFY
-        wait_for(lambda: vol.state == rephub.VolState.CONSISTENT and vol.sync is None, 20)
+        wait_until(lambda: vol.state == rephub.VolState.CONSISTENT and vol.sync is None, 20)
         assert vol.meta["pending_plan"] is None
         assert replica_bytes(hub, "uv") == bytes(mv.buf)
     finally:

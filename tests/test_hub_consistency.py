@@ -17,7 +17,7 @@ import pytest
 
 import protocol as p
 import rephub
-from hubtools import AgentError, MemVolume, TestAgent, wait_for
+from hubtools import AgentError, MemVolume, TestAgent, wait_until
 
 MiB = 1024 * 1024
 
@@ -51,7 +51,7 @@ def test_an_aborted_dirty_resync_is_never_declared_done(hub_a1, code):
     mv = MemVolume(2 * MiB, rng.randbytes(2 * MiB))
     with TestAgent(hub.address, "a1", secret).connect() as agent:
         agent.attach("v", mv)
-        wait_for(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 20,
+        wait_until(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 20,
                  "the initial sync")
     # Written while disconnected: the agent has it marked.
     mv.write(0, b"\x11" * 65536)
@@ -62,7 +62,7 @@ def test_an_aborted_dirty_resync_is_never_declared_done(hub_a1, code):
     with RefusingAgent(hub.address, "a1", secret).connect() as agent:
         vid, plan = agent.attach("v", mv, state=p.VolumeState.DIRTY)
         assert plan == p.SyncPlan.DIRTY
-        wait_for(lambda: agent.dirty_queries == 1 and vol.sync is None, 20,
+        wait_until(lambda: agent.dirty_queries == 1 and vol.sync is None, 20,
                  "the DIRTY sync to give up")
         assert vol.state == rephub.VolState.SYNCING
         # One more write and an unsolicited DIRTY_MAP for another region.
@@ -70,7 +70,7 @@ def test_an_aborted_dirty_resync_is_never_declared_done(hub_a1, code):
         mv.write(MiB + 65536, b"\x33" * 65536)
         agent.send(p.DirtyMap(request_id=0, volume=vid, extents=[(MiB + 65536, 65536)]))
         # The hub redoes the whole DIRTY plan (another DIRTY_QUERY), which fails again.
-        wait_for(lambda: agent.dirty_queries == 2 and vol.sync is None, 20,
+        wait_until(lambda: agent.dirty_queries == 2 and vol.sync is None, 20,
                  "the DIRTY plan to be redone in full")
         assert vol.state == rephub.VolState.SYNCING, "declared consistent after an abort"
         with pytest.raises(p.RequestError, match="is resyncing") as info:
@@ -86,7 +86,7 @@ def test_an_aborted_dirty_resync_is_never_declared_done(hub_a1, code):
     with TestAgent(hub.address, "a1", secret).connect() as agent:
         _, plan = agent.attach("v", mv, state=p.VolumeState.CLEAN)
         assert plan == p.SyncPlan.DIRTY, "an unfinished DIRTY sync must be redone"
-        wait_for(lambda: vol.state == rephub.VolState.CONSISTENT and vol.sync is None, 20,
+        wait_until(lambda: vol.state == rephub.VolState.CONSISTENT and vol.sync is None, 20,
                  "the resync")
     assert replica(hub, "v") == bytes(mv.buf)
     hub.store.resolve_point(vol, "latest")
@@ -98,7 +98,7 @@ def test_checkpoint_names_are_unique(hub_a1):
     mv = MemVolume(MiB)
     with TestAgent(hub.address, "a1", secret).connect() as agent:
         agent.attach("v", mv)
-        wait_for(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 20,
+        wait_until(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 20,
                  "the initial sync")
         agent.expect_ack(agent.checkpoint("before-upgrade"))
         with pytest.raises(AgentError, match="INVALID") as info:
@@ -117,7 +117,7 @@ def test_a_recovery_test_by_the_same_agent_id_leaves_protection_alone(hub_a1):
     mv = MemVolume(MiB, bytes(range(256)) * (MiB // 256))
     with TestAgent(hub.address, "a1", secret).connect() as protect:
         vid = protect.attach("v", mv)[0]
-        wait_for(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 20,
+        wait_until(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 20,
                  "the initial sync")
         with TestAgent(hub.address, "a1", secret).connect() as recovery:
             req = recovery.request_id()
@@ -146,7 +146,7 @@ def test_two_hosts_with_one_agent_id_never_share_a_volume(hub_a1):
     with TestAgent(hub.address, "a1", secret).connect() as first:
         first.attach("v", disks[0])
         vol = hub.store.volume("v")
-        wait_for(lambda: vol.state == rephub.VolState.CONSISTENT, 20, "the initial sync")
+        wait_until(lambda: vol.state == rephub.VolState.CONSISTENT, 20, "the initial sync")
     winner = None
     for round_ in range(4):
         agents = [TestAgent(hub.address, "a1", secret).connect() for _ in disks]
@@ -160,14 +160,14 @@ def test_two_hosts_with_one_agent_id_never_share_a_volume(hub_a1):
             with hub.conn_lock:
                 holders = [c for c in hub.connections if vol.id in c.volumes]
             assert len(holders) <= 1, f"round {round_}: attached on {len(holders)} connections"
-            wait_for(lambda: vol.sync is None and vol.attached_to is not None
+            wait_until(lambda: vol.sync is None and vol.attached_to is not None
                      and vol.state == rephub.VolState.CONSISTENT, 30, "the take-over's verify")
             holder = vol.attached_to
             winner = next(d for a, d in zip(agents, disks)
                           if a.sock.getsockname() == _peer_of(holder))
             assert replica(hub, "v") == bytes(winner.buf), f"round {round_}"
             loser = next(a for a, d in zip(agents, disks) if d is not winner)
-            wait_for(loser.closed.is_set, 10, "the other connection to be closed")
+            wait_until(loser.closed.is_set, 10, "the other connection to be closed")
         finally:
             for a in agents:
                 a.close()
@@ -199,7 +199,7 @@ def test_another_disk_under_the_same_name_is_refused_until_reseeded(hub_a1, tmp_
     try:
         vid, _ = first.attach("v", first_disk, generation=b"\x01" * 16)
         vol = hub.store.volume("v")
-        wait_for(lambda: vol.state == rephub.VolState.CONSISTENT and vol.sync is None, 20,
+        wait_until(lambda: vol.state == rephub.VolState.CONSISTENT and vol.sync is None, 20,
                  "the initial sync")
         with pytest.raises(AgentError) as refused:
             second.attach("v", second_disk, generation=b"\x02" * 16)
@@ -213,13 +213,13 @@ def test_another_disk_under_the_same_name_is_refused_until_reseeded(hub_a1, tmp_
 
         assert rephub.main(["reseed", "--data", hub.store.dir, "v"]) == 0
         assert "may bring another disk" in capsys.readouterr().out
-        wait_for(second.closed.is_set, 10, "the refused connection closed to attach again")
+        wait_until(second.closed.is_set, 10, "the refused connection closed to attach again")
         first.close()
         again = TestAgent(hub.address, "a1", secret).connect()
         try:
             _, plan = again.attach("v", second_disk, generation=b"\x02" * 16)
             assert plan == p.SyncPlan.VERIFY
-            wait_for(lambda: vol.state == rephub.VolState.CONSISTENT and vol.sync is None, 20,
+            wait_until(lambda: vol.state == rephub.VolState.CONSISTENT and vol.sync is None, 20,
                      "the re-seed's verify")
             assert replica(hub, "v") == bytes(second_disk.buf)
             assert not vol.meta["reseed"], "a re-seed admits one new disk, not every one"

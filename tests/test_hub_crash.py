@@ -20,7 +20,7 @@ import pytest
 
 import protocol as p
 import rephub
-from hubtools import REPHUB, HubProcess, MemVolume, TestAgent, make_agents_file, wait_for
+from hubtools import REPHUB, HubProcess, MemVolume, TestAgent, make_agents_file, wait_until
 
 MiB = 1024 * 1024
 PIECE = 65536
@@ -63,17 +63,17 @@ def test_sigkill_mid_stream_then_restart_keeps_every_acked_write(env):
     agent = TestAgent(hub.address, "a1", sec["a1"]).connect()
     mv = MemVolume(16 * MiB)
     vid, plan = agent.attach("k", mv)
-    wait_for(lambda: status(data_dir)["volumes"][0]["state"] == "consistent", 20)
+    wait_until(lambda: status(data_dir)["volumes"][0]["state"] == "consistent", 20)
     rnd = random.Random(7)
     written = {}
     for i in range(200):  # pipelined: nothing waits for an ACK
         data = rnd.randbytes(PIECE)
         written[agent.write(vid, i * PIECE, data)] = (i * PIECE, data)
         if i == 120:
-            wait_for(lambda: len(acked_requests(agent)) >= 20, 20, "some ACKs")
+            wait_until(lambda: len(acked_requests(agent)) >= 20, 20, "some ACKs")
             hub.kill(signal.SIGKILL)
             break
-    wait_for(agent.closed.is_set, 10, "connection dropped by the killed hub")
+    wait_until(agent.closed.is_set, 10, "connection dropped by the killed hub")
     acked = acked_requests(agent)
     agent.close()
     assert len(acked) >= 20
@@ -91,7 +91,7 @@ def test_sigkill_mid_stream_then_restart_keeps_every_acked_write(env):
         f.write(header + payload[:rnd.randrange(1, PIECE)])
 
     hub2 = start("hub2")
-    st = wait_for(lambda: (lambda s: s if s["journal"]["applied_seq"] ==
+    st = wait_until(lambda: (lambda s: s if s["journal"]["applied_seq"] ==
                            s["journal"]["last_seq"] else None)(status(data_dir)), 20)
     log_text = hub2.read_log()
     assert "WARNING" in log_text and "torn tail in" in log_text
@@ -118,12 +118,12 @@ def test_sigterm_finishes_frames_makes_durable_and_exits_zero(env):
     agent = TestAgent(hub.address, "a1", sec["a1"]).connect()
     mv = MemVolume(8 * MiB)
     vid, _ = agent.attach("t", mv)
-    wait_for(lambda: status(data_dir)["volumes"][0]["state"] == "consistent", 20)
+    wait_until(lambda: status(data_dir)["volumes"][0]["state"] == "consistent", 20)
     written = {agent.write(vid, i * PIECE, os.urandom(PIECE)): i * PIECE for i in range(64)}
-    wait_for(lambda: len(acked_requests(agent)) >= 10, 20, "some ACKs")
+    wait_until(lambda: len(acked_requests(agent)) >= 10, 20, "some ACKs")
     hub.proc.send_signal(signal.SIGTERM)
     assert hub.proc.wait(timeout=30) == 0
-    wait_for(agent.closed.is_set, 10, "connection closed")
+    wait_until(agent.closed.is_set, 10, "connection closed")
     assert agent.goodbye == "hub shutting down"
     acked = acked_requests(agent)
     agent.close()
@@ -153,7 +153,7 @@ def test_second_signal_exits_at_once_without_corrupting(env):
     header = p.encode_header(p.MsgType.WRITE, 0, 999, vid, PIECE, 0, PIECE, 0)
     agent.send_raw(bytes(header) + b"\x00" * 100)
     hub.proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: "hub stopping" in hub.read_log(), 10, "graceful stop begun")
+    wait_until(lambda: "hub stopping" in hub.read_log(), 10, "graceful stop begun")
     t0 = time.monotonic()
     hub.proc.send_signal(signal.SIGINT)
     assert hub.proc.wait(timeout=10) == 128 + signal.SIGINT
@@ -162,7 +162,7 @@ def test_second_signal_exits_at_once_without_corrupting(env):
     hub2 = start("hub2")
     st = status(data_dir)
     assert st["volumes"][0]["name"] == "s"
-    wait_for(lambda: status(data_dir)["journal"]["applied_seq"] ==
+    wait_until(lambda: status(data_dir)["journal"]["applied_seq"] ==
              status(data_dir)["journal"]["last_seq"], 10)
     with open(os.path.join(data_dir, "volumes", "s", "replica"), "rb") as f:
         assert f.read(4096) == b"kept" * 1024
@@ -184,12 +184,12 @@ def test_sigkill_mid_first_sync_redoes_it_in_full(env):
         vid, plan = agent.attach("f", mv)
         assert plan == p.SyncPlan.FULL
         # 11 replies sent, the 12th held back: kill the hub once they are durable.
-        wait_for(lambda: status(data_dir)["journal"]["durable_seq"] >= 11, 20,
+        wait_until(lambda: status(data_dir)["journal"]["durable_seq"] >= 11, 20,
                  "the first replies durable")
         hub.kill(signal.SIGKILL)
     finally:
         held.set()
-    wait_for(agent.closed.is_set, 20, "connection dropped by the killed hub")
+    wait_until(agent.closed.is_set, 20, "connection dropped by the killed hub")
     agent.close()
     replica = os.path.join(data_dir, "volumes", "f", "replica")
     for off in range(0, 32 * MiB, 4 * MiB):      # the disk changes while the hub is down
@@ -199,7 +199,7 @@ def test_sigkill_mid_first_sync_redoes_it_in_full(env):
     with TestAgent(hub2.address, "a1", sec["a1"]).connect() as agent:
         vid, plan = agent.attach("f", mv)
         assert plan == p.SyncPlan.FULL
-        wait_for(lambda: (lambda v: v["state"] == "consistent" and v["lag_bytes"] == 0)(
+        wait_until(lambda: (lambda v: v["state"] == "consistent" and v["lag_bytes"] == 0)(
             status(data_dir)["volumes"][0]), 30, "the second FULL sync")
     with open(replica, "rb") as f:
         assert f.read() == bytes(mv.buf)

@@ -47,7 +47,7 @@ import repagent as ra
 import rephub
 from localuser import probe_as
 from hubtools import (REPHUB, ROOT, AgentError, HubProcess, MemVolume, TestAgent,
-                      make_agents_file, wait_for)
+                      make_agents_file, wait_until)
 
 MiB = 1024 * 1024
 
@@ -195,7 +195,7 @@ def private_site():
         hub.start()
         with TestAgent(hub.address, "host1", secret).connect() as agent:
             vid, _ = agent.attach("vol0", MemVolume(MiB, os.urandom(MiB)))
-            wait_for(lambda: hub.store.volume("vol0").state == rephub.VolState.CONSISTENT
+            wait_until(lambda: hub.store.volume("vol0").state == rephub.VolState.CONSISTENT
                      and hub.store.volume("vol0").sync is None, 20, "vol0 synced")
             for _ in range(2):     # the second write over synced data makes undo records
                 agent.expect_ack(agent.write(vid, 0, os.urandom(65536)))
@@ -459,7 +459,7 @@ def test_a_trickled_handshake_is_cut_off_at_the_deadline(hub_factory, tmp_path, 
     elapsed = closed_at - start
     assert sent < len(data)
     assert timeout * 0.8 <= elapsed <= timeout + 2.0, elapsed
-    wait_for(lambda: "handshake not done within 1 s" in caplog.text, 5, "the log line")
+    wait_until(lambda: "handshake not done within 1 s" in caplog.text, 5, "the log line")
     if transport == "plain":
         replicate_once(hub.address, hub.secret, "after-the-trickle")
 
@@ -489,12 +489,12 @@ def test_connection_limits_total_and_per_address(hub_factory, caplog):
                 return True
             sock.close()
             return False
-        wait_for(taken, 10, "127.0.0.1 under its limit again")
+        wait_until(taken, 10, "127.0.0.1 under its limit again")
         # 3 held now; three more fill --max-connections 6; the seventh is closed.
         for host in ("127.0.0.3", "127.0.0.4", "127.0.0.5"):
             held.append(connect_from(host, hub.address))
             assert hello_answered(held[-1])
-        wait_for(lambda: len(hub.connections) == 6, 5, "six connections held")
+        wait_until(lambda: len(hub.connections) == 6, 5, "six connections held")
         seventh = connect_from("127.0.0.6", hub.address)
         assert not hello_answered(seventh), "a seventh connection over --max-connections 6"
         seventh.close()
@@ -504,7 +504,7 @@ def test_connection_limits_total_and_per_address(hub_factory, caplog):
             sock.close()
     refusals = [r for r in caplog.records if "closed at once" in r.getMessage()]
     assert len(refusals) == 2, [r.getMessage() for r in refusals]  # one line per kind
-    wait_for(lambda: not hub.connections, 10, "every connection gone")
+    wait_until(lambda: not hub.connections, 10, "every connection gone")
     replicate_once(hub.address, hub.secret, "after-limits")
 
 
@@ -527,7 +527,7 @@ def test_a_flood_of_unauthenticated_connections_is_bounded(hub_process, tmp_path
     pid = hub.proc.pid
     threads_before = proc_status(pid, "Threads")
     replicate_once(hub.address, hub.secret, "warm-up", **agent_options)
-    wait_for(lambda: proc_status(pid, "Threads") <= threads_before, 20, "warm-up threads gone")
+    wait_until(lambda: proc_status(pid, "Threads") <= threads_before, 20, "warm-up threads gone")
     rss_before = proc_status(pid, "VmRSS")
     held = []
     try:
@@ -535,7 +535,7 @@ def test_a_flood_of_unauthenticated_connections_is_bounded(hub_process, tmp_path
             sock = connect_from(f"127.0.1.{1 + i % 8}", hub.address)
             sock.sendall(first_bytes)   # inside a frame header or ClientHello: a thread waits
             held.append(sock)
-        wait_for(lambda: proc_status(pid, "Threads") >= threads_before + 128, 20,
+        wait_until(lambda: proc_status(pid, "Threads") >= threads_before + 128, 20,
                  "128 connection threads")
         # The hub sends nothing to a connection in the handshake: readable means
         # closed.  (Connections that met a full listen backlog are accepted late.)
@@ -561,7 +561,7 @@ def test_a_flood_of_unauthenticated_connections_is_bounded(hub_process, tmp_path
     finally:
         for sock in held:
             sock.close()
-    wait_for(lambda: proc_status(pid, "Threads") <= threads_before + 4, 20,
+    wait_until(lambda: proc_status(pid, "Threads") <= threads_before + 4, 20,
              "the flood's threads gone")
 
 
@@ -586,7 +586,7 @@ def test_the_accept_loop_survives_rlimit_nofile_without_spinning(hub_process):
     try:
         for _ in range(90):
             peers.append(socket.create_connection(hub.address, timeout=5))
-        wait_for(lambda: "Too many open files" in hub.read_log(), 20, "accept hitting EMFILE")
+        wait_until(lambda: "Too many open files" in hub.read_log(), 20, "accept hitting EMFILE")
         # A control client waiting too: the control socket's accept fails the same way.
         control = socket.socket(socket.AF_UNIX)
         control.connect(os.path.join(hub.data_dir, rephub.CONTROL_SOCKET))
@@ -607,7 +607,7 @@ def test_the_accept_loop_survives_rlimit_nofile_without_spinning(hub_process):
             return True
         except (OSError, AgentError):
             return False
-    wait_for(agent_gets_in, 30, "an agent accepted after the peers left")
+    wait_until(agent_gets_in, 30, "an agent accepted after the peers left")
     lines = hub.read_log().splitlines()
     failed = [line for line in lines if "accept failed" in line]
     from_accept = [line for line in lines if " accept: " in line]
@@ -654,7 +654,7 @@ def test_a_tls_client_on_a_plaintext_hub_is_named(hub_factory, caplog):
             pass
     want = ("a TLS client connected to a plaintext hub (start the hub with "
             "--tls-cert/--tls-key, or drop --tls-ca on the agent)")
-    wait_for(lambda: want in caplog.text, 5, "the hub's log line")
+    wait_until(lambda: want in caplog.text, 5, "the hub's log line")
     assert "bad magic" not in caplog.text
 
 
@@ -694,7 +694,7 @@ def test_a_plaintext_agent_on_a_tls_hub_is_told_to_use_tls(hub_factory, tmp_path
         sock.close()
     assert "PROTOCOL" in str(info.value)
     assert "the hub expects TLS: use --tls-ca" in str(info.value)
-    wait_for(lambda: "a plaintext agent connected to a TLS hub" in caplog.text, 5, "hub log")
+    wait_until(lambda: "a plaintext agent connected to a TLS hub" in caplog.text, 5, "hub log")
     # TLS agents still get in.
     tls = ssl.create_default_context(cafile=cert)
     with TestAgent(hub.address, "a1", hub.secret, tls=tls,

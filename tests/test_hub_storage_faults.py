@@ -23,7 +23,7 @@ import pytest
 
 import protocol as p
 import rephub
-from hubtools import AgentError, MemVolume, TestAgent, make_agents_file, wait_for
+from hubtools import AgentError, MemVolume, TestAgent, make_agents_file, wait_until
 from smallfs import ballast, tmpfs
 
 MiB = 1024 * 1024
@@ -165,7 +165,7 @@ def test_a_full_journal_refuses_degrades_and_recovers(full_hub, caplog):
     with coded.connect() as agent:
         vid, plan = agent.attach("v", vol)
         assert plan == p.SyncPlan.FULL
-        wait_for(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 30,
+        wait_until(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 30,
                  "the initial sync")
         space = ballast(fs, 12 * MiB)
         acked, refused = write_until_refused(agent, vid, vol, rng)
@@ -192,18 +192,18 @@ def test_a_full_journal_refuses_degrades_and_recovers(full_hub, caplog):
             segment_records(hub.store.journal.log.path(seg))
 
         os.unlink(space)
-        wait_for(lambda: agent.goodbye == rephub.STORAGE_RECOVERED, 30,
+        wait_until(lambda: agent.goodbye == rephub.STORAGE_RECOVERED, 30,
                  "the hub to end the refused stream once space is back")
         # The code is what an agent decides on, never the text (LV-5).
         assert agent.granted & p.Feature.GOODBYE_CODE
         assert agent.goodbye_code == p.GoodbyeCode.STORAGE_RECOVERED, agent.goodbye_code
-        wait_for(lambda: not hub.status()["degraded"], 30, "degraded to clear")
+        wait_until(lambda: not hub.status()["degraded"], 30, "degraded to clear")
 
     vol.dirty = [(s, e - s) for s, e in rephub.merge_ranges((o, o + n) for o, n in vol.dirty)]
     with TestAgent(hub.address, "a1", secrets_by_id["a1"]).connect() as agent:
         vid, plan = agent.attach("v", vol, state=p.VolumeState.DIRTY)
         assert plan == p.SyncPlan.DIRTY
-        wait_for(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT
+        wait_until(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT
                  and hub.store.volume("v").sync is None, 30, "the resync of refused writes")
         hub.store.wait_applied(hub.store.journal.durable_seq)
         with open(os.path.join(hub.store.dir, "volumes", "v", "replica"), "rb") as f:
@@ -235,7 +235,7 @@ def test_a_failing_replica_write_degrades_and_resumes(tmp_path, monkeypatch):
         vol = MemVolume(2 * MiB)
         with TestAgent(hub.address, "a1", secrets_by_id["a1"]).connect() as agent:
             vid, _ = agent.attach("v", vol)
-            wait_for(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 20,
+            wait_until(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 20,
                      "the initial sync")
             failing = [True]
             real_copy = rephub.SegmentLog.copy_payload
@@ -248,11 +248,11 @@ def test_a_failing_replica_write_degrades_and_resumes(tmp_path, monkeypatch):
             monkeypatch.setattr(rephub.SegmentLog, "copy_payload", copy_payload)
             for i in range(8):
                 agent.expect_ack(agent.write(vid, i * 65536, bytes([i + 1]) * 65536))
-            wait_for(lambda: "replica I/O error" in {
+            wait_until(lambda: "replica I/O error" in {
                 d["fault"] for d in hub.status()["degraded"]}, 20, "replica fault reported")
             assert hub.store.applied_seq < hub.store.journal.durable_seq
             failing[0] = False
-            wait_for(lambda: not hub.status()["degraded"]
+            wait_until(lambda: not hub.status()["degraded"]
                      and hub.store.applied_seq == hub.store.journal.durable_seq, 30,
                      "the applier to resume")
             with open(os.path.join(hub.store.dir, "volumes", "v", "replica"), "rb") as f:
@@ -292,7 +292,7 @@ def test_bit_rot_in_the_middle_of_the_journal(tmp_path, applied, caplog):
     try:
         with TestAgent(hub.address, "a1", secrets_by_id["a1"]).connect() as agent:
             vid, _ = agent.attach("v", vol)
-            wait_for(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 20,
+            wait_until(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 20,
                      "the initial sync")
             for i in range(30):
                 agent.expect_ack(agent.write(vid, rng.randrange(32) * 65536,
@@ -334,7 +334,7 @@ def test_bit_rot_in_the_middle_of_the_journal(tmp_path, applied, caplog):
         with TestAgent(hub.address, "a1", secrets_by_id["a1"]).connect() as agent:
             _, plan = agent.attach("v", vol, state=p.VolumeState.CLEAN)
             assert plan == p.SyncPlan.VERIFY
-            wait_for(lambda: v.state == rephub.VolState.CONSISTENT and v.sync is None, 30,
+            wait_until(lambda: v.state == rephub.VolState.CONSISTENT and v.sync is None, 30,
                      "the verify to converge")
         store.wait_applied(store.journal.durable_seq)
         with open(os.path.join(data_dir, "volumes", "v", "replica"), "rb") as f:
@@ -371,17 +371,17 @@ def test_replica_rot_is_never_served_and_is_resynced(tmp_path, found_by, caplog)
         with TestAgent(hub.address, "a1", secrets_by_id["a1"]).connect() as agent:
             agent.attach("v", mv)
             vol = hub.store.volume("v")
-            wait_for(lambda: vol.state == rephub.VolState.CONSISTENT and vol.sync is None, 20,
+            wait_until(lambda: vol.state == rephub.VolState.CONSISTENT and vol.sync is None, 20,
                      "the initial sync")
             hub.store.wait_applied(hub.store.journal.durable_seq)
             rot(data_dir, "v", 5 * 65536 + 100)
             if found_by == "read":
                 with pytest.raises(rephub.ReplicaDamaged):
                     hub.store.read_at(vol, hub.store.journal.durable_seq, 5 * 65536, 4096)
-            wait_for(lambda: "replica damaged" in {d["fault"] for d in vol.health.report("v")}
+            wait_until(lambda: "replica damaged" in {d["fault"] for d in vol.health.report("v")}
                      or vol.last_sync and vol.last_sync["plan"] == "VERIFY", 20,
                      "the damage to be found")
-            wait_for(lambda: vol.last_sync is not None and vol.last_sync["plan"] == "VERIFY"
+            wait_until(lambda: vol.last_sync is not None and vol.last_sync["plan"] == "VERIFY"
                      and vol.sync is None and vol.state == rephub.VolState.CONSISTENT, 30,
                      "the verify to repair it")
             assert not vol.health.report("v"), vol.health.report("v")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import protocol as p
 import rephub
-from hubtools import MemVolume, TestAgent, wait_for
+from hubtools import MemVolume, TestAgent, wait_until
 
 
 def test_a_reconnect_detaching_a_sync_not_started_yet_is_served(hub_a1, monkeypatch):
@@ -32,12 +32,12 @@ def test_a_reconnect_detaching_a_sync_not_started_yet_is_served(hub_a1, monkeypa
     try:
         vid, plan = first.attach("gap", vol)
         assert plan == p.SyncPlan.FULL
-        wait_for(lambda: held, 10, "on_ATTACH to reach the job's start")
+        wait_until(lambda: held, 10, "on_ATTACH to reach the job's start")
         assert held[0].ident is None
         second = TestAgent(hub.address, "a1", secret).connect()
         vid, plan = second.attach("gap", vol)
         assert plan == p.SyncPlan.FULL
-        wait_for(lambda: hub.store.volume("gap").state == rephub.VolState.CONSISTENT, 20,
+        wait_until(lambda: hub.store.volume("gap").state == rephub.VolState.CONSISTENT, 20,
                  "the sync on the new connection")
         assert held[0].stop_event.is_set()
     finally:

@@ -16,7 +16,7 @@ import pytest
 
 import protocol as p
 import rephub
-from hubtools import MemVolume, TestAgent, make_agents_file, wait_for
+from hubtools import MemVolume, TestAgent, make_agents_file, wait_until
 
 MiB = 1024 * 1024
 CHUNK = 65536
@@ -81,7 +81,7 @@ def test_points_inside_a_resync_are_refused(hubenv):
     gen = os.urandom(16)
     a = connect(hub, secrets)
     vid, _ = a.attach("rv", mv, generation=gen)
-    wait_for(lambda: synced(hub, "rv"), 20, "first sync")
+    wait_until(lambda: synced(hub, "rv"), 20, "first sync")
     a.expect_ack(a.checkpoint("before"))
     a.close()
     # Offline writes the agent tracked as dirty; the resync is held half way.
@@ -93,7 +93,7 @@ def test_points_inside_a_resync_are_refused(hubenv):
     try:
         vid, plan = a.attach("rv", mv, state=p.VolumeState.DIRTY, generation=gen)
         assert plan == p.SyncPlan.DIRTY
-        wait_for(first.is_set, 20, "the resync's first READ")
+        wait_until(first.is_set, 20, "the resync's first READ")
         a.expect_ack(a.write(vid, 4 * CHUNK, b"\x03" * CHUNK))
         a.expect_ack(a.checkpoint("during"))
         vol = hub.store.volume("rv")
@@ -108,7 +108,7 @@ def test_points_inside_a_resync_are_refused(hubenv):
         finally:
             b.close()
         gate.set()
-        wait_for(lambda: synced(hub, "rv"), 20, "the resync")
+        wait_until(lambda: synced(hub, "rv"), 20, "the resync")
         a.expect_ack(a.checkpoint("after"))
         pts = hub.store.points(vol)
         assert [c["name"] for c in pts["checkpoints"]] == ["before", "after"]
@@ -130,7 +130,7 @@ def test_only_the_owner_or_an_allowed_agent_may_recover(hubenv):
     a = connect(hub, secrets)
     try:
         a.attach("ov", MemVolume(MiB, data=os.urandom(MiB)))
-        wait_for(lambda: synced(hub, "ov"), 20, "first sync")
+        wait_until(lambda: synced(hub, "ov"), 20, "first sync")
         b = connect(hub, secrets, "a2")
         try:
             reply = open_session(b, "ov", "latest")
@@ -141,7 +141,7 @@ def test_only_the_owner_or_an_allowed_agent_may_recover(hubenv):
             b.close()
         # Two sessions of the allowed agent, one per connection, on two volumes.
         a.attach("ov2", MemVolume(MiB))
-        wait_for(lambda: synced(hub, "ov2"), 20, "first sync")
+        wait_until(lambda: synced(hub, "ov2"), 20, "first sync")
         r1, r2 = connect(hub, secrets, "rec"), connect(hub, secrets, "rec")
         try:
             assert isinstance(open_session(r1, "ov", "latest"), p.RecoverReady)
@@ -152,7 +152,7 @@ def test_only_the_owner_or_an_allowed_agent_may_recover(hubenv):
         finally:
             r1.close()
             r2.close()
-        wait_for(lambda: not hub.sessions, 10, "sessions closed with their connections")
+        wait_until(lambda: not hub.sessions, 10, "sessions closed with their connections")
     finally:
         a.close()
 
@@ -207,7 +207,7 @@ def test_interrupted_promotion_is_rolled_back_at_open(hubenv, monkeypatch):
     a = connect(hub, secrets)
     try:
         vid, _ = a.attach("pv", mv)
-        wait_for(lambda: synced(hub, "pv"), 20, "first sync")
+        wait_until(lambda: synced(hub, "pv"), 20, "first sync")
         a.expect_ack(a.checkpoint("p"))
         at_point = bytes(mv.buf)
         a.expect_ack(a.write(vid, 0, b"\x07" * 3 * CHUNK))
@@ -252,7 +252,7 @@ def test_promote_cli_offline_and_release(tmp_path):
         mv = MemVolume(MiB, data=os.urandom(MiB))
         with connect(hub, secrets) as a:
             vid, _ = a.attach("cv", mv)
-            wait_for(lambda: synced(hub, "cv"), 20, "first sync")
+            wait_until(lambda: synced(hub, "cv"), 20, "first sync")
             a.expect_ack(a.checkpoint("keep"))
             at_keep = bytes(mv.buf)
             a.expect_ack(a.write(vid, CHUNK, b"\x09" * CHUNK))
@@ -290,7 +290,7 @@ def test_a_promotion_is_persisted_outside_the_journal_lock_and_a_failed_one_chan
     try:
         vid, _ = a.attach("pv", MemVolume(MiB, data=os.urandom(MiB)))
         oid, _ = a.attach("ov", MemVolume(MiB))
-        wait_for(lambda: synced(hub, "pv") and synced(hub, "ov"), 20, "first syncs")
+        wait_until(lambda: synced(hub, "pv") and synced(hub, "ov"), 20, "first syncs")
         a.expect_ack(a.checkpoint("p"))
         vol = hub.store.volume("pv")
         writing, release = threading.Event(), threading.Event()

@@ -25,7 +25,7 @@ import pytest
 
 import protocol as p
 import rephub
-from hubtools import AgentError, MemVolume, TestAgent, make_agents_file, wait_for
+from hubtools import AgentError, MemVolume, TestAgent, make_agents_file, wait_until
 
 MiB = 1024 * 1024
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,7 +75,7 @@ def errors(msgs) -> list[p.Error]:
 
 def attach_synced(agent: TestAgent, hub, name: str, vol: MemVolume) -> int:
     vid, _ = agent.attach(name, vol)
-    wait_for(lambda: hub.store.volume(name).state == rephub.VolState.CONSISTENT
+    wait_until(lambda: hub.store.volume(name).state == rephub.VolState.CONSISTENT
              and hub.store.volume(name).sync is None, 20, f"{name} consistent")
     return vid
 

@@ -16,7 +16,7 @@ import pytest
 
 import protocol as p
 import rephub
-from hubtools import MemVolume, TestAgent, wait_for
+from hubtools import MemVolume, TestAgent, wait_until
 
 MiB = 1024 * 1024
 CHUNK = 65536
@@ -96,7 +96,7 @@ def replica(hub, name: str) -> tuple[bytes, int]:
 
 
 def wait_consistent(hub, name: str, timeout: float = 30.0):
-    wait_for(lambda: hub.store.volume(name).state == rephub.VolState.CONSISTENT
+    wait_until(lambda: hub.store.volume(name).state == rephub.VolState.CONSISTENT
              and hub.store.volume(name).sync is None, timeout, f"{name} consistent")
     return hub.store.volume(name)
 
@@ -236,12 +236,12 @@ def test_bad_extents_are_refused_and_end_the_sync(hub_a1, bad):
     with SparseAgent(hub.address, "a1", secret).connect() as agent:
         agent.answer_with = answer
         vid, _ = agent.attach("bad", vol)
-        err = wait_for(lambda: next((e for e in agent.errors
+        err = wait_until(lambda: next((e for e in agent.errors
                                      if e.failed_type == p.MsgType.EXTENTS), None),
                        10, "ERROR for the bad EXTENTS")
         assert err.code == p.ErrorCode.INVALID
         hvol = hub.store.volume("bad")
-        wait_for(lambda: hvol.sync is None, 10, "the sync to end")
+        wait_until(lambda: hvol.sync is None, 10, "the sync to end")
         assert hvol.state == rephub.VolState.INCONSISTENT
         assert hvol.last_sync["error"]
         assert not agent.reads                  # nothing of the refused answer was used
@@ -257,7 +257,7 @@ def test_unsolicited_extents_are_refused(hub_a1):
         wait_consistent(hub, "u")
         agent.send(p.Extents(request_id=999, volume=vid, offset=0, length=MiB,
                              extents=[(MiB, p.EXTENT_ZERO)]))
-        err = wait_for(lambda: next((e for e in agent.errors if e.request_id == 999), None),
+        err = wait_until(lambda: next((e for e in agent.errors if e.request_id == 999), None),
                        10, "ERROR for the unsolicited EXTENTS")
         assert err.code == p.ErrorCode.INVALID
 
@@ -271,13 +271,13 @@ def test_a_bad_agent_request_sharing_an_id_with_a_query_leaves_the_sync_alone(hu
         held = []
         agent.on_EXTENT_QUERY = held.append            # held: answered below
         vid, _ = agent.attach("ids", vol)
-        q = wait_for(lambda: held and held[0], 10, "the EXTENT_QUERY")
+        q = wait_until(lambda: held and held[0], 10, "the EXTENT_QUERY")
         frame = bytearray(p.encode(p.Write(request_id=q.request_id, volume=vid, offset=0,
                                            data=b"w" * 512)))
         frame[7] |= 0x02            # an undefined must-understand flag: refused by the codec
         frame[44:48] = rephub.zlib.crc32(frame[:44]).to_bytes(4, "big")
         agent.send_raw(bytes(frame))
-        wait_for(lambda: any(e.request_id == q.request_id for e in agent.errors), 10,
+        wait_until(lambda: any(e.request_id == q.request_id for e in agent.errors), 10,
                  "ERROR for the bad WRITE")
         assert hub.store.volume("ids").sync is not None, "the sync must go on"
         SparseAgent.on_EXTENT_QUERY(agent, q)

@@ -28,7 +28,7 @@ import ops
 import protocol as p
 import repagent as ra
 import rephub
-from hubtools import REPHUB, HubProcess, MemVolume, TestAgent, make_agents_file, wait_for
+from hubtools import REPHUB, HubProcess, MemVolume, TestAgent, make_agents_file, wait_until
 
 MiB = 1024 * 1024
 CHUNK = 64 * 1024
@@ -109,9 +109,9 @@ def test_hub_metrics_follow_writes_state_and_errors(hub_with_metrics):
     assert addr[1] != 0
     with TestAgent(hub.address, "a1", sec["a1"]).connect() as agent:
         vid, _ = agent.attach("m1", MemVolume(MiB, os.urandom(MiB)))
-        wait_for(lambda: hub.store.volume("m1").state == rephub.VolState.CONSISTENT
+        wait_until(lambda: hub.store.volume("m1").state == rephub.VolState.CONSISTENT
                  and hub.store.volume("m1").sync is None, 20, "m1 consistent")
-        wait_for(lambda: hub.status()["agents"][0]["rtt_ms"] is not None, 10, "heartbeat")
+        wait_until(lambda: hub.status()["agents"][0]["rtt_ms"] is not None, 10, "heartbeat")
         before = scrape(addr)
         assert value(before, "rephub_volume_state", volume="m1", state="consistent") == 1
         assert value(before, "rephub_volume_state", volume="m1", state="inconsistent") == 0
@@ -139,8 +139,8 @@ def test_hub_metrics_follow_writes_state_and_errors(hub_with_metrics):
         p.send_message(sock, p.Auth(proof=bytes(32)))
         err = p.recv_message(sock)
         assert isinstance(err, p.Error) and err.code == p.ErrorCode.AUTH_FAILED
-    wait_for(lambda: hub.status()["errors"].get("auth") == 1, 10, "auth failure counted")
-    wait_for(lambda: not hub.status()["agents"], 10, "agent gone")
+    wait_until(lambda: hub.status()["errors"].get("auth") == 1, 10, "auth failure counted")
+    wait_until(lambda: not hub.status()["agents"], 10, "agent gone")
     last = scrape(addr)
     assert value(last, "rephub_errors_total", kind="auth") == 1
     assert value(last, "rephub_agents_connected") == 0
@@ -240,7 +240,7 @@ def test_agent_metrics_show_dirty_queue_sent_and_errors(agent_rig):
     p.send_message(hub, p.Ack(request_id=msg.request_id))
     p.send_message(hub, p.Error(request_id=999, code=p.ErrorCode.INVALID,
                                 failed_type=p.MsgType.PING, message="test"))
-    wait_for(lambda: agent.status()["errors"].get("hub_error") == 1, 10, "hub error counted")
+    wait_until(lambda: agent.status()["errors"].get("hub_error") == 1, 10, "hub error counted")
     m = scrape(addr)
     assert value(m, "repagent_dirty_bytes", volume="vol0") == 0
     assert value(m, "repagent_pending_writes") == 0
@@ -295,7 +295,7 @@ def test_hub_status_watch_redraws_until_ctrl_c(hub_with_metrics):
     hub, sec = hub_with_metrics
     with TestAgent(hub.address, "a1", sec["a1"]).connect() as agent:
         agent.attach("w1", MemVolume(MiB, b"w" * MiB))
-        wait_for(lambda: hub.store.volume("w1").state == rephub.VolState.CONSISTENT,
+        wait_until(lambda: hub.store.volume("w1").state == rephub.VolState.CONSISTENT,
                  20, "w1 consistent")
         seen = run_watch([sys.executable, REPHUB, "status", "--data", hub.store.dir,
                           "--watch", "0.2"], 2, lambda x: x.startswith("every 0.2 s"))
