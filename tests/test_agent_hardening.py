@@ -187,14 +187,14 @@ def test_a_hub_failing_after_the_handshake_is_retried_with_a_growing_backoff(
         for before, after in zip(gaps, gaps[1:]):
             assert after > 1.15 * before, f"the backoff must grow: {gaps}"
         st = wait_until(lambda: (lambda s: s if s["last_disconnect"] else None)(agent.status()),
-                      what="a disconnect in the status")
+                        what="a disconnect in the status")
         said = words.split(" ", 1)[1]       # GOODBYE's reason, or ERROR's code and text
         assert st["last_disconnect"]["hub_said"] == words
         assert said in st["last_disconnect"]["reason"]
         assert st["last_disconnect"]["attached"] is False
         assert st["connect_attempts"] >= 5
         wait_until(lambda: "next attempt in" in ra.format_status(agent.status()),
-                 what="the table during a backoff")
+                   what="the table during a backoff")
         text = ra.format_status(agent.status())
         assert said in text, text
         st = agent.status()

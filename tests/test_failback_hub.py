@@ -154,7 +154,7 @@ class Scene:
         try:
             vid, _ = a.attach(NAME, self.mv, generation=self.gen)
             wait_until(lambda: self.vol.state == rephub.VolState.CONSISTENT
-                     and self.vol.sync is None, 20, "first sync")
+                       and self.vol.sync is None, 20, "first sync")
             a.expect_ack(a.checkpoint("p"))
             for off, n, byte in ASIDE:
                 a.expect_ack(a.zero(vid, off, n) if byte is None
@@ -392,8 +392,8 @@ def test_refusals(hubenv):
         gate = threading.Event()
         t, _, outcome = run_failback(hub, confirm=lambda: gate.wait(20) and False)
         wait_until(lambda: (sc.vol.failback is not None
-                          and sc.vol.failback.phase == rephub.FailbackPhase.CONFIRMING),
-                 20, "the first fail-back at its report")
+                            and sc.vol.failback.phase == rephub.FailbackPhase.CONFIRMING),
+                   20, "the first fail-back at its report")
         with pytest.raises(p.RequestError, match="already running") as err:
             hub.failback(NAME, "a1", print, lambda r: True)
         assert err.value.code == p.ErrorCode.BUSY

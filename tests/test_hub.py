@@ -52,7 +52,7 @@ def replica_bytes(hub, name: str) -> bytes:
 def attach_synced(agent: TestAgent, hub, name: str, vol: MemVolume, **kw) -> int:
     vid, plan = agent.attach(name, vol, **kw)
     wait_until(lambda: hub.store.volume(name).state == rephub.VolState.CONSISTENT
-             and hub.store.volume(name).sync is None, 20, f"{name} consistent")
+               and hub.store.volume(name).sync is None, 20, f"{name} consistent")
     return vid
 
 
@@ -319,7 +319,7 @@ def test_full_sync_with_writes_to_the_regions_being_read(hubenv):
         assert len(agent.reads) == size // MiB
         # The last SYNCEDs may still be on their way when the volume turns consistent.
         wait_until(lambda: {s.request_id for s in agent.synced}
-                 == {r.request_id for r in agent.reads}, 10, "a SYNCED for every READ")
+                   == {r.request_id for r in agent.reads}, 10, "a SYNCED for every READ")
         assert replica_bytes(hub, "full") == bytes(mv.buf)
         assert hub.store.volume("full").meta["full_synced"] is True
     finally:
@@ -345,7 +345,7 @@ def test_full_sync_keeps_reading_while_the_journal_is_not_yet_durable(hubenv):
         agent.attach("slow", mv)
         # More than a window's worth of READs answered while nothing is durable.
         wait_until(lambda: len(agent.reads) * rephub.SYNC_PIECE > window, 20,
-                 "READs beyond one window before the first fdatasync")
+                   "READs beyond one window before the first fdatasync")
         assert agent.synced == []
         assert hub.store.volume("slow").state == rephub.VolState.INCONSISTENT
         release.set()
@@ -471,7 +471,7 @@ def test_dirty_resync_reads_only_the_dirty_extents(hubenv):
         vid, plan = agent.attach("dv", mv, state=p.VolumeState.DIRTY, generation=gen)
         assert plan == p.SyncPlan.DIRTY
         wait_until(lambda: hub.store.volume("dv").state == rephub.VolState.CONSISTENT
-                 and hub.store.volume("dv").sync is None, 20)
+                   and hub.store.volume("dv").sync is None, 20)
         assert sum(r.length for r in agent.reads) == 4 * 65536
         assert replica_bytes(hub, "dv") == bytes(mv.buf)
         # Same generation and CLEAN: nothing to do.
@@ -501,7 +501,7 @@ def test_unsolicited_dirty_map_is_resynced(hubenv):
                        + p.Checkpoint(request_id=req, name="during").to_bytes())
         agent.expect_ack(req)
         wait_until(lambda: len(agent.synced) > n and agent.synced[-1].offset == MiB, 10,
-                 "resync READ and SYNCED")
+                   "resync READ and SYNCED")
         assert [(r.offset, r.length) for r in agent.reads[n:]] == [(MiB, 65536)]
         wait_until(lambda: vol.sync is None, 10)
         with pytest.raises(p.RequestError, match="inside a resync"):
@@ -557,7 +557,7 @@ def test_verify_ships_only_differing_chunks(hubenv):
         vid, plan = agent.attach("vv", mv, state=p.VolumeState.UNKNOWN, generation=b"g" * 16)
         assert plan == p.SyncPlan.VERIFY
         wait_until(lambda: hub.store.volume("vv").state == rephub.VolState.CONSISTENT
-                 and hub.store.volume("vv").sync is None, 30)
+                   and hub.store.volume("vv").sync is None, 30)
         fetched = sorted((r.offset, r.length) for r in agent.reads[reads_before:])
         assert fetched == [(3 * 65536, 65536), (17 * 65536, 2 * 65536), (200 * 65536, 65536)]
         matched = sum(s.length for s in agent.synced if s.request_id not in
@@ -813,7 +813,7 @@ def test_reconnecting_agent_takes_its_volume_over_from_the_old_connection(hubenv
         assert plan == p.SyncPlan.VERIFY
         wait_until(old.closed.is_set, 10, "old connection closed once its volume was taken")
         wait_until(lambda: hub.store.volume("re").state == rephub.VolState.CONSISTENT
-                 and hub.store.volume("re").sync is None, 20, "the verify")
+                   and hub.store.volume("re").sync is None, 20, "the verify")
         new.expect_ack(new.write(vid, 0, b"n" * 4096))
         assert replica_bytes(hub, "re") == bytes(mv.buf)
         assert [a["agent_id"] for a in hub.status()["agents"]] == ["a1"]

@@ -52,7 +52,7 @@ def test_an_aborted_dirty_resync_is_never_declared_done(hub_a1, code):
     with TestAgent(hub.address, "a1", secret).connect() as agent:
         agent.attach("v", mv)
         wait_until(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 20,
-                 "the initial sync")
+                   "the initial sync")
     # Written while disconnected: the agent has it marked.
     mv.write(0, b"\x11" * 65536)
     mv.dirty = [(0, 65536)]
@@ -63,7 +63,7 @@ def test_an_aborted_dirty_resync_is_never_declared_done(hub_a1, code):
         vid, plan = agent.attach("v", mv, state=p.VolumeState.DIRTY)
         assert plan == p.SyncPlan.DIRTY
         wait_until(lambda: agent.dirty_queries == 1 and vol.sync is None, 20,
-                 "the DIRTY sync to give up")
+                   "the DIRTY sync to give up")
         assert vol.state == rephub.VolState.SYNCING
         # One more write and an unsolicited DIRTY_MAP for another region.
         agent.expect_ack(agent.write(vid, MiB, b"\x22" * 65536))
@@ -71,7 +71,7 @@ def test_an_aborted_dirty_resync_is_never_declared_done(hub_a1, code):
         agent.send(p.DirtyMap(request_id=0, volume=vid, extents=[(MiB + 65536, 65536)]))
         # The hub redoes the whole DIRTY plan (another DIRTY_QUERY), which fails again.
         wait_until(lambda: agent.dirty_queries == 2 and vol.sync is None, 20,
-                 "the DIRTY plan to be redone in full")
+                   "the DIRTY plan to be redone in full")
         assert vol.state == rephub.VolState.SYNCING, "declared consistent after an abort"
         with pytest.raises(p.RequestError, match="is resyncing") as info:
             hub.store.resolve_point(vol, "latest")
@@ -87,7 +87,7 @@ def test_an_aborted_dirty_resync_is_never_declared_done(hub_a1, code):
         _, plan = agent.attach("v", mv, state=p.VolumeState.CLEAN)
         assert plan == p.SyncPlan.DIRTY, "an unfinished DIRTY sync must be redone"
         wait_until(lambda: vol.state == rephub.VolState.CONSISTENT and vol.sync is None, 20,
-                 "the resync")
+                   "the resync")
     assert replica(hub, "v") == bytes(mv.buf)
     hub.store.resolve_point(vol, "latest")
     assert "latest: recoverable" in rephub.format_points(hub.store.points(vol))
@@ -99,7 +99,7 @@ def test_checkpoint_names_are_unique(hub_a1):
     with TestAgent(hub.address, "a1", secret).connect() as agent:
         agent.attach("v", mv)
         wait_until(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 20,
-                 "the initial sync")
+                   "the initial sync")
         agent.expect_ack(agent.checkpoint("before-upgrade"))
         with pytest.raises(AgentError, match="INVALID") as info:
             agent.expect_ack(agent.checkpoint("before-upgrade"))
@@ -118,7 +118,7 @@ def test_a_recovery_test_by_the_same_agent_id_leaves_protection_alone(hub_a1):
     with TestAgent(hub.address, "a1", secret).connect() as protect:
         vid = protect.attach("v", mv)[0]
         wait_until(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 20,
-                 "the initial sync")
+                   "the initial sync")
         with TestAgent(hub.address, "a1", secret).connect() as recovery:
             req = recovery.request_id()
             recovery.send(p.RecoverOpen(request_id=req, mode=p.RecoverMode.TEST, name="v",
@@ -161,7 +161,7 @@ def test_two_hosts_with_one_agent_id_never_share_a_volume(hub_a1):
                 holders = [c for c in hub.connections if vol.id in c.volumes]
             assert len(holders) <= 1, f"round {round_}: attached on {len(holders)} connections"
             wait_until(lambda: vol.sync is None and vol.attached_to is not None
-                     and vol.state == rephub.VolState.CONSISTENT, 30, "the take-over's verify")
+                       and vol.state == rephub.VolState.CONSISTENT, 30, "the take-over's verify")
             holder = vol.attached_to
             winner = next(d for a, d in zip(agents, disks)
                           if a.sock.getsockname() == _peer_of(holder))
@@ -200,7 +200,7 @@ def test_another_disk_under_the_same_name_is_refused_until_reseeded(hub_a1, tmp_
         vid, _ = first.attach("v", first_disk, generation=b"\x01" * 16)
         vol = hub.store.volume("v")
         wait_until(lambda: vol.state == rephub.VolState.CONSISTENT and vol.sync is None, 20,
-                 "the initial sync")
+                   "the initial sync")
         with pytest.raises(AgentError) as refused:
             second.attach("v", second_disk, generation=b"\x02" * 16)
         err = refused.value.error
@@ -220,7 +220,7 @@ def test_another_disk_under_the_same_name_is_refused_until_reseeded(hub_a1, tmp_
             _, plan = again.attach("v", second_disk, generation=b"\x02" * 16)
             assert plan == p.SyncPlan.VERIFY
             wait_until(lambda: vol.state == rephub.VolState.CONSISTENT and vol.sync is None, 20,
-                     "the re-seed's verify")
+                       "the re-seed's verify")
             assert replica(hub, "v") == bytes(second_disk.buf)
             assert not vol.meta["reseed"], "a re-seed admits one new disk, not every one"
         finally:

@@ -92,7 +92,7 @@ def test_sigkill_mid_stream_then_restart_keeps_every_acked_write(env):
 
     hub2 = start("hub2")
     st = wait_until(lambda: (lambda s: s if s["journal"]["applied_seq"] ==
-                           s["journal"]["last_seq"] else None)(status(data_dir)), 20)
+                             s["journal"]["last_seq"] else None)(status(data_dir)), 20)
     log_text = hub2.read_log()
     assert "WARNING" in log_text and "torn tail in" in log_text
     assert st["journal"]["last_seq"] == records[-1].seq
@@ -163,7 +163,7 @@ def test_second_signal_exits_at_once_without_corrupting(env):
     st = status(data_dir)
     assert st["volumes"][0]["name"] == "s"
     wait_until(lambda: status(data_dir)["journal"]["applied_seq"] ==
-             status(data_dir)["journal"]["last_seq"], 10)
+               status(data_dir)["journal"]["last_seq"], 10)
     with open(os.path.join(data_dir, "volumes", "s", "replica"), "rb") as f:
         assert f.read(4096) == b"kept" * 1024
     assert hub2.proc.poll() is None
@@ -185,7 +185,7 @@ def test_sigkill_mid_first_sync_redoes_it_in_full(env):
         assert plan == p.SyncPlan.FULL
         # 11 replies sent, the 12th held back: kill the hub once they are durable.
         wait_until(lambda: status(data_dir)["journal"]["durable_seq"] >= 11, 20,
-                 "the first replies durable")
+                   "the first replies durable")
         hub.kill(signal.SIGKILL)
     finally:
         held.set()

@@ -196,7 +196,7 @@ def private_site():
         with TestAgent(hub.address, "host1", secret).connect() as agent:
             vid, _ = agent.attach("vol0", MemVolume(MiB, os.urandom(MiB)))
             wait_until(lambda: hub.store.volume("vol0").state == rephub.VolState.CONSISTENT
-                     and hub.store.volume("vol0").sync is None, 20, "vol0 synced")
+                       and hub.store.volume("vol0").sync is None, 20, "vol0 synced")
             for _ in range(2):     # the second write over synced data makes undo records
                 agent.expect_ack(agent.write(vid, 0, os.urandom(65536)))
             agent.expect_ack(agent.checkpoint("cp1"))
@@ -536,7 +536,7 @@ def test_a_flood_of_unauthenticated_connections_is_bounded(hub_process, tmp_path
             sock.sendall(first_bytes)   # inside a frame header or ClientHello: a thread waits
             held.append(sock)
         wait_until(lambda: proc_status(pid, "Threads") >= threads_before + 128, 20,
-                 "128 connection threads")
+                   "128 connection threads")
         # The hub sends nothing to a connection in the handshake: readable means
         # closed.  (Connections that met a full listen backlog are accepted late.)
         ready: set = set()
@@ -562,7 +562,7 @@ def test_a_flood_of_unauthenticated_connections_is_bounded(hub_process, tmp_path
         for sock in held:
             sock.close()
     wait_until(lambda: proc_status(pid, "Threads") <= threads_before + 4, 20,
-             "the flood's threads gone")
+               "the flood's threads gone")
 
 
 # ---------------------------------------------------------------------------

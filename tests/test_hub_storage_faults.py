@@ -166,7 +166,7 @@ def test_a_full_journal_refuses_degrades_and_recovers(full_hub, caplog):
         vid, plan = agent.attach("v", vol)
         assert plan == p.SyncPlan.FULL
         wait_until(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 30,
-                 "the initial sync")
+                   "the initial sync")
         space = ballast(fs, 12 * MiB)
         acked, refused = write_until_refused(agent, vid, vol, rng)
         assert acked and refused, f"acked {len(acked)}, refused {len(refused)}"
@@ -193,7 +193,7 @@ def test_a_full_journal_refuses_degrades_and_recovers(full_hub, caplog):
 
         os.unlink(space)
         wait_until(lambda: agent.goodbye == rephub.STORAGE_RECOVERED, 30,
-                 "the hub to end the refused stream once space is back")
+                   "the hub to end the refused stream once space is back")
         # The code is what an agent decides on, never the text (LV-5).
         assert agent.granted & p.Feature.GOODBYE_CODE
         assert agent.goodbye_code == p.GoodbyeCode.STORAGE_RECOVERED, agent.goodbye_code
@@ -204,7 +204,7 @@ def test_a_full_journal_refuses_degrades_and_recovers(full_hub, caplog):
         vid, plan = agent.attach("v", vol, state=p.VolumeState.DIRTY)
         assert plan == p.SyncPlan.DIRTY
         wait_until(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT
-                 and hub.store.volume("v").sync is None, 30, "the resync of refused writes")
+                   and hub.store.volume("v").sync is None, 30, "the resync of refused writes")
         hub.store.wait_applied(hub.store.journal.durable_seq)
         with open(os.path.join(hub.store.dir, "volumes", "v", "replica"), "rb") as f:
             assert f.read() == bytes(vol.buf), "replica differs from the agent's disk"
@@ -236,7 +236,7 @@ def test_a_failing_replica_write_degrades_and_resumes(tmp_path, monkeypatch):
         with TestAgent(hub.address, "a1", secrets_by_id["a1"]).connect() as agent:
             vid, _ = agent.attach("v", vol)
             wait_until(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 20,
-                     "the initial sync")
+                       "the initial sync")
             failing = [True]
             real_copy = rephub.SegmentLog.copy_payload
 
@@ -253,8 +253,8 @@ def test_a_failing_replica_write_degrades_and_resumes(tmp_path, monkeypatch):
             assert hub.store.applied_seq < hub.store.journal.durable_seq
             failing[0] = False
             wait_until(lambda: not hub.status()["degraded"]
-                     and hub.store.applied_seq == hub.store.journal.durable_seq, 30,
-                     "the applier to resume")
+                       and hub.store.applied_seq == hub.store.journal.durable_seq, 30,
+                       "the applier to resume")
             with open(os.path.join(hub.store.dir, "volumes", "v", "replica"), "rb") as f:
                 assert f.read() == bytes(vol.buf)
     finally:
@@ -293,7 +293,7 @@ def test_bit_rot_in_the_middle_of_the_journal(tmp_path, applied, caplog):
         with TestAgent(hub.address, "a1", secrets_by_id["a1"]).connect() as agent:
             vid, _ = agent.attach("v", vol)
             wait_until(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 20,
-                     "the initial sync")
+                       "the initial sync")
             for i in range(30):
                 agent.expect_ack(agent.write(vid, rng.randrange(32) * 65536,
                                              rng.randbytes(65536)))
@@ -335,7 +335,7 @@ def test_bit_rot_in_the_middle_of_the_journal(tmp_path, applied, caplog):
             _, plan = agent.attach("v", vol, state=p.VolumeState.CLEAN)
             assert plan == p.SyncPlan.VERIFY
             wait_until(lambda: v.state == rephub.VolState.CONSISTENT and v.sync is None, 30,
-                     "the verify to converge")
+                       "the verify to converge")
         store.wait_applied(store.journal.durable_seq)
         with open(os.path.join(data_dir, "volumes", "v", "replica"), "rb") as f:
             assert f.read() == bytes(vol.buf)
@@ -372,18 +372,18 @@ def test_replica_rot_is_never_served_and_is_resynced(tmp_path, found_by, caplog)
             agent.attach("v", mv)
             vol = hub.store.volume("v")
             wait_until(lambda: vol.state == rephub.VolState.CONSISTENT and vol.sync is None, 20,
-                     "the initial sync")
+                       "the initial sync")
             hub.store.wait_applied(hub.store.journal.durable_seq)
             rot(data_dir, "v", 5 * 65536 + 100)
             if found_by == "read":
                 with pytest.raises(rephub.ReplicaDamaged):
                     hub.store.read_at(vol, hub.store.journal.durable_seq, 5 * 65536, 4096)
             wait_until(lambda: "replica damaged" in {d["fault"] for d in vol.health.report("v")}
-                     or vol.last_sync and vol.last_sync["plan"] == "VERIFY", 20,
-                     "the damage to be found")
+                       or vol.last_sync and vol.last_sync["plan"] == "VERIFY", 20,
+                       "the damage to be found")
             wait_until(lambda: vol.last_sync is not None and vol.last_sync["plan"] == "VERIFY"
-                     and vol.sync is None and vol.state == rephub.VolState.CONSISTENT, 30,
-                     "the verify to repair it")
+                       and vol.sync is None and vol.state == rephub.VolState.CONSISTENT, 30,
+                       "the verify to repair it")
             assert not vol.health.report("v"), vol.health.report("v")
             got = hub.store.read_at(vol, hub.store.journal.durable_seq, 0, 2 * MiB)
             assert got == bytes(mv.buf)

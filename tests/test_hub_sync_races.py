@@ -38,7 +38,7 @@ def test_a_reconnect_detaching_a_sync_not_started_yet_is_served(hub_a1, monkeypa
         vid, plan = second.attach("gap", vol)
         assert plan == p.SyncPlan.FULL
         wait_until(lambda: hub.store.volume("gap").state == rephub.VolState.CONSISTENT, 20,
-                 "the sync on the new connection")
+                   "the sync on the new connection")
         assert held[0].stop_event.is_set()
     finally:
         first.close()

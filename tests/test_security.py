@@ -76,7 +76,7 @@ def errors(msgs) -> list[p.Error]:
 def attach_synced(agent: TestAgent, hub, name: str, vol: MemVolume) -> int:
     vid, _ = agent.attach(name, vol)
     wait_until(lambda: hub.store.volume(name).state == rephub.VolState.CONSISTENT
-             and hub.store.volume(name).sync is None, 20, f"{name} consistent")
+               and hub.store.volume(name).sync is None, 20, f"{name} consistent")
     return vid
 
 

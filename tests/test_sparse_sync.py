@@ -97,7 +97,7 @@ def replica(hub, name: str) -> tuple[bytes, int]:
 
 def wait_consistent(hub, name: str, timeout: float = 30.0):
     wait_until(lambda: hub.store.volume(name).state == rephub.VolState.CONSISTENT
-             and hub.store.volume(name).sync is None, timeout, f"{name} consistent")
+               and hub.store.volume(name).sync is None, timeout, f"{name} consistent")
     return hub.store.volume(name)
 
 
@@ -237,8 +237,8 @@ def test_bad_extents_are_refused_and_end_the_sync(hub_a1, bad):
         agent.answer_with = answer
         vid, _ = agent.attach("bad", vol)
         err = wait_until(lambda: next((e for e in agent.errors
-                                     if e.failed_type == p.MsgType.EXTENTS), None),
-                       10, "ERROR for the bad EXTENTS")
+                                       if e.failed_type == p.MsgType.EXTENTS), None),
+                         10, "ERROR for the bad EXTENTS")
         assert err.code == p.ErrorCode.INVALID
         hvol = hub.store.volume("bad")
         wait_until(lambda: hvol.sync is None, 10, "the sync to end")
@@ -258,7 +258,7 @@ def test_unsolicited_extents_are_refused(hub_a1):
         agent.send(p.Extents(request_id=999, volume=vid, offset=0, length=MiB,
                              extents=[(MiB, p.EXTENT_ZERO)]))
         err = wait_until(lambda: next((e for e in agent.errors if e.request_id == 999), None),
-                       10, "ERROR for the unsolicited EXTENTS")
+                         10, "ERROR for the unsolicited EXTENTS")
         assert err.code == p.ErrorCode.INVALID
 
 
@@ -278,7 +278,7 @@ def test_a_bad_agent_request_sharing_an_id_with_a_query_leaves_the_sync_alone(hu
         frame[44:48] = rephub.zlib.crc32(frame[:44]).to_bytes(4, "big")
         agent.send_raw(bytes(frame))
         wait_until(lambda: any(e.request_id == q.request_id for e in agent.errors), 10,
-                 "ERROR for the bad WRITE")
+                   "ERROR for the bad WRITE")
         assert hub.store.volume("ids").sync is not None, "the sync must go on"
         SparseAgent.on_EXTENT_QUERY(agent, q)
         wait_consistent(hub, "ids")

@@ -110,7 +110,7 @@ def test_hub_metrics_follow_writes_state_and_errors(hub_with_metrics):
     with TestAgent(hub.address, "a1", sec["a1"]).connect() as agent:
         vid, _ = agent.attach("m1", MemVolume(MiB, os.urandom(MiB)))
         wait_until(lambda: hub.store.volume("m1").state == rephub.VolState.CONSISTENT
-                 and hub.store.volume("m1").sync is None, 20, "m1 consistent")
+                   and hub.store.volume("m1").sync is None, 20, "m1 consistent")
         wait_until(lambda: hub.status()["agents"][0]["rtt_ms"] is not None, 10, "heartbeat")
         before = scrape(addr)
         assert value(before, "rephub_volume_state", volume="m1", state="consistent") == 1
@@ -296,7 +296,7 @@ def test_hub_status_watch_redraws_until_ctrl_c(hub_with_metrics):
     with TestAgent(hub.address, "a1", sec["a1"]).connect() as agent:
         agent.attach("w1", MemVolume(MiB, b"w" * MiB))
         wait_until(lambda: hub.store.volume("w1").state == rephub.VolState.CONSISTENT,
-                 20, "w1 consistent")
+                   20, "w1 consistent")
         seen = run_watch([sys.executable, REPHUB, "status", "--data", hub.store.dir,
                           "--watch", "0.2"], 2, lambda x: x.startswith("every 0.2 s"))
         assert "\x1b[" not in "".join(seen)       # not a terminal: no screen clearing
