@@ -2413,11 +2413,7 @@ class HubLink:
         self.sync.submit(conn, msg)
 
     def on_EXTENT_QUERY(self, conn, msg):
-        if not conn.features & p.Feature.EXTENTS:   # PROTOCOL.md [VN-5]
-            self.stream.answer(conn, p.Error(
-                request_id=msg.request_id, code=p.ErrorCode.UNSUPPORTED,
-                failed_type=msg.TYPE, message="EXTENT_QUERY without the EXTENTS feature"))
-            return
+        # Only where EXTENTS was granted: the codec refused it otherwise [VN-6].
         self.sync.submit(conn, msg)
 
     def on_SYNCED(self, conn, msg):
