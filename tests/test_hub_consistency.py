@@ -53,10 +53,13 @@ def test_an_aborted_dirty_resync_is_never_declared_done(hub_a1, code):
         agent.attach("v", mv)
         wait_until(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 20,
                    "the initial sync")
+    vol = hub.store.volume("v")
+    # Before each new connection attaches the volume, the hub has seen the old
+    # one end: an old connection still holding it would make the plan VERIFY.
+    wait_until(lambda: vol.attached_to is None, 10, "the hub to see the agent leave")
     # Written while disconnected: the agent has it marked.
     mv.write(0, b"\x11" * 65536)
     mv.dirty = [(0, 65536)]
-    vol = hub.store.volume("v")
 
     RefusingAgent.code = code
     with RefusingAgent(hub.address, "a1", secret).connect() as agent:
@@ -82,6 +85,7 @@ def test_an_aborted_dirty_resync_is_never_declared_done(hub_a1, code):
         assert "inside a resync" in problem and "newest consistent point before it" in problem
 
     # A working agent finishes it: now, and only now, consistent and identical.
+    wait_until(lambda: vol.attached_to is None, 10, "the hub to see the refusing agent leave")
     mv.dirty = [(0, 65536), (MiB + 65536, 65536)]
     with TestAgent(hub.address, "a1", secret).connect() as agent:
         _, plan = agent.attach("v", mv, state=p.VolumeState.CLEAN)
