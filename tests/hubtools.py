@@ -47,6 +47,16 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "condition",
         time.sleep(interval)
 
 
+def wait_detached(hub, name: str, timeout: float = 10.0) -> None:
+    """Wait until the in-process ``hub`` has seen the last connection that
+    held volume ``name`` end.  An ATTACH arriving before then meets a second
+    live connection of the agent, which the hub rightly answers with plan
+    VERIFY [VO-7]: a test that asserts another plan waits here first."""
+    vol = hub.store.volume(name)
+    wait_until(lambda: vol.attached_to is None, timeout,
+               f"the hub to see the connection holding {name} end")
+
+
 def make_agents_file(path: str, *agent_ids: str) -> dict[str, bytes]:
     """Write an agents file with fresh secrets; return {agent_id: secret}."""
     secrets_by_id = {a: secrets.token_bytes(32) for a in agent_ids}

@@ -21,7 +21,7 @@ import pytest
 import protocol as p
 import rephub
 from hubtools import (REPHUB, AgentError, HubProcess, MemVolume, TestAgent, make_agents_file,
-                      wait_until)
+                      wait_detached, wait_until)
 
 MiB = 1024 * 1024
 
@@ -462,6 +462,7 @@ def test_dirty_resync_reads_only_the_dirty_extents(hubenv):
     agent = connect(hub, sec)
     attach_synced(agent, hub, "dv", mv, generation=gen)
     agent.close()
+    wait_detached(hub, "dv")
     # While disconnected, two regions change and are marked dirty.
     mv.write(65536 * 3, b"\xaa" * 70000)
     mv.write(5 * MiB, b"\xbb" * 100)

@@ -17,7 +17,7 @@ import pytest
 
 import protocol as p
 import rephub
-from hubtools import AgentError, MemVolume, TestAgent, wait_until
+from hubtools import AgentError, MemVolume, TestAgent, wait_detached, wait_until
 
 MiB = 1024 * 1024
 
@@ -54,9 +54,7 @@ def test_an_aborted_dirty_resync_is_never_declared_done(hub_a1, code):
         wait_until(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT, 20,
                    "the initial sync")
     vol = hub.store.volume("v")
-    # Before each new connection attaches the volume, the hub has seen the old
-    # one end: an old connection still holding it would make the plan VERIFY.
-    wait_until(lambda: vol.attached_to is None, 10, "the hub to see the agent leave")
+    wait_detached(hub, "v")
     # Written while disconnected: the agent has it marked.
     mv.write(0, b"\x11" * 65536)
     mv.dirty = [(0, 65536)]
@@ -85,7 +83,7 @@ def test_an_aborted_dirty_resync_is_never_declared_done(hub_a1, code):
         assert "inside a resync" in problem and "newest consistent point before it" in problem
 
     # A working agent finishes it: now, and only now, consistent and identical.
-    wait_until(lambda: vol.attached_to is None, 10, "the hub to see the refusing agent leave")
+    wait_detached(hub, "v")
     mv.dirty = [(0, 65536), (MiB + 65536, 65536)]
     with TestAgent(hub.address, "a1", secret).connect() as agent:
         _, plan = agent.attach("v", mv, state=p.VolumeState.CLEAN)

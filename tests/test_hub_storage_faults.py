@@ -23,7 +23,7 @@ import pytest
 
 import protocol as p
 import rephub
-from hubtools import AgentError, MemVolume, TestAgent, make_agents_file, wait_until
+from hubtools import AgentError, MemVolume, TestAgent, make_agents_file, wait_detached, wait_until
 from smallfs import ballast, tmpfs
 
 MiB = 1024 * 1024
@@ -199,6 +199,7 @@ def test_a_full_journal_refuses_degrades_and_recovers(full_hub, caplog):
         assert agent.goodbye_code == p.GoodbyeCode.STORAGE_RECOVERED, agent.goodbye_code
         wait_until(lambda: not hub.status()["degraded"], 30, "degraded to clear")
 
+    wait_detached(hub, "v")
     vol.dirty = [(s, e - s) for s, e in rephub.merge_ranges((o, o + n) for o, n in vol.dirty)]
     with TestAgent(hub.address, "a1", secrets_by_id["a1"]).connect() as agent:
         vid, plan = agent.attach("v", vol, state=p.VolumeState.DIRTY)

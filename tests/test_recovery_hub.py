@@ -16,7 +16,7 @@ import pytest
 
 import protocol as p
 import rephub
-from hubtools import MemVolume, TestAgent, make_agents_file, wait_until
+from hubtools import MemVolume, TestAgent, make_agents_file, wait_detached, wait_until
 
 MiB = 1024 * 1024
 CHUNK = 65536
@@ -84,6 +84,7 @@ def test_points_inside_a_resync_are_refused(hubenv):
     wait_until(lambda: synced(hub, "rv"), 20, "first sync")
     a.expect_ack(a.checkpoint("before"))
     a.close()
+    wait_detached(hub, "rv")
     # Offline writes the agent tracked as dirty; the resync is held half way.
     mv.write(0, b"\x01" * CHUNK)
     mv.write(MiB, b"\x02" * CHUNK)
