@@ -583,7 +583,1876 @@ def fmt_time_ns(ns: int | None) -> str:
 
 
 # ---------------------------------------------------------------------------
+# The hub
+
+
+class Hub:
+    """The server: listener, connections, store, heartbeat, control socket.
+
+    ``start`` returns once the hub accepts connections; ``shutdown`` stops
+    accepting, lets every connection finish its frame, makes everything
+    durable and returns.  Used in-process by tests and by ``serve``.
+    """
+
+    def __init__(self, data_dir: str, agents_file: str, listen=("127.0.0.1", 0),
+                 tls_cert: str | None = None, tls_key: str | None = None,
+                 sync_rate: float = 0, retention: float = DEFAULT_RETENTION,
+                 max_bytes: int = DEFAULT_MAX_JOURNAL_BYTES,
+                 segment_bytes: int = SEGMENT_BYTES, heartbeat: float = HEARTBEAT_INTERVAL,
+                 metrics_listen: tuple[str, int] | None = None,
+                 scrub_interval: float = DEFAULT_SCRUB_INTERVAL,
+                 scrub_rate: float = DEFAULT_SCRUB_RATE,
+                 handshake_timeout: float | None = None,
+                 max_connections: int = MAX_CONNECTIONS,
+                 max_unauthenticated_per_address: int = MAX_UNAUTHENTICATED_PER_ADDRESS):
+        self.store = VolumeStore(data_dir, retention, max_bytes, segment_bytes)
+        self.handshake_timeout = handshake_timeout   # None: HANDSHAKE_TIMEOUT
+        self.max_connections = max_connections
+        self.max_unauthenticated_per_address = max_unauthenticated_per_address
+        self.accept_log = LogThrottle(ACCEPT_LOG_INTERVAL)
+        self.agents = AgentsFile(agents_file)
+        self.listen_addr = listen
+        self.tls = None
+        if tls_cert:
+            self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.tls.minimum_version = ssl.TLSVersion.TLSv1_2
+            self.tls.load_cert_chain(tls_cert, tls_key)
+        self.rate = RateLimiter(sync_rate)
+        self.scrub_interval, self.scrub_rate = scrub_interval, RateLimiter(scrub_rate)
+        self.heartbeat_interval = heartbeat
+        self.stopping = threading.Event()
+        self.conn_lock = threading.Lock()
+        self.connections: set[AgentConnection] = set()
+        self.listener: socket.socket | None = None
+        self.threads: list[threading.Thread] = []
+        self.control: ControlServer | None = None
+        self.started_ns = time.time_ns()
+        self.session_lock = threading.Lock()
+        self.sessions: dict[str, RecoverySession | None] = {}  # by volume name (BUSY)
+        self.metrics_listen = metrics_listen
+        self.metrics: MetricsServer | None = None
+        self.error_lock = threading.Lock()
+        self.errors: collections.Counter[str] = collections.Counter()  # kind -> WARNINGs
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.listener.getsockname()[:2]
+
+    def count_error(self, kind: str) -> None:
+        """Count a fault logged at WARNING, for status and /metrics.  Any thread."""
+        with self.error_lock:
+            self.errors[kind] += 1
+
+    def start(self) -> None:
+        self.store.open()
+        self.store.on_reopened = self._storage_recovered
+        self.store.on_damaged = self._verify_damaged
+        self.store.start()
+        scratch = os.path.join(self.store.dir, SCRATCH_DIR)
+        if os.path.isdir(scratch) and os.listdir(scratch):
+            log.info("discarding %d recovery test overlays left by a stopped hub",
+                     len(os.listdir(scratch)))
+        shutil.rmtree(scratch, ignore_errors=True)
+        host, port = self.listen_addr
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((host, port))
+        self.listener.listen(64)
+        self.control = ControlServer(self)
+        if self.metrics_listen is not None:
+            try:
+                self.metrics = MetricsServer(self.metrics_listen,
+                                             lambda: hub_metrics(self.status()),
+                                             "rephub-metrics", log)
+            except OSError as err:
+                raise OSError(err.errno, f"--metrics-listen {self.metrics_listen[0]}:"
+                              f"{self.metrics_listen[1]}: {err.strerror}") from err
+        loops = [(self._accept_loop, "accept"), (self._heartbeat_loop, "heartbeat")]
+        if self.scrub_interval:
+            loops.append((self._scrub_loop, "scrub"))
+        for target, name in loops:
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self.threads.append(t)
+        log.info("hub %s listening on %s:%d%s, data %s", self.store.hub_id, *self.address,
+                 " (TLS)" if self.tls else "", self.store.dir)
+
+    def _accept_loop(self) -> None:
+        """Accept thread: one connection thread per agent; it never dies and never spins.
+
+        Out of descriptors or memory (ACCEPT_RESOURCE_ERRNOS), or when a
+        connection thread cannot start (that connection is closed), it waits on
+        ``stopping`` for a delay doubling from ACCEPT_BACKOFF_MIN to
+        ACCEPT_BACKOFF_MAX, back to none once a connection starts, and logs
+        each kind of trouble once per ACCEPT_LOG_INTERVAL (``accept_log``).
+        """
+        backoff = 0.0
+        while not self.stopping.is_set():
+            if backoff and self.stopping.wait(backoff):
+                return
+            ready, _, _ = select.select([self.listener], [], [], POLL_INTERVAL)
+            if not ready:
+                continue
+            try:
+                sock, addr = self.listener.accept()
+            except OSError as err:
+                if self.stopping.is_set():
+                    return
+                if err.errno in ACCEPT_RESOURCE_ERRNOS:
+                    backoff = min(max(2 * backoff, ACCEPT_BACKOFF_MIN), ACCEPT_BACKOFF_MAX)
+                    self.accept_log.warning(
+                        "accept-" + errno.errorcode.get(err.errno, "?"),
+                        "accept failed: %s; new connections wait (retrying every %g s at "
+                        "most; raise the fd limit or --max-connections lower)",
+                        err, ACCEPT_BACKOFF_MAX)
+                else:   # ECONNABORTED, EPROTO, ...: that peer is gone, the next one is not
+                    log.debug("accept failed: %s", err)
+                continue
+            try:
+                started = self._start_connection(sock, addr)
+            except (RuntimeError, MemoryError) as err:   # "can't start new thread"
+                sock.close()
+                backoff = min(max(2 * backoff, ACCEPT_BACKOFF_MIN), ACCEPT_BACKOFF_MAX)
+                self.accept_log.warning("thread", "connection from %s closed: cannot start "
+                                        "its thread (%s)", addr[0], err)
+                continue
+            except Exception as err:  # noqa: BLE001 - the accept thread never dies
+                sock.close()
+                log.error("connection from %s closed: %r", addr[0], err, exc_info=err)
+                continue
+            if started:
+                backoff = 0.0
+
+    def _start_connection(self, sock: socket.socket, addr) -> bool:
+        """Accept thread: start ``sock``'s connection thread, or close it at once
+        (without a byte: [HS-1]) when the hub holds ``max_connections``, or
+        ``max_unauthenticated_per_address`` unauthenticated ones from its address.
+        Raises if the thread cannot start (the connection is forgotten)."""
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as err:   # reset before we got to it
+            log.debug("connection from %s gone at accept: %s", addr[0], err)
+            sock.close()
+            return False
+        with self.conn_lock:
+            refused = None
+            if len(self.connections) >= self.max_connections:
+                refused = ("limit", f"{len(self.connections)} connections open "
+                                    f"(--max-connections {self.max_connections})")
+            else:
+                waiting = sum(1 for c in self.connections
+                              if c.host == addr[0] and c.state is ConnState.HANDSHAKE)
+                if waiting >= self.max_unauthenticated_per_address:
+                    refused = ("per-address", f"{waiting} unauthenticated connections from it "
+                               f"(--max-unauthenticated-per-address "
+                               f"{self.max_unauthenticated_per_address})")
+            if refused is None:
+                conn = AgentConnection(self, sock, addr)
+                self.connections.add(conn)
+        if refused is not None:
+            sock.close()
+            self.accept_log.warning(refused[0], "connection from %s closed at once: %s",
+                                    addr[0], refused[1])
+            return False
+        try:
+            conn.thread = threading.Thread(target=conn.run, name=f"conn-{conn.peer}",
+                                           daemon=True)
+            conn.thread.start()
+        except BaseException:
+            with self.conn_lock:
+                self.connections.discard(conn)
+            raise
+        return True
+
+    def _heartbeat_loop(self) -> None:
+        """Heartbeat thread: PING every authenticated connection."""
+        while not self.stopping.wait(self.heartbeat_interval):
+            with self.conn_lock:  # every authenticated one: recovery connections too
+                conns = [c for c in self.connections if c.state == ConnState.ESTABLISHED]
+            silent_limit = PEER_SILENCE_INTERVALS * self.heartbeat_interval
+            for conn in conns:
+                silent = time.monotonic() - conn.last_recv
+                if silent > silent_limit:
+                    conn.abort(f"nothing received for {silent:.1f} s, PINGs unanswered: "
+                               "the peer is hung or the connection half-open")
+                    continue
+                try:
+                    conn.ping()
+                except (OSError, ConnectionClosed) as err:
+                    conn.abort(f"heartbeat send failed: {err}")
+
+    def _storage_recovered(self) -> None:
+        """Storage watcher: the journal takes records again; every connection whose
+        records were refused ends, so that its agent attaches again (RP-10)."""
+        with self.conn_lock:
+            refusing = [c for c in self.connections if c.refusing is not None]
+        for conn in refusing:
+            conn.say_goodbye(STORAGE_RECOVERED, p.GoodbyeCode.STORAGE_RECOVERED)
+
+    def _verify_damaged(self, vol: Volume) -> None:
+        """Rot in ``vol``'s replica (any thread): verify it now if its agent is attached
+        (it rewrites what differs); else the next ATTACH does (pending VERIFY)."""
+        conn = vol.attached_to
+        if conn is not None and vol.id not in conn.demoted and vol.sync is None:
+            try:
+                conn.start_sync(vol, p.SyncPlan.VERIFY)
+            except (p.ReplicationError, OSError, ConnectionClosed) as err:
+                log.warning("volume %s: verify of the damaged replica not started: %s",
+                            vol.name, err)
+
+    def _scrub_loop(self) -> None:
+        """Scrub thread: every ``scrub_interval``, check each replica against its
+        checksums at ``scrub_rate`` at most; rot found is verified away."""
+        while not self.stopping.wait(self.scrub_interval):
+            for vol in list(self.store.volumes.values()):
+                try:
+                    vol.last_scrub = self.store.scrub(vol, self.scrub_rate, self.stopping)
+                except OSError as err:
+                    log.error("scrub of %s failed: %s", vol.name, err)
+
+    def register(self, conn: AgentConnection) -> None:
+        """An agent authenticated.  Its older connections stay: one that has a
+        volume loses it only when this one attaches that volume (take_over),
+        so a recovery session of the same agent id leaves protection alone."""
+        with self.conn_lock:
+            others = [c.peer for c in self.connections
+                      if c is not conn and c.agent_id == conn.agent_id]
+        if others:
+            log.info("agent %s: connected from %s as well as from %s", conn.agent_id, conn.peer,
+                     ", ".join(others))
+
+    def unregister(self, conn: AgentConnection) -> None:
+        with self.conn_lock:
+            self.connections.discard(conn)
+
+    def checkpoint(self, volume: str, name: str) -> dict:
+        """A checkpoint for every volume of ``volume``'s owner, durable on return."""
+        vol = self.store.volume(volume)
+        if vol is None:
+            raise p.RequestError(f"no volume named {volume!r}", code=p.ErrorCode.NO_SUCH_VOLUME)
+        rec = self.store.append_checkpoint(vol.owner, name)
+        if not self.store.journal.wait_durable(rec.seq, timeout=60):
+            raise p.RequestError("checkpoint not durable", code=p.ErrorCode.IO_ERROR)
+        log.info("checkpoint %r of agent %s at seq %d (operator)", name, vol.owner, rec.seq)
+        return dict(name=name, agent=vol.owner, seq=rec.seq, time=fmt_time_ns(rec.time_ns))
+
+    def reseed(self, volume: str) -> dict:
+        """``rephub.py reseed``: the next ATTACH of ``volume`` may bring another disk
+        identity (VO-8); it is VERIFYed, so the replica becomes that disk.  A
+        connection whose ATTACH was refused for its identity is closed so that
+        its agent reconnects and attaches again now."""
+        vol = self.store.volume(volume)
+        if vol is None:
+            raise p.RequestError(f"no volume named {volume!r}", code=p.ErrorCode.NO_SUCH_VOLUME)
+        vol.update(reseed=True)
+        with self.conn_lock:
+            refused = [c for c in self.connections if vol.name in c.refused_identity]
+        for conn in refused:
+            conn.abort(f"volume {vol.name} was re-seeded: the agent attaches it again")
+        log.warning("volume %s re-seeded by the operator: the next ATTACH of agent %s may bring "
+                    "another disk; it is verified against the replica", vol.name, vol.owner)
+        return dict(volume=vol.name, owner=vol.owner, reconnected=len(refused))
+
+    def verify(self, volume: str, repair: bool, progress=None, timeout: float = 3600.0) -> dict:
+        """Online verify (control thread): compare ``volume`` with its agent's copy by
+        checksums over the live connection, while replication goes on; with
+        ``repair`` READ the differing chunks.  Returns once the comparison is done."""
+        vol = self.store.volume(volume)
+        if vol is None:
+            raise p.RequestError(f"no volume named {volume!r}", code=p.ErrorCode.NO_SUCH_VOLUME)
+        conn = vol.attached_to
+        if conn is None or conn.closing.is_set():
+            raise p.RequestError(f"volume {volume!r} is not attached: its agent is not "
+                                 "connected, nothing to compare with", code=p.ErrorCode.BUSY)
+        with vol.attach_lock, conn.sync_lock:
+            if vol.sync is not None and not vol.sync.finished:
+                raise p.RequestError(f"volume {volume!r} is syncing ({vol.sync.plan.name}); "
+                                     "verify again once it is done", code=p.ErrorCode.BUSY)
+            job = SyncJob(conn, vol, p.SyncPlan.VERIFY, online=True, repair=repair)
+            vol.sync = job
+            conn.jobs.add(job)
+        if repair:
+            job.begin()
+        log.info("online verify of %s%s starts", vol.name, " with repair" if repair else "")
+        job.start()
+        deadline = time.monotonic() + timeout
+        while job.is_alive() and time.monotonic() < deadline:
+            job.join(0.5)
+            if progress:
+                progress(job.bytes_done, job.bytes_total)
+        st = job.status()
+        if not job.completed:
+            raise p.RequestError(f"verify of {volume!r} did not complete: "
+                                 f"{st['error'] or 'connection closed or timed out'}",
+                                 code=p.ErrorCode.IO_ERROR)
+        differing = [dict(offset=o, length=n) for o, n in job.differing]
+        return dict(volume=vol.name, size=vol.size, chunk_size=job.chunk,
+                    chunks=-(-vol.size // job.chunk), compared_bytes=job.bytes_done,
+                    differing=differing, differing_bytes=sum(n for _, n in job.differing),
+                    repaired=repair and bool(differing), bytes_fetched=job.bytes_fetched,
+                    seconds=round(time.monotonic() - job.started, 3))
+
+    # -- recovery (PROTOCOL.md "Recovery"; any thread) -----------------------------
+
+    def open_session(self, conn: AgentConnection, mode: p.RecoverMode, name: str,
+                     point: str) -> RecoverySession:
+        """Open a TEST or FAILOVER session for ``conn``'s agent (RC-1, RC-2)."""
+        vol = self.store.volume(name)
+        if vol is None:
+            raise p.RequestError(f"no volume named {name!r}", code=p.ErrorCode.NO_SUCH_VOLUME)
+        if not self.agents.may_recover(conn.agent_id, vol.owner):
+            raise p.RequestError(f"agent {conn.agent_id} may not recover volume {name!r} of "
+                                 f"agent {vol.owner} (not its owner, and the agents file "
+                                 f"does not give it recover={vol.owner})",
+                                 code=p.ErrorCode.NOT_OWNER)
+        self._reserve(vol)
+        try:
+            if mode == p.RecoverMode.TEST:
+                seq, t_ns = self.store.resolve_point(vol, point)
+                sid = next(conn.session_ids)
+                overlay = Overlay(os.path.join(self.store.dir, SCRATCH_DIR,
+                                               f"{vol.id}-{secrets.token_hex(6)}"), vol.size)
+                self.store.pin(seq)
+            elif vol.role is Role.PROMOTED and point == "latest":
+                seq, t_ns = self.store.resolve_point(vol, point)  # carry on the new history
+                sid, overlay = next(conn.session_ids), None
+            else:
+                res = self.promote(vol.name, point, reserved=True)
+                seq, t_ns, sid, overlay = res["seq"], res["time_ns"], next(conn.session_ids), None
+            s = RecoverySession(sid, conn, vol, mode, point, seq, t_ns, overlay)
+        except BaseException:
+            with self.session_lock:
+                self.sessions.pop(vol.name, None)
+            raise
+        with self.session_lock:
+            self.sessions[vol.name] = s
+        conn.sessions[sid] = s
+        log.info("recovery: %s opened", s.describe())
+        return s
+
+    def _reserve(self, vol: Volume) -> None:
+        with self.session_lock:
+            fb = vol.failback
+            if fb is not None and fb.phase.running:
+                raise p.RequestError(f"volume {vol.name!r} is busy: failing back to agent "
+                                     f"{fb.agent} ({fb.phase.value})", code=p.ErrorCode.BUSY)
+            if vol.name in self.sessions:
+                other = self.sessions[vol.name]
+                raise p.RequestError(f"volume {vol.name!r} is busy: "
+                                     f"{other.describe() if other else 'being promoted'}",
+                                     code=p.ErrorCode.BUSY)
+            self.sessions[vol.name] = None
+
+    def close_session(self, s: RecoverySession) -> int:
+        """End a session (RECOVER_CLOSE or end of connection); return the seq its
+        ACK waits for.  A TEST overlay is deleted here (RC-5)."""
+        if s.conn.sessions.pop(s.id, None) is None:
+            return 0
+        if s.overlay is not None:
+            s.overlay.discard()
+            self.store.pin(s.seq, -1)
+        with self.session_lock:
+            if self.sessions.get(s.vol.name) is s:
+                del self.sessions[s.vol.name]
+        log.info("recovery: %s closed after %d writes%s", s.describe(), s.writes,
+                 "; overlay discarded" if s.overlay is not None else "")
+        return s.flush_seq()
+
+    def promote(self, volume: str, at: str, reserved: bool = False) -> dict:
+        """Promote ``volume`` at point ``at`` (FAILOVER, or ``rephub.py promote``):
+        newer journal entries are set aside, the replica rolled back, and the
+        protected side's WRITE/ZERO/ATTACH refused with ERROR(ROLE) from now on."""
+        vol = self.store.volume(volume)
+        if vol is None:
+            raise p.RequestError(f"no volume named {volume!r}", code=p.ErrorCode.NO_SUCH_VOLUME)
+        if not reserved:
+            self._reserve(vol)
+        try:
+            seq, t_ns = self.store.resolve_point(vol, at)
+            conn = vol.attached_to
+            job = vol.sync
+            if job is not None:  # a resync from the protected side ends here
+                job.stop()
+                if job is not threading.current_thread():
+                    job.join(timeout=5)
+            res = self.store.roles.promote(vol, seq, at)
+            if conn is not None:
+                log.info("volume %s: the protected agent %s stays connected; its writes to "
+                         "the volume are refused (ROLE)", vol.name, conn.agent_id)
+        finally:
+            if not reserved:
+                with self.session_lock:
+                    self.sessions.pop(vol.name, None)
+        return dict(res, time_ns=t_ns)
+
+    def failback(self, volume: str, agent_id: str, emit, confirm) -> dict:
+        """Bring promoted ``volume`` home to ``agent_id`` (``rephub.py failback``;
+        the control request thread): see ``Failback``.  Refused clearly unless
+        the volume is promoted and its owner is connected with it attached DEMOTED."""
+        vol = self.store.volume(volume)
+        if vol is None:
+            raise p.RequestError(f"no volume named {volume!r}", code=p.ErrorCode.NO_SUCH_VOLUME)
+        if vol.role is not Role.PROMOTED:
+            raise p.RequestError(f"volume {volume} is not promoted: nothing to fail back",
+                                 code=p.ErrorCode.BAD_PHASE)
+        if vol.owner != agent_id:
+            raise p.RequestError(f"volume {volume} belongs to agent {vol.owner}, not "
+                                 f"{agent_id}: a fail-back goes to the volume's owner",
+                                 code=p.ErrorCode.NOT_OWNER)
+        conn = vol.attached_to
+        if (conn is None or conn.agent_id != agent_id or conn.closing.is_set()
+                or vol.id not in conn.demoted):
+            raise p.RequestError(f"agent {agent_id} is not connected with volume {volume} "
+                                 "attached DEMOTED: start repagent.py protect --accept-failback "
+                                 "... on the original host", code=p.ErrorCode.BAD_PHASE)
+        with self.session_lock:
+            if vol.failback is not None and vol.failback.phase.running:
+                raise p.RequestError(f"a fail-back of {volume} to agent {vol.failback.agent} "
+                                     f"is already running ({vol.failback.phase.value})",
+                                     code=p.ErrorCode.BUSY)
+            if vol.name in self.sessions and self.sessions[vol.name] is None:
+                raise p.RequestError(f"volume {volume} is being promoted", code=p.ErrorCode.BUSY)
+            fb = vol.failback = Failback(self, vol, conn, emit, confirm)
+        return fb.run()
+
+    def status(self) -> dict:
+        store, j = self.store, self.store.journal
+        now = time.time_ns()
+        first, last = j.record(j.first_seq), j.record(j.last_seq)
+        vols = []
+        for vol in sorted(list(store.volumes.values()), key=lambda v: v.name):
+            job = vol.sync
+            sync = job.status() if job is not None else vol.last_sync
+            vols.append(dict(
+                name=vol.name, id=vol.id, owner=vol.owner, state=vol.state.value,
+                size=vol.size, chunk_size=vol.meta["chunk_size"],
+                attached=vol.attached_to is not None, sync=sync,
+                lag_bytes=vol.unapplied_bytes,
+                lag_s=round((now - vol.unapplied_since_ns) / 1e9, 3)
+                if vol.unapplied_since_ns else 0.0,
+                last_ack=fmt_time_ns(vol.last_ack_ns),
+                undo_records=len(vol.undo), replicated_bytes=vol.journaled_bytes,
+                role=vol.role.value,
+                demoted=vol.attached_to is not None and vol.id in vol.attached_to.demoted,
+                degraded=store.health.report(vol.name), last_scrub=vol.last_scrub,
+                failback=vol.failback.status() if vol.failback is not None else None))
+        with self.conn_lock:
+            agents = [c.status() for c in self.connections if c.agent_id is not None
+                      and c.state == ConnState.ESTABLISHED]
+        with self.error_lock:
+            errors = dict(self.errors)
+        return dict(
+            hub_id=store.hub_id, listen="%s:%d" % self.address, tls=self.tls is not None,
+            started=fmt_time_ns(self.started_ns),
+            journal=dict(first_seq=j.first_seq, last_seq=j.last_seq, durable_seq=j.durable_seq,
+                         applied_seq=store.applied_seq, bytes=j.log.total_bytes(),
+                         undo_bytes=store.undo_log.total_bytes(), fdatasyncs=j.fdatasyncs,
+                         commits=j.commits,
+                         oldest=fmt_time_ns(first.time_ns) if first else None,
+                         newest=fmt_time_ns(last.time_ns) if last else None,
+                         span_s=round((last.time_ns - first.time_ns) / 1e9, 3)
+                         if first and last else 0.0,
+                         damage=[dict(file=seglog.path(d["segment"]), start=d["start"],
+                                      end=d["end"], problem=d["problem"], copy=d["copy"])
+                                 for seglog in (j.log, store.undo_log) for d in seglog.damage],
+                         lost_seqs=[seq for seq, _, _ in j.lost]),
+            volumes=vols, agents=sorted(agents, key=lambda a: a["agent_id"]),
+            sessions=self.session_status(), errors=errors,
+            degraded=store.health.report())
+
+    def session_status(self) -> list[dict]:
+        """The open recovery sessions, for ``status``."""
+        with self.session_lock:
+            sessions = [s for s in self.sessions.values() if s is not None]
+        return [dict(volume=s.vol.name, mode=s.mode.name, point=s.point, seq=s.seq,
+                     agent=s.conn.agent_id, address=s.conn.peer, writes=s.writes)
+                for s in sorted(sessions, key=lambda s: s.vol.name)]
+
+    def shutdown(self, grace: float = 30.0) -> None:
+        """Stop accepting, finish frames, make everything durable (the stopping thread)."""
+        if self.listener is None:
+            return
+        log.info("hub stopping: no new connections; finishing current frames")
+        self.stopping.set()
+        for t in self.threads:
+            t.join(timeout=5)
+        self.listener.close()
+        self.store.closing.set()
+        if self.control:
+            self.control.close()
+        if self.metrics:
+            self.metrics.close()
+        with self.conn_lock:
+            conns = list(self.connections)
+        deadline = time.monotonic() + grace
+        for conn in conns:
+            if conn.thread is not None:
+                conn.thread.join(timeout=max(deadline - time.monotonic(), 0.1))
+                if conn.thread.is_alive():
+                    conn.abort("did not finish its frame in time")
+                    conn.thread.join(timeout=5)
+        self.store.close()
+        self.listener = None
+        log.info("hub stopped; journal durable up to seq %d, replicas up to seq %d",
+                 self.store.journal.durable_seq, self.store.applied_seq)
+
+
+# ---------------------------------------------------------------------------
+# Connections
+
+
+class ConnState(enum.Enum):
+    """Phases of an agent connection; ``AgentConnection.set_state`` enforces the order."""
+
+    HANDSHAKE = "handshake"      # TLS, HELLO/HELLO_REPLY/AUTH: only those frames allowed
+    ESTABLISHED = "established"  # AUTH_OK sent: the recv loop dispatches on_<TYPE>
+    CLOSING = "closing"          # stopping: syncs stopped, ACKs flushed, GOODBYE
+    CLOSED = "closed"
+
+
+CONN_TRANSITIONS = {
+    ConnState.HANDSHAKE: {ConnState.ESTABLISHED, ConnState.CLOSING},
+    ConnState.ESTABLISHED: {ConnState.CLOSING},
+    ConnState.CLOSING: {ConnState.CLOSED},
+    ConnState.CLOSED: set(),
+}
+
+
+class ConnectionClosed(Exception):
+    """The peer went away, or the connection is being torn down."""
+
+
+class AgentConnection:
+    """One agent connection: setup (handshake), handle (recv loop), finish.
+
+    The connection thread runs ``run``; only it reads the socket.  ``send``
+    may be called from any thread (acker, sync jobs, heartbeat).
+    """
+
+    def __init__(self, hub: Hub, sock: socket.socket, addr):
+        self.hub = hub
+        self.store = hub.store
+        self.sock = sock
+        self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        self.host = addr[0] if isinstance(addr, tuple) else str(addr)  # per-address limit
+        self.handshake_timeout = hub.handshake_timeout or HANDSHAKE_TIMEOUT
+        self.agent_id: str | None = None
+        self.send_lock = threading.Lock()
+        self.header_buf = bytearray(p.HEADER_SIZE)
+        self.volumes: dict[int, Volume] = {}
+        self.requests = RequestTable()    # the hub's requests and their owners
+        self.outstanding: set[int] = set()  # the agent's requests not answered yet (RP-12)
+        self.legal = None                 # after HELLO_REPLY: what the hub takes (check_legal)
+        self.demoted: dict[int, p.Attach] = {}  # volume id -> its DEMOTED ATTACH
+        self.refused_identity: set[str] = set()  # volumes refused for their disk (VO-8)
+        self.sealed = False      # GOODBYE, or a protocol error's ERROR, went last (LV-2, ER-1)
+        self.sync_lock = threading.Lock()
+        self.jobs: set[SyncJob] = set()
+        self.pings: dict[int, int] = {}
+        self.sessions: dict[int, RecoverySession] = {}  # recovery sessions by id
+        self.session_ids = itertools.count(1)
+        self.rtt_ns: int | None = None
+        self.refusing: str | None = None    # why this stream's records are refused
+        self.features = p.Feature.NONE      # granted in HELLO_REPLY
+        self.last_heartbeat_ns = 0
+        self.last_recv = time.monotonic()   # when the last frame header arrived
+        self.connected_ns = time.time_ns()
+        self.closing = threading.Event()
+        self.acker = Acker(self)
+        self.thread: threading.Thread | None = None
+        self.state = ConnState.HANDSHAKE
+
+    def set_state(self, new: ConnState) -> None:
+        """Move to ``new`` (connection thread); an unexpected move is a bug, said clearly."""
+        if new not in CONN_TRANSITIONS[self.state]:
+            raise RuntimeError(f"connection {self.peer}: cannot go from {self.state.value} "
+                               f"to {new.value}")
+        log.debug("connection %s: %s -> %s", self.peer, self.state.value, new.value)
+        self.state = new
+
+    # -- plumbing --------------------------------------------------------------
+
+    def send(self, msg: p.Message) -> None:
+        """Send one message under the send lock (any thread).  An answer to one
+        of the agent's requests frees its request id before it leaves: the
+        agent may use the id again once it has the answer (RP-12)."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("<-- %s to %s", msg.describe(), self.peer)
+        if msg.TYPE in p.ANSWERS or (msg.TYPE is p.MsgType.ERROR
+                                     and msg.failed_type in p.REQUESTS):
+            self.outstanding.discard(msg.request_id)
+        with self.send_lock:
+            if self.sock is None or self.sealed:
+                raise ConnectionClosed("connection closed")
+            p.send_message(self.sock, msg)
+
+    def track_request(self, msg: p.Message) -> None:
+        """Recv loop: note a request of the agent until its answer is sent.  One
+        whose id is still outstanding is a protocol error (RP-12): its ACK could
+        be taken for the earlier request's, and an ACK decides what the agent
+        may forget."""
+        if msg.request_id in self.outstanding:
+            raise p.BadRequestId(f"{msg.TYPE.name} req={msg.request_id}: an earlier request "
+                                 "with that id is not answered yet (request ids must be "
+                                 "unique among the outstanding ones)")
+        self.outstanding.add(msg.request_id)
+
+    def send_error(self, err: p.ReplicationError) -> None:
+        try:
+            self.send(p.Error.from_exception(err))
+        except (OSError, ConnectionClosed):
+            pass
+
+    def say_goodbye(self, reason: str, code: p.GoodbyeCode) -> None:
+        """End the connection with GOODBYE (any thread): the replies already queued
+        go first, nothing after it (LV-2); then the recv loop ends.  ``code`` goes
+        on the wire where GOODBYE_CODE is granted (LV-5); ``reason`` is for humans."""
+        self.acker.drain(timeout=10)
+        with self.send_lock:
+            if self.sock is not None and not self.sealed:
+                try:
+                    p.send_message(self.sock, p.Goodbye.for_features(self.features,
+                                                                     reason, code))
+                except OSError as err:
+                    log.debug("GOODBYE to %s not sent: %s", self.peer, err)
+            self.sealed = True
+        log.info("connection %s (%s) closed by the hub: %s", self.peer, self.agent_id, reason)
+        self.closing.set()
+        self.abort(reason)
+
+    def abort(self, reason: str) -> None:
+        """Cut the connection now (any thread); the recv loop then ends."""
+        if not self.closing.is_set():
+            log.warning("closing connection %s (%s): %s", self.peer, self.agent_id, reason)
+        self.closing.set()
+        sock = self.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _wait_readable(self, deadline: float | None) -> bool:
+        """Between frames: wait for data, watching the stop flags (connection thread)."""
+        while True:
+            if self.closing.is_set() or self.hub.stopping.is_set():
+                return False
+            if isinstance(self.sock, TLSStream) and self.sock.pending():
+                return True
+            wait = POLL_INTERVAL
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    raise self._handshake_late()
+            ready, _, _ = select.select([self.sock], [], [], wait)
+            if ready:
+                return True
+
+    def _handshake_late(self) -> ConnectionClosed:
+        return ConnectionClosed(f"handshake not done within {self.handshake_timeout:g} s")
+
+    def _read_into(self, view: memoryview, deadline: float | None = None) -> int:
+        """Fill ``view``; short only at EOF.  With a ``deadline`` (the handshake)
+        every recv waits only for what is left of it, so a peer trickling a
+        frame byte by byte is cut off at the deadline too."""
+        got = 0
+        while got < len(view):
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._handshake_late()
+                self.sock.settimeout(left)
+            try:
+                n = self.sock.recv_into(view[got:])
+            except socket.timeout as err:
+                if deadline is None:
+                    raise
+                raise self._handshake_late() from err
+            if n == 0:
+                break
+            got += n
+        return got
+
+    def recv_frame(self, deadline: float | None = None):
+        """Read one frame; return (header, message) or None when stopping or at EOF.
+
+        Raises ProtocolError (close) or RequestError (answer, go on) as
+        ``protocol.decode_body``; once a frame has started it is read to its end.
+        Before AUTH_OK (``deadline`` set: the handshake's) a payload over
+        MAX_HANDSHAKE_PAYLOAD is refused before it is read or allocated [SE-3].
+        """
+        if not self._wait_readable(deadline):
+            return None
+        got = self._read_into(memoryview(self.header_buf), deadline)
+        if got == 0:
+            return None
+        if got < p.HEADER_SIZE:
+            raise p.TruncatedFrame(f"connection closed inside a frame header "
+                                   f"({got} of {p.HEADER_SIZE} bytes)")
+        self.last_recv = time.monotonic()
+        handshake = self.state is ConnState.HANDSHAKE
+        if handshake and self.hub.tls is None and p.looks_like_tls(self.header_buf):
+            raise p.BadMagic("a TLS client connected to a plaintext hub (start the hub with "
+                             "--tls-cert/--tls-key, or drop --tls-ca on the agent)")
+        header = p.parse_header(self.header_buf)
+        if handshake:
+            p.check_handshake_header(header)
+        payload = bytearray(header.payload_length)
+        got = self._read_into(memoryview(payload), deadline)
+        if got < header.payload_length:
+            raise p.TruncatedFrame(f"connection closed inside a payload ({got} of "
+                                   f"{header.payload_length} bytes)")
+        msg = p.decode_body(header, payload, None if handshake else self.legal)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("--> %s from %s", msg.describe(), self.peer)
+        return header, msg
+
+    # -- setup / handle / finish -------------------------------------------------
+
+    def run(self) -> None:
+        """Connection thread."""
+        try:
+            try:
+                established = self.setup()
+            except p.RequestError as err:
+                # Any error in the handshake ends the connection, answered (HS-10, HS-12).
+                log.warning("handshake from %s refused: %s", self.peer, err)
+                self.hub.count_error("handshake")
+                self.send_error(err)
+                established = False
+            if established:
+                self.handle()
+        except Exception as err:  # noqa: BLE001 - one connection never kills the server
+            self.handle_error(err)
+        finally:
+            self.finish()
+
+    def handle_error(self, err: Exception) -> None:
+        if isinstance(err, p.ProtocolError):
+            log.warning("protocol error from %s (%s): %s; closing", self.peer,
+                        self.agent_id, err)
+            self.hub.count_error("protocol")
+            self.send_error(err)
+            with self.send_lock:   # nothing follows it, ACKs still queued included:
+                self.sealed = True  # an ACK after a reused id could be the wrong one's
+        elif isinstance(err, (ConnectionClosed, ConnectionError, socket.timeout,
+                              ssl.SSLError)) or (isinstance(err, OSError) and self.closing.is_set()):
+            if not self.closing.is_set():
+                log.warning("connection %s (%s) lost: %s", self.peer, self.agent_id, err)
+                self.hub.count_error("connection_lost")
+        else:
+            log.error("connection %s (%s) failed: %r", self.peer, self.agent_id, err,
+                      exc_info=err)
+
+    def setup(self) -> bool:
+        """TLS, then HELLO / HELLO_REPLY / AUTH / AUTH_OK, all within the handshake
+        timeout from here (HANDSHAKE_TIMEOUT, ``--handshake-timeout``)."""
+        deadline = time.monotonic() + self.handshake_timeout
+        self.sock.settimeout(self.handshake_timeout)
+        if self.hub.tls is not None:
+            if not self._wait_readable(deadline):
+                return False
+            if self.sock.recv(1, socket.MSG_PEEK) == MAGIC_BYTES[:1]:
+                self._refuse_plaintext_agent(deadline)
+            # The socket's timeout bounds the whole TLS handshake (CPython
+            # counts it from the start of do_handshake), so set what is left.
+            self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            try:
+                tls = self.hub.tls.wrap_socket(self.sock, server_side=True)
+            except socket.timeout as err:
+                raise self._handshake_late() from err
+            self.sock = TLSStream(tls, self.handshake_timeout)
+        item = self.recv_frame(deadline)
+        if item is None:
+            return False
+        hello = self._expect(item, p.Hello)
+        if hello is None:
+            return False
+        if not hello.min_version <= p.VERSION <= hello.max_version:
+            raise_and_close = p.RequestError(
+                f"no common protocol version: agent offers {hello.min_version}.."
+                f"{hello.max_version}, hub speaks {p.SUPPORTED_VERSIONS}",
+                code=p.ErrorCode.VERSION, msg_type=p.MsgType.HELLO)
+            log.warning("%s: %s", self.peer, raise_and_close)
+            self.hub.count_error("handshake")
+            self.send_error(raise_and_close)
+            return False
+        secret = self.hub.agents.get(hello.agent_id)
+        known = secret is not None
+        if not known:  # answer anyway: never reveal which ids exist
+            secret = secrets.token_bytes(32)
+        nonce = secrets.token_bytes(p.NONCE_SIZE)
+        hub_id = self.store.hub_id
+        # VN-3: grant what was offered and is implemented; unknown bits are ignored.
+        self.features = p.Feature(hello.features & HUB_FEATURES)
+        self.legal = p.legality(p.Side.HUB, self.features)
+        self.send(p.HelloReply(version=p.VERSION, features=self.features, nonce=nonce,
+                               hub_id=hub_id,
+                               proof=p.hub_proof(secret, hello.nonce, nonce,
+                                                 hello.agent_id, hub_id)))
+        item = self.recv_frame(deadline)
+        if item is None:
+            return False
+        auth = self._expect(item, p.Auth)
+        if auth is None:
+            return False
+        expected = p.agent_proof(secret, hello.nonce, nonce, hello.agent_id, hub_id)
+        if not (known and p.proof_matches(expected, auth.proof)):
+            log.warning("authentication failed from %s: %s", self.peer,
+                        "unknown agent id %r" % hello.agent_id if not known
+                        else f"wrong proof for agent {hello.agent_id!r}")
+            self.hub.count_error("auth")
+            self.send_error(p.RequestError("authentication failed",
+                                           code=p.ErrorCode.AUTH_FAILED,
+                                           msg_type=p.MsgType.AUTH))
+            return False
+        self.agent_id = hello.agent_id
+        self.send(p.AuthOk())
+        self.set_state(ConnState.ESTABLISHED)
+        self.sock.settimeout(FRAME_TIMEOUT)
+        self.acker.start()
+        self.hub.register(self)
+        log.info("agent %s connected from %s%s", self.agent_id, self.peer,
+                 " (TLS)" if self.hub.tls else "")
+        return True
+
+    def _refuse_plaintext_agent(self, deadline: float) -> None:
+        """A TLS hub's new connection starts with RPL1: an agent without TLS.  Read
+        its HELLO (so closing does not reset the connection before the agent
+        reads the answer) and refuse it in plaintext, which that agent can read."""
+        try:
+            self.recv_frame(deadline)
+        except p.ReplicationError:
+            pass
+        raise p.ProtocolError("the hub expects TLS: use --tls-ca on the agent (a plaintext "
+                              "agent connected to a TLS hub)")
+
+    def _expect(self, item, cls):
+        """During the handshake: the message if it is ``cls``, else answer and None."""
+        _, msg = item
+        if isinstance(msg, cls):
+            return msg
+        if isinstance(msg, (p.Goodbye, p.Error)):
+            log.warning("%s ended the handshake: %s", self.peer, msg.describe())
+            return None
+        err = p.RequestError(f"{msg.TYPE.name} is not allowed before AUTH_OK "
+                             f"(expected {cls.TYPE.name})", code=p.ErrorCode.BAD_PHASE,
+                             request_id=msg.request_id, msg_type=msg.TYPE)
+        log.warning("%s: %s; closing", self.peer, err)
+        self.hub.count_error("handshake")
+        self.send_error(err)
+        return None
+
+    def handle(self) -> None:
+        """The recv loop: one frame at a time, in stream order (connection thread)."""
+        while not self.closing.is_set():
+            msg = None
+            try:
+                item = self.recv_frame()
+                if item is None:
+                    return
+                header, msg = item
+                if msg.TYPE in p.REQUESTS:
+                    self.track_request(msg)
+                handler = HANDLERS[msg.TYPE]     # check_legal let only these through
+                if self.refusing is not None and self.store.writable():
+                    self.say_goodbye(STORAGE_RECOVERED, p.GoodbyeCode.STORAGE_RECOVERED)
+                    return
+                if self.refusing is not None and msg.TYPE in REFUSED_WHILE_DEGRADED:
+                    raise JournalRefused(
+                        f"refused: an earlier record of this connection could not be "
+                        f"journaled ({self.refusing}); this and every later record stay "
+                        "marked at the agent until the hub's storage recovers")
+                handler(self, header, msg)
+            except p.RequestError as err:
+                if msg is not None:
+                    err.request_id = err.request_id or msg.request_id
+                    err.msg_type = err.msg_type or msg.TYPE
+                if not p.may_answer_with_error(err):
+                    # PROTOCOL.md ER-3: no ERROR for these, or two peers could loop.
+                    log.warning("ignoring a bad %s from %s (%s): %s",
+                                p.MsgType(err.msg_type).name, self.peer, self.agent_id, err)
+                    self.hub.count_error("request")
+                    continue
+                if isinstance(err, JournalRefused):  # logged once, by refuse()
+                    log.debug("refused from %s (%s): %s", self.peer, self.agent_id, err)
+                    self.hub.count_error("refused")
+                else:
+                    log.warning("request error from %s (%s): %s", self.peer, self.agent_id, err)
+                    self.hub.count_error("request")
+                self.send_error(err)
+                if msg is None and err.msg_type in SYNC_ANSWERS:
+                    # A refused answer to a sync request (the hub's id space): that sync
+                    # would wait for it forever.
+                    job = self.requests.drop(err.request_id)
+                    if job is not None:
+                        job.give_up(f"its answer to req={err.request_id} was refused: {err}")
+                if isinstance(err, JournalRefused) and self.refusing is None:
+                    self.refuse(str(err))
+
+    # -- the hub's storage fails (PROTOCOL.md RP-10) -----------------------------------
+
+    def refuse(self, reason: str) -> None:
+        """Recv loop: a record of this stream could not be made part of the
+        journal, so no later one may be (stream order, RP-2): refuse them all
+        with ERROR(IO_ERROR) until the hub's storage recovers.  The agent keeps
+        every refused write marked; its syncs stop (their READ_REPLYs would be
+        refused too) and the volumes keep their state.  Once the storage takes
+        records again the hub ends the connection with GOODBYE, so that the
+        agent attaches again and the plan covers everything it kept marked."""
+        self.refusing = reason
+        log.error("agent %s: %s; its records are refused from here on, stay marked at the "
+                  "agent and are resynced when the hub's storage recovers",
+                  self.agent_id, reason)
+        for job in list(self.jobs):
+            job.give_up(f"the hub's storage is degraded ({reason})")
+
+    def finish(self) -> None:
+        """Stop syncs, flush ACKs, detach volumes, close (connection thread)."""
+        self.set_state(ConnState.CLOSING)
+        for job in list(self.jobs):
+            job.stop()
+        if self.agent_id is not None and self.acker.is_alive():
+            self.acker.drain(timeout=30)
+            self.acker.stop()
+        if self.hub.stopping.is_set() and not self.closing.is_set() and self.agent_id:
+            try:
+                self.send(p.Goodbye.for_features(self.features, "hub shutting down",
+                                                 p.GoodbyeCode.SHUTDOWN))
+            except (OSError, ConnectionClosed):
+                pass
+        for job in list(self.jobs):
+            job.join_if_started(timeout=5)
+        for s in list(self.sessions.values()):  # RC-5: a TEST overlay ends with the connection
+            self.hub.close_session(s)
+        for vol in self.volumes.values():
+            if vol.attached_to is self:
+                vol.attached_to = None
+        self.volumes.clear()
+        self.closing.set()
+        with self.send_lock:
+            sock, self.sock = self.sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+        self.hub.unregister(self)
+        self.set_state(ConnState.CLOSED)
+        if self.agent_id:
+            log.info("agent %s from %s disconnected", self.agent_id, self.peer)
+
+    # -- handlers (connection thread) ---------------------------------------------
+
+    def _volume(self, msg, writing: bool = True) -> Volume:
+        """The attached volume ``msg`` names; for ``writing``, refused with ERROR(ROLE)
+        while it is promoted (RC-7), attached DEMOTED included (FB-2)."""
+        vol = self.volumes.get(msg.volume)
+        if vol is None:
+            raise p.RequestError(f"volume id {msg.volume} is not attached on this connection",
+                                 code=p.ErrorCode.NO_SUCH_VOLUME)
+        if writing and vol.role is Role.PROMOTED:
+            raise p.RequestError(f"volume {vol.name} was promoted; writes from the old "
+                                 "protected side are refused"
+                                 + ("; bring it back with rephub.py failback"
+                                    if vol.id in self.demoted else ""),
+                                 code=p.ErrorCode.ROLE)
+        return vol
+
+    def on_ATTACH(self, header, msg: p.Attach) -> None:
+        again = next((v for v in self.volumes.values() if v.name == msg.name), None)
+        if again is not None:   # VO-9: the attachment, and its sync, go on unchanged
+            raise p.RequestError(f"volume {msg.name!r} is already attached on this "
+                                 f"connection as id {again.id}: DETACH it first",
+                                 code=p.ErrorCode.BUSY)
+        vol, created = self.store.open_or_create(msg.name, msg.size, msg.chunk_size,
+                                                 self.agent_id, msg.generation)
+        if created:
+            plan = p.SyncPlan.FULL
+        else:
+            if vol.owner != self.agent_id:
+                raise p.RequestError(f"volume {msg.name!r} belongs to another agent",
+                                     code=p.ErrorCode.NOT_OWNER)
+            if vol.size != msg.size:
+                raise p.InvalidField(f"ATTACH size {msg.size} differs from volume "
+                                     f"{msg.name!r}'s size {vol.size}")
+            if vol.role is Role.PROMOTED:
+                if not self.features & p.Feature.FAILBACK:  # FB-1, RC-7
+                    raise p.RequestError(f"volume {msg.name!r} was promoted",
+                                         code=p.ErrorCode.ROLE)
+                self.attach_demoted(vol, msg)
+                return
+            same_gen = vol.meta["generation"] == bytes(msg.generation).hex()
+            if not same_gen and not vol.meta.get("reseed"):
+                self.refused_identity.add(vol.name)
+                raise p.RequestError(self.other_disk(vol, msg), code=p.ErrorCode.NOT_OWNER)
+            if not vol.meta["full_synced"]:
+                plan = p.SyncPlan.FULL
+            elif (vol.meta.get("pending_plan") == "VERIFY" or not same_gen
+                  or msg.state == p.VolumeState.UNKNOWN):
+                plan = p.SyncPlan.VERIFY
+            elif msg.state == p.VolumeState.CLEAN:
+                plan = p.SyncPlan.NONE
+            else:
+                plan = p.SyncPlan.DIRTY
+            plan = max(plan, owed_plan(vol))   # a sync that did not finish is redone (SY-1)
+        with vol.attach_lock:   # one connection at a time has the volume (VO-7)
+            if self.take_over(vol) and plan < p.SyncPlan.VERIFY:
+                plan = p.SyncPlan.VERIFY   # two live hosts, one agent id: trust no bitmap
+            vol.update(generation=bytes(msg.generation).hex(), chunk_size=msg.chunk_size,
+                       reseed=False)
+            if plan == p.SyncPlan.NONE and vol.state != VolState.CONSISTENT:
+                vol.update(state=VolState.CONSISTENT.value, pending_plan=None)
+            self.volumes[vol.id] = vol
+            vol.attached_to = self
+            log.info("volume %s attached by %s (agent state %s): plan %s", vol.name,
+                     self.agent_id, msg.state.name, plan.name)
+            job = self.start_sync(vol, plan, start=False) if plan != p.SyncPlan.NONE else None
+        self.send(p.Attached(request_id=msg.request_id, volume=vol.id, plan=plan))
+        if job is not None:
+            job.start()  # its READs follow ATTACHED on the wire
+
+    def other_disk(self, vol: Volume, msg: p.Attach) -> str:
+        """Why an ATTACH with another generation than the volume's is refused
+        (VO-8): it names another disk, or this disk with its agent state lost;
+        only the operator can tell, and ``rephub.py reseed`` says which."""
+        known, offered = vol.meta["generation"][:8], bytes(msg.generation).hex()[:8]
+        where = (f"; the volume is attached from {vol.attached_to.peer}"
+                 if vol.attached_to is not None and not vol.attached_to.closing.is_set() else "")
+        log.warning("volume %s: agent %s from %s offers disk identity %s, the hub knows %s%s: "
+                    "refused (rephub.py reseed %s accepts it)", vol.name, self.agent_id,
+                    self.peer, offered, known, where, vol.name)
+        return (f"volume {vol.name!r} is bound to another disk (identity {known}..., this "
+                f"agent's is {offered}...{where}): a cloned host or a copied configuration? "
+                f"If this disk replaces it, or this agent lost its state directory, run "
+                f"`rephub.py reseed {vol.name}` on the hub")
+
+    def attach_demoted(self, vol: Volume, msg: p.Attach) -> None:
+        """ATTACHED(plan DEMOTED) for a promoted volume, to an agent that offered
+        FAILBACK (FB-1): no sync, its writes refused (FB-2), but ``rephub.py
+        failback`` may bring the volume home through it.  The ATTACH's state and
+        generation say whether its dirty map can be trusted then."""
+        with vol.attach_lock:
+            self.take_over(vol)
+            self.volumes[vol.id] = vol
+            self.demoted[vol.id] = msg
+            vol.attached_to = self
+        log.warning("volume %s attached DEMOTED by %s (agent state %s): it was promoted at "
+                    "the recovery site; its writes are refused until rephub.py failback "
+                    "brings it back", vol.name, self.agent_id, msg.state.name)
+        self.send(p.Attached(request_id=msg.request_id, volume=vol.id, plan=p.SyncPlan.DEMOTED))
+
+    def take_over(self, vol: Volume) -> bool:
+        """Under ``vol.attach_lock``, before attaching ``vol`` here: detach it from
+        the connection that has it (its sync stops and can no longer end, its
+        answers are dropped); that connection ends if nothing is left on it.
+        True if it was alive: an agent restarted while its old connection
+        lingers, or two hosts run with one agent id."""
+        old = vol.attached_to
+        if old is None or old is self:
+            return False
+        alive = not old.closing.is_set()
+        if alive:
+            log.warning("volume %s: attached by agent %s from %s while its connection from %s "
+                        "still has it (a restarted agent, or two hosts with one agent id?): "
+                        "that attachment ends and the volume is verified", vol.name,
+                        self.agent_id, self.peer, old.peer)
+        old.detach_volume(vol, join=False)
+        if alive and not old.volumes and not old.sessions:
+            old.abort(f"volume {vol.name} was attached by another connection of agent "
+                      f"{self.agent_id} from {self.peer}")
+        return alive
+
+    def detach_volume(self, vol: Volume, join: bool = True) -> None:
+        """Forget ``vol`` on this connection and stop its sync (any thread)."""
+        with self.sync_lock:
+            job = vol.sync if vol.sync is not None and vol.sync.conn is self else None
+        if job is not None:
+            job.stop()
+            if join:
+                job.join_if_started(timeout=5)
+        self.volumes.pop(vol.id, None)
+        self.demoted.pop(vol.id, None)
+        if vol.attached_to is self:
+            vol.attached_to = None
+
+    def on_DETACH(self, header, msg) -> None:
+        vol = self._volume(msg, writing=False)
+        self.detach_volume(vol)
+        log.info("volume %s detached by %s", vol.name, self.agent_id)
+        self.acker.after(self.store.journal.last_seq, p.Ack(request_id=msg.request_id))
+
+    def on_WRITE(self, header, msg: p.Write) -> None:
+        vol = self._volume(msg)
+        p.check_range(msg.offset, msg.length, vol.size, "WRITE")
+        rec = self.store.append_data(vol, msg.offset, msg.length, msg.data, header.payload_crc)
+        self.acker.after(rec.seq, p.Ack(request_id=msg.request_id), vol_acked(vol))
+
+    def on_ZERO(self, header, msg: p.Zero) -> None:
+        vol = self._volume(msg)
+        p.check_range(msg.offset, msg.length, vol.size, "ZERO")
+        rec = self.store.append_data(vol, msg.offset, msg.length, None)
+        self.acker.after(rec.seq, p.Ack(request_id=msg.request_id), vol_acked(vol))
+
+    def on_FLUSH(self, header, msg) -> None:
+        self.acker.after(self.store.journal.last_seq, p.Ack(request_id=msg.request_id))
+
+    def on_CHECKPOINT(self, header, msg: p.Checkpoint) -> None:
+        rec = self.store.append_checkpoint(self.agent_id, msg.name)
+        log.info("checkpoint %r of agent %s at seq %d", msg.name, self.agent_id, rec.seq)
+        self.acker.after(rec.seq, p.Ack(request_id=msg.request_id))
+
+    def _job_for(self, msg, what: str) -> Requester:
+        job = self.requests.owner(msg.request_id)
+        if job is None:
+            raise p.InvalidField(f"{msg.TYPE.name} req={msg.request_id} answers no "
+                                 f"outstanding {what}")
+        return job
+
+    def on_READ_REPLY(self, header, msg: p.ReadReply) -> None:
+        self._job_for(msg, "READ").on_read_reply(header, msg)
+
+    def on_DIRTY_MAP(self, header, msg: p.DirtyMap) -> None:
+        if msg.request_id == 0 and self.refusing is not None:
+            return  # refused writes: the plan at the next ATTACH covers them (RP-10)
+        if msg.request_id == 0:  # regions the agent could not stream: resync them
+            vol = self._volume(msg)
+            for off, n in msg.extents:
+                p.check_range(off, n, vol.size, "DIRTY_MAP extent")
+            log.info("agent %s reports %d unsent regions of %s; resyncing them",
+                     self.agent_id, len(msg.extents), vol.name)
+            if msg.extents:
+                self.start_sync(vol, p.SyncPlan.DIRTY, list(msg.extents))
+            return
+        self._job_for(msg, "DIRTY_QUERY").on_reply(msg, self.store.journal.last_seq)
+
+    def on_EXTENTS(self, header, msg: p.Extents) -> None:
+        self._job_for(msg, "EXTENT_QUERY").on_extents(msg)
+
+    def on_CHECKSUMS(self, header, msg: p.Checksums) -> None:
+        # Every frame received before this one is journaled: compare with that state.
+        self._job_for(msg, "CHECKSUM_QUERY").on_reply(msg, self.store.journal.last_seq)
+
+    def on_PING(self, header, msg: p.Ping) -> None:
+        self.send(p.Pong(request_id=msg.request_id, echo_ns=msg.sent_ns,
+                         responder_ns=time.time_ns()))
+
+    def on_PONG(self, header, msg: p.Pong) -> None:
+        sent = self.pings.pop(msg.request_id, None)
+        if sent is not None:
+            self.rtt_ns = time.monotonic_ns() - sent
+            self.last_heartbeat_ns = time.time_ns()
+
+    def on_ACK(self, header, msg: p.Ack) -> None:
+        owner = self.requests.owner(msg.request_id)
+        if owner is None:
+            log.warning("agent %s sent an ACK for req=%d, which the hub did not ask: ignored",
+                        self.agent_id, msg.request_id)
+            return
+        owner.on_ack(msg)
+
+    def on_ERROR(self, header, msg: p.Error) -> None:
+        job = self.requests.owner(msg.request_id)
+        if job is not None:
+            job.on_error(msg)
+        else:
+            log.warning("agent %s reports: %s", self.agent_id, msg.describe())
+
+    def on_GOODBYE(self, header, msg: p.Goodbye) -> None:
+        log.info("agent %s says goodbye: %s", self.agent_id, msg.reason)
+        self.closing.set()
+
+    # -- recovery sessions (connection thread; PROTOCOL.md "Recovery") -------------
+
+    def _session(self, msg) -> RecoverySession:
+        s = self.sessions.get(msg.volume)
+        if s is None:
+            raise p.RequestError(f"session id {msg.volume} is not open on this connection",
+                                 code=p.ErrorCode.NO_SUCH_VOLUME)
+        return s
+
+    def on_RECOVER_OPEN(self, header, msg: p.RecoverOpen) -> None:
+        s = self.hub.open_session(self, msg.mode, msg.name, msg.point)
+        self.send(p.RecoverReady(request_id=msg.request_id, volume=s.id, size=s.vol.size,
+                                 point_time_ns=s.time_ns))
+
+    def on_RREAD(self, header, msg: p.RRead) -> None:
+        s = self._session(msg)
+        p.check_range(msg.offset, msg.length, s.vol.size, "RREAD")
+        data = s.read(msg.offset, msg.length)
+        if data is None:
+            reply = p.RReadReply(request_id=msg.request_id, volume=msg.volume,
+                                 offset=msg.offset, length=msg.length, flags=p.FLAG_ZERO)
+        else:
+            reply = p.RReadReply(request_id=msg.request_id, volume=msg.volume,
+                                 offset=msg.offset, length=msg.length, data=data)
+        self.send(reply)
+
+    def on_RWRITE(self, header, msg: p.RWrite) -> None:
+        s = self._session(msg)
+        p.check_range(msg.offset, msg.length, s.vol.size, "RWRITE")
+        seq = s.write(msg.offset, msg.length, None if msg.is_zero else msg.data,
+                      None if msg.is_zero else header.payload_crc)
+        self.acker.after(seq, p.Ack(request_id=msg.request_id))  # RC-4: once durable
+
+    def on_RFLUSH(self, header, msg: p.RFlush) -> None:
+        self.acker.after(self._session(msg).flush_seq(), p.Ack(request_id=msg.request_id))
+
+    def on_RECOVER_CLOSE(self, header, msg: p.RecoverClose) -> None:
+        seq = self.hub.close_session(self._session(msg))
+        self.acker.after(seq, p.Ack(request_id=msg.request_id))
+
+    # -- sync and liveness (any thread) ------------------------------------------
+
+    def start_sync(self, vol: Volume, plan: p.SyncPlan, extents=None,
+                   start: bool = True) -> SyncJob | None:
+        """Start a sync job for ``vol`` (its state is persisted first), or add
+        ``extents`` to the one running; return the new job, else None.
+
+        A new job covers at least what an earlier one that did not finish owed
+        (SY-1): a DIRTY job for a few reported ``extents`` becomes that plan in
+        full (the agent still has those extents marked, so the plan covers them)."""
+        with vol.attach_lock, self.sync_lock:
+            job = vol.sync
+            if job is not None and job.conn is self and job.add_extents(extents):
+                return None
+            owed = owed_plan(vol)
+            if owed > plan or (owed == plan and extents is not None):
+                log.info("volume %s: an earlier %s sync did not finish; redoing it in full",
+                         vol.name, owed.name)
+                plan, extents = owed, None
+            job = SyncJob(self, vol, plan, extents)
+            vol.sync = job
+            self.jobs.add(job)
+            job.begin()
+        if start:
+            job.start()
+        return job
+
+    def ping(self) -> None:
+        """Heartbeat thread: send a PING; on_PONG measures the round trip."""
+        req = self.requests.new_id()
+        self.pings = {k: v for k, v in self.pings.items()
+                      if time.monotonic_ns() - v < 60e9}
+        self.pings[req] = time.monotonic_ns()
+        self.send(p.Ping(request_id=req, sent_ns=time.time_ns()))
+
+    def status(self) -> dict:
+        return dict(agent_id=self.agent_id, address=self.peer, state=self.state.value,
+                    connected_since=fmt_time_ns(self.connected_ns),
+                    connected_since_ns=self.connected_ns,
+                    rtt_ms=None if self.rtt_ns is None else round(self.rtt_ns / 1e6, 3),
+                    last_heartbeat=fmt_time_ns(self.last_heartbeat_ns),
+                    volumes=sorted(v.name for v in self.volumes.values()))
+
+
+#: The GOODBYE to a connection whose records were refused, once they can be taken.
+STORAGE_RECOVERED = "the hub's storage recovered: attach again to resync the refused writes"
+#: What a connection whose stream the journal refused refuses too (RP-10).
+REFUSED_WHILE_DEGRADED = frozenset({
+    p.MsgType.WRITE, p.MsgType.ZERO, p.MsgType.CHECKPOINT, p.MsgType.READ_REPLY,
+    p.MsgType.EXTENTS, p.MsgType.ATTACH})
+
+
+def owed_plan(vol: Volume) -> p.SyncPlan:
+    """The sync a volume still owes: the plan of one that began and did not
+    finish (FULL until the first full sync completes), NONE when consistent."""
+    if not vol.meta["full_synced"]:
+        return p.SyncPlan.FULL
+    if vol.state == VolState.CONSISTENT or not vol.meta.get("pending_plan"):
+        return p.SyncPlan.NONE
+    return p.SyncPlan[vol.meta["pending_plan"]]
+
+
+def vol_acked(vol: Volume):
+    def done():
+        vol.last_ack_ns = time.time_ns()
+    return done
+
+
+HANDLERS = {t: getattr(AgentConnection, f"on_{t.name}")
+            for t in p.MsgType if hasattr(AgentConnection, f"on_{t.name}")}
+
+
+class RequestTable:
+    """The hub's requests outstanding on one connection, by id, and their owners.
+
+    Owners add and drop their own from their threads (sync jobs, fail-back);
+    the connection thread looks answers up.  Ids come from the same table, so
+    none is reused while the connection lives (RP-7).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._owners: dict[int, Requester] = {}
+
+    def new_id(self) -> int:
+        with self._lock:
+            return next(self._ids)
+
+    def add(self, req: int, owner: Requester) -> None:
+        """Before the request is sent: its answer may come at once."""
+        with self._lock:
+            self._owners[req] = owner
+
+    def owner(self, req: int) -> Requester | None:
+        with self._lock:
+            return self._owners.get(req)
+
+    def drop(self, req: int) -> Requester | None:
+        with self._lock:
+            return self._owners.pop(req, None)
+
+    def drop_all(self, reqs) -> None:
+        with self._lock:
+            for req in reqs:
+                self._owners.pop(req, None)
+
+
+class Requester:
+    """What owns requests the hub sends an agent (a SyncJob, a Failback).
+
+    The connection thread hands each answer to the owner of its request id
+    in the connection's ``RequestTable``.  An owner overrides the answers its
+    requests get; any other kind names no request of its type (ER-7), so the
+    defaults refuse it, and an unasked ACK is dropped (ER-3).
+    """
+
+    def on_read_reply(self, header, msg: p.ReadReply) -> None:
+        raise p.InvalidField(f"READ_REPLY req={msg.request_id} answers no outstanding READ")
+
+    def on_reply(self, msg, barrier_seq: int) -> None:
+        raise p.InvalidField(f"{msg.TYPE.name} req={msg.request_id} answers no outstanding "
+                             "query of its type")
+
+    def on_extents(self, msg: p.Extents) -> None:
+        raise p.InvalidField(f"EXTENTS req={msg.request_id} answers no outstanding "
+                             "EXTENT_QUERY")
+
+    def on_ack(self, msg: p.Ack) -> None:
+        log.warning("ACK for req=%d, which asked for no ACK: ignored", msg.request_id)
+
+    def on_error(self, msg: p.Error) -> None:
+        raise NotImplementedError
+
+    def give_up(self, why: str) -> None:
+        """The hub refused the agent's answer to one of our requests (``why``)."""
+        raise NotImplementedError
+
+
+class Acker(threading.Thread):
+    """Per connection: sends each reply once the journal is durable past its seq.
+
+    Replies queued with ``after`` leave in the order they were queued (the
+    recv loop queues them in stream order), so ACKs follow stream order.
+    """
+
+    def __init__(self, conn: AgentConnection):
+        super().__init__(name=f"acker-{conn.peer}", daemon=True)
+        self.conn = conn
+        self.journal = conn.hub.store.journal
+        self.items: collections.deque = collections.deque()
+        self.cond = threading.Condition()
+        self.stop_event = threading.Event()
+
+    def after(self, seq: int, msg: p.Message | None, callback=None) -> None:
+        """Queue ``msg`` (and/or ``callback``) for when ``seq`` is durable (recv loop)."""
+        with self.cond:
+            self.items.append((seq, msg, callback))
+            self.cond.notify_all()
+
+    def run(self) -> None:
+        """Acker thread."""
+        try:
+            while True:
+                with self.cond:
+                    while not self.items and not self.stop_event.is_set():
+                        self.cond.wait(0.5)
+                    if not self.items:
+                        return
+                    seq = self.items[0][0]
+                if not self.journal.wait_durable(seq, timeout=0.5):
+                    if self.journal.failed:
+                        self.conn.abort("journal failed: cannot make writes durable")
+                        return
+                    continue
+                durable = self.journal.durable_seq
+                with self.cond:
+                    ready = []
+                    while self.items and self.items[0][0] <= durable:
+                        ready.append(self.items.popleft())
+                    self.cond.notify_all()
+                for _, msg, callback in ready:
+                    if msg is not None:
+                        self.conn.send(msg)
+                    if callback is not None:
+                        callback()
+        except (OSError, ConnectionClosed) as err:
+            log.debug("acker for %s stops: %s", self.conn.peer, err)
+            self.conn.abort(f"send failed: {err}")
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every queued reply was sent (stopping thread)."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self.items and self.is_alive():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self.cond.wait(min(remaining, 0.2))
+        return not self.items
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        with self.cond:
+            self.cond.notify_all()
+        self.join(timeout=5)
+
+
+class TLSStream:
+    """A TLS connection shared by a reader and senders, one OpenSSL call at a time.
+
+    OpenSSL forbids SSL_read and SSL_write on one connection from two threads
+    at once (CPython's SSLSocket does not serialise them either).  The socket
+    is made non-blocking; each call holds ``lock`` only for the call itself and
+    waits for readiness with select outside it, so the recv loop waiting for
+    the next frame never stalls the acker's sends.  Offers the few socket
+    methods the hub and ``protocol.send_message``/``recv_message`` use.
+    """
+
+    def __init__(self, sock: ssl.SSLSocket, timeout: float):
+        sock.setblocking(False)
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.timeout = timeout
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def pending(self) -> int:
+        with self.lock:
+            return self.sock.pending()
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.timeout = FRAME_TIMEOUT if timeout is None else timeout
+
+    def _wait(self, want: str, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout(f"TLS peer made no progress for {self.timeout:.0f} s")
+        fd = [self.sock.fileno()]
+        try:
+            select.select(fd if want == "r" else [], fd if want == "w" else [], [],
+                          min(remaining, POLL_INTERVAL))
+        except ValueError as err:   # fd -1: closed by another thread (stop, abort)
+            raise OSError(errno.EBADF, "TLS connection closed") from err
+
+    def recv_into(self, view) -> int:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            with self.lock:
+                try:
+                    return self.sock.recv_into(view)
+                except ssl.SSLWantReadError:
+                    want = "r"
+                except ssl.SSLWantWriteError:
+                    want = "w"
+                except ssl.SSLZeroReturnError:
+                    return 0
+            self._wait(want, deadline)
+
+    def sendall(self, data) -> None:
+        view = memoryview(data).cast("B")
+        deadline = time.monotonic() + self.timeout
+        while len(view):
+            with self.lock:
+                try:
+                    n = self.sock.send(view)
+                    view = view[n:]
+                    deadline = time.monotonic() + self.timeout
+                    continue
+                except ssl.SSLWantWriteError:
+                    want = "w"
+                except ssl.SSLWantReadError:
+                    want = "r"
+            self._wait(want, deadline)
+
+    def sendmsg(self, parts):
+        raise NotImplementedError("TLS: send_message falls back to sendall")
+
+    def shutdown(self, how: int) -> None:
+        socket.socket.shutdown(self.sock, how)  # the TCP socket; never touch the SSL object
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class LogThrottle:
+    """One WARNING per ``interval`` for each kind of trouble, saying how many like
+    it were held back meanwhile: a flood of peers or a lasting shortage of
+    descriptors gives a few lines, not one per attempt.  One thread uses it."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.last: dict[str, float] = {}
+        self.held: collections.Counter[str] = collections.Counter()
+
+    def warning(self, kind: str, fmt: str, *args) -> None:
+        now = time.monotonic()
+        if kind in self.last and now - self.last[kind] < self.interval:
+            self.held[kind] += 1
+            return
+        self.last[kind] = now
+        held = self.held.pop(kind, 0)
+        log.warning(fmt + (f" ({held} more like it in the last {self.interval:g} s)"
+                           if held else ""), *args)
+
+
+class RateLimiter:
+    """Token bucket shared by every sync (``--sync-rate`` bytes/s; 0 = unlimited)."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self.lock = threading.Lock()
+        self.next_free = time.monotonic()
+
+    def acquire(self, n: int, stop: threading.Event) -> None:
+        if self.rate <= 0:
+            return
+        with self.lock:
+            now = time.monotonic()
+            start = max(self.next_free, now)
+            self.next_free = start + n / self.rate
+        if start > now:
+            stop.wait(start - now)
+
+
+# ---------------------------------------------------------------------------
+# Agents file
+
+
+def check_secret_file_mode(path: str, st: os.stat_result) -> None:
+    """Refuse a file of secrets that group or others may access (as ssh does for keys)."""
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise StoreError(f"agents file {path} has mode {mode:04o}: it holds agent secrets, "
+                         "so it must not be accessible by group or others "
+                         f"(fix: chmod 600 {path})")
+
+
+def load_agents(path: str) -> dict[str, bytes]:
+    """``AGENT_ID SECRET_HEX [recover=OWNER,...]`` per line; '#' starts a comment."""
+    return parse_agents(path)[0]
+
+
+def parse_agents(path: str) -> tuple[dict[str, bytes], dict[str, set[str]]]:
+    """The agents file: secrets, and whose volumes each agent may recover
+    (``recover=OWNER,...``; ``recover=*``: every volume) besides its own."""
+    agents, rights = {}, {}
+    with open(path, encoding="utf-8") as f:
+        check_secret_file_mode(path, os.fstat(f.fileno()))
+        for lineno, line in enumerate(f, 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            try:
+                agent_id, secret, *options = line.split()
+                p.validate_name(agent_id, "agent id")
+                agents[agent_id] = p.parse_secret(secret)
+                for opt in options:
+                    key, _, value = opt.partition("=")
+                    if key != "recover" or not value:
+                        raise ValueError(f"unknown option {opt!r}, expected recover=OWNER,...")
+                    rights.setdefault(agent_id, set()).update(value.split(","))
+            except (ValueError, p.ReplicationError) as err:
+                raise StoreError(f"{path}:{lineno}: expected 'AGENT_ID SECRET_HEX "
+                                 f"[recover=OWNER,...]': {err}") from err
+    return agents, rights
+
+
+def add_agent(path: str, agent_id: str, recover_for=()) -> str:
+    """Add an agent with a fresh secret to the agents file (mode 0600); return the secret.
+
+    ``recover_for``: owners whose volumes it may open recovery sessions on."""
+    p.validate_name(agent_id, "agent id")
+    for owner in recover_for:
+        if owner != "*":
+            p.validate_name(owner, "--recover-for agent id")
+    lines = []
+    if os.path.exists(path):
+        if agent_id in load_agents(path):
+            raise StoreError(f"agent {agent_id!r} is already in {path}")
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    secret = secrets.token_hex(32)
+    lines.append(f"{agent_id} {secret}" + (f" recover={','.join(recover_for)}"
+                                           if recover_for else ""))
+    atomic_write(path, ("\n".join(lines) + "\n").encode(), mode=0o600)
+    os.chmod(path, 0o600)
+    return secret
+
+
+class AgentsFile:
+    """The agents file, re-read when it changes (add-agent works while the hub runs)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.stamp = None
+        self.agents: dict[str, bytes] = {}
+        self.lock = threading.Lock()
+        self.get("")  # fail early on a bad file
+
+    def get(self, agent_id: str) -> bytes | None:
+        with self.lock:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if stamp != self.stamp:
+                self.agents, self.rights = parse_agents(self.path)
+                self.stamp = stamp
+            return self.agents.get(agent_id)
+
+    def may_recover(self, agent_id: str, owner: str) -> bool:
+        """May ``agent_id`` open recovery sessions on ``owner``'s volumes?"""
+        self.get(agent_id)
+        allowed = self.rights.get(agent_id, set())
+        return agent_id == owner or owner in allowed or "*" in allowed
+
+
+# ---------------------------------------------------------------------------
 # Segment logs: the journal and the undo log share this format
+
+
+class Journal:
+    """The hub's one journal: every WRITE/ZERO/READ_REPLY/CHECKPOINT, in stream order.
+
+    ``append`` (recv loops, under ``lock``) gives each record the next global
+    sequence number; ``wait_durable`` blocks until the committer thread has
+    fdatasync'ed past it.  Group commit: the committer takes everything
+    appended so far, runs one fdatasync, and wakes every waiter it covered.
+    """
+
+    def __init__(self, directory: str, segment_bytes: int = SEGMENT_BYTES,
+                 health: Health | None = None):
+        self.log = SegmentLog(directory, "journal", segment_bytes)
+        self.health = health or Health()
+        self.lock = threading.Lock()
+        self.durable_cond = threading.Condition(threading.Lock())
+        self.records: list[Record] = []   # records[seq - first_seq]
+        self.first_seq = 1
+        self.last_seq = 0          # appended
+        self.durable_seq = 0       # fdatasync'ed
+        self.last_time_ns = 0
+        self.checkpoints: list[tuple[int, int, str, str]] = []  # (seq, time, agent, name)
+        self.lost: list[tuple[int, int | None, dict]] = []  # (seq, volume id, damage)
+        self.commits = 0           # fdatasync rounds of the committer
+        self.failed: BaseException | None = None
+        self.stop_event = threading.Event()
+        self.committer: threading.Thread | None = None
+
+    def open(self, start_seq: int = 1) -> None:
+        """Load the records; ``start_seq`` is the next seq if the journal is empty."""
+        self.records = []
+        scanned = self.log.open()
+        damaged_after = {d["after_seq"]: d for d in self.log.damage}
+        for rec in scanned:
+            after = self.records[-1].seq if self.records else None
+            if self.records:
+                expected = after + 1
+            elif None in damaged_after:   # damage first: a segment is named by its first seq
+                expected = damaged_after[None]["segment"]
+            else:
+                expected = start_seq
+            if rec.seq != expected and (after in damaged_after and rec.seq > expected):
+                self.records.extend(self._lost(expected, rec.seq, damaged_after[after],
+                                               rec.time_ns))
+            elif rec.seq != expected and self.records:
+                raise StoreError(f"journal seq jumps from {after} to {rec.seq} "
+                                 f"(segment {self.log.path(rec.segment)})")
+            self.records.append(rec)
+        # Damage at the end of an older segment: the next one's name is its first seq.
+        segments = self.log.segments()
+        after = self.records[-1].seq if self.records else None
+        expected = after + 1 if self.records else start_seq
+        if (after in damaged_after and segments and segments[-1] > expected
+                and damaged_after[after]["segment"] != segments[-1]):
+            self.records.extend(self._lost(expected, segments[-1], damaged_after[after],
+                                           self.records[-1].time_ns if self.records else 0))
+        if self.records:
+            self.first_seq = self.records[0].seq
+            self.last_seq = self.records[-1].seq
+            self.last_time_ns = self.records[-1].time_ns
+        else:
+            self.first_seq = start_seq
+            self.last_seq = start_seq - 1
+        self.durable_seq = self.last_seq
+        for rec in self.records:
+            if rec.kind == RecordKind.CHECKPOINT:
+                agent, name = decode_checkpoint(self.log.read_payload(rec))
+                self.checkpoints.append((rec.seq, rec.time_ns, agent, name))
+
+    def _lost(self, first: int, end: int, damage: dict, time_ns: int) -> list[Record]:
+        """Stand-ins for records ``first`` .. ``end - 1`` lost to damage at rest: they
+        keep the seqs in order and are never applied (``lost`` lists them)."""
+        out = []
+        for seq in range(first, end):
+            volume = damage["volume"] if damage["seq"] == seq else None
+            self.lost.append((seq, volume, damage))
+            out.append(Record(seq, time_ns, RecordKind.LOST, 0, volume or 0, 0, 0, 0, 0,
+                              damage["segment"], -1))
+        return out
+
+    def start(self) -> None:
+        self.committer = threading.Thread(target=self._commit_loop, name="journal-committer",
+                                          daemon=True)
+        self.committer.start()
+
+    def append(self, kind: RecordKind, volume: int, offset: int, length: int,
+               parts: list = (), payload_crc: int | None = None, flags: int = 0,
+               check=None) -> Record:
+        """Append one record; return it (not yet durable).  Any thread.
+
+        ``check`` runs under the journal lock first and may refuse the record.
+        A record that cannot be written is not in the journal at all (the
+        segment is cut back to its start): JournalRefused, and the journal
+        refuses every record until the storage watcher clears the fault."""
+        if self.failed:
+            raise JournalRefused(f"hub journal failed: {self.failed}")
+        with self.lock:
+            if check is not None:
+                check()
+            fault = self.health.journal_fault()
+            if fault is not None:
+                raise JournalRefused(f"hub storage degraded ({fault}): record not journaled")
+            seq = self.last_seq + 1
+            now = max(time.time_ns(), self.last_time_ns)
+            try:
+                rec = self.log.append(seq, kind, flags, now, volume, offset, length,
+                                      list(parts), payload_crc)
+            except OSError as err:
+                self.health.fail(journal_fault_of(err), f"append of seq {seq} failed: {err}")
+                raise JournalRefused(f"hub journal append failed: {err}") from err
+            self.records.append(rec)
+            self.last_seq = seq
+            self.last_time_ns = now
+            if kind == RecordKind.CHECKPOINT:
+                agent, name = decode_checkpoint(b"".join(bytes(x) for x in parts))
+                self.checkpoints.append((seq, now, agent, name))
+        with self.durable_cond:
+            self.durable_cond.notify_all()
+        return rec
+
+    def _commit_loop(self) -> None:
+        """Committer thread: one fdatasync per round covers every record appended so far."""
+        while True:
+            with self.durable_cond:
+                while self.durable_seq >= self.last_seq and not self.stop_event.is_set():
+                    self.durable_cond.wait(0.5)
+                if self.durable_seq >= self.last_seq and self.stop_event.is_set():
+                    return
+            with self.lock:
+                target = self.last_seq
+                work = self.log.take_sync_work()
+            try:
+                self.log.do_sync(work)
+            except OSError as err:
+                # Whether the records since the last commit reached the disk is
+                # unknown: none of them is ever acknowledged.
+                self.health.fail(Fault.JOURNAL_IO, f"fdatasync failed: {err}; no further "
+                                 "record is acknowledged until the hub restarts")
+                self.failed = err
+                with self.durable_cond:
+                    self.durable_cond.notify_all()
+                return
+            with self.durable_cond:
+                self.durable_seq = target
+                self.commits += 1
+                self.durable_cond.notify_all()
+
+    def wait_durable(self, seq: int, timeout: float | None = None) -> bool:
+        """Block until record ``seq`` is durable; False on timeout or journal failure."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.durable_cond:
+            while self.durable_seq < seq:
+                if self.failed:
+                    return False
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self.durable_cond.wait(remaining if remaining is not None else 1.0)
+            return True
+
+    def fence(self, change) -> int:
+        """Run ``change()`` under the append lock and return the last seq appended.
+
+        Every later ``append`` runs its ``check`` after ``change``, so a state
+        ``change`` sets (a promotion, a fail-back's fence) that the check
+        refuses holds for every record after the seq returned.  ``change``
+        is in-memory work only: every append waits for it."""
+        with self.lock:
+            change()
+            return self.last_seq
+
+    def resume(self) -> None:
+        """Take records again after a storage fault (the storage watcher): a
+        segment a failed append left broken is first cut back to its last
+        whole record.  OSError if that still fails (the fault stays)."""
+        with self.lock:
+            if self.log.broken is not None:
+                self.log.repair()
+            for fault in JOURNAL_FAULTS:
+                self.health.clear(fault)
+
+    def drop_segment(self, seg: int, nxt: int) -> None:
+        """Retention: forget the records before ``nxt`` and delete segment
+        ``seg``, which holds them (``nxt`` is the next segment's first seq)."""
+        with self.lock:
+            del self.records[:max(nxt - self.first_seq, 0)]
+            self.first_seq = nxt
+            self.checkpoints = [c for c in self.checkpoints if c[0] >= nxt]
+            self.log.delete_segment(seg)
+
+    def seq_at_time(self, t_ns: int) -> int | None:
+        """The last durable seq at time ``t_ns``: the last record stamped at or
+        before it (the durable end if that is the newest); None if ``t_ns`` is
+        before the oldest record."""
+        with self.lock:
+            times = [r.time_ns for r in self.records]
+            i = bisect.bisect_right(times, t_ns)
+            if i == 0:
+                return None
+            return self.records[i - 1].seq if i < len(times) else self.durable_seq
+
+    def record(self, seq: int) -> Record | None:
+        with self.lock:
+            i = seq - self.first_seq
+            return self.records[i] if 0 <= i < len(self.records) else None
+
+    def records_between(self, after: int, upto: int, max_count: int) -> list[Record]:
+        with self.lock:
+            lo = max(after + 1 - self.first_seq, 0)
+            hi = min(upto - self.first_seq + 1, lo + max_count, len(self.records))
+            return self.records[lo:hi]
+
+    @property
+    def fdatasyncs(self) -> int:
+        return self.log.fdatasyncs
+
+    def stop(self) -> None:
+        """Make everything durable and stop the committer (the stopping thread).
+
+        The segments stay open for reading: the applier may still be copying."""
+        self.stop_event.set()
+        with self.durable_cond:
+            self.durable_cond.notify_all()
+        if self.committer:
+            self.committer.join(timeout=30)
+
+    def close(self) -> None:
+        """Close the segment files (after ``stop``, once the applier is done)."""
+        with self.lock:
+            self.log.close()
 
 
 @dataclasses.dataclass(slots=True)
@@ -607,11 +2476,16 @@ class Record:
         return self.offset + self.length
 
 
-def encode_record(kind: int, flags: int, seq: int, time_ns: int, volume: int,
-                  offset: int, length: int, payload_length: int, payload_crc: int) -> bytes:
-    body = RECORD_BODY.pack(RECORD_MAGIC, kind, flags, 0, seq, time_ns, volume,
-                            payload_length, offset, length, payload_crc)
-    return body + struct.pack("!I", zlib.crc32(body))
+def encode_checkpoint(agent: str, name: str) -> bytes:
+    a, n = agent.encode(), name.encode()
+    return TEXT_LEN.pack(len(a)) + a + TEXT_LEN.pack(len(n)) + n
+
+
+def decode_checkpoint(payload: bytes) -> tuple[str, str]:
+    (n,) = TEXT_LEN.unpack_from(payload, 0)
+    agent = payload[2:2 + n].decode()
+    (m,) = TEXT_LEN.unpack_from(payload, 2 + n)
+    return agent, payload[4 + n:4 + n + m].decode()
 
 
 class SegmentLog:
@@ -910,247 +2784,11 @@ class SegmentLog:
             self.read_fds.clear()
 
 
-class Journal:
-    """The hub's one journal: every WRITE/ZERO/READ_REPLY/CHECKPOINT, in stream order.
-
-    ``append`` (recv loops, under ``lock``) gives each record the next global
-    sequence number; ``wait_durable`` blocks until the committer thread has
-    fdatasync'ed past it.  Group commit: the committer takes everything
-    appended so far, runs one fdatasync, and wakes every waiter it covered.
-    """
-
-    def __init__(self, directory: str, segment_bytes: int = SEGMENT_BYTES,
-                 health: Health | None = None):
-        self.log = SegmentLog(directory, "journal", segment_bytes)
-        self.health = health or Health()
-        self.lock = threading.Lock()
-        self.durable_cond = threading.Condition(threading.Lock())
-        self.records: list[Record] = []   # records[seq - first_seq]
-        self.first_seq = 1
-        self.last_seq = 0          # appended
-        self.durable_seq = 0       # fdatasync'ed
-        self.last_time_ns = 0
-        self.checkpoints: list[tuple[int, int, str, str]] = []  # (seq, time, agent, name)
-        self.lost: list[tuple[int, int | None, dict]] = []  # (seq, volume id, damage)
-        self.commits = 0           # fdatasync rounds of the committer
-        self.failed: BaseException | None = None
-        self.stop_event = threading.Event()
-        self.committer: threading.Thread | None = None
-
-    def open(self, start_seq: int = 1) -> None:
-        """Load the records; ``start_seq`` is the next seq if the journal is empty."""
-        self.records = []
-        scanned = self.log.open()
-        damaged_after = {d["after_seq"]: d for d in self.log.damage}
-        for rec in scanned:
-            after = self.records[-1].seq if self.records else None
-            if self.records:
-                expected = after + 1
-            elif None in damaged_after:   # damage first: a segment is named by its first seq
-                expected = damaged_after[None]["segment"]
-            else:
-                expected = start_seq
-            if rec.seq != expected and (after in damaged_after and rec.seq > expected):
-                self.records.extend(self._lost(expected, rec.seq, damaged_after[after],
-                                               rec.time_ns))
-            elif rec.seq != expected and self.records:
-                raise StoreError(f"journal seq jumps from {after} to {rec.seq} "
-                                 f"(segment {self.log.path(rec.segment)})")
-            self.records.append(rec)
-        # Damage at the end of an older segment: the next one's name is its first seq.
-        segments = self.log.segments()
-        after = self.records[-1].seq if self.records else None
-        expected = after + 1 if self.records else start_seq
-        if (after in damaged_after and segments and segments[-1] > expected
-                and damaged_after[after]["segment"] != segments[-1]):
-            self.records.extend(self._lost(expected, segments[-1], damaged_after[after],
-                                           self.records[-1].time_ns if self.records else 0))
-        if self.records:
-            self.first_seq = self.records[0].seq
-            self.last_seq = self.records[-1].seq
-            self.last_time_ns = self.records[-1].time_ns
-        else:
-            self.first_seq = start_seq
-            self.last_seq = start_seq - 1
-        self.durable_seq = self.last_seq
-        for rec in self.records:
-            if rec.kind == RecordKind.CHECKPOINT:
-                agent, name = decode_checkpoint(self.log.read_payload(rec))
-                self.checkpoints.append((rec.seq, rec.time_ns, agent, name))
-
-    def _lost(self, first: int, end: int, damage: dict, time_ns: int) -> list[Record]:
-        """Stand-ins for records ``first`` .. ``end - 1`` lost to damage at rest: they
-        keep the seqs in order and are never applied (``lost`` lists them)."""
-        out = []
-        for seq in range(first, end):
-            volume = damage["volume"] if damage["seq"] == seq else None
-            self.lost.append((seq, volume, damage))
-            out.append(Record(seq, time_ns, RecordKind.LOST, 0, volume or 0, 0, 0, 0, 0,
-                              damage["segment"], -1))
-        return out
-
-    def start(self) -> None:
-        self.committer = threading.Thread(target=self._commit_loop, name="journal-committer",
-                                          daemon=True)
-        self.committer.start()
-
-    def append(self, kind: RecordKind, volume: int, offset: int, length: int,
-               parts: list = (), payload_crc: int | None = None, flags: int = 0,
-               check=None) -> Record:
-        """Append one record; return it (not yet durable).  Any thread.
-
-        ``check`` runs under the journal lock first and may refuse the record.
-        A record that cannot be written is not in the journal at all (the
-        segment is cut back to its start): JournalRefused, and the journal
-        refuses every record until the storage watcher clears the fault."""
-        if self.failed:
-            raise JournalRefused(f"hub journal failed: {self.failed}")
-        with self.lock:
-            if check is not None:
-                check()
-            fault = self.health.journal_fault()
-            if fault is not None:
-                raise JournalRefused(f"hub storage degraded ({fault}): record not journaled")
-            seq = self.last_seq + 1
-            now = max(time.time_ns(), self.last_time_ns)
-            try:
-                rec = self.log.append(seq, kind, flags, now, volume, offset, length,
-                                      list(parts), payload_crc)
-            except OSError as err:
-                self.health.fail(journal_fault_of(err), f"append of seq {seq} failed: {err}")
-                raise JournalRefused(f"hub journal append failed: {err}") from err
-            self.records.append(rec)
-            self.last_seq = seq
-            self.last_time_ns = now
-            if kind == RecordKind.CHECKPOINT:
-                agent, name = decode_checkpoint(b"".join(bytes(x) for x in parts))
-                self.checkpoints.append((seq, now, agent, name))
-        with self.durable_cond:
-            self.durable_cond.notify_all()
-        return rec
-
-    def _commit_loop(self) -> None:
-        """Committer thread: one fdatasync per round covers every record appended so far."""
-        while True:
-            with self.durable_cond:
-                while self.durable_seq >= self.last_seq and not self.stop_event.is_set():
-                    self.durable_cond.wait(0.5)
-                if self.durable_seq >= self.last_seq and self.stop_event.is_set():
-                    return
-            with self.lock:
-                target = self.last_seq
-                work = self.log.take_sync_work()
-            try:
-                self.log.do_sync(work)
-            except OSError as err:
-                # Whether the records since the last commit reached the disk is
-                # unknown: none of them is ever acknowledged.
-                self.health.fail(Fault.JOURNAL_IO, f"fdatasync failed: {err}; no further "
-                                 "record is acknowledged until the hub restarts")
-                self.failed = err
-                with self.durable_cond:
-                    self.durable_cond.notify_all()
-                return
-            with self.durable_cond:
-                self.durable_seq = target
-                self.commits += 1
-                self.durable_cond.notify_all()
-
-    def wait_durable(self, seq: int, timeout: float | None = None) -> bool:
-        """Block until record ``seq`` is durable; False on timeout or journal failure."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self.durable_cond:
-            while self.durable_seq < seq:
-                if self.failed:
-                    return False
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self.durable_cond.wait(remaining if remaining is not None else 1.0)
-            return True
-
-    def fence(self, change) -> int:
-        """Run ``change()`` under the append lock and return the last seq appended.
-
-        Every later ``append`` runs its ``check`` after ``change``, so a state
-        ``change`` sets (a promotion, a fail-back's fence) that the check
-        refuses holds for every record after the seq returned.  ``change``
-        is in-memory work only: every append waits for it."""
-        with self.lock:
-            change()
-            return self.last_seq
-
-    def resume(self) -> None:
-        """Take records again after a storage fault (the storage watcher): a
-        segment a failed append left broken is first cut back to its last
-        whole record.  OSError if that still fails (the fault stays)."""
-        with self.lock:
-            if self.log.broken is not None:
-                self.log.repair()
-            for fault in JOURNAL_FAULTS:
-                self.health.clear(fault)
-
-    def drop_segment(self, seg: int, nxt: int) -> None:
-        """Retention: forget the records before ``nxt`` and delete segment
-        ``seg``, which holds them (``nxt`` is the next segment's first seq)."""
-        with self.lock:
-            del self.records[:max(nxt - self.first_seq, 0)]
-            self.first_seq = nxt
-            self.checkpoints = [c for c in self.checkpoints if c[0] >= nxt]
-            self.log.delete_segment(seg)
-
-    def seq_at_time(self, t_ns: int) -> int | None:
-        """The last durable seq at time ``t_ns``: the last record stamped at or
-        before it (the durable end if that is the newest); None if ``t_ns`` is
-        before the oldest record."""
-        with self.lock:
-            times = [r.time_ns for r in self.records]
-            i = bisect.bisect_right(times, t_ns)
-            if i == 0:
-                return None
-            return self.records[i - 1].seq if i < len(times) else self.durable_seq
-
-    def record(self, seq: int) -> Record | None:
-        with self.lock:
-            i = seq - self.first_seq
-            return self.records[i] if 0 <= i < len(self.records) else None
-
-    def records_between(self, after: int, upto: int, max_count: int) -> list[Record]:
-        with self.lock:
-            lo = max(after + 1 - self.first_seq, 0)
-            hi = min(upto - self.first_seq + 1, lo + max_count, len(self.records))
-            return self.records[lo:hi]
-
-    @property
-    def fdatasyncs(self) -> int:
-        return self.log.fdatasyncs
-
-    def stop(self) -> None:
-        """Make everything durable and stop the committer (the stopping thread).
-
-        The segments stay open for reading: the applier may still be copying."""
-        self.stop_event.set()
-        with self.durable_cond:
-            self.durable_cond.notify_all()
-        if self.committer:
-            self.committer.join(timeout=30)
-
-    def close(self) -> None:
-        """Close the segment files (after ``stop``, once the applier is done)."""
-        with self.lock:
-            self.log.close()
-
-
-def encode_checkpoint(agent: str, name: str) -> bytes:
-    a, n = agent.encode(), name.encode()
-    return TEXT_LEN.pack(len(a)) + a + TEXT_LEN.pack(len(n)) + n
-
-
-def decode_checkpoint(payload: bytes) -> tuple[str, str]:
-    (n,) = TEXT_LEN.unpack_from(payload, 0)
-    agent = payload[2:2 + n].decode()
-    (m,) = TEXT_LEN.unpack_from(payload, 2 + n)
-    return agent, payload[4 + n:4 + n + m].decode()
+def encode_record(kind: int, flags: int, seq: int, time_ns: int, volume: int,
+                  offset: int, length: int, payload_length: int, payload_crc: int) -> bytes:
+    body = RECORD_BODY.pack(RECORD_MAGIC, kind, flags, 0, seq, time_ns, volume,
+                            payload_length, offset, length, payload_crc)
+    return body + struct.pack("!I", zlib.crc32(body))
 
 
 # ---------------------------------------------------------------------------
@@ -2311,1128 +3949,6 @@ class Roles:
 
 
 # ---------------------------------------------------------------------------
-# Agents file
-
-
-def check_secret_file_mode(path: str, st: os.stat_result) -> None:
-    """Refuse a file of secrets that group or others may access (as ssh does for keys)."""
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
-        raise StoreError(f"agents file {path} has mode {mode:04o}: it holds agent secrets, "
-                         "so it must not be accessible by group or others "
-                         f"(fix: chmod 600 {path})")
-
-
-def load_agents(path: str) -> dict[str, bytes]:
-    """``AGENT_ID SECRET_HEX [recover=OWNER,...]`` per line; '#' starts a comment."""
-    return parse_agents(path)[0]
-
-
-def parse_agents(path: str) -> tuple[dict[str, bytes], dict[str, set[str]]]:
-    """The agents file: secrets, and whose volumes each agent may recover
-    (``recover=OWNER,...``; ``recover=*``: every volume) besides its own."""
-    agents, rights = {}, {}
-    with open(path, encoding="utf-8") as f:
-        check_secret_file_mode(path, os.fstat(f.fileno()))
-        for lineno, line in enumerate(f, 1):
-            line = line.split("#", 1)[0].strip()
-            if not line:
-                continue
-            try:
-                agent_id, secret, *options = line.split()
-                p.validate_name(agent_id, "agent id")
-                agents[agent_id] = p.parse_secret(secret)
-                for opt in options:
-                    key, _, value = opt.partition("=")
-                    if key != "recover" or not value:
-                        raise ValueError(f"unknown option {opt!r}, expected recover=OWNER,...")
-                    rights.setdefault(agent_id, set()).update(value.split(","))
-            except (ValueError, p.ReplicationError) as err:
-                raise StoreError(f"{path}:{lineno}: expected 'AGENT_ID SECRET_HEX "
-                                 f"[recover=OWNER,...]': {err}") from err
-    return agents, rights
-
-
-def add_agent(path: str, agent_id: str, recover_for=()) -> str:
-    """Add an agent with a fresh secret to the agents file (mode 0600); return the secret.
-
-    ``recover_for``: owners whose volumes it may open recovery sessions on."""
-    p.validate_name(agent_id, "agent id")
-    for owner in recover_for:
-        if owner != "*":
-            p.validate_name(owner, "--recover-for agent id")
-    lines = []
-    if os.path.exists(path):
-        if agent_id in load_agents(path):
-            raise StoreError(f"agent {agent_id!r} is already in {path}")
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    secret = secrets.token_hex(32)
-    lines.append(f"{agent_id} {secret}" + (f" recover={','.join(recover_for)}"
-                                           if recover_for else ""))
-    atomic_write(path, ("\n".join(lines) + "\n").encode(), mode=0o600)
-    os.chmod(path, 0o600)
-    return secret
-
-
-class AgentsFile:
-    """The agents file, re-read when it changes (add-agent works while the hub runs)."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.stamp = None
-        self.agents: dict[str, bytes] = {}
-        self.lock = threading.Lock()
-        self.get("")  # fail early on a bad file
-
-    def get(self, agent_id: str) -> bytes | None:
-        with self.lock:
-            st = os.stat(self.path)
-            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-            if stamp != self.stamp:
-                self.agents, self.rights = parse_agents(self.path)
-                self.stamp = stamp
-            return self.agents.get(agent_id)
-
-    def may_recover(self, agent_id: str, owner: str) -> bool:
-        """May ``agent_id`` open recovery sessions on ``owner``'s volumes?"""
-        self.get(agent_id)
-        allowed = self.rights.get(agent_id, set())
-        return agent_id == owner or owner in allowed or "*" in allowed
-
-
-# ---------------------------------------------------------------------------
-# Connections
-
-
-class ConnState(enum.Enum):
-    """Phases of an agent connection; ``AgentConnection.set_state`` enforces the order."""
-
-    HANDSHAKE = "handshake"      # TLS, HELLO/HELLO_REPLY/AUTH: only those frames allowed
-    ESTABLISHED = "established"  # AUTH_OK sent: the recv loop dispatches on_<TYPE>
-    CLOSING = "closing"          # stopping: syncs stopped, ACKs flushed, GOODBYE
-    CLOSED = "closed"
-
-
-CONN_TRANSITIONS = {
-    ConnState.HANDSHAKE: {ConnState.ESTABLISHED, ConnState.CLOSING},
-    ConnState.ESTABLISHED: {ConnState.CLOSING},
-    ConnState.CLOSING: {ConnState.CLOSED},
-    ConnState.CLOSED: set(),
-}
-
-
-class ConnectionClosed(Exception):
-    """The peer went away, or the connection is being torn down."""
-
-
-class LogThrottle:
-    """One WARNING per ``interval`` for each kind of trouble, saying how many like
-    it were held back meanwhile: a flood of peers or a lasting shortage of
-    descriptors gives a few lines, not one per attempt.  One thread uses it."""
-
-    def __init__(self, interval: float):
-        self.interval = interval
-        self.last: dict[str, float] = {}
-        self.held: collections.Counter[str] = collections.Counter()
-
-    def warning(self, kind: str, fmt: str, *args) -> None:
-        now = time.monotonic()
-        if kind in self.last and now - self.last[kind] < self.interval:
-            self.held[kind] += 1
-            return
-        self.last[kind] = now
-        held = self.held.pop(kind, 0)
-        log.warning(fmt + (f" ({held} more like it in the last {self.interval:g} s)"
-                           if held else ""), *args)
-
-
-class RateLimiter:
-    """Token bucket shared by every sync (``--sync-rate`` bytes/s; 0 = unlimited)."""
-
-    def __init__(self, rate: float):
-        self.rate = rate
-        self.lock = threading.Lock()
-        self.next_free = time.monotonic()
-
-    def acquire(self, n: int, stop: threading.Event) -> None:
-        if self.rate <= 0:
-            return
-        with self.lock:
-            now = time.monotonic()
-            start = max(self.next_free, now)
-            self.next_free = start + n / self.rate
-        if start > now:
-            stop.wait(start - now)
-
-
-class TLSStream:
-    """A TLS connection shared by a reader and senders, one OpenSSL call at a time.
-
-    OpenSSL forbids SSL_read and SSL_write on one connection from two threads
-    at once (CPython's SSLSocket does not serialise them either).  The socket
-    is made non-blocking; each call holds ``lock`` only for the call itself and
-    waits for readiness with select outside it, so the recv loop waiting for
-    the next frame never stalls the acker's sends.  Offers the few socket
-    methods the hub and ``protocol.send_message``/``recv_message`` use.
-    """
-
-    def __init__(self, sock: ssl.SSLSocket, timeout: float):
-        sock.setblocking(False)
-        self.sock = sock
-        self.lock = threading.Lock()
-        self.timeout = timeout
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def pending(self) -> int:
-        with self.lock:
-            return self.sock.pending()
-
-    def settimeout(self, timeout: float | None) -> None:
-        self.timeout = FRAME_TIMEOUT if timeout is None else timeout
-
-    def _wait(self, want: str, deadline: float) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise socket.timeout(f"TLS peer made no progress for {self.timeout:.0f} s")
-        fd = [self.sock.fileno()]
-        try:
-            select.select(fd if want == "r" else [], fd if want == "w" else [], [],
-                          min(remaining, POLL_INTERVAL))
-        except ValueError as err:   # fd -1: closed by another thread (stop, abort)
-            raise OSError(errno.EBADF, "TLS connection closed") from err
-
-    def recv_into(self, view) -> int:
-        deadline = time.monotonic() + self.timeout
-        while True:
-            with self.lock:
-                try:
-                    return self.sock.recv_into(view)
-                except ssl.SSLWantReadError:
-                    want = "r"
-                except ssl.SSLWantWriteError:
-                    want = "w"
-                except ssl.SSLZeroReturnError:
-                    return 0
-            self._wait(want, deadline)
-
-    def sendall(self, data) -> None:
-        view = memoryview(data).cast("B")
-        deadline = time.monotonic() + self.timeout
-        while len(view):
-            with self.lock:
-                try:
-                    n = self.sock.send(view)
-                    view = view[n:]
-                    deadline = time.monotonic() + self.timeout
-                    continue
-                except ssl.SSLWantWriteError:
-                    want = "w"
-                except ssl.SSLWantReadError:
-                    want = "r"
-            self._wait(want, deadline)
-
-    def sendmsg(self, parts):
-        raise NotImplementedError("TLS: send_message falls back to sendall")
-
-    def shutdown(self, how: int) -> None:
-        socket.socket.shutdown(self.sock, how)  # the TCP socket; never touch the SSL object
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class Acker(threading.Thread):
-    """Per connection: sends each reply once the journal is durable past its seq.
-
-    Replies queued with ``after`` leave in the order they were queued (the
-    recv loop queues them in stream order), so ACKs follow stream order.
-    """
-
-    def __init__(self, conn: AgentConnection):
-        super().__init__(name=f"acker-{conn.peer}", daemon=True)
-        self.conn = conn
-        self.journal = conn.hub.store.journal
-        self.items: collections.deque = collections.deque()
-        self.cond = threading.Condition()
-        self.stop_event = threading.Event()
-
-    def after(self, seq: int, msg: p.Message | None, callback=None) -> None:
-        """Queue ``msg`` (and/or ``callback``) for when ``seq`` is durable (recv loop)."""
-        with self.cond:
-            self.items.append((seq, msg, callback))
-            self.cond.notify_all()
-
-    def run(self) -> None:
-        """Acker thread."""
-        try:
-            while True:
-                with self.cond:
-                    while not self.items and not self.stop_event.is_set():
-                        self.cond.wait(0.5)
-                    if not self.items:
-                        return
-                    seq = self.items[0][0]
-                if not self.journal.wait_durable(seq, timeout=0.5):
-                    if self.journal.failed:
-                        self.conn.abort("journal failed: cannot make writes durable")
-                        return
-                    continue
-                durable = self.journal.durable_seq
-                with self.cond:
-                    ready = []
-                    while self.items and self.items[0][0] <= durable:
-                        ready.append(self.items.popleft())
-                    self.cond.notify_all()
-                for _, msg, callback in ready:
-                    if msg is not None:
-                        self.conn.send(msg)
-                    if callback is not None:
-                        callback()
-        except (OSError, ConnectionClosed) as err:
-            log.debug("acker for %s stops: %s", self.conn.peer, err)
-            self.conn.abort(f"send failed: {err}")
-
-    def drain(self, timeout: float) -> bool:
-        """Wait until every queued reply was sent (stopping thread)."""
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while self.items and self.is_alive():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self.cond.wait(min(remaining, 0.2))
-        return not self.items
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        with self.cond:
-            self.cond.notify_all()
-        self.join(timeout=5)
-
-
-class Requester:
-    """What owns requests the hub sends an agent (a SyncJob, a Failback).
-
-    The connection thread hands each answer to the owner of its request id
-    in the connection's ``RequestTable``.  An owner overrides the answers its
-    requests get; any other kind names no request of its type (ER-7), so the
-    defaults refuse it, and an unasked ACK is dropped (ER-3).
-    """
-
-    def on_read_reply(self, header, msg: p.ReadReply) -> None:
-        raise p.InvalidField(f"READ_REPLY req={msg.request_id} answers no outstanding READ")
-
-    def on_reply(self, msg, barrier_seq: int) -> None:
-        raise p.InvalidField(f"{msg.TYPE.name} req={msg.request_id} answers no outstanding "
-                             "query of its type")
-
-    def on_extents(self, msg: p.Extents) -> None:
-        raise p.InvalidField(f"EXTENTS req={msg.request_id} answers no outstanding "
-                             "EXTENT_QUERY")
-
-    def on_ack(self, msg: p.Ack) -> None:
-        log.warning("ACK for req=%d, which asked for no ACK: ignored", msg.request_id)
-
-    def on_error(self, msg: p.Error) -> None:
-        raise NotImplementedError
-
-    def give_up(self, why: str) -> None:
-        """The hub refused the agent's answer to one of our requests (``why``)."""
-        raise NotImplementedError
-
-
-class RequestTable:
-    """The hub's requests outstanding on one connection, by id, and their owners.
-
-    Owners add and drop their own from their threads (sync jobs, fail-back);
-    the connection thread looks answers up.  Ids come from the same table, so
-    none is reused while the connection lives (RP-7).
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._ids = itertools.count(1)
-        self._owners: dict[int, Requester] = {}
-
-    def new_id(self) -> int:
-        with self._lock:
-            return next(self._ids)
-
-    def add(self, req: int, owner: Requester) -> None:
-        """Before the request is sent: its answer may come at once."""
-        with self._lock:
-            self._owners[req] = owner
-
-    def owner(self, req: int) -> Requester | None:
-        with self._lock:
-            return self._owners.get(req)
-
-    def drop(self, req: int) -> Requester | None:
-        with self._lock:
-            return self._owners.pop(req, None)
-
-    def drop_all(self, reqs) -> None:
-        with self._lock:
-            for req in reqs:
-                self._owners.pop(req, None)
-
-
-class AgentConnection:
-    """One agent connection: setup (handshake), handle (recv loop), finish.
-
-    The connection thread runs ``run``; only it reads the socket.  ``send``
-    may be called from any thread (acker, sync jobs, heartbeat).
-    """
-
-    def __init__(self, hub: Hub, sock: socket.socket, addr):
-        self.hub = hub
-        self.store = hub.store
-        self.sock = sock
-        self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
-        self.host = addr[0] if isinstance(addr, tuple) else str(addr)  # per-address limit
-        self.handshake_timeout = hub.handshake_timeout or HANDSHAKE_TIMEOUT
-        self.agent_id: str | None = None
-        self.send_lock = threading.Lock()
-        self.header_buf = bytearray(p.HEADER_SIZE)
-        self.volumes: dict[int, Volume] = {}
-        self.requests = RequestTable()    # the hub's requests and their owners
-        self.outstanding: set[int] = set()  # the agent's requests not answered yet (RP-12)
-        self.legal = None                 # after HELLO_REPLY: what the hub takes (check_legal)
-        self.demoted: dict[int, p.Attach] = {}  # volume id -> its DEMOTED ATTACH
-        self.refused_identity: set[str] = set()  # volumes refused for their disk (VO-8)
-        self.sealed = False      # GOODBYE, or a protocol error's ERROR, went last (LV-2, ER-1)
-        self.sync_lock = threading.Lock()
-        self.jobs: set[SyncJob] = set()
-        self.pings: dict[int, int] = {}
-        self.sessions: dict[int, RecoverySession] = {}  # recovery sessions by id
-        self.session_ids = itertools.count(1)
-        self.rtt_ns: int | None = None
-        self.refusing: str | None = None    # why this stream's records are refused
-        self.features = p.Feature.NONE      # granted in HELLO_REPLY
-        self.last_heartbeat_ns = 0
-        self.last_recv = time.monotonic()   # when the last frame header arrived
-        self.connected_ns = time.time_ns()
-        self.closing = threading.Event()
-        self.acker = Acker(self)
-        self.thread: threading.Thread | None = None
-        self.state = ConnState.HANDSHAKE
-
-    def set_state(self, new: ConnState) -> None:
-        """Move to ``new`` (connection thread); an unexpected move is a bug, said clearly."""
-        if new not in CONN_TRANSITIONS[self.state]:
-            raise RuntimeError(f"connection {self.peer}: cannot go from {self.state.value} "
-                               f"to {new.value}")
-        log.debug("connection %s: %s -> %s", self.peer, self.state.value, new.value)
-        self.state = new
-
-    # -- plumbing --------------------------------------------------------------
-
-    def send(self, msg: p.Message) -> None:
-        """Send one message under the send lock (any thread).  An answer to one
-        of the agent's requests frees its request id before it leaves: the
-        agent may use the id again once it has the answer (RP-12)."""
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("<-- %s to %s", msg.describe(), self.peer)
-        if msg.TYPE in p.ANSWERS or (msg.TYPE is p.MsgType.ERROR
-                                     and msg.failed_type in p.REQUESTS):
-            self.outstanding.discard(msg.request_id)
-        with self.send_lock:
-            if self.sock is None or self.sealed:
-                raise ConnectionClosed("connection closed")
-            p.send_message(self.sock, msg)
-
-    def track_request(self, msg: p.Message) -> None:
-        """Recv loop: note a request of the agent until its answer is sent.  One
-        whose id is still outstanding is a protocol error (RP-12): its ACK could
-        be taken for the earlier request's, and an ACK decides what the agent
-        may forget."""
-        if msg.request_id in self.outstanding:
-            raise p.BadRequestId(f"{msg.TYPE.name} req={msg.request_id}: an earlier request "
-                                 "with that id is not answered yet (request ids must be "
-                                 "unique among the outstanding ones)")
-        self.outstanding.add(msg.request_id)
-
-    def send_error(self, err: p.ReplicationError) -> None:
-        try:
-            self.send(p.Error.from_exception(err))
-        except (OSError, ConnectionClosed):
-            pass
-
-    def say_goodbye(self, reason: str, code: p.GoodbyeCode) -> None:
-        """End the connection with GOODBYE (any thread): the replies already queued
-        go first, nothing after it (LV-2); then the recv loop ends.  ``code`` goes
-        on the wire where GOODBYE_CODE is granted (LV-5); ``reason`` is for humans."""
-        self.acker.drain(timeout=10)
-        with self.send_lock:
-            if self.sock is not None and not self.sealed:
-                try:
-                    p.send_message(self.sock, p.Goodbye.for_features(self.features,
-                                                                     reason, code))
-                except OSError as err:
-                    log.debug("GOODBYE to %s not sent: %s", self.peer, err)
-            self.sealed = True
-        log.info("connection %s (%s) closed by the hub: %s", self.peer, self.agent_id, reason)
-        self.closing.set()
-        self.abort(reason)
-
-    def abort(self, reason: str) -> None:
-        """Cut the connection now (any thread); the recv loop then ends."""
-        if not self.closing.is_set():
-            log.warning("closing connection %s (%s): %s", self.peer, self.agent_id, reason)
-        self.closing.set()
-        sock = self.sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def _wait_readable(self, deadline: float | None) -> bool:
-        """Between frames: wait for data, watching the stop flags (connection thread)."""
-        while True:
-            if self.closing.is_set() or self.hub.stopping.is_set():
-                return False
-            if isinstance(self.sock, TLSStream) and self.sock.pending():
-                return True
-            wait = POLL_INTERVAL
-            if deadline is not None:
-                wait = min(wait, deadline - time.monotonic())
-                if wait <= 0:
-                    raise self._handshake_late()
-            ready, _, _ = select.select([self.sock], [], [], wait)
-            if ready:
-                return True
-
-    def _handshake_late(self) -> ConnectionClosed:
-        return ConnectionClosed(f"handshake not done within {self.handshake_timeout:g} s")
-
-    def _read_into(self, view: memoryview, deadline: float | None = None) -> int:
-        """Fill ``view``; short only at EOF.  With a ``deadline`` (the handshake)
-        every recv waits only for what is left of it, so a peer trickling a
-        frame byte by byte is cut off at the deadline too."""
-        got = 0
-        while got < len(view):
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise self._handshake_late()
-                self.sock.settimeout(left)
-            try:
-                n = self.sock.recv_into(view[got:])
-            except socket.timeout as err:
-                if deadline is None:
-                    raise
-                raise self._handshake_late() from err
-            if n == 0:
-                break
-            got += n
-        return got
-
-    def recv_frame(self, deadline: float | None = None):
-        """Read one frame; return (header, message) or None when stopping or at EOF.
-
-        Raises ProtocolError (close) or RequestError (answer, go on) as
-        ``protocol.decode_body``; once a frame has started it is read to its end.
-        Before AUTH_OK (``deadline`` set: the handshake's) a payload over
-        MAX_HANDSHAKE_PAYLOAD is refused before it is read or allocated [SE-3].
-        """
-        if not self._wait_readable(deadline):
-            return None
-        got = self._read_into(memoryview(self.header_buf), deadline)
-        if got == 0:
-            return None
-        if got < p.HEADER_SIZE:
-            raise p.TruncatedFrame(f"connection closed inside a frame header "
-                                   f"({got} of {p.HEADER_SIZE} bytes)")
-        self.last_recv = time.monotonic()
-        handshake = self.state is ConnState.HANDSHAKE
-        if handshake and self.hub.tls is None and p.looks_like_tls(self.header_buf):
-            raise p.BadMagic("a TLS client connected to a plaintext hub (start the hub with "
-                             "--tls-cert/--tls-key, or drop --tls-ca on the agent)")
-        header = p.parse_header(self.header_buf)
-        if handshake:
-            p.check_handshake_header(header)
-        payload = bytearray(header.payload_length)
-        got = self._read_into(memoryview(payload), deadline)
-        if got < header.payload_length:
-            raise p.TruncatedFrame(f"connection closed inside a payload ({got} of "
-                                   f"{header.payload_length} bytes)")
-        msg = p.decode_body(header, payload, None if handshake else self.legal)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("--> %s from %s", msg.describe(), self.peer)
-        return header, msg
-
-    # -- setup / handle / finish -------------------------------------------------
-
-    def run(self) -> None:
-        """Connection thread."""
-        try:
-            try:
-                established = self.setup()
-            except p.RequestError as err:
-                # Any error in the handshake ends the connection, answered (HS-10, HS-12).
-                log.warning("handshake from %s refused: %s", self.peer, err)
-                self.hub.count_error("handshake")
-                self.send_error(err)
-                established = False
-            if established:
-                self.handle()
-        except Exception as err:  # noqa: BLE001 - one connection never kills the server
-            self.handle_error(err)
-        finally:
-            self.finish()
-
-    def handle_error(self, err: Exception) -> None:
-        if isinstance(err, p.ProtocolError):
-            log.warning("protocol error from %s (%s): %s; closing", self.peer,
-                        self.agent_id, err)
-            self.hub.count_error("protocol")
-            self.send_error(err)
-            with self.send_lock:   # nothing follows it, ACKs still queued included:
-                self.sealed = True  # an ACK after a reused id could be the wrong one's
-        elif isinstance(err, (ConnectionClosed, ConnectionError, socket.timeout,
-                              ssl.SSLError)) or (isinstance(err, OSError) and self.closing.is_set()):
-            if not self.closing.is_set():
-                log.warning("connection %s (%s) lost: %s", self.peer, self.agent_id, err)
-                self.hub.count_error("connection_lost")
-        else:
-            log.error("connection %s (%s) failed: %r", self.peer, self.agent_id, err,
-                      exc_info=err)
-
-    def setup(self) -> bool:
-        """TLS, then HELLO / HELLO_REPLY / AUTH / AUTH_OK, all within the handshake
-        timeout from here (HANDSHAKE_TIMEOUT, ``--handshake-timeout``)."""
-        deadline = time.monotonic() + self.handshake_timeout
-        self.sock.settimeout(self.handshake_timeout)
-        if self.hub.tls is not None:
-            if not self._wait_readable(deadline):
-                return False
-            if self.sock.recv(1, socket.MSG_PEEK) == MAGIC_BYTES[:1]:
-                self._refuse_plaintext_agent(deadline)
-            # The socket's timeout bounds the whole TLS handshake (CPython
-            # counts it from the start of do_handshake), so set what is left.
-            self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            try:
-                tls = self.hub.tls.wrap_socket(self.sock, server_side=True)
-            except socket.timeout as err:
-                raise self._handshake_late() from err
-            self.sock = TLSStream(tls, self.handshake_timeout)
-        item = self.recv_frame(deadline)
-        if item is None:
-            return False
-        hello = self._expect(item, p.Hello)
-        if hello is None:
-            return False
-        if not hello.min_version <= p.VERSION <= hello.max_version:
-            raise_and_close = p.RequestError(
-                f"no common protocol version: agent offers {hello.min_version}.."
-                f"{hello.max_version}, hub speaks {p.SUPPORTED_VERSIONS}",
-                code=p.ErrorCode.VERSION, msg_type=p.MsgType.HELLO)
-            log.warning("%s: %s", self.peer, raise_and_close)
-            self.hub.count_error("handshake")
-            self.send_error(raise_and_close)
-            return False
-        secret = self.hub.agents.get(hello.agent_id)
-        known = secret is not None
-        if not known:  # answer anyway: never reveal which ids exist
-            secret = secrets.token_bytes(32)
-        nonce = secrets.token_bytes(p.NONCE_SIZE)
-        hub_id = self.store.hub_id
-        # VN-3: grant what was offered and is implemented; unknown bits are ignored.
-        self.features = p.Feature(hello.features & HUB_FEATURES)
-        self.legal = p.legality(p.Side.HUB, self.features)
-        self.send(p.HelloReply(version=p.VERSION, features=self.features, nonce=nonce,
-                               hub_id=hub_id,
-                               proof=p.hub_proof(secret, hello.nonce, nonce,
-                                                 hello.agent_id, hub_id)))
-        item = self.recv_frame(deadline)
-        if item is None:
-            return False
-        auth = self._expect(item, p.Auth)
-        if auth is None:
-            return False
-        expected = p.agent_proof(secret, hello.nonce, nonce, hello.agent_id, hub_id)
-        if not (known and p.proof_matches(expected, auth.proof)):
-            log.warning("authentication failed from %s: %s", self.peer,
-                        "unknown agent id %r" % hello.agent_id if not known
-                        else f"wrong proof for agent {hello.agent_id!r}")
-            self.hub.count_error("auth")
-            self.send_error(p.RequestError("authentication failed",
-                                           code=p.ErrorCode.AUTH_FAILED,
-                                           msg_type=p.MsgType.AUTH))
-            return False
-        self.agent_id = hello.agent_id
-        self.send(p.AuthOk())
-        self.set_state(ConnState.ESTABLISHED)
-        self.sock.settimeout(FRAME_TIMEOUT)
-        self.acker.start()
-        self.hub.register(self)
-        log.info("agent %s connected from %s%s", self.agent_id, self.peer,
-                 " (TLS)" if self.hub.tls else "")
-        return True
-
-    def _refuse_plaintext_agent(self, deadline: float) -> None:
-        """A TLS hub's new connection starts with RPL1: an agent without TLS.  Read
-        its HELLO (so closing does not reset the connection before the agent
-        reads the answer) and refuse it in plaintext, which that agent can read."""
-        try:
-            self.recv_frame(deadline)
-        except p.ReplicationError:
-            pass
-        raise p.ProtocolError("the hub expects TLS: use --tls-ca on the agent (a plaintext "
-                              "agent connected to a TLS hub)")
-
-    def _expect(self, item, cls):
-        """During the handshake: the message if it is ``cls``, else answer and None."""
-        _, msg = item
-        if isinstance(msg, cls):
-            return msg
-        if isinstance(msg, (p.Goodbye, p.Error)):
-            log.warning("%s ended the handshake: %s", self.peer, msg.describe())
-            return None
-        err = p.RequestError(f"{msg.TYPE.name} is not allowed before AUTH_OK "
-                             f"(expected {cls.TYPE.name})", code=p.ErrorCode.BAD_PHASE,
-                             request_id=msg.request_id, msg_type=msg.TYPE)
-        log.warning("%s: %s; closing", self.peer, err)
-        self.hub.count_error("handshake")
-        self.send_error(err)
-        return None
-
-    def handle(self) -> None:
-        """The recv loop: one frame at a time, in stream order (connection thread)."""
-        while not self.closing.is_set():
-            msg = None
-            try:
-                item = self.recv_frame()
-                if item is None:
-                    return
-                header, msg = item
-                if msg.TYPE in p.REQUESTS:
-                    self.track_request(msg)
-                handler = HANDLERS[msg.TYPE]     # check_legal let only these through
-                if self.refusing is not None and self.store.writable():
-                    self.say_goodbye(STORAGE_RECOVERED, p.GoodbyeCode.STORAGE_RECOVERED)
-                    return
-                if self.refusing is not None and msg.TYPE in REFUSED_WHILE_DEGRADED:
-                    raise JournalRefused(
-                        f"refused: an earlier record of this connection could not be "
-                        f"journaled ({self.refusing}); this and every later record stay "
-                        "marked at the agent until the hub's storage recovers")
-                handler(self, header, msg)
-            except p.RequestError as err:
-                if msg is not None:
-                    err.request_id = err.request_id or msg.request_id
-                    err.msg_type = err.msg_type or msg.TYPE
-                if not p.may_answer_with_error(err):
-                    # PROTOCOL.md ER-3: no ERROR for these, or two peers could loop.
-                    log.warning("ignoring a bad %s from %s (%s): %s",
-                                p.MsgType(err.msg_type).name, self.peer, self.agent_id, err)
-                    self.hub.count_error("request")
-                    continue
-                if isinstance(err, JournalRefused):  # logged once, by refuse()
-                    log.debug("refused from %s (%s): %s", self.peer, self.agent_id, err)
-                    self.hub.count_error("refused")
-                else:
-                    log.warning("request error from %s (%s): %s", self.peer, self.agent_id, err)
-                    self.hub.count_error("request")
-                self.send_error(err)
-                if msg is None and err.msg_type in SYNC_ANSWERS:
-                    # A refused answer to a sync request (the hub's id space): that sync
-                    # would wait for it forever.
-                    job = self.requests.drop(err.request_id)
-                    if job is not None:
-                        job.give_up(f"its answer to req={err.request_id} was refused: {err}")
-                if isinstance(err, JournalRefused) and self.refusing is None:
-                    self.refuse(str(err))
-
-    # -- the hub's storage fails (PROTOCOL.md RP-10) -----------------------------------
-
-    def refuse(self, reason: str) -> None:
-        """Recv loop: a record of this stream could not be made part of the
-        journal, so no later one may be (stream order, RP-2): refuse them all
-        with ERROR(IO_ERROR) until the hub's storage recovers.  The agent keeps
-        every refused write marked; its syncs stop (their READ_REPLYs would be
-        refused too) and the volumes keep their state.  Once the storage takes
-        records again the hub ends the connection with GOODBYE, so that the
-        agent attaches again and the plan covers everything it kept marked."""
-        self.refusing = reason
-        log.error("agent %s: %s; its records are refused from here on, stay marked at the "
-                  "agent and are resynced when the hub's storage recovers",
-                  self.agent_id, reason)
-        for job in list(self.jobs):
-            job.give_up(f"the hub's storage is degraded ({reason})")
-
-    def finish(self) -> None:
-        """Stop syncs, flush ACKs, detach volumes, close (connection thread)."""
-        self.set_state(ConnState.CLOSING)
-        for job in list(self.jobs):
-            job.stop()
-        if self.agent_id is not None and self.acker.is_alive():
-            self.acker.drain(timeout=30)
-            self.acker.stop()
-        if self.hub.stopping.is_set() and not self.closing.is_set() and self.agent_id:
-            try:
-                self.send(p.Goodbye.for_features(self.features, "hub shutting down",
-                                                 p.GoodbyeCode.SHUTDOWN))
-            except (OSError, ConnectionClosed):
-                pass
-        for job in list(self.jobs):
-            job.join_if_started(timeout=5)
-        for s in list(self.sessions.values()):  # RC-5: a TEST overlay ends with the connection
-            self.hub.close_session(s)
-        for vol in self.volumes.values():
-            if vol.attached_to is self:
-                vol.attached_to = None
-        self.volumes.clear()
-        self.closing.set()
-        with self.send_lock:
-            sock, self.sock = self.sock, None
-        if sock is not None:
-            try:
-                sock.close()
-            except OSError:
-                pass
-        self.hub.unregister(self)
-        self.set_state(ConnState.CLOSED)
-        if self.agent_id:
-            log.info("agent %s from %s disconnected", self.agent_id, self.peer)
-
-    # -- handlers (connection thread) ---------------------------------------------
-
-    def _volume(self, msg, writing: bool = True) -> Volume:
-        """The attached volume ``msg`` names; for ``writing``, refused with ERROR(ROLE)
-        while it is promoted (RC-7), attached DEMOTED included (FB-2)."""
-        vol = self.volumes.get(msg.volume)
-        if vol is None:
-            raise p.RequestError(f"volume id {msg.volume} is not attached on this connection",
-                                 code=p.ErrorCode.NO_SUCH_VOLUME)
-        if writing and vol.role is Role.PROMOTED:
-            raise p.RequestError(f"volume {vol.name} was promoted; writes from the old "
-                                 "protected side are refused"
-                                 + ("; bring it back with rephub.py failback"
-                                    if vol.id in self.demoted else ""),
-                                 code=p.ErrorCode.ROLE)
-        return vol
-
-    def on_ATTACH(self, header, msg: p.Attach) -> None:
-        again = next((v for v in self.volumes.values() if v.name == msg.name), None)
-        if again is not None:   # VO-9: the attachment, and its sync, go on unchanged
-            raise p.RequestError(f"volume {msg.name!r} is already attached on this "
-                                 f"connection as id {again.id}: DETACH it first",
-                                 code=p.ErrorCode.BUSY)
-        vol, created = self.store.open_or_create(msg.name, msg.size, msg.chunk_size,
-                                                 self.agent_id, msg.generation)
-        if created:
-            plan = p.SyncPlan.FULL
-        else:
-            if vol.owner != self.agent_id:
-                raise p.RequestError(f"volume {msg.name!r} belongs to another agent",
-                                     code=p.ErrorCode.NOT_OWNER)
-            if vol.size != msg.size:
-                raise p.InvalidField(f"ATTACH size {msg.size} differs from volume "
-                                     f"{msg.name!r}'s size {vol.size}")
-            if vol.role is Role.PROMOTED:
-                if not self.features & p.Feature.FAILBACK:  # FB-1, RC-7
-                    raise p.RequestError(f"volume {msg.name!r} was promoted",
-                                         code=p.ErrorCode.ROLE)
-                self.attach_demoted(vol, msg)
-                return
-            same_gen = vol.meta["generation"] == bytes(msg.generation).hex()
-            if not same_gen and not vol.meta.get("reseed"):
-                self.refused_identity.add(vol.name)
-                raise p.RequestError(self.other_disk(vol, msg), code=p.ErrorCode.NOT_OWNER)
-            if not vol.meta["full_synced"]:
-                plan = p.SyncPlan.FULL
-            elif (vol.meta.get("pending_plan") == "VERIFY" or not same_gen
-                  or msg.state == p.VolumeState.UNKNOWN):
-                plan = p.SyncPlan.VERIFY
-            elif msg.state == p.VolumeState.CLEAN:
-                plan = p.SyncPlan.NONE
-            else:
-                plan = p.SyncPlan.DIRTY
-            plan = max(plan, owed_plan(vol))   # a sync that did not finish is redone (SY-1)
-        with vol.attach_lock:   # one connection at a time has the volume (VO-7)
-            if self.take_over(vol) and plan < p.SyncPlan.VERIFY:
-                plan = p.SyncPlan.VERIFY   # two live hosts, one agent id: trust no bitmap
-            vol.update(generation=bytes(msg.generation).hex(), chunk_size=msg.chunk_size,
-                       reseed=False)
-            if plan == p.SyncPlan.NONE and vol.state != VolState.CONSISTENT:
-                vol.update(state=VolState.CONSISTENT.value, pending_plan=None)
-            self.volumes[vol.id] = vol
-            vol.attached_to = self
-            log.info("volume %s attached by %s (agent state %s): plan %s", vol.name,
-                     self.agent_id, msg.state.name, plan.name)
-            job = self.start_sync(vol, plan, start=False) if plan != p.SyncPlan.NONE else None
-        self.send(p.Attached(request_id=msg.request_id, volume=vol.id, plan=plan))
-        if job is not None:
-            job.start()  # its READs follow ATTACHED on the wire
-
-    def other_disk(self, vol: Volume, msg: p.Attach) -> str:
-        """Why an ATTACH with another generation than the volume's is refused
-        (VO-8): it names another disk, or this disk with its agent state lost;
-        only the operator can tell, and ``rephub.py reseed`` says which."""
-        known, offered = vol.meta["generation"][:8], bytes(msg.generation).hex()[:8]
-        where = (f"; the volume is attached from {vol.attached_to.peer}"
-                 if vol.attached_to is not None and not vol.attached_to.closing.is_set() else "")
-        log.warning("volume %s: agent %s from %s offers disk identity %s, the hub knows %s%s: "
-                    "refused (rephub.py reseed %s accepts it)", vol.name, self.agent_id,
-                    self.peer, offered, known, where, vol.name)
-        return (f"volume {vol.name!r} is bound to another disk (identity {known}..., this "
-                f"agent's is {offered}...{where}): a cloned host or a copied configuration? "
-                f"If this disk replaces it, or this agent lost its state directory, run "
-                f"`rephub.py reseed {vol.name}` on the hub")
-
-    def attach_demoted(self, vol: Volume, msg: p.Attach) -> None:
-        """ATTACHED(plan DEMOTED) for a promoted volume, to an agent that offered
-        FAILBACK (FB-1): no sync, its writes refused (FB-2), but ``rephub.py
-        failback`` may bring the volume home through it.  The ATTACH's state and
-        generation say whether its dirty map can be trusted then."""
-        with vol.attach_lock:
-            self.take_over(vol)
-            self.volumes[vol.id] = vol
-            self.demoted[vol.id] = msg
-            vol.attached_to = self
-        log.warning("volume %s attached DEMOTED by %s (agent state %s): it was promoted at "
-                    "the recovery site; its writes are refused until rephub.py failback "
-                    "brings it back", vol.name, self.agent_id, msg.state.name)
-        self.send(p.Attached(request_id=msg.request_id, volume=vol.id, plan=p.SyncPlan.DEMOTED))
-
-    def take_over(self, vol: Volume) -> bool:
-        """Under ``vol.attach_lock``, before attaching ``vol`` here: detach it from
-        the connection that has it (its sync stops and can no longer end, its
-        answers are dropped); that connection ends if nothing is left on it.
-        True if it was alive: an agent restarted while its old connection
-        lingers, or two hosts run with one agent id."""
-        old = vol.attached_to
-        if old is None or old is self:
-            return False
-        alive = not old.closing.is_set()
-        if alive:
-            log.warning("volume %s: attached by agent %s from %s while its connection from %s "
-                        "still has it (a restarted agent, or two hosts with one agent id?): "
-                        "that attachment ends and the volume is verified", vol.name,
-                        self.agent_id, self.peer, old.peer)
-        old.detach_volume(vol, join=False)
-        if alive and not old.volumes and not old.sessions:
-            old.abort(f"volume {vol.name} was attached by another connection of agent "
-                      f"{self.agent_id} from {self.peer}")
-        return alive
-
-    def detach_volume(self, vol: Volume, join: bool = True) -> None:
-        """Forget ``vol`` on this connection and stop its sync (any thread)."""
-        with self.sync_lock:
-            job = vol.sync if vol.sync is not None and vol.sync.conn is self else None
-        if job is not None:
-            job.stop()
-            if join:
-                job.join_if_started(timeout=5)
-        self.volumes.pop(vol.id, None)
-        self.demoted.pop(vol.id, None)
-        if vol.attached_to is self:
-            vol.attached_to = None
-
-    def on_DETACH(self, header, msg) -> None:
-        vol = self._volume(msg, writing=False)
-        self.detach_volume(vol)
-        log.info("volume %s detached by %s", vol.name, self.agent_id)
-        self.acker.after(self.store.journal.last_seq, p.Ack(request_id=msg.request_id))
-
-    def on_WRITE(self, header, msg: p.Write) -> None:
-        vol = self._volume(msg)
-        p.check_range(msg.offset, msg.length, vol.size, "WRITE")
-        rec = self.store.append_data(vol, msg.offset, msg.length, msg.data, header.payload_crc)
-        self.acker.after(rec.seq, p.Ack(request_id=msg.request_id), vol_acked(vol))
-
-    def on_ZERO(self, header, msg: p.Zero) -> None:
-        vol = self._volume(msg)
-        p.check_range(msg.offset, msg.length, vol.size, "ZERO")
-        rec = self.store.append_data(vol, msg.offset, msg.length, None)
-        self.acker.after(rec.seq, p.Ack(request_id=msg.request_id), vol_acked(vol))
-
-    def on_FLUSH(self, header, msg) -> None:
-        self.acker.after(self.store.journal.last_seq, p.Ack(request_id=msg.request_id))
-
-    def on_CHECKPOINT(self, header, msg: p.Checkpoint) -> None:
-        rec = self.store.append_checkpoint(self.agent_id, msg.name)
-        log.info("checkpoint %r of agent %s at seq %d", msg.name, self.agent_id, rec.seq)
-        self.acker.after(rec.seq, p.Ack(request_id=msg.request_id))
-
-    def _job_for(self, msg, what: str) -> Requester:
-        job = self.requests.owner(msg.request_id)
-        if job is None:
-            raise p.InvalidField(f"{msg.TYPE.name} req={msg.request_id} answers no "
-                                 f"outstanding {what}")
-        return job
-
-    def on_READ_REPLY(self, header, msg: p.ReadReply) -> None:
-        self._job_for(msg, "READ").on_read_reply(header, msg)
-
-    def on_DIRTY_MAP(self, header, msg: p.DirtyMap) -> None:
-        if msg.request_id == 0 and self.refusing is not None:
-            return  # refused writes: the plan at the next ATTACH covers them (RP-10)
-        if msg.request_id == 0:  # regions the agent could not stream: resync them
-            vol = self._volume(msg)
-            for off, n in msg.extents:
-                p.check_range(off, n, vol.size, "DIRTY_MAP extent")
-            log.info("agent %s reports %d unsent regions of %s; resyncing them",
-                     self.agent_id, len(msg.extents), vol.name)
-            if msg.extents:
-                self.start_sync(vol, p.SyncPlan.DIRTY, list(msg.extents))
-            return
-        self._job_for(msg, "DIRTY_QUERY").on_reply(msg, self.store.journal.last_seq)
-
-    def on_EXTENTS(self, header, msg: p.Extents) -> None:
-        self._job_for(msg, "EXTENT_QUERY").on_extents(msg)
-
-    def on_CHECKSUMS(self, header, msg: p.Checksums) -> None:
-        # Every frame received before this one is journaled: compare with that state.
-        self._job_for(msg, "CHECKSUM_QUERY").on_reply(msg, self.store.journal.last_seq)
-
-    def on_PING(self, header, msg: p.Ping) -> None:
-        self.send(p.Pong(request_id=msg.request_id, echo_ns=msg.sent_ns,
-                         responder_ns=time.time_ns()))
-
-    def on_PONG(self, header, msg: p.Pong) -> None:
-        sent = self.pings.pop(msg.request_id, None)
-        if sent is not None:
-            self.rtt_ns = time.monotonic_ns() - sent
-            self.last_heartbeat_ns = time.time_ns()
-
-    def on_ACK(self, header, msg: p.Ack) -> None:
-        owner = self.requests.owner(msg.request_id)
-        if owner is None:
-            log.warning("agent %s sent an ACK for req=%d, which the hub did not ask: ignored",
-                        self.agent_id, msg.request_id)
-            return
-        owner.on_ack(msg)
-
-    def on_ERROR(self, header, msg: p.Error) -> None:
-        job = self.requests.owner(msg.request_id)
-        if job is not None:
-            job.on_error(msg)
-        else:
-            log.warning("agent %s reports: %s", self.agent_id, msg.describe())
-
-    def on_GOODBYE(self, header, msg: p.Goodbye) -> None:
-        log.info("agent %s says goodbye: %s", self.agent_id, msg.reason)
-        self.closing.set()
-
-    # -- recovery sessions (connection thread; PROTOCOL.md "Recovery") -------------
-
-    def _session(self, msg) -> RecoverySession:
-        s = self.sessions.get(msg.volume)
-        if s is None:
-            raise p.RequestError(f"session id {msg.volume} is not open on this connection",
-                                 code=p.ErrorCode.NO_SUCH_VOLUME)
-        return s
-
-    def on_RECOVER_OPEN(self, header, msg: p.RecoverOpen) -> None:
-        s = self.hub.open_session(self, msg.mode, msg.name, msg.point)
-        self.send(p.RecoverReady(request_id=msg.request_id, volume=s.id, size=s.vol.size,
-                                 point_time_ns=s.time_ns))
-
-    def on_RREAD(self, header, msg: p.RRead) -> None:
-        s = self._session(msg)
-        p.check_range(msg.offset, msg.length, s.vol.size, "RREAD")
-        data = s.read(msg.offset, msg.length)
-        if data is None:
-            reply = p.RReadReply(request_id=msg.request_id, volume=msg.volume,
-                                 offset=msg.offset, length=msg.length, flags=p.FLAG_ZERO)
-        else:
-            reply = p.RReadReply(request_id=msg.request_id, volume=msg.volume,
-                                 offset=msg.offset, length=msg.length, data=data)
-        self.send(reply)
-
-    def on_RWRITE(self, header, msg: p.RWrite) -> None:
-        s = self._session(msg)
-        p.check_range(msg.offset, msg.length, s.vol.size, "RWRITE")
-        seq = s.write(msg.offset, msg.length, None if msg.is_zero else msg.data,
-                      None if msg.is_zero else header.payload_crc)
-        self.acker.after(seq, p.Ack(request_id=msg.request_id))  # RC-4: once durable
-
-    def on_RFLUSH(self, header, msg: p.RFlush) -> None:
-        self.acker.after(self._session(msg).flush_seq(), p.Ack(request_id=msg.request_id))
-
-    def on_RECOVER_CLOSE(self, header, msg: p.RecoverClose) -> None:
-        seq = self.hub.close_session(self._session(msg))
-        self.acker.after(seq, p.Ack(request_id=msg.request_id))
-
-    # -- sync and liveness (any thread) ------------------------------------------
-
-    def start_sync(self, vol: Volume, plan: p.SyncPlan, extents=None,
-                   start: bool = True) -> SyncJob | None:
-        """Start a sync job for ``vol`` (its state is persisted first), or add
-        ``extents`` to the one running; return the new job, else None.
-
-        A new job covers at least what an earlier one that did not finish owed
-        (SY-1): a DIRTY job for a few reported ``extents`` becomes that plan in
-        full (the agent still has those extents marked, so the plan covers them)."""
-        with vol.attach_lock, self.sync_lock:
-            job = vol.sync
-            if job is not None and job.conn is self and job.add_extents(extents):
-                return None
-            owed = owed_plan(vol)
-            if owed > plan or (owed == plan and extents is not None):
-                log.info("volume %s: an earlier %s sync did not finish; redoing it in full",
-                         vol.name, owed.name)
-                plan, extents = owed, None
-            job = SyncJob(self, vol, plan, extents)
-            vol.sync = job
-            self.jobs.add(job)
-            job.begin()
-        if start:
-            job.start()
-        return job
-
-    def ping(self) -> None:
-        """Heartbeat thread: send a PING; on_PONG measures the round trip."""
-        req = self.requests.new_id()
-        self.pings = {k: v for k, v in self.pings.items()
-                      if time.monotonic_ns() - v < 60e9}
-        self.pings[req] = time.monotonic_ns()
-        self.send(p.Ping(request_id=req, sent_ns=time.time_ns()))
-
-    def status(self) -> dict:
-        return dict(agent_id=self.agent_id, address=self.peer, state=self.state.value,
-                    connected_since=fmt_time_ns(self.connected_ns),
-                    connected_since_ns=self.connected_ns,
-                    rtt_ms=None if self.rtt_ns is None else round(self.rtt_ns / 1e6, 3),
-                    last_heartbeat=fmt_time_ns(self.last_heartbeat_ns),
-                    volumes=sorted(v.name for v in self.volumes.values()))
-
-
-#: The GOODBYE to a connection whose records were refused, once they can be taken.
-STORAGE_RECOVERED = "the hub's storage recovered: attach again to resync the refused writes"
-#: What a connection whose stream the journal refused refuses too (RP-10).
-REFUSED_WHILE_DEGRADED = frozenset({
-    p.MsgType.WRITE, p.MsgType.ZERO, p.MsgType.CHECKPOINT, p.MsgType.READ_REPLY,
-    p.MsgType.EXTENTS, p.MsgType.ATTACH})
-
-
-def owed_plan(vol: Volume) -> p.SyncPlan:
-    """The sync a volume still owes: the plan of one that began and did not
-    finish (FULL until the first full sync completes), NONE when consistent."""
-    if not vol.meta["full_synced"]:
-        return p.SyncPlan.FULL
-    if vol.state == VolState.CONSISTENT or not vol.meta.get("pending_plan"):
-        return p.SyncPlan.NONE
-    return p.SyncPlan[vol.meta["pending_plan"]]
-
-
-def vol_acked(vol: Volume):
-    def done():
-        vol.last_ack_ns = time.time_ns()
-    return done
-
-
-HANDLERS = {t: getattr(AgentConnection, f"on_{t.name}")
-            for t in p.MsgType if hasattr(AgentConnection, f"on_{t.name}")}
-
-
-# ---------------------------------------------------------------------------
 # Sync control (docs/SEMANTICS.md "Sync": the hub drives it)
 
 
@@ -4548,522 +5064,6 @@ class Failback(Requester):
                     delta_bytes=extent_bytes(self.delta), late_writes_bytes=extent_bytes(self.late),
                     late_writes_known=self.late_known, late_writes_dir=self.late_dir,
                     fenced=self.fenced, started=fmt_time_ns(self.started_ns), error=self.error)
-
-
-# ---------------------------------------------------------------------------
-# The hub
-
-
-class Hub:
-    """The server: listener, connections, store, heartbeat, control socket.
-
-    ``start`` returns once the hub accepts connections; ``shutdown`` stops
-    accepting, lets every connection finish its frame, makes everything
-    durable and returns.  Used in-process by tests and by ``serve``.
-    """
-
-    def __init__(self, data_dir: str, agents_file: str, listen=("127.0.0.1", 0),
-                 tls_cert: str | None = None, tls_key: str | None = None,
-                 sync_rate: float = 0, retention: float = DEFAULT_RETENTION,
-                 max_bytes: int = DEFAULT_MAX_JOURNAL_BYTES,
-                 segment_bytes: int = SEGMENT_BYTES, heartbeat: float = HEARTBEAT_INTERVAL,
-                 metrics_listen: tuple[str, int] | None = None,
-                 scrub_interval: float = DEFAULT_SCRUB_INTERVAL,
-                 scrub_rate: float = DEFAULT_SCRUB_RATE,
-                 handshake_timeout: float | None = None,
-                 max_connections: int = MAX_CONNECTIONS,
-                 max_unauthenticated_per_address: int = MAX_UNAUTHENTICATED_PER_ADDRESS):
-        self.store = VolumeStore(data_dir, retention, max_bytes, segment_bytes)
-        self.handshake_timeout = handshake_timeout   # None: HANDSHAKE_TIMEOUT
-        self.max_connections = max_connections
-        self.max_unauthenticated_per_address = max_unauthenticated_per_address
-        self.accept_log = LogThrottle(ACCEPT_LOG_INTERVAL)
-        self.agents = AgentsFile(agents_file)
-        self.listen_addr = listen
-        self.tls = None
-        if tls_cert:
-            self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            self.tls.minimum_version = ssl.TLSVersion.TLSv1_2
-            self.tls.load_cert_chain(tls_cert, tls_key)
-        self.rate = RateLimiter(sync_rate)
-        self.scrub_interval, self.scrub_rate = scrub_interval, RateLimiter(scrub_rate)
-        self.heartbeat_interval = heartbeat
-        self.stopping = threading.Event()
-        self.conn_lock = threading.Lock()
-        self.connections: set[AgentConnection] = set()
-        self.listener: socket.socket | None = None
-        self.threads: list[threading.Thread] = []
-        self.control: ControlServer | None = None
-        self.started_ns = time.time_ns()
-        self.session_lock = threading.Lock()
-        self.sessions: dict[str, RecoverySession | None] = {}  # by volume name (BUSY)
-        self.metrics_listen = metrics_listen
-        self.metrics: MetricsServer | None = None
-        self.error_lock = threading.Lock()
-        self.errors: collections.Counter[str] = collections.Counter()  # kind -> WARNINGs
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return self.listener.getsockname()[:2]
-
-    def count_error(self, kind: str) -> None:
-        """Count a fault logged at WARNING, for status and /metrics.  Any thread."""
-        with self.error_lock:
-            self.errors[kind] += 1
-
-    def start(self) -> None:
-        self.store.open()
-        self.store.on_reopened = self._storage_recovered
-        self.store.on_damaged = self._verify_damaged
-        self.store.start()
-        scratch = os.path.join(self.store.dir, SCRATCH_DIR)
-        if os.path.isdir(scratch) and os.listdir(scratch):
-            log.info("discarding %d recovery test overlays left by a stopped hub",
-                     len(os.listdir(scratch)))
-        shutil.rmtree(scratch, ignore_errors=True)
-        host, port = self.listen_addr
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.listener = socket.socket(family, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((host, port))
-        self.listener.listen(64)
-        self.control = ControlServer(self)
-        if self.metrics_listen is not None:
-            try:
-                self.metrics = MetricsServer(self.metrics_listen,
-                                             lambda: hub_metrics(self.status()),
-                                             "rephub-metrics", log)
-            except OSError as err:
-                raise OSError(err.errno, f"--metrics-listen {self.metrics_listen[0]}:"
-                              f"{self.metrics_listen[1]}: {err.strerror}") from err
-        loops = [(self._accept_loop, "accept"), (self._heartbeat_loop, "heartbeat")]
-        if self.scrub_interval:
-            loops.append((self._scrub_loop, "scrub"))
-        for target, name in loops:
-            t = threading.Thread(target=target, name=name, daemon=True)
-            t.start()
-            self.threads.append(t)
-        log.info("hub %s listening on %s:%d%s, data %s", self.store.hub_id, *self.address,
-                 " (TLS)" if self.tls else "", self.store.dir)
-
-    def _accept_loop(self) -> None:
-        """Accept thread: one connection thread per agent; it never dies and never spins.
-
-        Out of descriptors or memory (ACCEPT_RESOURCE_ERRNOS), or when a
-        connection thread cannot start (that connection is closed), it waits on
-        ``stopping`` for a delay doubling from ACCEPT_BACKOFF_MIN to
-        ACCEPT_BACKOFF_MAX, back to none once a connection starts, and logs
-        each kind of trouble once per ACCEPT_LOG_INTERVAL (``accept_log``).
-        """
-        backoff = 0.0
-        while not self.stopping.is_set():
-            if backoff and self.stopping.wait(backoff):
-                return
-            ready, _, _ = select.select([self.listener], [], [], POLL_INTERVAL)
-            if not ready:
-                continue
-            try:
-                sock, addr = self.listener.accept()
-            except OSError as err:
-                if self.stopping.is_set():
-                    return
-                if err.errno in ACCEPT_RESOURCE_ERRNOS:
-                    backoff = min(max(2 * backoff, ACCEPT_BACKOFF_MIN), ACCEPT_BACKOFF_MAX)
-                    self.accept_log.warning(
-                        "accept-" + errno.errorcode.get(err.errno, "?"),
-                        "accept failed: %s; new connections wait (retrying every %g s at "
-                        "most; raise the fd limit or --max-connections lower)",
-                        err, ACCEPT_BACKOFF_MAX)
-                else:   # ECONNABORTED, EPROTO, ...: that peer is gone, the next one is not
-                    log.debug("accept failed: %s", err)
-                continue
-            try:
-                started = self._start_connection(sock, addr)
-            except (RuntimeError, MemoryError) as err:   # "can't start new thread"
-                sock.close()
-                backoff = min(max(2 * backoff, ACCEPT_BACKOFF_MIN), ACCEPT_BACKOFF_MAX)
-                self.accept_log.warning("thread", "connection from %s closed: cannot start "
-                                        "its thread (%s)", addr[0], err)
-                continue
-            except Exception as err:  # noqa: BLE001 - the accept thread never dies
-                sock.close()
-                log.error("connection from %s closed: %r", addr[0], err, exc_info=err)
-                continue
-            if started:
-                backoff = 0.0
-
-    def _start_connection(self, sock: socket.socket, addr) -> bool:
-        """Accept thread: start ``sock``'s connection thread, or close it at once
-        (without a byte: [HS-1]) when the hub holds ``max_connections``, or
-        ``max_unauthenticated_per_address`` unauthenticated ones from its address.
-        Raises if the thread cannot start (the connection is forgotten)."""
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as err:   # reset before we got to it
-            log.debug("connection from %s gone at accept: %s", addr[0], err)
-            sock.close()
-            return False
-        with self.conn_lock:
-            refused = None
-            if len(self.connections) >= self.max_connections:
-                refused = ("limit", f"{len(self.connections)} connections open "
-                                    f"(--max-connections {self.max_connections})")
-            else:
-                waiting = sum(1 for c in self.connections
-                              if c.host == addr[0] and c.state is ConnState.HANDSHAKE)
-                if waiting >= self.max_unauthenticated_per_address:
-                    refused = ("per-address", f"{waiting} unauthenticated connections from it "
-                               f"(--max-unauthenticated-per-address "
-                               f"{self.max_unauthenticated_per_address})")
-            if refused is None:
-                conn = AgentConnection(self, sock, addr)
-                self.connections.add(conn)
-        if refused is not None:
-            sock.close()
-            self.accept_log.warning(refused[0], "connection from %s closed at once: %s",
-                                    addr[0], refused[1])
-            return False
-        try:
-            conn.thread = threading.Thread(target=conn.run, name=f"conn-{conn.peer}",
-                                           daemon=True)
-            conn.thread.start()
-        except BaseException:
-            with self.conn_lock:
-                self.connections.discard(conn)
-            raise
-        return True
-
-    def _heartbeat_loop(self) -> None:
-        """Heartbeat thread: PING every authenticated connection."""
-        while not self.stopping.wait(self.heartbeat_interval):
-            with self.conn_lock:  # every authenticated one: recovery connections too
-                conns = [c for c in self.connections if c.state == ConnState.ESTABLISHED]
-            silent_limit = PEER_SILENCE_INTERVALS * self.heartbeat_interval
-            for conn in conns:
-                silent = time.monotonic() - conn.last_recv
-                if silent > silent_limit:
-                    conn.abort(f"nothing received for {silent:.1f} s, PINGs unanswered: "
-                               "the peer is hung or the connection half-open")
-                    continue
-                try:
-                    conn.ping()
-                except (OSError, ConnectionClosed) as err:
-                    conn.abort(f"heartbeat send failed: {err}")
-
-    def _storage_recovered(self) -> None:
-        """Storage watcher: the journal takes records again; every connection whose
-        records were refused ends, so that its agent attaches again (RP-10)."""
-        with self.conn_lock:
-            refusing = [c for c in self.connections if c.refusing is not None]
-        for conn in refusing:
-            conn.say_goodbye(STORAGE_RECOVERED, p.GoodbyeCode.STORAGE_RECOVERED)
-
-    def _verify_damaged(self, vol: Volume) -> None:
-        """Rot in ``vol``'s replica (any thread): verify it now if its agent is attached
-        (it rewrites what differs); else the next ATTACH does (pending VERIFY)."""
-        conn = vol.attached_to
-        if conn is not None and vol.id not in conn.demoted and vol.sync is None:
-            try:
-                conn.start_sync(vol, p.SyncPlan.VERIFY)
-            except (p.ReplicationError, OSError, ConnectionClosed) as err:
-                log.warning("volume %s: verify of the damaged replica not started: %s",
-                            vol.name, err)
-
-    def _scrub_loop(self) -> None:
-        """Scrub thread: every ``scrub_interval``, check each replica against its
-        checksums at ``scrub_rate`` at most; rot found is verified away."""
-        while not self.stopping.wait(self.scrub_interval):
-            for vol in list(self.store.volumes.values()):
-                try:
-                    vol.last_scrub = self.store.scrub(vol, self.scrub_rate, self.stopping)
-                except OSError as err:
-                    log.error("scrub of %s failed: %s", vol.name, err)
-
-    def register(self, conn: AgentConnection) -> None:
-        """An agent authenticated.  Its older connections stay: one that has a
-        volume loses it only when this one attaches that volume (take_over),
-        so a recovery session of the same agent id leaves protection alone."""
-        with self.conn_lock:
-            others = [c.peer for c in self.connections
-                      if c is not conn and c.agent_id == conn.agent_id]
-        if others:
-            log.info("agent %s: connected from %s as well as from %s", conn.agent_id, conn.peer,
-                     ", ".join(others))
-
-    def unregister(self, conn: AgentConnection) -> None:
-        with self.conn_lock:
-            self.connections.discard(conn)
-
-    def checkpoint(self, volume: str, name: str) -> dict:
-        """A checkpoint for every volume of ``volume``'s owner, durable on return."""
-        vol = self.store.volume(volume)
-        if vol is None:
-            raise p.RequestError(f"no volume named {volume!r}", code=p.ErrorCode.NO_SUCH_VOLUME)
-        rec = self.store.append_checkpoint(vol.owner, name)
-        if not self.store.journal.wait_durable(rec.seq, timeout=60):
-            raise p.RequestError("checkpoint not durable", code=p.ErrorCode.IO_ERROR)
-        log.info("checkpoint %r of agent %s at seq %d (operator)", name, vol.owner, rec.seq)
-        return dict(name=name, agent=vol.owner, seq=rec.seq, time=fmt_time_ns(rec.time_ns))
-
-    def reseed(self, volume: str) -> dict:
-        """``rephub.py reseed``: the next ATTACH of ``volume`` may bring another disk
-        identity (VO-8); it is VERIFYed, so the replica becomes that disk.  A
-        connection whose ATTACH was refused for its identity is closed so that
-        its agent reconnects and attaches again now."""
-        vol = self.store.volume(volume)
-        if vol is None:
-            raise p.RequestError(f"no volume named {volume!r}", code=p.ErrorCode.NO_SUCH_VOLUME)
-        vol.update(reseed=True)
-        with self.conn_lock:
-            refused = [c for c in self.connections if vol.name in c.refused_identity]
-        for conn in refused:
-            conn.abort(f"volume {vol.name} was re-seeded: the agent attaches it again")
-        log.warning("volume %s re-seeded by the operator: the next ATTACH of agent %s may bring "
-                    "another disk; it is verified against the replica", vol.name, vol.owner)
-        return dict(volume=vol.name, owner=vol.owner, reconnected=len(refused))
-
-    def verify(self, volume: str, repair: bool, progress=None, timeout: float = 3600.0) -> dict:
-        """Online verify (control thread): compare ``volume`` with its agent's copy by
-        checksums over the live connection, while replication goes on; with
-        ``repair`` READ the differing chunks.  Returns once the comparison is done."""
-        vol = self.store.volume(volume)
-        if vol is None:
-            raise p.RequestError(f"no volume named {volume!r}", code=p.ErrorCode.NO_SUCH_VOLUME)
-        conn = vol.attached_to
-        if conn is None or conn.closing.is_set():
-            raise p.RequestError(f"volume {volume!r} is not attached: its agent is not "
-                                 "connected, nothing to compare with", code=p.ErrorCode.BUSY)
-        with vol.attach_lock, conn.sync_lock:
-            if vol.sync is not None and not vol.sync.finished:
-                raise p.RequestError(f"volume {volume!r} is syncing ({vol.sync.plan.name}); "
-                                     "verify again once it is done", code=p.ErrorCode.BUSY)
-            job = SyncJob(conn, vol, p.SyncPlan.VERIFY, online=True, repair=repair)
-            vol.sync = job
-            conn.jobs.add(job)
-        if repair:
-            job.begin()
-        log.info("online verify of %s%s starts", vol.name, " with repair" if repair else "")
-        job.start()
-        deadline = time.monotonic() + timeout
-        while job.is_alive() and time.monotonic() < deadline:
-            job.join(0.5)
-            if progress:
-                progress(job.bytes_done, job.bytes_total)
-        st = job.status()
-        if not job.completed:
-            raise p.RequestError(f"verify of {volume!r} did not complete: "
-                                 f"{st['error'] or 'connection closed or timed out'}",
-                                 code=p.ErrorCode.IO_ERROR)
-        differing = [dict(offset=o, length=n) for o, n in job.differing]
-        return dict(volume=vol.name, size=vol.size, chunk_size=job.chunk,
-                    chunks=-(-vol.size // job.chunk), compared_bytes=job.bytes_done,
-                    differing=differing, differing_bytes=sum(n for _, n in job.differing),
-                    repaired=repair and bool(differing), bytes_fetched=job.bytes_fetched,
-                    seconds=round(time.monotonic() - job.started, 3))
-
-    # -- recovery (PROTOCOL.md "Recovery"; any thread) -----------------------------
-
-    def open_session(self, conn: AgentConnection, mode: p.RecoverMode, name: str,
-                     point: str) -> RecoverySession:
-        """Open a TEST or FAILOVER session for ``conn``'s agent (RC-1, RC-2)."""
-        vol = self.store.volume(name)
-        if vol is None:
-            raise p.RequestError(f"no volume named {name!r}", code=p.ErrorCode.NO_SUCH_VOLUME)
-        if not self.agents.may_recover(conn.agent_id, vol.owner):
-            raise p.RequestError(f"agent {conn.agent_id} may not recover volume {name!r} of "
-                                 f"agent {vol.owner} (not its owner, and the agents file "
-                                 f"does not give it recover={vol.owner})",
-                                 code=p.ErrorCode.NOT_OWNER)
-        self._reserve(vol)
-        try:
-            if mode == p.RecoverMode.TEST:
-                seq, t_ns = self.store.resolve_point(vol, point)
-                sid = next(conn.session_ids)
-                overlay = Overlay(os.path.join(self.store.dir, SCRATCH_DIR,
-                                               f"{vol.id}-{secrets.token_hex(6)}"), vol.size)
-                self.store.pin(seq)
-            elif vol.role is Role.PROMOTED and point == "latest":
-                seq, t_ns = self.store.resolve_point(vol, point)  # carry on the new history
-                sid, overlay = next(conn.session_ids), None
-            else:
-                res = self.promote(vol.name, point, reserved=True)
-                seq, t_ns, sid, overlay = res["seq"], res["time_ns"], next(conn.session_ids), None
-            s = RecoverySession(sid, conn, vol, mode, point, seq, t_ns, overlay)
-        except BaseException:
-            with self.session_lock:
-                self.sessions.pop(vol.name, None)
-            raise
-        with self.session_lock:
-            self.sessions[vol.name] = s
-        conn.sessions[sid] = s
-        log.info("recovery: %s opened", s.describe())
-        return s
-
-    def _reserve(self, vol: Volume) -> None:
-        with self.session_lock:
-            fb = vol.failback
-            if fb is not None and fb.phase.running:
-                raise p.RequestError(f"volume {vol.name!r} is busy: failing back to agent "
-                                     f"{fb.agent} ({fb.phase.value})", code=p.ErrorCode.BUSY)
-            if vol.name in self.sessions:
-                other = self.sessions[vol.name]
-                raise p.RequestError(f"volume {vol.name!r} is busy: "
-                                     f"{other.describe() if other else 'being promoted'}",
-                                     code=p.ErrorCode.BUSY)
-            self.sessions[vol.name] = None
-
-    def close_session(self, s: RecoverySession) -> int:
-        """End a session (RECOVER_CLOSE or end of connection); return the seq its
-        ACK waits for.  A TEST overlay is deleted here (RC-5)."""
-        if s.conn.sessions.pop(s.id, None) is None:
-            return 0
-        if s.overlay is not None:
-            s.overlay.discard()
-            self.store.pin(s.seq, -1)
-        with self.session_lock:
-            if self.sessions.get(s.vol.name) is s:
-                del self.sessions[s.vol.name]
-        log.info("recovery: %s closed after %d writes%s", s.describe(), s.writes,
-                 "; overlay discarded" if s.overlay is not None else "")
-        return s.flush_seq()
-
-    def promote(self, volume: str, at: str, reserved: bool = False) -> dict:
-        """Promote ``volume`` at point ``at`` (FAILOVER, or ``rephub.py promote``):
-        newer journal entries are set aside, the replica rolled back, and the
-        protected side's WRITE/ZERO/ATTACH refused with ERROR(ROLE) from now on."""
-        vol = self.store.volume(volume)
-        if vol is None:
-            raise p.RequestError(f"no volume named {volume!r}", code=p.ErrorCode.NO_SUCH_VOLUME)
-        if not reserved:
-            self._reserve(vol)
-        try:
-            seq, t_ns = self.store.resolve_point(vol, at)
-            conn = vol.attached_to
-            job = vol.sync
-            if job is not None:  # a resync from the protected side ends here
-                job.stop()
-                if job is not threading.current_thread():
-                    job.join(timeout=5)
-            res = self.store.roles.promote(vol, seq, at)
-            if conn is not None:
-                log.info("volume %s: the protected agent %s stays connected; its writes to "
-                         "the volume are refused (ROLE)", vol.name, conn.agent_id)
-        finally:
-            if not reserved:
-                with self.session_lock:
-                    self.sessions.pop(vol.name, None)
-        return dict(res, time_ns=t_ns)
-
-    def failback(self, volume: str, agent_id: str, emit, confirm) -> dict:
-        """Bring promoted ``volume`` home to ``agent_id`` (``rephub.py failback``;
-        the control request thread): see ``Failback``.  Refused clearly unless
-        the volume is promoted and its owner is connected with it attached DEMOTED."""
-        vol = self.store.volume(volume)
-        if vol is None:
-            raise p.RequestError(f"no volume named {volume!r}", code=p.ErrorCode.NO_SUCH_VOLUME)
-        if vol.role is not Role.PROMOTED:
-            raise p.RequestError(f"volume {volume} is not promoted: nothing to fail back",
-                                 code=p.ErrorCode.BAD_PHASE)
-        if vol.owner != agent_id:
-            raise p.RequestError(f"volume {volume} belongs to agent {vol.owner}, not "
-                                 f"{agent_id}: a fail-back goes to the volume's owner",
-                                 code=p.ErrorCode.NOT_OWNER)
-        conn = vol.attached_to
-        if (conn is None or conn.agent_id != agent_id or conn.closing.is_set()
-                or vol.id not in conn.demoted):
-            raise p.RequestError(f"agent {agent_id} is not connected with volume {volume} "
-                                 "attached DEMOTED: start repagent.py protect --accept-failback "
-                                 "... on the original host", code=p.ErrorCode.BAD_PHASE)
-        with self.session_lock:
-            if vol.failback is not None and vol.failback.phase.running:
-                raise p.RequestError(f"a fail-back of {volume} to agent {vol.failback.agent} "
-                                     f"is already running ({vol.failback.phase.value})",
-                                     code=p.ErrorCode.BUSY)
-            if vol.name in self.sessions and self.sessions[vol.name] is None:
-                raise p.RequestError(f"volume {volume} is being promoted", code=p.ErrorCode.BUSY)
-            fb = vol.failback = Failback(self, vol, conn, emit, confirm)
-        return fb.run()
-
-    def status(self) -> dict:
-        store, j = self.store, self.store.journal
-        now = time.time_ns()
-        first, last = j.record(j.first_seq), j.record(j.last_seq)
-        vols = []
-        for vol in sorted(list(store.volumes.values()), key=lambda v: v.name):
-            job = vol.sync
-            sync = job.status() if job is not None else vol.last_sync
-            vols.append(dict(
-                name=vol.name, id=vol.id, owner=vol.owner, state=vol.state.value,
-                size=vol.size, chunk_size=vol.meta["chunk_size"],
-                attached=vol.attached_to is not None, sync=sync,
-                lag_bytes=vol.unapplied_bytes,
-                lag_s=round((now - vol.unapplied_since_ns) / 1e9, 3)
-                if vol.unapplied_since_ns else 0.0,
-                last_ack=fmt_time_ns(vol.last_ack_ns),
-                undo_records=len(vol.undo), replicated_bytes=vol.journaled_bytes,
-                role=vol.role.value,
-                demoted=vol.attached_to is not None and vol.id in vol.attached_to.demoted,
-                degraded=store.health.report(vol.name), last_scrub=vol.last_scrub,
-                failback=vol.failback.status() if vol.failback is not None else None))
-        with self.conn_lock:
-            agents = [c.status() for c in self.connections if c.agent_id is not None
-                      and c.state == ConnState.ESTABLISHED]
-        with self.error_lock:
-            errors = dict(self.errors)
-        return dict(
-            hub_id=store.hub_id, listen="%s:%d" % self.address, tls=self.tls is not None,
-            started=fmt_time_ns(self.started_ns),
-            journal=dict(first_seq=j.first_seq, last_seq=j.last_seq, durable_seq=j.durable_seq,
-                         applied_seq=store.applied_seq, bytes=j.log.total_bytes(),
-                         undo_bytes=store.undo_log.total_bytes(), fdatasyncs=j.fdatasyncs,
-                         commits=j.commits,
-                         oldest=fmt_time_ns(first.time_ns) if first else None,
-                         newest=fmt_time_ns(last.time_ns) if last else None,
-                         span_s=round((last.time_ns - first.time_ns) / 1e9, 3)
-                         if first and last else 0.0,
-                         damage=[dict(file=seglog.path(d["segment"]), start=d["start"],
-                                      end=d["end"], problem=d["problem"], copy=d["copy"])
-                                 for seglog in (j.log, store.undo_log) for d in seglog.damage],
-                         lost_seqs=[seq for seq, _, _ in j.lost]),
-            volumes=vols, agents=sorted(agents, key=lambda a: a["agent_id"]),
-            sessions=self.session_status(), errors=errors,
-            degraded=store.health.report())
-
-    def session_status(self) -> list[dict]:
-        """The open recovery sessions, for ``status``."""
-        with self.session_lock:
-            sessions = [s for s in self.sessions.values() if s is not None]
-        return [dict(volume=s.vol.name, mode=s.mode.name, point=s.point, seq=s.seq,
-                     agent=s.conn.agent_id, address=s.conn.peer, writes=s.writes)
-                for s in sorted(sessions, key=lambda s: s.vol.name)]
-
-    def shutdown(self, grace: float = 30.0) -> None:
-        """Stop accepting, finish frames, make everything durable (the stopping thread)."""
-        if self.listener is None:
-            return
-        log.info("hub stopping: no new connections; finishing current frames")
-        self.stopping.set()
-        for t in self.threads:
-            t.join(timeout=5)
-        self.listener.close()
-        self.store.closing.set()
-        if self.control:
-            self.control.close()
-        if self.metrics:
-            self.metrics.close()
-        with self.conn_lock:
-            conns = list(self.connections)
-        deadline = time.monotonic() + grace
-        for conn in conns:
-            if conn.thread is not None:
-                conn.thread.join(timeout=max(deadline - time.monotonic(), 0.1))
-                if conn.thread.is_alive():
-                    conn.abort("did not finish its frame in time")
-                    conn.thread.join(timeout=5)
-        self.store.close()
-        self.listener = None
-        log.info("hub stopped; journal durable up to seq %d, replicas up to seq %d",
-                 self.store.journal.durable_seq, self.store.applied_seq)
 
 
 # ---------------------------------------------------------------------------
