@@ -631,6 +631,11 @@ class QMPClient:
     ``execute`` runs in any thread and waits for the reply with the same id;
     the ``qmp-reader`` thread reads every line, hands replies to their
     waiter and events to ``on_event`` (called in the reader thread).
+
+    Threads::
+
+        execute              any thread; the reply comes back on qmp-reader
+        close                main, or repagent-jobs when QSD went away
     """
 
     def __init__(self, path: str, on_event: Callable[[dict], None] | None = None,
@@ -908,7 +913,12 @@ def delete_export(qmp: QMPClient, export: str, timeout: float = 10.0) -> bool:
 
 
 class FileSource:
-    """Reads a raw image file directly (QSD shares the page cache)."""
+    """Reads a raw image file directly (QSD shares the page cache).
+
+    Threads::
+
+        *                    repagent-sync-N, repagent-failback or nbd-conn-VOLUME-N (each reader has one user)
+    """
 
     def __init__(self, path: str):
         self.path = path
@@ -948,7 +958,12 @@ class FileSource:
 
 
 class NBDSource:
-    """Reads QSD's NBD export of the node; reconnects once on a broken connection."""
+    """Reads QSD's NBD export of the node; reconnects once on a broken connection.
+
+    Threads::
+
+        *                    repagent-sync-N, repagent-failback or nbd-conn-VOLUME-N (each reader has one user)
+    """
 
     def __init__(self, address, export: str):
         self.address, self.export = address, export
@@ -1059,7 +1074,12 @@ class Failback:
 @dataclasses.dataclass
 class ReadWindow:
     """A hub READ/CHECKSUM_QUERY/EXTENT_QUERY being served: overlapping writes are
-    held until its answer is queued (``SyncServer.read_window``)."""
+    held until its answer is queued (``SyncServer.read_window``).
+
+    Threads::
+
+        answer               repagent-sync-N, with Stream.lock taken here
+    """
 
     start: int
     end: int
@@ -1108,7 +1128,15 @@ def parse_meta(raw: bytes) -> tuple[dict, str | None]:
 
 
 class Volume:
-    """One protected node: its bitmap, QEMU names, hub id and counters."""
+    """One protected node: its bitmap, QEMU names, hub id and counters.
+
+    Threads::
+
+        open_bitmap          main, at start
+        read_once            any thread (a reader of its own)
+        save_meta            any thread; under Stream.lock where the stream decides what it saves
+        attach_state, must_hold  any thread, with Stream.lock held
+    """
 
     def __init__(self, name: str, node: str, state_dir: str):
         self.name = p.validate_name(name, "volume name")
@@ -1245,7 +1273,12 @@ class Volume:
 
 
 class TargetHandler(nbd.Handler):
-    """The NBD export QSD's mirror writes into; runs on the nbd-conn threads."""
+    """The NBD export QSD's mirror writes into; runs on the nbd-conn threads.
+
+    Threads::
+
+        *                    nbd-conn-VOLUME-N
+    """
 
     def __init__(self, stream: "Stream", volume: Volume):
         self.stream, self.volume = stream, volume
@@ -1569,6 +1602,15 @@ class Stream:
     queue; the connection's ``cond`` and ``timer_cond`` are conditions on
     it.  Lock order: ``QemuSide.mirror_lock`` before ``lock``; ``error_lock``
     is a leaf.
+
+    Threads::
+
+        protected_write      nbd-conn-VOLUME-N
+        timer_loop           repagent-timer
+        fill_drop_report     repagent-send, with lock held
+        acked                repagent-recv, with lock held
+        volume_for, answer   any thread; takes lock
+        *                    any thread, with lock held
     """
 
     def __init__(self, cfg: Config, volumes: list[Volume], stopping: threading.Event):
@@ -1773,6 +1815,13 @@ class SyncServer:
     stream position it was queued at, so that the hub's SYNCED for it
     (``synced``, recv thread) can forget the losses it repairs.  ``replies``
     is guarded by the stream's lock and forgotten with the connection.
+
+    Threads::
+
+        submit, synced       repagent-recv
+        forget               any thread, with Stream.lock held (the connection ended)
+        threads              main (start, stop)
+        *                    repagent-sync-N
     """
 
     def __init__(self, stream: Stream, stopping: threading.Event):
@@ -1966,6 +2015,13 @@ class FailbackWorker:
     agent stopping) leaves a note on the same queue: a fail-back cut short
     ends like an ABORT.  The node is shared with the jobs thread under
     ``QemuSide.mirror_lock``.
+
+    Threads::
+
+        submit               repagent-recv
+        cut_short            any thread (a lost connection, the agent stopping)
+        stop                 main
+        *                    repagent-failback
     """
 
     def __init__(self, cfg: Config, stream: Stream, qemu: "QemuSide",
@@ -2189,6 +2245,13 @@ class QemuSide:
     ``qmp`` is replaced when QSD comes back after a restart; ``mirror_lock``
     keeps the jobs thread and a fail-back's QMP work apart (it is taken
     before the stream's lock).
+
+    Threads::
+
+        connect, unprotect, close  main
+        set_up_mirror        main (at start) or repagent-jobs
+        mirror_again         repagent-failback, with mirror_lock held
+        *                    repagent-jobs
     """
 
     def __init__(self, cfg: Config, volumes: list[Volume], stream: Stream,
@@ -3009,6 +3072,12 @@ class RecoveryClient:
 
     Threads: ``repagent-recover-recv`` alone reads the socket (answers, PINGs);
     the nbd-conn threads call ``request``; every send holds ``send_lock``.
+
+    Threads::
+
+        open, close          main
+        request              nbd-conn-VOLUME-N (the recovery export)
+        *                    repagent-recover-recv
     """
 
     def __init__(self, cfg: RecoveryConfig, volume: str, point: str, mode: p.RecoverMode):
@@ -3290,7 +3359,12 @@ class RecoveryClient:
 
 
 class RecoveryHandler(nbd.Handler):
-    """The recovery export: each NBD request becomes one hub request (nbd-conn threads)."""
+    """The recovery export: each NBD request becomes one hub request (nbd-conn threads).
+
+    Threads::
+
+        *                    nbd-conn-VOLUME-N (the recovery export)
+    """
 
     def __init__(self, client: RecoveryClient):
         self.client = client
@@ -3403,7 +3477,12 @@ def cmd_recover(args) -> int:
 
 
 class CheckpointWaiter:
-    """A CHECKPOINT sent through the running protect agent, until the hub answers."""
+    """A CHECKPOINT sent through the running protect agent, until the hub answers.
+
+    Threads::
+
+        answer               repagent-recv (on_ACK, on_ERROR)
+    """
 
     def __init__(self):
         self.event = threading.Event()

@@ -368,7 +368,12 @@ class Health:
     """The faults of the hub's storage now, per hub (volume None) and per volume.
 
     Each fault is logged once when it begins and once when it ends, never
-    per frame.  Any thread."""
+    per frame.  Any thread.
+
+    Threads::
+
+        *                    any thread; takes lock
+    """
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -2020,6 +2025,14 @@ class TLSStream:
     waits for readiness with select outside it, so the recv loop waiting for
     the next frame never stalls the acker's sends.  Offers the few socket
     methods the hub and ``protocol.send_message``/``recv_message`` use.
+
+    Threads::
+
+        recv_into, pending   conn-HOST:PORT (the recv loop), under lock for the call
+        settimeout, close    conn-HOST:PORT, at set-up and at the end
+        shutdown             any thread (heartbeat, main: it ends the recv loop)
+        *                    any thread that sends (conn-HOST:PORT, acker-HOST:PORT, heartbeat,
+                             sync-VOLUME, control-N), under lock for the call
     """
 
     def __init__(self, sock: ssl.SSLSocket, timeout: float):
@@ -2092,7 +2105,12 @@ class TLSStream:
 class LogThrottle:
     """One WARNING per ``interval`` for each kind of trouble, saying how many like
     it were held back meanwhile: a flood of peers or a lasting shortage of
-    descriptors gives a few lines, not one per attempt.  One thread uses it."""
+    descriptors gives a few lines, not one per attempt.  One thread uses it.
+
+    Threads::
+
+        warning              accept
+    """
 
     def __init__(self, interval: float):
         self.interval = interval
@@ -2111,7 +2129,12 @@ class LogThrottle:
 
 
 class RateLimiter:
-    """Token bucket shared by every sync (``--sync-rate`` bytes/s; 0 = unlimited)."""
+    """Token bucket shared by every sync (``--sync-rate`` bytes/s; 0 = unlimited).
+
+    Threads::
+
+        acquire              sync-VOLUME and scrub; takes lock
+    """
 
     def __init__(self, rate: float):
         self.rate = rate
@@ -2195,7 +2218,12 @@ def add_agent(path: str, agent_id: str, recover_for=()) -> str:
 
 
 class AgentsFile:
-    """The agents file, re-read when it changes (add-agent works while the hub runs)."""
+    """The agents file, re-read when it changes (add-agent works while the hub runs).
+
+    Threads::
+
+        *                    conn-HOST:PORT (the handshake, RECOVER_OPEN); takes lock
+    """
 
     def __init__(self, path: str):
         self.path = path
@@ -2231,6 +2259,15 @@ class Journal:
     sequence number; ``wait_durable`` blocks until the committer thread has
     fdatasync'ed past it.  Group commit: the committer takes everything
     appended so far, runs one fdatasync, and wakes every waiter it covered.
+
+    Threads::
+
+        open, start, stop, close  main
+        append, fence        any thread; takes lock
+        resume               storage-watch
+        drop_segment         applier (retention)
+        wait_durable         any thread; waits on durable_cond
+        *                    any thread
     """
 
     def __init__(self, directory: str, segment_bytes: int = SEGMENT_BYTES,
@@ -2498,6 +2535,15 @@ class SegmentLog:
     was created).  ``open`` scans the segments, cuts a torn tail off the last
     one, reports damage anywhere else in ``damage`` (never cutting it), and
     returns the records found.
+
+    Threads::
+
+        open, quarantine, close  main, before the other threads start or after they stop
+        append, repair       any thread, with the owner's lock held
+        take_sync_work       journal-committer or applier, with the owner's lock held
+        do_sync              journal-committer or applier, with no lock held
+        copy_payload, delete_segment  applier
+        *                    any thread
     """
 
     def __init__(self, directory: str, what: str, segment_bytes: int = SEGMENT_BYTES):
@@ -2800,7 +2846,14 @@ class ReplicaSums:
     wrote it (0 = not known yet: a volume from before checksums, or a chunk
     never written).  ``note`` after writing the replica (under the store's
     apply lock), ``flush`` before ``applied_seq`` is persisted, so after a
-    crash every chunk the journal will not write again has its sum on disk."""
+    crash every chunk the journal will not write again has its sum on disk.
+
+    Threads::
+
+        note, flush          applier, or control-N rolling a promoted volume back; under apply_lock
+        close                main
+        *                    any thread
+    """
 
     def __init__(self, directory: str, size: int):
         self.fd = os.open(os.path.join(directory, CHECKSUMS_FILE), os.O_RDWR | os.O_CREAT,
@@ -2866,6 +2919,12 @@ class Volume:
     ``meta`` is what is persisted (name, id, size, chunk_size, owner,
     generation, state, full_synced, pending_plan, applied_seq,
     consistent_since_seq); the other attributes are run-time figures for status.
+
+    Threads::
+
+        update               any thread; takes lock
+        close                main
+        *                    any thread
     """
 
     def __init__(self, directory: str, meta: dict, health: Health | None = None):
@@ -4466,7 +4525,12 @@ class ExtentKind(enum.IntEnum):
 class Overlay:
     """A TEST session's writes: ``DIR/scratch/<session>/overlay`` (sparse, the
     written bytes at their own offsets) and an in-memory extent map of what the
-    session wrote.  Used by the connection thread of the session only."""
+    session wrote.  Used by the connection thread of the session only.
+
+    Threads::
+
+        *                    conn-HOST:PORT of the session's agent
+    """
 
     def __init__(self, directory: str, size: int):
         makedirs_private(directory, exist_ok=False)
@@ -4522,7 +4586,13 @@ class Overlay:
 
 class RecoverySession:
     """One open session.  Created by ``Hub.open_session``; its methods run on
-    the connection thread of the agent that opened it."""
+    the connection thread of the agent that opened it.
+
+    Threads::
+
+        describe             any thread (logs, status)
+        *                    conn-HOST:PORT of the session's agent
+    """
 
     def __init__(self, sid: int, conn: AgentConnection, vol: Volume, mode: p.RecoverMode,
                  point: str, seq: int, time_ns: int, overlay: Overlay | None):
@@ -5150,6 +5220,11 @@ class ControlServer:
     ``{"report": {...}}``; the client answers one line ``{"confirm": true}``
     (or false: the fail-back is abandoned); then progress lines and the final
     ``{"ok": ...}`` line, whose result has ``"outcome": "done"`` or ``"abandoned"``.
+
+    Threads::
+
+        dispatch             control-N
+        close                main
     """
 
     def __init__(self, hub: Hub):
