@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import protocol as p  # noqa: E402
-from hubtools import REPHUB, HubProcess, MemVolume, TestAgent, make_agents_file, wait_for  # noqa: E402
+from hubtools import REPHUB, HubProcess, MemVolume, TestAgent, make_agents_file, wait_until  # noqa: E402
 
 MiB = 1024 * 1024
 
@@ -69,7 +69,7 @@ def run_hub(work: str, count: int, window: int, buffers: list[bytes]) -> tuple[f
         agent = TestAgent(hub.address, "bench", sec["bench"]).connect()
         vol = SizedVolume(count * MiB)
         vid, _ = agent.attach("bench-vol", vol)
-        wait_for(lambda: any(v["name"] == "bench-vol" and v["state"] == "consistent"
+        wait_until(lambda: any(v["name"] == "bench-vol" and v["state"] == "consistent"
                              for v in hub_status(data_dir)["volumes"]), 120, "initial sync")
         before = hub_status(data_dir)["journal"]["fdatasyncs"]
         reqs = []

@@ -36,7 +36,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import nbd  # noqa: E402
 import rephub  # noqa: E402
-from hubtools import HubProcess, MemVolume, TestAgent, make_agents_file, wait_for  # noqa: E402
+from hubtools import HubProcess, MemVolume, TestAgent, make_agents_file, wait_until  # noqa: E402
 from qemu_harness import QemuNBD  # noqa: E402
 
 MiB = 1024 * 1024
@@ -111,7 +111,7 @@ def main() -> int:
                 st = rephub.control_request(data_dir, {"cmd": "status"})
                 return any(v["name"] == VOLUME and v["state"] == "consistent"
                            for v in st["volumes"])
-            wait_for(consistent, 300, "the full sync")
+            wait_until(consistent, 300, "the full sync")
         rec, sock = start_recover(work, hub.address[1], secret_file)
         replica = os.path.join(data_dir, "volumes", VOLUME, "replica")
         read_export(sock, size)  # warm both page caches alike

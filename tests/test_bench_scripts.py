@@ -1,0 +1,28 @@
+"""Every benchmark script still starts: ``--help`` runs its imports and its
+argument parser, so a name it imports from the code or from the test
+helpers cannot be renamed under it unnoticed.  (The benchmarks themselves
+run in ``make bench``, not here.)"""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "bench", "*.py")))
+
+
+def test_there_are_benchmarks():
+    assert any(os.path.basename(s).startswith("bench_") for s in SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_the_script_starts(script):
+    done = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "usage:" in done.stdout
