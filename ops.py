@@ -10,7 +10,8 @@ or a scraper reads is the same for both and lives here:
 * ``prometheus_text`` and ``MetricsServer``: ``GET /metrics`` in the
   Prometheus text exposition format (version 0.0.4), served from the same
   status document the JSON status shows, so the two never disagree;
-* ``parse_host_port``: the ``HOST:PORT`` arguments of both command lines.
+* ``parse_host_port`` and ``add_status_options``: the ``HOST:PORT``
+  arguments and the ``status`` options of both command lines.
 
 Standard library only, no state: each daemon passes its own logger.
 """
@@ -174,3 +175,11 @@ def parse_host_port(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def add_status_options(parser: argparse.ArgumentParser) -> None:
+    """The options both ``status`` subcommands take: ``--json`` and ``--watch``."""
+    parser.add_argument("--json", action="store_true", help="the status document (with "
+                        "--watch: one document per line per refresh)")
+    parser.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
+                        help="redraw every SECONDS (default 2) until Ctrl-C")

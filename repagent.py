@@ -150,7 +150,8 @@ from typing import Callable
 
 import nbd
 import protocol as p
-from ops import MetricsServer, fmt_bytes, format_table, parse_host_port, prometheus_text, watch
+from ops import (MetricsServer, add_status_options, fmt_bytes, format_table, parse_host_port,
+                 prometheus_text, watch)
 
 log = logging.getLogger("repagent")
 
@@ -3700,10 +3701,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="show the running agent's state")
     st.add_argument("--state-dir", required=True)
-    st.add_argument("--json", action="store_true", help="the status document (with --watch: "
-                    "one document per line per refresh)")
-    st.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
-                    help="redraw every SECONDS (default 2) until Ctrl-C")
+    add_status_options(st)
     st.add_argument("--log-level", default="WARNING")
 
     rc = sub.add_parser("recover", help="serve a replica at a point as an NBD export for a "

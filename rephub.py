@@ -178,7 +178,8 @@ import time
 import zlib
 
 import protocol as p
-from ops import MetricsServer, fmt_bytes, format_table, parse_host_port, prometheus_text, watch
+from ops import (MetricsServer, add_status_options, fmt_bytes, format_table, parse_host_port,
+                 prometheus_text, watch)
 
 log = logging.getLogger("rephub")
 
@@ -5911,10 +5912,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_add_agent)
     s = sub.add_parser("status", help="ask the running hub")
     s.add_argument("--data", required=True)
-    s.add_argument("--json", action="store_true", help="the status document (with --watch: "
-                   "one document per line per refresh)")
-    s.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
-                   help="redraw every SECONDS (default 2) until Ctrl-C")
+    add_status_options(s)
     s.set_defaults(func=cmd_status)
     s = sub.add_parser("points", help="list a volume's points in time")
     s.add_argument("--data", required=True)
