@@ -457,7 +457,10 @@ def _name(enum_class, value: int) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Blocking socket glue shared by server and client.
+# Blocking socket glue shared by server and client.  protocol.py has its own
+# two loops like these: each module imports nothing of the other, so either
+# can be taken alone (nbd.py into another NBD tool, protocol.py into another
+# implementation of the replication protocol).
 
 
 def recv_into_exactly(sock: socket.socket, view: memoryview, what: str) -> None:

@@ -1872,7 +1872,8 @@ def load_vectors(path) -> list[dict]:
 
 # ---------------------------------------------------------------------------
 # Blocking socket shim (the only part that touches a socket; the socket is
-# passed in, so this module still imports no socket code).
+# passed in, so this module still imports no socket code).  nbd.py keeps its
+# own copy of the two loops, so that neither module depends on the other.
 
 
 def recv_exactly_into(sock, view: memoryview) -> int:
