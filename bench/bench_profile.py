@@ -60,7 +60,8 @@ KiB, MiB = 1024, 1024 * 1024
 now = time.perf_counter_ns
 #: Calls whose own wall time is a wait for something else, not work.
 WAITS = ("acquire' of '_thread.lock", "acquire' of '_thread.RLock", "select.select",
-         "time.sleep", "wait' of", "accept", "'poll' of", "epoll")
+         "time.sleep", "wait' of", "accept", "'poll' of", "epoll", "recv_into' of",
+         "readline' of")
 
 
 # ===========================================================================
@@ -607,8 +608,12 @@ class Setup:
         self.applied()
         for c in self.ctls.values():
             ctl(c, "reset")
+        q0, g0, t0 = proc_cpu(self.qsd.pid), time.process_time(), time.monotonic()
         result = pipelined_writes(self.qsd.export_path, self.qsd.export_name, self.size, qd,
                                   ops, seconds, seed=qd)
+        wall = time.monotonic() - t0
+        result["qsd_cores"] = (proc_cpu(self.qsd.pid) - q0) / wall
+        result["client_cores"] = (time.process_time() - g0) / wall
         result["loadavg"] = loadavg()
         for role, c in self.ctls.items():
             path = self.work / f"{role}-qd{qd}.json"
@@ -636,6 +641,16 @@ def _try(fn):
         return fn()
     except (OSError, ValueError, KeyError):
         return None
+
+
+def proc_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system) of process ``pid`` so far; 0 if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, TypeError):
+        return 0.0
 
 
 def loadavg() -> str:
@@ -987,7 +1002,9 @@ def report(args, res: dict, floor: dict) -> int:
         for qd in (1, 16):
             plain = res[(f"repagent {mode}", "plain", qd)]
             prof = res[(f"repagent {mode}", "cprofile", qd)]
-            print(f"\n== {mode} QD{qd}: {plain['ops']} writes, {plain['iops']:.0f}/s "
+            print(f"\n== {mode} QD{qd}: {plain['ops']} writes, {plain['iops']:.0f}/s; QSD "
+                  f"{plain.get('qsd_cores', 0):.2f} cores, load generator "
+                  f"{plain.get('client_cores', 0):.2f} cores "
                   f"(load {plain['loadavg']}; profile pass {prof['ops']} writes "
                   f"{prof['iops']:.0f}/s, load {prof['loadavg']})")
             for role in ("agent", "hub"):
@@ -1022,78 +1039,94 @@ def thread(dump: dict, name: str, ops: int) -> dict:
                 {"busy": 0.0, "runq": 0.0, "cpu_us_per_write": 0.0})
 
 
+def tops(prof_run: dict, role: str, thread_name: str, n: int = 3) -> str:
+    """``thread_name``'s largest own times that are not waits, per write (profile pass)."""
+    rows = prof_run[role]["profile"].get("by_thread", {}).get(thread_name, [])[:n]
+    return ", ".join(f"{short(r['func'])} {r['own_s'] * 1e6 / prof_run['ops']:.0f} us"
+                     for r in rows)
+
+
 def summary(res, floor, rows, tot, rows16, tot16) -> list[str]:
     """The "Where the time goes" lines, every number from this run."""
     rtt, fs = floor["rtt"]["p50_us"], floor["fsync"]["p50_us"]
     b1, b16 = res[("qemu-nbd", "plain", 1)], res[("qemu-nbd", "plain", 16)]
     s1, s16 = res[("repagent sync", "plain", 1)], res[("repagent sync", "plain", 16)]
     a1, a16 = res[("repagent async", "plain", 1)], res[("repagent async", "plain", 16)]
+    t1 = res[("repagent sync", "timers", 1)]
+    pr1, pr16 = res[("repagent sync", "cprofile", 1)], res[("repagent sync", "cprofile", 16)]
+    pa16 = res[("repagent async", "cprofile", 16)]
     kind = {k: sum(r["p50_us"] for r in rows if r["kind"] == k)
             for k in ("work", "handoff", "wire", "disk")}
     nwork = sum(1 for r in rows if r["kind"] == "work")
     big = sorted((r for r in rows if r["kind"] == "work"), key=lambda r: -r["p50_us"])[:3]
-    stage = {r["stage"]: r for r in rows}
     stage16 = {r["stage"]: r for r in rows16}
     o, c = tot["overlap"], tot["clear"]
-    hub1, ag1 = s1["hub"], s1["agent"]
-    app1 = thread(hub1, "applier", s1["ops"])
-    pr1 = res[("repagent sync", "cprofile", 1)]
-    pread = func(pr1["hub"], "posix.pread", pr1["ops"])[1]
-    crc = func(pr1["hub"], "zlib.crc32", pr1["ops"])
-    sel = func(pr1["hub"], "select.select", pr1["ops"])[1]
+    app1 = thread(s1["hub"], "applier", s1["ops"])
     conn16 = thread(s16["hub"], "conn", s16["ops"])
     app16 = thread(s16["hub"], "applier", s16["ops"])
+    nbd16 = thread(a16["agent"], "nbd-conn", a16["ops"])
     slow16 = max(rows16, key=lambda r: r["p50_us"])
     asy1 = async_agent_table(res[("repagent async", "timers", 1)])
     asy16 = async_agent_table(res[("repagent async", "timers", 16)])
     hand = ", ".join(f"{r['stage']} {r['p50_us']:.0f}" for r in rows if r["kind"] == "handoff")
+    removable = sorted([
+        (app1["cpu_us_per_write"], "the applier's CPU per write at QD1 sync (off the path, "
+         "but it takes a core share, the GIL and the disk beside the path; p99 of the writes "
+         f"beside a batch {o['p99_us']:.0f} us against {c['p99_us']:.0f} us)"),
+        (kind["work"], f"per-write Python steps on the path ({nwork} steps at QD1; at QD16 "
+         "they serialise on the hub's connection thread and the agent's nbd-conn thread)"),
+        (kind["handoff"], f"thread hand-offs per sync write ({hand})"),
+        (kind["wire"] - rtt, "the two loopback legs beyond the ping-pong's round trip "
+         "(the receiving threads' wake-ups)"),
+        (kind["disk"] - fs, "the group commit's fdatasync beyond a lone 4 KiB fdatasync "
+         "(the applier's fdatasyncs on the same disk)"),
+    ], key=lambda x: -x[0])
     return [
         f"QD1 sync: the guest's 4 KiB write takes {s1['p50_us']:.0f} us at p50 "
-        f"({s1['p50_us'] / b1['p50_us']:.2f}x the mirror into qemu-nbd, {b1['p50_us']:.0f} us); "
-        f"{tot['p50_us']:.0f} us of it is inside agent + hub (probes on), against a floor of "
-        f"{rtt + fs:.0f} us (loopback round trip {rtt:.0f} us + one 4 KiB fdatasync "
-        f"{fs:.0f} us): {tot['p50_us'] / (rtt + fs):.1f}x the floor.",
-        f"Of the stage p50s ({sum(kind.values()):.0f} us): per-write code on the path "
-        f"{kind['work']:.0f} us in {nwork} steps (largest: "
+        f"({s1['p50_us'] / b1['p50_us']:.2f}x the mirror into qemu-nbd, {b1['p50_us']:.0f} us). "
+        f"With the stage probes on (guest p50 {t1['p50_us']:.0f} us in that pass) "
+        f"{tot['p50_us']:.0f} us is inside agent + hub, against a floor of {rtt + fs:.0f} us "
+        f"(loopback round trip {rtt:.0f} us + one 4 KiB fdatasync {fs:.0f} us): "
+        f"{tot['p50_us'] / (rtt + fs):.1f}x the floor.",
+        f"Its stage p50s ({sum(kind.values()):.0f} us): per-write code {kind['work']:.0f} us "
+        f"in {nwork} steps (largest: "
         + ", ".join(f"{r['stage']} {r['p50_us']:.0f}" for r in big)
-        + f"); thread hand-offs {kind['handoff']:.0f} us ({hand}); the two loopback legs "
-        f"with the receivers' wake-ups {kind['wire']:.0f} us (the ping-pong: {rtt:.0f} us); "
-        f"the group commit's fdatasync {kind['disk']:.0f} us (alone on the disk: {fs:.0f} us).",
-        f"The hub's applier is the largest consumer of CPU: {app1['busy']:.2f} cores at QD1 "
-        f"sync, {app1['cpu_us_per_write']:.0f} us CPU per 4 KiB write (the whole hub: "
-        f"{process_cpu(hub1, s1['ops'])[1]:.0f} us, the agent: "
-        f"{process_cpu(ag1, s1['ops'])[1]:.0f} us); its ReplicaSums.note re-reads and CRCs "
-        f"each 64 KiB check chunk a write touches ({pread:.1f} preads and {crc[1]:.1f} "
-        f"crc32 calls per write, {crc[0]:.0f} us own time).  Writes in flight while it ran a "
-        f"batch ({tot['apply_share']:.0%} of the time): p50 {o['p50_us']:.0f} us, p99 "
-        f"{o['p99_us']:.0f} us; the others p50 {c['p50_us']:.0f} us, p99 {c['p99_us']:.0f} us "
-        f"(one process, one GIL, one disk for its fdatasyncs and the journal's).",
+        + f"); thread hand-offs {kind['handoff']:.0f} us; the two loopback legs with the "
+        f"receivers' wake-ups {kind['wire']:.0f} us (ping-pong {rtt:.0f} us); the group "
+        f"commit's fdatasync {kind['disk']:.0f} us (alone: {fs:.0f} us), "
+        f"{tot['writes_per_commit']:.2f} writes per fdatasync.",
+        f"Off the path, the hub's applier uses the most CPU: {app1['busy']:.2f} cores at QD1 "
+        f"sync, {app1['cpu_us_per_write']:.0f} us per write (whole hub "
+        f"{process_cpu(s1['hub'], s1['ops'])[1]:.0f} us, agent "
+        f"{process_cpu(s1['agent'], s1['ops'])[1]:.0f} us); its largest own times (cProfile): "
+        f"{tops(pr1, 'hub', 'applier')}.  Writes in flight while it ran a batch "
+        f"({tot['apply_share']:.0%} of the time): p50 {o['p50_us']:.0f} us, p99 "
+        f"{o['p99_us']:.0f} us; the others p50 {c['p50_us']:.0f} us, p99 {c['p99_us']:.0f} us.",
         f"QD16 sync: {s16['iops']:.0f} writes/s ({s16['iops'] / b16['iops']:.2f}x qemu-nbd's "
         f"{b16['iops']:.0f}/s; {s16['iops'] / s1['iops']:.1f}x QD1), "
         f"{tot16['writes_per_commit']:.1f} writes per fdatasync.  The largest stage is "
         f"'{slow16['stage']}' at {slow16['p50_us']:.0f} us p50: WRITE frames wait in the "
-        f"socket for the hub's connection thread, which runs one frame at a time "
-        f"(select, header, payload, decode, append: {sel:.1f} select calls per frame) and is "
-        f"on a CPU {conn16['busy']:.0%} / waiting for one {conn16['runq']:.0%} of the time, "
-        f"beside the applier at {app16['busy']:.0%}; send thread wake-up "
-        f"{stage16['send thread wake-up']['p50_us']:.0f} us, wait for the group commit "
-        f"{stage16['wait for the group commit']['p50_us']:.0f} us.",
+        f"socket for the hub's connection thread, which takes one frame at a time and is on "
+        f"a CPU {conn16['busy']:.0%} / waiting for one {conn16['runq']:.0%} of the time "
+        f"({conn16['cpu_us_per_write']:.0f} us CPU per write; largest own times "
+        f"{tops(pr16, 'hub', 'conn')}), beside the applier at {app16['busy']:.0%}.  Send "
+        f"thread wake-up {stage16['send thread wake-up']['p50_us']:.0f} us, wait for the group "
+        f"commit {stage16['wait for the group commit']['p50_us']:.0f} us.",
         f"Async: QD1 p50 {a1['p50_us']:.0f} us ({a1['p50_us'] / b1['p50_us']:.2f}x), p99 "
         f"{a1['p99_us']:.0f} us ({a1['p99_us'] / b1['p99_us']:.2f}x); the agent holds a write "
-        f"{asy1[-1][1]:.0f} us (p99 {asy1[-1][2]:.0f} us), of which NBD reply "
-        f"{asy1[3][1]:.0f} us.  QD16 p99 {a16['p99_us']:.0f} us "
-        f"({a16['p99_us'] / b16['p99_us']:.2f}x), in the agent p99 {asy16[-1][2]:.0f} us: "
-        f"the rest is QSD's queue behind the agent's one nbd-conn thread, on a CPU "
-        f"{thread(a16['agent'], 'nbd-conn', a16['ops'])['busy']:.0%} and waiting for one "
-        f"{thread(a16['agent'], 'nbd-conn', a16['ops'])['runq']:.0%} of the time.",
-        f"Removable, by measured size: (1) the applier's checksum re-read "
-        f"({app1['cpu_us_per_write']:.0f} us CPU per write, and the p99 of writes beside it); "
-        f"(2) the {kind['handoff']:.0f} us of thread hand-offs per sync write at QD1 (send "
-        f"thread, committer, acker: each a Condition wake-up plus a GIL hand-over); (3) the "
-        f"per-write Python steps ({kind['work']:.0f} us at QD1), which at QD16 serialise on "
-        f"the hub's connection thread; the payload is not copied on the way (sendmsg "
-        f"scatter/gather, writev), and CRC-32 of 4 KiB is not a cost "
-        f"(agent + hub zlib.crc32 on the write path: see the profiles).",
+        f"{asy1[-1][1]:.0f} us (p99 {asy1[-1][2]:.0f} us).  QD16 p99 {a16['p99_us']:.0f} us "
+        f"({a16['p99_us'] / b16['p99_us']:.2f}x) while a write spends p99 "
+        f"{asy16[-1][2]:.0f} us in the agent: the rest is outside the agent's span (in QSD, "
+        f"or in the socket before the agent's one nbd-conn thread reads the request: it "
+        f"reads one at a time and was on a CPU {nbd16['busy']:.0%}, waiting for one "
+        f"{nbd16['runq']:.0%}; {nbd16['cpu_us_per_write']:.0f} us CPU per write; largest own "
+        f"times {tops(pa16, 'agent', 'nbd-conn')}); agent + hub used "
+        f"{process_cpu(a16['agent'], a16['ops'])[0] + process_cpu(a16['hub'], a16['ops'])[0]:.2f}"
+        f" of the {os.cpu_count()} cores, QSD {a16.get('qsd_cores', 0):.2f}, the load generator "
+        f"{a16.get('client_cores', 0):.2f}.",
+        "Removable, largest first (us per write at QD1 sync): " + "; ".join(
+            f"({i}) {size:.0f} us, {what}" for i, (size, what) in enumerate(removable, 1))
+        + ".  The payload is not copied on the way (sendmsg scatter/gather, writev).",
     ]
 
 
