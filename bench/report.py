@@ -2,6 +2,7 @@
 """Run every bench/bench_*.py and write docs/BENCHMARKS.md.
 
     python3 bench/report.py [--out docs/BENCHMARKS.md] [--timeout 1800] [--only sync ...]
+                            [--replace]
 
 Each benchmark runs as a subprocess with ``--json`` (its own output is echoed
 as it runs) and a time limit.  A benchmark reports its figures on a last line
@@ -13,13 +14,17 @@ as it runs) and a time limit.  A benchmark reports its figures on a last line
                   "target": ">= 0.7x", "met": true|false, "note": ...}, ...],
      "notes": ["why a target is missed, with the measured numbers", ...]}
 
-``baseline``, ``ratio``, ``target``, ``met`` and ``note`` are optional.  A
+``baseline``, ``ratio``, ``target``, ``met`` and ``note`` are optional; so is
+``"section": {"title": ..., "lines": [...]}``, a section of its own in the
+report (bench_profile's "Where the time goes").  A
 benchmark that does not know ``--json`` is run again without it and its
 output is kept in the report as it is.  The report holds the machine (CPU,
 cores, memory, kernel, file system, Python, QEMU and libnbd versions), the
 date, the git commit, one table with every figure, and each benchmark's
 notes and full output.  Exit status 1 if any benchmark failed or timed out
-(the report is written anyway, saying so).
+(the report is written anyway, saying so).  With ``--only`` the report
+keeps the figures, targets and sections of the benchmarks not run from the
+report it replaces, as they were (``--replace``: only the ones run).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -83,7 +89,8 @@ def run_bench(path: Path, timeout: float, with_json: bool = True) -> dict:
     result = {"name": path.stem.removeprefix("bench_"), "file": f"bench/{path.name}",
               "command": " ".join(["python3", f"bench/{path.name}"] + argv[2:]),
               "seconds": time.monotonic() - t0, "returncode": proc.returncode,
-              "timed_out": timed_out, "figures": [], "notes": [], "json": with_json,
+              "timed_out": timed_out, "figures": [], "notes": [], "sections": [],
+              "json": with_json,
               "output": "".join(l for l in lines if not l.startswith(JSON_PREFIX))}
     for line in lines:
         if line.startswith(JSON_PREFIX):
@@ -94,6 +101,8 @@ def run_bench(path: Path, timeout: float, with_json: bool = True) -> dict:
                 continue
             result["figures"] += summary.get("figures", [])
             result["notes"] += summary.get("notes", [])
+            if summary.get("section"):
+                result["sections"].append(summary["section"])
     return result
 
 
@@ -192,64 +201,138 @@ def load_average() -> str:
     return f"{one:.2f} (1 min), {five:.2f} (5 min)"
 
 
-def render(results: list[dict], started: datetime.datetime, load_start: str) -> str:
+def section_lines(r: dict) -> list[str]:
+    """The sections a benchmark asked for (``"section": {"title", "lines"}``)."""
+    out = []
+    for sec in r["sections"]:
+        out += [f"## {sec['title']}", "", f"<!-- from {r['file']} -->",
+                f"From `{r['file']}` in this run (its output below has every figure):", ""]
+        out += [f"- {line}" for line in sec.get("lines", [])]
+        out.append("")
+    return out
+
+
+def bench_section(r: dict) -> list[str]:
+    status = "timed out" if r["timed_out"] else (
+        "ok" if r["returncode"] == 0 else f"exit status {r['returncode']}")
+    out = [f"## {r['file']}", "",
+           f"`{r['command']}`: {r['seconds']:.0f} s, {status}"
+           + ("" if r["json"] else " (no --json option: output kept as is)") + ".", ""]
+    if r["notes"]:
+        out += ["Notes (from the benchmark, with this run's numbers):", ""]
+        out += [f"- {n}" for n in r["notes"]]
+        out.append("")
+    out += ["```", r["output"].rstrip(), "```", ""]
+    return out
+
+
+def parse_report(text: str) -> dict:
+    """An earlier report, cut into what ``render`` can keep of benchmarks not run now:
+    the machine table, figure rows, target bullets and sections, by benchmark name."""
+    blocks: list[tuple[str, list[str]]] = []
+    for line in text.splitlines():
+        if line.startswith("## "):
+            blocks.append((line[3:].strip(), []))
+        elif blocks:
+            blocks[-1][1].append(line)
+    kept = {"machine": [], "rows": [], "missed": [], "failed": [], "sections": []}
+    for title, lines in blocks:
+        if title == "Machine and run":
+            kept["machine"] = lines
+        elif title == "Figures":
+            for line in lines:
+                if line.startswith("| ") and not line.startswith(("| bench |", "|---")):
+                    kept["rows"].append((line[2:].split(" | ", 1)[0], line))
+        elif title == "Targets":
+            for line in lines:
+                m = re.match(r"- (bench/bench_)?([\w-]+)(\.py)?: ", line)
+                if m:
+                    kept["failed" if m.group(1) else "missed"].append((m.group(2), line))
+        else:
+            m = re.match(r"bench/bench_([\w-]+)\.py$", title)
+            owner = m.group(1) if m else next(
+                (re.match(r"<!-- from bench/bench_([\w-]+)\.py -->", l).group(1)
+                 for l in lines if re.match(r"<!-- from bench/bench_([\w-]+)\.py -->", l)),
+                None)
+            kept["sections"].append((owner, title, lines, m is not None))
+    return kept
+
+
+def render(results: list[dict], started: datetime.datetime, load_start: str,
+           kept: dict | None = None) -> str:
+    """The report of ``results``; with ``kept`` (``parse_report`` of the earlier one)
+    also what it held of every benchmark not in ``results``, as it was."""
     out = ["# Benchmarks", "",
            "Generated by `make bench` (`python3 bench/report.py`), which runs every "
            "`bench/bench_*.py`.  Each figure is compared with a baseline measured in the "
            "same run on the same machine; the ratio is value / baseline (for latencies "
            "and times per byte, lower is better).  Targets are the issues' targets.", "",
-           "## Machine and run", "",
-           "| | |", "|---|---|"]
+           "## Machine and run", ""]
+    ran = {r["name"] for r in results}
     commit = git("rev-parse", "--short=12", "HEAD")
     dirty = changed_files()
-    out += [f"| {k} | {v} |" for k, v in machine()]
-    out += [f"| date (UTC) | {started:%Y-%m-%d %H:%M} |",
-            f"| git commit | {commit}" + (f" plus uncommitted changes to {', '.join(dirty)}"
-                                           if dirty else "") + " |",
-            f"| total run time | {sum(r['seconds'] for r in results) / 60:.1f} min |",
-            f"| load average at start / end | {load_start} / {load_average()} |", "",
-            "A load average well above 0 at the start means other work shared the "
+    commit_cell = commit + (f" plus uncommitted changes to {', '.join(dirty)}" if dirty else "")
+    if kept and kept["machine"]:
+        old = [l for l in kept["machine"] if l.strip()
+               and not l.startswith(("A load average", "Updated by", "*Updated by"))]
+        names = ", ".join(sorted(ran))
+        out += old + ["", f"Updated by `report.py --only {' '.join(sorted(ran))}` at "
+                      f"{started:%Y-%m-%d %H:%M} UTC on git commit {commit_cell}, load average "
+                      f"at start / end {load_start} / {load_average()}: the figures and "
+                      f"sections of {names} are from that run, the others from the run in "
+                      "the table above.", ""]
+    else:
+        out += ["| | |", "|---|---|"]
+        out += [f"| {k} | {v} |" for k, v in machine()]
+        out += [f"| date (UTC) | {started:%Y-%m-%d %H:%M} |",
+                f"| git commit | {commit_cell} |",
+                f"| total run time | {sum(r['seconds'] for r in results) / 60:.1f} min |",
+                f"| load average at start / end | {load_start} / {load_average()} |", ""]
+    out += ["A load average well above 0 at the start means other work shared the "
             "machine: a figure and its baseline are measured one after the other, so load "
             "that changes between them moves the ratio; read small differences as noise.", ""]
 
+    rows = [(r["name"], figure_row(r["name"], f)) for r in results for f in r["figures"]]
+    rows += [(r["name"], f"| {r['name']} | no machine-readable figures (see its output below) "
+              "| | | | | |") for r in results if not r["figures"]]
+    if kept:
+        rows += [(b, line) for b, line in kept["rows"] if b not in ran]
     out += ["## Figures", "",
             "| bench | figure | value | baseline (same run) | ratio | target | met? |",
             "|---|---|---|---|---|---|---|"]
-    for r in results:
-        for fig in r["figures"]:
-            out.append(figure_row(r["name"], fig))
-        if not r["figures"]:
-            out.append(f"| {r['name']} | no machine-readable figures (see its output below) "
-                       "| | | | | |")
+    out += [line for _, line in sorted(rows, key=lambda x: x[0])]
     out.append("")
 
-    missed = [(r, f) for r in results for f in r["figures"] if f.get("met") is False]
-    failed = [r for r in results if r["returncode"] != 0 or r["timed_out"]]
-    out += ["## Targets", ""]
+    missed = [(r["name"], f"- {r['name']}: {f['name']} at {f['ratio']:.2f}x, target "
+               f"{f['target']}") for r in results for f in r["figures"] if f.get("met") is False]
+    failed = [(r["name"], f"- {r['file']}: " + ("timed out" if r["timed_out"] else
+                                               f"exit status {r['returncode']}"))
+              for r in results if r["returncode"] != 0 or r["timed_out"]]
     met = sum(1 for r in results for f in r["figures"] if f.get("met") is True)
-    out.append(f"{met} of {met + len(missed)} targets met.")
+    if kept:
+        old_rows = [line for b, line in kept["rows"] if b not in ran]
+        met += sum(1 for line in old_rows if line.rstrip().endswith("| met |"))
+        missed += [(b, line) for b, line in kept["missed"] if b not in ran]
+        failed += [(b, line) for b, line in kept["failed"] if b not in ran]
+    missed.sort(key=lambda x: x[0])
+    failed.sort(key=lambda x: x[0])
+    out += ["## Targets", "", f"{met} of {met + len(missed)} targets met."]
     if missed:
-        out += ["", "Not met:", ""]
-        out += [f"- {r['name']}: {f['name']} at {f['ratio']:.2f}x, target {f['target']}"
-                for r, f in missed]
+        out += ["", "Not met:", ""] + [line for _, line in missed]
     if failed:
-        out += ["", "Benchmarks that did not finish:", ""]
-        out += [f"- {r['file']}: " + ("timed out" if r["timed_out"] else
-                                      f"exit status {r['returncode']}") for r in failed]
+        out += ["", "Benchmarks that did not finish:", ""] + [line for _, line in failed]
     out.append("")
 
-    for r in results:
-        status = "timed out" if r["timed_out"] else (
-            "ok" if r["returncode"] == 0 else f"exit status {r['returncode']}")
-        out += [f"## {r['file']}", "",
-                f"`{r['command']}`: {r['seconds']:.0f} s, {status}"
-                + ("" if r["json"] else " (no --json option: output kept as is)") + ".", ""]
-        if r["notes"]:
-            out += ["Notes (from the benchmark, with this run's numbers):", ""]
-            out += [f"- {n}" for n in r["notes"]]
-            out.append("")
-        out += ["```", r["output"].rstrip(), "```", ""]
-    return "\n".join(out)
+    extra = [(r["name"], section_lines(r)) for r in results if r["sections"]]
+    benches = [(r["name"], bench_section(r)) for r in results]
+    if kept:
+        for owner, title, lines, is_bench in kept["sections"]:
+            if owner in ran:
+                continue
+            (benches if is_bench else extra).append((owner or "", [f"## {title}"] + lines))
+    for _, lines in sorted(extra, key=lambda x: x[0]) + sorted(benches, key=lambda x: x[0]):
+        out += lines
+    return "\n".join(out).rstrip("\n") + "\n"
 
 
 def main() -> int:
@@ -258,7 +341,10 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=1800.0,
                     help="seconds one benchmark may run before it is stopped")
     ap.add_argument("--only", nargs="*", default=None,
-                    help="run only these benchmarks (e.g. sync codec)")
+                    help="run only these benchmarks (e.g. sync codec); the report keeps "
+                         "what it held of the others (figures, targets, sections) as it was")
+    ap.add_argument("--replace", action="store_true",
+                    help="with --only: write a report of these benchmarks alone")
     args = ap.parse_args()
     started = datetime.datetime.now(datetime.timezone.utc)
     load_start = load_average()
@@ -276,7 +362,10 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(render(results, started, load_start), encoding="utf-8")
+    kept = None
+    if args.only and not args.replace and out.exists():
+        kept = parse_report(out.read_text(encoding="utf-8"))
+    tmp.write_text(render(results, started, load_start, kept), encoding="utf-8")
     tmp.replace(out)
     print(f"wrote {out}")
     return 0 if all(r["returncode"] == 0 and not r["timed_out"] for r in results) else 1
