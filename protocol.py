@@ -1534,20 +1534,26 @@ NEVER_ANSWERED = frozenset({MsgType.ERROR, MsgType.ACK, MsgType.PONG, MsgType.SY
                             MsgType.GOODBYE})
 
 
+#: Each request after the handshake and the answer it gets: PROTOCOL.md
+#: "Message types", column "answered by" (any request may also get an ERROR).
+#: An answer whose id names an outstanding request that this type does not
+#: answer answers nothing [ER-7].
+ANSWERED_BY = {
+    MsgType.ATTACH: MsgType.ATTACHED, MsgType.DETACH: MsgType.ACK,
+    MsgType.WRITE: MsgType.ACK, MsgType.ZERO: MsgType.ACK, MsgType.FLUSH: MsgType.ACK,
+    MsgType.READ: MsgType.READ_REPLY, MsgType.DIRTY_QUERY: MsgType.DIRTY_MAP,
+    MsgType.CHECKSUM_QUERY: MsgType.CHECKSUMS, MsgType.EXTENT_QUERY: MsgType.EXTENTS,
+    MsgType.CHECKPOINT: MsgType.ACK, MsgType.RECOVER_OPEN: MsgType.RECOVER_READY,
+    MsgType.RREAD: MsgType.RREAD_REPLY, MsgType.RWRITE: MsgType.ACK,
+    MsgType.RFLUSH: MsgType.ACK, MsgType.RECOVER_CLOSE: MsgType.ACK,
+    MsgType.PING: MsgType.PONG, MsgType.FAILBACK_BEGIN: MsgType.ACK,
+    MsgType.PUT: MsgType.ACK, MsgType.FAILBACK_END: MsgType.ACK}
 #: Requests: the messages that get an answer, and so carry a non-zero
 #: request_id unique among their sender's outstanding ones (PROTOCOL.md [RP-7]).
-REQUESTS = frozenset({
-    MsgType.ATTACH, MsgType.DETACH, MsgType.WRITE, MsgType.ZERO, MsgType.FLUSH,
-    MsgType.READ, MsgType.DIRTY_QUERY, MsgType.CHECKSUM_QUERY, MsgType.EXTENT_QUERY,
-    MsgType.CHECKPOINT, MsgType.RECOVER_OPEN, MsgType.RREAD, MsgType.RWRITE,
-    MsgType.RFLUSH, MsgType.RECOVER_CLOSE, MsgType.PING, MsgType.FAILBACK_BEGIN,
-    MsgType.PUT, MsgType.FAILBACK_END})
+REQUESTS = frozenset(ANSWERED_BY)
 #: The answers a side sends to its peer's requests (besides ERROR, which
 #: also answers bad answers: look at its ``failed_type``).
-ANSWERS = frozenset({
-    MsgType.ATTACHED, MsgType.ACK, MsgType.READ_REPLY, MsgType.DIRTY_MAP,
-    MsgType.CHECKSUMS, MsgType.EXTENTS, MsgType.RECOVER_READY, MsgType.RREAD_REPLY,
-    MsgType.PONG})
+ANSWERS = frozenset(ANSWERED_BY.values())
 #: Messages that exist only on a connection whose handshake granted a feature
 #: (PROTOCOL.md "Baseline", [VN-6]).
 FEATURE_OF = {

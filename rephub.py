@@ -1491,8 +1491,9 @@ class AgentConnection:
                 if msg is None and err.msg_type in SYNC_ANSWERS:
                     # A refused answer to a sync request (the hub's id space): that sync
                     # would wait for it forever.
-                    job = self.requests.drop(err.request_id)
+                    job = self.requests.owner(err.request_id, err.msg_type)
                     if job is not None:
+                        self.requests.drop(err.request_id)
                         job.give_up(f"its answer to req={err.request_id} was refused: {err}")
                 if isinstance(err, JournalRefused) and self.refusing is None:
                     self.refuse(str(err))
@@ -1710,7 +1711,7 @@ class AgentConnection:
         self.acker.after(rec.seq, p.Ack(request_id=msg.request_id))
 
     def _job_for(self, msg, what: str) -> Requester:
-        job = self.requests.owner(msg.request_id)
+        job = self.requests.owner(msg.request_id, msg.TYPE)
         if job is None:
             raise p.InvalidField(f"{msg.TYPE.name} req={msg.request_id} answers no "
                                  f"outstanding {what}")
@@ -1751,7 +1752,7 @@ class AgentConnection:
             self.last_heartbeat_ns = time.time_ns()
 
     def on_ACK(self, header, msg: p.Ack) -> None:
-        owner = self.requests.owner(msg.request_id)
+        owner = self.requests.owner(msg.request_id, p.MsgType.ACK)
         if owner is None:
             log.warning("agent %s sent an ACK for req=%d, which the hub did not ask: ignored",
                         self.agent_id, msg.request_id)
@@ -1882,7 +1883,8 @@ HANDLERS = {t: getattr(AgentConnection, f"on_{t.name}")
 
 
 class RequestTable:
-    """The hub's requests outstanding on one connection, by id, and their owners.
+    """The hub's requests outstanding on one connection, by id: their owners
+    and the type of answer each waits for.
 
     Owners add and drop their own from their threads (sync jobs, fail-back);
     the connection thread looks answers up.  Ids come from the same table, so
@@ -1892,24 +1894,28 @@ class RequestTable:
     def __init__(self):
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._owners: dict[int, Requester] = {}
+        self._owners: dict[int, tuple[Requester, p.MsgType]] = {}
 
     def new_id(self) -> int:
         with self._lock:
             return next(self._ids)
 
-    def add(self, req: int, owner: Requester) -> None:
-        """Before the request is sent: its answer may come at once."""
+    def add(self, request: p.Message, owner: Requester) -> None:
+        """Before ``request`` is sent: its answer may come at once."""
         with self._lock:
-            self._owners[req] = owner
+            self._owners[request.request_id] = (owner, p.ANSWERED_BY[request.TYPE])
 
-    def owner(self, req: int) -> Requester | None:
+    def owner(self, req: int, answer: p.MsgType | None = None) -> Requester | None:
+        """The owner of request ``req`` if it is outstanding and, when ``answer``
+        is given, a request that this type of message answers (ER-7: a
+        CHECKSUMS carrying a READ's id answers nothing)."""
         with self._lock:
-            return self._owners.get(req)
+            owner, waits_for = self._owners.get(req, (None, None))
+        return owner if answer is None or answer == waits_for else None
 
     def drop(self, req: int) -> Requester | None:
         with self._lock:
-            return self._owners.pop(req, None)
+            return self._owners.pop(req, (None, None))[0]
 
     def drop_all(self, reqs) -> None:
         with self._lock:
@@ -4346,12 +4352,13 @@ class SyncJob(Requester, threading.Thread):
             self.wait_window(n)
             self.conn.hub.rate.acquire(n, self.stop_event)
             self.check_stop()
-            req = self.conn.requests.new_id()
+            read = p.Read(request_id=self.conn.requests.new_id(), volume=self.vol.id,
+                          offset=off, length=n)
             with self.cond:
-                self.reads[req] = (off, n)
-                self.unanswered[req] = n
-            self.conn.requests.add(req, self)
-            self.conn.send(p.Read(request_id=req, volume=self.vol.id, offset=off, length=n))
+                self.reads[read.request_id] = (off, n)
+                self.unanswered[read.request_id] = n
+            self.conn.requests.add(read, self)
+            self.conn.send(read)
 
     def pull_sparse(self) -> None:
         """FULL sync with EXTENTS: EXTENT_QUERY the volume in EXTENT_SPAN ranges,
@@ -4378,7 +4385,7 @@ class SyncJob(Requester, threading.Thread):
     def ask(self, msg: p.Message, rng: tuple[int, int]) -> None:
         with self.cond:
             self.queries[msg.request_id] = rng
-        self.conn.requests.add(msg.request_id, self)
+        self.conn.requests.add(msg, self)
         self.conn.send(msg)
 
     def answer(self):
@@ -4780,10 +4787,6 @@ class Failback(Requester):
                     f"CHECKSUMS req={msg.request_id} covers off={msg.offset} len={msg.length} "
                     f"chunk={msg.chunk_size}, expected off={want[0]} len={want[1]} "
                     f"chunk={self.attach.chunk_size}")
-            elif len(msg.digests) != -(-msg.length // msg.chunk_size):
-                raise p.InvalidField(f"CHECKSUMS req={msg.request_id} carries "
-                                     f"{len(msg.digests)} digests, expected "
-                                     f"{-(-msg.length // msg.chunk_size)}")
         except p.RequestError as err:
             self._answer(msg.request_id, str(err))
             raise
@@ -4835,7 +4838,7 @@ class Failback(Requester):
         """Send a request whose answer comes back to us; return its id."""
         with self.cond:
             self.asked[msg.request_id] = rng
-        self.conn.requests.add(msg.request_id, self)
+        self.conn.requests.add(msg, self)
         try:
             self.conn.send(msg)
         except (OSError, ConnectionClosed) as err:

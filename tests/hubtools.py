@@ -342,6 +342,22 @@ class TestAgent:
                                   chunk_size=msg.chunk_size, digests=digests))
 
 
+def wrong_answers(request: p.Message) -> list[p.Message]:
+    """Every kind of answer to the hub's requests except the one ``request``
+    gets (PROTOCOL.md "answered by"), each naming its id and plausible for its
+    range: answers to nothing outstanding [ER-7]."""
+    req, vid = request.request_id, request.volume
+    off, n = (request.offset, request.length) if request.length else (0, 65536)
+    answers = [
+        p.ReadReply(request_id=req, volume=vid, offset=off, data=b"\x5a" * n),
+        p.DirtyMap(request_id=req, volume=vid, extents=[(off, n)]),
+        p.Checksums(request_id=req, volume=vid, offset=off, length=n, chunk_size=65536,
+                    digests=[bytes(32)] * -(-n // 65536)),
+        p.Extents(request_id=req, volume=vid, offset=off, length=n,
+                  extents=[(n, p.EXTENT_ZERO)])]
+    return [a for a in answers if a.TYPE != p.ANSWERED_BY[request.TYPE]]
+
+
 class HubProcess:
     """``python3 rephub.py serve`` as a subprocess on 127.0.0.1:0."""
 

@@ -25,7 +25,7 @@ import pytest
 
 import protocol as p
 import rephub
-from hubtools import MemVolume, TestAgent, make_agents_file, wait_until
+from hubtools import MemVolume, TestAgent, make_agents_file, wait_until, wrong_answers
 
 KiB, MiB = 1024, 1024 * 1024
 CHUNK = 64 * KiB
@@ -543,34 +543,35 @@ def test_failback_cli(hubenv):
 
 
 class WrongAnswerAgent(FailbackAgent):
-    """Answers the fail-back's DIRTY_QUERY and first READ with an EXTENTS
-    naming their ids before the right answer: an answer of another type."""
+    """Answers the fail-back's DIRTY_QUERY and first READ with every other
+    kind of answer naming their ids before the right answer."""
 
     features = p.Feature.FAILBACK | p.Feature.EXTENTS
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.wrong: list[int] = []
+        self.wrong: list[tuple[int, p.MsgType]] = []   # (request id, type sent)
 
-    def _wrong_answer(self, msg) -> None:
-        self.wrong.append(msg.request_id)
-        self.send(p.Extents(request_id=msg.request_id, volume=msg.volume, offset=0,
-                            length=CHUNK, extents=[(CHUNK, 1)]))
+    def _wrong_answers(self, msg) -> None:
+        for answer in wrong_answers(msg):
+            self.wrong.append((msg.request_id, answer.TYPE))
+            self.send(answer)
 
     def on_DIRTY_QUERY(self, msg: p.DirtyQuery) -> None:
-        self._wrong_answer(msg)
+        self._wrong_answers(msg)
         super().on_DIRTY_QUERY(msg)
 
     def on_READ(self, msg: p.Read) -> None:
-        if len(self.wrong) < 2:
-            self._wrong_answer(msg)
+        if not self.reads:
+            self._wrong_answers(msg)
         super().on_READ(msg)
 
 
 def test_an_answer_of_another_type_is_invalid_and_the_failback_goes_on(hubenv):
-    """ER-7: an EXTENTS naming a fail-back's DIRTY_QUERY or READ answers no
-    EXTENT_QUERY: ERROR(INVALID) for each, and the right answers that follow
-    bring the volume home as if nothing had happened."""
+    """ER-7: a READ_REPLY, CHECKSUMS or EXTENTS naming a fail-back's
+    DIRTY_QUERY, or a DIRTY_MAP, CHECKSUMS or EXTENTS naming its READ,
+    answers nothing: ERROR(INVALID) for each, and the right answers that
+    follow bring the volume home as if nothing had happened."""
     hub, secrets = hubenv
     sc = Scene(hub, secrets)
     fa = sc.come_back(agent=WrongAnswerAgent)
@@ -578,9 +579,10 @@ def test_an_answer_of_another_type_is_invalid_and_the_failback_goes_on(hubenv):
         t, _, outcome = run_failback(hub)
         t.join(30)
         assert outcome["result"]["outcome"] == "done", outcome
-        assert len(fa.wrong) == 2, fa.wrong
-        invalid = [(e.request_id, e.code) for e in fa.errors]
-        assert invalid == [(req, p.ErrorCode.INVALID) for req in fa.wrong], fa.errors
+        assert len(fa.wrong) == 6, fa.wrong
+        wait_until(lambda: len(fa.errors) >= 6, 10, "an ERROR for each wrong answer")
+        invalid = sorted((e.request_id, e.code, e.failed_type) for e in fa.errors)
+        assert invalid == sorted((req, p.ErrorCode.INVALID, kind) for req, kind in fa.wrong)
         assert bytes(fa.volumes[fa.vid].buf) == bytes(sc.model) == sc.hub_volume()
     finally:
         fa.close()

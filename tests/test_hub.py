@@ -21,7 +21,7 @@ import pytest
 import protocol as p
 import rephub
 from hubtools import (REPHUB, AgentError, HubProcess, MemVolume, TestAgent, make_agents_file,
-                      wait_detached, wait_until)
+                      wait_detached, wait_until, wrong_answers)
 
 MiB = 1024 * 1024
 
@@ -480,6 +480,73 @@ def test_dirty_resync_reads_only_the_dirty_extents(hubenv):
         agent = connect(hub, sec)
         assert agent.attach("dv", mv, state=p.VolumeState.CLEAN, generation=gen)[1] == \
             p.SyncPlan.NONE
+    finally:
+        agent.close()
+
+
+class WrongKindAgent(TestAgent):
+    """Before its right answer to the hub's first DIRTY_QUERY, CHECKSUM_QUERY
+    and READ, sends every other kind of answer naming that request's id, each
+    one plausible for its range: all answer nothing [ER-7]."""
+
+    features = p.Feature.EXTENTS
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.asked: list[p.MsgType] = []               # requests answered wrongly
+        self.wrong: list[tuple[int, p.MsgType]] = []   # (request id, type sent)
+
+    def _wrong_answers(self, msg) -> None:
+        if msg.TYPE in self.asked:
+            return
+        self.asked.append(msg.TYPE)
+        for answer in wrong_answers(msg):
+            self.wrong.append((msg.request_id, answer.TYPE))
+            self.send(answer)
+
+    def on_DIRTY_QUERY(self, msg: p.DirtyQuery) -> None:
+        self._wrong_answers(msg)
+        super().on_DIRTY_QUERY(msg)
+
+    def on_CHECKSUM_QUERY(self, msg: p.ChecksumQuery) -> None:
+        self._wrong_answers(msg)
+        super().on_CHECKSUM_QUERY(msg)
+
+    def on_READ(self, msg: p.Read) -> None:
+        self._wrong_answers(msg)
+        super().on_READ(msg)
+
+
+@pytest.mark.parametrize("state", [p.VolumeState.DIRTY, p.VolumeState.UNKNOWN])
+def test_answers_of_another_type_are_invalid_and_the_resync_goes_on(hubenv, state):
+    """ER-7 for a SyncJob: a READ_REPLY, CHECKSUMS or EXTENTS naming a
+    DIRTY_QUERY (and so on for CHECKSUM_QUERY and READ) is ERROR(INVALID) and
+    not acted on: no zero record from an EXTENTS, no data from a READ_REPLY;
+    the right answers that follow end the resync as if nothing had happened."""
+    hub, sec = hubenv
+    mv = patterned_volume(4 * MiB, 7)
+    gen = os.urandom(16)
+    agent = connect(hub, sec)
+    attach_synced(agent, hub, "wk", mv, generation=gen)
+    agent.close()
+    wait_detached(hub, "wk")
+    mv.write(MiB, b"\xab" * 65536)
+    mv.dirty = [(MiB, 65536)]
+    agent = WrongKindAgent(hub.address, "a1", sec["a1"]).connect()
+    try:
+        plan = agent.attach("wk", mv, state=state, generation=gen)[1]
+        assert plan == (p.SyncPlan.DIRTY if state == p.VolumeState.DIRTY
+                        else p.SyncPlan.VERIFY)
+        wait_until(lambda: hub.store.volume("wk").state == rephub.VolState.CONSISTENT
+                   and hub.store.volume("wk").sync is None, 30, "resync done")
+        asked = {p.MsgType.READ} | ({p.MsgType.DIRTY_QUERY} if plan == p.SyncPlan.DIRTY
+                                    else {p.MsgType.CHECKSUM_QUERY})
+        assert set(agent.asked) == asked
+        assert len(agent.wrong) == 3 * len(asked)
+        wait_until(lambda: len(agent.errors) >= len(agent.wrong), 10, "an ERROR for each")
+        assert sorted((e.request_id, e.code, e.failed_type) for e in agent.errors) == \
+            sorted((req, p.ErrorCode.INVALID, kind) for req, kind in agent.wrong)
+        assert replica_bytes(hub, "wk") == bytes(mv.buf)
     finally:
         agent.close()
 
