@@ -17,6 +17,7 @@ import importlib.util
 import json
 import pathlib
 import random
+import re
 import socket
 import struct
 import threading
@@ -727,3 +728,15 @@ def test_is_zero_finds_a_single_data_byte_anywhere():
         data = bytearray(size)
         data[where] = 1
         assert not p.is_zero(data), where
+
+
+def test_answered_by_is_the_column_of_protocol_md():
+    """protocol.ANSWERED_BY (from which REQUESTS and ANSWERS derive) is
+    PROTOCOL.md "Message types", column "answered by", after the handshake."""
+    spec = (pathlib.Path(__file__).parent.parent / "PROTOCOL.md").read_text()
+    rows = re.findall(r"^\| `0x[0-9a-f]{2}` \| `(\w+)` \| [A/H]+ \| [^|]+ \| ([\w–]+) \|$",
+                      spec, re.M)
+    assert len(rows) == len(p.MsgType), rows
+    column = {p.MsgType[name]: p.MsgType[answer] for name, answer in rows
+              if answer != "–" and name not in ("HELLO", "HELLO_REPLY", "AUTH")}
+    assert p.ANSWERED_BY == column
