@@ -1326,6 +1326,17 @@ class HubConnection:
     Owns the send queue (frames in stream order), the ``repagent-send``
     thread that drains it and the ``repagent-recv`` thread that reads.
     ``put`` is called with ``Stream.lock`` held and never blocks.
+
+    Threads::
+
+        start, healthy           repagent-heartbeat (a new connection; --hub-timeout)
+        put                      any thread, with Stream.lock held (nbd-conn-VOLUME-N, repagent-recv,
+                                 repagent-sync-N, repagent-heartbeat); never blocks
+        send_direct              any thread: repagent-heartbeat (handshake), repagent-recv (ERROR),
+                                 main (GOODBYE)
+        heard, with_hub_reason   repagent-recv
+        close                    any thread, once
+        join                     repagent-heartbeat, and main at stop
     """
 
     def __init__(self, link: "HubLink", sock: socket.socket, peer: str, hub_id: str,
@@ -2395,6 +2406,14 @@ class HubLink:
     ``requests`` (ATTACH, PING, CHECKPOINT by request id) is guarded by the
     stream's lock; the link state fields are written by the heartbeat thread
     and read by status.
+
+    Threads::
+
+        run                      repagent-heartbeat
+        connection_lost          any thread (the one that closes the connection)
+        set_link                 repagent-heartbeat, and main at stop (through connection_lost, any
+                                 thread)
+        *                        repagent-recv: the on_<TYPE> handlers of the dispatch table
     """
 
     def __init__(self, cfg: Config, volumes: list[Volume], stream: Stream, sync: SyncServer,
@@ -2692,6 +2711,12 @@ class Agent:
     that lock and its attached connection); ``link`` the hub connection's
     life and the hub's frames; ``sync`` serves the hub's reads;
     ``failbacks`` a fail-back; ``qemu`` the mirror jobs.
+
+    Threads::
+
+        start, stop              main
+        status, error_counts     repagent-control and repagent-metrics
+        count_error              any thread
     """
 
     def __init__(self, cfg: Config):

@@ -598,6 +598,19 @@ class Hub:
     ``start`` returns once the hub accepts connections; ``shutdown`` stops
     accepting, lets every connection finish its frame, makes everything
     durable and returns.  Used in-process by tests and by ``serve``.
+
+    Threads::
+
+        start, shutdown            main
+        register, unregister       conn-HOST:PORT, when its handshake ends and when it ends
+        open_session               conn-HOST:PORT (RECOVER_OPEN)
+        close_session              conn-HOST:PORT (RECOVER_CLOSE, the connection ends), or
+                                   control-N (a fail-back ends the session)
+        promote                    control-N, or conn-HOST:PORT (a FAILOVER session opens)
+        checkpoint, reseed         control-N
+        verify, failback           control-N, start to end
+        status, session_status     control-N and rephub-metrics
+        count_error                any thread
     """
 
     def __init__(self, data_dir: str, agents_file: str, listen=("127.0.0.1", 0),
@@ -1134,6 +1147,23 @@ class AgentConnection:
 
     The connection thread runs ``run``; only it reads the socket.  ``send``
     may be called from any thread (acker, sync jobs, heartbeat).
+
+    Threads::
+
+        run                        conn-HOST:PORT: setup, then handle, then finish
+        setup, handle, finish      conn-HOST:PORT
+        recv_frame, handle_error   conn-HOST:PORT (the recv loop)
+        set_state, refuse          conn-HOST:PORT
+        track_request, other_disk  conn-HOST:PORT (the recv loop)
+        take_over, attach_demoted  conn-HOST:PORT (ATTACH), under Volume.attach_lock
+        start_sync                 conn-HOST:PORT (ATTACH, DIRTY_MAP), or any thread that found
+                                   rot in the replica (scrub, control-N, sync-VOLUME)
+        detach_volume              conn-HOST:PORT (DETACH, ATTACH elsewhere, the end)
+        send, send_error           any thread; takes send_lock
+        say_goodbye, abort         any thread (heartbeat, storage-watch, control-N, acker-HOST:PORT)
+        ping                       heartbeat
+        status                     control-N and rephub-metrics (Hub.status)
+        *                          conn-HOST:PORT: the on_<TYPE> handlers of the recv loop
     """
 
     def __init__(self, hub: Hub, sock: socket.socket, addr):
@@ -1889,6 +1919,11 @@ class RequestTable:
     Owners add and drop their own from their threads (sync jobs, fail-back);
     the connection thread looks answers up.  Ids come from the same table, so
     none is reused while the connection lives (RP-7).
+
+    Threads::
+
+        new_id, add, drop_all      sync-VOLUME or control-N (the owner); takes the table's lock
+        owner, drop                conn-HOST:PORT (the recv loop), or the owner; takes the lock
     """
 
     def __init__(self):
@@ -1930,6 +1965,10 @@ class Requester:
     in the connection's ``RequestTable``.  An owner overrides the answers its
     requests get; any other kind names no request of its type (ER-7), so the
     defaults refuse it, and an unasked ACK is dropped (ER-3).
+
+    Threads::
+
+        *                          conn-HOST:PORT: the recv loop hands each answer to its owner
     """
 
     def on_read_reply(self, header, msg: p.ReadReply) -> None:
@@ -1959,6 +1998,14 @@ class Acker(threading.Thread):
 
     Replies queued with ``after`` leave in the order they were queued (the
     recv loop queues them in stream order), so ACKs follow stream order.
+
+    Threads::
+
+        after                      conn-HOST:PORT (the recv loop), or sync-VOLUME (what a verify
+                                   found equal); takes cond
+        run                        acker-HOST:PORT
+        drain                      conn-HOST:PORT at its end, or any thread saying GOODBYE
+        stop                       conn-HOST:PORT, at its end
     """
 
     def __init__(self, conn: AgentConnection):
@@ -3946,6 +3993,12 @@ class Roles:
     journal's append lock: a change made with ``Journal.fence`` holds for
     every record after the seq it returns.  A fail-back gives the volume back
     (``Failback``, which sets the role to PROTECTED).
+
+    Threads::
+
+        check_writer               conn-HOST:PORT, under Journal.lock (the journal's check)
+        promote                    control-N, or conn-HOST:PORT (a FAILOVER session opens)
+        release_set_aside          control-N
     """
 
     def __init__(self, store: VolumeStore):
@@ -4035,6 +4088,24 @@ class SyncJob(Requester, threading.Thread):
     zero extents as ZERO records at the answer's place in the stream (SY-16;
     holes stay holes) and hands the data extents over, which are READ as
     above.  So a sparse volume costs what its data costs.
+
+    Threads::
+
+        run, pull, pull_sparse     sync-VOLUME
+        verify, query_dirty        sync-VOLUME
+        complete, progress         sync-VOLUME
+        pieces, check_stop         sync-VOLUME
+        wait_reads, wait_window    sync-VOLUME
+        ask, answer                sync-VOLUME
+        on_read_reply, on_extents  conn-HOST:PORT (the recv loop)
+        on_reply, on_error         conn-HOST:PORT (the recv loop)
+        abandon, give_up           conn-HOST:PORT (the recv loop)
+        split_extents              conn-HOST:PORT (on_extents)
+        add_extents                conn-HOST:PORT (a DIRTY_MAP), under AgentConnection.sync_lock
+        begin                      conn-HOST:PORT (ATTACH) or control-N (verify), before the job
+                                   starts
+        stop, join_if_started      any thread (the connection ending, DETACH, shutdown)
+        status                     control-N and rephub-metrics; and sync-VOLUME at its end
     """
 
     def __init__(self, conn: AgentConnection, vol: Volume, plan: p.SyncPlan, extents=None,
@@ -4697,6 +4768,22 @@ class Failback(Requester):
     arrive on the connection's recv loop, which hands them over through
     ``on_ack``/``on_error``/``on_read_reply``/``on_reply`` (this object is the
     owner of its requests in ``conn.requests``, as a SyncJob is of its own).
+
+    Threads::
+
+        run                        control-N: the whole fail-back, start to end
+        begin, collect, compare    control-N
+        preserve, report, apply    control-N
+        finish, end, wait, ask     control-N
+        fail, set_phase, progress  control-N
+        journal_regions            control-N
+        merged_delta, summary      control-N
+        late_summary               control-N, and conn-HOST:PORT (FAILBACK_END's ACK)
+        connection_gone            control-N (a send failed)
+        on_ack, on_error           conn-HOST:PORT (the recv loop)
+        on_read_reply, on_reply    conn-HOST:PORT (the recv loop)
+        give_up                    conn-HOST:PORT (the recv loop)
+        status                     control-N and rephub-metrics
     """
 
     def __init__(self, hub: Hub, vol: Volume, conn: AgentConnection, emit, confirm):
