@@ -1598,6 +1598,64 @@ def legality(receiver: Side, features: int):
     return lambda msg_type: check_legal(msg_type, receiver, features)
 
 
+class VolumePhase(enum.Enum):
+    """What a volume id (or a session id) is on one connection, as its
+    receiver sees it (PROTOCOL.md "Volume phases")."""
+
+    NONE = "none"                  # not attached here (a session id: not open) [VO-6]
+    PROTECTED = "protected"        # attached, writes stream [VO-5, FB-7]
+    PROMOTED = "promoted"          # hub: attached, then promoted elsewhere [RC-7]
+    DEMOTED = "demoted"            # attached with plan DEMOTED [FB-2]
+    FAILING_BACK = "failing-back"  # DEMOTED, an ACKed FAILBACK_BEGIN in force [FB-5]
+    OPEN = "open"                  # a recovery session id, open
+
+
+_ATTACHED_PHASES = frozenset({VolumePhase.PROTECTED, VolumePhase.PROMOTED,
+                              VolumePhase.DEMOTED, VolumePhase.FAILING_BACK})
+#: PROTOCOL.md "Volume phases": for each receiver, the messages naming a volume
+#: (or session) it takes, the phases it takes each in, and the error for the
+#: others (NONE is always NO_SUCH_VOLUME [VO-6]).  The answers to requests
+#: are not here: they are matched by request id (ANSWERED_BY, [ER-7]).
+VOLUME_RULES: dict[Side, dict[MsgType, tuple[frozenset, ErrorCode]]] = {
+    Side.HUB: {
+        MsgType.WRITE: (frozenset({VolumePhase.PROTECTED}), ErrorCode.ROLE),
+        MsgType.ZERO: (frozenset({VolumePhase.PROTECTED}), ErrorCode.ROLE),
+        MsgType.DETACH: (_ATTACHED_PHASES, ErrorCode.NO_SUCH_VOLUME),
+        # Unsolicited only (request_id 0): the solicited one is an answer.
+        MsgType.DIRTY_MAP: (frozenset({VolumePhase.PROTECTED}), ErrorCode.ROLE),
+        **{t: (frozenset({VolumePhase.OPEN}), ErrorCode.NO_SUCH_VOLUME)
+           for t in (MsgType.RREAD, MsgType.RWRITE, MsgType.RFLUSH, MsgType.RECOVER_CLOSE)},
+    },
+    Side.AGENT: {
+        **{t: (_ATTACHED_PHASES - {VolumePhase.PROMOTED}, ErrorCode.NO_SUCH_VOLUME)
+           for t in (MsgType.READ, MsgType.DIRTY_QUERY, MsgType.CHECKSUM_QUERY,
+                     MsgType.EXTENT_QUERY)},
+        MsgType.FAILBACK_BEGIN: (frozenset({VolumePhase.DEMOTED}), ErrorCode.BAD_PHASE),
+        MsgType.PUT: (frozenset({VolumePhase.FAILING_BACK}), ErrorCode.BAD_PHASE),
+        MsgType.FAILBACK_END: (frozenset({VolumePhase.FAILING_BACK}), ErrorCode.BAD_PHASE),
+    },
+}
+
+
+def check_volume_phase(msg: Message, receiver: Side, phase: VolumePhase, what: str) -> None:
+    """May ``receiver`` take ``msg`` for a volume (or session) in ``phase``?
+
+    ``what`` names the volume for the error ("volume NAME", "session id N").
+    Raises RequestError: NO_SUCH_VOLUME in phase NONE, else the code
+    VOLUME_RULES gives; a message the table does not list is taken in any
+    other phase.
+    """
+    taken, code = VOLUME_RULES[receiver].get(msg.TYPE, (None, None))
+    if phase is VolumePhase.NONE:
+        state = "open" if taken and VolumePhase.OPEN in taken else "attached"
+        raise RequestError(f"{what} is not {state} on this connection",
+                           code=ErrorCode.NO_SUCH_VOLUME)
+    if taken is not None and phase not in taken:
+        raise RequestError(f"{msg.TYPE.name} for {what}, which is {phase.value} here: taken "
+                           f"only when {' or '.join(sorted(ph.value for ph in taken))}",
+                           code=code)
+
+
 def may_answer_with_error(err: RequestError) -> bool:
     """False for a bad frame that [ER-3] forbids answering: one of
     NEVER_ANSWERED, or an unsolicited DIRTY_MAP (request_id 0)."""

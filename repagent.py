@@ -1137,6 +1137,7 @@ class Volume:
         read_once            any thread (a reader of its own)
         save_meta            any thread; under Stream.lock where the stream decides what it saves
         attach_state, must_hold  any thread, with Stream.lock held
+        phase                any thread, with Stream.lock held
     """
 
     def __init__(self, name: str, node: str, state_dir: str):
@@ -1259,6 +1260,16 @@ class Volume:
         if self.failback is not None:
             return "failing back"
         return "demoted" if self.plan == p.SyncPlan.DEMOTED else "protected"
+
+    def phase(self, conn: "HubConnection") -> p.VolumePhase:
+        """What the volume, attached on ``conn``, is there (PROTOCOL.md "Volume
+        phases"): FAILING_BACK only once its FAILBACK_BEGIN on ``conn`` is ACKed."""
+        if self.plan != p.SyncPlan.DEMOTED:
+            return p.VolumePhase.PROTECTED
+        fb = self.failback
+        if fb is not None and fb.client is not None and fb.conn is conn:
+            return p.VolumePhase.FAILING_BACK
+        return p.VolumePhase.DEMOTED
 
     def attach_state(self) -> p.VolumeState:
         if self.meta.get("needs_verify"):
@@ -1663,13 +1674,14 @@ class Stream:
                 self.enqueue(conn, msg)
 
     def volume_for(self, conn: HubConnection, msg: p.Message) -> Volume:
-        """The volume ``msg`` names on ``conn`` (any thread, lock taken here),
-        or RequestError NO_SUCH_VOLUME."""
+        """The volume ``msg`` names on ``conn`` (any thread, lock taken here), if
+        its phase there takes ``msg`` (PROTOCOL.md "Volume phases"); else
+        RequestError: NO_SUCH_VOLUME, or BAD_PHASE for a fail-back message."""
         with self.lock:
             vol = self.by_id.get(msg.volume) if conn is self.conn else None
-        if vol is None:
-            raise p.RequestError(f"volume id {msg.volume} is not attached",
-                                 code=p.ErrorCode.NO_SUCH_VOLUME)
+            phase = vol.phase(conn) if vol is not None else p.VolumePhase.NONE
+        p.check_volume_phase(msg, p.Side.AGENT, phase,
+                             f"volume id {msg.volume}" if vol is None else f"volume {vol.name}")
         return vol
 
     # -- the write path (nbd-conn threads) -------------------------------------
@@ -2101,14 +2113,10 @@ class FailbackWorker:
     def serve_FAILBACK_BEGIN(self, conn: HubConnection, msg: p.FailbackBegin) -> None:
         """Become the only writer of the volume's node, or refuse (FB-3, FB-4, FB-5):
         tear the mirror down, add our writable export, check, connect to it."""
-        vol = self.stream.volume_for(conn, msg)
+        vol = self.stream.volume_for(conn, msg)     # attached DEMOTED (FB-5)
         if vol.failback is not None:
             raise p.RequestError(f"a fail-back of volume {vol.name} is already running",
                                  code=p.ErrorCode.BAD_PHASE)
-        if vol.plan != p.SyncPlan.DEMOTED:
-            raise p.RequestError(f"volume {vol.name} is not attached DEMOTED (plan "
-                                 f"{vol.plan.name if vol.plan is not None else None}): "
-                                 "nothing to fail back", code=p.ErrorCode.BAD_PHASE)
         if not self.cfg.accept_failback:
             raise p.RequestError("fail-back not accepted: stop the VM, then restart "
                                  "repagent.py protect with --accept-failback",
@@ -2156,12 +2164,9 @@ class FailbackWorker:
         self._ack(conn, msg)
 
     def _running(self, conn: HubConnection, msg: p.Message) -> tuple[Volume, Failback]:
+        """The volume of a PUT or FAILBACK_END, failing back on ``conn`` (FB-5)."""
         vol = self.stream.volume_for(conn, msg)
-        fb = vol.failback
-        if fb is None or fb.client is None or fb.conn is not conn:
-            raise p.RequestError(f"{msg.TYPE.name} for volume {vol.name} without an ACKed "
-                                 "FAILBACK_BEGIN", code=p.ErrorCode.BAD_PHASE)
-        return vol, fb
+        return vol, vol.failback
 
     def serve_PUT(self, conn: HubConnection, msg: p.Put) -> None:
         """Mark the range dirty (persistently), write it through our export, ACK (FB-6)."""
@@ -3085,9 +3090,7 @@ RECOVERY_FEATURES = p.Feature.GOODBYE_CODE
 RECOVERY_RECEIVES = frozenset({
     p.MsgType.RECOVER_READY, p.MsgType.RREAD_REPLY, p.MsgType.ACK, p.MsgType.PING,
     p.MsgType.PONG, p.MsgType.ERROR, p.MsgType.GOODBYE})
-RECOVERY_NO_VOLUME = frozenset({
-    p.MsgType.READ, p.MsgType.DIRTY_QUERY, p.MsgType.CHECKSUM_QUERY, p.MsgType.EXTENT_QUERY,
-    p.MsgType.FAILBACK_BEGIN, p.MsgType.PUT, p.MsgType.FAILBACK_END})
+RECOVERY_NO_VOLUME = frozenset(p.VOLUME_RULES[p.Side.AGENT])   # each volume is in phase NONE
 #: The hub's answers to the recovery client's requests.
 ANSWER_TYPES = frozenset({p.MsgType.RECOVER_READY, p.MsgType.RREAD_REPLY, p.MsgType.ACK,
                           p.MsgType.ERROR})

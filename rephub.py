@@ -1582,20 +1582,24 @@ class AgentConnection:
 
     # -- handlers (connection thread) ---------------------------------------------
 
-    def _volume(self, msg, writing: bool = True) -> Volume:
-        """The attached volume ``msg`` names; for ``writing``, refused with ERROR(ROLE)
-        while it is promoted (RC-7), attached DEMOTED included (FB-2)."""
+    def _volume(self, msg) -> Volume:
+        """The attached volume ``msg`` names, if its phase here takes ``msg``
+        (PROTOCOL.md "Volume phases"): else NO_SUCH_VOLUME, or ROLE for a write
+        to a promoted volume (RC-7), attached DEMOTED included (FB-2)."""
         vol = self.volumes.get(msg.volume)
-        if vol is None:
-            raise p.RequestError(f"volume id {msg.volume} is not attached on this connection",
-                                 code=p.ErrorCode.NO_SUCH_VOLUME)
-        if writing and vol.role is Role.PROMOTED:
-            raise p.RequestError(f"volume {vol.name} was promoted; writes from the old "
-                                 "protected side are refused"
-                                 + ("; bring it back with rephub.py failback"
-                                    if vol.id in self.demoted else ""),
-                                 code=p.ErrorCode.ROLE)
+        p.check_volume_phase(msg, p.Side.HUB, self._phase(vol),
+                             f"volume id {msg.volume}" if vol is None else f"volume {vol.name}")
         return vol
+
+    def _phase(self, vol: Volume | None) -> p.VolumePhase:
+        """What ``vol``, attached here (None: not), is on this connection."""
+        if vol is None:
+            return p.VolumePhase.NONE
+        if vol.id in self.demoted:
+            fb = vol.failback
+            begun = fb is not None and fb.conn is self and fb.begun
+            return p.VolumePhase.FAILING_BACK if begun else p.VolumePhase.DEMOTED
+        return p.VolumePhase.PROMOTED if vol.role is Role.PROMOTED else p.VolumePhase.PROTECTED
 
     def on_ATTACH(self, header, msg: p.Attach) -> None:
         again = next((v for v in self.volumes.values() if v.name == msg.name), None)
@@ -1715,7 +1719,7 @@ class AgentConnection:
             vol.attached_to = None
 
     def on_DETACH(self, header, msg) -> None:
-        vol = self._volume(msg, writing=False)
+        vol = self._volume(msg)
         self.detach_volume(vol)
         log.info("volume %s detached by %s", vol.name, self.agent_id)
         self.acker.after(self.store.journal.last_seq, p.Ack(request_id=msg.request_id))
@@ -1804,9 +1808,8 @@ class AgentConnection:
 
     def _session(self, msg) -> RecoverySession:
         s = self.sessions.get(msg.volume)
-        if s is None:
-            raise p.RequestError(f"session id {msg.volume} is not open on this connection",
-                                 code=p.ErrorCode.NO_SUCH_VOLUME)
+        p.check_volume_phase(msg, p.Side.HUB, p.VolumePhase.NONE if s is None
+                             else p.VolumePhase.OPEN, f"session id {msg.volume}")
         return s
 
     def on_RECOVER_OPEN(self, header, msg: p.RecoverOpen) -> None:

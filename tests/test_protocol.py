@@ -740,3 +740,35 @@ def test_answered_by_is_the_column_of_protocol_md():
     column = {p.MsgType[name]: p.MsgType[answer] for name, answer in rows
               if answer != "–" and name not in ("HELLO", "HELLO_REPLY", "AUTH")}
     assert p.ANSWERED_BY == column
+
+
+def test_volume_rules_are_the_tables_of_protocol_md():
+    """protocol.VOLUME_RULES is PROTOCOL.md "Volume phases": per receiver, the
+    messages, the phases that take them and the error for the other phases."""
+    spec = (pathlib.Path(__file__).parent.parent / "PROTOCOL.md").read_text()
+    section = spec[spec.index("### Volume phases"):spec.index("## Replication")]
+    rows = re.findall(r"^\| (hub|agent) \| ([^|]+) \| ([^|]+) \| ([^|]+) \|$", section, re.M)
+    assert len(rows) == 7, rows
+    tables: dict = {p.Side.HUB: {}, p.Side.AGENT: {}}
+    for receiver, messages, taken, otherwise in rows:
+        phases = frozenset(p.VolumePhase(name) for name in re.findall(r"`([a-z-]+)`", taken))
+        codes = [c for c in re.findall(r"\b[A-Z_]+\b", otherwise) if c in p.ErrorCode.__members__]
+        code = next((c for c in reversed(codes) if c != "NO_SUCH_VOLUME"), codes[0])
+        for name in re.findall(r"\b[A-Z_]+\b", messages.split(" with ")[0]):
+            tables[p.Side(receiver)][p.MsgType[name]] = (phases, p.ErrorCode[code])
+    assert p.VOLUME_RULES == tables
+
+
+@pytest.mark.parametrize("phase", list(p.VolumePhase))
+def test_check_volume_phase_refuses_with_the_tables_code(phase):
+    for receiver, rules in p.VOLUME_RULES.items():
+        for msg_type, (taken, code) in rules.items():
+            msg = p.message_class(msg_type)(request_id=1, volume=7)
+            if phase in taken:
+                p.check_volume_phase(msg, receiver, phase, "volume v")
+                continue
+            with pytest.raises(p.RequestError) as err:
+                p.check_volume_phase(msg, receiver, phase, "volume v")
+            want = p.ErrorCode.NO_SUCH_VOLUME if phase is p.VolumePhase.NONE else code
+            assert err.value.code == want, (receiver, msg_type, phase)
+            assert "volume v" in str(err.value)
