@@ -10,8 +10,9 @@ virtio_pci and virtio_blk and their dependencies from /lib/modules when they
 are modules) and an initramfs this script builds in a temp dir (cpio newc,
 written here): busybox (busybox-static) for the shell, and the host's GNU dd
 (coreutils, with the shared libraries ``ldd`` names) because busybox's dd has
-no ``oflag=dsync``.  qemu-system-x86_64 runs it with KVM when /dev/kvm can be
-opened, else TCG; one vCPU, the console on a serial port written to a file.
+no ``oflag=dsync``.  qemu-system-x86_64 runs it with KVM when /dev/kvm opens
+and a first guest boots with it (nested KVM can open and still hang), else
+TCG; one vCPU, the console on a serial port written to a file.
 
 Its one data disk, /dev/vda, is an export of a fresh qemu-storage-daemon (QSD)
 owning a raw image: a vhost-user-blk export (the guest's device is
@@ -239,7 +240,6 @@ GUEST_DD = "/opt/bench/dd"
 
 #: The guest's /init (busybox sh).  Every wait is bounded; it powers off at the end.
 INIT = r"""#!/bin/busybox sh
-/bin/busybox mkdir -p /proc /sys /dev /tmp
 /bin/busybox --install -s /bin
 export PATH=/bin LD_LIBRARY_PATH={libdirs} LC_ALL=C
 mount -t devtmpfs devtmpfs /dev
@@ -266,6 +266,12 @@ echo "{mark} end dsync4k $?"
 finish
 """
 
+#: The guest's /probe: does it boot at all (with KVM)?
+PROBE = f"""#!/bin/busybox sh
+/bin/busybox echo "{MARK} probe"
+/bin/busybox poweroff -f
+"""
+
 
 def build_initramfs(path: Path, parts: GuestParts, dd_mib: int, dsync: int) -> None:
     """Write the guest's initramfs (uncompressed newc) to ``path``."""
@@ -278,6 +284,7 @@ def build_initramfs(path: Path, parts: GuestParts, dd_mib: int, dsync: int) -> N
             cpio.mkdir(d)
         cpio.chardev("dev/console", 5, 1)    # init's stdio before devtmpfs is mounted
         cpio.file("init", init.encode())
+        cpio.file("probe", PROBE.encode())
         cpio.file("bin/busybox", parts.busybox.read_bytes())
         cpio.symlink("bin/sh", "busybox")
         cpio.file(GUEST_DD, parts.dd.read_bytes())
@@ -291,15 +298,28 @@ def build_initramfs(path: Path, parts: GuestParts, dd_mib: int, dsync: int) -> N
 # ---------------------------------------------------------------------------
 # The guest
 
-def use_kvm(accel: str) -> bool:
-    """KVM if asked, or for "auto" if /dev/kvm exists and opens read-write."""
+PROBE_TIMEOUT = 45.0        # a KVM guest reaches its /probe in a few seconds
+
+
+def choose_accel(accel: str, parts: GuestParts, initrd: Path, work: Path) -> tuple[bool, str]:
+    """(KVM?, why).  For "auto": KVM if /dev/kvm opens read-write and a guest
+    boots with it to its /probe within PROBE_TIMEOUT (nested KVM may open and
+    still hang or abort), else TCG."""
     if accel != "auto":
-        return accel == "kvm"
+        return accel == "kvm", f"--accel {accel}"
     try:
         os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
-    except OSError:
-        return False
-    return True
+    except OSError as err:
+        return False, f"TCG: /dev/kvm: {err.strerror}"
+    console = work / "probe.log"
+    argv = guest_argv(parts, initrd, console, True, None, None, None, init="/probe")
+    try:
+        text, seconds = boot(argv, console, PROBE_TIMEOUT)
+    except (RuntimeError, TimeoutError) as err:
+        return False, f"TCG: a KVM guest did not boot ({str(err).splitlines()[0][:160]})"
+    if f"{MARK} probe" not in text:
+        return False, "TCG: a KVM guest did not reach its /probe"
+    return True, f"KVM: a guest booted in {seconds:.1f} s"
 
 
 def export_args(transport: str, sock: Path) -> list[str]:
@@ -313,14 +333,16 @@ def export_args(transport: str, sock: Path) -> list[str]:
                         f"addr.type=unix,addr.path={sock}"]
 
 
-def guest_argv(parts: GuestParts, initrd: Path, console: Path, kvm: bool, transport: str,
-               disk: Path, export_name: str) -> list[str]:
+def guest_argv(parts: GuestParts, initrd: Path, console: Path, kvm: bool,
+               transport: str | None, disk: Path | None, export_name: str | None,
+               init: str = "/init") -> list[str]:
+    """The guest's command line; with ``transport`` None, no disk."""
     mem = f"{GUEST_MEMORY_MIB}M"
     argv = ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none",
             "-no-reboot", "-monitor", "none", "-serial", f"file:{console}",
             "-smp", "1", "-m", mem,
             "-kernel", str(parts.kernel), "-initrd", str(initrd),
-            "-append", "console=ttyS0 quiet panic=-1 rdinit=/init"]
+            "-append", f"console=ttyS0 quiet panic=-1 rdinit={init}"]
     argv += ["-accel", "kvm", "-cpu", "host"] if kvm else ["-accel", "tcg"]
     if transport == "vhost-user-blk":
         # vhost-user: QSD reads and writes the guest's memory, which must be shared.
@@ -328,7 +350,7 @@ def guest_argv(parts: GuestParts, initrd: Path, console: Path, kvm: bool, transp
                  "-machine", "memory-backend=mem0",
                  "-chardev", f"socket,id=vub0,path={disk}",
                  "-device", "vhost-user-blk-pci,chardev=vub0,num-queues=1"]
-    else:
+    elif transport == "nbd":
         argv += ["-blockdev", f"driver=nbd,node-name=vd0,server.type=unix,"
                               f"server.path={disk},export={export_name}",
                  "-device", "virtio-blk-pci,drive=vd0"]
@@ -384,6 +406,8 @@ def parse_console(text: str) -> dict:
         out[test] = {"bytes": int(line.group(1)), "seconds": float(line.group(2))}
     boot_s = re.search(rf"^{MARK} boot ([0-9.]+) s$", text, re.M)
     out["guest_boot_s"] = float(boot_s.group(1)) if boot_s else None
+    disk = re.search(rf"^{MARK} disk (.*)$", text, re.M)
+    out["disk"] = disk.group(1) if disk else "unknown"
     return out
 
 
@@ -470,7 +494,8 @@ def report(args, rounds: list[dict], kvm: bool, parts: GuestParts) -> list[dict]
     """Print every round and the medians; return the figures for report.py."""
     n = len(rounds)
     print(f"\nguest: {parts.kernel.name}, {'KVM' if kvm else 'TCG'}, 1 vCPU, "
-          f"{GUEST_MEMORY_MIB} MiB, disk over {args.transport}; {n} round(s)")
+          f"{GUEST_MEMORY_MIB} MiB; /dev/vda over {args.transport}: "
+          f"{rounds[0]['unprotected']['disk']}; {n} round(s)")
     print(f"{'round':<6} {'config':<12} {'dd 1M MiB/s':>12} {'4K dsync us/write':>18} "
           f"{'writes/s':>9} {'boot s':>7} {'wall s':>7}")
     for i, run in enumerate(rounds, 1):
@@ -550,15 +575,16 @@ def main() -> int:
         return 0
     # SIGTERM (timeout(1), a stopped report.py) runs the finally blocks too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    kvm = use_kvm(args.accel)
     work = short_tmpdir("bench-guest")
     rounds = []
-    print(f"bench_guest: {parts.kernel} with {', '.join(m.name for m in parts.modules)}; "
-          f"{'KVM' if kvm else 'TCG'}; disk over {args.transport}; dd {args.dd_mib} MiB, "
-          f"{args.dsync_writes} dsync writes; load average at start {loadavg()}", flush=True)
     try:
         initrd = work / "initramfs.cpio"
         build_initramfs(initrd, parts, args.dd_mib, args.dsync_writes)
+        kvm, why = choose_accel(args.accel, parts, initrd, work)
+        print(f"bench_guest: {parts.kernel} with {', '.join(m.name for m in parts.modules)}; "
+              f"{why}; disk over {args.transport}; dd {args.dd_mib} MiB, "
+              f"{args.dsync_writes} dsync writes; load average at start {loadavg()}",
+              flush=True)
         for i in range(args.rounds):
             run = {}
             for cfg in CONFIGS:
