@@ -527,7 +527,7 @@ def figure(test: str, cfg: str, rounds: list[dict], ratio: float, each: list[flo
     """One row of docs/BENCHMARKS.md: the protected time (median of the rounds)
     against the unprotected one, the ratio the median of the rounds' ratios."""
     def value(r: dict) -> float:
-        return r["seconds"] if test == "dd1m" else per_write_us(r)
+        return r["seconds"] * 1e3 if test == "dd1m" else per_write_us(r)
     prot = statistics.median(value(run[cfg][test]) for run in rounds)
     base = statistics.median(value(run["unprotected"][test]) for run in rounds)
     rates = " / ".join(f"{statistics.median(mib_s(run[c][test]) for run in rounds):.1f}"
@@ -536,9 +536,8 @@ def figure(test: str, cfg: str, rounds: list[dict], ratio: float, each: list[flo
             if test == "dd1m" else
             f"guest dd bs=4k count={args.dsync_writes} oflag=dsync, time per write, "
             f"protected {cfg}")
-    fig = {"name": name, "value": round(prot, 2) if test == "dd1m" else round(prot),
-           "unit": "s" if test == "dd1m" else "us", "baseline_name": "unprotected",
-           "baseline": round(base, 2) if test == "dd1m" else round(base),
+    fig = {"name": name, "value": round(prot), "unit": "ms" if test == "dd1m" else "us",
+           "baseline_name": "unprotected", "baseline": round(base),
            "ratio": round(ratio, 2),
            "note": f"{'KVM' if kvm else 'TCG'} guest, disk over {args.transport}; unprotected / "
                    f"protected {rates} MiB/s; ratio: median of {len(rounds)} round(s)' ratios "
