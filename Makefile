@@ -4,7 +4,7 @@
 PYTHON ?= python3
 APT_PACKAGES = qemu-system-common qemu-utils libnbd-bin
 
-.PHONY: test demo deps qemu e2fsprogs bench help
+.PHONY: test demo deps qemu e2fsprogs guest bench help
 
 help:
 	@echo "make demo   replicate a small VM disk end to end and prove it identical"
@@ -42,9 +42,19 @@ test: deps qemu e2fsprogs
 demo: qemu e2fsprogs
 	$(PYTHON) demo/demo.py
 
+# bench_guest boots a Linux guest: qemu-system-x86_64 (qemu-system-x86), a kernel
+# in /boot (linux-image-amd64) and busybox for its initramfs (busybox-static).
+GUEST_PACKAGES = qemu-system-x86 linux-image-amd64 busybox-static
+guest:
+	@if ! command -v qemu-system-x86_64 >/dev/null || ! ls /boot/vmlinuz-* >/dev/null 2>&1 \
+	    || ! command -v busybox >/dev/null; then \
+		echo "installing $(GUEST_PACKAGES) with apt-get"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(GUEST_PACKAGES); \
+	fi
+
 # Runs every bench/bench_*.py (each against a baseline measured in the same run)
 # and writes docs/BENCHMARKS.md; bench_sync also needs nbdcopy (libnbd-bin).
-bench: deps qemu
+bench: deps qemu guest
 	$(PYTHON) bench/report.py
 
 # The long fault run and the long fuzz run (docs/RELIABILITY.md); CI runs

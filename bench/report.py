@@ -258,6 +258,12 @@ def parse_report(text: str) -> dict:
     return kept
 
 
+def updated_names(line: str) -> list[str]:
+    """The benchmarks an "Updated by `report.py --only A B` ..." line names."""
+    m = re.match(r"Updated by `report\.py --only ([\w\- ]+)`", line)
+    return m.group(1).split() if m else []
+
+
 def render(results: list[dict], started: datetime.datetime, load_start: str,
            kept: dict | None = None) -> str:
     """The report of ``results``; with ``kept`` (``parse_report`` of the earlier one)
@@ -275,6 +281,10 @@ def render(results: list[dict], started: datetime.datetime, load_start: str,
     if kept and kept["machine"]:
         old = [l for l in kept["machine"] if l.strip()
                and not l.startswith(("A load average", "Updated by", "*Updated by"))]
+        # An earlier "Updated by" line stays while it speaks for a benchmark not run now.
+        for line in kept["machine"]:
+            if line.startswith("Updated by") and not set(updated_names(line)) <= ran:
+                old += ["", line]
         names = ", ".join(sorted(ran))
         out += old + ["", f"Updated by `report.py --only {' '.join(sorted(ran))}` at "
                       f"{started:%Y-%m-%d %H:%M} UTC on git commit {commit_cell}, load average "
