@@ -2415,6 +2415,7 @@ class HubLink:
     Threads::
 
         run                      repagent-heartbeat
+        adopt                    main, in tests, instead of the heartbeat thread's connect
         connection_lost          any thread (the one that closes the connection)
         set_link                 repagent-heartbeat, and main at stop (through connection_lost, any
                                  thread)
@@ -2651,6 +2652,25 @@ class HubLink:
         # be logged (and shown) connected after its end.
         self.set_link(LinkState.CONNECTED, f"hub {conn.hub_id}", logging.INFO)
         conn.start()
+        return conn
+
+    def adopt(self, sock: socket.socket, attached: dict[Volume, int],
+              features: p.Feature = p.Feature.NONE, start: bool = True) -> HubConnection:
+        """Make ``sock``, a connection past AUTH_OK, the hub connection, with
+        each volume of ``attached`` attached under its id as if ATTACHED (plan
+        NONE) had come: the seam through which a test plays the hub from the
+        established phase on, without a handshake (main thread, before
+        ``Agent.start``; the heartbeat thread is not running)."""
+        conn = HubConnection(self, sock, "test", "hub", features)
+        with self.stream.lock:
+            self.stream.conn = conn
+            for vol, volume_id in attached.items():
+                vol.volume_id, vol.plan = volume_id, p.SyncPlan.NONE
+                self.stream.by_id[volume_id] = vol
+            conn.attached_at = time.monotonic()
+            self.stream.maybe_undegrade()
+        if start:
+            conn.start()
         return conn
 
 

@@ -258,11 +258,7 @@ def rig(tmp_path):
         vol.bitmap = ra.DirtyBitmap(vol.bitmap_path, SIZE, CHUNK)
         vol.source = reader or (lambda: ra.FileSource(str(image)))
         ours, theirs = socket.socketpair()
-        conn = ra.HubConnection(agent.link, ours, "test", "hub", features)
-        agent.conn = conn
-        vol.volume_id = 1
-        agent.stream.by_id[1] = vol
-        agent.stream.degraded = False
+        conn = agent.link.adopt(ours, {vol: 1}, features, start=False)
         for name, target in (("repagent-timer", agent.stream.timer_loop),
                              ("repagent-sync-0", agent.sync.run)):
             t = threading.Thread(target=target, name=name, daemon=True)

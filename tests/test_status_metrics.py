@@ -198,12 +198,7 @@ def agent_rig(tmp_path):
     vol.source = lambda: ra.FileSource(str(image))
     ours, theirs = socket.socketpair()
     theirs.settimeout(10)
-    conn = ra.HubConnection(agent.link, ours, "test", "hub")
-    agent.conn = conn
-    vol.volume_id = 1
-    agent.stream.by_id[1] = vol
-    agent.stream.degraded = False
-    conn.start()
+    conn = agent.link.adopt(ours, {vol: 1})
     try:
         yield agent, vol, theirs
     finally:
