@@ -1442,7 +1442,7 @@ class HubConnection:
                 self.last_rx = time.monotonic()
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("<-- %s", msg.describe())
-                handler = getattr(self.link, f"on_{msg.TYPE.name}", None)
+                handler = self.link.handlers.get(msg.TYPE)
                 if handler is None:   # RECOVER_READY, RREAD_REPLY: no such request here
                     self.link.stream.answer(self, unasked(msg))
                     continue
@@ -2404,7 +2404,7 @@ class HubLink:
     """The agent's side of the hub connection: connect, handshake and ATTACH
     every volume, PING and ``--hub-timeout`` (``run``, repagent-heartbeat,
     the only thread that connects); the hub's frames in one dispatch table
-    (``on_<TYPE>``, repagent-recv), which hands reads to ``sync`` and
+    (``handlers``, repagent-recv), which hands reads to ``sync`` and
     fail-back work to ``failbacks``; and what a lost connection leaves
     (``connection_lost``: every unACKed write stays marked).
 
@@ -2438,6 +2438,19 @@ class HubLink:
         self.last_disconnect: dict | None = None   # why the last connection ended
         self.retry_at: float | None = None         # next connect attempt (monotonic)
         self.requests: dict[int, tuple[str, object]] = {}   # ATTACH / PING / CHECKPOINT
+        T = p.MsgType
+        #: The dispatch table of the hub's frames (repagent-recv): the sync
+        #: requests go to the sync workers, the fail-back ones to its worker,
+        #: each in arrival order; the rest is answered here.  EXTENT_QUERY
+        #: arrives only where EXTENTS was granted: the codec refuses it
+        #: otherwise [VN-6].  Any other type was asked by no request here.
+        self.handlers: dict[p.MsgType, Callable[[HubConnection, p.Message], None]] = {
+            **dict.fromkeys((T.READ, T.CHECKSUM_QUERY, T.DIRTY_QUERY, T.EXTENT_QUERY),
+                            sync.submit),
+            **dict.fromkeys((T.FAILBACK_BEGIN, T.PUT, T.FAILBACK_END), failbacks.submit),
+            T.SYNCED: sync.synced, T.ACK: self.on_ACK, T.ATTACHED: self.on_ATTACHED,
+            T.PING: self.on_PING, T.PONG: self.on_PONG, T.ERROR: self.on_ERROR,
+            T.GOODBYE: self.on_GOODBYE}
 
     # -- the hub's frames (repagent-recv thread) ----------------------------------
 
@@ -2491,31 +2504,6 @@ class HubLink:
                             "" if self.cfg.accept_failback else
                             " (after restarting repagent.py protect with --accept-failback)")
             self.stream.maybe_undegrade()
-
-    def on_READ(self, conn, msg):
-        self.sync.submit(conn, msg)
-
-    def on_CHECKSUM_QUERY(self, conn, msg):
-        self.sync.submit(conn, msg)
-
-    def on_DIRTY_QUERY(self, conn, msg):
-        self.sync.submit(conn, msg)
-
-    def on_EXTENT_QUERY(self, conn, msg):
-        # Only where EXTENTS was granted: the codec refused it otherwise [VN-6].
-        self.sync.submit(conn, msg)
-
-    def on_SYNCED(self, conn, msg):
-        self.sync.synced(conn, msg)
-
-    def on_FAILBACK_BEGIN(self, conn, msg):
-        self.failbacks.submit(conn, msg)
-
-    def on_PUT(self, conn, msg):
-        self.failbacks.submit(conn, msg)
-
-    def on_FAILBACK_END(self, conn, msg):
-        self.failbacks.submit(conn, msg)
 
     def on_PING(self, conn, msg):
         self.stream.answer(conn, p.Pong(request_id=msg.request_id, echo_ns=msg.sent_ns,
