@@ -11,7 +11,10 @@ or a scraper reads is the same for both and lives here:
   Prometheus text exposition format (version 0.0.4), served from the same
   status document the JSON status shows, so the two never disagree;
 * ``parse_host_port`` and ``add_status_options``: the ``HOST:PORT``
-  arguments and the ``status`` options of both command lines.
+  arguments and the ``status`` options of both command lines;
+* ``accept_forever`` and ``LogThrottle``: the accept loop of every listening
+  socket (the hub's agents, both control sockets), which never dies and never
+  spins, and its rate-limited warnings.
 
 Standard library only, no state: each daemon passes its own logger.
 """
@@ -19,10 +22,13 @@ Standard library only, no state: each daemon passes its own logger.
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
+import errno
 import http.server
 import json
 import logging
+import select
 import socket
 import sys
 import threading
@@ -183,3 +189,102 @@ def add_status_options(parser: argparse.ArgumentParser) -> None:
                         "--watch: one document per line per refresh)")
     parser.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
                         help="redraw every SECONDS (default 2) until Ctrl-C")
+
+
+# -- accept loops -----------------------------------------------------------
+
+#: Out of descriptors, memory or threads, an accept loop waits this long,
+#: doubling up to ACCEPT_BACKOFF_MAX, instead of retrying at once (it would
+#: spin: the pending connection keeps the listener readable) ...
+ACCEPT_BACKOFF_MIN = 0.05
+ACCEPT_BACKOFF_MAX = 2.0
+#: ... and logs each kind of such trouble at most once this often.
+ACCEPT_LOG_INTERVAL = 30.0
+#: accept() errors that mean the process or the system is out of a resource.
+ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+#: How often an accept loop waiting for a client looks at its stop flag.
+ACCEPT_POLL = 0.2
+
+
+class LogThrottle:
+    """One WARNING per ``interval`` for each kind of trouble, saying how many like
+    it were held back meanwhile: a flood of peers or a lasting shortage of
+    descriptors gives a few lines, not one per attempt.  Any thread (the
+    accept loops of one daemon may share one); takes its lock."""
+
+    def __init__(self, log: logging.Logger, interval: float = ACCEPT_LOG_INTERVAL):
+        self.log = log
+        self.interval = interval
+        self.lock = threading.Lock()
+        self.last: dict[str, float] = {}
+        self.held: collections.Counter[str] = collections.Counter()
+
+    def warning(self, kind: str, fmt: str, *args) -> None:
+        now = time.monotonic()
+        with self.lock:
+            if kind in self.last and now - self.last[kind] < self.interval:
+                self.held[kind] += 1
+                return
+            self.last[kind] = now
+            held = self.held.pop(kind, 0)
+        self.log.warning(fmt + (f" ({held} more like it in the last {self.interval:g} s)"
+                                if held else ""), *args)
+
+
+def accept_forever(sock: socket.socket, stop: threading.Event, start_one,
+                   throttle: LogThrottle, what: str, hint: str = "raise the fd limit") -> None:
+    """Accept ``what`` (e.g. "connection") on ``sock`` until ``stop`` is set and
+    hand each to ``start_one(client, address)``, which returns True once the
+    client is taken care of (False: it was refused and closed).  Runs in the
+    listener's own thread; it never dies and never spins.
+
+    Out of descriptors or memory (ACCEPT_RESOURCE_ERRNOS), or when
+    ``start_one`` cannot start a thread (RuntimeError or MemoryError: the
+    client is closed), it waits on ``stop`` for a delay doubling from
+    ACCEPT_BACKOFF_MIN to ACCEPT_BACKOFF_MAX, back to none once a client is
+    taken, and warns of each kind of trouble through ``throttle`` (with
+    ``hint``, what the operator can do).  Any other error in ``start_one``
+    closes that client only.
+    """
+    backoff = 0.0
+
+    def more(backoff: float) -> float:
+        return min(max(2 * backoff, ACCEPT_BACKOFF_MIN), ACCEPT_BACKOFF_MAX)
+
+    while not stop.is_set():
+        if backoff and stop.wait(backoff):
+            return
+        try:
+            ready, _, _ = select.select([sock], [], [], ACCEPT_POLL)
+            if not ready:
+                continue
+            client, address = sock.accept()
+        except ValueError:      # the socket is closed (fd -1): we are stopping
+            return
+        except OSError as err:
+            if stop.is_set() or err.errno == errno.EBADF:   # closed: we are stopping
+                return
+            if err.errno in ACCEPT_RESOURCE_ERRNOS:
+                backoff = more(backoff)
+                throttle.warning(
+                    "accept-" + errno.errorcode.get(err.errno, "?"),
+                    "accept failed: %s; new %ss wait (retrying every %g s at most; %s)",
+                    err, what, ACCEPT_BACKOFF_MAX, hint)
+            else:   # ECONNABORTED, EPROTO, ...: that peer is gone, the next one is not
+                throttle.log.debug("accept failed: %s", err)
+            continue
+        peer = address[0] if isinstance(address, tuple) else "the control socket"
+        try:
+            taken = start_one(client, address)
+        except (RuntimeError, MemoryError) as err:   # "can't start new thread"
+            client.close()
+            backoff = more(backoff)
+            throttle.warning("thread", "%s from %s closed: cannot start its thread (%s)",
+                             what, peer, err)
+            continue
+        except Exception as err:  # noqa: BLE001 - the accept loop never dies
+            client.close()
+            throttle.log.error("%s from %s closed: %r", what, peer, err, exc_info=err)
+            continue
+        if taken:
+            backoff = 0.0

@@ -150,8 +150,8 @@ from typing import Callable
 
 import nbd
 import protocol as p
-from ops import (MetricsServer, add_status_options, fmt_bytes, format_table, parse_host_port,
-                 prometheus_text, watch)
+from ops import (LogThrottle, MetricsServer, accept_forever, add_status_options, fmt_bytes,
+                 format_table, parse_host_port, prometheus_text, watch)
 
 log = logging.getLogger("repagent")
 
@@ -2902,29 +2902,29 @@ class Agent:
         self.control.settimeout(0.5)
 
     def _control_loop(self) -> None:
-        """repagent-control thread: one JSON status document per request."""
-        while not self.stopping.is_set():
+        """repagent-control thread: accept on ``control.sock`` (``accept_forever``:
+        it never dies and never spins) and answer each request in this thread."""
+        accept_forever(self.control, self.stopping, self._answer_control, LogThrottle(log),
+                       "control request")
+
+    def _answer_control(self, client: socket.socket, _) -> bool:
+        """One JSON document per request: the status, or a checkpoint's result."""
+        with client:
             try:
-                client, _ = self.control.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            with client:
-                try:
-                    client.settimeout(CONTROL_TIMEOUT)
-                    request = client.recv(512).strip()
-                    if request == b"status":
-                        client.sendall(json.dumps(self.status()).encode() + b"\n")
-                    elif request.startswith(b"checkpoint "):  # repagent.py checkpoint
-                        client.sendall(json.dumps(agent_checkpoint(
-                            self, request[11:].decode(errors="replace"))).encode() + b"\n")
-                    else:
-                        client.sendall(json.dumps(
-                            {"error": f"unknown request {request[:32]!r}, "
-                                      "expected 'status'"}).encode() + b"\n")
-                except OSError as err:
-                    log.debug("control client: %s", err)
+                client.settimeout(CONTROL_TIMEOUT)
+                request = client.recv(512).strip()
+                if request == b"status":
+                    client.sendall(json.dumps(self.status()).encode() + b"\n")
+                elif request.startswith(b"checkpoint "):  # repagent.py checkpoint
+                    client.sendall(json.dumps(agent_checkpoint(
+                        self, request[11:].decode(errors="replace"))).encode() + b"\n")
+                else:
+                    client.sendall(json.dumps(
+                        {"error": f"unknown request {request[:32]!r}, "
+                                  "expected 'status'"}).encode() + b"\n")
+            except OSError as err:
+                log.debug("control client: %s", err)
+        return True
 
     def status(self) -> dict:
         with self.lock:

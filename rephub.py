@@ -178,8 +178,8 @@ import time
 import zlib
 
 import protocol as p
-from ops import (MetricsServer, add_status_options, fmt_bytes, format_table, parse_host_port,
-                 prometheus_text, watch)
+from ops import (LogThrottle, MetricsServer, accept_forever, add_status_options, fmt_bytes,
+                 format_table, parse_host_port, prometheus_text, watch)
 
 log = logging.getLogger("rephub")
 
@@ -197,15 +197,6 @@ MAX_CONNECTIONS = 256
 #: ... and at most this many unauthenticated ones from one address
 #: (``--max-unauthenticated-per-address``), so one host cannot take them all.
 MAX_UNAUTHENTICATED_PER_ADDRESS = 16
-#: Out of descriptors, memory or threads, the accept loop waits this long,
-#: doubling up to ACCEPT_BACKOFF_MAX, instead of retrying at once (it would
-#: spin: the pending connection keeps the listener readable) ...
-ACCEPT_BACKOFF_MIN = 0.05
-ACCEPT_BACKOFF_MAX = 2.0
-#: ... and logs each kind of such trouble at most once this often.
-ACCEPT_LOG_INTERVAL = 30.0
-#: accept() errors that mean the process or the system is out of a resource.
-ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 #: How often a recv loop waiting between frames looks at the stop flag.
 POLL_INTERVAL = 0.2
 #: A peer that stalls inside a frame for this long is cut off.
@@ -628,7 +619,7 @@ class Hub:
         self.handshake_timeout = handshake_timeout   # None: HANDSHAKE_TIMEOUT
         self.max_connections = max_connections
         self.max_unauthenticated_per_address = max_unauthenticated_per_address
-        self.accept_log = LogThrottle(ACCEPT_LOG_INTERVAL)
+        self.accept_log = LogThrottle(log)
         self.agents = AgentsFile(agents_file)
         self.listen_addr = listen
         self.tls = None
@@ -698,50 +689,10 @@ class Hub:
                  " (TLS)" if self.tls else "", self.store.dir)
 
     def _accept_loop(self) -> None:
-        """Accept thread: one connection thread per agent; it never dies and never spins.
-
-        Out of descriptors or memory (ACCEPT_RESOURCE_ERRNOS), or when a
-        connection thread cannot start (that connection is closed), it waits on
-        ``stopping`` for a delay doubling from ACCEPT_BACKOFF_MIN to
-        ACCEPT_BACKOFF_MAX, back to none once a connection starts, and logs
-        each kind of trouble once per ACCEPT_LOG_INTERVAL (``accept_log``).
-        """
-        backoff = 0.0
-        while not self.stopping.is_set():
-            if backoff and self.stopping.wait(backoff):
-                return
-            ready, _, _ = select.select([self.listener], [], [], POLL_INTERVAL)
-            if not ready:
-                continue
-            try:
-                sock, addr = self.listener.accept()
-            except OSError as err:
-                if self.stopping.is_set():
-                    return
-                if err.errno in ACCEPT_RESOURCE_ERRNOS:
-                    backoff = min(max(2 * backoff, ACCEPT_BACKOFF_MIN), ACCEPT_BACKOFF_MAX)
-                    self.accept_log.warning(
-                        "accept-" + errno.errorcode.get(err.errno, "?"),
-                        "accept failed: %s; new connections wait (retrying every %g s at "
-                        "most; raise the fd limit or --max-connections lower)",
-                        err, ACCEPT_BACKOFF_MAX)
-                else:   # ECONNABORTED, EPROTO, ...: that peer is gone, the next one is not
-                    log.debug("accept failed: %s", err)
-                continue
-            try:
-                started = self._start_connection(sock, addr)
-            except (RuntimeError, MemoryError) as err:   # "can't start new thread"
-                sock.close()
-                backoff = min(max(2 * backoff, ACCEPT_BACKOFF_MIN), ACCEPT_BACKOFF_MAX)
-                self.accept_log.warning("thread", "connection from %s closed: cannot start "
-                                        "its thread (%s)", addr[0], err)
-                continue
-            except Exception as err:  # noqa: BLE001 - the accept thread never dies
-                sock.close()
-                log.error("connection from %s closed: %r", addr[0], err, exc_info=err)
-                continue
-            if started:
-                backoff = 0.0
+        """Accept thread: one connection thread per agent (``accept_forever``: it
+        never dies and never spins)."""
+        accept_forever(self.listener, self.stopping, self._start_connection, self.accept_log,
+                       "connection", "raise the fd limit or --max-connections lower")
 
     def _start_connection(self, sock: socket.socket, addr) -> bool:
         """Accept thread: start ``sock``'s connection thread, or close it at once
@@ -2157,32 +2108,6 @@ class TLSStream:
 
     def close(self) -> None:
         self.sock.close()
-
-
-class LogThrottle:
-    """One WARNING per ``interval`` for each kind of trouble, saying how many like
-    it were held back meanwhile: a flood of peers or a lasting shortage of
-    descriptors gives a few lines, not one per attempt.  One thread uses it.
-
-    Threads::
-
-        warning              accept
-    """
-
-    def __init__(self, interval: float):
-        self.interval = interval
-        self.last: dict[str, float] = {}
-        self.held: collections.Counter[str] = collections.Counter()
-
-    def warning(self, kind: str, fmt: str, *args) -> None:
-        now = time.monotonic()
-        if kind in self.last and now - self.last[kind] < self.interval:
-            self.held[kind] += 1
-            return
-        self.last[kind] = now
-        held = self.held.pop(kind, 0)
-        log.warning(fmt + (f" ({held} more like it in the last {self.interval:g} s)"
-                           if held else ""), *args)
 
 
 class RateLimiter:
@@ -5339,31 +5264,18 @@ class ControlServer:
         self.thread.start()
 
     def _loop(self) -> None:
-        """Control thread: accept; each request runs in its own short thread.
-
-        Out of descriptors or threads it waits ACCEPT_BACKOFF_MAX rather than
-        spin (the waiting client keeps the socket readable), as ``Hub._accept_loop``."""
+        """Control thread: accept (``accept_forever``); each request runs in its
+        own short thread."""
         n = itertools.count(1)
-        while not self.stop_event.is_set():
-            ready, _, _ = select.select([self.sock], [], [], POLL_INTERVAL)
-            if not ready:
-                continue
-            try:
-                client, _ = self.sock.accept()
-            except OSError as err:
-                if err.errno in ACCEPT_RESOURCE_ERRNOS:
-                    self.stop_event.wait(ACCEPT_BACKOFF_MAX)
-                continue
+
+        def start_one(client: socket.socket, _) -> bool:
             t = threading.Thread(target=self._serve, args=(client,), name=f"control-{next(n)}",
                                  daemon=True)
-            try:
-                t.start()
-            except RuntimeError as err:   # cannot start a thread: drop this request only
-                client.close()
-                log.warning("control request dropped: cannot start its thread (%s)", err)
-                self.stop_event.wait(ACCEPT_BACKOFF_MAX)
-                continue
+            t.start()
             self.requests = [r for r in self.requests if r.is_alive()] + [t]
+            return True
+        accept_forever(self.sock, self.stop_event, start_one, self.hub.accept_log,
+                       "control request")
 
     def _serve(self, client: socket.socket) -> None:
         """Control request thread."""
