@@ -1052,7 +1052,7 @@ class Hub:
             hub_id=store.hub_id, listen="%s:%d" % self.address, tls=self.tls is not None,
             started=fmt_time_ns(self.started_ns),
             journal=dict(first_seq=j.first_seq, last_seq=j.last_seq, durable_seq=j.durable_seq,
-                         applied_seq=store.applied_seq, bytes=j.log.total_bytes(),
+                         applied_seq=store.applier.applied_seq, bytes=j.log.total_bytes(),
                          undo_bytes=store.undo_log.total_bytes(), fdatasyncs=j.fdatasyncs,
                          commits=j.commits,
                          oldest=fmt_time_ns(first.time_ns) if first else None,
@@ -1101,7 +1101,7 @@ class Hub:
         self.store.close()
         self.listener = None
         log.info("hub stopped; journal durable up to seq %d, replicas up to seq %d",
-                 self.store.journal.durable_seq, self.store.applied_seq)
+                 self.store.journal.durable_seq, self.store.applier.applied_seq)
 
 
 # ---------------------------------------------------------------------------
@@ -2989,7 +2989,7 @@ class Volume:
 
 
 class VolumeStore:
-    """The data directory: volumes, journal, undo log, applier.
+    """The data directory: volumes, journal, undo log; the applier is its ``Applier``.
 
     Layout (each file and its state: docs/DESIGN.md "rephub")::
 
@@ -3007,7 +3007,7 @@ class VolumeStore:
     ``volume(name)``, ``volume_by_id(id)``, ``create_volume(...)``,
     ``append_data(vol, offset, length, data|None, crc, flags)``,
     ``append_checkpoint(agent, name)``, ``journal.wait_durable(seq)``,
-    ``wait_applied(seq)``, ``resolve_point(vol, text)`` -> seq,
+    ``applier.wait_applied(seq)``, ``resolve_point(vol, text)`` -> seq,
     ``read_at(vol, seq, offset, length)`` -> bytes (the volume as it was
     right after record ``seq``), ``points(vol)``, ``export(vol, seq, path)``.
     """
@@ -3025,25 +3025,20 @@ class VolumeStore:
         self.undo_log = SegmentLog(os.path.join(self.dir, "undo"), "undo log", segment_bytes)
         self.lock = threading.RLock()           # volumes dict, hub.json
         self.apply_lock = threading.Lock()      # replica contents vs read_at
-        self.applied_cond = threading.Condition(threading.Lock())
         self.volumes: dict[str, Volume] = {}
         self.by_id: dict[int, Volume] = {}
-        self.applied_seq = 0
-        self.undo_committed_seq = 0
         self.undo_floor = 0      # points before it lost their undo to damage at rest
         self.undo_tables: dict[tuple[int, int], list] = {}
-        self.stop_event = threading.Event()   # the applier: drain and stop
+        self.stop_event = threading.Event()   # the applier, the watcher: drain and stop
         self.closing = threading.Event()      # long readers (export): give up
-        self.applier: threading.Thread | None = None
         self.watcher: threading.Thread | None = None
         self.on_reopened = None   # the hub's callback: resync what was refused
         self.on_damaged = None    # the hub's callback: verify a volume with rot
         self.lock_fd: int | None = None
         self.hub_meta: dict = {}
-        self.applier_error: BaseException | None = None
-        self.apply_waiters = 0
         self.pins: collections.Counter = collections.Counter()  # seq -> sessions reading it
         self.roles = Roles(self)
+        self.applier = Applier(self)
 
     # -- opening -------------------------------------------------------------
 
@@ -3075,24 +3070,25 @@ class VolumeStore:
             self.by_id[vol.id] = vol
         applied_path = os.path.join(self.dir, APPLIED_FILE)
         if os.path.exists(applied_path):
-            self.applied_seq = read_json(applied_path)["applied_seq"]
-        self.journal.open(start_seq=self.applied_seq + 1)
-        if self.journal.records and self.journal.first_seq > self.applied_seq + 1:
+            self.applier.applied_seq = read_json(applied_path)["applied_seq"]
+        applied = self.applier.applied_seq
+        self.journal.open(start_seq=applied + 1)
+        if self.journal.records and self.journal.first_seq > applied + 1:
             raise StoreError(f"journal starts at seq {self.journal.first_seq} but the "
-                             f"replicas only have up to {self.applied_seq}: records are missing")
-        if self.journal.last_seq < self.applied_seq:
+                             f"replicas only have up to {applied}: records are missing")
+        if self.journal.last_seq < applied:
             # The tail was torn off after... cannot happen: only durable records are applied.
-            raise StoreError(f"replicas have seq {self.applied_seq} applied but the journal "
+            raise StoreError(f"replicas have seq {applied} applied but the journal "
                              f"ends at {self.journal.last_seq}")
         self._open_undo()
         self._handle_damage()
-        pending = self.journal.last_seq - self.applied_seq
+        pending = self.journal.last_seq - applied
         log.info("store %s: %d volumes, journal seq %d..%d, applied %d (%d to replay)",
                  self.dir, len(self.volumes), self.journal.first_seq, self.journal.last_seq,
-                 self.applied_seq, pending)
-        for rec in self.journal.records_between(self.applied_seq, self.journal.last_seq,
+                 applied, pending)
+        for rec in self.journal.records_between(applied, self.journal.last_seq,
                                                  len(self.journal.records)):
-            self._count_unapplied(rec)
+            self.applier.count_unapplied(rec)
         for vol in self.volumes.values():
             if any(not pr["rolled_back"] for pr in vol.meta.get("promotions", ())):
                 log.warning("volume %s: its promotion was interrupted; rolling back again",
@@ -3118,7 +3114,7 @@ class VolumeStore:
                 if not vol.meta["full_synced"]:
                     continue   # its FULL sync is still owed anyway
                 spans = [list(x) for x in vol.meta.get("resyncs", [])]
-                if first > self.applied_seq and not (spans and spans[-1][1] is None):
+                if first > self.applier.applied_seq and not (spans and spans[-1][1] is None):
                     spans.append([first - 1, None])
                 vol.update(state=VolState.SYNCING.value, pending_plan="VERIFY", resyncs=spans)
                 log.error("volume %s: journal damage may have lost its record(s) %s; it is "
@@ -3151,7 +3147,7 @@ class VolumeStore:
             records = self.undo_log.open()
         for rec in records:
             if rec.kind == RecordKind.UNDO_COMMIT:
-                self.undo_committed_seq = rec.seq
+                self.applier.undo_committed_seq = rec.seq
             elif rec.kind == RecordKind.UNDO and rec.volume in self.by_id:
                 vol = self.by_id[rec.volume]
                 pr = vol.set_aside_of(rec.seq)
@@ -3161,7 +3157,7 @@ class VolumeStore:
         for damage in self.undo_log.damage:
             after = [r.seq for r in records if (r.segment, r.pos) > (damage["segment"],
                                                                       damage["start"])]
-            floor = min(after, default=self.applied_seq)
+            floor = min(after, default=self.applier.applied_seq)
             if floor > self.undo_floor:
                 self.undo_floor = floor
                 log.error("undo log damage: points before seq %d can no longer be rebuilt "
@@ -3170,7 +3166,6 @@ class VolumeStore:
     def start(self) -> None:
         """Start the committer, the applier and the storage watcher threads."""
         self.journal.start()
-        self.applier = threading.Thread(target=self._apply_loop, name="applier", daemon=True)
         self.applier.start()
         self.watcher = threading.Thread(target=self._watch_loop, name="storage-watch",
                                         daemon=True)
@@ -3220,16 +3215,11 @@ class VolumeStore:
         self.closing.set()
         self.journal.stop()
         self.stop_event.set()
-        with self.journal.durable_cond:
-            self.journal.durable_cond.notify_all()
-        if self.applier:
-            self.applier.join(timeout=60)
-            if self.applier.is_alive():
-                log.warning("applier did not stop within 60 s; replay will finish its work")
+        self.applier.stop()
         if self.watcher:
             self.watcher.join(timeout=5)
         try:
-            self._persist_applied(set(self.volumes.values()))
+            self.applier.persist(set(self.volumes.values()))
         except (OSError, JournalRefused) as err:
             log.error("replicas not made durable at close (%s); the next start replays "
                       "the journal from the last seq recorded as applied", err)
@@ -3280,7 +3270,7 @@ class VolumeStore:
             meta = dict(name=name, id=vid, size=size, chunk_size=chunk_size, owner=owner,
                         generation=bytes(generation).hex(), state=VolState.INCONSISTENT.value,
                         full_synced=False, pending_plan=None,
-                        applied_seq=self.applied_seq, consistent_since_seq=None,
+                        applied_seq=self.applier.applied_seq, consistent_since_seq=None,
                         created_ns=time.time_ns())
             atomic_write_json(os.path.join(path, "metadata.json"), meta)
             fsync_dir(self.volumes_dir)
@@ -3326,18 +3316,11 @@ class VolumeStore:
         else:
             rec = self.journal.append(RecordKind.WRITE, vol.id, offset, length, [data],
                                       payload_crc, flags, check=check)
-        with self.applied_cond:
-            self._count_unapplied(rec)
+        with self.applier.applied_cond:
+            self.applier.count_unapplied(rec)
             if data is not None:
                 vol.journaled_bytes += length
         return rec
-
-    def _count_unapplied(self, rec: Record) -> None:
-        vol = self.by_id.get(rec.volume)
-        if vol is not None:
-            if not vol.unapplied_bytes:
-                vol.unapplied_since_ns = rec.time_ns
-            vol.unapplied_bytes += rec.length
 
     def append_checkpoint(self, agent: str, name: str) -> Record:
         """Journal a named point covering every volume of ``agent``; not yet durable."""
@@ -3352,193 +3335,6 @@ class VolumeStore:
         return self.journal.append(RecordKind.CHECKPOINT, 0, 0, 0,
                                    [encode_checkpoint(agent, name)], check=unique)
 
-    # -- the applier -----------------------------------------------------------
-
-    def _apply_loop(self) -> None:
-        """Applier thread: durable journal records -> replicas, in journal order.
-
-        A replica, undo or metadata write that fails marks the hub degraded
-        (REPLICA_IO) and is retried with backoff from where it stopped: the
-        records stay in the journal until they are applied."""
-        touched: set[Volume] = set()
-        last_persist = time.monotonic()
-        last_trim = 0.0
-        retry = FAULT_RETRY_MIN
-        try:
-            while True:
-                try:
-                    batch = self.apply_some(touched)
-                    now = time.monotonic()
-                    if touched and (not batch or now - last_persist > APPLY_PERSIST_INTERVAL):
-                        self._persist_applied(touched)
-                        touched = set()
-                        last_persist = now
-                    if now - last_trim > 1.0:
-                        self.trim()
-                        last_trim = now
-                except (OSError, JournalRefused) as err:
-                    self.health.fail(Fault.REPLICA_IO, f"applying the journal at seq "
-                                     f"{self.applied_seq + 1} failed: {err}; retrying")
-                    if self.stop_event.wait(retry):
-                        return
-                    retry = min(retry * 2, FAULT_RETRY_MAX)
-                    continue
-                retry = FAULT_RETRY_MIN
-                self.health.clear(Fault.REPLICA_IO)
-                if not batch:
-                    if self.stop_event.is_set():
-                        return
-                    with self.journal.durable_cond:
-                        if not self._apply_ready():
-                            self.journal.durable_cond.wait(0.05)
-        except BaseException as err:  # keep the evidence; the journal still has everything
-            self.applier_error = err
-            self.health.fail(Fault.REPLICA_IO, f"applier stopped: {err!r}; replicas stay "
-                             "behind until the hub restarts")
-            log.exception("applier stopped: %s; replicas stay behind until restart", err)
-
-    def _apply_ready(self) -> bool:
-        """Is a batch worth applying now (see APPLY_DELAY)?"""
-        if self.journal.durable_seq <= self.applied_seq:
-            return False
-        if self.apply_waiters or self.stop_event.is_set():
-            return True
-        first = self.journal.record(self.applied_seq + 1)
-        if first is None or time.time_ns() - first.time_ns >= APPLY_DELAY * 1e9:
-            return True
-        last = self.journal.record(self.journal.durable_seq)
-        return last is not None and last.pos - first.pos >= APPLY_BATCH_BYTES // 2
-
-    def apply_some(self, touched: set | None = None, force: bool = False) -> list[Record]:
-        """Apply one batch of durable records (applier thread, or offline callers)."""
-        durable = self.journal.durable_seq
-        if self.applied_seq >= durable or not (force or self._apply_ready()):
-            return []
-        records = self.journal.records_between(self.applied_seq, durable, APPLY_BATCH_RECORDS)
-        batch: list[Record] = []
-        ranges: dict[int, list[tuple[int, int]]] = {}
-        size = 0
-        for rec in records:
-            if rec.kind in (RecordKind.WRITE, RecordKind.ZERO):
-                mine = ranges.setdefault(rec.volume, [])
-                # Undo of a batch is captured before any of it is written, so a batch
-                # never holds two records touching the same bytes.
-                if batch and any(o < rec.end and rec.offset < e for o, e in mine):
-                    break
-                mine.append((rec.offset, rec.end))
-                size += rec.payload_length
-            batch.append(rec)
-            if size >= APPLY_BATCH_BYTES:
-                break
-        self._apply_batch(batch, touched if touched is not None else set())
-        return batch
-
-    def _apply_batch(self, batch: list[Record], touched: set) -> None:
-        new_undo: list[tuple[Volume, Record]] = []
-        if batch[-1].seq > self.undo_committed_seq:
-            for rec in batch:
-                vol = self.by_id.get(rec.volume)
-                if (rec.kind in (RecordKind.WRITE, RecordKind.ZERO) and vol is not None
-                        and rec.seq > self.undo_committed_seq
-                        and vol.set_aside_of(rec.seq) is None):
-                    parts = self._capture_undo(vol, rec.offset, rec.length)
-                    urec = self.undo_log.append(rec.seq, RecordKind.UNDO, 0, rec.time_ns,
-                                                vol.id, rec.offset, rec.length, parts)
-                    new_undo.append((vol, urec))
-            self.undo_log.append(batch[-1].seq, RecordKind.UNDO_COMMIT, 0, batch[-1].time_ns,
-                                 0, 0, 0, [])
-            self.undo_log.do_sync(self.undo_log.take_sync_work())
-            self.undo_committed_seq = batch[-1].seq
-        with self.apply_lock:
-            for rec in batch:
-                vol = self.by_id.get(rec.volume)
-                if vol is not None and vol.set_aside_of(rec.seq) is not None:
-                    pass  # set aside by a promotion: kept in the journal, never applied
-                elif rec.kind == RecordKind.WRITE and vol is not None:
-                    self.journal.log.copy_payload(rec, vol.fd, rec.offset)
-                    vol.sums.note(vol.fd, rec.offset, rec.length)
-                elif rec.kind == RecordKind.ZERO and vol is not None:
-                    write_zeroes(vol.fd, rec.offset, rec.length)
-                    vol.sums.note(vol.fd, rec.offset, rec.length)
-                elif rec.kind in (RecordKind.WRITE, RecordKind.ZERO):
-                    log.warning("journal seq %d names unknown volume id %d; skipped",
-                                rec.seq, rec.volume)
-                if vol is not None:
-                    touched.add(vol)
-            for vol, urec in new_undo:
-                vol.undo.append(urec)
-            with self.applied_cond:
-                self.applied_seq = batch[-1].seq
-                for rec in batch:
-                    vol = self.by_id.get(rec.volume)
-                    if vol is not None and rec.kind in (RecordKind.WRITE, RecordKind.ZERO):
-                        vol.unapplied_bytes -= rec.length
-                        if vol.unapplied_bytes <= 0:
-                            vol.unapplied_bytes = 0
-                            vol.unapplied_since_ns = 0
-                        else:
-                            nxt = self.journal.record(rec.seq + 1)
-                            vol.unapplied_since_ns = nxt.time_ns if nxt else 0
-                self.applied_cond.notify_all()
-
-    def _capture_undo(self, vol: Volume, offset: int, length: int) -> list:
-        """The UNDO payload for a range: its holes and data as they are now."""
-        extents, datas = [], []
-        pos, end = offset, offset + length
-        for start, n in data_extents(vol.fd, offset, min(length, max(vol.size - offset, 0))):
-            if start > pos:
-                extents.append(UNDO_EXTENT.pack(pos - offset, start - pos, UNDO_HOLE))
-            extents.append(UNDO_EXTENT.pack(start - offset, n, UNDO_DATA))
-            datas.append(os.pread(vol.fd, n, start))
-            pos = start + n
-        if pos < end:
-            extents.append(UNDO_EXTENT.pack(pos - offset, end - pos, UNDO_HOLE))
-        return [UNDO_COUNT.pack(len(extents)), *extents, *datas]
-
-    def _persist_applied(self, touched) -> None:
-        """Make the replicas durable, then record how far they go (applier thread)."""
-        for vol in touched:
-            os.fdatasync(vol.fd)
-            with self.apply_lock:
-                vol.sums.flush()
-        seq = self.applied_seq
-        atomic_write_json(os.path.join(self.dir, APPLIED_FILE), {"applied_seq": seq})
-        for vol in touched:
-            vol.update(applied_seq=seq)
-
-    def wait_applied(self, seq: int, timeout: float = 60.0) -> None:
-        """Block until the replicas hold every record up to ``seq``."""
-        deadline = time.monotonic() + timeout
-        with self.applied_cond:
-            self.apply_waiters += 1
-        try:
-            with self.journal.durable_cond:
-                self.journal.durable_cond.notify_all()  # wake the applier now
-            with self.applied_cond:
-                while self.applied_seq < seq:
-                    if self.applier is None or not self.applier.is_alive():
-                        break
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise p.RequestError(f"replicas did not reach seq {seq} within "
-                                             f"{timeout:.0f} s", code=p.ErrorCode.BUSY)
-                    self.applied_cond.wait(min(remaining, 0.5))
-        finally:
-            with self.applied_cond:
-                self.apply_waiters -= 1
-        if self.applied_seq < seq:  # offline: apply in this thread
-            while self.applied_seq < seq and self.apply_some(force=True):
-                pass
-        if self.applied_seq < seq:
-            raise p.RequestError(f"replicas stop at seq {self.applied_seq}, wanted {seq}",
-                                 code=p.ErrorCode.IO_ERROR)
-
-    def replay(self) -> None:
-        """Offline: apply everything journaled (the caller's thread)."""
-        while self.apply_some(force=True):
-            pass
-        self._persist_applied(set(self.volumes.values()))
-
     # -- retention ---------------------------------------------------------------
 
     def trim(self) -> None:
@@ -3548,7 +3344,7 @@ class VolumeStore:
         now = time.time_ns()
         floor = self.pin_floor()  # recovery sessions, kept set-aside entries
         for seg, nxt in zip(segments, segments[1:]):
-            if nxt - 1 > self.applied_seq or (floor is not None and nxt - 1 > floor):
+            if nxt - 1 > self.applier.applied_seq or (floor is not None and nxt - 1 > floor):
                 break
             last = j.record(nxt - 1)
             too_old = last is not None and now - last.time_ns > self.retention * 1e9
@@ -3692,7 +3488,7 @@ class VolumeStore:
         if seq > self.journal.durable_seq and not self.journal.wait_durable(seq, timeout=60):
             raise p.RequestError(f"journal did not become durable up to seq {seq}",
                                  code=p.ErrorCode.IO_ERROR)
-        self.wait_applied(seq)
+        self.applier.wait_applied(seq)
         with self.apply_lock:
             if seq < self.window_start():
                 raise PointError(f"seq {seq} left the journal window "
@@ -3923,6 +3719,251 @@ class VolumeStore:
         return written
 
 
+# ---------------------------------------------------------------------------
+# The applier
+
+
+class Applier:
+    """The store's applier: durable journal records into the replicas, in journal order.
+
+    It works in batches of records that do not overlap (APPLY_BATCH_RECORDS,
+    APPLY_BATCH_BYTES): it captures each record's UNDO (the holes and data the
+    record replaces), appends an UNDO_COMMIT and fdatasyncs the undo log, and
+    only then writes the replicas, under the store's ``apply_lock``, noting
+    their checksums (``ReplicaSums``).  ``applied_seq`` moves forward with each
+    batch; ``persist`` makes the replicas and their checksums durable, then
+    records it in ``applied.json``.  A write that fails marks the hub degraded
+    (REPLICA_IO) and is retried.  About once a second it runs the store's
+    retention (``trim``).  It also counts what each volume has journaled and
+    not yet applied (``unapplied_bytes``, for status), under ``applied_cond``.
+
+    Threads::
+
+        start, stop          main (``VolumeStore.start``, ``close``)
+        apply_some           applier; the caller's thread when no applier runs (offline)
+        persist              applier; main (``VolumeStore.close``, ``replay``)
+        replay               main (an offline command, before anything starts)
+        count_unapplied      any thread, with applied_cond held; main (``VolumeStore.open``)
+        wait_applied         any thread; waits on applied_cond
+    """
+
+    def __init__(self, store: VolumeStore):
+        self.store = store
+        self.journal = store.journal
+        self.health = store.health
+        self.applied_cond = threading.Condition(threading.Lock())
+        self.applied_seq = 0          # the last journal seq the replicas hold
+        self.undo_committed_seq = 0   # the last seq whose UNDO is durable (UNDO_COMMIT)
+        self.waiters = 0              # threads in wait_applied: apply now, do not gather
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None   # what stopped the thread, kept
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._apply_loop, name="applier", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Wake the thread (the store's ``stop_event`` is set) and join it."""
+        with self.journal.durable_cond:
+            self.journal.durable_cond.notify_all()
+        if self.thread:
+            self.thread.join(timeout=60)
+            if self.thread.is_alive():
+                log.warning("applier did not stop within 60 s; replay will finish its work")
+
+    def count_unapplied(self, rec: Record) -> None:
+        """Count journaled ``rec`` as not yet in its volume's replica."""
+        vol = self.store.by_id.get(rec.volume)
+        if vol is not None:
+            if not vol.unapplied_bytes:
+                vol.unapplied_since_ns = rec.time_ns
+            vol.unapplied_bytes += rec.length
+
+    def _apply_loop(self) -> None:
+        """Applier thread: durable journal records -> replicas, in journal order.
+
+        A replica, undo or metadata write that fails marks the hub degraded
+        (REPLICA_IO) and is retried with backoff from where it stopped: the
+        records stay in the journal until they are applied."""
+        touched: set[Volume] = set()
+        last_persist = time.monotonic()
+        last_trim = 0.0
+        retry = FAULT_RETRY_MIN
+        try:
+            while True:
+                try:
+                    batch = self.apply_some(touched)
+                    now = time.monotonic()
+                    if touched and (not batch or now - last_persist > APPLY_PERSIST_INTERVAL):
+                        self.persist(touched)
+                        touched = set()
+                        last_persist = now
+                    if now - last_trim > 1.0:
+                        self.store.trim()
+                        last_trim = now
+                except (OSError, JournalRefused) as err:
+                    self.health.fail(Fault.REPLICA_IO, f"applying the journal at seq "
+                                     f"{self.applied_seq + 1} failed: {err}; retrying")
+                    if self.store.stop_event.wait(retry):
+                        return
+                    retry = min(retry * 2, FAULT_RETRY_MAX)
+                    continue
+                retry = FAULT_RETRY_MIN
+                self.health.clear(Fault.REPLICA_IO)
+                if not batch:
+                    if self.store.stop_event.is_set():
+                        return
+                    with self.journal.durable_cond:
+                        if not self._apply_ready():
+                            self.journal.durable_cond.wait(0.05)
+        except BaseException as err:  # keep the evidence; the journal still has everything
+            self.error = err
+            self.health.fail(Fault.REPLICA_IO, f"applier stopped: {err!r}; replicas stay "
+                             "behind until the hub restarts")
+            log.exception("applier stopped: %s; replicas stay behind until restart", err)
+
+    def _apply_ready(self) -> bool:
+        """Is a batch worth applying now (see APPLY_DELAY)?"""
+        if self.journal.durable_seq <= self.applied_seq:
+            return False
+        if self.waiters or self.store.stop_event.is_set():
+            return True
+        first = self.journal.record(self.applied_seq + 1)
+        if first is None or time.time_ns() - first.time_ns >= APPLY_DELAY * 1e9:
+            return True
+        last = self.journal.record(self.journal.durable_seq)
+        return last is not None and last.pos - first.pos >= APPLY_BATCH_BYTES // 2
+
+    def apply_some(self, touched: set | None = None, force: bool = False) -> list[Record]:
+        """Apply one batch of durable records (applier thread, or offline callers)."""
+        durable = self.journal.durable_seq
+        if self.applied_seq >= durable or not (force or self._apply_ready()):
+            return []
+        records = self.journal.records_between(self.applied_seq, durable, APPLY_BATCH_RECORDS)
+        batch: list[Record] = []
+        ranges: dict[int, list[tuple[int, int]]] = {}
+        size = 0
+        for rec in records:
+            if rec.kind in (RecordKind.WRITE, RecordKind.ZERO):
+                mine = ranges.setdefault(rec.volume, [])
+                # Undo of a batch is captured before any of it is written, so a batch
+                # never holds two records touching the same bytes.
+                if batch and any(o < rec.end and rec.offset < e for o, e in mine):
+                    break
+                mine.append((rec.offset, rec.end))
+                size += rec.payload_length
+            batch.append(rec)
+            if size >= APPLY_BATCH_BYTES:
+                break
+        self._apply_batch(batch, touched if touched is not None else set())
+        return batch
+
+    def _apply_batch(self, batch: list[Record], touched: set) -> None:
+        new_undo: list[tuple[Volume, Record]] = []
+        undo_log = self.store.undo_log
+        if batch[-1].seq > self.undo_committed_seq:
+            for rec in batch:
+                vol = self.store.by_id.get(rec.volume)
+                if (rec.kind in (RecordKind.WRITE, RecordKind.ZERO) and vol is not None
+                        and rec.seq > self.undo_committed_seq
+                        and vol.set_aside_of(rec.seq) is None):
+                    parts = self._capture_undo(vol, rec.offset, rec.length)
+                    urec = undo_log.append(rec.seq, RecordKind.UNDO, 0, rec.time_ns,
+                                           vol.id, rec.offset, rec.length, parts)
+                    new_undo.append((vol, urec))
+            undo_log.append(batch[-1].seq, RecordKind.UNDO_COMMIT, 0, batch[-1].time_ns,
+                            0, 0, 0, [])
+            undo_log.do_sync(undo_log.take_sync_work())
+            self.undo_committed_seq = batch[-1].seq
+        with self.store.apply_lock:
+            for rec in batch:
+                vol = self.store.by_id.get(rec.volume)
+                if vol is not None and vol.set_aside_of(rec.seq) is not None:
+                    pass  # set aside by a promotion: kept in the journal, never applied
+                elif rec.kind == RecordKind.WRITE and vol is not None:
+                    self.journal.log.copy_payload(rec, vol.fd, rec.offset)
+                    vol.sums.note(vol.fd, rec.offset, rec.length)
+                elif rec.kind == RecordKind.ZERO and vol is not None:
+                    write_zeroes(vol.fd, rec.offset, rec.length)
+                    vol.sums.note(vol.fd, rec.offset, rec.length)
+                elif rec.kind in (RecordKind.WRITE, RecordKind.ZERO):
+                    log.warning("journal seq %d names unknown volume id %d; skipped",
+                                rec.seq, rec.volume)
+                if vol is not None:
+                    touched.add(vol)
+            for vol, urec in new_undo:
+                vol.undo.append(urec)
+            with self.applied_cond:
+                self.applied_seq = batch[-1].seq
+                for rec in batch:
+                    vol = self.store.by_id.get(rec.volume)
+                    if vol is not None and rec.kind in (RecordKind.WRITE, RecordKind.ZERO):
+                        vol.unapplied_bytes -= rec.length
+                        if vol.unapplied_bytes <= 0:
+                            vol.unapplied_bytes = 0
+                            vol.unapplied_since_ns = 0
+                        else:
+                            nxt = self.journal.record(rec.seq + 1)
+                            vol.unapplied_since_ns = nxt.time_ns if nxt else 0
+                self.applied_cond.notify_all()
+
+    def _capture_undo(self, vol: Volume, offset: int, length: int) -> list:
+        """The UNDO payload for a range: its holes and data as they are now."""
+        extents, datas = [], []
+        pos, end = offset, offset + length
+        for start, n in data_extents(vol.fd, offset, min(length, max(vol.size - offset, 0))):
+            if start > pos:
+                extents.append(UNDO_EXTENT.pack(pos - offset, start - pos, UNDO_HOLE))
+            extents.append(UNDO_EXTENT.pack(start - offset, n, UNDO_DATA))
+            datas.append(os.pread(vol.fd, n, start))
+            pos = start + n
+        if pos < end:
+            extents.append(UNDO_EXTENT.pack(pos - offset, end - pos, UNDO_HOLE))
+        return [UNDO_COUNT.pack(len(extents)), *extents, *datas]
+
+    def persist(self, touched) -> None:
+        """Make the replicas durable, then record how far they go (applier thread)."""
+        for vol in touched:
+            os.fdatasync(vol.fd)
+            with self.store.apply_lock:
+                vol.sums.flush()
+        seq = self.applied_seq
+        atomic_write_json(os.path.join(self.store.dir, APPLIED_FILE), {"applied_seq": seq})
+        for vol in touched:
+            vol.update(applied_seq=seq)
+
+    def wait_applied(self, seq: int, timeout: float = 60.0) -> None:
+        """Block until the replicas hold every record up to ``seq``."""
+        deadline = time.monotonic() + timeout
+        with self.applied_cond:
+            self.waiters += 1
+        try:
+            with self.journal.durable_cond:
+                self.journal.durable_cond.notify_all()  # wake the applier now
+            with self.applied_cond:
+                while self.applied_seq < seq:
+                    if self.thread is None or not self.thread.is_alive():
+                        break
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise p.RequestError(f"replicas did not reach seq {seq} within "
+                                             f"{timeout:.0f} s", code=p.ErrorCode.BUSY)
+                    self.applied_cond.wait(min(remaining, 0.5))
+        finally:
+            with self.applied_cond:
+                self.waiters -= 1
+        if self.applied_seq < seq:  # offline: apply in this thread
+            while self.applied_seq < seq and self.apply_some(force=True):
+                pass
+        if self.applied_seq < seq:
+            raise p.RequestError(f"replicas stop at seq {self.applied_seq}, wanted {seq}",
+                                 code=p.ErrorCode.IO_ERROR)
+
+    def replay(self) -> None:
+        """Offline: apply everything journaled (the caller's thread)."""
+        while self.apply_some(force=True):
+            pass
+        self.persist(set(self.store.volumes.values()))
 
 
 # ---------------------------------------------------------------------------
@@ -3995,7 +4036,7 @@ class Roles:
                  else "no newer journal entry to set aside")
         if not j.wait_durable(last, timeout=60):
             raise p.RequestError("journal not durable", code=p.ErrorCode.IO_ERROR)
-        store.wait_applied(last)
+        store.applier.wait_applied(last)
         store.roll_back(vol)
         return dict(volume=vol.name, point=point, seq=seq, set_aside_from=seq + 1,
                     set_aside_to=last, time=fmt_time_ns(pr["time_ns"]))
@@ -5081,7 +5122,7 @@ class Failback(Requester):
         try:
             if not j.wait_durable(last, timeout=FAILBACK_ANSWER_TIMEOUT):
                 self.fail(f"the journal did not become durable up to seq {last}")
-            self.store.wait_applied(last, timeout=FAILBACK_ANSWER_TIMEOUT)
+            self.store.applier.wait_applied(last, timeout=FAILBACK_ANSWER_TIMEOUT)
             aside, recovery, _ = self.journal_regions(last)  # the newest writes included
             self.delta = self.merged_delta(aside, recovery)
             self.total_bytes, self.done_bytes = extent_bytes(self.delta), 0
@@ -5564,7 +5605,7 @@ def open_offline(data_dir: str) -> VolumeStore:
         raise CommandError(f"no data directory {data_dir}")
     store = VolumeStore(data_dir)
     store.open()
-    store.replay()
+    store.applier.replay()
     return store
 
 

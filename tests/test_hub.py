@@ -44,7 +44,7 @@ def connect(hub, secrets_by_id, agent="a1") -> TestAgent:
 
 
 def replica_bytes(hub, name: str) -> bytes:
-    hub.store.wait_applied(hub.store.journal.durable_seq)
+    hub.store.applier.wait_applied(hub.store.journal.durable_seq)
     with open(os.path.join(hub.store.dir, "volumes", name, "replica"), "rb") as f:
         return f.read()
 
@@ -387,7 +387,7 @@ def test_a_request_id_still_outstanding_closes_the_connection(hubenv):
             log.do_sync = do_sync
         assert agent.closed.wait(20), "a reused outstanding id ends the connection"
         assert 7000 not in agent.replies, "no ACK follows the ERROR: it could be either's"
-    hub.store.wait_applied(hub.store.journal.durable_seq)
+    hub.store.applier.wait_applied(hub.store.journal.durable_seq)
     assert replica_bytes(hub, "reuse")[12288:16384] == bytes(4096), \
         "the frame that reused id 7000 was applied"
 

@@ -39,7 +39,7 @@ class RefusingAgent(TestAgent):
 
 
 def replica(hub, name: str) -> bytes:
-    hub.store.wait_applied(hub.store.journal.durable_seq)
+    hub.store.applier.wait_applied(hub.store.journal.durable_seq)
     with open(os.path.join(hub.store.dir, "volumes", name, "replica"), "rb") as f:
         return f.read()
 

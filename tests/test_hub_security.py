@@ -201,7 +201,7 @@ def private_site():
                 agent.expect_ack(agent.write(vid, 0, os.urandom(65536)))
             agent.expect_ack(agent.checkpoint("cp1"))
             agent.flush()
-        hub.store.wait_applied(hub.store.journal.durable_seq)
+        hub.store.applier.wait_applied(hub.store.journal.durable_seq)
         vol = hub.store.volume("vol0")
         export = base / "vol0.img"
         hub.store.export(vol, hub.store.journal.durable_seq, str(export))

@@ -54,7 +54,7 @@ def test_read_at_walks_undo_back_across_a_reopen(tmp_path):
     seqs.append(durable(store, store.append_data(vol, 4096, 8192, b"B" * 8192)))
     seqs.append(durable(store, store.append_data(vol, 0, 4096, None)))  # ZERO over data
     seqs.append(durable(store, store.append_data(vol, MiB - 4096, 4096, b"C" * 4096)))
-    store.wait_applied(seqs[-1])
+    store.applier.wait_applied(seqs[-1])
     store.close()
 
     store = open_store(tmp_path)
@@ -85,7 +85,7 @@ def test_unapplied_records_are_replayed_on_open(tmp_path):
     store = open_store(tmp_path)
     try:
         vol = store.volume("v")
-        store.wait_applied(rec.seq)
+        store.applier.wait_applied(rec.seq)
         with open(os.path.join(vol.dir, "replica"), "rb") as f:
             f.seek(65536)
             assert f.read(4096) == b"R" * 4096
@@ -97,7 +97,7 @@ def test_undo_records_after_the_last_commit_are_dropped(tmp_path, caplog):
     store = open_store(tmp_path)
     vol = store.create_volume("v", MiB, 65536, "a1", bytes(16))
     seq = durable(store, store.append_data(vol, 0, 4096, b"x" * 4096))
-    store.wait_applied(seq)
+    store.applier.wait_applied(seq)
     store.close()
     # A batch whose undo was written but never committed (crash before its fdatasync).
     undo_dir = os.path.join(str(tmp_path), "undo")
@@ -124,7 +124,7 @@ def test_corruption_before_the_last_segment_keeps_every_later_record(tmp_path, c
     for i in range(8):
         data = os.urandom(8192)
         payloads[durable(store, store.append_data(vol, i * 8192, 8192, data))] = data
-    store.wait_applied(store.journal.durable_seq)
+    store.applier.wait_applied(store.journal.durable_seq)
     store.close()
     first = sorted(os.listdir(tmp_path / "journal"))[0]
     with open(tmp_path / "journal" / first, "r+b") as f:
@@ -188,7 +188,7 @@ def test_journal_truncated_at_a_random_byte_drops_only_the_torn_record(tmp_path,
         assert "torn tail in" in caplog.text
         assert store.journal.last_seq == recs[-2].seq
         vol = store.volume("v")
-        store.wait_applied(recs[-2].seq)
+        store.applier.wait_applied(recs[-2].seq)
         with open(os.path.join(vol.dir, "replica"), "rb") as f:
             image = f.read()
         for i in range(4):
