@@ -35,7 +35,7 @@ Replica store
     so a first write costs nothing), so the replica is always the newest
     state and the volume as it was at an earlier point is the replica with
     the undo records walked back from newest to that point
-    (``VolumeStore.read_at``).  On start the store truncates a torn journal
+    (``RecoveryWindow.read_at``).  On start the store truncates a torn journal
     tail (CRC) and applies what was journaled but not applied.  Damage at
     rest elsewhere in a segment is never cut: it is copied to
     ``DIR/quarantine``, its lost records keep their seqs
@@ -98,7 +98,7 @@ Recovery (PROTOCOL.md "Recovery (remote IO)")
     point (``read_at``) with the session's writes laid over it from an
     ``Overlay`` (``DIR/scratch``, deleted at close and at start); the journal
     and replica never see them.  FAILOVER, or ``rephub.py promote``
-    (``Hub.promote``/``VolumeStore.promote``): under the journal lock the
+    (``Hub.promote``/``Roles.promote``): under the journal lock the
     volume is marked promoted (protected-side writes get ERROR(ROLE) from that
     instant) and its journal entries after the point are set aside: never
     applied again, kept and exportable (``export --set-aside``) until
@@ -915,13 +915,13 @@ class Hub:
         self._reserve(vol)
         try:
             if mode == p.RecoverMode.TEST:
-                seq, t_ns = self.store.resolve_point(vol, point)
+                seq, t_ns = self.store.window.resolve_point(vol, point)
                 sid = next(conn.session_ids)
                 overlay = Overlay(os.path.join(self.store.dir, SCRATCH_DIR,
                                                f"{vol.id}-{secrets.token_hex(6)}"), vol.size)
-                self.store.pin(seq)
+                self.store.window.pin(seq)
             elif vol.role is Role.PROMOTED and point == "latest":
-                seq, t_ns = self.store.resolve_point(vol, point)  # carry on the new history
+                seq, t_ns = self.store.window.resolve_point(vol, point)  # carry on the new history
                 sid, overlay = next(conn.session_ids), None
             else:
                 res = self.promote(vol.name, point, reserved=True)
@@ -957,7 +957,7 @@ class Hub:
             return 0
         if s.overlay is not None:
             s.overlay.discard()
-            self.store.pin(s.seq, -1)
+            self.store.window.pin(s.seq, -1)
         with self.session_lock:
             if self.sessions.get(s.vol.name) is s:
                 del self.sessions[s.vol.name]
@@ -975,7 +975,7 @@ class Hub:
         if not reserved:
             self._reserve(vol)
         try:
-            seq, t_ns = self.store.resolve_point(vol, at)
+            seq, t_ns = self.store.window.resolve_point(vol, at)
             conn = vol.attached_to
             job = vol.sync
             if job is not None:  # a resync from the protected side ends here
@@ -3007,9 +3007,10 @@ class VolumeStore:
     ``volume(name)``, ``volume_by_id(id)``, ``create_volume(...)``,
     ``append_data(vol, offset, length, data|None, crc, flags)``,
     ``append_checkpoint(agent, name)``, ``journal.wait_durable(seq)``,
-    ``applier.wait_applied(seq)``, ``resolve_point(vol, text)`` -> seq,
-    ``read_at(vol, seq, offset, length)`` -> bytes (the volume as it was
-    right after record ``seq``), ``points(vol)``, ``export(vol, seq, path)``.
+    ``applier.wait_applied(seq)``; the recovery window's
+    ``window.resolve_point(vol, text)`` -> seq, ``window.read_at(vol, seq,
+    offset, length)`` -> bytes (the volume as it was right after record
+    ``seq``), ``window.points(vol)``, ``window.export(vol, seq, path)``.
     """
 
     def __init__(self, data_dir: str, retention: float = DEFAULT_RETENTION,
@@ -3017,8 +3018,6 @@ class VolumeStore:
                  segment_bytes: int = SEGMENT_BYTES):
         self.dir = os.path.abspath(data_dir)
         private_data_dir(self.dir)
-        self.retention = retention
-        self.max_bytes = max_bytes
         self.volumes_dir = os.path.join(self.dir, "volumes")
         self.health = Health()
         self.journal = Journal(os.path.join(self.dir, "journal"), segment_bytes, self.health)
@@ -3027,8 +3026,6 @@ class VolumeStore:
         self.apply_lock = threading.Lock()      # replica contents vs read_at
         self.volumes: dict[str, Volume] = {}
         self.by_id: dict[int, Volume] = {}
-        self.undo_floor = 0      # points before it lost their undo to damage at rest
-        self.undo_tables: dict[tuple[int, int], list] = {}
         self.stop_event = threading.Event()   # the applier, the watcher: drain and stop
         self.closing = threading.Event()      # long readers (export): give up
         self.watcher: threading.Thread | None = None
@@ -3036,9 +3033,9 @@ class VolumeStore:
         self.on_damaged = None    # the hub's callback: verify a volume with rot
         self.lock_fd: int | None = None
         self.hub_meta: dict = {}
-        self.pins: collections.Counter = collections.Counter()  # seq -> sessions reading it
         self.roles = Roles(self)
         self.applier = Applier(self)
+        self.window = RecoveryWindow(self, retention, max_bytes)
 
     # -- opening -------------------------------------------------------------
 
@@ -3093,7 +3090,7 @@ class VolumeStore:
             if any(not pr["rolled_back"] for pr in vol.meta.get("promotions", ())):
                 log.warning("volume %s: its promotion was interrupted; rolling back again",
                             vol.name)
-                self.roll_back(vol)
+                self.window.roll_back(vol)
 
     def _handle_damage(self) -> None:
         """Damage at rest found by the scans (SegmentLog._damaged), first seen now:
@@ -3158,8 +3155,8 @@ class VolumeStore:
             after = [r.seq for r in records if (r.segment, r.pos) > (damage["segment"],
                                                                       damage["start"])]
             floor = min(after, default=self.applier.applied_seq)
-            if floor > self.undo_floor:
-                self.undo_floor = floor
+            if floor > self.window.undo_floor:
+                self.window.undo_floor = floor
                 log.error("undo log damage: points before seq %d can no longer be rebuilt "
                           "and leave the window", floor)
 
@@ -3335,239 +3332,6 @@ class VolumeStore:
         return self.journal.append(RecordKind.CHECKPOINT, 0, 0, 0,
                                    [encode_checkpoint(agent, name)], check=unique)
 
-    # -- retention ---------------------------------------------------------------
-
-    def trim(self) -> None:
-        """Drop journal segments out of the window, and the undo they no longer need."""
-        j = self.journal
-        segments = j.log.segments()
-        now = time.time_ns()
-        floor = self.pin_floor()  # recovery sessions, kept set-aside entries
-        for seg, nxt in zip(segments, segments[1:]):
-            if nxt - 1 > self.applier.applied_seq or (floor is not None and nxt - 1 > floor):
-                break
-            last = j.record(nxt - 1)
-            too_old = last is not None and now - last.time_ns > self.retention * 1e9
-            too_big = j.log.total_bytes() + self.undo_log.total_bytes() > self.max_bytes
-            if not (too_old or too_big):
-                break
-            j.drop_segment(seg, nxt)
-            log.info("journal segment %d dropped (%s); window now starts after seq %d",
-                     seg, "older than retention" if too_old else "over --journal-max-bytes",
-                     nxt - 1)
-        window_start = self.window_start()
-        usegs = self.undo_log.segments()
-        for seg, nxt in zip(usegs, usegs[1:]):
-            if nxt > window_start:
-                break
-            with self.apply_lock:
-                for vol in self.volumes.values():
-                    vol.undo = [u for u in vol.undo if u.segment != seg]
-                self.undo_log.delete_segment(seg)
-            self.undo_tables = {k: v for k, v in self.undo_tables.items() if k[0] != seg}
-
-    def window_start(self) -> int:
-        """The oldest seq the volumes can be read at."""
-        return max(self.journal.first_seq - 1, self.undo_floor)
-
-    # -- points in time ------------------------------------------------------------
-
-    def points(self, vol: Volume) -> dict:
-        """The window, the recoverable checkpoints of ``vol``'s agent inside it,
-        the checkpoints that cannot be recovered (and why), resyncs, promotions."""
-        j = self.journal
-        first = j.record(j.first_seq)
-        last = j.record(j.last_seq)
-        cps, bad = [], []
-        for seq, t, agent, name in list(j.checkpoints):
-            if agent != vol.owner:
-                continue
-            cp = dict(name=name, seq=seq, time_ns=t, time=fmt_time_ns(t))
-            pr = vol.set_aside_of(seq)
-            why = (f"set aside by the promotion at {pr['point']!r}" if pr
-                   else self.seq_problem(vol, seq))
-            if why:
-                bad.append(dict(cp, reason=why, set_aside=pr is not None))
-            else:
-                cps.append(cp)
-        promos = [dict(pr, time=fmt_time_ns(pr["time_ns"]))
-                  for pr in vol.meta.get("promotions", [])]
-        try:
-            seq, _ = self.resolve_point(vol, "latest")
-            latest = dict(seq=seq, reason=None)
-        except p.RequestError as err:
-            latest = dict(seq=None, reason=str(err))
-        return dict(volume=vol.name, owner=vol.owner, state=vol.state.value, latest=latest,
-                    role=vol.role.value,
-                    oldest=dict(seq=first.seq, time_ns=first.time_ns,
-                                time=fmt_time_ns(first.time_ns)) if first else None,
-                    newest=dict(seq=last.seq, time_ns=last.time_ns,
-                                time=fmt_time_ns(last.time_ns)) if last else None,
-                    checkpoints=cps, unrecoverable=bad,
-                    resyncs=[dict(after_seq=lo, consistent_from_seq=hi)
-                             for lo, hi in vol.meta.get("resyncs", [])],
-                    promotions=promos)
-
-    def resolve_point(self, vol: Volume, point: str, set_aside: bool = False) -> tuple[int, int]:
-        """(seq, time_ns) of a point: "latest", a checkpoint name, or an RFC 3339
-        UTC time (``protocol.parse_point_time``: the newest record not after it).
-
-        Refuses points outside the window, before the first full sync, inside a
-        resync (not crash-consistent), and checkpoints set aside by a promotion
-        (unless ``set_aside``: then only those, for exporting the old history).
-        A time or ``latest`` inside a set-aside range is the promotion point:
-        that is what the volume's new history holds there.
-        """
-        j = self.journal
-        if vol.state == VolState.INCONSISTENT:
-            raise p.RequestError(f"volume {vol.name} is {vol.state.value}, not consistent: "
-                                 "no point of it can be recovered yet",
-                                 code=p.ErrorCode.INCONSISTENT)
-        named = False
-        if point == "latest":
-            seq = j.durable_seq
-            spans = vol.meta.get("resyncs", ())
-            if spans and spans[-1][1] is None:  # even with nothing journaled since it began
-                lo = spans[-1][0]
-                rec = j.record(lo)
-                raise p.RequestError(
-                    f"volume {vol.name} is resyncing: 'latest' is not crash-consistent until "
-                    f"the resync ends; the newest consistent point is seq {lo}"
-                    + (f" ({fmt_time_ns(rec.time_ns)}): name it by that time" if rec else ""),
-                    code=p.ErrorCode.INCONSISTENT)
-        else:
-            cps = [c for c in list(j.checkpoints) if c[2] == vol.owner and c[3] == point]
-            if cps:
-                seq, named = cps[-1][0], True
-            else:
-                try:
-                    t_ns = p.parse_point_time(point)   # RC-8: the one grammar
-                except ValueError as err:
-                    raise PointError(f"point {err}") from None
-                if t_ns is None:
-                    raise PointError(f"point {point!r} is not 'latest', a checkpoint of "
-                                     f"agent {vol.owner} in the window, or an RFC 3339 UTC "
-                                     f"time such as {POINT_EXAMPLE}")
-                seq = j.seq_at_time(t_ns)
-                if seq is None:
-                    oldest = j.record(j.first_seq)
-                    raise PointError(f"point {point} is before the journal window (oldest "
-                                     f"{fmt_time_ns(oldest.time_ns) if oldest else 'none'})")
-        if seq < self.window_start():
-            raise PointError(f"point {point!r} (seq {seq}) is outside the journal window "
-                             f"(oldest seq {self.window_start()})")
-        pr = vol.set_aside_of(seq)
-        if set_aside and pr is None:
-            raise PointError(f"point {point!r} (seq {seq}) of volume {vol.name} is not in a "
-                             "range set aside by a promotion")
-        if pr is not None and not set_aside:
-            if named:
-                raise PointError(f"checkpoint {point!r} (seq {seq}) of volume {vol.name} was "
-                                 f"set aside by the promotion at {pr['point']!r} (seq "
-                                 f"{pr['point_seq']}); export it with --set-aside")
-            seq = pr["point_seq"]
-        why = self.seq_problem(vol, seq)
-        if why:
-            raise p.RequestError(f"point {point!r} (seq {seq}) of volume {vol.name} is {why}",
-                                 code=p.ErrorCode.BAD_POINT if "window" in why
-                                 else p.ErrorCode.INCONSISTENT)
-        rec = j.record(seq)
-        return seq, (rec.time_ns if rec else 0)
-
-    def read_at(self, vol: Volume, seq: int, offset: int, length: int,
-                check: bool = True) -> bytes | None:
-        """The bytes of ``vol`` right after journal record ``seq``; None if all zero.
-
-        Waits for the applier to reach ``seq``; raises PointError when the
-        window no longer covers ``seq``.  The replica's bytes are checked
-        against its checksums (the whole chunks the range touches): a
-        mismatch is ReplicaDamaged, never returned (``check`` False: a verify,
-        which compares with the agent itself).
-        """
-        p.check_range(offset, length, vol.size, "read")
-        if seq > self.journal.durable_seq and not self.journal.wait_durable(seq, timeout=60):
-            raise p.RequestError(f"journal did not become durable up to seq {seq}",
-                                 code=p.ErrorCode.IO_ERROR)
-        self.applier.wait_applied(seq)
-        with self.apply_lock:
-            if seq < self.window_start():
-                raise PointError(f"seq {seq} left the journal window "
-                                 f"(oldest {self.window_start()})")
-            end = offset + length
-            undos = []
-            for u in reversed(vol.undo):
-                if u.seq <= seq:
-                    break
-                if u.offset < end and offset < u.end:
-                    undos.append(u)
-            has_data = next(data_extents(vol.fd, offset, length), None) is not None
-            if not has_data and not undos:
-                return None
-            buf = bytearray(length)
-            damaged: list[int] = []
-            if has_data and check:
-                lo = offset // CHECK_CHUNK * CHECK_CHUNK
-                got = os.pread(vol.fd, min(-(-end // CHECK_CHUNK) * CHECK_CHUNK, vol.size) - lo, lo)
-                damaged = vol.sums.bad_chunks(got, lo // CHECK_CHUNK)
-                part = memoryview(got)[offset - lo:end - lo]
-                buf[:len(part)] = part
-            elif has_data:
-                got = os.pread(vol.fd, length, offset)
-                buf[:len(got)] = got
-            for u in undos:  # newest first: each restores what was there before it
-                self._overlay_undo(u, buf, offset, end)
-        if damaged:   # reported outside the apply lock: it writes metadata, starts a verify
-            self.replica_damaged(vol, damaged)
-            raise ReplicaDamaged(vol.name, damaged)
-        return None if p.is_zero(buf) else bytes(buf)
-
-    def _overlay_undo(self, u: Record, buf: bytearray, offset: int, end: int) -> None:
-        table = self.undo_tables.get((u.segment, u.pos))
-        if table is None:
-            head = self.undo_log.read_payload(dataclasses.replace(
-                u, payload_length=min(u.payload_length, UNDO_COUNT.size)))
-            (count,) = UNDO_COUNT.unpack(head)
-            raw = self.undo_log.read_payload(dataclasses.replace(
-                u, payload_length=UNDO_COUNT.size + count * UNDO_EXTENT.size))
-            table, data_pos = [], u.pos + UNDO_COUNT.size + count * UNDO_EXTENT.size
-            for rel, n, kind in UNDO_EXTENT.iter_unpack(raw[UNDO_COUNT.size:]):
-                table.append((u.offset + rel, n, kind, data_pos))
-                if kind == UNDO_DATA:
-                    data_pos += n
-            self.undo_tables[(u.segment, u.pos)] = table
-        for start, n, kind, dpos in table:
-            lo, hi = max(start, offset), min(start + n, end)
-            if lo >= hi:
-                continue
-            if kind == UNDO_HOLE:
-                buf[lo - offset:hi - offset] = bytes(hi - lo)
-            else:
-                piece = self.undo_log.read_payload(dataclasses.replace(
-                    u, pos=dpos + (lo - start), payload_length=hi - lo))
-                buf[lo - offset:hi - offset] = piece
-
-    def export(self, vol: Volume, seq: int, out_path: str, progress=None) -> int:
-        """Write ``vol`` as of ``seq`` to a sparse raw file; return the data bytes written."""
-        fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
-        written = 0
-        try:
-            os.ftruncate(fd, vol.size)
-            for off in range(0, vol.size, IO_BLOCK):
-                if self.closing.is_set():
-                    raise p.RequestError("the hub is stopping; export abandoned",
-                                         code=p.ErrorCode.SHUTTING_DOWN)
-                n = min(IO_BLOCK, vol.size - off)
-                data = self.read_at(vol, seq, off, n)
-                if data is not None:
-                    os.pwrite(fd, data, off)
-                    written += n
-                if progress:
-                    progress(off + n, vol.size)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return written
-
     # -- rot at rest: checksums and the scrub -----------------------------------------
 
     def replica_damaged(self, vol: Volume, chunks: list[int]) -> None:
@@ -3580,7 +3344,7 @@ class VolumeStore:
                          vol.name)
         if vol.meta["full_synced"] and vol.meta.get("pending_plan") != "VERIFY":
             try:
-                self.resync_begins(vol)
+                self.window.resync_begins(vol)
                 vol.update(state=VolState.SYNCING.value, pending_plan="VERIFY")
             except JournalRefused as err:
                 log.error("volume %s: cannot record that it needs a verify: %s", vol.name, err)
@@ -3606,117 +3370,6 @@ class VolumeStore:
         log.log(logging.ERROR if bad else logging.INFO, "scrub of %s: %s in %.1f s", vol.name,
                 f"{len(bad)} damaged chunks" if bad else "no damage", result["seconds"])
         return result
-
-    # -- recovery: resync intervals, pins, rolling back a promotion -------------------
-
-    def resync_begins(self, vol: Volume) -> bool:
-        """A DIRTY/VERIFY resync of a consistent volume starts: points after the
-        last record journaled so far are not crash-consistent until it ends.
-        False if one had begun already and not ended."""
-        spans = [list(s) for s in vol.meta.get("resyncs", [])]
-        if spans and spans[-1][1] is None:
-            return False
-        spans.append([self.journal.last_seq, None])
-        vol.update(resyncs=spans)
-        return True
-
-    def resync_ends(self, vol: Volume) -> None:
-        """The resync completed: the state after the last record journaled is consistent."""
-        spans = [list(s) for s in vol.meta.get("resyncs", [])]
-        if spans and spans[-1][1] is None:
-            spans[-1][1] = max(self.journal.last_seq, spans[-1][0] + 1)
-            vol.update(resyncs=spans)
-
-    def seq_problem(self, vol: Volume, seq: int) -> str | None:
-        """Why the state of ``vol`` right after ``seq`` cannot be recovered, or None."""
-        if seq < self.window_start():
-            return f"outside the journal window (oldest seq {self.window_start()})"
-        since = vol.meta.get("consistent_since_seq")
-        if since is None or seq < since:
-            return f"before the volume's first full sync completed (seq {since})"
-        for lo, hi in vol.meta.get("resyncs", ()):
-            if lo < seq and (hi is None or seq < hi):
-                rec = self.journal.record(lo)
-                newest = (f"; the newest consistent point before it is seq {lo}"
-                          + (f" ({fmt_time_ns(rec.time_ns)})" if rec else "")
-                          if lo >= max(self.window_start(), since) else "")
-                return (f"inside a resync (seq {lo + 1}..{'now' if hi is None else hi - 1}), "
-                        "where the replica was a mix of old and new data: not crash-consistent"
-                        + newest)
-        return None
-
-    def pin(self, seq: int, delta: int = 1) -> None:
-        """Keep ``seq`` inside the window while a session reads at it."""
-        with self.lock:
-            self.pins[seq] += delta
-            if self.pins[seq] <= 0:
-                del self.pins[seq]
-
-    def pin_floor(self) -> int | None:
-        """The oldest seq that retention must keep readable (sessions, set-aside
-        entries the operator has not released, and while a volume is promoted
-        every record since its promotion: a fail-back sends their regions)."""
-        with self.lock:
-            seqs = list(self.pins)
-            for vol in self.volumes.values():
-                seqs += [pr["point_seq"] for pr in vol.meta.get("promotions", ())
-                         if pr.get("kept", True)]
-                if vol.role is Role.PROMOTED:
-                    seqs += [pr["point_seq"] for pr in vol.current_promotions()]
-        return min(seqs) if seqs else None
-
-    def roll_back(self, vol: Volume) -> None:
-        """Write the state at each pending promotion's point back into the replica."""
-        promos = [dict(pr) for pr in vol.meta.get("promotions", [])]
-        for pr in promos:
-            if pr["rolled_back"]:
-                continue
-            lo, hi = pr["set_aside_from"], pr["set_aside_to"]
-            merged = merge_ranges((u.offset, u.end) for u in vol.undo if lo <= u.seq <= hi)
-            done = 0
-            for start, end in merged:
-                for off in range(start, end, IO_BLOCK):
-                    n = min(IO_BLOCK, end - off)
-                    data = self.read_at(vol, pr["point_seq"], off, n)
-                    with self.apply_lock:
-                        if data is None:
-                            write_zeroes(vol.fd, off, n)
-                        else:
-                            os.pwrite(vol.fd, data, off)
-                        vol.sums.note(vol.fd, off, n)
-                    done += n
-            os.fdatasync(vol.fd)
-            with self.apply_lock:
-                vol.sums.flush()
-            with self.apply_lock:
-                vol.undo = [u for u in vol.undo if not lo <= u.seq <= hi]
-            pr["rolled_back"] = True
-            vol.update(promotions=promos, state=VolState.CONSISTENT.value, pending_plan=None)
-            log.info("volume %s rolled back to seq %d (%s rewritten)", vol.name,
-                     pr["point_seq"], fmt_bytes(done))
-
-    def export_set_aside(self, vol: Volume, seq: int, out_path: str, progress=None) -> int:
-        """Export the old history at a set-aside ``seq``: the promotion point, then
-        the volume's set-aside journal records up to ``seq`` replayed on top."""
-        pr = vol.set_aside_of(seq)
-        written = self.export(vol, pr["point_seq"], out_path, progress)
-        fd = os.open(out_path, os.O_WRONLY)
-        try:
-            after = pr["point_seq"]
-            while after < seq:
-                recs = self.journal.records_between(after, seq, 1024)
-                if not recs:
-                    raise PointError(f"set-aside journal records after seq {after} are gone")
-                for rec in recs:
-                    if rec.volume == vol.id and rec.kind == RecordKind.WRITE:
-                        os.pwrite(fd, self.journal.log.read_payload(rec), rec.offset)
-                    elif rec.volume == vol.id and rec.kind == RecordKind.ZERO:
-                        write_zeroes(fd, rec.offset, rec.length)
-                after = recs[-1].seq
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return written
 
 
 # ---------------------------------------------------------------------------
@@ -3799,7 +3452,7 @@ class Applier:
                         touched = set()
                         last_persist = now
                     if now - last_trim > 1.0:
-                        self.store.trim()
+                        self.store.window.trim()
                         last_trim = now
                 except (OSError, JournalRefused) as err:
                     self.health.fail(Fault.REPLICA_IO, f"applying the journal at seq "
@@ -3967,6 +3620,392 @@ class Applier:
 
 
 # ---------------------------------------------------------------------------
+# The recovery window
+
+
+class RecoveryWindow:
+    """The store's recovery window: the points in time its volumes can be read at.
+
+    A point is a seq: every volume as it was right after that record.  The
+    window runs from ``oldest_seq`` (what retention, ``trim``, has kept, and
+    no older than undo lost to damage at rest) to the newest durable record.
+    Inside it ``seq_problem`` refuses the points where a volume was not
+    crash-consistent: before its first full sync, and inside a resync
+    (``resync_begins``, ``resync_ends``).  ``resolve_point`` turns a point's
+    name into its seq; ``read_at`` rebuilds a range at a seq: the replica,
+    checked against its checksums, with the undo records newer than the seq
+    laid over it, newest first.  ``pin`` keeps a seq inside the window while a
+    session reads at it.  The data side of a promotion is here too:
+    ``roll_back`` writes the state at the promotion's point back into the
+    replica, and ``export_set_aside`` exports the history it set aside.
+
+    Threads::
+
+        trim                 applier
+        read_at              any thread; takes the store's apply_lock
+        export, export_set_aside  control-N (``rephub.py export``), or main offline
+        roll_back            control-N or conn-HOST:PORT (a promotion), main (at open)
+        resync_begins, resync_ends  any thread; writes metadata.json
+        pin, pin_floor       any thread; takes the store's lock
+        *                    any thread
+    """
+
+    def __init__(self, store: VolumeStore, retention: float, max_bytes: int):
+        self.store = store
+        self.journal = store.journal
+        self.retention = retention
+        self.max_bytes = max_bytes
+        self.undo_floor = 0      # points before it lost their undo to damage at rest
+        self.undo_tables: dict[tuple[int, int], list] = {}   # an UNDO's extents, parsed
+        self.pins: collections.Counter = collections.Counter()  # seq -> sessions reading it
+
+    # -- retention ---------------------------------------------------------------
+
+    def trim(self) -> None:
+        """Drop journal segments out of the window, and the undo they no longer need."""
+        j = self.journal
+        segments = j.log.segments()
+        now = time.time_ns()
+        floor = self.pin_floor()  # recovery sessions, kept set-aside entries
+        applied = self.store.applier.applied_seq
+        for seg, nxt in zip(segments, segments[1:]):
+            if nxt - 1 > applied or (floor is not None and nxt - 1 > floor):
+                break
+            last = j.record(nxt - 1)
+            too_old = last is not None and now - last.time_ns > self.retention * 1e9
+            too_big = j.log.total_bytes() + self.store.undo_log.total_bytes() > self.max_bytes
+            if not (too_old or too_big):
+                break
+            j.drop_segment(seg, nxt)
+            log.info("journal segment %d dropped (%s); window now starts after seq %d",
+                     seg, "older than retention" if too_old else "over --journal-max-bytes",
+                     nxt - 1)
+        oldest = self.oldest_seq()
+        usegs = self.store.undo_log.segments()
+        for seg, nxt in zip(usegs, usegs[1:]):
+            if nxt > oldest:
+                break
+            with self.store.apply_lock:
+                for vol in self.store.volumes.values():
+                    vol.undo = [u for u in vol.undo if u.segment != seg]
+                self.store.undo_log.delete_segment(seg)
+            self.undo_tables = {k: v for k, v in self.undo_tables.items() if k[0] != seg}
+
+    def oldest_seq(self) -> int:
+        """The oldest seq the volumes can be read at."""
+        return max(self.journal.first_seq - 1, self.undo_floor)
+
+    # -- points in time ------------------------------------------------------------
+
+    def points(self, vol: Volume) -> dict:
+        """The window, the recoverable checkpoints of ``vol``'s agent inside it,
+        the checkpoints that cannot be recovered (and why), resyncs, promotions."""
+        j = self.journal
+        first = j.record(j.first_seq)
+        last = j.record(j.last_seq)
+        cps, bad = [], []
+        for seq, t, agent, name in list(j.checkpoints):
+            if agent != vol.owner:
+                continue
+            cp = dict(name=name, seq=seq, time_ns=t, time=fmt_time_ns(t))
+            pr = vol.set_aside_of(seq)
+            why = (f"set aside by the promotion at {pr['point']!r}" if pr
+                   else self.seq_problem(vol, seq))
+            if why:
+                bad.append(dict(cp, reason=why, set_aside=pr is not None))
+            else:
+                cps.append(cp)
+        promos = [dict(pr, time=fmt_time_ns(pr["time_ns"]))
+                  for pr in vol.meta.get("promotions", [])]
+        try:
+            seq, _ = self.resolve_point(vol, "latest")
+            latest = dict(seq=seq, reason=None)
+        except p.RequestError as err:
+            latest = dict(seq=None, reason=str(err))
+        return dict(volume=vol.name, owner=vol.owner, state=vol.state.value, latest=latest,
+                    role=vol.role.value,
+                    oldest=dict(seq=first.seq, time_ns=first.time_ns,
+                                time=fmt_time_ns(first.time_ns)) if first else None,
+                    newest=dict(seq=last.seq, time_ns=last.time_ns,
+                                time=fmt_time_ns(last.time_ns)) if last else None,
+                    checkpoints=cps, unrecoverable=bad,
+                    resyncs=[dict(after_seq=lo, consistent_from_seq=hi)
+                             for lo, hi in vol.meta.get("resyncs", [])],
+                    promotions=promos)
+
+    def resolve_point(self, vol: Volume, point: str, set_aside: bool = False) -> tuple[int, int]:
+        """(seq, time_ns) of a point: "latest", a checkpoint name, or an RFC 3339
+        UTC time (``protocol.parse_point_time``: the newest record not after it).
+
+        Refuses points outside the window, before the first full sync, inside a
+        resync (not crash-consistent), and checkpoints set aside by a promotion
+        (unless ``set_aside``: then only those, for exporting the old history).
+        A time or ``latest`` inside a set-aside range is the promotion point:
+        that is what the volume's new history holds there.
+        """
+        j = self.journal
+        if vol.state == VolState.INCONSISTENT:
+            raise p.RequestError(f"volume {vol.name} is {vol.state.value}, not consistent: "
+                                 "no point of it can be recovered yet",
+                                 code=p.ErrorCode.INCONSISTENT)
+        named = False
+        if point == "latest":
+            seq = j.durable_seq
+            spans = vol.meta.get("resyncs", ())
+            if spans and spans[-1][1] is None:  # even with nothing journaled since it began
+                lo = spans[-1][0]
+                rec = j.record(lo)
+                raise p.RequestError(
+                    f"volume {vol.name} is resyncing: 'latest' is not crash-consistent until "
+                    f"the resync ends; the newest consistent point is seq {lo}"
+                    + (f" ({fmt_time_ns(rec.time_ns)}): name it by that time" if rec else ""),
+                    code=p.ErrorCode.INCONSISTENT)
+        else:
+            cps = [c for c in list(j.checkpoints) if c[2] == vol.owner and c[3] == point]
+            if cps:
+                seq, named = cps[-1][0], True
+            else:
+                try:
+                    t_ns = p.parse_point_time(point)   # RC-8: the one grammar
+                except ValueError as err:
+                    raise PointError(f"point {err}") from None
+                if t_ns is None:
+                    raise PointError(f"point {point!r} is not 'latest', a checkpoint of "
+                                     f"agent {vol.owner} in the window, or an RFC 3339 UTC "
+                                     f"time such as {POINT_EXAMPLE}")
+                seq = j.seq_at_time(t_ns)
+                if seq is None:
+                    oldest = j.record(j.first_seq)
+                    raise PointError(f"point {point} is before the journal window (oldest "
+                                     f"{fmt_time_ns(oldest.time_ns) if oldest else 'none'})")
+        if seq < self.oldest_seq():
+            raise PointError(f"point {point!r} (seq {seq}) is outside the journal window "
+                             f"(oldest seq {self.oldest_seq()})")
+        pr = vol.set_aside_of(seq)
+        if set_aside and pr is None:
+            raise PointError(f"point {point!r} (seq {seq}) of volume {vol.name} is not in a "
+                             "range set aside by a promotion")
+        if pr is not None and not set_aside:
+            if named:
+                raise PointError(f"checkpoint {point!r} (seq {seq}) of volume {vol.name} was "
+                                 f"set aside by the promotion at {pr['point']!r} (seq "
+                                 f"{pr['point_seq']}); export it with --set-aside")
+            seq = pr["point_seq"]
+        why = self.seq_problem(vol, seq)
+        if why:
+            raise p.RequestError(f"point {point!r} (seq {seq}) of volume {vol.name} is {why}",
+                                 code=p.ErrorCode.BAD_POINT if "window" in why
+                                 else p.ErrorCode.INCONSISTENT)
+        rec = j.record(seq)
+        return seq, (rec.time_ns if rec else 0)
+
+    def read_at(self, vol: Volume, seq: int, offset: int, length: int,
+                check: bool = True) -> bytes | None:
+        """The bytes of ``vol`` right after journal record ``seq``; None if all zero.
+
+        Waits for the applier to reach ``seq``; raises PointError when the
+        window no longer covers ``seq``.  The replica's bytes are checked
+        against its checksums (the whole chunks the range touches): a
+        mismatch is ReplicaDamaged, never returned (``check`` False: a verify,
+        which compares with the agent itself).
+        """
+        p.check_range(offset, length, vol.size, "read")
+        if seq > self.journal.durable_seq and not self.journal.wait_durable(seq, timeout=60):
+            raise p.RequestError(f"journal did not become durable up to seq {seq}",
+                                 code=p.ErrorCode.IO_ERROR)
+        self.store.applier.wait_applied(seq)
+        with self.store.apply_lock:
+            if seq < self.oldest_seq():
+                raise PointError(f"seq {seq} left the journal window "
+                                 f"(oldest {self.oldest_seq()})")
+            end = offset + length
+            undos = []
+            for u in reversed(vol.undo):
+                if u.seq <= seq:
+                    break
+                if u.offset < end and offset < u.end:
+                    undos.append(u)
+            has_data = next(data_extents(vol.fd, offset, length), None) is not None
+            if not has_data and not undos:
+                return None
+            buf = bytearray(length)
+            damaged: list[int] = []
+            if has_data and check:
+                lo = offset // CHECK_CHUNK * CHECK_CHUNK
+                got = os.pread(vol.fd, min(-(-end // CHECK_CHUNK) * CHECK_CHUNK, vol.size) - lo, lo)
+                damaged = vol.sums.bad_chunks(got, lo // CHECK_CHUNK)
+                part = memoryview(got)[offset - lo:end - lo]
+                buf[:len(part)] = part
+            elif has_data:
+                got = os.pread(vol.fd, length, offset)
+                buf[:len(got)] = got
+            for u in undos:  # newest first: each restores what was there before it
+                self._overlay_undo(u, buf, offset, end)
+        if damaged:   # reported outside the apply lock: it writes metadata, starts a verify
+            self.store.replica_damaged(vol, damaged)
+            raise ReplicaDamaged(vol.name, damaged)
+        return None if p.is_zero(buf) else bytes(buf)
+
+    def _overlay_undo(self, u: Record, buf: bytearray, offset: int, end: int) -> None:
+        table = self.undo_tables.get((u.segment, u.pos))
+        if table is None:
+            head = self.store.undo_log.read_payload(dataclasses.replace(
+                u, payload_length=min(u.payload_length, UNDO_COUNT.size)))
+            (count,) = UNDO_COUNT.unpack(head)
+            raw = self.store.undo_log.read_payload(dataclasses.replace(
+                u, payload_length=UNDO_COUNT.size + count * UNDO_EXTENT.size))
+            table, data_pos = [], u.pos + UNDO_COUNT.size + count * UNDO_EXTENT.size
+            for rel, n, kind in UNDO_EXTENT.iter_unpack(raw[UNDO_COUNT.size:]):
+                table.append((u.offset + rel, n, kind, data_pos))
+                if kind == UNDO_DATA:
+                    data_pos += n
+            self.undo_tables[(u.segment, u.pos)] = table
+        for start, n, kind, dpos in table:
+            lo, hi = max(start, offset), min(start + n, end)
+            if lo >= hi:
+                continue
+            if kind == UNDO_HOLE:
+                buf[lo - offset:hi - offset] = bytes(hi - lo)
+            else:
+                piece = self.store.undo_log.read_payload(dataclasses.replace(
+                    u, pos=dpos + (lo - start), payload_length=hi - lo))
+                buf[lo - offset:hi - offset] = piece
+
+    def export(self, vol: Volume, seq: int, out_path: str, progress=None) -> int:
+        """Write ``vol`` as of ``seq`` to a sparse raw file; return the data bytes written."""
+        fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+        written = 0
+        try:
+            os.ftruncate(fd, vol.size)
+            for off in range(0, vol.size, IO_BLOCK):
+                if self.store.closing.is_set():
+                    raise p.RequestError("the hub is stopping; export abandoned",
+                                         code=p.ErrorCode.SHUTTING_DOWN)
+                n = min(IO_BLOCK, vol.size - off)
+                data = self.read_at(vol, seq, off, n)
+                if data is not None:
+                    os.pwrite(fd, data, off)
+                    written += n
+                if progress:
+                    progress(off + n, vol.size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return written
+
+    # -- recovery: resync intervals, pins, rolling back a promotion -------------------
+
+    def resync_begins(self, vol: Volume) -> bool:
+        """A DIRTY/VERIFY resync of a consistent volume starts: points after the
+        last record journaled so far are not crash-consistent until it ends.
+        False if one had begun already and not ended."""
+        spans = [list(s) for s in vol.meta.get("resyncs", [])]
+        if spans and spans[-1][1] is None:
+            return False
+        spans.append([self.journal.last_seq, None])
+        vol.update(resyncs=spans)
+        return True
+
+    def resync_ends(self, vol: Volume) -> None:
+        """The resync completed: the state after the last record journaled is consistent."""
+        spans = [list(s) for s in vol.meta.get("resyncs", [])]
+        if spans and spans[-1][1] is None:
+            spans[-1][1] = max(self.journal.last_seq, spans[-1][0] + 1)
+            vol.update(resyncs=spans)
+
+    def seq_problem(self, vol: Volume, seq: int) -> str | None:
+        """Why the state of ``vol`` right after ``seq`` cannot be recovered, or None."""
+        if seq < self.oldest_seq():
+            return f"outside the journal window (oldest seq {self.oldest_seq()})"
+        since = vol.meta.get("consistent_since_seq")
+        if since is None or seq < since:
+            return f"before the volume's first full sync completed (seq {since})"
+        for lo, hi in vol.meta.get("resyncs", ()):
+            if lo < seq and (hi is None or seq < hi):
+                rec = self.journal.record(lo)
+                newest = (f"; the newest consistent point before it is seq {lo}"
+                          + (f" ({fmt_time_ns(rec.time_ns)})" if rec else "")
+                          if lo >= max(self.oldest_seq(), since) else "")
+                return (f"inside a resync (seq {lo + 1}..{'now' if hi is None else hi - 1}), "
+                        "where the replica was a mix of old and new data: not crash-consistent"
+                        + newest)
+        return None
+
+    def pin(self, seq: int, delta: int = 1) -> None:
+        """Keep ``seq`` inside the window while a session reads at it."""
+        with self.store.lock:
+            self.pins[seq] += delta
+            if self.pins[seq] <= 0:
+                del self.pins[seq]
+
+    def pin_floor(self) -> int | None:
+        """The oldest seq that retention must keep readable (sessions, set-aside
+        entries the operator has not released, and while a volume is promoted
+        every record since its promotion: a fail-back sends their regions)."""
+        with self.store.lock:
+            seqs = list(self.pins)
+            for vol in self.store.volumes.values():
+                seqs += [pr["point_seq"] for pr in vol.meta.get("promotions", ())
+                         if pr.get("kept", True)]
+                if vol.role is Role.PROMOTED:
+                    seqs += [pr["point_seq"] for pr in vol.current_promotions()]
+        return min(seqs) if seqs else None
+
+    def roll_back(self, vol: Volume) -> None:
+        """Write the state at each pending promotion's point back into the replica."""
+        promos = [dict(pr) for pr in vol.meta.get("promotions", [])]
+        for pr in promos:
+            if pr["rolled_back"]:
+                continue
+            lo, hi = pr["set_aside_from"], pr["set_aside_to"]
+            merged = merge_ranges((u.offset, u.end) for u in vol.undo if lo <= u.seq <= hi)
+            done = 0
+            for start, end in merged:
+                for off in range(start, end, IO_BLOCK):
+                    n = min(IO_BLOCK, end - off)
+                    data = self.read_at(vol, pr["point_seq"], off, n)
+                    with self.store.apply_lock:
+                        if data is None:
+                            write_zeroes(vol.fd, off, n)
+                        else:
+                            os.pwrite(vol.fd, data, off)
+                        vol.sums.note(vol.fd, off, n)
+                    done += n
+            os.fdatasync(vol.fd)
+            with self.store.apply_lock:
+                vol.sums.flush()
+            with self.store.apply_lock:
+                vol.undo = [u for u in vol.undo if not lo <= u.seq <= hi]
+            pr["rolled_back"] = True
+            vol.update(promotions=promos, state=VolState.CONSISTENT.value, pending_plan=None)
+            log.info("volume %s rolled back to seq %d (%s rewritten)", vol.name,
+                     pr["point_seq"], fmt_bytes(done))
+
+    def export_set_aside(self, vol: Volume, seq: int, out_path: str, progress=None) -> int:
+        """Export the old history at a set-aside ``seq``: the promotion point, then
+        the volume's set-aside journal records up to ``seq`` replayed on top."""
+        pr = vol.set_aside_of(seq)
+        written = self.export(vol, pr["point_seq"], out_path, progress)
+        fd = os.open(out_path, os.O_WRONLY)
+        try:
+            after = pr["point_seq"]
+            while after < seq:
+                recs = self.journal.records_between(after, seq, 1024)
+                if not recs:
+                    raise PointError(f"set-aside journal records after seq {after} are gone")
+                for rec in recs:
+                    if rec.volume == vol.id and rec.kind == RecordKind.WRITE:
+                        os.pwrite(fd, self.journal.log.read_payload(rec), rec.offset)
+                    elif rec.volume == vol.id and rec.kind == RecordKind.ZERO:
+                        write_zeroes(fd, rec.offset, rec.length)
+                after = recs[-1].seq
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return written
+
+
+# ---------------------------------------------------------------------------
 # Roles: who may write a volume, and promotion (PROTOCOL.md RC-6, RC-7, FB-12)
 
 
@@ -4037,7 +4076,7 @@ class Roles:
         if not j.wait_durable(last, timeout=60):
             raise p.RequestError("journal not durable", code=p.ErrorCode.IO_ERROR)
         store.applier.wait_applied(last)
-        store.roll_back(vol)
+        store.window.roll_back(vol)
         return dict(volume=vol.name, point=point, seq=seq, set_aside_from=seq + 1,
                     set_aside_to=last, time=fmt_time_ns(pr["time_ns"]))
 
@@ -4113,7 +4152,7 @@ class SyncJob(Requester, threading.Thread):
         if self.finished or self.stop_event.is_set():
             return False
         if extents and self.online and not self.repair and self.vol.meta["full_synced"]:
-            self.opened_resync |= self.store.resync_begins(self.vol)
+            self.opened_resync |= self.store.window.resync_begins(self.vol)
         if extents:
             self.extra.extend(extents)
             self.bytes_total += sum(n for _, n in extents)
@@ -4339,7 +4378,7 @@ class SyncJob(Requester, threading.Thread):
             vol.update(state=VolState.INCONSISTENT.value, pending_plan="FULL")
         else:
             if vol.meta["full_synced"]:  # points from here on are not crash-consistent
-                self.store.resync_begins(vol)
+                self.store.window.resync_begins(vol)
             vol.update(state=(VolState.SYNCING if vol.meta["full_synced"]
                               else VolState.INCONSISTENT).value,
                        pending_plan="VERIFY" if "VERIFY" in (
@@ -4460,7 +4499,7 @@ class SyncJob(Requester, threading.Thread):
                 pending += 1
             msg, barrier = self.answer()
             pending -= 1
-            data = self.store.read_at(self.vol, barrier, msg.offset, msg.length, check=False)
+            data = self.store.window.read_at(self.vol, barrier, msg.offset, msg.length, check=False)
             differ, same = [], []
             for i, digest in enumerate(msg.digests):
                 c_off = msg.offset + i * chunk
@@ -4508,10 +4547,10 @@ class SyncJob(Requester, threading.Thread):
             log.info("verify of %s done: %d differing ranges (%s), nothing repaired", vol.name,
                      len(self.differing), fmt_bytes(sum(n for _, n in self.differing)))
             if self.opened_resync:   # the regions the agent reported meanwhile are in
-                self.store.resync_ends(vol)
+                self.store.window.resync_ends(vol)
             self.completed = True
             return
-        self.store.resync_ends(vol)
+        self.store.window.resync_ends(vol)
         self.store.health.clear(Fault.REPLICA_DAMAGED, vol.name)
         changes = dict(state=VolState.CONSISTENT.value, pending_plan=None, full_synced=True)
         if not vol.meta["full_synced"]:
@@ -4547,7 +4586,7 @@ class SyncJob(Requester, threading.Thread):
 #
 # An agent in recovery mode opens a session on a volume at a point
 # (RECOVER_OPEN) and forwards its recovery VM's IO as RREAD/RWRITE/RFLUSH.
-# TEST: reads are the volume at the point (``VolumeStore.read_at``) with the
+# TEST: reads are the volume at the point (``RecoveryWindow.read_at``) with the
 # session's own writes laid over them from an ``Overlay``; the journal and the
 # replica never see a test write, and the overlay is deleted at RECOVER_CLOSE,
 # at the end of the connection, and (leftovers of a killed hub) at start.
@@ -4651,7 +4690,7 @@ class RecoverySession:
         self.writes = 0
 
     def read(self, offset: int, length: int) -> bytes | None:
-        data = self.store.read_at(self.vol, self.read_seq, offset, length)
+        data = self.store.window.read_at(self.vol, self.read_seq, offset, length)
         return self.overlay.lay_over(data, offset, length) if self.overlay else data
 
     def write(self, offset: int, length: int, data, payload_crc=None) -> int:
@@ -5007,7 +5046,7 @@ class Failback(Requester):
                     length=n, chunk_size=chunk), (off, n)))
             req, msg, barrier = self.wait(list(outstanding), "CHECKSUM_QUERY", p.Checksums)
             outstanding.discard(req)
-            data = self.store.read_at(self.vol, barrier, msg.offset, msg.length)
+            data = self.store.window.read_at(self.vol, barrier, msg.offset, msg.length)
             for i, digest in enumerate(msg.digests):
                 c_off = msg.offset + i * chunk
                 c_len = min(chunk, msg.offset + msg.length - c_off)
@@ -5118,7 +5157,7 @@ class Failback(Requester):
         last = j.fence(fence)
         self.set_phase(FailbackPhase.APPLYING, "recovery session fenced: its writes are "
                        "refused from now on")
-        self.store.pin(last)
+        self.store.window.pin(last)
         try:
             if not j.wait_durable(last, timeout=FAILBACK_ANSWER_TIMEOUT):
                 self.fail(f"the journal did not become durable up to seq {last}")
@@ -5133,7 +5172,7 @@ class Failback(Requester):
             while todo or outstanding:
                 while todo and len(outstanding) < FAILBACK_WINDOW:
                     off, k = todo.popleft()
-                    data = self.store.read_at(vol, last, off, k)
+                    data = self.store.window.read_at(vol, last, off, k)
                     req = self.conn.requests.new_id()
                     put = (p.Put(request_id=req, volume=vol.id, offset=off, length=k,
                                  flags=p.FLAG_ZERO) if data is None else
@@ -5144,7 +5183,7 @@ class Failback(Requester):
                 self.done_bytes += outstanding.pop(req)
                 self.progress()
         finally:
-            self.store.pin(last, -1)
+            self.store.window.pin(last, -1)
 
     def finish(self) -> None:
         """Every PUT is ACKed: FAILBACK_END(DONE); its ACK returns the role (in the
@@ -5369,7 +5408,7 @@ class ControlServer:
             raise p.RequestError(f"no volume named {req['volume']!r}",
                                  code=p.ErrorCode.NO_SUCH_VOLUME)
         if cmd == "points":
-            return store.points(vol)
+            return store.window.points(vol)
         if cmd == "checkpoint":
             return self.hub.checkpoint(vol.name, req["name"])
         if cmd == "verify":
@@ -5410,7 +5449,7 @@ class ControlServer:
 
 def export_volume(store: VolumeStore, vol: Volume, at: str, output: str, progress=None,
                   set_aside: bool = False) -> dict:
-    seq, t_ns = store.resolve_point(vol, at, set_aside=set_aside)
+    seq, t_ns = store.window.resolve_point(vol, at, set_aside=set_aside)
     last = [0.0]
 
     def report(done, total):
@@ -5419,9 +5458,9 @@ def export_volume(store: VolumeStore, vol: Volume, at: str, output: str, progres
             last[0] = now
             progress(done, total)
     if set_aside:
-        written = store.export_set_aside(vol, seq, output, report)
+        written = store.window.export_set_aside(vol, seq, output, report)
     else:
-        written = store.export(vol, seq, output, report)
+        written = store.window.export(vol, seq, output, report)
     log.info("exported %s at %s (seq %d) to %s: %s of data", vol.name, at, seq, output,
              fmt_bytes(written))
     return dict(volume=vol.name, point=at, seq=seq, time=fmt_time_ns(t_ns), output=output,
@@ -5705,7 +5744,7 @@ def through_hub_or_store(args, req: dict, offline, **request_options):
 
 def cmd_points(args) -> int:
     pt = through_hub_or_store(args, {"cmd": "points", "volume": args.volume},
-                              lambda store, vol: store.points(vol))
+                              lambda store, vol: store.window.points(vol))
     print(json.dumps(pt, indent=1) if args.json else format_points(pt))
     return 0
 
@@ -5746,7 +5785,7 @@ def cmd_export(args) -> int:
 def cmd_promote(args) -> int:
     """Promote a volume at a point: through the running hub, or offline."""
     def offline(store, vol):
-        seq, _ = store.resolve_point(vol, args.at)
+        seq, _ = store.window.resolve_point(vol, args.at)
         return store.roles.promote(vol, seq, args.at)
 
     res = through_hub_or_store(args, {"cmd": "promote", "volume": args.volume, "at": args.at},

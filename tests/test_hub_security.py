@@ -204,7 +204,7 @@ def private_site():
         hub.store.applier.wait_applied(hub.store.journal.durable_seq)
         vol = hub.store.volume("vol0")
         export = base / "vol0.img"
-        hub.store.export(vol, hub.store.journal.durable_seq, str(export))
+        hub.store.window.export(vol, hub.store.journal.durable_seq, str(export))
         data = Path(hub.store.dir)
         paths = dict(base=base, data=data, agents=agents, secret=secret_file, export=export,
                      control=data / rephub.CONTROL_SOCKET)

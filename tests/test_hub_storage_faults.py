@@ -185,7 +185,7 @@ def test_a_full_journal_refuses_degrades_and_recovers(full_hub, caplog):
         with TestAgent(hub.address, "a2", secrets_by_id["a2"]).connect() as other:
             with pytest.raises(AgentError, match="IO_ERROR"):
                 other.attach("w", MemVolume(MiB))
-        assert hub.store.points(hub.store.volume("v"))["volume"] == "v"
+        assert hub.store.window.points(hub.store.volume("v"))["volume"] == "v"
 
         # Every segment holds whole records only.
         for seg in hub.store.journal.log.segments():
@@ -328,7 +328,7 @@ def test_bit_rot_in_the_middle_of_the_journal(tmp_path, applied, caplog):
         assert os.stat(os.path.dirname(copy)).st_mode & 0o777 == 0o700
         v = store.volume("v")
         assert v.meta["pending_plan"] == "VERIFY" and v.state == rephub.VolState.SYNCING
-        latest_problem = store.seq_problem(v, last_seq)
+        latest_problem = store.window.seq_problem(v, last_seq)
         assert (latest_problem is None) == applied, latest_problem
         assert "DAMAGED at rest" in rephub.format_status(hub.status())
 
@@ -340,7 +340,7 @@ def test_bit_rot_in_the_middle_of_the_journal(tmp_path, applied, caplog):
         store.applier.wait_applied(store.journal.durable_seq)
         with open(os.path.join(data_dir, "volumes", "v", "replica"), "rb") as f:
             assert f.read() == bytes(vol.buf)
-        assert store.seq_problem(v, store.journal.last_seq) is None
+        assert store.window.seq_problem(v, store.journal.last_seq) is None
     finally:
         hub.shutdown(grace=5)
     assert not [r for r in caplog.records if r.exc_info], "a traceback in the hub log"
@@ -378,7 +378,7 @@ def test_replica_rot_is_never_served_and_is_resynced(tmp_path, found_by, caplog)
             rot(data_dir, "v", 5 * 65536 + 100)
             if found_by == "read":
                 with pytest.raises(rephub.ReplicaDamaged):
-                    hub.store.read_at(vol, hub.store.journal.durable_seq, 5 * 65536, 4096)
+                    hub.store.window.read_at(vol, hub.store.journal.durable_seq, 5 * 65536, 4096)
             wait_until(lambda: "replica damaged" in {d["fault"] for d in vol.health.report("v")}
                        or vol.last_sync and vol.last_sync["plan"] == "VERIFY", 20,
                        "the damage to be found")
@@ -386,7 +386,7 @@ def test_replica_rot_is_never_served_and_is_resynced(tmp_path, found_by, caplog)
                        and vol.sync is None and vol.state == rephub.VolState.CONSISTENT, 30,
                        "the verify to repair it")
             assert not vol.health.report("v"), vol.health.report("v")
-            got = hub.store.read_at(vol, hub.store.journal.durable_seq, 0, 2 * MiB)
+            got = hub.store.window.read_at(vol, hub.store.journal.durable_seq, 0, 2 * MiB)
             assert got == bytes(mv.buf)
             if found_by == "scrub":
                 assert "scrub of v: 1 damaged chunks" in caplog.text

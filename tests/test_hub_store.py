@@ -1,7 +1,8 @@
 """rephub's VolumeStore without a server: journal replay, undo log, points in time.
 
-These drive the store API that recovery builds on (append_data, wait_applied,
-read_at, resolve_point) across close and reopen.
+These drive the store API that recovery builds on (append_data,
+applier.wait_applied, window.read_at, window.resolve_point) across close and
+reopen.
 """
 
 from __future__ import annotations
@@ -65,12 +66,12 @@ def test_read_at_walks_undo_back_across_a_reopen(tmp_path):
                   bytes(4096) + b"B" * 8192,
                   bytes(4096) + b"B" * 8192]
         for seq, image in zip(seqs, expect):
-            assert store.read_at(vol, seq, 0, 12288) == image, seq
-        assert store.read_at(vol, seqs[0] - 1, 0, 12288) is None  # before any write: zeroes
-        assert store.read_at(vol, seqs[2], MiB - 4096, 4096) is None
-        assert store.read_at(vol, seqs[3], MiB - 4096, 4096) == b"C" * 4096
+            assert store.window.read_at(vol, seq, 0, 12288) == image, seq
+        assert store.window.read_at(vol, seqs[0] - 1, 0, 12288) is None  # before any write: zeroes
+        assert store.window.read_at(vol, seqs[2], MiB - 4096, 4096) is None
+        assert store.window.read_at(vol, seqs[3], MiB - 4096, 4096) == b"C" * 4096
         with pytest.raises(p.OutOfRange):
-            store.read_at(vol, seqs[3], MiB - 4096, 8192)
+            store.window.read_at(vol, seqs[3], MiB - 4096, 8192)
     finally:
         store.close()
 
