@@ -651,8 +651,8 @@ class Hub:
 
     def start(self) -> None:
         self.store.open()
-        self.store.on_reopened = self._storage_recovered
-        self.store.on_damaged = self._verify_damaged
+        self.store.faults.on_reopened = self._storage_recovered
+        self.store.faults.on_damaged = self._verify_damaged
         self.store.start()
         scratch = os.path.join(self.store.dir, SCRATCH_DIR)
         if os.path.isdir(scratch) and os.listdir(scratch):
@@ -813,7 +813,7 @@ class Hub:
         while not self.stopping.wait(self.scrub_interval):
             for vol in list(self.store.volumes.values()):
                 try:
-                    vol.last_scrub = self.store.scrub(vol, self.scrub_rate, self.stopping)
+                    vol.last_scrub = self.store.faults.scrub(vol, self.scrub_rate, self.stopping)
                 except OSError as err:
                     log.error("scrub of %s failed: %s", vol.name, err)
 
@@ -1462,7 +1462,7 @@ class AgentConnection:
                 if msg.TYPE in p.REQUESTS:
                     self.track_request(msg)
                 handler = HANDLERS[msg.TYPE]     # check_legal let only these through
-                if self.refusing is not None and self.store.writable():
+                if self.refusing is not None and self.store.faults.writable():
                     self.say_goodbye(STORAGE_RECOVERED, p.GoodbyeCode.STORAGE_RECOVERED)
                     return
                 if self.refusing is not None and msg.TYPE in REFUSED_WHILE_DEGRADED:
@@ -2989,7 +2989,8 @@ class Volume:
 
 
 class VolumeStore:
-    """The data directory: volumes, journal, undo log; the applier is its ``Applier``.
+    """The data directory: volumes, the journal and the undo log, and the parts
+    of the store that work on them.
 
     Layout (each file and its state: docs/DESIGN.md "rephub")::
 
@@ -3003,14 +3004,33 @@ class VolumeStore:
         DIR/control.sock      the running hub's control socket
         DIR/lock              flock'ed by whoever has the store open
 
-    API other parts build on (any thread unless said):
-    ``volume(name)``, ``volume_by_id(id)``, ``create_volume(...)``,
-    ``append_data(vol, offset, length, data|None, crc, flags)``,
-    ``append_checkpoint(agent, name)``, ``journal.wait_durable(seq)``,
-    ``applier.wait_applied(seq)``; the recovery window's
-    ``window.resolve_point(vol, text)`` -> seq, ``window.read_at(vol, seq,
-    offset, length)`` -> bytes (the volume as it was right after record
-    ``seq``), ``window.points(vol)``, ``window.export(vol, seq, path)``.
+    The store itself opens the directory (``open``: the flock, hub.json,
+    every volume, the journal and undo log scans), creates volumes
+    (``open_or_create``) and journals their records (``append_data``,
+    ``append_checkpoint``, then ``journal.wait_durable(seq)``).  Its parts
+    hold the rest, each with the state only it uses::
+
+        applier   Applier: the applier thread; applier.wait_applied(seq)
+        window    RecoveryWindow: points in time and retention;
+                  window.resolve_point(vol, text) -> seq, window.read_at(vol, seq,
+                  offset, length) -> the volume as it was right after record seq,
+                  window.points(vol), window.export(vol, seq, path)
+        faults    StorageFaults: damage at rest, a journal that refused records,
+                  rot in a replica, the scrub
+        roles     Roles: who may write a volume, promotion
+
+    ``apply_lock`` keeps replica writes (applier, roll-back) and replica
+    reads (``read_at``, scrub) apart; ``lock`` guards the volumes, hub.json
+    and the window's pins; ``stop_event`` stops the applier and the storage
+    watcher, ``closing`` long readers such as an export.
+
+    Threads::
+
+        open, start, close   main, or an offline command's (before and after the others)
+        open_or_create, create_volume  conn-HOST:PORT (ATTACH of a new name); takes lock
+        append_data          conn-HOST:PORT (WRITE, ZERO, READ_REPLY, EXTENTS, RWRITE)
+        append_checkpoint    conn-HOST:PORT (CHECKPOINT), control-N, main (offline)
+        volume, volume_by_id  any thread; takes lock
     """
 
     def __init__(self, data_dir: str, retention: float = DEFAULT_RETENTION,
@@ -3028,14 +3048,12 @@ class VolumeStore:
         self.by_id: dict[int, Volume] = {}
         self.stop_event = threading.Event()   # the applier, the watcher: drain and stop
         self.closing = threading.Event()      # long readers (export): give up
-        self.watcher: threading.Thread | None = None
-        self.on_reopened = None   # the hub's callback: resync what was refused
-        self.on_damaged = None    # the hub's callback: verify a volume with rot
         self.lock_fd: int | None = None
         self.hub_meta: dict = {}
         self.roles = Roles(self)
         self.applier = Applier(self)
         self.window = RecoveryWindow(self, retention, max_bytes)
+        self.faults = StorageFaults(self)
 
     # -- opening -------------------------------------------------------------
 
@@ -3078,7 +3096,7 @@ class VolumeStore:
             raise StoreError(f"replicas have seq {applied} applied but the journal "
                              f"ends at {self.journal.last_seq}")
         self._open_undo()
-        self._handle_damage()
+        self.faults.handle_damage()
         pending = self.journal.last_seq - applied
         log.info("store %s: %d volumes, journal seq %d..%d, applied %d (%d to replay)",
                  self.dir, len(self.volumes), self.journal.first_seq, self.journal.last_seq,
@@ -3091,36 +3109,6 @@ class VolumeStore:
                 log.warning("volume %s: its promotion was interrupted; rolling back again",
                             vol.name)
                 self.window.roll_back(vol)
-
-    def _handle_damage(self) -> None:
-        """Damage at rest found by the scans (SegmentLog._damaged), first seen now:
-        each volume a lost journal record may have touched is verified against
-        its agent at the next ATTACH, and if the replica never got the record,
-        its points from there until that verify ends are not offered.  Then
-        the segment is copied aside, which marks the damage as handled."""
-        for damage in self.journal.log.damage:
-            if not damage["new"]:
-                continue
-            lost = [(seq, vid) for seq, vid, d in self.journal.lost if d is damage]
-            if any(vid is None for _, vid in lost) or not lost:
-                touched = list(self.volumes.values())
-            else:
-                touched = [self.by_id[vid] for _, vid in lost if vid in self.by_id]
-            first = min((seq for seq, _ in lost), default=self.journal.last_seq + 1)
-            for vol in touched:
-                if not vol.meta["full_synced"]:
-                    continue   # its FULL sync is still owed anyway
-                spans = [list(x) for x in vol.meta.get("resyncs", [])]
-                if first > self.applier.applied_seq and not (spans and spans[-1][1] is None):
-                    spans.append([first - 1, None])
-                vol.update(state=VolState.SYNCING.value, pending_plan="VERIFY", resyncs=spans)
-                log.error("volume %s: journal damage may have lost its record(s) %s; it is "
-                          "verified against its agent at the next ATTACH", vol.name,
-                          ", ".join(str(seq) for seq, _ in lost) or "(none known)")
-            self.journal.log.quarantine(damage)
-        for damage in self.undo_log.damage:
-            if damage["new"]:
-                self.undo_log.quarantine(damage)
 
     def _open_undo(self) -> None:
         records = self.undo_log.open()
@@ -3164,48 +3152,7 @@ class VolumeStore:
         """Start the committer, the applier and the storage watcher threads."""
         self.journal.start()
         self.applier.start()
-        self.watcher = threading.Thread(target=self._watch_loop, name="storage-watch",
-                                        daemon=True)
-        self.watcher.start()
-
-    def _watch_loop(self) -> None:
-        """Storage watcher thread: reopen a journal that refused records, once its
-        file system has room again (polled with backoff)."""
-        retry = FAULT_RETRY_MIN
-        while not self.stop_event.wait(retry):
-            if self.writable() or self.journal.failed:
-                retry = FAULT_RETRY_MIN
-                continue
-            retry = min(retry * 2, FAULT_RETRY_MAX)
-            if self.try_reopen():
-                retry = FAULT_RETRY_MIN
-
-    def writable(self) -> bool:
-        """Can the store take records and metadata now?"""
-        return (self.health.journal_fault() is None and not self.journal.failed
-                and not self.health.active(Fault.METADATA_IO))
-
-    def try_reopen(self) -> bool:
-        """Take records and metadata again if the disk has room and the journal's
-        last segment ends with a whole record (watcher thread).  A write that
-        still fails marks the store degraded again."""
-        st = os.statvfs(self.journal.log.dir)
-        free = st.f_bavail * st.f_frsize
-        needed = min(RESUME_FREE_BYTES, st.f_blocks * st.f_frsize // 16)
-        if free < needed:
-            log.debug("storage still full: %s free, %s needed", fmt_bytes(free),
-                      fmt_bytes(needed))
-            return False
-        try:
-            self.journal.resume()
-        except OSError as err:
-            log.debug("journal segment still cannot be cut back: %s", err)
-            return False
-        for volume in self.health.active(Fault.METADATA_IO):
-            self.health.clear(Fault.METADATA_IO, volume)
-        if self.on_reopened is not None:
-            self.on_reopened()
-        return True
+        self.faults.start()
 
     def close(self) -> None:
         """Make everything durable, stop the threads, unlock (the stopping thread)."""
@@ -3213,8 +3160,7 @@ class VolumeStore:
         self.journal.stop()
         self.stop_event.set()
         self.applier.stop()
-        if self.watcher:
-            self.watcher.join(timeout=5)
+        self.faults.stop()
         try:
             self.applier.persist(set(self.volumes.values()))
         except (OSError, JournalRefused) as err:
@@ -3331,45 +3277,6 @@ class VolumeStore:
 
         return self.journal.append(RecordKind.CHECKPOINT, 0, 0, 0,
                                    [encode_checkpoint(agent, name)], check=unique)
-
-    # -- rot at rest: checksums and the scrub -----------------------------------------
-
-    def replica_damaged(self, vol: Volume, chunks: list[int]) -> None:
-        """Rot found in ``vol``'s replica (a read or the scrub; any thread): the
-        volume owes a VERIFY against its agent, which rewrites what differs;
-        until it ends no point after now is offered, and reads of the damaged
-        chunks fail rather than return rot."""
-        self.health.fail(Fault.REPLICA_DAMAGED, f"{len(chunks)} chunk(s) of {CHECK_CHUNK} "
-                         f"bytes fail their checksum, first at byte {chunks[0] * CHECK_CHUNK}",
-                         vol.name)
-        if vol.meta["full_synced"] and vol.meta.get("pending_plan") != "VERIFY":
-            try:
-                self.window.resync_begins(vol)
-                vol.update(state=VolState.SYNCING.value, pending_plan="VERIFY")
-            except JournalRefused as err:
-                log.error("volume %s: cannot record that it needs a verify: %s", vol.name, err)
-        if self.on_damaged is not None:
-            self.on_damaged(vol)
-
-    def scrub(self, vol: Volume, rate: RateLimiter, stop: threading.Event) -> dict:
-        """Read the whole replica and check it against its checksums (scrub thread)."""
-        started, bad = time.monotonic(), []
-        for off in range(0, vol.size, IO_BLOCK):
-            if stop.is_set():
-                break
-            n = min(IO_BLOCK, vol.size - off)
-            rate.acquire(n, stop)
-            with self.apply_lock:
-                if next(data_extents(vol.fd, off, n), None) is None:
-                    continue
-                bad += vol.sums.bad_chunks(os.pread(vol.fd, n, off), off // CHECK_CHUNK)
-        if bad:
-            self.replica_damaged(vol, bad)
-        result = dict(volume=vol.name, time=fmt_time_ns(time.time_ns()), damaged_chunks=len(bad),
-                      seconds=round(time.monotonic() - started, 3), complete=not stop.is_set())
-        log.log(logging.ERROR if bad else logging.INFO, "scrub of %s: %s in %.1f s", vol.name,
-                f"{len(bad)} damaged chunks" if bad else "no damage", result["seconds"])
-        return result
 
 
 # ---------------------------------------------------------------------------
@@ -3842,7 +3749,7 @@ class RecoveryWindow:
             for u in undos:  # newest first: each restores what was there before it
                 self._overlay_undo(u, buf, offset, end)
         if damaged:   # reported outside the apply lock: it writes metadata, starts a verify
-            self.store.replica_damaged(vol, damaged)
+            self.store.faults.replica_damaged(vol, damaged)
             raise ReplicaDamaged(vol.name, damaged)
         return None if p.is_zero(buf) else bytes(buf)
 
@@ -4003,6 +3910,164 @@ class RecoveryWindow:
         finally:
             os.close(fd)
         return written
+
+
+# ---------------------------------------------------------------------------
+# Storage faults
+
+
+class StorageFaults:
+    """The store's fault handling: damage at rest, a journal that refused
+    records, and rot in a replica (PROTOCOL.md RP-10, RP-11).
+
+    ``handle_damage`` runs at open, on the damage the journal and undo log
+    scans found: each volume a lost record may have touched owes a VERIFY
+    against its agent, and the damaged segment is copied to quarantine.  The
+    storage watcher thread polls with backoff while the journal refuses
+    records (disk full, I/O error); once the disk has room, ``try_reopen``
+    lets the journal take records again and calls ``on_reopened`` (the hub
+    ends each refused connection with GOODBYE).  ``writable`` says whether
+    the store takes records and metadata now.  When a replica read or the
+    ``scrub`` finds a chunk whose checksum differs, ``replica_damaged`` makes
+    the volume owe a VERIFY, refuses its points from then until the VERIFY
+    ends, and calls ``on_damaged`` (the hub starts the VERIFY now if the
+    volume's agent is attached).
+
+    Threads::
+
+        handle_damage        main (``VolumeStore.open``, before any thread starts)
+        start, stop          main (``VolumeStore.start``, ``close``)
+        try_reopen           storage-watch
+        scrub                scrub; takes the store's apply_lock
+        replica_damaged      any thread (a ``read_at``, or scrub); writes metadata.json
+        writable             any thread
+    """
+
+    def __init__(self, store: VolumeStore):
+        self.store = store
+        self.journal = store.journal
+        self.health = store.health
+        self.on_reopened = None   # the hub's callback: resync what was refused
+        self.on_damaged = None    # the hub's callback: verify a volume with rot
+        self.watcher: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.watcher = threading.Thread(target=self._watch_loop, name="storage-watch",
+                                        daemon=True)
+        self.watcher.start()
+
+    def stop(self) -> None:
+        """Join the watcher (the store's ``stop_event`` is set)."""
+        if self.watcher:
+            self.watcher.join(timeout=5)
+
+    def handle_damage(self) -> None:
+        """Damage at rest found by the scans (SegmentLog._damaged), first seen now:
+        each volume a lost journal record may have touched is verified against
+        its agent at the next ATTACH, and if the replica never got the record,
+        its points from there until that verify ends are not offered.  Then
+        the segment is copied aside, which marks the damage as handled."""
+        for damage in self.journal.log.damage:
+            if not damage["new"]:
+                continue
+            lost = [(seq, vid) for seq, vid, d in self.journal.lost if d is damage]
+            if any(vid is None for _, vid in lost) or not lost:
+                touched = list(self.store.volumes.values())
+            else:
+                touched = [self.store.by_id[vid] for _, vid in lost if vid in self.store.by_id]
+            first = min((seq for seq, _ in lost), default=self.journal.last_seq + 1)
+            for vol in touched:
+                if not vol.meta["full_synced"]:
+                    continue   # its FULL sync is still owed anyway
+                spans = [list(x) for x in vol.meta.get("resyncs", [])]
+                if first > self.store.applier.applied_seq and not (spans and spans[-1][1] is None):
+                    spans.append([first - 1, None])
+                vol.update(state=VolState.SYNCING.value, pending_plan="VERIFY", resyncs=spans)
+                log.error("volume %s: journal damage may have lost its record(s) %s; it is "
+                          "verified against its agent at the next ATTACH", vol.name,
+                          ", ".join(str(seq) for seq, _ in lost) or "(none known)")
+            self.journal.log.quarantine(damage)
+        for damage in self.store.undo_log.damage:
+            if damage["new"]:
+                self.store.undo_log.quarantine(damage)
+
+    def _watch_loop(self) -> None:
+        """Storage watcher thread: reopen a journal that refused records, once its
+        file system has room again (polled with backoff)."""
+        retry = FAULT_RETRY_MIN
+        while not self.store.stop_event.wait(retry):
+            if self.writable() or self.journal.failed:
+                retry = FAULT_RETRY_MIN
+                continue
+            retry = min(retry * 2, FAULT_RETRY_MAX)
+            if self.try_reopen():
+                retry = FAULT_RETRY_MIN
+
+    def writable(self) -> bool:
+        """Can the store take records and metadata now?"""
+        return (self.health.journal_fault() is None and not self.journal.failed
+                and not self.health.active(Fault.METADATA_IO))
+
+    def try_reopen(self) -> bool:
+        """Take records and metadata again if the disk has room and the journal's
+        last segment ends with a whole record (watcher thread).  A write that
+        still fails marks the store degraded again."""
+        st = os.statvfs(self.journal.log.dir)
+        free = st.f_bavail * st.f_frsize
+        needed = min(RESUME_FREE_BYTES, st.f_blocks * st.f_frsize // 16)
+        if free < needed:
+            log.debug("storage still full: %s free, %s needed", fmt_bytes(free),
+                      fmt_bytes(needed))
+            return False
+        try:
+            self.journal.resume()
+        except OSError as err:
+            log.debug("journal segment still cannot be cut back: %s", err)
+            return False
+        for volume in self.health.active(Fault.METADATA_IO):
+            self.health.clear(Fault.METADATA_IO, volume)
+        if self.on_reopened is not None:
+            self.on_reopened()
+        return True
+
+    # -- rot at rest: checksums and the scrub -----------------------------------------
+
+    def replica_damaged(self, vol: Volume, chunks: list[int]) -> None:
+        """Rot found in ``vol``'s replica (a read or the scrub; any thread): the
+        volume owes a VERIFY against its agent, which rewrites what differs;
+        until it ends no point after now is offered, and reads of the damaged
+        chunks fail rather than return rot."""
+        self.health.fail(Fault.REPLICA_DAMAGED, f"{len(chunks)} chunk(s) of {CHECK_CHUNK} "
+                         f"bytes fail their checksum, first at byte {chunks[0] * CHECK_CHUNK}",
+                         vol.name)
+        if vol.meta["full_synced"] and vol.meta.get("pending_plan") != "VERIFY":
+            try:
+                self.store.window.resync_begins(vol)
+                vol.update(state=VolState.SYNCING.value, pending_plan="VERIFY")
+            except JournalRefused as err:
+                log.error("volume %s: cannot record that it needs a verify: %s", vol.name, err)
+        if self.on_damaged is not None:
+            self.on_damaged(vol)
+
+    def scrub(self, vol: Volume, rate: RateLimiter, stop: threading.Event) -> dict:
+        """Read the whole replica and check it against its checksums (scrub thread)."""
+        started, bad = time.monotonic(), []
+        for off in range(0, vol.size, IO_BLOCK):
+            if stop.is_set():
+                break
+            n = min(IO_BLOCK, vol.size - off)
+            rate.acquire(n, stop)
+            with self.store.apply_lock:
+                if next(data_extents(vol.fd, off, n), None) is None:
+                    continue
+                bad += vol.sums.bad_chunks(os.pread(vol.fd, n, off), off // CHECK_CHUNK)
+        if bad:
+            self.replica_damaged(vol, bad)
+        result = dict(volume=vol.name, time=fmt_time_ns(time.time_ns()), damaged_chunks=len(bad),
+                      seconds=round(time.monotonic() - started, 3), complete=not stop.is_set())
+        log.log(logging.ERROR if bad else logging.INFO, "scrub of %s: %s in %.1f s", vol.name,
+                f"{len(bad)} damaged chunks" if bad else "no damage", result["seconds"])
+        return result
 
 
 # ---------------------------------------------------------------------------
