@@ -3293,9 +3293,9 @@ class Applier:
     their checksums (``ReplicaSums``).  ``applied_seq`` moves forward with each
     batch; ``persist`` makes the replicas and their checksums durable, then
     records it in ``applied.json``.  A write that fails marks the hub degraded
-    (REPLICA_IO) and is retried.  About once a second it runs the store's
-    retention (``trim``).  It also counts what each volume has journaled and
-    not yet applied (``unapplied_bytes``, for status), under ``applied_cond``.
+    (REPLICA_IO) and is retried.  About once a second it runs retention
+    (``RecoveryWindow.trim``).  It also counts what each volume has journaled
+    and not yet applied (``unapplied_bytes``, for status), under ``applied_cond``.
 
     Threads::
 
