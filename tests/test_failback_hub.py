@@ -205,7 +205,7 @@ class Scene:
         fa.vid = vid
         return fa
 
-    def hub_volume(self) -> bytes:
+    def hub_volume(self) -> memoryview | bytes:
         store = self.hub.store
         seq, _ = store.window.resolve_point(self.vol, "latest")
         return store.window.read_at(self.vol, seq, 0, SIZE) or bytes(SIZE)

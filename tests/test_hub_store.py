@@ -76,6 +76,30 @@ def test_read_at_walks_undo_back_across_a_reopen(tmp_path):
         store.close()
 
 
+def test_read_at_answers_a_view_and_copies_only_to_lay_undo_over(tmp_path):
+    """No undo record applies: a view of the bytes the replica's pread returned;
+    one applies: a view of the copy it was laid over.  Either way a range that
+    reads as zeroes is None, although the chunk read around it holds data."""
+    store = open_store(tmp_path)
+    try:
+        vol = store.create_volume("v", MiB, 65536, "a1", bytes(16))
+        first = durable(store, store.append_data(vol, 0, 4096, b"A" * 4096))
+        durable(store, store.append_data(vol, 4096, 4096, bytes(4096)))  # zeroes, as data
+        last = durable(store, store.append_data(vol, 8192, 4096, b"B" * 4096))
+        store.applier.wait_applied(last)
+        got = store.window.read_at(vol, last, 0, 12288)
+        assert isinstance(got, memoryview) and isinstance(got.obj, bytes)
+        assert got == b"A" * 4096 + bytes(4096) + b"B" * 4096
+        assert store.window.read_at(vol, last, 4096, 4096) is None
+        assert store.window.read_at(vol, last, 4096, 4097) == bytes(4096) + b"B"
+        older = store.window.read_at(vol, first, 0, 12288)
+        assert isinstance(older, memoryview) and isinstance(older.obj, bytearray)
+        assert older == b"A" * 4096 + bytes(8192)
+        assert store.window.read_at(vol, first, 4096, 8192) is None   # undone: zeroes again
+    finally:
+        store.close()
+
+
 def test_unapplied_records_are_replayed_on_open(tmp_path):
     store = journal_only(tmp_path)
     vol = store.create_volume("v", MiB, 65536, "a1", bytes(16))
