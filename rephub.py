@@ -35,7 +35,7 @@ Replica store
     so a first write costs nothing), so the replica is always the newest
     state and the volume as it was at an earlier point is the replica with
     the undo records walked back from newest to that point
-    (``VolumeStore.read_at``).  On start the store truncates a torn journal
+    (``RecoveryWindow.read_at``).  On start the store truncates a torn journal
     tail (CRC) and applies what was journaled but not applied.  Damage at
     rest elsewhere in a segment is never cut: it is copied to
     ``DIR/quarantine``, its lost records keep their seqs
@@ -98,7 +98,7 @@ Recovery (PROTOCOL.md "Recovery (remote IO)")
     point (``read_at``) with the session's writes laid over it from an
     ``Overlay`` (``DIR/scratch``, deleted at close and at start); the journal
     and replica never see them.  FAILOVER, or ``rephub.py promote``
-    (``Hub.promote``/``VolumeStore.promote``): under the journal lock the
+    (``Hub.promote``/``Roles.promote``): under the journal lock the
     volume is marked promoted (protected-side writes get ERROR(ROLE) from that
     instant) and its journal entries after the point are set aside: never
     applied again, kept and exportable (``export --set-aside``) until
@@ -543,6 +543,14 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     raise OSError(err, f"fallocate(PUNCH_HOLE) at {offset} len {length}: {os.strerror(err)}")
 
 
+def is_zero_buffer(data) -> bool:
+    """``protocol.is_zero`` for any buffer, a memoryview too: one memcmp per
+    IO_BLOCK against ZERO_BLOCK (a memoryview's own ``==`` goes byte by byte,
+    some 40 times slower)."""
+    view = memoryview(data)
+    return all(ZERO_BLOCK.startswith(view[i:i + IO_BLOCK]) for i in range(0, len(view), IO_BLOCK))
+
+
 def write_zeroes(fd: int, offset: int, length: int) -> None:
     """Make a range of a replica read as zeroes, only where data exists: each
     data extent becomes a hole (its space freed), or is overwritten with
@@ -655,8 +663,8 @@ class Hub:
 
     def start(self) -> None:
         self.store.open()
-        self.store.on_reopened = self._storage_recovered
-        self.store.on_damaged = self._verify_damaged
+        self.store.faults.on_reopened = self._storage_recovered
+        self.store.faults.on_damaged = self._verify_damaged
         self.store.start()
         scratch = os.path.join(self.store.dir, SCRATCH_DIR)
         if os.path.isdir(scratch) and os.listdir(scratch):
@@ -777,7 +785,7 @@ class Hub:
         while not self.stopping.wait(self.scrub_interval):
             for vol in list(self.store.volumes.values()):
                 try:
-                    vol.last_scrub = self.store.scrub(vol, self.scrub_rate, self.stopping)
+                    vol.last_scrub = self.store.faults.scrub(vol, self.scrub_rate, self.stopping)
                 except OSError as err:
                     log.error("scrub of %s failed: %s", vol.name, err)
 
@@ -879,13 +887,13 @@ class Hub:
         self._reserve(vol)
         try:
             if mode == p.RecoverMode.TEST:
-                seq, t_ns = self.store.resolve_point(vol, point)
+                seq, t_ns = self.store.window.resolve_point(vol, point)
                 sid = next(conn.session_ids)
                 overlay = Overlay(os.path.join(self.store.dir, SCRATCH_DIR,
                                                f"{vol.id}-{secrets.token_hex(6)}"), vol.size)
-                self.store.pin(seq)
+                self.store.window.pin(seq)
             elif vol.role is Role.PROMOTED and point == "latest":
-                seq, t_ns = self.store.resolve_point(vol, point)  # carry on the new history
+                seq, t_ns = self.store.window.resolve_point(vol, point)  # carry on the new history
                 sid, overlay = next(conn.session_ids), None
             else:
                 res = self.promote(vol.name, point, reserved=True)
@@ -921,7 +929,7 @@ class Hub:
             return 0
         if s.overlay is not None:
             s.overlay.discard()
-            self.store.pin(s.seq, -1)
+            self.store.window.pin(s.seq, -1)
         with self.session_lock:
             if self.sessions.get(s.vol.name) is s:
                 del self.sessions[s.vol.name]
@@ -939,7 +947,7 @@ class Hub:
         if not reserved:
             self._reserve(vol)
         try:
-            seq, t_ns = self.store.resolve_point(vol, at)
+            seq, t_ns = self.store.window.resolve_point(vol, at)
             conn = vol.attached_to
             job = vol.sync
             if job is not None:  # a resync from the protected side ends here
@@ -1016,7 +1024,7 @@ class Hub:
             hub_id=store.hub_id, listen="%s:%d" % self.address, tls=self.tls is not None,
             started=fmt_time_ns(self.started_ns),
             journal=dict(first_seq=j.first_seq, last_seq=j.last_seq, durable_seq=j.durable_seq,
-                         applied_seq=store.applied_seq, bytes=j.log.total_bytes(),
+                         applied_seq=store.applier.applied_seq, bytes=j.log.total_bytes(),
                          undo_bytes=store.undo_log.total_bytes(), fdatasyncs=j.fdatasyncs,
                          commits=j.commits,
                          oldest=fmt_time_ns(first.time_ns) if first else None,
@@ -1065,7 +1073,7 @@ class Hub:
         self.store.close()
         self.listener = None
         log.info("hub stopped; journal durable up to seq %d, replicas up to seq %d",
-                 self.store.journal.durable_seq, self.store.applied_seq)
+                 self.store.journal.durable_seq, self.store.applier.applied_seq)
 
 
 # ---------------------------------------------------------------------------
@@ -1443,7 +1451,7 @@ class AgentConnection:
                 if msg.TYPE in p.REQUESTS:
                     self.track_request(msg)
                 handler = HANDLERS[msg.TYPE]     # check_legal let only these through
-                if self.refusing is not None and self.store.writable():
+                if self.refusing is not None and self.store.faults.writable():
                     self.say_goodbye(STORAGE_RECOVERED, p.GoodbyeCode.STORAGE_RECOVERED)
                     return
                 if self.refusing is not None and msg.TYPE in REFUSED_WHILE_DEGRADED:
@@ -2970,7 +2978,8 @@ class Volume:
 
 
 class VolumeStore:
-    """The data directory: volumes, journal, undo log, applier.
+    """The data directory: volumes, the journal and the undo log, and the parts
+    of the store that work on them.
 
     Layout (each file and its state: docs/DESIGN.md "rephub")::
 
@@ -2984,13 +2993,33 @@ class VolumeStore:
         DIR/control.sock      the running hub's control socket
         DIR/lock              flock'ed by whoever has the store open
 
-    API other parts build on (any thread unless said):
-    ``volume(name)``, ``volume_by_id(id)``, ``create_volume(...)``,
-    ``append_data(vol, offset, length, data|None, crc, flags)``,
-    ``append_checkpoint(agent, name)``, ``journal.wait_durable(seq)``,
-    ``wait_applied(seq)``, ``resolve_point(vol, text)`` -> seq,
-    ``read_at(vol, seq, offset, length)`` -> bytes (the volume as it was
-    right after record ``seq``), ``points(vol)``, ``export(vol, seq, path)``.
+    The store itself opens the directory (``open``: the flock, hub.json,
+    every volume, the journal and undo log scans), creates volumes
+    (``open_or_create``) and journals their records (``append_data``,
+    ``append_checkpoint``, then ``journal.wait_durable(seq)``).  Its parts
+    hold the rest, each with the state only it uses::
+
+        applier   Applier: the applier thread; applier.wait_applied(seq)
+        window    RecoveryWindow: points in time and retention;
+                  window.resolve_point(vol, text) -> seq, window.read_at(vol, seq,
+                  offset, length) -> the volume as it was right after record seq,
+                  window.points(vol), window.export(vol, seq, path)
+        faults    StorageFaults: damage at rest, a journal that refused records,
+                  rot in a replica, the scrub
+        roles     Roles: who may write a volume, promotion
+
+    ``apply_lock`` keeps replica writes (applier, roll-back) and replica
+    reads (``read_at``, scrub) apart; ``lock`` guards the volumes, hub.json
+    and the window's pins; ``stop_event`` stops the applier and the storage
+    watcher, ``closing`` long readers such as an export.
+
+    Threads::
+
+        open, start, close   main, or an offline command's (before and after the others)
+        open_or_create, create_volume  conn-HOST:PORT (ATTACH of a new name); takes lock
+        append_data          conn-HOST:PORT (WRITE, ZERO, READ_REPLY, EXTENTS, RWRITE)
+        append_checkpoint    conn-HOST:PORT (CHECKPOINT), control-N, main (offline)
+        volume, volume_by_id  any thread; takes lock
     """
 
     def __init__(self, data_dir: str, retention: float = DEFAULT_RETENTION,
@@ -2998,33 +3027,22 @@ class VolumeStore:
                  segment_bytes: int = SEGMENT_BYTES):
         self.dir = os.path.abspath(data_dir)
         private_data_dir(self.dir)
-        self.retention = retention
-        self.max_bytes = max_bytes
         self.volumes_dir = os.path.join(self.dir, "volumes")
         self.health = Health()
         self.journal = Journal(os.path.join(self.dir, "journal"), segment_bytes, self.health)
         self.undo_log = SegmentLog(os.path.join(self.dir, "undo"), "undo log", segment_bytes)
         self.lock = threading.RLock()           # volumes dict, hub.json
         self.apply_lock = threading.Lock()      # replica contents vs read_at
-        self.applied_cond = threading.Condition(threading.Lock())
         self.volumes: dict[str, Volume] = {}
         self.by_id: dict[int, Volume] = {}
-        self.applied_seq = 0
-        self.undo_committed_seq = 0
-        self.undo_floor = 0      # points before it lost their undo to damage at rest
-        self.undo_tables: dict[tuple[int, int], list] = {}
-        self.stop_event = threading.Event()   # the applier: drain and stop
+        self.stop_event = threading.Event()   # the applier, the watcher: drain and stop
         self.closing = threading.Event()      # long readers (export): give up
-        self.applier: threading.Thread | None = None
-        self.watcher: threading.Thread | None = None
-        self.on_reopened = None   # the hub's callback: resync what was refused
-        self.on_damaged = None    # the hub's callback: verify a volume with rot
         self.lock_fd: int | None = None
         self.hub_meta: dict = {}
-        self.applier_error: BaseException | None = None
-        self.apply_waiters = 0
-        self.pins: collections.Counter = collections.Counter()  # seq -> sessions reading it
         self.roles = Roles(self)
+        self.applier = Applier(self)
+        self.window = RecoveryWindow(self, retention, max_bytes)
+        self.faults = StorageFaults(self)
 
     # -- opening -------------------------------------------------------------
 
@@ -3056,59 +3074,30 @@ class VolumeStore:
             self.by_id[vol.id] = vol
         applied_path = os.path.join(self.dir, APPLIED_FILE)
         if os.path.exists(applied_path):
-            self.applied_seq = read_json(applied_path)["applied_seq"]
-        self.journal.open(start_seq=self.applied_seq + 1)
-        if self.journal.records and self.journal.first_seq > self.applied_seq + 1:
+            self.applier.applied_seq = read_json(applied_path)["applied_seq"]
+        applied = self.applier.applied_seq
+        self.journal.open(start_seq=applied + 1)
+        if self.journal.records and self.journal.first_seq > applied + 1:
             raise StoreError(f"journal starts at seq {self.journal.first_seq} but the "
-                             f"replicas only have up to {self.applied_seq}: records are missing")
-        if self.journal.last_seq < self.applied_seq:
+                             f"replicas only have up to {applied}: records are missing")
+        if self.journal.last_seq < applied:
             # The tail was torn off after... cannot happen: only durable records are applied.
-            raise StoreError(f"replicas have seq {self.applied_seq} applied but the journal "
+            raise StoreError(f"replicas have seq {applied} applied but the journal "
                              f"ends at {self.journal.last_seq}")
         self._open_undo()
-        self._handle_damage()
-        pending = self.journal.last_seq - self.applied_seq
+        self.faults.handle_damage()
+        pending = self.journal.last_seq - applied
         log.info("store %s: %d volumes, journal seq %d..%d, applied %d (%d to replay)",
                  self.dir, len(self.volumes), self.journal.first_seq, self.journal.last_seq,
-                 self.applied_seq, pending)
-        for rec in self.journal.records_between(self.applied_seq, self.journal.last_seq,
+                 applied, pending)
+        for rec in self.journal.records_between(applied, self.journal.last_seq,
                                                  len(self.journal.records)):
-            self._count_unapplied(rec)
+            self.applier.count_unapplied(rec)
         for vol in self.volumes.values():
             if any(not pr["rolled_back"] for pr in vol.meta.get("promotions", ())):
                 log.warning("volume %s: its promotion was interrupted; rolling back again",
                             vol.name)
-                self.roll_back(vol)
-
-    def _handle_damage(self) -> None:
-        """Damage at rest found by the scans (SegmentLog._damaged), first seen now:
-        each volume a lost journal record may have touched is verified against
-        its agent at the next ATTACH, and if the replica never got the record,
-        its points from there until that verify ends are not offered.  Then
-        the segment is copied aside, which marks the damage as handled."""
-        for damage in self.journal.log.damage:
-            if not damage["new"]:
-                continue
-            lost = [(seq, vid) for seq, vid, d in self.journal.lost if d is damage]
-            if any(vid is None for _, vid in lost) or not lost:
-                touched = list(self.volumes.values())
-            else:
-                touched = [self.by_id[vid] for _, vid in lost if vid in self.by_id]
-            first = min((seq for seq, _ in lost), default=self.journal.last_seq + 1)
-            for vol in touched:
-                if not vol.meta["full_synced"]:
-                    continue   # its FULL sync is still owed anyway
-                spans = [list(x) for x in vol.meta.get("resyncs", [])]
-                if first > self.applied_seq and not (spans and spans[-1][1] is None):
-                    spans.append([first - 1, None])
-                vol.update(state=VolState.SYNCING.value, pending_plan="VERIFY", resyncs=spans)
-                log.error("volume %s: journal damage may have lost its record(s) %s; it is "
-                          "verified against its agent at the next ATTACH", vol.name,
-                          ", ".join(str(seq) for seq, _ in lost) or "(none known)")
-            self.journal.log.quarantine(damage)
-        for damage in self.undo_log.damage:
-            if damage["new"]:
-                self.undo_log.quarantine(damage)
+                self.window.roll_back(vol)
 
     def _open_undo(self) -> None:
         records = self.undo_log.open()
@@ -3132,7 +3121,7 @@ class VolumeStore:
             records = self.undo_log.open()
         for rec in records:
             if rec.kind == RecordKind.UNDO_COMMIT:
-                self.undo_committed_seq = rec.seq
+                self.applier.undo_committed_seq = rec.seq
             elif rec.kind == RecordKind.UNDO and rec.volume in self.by_id:
                 vol = self.by_id[rec.volume]
                 pr = vol.set_aside_of(rec.seq)
@@ -3142,75 +3131,27 @@ class VolumeStore:
         for damage in self.undo_log.damage:
             after = [r.seq for r in records if (r.segment, r.pos) > (damage["segment"],
                                                                       damage["start"])]
-            floor = min(after, default=self.applied_seq)
-            if floor > self.undo_floor:
-                self.undo_floor = floor
+            floor = min(after, default=self.applier.applied_seq)
+            if floor > self.window.undo_floor:
+                self.window.undo_floor = floor
                 log.error("undo log damage: points before seq %d can no longer be rebuilt "
                           "and leave the window", floor)
 
     def start(self) -> None:
         """Start the committer, the applier and the storage watcher threads."""
         self.journal.start()
-        self.applier = threading.Thread(target=self._apply_loop, name="applier", daemon=True)
         self.applier.start()
-        self.watcher = threading.Thread(target=self._watch_loop, name="storage-watch",
-                                        daemon=True)
-        self.watcher.start()
-
-    def _watch_loop(self) -> None:
-        """Storage watcher thread: reopen a journal that refused records, once its
-        file system has room again (polled with backoff)."""
-        retry = FAULT_RETRY_MIN
-        while not self.stop_event.wait(retry):
-            if self.writable() or self.journal.failed:
-                retry = FAULT_RETRY_MIN
-                continue
-            retry = min(retry * 2, FAULT_RETRY_MAX)
-            if self.try_reopen():
-                retry = FAULT_RETRY_MIN
-
-    def writable(self) -> bool:
-        """Can the store take records and metadata now?"""
-        return (self.health.journal_fault() is None and not self.journal.failed
-                and not self.health.active(Fault.METADATA_IO))
-
-    def try_reopen(self) -> bool:
-        """Take records and metadata again if the disk has room and the journal's
-        last segment ends with a whole record (watcher thread).  A write that
-        still fails marks the store degraded again."""
-        st = os.statvfs(self.journal.log.dir)
-        free = st.f_bavail * st.f_frsize
-        needed = min(RESUME_FREE_BYTES, st.f_blocks * st.f_frsize // 16)
-        if free < needed:
-            log.debug("storage still full: %s free, %s needed", fmt_bytes(free),
-                      fmt_bytes(needed))
-            return False
-        try:
-            self.journal.resume()
-        except OSError as err:
-            log.debug("journal segment still cannot be cut back: %s", err)
-            return False
-        for volume in self.health.active(Fault.METADATA_IO):
-            self.health.clear(Fault.METADATA_IO, volume)
-        if self.on_reopened is not None:
-            self.on_reopened()
-        return True
+        self.faults.start()
 
     def close(self) -> None:
         """Make everything durable, stop the threads, unlock (the stopping thread)."""
         self.closing.set()
         self.journal.stop()
         self.stop_event.set()
-        with self.journal.durable_cond:
-            self.journal.durable_cond.notify_all()
-        if self.applier:
-            self.applier.join(timeout=60)
-            if self.applier.is_alive():
-                log.warning("applier did not stop within 60 s; replay will finish its work")
-        if self.watcher:
-            self.watcher.join(timeout=5)
+        self.applier.stop()
+        self.faults.stop()
         try:
-            self._persist_applied(set(self.volumes.values()))
+            self.applier.persist(set(self.volumes.values()))
         except (OSError, JournalRefused) as err:
             log.error("replicas not made durable at close (%s); the next start replays "
                       "the journal from the last seq recorded as applied", err)
@@ -3261,7 +3202,7 @@ class VolumeStore:
             meta = dict(name=name, id=vid, size=size, chunk_size=chunk_size, owner=owner,
                         generation=bytes(generation).hex(), state=VolState.INCONSISTENT.value,
                         full_synced=False, pending_plan=None,
-                        applied_seq=self.applied_seq, consistent_since_seq=None,
+                        applied_seq=self.applier.applied_seq, consistent_since_seq=None,
                         created_ns=time.time_ns())
             atomic_write_json(os.path.join(path, "metadata.json"), meta)
             fsync_dir(self.volumes_dir)
@@ -3307,18 +3248,11 @@ class VolumeStore:
         else:
             rec = self.journal.append(RecordKind.WRITE, vol.id, offset, length, [data],
                                       payload_crc, flags, check=check)
-        with self.applied_cond:
-            self._count_unapplied(rec)
+        with self.applier.applied_cond:
+            self.applier.count_unapplied(rec)
             if data is not None:
                 vol.journaled_bytes += length
         return rec
-
-    def _count_unapplied(self, rec: Record) -> None:
-        vol = self.by_id.get(rec.volume)
-        if vol is not None:
-            if not vol.unapplied_bytes:
-                vol.unapplied_since_ns = rec.time_ns
-            vol.unapplied_bytes += rec.length
 
     def append_checkpoint(self, agent: str, name: str) -> Record:
         """Journal a named point covering every volume of ``agent``; not yet durable."""
@@ -3333,7 +3267,66 @@ class VolumeStore:
         return self.journal.append(RecordKind.CHECKPOINT, 0, 0, 0,
                                    [encode_checkpoint(agent, name)], check=unique)
 
-    # -- the applier -----------------------------------------------------------
+
+# ---------------------------------------------------------------------------
+# The applier
+
+
+class Applier:
+    """The store's applier: durable journal records into the replicas, in journal order.
+
+    It works in batches of records that do not overlap (APPLY_BATCH_RECORDS,
+    APPLY_BATCH_BYTES): it captures each record's UNDO (the holes and data the
+    record replaces), appends an UNDO_COMMIT and fdatasyncs the undo log, and
+    only then writes the replicas, under the store's ``apply_lock``, noting
+    their checksums (``ReplicaSums``).  ``applied_seq`` moves forward with each
+    batch; ``persist`` makes the replicas and their checksums durable, then
+    records it in ``applied.json``.  A write that fails marks the hub degraded
+    (REPLICA_IO) and is retried.  About once a second it runs retention
+    (``RecoveryWindow.trim``).  It also counts what each volume has journaled
+    and not yet applied (``unapplied_bytes``, for status), under ``applied_cond``.
+
+    Threads::
+
+        start, stop          main (``VolumeStore.start``, ``close``)
+        apply_some           applier; the caller's thread when no applier runs (offline)
+        persist              applier; main (``VolumeStore.close``, ``replay``)
+        replay               main (an offline command, before anything starts)
+        count_unapplied      any thread, with applied_cond held; main (``VolumeStore.open``)
+        wait_applied         any thread; waits on applied_cond
+    """
+
+    def __init__(self, store: VolumeStore):
+        self.store = store
+        self.journal = store.journal
+        self.health = store.health
+        self.applied_cond = threading.Condition(threading.Lock())
+        self.applied_seq = 0          # the last journal seq the replicas hold
+        self.undo_committed_seq = 0   # the last seq whose UNDO is durable (UNDO_COMMIT)
+        self.waiters = 0              # threads in wait_applied: apply now, do not gather
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None   # what stopped the thread, kept
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._apply_loop, name="applier", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Wake the thread (the store's ``stop_event`` is set) and join it."""
+        with self.journal.durable_cond:
+            self.journal.durable_cond.notify_all()
+        if self.thread:
+            self.thread.join(timeout=60)
+            if self.thread.is_alive():
+                log.warning("applier did not stop within 60 s; replay will finish its work")
+
+    def count_unapplied(self, rec: Record) -> None:
+        """Count journaled ``rec`` as not yet in its volume's replica."""
+        vol = self.store.by_id.get(rec.volume)
+        if vol is not None:
+            if not vol.unapplied_bytes:
+                vol.unapplied_since_ns = rec.time_ns
+            vol.unapplied_bytes += rec.length
 
     def _apply_loop(self) -> None:
         """Applier thread: durable journal records -> replicas, in journal order.
@@ -3351,29 +3344,29 @@ class VolumeStore:
                     batch = self.apply_some(touched)
                     now = time.monotonic()
                     if touched and (not batch or now - last_persist > APPLY_PERSIST_INTERVAL):
-                        self._persist_applied(touched)
+                        self.persist(touched)
                         touched = set()
                         last_persist = now
                     if now - last_trim > 1.0:
-                        self.trim()
+                        self.store.window.trim()
                         last_trim = now
                 except (OSError, JournalRefused) as err:
                     self.health.fail(Fault.REPLICA_IO, f"applying the journal at seq "
                                      f"{self.applied_seq + 1} failed: {err}; retrying")
-                    if self.stop_event.wait(retry):
+                    if self.store.stop_event.wait(retry):
                         return
                     retry = min(retry * 2, FAULT_RETRY_MAX)
                     continue
                 retry = FAULT_RETRY_MIN
                 self.health.clear(Fault.REPLICA_IO)
                 if not batch:
-                    if self.stop_event.is_set():
+                    if self.store.stop_event.is_set():
                         return
                     with self.journal.durable_cond:
                         if not self._apply_ready():
                             self.journal.durable_cond.wait(0.05)
         except BaseException as err:  # keep the evidence; the journal still has everything
-            self.applier_error = err
+            self.error = err
             self.health.fail(Fault.REPLICA_IO, f"applier stopped: {err!r}; replicas stay "
                              "behind until the hub restarts")
             log.exception("applier stopped: %s; replicas stay behind until restart", err)
@@ -3382,7 +3375,7 @@ class VolumeStore:
         """Is a batch worth applying now (see APPLY_DELAY)?"""
         if self.journal.durable_seq <= self.applied_seq:
             return False
-        if self.apply_waiters or self.stop_event.is_set():
+        if self.waiters or self.store.stop_event.is_set():
             return True
         first = self.journal.record(self.applied_seq + 1)
         if first is None or time.time_ns() - first.time_ns >= APPLY_DELAY * 1e9:
@@ -3416,23 +3409,24 @@ class VolumeStore:
 
     def _apply_batch(self, batch: list[Record], touched: set) -> None:
         new_undo: list[tuple[Volume, Record]] = []
+        undo_log = self.store.undo_log
         if batch[-1].seq > self.undo_committed_seq:
             for rec in batch:
-                vol = self.by_id.get(rec.volume)
+                vol = self.store.by_id.get(rec.volume)
                 if (rec.kind in (RecordKind.WRITE, RecordKind.ZERO) and vol is not None
                         and rec.seq > self.undo_committed_seq
                         and vol.set_aside_of(rec.seq) is None):
                     parts = self._capture_undo(vol, rec.offset, rec.length)
-                    urec = self.undo_log.append(rec.seq, RecordKind.UNDO, 0, rec.time_ns,
-                                                vol.id, rec.offset, rec.length, parts)
+                    urec = undo_log.append(rec.seq, RecordKind.UNDO, 0, rec.time_ns,
+                                           vol.id, rec.offset, rec.length, parts)
                     new_undo.append((vol, urec))
-            self.undo_log.append(batch[-1].seq, RecordKind.UNDO_COMMIT, 0, batch[-1].time_ns,
-                                 0, 0, 0, [])
-            self.undo_log.do_sync(self.undo_log.take_sync_work())
+            undo_log.append(batch[-1].seq, RecordKind.UNDO_COMMIT, 0, batch[-1].time_ns,
+                            0, 0, 0, [])
+            undo_log.do_sync(undo_log.take_sync_work())
             self.undo_committed_seq = batch[-1].seq
-        with self.apply_lock:
+        with self.store.apply_lock:
             for rec in batch:
-                vol = self.by_id.get(rec.volume)
+                vol = self.store.by_id.get(rec.volume)
                 if vol is not None and vol.set_aside_of(rec.seq) is not None:
                     pass  # set aside by a promotion: kept in the journal, never applied
                 elif rec.kind == RecordKind.WRITE and vol is not None:
@@ -3451,7 +3445,7 @@ class VolumeStore:
             with self.applied_cond:
                 self.applied_seq = batch[-1].seq
                 for rec in batch:
-                    vol = self.by_id.get(rec.volume)
+                    vol = self.store.by_id.get(rec.volume)
                     if vol is not None and rec.kind in (RecordKind.WRITE, RecordKind.ZERO):
                         vol.unapplied_bytes -= rec.length
                         if vol.unapplied_bytes <= 0:
@@ -3476,14 +3470,14 @@ class VolumeStore:
             extents.append(UNDO_EXTENT.pack(pos - offset, end - pos, UNDO_HOLE))
         return [UNDO_COUNT.pack(len(extents)), *extents, *datas]
 
-    def _persist_applied(self, touched) -> None:
+    def persist(self, touched) -> None:
         """Make the replicas durable, then record how far they go (applier thread)."""
         for vol in touched:
             os.fdatasync(vol.fd)
-            with self.apply_lock:
+            with self.store.apply_lock:
                 vol.sums.flush()
         seq = self.applied_seq
-        atomic_write_json(os.path.join(self.dir, APPLIED_FILE), {"applied_seq": seq})
+        atomic_write_json(os.path.join(self.store.dir, APPLIED_FILE), {"applied_seq": seq})
         for vol in touched:
             vol.update(applied_seq=seq)
 
@@ -3491,13 +3485,13 @@ class VolumeStore:
         """Block until the replicas hold every record up to ``seq``."""
         deadline = time.monotonic() + timeout
         with self.applied_cond:
-            self.apply_waiters += 1
+            self.waiters += 1
         try:
             with self.journal.durable_cond:
                 self.journal.durable_cond.notify_all()  # wake the applier now
             with self.applied_cond:
                 while self.applied_seq < seq:
-                    if self.applier is None or not self.applier.is_alive():
+                    if self.thread is None or not self.thread.is_alive():
                         break
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -3506,7 +3500,7 @@ class VolumeStore:
                     self.applied_cond.wait(min(remaining, 0.5))
         finally:
             with self.applied_cond:
-                self.apply_waiters -= 1
+                self.waiters -= 1
         if self.applied_seq < seq:  # offline: apply in this thread
             while self.applied_seq < seq and self.apply_some(force=True):
                 pass
@@ -3518,7 +3512,48 @@ class VolumeStore:
         """Offline: apply everything journaled (the caller's thread)."""
         while self.apply_some(force=True):
             pass
-        self._persist_applied(set(self.volumes.values()))
+        self.persist(set(self.store.volumes.values()))
+
+
+# ---------------------------------------------------------------------------
+# The recovery window
+
+
+class RecoveryWindow:
+    """The store's recovery window: the points in time its volumes can be read at.
+
+    A point is a seq: every volume as it was right after that record.  The
+    window runs from ``oldest_seq`` (what retention, ``trim``, has kept, and
+    no older than undo lost to damage at rest) to the newest durable record.
+    Inside it ``seq_problem`` refuses the points where a volume was not
+    crash-consistent: before its first full sync, and inside a resync
+    (``resync_begins``, ``resync_ends``).  ``resolve_point`` turns a point's
+    name into its seq; ``read_at`` rebuilds a range at a seq: the replica,
+    checked against its checksums, with the undo records newer than the seq
+    laid over it, newest first.  ``pin`` keeps a seq inside the window while a
+    session reads at it.  The data side of a promotion is here too:
+    ``roll_back`` writes the state at the promotion's point back into the
+    replica, and ``export_set_aside`` exports the history it set aside.
+
+    Threads::
+
+        trim                 applier
+        read_at              any thread; takes the store's apply_lock
+        export, export_set_aside  control-N (``rephub.py export``), or main offline
+        roll_back            control-N or conn-HOST:PORT (a promotion), main (at open)
+        resync_begins, resync_ends  any thread; writes metadata.json
+        pin, pin_floor       any thread; takes the store's lock
+        *                    any thread
+    """
+
+    def __init__(self, store: VolumeStore, retention: float, max_bytes: int):
+        self.store = store
+        self.journal = store.journal
+        self.retention = retention
+        self.max_bytes = max_bytes
+        self.undo_floor = 0      # points before it lost their undo to damage at rest
+        self.undo_tables: dict[tuple[int, int], list] = {}   # an UNDO's extents, parsed
+        self.pins: collections.Counter = collections.Counter()  # seq -> sessions reading it
 
     # -- retention ---------------------------------------------------------------
 
@@ -3528,30 +3563,31 @@ class VolumeStore:
         segments = j.log.segments()
         now = time.time_ns()
         floor = self.pin_floor()  # recovery sessions, kept set-aside entries
+        applied = self.store.applier.applied_seq
         for seg, nxt in zip(segments, segments[1:]):
-            if nxt - 1 > self.applied_seq or (floor is not None and nxt - 1 > floor):
+            if nxt - 1 > applied or (floor is not None and nxt - 1 > floor):
                 break
             last = j.record(nxt - 1)
             too_old = last is not None and now - last.time_ns > self.retention * 1e9
-            too_big = j.log.total_bytes() + self.undo_log.total_bytes() > self.max_bytes
+            too_big = j.log.total_bytes() + self.store.undo_log.total_bytes() > self.max_bytes
             if not (too_old or too_big):
                 break
             j.drop_segment(seg, nxt)
             log.info("journal segment %d dropped (%s); window now starts after seq %d",
                      seg, "older than retention" if too_old else "over --journal-max-bytes",
                      nxt - 1)
-        window_start = self.window_start()
-        usegs = self.undo_log.segments()
+        oldest = self.oldest_seq()
+        usegs = self.store.undo_log.segments()
         for seg, nxt in zip(usegs, usegs[1:]):
-            if nxt > window_start:
+            if nxt > oldest:
                 break
-            with self.apply_lock:
-                for vol in self.volumes.values():
+            with self.store.apply_lock:
+                for vol in self.store.volumes.values():
                     vol.undo = [u for u in vol.undo if u.segment != seg]
-                self.undo_log.delete_segment(seg)
+                self.store.undo_log.delete_segment(seg)
             self.undo_tables = {k: v for k, v in self.undo_tables.items() if k[0] != seg}
 
-    def window_start(self) -> int:
+    def oldest_seq(self) -> int:
         """The oldest seq the volumes can be read at."""
         return max(self.journal.first_seq - 1, self.undo_floor)
 
@@ -3638,9 +3674,9 @@ class VolumeStore:
                     oldest = j.record(j.first_seq)
                     raise PointError(f"point {point} is before the journal window (oldest "
                                      f"{fmt_time_ns(oldest.time_ns) if oldest else 'none'})")
-        if seq < self.window_start():
+        if seq < self.oldest_seq():
             raise PointError(f"point {point!r} (seq {seq}) is outside the journal window "
-                             f"(oldest seq {self.window_start()})")
+                             f"(oldest seq {self.oldest_seq()})")
         pr = vol.set_aside_of(seq)
         if set_aside and pr is None:
             raise PointError(f"point {point!r} (seq {seq}) of volume {vol.name} is not in a "
@@ -3660,24 +3696,26 @@ class VolumeStore:
         return seq, (rec.time_ns if rec else 0)
 
     def read_at(self, vol: Volume, seq: int, offset: int, length: int,
-                check: bool = True) -> bytes | None:
+                check: bool = True) -> memoryview | None:
         """The bytes of ``vol`` right after journal record ``seq``; None if all zero.
 
         Waits for the applier to reach ``seq``; raises PointError when the
         window no longer covers ``seq``.  The replica's bytes are checked
         against its checksums (the whole chunks the range touches): a
         mismatch is ReplicaDamaged, never returned (``check`` False: a verify,
-        which compares with the agent itself).
+        which compares with the agent itself).  Where no undo record applies
+        the answer is a view of the bytes the replica's pread returned, not a
+        copy; otherwise a view of a copy with the undo laid over it.
         """
         p.check_range(offset, length, vol.size, "read")
         if seq > self.journal.durable_seq and not self.journal.wait_durable(seq, timeout=60):
             raise p.RequestError(f"journal did not become durable up to seq {seq}",
                                  code=p.ErrorCode.IO_ERROR)
-        self.wait_applied(seq)
-        with self.apply_lock:
-            if seq < self.window_start():
+        self.store.applier.wait_applied(seq)
+        with self.store.apply_lock:
+            if seq < self.oldest_seq():
                 raise PointError(f"seq {seq} left the journal window "
-                                 f"(oldest {self.window_start()})")
+                                 f"(oldest {self.oldest_seq()})")
             end = offset + length
             undos = []
             for u in reversed(vol.undo):
@@ -3688,31 +3726,38 @@ class VolumeStore:
             has_data = next(data_extents(vol.fd, offset, length), None) is not None
             if not has_data and not undos:
                 return None
-            buf = bytearray(length)
-            damaged: list[int] = []
-            if has_data and check:
-                lo = offset // CHECK_CHUNK * CHECK_CHUNK
-                got = os.pread(vol.fd, min(-(-end // CHECK_CHUNK) * CHECK_CHUNK, vol.size) - lo, lo)
-                damaged = vol.sums.bad_chunks(got, lo // CHECK_CHUNK)
-                part = memoryview(got)[offset - lo:end - lo]
-                buf[:len(part)] = part
-            elif has_data:
-                got = os.pread(vol.fd, length, offset)
-                buf[:len(got)] = got
-            for u in undos:  # newest first: each restores what was there before it
-                self._overlay_undo(u, buf, offset, end)
+            view, damaged = (self._read_replica(vol, offset, length, check) if has_data
+                             else (memoryview(b""), []))
+            if undos or len(view) < length:   # a copy to lay the undo over, or a short read
+                buf = bytearray(length)
+                buf[:len(view)] = view
+                for u in undos:  # newest first: each restores what was there before it
+                    self._overlay_undo(u, buf, offset, end)
+                view = memoryview(buf)
         if damaged:   # reported outside the apply lock: it writes metadata, starts a verify
-            self.replica_damaged(vol, damaged)
+            self.store.faults.replica_damaged(vol, damaged)
             raise ReplicaDamaged(vol.name, damaged)
-        return None if p.is_zero(buf) else bytes(buf)
+        return None if is_zero_buffer(view) else view
+
+    @staticmethod
+    def _read_replica(vol: Volume, offset: int, length: int,
+                      check: bool) -> tuple[memoryview, list[int]]:
+        """The replica's bytes of a range, a view of one pread (shorter if the
+        file is), and with ``check`` the chunks whose checksum they fail."""
+        if not check:
+            return memoryview(os.pread(vol.fd, length, offset)), []
+        end = offset + length
+        lo = offset // CHECK_CHUNK * CHECK_CHUNK
+        got = os.pread(vol.fd, min(-(-end // CHECK_CHUNK) * CHECK_CHUNK, vol.size) - lo, lo)
+        return memoryview(got)[offset - lo:end - lo], vol.sums.bad_chunks(got, lo // CHECK_CHUNK)
 
     def _overlay_undo(self, u: Record, buf: bytearray, offset: int, end: int) -> None:
         table = self.undo_tables.get((u.segment, u.pos))
         if table is None:
-            head = self.undo_log.read_payload(dataclasses.replace(
+            head = self.store.undo_log.read_payload(dataclasses.replace(
                 u, payload_length=min(u.payload_length, UNDO_COUNT.size)))
             (count,) = UNDO_COUNT.unpack(head)
-            raw = self.undo_log.read_payload(dataclasses.replace(
+            raw = self.store.undo_log.read_payload(dataclasses.replace(
                 u, payload_length=UNDO_COUNT.size + count * UNDO_EXTENT.size))
             table, data_pos = [], u.pos + UNDO_COUNT.size + count * UNDO_EXTENT.size
             for rel, n, kind in UNDO_EXTENT.iter_unpack(raw[UNDO_COUNT.size:]):
@@ -3727,7 +3772,7 @@ class VolumeStore:
             if kind == UNDO_HOLE:
                 buf[lo - offset:hi - offset] = bytes(hi - lo)
             else:
-                piece = self.undo_log.read_payload(dataclasses.replace(
+                piece = self.store.undo_log.read_payload(dataclasses.replace(
                     u, pos=dpos + (lo - start), payload_length=hi - lo))
                 buf[lo - offset:hi - offset] = piece
 
@@ -3738,7 +3783,7 @@ class VolumeStore:
         try:
             os.ftruncate(fd, vol.size)
             for off in range(0, vol.size, IO_BLOCK):
-                if self.closing.is_set():
+                if self.store.closing.is_set():
                     raise p.RequestError("the hub is stopping; export abandoned",
                                          code=p.ErrorCode.SHUTTING_DOWN)
                 n = min(IO_BLOCK, vol.size - off)
@@ -3752,45 +3797,6 @@ class VolumeStore:
         finally:
             os.close(fd)
         return written
-
-    # -- rot at rest: checksums and the scrub -----------------------------------------
-
-    def replica_damaged(self, vol: Volume, chunks: list[int]) -> None:
-        """Rot found in ``vol``'s replica (a read or the scrub; any thread): the
-        volume owes a VERIFY against its agent, which rewrites what differs;
-        until it ends no point after now is offered, and reads of the damaged
-        chunks fail rather than return rot."""
-        self.health.fail(Fault.REPLICA_DAMAGED, f"{len(chunks)} chunk(s) of {CHECK_CHUNK} "
-                         f"bytes fail their checksum, first at byte {chunks[0] * CHECK_CHUNK}",
-                         vol.name)
-        if vol.meta["full_synced"] and vol.meta.get("pending_plan") != "VERIFY":
-            try:
-                self.resync_begins(vol)
-                vol.update(state=VolState.SYNCING.value, pending_plan="VERIFY")
-            except JournalRefused as err:
-                log.error("volume %s: cannot record that it needs a verify: %s", vol.name, err)
-        if self.on_damaged is not None:
-            self.on_damaged(vol)
-
-    def scrub(self, vol: Volume, rate: RateLimiter, stop: threading.Event) -> dict:
-        """Read the whole replica and check it against its checksums (scrub thread)."""
-        started, bad = time.monotonic(), []
-        for off in range(0, vol.size, IO_BLOCK):
-            if stop.is_set():
-                break
-            n = min(IO_BLOCK, vol.size - off)
-            rate.acquire(n, stop)
-            with self.apply_lock:
-                if next(data_extents(vol.fd, off, n), None) is None:
-                    continue
-                bad += vol.sums.bad_chunks(os.pread(vol.fd, n, off), off // CHECK_CHUNK)
-        if bad:
-            self.replica_damaged(vol, bad)
-        result = dict(volume=vol.name, time=fmt_time_ns(time.time_ns()), damaged_chunks=len(bad),
-                      seconds=round(time.monotonic() - started, 3), complete=not stop.is_set())
-        log.log(logging.ERROR if bad else logging.INFO, "scrub of %s: %s in %.1f s", vol.name,
-                f"{len(bad)} damaged chunks" if bad else "no damage", result["seconds"])
-        return result
 
     # -- recovery: resync intervals, pins, rolling back a promotion -------------------
 
@@ -3814,8 +3820,8 @@ class VolumeStore:
 
     def seq_problem(self, vol: Volume, seq: int) -> str | None:
         """Why the state of ``vol`` right after ``seq`` cannot be recovered, or None."""
-        if seq < self.window_start():
-            return f"outside the journal window (oldest seq {self.window_start()})"
+        if seq < self.oldest_seq():
+            return f"outside the journal window (oldest seq {self.oldest_seq()})"
         since = vol.meta.get("consistent_since_seq")
         if since is None or seq < since:
             return f"before the volume's first full sync completed (seq {since})"
@@ -3824,7 +3830,7 @@ class VolumeStore:
                 rec = self.journal.record(lo)
                 newest = (f"; the newest consistent point before it is seq {lo}"
                           + (f" ({fmt_time_ns(rec.time_ns)})" if rec else "")
-                          if lo >= max(self.window_start(), since) else "")
+                          if lo >= max(self.oldest_seq(), since) else "")
                 return (f"inside a resync (seq {lo + 1}..{'now' if hi is None else hi - 1}), "
                         "where the replica was a mix of old and new data: not crash-consistent"
                         + newest)
@@ -3832,7 +3838,7 @@ class VolumeStore:
 
     def pin(self, seq: int, delta: int = 1) -> None:
         """Keep ``seq`` inside the window while a session reads at it."""
-        with self.lock:
+        with self.store.lock:
             self.pins[seq] += delta
             if self.pins[seq] <= 0:
                 del self.pins[seq]
@@ -3841,9 +3847,9 @@ class VolumeStore:
         """The oldest seq that retention must keep readable (sessions, set-aside
         entries the operator has not released, and while a volume is promoted
         every record since its promotion: a fail-back sends their regions)."""
-        with self.lock:
+        with self.store.lock:
             seqs = list(self.pins)
-            for vol in self.volumes.values():
+            for vol in self.store.volumes.values():
                 seqs += [pr["point_seq"] for pr in vol.meta.get("promotions", ())
                          if pr.get("kept", True)]
                 if vol.role is Role.PROMOTED:
@@ -3863,7 +3869,7 @@ class VolumeStore:
                 for off in range(start, end, IO_BLOCK):
                     n = min(IO_BLOCK, end - off)
                     data = self.read_at(vol, pr["point_seq"], off, n)
-                    with self.apply_lock:
+                    with self.store.apply_lock:
                         if data is None:
                             write_zeroes(vol.fd, off, n)
                         else:
@@ -3871,9 +3877,9 @@ class VolumeStore:
                         vol.sums.note(vol.fd, off, n)
                     done += n
             os.fdatasync(vol.fd)
-            with self.apply_lock:
+            with self.store.apply_lock:
                 vol.sums.flush()
-            with self.apply_lock:
+            with self.store.apply_lock:
                 vol.undo = [u for u in vol.undo if not lo <= u.seq <= hi]
             pr["rolled_back"] = True
             vol.update(promotions=promos, state=VolState.CONSISTENT.value, pending_plan=None)
@@ -3904,6 +3910,162 @@ class VolumeStore:
         return written
 
 
+# ---------------------------------------------------------------------------
+# Storage faults
+
+
+class StorageFaults:
+    """The store's fault handling: damage at rest, a journal that refused
+    records, and rot in a replica (PROTOCOL.md RP-10, RP-11).
+
+    ``handle_damage`` runs at open, on the damage the journal and undo log
+    scans found: each volume a lost record may have touched owes a VERIFY
+    against its agent, and the damaged segment is copied to quarantine.  The
+    storage watcher thread polls with backoff while the journal refuses
+    records (disk full, I/O error); once the disk has room, ``try_reopen``
+    lets the journal take records again and calls ``on_reopened`` (the hub
+    ends each refused connection with GOODBYE).  ``writable`` says whether
+    the store takes records and metadata now.  When a replica read or the
+    ``scrub`` finds a chunk whose checksum differs, ``replica_damaged`` makes
+    the volume owe a VERIFY, refuses its points from then until the VERIFY
+    ends, and calls ``on_damaged`` (the hub starts the VERIFY now if the
+    volume's agent is attached).
+
+    Threads::
+
+        handle_damage        main (``VolumeStore.open``, before any thread starts)
+        start, stop          main (``VolumeStore.start``, ``close``)
+        try_reopen           storage-watch
+        scrub                scrub; takes the store's apply_lock
+        replica_damaged      any thread (a ``read_at``, or scrub); writes metadata.json
+        writable             any thread
+    """
+
+    def __init__(self, store: VolumeStore):
+        self.store = store
+        self.journal = store.journal
+        self.health = store.health
+        self.on_reopened = None   # the hub's callback: resync what was refused
+        self.on_damaged = None    # the hub's callback: verify a volume with rot
+        self.watcher: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.watcher = threading.Thread(target=self._watch_loop, name="storage-watch",
+                                        daemon=True)
+        self.watcher.start()
+
+    def stop(self) -> None:
+        """Join the watcher (the store's ``stop_event`` is set)."""
+        if self.watcher:
+            self.watcher.join(timeout=5)
+
+    def handle_damage(self) -> None:
+        """Damage at rest found by the scans (SegmentLog._damaged), first seen now:
+        each volume a lost journal record may have touched is verified against
+        its agent at the next ATTACH, and if the replica never got the record,
+        its points from there until that verify ends are not offered.  Then
+        the segment is copied aside, which marks the damage as handled."""
+        for damage in self.journal.log.damage:
+            if not damage["new"]:
+                continue
+            lost = [(seq, vid) for seq, vid, d in self.journal.lost if d is damage]
+            if any(vid is None for _, vid in lost) or not lost:
+                touched = list(self.store.volumes.values())
+            else:
+                touched = [self.store.by_id[vid] for _, vid in lost if vid in self.store.by_id]
+            first = min((seq for seq, _ in lost), default=self.journal.last_seq + 1)
+            for vol in touched:
+                if not vol.meta["full_synced"]:
+                    continue   # its FULL sync is still owed anyway
+                spans = [list(x) for x in vol.meta.get("resyncs", [])]
+                if first > self.store.applier.applied_seq and not (spans and spans[-1][1] is None):
+                    spans.append([first - 1, None])
+                vol.update(state=VolState.SYNCING.value, pending_plan="VERIFY", resyncs=spans)
+                log.error("volume %s: journal damage may have lost its record(s) %s; it is "
+                          "verified against its agent at the next ATTACH", vol.name,
+                          ", ".join(str(seq) for seq, _ in lost) or "(none known)")
+            self.journal.log.quarantine(damage)
+        for damage in self.store.undo_log.damage:
+            if damage["new"]:
+                self.store.undo_log.quarantine(damage)
+
+    def _watch_loop(self) -> None:
+        """Storage watcher thread: reopen a journal that refused records, once its
+        file system has room again (polled with backoff)."""
+        retry = FAULT_RETRY_MIN
+        while not self.store.stop_event.wait(retry):
+            if self.writable() or self.journal.failed:
+                retry = FAULT_RETRY_MIN
+                continue
+            retry = min(retry * 2, FAULT_RETRY_MAX)
+            if self.try_reopen():
+                retry = FAULT_RETRY_MIN
+
+    def writable(self) -> bool:
+        """Can the store take records and metadata now?"""
+        return (self.health.journal_fault() is None and not self.journal.failed
+                and not self.health.active(Fault.METADATA_IO))
+
+    def try_reopen(self) -> bool:
+        """Take records and metadata again if the disk has room and the journal's
+        last segment ends with a whole record (watcher thread).  A write that
+        still fails marks the store degraded again."""
+        st = os.statvfs(self.journal.log.dir)
+        free = st.f_bavail * st.f_frsize
+        needed = min(RESUME_FREE_BYTES, st.f_blocks * st.f_frsize // 16)
+        if free < needed:
+            log.debug("storage still full: %s free, %s needed", fmt_bytes(free),
+                      fmt_bytes(needed))
+            return False
+        try:
+            self.journal.resume()
+        except OSError as err:
+            log.debug("journal segment still cannot be cut back: %s", err)
+            return False
+        for volume in self.health.active(Fault.METADATA_IO):
+            self.health.clear(Fault.METADATA_IO, volume)
+        if self.on_reopened is not None:
+            self.on_reopened()
+        return True
+
+    # -- rot at rest: checksums and the scrub -----------------------------------------
+
+    def replica_damaged(self, vol: Volume, chunks: list[int]) -> None:
+        """Rot found in ``vol``'s replica (a read or the scrub; any thread): the
+        volume owes a VERIFY against its agent, which rewrites what differs;
+        until it ends no point after now is offered, and reads of the damaged
+        chunks fail rather than return rot."""
+        self.health.fail(Fault.REPLICA_DAMAGED, f"{len(chunks)} chunk(s) of {CHECK_CHUNK} "
+                         f"bytes fail their checksum, first at byte {chunks[0] * CHECK_CHUNK}",
+                         vol.name)
+        if vol.meta["full_synced"] and vol.meta.get("pending_plan") != "VERIFY":
+            try:
+                self.store.window.resync_begins(vol)
+                vol.update(state=VolState.SYNCING.value, pending_plan="VERIFY")
+            except JournalRefused as err:
+                log.error("volume %s: cannot record that it needs a verify: %s", vol.name, err)
+        if self.on_damaged is not None:
+            self.on_damaged(vol)
+
+    def scrub(self, vol: Volume, rate: RateLimiter, stop: threading.Event) -> dict:
+        """Read the whole replica and check it against its checksums (scrub thread)."""
+        started, bad = time.monotonic(), []
+        for off in range(0, vol.size, IO_BLOCK):
+            if stop.is_set():
+                break
+            n = min(IO_BLOCK, vol.size - off)
+            rate.acquire(n, stop)
+            with self.store.apply_lock:
+                if next(data_extents(vol.fd, off, n), None) is None:
+                    continue
+                bad += vol.sums.bad_chunks(os.pread(vol.fd, n, off), off // CHECK_CHUNK)
+        if bad:
+            self.replica_damaged(vol, bad)
+        result = dict(volume=vol.name, time=fmt_time_ns(time.time_ns()), damaged_chunks=len(bad),
+                      seconds=round(time.monotonic() - started, 3), complete=not stop.is_set())
+        log.log(logging.ERROR if bad else logging.INFO, "scrub of %s: %s in %.1f s", vol.name,
+                f"{len(bad)} damaged chunks" if bad else "no damage", result["seconds"])
+        return result
 
 
 # ---------------------------------------------------------------------------
@@ -3982,8 +4144,8 @@ class Roles:
                  else "no newer journal entry to set aside")
         if not j.wait_durable(last, timeout=60):
             raise p.RequestError("journal not durable", code=p.ErrorCode.IO_ERROR)
-        store.wait_applied(last)
-        store.roll_back(vol)
+        store.applier.wait_applied(last)
+        store.window.roll_back(vol)
         return dict(volume=vol.name, point=point, seq=seq, set_aside_from=seq + 1,
                     set_aside_to=last, time=fmt_time_ns(pr["time_ns"]))
 
@@ -4077,7 +4239,7 @@ class SyncJob(Requester, threading.Thread):
         if self.finished or self.stop_event.is_set():
             return False
         if extents and self.online and not self.repair and self.vol.meta["full_synced"]:
-            self.opened_resync |= self.store.resync_begins(self.vol)
+            self.opened_resync |= self.store.window.resync_begins(self.vol)
         if extents:
             self.extra.extend(extents)
             self.bytes_total += sum(n for _, n in extents)
@@ -4303,7 +4465,7 @@ class SyncJob(Requester, threading.Thread):
             vol.update(state=VolState.INCONSISTENT.value, pending_plan="FULL")
         else:
             if vol.meta["full_synced"]:  # points from here on are not crash-consistent
-                self.store.resync_begins(vol)
+                self.store.window.resync_begins(vol)
             vol.update(state=(VolState.SYNCING if vol.meta["full_synced"]
                               else VolState.INCONSISTENT).value,
                        pending_plan="VERIFY" if "VERIFY" in (
@@ -4425,7 +4587,7 @@ class SyncJob(Requester, threading.Thread):
                 pending += 1
             msg, barrier = self.answer()
             pending -= 1
-            data = self.store.read_at(self.vol, barrier, msg.offset, msg.length, check=False)
+            data = self.store.window.read_at(self.vol, barrier, msg.offset, msg.length, check=False)
             differ, same = [], []
             for i, digest in enumerate(msg.digests):
                 c_off = msg.offset + i * chunk
@@ -4473,10 +4635,10 @@ class SyncJob(Requester, threading.Thread):
             log.info("verify of %s done: %d differing ranges (%s), nothing repaired", vol.name,
                      len(self.differing), fmt_bytes(sum(n for _, n in self.differing)))
             if self.opened_resync:   # the regions the agent reported meanwhile are in
-                self.store.resync_ends(vol)
+                self.store.window.resync_ends(vol)
             self.completed = True
             return
-        self.store.resync_ends(vol)
+        self.store.window.resync_ends(vol)
         self.store.health.clear(Fault.REPLICA_DAMAGED, vol.name)
         changes = dict(state=VolState.CONSISTENT.value, pending_plan=None, full_synced=True)
         if not vol.meta["full_synced"]:
@@ -4512,7 +4674,7 @@ class SyncJob(Requester, threading.Thread):
 #
 # An agent in recovery mode opens a session on a volume at a point
 # (RECOVER_OPEN) and forwards its recovery VM's IO as RREAD/RWRITE/RFLUSH.
-# TEST: reads are the volume at the point (``VolumeStore.read_at``) with the
+# TEST: reads are the volume at the point (``RecoveryWindow.read_at``) with the
 # session's own writes laid over them from an ``Overlay``; the journal and the
 # replica never see a test write, and the overlay is deleted at RECOVER_CLOSE,
 # at the end of the connection, and (leftovers of a killed hub) at start.
@@ -4571,7 +4733,8 @@ class Overlay:
         self.extents[i:j] = new
         self.starts[i:j] = [e[0] for e in new]
 
-    def lay_over(self, base: bytes | None, offset: int, length: int) -> bytes | None:
+    def lay_over(self, base: memoryview | None, offset: int,
+                 length: int) -> bytes | memoryview | None:
         """``base`` (None: zeroes) with the session's writes applied; None if all zero."""
         end = offset + length
         i, j = self._span(offset, end)
@@ -4615,8 +4778,8 @@ class RecoverySession:
         self.overlay = overlay
         self.writes = 0
 
-    def read(self, offset: int, length: int) -> bytes | None:
-        data = self.store.read_at(self.vol, self.read_seq, offset, length)
+    def read(self, offset: int, length: int) -> bytes | memoryview | None:
+        data = self.store.window.read_at(self.vol, self.read_seq, offset, length)
         return self.overlay.lay_over(data, offset, length) if self.overlay else data
 
     def write(self, offset: int, length: int, data, payload_crc=None) -> int:
@@ -4984,7 +5147,7 @@ class Failback(Requester):
                     length=n, chunk_size=chunk), (off, n)))
             req, msg, barrier = self.wait(list(outstanding), "CHECKSUM_QUERY", p.Checksums)
             outstanding.discard(req)
-            data = self.store.read_at(self.vol, barrier, msg.offset, msg.length)
+            data = self.store.window.read_at(self.vol, barrier, msg.offset, msg.length)
             for i, digest in enumerate(msg.digests):
                 c_off = msg.offset + i * chunk
                 c_len = min(chunk, msg.offset + msg.length - c_off)
@@ -5095,11 +5258,11 @@ class Failback(Requester):
         last = j.fence(fence)
         self.set_phase(FailbackPhase.APPLYING, "recovery session fenced: its writes are "
                        "refused from now on")
-        self.store.pin(last)
+        self.store.window.pin(last)
         try:
             if not j.wait_durable(last, timeout=FAILBACK_ANSWER_TIMEOUT):
                 self.fail(f"the journal did not become durable up to seq {last}")
-            self.store.wait_applied(last, timeout=FAILBACK_ANSWER_TIMEOUT)
+            self.store.applier.wait_applied(last, timeout=FAILBACK_ANSWER_TIMEOUT)
             aside, recovery, _ = self.journal_regions(last)  # the newest writes included
             self.delta = self.merged_delta(aside, recovery)
             self.total_bytes, self.done_bytes = extent_bytes(self.delta), 0
@@ -5110,7 +5273,7 @@ class Failback(Requester):
             while todo or outstanding:
                 while todo and len(outstanding) < FAILBACK_WINDOW:
                     off, k = todo.popleft()
-                    data = self.store.read_at(vol, last, off, k)
+                    data = self.store.window.read_at(vol, last, off, k)
                     req = self.conn.requests.new_id()
                     put = (p.Put(request_id=req, volume=vol.id, offset=off, length=k,
                                  flags=p.FLAG_ZERO) if data is None else
@@ -5121,7 +5284,7 @@ class Failback(Requester):
                 self.done_bytes += outstanding.pop(req)
                 self.progress()
         finally:
-            self.store.pin(last, -1)
+            self.store.window.pin(last, -1)
 
     def finish(self) -> None:
         """Every PUT is ACKed: FAILBACK_END(DONE); its ACK returns the role (in the
@@ -5333,7 +5496,7 @@ class ControlServer:
             raise p.RequestError(f"no volume named {req['volume']!r}",
                                  code=p.ErrorCode.NO_SUCH_VOLUME)
         if cmd == "points":
-            return store.points(vol)
+            return store.window.points(vol)
         if cmd == "checkpoint":
             return self.hub.checkpoint(vol.name, req["name"])
         if cmd == "verify":
@@ -5374,7 +5537,7 @@ class ControlServer:
 
 def export_volume(store: VolumeStore, vol: Volume, at: str, output: str, progress=None,
                   set_aside: bool = False) -> dict:
-    seq, t_ns = store.resolve_point(vol, at, set_aside=set_aside)
+    seq, t_ns = store.window.resolve_point(vol, at, set_aside=set_aside)
     last = [0.0]
 
     def report(done, total):
@@ -5383,9 +5546,9 @@ def export_volume(store: VolumeStore, vol: Volume, at: str, output: str, progres
             last[0] = now
             progress(done, total)
     if set_aside:
-        written = store.export_set_aside(vol, seq, output, report)
+        written = store.window.export_set_aside(vol, seq, output, report)
     else:
-        written = store.export(vol, seq, output, report)
+        written = store.window.export(vol, seq, output, report)
     log.info("exported %s at %s (seq %d) to %s: %s of data", vol.name, at, seq, output,
              fmt_bytes(written))
     return dict(volume=vol.name, point=at, seq=seq, time=fmt_time_ns(t_ns), output=output,
@@ -5569,7 +5732,7 @@ def open_offline(data_dir: str) -> VolumeStore:
         raise CommandError(f"no data directory {data_dir}")
     store = VolumeStore(data_dir)
     store.open()
-    store.replay()
+    store.applier.replay()
     return store
 
 
@@ -5669,7 +5832,7 @@ def through_hub_or_store(args, req: dict, offline, **request_options):
 
 def cmd_points(args) -> int:
     pt = through_hub_or_store(args, {"cmd": "points", "volume": args.volume},
-                              lambda store, vol: store.points(vol))
+                              lambda store, vol: store.window.points(vol))
     print(json.dumps(pt, indent=1) if args.json else format_points(pt))
     return 0
 
@@ -5710,7 +5873,7 @@ def cmd_export(args) -> int:
 def cmd_promote(args) -> int:
     """Promote a volume at a point: through the running hub, or offline."""
     def offline(store, vol):
-        seq, _ = store.resolve_point(vol, args.at)
+        seq, _ = store.window.resolve_point(vol, args.at)
         return store.roles.promote(vol, seq, args.at)
 
     res = through_hub_or_store(args, {"cmd": "promote", "volume": args.volume, "at": args.at},

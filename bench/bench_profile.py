@@ -360,7 +360,7 @@ def install_hub_timers(probe: Probe) -> None:
             finally:
                 probe.applies.append((t, now()))
         return f
-    wrap(rephub.VolumeStore, "_apply_batch", apply_batch)
+    wrap(rephub.Applier, "_apply_batch", apply_batch)
 
     def send_message(orig):
         def f(sock, msg):

@@ -205,10 +205,10 @@ class Scene:
         fa.vid = vid
         return fa
 
-    def hub_volume(self) -> bytes:
+    def hub_volume(self) -> memoryview | bytes:
         store = self.hub.store
-        seq, _ = store.resolve_point(self.vol, "latest")
-        return store.read_at(self.vol, seq, 0, SIZE) or bytes(SIZE)
+        seq, _ = store.window.resolve_point(self.vol, "latest")
+        return store.window.read_at(self.vol, seq, 0, SIZE) or bytes(SIZE)
 
 
 def run_failback(hub, confirm=True, on_report=None, to="a1"):
@@ -338,9 +338,9 @@ def test_failback_happy_path(hubenv):
     assert fb["agent"] == "a1" and fb["delta_bytes"] == res["delta_bytes"]
     assert fb["late_writes"]["bytes"] == sum(n for _, n, _ in LATE) and fb["late_writes_dir"] == d
     assert all(pr["kept"] for pr in meta["promotions"])
-    seq, _ = hub.store.resolve_point(sc.vol, "aside", set_aside=True)
+    seq, _ = hub.store.window.resolve_point(sc.vol, "aside", set_aside=True)
     out = os.path.join(os.path.dirname(hub.store.dir), "aside.raw")
-    hub.store.export_set_aside(sc.vol, seq, out)
+    hub.store.window.export_set_aside(sc.vol, seq, out)
     assert open(out, "rb").read() == sc.aside_state
     vst = hub.status()["volumes"][0]
     assert vst["role"] == "protected" and vst["failback"]["phase"] == "done"
@@ -513,7 +513,7 @@ def test_failback_cli(hubenv):
     sc = Scene(hub, secrets)
     # Released set-aside entries stay while the volume is promoted: the delta needs them.
     hub.store.roles.release_set_aside(sc.vol)
-    assert hub.store.pin_floor() == sc.vol.meta["promotions"][-1]["point_seq"]
+    assert hub.store.window.pin_floor() == sc.vol.meta["promotions"][-1]["point_seq"]
     fa = sc.come_back()
 
     def cli(*argv):
@@ -537,7 +537,7 @@ def test_failback_cli(hubenv):
         assert bytes(fa.volumes[fa.vid].buf) == bytes(sc.model)
         out = cli("--yes")
         assert out.returncode == 1 and "not promoted: nothing to fail back" in out.stderr
-        assert hub.store.pin_floor() is None  # protected again, entries released
+        assert hub.store.window.pin_floor() is None  # protected again, entries released
     finally:
         fa.close()
 

@@ -44,7 +44,7 @@ def connect(hub, secrets_by_id, agent="a1") -> TestAgent:
 
 
 def replica_bytes(hub, name: str) -> bytes:
-    hub.store.wait_applied(hub.store.journal.durable_seq)
+    hub.store.applier.wait_applied(hub.store.journal.durable_seq)
     with open(os.path.join(hub.store.dir, "volumes", name, "replica"), "rb") as f:
         return f.read()
 
@@ -387,7 +387,7 @@ def test_a_request_id_still_outstanding_closes_the_connection(hubenv):
             log.do_sync = do_sync
         assert agent.closed.wait(20), "a reused outstanding id ends the connection"
         assert 7000 not in agent.replies, "no ACK follows the ERROR: it could be either's"
-    hub.store.wait_applied(hub.store.journal.durable_seq)
+    hub.store.applier.wait_applied(hub.store.journal.durable_seq)
     assert replica_bytes(hub, "reuse")[12288:16384] == bytes(4096), \
         "the frame that reused id 7000 was applied"
 
@@ -428,8 +428,8 @@ def test_zero_frees_the_replicas_space_and_keeps_the_point_before(hubenv, monkey
         else:
             assert freed == 0
         vol = hub.store.volume("z")
-        seq, _ = hub.store.resolve_point(vol, "before")
-        assert hub.store.read_at(vol, seq, MiB, 2 * MiB) == data[MiB:3 * MiB]
+        seq, _ = hub.store.window.resolve_point(vol, "before")
+        assert hub.store.window.read_at(vol, seq, MiB, 2 * MiB) == data[MiB:3 * MiB]
 
 
 def test_stale_read_reply_would_be_caught(hubenv):
@@ -573,10 +573,11 @@ def test_unsolicited_dirty_map_is_resynced(hubenv):
         assert [(r.offset, r.length) for r in agent.reads[n:]] == [(MiB, 65536)]
         wait_until(lambda: vol.sync is None, 10)
         with pytest.raises(p.RequestError, match="inside a resync"):
-            hub.store.resolve_point(vol, "during")
+            hub.store.window.resolve_point(vol, "during")
         agent.expect_ack(agent.checkpoint("after"))
+        window = hub.store.window
         for point in ("before", "after"):
-            assert hub.store.seq_problem(vol, hub.store.resolve_point(vol, point)[0]) is None
+            assert window.seq_problem(vol, window.resolve_point(vol, point)[0]) is None
         assert replica_bytes(hub, "ud") == bytes(mv.buf)
 
 
@@ -603,9 +604,10 @@ def test_unsolicited_dirty_map_during_a_report_only_verify(hubenv):
         assert result is not None
         assert [(r.offset, r.length) for r in agent.reads[n:]] == [(2 * MiB, 65536)]
         with pytest.raises(p.RequestError, match="inside a resync"):
-            hub.store.resolve_point(vol, "during")
+            hub.store.window.resolve_point(vol, "during")
         agent.expect_ack(agent.checkpoint("after"))
-        assert hub.store.seq_problem(vol, hub.store.resolve_point(vol, "after")[0]) is None
+        window = hub.store.window
+        assert window.seq_problem(vol, window.resolve_point(vol, "after")[0]) is None
         assert replica_bytes(hub, "uv") == bytes(mv.buf)
 
 
@@ -656,7 +658,7 @@ def test_checkpoints_points_and_export(hubenv, tmp_path):
         agent.expect_ack(agent.write(vid, 0, b"\x09" * 4096))
         images["latest"] = bytes(mv.buf)
     vol = hub.store.volume("pt")
-    pts = hub.store.points(vol)
+    pts = hub.store.window.points(vol)
     assert [c["name"] for c in pts["checkpoints"]] == ["phase0", "phase1", "phase2"]
     for point, image in images.items():
         out = str(tmp_path / f"{point}.img")
@@ -667,20 +669,20 @@ def test_checkpoints_points_and_export(hubenv, tmp_path):
     # exactly; one ns earlier is the record before it (RC-8).
     cp1 = pts["checkpoints"][1]
     assert p.parse_point_time(cp1["time"]) == cp1["time_ns"]
-    seq, _ = hub.store.resolve_point(vol, cp1["time"])
+    seq, _ = hub.store.window.resolve_point(vol, cp1["time"])
     assert seq == cp1["seq"]
-    seq, _ = hub.store.resolve_point(vol, p.format_point_time(cp1["time_ns"] - 1))
+    seq, _ = hub.store.window.resolve_point(vol, p.format_point_time(cp1["time_ns"] - 1))
     assert seq < cp1["seq"]
     with pytest.raises(rephub.PointError):
-        hub.store.resolve_point(vol, "no-such-checkpoint")
+        hub.store.window.resolve_point(vol, "no-such-checkpoint")
     with pytest.raises(rephub.PointError):
-        hub.store.resolve_point(vol, "2000-01-01T00:00:00Z")
+        hub.store.window.resolve_point(vol, "2000-01-01T00:00:00Z")
     for other_grammar in ("2026-11-25T18:00:00+00:00", "2026-11-25 18:00:00Z",
                           "2026-11-25T18:00:00", "2026-11-25t18:00:00z"):
         with pytest.raises(rephub.PointError, match="RFC 3339"):
-            hub.store.resolve_point(vol, other_grammar)
+            hub.store.window.resolve_point(vol, other_grammar)
     with pytest.raises(rephub.PointError, match="day is out of range"):
-        hub.store.resolve_point(vol, "2026-02-30T00:00:00Z")
+        hub.store.window.resolve_point(vol, "2026-02-30T00:00:00Z")
     # Through the CLI and the control socket.
     out = str(tmp_path / "cli.img")
     res = subprocess.run([sys.executable, REPHUB, "export", "--data", hub.store.dir, "pt",
@@ -731,7 +733,7 @@ def test_retention_drops_old_segments_and_refuses_points_outside(tmp_path):
         wait_until(lambda: hub.store.journal.first_seq > 5, 10, "segments dropped")
         vol = hub.store.volume("r")
         with pytest.raises(rephub.PointError):
-            hub.store.resolve_point(vol, "early")
+            hub.store.window.resolve_point(vol, "early")
         out = str(tmp_path / "r.img")
         rephub.export_volume(hub.store, vol, "latest", out)
         with open(out, "rb") as f:

@@ -39,7 +39,7 @@ class RefusingAgent(TestAgent):
 
 
 def replica(hub, name: str) -> bytes:
-    hub.store.wait_applied(hub.store.journal.durable_seq)
+    hub.store.applier.wait_applied(hub.store.journal.durable_seq)
     with open(os.path.join(hub.store.dir, "volumes", name, "replica"), "rb") as f:
         return f.read()
 
@@ -75,11 +75,11 @@ def test_an_aborted_dirty_resync_is_never_declared_done(hub_a1, code):
                    "the DIRTY plan to be redone in full")
         assert vol.state == rephub.VolState.SYNCING, "declared consistent after an abort"
         with pytest.raises(p.RequestError, match="is resyncing") as info:
-            hub.store.resolve_point(vol, "latest")
+            hub.store.window.resolve_point(vol, "latest")
         assert info.value.code == p.ErrorCode.INCONSISTENT
         assert "the newest consistent point is seq" in str(info.value)
-        assert "latest: not recoverable now" in rephub.format_points(hub.store.points(vol))
-        problem = hub.store.seq_problem(vol, hub.store.journal.durable_seq)
+        assert "latest: not recoverable now" in rephub.format_points(hub.store.window.points(vol))
+        problem = hub.store.window.seq_problem(vol, hub.store.journal.durable_seq)
         assert "inside a resync" in problem and "newest consistent point before it" in problem
 
     # A working agent finishes it: now, and only now, consistent and identical.
@@ -91,8 +91,8 @@ def test_an_aborted_dirty_resync_is_never_declared_done(hub_a1, code):
         wait_until(lambda: vol.state == rephub.VolState.CONSISTENT and vol.sync is None, 20,
                    "the resync")
     assert replica(hub, "v") == bytes(mv.buf)
-    hub.store.resolve_point(vol, "latest")
-    assert "latest: recoverable" in rephub.format_points(hub.store.points(vol))
+    hub.store.window.resolve_point(vol, "latest")
+    assert "latest: recoverable" in rephub.format_points(hub.store.window.points(vol))
 
 
 def test_checkpoint_names_are_unique(hub_a1):

@@ -201,10 +201,10 @@ def private_site():
                 agent.expect_ack(agent.write(vid, 0, os.urandom(65536)))
             agent.expect_ack(agent.checkpoint("cp1"))
             agent.flush()
-        hub.store.wait_applied(hub.store.journal.durable_seq)
+        hub.store.applier.wait_applied(hub.store.journal.durable_seq)
         vol = hub.store.volume("vol0")
         export = base / "vol0.img"
-        hub.store.export(vol, hub.store.journal.durable_seq, str(export))
+        hub.store.window.export(vol, hub.store.journal.durable_seq, str(export))
         data = Path(hub.store.dir)
         paths = dict(base=base, data=data, agents=agents, secret=secret_file, export=export,
                      control=data / rephub.CONTROL_SOCKET)

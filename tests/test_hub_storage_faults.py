@@ -185,7 +185,7 @@ def test_a_full_journal_refuses_degrades_and_recovers(full_hub, caplog):
         with TestAgent(hub.address, "a2", secrets_by_id["a2"]).connect() as other:
             with pytest.raises(AgentError, match="IO_ERROR"):
                 other.attach("w", MemVolume(MiB))
-        assert hub.store.points(hub.store.volume("v"))["volume"] == "v"
+        assert hub.store.window.points(hub.store.volume("v"))["volume"] == "v"
 
         # Every segment holds whole records only.
         for seg in hub.store.journal.log.segments():
@@ -206,7 +206,7 @@ def test_a_full_journal_refuses_degrades_and_recovers(full_hub, caplog):
         assert plan == p.SyncPlan.DIRTY
         wait_until(lambda: hub.store.volume("v").state == rephub.VolState.CONSISTENT
                    and hub.store.volume("v").sync is None, 30, "the resync of refused writes")
-        hub.store.wait_applied(hub.store.journal.durable_seq)
+        hub.store.applier.wait_applied(hub.store.journal.durable_seq)
         with open(os.path.join(hub.store.dir, "volumes", "v", "replica"), "rb") as f:
             assert f.read() == bytes(vol.buf), "replica differs from the agent's disk"
     assert not [r for r in caplog.records if r.exc_info], "a traceback in the hub log"
@@ -251,10 +251,10 @@ def test_a_failing_replica_write_degrades_and_resumes(tmp_path, monkeypatch):
                 agent.expect_ack(agent.write(vid, i * 65536, bytes([i + 1]) * 65536))
             wait_until(lambda: "replica I/O error" in {
                 d["fault"] for d in hub.status()["degraded"]}, 20, "replica fault reported")
-            assert hub.store.applied_seq < hub.store.journal.durable_seq
+            assert hub.store.applier.applied_seq < hub.store.journal.durable_seq
             failing[0] = False
             wait_until(lambda: not hub.status()["degraded"]
-                       and hub.store.applied_seq == hub.store.journal.durable_seq, 30,
+                       and hub.store.applier.applied_seq == hub.store.journal.durable_seq, 30,
                        "the applier to resume")
             with open(os.path.join(hub.store.dir, "volumes", "v", "replica"), "rb") as f:
                 assert f.read() == bytes(vol.buf)
@@ -328,7 +328,7 @@ def test_bit_rot_in_the_middle_of_the_journal(tmp_path, applied, caplog):
         assert os.stat(os.path.dirname(copy)).st_mode & 0o777 == 0o700
         v = store.volume("v")
         assert v.meta["pending_plan"] == "VERIFY" and v.state == rephub.VolState.SYNCING
-        latest_problem = store.seq_problem(v, last_seq)
+        latest_problem = store.window.seq_problem(v, last_seq)
         assert (latest_problem is None) == applied, latest_problem
         assert "DAMAGED at rest" in rephub.format_status(hub.status())
 
@@ -337,10 +337,10 @@ def test_bit_rot_in_the_middle_of_the_journal(tmp_path, applied, caplog):
             assert plan == p.SyncPlan.VERIFY
             wait_until(lambda: v.state == rephub.VolState.CONSISTENT and v.sync is None, 30,
                        "the verify to converge")
-        store.wait_applied(store.journal.durable_seq)
+        store.applier.wait_applied(store.journal.durable_seq)
         with open(os.path.join(data_dir, "volumes", "v", "replica"), "rb") as f:
             assert f.read() == bytes(vol.buf)
-        assert store.seq_problem(v, store.journal.last_seq) is None
+        assert store.window.seq_problem(v, store.journal.last_seq) is None
     finally:
         hub.shutdown(grace=5)
     assert not [r for r in caplog.records if r.exc_info], "a traceback in the hub log"
@@ -374,11 +374,11 @@ def test_replica_rot_is_never_served_and_is_resynced(tmp_path, found_by, caplog)
             vol = hub.store.volume("v")
             wait_until(lambda: vol.state == rephub.VolState.CONSISTENT and vol.sync is None, 20,
                        "the initial sync")
-            hub.store.wait_applied(hub.store.journal.durable_seq)
+            hub.store.applier.wait_applied(hub.store.journal.durable_seq)
             rot(data_dir, "v", 5 * 65536 + 100)
             if found_by == "read":
                 with pytest.raises(rephub.ReplicaDamaged):
-                    hub.store.read_at(vol, hub.store.journal.durable_seq, 5 * 65536, 4096)
+                    hub.store.window.read_at(vol, hub.store.journal.durable_seq, 5 * 65536, 4096)
             wait_until(lambda: "replica damaged" in {d["fault"] for d in vol.health.report("v")}
                        or vol.last_sync and vol.last_sync["plan"] == "VERIFY", 20,
                        "the damage to be found")
@@ -386,7 +386,7 @@ def test_replica_rot_is_never_served_and_is_resynced(tmp_path, found_by, caplog)
                        and vol.sync is None and vol.state == rephub.VolState.CONSISTENT, 30,
                        "the verify to repair it")
             assert not vol.health.report("v"), vol.health.report("v")
-            got = hub.store.read_at(vol, hub.store.journal.durable_seq, 0, 2 * MiB)
+            got = hub.store.window.read_at(vol, hub.store.journal.durable_seq, 0, 2 * MiB)
             assert got == bytes(mv.buf)
             if found_by == "scrub":
                 assert "scrub of v: 1 damaged chunks" in caplog.text

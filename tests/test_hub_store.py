@@ -1,7 +1,8 @@
 """rephub's VolumeStore without a server: journal replay, undo log, points in time.
 
-These drive the store API that recovery builds on (append_data, wait_applied,
-read_at, resolve_point) across close and reopen.
+These drive the store API that recovery builds on (append_data,
+applier.wait_applied, window.read_at, window.resolve_point) across close and
+reopen.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def test_read_at_walks_undo_back_across_a_reopen(tmp_path):
     seqs.append(durable(store, store.append_data(vol, 4096, 8192, b"B" * 8192)))
     seqs.append(durable(store, store.append_data(vol, 0, 4096, None)))  # ZERO over data
     seqs.append(durable(store, store.append_data(vol, MiB - 4096, 4096, b"C" * 4096)))
-    store.wait_applied(seqs[-1])
+    store.applier.wait_applied(seqs[-1])
     store.close()
 
     store = open_store(tmp_path)
@@ -65,12 +66,36 @@ def test_read_at_walks_undo_back_across_a_reopen(tmp_path):
                   bytes(4096) + b"B" * 8192,
                   bytes(4096) + b"B" * 8192]
         for seq, image in zip(seqs, expect):
-            assert store.read_at(vol, seq, 0, 12288) == image, seq
-        assert store.read_at(vol, seqs[0] - 1, 0, 12288) is None  # before any write: zeroes
-        assert store.read_at(vol, seqs[2], MiB - 4096, 4096) is None
-        assert store.read_at(vol, seqs[3], MiB - 4096, 4096) == b"C" * 4096
+            assert store.window.read_at(vol, seq, 0, 12288) == image, seq
+        assert store.window.read_at(vol, seqs[0] - 1, 0, 12288) is None  # before any write: zeroes
+        assert store.window.read_at(vol, seqs[2], MiB - 4096, 4096) is None
+        assert store.window.read_at(vol, seqs[3], MiB - 4096, 4096) == b"C" * 4096
         with pytest.raises(p.OutOfRange):
-            store.read_at(vol, seqs[3], MiB - 4096, 8192)
+            store.window.read_at(vol, seqs[3], MiB - 4096, 8192)
+    finally:
+        store.close()
+
+
+def test_read_at_answers_a_view_and_copies_only_to_lay_undo_over(tmp_path):
+    """No undo record applies: a view of the bytes the replica's pread returned;
+    one applies: a view of the copy it was laid over.  Either way a range that
+    reads as zeroes is None, although the chunk read around it holds data."""
+    store = open_store(tmp_path)
+    try:
+        vol = store.create_volume("v", MiB, 65536, "a1", bytes(16))
+        first = durable(store, store.append_data(vol, 0, 4096, b"A" * 4096))
+        durable(store, store.append_data(vol, 4096, 4096, bytes(4096)))  # zeroes, as data
+        last = durable(store, store.append_data(vol, 8192, 4096, b"B" * 4096))
+        store.applier.wait_applied(last)
+        got = store.window.read_at(vol, last, 0, 12288)
+        assert isinstance(got, memoryview) and isinstance(got.obj, bytes)
+        assert got == b"A" * 4096 + bytes(4096) + b"B" * 4096
+        assert store.window.read_at(vol, last, 4096, 4096) is None
+        assert store.window.read_at(vol, last, 4096, 4097) == bytes(4096) + b"B"
+        older = store.window.read_at(vol, first, 0, 12288)
+        assert isinstance(older, memoryview) and isinstance(older.obj, bytearray)
+        assert older == b"A" * 4096 + bytes(8192)
+        assert store.window.read_at(vol, first, 4096, 8192) is None   # undone: zeroes again
     finally:
         store.close()
 
@@ -85,7 +110,7 @@ def test_unapplied_records_are_replayed_on_open(tmp_path):
     store = open_store(tmp_path)
     try:
         vol = store.volume("v")
-        store.wait_applied(rec.seq)
+        store.applier.wait_applied(rec.seq)
         with open(os.path.join(vol.dir, "replica"), "rb") as f:
             f.seek(65536)
             assert f.read(4096) == b"R" * 4096
@@ -97,7 +122,7 @@ def test_undo_records_after_the_last_commit_are_dropped(tmp_path, caplog):
     store = open_store(tmp_path)
     vol = store.create_volume("v", MiB, 65536, "a1", bytes(16))
     seq = durable(store, store.append_data(vol, 0, 4096, b"x" * 4096))
-    store.wait_applied(seq)
+    store.applier.wait_applied(seq)
     store.close()
     # A batch whose undo was written but never committed (crash before its fdatasync).
     undo_dir = os.path.join(str(tmp_path), "undo")
@@ -124,7 +149,7 @@ def test_corruption_before_the_last_segment_keeps_every_later_record(tmp_path, c
     for i in range(8):
         data = os.urandom(8192)
         payloads[durable(store, store.append_data(vol, i * 8192, 8192, data))] = data
-    store.wait_applied(store.journal.durable_seq)
+    store.applier.wait_applied(store.journal.durable_seq)
     store.close()
     first = sorted(os.listdir(tmp_path / "journal"))[0]
     with open(tmp_path / "journal" / first, "r+b") as f:
@@ -188,7 +213,7 @@ def test_journal_truncated_at_a_random_byte_drops_only_the_torn_record(tmp_path,
         assert "torn tail in" in caplog.text
         assert store.journal.last_seq == recs[-2].seq
         vol = store.volume("v")
-        store.wait_applied(recs[-2].seq)
+        store.applier.wait_applied(recs[-2].seq)
         with open(os.path.join(vol.dir, "replica"), "rb") as f:
             image = f.read()
         for i in range(4):

@@ -99,7 +99,7 @@ def test_points_inside_a_resync_are_refused(hubenv):
         a.expect_ack(a.checkpoint("during"))
         vol = hub.store.volume("rv")
         with pytest.raises(p.RequestError) as err:
-            hub.store.resolve_point(vol, "latest")
+            hub.store.window.resolve_point(vol, "latest")
         assert err.value.code == p.ErrorCode.INCONSISTENT and "resync" in str(err.value)
         b = connect(hub, secrets, "rec")
         try:
@@ -111,13 +111,13 @@ def test_points_inside_a_resync_are_refused(hubenv):
         gate.set()
         wait_until(lambda: synced(hub, "rv"), 20, "the resync")
         a.expect_ack(a.checkpoint("after"))
-        pts = hub.store.points(vol)
+        pts = hub.store.window.points(vol)
         assert [c["name"] for c in pts["checkpoints"]] == ["before", "after"]
         assert [c["name"] for c in pts["unrecoverable"]] == ["during"]
         assert "resync" in pts["unrecoverable"][0]["reason"]
         assert pts["resyncs"] and pts["resyncs"][0]["consistent_from_seq"] is not None
-        seq, _ = hub.store.resolve_point(vol, "after")
-        assert hub.store.read_at(vol, seq, 0, 2 * MiB) == bytes(mv.buf)
+        seq, _ = hub.store.window.resolve_point(vol, "after")
+        assert hub.store.window.read_at(vol, seq, 0, 2 * MiB) == bytes(mv.buf)
         assert "not recoverable" in rephub.format_points(pts)
     finally:
         gate.set()
@@ -213,7 +213,7 @@ def test_interrupted_promotion_is_rolled_back_at_open(hubenv, monkeypatch):
         at_point = bytes(mv.buf)
         a.expect_ack(a.write(vid, 0, b"\x07" * 3 * CHUNK))
         a.expect_ack(a.zero(vid, 5 * CHUNK, CHUNK))
-        monkeypatch.setattr(rephub.VolumeStore, "roll_back",
+        monkeypatch.setattr(rephub.RecoveryWindow, "roll_back",
                             lambda self, vol: (_ for _ in ()).throw(OSError("crash")))
         with pytest.raises(OSError):
             hub.promote("pv", "p")
@@ -233,8 +233,8 @@ def test_interrupted_promotion_is_rolled_back_at_open(hubenv, monkeypatch):
         assert all(pr["rolled_back"] for pr in vol.meta["promotions"])
         with open(os.path.join(vol.dir, "replica"), "rb") as f:
             assert f.read() == at_point
-        seq, _ = store.resolve_point(vol, "latest")
-        assert store.read_at(vol, seq, 0, MiB) == at_point
+        seq, _ = store.window.resolve_point(vol, "latest")
+        assert store.window.read_at(vol, seq, 0, MiB) == at_point
     finally:
         store.close()
     hub.listener = None  # already shut down; the fixture's shutdown is a no-op

@@ -201,7 +201,7 @@ def test_agent_b_cannot_touch_agent_as_volume_with_any_frame(hub):
         mine = MemVolume(MiB, os.urandom(MiB))
         vid = attach_synced(a, hub, "mine", mine)
         a.flush()
-        hub.store.wait_applied(hub.store.journal.durable_seq)
+        hub.store.applier.wait_applied(hub.store.journal.durable_seq)
         before = snapshot(hub)
         replica = Path(hub.store.dir, "volumes", "mine", "replica").read_bytes()
         attempts = [p.Write(request_id=0, volume=vid, offset=0, data=b"B" * 4096),
@@ -221,7 +221,7 @@ def test_agent_b_cannot_touch_agent_as_volume_with_any_frame(hub):
         assert info.value.error.code == p.ErrorCode.NOT_OWNER
         assert "another agent" in info.value.error.message
         b.flush()
-        hub.store.wait_applied(hub.store.journal.durable_seq)
+        hub.store.applier.wait_applied(hub.store.journal.durable_seq)
         # Nothing of B's reached the journal (the applier's own bookkeeping
         # files may appear meanwhile), no volume was added, A's replica is intact.
         after = snapshot(hub)

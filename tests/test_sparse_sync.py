@@ -89,7 +89,7 @@ def sparse_volume(size: int, pieces: int, seed: int = 1) -> tuple[MemVolume, int
 
 def replica(hub, name: str) -> tuple[bytes, int]:
     """The replica's bytes and its allocated size."""
-    hub.store.wait_applied(hub.store.journal.durable_seq)
+    hub.store.applier.wait_applied(hub.store.journal.durable_seq)
     path = os.path.join(hub.store.dir, "volumes", name, "replica")
     with open(path, "rb") as f:
         return f.read(), os.stat(path).st_blocks * 512
