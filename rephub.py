@@ -772,9 +772,9 @@ class Hub:
         """Rot in ``vol``'s replica (any thread): verify it now if its agent is attached
         (it rewrites what differs); else the next ATTACH does (pending VERIFY)."""
         conn = vol.attached_to
-        if conn is not None and vol.id not in conn.demoted and vol.sync is None:
+        if conn is not None and vol.id not in conn.attached.demoted and vol.sync is None:
             try:
-                conn.start_sync(vol, p.SyncPlan.VERIFY)
+                conn.attached.start_sync(vol, p.SyncPlan.VERIFY)
             except (p.ReplicationError, OSError, ConnectionClosed) as err:
                 log.warning("volume %s: verify of the damaged replica not started: %s",
                             vol.name, err)
@@ -825,7 +825,7 @@ class Hub:
             raise p.RequestError(f"no volume named {volume!r}", code=p.ErrorCode.NO_SUCH_VOLUME)
         vol.update(reseed=True)
         with self.conn_lock:
-            refused = [c for c in self.connections if vol.name in c.refused_identity]
+            refused = [c for c in self.connections if vol.name in c.attached.refused_identity]
         for conn in refused:
             conn.abort(f"volume {vol.name} was re-seeded: the agent attaches it again")
         log.warning("volume %s re-seeded by the operator: the next ATTACH of agent %s may bring "
@@ -843,13 +843,13 @@ class Hub:
         if conn is None or conn.closing.is_set():
             raise p.RequestError(f"volume {volume!r} is not attached: its agent is not "
                                  "connected, nothing to compare with", code=p.ErrorCode.BUSY)
-        with vol.attach_lock, conn.sync_lock:
+        with vol.attach_lock, conn.attached.sync_lock:
             if vol.sync is not None and not vol.sync.finished:
                 raise p.RequestError(f"volume {volume!r} is syncing ({vol.sync.plan.name}); "
                                      "verify again once it is done", code=p.ErrorCode.BUSY)
             job = SyncJob(conn, vol, p.SyncPlan.VERIFY, online=True, repair=repair)
             vol.sync = job
-            conn.jobs.add(job)
+            conn.attached.jobs.add(job)
         if repair:
             job.begin()
         log.info("online verify of %s%s starts", vol.name, " with repair" if repair else "")
@@ -980,7 +980,7 @@ class Hub:
                                  code=p.ErrorCode.NOT_OWNER)
         conn = vol.attached_to
         if (conn is None or conn.agent_id != agent_id or conn.closing.is_set()
-                or vol.id not in conn.demoted):
+                or vol.id not in conn.attached.demoted):
             raise p.RequestError(f"agent {agent_id} is not connected with volume {volume} "
                                  "attached DEMOTED: start repagent.py protect --accept-failback "
                                  "... on the original host", code=p.ErrorCode.BAD_PHASE)
@@ -1012,7 +1012,7 @@ class Hub:
                 last_ack=fmt_time_ns(vol.last_ack_ns),
                 undo_records=len(vol.undo), replicated_bytes=vol.journaled_bytes,
                 role=vol.role.value,
-                demoted=vol.attached_to is not None and vol.id in vol.attached_to.demoted,
+                demoted=vol.attached_to is not None and vol.id in vol.attached_to.attached.demoted,
                 degraded=store.health.report(vol.name), last_scrub=vol.last_scrub,
                 failback=vol.failback.status() if vol.failback is not None else None))
         with self.conn_lock:
@@ -1113,11 +1113,7 @@ class AgentConnection:
         setup, handle, finish      conn-HOST:PORT
         recv_frame, handle_error   conn-HOST:PORT (the recv loop)
         set_state, refuse          conn-HOST:PORT
-        track_request, other_disk  conn-HOST:PORT (the recv loop)
-        take_over, attach_demoted  conn-HOST:PORT (ATTACH), under Volume.attach_lock
-        start_sync                 conn-HOST:PORT (ATTACH, DIRTY_MAP), or any thread that found
-                                   rot in the replica (scrub, control-N, sync-VOLUME)
-        detach_volume              conn-HOST:PORT (DETACH, ATTACH elsewhere, the end)
+        track_request              conn-HOST:PORT (the recv loop)
         send, send_error           any thread; takes send_lock
         say_goodbye, abort         any thread (heartbeat, storage-watch, control-N, acker-HOST:PORT)
         ping                       heartbeat
@@ -1135,15 +1131,11 @@ class AgentConnection:
         self.agent_id: str | None = None
         self.send_lock = threading.Lock()
         self.header_buf = bytearray(p.HEADER_SIZE)
-        self.volumes: dict[int, Volume] = {}
+        self.attached = Attachments(self)  # its volumes and their syncs
         self.requests = RequestTable()    # the hub's requests and their owners
         self.outstanding: set[int] = set()  # the agent's requests not answered yet (RP-12)
         self.legal = None                 # after HELLO_REPLY: what the hub takes (check_legal)
-        self.demoted: dict[int, p.Attach] = {}  # volume id -> its DEMOTED ATTACH
-        self.refused_identity: set[str] = set()  # volumes refused for their disk (VO-8)
         self.sealed = False      # GOODBYE, or a protocol error's ERROR, went last (LV-2, ER-1)
-        self.sync_lock = threading.Lock()
-        self.jobs: set[SyncJob] = set()
         self.pings: dict[int, int] = {}
         self.sessions: dict[int, RecoverySession] = {}  # recovery sessions by id
         self.session_ids = itertools.count(1)
@@ -1501,13 +1493,13 @@ class AgentConnection:
         log.error("agent %s: %s; its records are refused from here on, stay marked at the "
                   "agent and are resynced when the hub's storage recovers",
                   self.agent_id, reason)
-        for job in list(self.jobs):
+        for job in list(self.attached.jobs):
             job.give_up(f"the hub's storage is degraded ({reason})")
 
     def finish(self) -> None:
         """Stop syncs, flush ACKs, detach volumes, close (connection thread)."""
         self.set_state(ConnState.CLOSING)
-        for job in list(self.jobs):
+        for job in list(self.attached.jobs):
             job.stop()
         if self.agent_id is not None and self.acker.is_alive():
             self.acker.drain(timeout=30)
@@ -1518,14 +1510,11 @@ class AgentConnection:
                                                  p.GoodbyeCode.SHUTDOWN))
             except (OSError, ConnectionClosed):
                 pass
-        for job in list(self.jobs):
+        for job in list(self.attached.jobs):
             job.join_if_started(timeout=5)
         for s in list(self.sessions.values()):  # RC-5: a TEST overlay ends with the connection
             self.hub.close_session(s)
-        for vol in self.volumes.values():
-            if vol.attached_to is self:
-                vol.attached_to = None
-        self.volumes.clear()
+        self.attached.detach_all()
         self.closing.set()
         with self.send_lock:
             sock, self.sock = self.sock, None
@@ -1541,156 +1530,23 @@ class AgentConnection:
 
     # -- handlers (connection thread) ---------------------------------------------
 
-    def _volume(self, msg) -> Volume:
-        """The attached volume ``msg`` names, if its phase here takes ``msg``
-        (PROTOCOL.md "Volume phases"): else NO_SUCH_VOLUME, or ROLE for a write
-        to a promoted volume (RC-7), attached DEMOTED included (FB-2)."""
-        vol = self.volumes.get(msg.volume)
-        p.check_volume_phase(msg, p.Side.HUB, self._phase(vol),
-                             f"volume id {msg.volume}" if vol is None else f"volume {vol.name}")
-        return vol
-
-    def _phase(self, vol: Volume | None) -> p.VolumePhase:
-        """What ``vol``, attached here (None: not), is on this connection."""
-        if vol is None:
-            return p.VolumePhase.NONE
-        if vol.id in self.demoted:
-            fb = vol.failback
-            begun = fb is not None and fb.conn is self and fb.begun
-            return p.VolumePhase.FAILING_BACK if begun else p.VolumePhase.DEMOTED
-        return p.VolumePhase.PROMOTED if vol.role is Role.PROMOTED else p.VolumePhase.PROTECTED
-
     def on_ATTACH(self, header, msg: p.Attach) -> None:
-        again = next((v for v in self.volumes.values() if v.name == msg.name), None)
-        if again is not None:   # VO-9: the attachment, and its sync, go on unchanged
-            raise p.RequestError(f"volume {msg.name!r} is already attached on this "
-                                 f"connection as id {again.id}: DETACH it first",
-                                 code=p.ErrorCode.BUSY)
-        vol, created = self.store.open_or_create(msg.name, msg.size, msg.chunk_size,
-                                                 self.agent_id, msg.generation)
-        if created:
-            plan = p.SyncPlan.FULL
-        else:
-            if vol.owner != self.agent_id:
-                raise p.RequestError(f"volume {msg.name!r} belongs to another agent",
-                                     code=p.ErrorCode.NOT_OWNER)
-            if vol.size != msg.size:
-                raise p.InvalidField(f"ATTACH size {msg.size} differs from volume "
-                                     f"{msg.name!r}'s size {vol.size}")
-            if vol.role is Role.PROMOTED:
-                if not self.features & p.Feature.FAILBACK:  # FB-1, RC-7
-                    raise p.RequestError(f"volume {msg.name!r} was promoted",
-                                         code=p.ErrorCode.ROLE)
-                self.attach_demoted(vol, msg)
-                return
-            same_gen = vol.meta["generation"] == bytes(msg.generation).hex()
-            if not same_gen and not vol.meta.get("reseed"):
-                self.refused_identity.add(vol.name)
-                raise p.RequestError(self.other_disk(vol, msg), code=p.ErrorCode.NOT_OWNER)
-            if not vol.meta["full_synced"]:
-                plan = p.SyncPlan.FULL
-            elif (vol.meta.get("pending_plan") == "VERIFY" or not same_gen
-                  or msg.state == p.VolumeState.UNKNOWN):
-                plan = p.SyncPlan.VERIFY
-            elif msg.state == p.VolumeState.CLEAN:
-                plan = p.SyncPlan.NONE
-            else:
-                plan = p.SyncPlan.DIRTY
-            plan = max(plan, owed_plan(vol))   # a sync that did not finish is redone (SY-1)
-        with vol.attach_lock:   # one connection at a time has the volume (VO-7)
-            if self.take_over(vol) and plan < p.SyncPlan.VERIFY:
-                plan = p.SyncPlan.VERIFY   # two live hosts, one agent id: trust no bitmap
-            vol.update(generation=bytes(msg.generation).hex(), chunk_size=msg.chunk_size,
-                       reseed=False)
-            if plan == p.SyncPlan.NONE and vol.state != VolState.CONSISTENT:
-                vol.update(state=VolState.CONSISTENT.value, pending_plan=None)
-            self.volumes[vol.id] = vol
-            vol.attached_to = self
-            log.info("volume %s attached by %s (agent state %s): plan %s", vol.name,
-                     self.agent_id, msg.state.name, plan.name)
-            job = self.start_sync(vol, plan, start=False) if plan != p.SyncPlan.NONE else None
-        self.send(p.Attached(request_id=msg.request_id, volume=vol.id, plan=plan))
-        if job is not None:
-            job.start()  # its READs follow ATTACHED on the wire
-
-    def other_disk(self, vol: Volume, msg: p.Attach) -> str:
-        """Why an ATTACH with another generation than the volume's is refused
-        (VO-8): it names another disk, or this disk with its agent state lost;
-        only the operator can tell, and ``rephub.py reseed`` says which."""
-        known, offered = vol.meta["generation"][:8], bytes(msg.generation).hex()[:8]
-        where = (f"; the volume is attached from {vol.attached_to.peer}"
-                 if vol.attached_to is not None and not vol.attached_to.closing.is_set() else "")
-        log.warning("volume %s: agent %s from %s offers disk identity %s, the hub knows %s%s: "
-                    "refused (rephub.py reseed %s accepts it)", vol.name, self.agent_id,
-                    self.peer, offered, known, where, vol.name)
-        return (f"volume {vol.name!r} is bound to another disk (identity {known}..., this "
-                f"agent's is {offered}...{where}): a cloned host or a copied configuration? "
-                f"If this disk replaces it, or this agent lost its state directory, run "
-                f"`rephub.py reseed {vol.name}` on the hub")
-
-    def attach_demoted(self, vol: Volume, msg: p.Attach) -> None:
-        """ATTACHED(plan DEMOTED) for a promoted volume, to an agent that offered
-        FAILBACK (FB-1): no sync, its writes refused (FB-2), but ``rephub.py
-        failback`` may bring the volume home through it.  The ATTACH's state and
-        generation say whether its dirty map can be trusted then."""
-        with vol.attach_lock:
-            self.take_over(vol)
-            self.volumes[vol.id] = vol
-            self.demoted[vol.id] = msg
-            vol.attached_to = self
-        log.warning("volume %s attached DEMOTED by %s (agent state %s): it was promoted at "
-                    "the recovery site; its writes are refused until rephub.py failback "
-                    "brings it back", vol.name, self.agent_id, msg.state.name)
-        self.send(p.Attached(request_id=msg.request_id, volume=vol.id, plan=p.SyncPlan.DEMOTED))
-
-    def take_over(self, vol: Volume) -> bool:
-        """Under ``vol.attach_lock``, before attaching ``vol`` here: detach it from
-        the connection that has it (its sync stops and can no longer end, its
-        answers are dropped); that connection ends if nothing is left on it.
-        True if it was alive: an agent restarted while its old connection
-        lingers, or two hosts run with one agent id."""
-        old = vol.attached_to
-        if old is None or old is self:
-            return False
-        alive = not old.closing.is_set()
-        if alive:
-            log.warning("volume %s: attached by agent %s from %s while its connection from %s "
-                        "still has it (a restarted agent, or two hosts with one agent id?): "
-                        "that attachment ends and the volume is verified", vol.name,
-                        self.agent_id, self.peer, old.peer)
-        old.detach_volume(vol, join=False)
-        if alive and not old.volumes and not old.sessions:
-            old.abort(f"volume {vol.name} was attached by another connection of agent "
-                      f"{self.agent_id} from {self.peer}")
-        return alive
-
-    def detach_volume(self, vol: Volume, join: bool = True) -> None:
-        """Forget ``vol`` on this connection and stop its sync (any thread)."""
-        with self.sync_lock:
-            job = vol.sync if vol.sync is not None and vol.sync.conn is self else None
-        if job is not None:
-            job.stop()
-            if join:
-                job.join_if_started(timeout=5)
-        self.volumes.pop(vol.id, None)
-        self.demoted.pop(vol.id, None)
-        if vol.attached_to is self:
-            vol.attached_to = None
+        self.attached.attach(msg)
 
     def on_DETACH(self, header, msg) -> None:
-        vol = self._volume(msg)
-        self.detach_volume(vol)
+        vol = self.attached.volume(msg)
+        self.attached.detach(vol)
         log.info("volume %s detached by %s", vol.name, self.agent_id)
         self.acker.after(self.store.journal.last_seq, p.Ack(request_id=msg.request_id))
 
     def on_WRITE(self, header, msg: p.Write) -> None:
-        vol = self._volume(msg)
+        vol = self.attached.volume(msg)
         p.check_range(msg.offset, msg.length, vol.size, "WRITE")
         rec = self.store.append_data(vol, msg.offset, msg.length, msg.data, header.payload_crc)
         self.acker.after(rec.seq, p.Ack(request_id=msg.request_id), vol_acked(vol))
 
     def on_ZERO(self, header, msg: p.Zero) -> None:
-        vol = self._volume(msg)
+        vol = self.attached.volume(msg)
         p.check_range(msg.offset, msg.length, vol.size, "ZERO")
         rec = self.store.append_data(vol, msg.offset, msg.length, None)
         self.acker.after(rec.seq, p.Ack(request_id=msg.request_id), vol_acked(vol))
@@ -1717,13 +1573,13 @@ class AgentConnection:
         if msg.request_id == 0 and self.refusing is not None:
             return  # refused writes: the plan at the next ATTACH covers them (RP-10)
         if msg.request_id == 0:  # regions the agent could not stream: resync them
-            vol = self._volume(msg)
+            vol = self.attached.volume(msg)
             for off, n in msg.extents:
                 p.check_range(off, n, vol.size, "DIRTY_MAP extent")
             log.info("agent %s reports %d unsent regions of %s; resyncing them",
                      self.agent_id, len(msg.extents), vol.name)
             if msg.extents:
-                self.start_sync(vol, p.SyncPlan.DIRTY, list(msg.extents))
+                self.attached.start_sync(vol, p.SyncPlan.DIRTY, list(msg.extents))
             return
         self._job_for(msg, "DIRTY_QUERY").on_reply(msg, self.store.journal.last_seq)
 
@@ -1804,31 +1660,6 @@ class AgentConnection:
 
     # -- sync and liveness (any thread) ------------------------------------------
 
-    def start_sync(self, vol: Volume, plan: p.SyncPlan, extents=None,
-                   start: bool = True) -> SyncJob | None:
-        """Start a sync job for ``vol`` (its state is persisted first), or add
-        ``extents`` to the one running; return the new job, else None.
-
-        A new job covers at least what an earlier one that did not finish owed
-        (SY-1): a DIRTY job for a few reported ``extents`` becomes that plan in
-        full (the agent still has those extents marked, so the plan covers them)."""
-        with vol.attach_lock, self.sync_lock:
-            job = vol.sync
-            if job is not None and job.conn is self and job.add_extents(extents):
-                return None
-            owed = owed_plan(vol)
-            if owed > plan or (owed == plan and extents is not None):
-                log.info("volume %s: an earlier %s sync did not finish; redoing it in full",
-                         vol.name, owed.name)
-                plan, extents = owed, None
-            job = SyncJob(self, vol, plan, extents)
-            vol.sync = job
-            self.jobs.add(job)
-            job.begin()
-        if start:
-            job.start()
-        return job
-
     def ping(self) -> None:
         """Heartbeat thread: send a PING; on_PONG measures the round trip."""
         req = self.requests.new_id()
@@ -1843,7 +1674,7 @@ class AgentConnection:
                     connected_since_ns=self.connected_ns,
                     rtt_ms=None if self.rtt_ns is None else round(self.rtt_ns / 1e6, 3),
                     last_heartbeat=fmt_time_ns(self.last_heartbeat_ns),
-                    volumes=sorted(v.name for v in self.volumes.values()))
+                    volumes=sorted(v.name for v in self.attached.volumes.values()))
 
 
 #: The GOODBYE to a connection whose records were refused, once they can be taken.
@@ -1872,6 +1703,207 @@ def vol_acked(vol: Volume):
 
 HANDLERS = {t: getattr(AgentConnection, f"on_{t.name}")
             for t in p.MsgType if hasattr(AgentConnection, f"on_{t.name}")}
+
+
+class Attachments:
+    """The volumes attached on one agent connection, and their syncs
+    (PROTOCOL.md "Volumes", "Volume phases", "Sync plans").
+
+    ``attach`` answers an ATTACH: it chooses the plan (SY-1; VERIFY when two
+    live connections had the volume, VO-7; another disk refused, VO-8), takes
+    the volume over from another connection of the agent, or attaches a
+    promoted volume DEMOTED (FB-1).  ``volume`` finds the volume a message
+    names, if its phase here takes that message; ``start_sync`` starts or
+    extends the volume's SyncJob; ``detach`` and ``detach_all`` let go.
+
+    Threads::
+
+        attach, volume, phase      conn-HOST:PORT (the recv loop)
+        other_disk                 conn-HOST:PORT (ATTACH)
+        take_over, attach_demoted  conn-HOST:PORT (ATTACH), under Volume.attach_lock
+        start_sync                 conn-HOST:PORT (ATTACH, DIRTY_MAP), or any thread that found
+                                   rot in the replica (scrub, control-N, sync-VOLUME)
+        detach                     conn-HOST:PORT (DETACH, ATTACH elsewhere)
+        detach_all                 conn-HOST:PORT, at its end
+    """
+
+    def __init__(self, conn: AgentConnection):
+        self.conn = conn
+        self.store = conn.store
+        self.volumes: dict[int, Volume] = {}
+        self.demoted: dict[int, p.Attach] = {}  # volume id -> its DEMOTED ATTACH
+        self.refused_identity: set[str] = set()  # volumes refused for their disk (VO-8)
+        self.sync_lock = threading.Lock()        # the jobs, and a job's extra extents
+        self.jobs: set[SyncJob] = set()
+
+    def volume(self, msg) -> Volume:
+        """The attached volume ``msg`` names, if its phase here takes ``msg``
+        (PROTOCOL.md "Volume phases"): else NO_SUCH_VOLUME, or ROLE for a write
+        to a promoted volume (RC-7), attached DEMOTED included (FB-2)."""
+        vol = self.volumes.get(msg.volume)
+        p.check_volume_phase(msg, p.Side.HUB, self.phase(vol),
+                             f"volume id {msg.volume}" if vol is None else f"volume {vol.name}")
+        return vol
+
+    def phase(self, vol: Volume | None) -> p.VolumePhase:
+        """What ``vol``, attached here (None: not), is on this connection."""
+        if vol is None:
+            return p.VolumePhase.NONE
+        if vol.id in self.demoted:
+            fb = vol.failback
+            begun = fb is not None and fb.conn is self.conn and fb.begun
+            return p.VolumePhase.FAILING_BACK if begun else p.VolumePhase.DEMOTED
+        return p.VolumePhase.PROMOTED if vol.role is Role.PROMOTED else p.VolumePhase.PROTECTED
+
+    def attach(self, msg: p.Attach) -> None:
+        """Answer an ATTACH (connection thread): choose the plan, attach, start its sync."""
+        again = next((v for v in self.volumes.values() if v.name == msg.name), None)
+        if again is not None:   # VO-9: the attachment, and its sync, go on unchanged
+            raise p.RequestError(f"volume {msg.name!r} is already attached on this "
+                                 f"connection as id {again.id}: DETACH it first",
+                                 code=p.ErrorCode.BUSY)
+        vol, created = self.store.open_or_create(msg.name, msg.size, msg.chunk_size,
+                                                 self.conn.agent_id, msg.generation)
+        if created:
+            plan = p.SyncPlan.FULL
+        else:
+            if vol.owner != self.conn.agent_id:
+                raise p.RequestError(f"volume {msg.name!r} belongs to another agent",
+                                     code=p.ErrorCode.NOT_OWNER)
+            if vol.size != msg.size:
+                raise p.InvalidField(f"ATTACH size {msg.size} differs from volume "
+                                     f"{msg.name!r}'s size {vol.size}")
+            if vol.role is Role.PROMOTED:
+                if not self.conn.features & p.Feature.FAILBACK:  # FB-1, RC-7
+                    raise p.RequestError(f"volume {msg.name!r} was promoted",
+                                         code=p.ErrorCode.ROLE)
+                self.attach_demoted(vol, msg)
+                return
+            same_gen = vol.meta["generation"] == bytes(msg.generation).hex()
+            if not same_gen and not vol.meta.get("reseed"):
+                self.refused_identity.add(vol.name)
+                raise p.RequestError(self.other_disk(vol, msg), code=p.ErrorCode.NOT_OWNER)
+            if not vol.meta["full_synced"]:
+                plan = p.SyncPlan.FULL
+            elif (vol.meta.get("pending_plan") == "VERIFY" or not same_gen
+                  or msg.state == p.VolumeState.UNKNOWN):
+                plan = p.SyncPlan.VERIFY
+            elif msg.state == p.VolumeState.CLEAN:
+                plan = p.SyncPlan.NONE
+            else:
+                plan = p.SyncPlan.DIRTY
+            plan = max(plan, owed_plan(vol))   # a sync that did not finish is redone (SY-1)
+        with vol.attach_lock:   # one connection at a time has the volume (VO-7)
+            if self.take_over(vol) and plan < p.SyncPlan.VERIFY:
+                plan = p.SyncPlan.VERIFY   # two live hosts, one agent id: trust no bitmap
+            vol.update(generation=bytes(msg.generation).hex(), chunk_size=msg.chunk_size,
+                       reseed=False)
+            if plan == p.SyncPlan.NONE and vol.state != VolState.CONSISTENT:
+                vol.update(state=VolState.CONSISTENT.value, pending_plan=None)
+            self.volumes[vol.id] = vol
+            vol.attached_to = self.conn
+            log.info("volume %s attached by %s (agent state %s): plan %s", vol.name,
+                     self.conn.agent_id, msg.state.name, plan.name)
+            job = self.start_sync(vol, plan, start=False) if plan != p.SyncPlan.NONE else None
+        self.conn.send(p.Attached(request_id=msg.request_id, volume=vol.id, plan=plan))
+        if job is not None:
+            job.start()  # its READs follow ATTACHED on the wire
+
+    def other_disk(self, vol: Volume, msg: p.Attach) -> str:
+        """Why an ATTACH with another generation than the volume's is refused
+        (VO-8): it names another disk, or this disk with its agent state lost;
+        only the operator can tell, and ``rephub.py reseed`` says which."""
+        known, offered = vol.meta["generation"][:8], bytes(msg.generation).hex()[:8]
+        where = (f"; the volume is attached from {vol.attached_to.peer}"
+                 if vol.attached_to is not None and not vol.attached_to.closing.is_set() else "")
+        log.warning("volume %s: agent %s from %s offers disk identity %s, the hub knows %s%s: "
+                    "refused (rephub.py reseed %s accepts it)", vol.name, self.conn.agent_id,
+                    self.conn.peer, offered, known, where, vol.name)
+        return (f"volume {vol.name!r} is bound to another disk (identity {known}..., this "
+                f"agent's is {offered}...{where}): a cloned host or a copied configuration? "
+                f"If this disk replaces it, or this agent lost its state directory, run "
+                f"`rephub.py reseed {vol.name}` on the hub")
+
+    def attach_demoted(self, vol: Volume, msg: p.Attach) -> None:
+        """ATTACHED(plan DEMOTED) for a promoted volume, to an agent that offered
+        FAILBACK (FB-1): no sync, its writes refused (FB-2), but ``rephub.py
+        failback`` may bring the volume home through it.  The ATTACH's state and
+        generation say whether its dirty map can be trusted then."""
+        with vol.attach_lock:
+            self.take_over(vol)
+            self.volumes[vol.id] = vol
+            self.demoted[vol.id] = msg
+            vol.attached_to = self.conn
+        log.warning("volume %s attached DEMOTED by %s (agent state %s): it was promoted at "
+                    "the recovery site; its writes are refused until rephub.py failback "
+                    "brings it back", vol.name, self.conn.agent_id, msg.state.name)
+        self.conn.send(p.Attached(request_id=msg.request_id, volume=vol.id, plan=p.SyncPlan.DEMOTED))
+
+    def take_over(self, vol: Volume) -> bool:
+        """Under ``vol.attach_lock``, before attaching ``vol`` here: detach it from
+        the connection that has it (its sync stops and can no longer end, its
+        answers are dropped); that connection ends if nothing is left on it.
+        True if it was alive: an agent restarted while its old connection
+        lingers, or two hosts run with one agent id."""
+        old = vol.attached_to
+        if old is None or old is self.conn:
+            return False
+        alive = not old.closing.is_set()
+        if alive:
+            log.warning("volume %s: attached by agent %s from %s while its connection from %s "
+                        "still has it (a restarted agent, or two hosts with one agent id?): "
+                        "that attachment ends and the volume is verified", vol.name,
+                        self.conn.agent_id, self.conn.peer, old.peer)
+        old.attached.detach(vol, join=False)
+        if alive and not old.attached.volumes and not old.sessions:
+            old.abort(f"volume {vol.name} was attached by another connection of agent "
+                      f"{self.conn.agent_id} from {self.conn.peer}")
+        return alive
+
+    def detach(self, vol: Volume, join: bool = True) -> None:
+        """Forget ``vol`` on this connection and stop its sync (any thread)."""
+        with self.sync_lock:
+            job = vol.sync if vol.sync is not None and vol.sync.conn is self.conn else None
+        if job is not None:
+            job.stop()
+            if join:
+                job.join_if_started(timeout=5)
+        self.volumes.pop(vol.id, None)
+        self.demoted.pop(vol.id, None)
+        if vol.attached_to is self.conn:
+            vol.attached_to = None
+
+    def start_sync(self, vol: Volume, plan: p.SyncPlan, extents=None,
+                   start: bool = True) -> SyncJob | None:
+        """Start a sync job for ``vol`` (its state is persisted first), or add
+        ``extents`` to the one running; return the new job, else None.
+
+        A new job covers at least what an earlier one that did not finish owed
+        (SY-1): a DIRTY job for a few reported ``extents`` becomes that plan in
+        full (the agent still has those extents marked, so the plan covers them)."""
+        with vol.attach_lock, self.sync_lock:
+            job = vol.sync
+            if job is not None and job.conn is self.conn and job.add_extents(extents):
+                return None
+            owed = owed_plan(vol)
+            if owed > plan or (owed == plan and extents is not None):
+                log.info("volume %s: an earlier %s sync did not finish; redoing it in full",
+                         vol.name, owed.name)
+                plan, extents = owed, None
+            job = SyncJob(self.conn, vol, plan, extents)
+            vol.sync = job
+            self.jobs.add(job)
+            job.begin()
+        if start:
+            job.start()
+        return job
+
+    def detach_all(self) -> None:
+        """The connection ends: none of its volumes is attached anywhere now."""
+        for vol in self.volumes.values():
+            if vol.attached_to is self.conn:
+                vol.attached_to = None
+        self.volumes.clear()
 
 
 class RequestTable:
@@ -4430,7 +4462,7 @@ class SyncJob(Requester, threading.Thread):
                 self.verify()
             while True:
                 self.wait_reads(0)
-                with self.conn.sync_lock:
+                with self.conn.attached.sync_lock:
                     extra, self.extra = self.extra, []
                     if not extra:
                         self.finished = True
@@ -4452,10 +4484,10 @@ class SyncJob(Requester, threading.Thread):
         finally:
             self.finished = True
             self.conn.requests.drop_all(list(self.reads) + list(self.queries))
-            with self.conn.sync_lock:
+            with self.conn.attached.sync_lock:
                 if vol.sync is self:
                     vol.sync = None
-                self.conn.jobs.discard(self)
+                self.conn.attached.jobs.discard(self)
             vol.last_sync = self.status()
 
     def begin(self) -> None:
@@ -4883,7 +4915,7 @@ class Failback(Requester):
         self.vol = vol
         self.conn = conn
         self.agent = conn.agent_id
-        self.attach = conn.demoted[vol.id]   # the agent's DEMOTED ATTACH
+        self.attach = conn.attached.demoted[vol.id]   # the agent's DEMOTED ATTACH
         self.emit = emit
         self.confirm = confirm
         self.phase = FailbackPhase.PREPARING
@@ -4981,7 +5013,7 @@ class Failback(Requester):
                    failbacks=vol.meta.get("failbacks", []) + [entry],
                    state=VolState.CONSISTENT.value, pending_plan=None,
                    generation=bytes(a.generation).hex(), chunk_size=a.chunk_size)
-        self.conn.demoted.pop(vol.id, None)
+        self.conn.attached.demoted.pop(vol.id, None)
         self.returned = True
         log.info("volume %s failed back to agent %s: protected again, its writes are "
                  "journaled from the next frame on", vol.name, self.agent)

@@ -160,7 +160,7 @@ def test_two_hosts_with_one_agent_id_never_share_a_volume(hub_a1):
             for t in threads:
                 t.join(20)
             with hub.conn_lock:
-                holders = [c for c in hub.connections if vol.id in c.volumes]
+                holders = [c for c in hub.connections if vol.id in c.attached.volumes]
             assert len(holders) <= 1, f"round {round_}: attached on {len(holders)} connections"
             wait_until(lambda: vol.sync is None and vol.attached_to is not None
                        and vol.state == rephub.VolState.CONSISTENT, 30, "the take-over's verify")
