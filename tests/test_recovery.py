@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -24,9 +23,8 @@ import pytest
 
 import nbd
 import protocol as p
-from hubtools import HubProcess
 from oracle import StreamGroup, StreamModel, assert_same_image
-from procs import start_recover
+from procs import HubProc, start_recover
 from qemu_harness import (QSD, MiB, create_image, file_sha256, kill_all, qemu_io,
                           requires_qemu, short_tmpdir, wait_until)
 
@@ -69,16 +67,10 @@ class Site:
     def __init__(self, work: Path):
         self.work = work
         self.data = str(work / "hub")
-        self.agents = str(work / "agents")
-        self.secrets = {}
-        for agent, extra in (("agent1", []), ("rec1", ["--recover-for", "agent1"])):
-            out = py("rephub.py", "add-agent", "--agents", self.agents, agent, *extra).stdout
-            path = work / f"{agent}.secret"
-            path.write_text(re.search(r"\b[0-9a-f]{64}\b", out).group(0) + "\n")
-            path.chmod(0o600)
-            self.secrets[agent] = str(path)
-        self.hub = HubProcess(self.data, self.agents, "--log-level", "INFO",
-                              log_path=str(work / "hub.log")).start()
+        self.hub = HubProc(work, agent_ids=("agent1",), data=self.data, agents=work / "agents")
+        self.hub.add_agent("rec1", recover_for=("agent1",))
+        self.secrets = {agent: str(path) for agent, path in self.hub.secret_files.items()}
+        self.hub.start()
         self.image_b = work / "disk1.raw"
         create_image(self.image_b, SIZE)
         self.agent_qmp = work / "agent-qmp.sock"  # the harness keeps QSD's first monitor
@@ -148,7 +140,7 @@ class Site:
         end(getattr(self, "agent", None))
         self.qsd.kill()  # no clean quit needed: a quit waits out the mirror's reconnect-delay
         self.qsd.close()
-        self.hub.stop()
+        self.hub.kill()
         kill_all()
 
 
@@ -251,7 +243,7 @@ def test_failover_test_leaves_no_trace(site):
     for needle in (pattern(0x5a, 4096), pattern(0x5b, 4096)):
         assert data_dir_holds(site.data, needle) == [], "a test write reached the store"
     assert not os.listdir(os.path.join(site.data, "scratch"))
-    log = Path(site.hub.log_path).read_text()
+    log = site.hub.read_log()
     assert "overlay discarded" in log
 
 
@@ -282,7 +274,7 @@ def test_failover_promotes_and_fences_the_protected_side(site):
 
     assert end(proc, signal.SIGTERM) == 0
     site.hub.kill(signal.SIGKILL)
-    site.hub = HubProcess(site.data, site.agents, log_path=site.hub.log_path).start()
+    site.hub = HubProc(site.work, data=site.data, agents=site.hub.agents, log=site.hub.log).start()
     expected = bytearray(site.group.volumes["vola"].image_at("good"))
     expected[3 * MiB:4 * MiB] = pattern(0x77, MiB)
     expected[MiB:MiB + 65536] = bytes(65536)
