@@ -55,7 +55,8 @@ def end(proc: subprocess.Popen | None, sig=signal.SIGKILL) -> None:
 
 
 def start_recover(hub: str, agent_id: str, secret_file, volume: str, at: str, mode: str,
-                  log_path: Path, timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
+                  log_path: Path, timeout: float = 60.0,
+                  log_level: str = "INFO") -> tuple[subprocess.Popen, str]:
     """``repagent.py recover`` (``mode`` "--test" or "--failover") serving a unix
     socket; return the process and the URI it prints once ready ("" if it
     printed none within ``timeout``: read ``log_path``)."""
@@ -64,7 +65,7 @@ def start_recover(hub: str, agent_id: str, secret_file, volume: str, at: str, mo
         proc = subprocess.Popen(
             [sys.executable, "repagent.py", "recover", "--hub", hub, "--agent-id", agent_id,
              "--secret-file", str(secret_file), "--volume", volume, "--at", at, mode,
-             "--listen", f"unix:{sock}", "--log-level", "INFO"],
+             "--listen", f"unix:{sock}", "--log-level", log_level],
             cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
             start_new_session=True)
     sel = selectors.DefaultSelector()
