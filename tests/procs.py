@@ -42,9 +42,12 @@ def spawn(argv, log_path: Path, preexec_fn=None) -> subprocess.Popen:
                                 preexec_fn=preexec_fn)
 
 
-def end(proc: subprocess.Popen | None, sig=signal.SIGKILL) -> None:
-    """Send ``sig`` (after SIGCONT, so a stopped process can act on it) and reap."""
-    if proc is not None and proc.poll() is None:
+def end(proc: subprocess.Popen | None, sig=signal.SIGKILL) -> int | None:
+    """Send ``sig`` (after SIGCONT, so a stopped process can act on it), reap
+    (SIGKILL after 15 s) and return the exit status (None: no process)."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
         proc.send_signal(signal.SIGCONT)
         proc.send_signal(sig)
         try:
@@ -52,6 +55,7 @@ def end(proc: subprocess.Popen | None, sig=signal.SIGKILL) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+    return proc.returncode
 
 
 def start_recover(hub: str, agent_id: str, secret_file, volume: str, at: str, mode: str,
@@ -83,15 +87,27 @@ def start_recover(hub: str, agent_id: str, secret_file, volume: str, at: str, mo
     return proc, line.decode().strip()
 
 
-def _tail(log: Path, n: int | None) -> str:
-    """The last ``n`` characters of ``log`` (all of it with None; "" if it is not there)."""
-    if not log.exists():
-        return ""
-    text = log.read_text(errors="replace")
-    return text if n is None else text[-n:]
+class _Logged:
+    """What HubProc and AgentProc share: ``proc`` (None until started), logging to ``log``."""
+
+    proc: subprocess.Popen | None = None
+    log: Path
+    TAIL = 3000       # characters ``tail`` returns by default
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        end(self.proc, sig)
+
+    def read_log(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def tail(self, n: int | None = None) -> str:
+        return self.read_log()[-(n or self.TAIL):]
 
 
-class HubProc:
+class HubProc(_Logged):
     """``rephub.py serve`` on 127.0.0.1; keeps its port across restarts.
 
     The tests' and benchmarks' one hub launcher.  Its files are in
@@ -191,25 +207,16 @@ class HubProc:
     def journal_segments(self) -> list[Path]:
         return sorted((self.data / "journal").glob("*.seg"))
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self, sig=signal.SIGKILL) -> None:
-        end(self.proc, sig)
-
-    def read_log(self) -> str:
-        return _tail(self.log, None)
-
-    def tail(self, n=3000) -> str:
-        return _tail(self.log, n)
 
 
-class AgentProc:
+class AgentProc(_Logged):
     """``repagent.py protect`` for QSD ``nodes`` ({node: volume}), connecting to ``hub_address``.
 
     ``hub_address`` is (host, port), or a ``HubProc`` whose current port is
     used at each ``start``.  ``sources`` ({node: NBD URI}) become
     ``--source`` options; ``reconnect_delay=None`` leaves the agent's default."""
+
+    TAIL = 4000
 
     def __init__(self, workdir: Path, hub_address, secret_file: Path, qmp: Path,
                  nodes: dict[str, str], mode="async", agent_id="agent1", extra=(),
@@ -257,15 +264,6 @@ class AgentProc:
 
     def vol(self) -> dict:
         return self.status()["volumes"][0]
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self, sig=signal.SIGKILL) -> None:
-        end(self.proc, sig)
-
-    def tail(self, n=4000) -> str:
-        return _tail(self.log, n)
 
     def close(self) -> None:
         self.kill()

@@ -24,7 +24,7 @@ import pytest
 import nbd
 import protocol as p
 from oracle import StreamGroup, StreamModel, assert_same_image
-from procs import HubProc, start_recover
+from procs import HubProc, end, spawn, start_recover
 from qemu_harness import (QSD, MiB, create_image, file_sha256, kill_all, qemu_io,
                           requires_qemu, short_tmpdir, wait_until)
 
@@ -48,19 +48,6 @@ def py(*argv, check=True, timeout=60) -> subprocess.CompletedProcess:
     return proc
 
 
-def end(proc: subprocess.Popen | None, sig=signal.SIGKILL, timeout=30) -> int | None:
-    if proc is None:
-        return None
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-    return proc.returncode
-
-
 class Site:
     """Protected site (QSD + protect agent) and recovery site (hub)."""
 
@@ -82,14 +69,11 @@ class Site:
             "--export", "type=nbd,id=exp1,node-name=disk1,name=disk1,writable=on"]).start()
         self.state = short_tmpdir("rcst")
         self.agent_log = work / "agent.log"
-        with open(self.agent_log, "ab") as log:
-            self.agent = subprocess.Popen(
-                [sys.executable, "repagent.py", "protect", "--hub", self.hub_addr,
-                 "--agent-id", "agent1", "--secret-file", self.secrets["agent1"],
-                 "--qmp", str(self.agent_qmp), "--node", "disk0=vola", "--node", "disk1=volb",
-                 "--state-dir", str(self.state), "--mode", "sync", "--log-level", "INFO"],
-                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+        self.agent = spawn(
+            ["repagent.py", "protect", "--hub", self.hub_addr, "--agent-id", "agent1",
+             "--secret-file", self.secrets["agent1"], "--qmp", str(self.agent_qmp),
+             "--node", "disk0=vola", "--node", "disk1=volb", "--state-dir", str(self.state),
+             "--mode", "sync", "--log-level", "INFO"], self.agent_log)
         wait_until(self._consistent, 60, "both volumes consistent at the hub", 0.1)
         self.clients = {"vola": nbd.NBDClient(str(self.qsd.export_path), "disk0"),
                         "volb": nbd.NBDClient(str(self.qsd.export_path), "disk1")}
