@@ -41,25 +41,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import nbd  # noqa: E402
 import repagent  # noqa: E402
+from procs import HubProc, end, spawn  # noqa: E402
 from qemu_harness import QSD, MiB, QemuNBD, kill_all, short_tmpdir, wait_until  # noqa: E402
 
 KiB = 1024
-
-
-def spawn(argv, log: Path) -> subprocess.Popen:
-    with open(log, "ab") as f:
-        return subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdin=subprocess.DEVNULL,
-                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def end(proc: subprocess.Popen | None) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 #: What ``measure`` returns for each target.
@@ -120,19 +105,9 @@ def run_agent(work: Path, size: int, ops: int, mode: str) -> dict:
     hub = agent = None
     try:
         qsd.start()
-        agents = base / "agents.json"
-        out = subprocess.run([sys.executable, "rephub.py", "add-agent", "--agents", str(agents),
-                              "bench"], cwd=ROOT, capture_output=True, text=True, check=True)
-        secret = base / "secret"
-        secret.write_text(out.stdout.strip().split()[-1] + "\n")
-        secret.chmod(0o600)   # the agent refuses a secret others can read
-        hub = spawn(["rephub.py", "--log-level", "WARNING", "serve", "--data", str(base / "hub"),
-                     "--listen", "127.0.0.1:0", "--agents", str(agents)], base / "hub.log")
-        import rephub
-        status = wait_until(lambda: _try(lambda: rephub.control_request(
-            str(base / "hub"), {"cmd": "status"})), 20, "rephub", 0.05)
-        agent = spawn(["repagent.py", "protect", "--hub", status["listen"], "--agent-id", "bench",
-                       "--secret-file", str(secret), "--qmp", str(agent_qmp),
+        hub = HubProc(base, agent_ids=("bench",), log_level="WARNING", start_timeout=20).start()
+        agent = spawn(["repagent.py", "protect", "--hub", f"127.0.0.1:{hub.port}", "--agent-id",
+                       "bench", "--secret-file", str(hub.secret_file), "--qmp", str(agent_qmp),
                        "--node", "disk0=bench", "--state-dir", str(state), "--mode", mode,
                        "--log-level", "WARNING"], base / "agent.log")
 
@@ -144,8 +119,9 @@ def run_agent(work: Path, size: int, ops: int, mode: str) -> dict:
         return measure(qsd, size, ops)
     finally:
         qsd.kill()
-        end(agent)
-        end(hub)
+        end(agent, signal.SIGTERM)
+        if hub is not None:
+            hub.kill(signal.SIGTERM)
         qsd.close()
         shutil.rmtree(qmpdir, ignore_errors=True)
         shutil.rmtree(state, ignore_errors=True)

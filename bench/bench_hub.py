@@ -33,7 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import protocol as p  # noqa: E402
-from hubtools import REPHUB, HubProcess, MemVolume, TestAgent, make_agents_file, wait_until  # noqa: E402
+from hubtools import REPHUB, MemVolume, TestAgent, wait_until  # noqa: E402
+from procs import HubProc  # noqa: E402
 
 MiB = 1024 * 1024
 
@@ -60,13 +61,10 @@ def hub_status(data_dir: str) -> dict:
 
 
 def run_hub(work: str, count: int, window: int, buffers: list[bytes]) -> tuple[float, int, int]:
-    agents = os.path.join(work, "agents")
-    sec = make_agents_file(agents, "bench")
-    data_dir = os.path.join(work, "data")
-    hub = HubProcess(data_dir, agents, "--log-level", "WARNING",
-                     log_path=os.path.join(work, "hub.log")).start()
+    hub = HubProc(work, agent_ids=("bench",), log_level="WARNING").start()
+    data_dir = str(hub.data)
     try:
-        agent = TestAgent(hub.address, "bench", sec["bench"]).connect()
+        agent = TestAgent(hub.address, "bench", hub.secret("bench")).connect()
         vol = SizedVolume(count * MiB)
         vid, _ = agent.attach("bench-vol", vol)
         wait_until(lambda: any(v["name"] == "bench-vol" and v["state"] == "consistent"
@@ -88,7 +86,7 @@ def run_hub(work: str, count: int, window: int, buffers: list[bytes]) -> tuple[f
         agent.close()
         return elapsed, syncs, count
     finally:
-        hub.stop()
+        hub.kill()
 
 
 class SizedVolume(MemVolume):

@@ -22,21 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import selectors
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import nbd  # noqa: E402
-import rephub  # noqa: E402
-from hubtools import HubProcess, MemVolume, TestAgent, make_agents_file, wait_until  # noqa: E402
+import repagent  # noqa: E402
+from hubtools import MemVolume, TestAgent, wait_until  # noqa: E402
+from procs import HubProc, end, start_recover  # noqa: E402
 from qemu_harness import QemuNBD  # noqa: E402
 
 MiB = 1024 * 1024
@@ -64,26 +64,6 @@ def read_export(sock: str, size: int, export: str = VOLUME) -> float:
         return time.perf_counter() - t0
 
 
-def start_recover(work: str, port: int, secret_file: str) -> tuple[subprocess.Popen, str]:
-    sock = os.path.join(work, "rec.sock")
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "repagent.py"), "recover", "--hub",
-         f"127.0.0.1:{port}", "--agent-id", "agent1", "--secret-file", secret_file,
-         "--volume", VOLUME, "--at", "latest", "--test", "--listen", f"unix:{sock}",
-         "--log-level", "WARNING"], cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=open(os.path.join(work, "recover.log"), "ab"))
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    line, deadline = b"", time.monotonic() + 60
-    while not line.endswith(b"\n"):
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise RuntimeError("repagent.py recover did not print its URI")
-        if sel.select(timeout=0.2):
-            line += os.read(proc.stdout.fileno(), 256)
-    sel.close()
-    return proc, sock
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size-mib", type=int, default=128, help="volume size (all data)")
@@ -96,24 +76,19 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="bench_rec.", dir="/tmp")
     hub = rec = qnbd = None
     try:
-        secrets = make_agents_file(os.path.join(work, "agents"), "agent1")
-        secret_file = os.path.join(work, "secret")
-        with open(os.open(secret_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
-            f.write(secrets["agent1"].hex() + "\n")
-        data_dir = os.path.join(work, "hub")
-        hub = HubProcess(data_dir, os.path.join(work, "agents"), "--log-level", "WARNING",
-                         log_path=os.path.join(work, "hub.log")).start()
+        hub = HubProc(work, agent_ids=("agent1",), log_level="WARNING").start()
         vol = MemVolume(size, data=os.urandom(size))
-        with TestAgent(hub.address, "agent1", secrets["agent1"]).connect() as agent:
+        with TestAgent(hub.address, "agent1", hub.secret("agent1")).connect() as agent:
             agent.attach(VOLUME, vol)
-
-            def consistent():
-                st = rephub.control_request(data_dir, {"cmd": "status"})
-                return any(v["name"] == VOLUME and v["state"] == "consistent"
-                           for v in st["volumes"])
-            wait_until(consistent, 300, "the full sync")
-        rec, sock = start_recover(work, hub.address[1], secret_file)
-        replica = os.path.join(data_dir, "volumes", VOLUME, "replica")
+            wait_until(lambda: (hub.volume(VOLUME) or {}).get("state") == "consistent", 300,
+                       "the full sync")
+        rec, uri = start_recover(f"127.0.0.1:{hub.port}", "agent1", hub.secret_file, VOLUME,
+                                 "latest", "--test", Path(work) / "recover.log", timeout=60,
+                                 log_level="WARNING")
+        if not uri:
+            raise RuntimeError("repagent.py recover did not print its URI")
+        sock, _ = repagent.parse_nbd_uri(uri)
+        replica = str(hub.replica(VOLUME))
         read_export(sock, size)  # warm both page caches alike
         qnbd = QemuNBD(replica, export_name=VOLUME).start()
         direct, remote, ref = [], [], []
@@ -141,15 +116,9 @@ def main() -> int:
     finally:
         if qnbd is not None:
             qnbd.stop()
-        if rec is not None and rec.poll() is None:
-            rec.send_signal(signal.SIGTERM)
-            try:
-                rec.wait(30)
-            except subprocess.TimeoutExpired:
-                rec.kill()
-                rec.wait(10)
+        end(rec, signal.SIGTERM)
         if hub is not None:
-            hub.stop()
+            hub.kill()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -8,20 +8,17 @@ CHECKSUM_QUERY from the volume and obeys the stale-read rule
 local read plus the send of its READ_REPLY, each happen under one
 ``stream_lock``, so any write the read did not see is sent after the reply.
 
-Also: ``HubProcess`` runs ``rephub.py serve`` as a subprocess, and small
-helpers to make an agents file and wait for conditions with a deadline.
+Also small helpers to make an agents file and wait for conditions with a
+deadline.  A hub as a subprocess is ``procs.HubProc``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import re
 import secrets
 import socket
 import ssl
-import subprocess
-import sys
 import threading
 import time
 
@@ -357,60 +354,3 @@ def wrong_answers(request: p.Message) -> list[p.Message]:
                   extents=[(n, p.EXTENT_ZERO)])]
     return [a for a in answers if a.TYPE != p.ANSWERED_BY[request.TYPE]]
 
-
-class HubProcess:
-    """``python3 rephub.py serve`` as a subprocess on 127.0.0.1:0."""
-
-    def __init__(self, data_dir: str, agents_file: str, *extra: str, log_path: str | None = None,
-                 preexec_fn=None):
-        self.preexec_fn = preexec_fn   # run in the child before rephub (umask, rlimits)
-        self.data_dir = data_dir
-        self.log_path = log_path or os.path.join(os.path.dirname(data_dir), "hub.log")
-        self.args = [sys.executable, REPHUB, "serve", "--data", data_dir, "--listen",
-                     "127.0.0.1:0", "--agents", agents_file, *extra]
-        self.proc = None
-        self.address = None
-
-    def start(self, timeout: float = 15.0) -> "HubProcess":
-        self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=self.log,
-                                     cwd=ROOT, preexec_fn=self.preexec_fn)
-        line = b""
-        deadline = time.monotonic() + timeout
-        # The first stdout line names the port; read it with a deadline.
-        import selectors
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        while not line.endswith(b"\n"):
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.kill()
-                raise RuntimeError(f"hub did not start; log:\n{self.read_log()}")
-            if sel.select(timeout=0.2):
-                chunk = os.read(self.proc.stdout.fileno(), 1)
-                if not chunk:
-                    continue
-                line += chunk
-        sel.close()
-        m = re.search(rb"listening on ([\d.]+):(\d+)", line)
-        self.address = (m.group(1).decode(), int(m.group(2)))
-        return self
-
-    def read_log(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
-    def kill(self, sig=9) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        self.kill(9)
-        if self.proc and self.proc.stdout:
-            self.proc.stdout.close()
-        if getattr(self, "log", None):
-            self.log.close()

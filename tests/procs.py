@@ -1,14 +1,14 @@
 """``rephub.py serve`` and ``repagent.py protect`` as subprocesses, for tests and scripts.
 
-``HubProc`` registers agents (``rephub.py add-agent``, one secret file each),
-starts the hub on 127.0.0.1 (keeping its port across restarts) and answers
-status/volume/replica questions through the control socket.  ``AgentProc``
-protects QSD nodes and reports the agent's status.  Both wait for their
-control socket on ``start`` and are killed with ``kill`` (SIGCONT first, so a
-stopped process can act on the signal).  No pytest here: tests/faults/soak.py
-runs outside pytest.
-
-Used by tests/test_agent_e2e.py and tests/faults/cluster.py.
+``HubProc`` is the one way the tests and benchmarks start a hub: it
+registers agents (as ``rephub.py add-agent`` does, one secret file each),
+starts ``serve`` on 127.0.0.1 (keeping its port across restarts), waits
+until it listens and answers status/volume/replica questions through the
+control socket.  ``AgentProc`` protects QSD nodes and reports the agent's
+status; it waits for its control socket on ``start``.  Both are killed with
+``kill`` (SIGCONT first, so a stopped process can act on the signal) and
+wait with hubtools.wait_until, the tests' one poll with a deadline.  No
+pytest here: tests/faults/soak.py and bench/ run outside pytest.
 """
 
 from __future__ import annotations
@@ -23,24 +23,31 @@ import sys
 import time
 from pathlib import Path
 
-from qemu_harness import short_tmpdir, wait_until
+from qemu_harness import short_tmpdir, wait_until  # hubtools.wait_until
 
-import rephub  # noqa: E402 - qemu_harness put the repository root on sys.path
+import protocol as p  # noqa: E402 - qemu_harness put the repository root on sys.path
+import rephub  # noqa: E402
 import repagent as ra  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def spawn(argv, log_path: Path) -> subprocess.Popen:
-    """A Python script of the project as a subprocess in its own session."""
+def spawn(argv, log_path: Path, preexec_fn=None) -> subprocess.Popen:
+    """A Python script of the project as a subprocess in its own session, its
+    stdout and stderr appended to ``log_path``; ``preexec_fn`` runs in the
+    child before the script."""
     with open(log_path, "ab") as log:
         return subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=preexec_fn)
 
 
-def end(proc: subprocess.Popen | None, sig=signal.SIGKILL) -> None:
-    """Send ``sig`` (after SIGCONT, so a stopped process can act on it) and reap."""
-    if proc is not None and proc.poll() is None:
+def end(proc: subprocess.Popen | None, sig=signal.SIGKILL) -> int | None:
+    """Send ``sig`` (after SIGCONT, so a stopped process can act on it), reap
+    (SIGKILL after 15 s) and return the exit status (None: no process)."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
         proc.send_signal(signal.SIGCONT)
         proc.send_signal(sig)
         try:
@@ -48,10 +55,12 @@ def end(proc: subprocess.Popen | None, sig=signal.SIGKILL) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+    return proc.returncode
 
 
 def start_recover(hub: str, agent_id: str, secret_file, volume: str, at: str, mode: str,
-                  log_path: Path, timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
+                  log_path: Path, timeout: float = 60.0,
+                  log_level: str = "INFO") -> tuple[subprocess.Popen, str]:
     """``repagent.py recover`` (``mode`` "--test" or "--failover") serving a unix
     socket; return the process and the URI it prints once ready ("" if it
     printed none within ``timeout``: read ``log_path``)."""
@@ -60,7 +69,7 @@ def start_recover(hub: str, agent_id: str, secret_file, volume: str, at: str, mo
         proc = subprocess.Popen(
             [sys.executable, "repagent.py", "recover", "--hub", hub, "--agent-id", agent_id,
              "--secret-file", str(secret_file), "--volume", volume, "--at", at, mode,
-             "--listen", f"unix:{sock}", "--log-level", "INFO"],
+             "--listen", f"unix:{sock}", "--log-level", log_level],
             cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
             start_new_session=True)
     sel = selectors.DefaultSelector()
@@ -78,64 +87,106 @@ def start_recover(hub: str, agent_id: str, secret_file, volume: str, at: str, mo
     return proc, line.decode().strip()
 
 
-def _tail(log: Path, n: int) -> str:
-    return log.read_text(errors="replace")[-n:] if log.exists() else ""
+class _Logged:
+    """What HubProc and AgentProc share: ``proc`` (None until started), logging to ``log``."""
+
+    proc: subprocess.Popen | None = None
+    log: Path
+    TAIL = 3000       # characters ``tail`` returns by default
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        end(self.proc, sig)
+
+    def read_log(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def tail(self, n: int | None = None) -> str:
+        return self.read_log()[-(n or self.TAIL):]
 
 
-class HubProc:
+class HubProc(_Logged):
     """``rephub.py serve`` on 127.0.0.1; keeps its port across restarts.
 
-    ``agent_ids`` are registered at construction; ``secret_files[agent_id]``
-    holds each one's secret (``secret_file`` is the first one's).
-    ``start_timeout`` bounds the wait for the control socket,
-    ``request_timeout`` each control request's connect.  With
-    ``retry_command_errors`` an error answer while waiting for the control
-    socket is retried rather than raised."""
+    The tests' and benchmarks' one hub launcher.  Its files are in
+    ``workdir`` unless named: ``data`` (the data directory, default
+    ``workdir/hub``), ``agents`` (the agents file, ``workdir/agents.json``)
+    and ``log`` (stdout and stderr, appended to across restarts,
+    ``workdir/hub.log``).  ``agent_ids`` are added to the agents file at
+    construction, each with its secret in ``secret_files[agent_id]``
+    (``secret_file`` is the first one's); with none, ``agents`` must name a
+    file written already (hubtools.make_agents_file).  ``args`` are further
+    ``serve`` options, ``log_level`` rephub's ``--log-level``, and
+    ``preexec_fn`` runs in the child before rephub (rlimits).
+    ``start_timeout`` bounds the wait for the line ``serve`` prints once it
+    listens, ``request_timeout`` each control request's connect."""
 
-    def __init__(self, workdir: Path, agent_ids=("agent1",), args=(), start_timeout=30.0,
-                 request_timeout=10.0, retry_command_errors=True):
-        self.args = list(args)
-        self.data = workdir / "hub"
-        self.agents = workdir / "agents.json"
-        self.log = workdir / "hub.log"
-        self.port = 0
+    #: What ``serve`` prints on stdout once its listener and control socket are open.
+    LISTENING = re.compile(rb"rephub listening on [\d.]+:(\d+)\n")
+
+    def __init__(self, workdir: Path, agent_ids=(), args=(), *, data: Path | None = None,
+                 agents: Path | None = None, log: Path | None = None, log_level="INFO",
+                 preexec_fn=None, start_timeout=30.0, request_timeout=10.0):
+        self.workdir = Path(workdir)
+        self.data = Path(data) if data else self.workdir / "hub"
+        self.agents = Path(agents) if agents else self.workdir / "agents.json"
+        self.log = Path(log) if log else self.workdir / "hub.log"
+        self.args, self.log_level, self.preexec_fn = list(args), log_level, preexec_fn
         self.start_timeout, self.request_timeout = start_timeout, request_timeout
-        self._retry = ((OSError, ValueError, rephub.CommandError) if retry_command_errors
-                       else (OSError, ValueError))
+        self.port = 0
         self.proc: subprocess.Popen | None = None
         self.secret_files: dict[str, Path] = {}
         for agent_id in agent_ids:
-            out = subprocess.run([sys.executable, "rephub.py", "add-agent", "--agents",
-                                  str(self.agents), agent_id], cwd=ROOT, capture_output=True,
-                                 text=True, timeout=30)
-            secret = re.search(r"\b[0-9a-f]{64}\b", out.stdout)
-            if out.returncode != 0 or not secret:
-                raise RuntimeError(f"add-agent {agent_id} failed: {out}")
-            path = workdir / f"{agent_id}.secret"
-            path.write_text(secret.group(0) + "\n")
-            path.chmod(0o600)           # the agent refuses a secret others can read
-            self.secret_files[agent_id] = path
+            self.add_agent(agent_id)
+
+    def add_agent(self, agent_id: str, recover_for=()) -> Path:
+        """Add ``agent_id`` to the agents file, as ``rephub.py add-agent`` does
+        (``recover_for``: its ``--recover-for`` owners); return its secret file."""
+        path = self.workdir / f"{agent_id}.secret"
+        path.write_text(rephub.add_agent(str(self.agents), agent_id, recover_for) + "\n")
+        path.chmod(0o600)           # the agent refuses a secret others can read
+        self.secret_files[agent_id] = path
+        return path
 
     @property
     def secret_file(self) -> Path:
         return next(iter(self.secret_files.values()))
 
+    def secret(self, agent_id: str) -> bytes:
+        return p.parse_secret(self.secret_files[agent_id].read_text())
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return "127.0.0.1", self.port
+
     def start(self) -> "HubProc":
-        self.proc = spawn(["rephub.py", "--log-level", "INFO", "serve", "--data",
-                           str(self.data), "--listen", f"127.0.0.1:{self.port}",
-                           "--agents", str(self.agents), *self.args], self.log)
-        status = wait_until(self._status_or_none, self.start_timeout, "rephub control socket",
-                            0.05)
-        self.port = int(status["listen"].rsplit(":", 1)[1])
+        """Start ``serve`` (on the port of the last start, if any) and wait until it listens."""
+        if self.alive():
+            raise RuntimeError(f"rephub already runs as pid {self.proc.pid}")
+        log_from = self.log.stat().st_size if self.log.exists() else 0
+        self.proc = spawn(["rephub.py", "--log-level", self.log_level, "serve",
+                           "--data", str(self.data), "--listen", f"127.0.0.1:{self.port}",
+                           "--agents", str(self.agents), *self.args], self.log,
+                          preexec_fn=self.preexec_fn)
+        try:
+            self.port = wait_until(lambda: self._listening_port(log_from), self.start_timeout,
+                                   "rephub listening", 0.05)
+        except TimeoutError as err:
+            self.kill()
+            raise RuntimeError(f"rephub did not listen within {self.start_timeout} s:\n"
+                               f"{self.tail()}") from err
         return self
 
-    def _status_or_none(self):
+    def _listening_port(self, log_from: int) -> int | None:
+        """The port this start's ``serve`` printed (in the log after ``log_from``), or None."""
         if self.proc.poll() is not None:
             raise RuntimeError(f"rephub exited {self.proc.returncode}:\n{self.tail()}")
-        try:
-            return self.status()
-        except self._retry:
-            return None
+        with open(self.log, "rb") as f:
+            f.seek(log_from)
+            listening = self.LISTENING.search(f.read())
+        return int(listening.group(1)) if listening else None
 
     def request(self, req: dict, timeout: float | None = None):
         return rephub.control_request(
@@ -156,22 +207,16 @@ class HubProc:
     def journal_segments(self) -> list[Path]:
         return sorted((self.data / "journal").glob("*.seg"))
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self, sig=signal.SIGKILL) -> None:
-        end(self.proc, sig)
-
-    def tail(self, n=3000) -> str:
-        return _tail(self.log, n)
 
 
-class AgentProc:
+class AgentProc(_Logged):
     """``repagent.py protect`` for QSD ``nodes`` ({node: volume}), connecting to ``hub_address``.
 
     ``hub_address`` is (host, port), or a ``HubProc`` whose current port is
     used at each ``start``.  ``sources`` ({node: NBD URI}) become
     ``--source`` options; ``reconnect_delay=None`` leaves the agent's default."""
+
+    TAIL = 4000
 
     def __init__(self, workdir: Path, hub_address, secret_file: Path, qmp: Path,
                  nodes: dict[str, str], mode="async", agent_id="agent1", extra=(),
@@ -189,9 +234,8 @@ class AgentProc:
         self.proc: subprocess.Popen | None = None
 
     def hub_endpoint(self) -> str:
-        if isinstance(self.hub_address, HubProc):
-            return f"127.0.0.1:{self.hub_address.port}"
-        host, port = self.hub_address
+        hub = self.hub_address
+        host, port = hub.address if isinstance(hub, HubProc) else hub
         return f"{host}:{port}"
 
     def argv(self) -> list[str]:
@@ -220,15 +264,6 @@ class AgentProc:
 
     def vol(self) -> dict:
         return self.status()["volumes"][0]
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self, sig=signal.SIGKILL) -> None:
-        end(self.proc, sig)
-
-    def tail(self, n=4000) -> str:
-        return _tail(self.log, n)
 
     def close(self) -> None:
         self.kill()

@@ -53,8 +53,8 @@ def world(tmp_path):
         qsd.start()
         if prefill:
             prefill(qsd)
-        hub = made["hub"] = HubProc(tmp_path, args=hub_args, start_timeout=20,
-                                    request_timeout=5, retry_command_errors=False).start()
+        hub = made["hub"] = HubProc(tmp_path, agent_ids=("agent1",), args=hub_args,
+                                    start_timeout=20, request_timeout=5).start()
         agent = made["agent"] = AgentProc(
             tmp_path, hub, hub.secret_file, agent_qmp, {qsd.node: "vol0"}, mode=mode,
             extra=extra, sources={qsd.node: qsd.uri} if source else None, hub_timeout=5,

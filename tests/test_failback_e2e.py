@@ -20,7 +20,6 @@ reported and kept, and protection resumes.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,11 +93,7 @@ class Sites:
     def __init__(self, work: Path):
         self.work = work
         self.hub = HubProc(work, agent_ids=("agent1",)).start()
-        out = py("rephub.py", "add-agent", "--agents", str(self.hub.agents), "rec1",
-                 "--recover-for", "agent1").stdout
-        self.rec_secret = work / "rec1.secret"
-        self.rec_secret.write_text(re.search(r"\b[0-9a-f]{64}\b", out).group(0) + "\n")
-        self.rec_secret.chmod(0o600)
+        self.rec_secret = self.hub.add_agent("rec1", recover_for=("agent1",))
         # The harness keeps QSD's first monitor, the agent has the second, the
         # operator's `repagent.py qmp` the third.
         self.agent_qmp = work / "agent-qmp.sock"

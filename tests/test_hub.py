@@ -20,8 +20,9 @@ import pytest
 
 import protocol as p
 import rephub
-from hubtools import (REPHUB, AgentError, HubProcess, MemVolume, TestAgent, make_agents_file,
-                      wait_detached, wait_until, wrong_answers)
+from hubtools import (REPHUB, AgentError, MemVolume, TestAgent, make_agents_file, wait_detached,
+                      wait_until, wrong_answers)
+from procs import HubProc
 
 MiB = 1024 * 1024
 
@@ -854,7 +855,7 @@ def test_serve_heartbeat_closes_a_peer_silent_for_four_intervals(tmp_path):
                               "--listen", "127.0.0.1:0", "--agents", agents, "--heartbeat", bad],
                              capture_output=True, text=True, timeout=30)
         assert res.returncode == 2 and "--heartbeat" in res.stderr, res.stderr
-    hub = HubProcess(str(tmp_path / "data"), agents, "--heartbeat", "0.2").start()
+    hub = HubProc(tmp_path, agents=agents, args=["--heartbeat", "0.2"]).start()
     try:
         agent = TestAgent(hub.address, "a1", sec["a1"])
         agent.on_PING = lambda msg: None
@@ -865,7 +866,7 @@ def test_serve_heartbeat_closes_a_peer_silent_for_four_intervals(tmp_path):
         finally:
             agent.close()
     finally:
-        hub.stop()
+        hub.kill()
 
 
 def test_reconnecting_agent_takes_its_volume_over_from_the_old_connection(hubenv):

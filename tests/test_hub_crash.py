@@ -20,7 +20,8 @@ import pytest
 
 import protocol as p
 import rephub
-from hubtools import REPHUB, HubProcess, MemVolume, TestAgent, make_agents_file, wait_until
+from hubtools import REPHUB, MemVolume, TestAgent, make_agents_file, wait_until
+from procs import HubProc
 
 MiB = 1024 * 1024
 PIECE = 65536
@@ -33,15 +34,16 @@ def env(tmp_path):
     procs = []
 
     def start(name="hub"):
-        hp = HubProcess(str(tmp_path / "data"), agents, "--log-level", "INFO",
-                        log_path=str(tmp_path / f"{name}.log")).start()
+        """A hub on the one data directory, logging to ``name``.log."""
+        hp = HubProc(tmp_path, data=tmp_path / "data", agents=agents,
+                     log=tmp_path / f"{name}.log").start()
         procs.append(hp)
         return hp
     try:
         yield tmp_path, sec, start
     finally:
         for hp in procs:
-            hp.stop()
+            hp.kill()
 
 
 def status(data_dir):

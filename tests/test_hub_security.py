@@ -46,8 +46,8 @@ import protocol as p
 import repagent as ra
 import rephub
 from localuser import probe_as
-from hubtools import (REPHUB, ROOT, AgentError, HubProcess, MemVolume, TestAgent,
-                      make_agents_file, wait_until)
+from hubtools import REPHUB, ROOT, AgentError, MemVolume, TestAgent, make_agents_file, wait_until
+from procs import HubProc
 
 MiB = 1024 * 1024
 
@@ -355,11 +355,12 @@ def hub_process(tmp_path):
     """``hub_process(*serve options, preexec_fn=None)``: rephub.py serve, agent a1."""
     procs = []
 
-    def start(*extra, preexec_fn=None) -> HubProcess:
-        agents = str(tmp_path / "agents")
-        secret = make_agents_file(agents, "a1")["a1"]
-        hub = HubProcess(str(tmp_path / f"data{len(procs)}"), agents, *extra,
-                         preexec_fn=preexec_fn)
+    def start(*extra, preexec_fn=None) -> HubProc:
+        agents = tmp_path / "agents"
+        secret = make_agents_file(str(agents), "a1")["a1"]
+        n = len(procs)
+        hub = HubProc(tmp_path, args=extra, data=tmp_path / f"data{n}", agents=agents,
+                      log=tmp_path / f"hub{n}.log", preexec_fn=preexec_fn)
         procs.append(hub)
         hub.start()
         hub.secret = secret
@@ -368,7 +369,7 @@ def hub_process(tmp_path):
         yield start
     finally:
         for hub in procs:
-            hub.stop()
+            hub.kill()
 
 
 def test_oversized_pre_auth_payloads_are_refused_unread(hub_process):
@@ -589,7 +590,7 @@ def test_the_accept_loop_survives_rlimit_nofile_without_spinning(hub_process):
         wait_until(lambda: "Too many open files" in hub.read_log(), 20, "accept hitting EMFILE")
         # A control client waiting too: the control socket's accept fails the same way.
         control = socket.socket(socket.AF_UNIX)
-        control.connect(os.path.join(hub.data_dir, rephub.CONTROL_SOCKET))
+        control.connect(str(hub.data / rephub.CONTROL_SOCKET))
         peers.append(control)
         cpu_before = cpu_seconds(pid)
         window = threading.Event()

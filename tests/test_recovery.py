@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -24,9 +23,8 @@ import pytest
 
 import nbd
 import protocol as p
-from hubtools import HubProcess
 from oracle import StreamGroup, StreamModel, assert_same_image
-from procs import start_recover
+from procs import HubProc, end, spawn, start_recover
 from qemu_harness import (QSD, MiB, create_image, file_sha256, kill_all, qemu_io,
                           requires_qemu, short_tmpdir, wait_until)
 
@@ -50,35 +48,16 @@ def py(*argv, check=True, timeout=60) -> subprocess.CompletedProcess:
     return proc
 
 
-def end(proc: subprocess.Popen | None, sig=signal.SIGKILL, timeout=30) -> int | None:
-    if proc is None:
-        return None
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-    return proc.returncode
-
-
 class Site:
     """Protected site (QSD + protect agent) and recovery site (hub)."""
 
     def __init__(self, work: Path):
         self.work = work
         self.data = str(work / "hub")
-        self.agents = str(work / "agents")
-        self.secrets = {}
-        for agent, extra in (("agent1", []), ("rec1", ["--recover-for", "agent1"])):
-            out = py("rephub.py", "add-agent", "--agents", self.agents, agent, *extra).stdout
-            path = work / f"{agent}.secret"
-            path.write_text(re.search(r"\b[0-9a-f]{64}\b", out).group(0) + "\n")
-            path.chmod(0o600)
-            self.secrets[agent] = str(path)
-        self.hub = HubProcess(self.data, self.agents, "--log-level", "INFO",
-                              log_path=str(work / "hub.log")).start()
+        self.hub = HubProc(work, agent_ids=("agent1",), data=self.data, agents=work / "agents")
+        self.hub.add_agent("rec1", recover_for=("agent1",))
+        self.secrets = {agent: str(path) for agent, path in self.hub.secret_files.items()}
+        self.hub.start()
         self.image_b = work / "disk1.raw"
         create_image(self.image_b, SIZE)
         self.agent_qmp = work / "agent-qmp.sock"  # the harness keeps QSD's first monitor
@@ -90,14 +69,11 @@ class Site:
             "--export", "type=nbd,id=exp1,node-name=disk1,name=disk1,writable=on"]).start()
         self.state = short_tmpdir("rcst")
         self.agent_log = work / "agent.log"
-        with open(self.agent_log, "ab") as log:
-            self.agent = subprocess.Popen(
-                [sys.executable, "repagent.py", "protect", "--hub", self.hub_addr,
-                 "--agent-id", "agent1", "--secret-file", self.secrets["agent1"],
-                 "--qmp", str(self.agent_qmp), "--node", "disk0=vola", "--node", "disk1=volb",
-                 "--state-dir", str(self.state), "--mode", "sync", "--log-level", "INFO"],
-                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+        self.agent = spawn(
+            ["repagent.py", "protect", "--hub", self.hub_addr, "--agent-id", "agent1",
+             "--secret-file", self.secrets["agent1"], "--qmp", str(self.agent_qmp),
+             "--node", "disk0=vola", "--node", "disk1=volb", "--state-dir", str(self.state),
+             "--mode", "sync", "--log-level", "INFO"], self.agent_log)
         wait_until(self._consistent, 60, "both volumes consistent at the hub", 0.1)
         self.clients = {"vola": nbd.NBDClient(str(self.qsd.export_path), "disk0"),
                         "volb": nbd.NBDClient(str(self.qsd.export_path), "disk1")}
@@ -148,7 +124,7 @@ class Site:
         end(getattr(self, "agent", None))
         self.qsd.kill()  # no clean quit needed: a quit waits out the mirror's reconnect-delay
         self.qsd.close()
-        self.hub.stop()
+        self.hub.kill()
         kill_all()
 
 
@@ -251,7 +227,7 @@ def test_failover_test_leaves_no_trace(site):
     for needle in (pattern(0x5a, 4096), pattern(0x5b, 4096)):
         assert data_dir_holds(site.data, needle) == [], "a test write reached the store"
     assert not os.listdir(os.path.join(site.data, "scratch"))
-    log = Path(site.hub.log_path).read_text()
+    log = site.hub.read_log()
     assert "overlay discarded" in log
 
 
@@ -282,7 +258,7 @@ def test_failover_promotes_and_fences_the_protected_side(site):
 
     assert end(proc, signal.SIGTERM) == 0
     site.hub.kill(signal.SIGKILL)
-    site.hub = HubProcess(site.data, site.agents, log_path=site.hub.log_path).start()
+    site.hub = HubProc(site.work, data=site.data, agents=site.hub.agents, log=site.hub.log).start()
     expected = bytearray(site.group.volumes["vola"].image_at("good"))
     expected[3 * MiB:4 * MiB] = pattern(0x77, MiB)
     expected[MiB:MiB + 65536] = bytes(65536)

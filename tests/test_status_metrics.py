@@ -28,7 +28,8 @@ import ops
 import protocol as p
 import repagent as ra
 import rephub
-from hubtools import REPHUB, HubProcess, MemVolume, TestAgent, make_agents_file, wait_until
+from hubtools import REPHUB, MemVolume, TestAgent, make_agents_file, wait_until
+from procs import HubProc
 
 MiB = 1024 * 1024
 CHUNK = 64 * 1024
@@ -167,7 +168,7 @@ def test_hub_metrics_server_stops_with_the_hub(tmp_path):
 def test_serve_metrics_listen_logs_its_port_and_serves(tmp_path):
     agents = str(tmp_path / "agents")
     make_agents_file(agents, "a1")
-    hub = HubProcess(str(tmp_path / "data"), agents, "--metrics-listen", "127.0.0.1:0")
+    hub = HubProc(tmp_path, agents=agents, args=["--metrics-listen", "127.0.0.1:0"])
     try:
         hub.start()
         m = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", hub.read_log())
@@ -178,7 +179,7 @@ def test_serve_metrics_listen_logs_its_port_and_serves(tmp_path):
         hub.proc.send_signal(signal.SIGTERM)
         assert hub.proc.wait(timeout=30) == 0
     finally:
-        hub.stop()
+        hub.kill()
 
 
 # -- the agent (no QEMU: a scripted hub on a socketpair, as in test_agent.py) ----------

@@ -48,6 +48,9 @@ def proof(secret: bytes, label: bytes, nonce_a, nonce_h, agent_id: str, hub_id: 
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.01):
+    """Poll ``predicate`` until it returns a true value (returned) or ``timeout``
+    seconds pass (TimeoutError naming ``what``).  The same as tests/hubtools.py's,
+    kept here on purpose: the suite's peers use none of the tests' helpers."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

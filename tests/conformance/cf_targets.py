@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
 import secrets
-import select
 import shutil
 import signal
 import socket
@@ -83,65 +80,46 @@ class ExternalHub:
 
 
 class RefHub:
-    """rephub.py serve with a temp data dir and two agents made by add-agent."""
+    """rephub.py serve with a temp data dir and two agents: tests/procs.HubProc,
+    the tests' hub launcher (imported here only, as the reference hub is the
+    one target that needs it)."""
 
     can_crash = True
 
     def __init__(self):
+        from procs import HubProc
         self.dir = Path(tempfile.mkdtemp(prefix="cfhub"))
-        self.agents = self.dir / "agents"
-        self.agent_id, self.secret = "cf-agent", self._add("cf-agent")
-        self.agent2 = ("cf-other", self._add("cf-other"))
-        self.port = 0
-        self.proc = None
-        self.log = self.dir / "hub.log"
+        self.hub = HubProc(self.dir, agent_ids=("cf-agent", "cf-other"), data=self.dir / "data",
+                           agents=self.dir / "agents", start_timeout=START_TIMEOUT)
+        self.agent_id, self.secret = "cf-agent", self.hub.secret("cf-agent")
+        self.agent2 = ("cf-other", self.hub.secret("cf-other"))
+        self.log = self.hub.log
 
-    def _add(self, agent_id: str) -> bytes:
-        out = subprocess.run([sys.executable, str(ROOT / "rephub.py"), "add-agent", "--agents",
-                              str(self.agents), agent_id], capture_output=True, text=True,
-                             timeout=30, check=True)
-        return bytes.fromhex(out.stdout.split()[-1])
+    @property
+    def proc(self):
+        return self.hub.proc
 
     def start(self) -> "RefHub":
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(ROOT / "rephub.py"), "--log-level", "INFO", "serve",
-                 "--data", str(self.dir / "data"), "--listen", f"127.0.0.1:{self.port}",
-                 "--agents", str(self.agents)], stdout=subprocess.PIPE, stderr=log,
-                stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT
-        line = b""
-        while not line.endswith(b"\n"):
-            left = deadline - time.monotonic()
-            ready, _, _ = select.select([self.proc.stdout], [], [], max(0, left))
-            if not ready or self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError(f"rephub did not start: {self.tail()}")
-            byte = os.read(self.proc.stdout.fileno(), 1)
-            if not byte:
-                raise RuntimeError(f"rephub exited: {self.tail()}")
-            line += byte
-        match = re.search(rb":(\d+)\s*$", line)
-        self.port = int(match.group(1))
-        self.address = ("127.0.0.1", self.port)
+        try:
+            self.hub.start()
+        except RuntimeError:
+            self.stop()
+            raise
+        self.address = self.hub.address
         return self
 
     def tail(self, n: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+        return self.hub.tail(n)
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.hub.alive()
 
     def crash_restart(self) -> None:
         self._kill()
         self.start()
 
     def _kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        if self.proc is not None and self.proc.stdout:
-            self.proc.stdout.close()
+        self.hub.kill()
 
     def stop(self) -> None:
         self._kill()

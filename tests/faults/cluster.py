@@ -179,7 +179,7 @@ class Cluster:
         self.qsd = QSD(self.workdir / "qsd", size=size, fmt=fmt, extra_args=[
             "--chardev", f"socket,id=qmp1,path={agent_qmp},server=on,wait=off",
             "--monitor", "chardev=qmp1"])
-        self.hub = HubProc(self.workdir, args=hub_args)
+        self.hub = HubProc(self.workdir, agent_ids=("agent1",), args=hub_args)
         self.proxy: FaultProxy | None = None
         self.agent: AgentProc | None = None
         self._agent_args = (agent_qmp, mode, list(agent_extra))

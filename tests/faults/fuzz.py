@@ -226,7 +226,7 @@ class HubTarget:
         self.rng = rng
         self.workdir = workdir
         self.hub = HubProc(workdir, agent_ids=("fz", "bystander"))
-        self.secret = {a: p.parse_secret(f.read_text()) for a, f in self.hub.secret_files.items()}
+        self.secret = {a: self.hub.secret(a) for a in self.hub.secret_files}
         self.bystander: TestAgent | None = None
         self.by_vol = MemVolume(VOLUME_SIZE, bytes(random.Random(7).randbytes(VOLUME_SIZE)))
         self.by_id = 0
@@ -234,7 +234,7 @@ class HubTarget:
 
     def start(self) -> "HubTarget":
         self.hub.start()
-        self.address = ("127.0.0.1", self.hub.port)
+        self.address = self.hub.address
         self.bystander = TestAgent(self.address, "bystander", self.secret["bystander"]).connect()
         self.by_id, _ = self.bystander.attach("other", self.by_vol)
         wait_until(lambda: (self.hub.volume("other") or {}).get("state") == "consistent", 30,

@@ -2,11 +2,11 @@
 
 import socket
 import threading
-import time
 
 import pytest
 
 from faults.proxy import FaultProxy
+from hubtools import wait_until
 
 
 @pytest.fixture
@@ -55,9 +55,7 @@ def test_forwards_both_ways_and_counts_bytes(echo_server):
             assert recv_exactly(sock, len(payload)) == payload
             # The proxy counts a chunk after forwarding it: the client may
             # hold every byte a moment before the last one is counted.
-            deadline = time.monotonic() + 5
-            while proxy.bytes_down < len(payload) and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(lambda: proxy.bytes_down >= len(payload), 5, "the last chunk counted")
         assert proxy.bytes_up == len(payload)
         assert proxy.bytes_down == len(payload)
 
