@@ -176,6 +176,7 @@ import sys
 import threading
 import time
 import zlib
+from typing import Callable
 
 import protocol as p
 from ops import (LogThrottle, MetricsServer, accept_forever, add_status_options, fmt_bytes,
@@ -750,7 +751,7 @@ class Hub:
                 conns = [c for c in self.connections if c.state == ConnState.ESTABLISHED]
             silent_limit = PEER_SILENCE_INTERVALS * self.heartbeat_interval
             for conn in conns:
-                silent = time.monotonic() - conn.last_recv
+                silent = time.monotonic() - conn.io.last_recv
                 if silent > silent_limit:
                     conn.abort(f"nothing received for {silent:.1f} s, PINGs unanswered: "
                                "the peer is hung or the connection half-open")
@@ -1114,7 +1115,7 @@ class AgentConnection:
         recv_frame, handle_error   conn-HOST:PORT (the recv loop)
         set_state, refuse          conn-HOST:PORT
         track_request              conn-HOST:PORT (the recv loop)
-        send, send_error           any thread; takes send_lock
+        send, send_error           any thread; takes AgentSocket.send_lock
         say_goodbye, abort         any thread (heartbeat, storage-watch, control-N, acker-HOST:PORT)
         ping                       heartbeat
         status                     control-N and rephub-metrics (Hub.status)
@@ -1124,18 +1125,17 @@ class AgentConnection:
     def __init__(self, hub: Hub, sock: socket.socket, addr):
         self.hub = hub
         self.store = hub.store
-        self.sock = sock
         self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
         self.host = addr[0] if isinstance(addr, tuple) else str(addr)  # per-address limit
         self.handshake_timeout = hub.handshake_timeout or HANDSHAKE_TIMEOUT
+        self.io = AgentSocket(sock, self.peer, self.handshake_timeout,
+                              lambda: self.closing.is_set() or hub.stopping.is_set(),
+                              plaintext_hub=hub.tls is None)
         self.agent_id: str | None = None
-        self.send_lock = threading.Lock()
-        self.header_buf = bytearray(p.HEADER_SIZE)
         self.attached = Attachments(self)  # its volumes and their syncs
         self.requests = RequestTable()    # the hub's requests and their owners
         self.outstanding: set[int] = set()  # the agent's requests not answered yet (RP-12)
         self.legal = None                 # after HELLO_REPLY: what the hub takes (check_legal)
-        self.sealed = False      # GOODBYE, or a protocol error's ERROR, went last (LV-2, ER-1)
         self.pings: dict[int, int] = {}
         self.sessions: dict[int, RecoverySession] = {}  # recovery sessions by id
         self.session_ids = itertools.count(1)
@@ -1143,7 +1143,6 @@ class AgentConnection:
         self.refusing: str | None = None    # why this stream's records are refused
         self.features = p.Feature.NONE      # granted in HELLO_REPLY
         self.last_heartbeat_ns = 0
-        self.last_recv = time.monotonic()   # when the last frame header arrived
         self.connected_ns = time.time_ns()
         self.closing = threading.Event()
         self.acker = Acker(self)
@@ -1169,10 +1168,7 @@ class AgentConnection:
         if msg.TYPE in p.ANSWERS or (msg.TYPE is p.MsgType.ERROR
                                      and msg.failed_type in p.REQUESTS):
             self.outstanding.discard(msg.request_id)
-        with self.send_lock:
-            if self.sock is None or self.sealed:
-                raise ConnectionClosed("connection closed")
-            p.send_message(self.sock, msg)
+        self.io.send(msg)
 
     def track_request(self, msg: p.Message) -> None:
         """Recv loop: note a request of the agent until its answer is sent.  One
@@ -1196,14 +1192,7 @@ class AgentConnection:
         go first, nothing after it (LV-2); then the recv loop ends.  ``code`` goes
         on the wire where GOODBYE_CODE is granted (LV-5); ``reason`` is for humans."""
         self.acker.drain(timeout=10)
-        with self.send_lock:
-            if self.sock is not None and not self.sealed:
-                try:
-                    p.send_message(self.sock, p.Goodbye.for_features(self.features,
-                                                                     reason, code))
-                except OSError as err:
-                    log.debug("GOODBYE to %s not sent: %s", self.peer, err)
-            self.sealed = True
+        self.io.send_last(p.Goodbye.for_features(self.features, reason, code))
         log.info("connection %s (%s) closed by the hub: %s", self.peer, self.agent_id, reason)
         self.closing.set()
         self.abort(reason)
@@ -1213,87 +1202,15 @@ class AgentConnection:
         if not self.closing.is_set():
             log.warning("closing connection %s (%s): %s", self.peer, self.agent_id, reason)
         self.closing.set()
-        sock = self.sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def _wait_readable(self, deadline: float | None) -> bool:
-        """Between frames: wait for data, watching the stop flags (connection thread)."""
-        while True:
-            if self.closing.is_set() or self.hub.stopping.is_set():
-                return False
-            if isinstance(self.sock, TLSStream) and self.sock.pending():
-                return True
-            wait = POLL_INTERVAL
-            if deadline is not None:
-                wait = min(wait, deadline - time.monotonic())
-                if wait <= 0:
-                    raise self._handshake_late()
-            ready, _, _ = select.select([self.sock], [], [], wait)
-            if ready:
-                return True
-
-    def _handshake_late(self) -> ConnectionClosed:
-        return ConnectionClosed(f"handshake not done within {self.handshake_timeout:g} s")
-
-    def _read_into(self, view: memoryview, deadline: float | None = None) -> int:
-        """Fill ``view``; short only at EOF.  With a ``deadline`` (the handshake)
-        every recv waits only for what is left of it, so a peer trickling a
-        frame byte by byte is cut off at the deadline too."""
-        got = 0
-        while got < len(view):
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise self._handshake_late()
-                self.sock.settimeout(left)
-            try:
-                n = self.sock.recv_into(view[got:])
-            except socket.timeout as err:
-                if deadline is None:
-                    raise
-                raise self._handshake_late() from err
-            if n == 0:
-                break
-            got += n
-        return got
+        self.io.shutdown()
 
     def recv_frame(self, deadline: float | None = None):
-        """Read one frame; return (header, message) or None when stopping or at EOF.
-
-        Raises ProtocolError (close) or RequestError (answer, go on) as
-        ``protocol.decode_body``; once a frame has started it is read to its end.
-        Before AUTH_OK (``deadline`` set: the handshake's) a payload over
-        MAX_HANDSHAKE_PAYLOAD is refused before it is read or allocated [SE-3].
-        """
-        if not self._wait_readable(deadline):
-            return None
-        got = self._read_into(memoryview(self.header_buf), deadline)
-        if got == 0:
-            return None
-        if got < p.HEADER_SIZE:
-            raise p.TruncatedFrame(f"connection closed inside a frame header "
-                                   f"({got} of {p.HEADER_SIZE} bytes)")
-        self.last_recv = time.monotonic()
-        handshake = self.state is ConnState.HANDSHAKE
-        if handshake and self.hub.tls is None and p.looks_like_tls(self.header_buf):
-            raise p.BadMagic("a TLS client connected to a plaintext hub (start the hub with "
-                             "--tls-cert/--tls-key, or drop --tls-ca on the agent)")
-        header = p.parse_header(self.header_buf)
-        if handshake:
-            p.check_handshake_header(header)
-        payload = bytearray(header.payload_length)
-        got = self._read_into(memoryview(payload), deadline)
-        if got < header.payload_length:
-            raise p.TruncatedFrame(f"connection closed inside a payload ({got} of "
-                                   f"{header.payload_length} bytes)")
-        msg = p.decode_body(header, payload, None if handshake else self.legal)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("--> %s from %s", msg.describe(), self.peer)
-        return header, msg
+        """Read one frame (``AgentSocket.recv_frame``): (header, message), or None
+        when stopping or at EOF.  ``deadline``: the handshake's, before AUTH_OK."""
+        item = self.io.recv_frame(deadline, None if deadline is not None else self.legal)
+        if item is not None and log.isEnabledFor(logging.DEBUG):
+            log.debug("--> %s from %s", item[1].describe(), self.peer)
+        return item
 
     # -- setup / handle / finish -------------------------------------------------
 
@@ -1321,8 +1238,9 @@ class AgentConnection:
                         self.agent_id, err)
             self.hub.count_error("protocol")
             self.send_error(err)
-            with self.send_lock:   # nothing follows it, ACKs still queued included:
-                self.sealed = True  # an ACK after a reused id could be the wrong one's
+            # Nothing follows it, ACKs still queued included: an ACK after a
+            # reused id could be taken for the wrong request's.
+            self.io.seal()
         elif isinstance(err, (ConnectionClosed, ConnectionError, socket.timeout,
                               ssl.SSLError)) or (isinstance(err, OSError) and self.closing.is_set()):
             if not self.closing.is_set():
@@ -1336,20 +1254,9 @@ class AgentConnection:
         """TLS, then HELLO / HELLO_REPLY / AUTH / AUTH_OK, all within the handshake
         timeout from here (HANDSHAKE_TIMEOUT, ``--handshake-timeout``)."""
         deadline = time.monotonic() + self.handshake_timeout
-        self.sock.settimeout(self.handshake_timeout)
-        if self.hub.tls is not None:
-            if not self._wait_readable(deadline):
-                return False
-            if self.sock.recv(1, socket.MSG_PEEK) == MAGIC_BYTES[:1]:
-                self._refuse_plaintext_agent(deadline)
-            # The socket's timeout bounds the whole TLS handshake (CPython
-            # counts it from the start of do_handshake), so set what is left.
-            self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            try:
-                tls = self.hub.tls.wrap_socket(self.sock, server_side=True)
-            except socket.timeout as err:
-                raise self._handshake_late() from err
-            self.sock = TLSStream(tls, self.handshake_timeout)
+        self.io.settimeout(self.handshake_timeout)
+        if self.hub.tls is not None and not self.io.start_tls(self.hub.tls, deadline):
+            return False
         item = self.recv_frame(deadline)
         if item is None:
             return False
@@ -1397,23 +1304,12 @@ class AgentConnection:
         self.agent_id = hello.agent_id
         self.send(p.AuthOk())
         self.set_state(ConnState.ESTABLISHED)
-        self.sock.settimeout(FRAME_TIMEOUT)
+        self.io.settimeout(FRAME_TIMEOUT)
         self.acker.start()
         self.hub.register(self)
         log.info("agent %s connected from %s%s", self.agent_id, self.peer,
                  " (TLS)" if self.hub.tls else "")
         return True
-
-    def _refuse_plaintext_agent(self, deadline: float) -> None:
-        """A TLS hub's new connection starts with RPL1: an agent without TLS.  Read
-        its HELLO (so closing does not reset the connection before the agent
-        reads the answer) and refuse it in plaintext, which that agent can read."""
-        try:
-            self.recv_frame(deadline)
-        except p.ReplicationError:
-            pass
-        raise p.ProtocolError("the hub expects TLS: use --tls-ca on the agent (a plaintext "
-                              "agent connected to a TLS hub)")
 
     def _expect(self, item, cls):
         """During the handshake: the message if it is ``cls``, else answer and None."""
@@ -1516,13 +1412,7 @@ class AgentConnection:
             self.hub.close_session(s)
         self.attached.detach_all()
         self.closing.set()
-        with self.send_lock:
-            sock, self.sock = self.sock, None
-        if sock is not None:
-            try:
-                sock.close()
-            except OSError:
-                pass
+        self.io.close()
         self.hub.unregister(self)
         self.set_state(ConnState.CLOSED)
         if self.agent_id:
@@ -2062,6 +1952,183 @@ class Acker(threading.Thread):
         with self.cond:
             self.cond.notify_all()
         self.join(timeout=5)
+
+
+class AgentSocket:
+    """The socket of one agent connection: frames in, frames out, and its end.
+
+    Only the connection thread reads (``recv_frame``), one whole frame at a
+    time; any thread sends (``send``, under ``send_lock``) until the stream
+    is sealed (a GOODBYE or a protocol error's ERROR went last: LV-2, ER-1)
+    or closed.  Before AUTH_OK every read waits at most for what is left of
+    the handshake's deadline, so a peer trickling bytes is cut off in time,
+    and a payload over MAX_HANDSHAKE_PAYLOAD is refused unread [SE-3].
+
+    Threads::
+
+        recv_frame, start_tls      conn-HOST:PORT
+        settimeout, close          conn-HOST:PORT, at set-up and at the end
+        send, send_last, seal      any thread; takes send_lock
+        shutdown                   any thread (it ends the recv loop)
+    """
+
+    def __init__(self, sock: socket.socket, peer: str, handshake_timeout: float,
+                 stopped: Callable[[], bool], plaintext_hub: bool):
+        self.sock: socket.socket | TLSStream | None = sock
+        self.peer = peer
+        self.handshake_timeout = handshake_timeout
+        self.stopped = stopped                # the connection or the hub is stopping
+        self.plaintext_hub = plaintext_hub    # a TLS ClientHello is then a misconfiguration
+        self.send_lock = threading.Lock()
+        self.sealed = False
+        self.header_buf = bytearray(p.HEADER_SIZE)
+        self.last_recv = time.monotonic()     # when the last frame header arrived
+
+    # -- sending (any thread) ---------------------------------------------------
+
+    def send(self, msg: p.Message) -> None:
+        with self.send_lock:
+            if self.sock is None or self.sealed:
+                raise ConnectionClosed("connection closed")
+            p.send_message(self.sock, msg)
+
+    def send_last(self, msg: p.Message) -> None:
+        """Send ``msg`` if the stream is still open, then seal it: nothing follows."""
+        with self.send_lock:
+            if self.sock is not None and not self.sealed:
+                try:
+                    p.send_message(self.sock, msg)
+                except OSError as err:
+                    log.debug("%s to %s not sent: %s", msg.TYPE.name, self.peer, err)
+            self.sealed = True
+
+    def seal(self) -> None:
+        """Nothing more is sent, replies already queued included."""
+        with self.send_lock:
+            self.sealed = True
+
+    def shutdown(self) -> None:
+        sock = self.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        with self.send_lock:
+            sock, self.sock = self.sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def settimeout(self, timeout: float) -> None:
+        self.sock.settimeout(timeout)
+
+    # -- receiving (connection thread) -----------------------------------------------
+
+    def start_tls(self, context: ssl.SSLContext, deadline: float) -> bool:
+        """The TLS handshake, within ``deadline``; False if stopping before it began.
+        A plaintext agent (its first bytes are RPL1) gets a plaintext refusal."""
+        if not self._wait_readable(deadline):
+            return False
+        if self.sock.recv(1, socket.MSG_PEEK) == MAGIC_BYTES[:1]:
+            self._refuse_plaintext_agent(deadline)
+        # The socket's timeout bounds the whole TLS handshake (CPython
+        # counts it from the start of do_handshake), so set what is left.
+        self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        try:
+            tls = context.wrap_socket(self.sock, server_side=True)
+        except socket.timeout as err:
+            raise self._handshake_late() from err
+        self.sock = TLSStream(tls, self.handshake_timeout)
+        return True
+
+    def _refuse_plaintext_agent(self, deadline: float) -> None:
+        """A TLS hub's new connection starts with RPL1: an agent without TLS.  Read
+        its HELLO (so closing does not reset the connection before the agent
+        reads the answer) and refuse it in plaintext, which that agent can read."""
+        try:
+            self.recv_frame(deadline)
+        except p.ReplicationError:
+            pass
+        raise p.ProtocolError("the hub expects TLS: use --tls-ca on the agent (a plaintext "
+                              "agent connected to a TLS hub)")
+
+    def _wait_readable(self, deadline: float | None) -> bool:
+        """Between frames: wait for data, watching the stop flags (connection thread)."""
+        while True:
+            if self.stopped():
+                return False
+            if isinstance(self.sock, TLSStream) and self.sock.pending():
+                return True
+            wait = POLL_INTERVAL
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    raise self._handshake_late()
+            ready, _, _ = select.select([self.sock], [], [], wait)
+            if ready:
+                return True
+
+    def _handshake_late(self) -> ConnectionClosed:
+        return ConnectionClosed(f"handshake not done within {self.handshake_timeout:g} s")
+
+    def _read_into(self, view: memoryview, deadline: float | None = None) -> int:
+        """Fill ``view``; short only at EOF.  With a ``deadline`` (the handshake)
+        every recv waits only for what is left of it, so a peer trickling a
+        frame byte by byte is cut off at the deadline too."""
+        got = 0
+        while got < len(view):
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._handshake_late()
+                self.sock.settimeout(left)
+            try:
+                n = self.sock.recv_into(view[got:])
+            except socket.timeout as err:
+                if deadline is None:
+                    raise
+                raise self._handshake_late() from err
+            if n == 0:
+                break
+            got += n
+        return got
+
+    def recv_frame(self, deadline: float | None = None, legal=None):
+        """Read one frame; return (header, message) or None when stopping or at EOF.
+
+        Raises ProtocolError (close) or RequestError (answer, go on) as
+        ``protocol.decode_body``, whose ``legal`` it is; once a frame has
+        started it is read to its end.  Before AUTH_OK (``deadline`` set: the
+        handshake's) a payload over MAX_HANDSHAKE_PAYLOAD is refused before it
+        is read or allocated [SE-3].
+        """
+        if not self._wait_readable(deadline):
+            return None
+        got = self._read_into(memoryview(self.header_buf), deadline)
+        if got == 0:
+            return None
+        if got < p.HEADER_SIZE:
+            raise p.TruncatedFrame(f"connection closed inside a frame header "
+                                   f"({got} of {p.HEADER_SIZE} bytes)")
+        self.last_recv = time.monotonic()
+        handshake = deadline is not None
+        if handshake and self.plaintext_hub and p.looks_like_tls(self.header_buf):
+            raise p.BadMagic("a TLS client connected to a plaintext hub (start the hub with "
+                             "--tls-cert/--tls-key, or drop --tls-ca on the agent)")
+        header = p.parse_header(self.header_buf)
+        if handshake:
+            p.check_handshake_header(header)
+        payload = bytearray(header.payload_length)
+        got = self._read_into(memoryview(payload), deadline)
+        if got < header.payload_length:
+            raise p.TruncatedFrame(f"connection closed inside a payload ({got} of "
+                                   f"{header.payload_length} bytes)")
+        return header, p.decode_body(header, payload, legal)
 
 
 class TLSStream:

@@ -341,7 +341,7 @@ class TestAgent:
 
 def wrong_answers(request: p.Message) -> list[p.Message]:
     """Every kind of answer to the hub's requests except the one ``request``
-    gets (PROTOCOL.md "answered by"), each naming its id and plausible for its
+    gets (protocol.ANSWERED_BY), each naming its id and plausible for its
     range: answers to nothing outstanding [ER-7]."""
     req, vid = request.request_id, request.volume
     off, n = (request.offset, request.length) if request.length else (0, 65536)
