@@ -1251,57 +1251,12 @@ class AgentConnection:
                       exc_info=err)
 
     def setup(self) -> bool:
-        """TLS, then HELLO / HELLO_REPLY / AUTH / AUTH_OK, all within the handshake
-        timeout from here (HANDSHAKE_TIMEOUT, ``--handshake-timeout``)."""
-        deadline = time.monotonic() + self.handshake_timeout
-        self.io.settimeout(self.handshake_timeout)
-        if self.hub.tls is not None and not self.io.start_tls(self.hub.tls, deadline):
+        """The handshake (``Handshake``), then the connection is established:
+        AUTH_OK, the frame timeout, the acker, the hub knows it (connection thread)."""
+        agent_id = Handshake(self).run()
+        if agent_id is None:
             return False
-        item = self.recv_frame(deadline)
-        if item is None:
-            return False
-        hello = self._expect(item, p.Hello)
-        if hello is None:
-            return False
-        if not hello.min_version <= p.VERSION <= hello.max_version:
-            raise_and_close = p.RequestError(
-                f"no common protocol version: agent offers {hello.min_version}.."
-                f"{hello.max_version}, hub speaks {p.SUPPORTED_VERSIONS}",
-                code=p.ErrorCode.VERSION, msg_type=p.MsgType.HELLO)
-            log.warning("%s: %s", self.peer, raise_and_close)
-            self.hub.count_error("handshake")
-            self.send_error(raise_and_close)
-            return False
-        secret = self.hub.agents.get(hello.agent_id)
-        known = secret is not None
-        if not known:  # answer anyway: never reveal which ids exist
-            secret = secrets.token_bytes(32)
-        nonce = secrets.token_bytes(p.NONCE_SIZE)
-        hub_id = self.store.hub_id
-        # VN-3: grant what was offered and is implemented; unknown bits are ignored.
-        self.features = p.Feature(hello.features & HUB_FEATURES)
-        self.legal = p.legality(p.Side.HUB, self.features)
-        self.send(p.HelloReply(version=p.VERSION, features=self.features, nonce=nonce,
-                               hub_id=hub_id,
-                               proof=p.hub_proof(secret, hello.nonce, nonce,
-                                                 hello.agent_id, hub_id)))
-        item = self.recv_frame(deadline)
-        if item is None:
-            return False
-        auth = self._expect(item, p.Auth)
-        if auth is None:
-            return False
-        expected = p.agent_proof(secret, hello.nonce, nonce, hello.agent_id, hub_id)
-        if not (known and p.proof_matches(expected, auth.proof)):
-            log.warning("authentication failed from %s: %s", self.peer,
-                        "unknown agent id %r" % hello.agent_id if not known
-                        else f"wrong proof for agent {hello.agent_id!r}")
-            self.hub.count_error("auth")
-            self.send_error(p.RequestError("authentication failed",
-                                           code=p.ErrorCode.AUTH_FAILED,
-                                           msg_type=p.MsgType.AUTH))
-            return False
-        self.agent_id = hello.agent_id
+        self.agent_id = agent_id
         self.send(p.AuthOk())
         self.set_state(ConnState.ESTABLISHED)
         self.io.settimeout(FRAME_TIMEOUT)
@@ -1310,22 +1265,6 @@ class AgentConnection:
         log.info("agent %s connected from %s%s", self.agent_id, self.peer,
                  " (TLS)" if self.hub.tls else "")
         return True
-
-    def _expect(self, item, cls):
-        """During the handshake: the message if it is ``cls``, else answer and None."""
-        _, msg = item
-        if isinstance(msg, cls):
-            return msg
-        if isinstance(msg, (p.Goodbye, p.Error)):
-            log.warning("%s ended the handshake: %s", self.peer, msg.describe())
-            return None
-        err = p.RequestError(f"{msg.TYPE.name} is not allowed before AUTH_OK "
-                             f"(expected {cls.TYPE.name})", code=p.ErrorCode.BAD_PHASE,
-                             request_id=msg.request_id, msg_type=msg.TYPE)
-        log.warning("%s: %s; closing", self.peer, err)
-        self.hub.count_error("handshake")
-        self.send_error(err)
-        return None
 
     def handle(self) -> None:
         """The recv loop: one frame at a time, in stream order (connection thread)."""
@@ -1593,6 +1532,93 @@ def vol_acked(vol: Volume):
 
 HANDLERS = {t: getattr(AgentConnection, f"on_{t.name}")
             for t in p.MsgType if hasattr(AgentConnection, f"on_{t.name}")}
+
+
+class Handshake:
+    """The hub's side of one connection's handshake (PROTOCOL.md "Handshake
+    phase"): TLS if the hub has it, then HELLO / HELLO_REPLY / AUTH, all
+    within the handshake timeout from its start (HANDSHAKE_TIMEOUT,
+    ``--handshake-timeout``).  On the way it grants the features (VN-3) and
+    sets what the connection takes from then on (``legal``).
+
+    Threads::
+
+        run                        conn-HOST:PORT (AgentConnection.setup)
+    """
+
+    def __init__(self, conn: AgentConnection):
+        self.conn = conn
+
+    def run(self) -> str | None:
+        """The agent's id once it proved it (connection thread), or None: it went
+        away, or was refused and answered (HS-10, HS-12; raises RequestError for
+        the connection to answer)."""
+        conn = self.conn
+        deadline = time.monotonic() + conn.handshake_timeout
+        conn.io.settimeout(conn.handshake_timeout)
+        if conn.hub.tls is not None and not conn.io.start_tls(conn.hub.tls, deadline):
+            return None
+        item = conn.recv_frame(deadline)
+        if item is None:
+            return None
+        hello = self._expect(item, p.Hello)
+        if hello is None:
+            return None
+        if not hello.min_version <= p.VERSION <= hello.max_version:
+            raise_and_close = p.RequestError(
+                f"no common protocol version: agent offers {hello.min_version}.."
+                f"{hello.max_version}, hub speaks {p.SUPPORTED_VERSIONS}",
+                code=p.ErrorCode.VERSION, msg_type=p.MsgType.HELLO)
+            log.warning("%s: %s", conn.peer, raise_and_close)
+            conn.hub.count_error("handshake")
+            conn.send_error(raise_and_close)
+            return None
+        secret = conn.hub.agents.get(hello.agent_id)
+        known = secret is not None
+        if not known:  # answer anyway: never reveal which ids exist
+            secret = secrets.token_bytes(32)
+        nonce = secrets.token_bytes(p.NONCE_SIZE)
+        hub_id = conn.store.hub_id
+        # VN-3: grant what was offered and is implemented; unknown bits are ignored.
+        conn.features = p.Feature(hello.features & HUB_FEATURES)
+        conn.legal = p.legality(p.Side.HUB, conn.features)
+        conn.send(p.HelloReply(version=p.VERSION, features=conn.features, nonce=nonce,
+                               hub_id=hub_id,
+                               proof=p.hub_proof(secret, hello.nonce, nonce,
+                                                 hello.agent_id, hub_id)))
+        item = conn.recv_frame(deadline)
+        if item is None:
+            return None
+        auth = self._expect(item, p.Auth)
+        if auth is None:
+            return None
+        expected = p.agent_proof(secret, hello.nonce, nonce, hello.agent_id, hub_id)
+        if not (known and p.proof_matches(expected, auth.proof)):
+            log.warning("authentication failed from %s: %s", conn.peer,
+                        "unknown agent id %r" % hello.agent_id if not known
+                        else f"wrong proof for agent {hello.agent_id!r}")
+            conn.hub.count_error("auth")
+            conn.send_error(p.RequestError("authentication failed",
+                                           code=p.ErrorCode.AUTH_FAILED,
+                                           msg_type=p.MsgType.AUTH))
+            return None
+        return hello.agent_id
+
+    def _expect(self, item, cls):
+        """During the handshake: the message if it is ``cls``, else answer and None."""
+        conn, (_, msg) = self.conn, item
+        if isinstance(msg, cls):
+            return msg
+        if isinstance(msg, (p.Goodbye, p.Error)):
+            log.warning("%s ended the handshake: %s", conn.peer, msg.describe())
+            return None
+        err = p.RequestError(f"{msg.TYPE.name} is not allowed before AUTH_OK "
+                             f"(expected {cls.TYPE.name})", code=p.ErrorCode.BAD_PHASE,
+                             request_id=msg.request_id, msg_type=msg.TYPE)
+        log.warning("%s: %s; closing", conn.peer, err)
+        conn.hub.count_error("handshake")
+        conn.send_error(err)
+        return None
 
 
 class Attachments:
