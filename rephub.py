@@ -93,12 +93,12 @@ Sync (docs/SEMANTICS.md "Sync")
     READ_REPLY can never overwrite a newer WRITE (docs/DESIGN.md rule 4).
 
 Recovery (PROTOCOL.md "Recovery (remote IO)")
-    A recovery agent opens a session (``Hub.open_session``) on a volume at a
+    A recovery agent opens a session (``Recovery.open``) on a volume at a
     point and sends its VM's IO as RREAD/RWRITE.  TEST: the volume at the
     point (``read_at``) with the session's writes laid over it from an
     ``Overlay`` (``DIR/scratch``, deleted at close and at start); the journal
     and replica never see them.  FAILOVER, or ``rephub.py promote``
-    (``Hub.promote``/``Roles.promote``): under the journal lock the
+    (``Recovery.promote``/``Roles.promote``): under the journal lock the
     volume is marked promoted (protected-side writes get ERROR(ROLE) from that
     instant) and its journal entries after the point are set aside: never
     applied again, kept and exportable (``export --set-aside``) until
@@ -603,13 +603,9 @@ class Hub:
 
         start, shutdown            main
         register, unregister       conn-HOST:PORT, when its handshake ends and when it ends
-        open_session               conn-HOST:PORT (RECOVER_OPEN)
-        close_session              conn-HOST:PORT (RECOVER_CLOSE, the connection ends), or
-                                   control-N (a fail-back ends the session)
-        promote                    control-N, or conn-HOST:PORT (a FAILOVER session opens)
         checkpoint, reseed         control-N
         verify, failback           control-N, start to end
-        status, session_status     control-N and rephub-metrics
+        status                     control-N and rephub-metrics
         count_error                any thread
     """
 
@@ -625,6 +621,7 @@ class Hub:
                  max_connections: int = MAX_CONNECTIONS,
                  max_unauthenticated_per_address: int = MAX_UNAUTHENTICATED_PER_ADDRESS):
         self.store = VolumeStore(data_dir, retention, max_bytes, segment_bytes)
+        self.recovery = Recovery(self)   # sessions and promotions, one per volume at a time
         self.handshake_timeout = handshake_timeout   # None: HANDSHAKE_TIMEOUT
         self.max_connections = max_connections
         self.max_unauthenticated_per_address = max_unauthenticated_per_address
@@ -646,8 +643,6 @@ class Hub:
         self.threads: list[threading.Thread] = []
         self.control: ControlServer | None = None
         self.started_ns = time.time_ns()
-        self.session_lock = threading.Lock()
-        self.sessions: dict[str, RecoverySession | None] = {}  # by volume name (BUSY)
         self.metrics_listen = metrics_listen
         self.metrics: MetricsServer | None = None
         self.error_lock = threading.Lock()
@@ -874,97 +869,6 @@ class Hub:
 
     # -- recovery (PROTOCOL.md "Recovery"; any thread) -----------------------------
 
-    def open_session(self, conn: AgentConnection, mode: p.RecoverMode, name: str,
-                     point: str) -> RecoverySession:
-        """Open a TEST or FAILOVER session for ``conn``'s agent (RC-1, RC-2)."""
-        vol = self.store.volume(name)
-        if vol is None:
-            raise p.RequestError(f"no volume named {name!r}", code=p.ErrorCode.NO_SUCH_VOLUME)
-        if not self.agents.may_recover(conn.agent_id, vol.owner):
-            raise p.RequestError(f"agent {conn.agent_id} may not recover volume {name!r} of "
-                                 f"agent {vol.owner} (not its owner, and the agents file "
-                                 f"does not give it recover={vol.owner})",
-                                 code=p.ErrorCode.NOT_OWNER)
-        self._reserve(vol)
-        try:
-            if mode == p.RecoverMode.TEST:
-                seq, t_ns = self.store.window.resolve_point(vol, point)
-                sid = next(conn.session_ids)
-                overlay = Overlay(os.path.join(self.store.dir, SCRATCH_DIR,
-                                               f"{vol.id}-{secrets.token_hex(6)}"), vol.size)
-                self.store.window.pin(seq)
-            elif vol.role is Role.PROMOTED and point == "latest":
-                seq, t_ns = self.store.window.resolve_point(vol, point)  # carry on the new history
-                sid, overlay = next(conn.session_ids), None
-            else:
-                res = self.promote(vol.name, point, reserved=True)
-                seq, t_ns, sid, overlay = res["seq"], res["time_ns"], next(conn.session_ids), None
-            s = RecoverySession(sid, conn, vol, mode, point, seq, t_ns, overlay)
-        except BaseException:
-            with self.session_lock:
-                self.sessions.pop(vol.name, None)
-            raise
-        with self.session_lock:
-            self.sessions[vol.name] = s
-        conn.sessions[sid] = s
-        log.info("recovery: %s opened", s.describe())
-        return s
-
-    def _reserve(self, vol: Volume) -> None:
-        with self.session_lock:
-            fb = vol.failback
-            if fb is not None and fb.phase.running:
-                raise p.RequestError(f"volume {vol.name!r} is busy: failing back to agent "
-                                     f"{fb.agent} ({fb.phase.value})", code=p.ErrorCode.BUSY)
-            if vol.name in self.sessions:
-                other = self.sessions[vol.name]
-                raise p.RequestError(f"volume {vol.name!r} is busy: "
-                                     f"{other.describe() if other else 'being promoted'}",
-                                     code=p.ErrorCode.BUSY)
-            self.sessions[vol.name] = None
-
-    def close_session(self, s: RecoverySession) -> int:
-        """End a session (RECOVER_CLOSE or end of connection); return the seq its
-        ACK waits for.  A TEST overlay is deleted here (RC-5)."""
-        if s.conn.sessions.pop(s.id, None) is None:
-            return 0
-        if s.overlay is not None:
-            s.overlay.discard()
-            self.store.window.pin(s.seq, -1)
-        with self.session_lock:
-            if self.sessions.get(s.vol.name) is s:
-                del self.sessions[s.vol.name]
-        log.info("recovery: %s closed after %d writes%s", s.describe(), s.writes,
-                 "; overlay discarded" if s.overlay is not None else "")
-        return s.flush_seq()
-
-    def promote(self, volume: str, at: str, reserved: bool = False) -> dict:
-        """Promote ``volume`` at point ``at`` (FAILOVER, or ``rephub.py promote``):
-        newer journal entries are set aside, the replica rolled back, and the
-        protected side's WRITE/ZERO/ATTACH refused with ERROR(ROLE) from now on."""
-        vol = self.store.volume(volume)
-        if vol is None:
-            raise p.RequestError(f"no volume named {volume!r}", code=p.ErrorCode.NO_SUCH_VOLUME)
-        if not reserved:
-            self._reserve(vol)
-        try:
-            seq, t_ns = self.store.window.resolve_point(vol, at)
-            conn = vol.attached_to
-            job = vol.sync
-            if job is not None:  # a resync from the protected side ends here
-                job.stop()
-                if job is not threading.current_thread():
-                    job.join(timeout=5)
-            res = self.store.roles.promote(vol, seq, at)
-            if conn is not None:
-                log.info("volume %s: the protected agent %s stays connected; its writes to "
-                         "the volume are refused (ROLE)", vol.name, conn.agent_id)
-        finally:
-            if not reserved:
-                with self.session_lock:
-                    self.sessions.pop(vol.name, None)
-        return dict(res, time_ns=t_ns)
-
     def failback(self, volume: str, agent_id: str, emit, confirm) -> dict:
         """Bring promoted ``volume`` home to ``agent_id`` (``rephub.py failback``;
         the control request thread): see ``Failback``.  Refused clearly unless
@@ -985,12 +889,12 @@ class Hub:
             raise p.RequestError(f"agent {agent_id} is not connected with volume {volume} "
                                  "attached DEMOTED: start repagent.py protect --accept-failback "
                                  "... on the original host", code=p.ErrorCode.BAD_PHASE)
-        with self.session_lock:
+        with self.recovery.lock:
             if vol.failback is not None and vol.failback.phase.running:
                 raise p.RequestError(f"a fail-back of {volume} to agent {vol.failback.agent} "
                                      f"is already running ({vol.failback.phase.value})",
                                      code=p.ErrorCode.BUSY)
-            if vol.name in self.sessions and self.sessions[vol.name] is None:
+            if vol.name in self.recovery.sessions and self.recovery.sessions[vol.name] is None:
                 raise p.RequestError(f"volume {volume} is being promoted", code=p.ErrorCode.BUSY)
             fb = vol.failback = Failback(self, vol, conn, emit, confirm)
         return fb.run()
@@ -1037,16 +941,8 @@ class Hub:
                                  for seglog in (j.log, store.undo_log) for d in seglog.damage],
                          lost_seqs=[seq for seq, _, _ in j.lost]),
             volumes=vols, agents=sorted(agents, key=lambda a: a["agent_id"]),
-            sessions=self.session_status(), errors=errors,
+            sessions=self.recovery.status(), errors=errors,
             degraded=store.health.report())
-
-    def session_status(self) -> list[dict]:
-        """The open recovery sessions, for ``status``."""
-        with self.session_lock:
-            sessions = [s for s in self.sessions.values() if s is not None]
-        return [dict(volume=s.vol.name, mode=s.mode.name, point=s.point, seq=s.seq,
-                     agent=s.conn.agent_id, address=s.conn.peer, writes=s.writes)
-                for s in sorted(sessions, key=lambda s: s.vol.name)]
 
     def shutdown(self, grace: float = 30.0) -> None:
         """Stop accepting, finish frames, make everything durable (the stopping thread)."""
@@ -1348,7 +1244,7 @@ class AgentConnection:
         for job in list(self.attached.jobs):
             job.join_if_started(timeout=5)
         for s in list(self.sessions.values()):  # RC-5: a TEST overlay ends with the connection
-            self.hub.close_session(s)
+            self.hub.recovery.close(s)
         self.attached.detach_all()
         self.closing.set()
         self.io.close()
@@ -1457,7 +1353,7 @@ class AgentConnection:
         return s
 
     def on_RECOVER_OPEN(self, header, msg: p.RecoverOpen) -> None:
-        s = self.hub.open_session(self, msg.mode, msg.name, msg.point)
+        s = self.hub.recovery.open(self, msg.mode, msg.name, msg.point)
         self.send(p.RecoverReady(request_id=msg.request_id, volume=s.id, size=s.vol.size,
                                  point_time_ns=s.time_ns))
 
@@ -1484,7 +1380,7 @@ class AgentConnection:
         self.acker.after(self._session(msg).flush_seq(), p.Ack(request_id=msg.request_id))
 
     def on_RECOVER_CLOSE(self, header, msg: p.RecoverClose) -> None:
-        seq = self.hub.close_session(self._session(msg))
+        seq = self.hub.recovery.close(self._session(msg))
         self.acker.after(seq, p.Ack(request_id=msg.request_id))
 
     # -- sync and liveness (any thread) ------------------------------------------
@@ -4803,7 +4699,7 @@ class SyncJob(Requester, threading.Thread):
 # session's own writes laid over them from an ``Overlay``; the journal and the
 # replica never see a test write, and the overlay is deleted at RECOVER_CLOSE,
 # at the end of the connection, and (leftovers of a killed hub) at start.
-# FAILOVER: the volume is promoted first (``Hub.promote``); the session's
+# FAILOVER: the volume is promoted first (``Recovery.promote``); the session's
 # writes are journaled like any write and become the volume's history.
 
 SCRATCH_DIR = "scratch"
@@ -4879,8 +4775,132 @@ class Overlay:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class Recovery:
+    """The hub's recovery sessions (PROTOCOL.md "Recovery (remote IO)") and
+    promotions, and the reservation that lets one recovery operation at a
+    time act on a volume: a session, a promotion or a fail-back; another is
+    refused with BUSY.  ``sessions`` maps a volume's name to its open session,
+    or to None while it is reserved for a promotion or a session opening.
+
+    Threads::
+
+        open                       conn-HOST:PORT (RECOVER_OPEN)
+        close                      conn-HOST:PORT (RECOVER_CLOSE, the connection ends), or
+                                   control-N (a fail-back ends the session)
+        promote                    control-N, or conn-HOST:PORT (a FAILOVER session opens)
+        reserve                    conn-HOST:PORT or control-N; takes lock
+        status                     control-N and rephub-metrics; takes lock
+    """
+
+    def __init__(self, hub: Hub):
+        self.hub = hub
+        self.store = hub.store
+        self.lock = threading.Lock()
+        self.sessions: dict[str, RecoverySession | None] = {}  # by volume name (BUSY)
+
+    def open(self, conn: AgentConnection, mode: p.RecoverMode, name: str,
+             point: str) -> RecoverySession:
+        """Open a TEST or FAILOVER session for ``conn``'s agent (RC-1, RC-2)."""
+        vol = self.store.volume(name)
+        if vol is None:
+            raise p.RequestError(f"no volume named {name!r}", code=p.ErrorCode.NO_SUCH_VOLUME)
+        if not self.hub.agents.may_recover(conn.agent_id, vol.owner):
+            raise p.RequestError(f"agent {conn.agent_id} may not recover volume {name!r} of "
+                                 f"agent {vol.owner} (not its owner, and the agents file "
+                                 f"does not give it recover={vol.owner})",
+                                 code=p.ErrorCode.NOT_OWNER)
+        self.reserve(vol)
+        try:
+            if mode == p.RecoverMode.TEST:
+                seq, t_ns = self.store.window.resolve_point(vol, point)
+                sid = next(conn.session_ids)
+                overlay = Overlay(os.path.join(self.store.dir, SCRATCH_DIR,
+                                               f"{vol.id}-{secrets.token_hex(6)}"), vol.size)
+                self.store.window.pin(seq)
+            elif vol.role is Role.PROMOTED and point == "latest":
+                seq, t_ns = self.store.window.resolve_point(vol, point)  # carry on the new history
+                sid, overlay = next(conn.session_ids), None
+            else:
+                res = self.promote(vol.name, point, reserved=True)
+                seq, t_ns, sid, overlay = res["seq"], res["time_ns"], next(conn.session_ids), None
+            s = RecoverySession(sid, conn, vol, mode, point, seq, t_ns, overlay)
+        except BaseException:
+            with self.lock:
+                self.sessions.pop(vol.name, None)
+            raise
+        with self.lock:
+            self.sessions[vol.name] = s
+        conn.sessions[sid] = s
+        log.info("recovery: %s opened", s.describe())
+        return s
+
+    def reserve(self, vol: Volume) -> None:
+        """Take ``vol`` for one recovery operation, or refuse with BUSY."""
+        with self.lock:
+            fb = vol.failback
+            if fb is not None and fb.phase.running:
+                raise p.RequestError(f"volume {vol.name!r} is busy: failing back to agent "
+                                     f"{fb.agent} ({fb.phase.value})", code=p.ErrorCode.BUSY)
+            if vol.name in self.sessions:
+                other = self.sessions[vol.name]
+                raise p.RequestError(f"volume {vol.name!r} is busy: "
+                                     f"{other.describe() if other else 'being promoted'}",
+                                     code=p.ErrorCode.BUSY)
+            self.sessions[vol.name] = None
+
+    def close(self, s: RecoverySession) -> int:
+        """End a session (RECOVER_CLOSE or end of connection); return the seq its
+        ACK waits for.  A TEST overlay is deleted here (RC-5)."""
+        if s.conn.sessions.pop(s.id, None) is None:
+            return 0
+        if s.overlay is not None:
+            s.overlay.discard()
+            self.store.window.pin(s.seq, -1)
+        with self.lock:
+            if self.sessions.get(s.vol.name) is s:
+                del self.sessions[s.vol.name]
+        log.info("recovery: %s closed after %d writes%s", s.describe(), s.writes,
+                 "; overlay discarded" if s.overlay is not None else "")
+        return s.flush_seq()
+
+    def promote(self, volume: str, at: str, reserved: bool = False) -> dict:
+        """Promote ``volume`` at point ``at`` (FAILOVER, or ``rephub.py promote``):
+        newer journal entries are set aside, the replica rolled back, and the
+        protected side's WRITE/ZERO/ATTACH refused with ERROR(ROLE) from now on."""
+        vol = self.store.volume(volume)
+        if vol is None:
+            raise p.RequestError(f"no volume named {volume!r}", code=p.ErrorCode.NO_SUCH_VOLUME)
+        if not reserved:
+            self.reserve(vol)
+        try:
+            seq, t_ns = self.store.window.resolve_point(vol, at)
+            conn = vol.attached_to
+            job = vol.sync
+            if job is not None:  # a resync from the protected side ends here
+                job.stop()
+                if job is not threading.current_thread():
+                    job.join(timeout=5)
+            res = self.store.roles.promote(vol, seq, at)
+            if conn is not None:
+                log.info("volume %s: the protected agent %s stays connected; its writes to "
+                         "the volume are refused (ROLE)", vol.name, conn.agent_id)
+        finally:
+            if not reserved:
+                with self.lock:
+                    self.sessions.pop(vol.name, None)
+        return dict(res, time_ns=t_ns)
+
+    def status(self) -> list[dict]:
+        """The open recovery sessions, for ``status``."""
+        with self.lock:
+            sessions = [s for s in self.sessions.values() if s is not None]
+        return [dict(volume=s.vol.name, mode=s.mode.name, point=s.point, seq=s.seq,
+                     agent=s.conn.agent_id, address=s.conn.peer, writes=s.writes)
+                for s in sorted(sessions, key=lambda s: s.vol.name)]
+
+
 class RecoverySession:
-    """One open session.  Created by ``Hub.open_session``; its methods run on
+    """One open session.  Created by ``Recovery.open``; its methods run on
     the connection thread of the agent that opened it.
 
     Threads::
@@ -5418,10 +5438,10 @@ class Failback(Requester):
         self.end(p.FailbackOutcome.DONE)
         if not self.returned:
             self.fail("FAILBACK_END was answered but the volume was not handed back")
-        with self.hub.session_lock:
-            s = self.hub.sessions.get(self.vol.name)
+        with self.hub.recovery.lock:
+            s = self.hub.recovery.sessions.get(self.vol.name)
         if s is not None:
-            self.hub.close_session(s)
+            self.hub.recovery.close(s)
             reason = f"volume {self.vol.name} failed back to agent {self.agent}"
             if s.conn.sessions:
                 log.warning("recovery connection %s keeps other sessions open: not closed",
@@ -5632,7 +5652,7 @@ class ControlServer:
                                  lambda done, total: emit(dict(progress=done, total=total)),
                                  set_aside=bool(req.get("set_aside")))
         if cmd == "promote":
-            return self.hub.promote(vol.name, req["at"])
+            return self.hub.recovery.promote(vol.name, req["at"])
         if cmd == "release":
             return store.roles.release_set_aside(vol)
         if cmd == "reseed":

@@ -329,7 +329,7 @@ def test_failback_happy_path(hubenv):
     wait_until(sc.rec.closed.is_set, 10, "the recovery connection closed")
     assert sc.rec.goodbye == f"volume {NAME} failed back to agent a1"
     assert sc.rec.goodbye_code == p.GoodbyeCode.FAILED_BACK, "PROTOCOL.md [LV-5]"
-    assert hub.sessions == {}
+    assert hub.recovery.sessions == {}
 
     # The role is back; set-aside entries stay exportable; status says done.
     meta = sc.vol.meta

@@ -153,7 +153,7 @@ def test_only_the_owner_or_an_allowed_agent_may_recover(hubenv):
         finally:
             r1.close()
             r2.close()
-        wait_until(lambda: not hub.sessions, 10, "sessions closed with their connections")
+        wait_until(lambda: not hub.recovery.sessions, 10, "sessions closed with their connections")
     finally:
         a.close()
 
@@ -216,7 +216,7 @@ def test_interrupted_promotion_is_rolled_back_at_open(hubenv, monkeypatch):
         monkeypatch.setattr(rephub.RecoveryWindow, "roll_back",
                             lambda self, vol: (_ for _ in ()).throw(OSError("crash")))
         with pytest.raises(OSError):
-            hub.promote("pv", "p")
+            hub.recovery.promote("pv", "p")
         reply = request(a, p.Write(request_id=a.request_id(), volume=vid, offset=0,
                                    data=b"\x08" * 512))
         assert isinstance(reply, p.Error) and reply.code == p.ErrorCode.ROLE
@@ -308,7 +308,7 @@ def test_a_promotion_is_persisted_outside_the_journal_lock_and_a_failed_one_chan
 
         def promote():
             try:
-                outcome["result"] = hub.promote("pv", "p")
+                outcome["result"] = hub.recovery.promote("pv", "p")
             except p.ReplicationError as err:
                 outcome["error"] = err
         t = threading.Thread(target=promote, name="promote", daemon=True)
