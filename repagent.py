@@ -918,7 +918,8 @@ class FileSource:
 
     Threads::
 
-        *                    repagent-sync-N, repagent-failback or nbd-conn-VOLUME-N (each reader has one user)
+        *                    repagent-sync-N, repagent-failback or nbd-conn-VOLUME-N
+                             (each reader has one user)
     """
 
     def __init__(self, path: str):
@@ -963,7 +964,8 @@ class NBDSource:
 
     Threads::
 
-        *                    repagent-sync-N, repagent-failback or nbd-conn-VOLUME-N (each reader has one user)
+        *                    repagent-sync-N, repagent-failback or nbd-conn-VOLUME-N
+                             (each reader has one user)
     """
 
     def __init__(self, address, export: str):
@@ -1341,8 +1343,9 @@ class HubConnection:
     Threads::
 
         start, healthy           repagent-heartbeat (a new connection; --hub-timeout)
-        put                      any thread, with Stream.lock held (nbd-conn-VOLUME-N, repagent-recv,
-                                 repagent-sync-N, repagent-heartbeat); never blocks
+        put                      any thread, with Stream.lock held (nbd-conn-VOLUME-N,
+                                 repagent-recv, repagent-sync-N, repagent-heartbeat); never
+                                 blocks
         send_direct              any thread: repagent-heartbeat (handshake), repagent-recv (ERROR),
                                  main (GOODBYE)
         heard, with_hub_reason   repagent-recv

@@ -1137,8 +1137,8 @@ class AgentConnection:
             # Nothing follows it, ACKs still queued included: an ACK after a
             # reused id could be taken for the wrong request's.
             self.io.seal()
-        elif isinstance(err, (ConnectionClosed, ConnectionError, socket.timeout,
-                              ssl.SSLError)) or (isinstance(err, OSError) and self.closing.is_set()):
+        elif (isinstance(err, (ConnectionClosed, ConnectionError, socket.timeout, ssl.SSLError))
+              or (isinstance(err, OSError) and self.closing.is_set())):
             if not self.closing.is_set():
                 log.warning("connection %s (%s) lost: %s", self.peer, self.agent_id, err)
                 self.hub.count_error("connection_lost")
@@ -1649,7 +1649,8 @@ class Attachments:
         log.warning("volume %s attached DEMOTED by %s (agent state %s): it was promoted at "
                     "the recovery site; its writes are refused until rephub.py failback "
                     "brings it back", vol.name, self.conn.agent_id, msg.state.name)
-        self.conn.send(p.Attached(request_id=msg.request_id, volume=vol.id, plan=p.SyncPlan.DEMOTED))
+        self.conn.send(p.Attached(request_id=msg.request_id, volume=vol.id,
+                                  plan=p.SyncPlan.DEMOTED))
 
     def take_over(self, vol: Volume) -> bool:
         """Under ``vol.attach_lock``, before attaching ``vol`` here: detach it from
@@ -4685,7 +4686,8 @@ class SyncJob(Requester, threading.Thread):
         left = max(self.bytes_total - self.bytes_done, 0)
         return dict(plan=self.plan.name, bytes_done=self.bytes_done,
                     bytes_total=self.bytes_total, bytes_fetched=self.bytes_fetched,
-                    percent=100.0 * self.bytes_done / self.bytes_total if self.bytes_total else 100.0,
+                    percent=(100.0 * self.bytes_done / self.bytes_total if self.bytes_total
+                             else 100.0),
                     rate=rate, eta_s=(left / rate) if rate > 0 else None,
                     running=not self.finished, error=self.error)
 
@@ -5535,7 +5537,8 @@ class ControlServer:
     ``{"cmd": "checkpoint", "volume": V, "name": N}``, ``{"cmd": "export",
     "volume": V, "at": POINT, "output": ABSOLUTE_PATH}``, ``{"cmd": "verify",
     "volume": V, "repair": BOOL}`` (``Hub.verify``), ``{"cmd": "promote",
-    "volume": V, "at": POINT}``, ``{"cmd": "release", "volume": V}``, ``{"cmd": "reseed", "volume": V}`` (``Hub.reseed``); export
+    "volume": V, "at": POINT}``, ``{"cmd": "release", "volume": V}``,
+    ``{"cmd": "reseed", "volume": V}`` (``Hub.reseed``); export
     takes ``"set_aside": true`` for the history a promotion set aside.  Replies: for
     export and verify zero or more ``{"progress": done, "total": size}`` lines, then
     always ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": text,
@@ -6183,7 +6186,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--agents", required=True, help="agents file (see add-agent)")
     s.add_argument("--tls-cert")
     s.add_argument("--tls-key")
-    s.add_argument("--sync-rate", type=float, default=0, help="bytes/s for sync reads, 0 = no limit")
+    s.add_argument("--sync-rate", type=float, default=0,
+                   help="bytes/s for sync reads, 0 = no limit")
     s.add_argument("--journal-retention", type=float, default=DEFAULT_RETENTION, help="seconds")
     s.add_argument("--journal-max-bytes", type=int, default=DEFAULT_MAX_JOURNAL_BYTES)
     s.add_argument("--journal-segment-bytes", type=int, default=SEGMENT_BYTES, metavar="BYTES",
