@@ -590,7 +590,6 @@ class DirtyBitmap:
         self.sub_bytes = -(-self.per_chunk // 8)
         self.slot_size = 1 << (FINE_SLOT.size + self.sub_bytes - 1).bit_length()
         self.slots = min(FINE_SLOTS, self.chunks, FINE_TABLE_MAX // self.slot_size)
-        want = FINE_TABLE_OFFSET + self.slots * self.slot_size
         missing = not os.path.exists(self.fine_path)
         fd = private_open(self.fine_path, os.O_RDWR | os.O_CREAT)
         try:
@@ -602,7 +601,7 @@ class DirtyBitmap:
                                              os.fstat(fd).st_size)
             if problem is not None:
                 os.ftruncate(fd, 0)
-                os.ftruncate(fd, want)
+                os.ftruncate(fd, FINE_TABLE_OFFSET + self.slots * self.slot_size)
                 os.pwrite(fd, FINE_HEADER.pack(FINE_MAGIC, FINE_VERSION, 0, self.chunk_size,
                                                self.size, self.generation, self.slots,
                                                self.slot_size), 0)
@@ -610,7 +609,7 @@ class DirtyBitmap:
                 if trusted and self.dirty_count:
                     log.info("%s: not used (%s): the %d chunks marked are resent whole",
                              self.fine_path, problem, self.dirty_count)
-            self.fine_map = mmap.mmap(fd, want)
+            self.fine_map = mmap.mmap(fd, FINE_TABLE_OFFSET + self.slots * self.slot_size)
         finally:
             os.close(fd)
         self._load_slots()
@@ -1042,6 +1041,9 @@ class DirtyBitmap:
         return n
 
     def close(self) -> None:
+        """Unmap both levels (again: nothing)."""
+        if self.map.closed:
+            return
         self.bits.release()
         self.map.flush()
         self.map.close()
