@@ -396,24 +396,68 @@ class Span(NamedTuple):
 
 class _Marks:
     """The in-memory state of one chunk, per 4 KiB block as bit masks (bit i is
-    block i of the chunk): what is marked, which queued writes cover which
-    blocks, and at which stream position each block's latest write was lost."""
+    block i of the chunk): the blocks marked; the masks of its queued writes
+    not ACKed yet, each with a count; and, per block, the stream position of
+    its latest loss: ``lost`` holds the blocks whose latest loss is at
+    ``seq`` (the chunk's latest), ``older`` those whose latest loss is at an
+    earlier position (rare: while no hub is attached the position stays put).
+    About 200 bytes a chunk; the common case has no dict at all."""
 
-    __slots__ = ("marked", "flight", "lost")
+    __slots__ = ("marked", "flight", "seq", "lost", "older")
 
-    def __init__(self, marked: int = 0, lost: dict[int, int] | None = None):
+    def __init__(self, marked: int = 0, seq: int = 0, lost: int = 0):
         self.marked = marked
         self.flight: dict[int, int] | None = None   # mask of a queued write -> how many
-        self.lost = lost                            # seq -> mask of the blocks lost at seq
+        self.seq = seq
+        self.lost = lost
+        self.older: dict[int, int] | None = None    # earlier seq -> blocks lost last then
 
     def busy(self) -> int:
         """The blocks that may not clear: a write to them in flight, or lost."""
-        mask = 0
+        mask = self.lost
         for m in self.flight or ():
             mask |= m
-        for m in (self.lost or {}).values():
+        for m in (self.older or {}).values():
             mask |= m
         return mask
+
+    def has_loss(self) -> bool:
+        return bool(self.lost or self.older)
+
+    def latest_loss(self) -> int:
+        return self.seq if self.lost else max(self.older)
+
+    def lose(self, mask: int, seq: int) -> None:
+        """The blocks ``mask`` were lost at ``seq``: their latest loss now.  Stream
+        positions only grow; one earlier than ``self.seq`` counts as ``self.seq``
+        (a later SYNCED is then needed: stricter, never weaker)."""
+        if self.older:
+            self.forgive(mask, seq + 1)
+        if self.lost and seq > self.seq:
+            keep = self.lost & ~mask
+            if keep:
+                if self.older is None:
+                    self.older = {}
+                self.older[self.seq] = keep
+        if seq > self.seq or not self.lost:
+            self.lost = 0
+        self.seq = max(seq, self.seq)
+        self.lost |= mask
+
+    def forgive(self, mask: int, seq: int) -> None:
+        """A reply queued at ``seq`` covering ``mask`` whole is durable at the hub:
+        the blocks' losses before ``seq`` are repaired."""
+        if self.lost and self.seq < seq:
+            self.lost &= ~mask
+        if self.older:
+            for s in [s for s in self.older if s < seq]:
+                left = self.older[s] & ~mask
+                if left:
+                    self.older[s] = left
+                else:
+                    del self.older[s]
+            if not self.older:
+                self.older = None
 
 
 def _runs(mask: int):
@@ -705,7 +749,9 @@ class DirtyBitmap:
 
     def _full(self, chunk: int) -> int:
         """The mask of every block of ``chunk`` (the last chunk may have fewer)."""
-        return (1 << min(self.per_chunk, self.total_blocks - chunk * self.per_chunk)) - 1
+        if chunk < self.chunks - 1:
+            return (1 << self.per_chunk) - 1
+        return (1 << (self.total_blocks - chunk * self.per_chunk)) - 1
 
     def _persisted(self, chunk: int) -> int:
         """The blocks the files give a marked chunk: its slot's, or all."""
@@ -826,7 +872,7 @@ class DirtyBitmap:
         st = self.states.get(chunk)
         if st is None and self.is_set(chunk):
             mask = self._persisted(chunk)
-            st = self.states[chunk] = _Marks(mask, {LOADED_SEQ: mask})
+            st = self.states[chunk] = _Marks(mask, LOADED_SEQ, mask)
             self.loaded -= 1
             self.lossy += 1
         elif st is None and create:
@@ -834,18 +880,9 @@ class DirtyBitmap:
         return st
 
     def _lose(self, st: _Marks, mask: int, seq: int) -> None:
-        """The blocks ``mask`` were lost at ``seq``, after any earlier loss of theirs."""
-        if st.lost is None:
-            st.lost = {seq: mask}
-            self.lossy += 1
-            return
-        for s, m in list(st.lost.items()):
-            if s != seq and m & mask:
-                if m & ~mask:
-                    st.lost[s] = m & ~mask
-                else:
-                    del st.lost[s]
-        st.lost[seq] = st.lost.get(seq, 0) | mask
+        """The blocks ``mask`` were lost at ``seq``."""
+        self.lossy += not st.has_loss()
+        st.lose(mask, seq)
 
     def _unflight(self, st: _Marks, mask: int) -> None:
         """One queued write over exactly ``mask`` is no longer in flight."""
@@ -862,7 +899,7 @@ class DirtyBitmap:
         done = mask & st.marked & ~st.busy()
         if done:
             self._set_marked(chunk, st, st.marked & ~done)
-        if not st.marked and st.flight is None and st.lost is None:
+        if not st.marked and st.flight is None and not st.has_loss():
             del self.states[chunk]
 
     def mark(self, where) -> None:
@@ -910,16 +947,9 @@ class DirtyBitmap:
             st = self._state(chunk, create=False)
             if st is None:
                 continue
-            if st.lost is not None:
-                for s, m in list(st.lost.items()):
-                    if s < seq and m & mask:
-                        if m & ~mask:
-                            st.lost[s] = m & ~mask
-                        else:
-                            del st.lost[s]
-                if not st.lost:
-                    st.lost = None
-                    self.lossy -= 1
+            if st.has_loss():
+                st.forgive(mask, seq)
+                self.lossy -= not st.has_loss()
             self._settle(chunk, st, mask)
         self._seal()
 
@@ -953,7 +983,7 @@ class DirtyBitmap:
     def lost_seq(self) -> dict[int, int]:
         """Per chunk with a loss, the stream position of its latest (a view;
         LOADED_SEQ for a mark loaded from the files)."""
-        out = {c: max(st.lost) for c, st in self.states.items() if st.lost}
+        out = {c: st.latest_loss() for c, st in self.states.items() if st.has_loss()}
         if self.loaded:
             out.update((c, LOADED_SEQ) for c in self.set_chunks() if c not in self.states)
         return out
