@@ -401,7 +401,8 @@ class _Marks:
     its latest loss: ``lost`` holds the blocks whose latest loss is at
     ``seq`` (the chunk's latest), ``older`` those whose latest loss is at an
     earlier position (rare: while no hub is attached the position stays put).
-    About 200 bytes a chunk; the common case has no dict at all."""
+    With its entry in ``DirtyBitmap.states``, about 250 bytes a chunk: the
+    common case has no dict of its own."""
 
     __slots__ = ("marked", "flight", "seq", "lost", "older")
 
@@ -486,13 +487,15 @@ class DirtyBitmap:
     for the chunks and 1 MiB + 4 KiB for the slots, whatever the size of the
     disk and the number of writes: a resync of scattered 4 KiB writes fetches
     what was written for the first 65536 chunks they touch, and whole chunks
-    beyond.  A plain 4 KiB bitmap would take 32 MiB per TiB and 16 times
+    beyond.  In memory besides the two mappings: 4 bytes per free slot
+    (256 KiB) and about 250 bytes per chunk touched in this run and not yet
+    clean.  A plain 4 KiB bitmap would take 32 MiB per TiB and 16 times
     longer to scan for a DIRTY_MAP; a log of write extents would grow with the
     writes and need compaction and fsync ordering to be trusted after a
     crash.  Slots are self-describing (chunk number and a CRC each), so no
     ordering between the two files is needed beyond the one kept below.
 
-    The rules run per block (SEMANTICS.md "Agent's dirty bitmap"): a block
+    The rules run per block (docs/SEMANTICS.md "Agent's dirty bitmap"): a block
     clears when no queued write covering it is un-ACKed and every loss of a
     write covering it was followed by a SYNCED reply covering it whole; a
     chunk's bit clears when none of its blocks is marked.  In memory, per
