@@ -432,17 +432,15 @@ class _Marks:
         """The blocks ``mask`` were lost at ``seq``: their latest loss now.  Stream
         positions only grow; one earlier than ``self.seq`` counts as ``self.seq``
         (a later SYNCED is then needed: stricter, never weaker)."""
-        if self.older:
-            self.forgive(mask, seq + 1)
+        seq = max(seq, self.seq)
+        self._clear_older(mask, seq + 1)        # superseded by this loss
         if self.lost and seq > self.seq:
-            keep = self.lost & ~mask
+            keep = self.lost & ~mask            # still lost last at self.seq: older now
             if keep:
-                if self.older is None:
-                    self.older = {}
+                self.older = self.older or {}
                 self.older[self.seq] = keep
-        if seq > self.seq or not self.lost:
             self.lost = 0
-        self.seq = max(seq, self.seq)
+        self.seq = seq
         self.lost |= mask
 
     def forgive(self, mask: int, seq: int) -> None:
@@ -450,15 +448,18 @@ class _Marks:
         the blocks' losses before ``seq`` are repaired."""
         if self.lost and self.seq < seq:
             self.lost &= ~mask
-        if self.older:
-            for s in [s for s in self.older if s < seq]:
-                left = self.older[s] & ~mask
-                if left:
-                    self.older[s] = left
-                else:
-                    del self.older[s]
-            if not self.older:
-                self.older = None
+        self._clear_older(mask, seq)
+
+    def _clear_older(self, mask: int, before: int) -> None:
+        """Take ``mask`` out of the older losses at positions before ``before``."""
+        for s in [s for s in self.older or () if s < before]:
+            left = self.older[s] & ~mask
+            if left:
+                self.older[s] = left
+            else:
+                del self.older[s]
+        if not self.older:
+            self.older = None
 
 
 def _runs(mask: int):

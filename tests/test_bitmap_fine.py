@@ -112,6 +112,34 @@ def test_each_block_keeps_its_own_loss(bitmap):
     assert bitmap.lost_seq == {4: 20} and bitmap.has_losses
 
 
+def test_losses_and_synceds_clear_as_a_block_by_block_model_says(bitmap):
+    """Random drops and SYNCEDs over two chunks, against the rule applied to
+    each block alone: a block stays marked while its latest loss is not
+    older than every SYNCED reply that covered it."""
+    rnd = random.Random(5)
+    latest: dict[int, int] = {}             # block -> its latest loss
+    seq = 2
+    for _ in range(2000):
+        first = rnd.randrange(0, 32)
+        span = ra.Span(first, rnd.randrange(first + 1, 33))
+        if rnd.random() < 0.5:
+            seq += rnd.randrange(0, 3)      # several drops may share a stream position
+            bitmap.mark(span)
+            bitmap.lose(span, seq)
+            latest.update(dict.fromkeys(range(*span), seq))
+        else:
+            reply = rnd.randrange(1, seq + 3)
+            bitmap.synced(span, reply)
+            for b in range(*span):
+                if latest.get(b, reply) < reply:
+                    del latest[b]
+        marked = {b for off, n in bitmap.extents() for b in range(off // BLOCK,
+                                                                  (off + n) // BLOCK)}
+        assert marked == set(latest)
+        assert bitmap.lost_seq == {c: max(s for b, s in latest.items() if b // 16 == c)
+                                   for c in {b // 16 for b in latest}}
+
+
 def test_a_synced_does_not_clear_a_block_with_a_write_in_flight(bitmap):
     write(bitmap, 6 * CHUNK, 2 * BLOCK, seq=3)
     flying = write(bitmap, 6 * CHUNK + BLOCK, BLOCK)
