@@ -2634,6 +2634,7 @@ class FailbackWorker:
         """Mark the range dirty (persistently), write it through our export, ACK (FB-6)."""
         vol, fb = self._running(conn, msg)
         p.check_range(msg.offset, msg.length, vol.size, "PUT")
+        # Whole chunks: PUTs come in large pieces, and DONE clears every mark.
         chunks = vol.bitmap.chunk_range(msg.offset, msg.length)
         with self.stream.lock:
             vol.bitmap.mark(chunks)
