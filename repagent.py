@@ -33,12 +33,14 @@ The rules this file implements (docs/DESIGN.md "The rules that make it
 correct"; what they look like from outside: docs/SEMANTICS.md):
 
 * Rule 2, pending IO is never forgotten: ``DirtyBitmap``.  One bit per chunk
-  in a memory-mapped file, set *before* QEMU is answered.  In memory per
-  chunk: ``inflight`` (WRITE/ZERO queued, not ACKed) and ``lost_seq`` (the
-  stream sequence number at which a write touching the chunk was dropped).
-  A bit clears when inflight == 0 and lost_seq == 0.  Every frame queued on
-  the hub stream gets the next stream sequence number; a SYNCED for a reply
-  queued at sequence ``s`` forgets a loss at ``lost_seq < s``.
+  in a memory-mapped file, and for recently written chunks which of their
+  4 KiB blocks are dirty in a second one, set *before* QEMU is answered.  In
+  memory per block: the WRITE/ZERO frames queued over it and not ACKed, and
+  the stream sequence number at which a write over it was dropped.  A block
+  clears when nothing is in flight over it and no loss is left; a chunk's bit
+  when none of its blocks is marked.  Every frame queued on the hub stream
+  gets the next stream sequence number; a SYNCED for a reply queued at
+  sequence ``s`` covering a block whole forgets its losses before ``s``.
 * Rule 4, stale reads: a READ, CHECKSUM_QUERY or EXTENT_QUERY from the hub
   opens a *read window* over its range before reading QSD.  A guest write
   to a volume with an open window overlapping it (or with writes already
@@ -107,6 +109,9 @@ State directory (``--state-dir``; created 0700, every file and socket in it
     VOLUME.bitmap        dirty bitmap: header (magic, chunk size, size,
                          generation), one bit per chunk, then a CRC per 4 KiB
                          of bits (damage => the volume attaches UNKNOWN), mmap'ed
+    VOLUME.bitmap.fine   its second level: slots naming a marked chunk and its
+                         dirty 4 KiB blocks, a CRC each (damage => that chunk
+                         is resent whole), mmap'ed
     VOLUME.json          QEMU side: node, job and node names, whether a
                          mirror was set up, whether the hub must verify
                          (a damaged one is set aside as VOLUME.json.damaged
@@ -123,6 +128,7 @@ itself (through the page cache QSD shares).
 from __future__ import annotations
 
 import argparse
+import array
 import collections
 import contextlib
 import dataclasses
@@ -146,7 +152,7 @@ import threading
 import time
 import urllib.parse
 import zlib
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import nbd
 import protocol as p
@@ -312,9 +318,11 @@ def read_secret_file(path: str) -> bytes:
 # ---------------------------------------------------------------------------
 # The persistent dirty bitmap (docs/SEMANTICS.md "Agent's dirty bitmap")
 
+# VOLUME.bitmap, the first level: one bit per chunk.
 # offset size field
 #  0      8  magic        b"RPAGBMP1"
-#  8      2  version      2 (1: the same without the block CRCs; upgraded on open)
+#  8      2  version      3 (2: the same, from before the second level existed;
+#                         1: also without the block CRCs; both upgraded on open)
 # 10      2  reserved     0
 # 12      4  chunk_size
 # 16      8  size         volume size in bytes
@@ -325,7 +333,12 @@ def read_secret_file(path: str) -> bytes:
 #                         BITMAP_CRC_BLOCK bytes of bits (the last one shorter)
 BITMAP_HEADER = struct.Struct("!8sHHIQ16s24x")
 BITMAP_MAGIC = b"RPAGBMP1"
-BITMAP_VERSION = 2
+BITMAP_VERSION = 3
+"""Version 3 has the layout of version 2; it says that VOLUME.bitmap.fine
+beside it refines the marks, so that an agent that does not keep that file
+up to date (one that knows version 2 only) refuses the bitmap rather than
+leave the second level saying less than the first."""
+BITMAP_VERSION_NO_FINE = 2
 BITMAP_VERSION_NO_CRC = 1
 BITMAP_CRC = struct.Struct("!I")
 BITMAP_CRC_BLOCK = 4096
@@ -333,36 +346,204 @@ BITMAP_CRC_BLOCK = 4096
 CRC of its 4 KiB only; the bitmap of a 1 TiB disk at 64 KiB chunks (2 MiB)
 has 512 of them (2 KiB), all checked at start in a few milliseconds."""
 
+# VOLUME.bitmap.fine, the second level: which 4 KiB blocks of a marked chunk
+# are dirty, for up to FINE_SLOTS chunks at a time.
+# offset size field
+#  0      8  magic        b"RPAGFIN1"
+#  8      2  version      1
+# 10      2  reserved     0
+# 12      4  chunk_size   as VOLUME.bitmap's
+# 16      8  size         as VOLUME.bitmap's
+# 24     16  generation   as VOLUME.bitmap's (the second level of another bitmap
+#                         is never used)
+# 40      4  slots        S
+# 44      4  slot_size    L: a power of two, at least 12 + M
+# 48     16  reserved     0
+# 4096  S*L  slots        slot k at 4096 + k*L (each inside one page):
+#                           0  8  chunk + 1 (0: the slot is free, all of it zero)
+#                           8  4  CRC-32 (zlib) of bytes 0-7, then of the sub-bits
+#                          12  M  sub-bits, M = ceil(chunk_size / 4096 / 8); bit i
+#                                 of byte j is block 8*j+i of the chunk
+FINE_HEADER = struct.Struct("!8sHHIQ16sII16x")
+FINE_MAGIC = b"RPAGFIN1"
+FINE_VERSION = 1
+FINE_SLOT = struct.Struct("!QI")
+FINE_BLOCK = p.MIN_CHUNK
+"""The second level's block: 4 KiB, the smallest chunk PROTOCOL.md allows, and
+the page and sector size guest file systems write in."""
+FINE_TABLE_OFFSET = 4096
+FINE_SLOTS = 65536
+"""Chunks whose blocks the second level can tell apart at once (and at most
+FINE_TABLE_MAX bytes of slots): 65536 scattered 4 KiB writes, 256 MiB of them,
+are resent as written after an outage; writes beyond that mark whole chunks
+until slots free up.  At 64 KiB chunks a slot is 16 bytes: 1 MiB in all."""
+FINE_TABLE_MAX = 1024 * 1024
+LOADED_SEQ = 1
+"""The stream position a mark loaded from the files counts as lost at: every
+reply of this run is queued later (the first at 2), so only a SYNCED clears it."""
+
 
 class BitmapError(Exception):
     """A bitmap file that cannot be used (wrong magic, size or chunk size)."""
 
 
+class Span(NamedTuple):
+    """4 KiB blocks [first, end) of the volume (block b is bytes b*4096 ...)."""
+
+    first: int
+    end: int
+
+
+class _Marks:
+    """The in-memory state of one chunk, per 4 KiB block as bit masks (bit i is
+    block i of the chunk): the blocks marked; the masks of its queued writes
+    not ACKed yet, each with a count; and, per block, the stream position of
+    its latest loss: ``lost`` holds the blocks whose latest loss is at
+    ``seq`` (the chunk's latest), ``older`` those whose latest loss is at an
+    earlier position (rare: while no hub is attached the position stays put).
+    With its entry in ``DirtyBitmap.states``, about 250 bytes a chunk: the
+    common case has no dict of its own."""
+
+    __slots__ = ("marked", "flight", "seq", "lost", "older")
+
+    def __init__(self, marked: int = 0, seq: int = 0, lost: int = 0):
+        self.marked = marked
+        self.flight: dict[int, int] | None = None   # mask of a queued write -> how many
+        self.seq = seq
+        self.lost = lost
+        self.older: dict[int, int] | None = None    # earlier seq -> blocks lost last then
+
+    def busy(self) -> int:
+        """The blocks that may not clear: a write to them in flight, or lost."""
+        mask = self.lost
+        for m in self.flight or ():
+            mask |= m
+        for m in (self.older or {}).values():
+            mask |= m
+        return mask
+
+    def has_loss(self) -> bool:
+        return bool(self.lost or self.older)
+
+    def latest_loss(self) -> int:
+        return self.seq if self.lost else max(self.older)
+
+    def lose(self, mask: int, seq: int) -> None:
+        """The blocks ``mask`` were lost at ``seq``: their latest loss now.  Stream
+        positions only grow; one earlier than ``self.seq`` counts as ``self.seq``
+        (a later SYNCED is then needed: stricter, never weaker)."""
+        seq = max(seq, self.seq)
+        self._clear_older(mask, seq + 1)        # superseded by this loss
+        if self.lost and seq > self.seq:
+            keep = self.lost & ~mask            # still lost last at self.seq: older now
+            if keep:
+                self.older = self.older or {}
+                self.older[self.seq] = keep
+            self.lost = 0
+        self.seq = seq
+        self.lost |= mask
+
+    def forgive(self, mask: int, seq: int) -> None:
+        """A reply queued at ``seq`` covering ``mask`` whole is durable at the hub:
+        the blocks' losses before ``seq`` are repaired."""
+        if self.lost and self.seq < seq:
+            self.lost &= ~mask
+        self._clear_older(mask, seq)
+
+    def _clear_older(self, mask: int, before: int) -> None:
+        """Take ``mask`` out of the older losses at positions before ``before``."""
+        for s in [s for s in self.older or () if s < before]:
+            left = self.older[s] & ~mask
+            if left:
+                self.older[s] = left
+            else:
+                del self.older[s]
+        if not self.older:
+            self.older = None
+
+
+def _runs(mask: int):
+    """Yield (first, end) of each run of set bits of ``mask``, lowest first."""
+    pos = 0
+    while mask:
+        skip = (mask & -mask).bit_length() - 1
+        mask >>= skip
+        pos += skip
+        ones = (~mask & (mask + 1)).bit_length() - 1
+        yield pos, pos + ones
+        mask >>= ones
+        pos += ones
+
+
 class DirtyBitmap:
-    """One bit per chunk, persisted in a memory-mapped file, plus in-memory
-    ``inflight`` and ``lost_seq`` per chunk (sparse dicts).
+    """What was written and is not yet safe at the hub, per 4 KiB block, in two
+    memory-mapped files, plus the in-memory rule state per block.
 
-    Body damage (bits zeroed or flipped on disk, the header intact) is told
-    by a CRC per BITMAP_CRC_BLOCK of bits, kept in the same mapping and
-    recomputed after every change of a bit in it.  A crash between a bit's
-    change and its block's CRC (or a host crash that wrote back one page and
-    not the other) looks like damage too: either way ``damaged`` lists the
-    blocks that fail at open, and the caller must not trust the marks
-    (``Volume.open_bitmap``: the hub verifies the volume).
+    Two levels.  ``VOLUME.bitmap`` holds one bit per chunk, as it always did;
+    ``VOLUME.bitmap.fine`` holds up to FINE_SLOTS *slots*, each naming one
+    marked chunk and which of its 4 KiB blocks are marked.  A chunk whose bit
+    is set is dirty in the blocks its slot names, or whole when it has no
+    slot (no slot was free, the write covered it whole, or the slot cannot be
+    trusted).  So the files of a 1 TiB disk at 64 KiB chunks take 2 MiB + 2 KiB
+    for the chunks and 1 MiB + 4 KiB for the slots, whatever the size of the
+    disk and the number of writes: a resync of scattered 4 KiB writes fetches
+    what was written for the first 65536 chunks they touch, and whole chunks
+    beyond.  In memory besides the two mappings: 4 bytes per free slot
+    (256 KiB) and about 250 bytes per chunk touched in this run and not yet
+    clean.  A plain 4 KiB bitmap would take 32 MiB per TiB and 16 times
+    longer to scan for a DIRTY_MAP; a log of write extents would grow with the
+    writes and need compaction and fsync ordering to be trusted after a
+    crash.  Slots are self-describing (chunk number and a CRC each), so no
+    ordering between the two files is needed beyond the one kept below.
 
-    Not locked itself: every method runs with ``Stream.lock`` held (any
-    thread), which is also what makes "mark, then queue" atomic.
+    The rules run per block (docs/SEMANTICS.md "Agent's dirty bitmap"): a block
+    clears when no queued write covering it is un-ACKed and every loss of a
+    write covering it was followed by a SYNCED reply covering it whole; a
+    chunk's bit clears when none of its blocks is marked.  In memory, per
+    chunk touched in this run (``_Marks``): the marked blocks, the masks of
+    its writes in flight, and per stream position the blocks lost there.  A
+    chunk loaded marked and not touched since has no entry: it is lost at
+    LOADED_SEQ in the blocks the files give it.
+
+    Crash safety (an agent SIGKILLed at any point loses no block written
+    before it): whatever the files hold covers every marked block.  A chunk
+    that becomes dirty gets its slot written before its bit; a chunk that
+    clears loses its bit before its slot (a slot of a clean chunk is stale
+    and freed at open); a slot is only rewritten with the chunk's marks as
+    they are now, in one store, and a slot torn by a crash fails its CRC.
+    A slot that fails its CRC, names a chunk twice or out of range, or says
+    nothing, is not trusted: its chunk is resent whole.  The second level
+    is never trusted beside a bitmap of version 1 or 2, of another
+    generation, or when it is missing or cut short: every marked chunk is
+    resent whole, and a line says so.
+
+    Body damage of the first level (bits zeroed or flipped, the header
+    intact) is told by a CRC per BITMAP_CRC_BLOCK of bits, kept in the same
+    mapping and recomputed after every change of a bit in it.  A crash
+    between a bit's change and its block's CRC looks like damage too: either
+    way ``damaged`` lists the blocks that fail at open, and the caller must
+    not trust the marks (``Volume.open_bitmap``: the hub verifies the volume).
+
+    The rule methods take a ``Span`` of blocks, or a ``range`` of chunks
+    meaning those chunks whole (a fail-back's PUT, a fail-back that marks
+    everything).  Not locked itself: every method runs with ``Stream.lock``
+    held (any thread), which is also what makes "mark, then queue" atomic.
     """
 
     def __init__(self, path: str, size: int, chunk_size: int, fsync: bool = False):
         self.path = path
+        self.fine_path = path + ".fine"
         self.size = size
         self.chunk_size = chunk_size
         self.chunks = -(-size // chunk_size)
+        self.per_chunk = chunk_size // FINE_BLOCK     # blocks per chunk
+        self.total_blocks = -(-size // FINE_BLOCK)
         self.fsync = fsync
-        self.inflight: dict[int, int] = {}
-        self.lost_seq: dict[int, int] = {}
-        self.dirty_count = 0
+        self.states: dict[int, _Marks] = {}
+        self.dirty_count = 0            # chunks whose bit is set
+        self.dirty_blocks = 0           # blocks marked
+        self.loaded = 0                 # chunks marked at open and not touched since
+        self.lossy = 0                  # entries of ``states`` with a loss
         self.damaged: list[int] = []    # blocks whose CRC failed at open
         self._stale: set[int] = set()   # blocks whose bits changed since their CRC
         self.created = not os.path.exists(path)
@@ -373,7 +554,7 @@ class DirtyBitmap:
         fd = private_open(path, os.O_RDWR | os.O_CREAT)
         try:
             have = os.fstat(fd).st_size
-            upgrade = False
+            upgrade = 0
             # Empty, or all zeroes: a creation that a crash cut short before
             # its header (written last) was written.  (Zeroes in the header
             # only are damage: refused below, as a bad magic.)
@@ -385,30 +566,37 @@ class DirtyBitmap:
                 os.ftruncate(fd, file_size)
             else:
                 self.generation, version = self._check_header(header, have, file_size)
-                if version == BITMAP_VERSION_NO_CRC:
-                    upgrade = True
+                if version != BITMAP_VERSION:
+                    upgrade = version
                     os.ftruncate(fd, file_size)
             self.map = mmap.mmap(fd, file_size)
             self.bits = memoryview(self.map)[BITMAP_HEADER.size:self.crc_offset]
+            if self.created or upgrade == BITMAP_VERSION_NO_CRC:
+                self._seal(range(self.blocks))      # CRCs first, then the header
+            else:
+                self.damaged = [b for b in range(self.blocks)
+                                if self._block_crc(b) != self._stored_crc(b)]
+            self.dirty_count = int.from_bytes(self.bits, "little").bit_count()
+            if self.chunks % 8:     # bits past the last chunk (damage) mark nothing
+                self.dirty_count -= (self.bits[-1] >> self.chunks % 8).bit_count()
+            self.loaded = self.dirty_count
+            # The second level before the header that says it is kept: a
+            # crash in between finds a version 1 or 2 bitmap, upgraded again.
+            self._open_fine(trusted=not self.created and not upgrade)
+            self.dirty_blocks = self._count_blocks()
             if self.created or upgrade:
-                # CRCs first, then the header that says they are there.
-                self._seal(range(self.blocks))
                 self.map.flush()
                 os.pwrite(fd, BITMAP_HEADER.pack(BITMAP_MAGIC, BITMAP_VERSION, 0, chunk_size,
                                                  size, self.generation), 0)
                 os.fsync(fd)
                 if upgrade:
-                    log.info("%s: upgraded from bitmap version %d to %d (block CRCs added)",
-                             path, BITMAP_VERSION_NO_CRC, BITMAP_VERSION)
-            else:
-                self.damaged = [b for b in range(self.blocks)
-                                if self._block_crc(b) != self._stored_crc(b)]
+                    log.info("%s: upgraded from bitmap version %d to %d: %s4 KiB blocks are "
+                             "tracked in %s from now on; the %d chunks marked so far are "
+                             "resent whole", path, upgrade, BITMAP_VERSION,
+                             "block CRCs added; " if upgrade == BITMAP_VERSION_NO_CRC else "",
+                             self.fine_path, self.dirty_count)
         finally:
             os.close(fd)
-        for chunk in self.set_chunks():
-            # Loaded from disk: only a SYNCED (a READ made now) may clear it.
-            self.lost_seq[chunk] = 1
-            self.dirty_count += 1
 
     def _check_header(self, raw: bytes, have: int, want: int) -> tuple[bytes, int]:
         """(generation, version) of a header that fits this volume."""
@@ -418,7 +606,7 @@ class DirtyBitmap:
         magic, version, _, chunk_size, size, generation = BITMAP_HEADER.unpack(raw)
         if magic != BITMAP_MAGIC:
             raise BitmapError(f"{self.path}: bad magic {magic!r}, expected {BITMAP_MAGIC!r}")
-        if version not in (BITMAP_VERSION, BITMAP_VERSION_NO_CRC):
+        if version not in (BITMAP_VERSION, BITMAP_VERSION_NO_FINE, BITMAP_VERSION_NO_CRC):
             raise BitmapError(f"{self.path}: version {version}, expected {BITMAP_VERSION}")
         if chunk_size != self.chunk_size:
             raise BitmapError(f"{self.path}: chunk_size {chunk_size}, expected "
@@ -428,11 +616,151 @@ class DirtyBitmap:
             raise BitmapError(f"{self.path}: volume size {size}, expected {self.size} "
                               "(the disk was resized: remove the state dir)")
         # A version 1 file is as long as its bits; an upgrade cut short by a
-        # crash may have made it as long as version 2 already.
-        sizes = (want,) if version == BITMAP_VERSION else (self.crc_offset, want)
+        # crash may have made it as long as the later versions already.
+        sizes = (self.crc_offset, want) if version == BITMAP_VERSION_NO_CRC else (want,)
         if have not in sizes:
             raise BitmapError(f"{self.path}: file is {have} bytes, expected {want}")
         return generation, version
+
+    # -- the second level: slots of 4 KiB sub-bits ---------------------------
+
+    def _open_fine(self, trusted: bool) -> None:
+        """Map VOLUME.bitmap.fine and load its slots; make it anew (every slot
+        free: marked chunks whole) when it is not ``trusted``, missing or does
+        not fit this bitmap.  Nothing to refine with 4 KiB chunks: no file."""
+        self.slot_of: dict[int, int] = {}               # chunk -> its slot
+        self.free = array.array("I")                    # free slots, popped from the end
+        self.fine_map = None
+        self.slots = 0
+        self.fine_untrusted = 0                         # slots found not trustworthy
+        if self.per_chunk == 1:
+            return
+        self.sub_bytes = -(-self.per_chunk // 8)
+        self.slot_size = 1 << (FINE_SLOT.size + self.sub_bytes - 1).bit_length()
+        self.slots = min(FINE_SLOTS, self.chunks, FINE_TABLE_MAX // self.slot_size)
+        missing = not os.path.exists(self.fine_path)
+        fd = private_open(self.fine_path, os.O_RDWR | os.O_CREAT)
+        try:
+            problem = None if trusted else "the bitmap is new or was upgraded"
+            if problem is None and missing:
+                problem = "it is missing"
+            if problem is None:
+                problem = self._fine_problem(os.pread(fd, FINE_HEADER.size, 0),
+                                             os.fstat(fd).st_size)
+            if problem is not None:
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, FINE_TABLE_OFFSET + self.slots * self.slot_size)
+                os.pwrite(fd, FINE_HEADER.pack(FINE_MAGIC, FINE_VERSION, 0, self.chunk_size,
+                                               self.size, self.generation, self.slots,
+                                               self.slot_size), 0)
+                os.fsync(fd)
+                if trusted and self.dirty_count:
+                    log.info("%s: not used (%s): the %d chunks marked are resent whole",
+                             self.fine_path, problem, self.dirty_count)
+            self.fine_map = mmap.mmap(fd, FINE_TABLE_OFFSET + self.slots * self.slot_size)
+        finally:
+            os.close(fd)
+        self._load_slots()
+
+    def _fine_problem(self, raw: bytes, have: int) -> str | None:
+        """Why the second level's header does not fit this bitmap, or None."""
+        if len(raw) < FINE_HEADER.size:
+            return f"header is {len(raw)} bytes"
+        magic, version, _, chunk_size, size, generation, slots, slot_size = \
+            FINE_HEADER.unpack(raw)
+        got = (magic, version, chunk_size, size, generation, slot_size)
+        if got != (FINE_MAGIC, FINE_VERSION, self.chunk_size, self.size, self.generation,
+                   self.slot_size):
+            return "its header does not match the bitmap"
+        if not 0 < slots <= self.chunks or have != FINE_TABLE_OFFSET + slots * slot_size:
+            return f"{slots} slots in {have} bytes"
+        self.slots = slots
+        return None
+
+    def _slot_offset(self, slot: int) -> int:
+        return FINE_TABLE_OFFSET + slot * self.slot_size
+
+    def _slot_crc(self, head: bytes, bits: bytes) -> int:
+        return zlib.crc32(bits, zlib.crc32(head))
+
+    def _load_slots(self) -> None:
+        """Trust the slots that pass their checks and name a marked chunk; free
+        the rest (a stale slot names a clean chunk; an untrusted one leaves its
+        chunk, if marked, whole)."""
+        view, size, used = self.fine_map, self.slot_size, FINE_SLOT.size + self.sub_bytes
+        claimed: dict[int, int] = {}
+        twice: set[int] = set()
+        bad: list[int] = []
+        table_end = FINE_TABLE_OFFSET + self.slots * size
+        for page in range(FINE_TABLE_OFFSET, table_end, 4096):
+            if not any(view[page:min(page + 4096, table_end)]):
+                continue
+            for off in range(page, min(page + 4096, table_end), size):
+                raw = view[off:off + used]
+                if not any(raw):
+                    continue
+                slot = (off - FINE_TABLE_OFFSET) // size
+                number, crc = FINE_SLOT.unpack_from(raw)
+                chunk, mask = number - 1, int.from_bytes(raw[FINE_SLOT.size:], "little")
+                if (crc != self._slot_crc(raw[:8], raw[FINE_SLOT.size:])
+                        or not 0 <= chunk < self.chunks or not mask
+                        or mask & ~self._full(chunk) or chunk in twice):
+                    bad.append(slot)
+                elif chunk in claimed:                  # two slots of one chunk: neither
+                    twice.add(chunk)
+                    bad += [slot, claimed.pop(chunk)]
+                elif self.is_set(chunk):
+                    claimed[chunk] = slot
+                else:
+                    self._zero_slot(slot)               # stale: the chunk has cleared
+        for slot in bad:
+            self._zero_slot(slot)
+        self.fine_untrusted = len(bad)
+        if bad:
+            log.info("%s: %d of %d slots fail their checks (a crash cut an update short, "
+                     "or damage): the chunks they describe are resent whole",
+                     self.fine_path, len(bad), self.slots)
+        self.slot_of = claimed
+        taken = set(claimed.values())
+        self.free = array.array("I", (s for s in range(self.slots - 1, -1, -1)
+                                      if s not in taken))
+
+    def _count_blocks(self) -> int:
+        """The blocks the files mark (at open)."""
+        n = (self.dirty_count - len(self.slot_of)) * self.per_chunk + sum(
+            self._slot_mask(s).bit_count() for s in self.slot_of.values())
+        last = self.chunks - 1
+        if self.is_set(last) and last not in self.slot_of:
+            n -= self.per_chunk - self._full(last).bit_length()
+        return n
+
+    def _slot_mask(self, slot: int) -> int:
+        off = self._slot_offset(slot) + FINE_SLOT.size
+        return int.from_bytes(self.fine_map[off:off + self.sub_bytes], "little")
+
+    def _zero_slot(self, slot: int) -> None:
+        off = self._slot_offset(slot)
+        self.fine_map[off:off + FINE_SLOT.size + self.sub_bytes] = \
+            bytes(FINE_SLOT.size + self.sub_bytes)
+
+    def _write_slot(self, slot: int, chunk: int, mask: int) -> None:
+        """The slot says ``mask`` for ``chunk``, in one store (a torn one fails its CRC)."""
+        head = (chunk + 1).to_bytes(8, "big")
+        bits = mask.to_bytes(self.sub_bytes, "little")
+        off = self._slot_offset(slot)
+        self.fine_map[off:off + FINE_SLOT.size + self.sub_bytes] = \
+            FINE_SLOT.pack(chunk + 1, self._slot_crc(head, bits)) + bits
+
+    def _full(self, chunk: int) -> int:
+        """The mask of every block of ``chunk`` (the last chunk may have fewer)."""
+        if chunk < self.chunks - 1:
+            return (1 << self.per_chunk) - 1
+        return (1 << (self.total_blocks - chunk * self.per_chunk)) - 1
+
+    def _persisted(self, chunk: int) -> int:
+        """The blocks the files give a marked chunk: its slot's, or all."""
+        slot = self.slot_of.get(chunk)
+        return self._full(chunk) if slot is None else self._slot_mask(slot)
 
     # -- block CRCs --------------------------------------------------------
 
@@ -467,92 +795,222 @@ class DirtyBitmap:
     def is_set(self, chunk: int) -> bool:
         return bool(self.bits[chunk >> 3] & (1 << (chunk & 7)))
 
-    def _set(self, chunk: int) -> None:
+    def _set_bit(self, chunk: int) -> None:
         byte, bit = chunk >> 3, 1 << (chunk & 7)
-        value = self.bits[byte]
-        if not value & bit:
-            self.bits[byte] = value | bit
-            self.dirty_count += 1
-            self._stale.add(byte // BITMAP_CRC_BLOCK)
+        self.bits[byte] |= bit
+        self.dirty_count += 1
+        self._stale.add(byte // BITMAP_CRC_BLOCK)
 
-    def _clear_if_done(self, chunk: int) -> None:
-        if chunk in self.inflight or chunk in self.lost_seq:
+    def _clear_bit(self, chunk: int) -> None:
+        byte, bit = chunk >> 3, 1 << (chunk & 7)
+        self.bits[byte] &= ~bit
+        self.dirty_count -= 1
+        self._stale.add(byte // BITMAP_CRC_BLOCK)
+
+    def _set_marked(self, chunk: int, st: _Marks, new: int) -> None:
+        """Mark exactly the blocks ``new`` of ``chunk``, in memory and in the files,
+        in an order after which a crash at any point leaves the files saying at
+        least what is marked before and after."""
+        old = st.marked
+        if new == old:
             return
-        byte, bit = chunk >> 3, 1 << (chunk & 7)
-        value = self.bits[byte]
-        if value & bit:
-            self.bits[byte] = value & ~bit
-            self.dirty_count -= 1
-            self._stale.add(byte // BITMAP_CRC_BLOCK)
+        st.marked = new
+        self.dirty_blocks += new.bit_count() - old.bit_count()
+        slot = self.slot_of.get(chunk)
+        if not new:
+            self._clear_bit(chunk)              # first: a slot left over is stale
+            if slot is not None:
+                self._zero_slot(slot)
+                del self.slot_of[chunk]
+                self.free.append(slot)
+            return
+        if slot is None and self.free and new != self._full(chunk):
+            slot = self.slot_of[chunk] = self.free.pop()
+        if slot is not None:
+            self._write_slot(slot, chunk, new)  # before the bit: never less than marked
+        if not old:
+            self._set_bit(chunk)
 
-    # -- the rules -----------------------------------------------------------
+    # -- the rules, per block ----------------------------------------------------
 
     def chunk_range(self, offset: int, length: int) -> range:
+        """The chunks a write of ``length`` bytes at ``offset`` touches."""
         return range(offset // self.chunk_size, (offset + length - 1) // self.chunk_size + 1)
 
-    def mark(self, chunks: range) -> None:
-        """A write from QEMU touches these chunks: set them before QEMU is answered."""
-        for chunk in chunks:
-            self._set(chunk)
+    def block_span(self, offset: int, length: int) -> Span:
+        """The 4 KiB blocks a write of ``length`` bytes at ``offset`` touches."""
+        return Span(offset // FINE_BLOCK, -(-(offset + length) // FINE_BLOCK))
+
+    def covered_span(self, offset: int, length: int) -> Span:
+        """The blocks a read of that range covers whole (the last block may end at
+        the volume's end): a partial read says nothing of the rest of a block."""
+        end = offset + length
+        last = self.total_blocks if end >= self.size else end // FINE_BLOCK
+        first = -(-offset // FINE_BLOCK)
+        return Span(first, max(first, last))
+
+    def chunks_of(self, where) -> range:
+        """The chunks a span (or a range of chunks) touches."""
+        if isinstance(where, range):
+            return where
+        first, end = where
+        return range(first // self.per_chunk, -(-end // self.per_chunk))
+
+    def _masks(self, where):
+        """Yield (chunk, mask of its blocks) over a Span, or a range of chunks whole."""
+        if isinstance(where, range):
+            first = where.start * self.per_chunk
+            end = min(where.stop * self.per_chunk, self.total_blocks)
+        else:
+            first, end = where
+        per = self.per_chunk
+        while first < end:
+            chunk, lo = divmod(first, per)
+            n = min(end - first, per - lo)
+            yield chunk, ((1 << n) - 1) << lo
+            first += n
+
+    def _state(self, chunk: int, create: bool) -> _Marks | None:
+        """The chunk's entry: made for a chunk loaded marked (lost at LOADED_SEQ in
+        the blocks the files give it), or a new one if ``create``."""
+        st = self.states.get(chunk)
+        if st is None and self.is_set(chunk):
+            mask = self._persisted(chunk)
+            st = self.states[chunk] = _Marks(mask, LOADED_SEQ, mask)
+            self.loaded -= 1
+            self.lossy += 1
+        elif st is None and create:
+            st = self.states[chunk] = _Marks()
+        return st
+
+    def _lose(self, st: _Marks, mask: int, seq: int) -> None:
+        """The blocks ``mask`` were lost at ``seq``."""
+        self.lossy += not st.has_loss()
+        st.lose(mask, seq)
+
+    def _unflight(self, st: _Marks, mask: int) -> None:
+        """One queued write over exactly ``mask`` is no longer in flight."""
+        n = st.flight.get(mask, 0) if st.flight else 0
+        if n > 1:
+            st.flight[mask] = n - 1
+        elif n == 1:
+            del st.flight[mask]
+            if not st.flight:
+                st.flight = None
+
+    def _settle(self, chunk: int, st: _Marks, mask: int) -> None:
+        """Clear the blocks of ``mask`` that nothing holds any more."""
+        done = mask & st.marked & ~st.busy()
+        if done:
+            self._set_marked(chunk, st, st.marked & ~done)
+        if not st.marked and st.flight is None and not st.has_loss():
+            del self.states[chunk]
+
+    def mark(self, where) -> None:
+        """A write from QEMU touches these blocks: mark them before QEMU is answered."""
+        for chunk, mask in self._masks(where):
+            st = self._state(chunk, create=True)
+            self._set_marked(chunk, st, st.marked | mask)
         self._seal()
         if self.fsync:
             self.sync()
 
-    def add_inflight(self, chunks: range) -> None:
-        """A WRITE/ZERO touching these chunks was queued for the hub."""
-        for chunk in chunks:
-            self.inflight[chunk] = self.inflight.get(chunk, 0) + 1
+    def add_inflight(self, where) -> None:
+        """A WRITE/ZERO over these blocks was queued for the hub."""
+        for chunk, mask in self._masks(where):
+            st = self._state(chunk, create=True)
+            if st.flight is None:
+                st.flight = {}
+            st.flight[mask] = st.flight.get(mask, 0) + 1
 
-    def ack(self, chunks: range) -> None:
-        """The hub ACKed one queued write: inflight -= 1, clear what is done."""
-        for chunk in chunks:
-            n = self.inflight.get(chunk, 0) - 1
-            if n > 0:
-                self.inflight[chunk] = n
-            else:
-                self.inflight.pop(chunk, None)
-                self._clear_if_done(chunk)
+    def ack(self, where) -> None:
+        """The hub ACKed one queued write over these blocks: clear what is done."""
+        for chunk, mask in self._masks(where):
+            st = self._state(chunk, create=False)
+            if st is not None:
+                self._unflight(st, mask)
+                self._settle(chunk, st, mask)
+        self._seal()
+
+    def lose(self, where, seq: int) -> None:
+        """A write over these blocks was dropped (not sent) at stream seq."""
+        for chunk, mask in self._masks(where):
+            self._lose(self._state(chunk, create=True), mask, seq)
+
+    def drop_inflight(self, where, seq: int) -> None:
+        """A queued write will never be ACKed (connection lost): it is dropped."""
+        for chunk, mask in self._masks(where):
+            st = self._state(chunk, create=True)
+            self._unflight(st, mask)
+            self._lose(st, mask, seq)
+
+    def synced(self, where, seq: int) -> None:
+        """SYNCED for a reply queued at ``seq`` covering these blocks whole: forget
+        their older losses, clear what is done."""
+        for chunk, mask in self._masks(where):
+            st = self._state(chunk, create=False)
+            if st is None:
+                continue
+            if st.has_loss():
+                st.forgive(mask, seq)
+                self.lossy -= not st.has_loss()
+            self._settle(chunk, st, mask)
         self._seal()
 
     def sync(self) -> None:
-        """msync the bits: they survive a host crash, not only an agent crash."""
+        """msync both levels: they survive a host crash, not only an agent crash."""
+        if self.fine_map is not None:
+            self.fine_map.flush()
         self.map.flush()
 
     def clear_all(self) -> None:
         """Forget every mark: the volume is known to equal the hub's (fail-back
         DONE).  Nothing may be in flight for the volume."""
         self.bits[:] = bytes(len(self.bits))
-        self.inflight.clear()
-        self.lost_seq.clear()
-        self.dirty_count = 0
+        if self.fine_map is not None:      # after the bits: a slot left is stale
+            self.fine_map[FINE_TABLE_OFFSET:] = bytes(len(self.fine_map) - FINE_TABLE_OFFSET)
+        self.free = array.array("I", range(self.slots - 1, -1, -1))
+        self.slot_of.clear()
+        self.states.clear()
+        self.dirty_count = self.dirty_blocks = self.loaded = self.lossy = 0
         self._seal(range(self.blocks))
         self.sync()
 
-    def lose(self, chunks: range, seq: int) -> None:
-        """A write touching these chunks was dropped (not sent) at stream seq."""
-        for chunk in chunks:
-            self.lost_seq[chunk] = seq
-
-    def drop_inflight(self, chunks: range, seq: int) -> None:
-        """A queued write will never be ACKed (connection lost): it is dropped."""
-        for chunk in chunks:
-            n = self.inflight.get(chunk, 0) - 1
-            if n > 0:
-                self.inflight[chunk] = n
-            else:
-                self.inflight.pop(chunk, None)
-            self.lost_seq[chunk] = seq
-
-    def synced(self, chunks: range, seq: int) -> None:
-        """SYNCED for a reply queued at ``seq``: forget older losses, clear."""
-        for chunk in chunks:
-            lost = self.lost_seq.get(chunk)
-            if lost is not None and lost < seq:
-                del self.lost_seq[chunk]
-            self._clear_if_done(chunk)
-        self._seal()
-
     # -- reading it out --------------------------------------------------------
+
+    @property
+    def inflight(self) -> dict[int, int]:
+        """Per chunk, the queued writes touching it not ACKed yet (a view)."""
+        return {c: sum(st.flight.values()) for c, st in self.states.items() if st.flight}
+
+    @property
+    def lost_seq(self) -> dict[int, int]:
+        """Per chunk with a loss, the stream position of its latest (a view;
+        LOADED_SEQ for a mark loaded from the files)."""
+        out = {c: st.latest_loss() for c, st in self.states.items() if st.has_loss()}
+        if self.loaded:
+            out.update((c, LOADED_SEQ) for c in self.set_chunks() if c not in self.states)
+        return out
+
+    @property
+    def has_losses(self) -> bool:
+        """Some block waits for a SYNCED (a resync), not only for ACKs."""
+        return bool(self.lossy or self.loaded)
+
+    @property
+    def lost_chunks(self) -> int:
+        return self.lossy + self.loaded
+
+    @property
+    def inflight_chunks(self) -> int:
+        return sum(1 for st in self.states.values() if st.flight)
+
+    def marked_blocks(self, chunk: int) -> int:
+        """The mask of the blocks of ``chunk`` that are marked."""
+        st = self.states.get(chunk)
+        if st is not None:
+            return st.marked
+        return self._persisted(chunk) if self.is_set(chunk) else 0
 
     def set_chunks(self):
         """Yield every chunk whose bit is set, skipping zero regions fast."""
@@ -572,20 +1030,24 @@ class DirtyBitmap:
                                 yield chunk
 
     def extents(self, chunks=None, limit: int = MAX_EXTENTS) -> list[tuple[int, int]]:
-        """Sorted, merged (offset, length) byte extents of the given (or set) chunks.
+        """Sorted, merged (offset, length) byte extents of the marked blocks of the
+        given (or every marked) chunk: 4 KiB aligned, the last one may stop at
+        the volume's end.
 
         At most ``limit`` extents: beyond it, neighbours separated by the
         smallest gaps are joined (a superset of the dirty regions is allowed).
         """
         out: list[list[int]] = []
         for chunk in sorted(chunks) if chunks is not None else self.set_chunks():
-            start = chunk * self.chunk_size
-            end = min(start + self.chunk_size, self.size)
-            if out and out[-1][1] == start:
-                out[-1][1] = end
-            else:
-                out.append([start, end])
-        gap = self.chunk_size
+            base = chunk * self.chunk_size
+            for lo, hi in _runs(self.marked_blocks(chunk)):
+                start = base + lo * FINE_BLOCK
+                end = min(base + hi * FINE_BLOCK, self.size)
+                if out and out[-1][1] == start:
+                    out[-1][1] = end
+                else:
+                    out.append([start, end])
+        gap = FINE_BLOCK
         while len(out) > limit:
             joined = [out[0]]
             for start, end in out[1:]:
@@ -598,12 +1060,30 @@ class DirtyBitmap:
 
     @property
     def dirty_bytes(self) -> int:
+        """Bytes of the chunks marked."""
         return self.dirty_count * self.chunk_size
 
+    @property
+    def dirty_block_bytes(self) -> int:
+        """Bytes of the 4 KiB blocks marked: what a resync of them fetches."""
+        n = self.dirty_blocks * FINE_BLOCK
+        tail = self.size % FINE_BLOCK
+        if tail:                # the last block is shorter
+            chunk, block = divmod(self.total_blocks - 1, self.per_chunk)
+            if self.marked_blocks(chunk) >> block & 1:
+                n -= FINE_BLOCK - tail
+        return n
+
     def close(self) -> None:
+        """Unmap both levels (again: nothing)."""
+        if self.map.closed:
+            return
         self.bits.release()
         self.map.flush()
         self.map.close()
+        if self.fine_map is not None:
+            self.fine_map.flush()
+            self.fine_map.close()
 
 
 # ---------------------------------------------------------------------------
@@ -1052,7 +1532,7 @@ class PendingWrite:
 
     request_id: int
     volume: "Volume"
-    chunks: range
+    span: Span                            # the 4 KiB blocks it writes
     length: int
     reply: Callable[[int], None] | None   # sync mode: QEMU waits for the ACK
     deadline: float = 0.0
@@ -1693,28 +2173,28 @@ class Stream:
                         data: memoryview | None, reply: Callable[[int], None]) -> None:
         """A write from QSD (data None: write zeroes).  Runs on an nbd-conn thread.
 
-        Marks the chunks, then queues the frame (or holds it behind a read
-        window, or drops it), all under the lock; answers QEMU now unless sync
-        mode waits for the hub's ACK.
+        Marks its 4 KiB blocks, then queues the frame (or holds it behind a
+        read window, or drops it), all under the lock; answers QEMU now unless
+        sync mode waits for the hub's ACK.
         """
         bitmap = vol.bitmap
-        chunks = bitmap.chunk_range(offset, length)
+        span = bitmap.block_span(offset, length)
         answer_now = True
         with self.lock:
-            bitmap.mark(chunks)
+            bitmap.mark(span)
             vol.counters["writes"] += 1
             conn = self.conn
             if conn is None or vol.volume_id is None:
-                bitmap.lose(chunks, self.seq)
+                bitmap.lose(span, self.seq)
                 vol.counters["untracked_writes"] += 1
             elif vol.plan == p.SyncPlan.DEMOTED:
                 # Promoted at the recovery site: the hub takes no writes of
                 # ours; the marks are what a fail-back collects (late writes).
-                bitmap.lose(chunks, self.seq)
+                bitmap.lose(span, self.seq)
                 vol.counters["demoted_writes"] += 1
             elif data is not None and conn.queued_bytes + length > self.cfg.max_queue:
-                bitmap.lose(chunks, self.seq)
-                self.report_dropped(conn, vol, chunks)
+                bitmap.lose(span, self.seq)
+                self.report_dropped(conn, vol, span)
                 vol.counters["dropped_writes"] += 1
                 if vol.counters["dropped_writes"] == 1 or not self.degraded:
                     log.warning("send queue full (%d bytes): %s off=%d len=%d only marked; "
@@ -1732,8 +2212,8 @@ class Stream:
                                   length=length, data=data)
                     nbytes = length
                 wait = self.cfg.mode == "sync" and not self.degraded
-                pw = PendingWrite(req, vol, chunks, length, reply if wait else None)
-                bitmap.add_inflight(chunks)
+                pw = PendingWrite(req, vol, span, length, reply if wait else None)
+                bitmap.add_inflight(span)
                 self.pending[req] = pw
                 if vol.must_hold(offset, offset + length):
                     vol.held.append((msg, nbytes, pw))
@@ -1766,7 +2246,7 @@ class Stream:
         every write answered early is ACKed (any thread, lock held)."""
         if (self.degraded and self.cfg.mode == "sync" and self.conn is not None
                 and not self.stopping.is_set()
-                and all(v.volume_id is not None and not v.bitmap.lost_seq and not v.held
+                and all(v.volume_id is not None and not v.bitmap.has_losses and not v.held
                         for v in self.volumes)
                 and all(pw.reply is not None for pw in self.pending.values())):
             self.degraded = False
@@ -1799,12 +2279,13 @@ class Stream:
 
     # -- drop reports (lock held: nbd-conn, repagent-recv, repagent-send) ---------
 
-    def report_dropped(self, conn: HubConnection, vol: Volume, chunks) -> None:
-        """A write of ``vol`` over ``chunks`` was dropped or refused (lock held):
+    def report_dropped(self, conn: HubConnection, vol: Volume, span: Span) -> None:
+        """A write of ``vol`` over ``span`` was dropped or refused (lock held):
         queue the unsolicited DIRTY_MAP that reports it now, ahead of every
         later frame, unless one is queued already: it will carry these chunks
-        too [SY-19].  Its extents are filled in when it is sent."""
-        vol.dropped.update(chunks)
+        too [SY-19].  Its extents (the marked blocks of the chunks dropped
+        into) are filled in when it is sent."""
+        vol.dropped.update(vol.bitmap.chunks_of(span))
         if vol.drop_report is None:
             vol.drop_report = p.DirtyMap(volume=vol.volume_id, extents=[])
             self.enqueue(conn, vol.drop_report, 0, vol)
@@ -1824,7 +2305,7 @@ class Stream:
         answers QEMU if sync mode still waits); otherwise None."""
         pw = self.pending.pop(request_id, None)
         if pw is not None:
-            pw.volume.bitmap.ack(pw.chunks)
+            pw.volume.bitmap.ack(pw.span)
             self.last_ack = time.monotonic()
             if self.degraded:
                 self.maybe_undegrade()
@@ -1884,12 +2365,9 @@ class SyncServer:
             end = msg.offset + msg.length
             if msg.length == 0 or end > vol.size:
                 return
-            # Only chunks the range covers whole (the last one may end at the
-            # volume's end): a partial read says nothing of the rest of a chunk.
-            chunk = vol.bitmap.chunk_size
-            first = -(-msg.offset // chunk)
-            last = vol.bitmap.chunks if end == vol.size else end // chunk
-            vol.bitmap.synced(range(first, last), entry[1])
+            # Only the 4 KiB blocks the range covers whole (the last one may end
+            # at the volume's end): a partial read says nothing of the rest of one.
+            vol.bitmap.synced(vol.bitmap.covered_span(msg.offset, msg.length), entry[1])
             vol.counters["synced_bytes"] += msg.length
             if self.stream.degraded:
                 self.stream.maybe_undegrade()
@@ -2175,6 +2653,7 @@ class FailbackWorker:
         """Mark the range dirty (persistently), write it through our export, ACK (FB-6)."""
         vol, fb = self._running(conn, msg)
         p.check_range(msg.offset, msg.length, vol.size, "PUT")
+        # Whole chunks: PUTs come in large pieces, and DONE clears every mark.
         chunks = vol.bitmap.chunk_range(msg.offset, msg.length)
         with self.stream.lock:
             vol.bitmap.mark(chunks)
@@ -2530,10 +3009,10 @@ class HubLink:
             pw = self.stream.pending.pop(msg.request_id, None)
             if pw is not None:
                 # The hub refused the write: it stays marked for a resync.
-                pw.volume.bitmap.drop_inflight(pw.chunks, self.stream.seq)
+                pw.volume.bitmap.drop_inflight(pw.span, self.stream.seq)
                 pw.volume.counters["refused_writes"] += 1
                 if conn is self.stream.conn and pw.volume.volume_id is not None:
-                    self.stream.report_dropped(conn, pw.volume, pw.chunks)
+                    self.stream.report_dropped(conn, pw.volume, pw.span)
                 reply, pw.reply = pw.reply, None
                 self.stream.degrade(f"hub refused a write: {msg.code_name()}")
                 # A hub whose storage failed refuses every later write of the
@@ -2581,7 +3060,7 @@ class HubLink:
                 return
             self.stream.conn = None
             for pw in self.stream.pending.values():
-                pw.volume.bitmap.drop_inflight(pw.chunks, self.stream.seq)
+                pw.volume.bitmap.drop_inflight(pw.span, self.stream.seq)
                 if pw.reply is not None:
                     replies.append(pw.reply)
                     pw.reply = None
@@ -2954,9 +3433,10 @@ class Agent:
                         "put_bytes": vol.failback.put_bytes,
                         "started": vol.failback.started},
                     "dirty_bytes": vol.bitmap.dirty_bytes,
+                    "dirty_block_bytes": vol.bitmap.dirty_block_bytes,
                     "dirty_chunks": vol.bitmap.dirty_count,
-                    "lost_chunks": len(vol.bitmap.lost_seq),
-                    "inflight_chunks": len(vol.bitmap.inflight),
+                    "lost_chunks": vol.bitmap.lost_chunks,
+                    "inflight_chunks": vol.bitmap.inflight_chunks,
                     "queue_frames": vol.queued_frames, "queue_bytes": vol.queued_bytes,
                     "held_writes": len(vol.held),
                     "job": vol.job_status, "job_id": vol.meta["job_id"],

@@ -4498,11 +4498,15 @@ class SyncJob(Requester, threading.Thread):
             raise JobStopped()
 
     def pieces(self, extents):
-        """Split extents into chunk-aligned pieces of at most SYNC_PIECE bytes."""
-        chunk, size = self.chunk, self.vol.size
+        """Split extents into pieces of at most SYNC_PIECE bytes, each widened to
+        MIN_CHUNK (4 KiB) boundaries, not to chunks: an agent that tracks 4 KiB
+        blocks reports them (PROTOCOL.md "DIRTY_MAP"), and a READ of what it
+        reported is a READ of what was written; chunk-aligned extents stay as
+        they are.  The last piece may stop at the volume's end."""
+        size = self.vol.size
         for off, n in extents:
-            start = off - off % chunk
-            end = min(-(-(off + n) // chunk) * chunk, size)
+            start = off - off % p.MIN_CHUNK
+            end = min(-(-(off + n) // p.MIN_CHUNK) * p.MIN_CHUNK, size)
             while start < end:
                 k = min(SYNC_PIECE, end - start)
                 yield start, k

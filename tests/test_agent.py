@@ -472,18 +472,20 @@ def test_the_dirty_map_of_a_dropped_write_goes_ahead_of_every_later_frame(rig):
     assert not vol.dropped and vol.drop_report is None
 
 
-def test_synced_for_part_of_a_chunk_clears_nothing_of_it(rig):
+def test_synced_for_part_of_a_block_clears_nothing_of_it(rig):
+    """Marks clear per 4 KiB block: a SYNCED clears the blocks it covers whole,
+    and nothing of a block it covers in part (here block 1 and block 33)."""
     agent, vol, conn, hub = rig()
     with agent.lock:
         vol.bitmap.mark(range(0, 3))
         vol.bitmap.lose(range(0, 3), 1)
-    hub.send(p.Read(request_id=12, volume=1, offset=4096, length=2 * CHUNK))
+    hub.send(p.Read(request_id=12, volume=1, offset=4096 + 512, length=2 * CHUNK))
     hub.recv_until(p.MsgType.READ_REPLY)
-    hub.send(p.Synced(request_id=12, volume=1, offset=4096, length=2 * CHUNK))
+    hub.send(p.Synced(request_id=12, volume=1, offset=4096 + 512, length=2 * CHUNK))
     hub.send(p.Ping(request_id=13, sent_ns=1))
     hub.recv_until(p.MsgType.PONG)
-    assert vol.bitmap.extents() == [(0, CHUNK), (2 * CHUNK, CHUNK)], \
-        "only chunk 1 was read whole"
+    assert vol.bitmap.extents() == [(0, 2 * 4096), (2 * CHUNK + 4096, CHUNK - 4096)], \
+        "only blocks 2 to 32 were read whole"
 
 
 def test_a_write_the_hub_refuses_stays_marked_and_is_reported(rig):
@@ -493,7 +495,8 @@ def test_a_write_the_hub_refuses_stays_marked_and_is_reported(rig):
     hub.send(p.Error(request_id=msg.request_id, code=p.ErrorCode.IO_ERROR, failed_type=msg.TYPE,
                      message="disk full"))
     dmap = hub.recv()
-    assert dmap.request_id == 0 and dmap.extents == [(6 * CHUNK, CHUNK)]
+    assert dmap.request_id == 0 and dmap.extents == [(6 * CHUNK, 4096)], \
+        "the 4 KiB block written, not its chunk"
     assert vol.bitmap.is_set(6)
 
 

@@ -600,7 +600,8 @@ def test_under_umask_000_everything_the_agent_creates_is_private(short_dir):
         wait_until(lambda: (state / "vol0.json").exists(), what="VOLUME.json saved")
         assert agent.status()["volumes"][0]["attach_state"] == "CLEAN"
         modes = {name: os.stat(state / name).st_mode for name in
-                 ("vol0.bitmap", "vol0.json", "agent.lock", "control.sock", "vol0.nbd")}
+                 ("vol0.bitmap", "vol0.bitmap.fine", "vol0.json", "agent.lock",
+                  "control.sock", "vol0.nbd")}
         assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
         assert {n: stat.S_IMODE(m) for n, m in modes.items()} == dict.fromkeys(modes, 0o600)
         assert stat.S_ISSOCK(modes["control.sock"]) and stat.S_ISSOCK(modes["vol0.nbd"])
@@ -792,7 +793,7 @@ def test_another_local_user_reaches_no_agent_socket_or_state(short_dir, other_us
         for d in (short_dir, state):
             d.chmod(0o755)
         private = [state / "control.sock", state / "vol0.nbd", state / "vol0.bitmap",
-                   state / "vol0.json", short_dir / "secret"]
+                   state / "vol0.bitmap.fine", state / "vol0.json", short_dir / "secret"]
         got = probe_as(other_user, private)
         assert set(got.values()) == {"PermissionError"}, got
     finally:

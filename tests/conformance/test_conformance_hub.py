@@ -626,6 +626,29 @@ def test_dirty_plan_reads_the_dirty_extents(hub, codec):
     assert replica_diff(hub, codec, vol) == []
 
 
+@clause("SY-7", "SY-8")
+def test_a_dirty_map_of_4_kib_extents_is_taken_and_read(hub, codec):
+    """Extents aligned to MIN_CHUNK rather than to chunk_size (an agent that
+    tracks 4 KiB blocks): no error, and the DIRTY plan READs them."""
+    vol = known_volume(hub, codec, "dirty4k")
+    off = 3 * CHUNK + 4096
+    vol.buf[off:off + 4096] = b"\x34" * 4096              # a write the hub never got
+    a = connect(hub, codec)
+    try:
+        a.answer_override["DIRTY_QUERY"] = lambda q: a.send(
+            msg("DIRTY_MAP", request_id=q.request_id, volume=q.volume,
+                extents=[(off, 4096), (5 * CHUNK + 8192, 8192)]))
+        att = a.attach(vol, "DIRTY")
+        assert att.plan >= PLAN["DIRTY"]
+        wait_until(lambda: any(s.offset <= off and off + 4096 <= s.offset + s.length
+                               for s in a.frames("SYNCED")), T, "SYNCED of the 4 KiB extent")
+        assert not any(f.type == "ERROR" for f in a.frames("ERROR")), \
+            "extents aligned to 4 KiB are no error [SY-7]"
+    finally:
+        a.close()
+    assert replica_diff(hub, codec, vol) == []
+
+
 @clause("SY-9", "ER-3")
 def test_unsolicited_dirty_map_is_resynced(hub, codec):
     vol = MemVolume(vname("unsol"), SIZE, CHUNK)
