@@ -402,7 +402,12 @@ class _Marks:
     ``seq`` (the chunk's latest), ``older`` those whose latest loss is at an
     earlier position (rare: while no hub is attached the position stays put).
     With its entry in ``DirtyBitmap.states``, about 250 bytes a chunk: the
-    common case has no dict of its own."""
+    common case has no dict of its own.
+
+    Threads::
+
+        *                        any thread, with Stream.lock held (through DirtyBitmap)
+    """
 
     __slots__ = ("marked", "flight", "seq", "lost", "older")
 
@@ -528,6 +533,12 @@ class DirtyBitmap:
     meaning those chunks whole (a fail-back's PUT, a fail-back that marks
     everything).  Not locked itself: every method runs with ``Stream.lock``
     held (any thread), which is also what makes "mark, then queue" atomic.
+
+    Threads::
+
+        reseal                   main, at start (Volume.open_bitmap)
+        close                    main, at stop
+        *                        any thread, with Stream.lock held
     """
 
     def __init__(self, path: str, size: int, chunk_size: int, fsync: bool = False):
