@@ -11,7 +11,7 @@ Measured in the same run, on the same file system:
               ``rephub.py serve`` (a subprocess; durability on: every ACK follows
               an fdatasync), and waits for every ACK
 
-Prints MiB/s for each, the ratios hub/A and hub/B (target hub/A >= 0.7), and
+Prints MiB/s for each, the ratios hub/A and hub/B (target hub/A >= 0.8), and
 the hub's fdatasyncs per 1000 writes (from ``rephub.py status --json``).
 
     python3 bench/bench_hub.py [--count N] [--window W] [--dir DIR]
@@ -135,7 +135,8 @@ def main() -> int:
         # The disk's speed drifts between rounds more than within one: each
         # round's hub and baselines run back to back, so the ratio within a
         # round is the figure, and the median of the rounds' ratios is reported.
-        ha = statistics.median(x / y for x, y in zip(h_rates, a_rates))
+        each = [x / y for x, y in zip(h_rates, a_rates)]
+        ha = statistics.median(each)
         hb = statistics.median(x / y for x, y in zip(h_rates, b_rates))
         fmt = lambda xs: " ".join(f"{x:.0f}" for x in xs)  # noqa: E731
         print(f"bench_hub: {args.count} x 1 MiB writes, window {args.window}, "
@@ -143,7 +144,7 @@ def main() -> int:
         print(f"  baseline A (write, one fdatasync)    {a:8.1f} MiB/s  [{fmt(a_rates)}]")
         print(f"  baseline B (write+fdatasync each)    {b:8.1f} MiB/s  [{fmt(b_rates)}]")
         print(f"  hub ingest (durable ACKs, pipelined) {h:8.1f} MiB/s  [{fmt(h_rates)}]")
-        print(f"  ratio hub/A {ha:.2f}x (target >= 0.7x), hub/B {hb:.2f}x (medians of each "
+        print(f"  ratio hub/A {ha:.2f}x (target >= 0.8x), hub/B {hb:.2f}x (medians of each "
               f"round's ratio; ratios of the medians {h / a:.2f}x, {h / b:.2f}x)")
         print(f"  fdatasyncs per 1000 writes: {statistics.median(per_1000):.0f}")
         if args.json:
@@ -151,14 +152,15 @@ def main() -> int:
                 {"name": f"hub ingest, 1 MiB WRITEs, window {args.window}, durable ACKs",
                  "value": round(h, 1), "unit": "MiB/s",
                  "baseline_name": "write + one fdatasync (A)", "baseline": round(a, 1),
-                 "ratio": round(ha, 2), "target": ">= 0.7x", "met": ha >= 0.7,
+                 "ratio": round(ha, 2), "target": ">= 0.8x", "met": ha >= 0.8,
                  "note": f"ratio: median over {args.rounds} rounds of the ratio within each "
-                         f"round (ratio of the medians {h / a:.2f}x); "
+                         f"round ({' '.join(f'{x:.2f}' for x in each)}; ratio of the medians "
+                         f"{h / a:.2f}x); "
                          f"{statistics.median(per_1000):.0f} fdatasyncs per 1000 writes"},
                 {"name": "hub ingest vs write + fdatasync each (B)", "value": round(h, 1),
                  "unit": "MiB/s", "baseline_name": "write + fdatasync each (B)",
                  "baseline": round(b, 1), "ratio": round(hb, 2)}],
-                "notes": [] if ha >= 0.7 else [
+                "notes": [] if ha >= 0.8 else [
                     f"Hub ingest at {ha:.2f}x of one sequential write: the hub writes every "
                     "byte twice, to the journal (fdatasync'ed before the ACK) and then to the "
                     "replica (the applier, with its own fdatasyncs), so where the disk is the "

@@ -12,7 +12,8 @@ Measured in the same run, on the same replica file (page cache warm for both):
   reference sequential 1 MiB NBD reads with the same client from ``qemu-nbd``
             serving the replica file: what the client alone costs, for context
 
-Prints MiB/s for each and the ratio recovery/baseline (target >= 0.5x).
+Prints MiB/s for each, the ratio recovery/reference (qemu-nbd of the replica;
+target >= 0.7x, each round's and the median) and recovery/baseline.
 
     python3 bench/bench_recovery.py [--size-mib N] [--rounds R] [--json]
 """
@@ -97,21 +98,28 @@ def main() -> int:
             remote.append(size / MiB / read_export(sock, size))
             ref.append(size / MiB / read_export(str(qnbd.export_path), size))
         d, r, q = (statistics.median(x) for x in (direct, remote, ref))
+        each = [x / y for x, y in zip(remote, ref)]   # recovery / qemu-nbd, each round
+        rq = statistics.median(each)
         fmt = lambda xs: " ".join(f"{x:.0f}" for x in xs)  # noqa: E731
         print(f"bench_recovery: {args.size_mib} MiB volume, sequential 1 MiB reads, "
               f"{args.rounds} rounds")
         print(f"  baseline (pread of the replica file)      {d:8.1f} MiB/s  [{fmt(direct)}]")
         print(f"  recovery export (NBD -> agent -> hub, QD1) {r:8.1f} MiB/s  [{fmt(remote)}]")
         print(f"  reference (qemu-nbd of the replica, QD1)  {q:8.1f} MiB/s  [{fmt(ref)}]")
-        print(f"  ratio recovery/baseline {r / d:.2f}x (target >= 0.5x); "
-              f"recovery/reference {r / q:.2f}x")
+        print(f"  ratio recovery/reference {rq:.2f}x (target >= 0.7x; rounds "
+              f"{' '.join(f'{x:.2f}' for x in each)}); recovery/baseline {r / d:.2f}x")
         if args.json:
             print("BENCH-JSON " + json.dumps({"bench": "recovery", "figures": [
                 {"name": "sequential 1 MiB reads through repagent.py recover (QD1)",
                  "value": round(r, 1), "unit": "MiB/s",
+                 "baseline_name": "qemu-nbd of the replica (QD1)", "baseline": round(q, 1),
+                 "ratio": round(rq, 2), "target": ">= 0.7x", "met": rq >= 0.7,
+                 "note": f"ratio: median over {args.rounds} rounds of the ratio within each "
+                         f"round ({' '.join(f'{x:.2f}' for x in each)}); page cache warm"},
+                {"name": "sequential 1 MiB reads through repagent.py recover, vs pread",
+                 "value": round(r, 1), "unit": "MiB/s",
                  "baseline_name": "pread of the replica file", "baseline": round(d, 1),
-                 "ratio": round(r / d, 2), "target": ">= 0.5x", "met": r / d >= 0.5,
-                 "note": f"median of {args.rounds} rounds, page cache warm"}]}))
+                 "ratio": round(r / d, 2)}]}))
         return 0
     finally:
         if qnbd is not None:
