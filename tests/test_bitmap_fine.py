@@ -625,7 +625,7 @@ def resync(hub, secret, dirty: list[tuple[int, int]]) -> list[p.Read]:
         assert plan == p.SyncPlan.DIRTY
         wait_until(lambda: hub.store.volume("fine").state == rephub.VolState.CONSISTENT
                    and hub.store.volume("fine").sync is None, 20, "the resync")
-        hub.store.wait_applied(hub.store.journal.durable_seq)
+        hub.store.applier.wait_applied(hub.store.journal.durable_seq)
         with open(os.path.join(hub.store.dir, "volumes", "fine", "replica"), "rb") as f:
             assert f.read() == bytes(mv.buf)
         return list(agent.reads)
