@@ -20,18 +20,37 @@ def other_user():
 
 
 @pytest.fixture
-def hub_a1(tmp_path):
-    """An in-process hub (heartbeat 0.2 s) that knows agent a1: (hub, a1's secret)."""
+def hub_factory(tmp_path):
+    """In-process hubs, stopped at the end: ``hub_factory(*agent_ids, recover=
+    {agent: owner}, **Hub options)`` starts one that knows ``agent_ids`` (a1 if
+    none) and returns it, its ``secrets`` set to {agent: secret} and
+    ``secret`` to a1's.  The first has its data in tmp_path/data, its agents
+    file in tmp_path/agents; later ones in data1, agents1, ..."""
     import rephub
     from hubtools import make_agents_file
-    agents = str(tmp_path / "agents")
-    secret = make_agents_file(agents, "a1")["a1"]
-    hub = rephub.Hub(str(tmp_path / "data"), agents, heartbeat=0.2)
-    hub.start()
+    hubs = []
+
+    def make(*agent_ids: str, recover: dict[str, str] | None = None, **options):
+        suffix = str(len(hubs)) if hubs else ""
+        agents = str(tmp_path / f"agents{suffix}")
+        secrets = make_agents_file(agents, *(agent_ids or ("a1",)), recover=recover)
+        hub = rephub.Hub(str(tmp_path / f"data{suffix}"), agents, **options)
+        hub.start()
+        hubs.append(hub)
+        hub.secrets, hub.secret = secrets, secrets.get("a1")
+        return hub
     try:
-        yield hub, secret
+        yield make
     finally:
-        hub.shutdown(grace=5)
+        for hub in hubs:
+            hub.shutdown(grace=5)
+
+
+@pytest.fixture
+def hub_a1(hub_factory):
+    """An in-process hub (heartbeat 0.2 s) that knows agent a1: (hub, a1's secret)."""
+    hub = hub_factory("a1", heartbeat=0.2)
+    return hub, hub.secret
 
 
 def pytest_addoption(parser):

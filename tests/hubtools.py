@@ -54,14 +54,17 @@ def wait_detached(hub, name: str, timeout: float = 10.0) -> None:
                f"the hub to see the connection holding {name} end")
 
 
-def make_agents_file(path: str, *agent_ids: str) -> dict[str, bytes]:
-    """Write an agents file with fresh secrets; return {agent_id: secret}."""
+def make_agents_file(path: str, *agent_ids: str,
+                     recover: dict[str, str] | None = None) -> dict[str, bytes]:
+    """Write an agents file with fresh secrets; return {agent_id: secret}.
+    ``recover`` maps an agent id to the agent whose volumes it may recover."""
     secrets_by_id = {a: secrets.token_bytes(32) for a in agent_ids}
     # Created 0600: the hub refuses an agents file group or others may read.
     with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w",
               encoding="utf-8") as f:
         for agent_id, secret in secrets_by_id.items():
-            f.write(f"{agent_id} {secret.hex()}\n")
+            owner = (recover or {}).get(agent_id)
+            f.write(f"{agent_id} {secret.hex()}{f' recover={owner}' if owner else ''}\n")
     os.chmod(path, 0o600)
     return secrets_by_id
 

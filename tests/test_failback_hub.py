@@ -25,7 +25,7 @@ import pytest
 
 import protocol as p
 import rephub
-from hubtools import MemVolume, TestAgent, make_agents_file, wait_until, wrong_answers
+from hubtools import MemVolume, TestAgent, wait_until, wrong_answers
 
 KiB, MiB = 1024, 1024 * 1024
 CHUNK = 64 * KiB
@@ -118,18 +118,11 @@ class FailbackAgent(TestAgent):
 
 
 @pytest.fixture
-def hubenv(tmp_path):
-    agents = str(tmp_path / "agents")
-    secrets = make_agents_file(agents, "a1", "a2", "rec")
-    lines = open(agents, encoding="utf-8").read().splitlines()
-    lines = [ln + " recover=a1" if ln.startswith("rec ") else ln for ln in lines]
-    open(agents, "w", encoding="utf-8").write("\n".join(lines) + "\n")
-    hub = rephub.Hub(str(tmp_path / "data"), agents, heartbeat=0.5)
-    hub.start()
-    try:
-        yield hub, secrets
-    finally:
-        hub.shutdown(grace=5)
+def hubenv(hub_factory):
+    """An in-process hub with agents a1, a2 and rec, which may recover a1's
+    volumes: (hub, {agent: secret})."""
+    hub = hub_factory("a1", "a2", "rec", recover={"rec": "a1"}, heartbeat=0.5)
+    return hub, hub.secrets
 
 
 def fill(length: int, byte) -> bytes | None:

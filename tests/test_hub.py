@@ -28,16 +28,10 @@ MiB = 1024 * 1024
 
 
 @pytest.fixture
-def hubenv(tmp_path):
-    """An in-process hub with agents a1 and a2; yields (hub, {agent: secret})."""
-    agents = str(tmp_path / "agents")
-    secrets_by_id = make_agents_file(agents, "a1", "a2")
-    hub = rephub.Hub(str(tmp_path / "data"), agents, heartbeat=0.2)
-    hub.start()
-    try:
-        yield hub, secrets_by_id
-    finally:
-        hub.shutdown(grace=5)
+def hubenv(hub_factory):
+    """An in-process hub with agents a1 and a2: (hub, {agent: secret})."""
+    hub = hub_factory("a1", "a2", heartbeat=0.2)
+    return hub, hub.secrets
 
 
 def connect(hub, secrets_by_id, agent="a1") -> TestAgent:

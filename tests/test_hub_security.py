@@ -137,26 +137,6 @@ def replicate_once(address, secret: bytes, name: str, **agent_options) -> None:
         agent.flush()
 
 
-@pytest.fixture
-def hub_factory(tmp_path):
-    """In-process hubs with agent a1, stopped at the end: ``hub_factory(**Hub options)``."""
-    hubs = []
-
-    def make(**options) -> rephub.Hub:
-        agents = str(tmp_path / "agents")
-        secret = make_agents_file(agents, "a1")["a1"]
-        hub = rephub.Hub(str(tmp_path / f"data{len(hubs)}"), agents, **options)
-        hub.start()
-        hub.secret = secret
-        hubs.append(hub)
-        return hub
-    try:
-        yield make
-    finally:
-        for hub in hubs:
-            hub.shutdown(grace=5)
-
-
 # ---------------------------------------------------------------------------
 # Files: private whatever the umask, and out of another local user's reach
 

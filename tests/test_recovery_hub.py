@@ -23,18 +23,11 @@ CHUNK = 65536
 
 
 @pytest.fixture
-def hubenv(tmp_path):
-    agents = str(tmp_path / "agents")
-    secrets = make_agents_file(agents, "a1", "a2", "rec")
-    lines = open(agents, encoding="utf-8").read().splitlines()  # rec may recover a1's
-    lines = [ln + " recover=a1" if ln.startswith("rec ") else ln for ln in lines]
-    open(agents, "w", encoding="utf-8").write("\n".join(lines) + "\n")
-    hub = rephub.Hub(str(tmp_path / "data"), agents, heartbeat=0.2)
-    hub.start()
-    try:
-        yield hub, secrets
-    finally:
-        hub.shutdown(grace=5)
+def hubenv(hub_factory):
+    """An in-process hub with agents a1, a2 and rec, which may recover a1's
+    volumes: (hub, {agent: secret})."""
+    hub = hub_factory("a1", "a2", "rec", recover={"rec": "a1"}, heartbeat=0.2)
+    return hub, hub.secrets
 
 
 def connect(hub, secrets, agent="a1") -> TestAgent:

@@ -33,16 +33,9 @@ HOSTILE_NAMES = ["a/b", "..", "../x", "x\0y", "x" * 10_000, "/etc", ""]
 
 
 @pytest.fixture
-def hub(tmp_path):
-    agents = str(tmp_path / "agents")
-    secrets_by_id = make_agents_file(agents, "a1", "a2")
-    h = rephub.Hub(str(tmp_path / "data"), agents, heartbeat=0.5)
-    h.start()
-    h.secrets = secrets_by_id
-    try:
-        yield h
-    finally:
-        h.shutdown(grace=5)
+def hub(hub_factory):
+    """An in-process hub with agents a1 and a2 (``hub.secrets``)."""
+    return hub_factory("a1", "a2", heartbeat=0.5)
 
 
 def snapshot(hub: rephub.Hub) -> dict:
