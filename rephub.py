@@ -3294,6 +3294,25 @@ class VolumeStore:
 # The applier
 
 
+class Ranges:
+    """Disjoint byte ranges, kept sorted: ``add`` takes one in O(log n) unless
+    it overlaps one already in (the applier's test that a batch touches no
+    byte twice, once per record)."""
+
+    def __init__(self):
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def add(self, start: int, end: int) -> bool:
+        """Add [start, end) and return True, or return False if it overlaps."""
+        i = bisect.bisect_right(self.starts, start)
+        if i and self.ends[i - 1] > start or i < len(self.starts) and self.starts[i] < end:
+            return False
+        self.starts.insert(i, start)
+        self.ends.insert(i, end)
+        return True
+
+
 class Applier:
     """The store's applier: durable journal records into the replicas, in journal order.
 
@@ -3412,16 +3431,14 @@ class Applier:
             return []
         records = self.journal.records_between(self.applied_seq, durable, APPLY_BATCH_RECORDS)
         batch: list[Record] = []
-        ranges: dict[int, list[tuple[int, int]]] = {}
+        ranges: dict[int, Ranges] = {}
         size = 0
         for rec in records:
             if rec.kind in (RecordKind.WRITE, RecordKind.ZERO):
-                mine = ranges.setdefault(rec.volume, [])
                 # Undo of a batch is captured before any of it is written, so a batch
                 # never holds two records touching the same bytes.
-                if batch and any(o < rec.end and rec.offset < e for o, e in mine):
+                if not ranges.setdefault(rec.volume, Ranges()).add(rec.offset, rec.end):
                     break
-                mine.append((rec.offset, rec.end))
                 size += rec.payload_length
             batch.append(rec)
             if size >= APPLY_BATCH_BYTES:

@@ -223,3 +223,17 @@ def test_journal_truncated_at_a_random_byte_drops_only_the_torn_record(tmp_path,
         assert store.append_data(vol, 0, 512, b"n" * 512).seq == last.seq
     finally:
         store.close()
+
+
+def test_ranges_refuses_exactly_the_overlapping_ones():
+    """The applier's batch test (rephub.Ranges) against the obvious quadratic one."""
+    rng = random.Random(7)
+    for _ in range(500):
+        ranges, taken = rephub.Ranges(), []
+        for _ in range(rng.randint(1, 40)):
+            start = rng.randrange(0, 300)
+            end = start + rng.randint(1, 25)
+            overlaps = any(s < end and start < e for s, e in taken)
+            assert ranges.add(start, end) is not overlaps, (taken, start, end)
+            if not overlaps:
+                taken.append((start, end))
