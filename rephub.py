@@ -3297,7 +3297,12 @@ class VolumeStore:
 class Ranges:
     """Disjoint byte ranges, kept sorted: ``add`` takes one in O(log n) unless
     it overlaps one already in (the applier's test that a batch touches no
-    byte twice, once per record)."""
+    byte twice, once per record).
+
+    Threads::
+
+        add                  applier (or the caller of apply_some offline)
+    """
 
     def __init__(self):
         self.starts: list[int] = []
