@@ -1864,7 +1864,7 @@ class RequestWindow:
             asked = self.asked.get(msg.request_id)
         what = f"{msg.TYPE.name} req={msg.request_id}"
         if asked is None:
-            raise p.InvalidField(f"{what} answers no outstanding request of this volume")
+            raise p.InvalidField(f"{what} answers no outstanding request")
         for name in ECHOED_FIELDS.get(msg.TYPE, ()):
             got, want = getattr(msg, name), getattr(asked, name)
             if got != want:
@@ -4453,7 +4453,8 @@ class SyncJob(Requester, threading.Thread):
         wait, answer               sync-VOLUME
         on_read_reply, on_extents  conn-HOST:PORT (the recv loop)
         on_reply, on_error         conn-HOST:PORT (the recv loop)
-        accept, abandon, give_up   conn-HOST:PORT (the recv loop)
+        check_answer, abandon      conn-HOST:PORT (the recv loop)
+        give_up                    conn-HOST:PORT (the recv loop)
         add_extents                conn-HOST:PORT (a DIRTY_MAP), under AgentConnection.sync_lock
         begin                      conn-HOST:PORT (ATTACH) or control-N (verify), before the job
                                    starts
@@ -4519,7 +4520,7 @@ class SyncJob(Requester, threading.Thread):
         if self.ident is not None:
             self.join(timeout)
 
-    def accept(self, window: RequestWindow, msg: p.Message) -> None:
+    def check_answer(self, window: RequestWindow, msg: p.Message) -> None:
         """Recv loop: an answer that does not fit its request abandons the sync."""
         try:
             window.check(msg)
@@ -4530,7 +4531,7 @@ class SyncJob(Requester, threading.Thread):
         """Recv loop: journal a READ_REPLY in stream order; SYNCED once durable.
         The answer to a sync that was stopped is dropped, never journaled: the
         volume may be attached elsewhere now."""
-        self.accept(self.reads, msg)
+        self.check_answer(self.reads, msg)
         self.reads.done(msg.request_id)
         # A zero answer becomes a ZERO record: holes stay holes, never stored as data.
         data = None if msg.is_zero else msg.data
@@ -4557,7 +4558,7 @@ class SyncJob(Requester, threading.Thread):
     def on_extents(self, msg: p.Extents) -> None:
         """Recv loop: journal the zero extents of an EXTENTS now, at its place in
         the stream, SYNCED once durable; hand the data extents to the job thread."""
-        self.accept(self.queries, msg)
+        self.check_answer(self.queries, msg)
         end, zeros, data = split_extents(msg.offset, msg.extents, self.chunk, self.vol.size)
         for off, n in zeros:
             for start in range(off, off + n, ZERO_RECORD_MAX):
@@ -4577,7 +4578,7 @@ class SyncJob(Requester, threading.Thread):
 
     def on_reply(self, msg, barrier_seq: int) -> None:
         """Recv loop: a DIRTY_MAP or CHECKSUMS answering one of our queries."""
-        self.accept(self.queries, msg)
+        self.check_answer(self.queries, msg)
         self.queries.hand_over(msg.request_id, msg, barrier_seq)
 
     def abandon(self, err: p.RequestError):
@@ -5153,7 +5154,7 @@ class Failback(Requester):
     the operator, ``confirm(report)`` returns their answer.  The agent's answers
     arrive on the connection's recv loop, which checks each against its
     request and hands it over through ``on_ack``/``on_error``/``on_read_reply``/
-    ``on_reply`` into ``asked``, the ``RequestWindow`` of this fail-back (the
+    ``on_reply`` into ``pending``, the ``RequestWindow`` of this fail-back (the
     owner of its requests in ``conn.requests``, as a SyncJob is of its own).
 
     Threads::
@@ -5183,7 +5184,7 @@ class Failback(Requester):
         self.emit = emit
         self.confirm = confirm
         self.phase = FailbackPhase.PREPARING
-        self.asked = RequestWindow(conn, self, vol)
+        self.pending = RequestWindow(conn, self, vol)
         self.begun = False        # FAILBACK_BEGIN was ACKed: the agent takes PUTs
         self.fenced = False       # the recovery session's RWRITEs are refused (FB-12)
         self.end_req = 0          # FAILBACK_END(DONE)'s request id
@@ -5212,15 +5213,15 @@ class Failback(Requester):
         if msg.request_id == self.end_req and msg.request_id:
             # FB-10: the volume is the agent's again before its next frame is read.
             self._role_returns()
-        self.asked.hand_over(msg.request_id, msg)
+        self.pending.hand_over(msg.request_id, msg)
 
     def on_error(self, msg: p.Error) -> None:
-        self.asked.hand_over(msg.request_id, msg)
+        self.pending.hand_over(msg.request_id, msg)
 
     def give_up(self, why: str) -> None:
         """Recv loop: the hub refused an answer to one of our requests, so
         what we wait for will not come: fail every wait with ``why``."""
-        self.asked.hand_over_all(why)
+        self.pending.hand_over_all(why)
 
     def on_read_reply(self, header, msg: p.ReadReply) -> None:
         self.on_reply(msg, 0)
@@ -5229,11 +5230,11 @@ class Failback(Requester):
         """A READ_REPLY, DIRTY_MAP or CHECKSUMS answering our request (recv loop):
         one that does not fit it fails the wait for it, and is refused."""
         try:
-            self.asked.check(msg)
+            self.pending.check(msg)
         except p.RequestError as err:
-            self.asked.hand_over(msg.request_id, str(err))
+            self.pending.hand_over(msg.request_id, str(err))
             raise
-        self.asked.hand_over(msg.request_id, msg, barrier_seq)
+        self.pending.hand_over(msg.request_id, msg, barrier_seq)
 
     def _role_returns(self) -> None:
         """FAILBACK_END(DONE) is ACKed (recv loop): the agent's disk equals the
@@ -5280,7 +5281,7 @@ class Failback(Requester):
     def ask(self, msg: p.Message) -> int:
         """Send a request whose answer comes back to us; return its id."""
         try:
-            return self.asked.ask(msg)
+            return self.pending.ask(msg)
         except (OSError, ConnectionClosed) as err:
             self.connection_gone(str(err))
 
@@ -5294,7 +5295,7 @@ class Failback(Requester):
         def connected():
             if self.conn.closing.is_set() or self.hub.stopping.is_set():
                 self.connection_gone(f"closed while waiting for {what}")
-        got = self.asked.take(reqs, connected, time.monotonic() + FAILBACK_ANSWER_TIMEOUT)
+        got = self.pending.take(reqs, connected, time.monotonic() + FAILBACK_ANSWER_TIMEOUT)
         if got is None:
             self.fail(f"no answer to {what} within {FAILBACK_ANSWER_TIMEOUT:.0f} s",
                       p.ErrorCode.IO_ERROR)
@@ -5345,7 +5346,7 @@ class Failback(Requester):
                 log.info("fail-back of %s: the recovery session may write again",
                          self.vol.name)
             self.fenced = False
-            self.asked.close()
+            self.pending.close()
 
     def begin(self) -> None:
         self.set_phase(FailbackPhase.PREPARING, f"FAILBACK_BEGIN to agent {self.agent}")
