@@ -163,7 +163,6 @@ import itertools
 import json
 import logging
 import os
-import queue
 import secrets
 import select
 import shutil
@@ -1798,6 +1797,150 @@ class Requester:
     def give_up(self, why: str) -> None:
         """The hub refused the agent's answer to one of our requests (``why``)."""
         raise NotImplementedError
+
+
+#: The fields of its request an answer repeats unchanged (PROTOCOL.md SY-5;
+#: CHECKSUMS' chunk_size too): an answer that changes one is refused (ER-7).
+ECHOED_FIELDS = {
+    p.MsgType.READ_REPLY: ("volume", "offset", "length"),
+    p.MsgType.EXTENTS: ("volume", "offset", "length"),
+    p.MsgType.CHECKSUMS: ("volume", "offset", "length", "chunk_size"),
+    p.MsgType.DIRTY_MAP: ("volume",),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Asked:
+    """What an answer must repeat of its request (``ECHOED_FIELDS``)."""
+
+    volume: int
+    offset: int
+    length: int
+    chunk_size: int
+
+
+class RequestWindow:
+    """The requests one owner (a ``Requester``) has out to the agent of one
+    volume: what each asked for until it is answered, the answers its thread
+    has not taken yet, and the Condition both are guarded by.
+
+    The owner's thread ``ask``s (the request goes into the connection's
+    ``RequestTable`` before it is sent: its answer may come at once) and
+    ``take``s answers; the recv loop ``check``s each answer against its
+    request, then either ``hand_over``s it or, having acted on it itself,
+    says it is ``done``.  An owner may share its own Condition with the
+    window, so that one notify wakes every wait.
+
+    Threads::
+
+        ask, take, wait_for, close  the owner's thread: sync-VOLUME or control-N
+        check, done, hand_over      conn-HOST:PORT (the recv loop)
+        hand_over_all               conn-HOST:PORT (an answer was refused: ``give_up``)
+    """
+
+    def __init__(self, conn: AgentConnection, owner: Requester, vol: Volume,
+                 cond: threading.Condition | None = None):
+        self.conn = conn
+        self.owner = owner
+        self.vol = vol
+        self.cond = cond or threading.Condition()
+        self.asked: dict[int, Asked] = {}       # req -> what it asked, until answered
+        self.answers: dict[int, tuple] = {}     # req -> (answer, context), until taken
+
+    def ask(self, request: p.Message) -> int:
+        """Register ``request`` as ours and send it; return its id."""
+        with self.cond:
+            self.asked[request.request_id] = Asked(request.volume, request.offset, request.length,
+                                                   getattr(request, "chunk_size", 0))
+        self.conn.requests.add(request, self.owner)
+        self.conn.send(request)
+        return request.request_id
+
+    def check(self, msg: p.Message) -> None:
+        """Raise InvalidField, naming the field, if the answer ``msg`` changes
+        one of its request's (SY-5), or OutOfRange for a DIRTY_MAP extent
+        past the volume's end.  The type was checked by ``RequestTable.owner``."""
+        with self.cond:
+            asked = self.asked.get(msg.request_id)
+        what = f"{msg.TYPE.name} req={msg.request_id}"
+        if asked is None:
+            raise p.InvalidField(f"{what} answers no outstanding request")
+        for name in ECHOED_FIELDS.get(msg.TYPE, ()):
+            got, want = getattr(msg, name), getattr(asked, name)
+            if got != want:
+                raise p.InvalidField(f"{what} has {name}={got}, expected {want} (the request's)")
+        if isinstance(msg, p.DirtyMap):
+            for off, n in msg.extents:
+                p.check_range(off, n, self.vol.size, "DIRTY_MAP extent")
+
+    def done(self, req: int) -> None:
+        """Request ``req`` is answered, and the answer dealt with."""
+        with self.cond:
+            self.asked.pop(req, None)
+            self.cond.notify_all()
+        self.conn.requests.drop(req)
+
+    def hand_over(self, req: int, answer, context=None) -> None:
+        """Request ``req`` is answered: keep ``answer`` (a message, or the text
+        of why the hub refused it) and ``context`` for the owner's thread."""
+        with self.cond:
+            self.asked.pop(req, None)
+            self.answers[req] = (answer, context)
+            self.cond.notify_all()
+        self.conn.requests.drop(req)
+
+    def hand_over_all(self, why: str) -> None:
+        """No outstanding request will be answered now: each gets ``why``."""
+        with self.cond:
+            asked = list(self.asked)
+        for req in asked:
+            self.hand_over(req, why)
+
+    def wait_for(self, ready, check, deadline: float | None = None):
+        """Wait until ``ready()`` (called with the Condition held) returns
+        something true, and return that; ``check()`` runs between waits and
+        raises to stop waiting.  None once ``deadline`` (monotonic) passes."""
+        with self.cond:
+            while not (got := ready()):
+                check()
+                left = POLL_INTERVAL if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.cond.wait(min(left, POLL_INTERVAL))
+            return got
+
+    def take(self, reqs, check, deadline: float | None = None):
+        """The first handed-over answer to one of ``reqs``, as (req, answer,
+        context), or None at ``deadline``; ``check`` as for ``wait_for``."""
+        def first():
+            for req in reqs:
+                if req in self.answers:
+                    return (req, *self.answers.pop(req))
+            return None
+        return self.wait_for(first, check, deadline)
+
+    def close(self) -> None:
+        """The owner is done: none of its ids is outstanding any more."""
+        with self.cond:
+            reqs = list(self.asked)
+            self.asked.clear()
+            self.answers.clear()
+        self.conn.requests.drop_all(reqs)
+
+
+def pipelined(ranges: collections.deque, limit: int, ask, take):
+    """Requests for ``ranges`` with at most ``limit`` unanswered: ``ask(offset,
+    length)`` sends the one for a range and returns its id, ``take(ids)`` waits
+    for the answer to one of them, as (id, answer, context).  Yields (range,
+    answer, context) as the answers come; the caller may add to ``ranges``
+    meanwhile (the rest of a range an answer covered only in part)."""
+    outstanding: dict[int, tuple[int, int]] = {}
+    while ranges or outstanding:
+        while ranges and len(outstanding) < limit:
+            rng = ranges.popleft()
+            outstanding[ask(*rng)] = rng
+        req, answer, context = take(list(outstanding))
+        yield outstanding.pop(req), answer, context
 
 
 class Acker(threading.Thread):
@@ -4209,13 +4352,95 @@ class JobStopped(Exception):
     pass
 
 
+def split_extents(offset: int, extents, chunk: int, size: int) -> tuple[int, list, list]:
+    """An EXTENTS answer from ``offset`` on a volume of ``size`` -> (end, zero
+    ranges, data ranges).
+
+    Data runs are widened to whole chunks (what READ pieces cover); zero
+    ranges are the rest.  ``end`` is where the answer's use stops: its end,
+    cut back to a chunk boundary when that leaves something, so the next
+    query starts aligned.  Ranges are (offset, length), sorted, disjoint.
+    """
+    end = offset + sum(n for n, _ in extents)
+    if end < size and end % chunk and end - end % chunk > offset:
+        end -= end % chunk
+    data: list[list[int]] = []
+    pos = offset
+    for n, flags in extents:
+        start, stop = pos, min(pos + n, end)
+        pos += n
+        if start >= end:
+            break
+        if flags & p.EXTENT_ZERO:
+            continue
+        start = max(offset, start - start % chunk)
+        stop = min(end, -(-stop // chunk) * chunk)
+        if data and data[-1][1] >= start:
+            data[-1][1] = max(data[-1][1], stop)
+        else:
+            data.append([start, stop])
+    zeros, pos = [], offset
+    for start, stop in data:
+        if start > pos:
+            zeros.append((pos, start - pos))
+        pos = stop
+    if pos < end:
+        zeros.append((pos, end - pos))
+    return end, zeros, [(a, b - a) for a, b in data]
+
+
+def query_checksums(conn: AgentConnection, vol: Volume, chunk: int, ask, take):
+    """CHECKSUM_QUERY the whole of ``vol`` in ranges of VERIFY_CHUNKS_PER_QUERY
+    chunks, VERIFY_WINDOW in flight (``ask`` and ``take`` as for ``pipelined``,
+    but ``ask`` takes the request); yield each CHECKSUMS and its context."""
+    span = chunk * VERIFY_CHUNKS_PER_QUERY
+    todo = collections.deque((off, min(span, vol.size - off))
+                             for off in range(0, vol.size, span))
+
+    def query(off: int, n: int) -> int:
+        return ask(p.ChecksumQuery(request_id=conn.requests.new_id(), volume=vol.id,
+                                   offset=off, length=n, chunk_size=chunk))
+    for _, msg, context in pipelined(todo, VERIFY_WINDOW, query, take):
+        yield msg, context
+
+
+@functools.lru_cache(maxsize=8)
+def zero_digest(length: int) -> bytes:
+    """SHA-256 of ``length`` zero bytes: a chunk the hub holds as a hole."""
+    return hashlib.sha256(bytes(length)).digest()
+
+
+def compare_digests(msg: p.Checksums, data) -> tuple[list, list]:
+    """The chunks of a CHECKSUMS answer whose digests equal those of ``data``
+    (the hub's bytes of the answer's range; None: zeroes), and those that
+    differ: (same, differ), (offset, length) runs with adjacent chunks joined."""
+    same: list[tuple[int, int]] = []
+    differ: list[tuple[int, int]] = []
+    end = msg.offset + msg.length
+    for i, digest in enumerate(msg.digests):
+        off = msg.offset + i * msg.chunk_size
+        n = min(msg.chunk_size, end - off)
+        rel = off - msg.offset
+        mine = zero_digest(n) if data is None else \
+            hashlib.sha256(memoryview(data)[rel:rel + n]).digest()
+        runs = same if mine == digest else differ
+        if runs and runs[-1][0] + runs[-1][1] == off:
+            runs[-1] = (runs[-1][0], runs[-1][1] + n)
+        else:
+            runs.append((off, n))
+    return same, differ
+
+
 class SyncJob(Requester, threading.Thread):
     """Drives one volume's FULL, DIRTY or VERIFY sync in its own thread.
 
-    Requests go out through ``conn.send``; the answers arrive on the recv loop,
-    which journals READ_REPLYs in stream order and hands CHECKSUMS and
-    DIRTY_MAPs over through ``inbox``.  A READ's piece counts as done once its
-    SYNCED was sent, i.e. once the reply is durable.
+    Requests go out through two ``RequestWindow``s sharing the job's
+    Condition: ``reads`` (READs, until answered) and ``queries`` (DIRTY_QUERY,
+    CHECKSUM_QUERY, EXTENT_QUERY).  The recv loop checks each answer against
+    its request (SY-5: one that does not fit abandons the sync), journals
+    READ_REPLYs in stream order and hands the queries' answers over.  A READ's
+    piece counts as done once its SYNCED was sent, i.e. once the reply is
+    durable (``unsynced`` until then).
 
     A FULL sync on a connection granted feature EXTENTS walks the volume with
     EXTENT_QUERY first (``pull_sparse``): the recv loop journals each answer's
@@ -4230,11 +4455,11 @@ class SyncJob(Requester, threading.Thread):
         complete, progress         sync-VOLUME
         pieces, check_stop         sync-VOLUME
         wait_reads, wait_window    sync-VOLUME
-        ask, answer                sync-VOLUME
+        wait, answer               sync-VOLUME
         on_read_reply, on_extents  conn-HOST:PORT (the recv loop)
         on_reply, on_error         conn-HOST:PORT (the recv loop)
-        abandon, give_up           conn-HOST:PORT (the recv loop)
-        split_extents              conn-HOST:PORT (on_extents)
+        check_answer, abandon      conn-HOST:PORT (the recv loop)
+        give_up                    conn-HOST:PORT (the recv loop)
         add_extents                conn-HOST:PORT (a DIRTY_MAP), under AgentConnection.sync_lock
         begin                      conn-HOST:PORT (ATTACH) or control-N (verify), before the job
                                    starts
@@ -4260,10 +4485,9 @@ class SyncJob(Requester, threading.Thread):
         self.extra: list[tuple[int, int]] = []
         self.finished = False
         self.cond = threading.Condition()
-        self.reads: dict[int, tuple[int, int]] = {}   # READ req -> (offset, length) until durable
-        self.unanswered: dict[int, int] = {}           # READ req -> length until its reply
-        self.queries: dict[int, tuple[int, int]] = {}  # CHECKSUM/DIRTY query req -> range
-        self.inbox: queue.Queue = queue.Queue()
+        self.reads = RequestWindow(conn, self, vol, self.cond)
+        self.queries = RequestWindow(conn, self, vol, self.cond)
+        self.unsynced: set[int] = set()   # READ reqs until their SYNCED is sent
         self.stop_event = threading.Event()
         self.error: str | None = None
         self.bytes_total = 0
@@ -4301,22 +4525,19 @@ class SyncJob(Requester, threading.Thread):
         if self.ident is not None:
             self.join(timeout)
 
+    def check_answer(self, window: RequestWindow, msg: p.Message) -> None:
+        """Recv loop: an answer that does not fit its request abandons the sync."""
+        try:
+            window.check(msg)
+        except p.RequestError as err:
+            self.abandon(err)
+
     def on_read_reply(self, header, msg: p.ReadReply) -> None:
         """Recv loop: journal a READ_REPLY in stream order; SYNCED once durable.
         The answer to a sync that was stopped is dropped, never journaled: the
         volume may be attached elsewhere now."""
-        with self.cond:
-            want = self.reads.get(msg.request_id)
-        if want is None:
-            raise p.InvalidField(f"READ_REPLY req={msg.request_id} answers no outstanding READ")
-        if (msg.volume, msg.offset, msg.length) != (self.vol.id, *want):
-            self.abandon(p.InvalidField(
-                f"READ_REPLY req={msg.request_id} is for vol={msg.volume} off={msg.offset} "
-                f"len={msg.length}, expected vol={self.vol.id} off={want[0]} len={want[1]}"))
-        self.conn.requests.drop(msg.request_id)
-        with self.cond:
-            self.unanswered.pop(msg.request_id, None)
-            self.cond.notify_all()
+        self.check_answer(self.reads, msg)
+        self.reads.done(msg.request_id)
         # A zero answer becomes a ZERO record: holes stay holes, never stored as data.
         data = None if msg.is_zero else msg.data
         with self.vol.attach_lock:
@@ -4332,7 +4553,7 @@ class SyncJob(Requester, threading.Thread):
 
         def done():
             with self.cond:
-                self.reads.pop(req, None)
+                self.unsynced.discard(req)
                 self.bytes_done += n
                 self.bytes_fetched += n
                 self.cond.notify_all()
@@ -4342,17 +4563,8 @@ class SyncJob(Requester, threading.Thread):
     def on_extents(self, msg: p.Extents) -> None:
         """Recv loop: journal the zero extents of an EXTENTS now, at its place in
         the stream, SYNCED once durable; hand the data extents to the job thread."""
-        with self.cond:
-            want = self.queries.get(msg.request_id)
-        if want is None:
-            raise p.InvalidField(f"EXTENTS req={msg.request_id} answers no outstanding "
-                                 "EXTENT_QUERY")
-        if (msg.volume, msg.offset, msg.length) != (self.vol.id, *want):
-            self.abandon(p.InvalidField(
-                f"EXTENTS req={msg.request_id} is for vol={msg.volume} off={msg.offset} "
-                f"len={msg.length}, expected vol={self.vol.id} off={want[0]} len={want[1]}"))
-        self.conn.requests.drop(msg.request_id)
-        end, zeros, data = self.split_extents(msg.offset, msg.extents)
+        self.check_answer(self.queries, msg)
+        end, zeros, data = split_extents(msg.offset, msg.extents, self.chunk, self.vol.size)
         for off, n in zeros:
             for start in range(off, off + n, ZERO_RECORD_MAX):
                 k = min(ZERO_RECORD_MAX, off + n - start)
@@ -4361,43 +4573,7 @@ class SyncJob(Requester, threading.Thread):
                 self.conn.acker.after(rec.seq, p.Synced(request_id=msg.request_id,
                                                         volume=self.vol.id, offset=start,
                                                         length=k), self._count_done(k))
-        self.inbox.put((msg, (end, data)))
-
-    def split_extents(self, offset: int, extents) -> tuple[int, list, list]:
-        """An EXTENTS answer from ``offset`` -> (end, zero ranges, data ranges).
-
-        Data runs are widened to whole chunks (what READ pieces cover); zero
-        ranges are the rest.  ``end`` is where the answer's use stops: its end,
-        cut back to a chunk boundary when that leaves something, so the next
-        query starts aligned.  Ranges are (offset, length), sorted, disjoint.
-        """
-        chunk = self.chunk
-        end = offset + sum(n for n, _ in extents)
-        if end < self.vol.size and end % chunk and end - end % chunk > offset:
-            end -= end % chunk
-        data: list[list[int]] = []
-        pos = offset
-        for n, flags in extents:
-            start, stop = pos, min(pos + n, end)
-            pos += n
-            if start >= end:
-                break
-            if flags & p.EXTENT_ZERO:
-                continue
-            start = max(offset, start - start % chunk)
-            stop = min(end, -(-stop // chunk) * chunk)
-            if data and data[-1][1] >= start:
-                data[-1][1] = max(data[-1][1], stop)
-            else:
-                data.append([start, stop])
-        zeros, pos = [], offset
-        for start, stop in data:
-            if start > pos:
-                zeros.append((pos, start - pos))
-            pos = stop
-        if pos < end:
-            zeros.append((pos, end - pos))
-        return end, zeros, [(a, b - a) for a, b in data]
+        self.queries.hand_over(msg.request_id, msg, (end, data))
 
     def _count_done(self, n: int):
         def done():
@@ -4407,26 +4583,8 @@ class SyncJob(Requester, threading.Thread):
 
     def on_reply(self, msg, barrier_seq: int) -> None:
         """Recv loop: a DIRTY_MAP or CHECKSUMS answering one of our queries."""
-        with self.cond:
-            want = self.queries.get(msg.request_id)
-        if msg.volume != self.vol.id:
-            self.abandon(p.InvalidField(f"{msg.TYPE.name} req={msg.request_id} is for vol="
-                                        f"{msg.volume}, expected {self.vol.id}"))
-        if isinstance(msg, p.Checksums) and (msg.offset, msg.length) != want:
-            self.abandon(p.InvalidField(
-                f"CHECKSUMS req={msg.request_id} covers off={msg.offset} len={msg.length}, "
-                f"expected off={want[0]} len={want[1]}"))
-        if isinstance(msg, p.Checksums) and msg.chunk_size != self.chunk:
-            self.abandon(p.InvalidField(f"CHECKSUMS chunk_size {msg.chunk_size}, "
-                                        f"expected {self.chunk}"))
-        if isinstance(msg, p.DirtyMap):
-            for off, n in msg.extents:
-                try:
-                    p.check_range(off, n, self.vol.size, "DIRTY_MAP extent")
-                except p.OutOfRange as err:
-                    self.abandon(err)
-        self.conn.requests.drop(msg.request_id)
-        self.inbox.put((msg, barrier_seq))
+        self.check_answer(self.queries, msg)
+        self.queries.hand_over(msg.request_id, msg, barrier_seq)
 
     def abandon(self, err: p.RequestError):
         """Recv loop: a reply that does not fit its request: stop this sync, raise ``err``.
@@ -4495,7 +4653,8 @@ class SyncJob(Requester, threading.Thread):
             self.conn.hub.count_error("sync")
         finally:
             self.finished = True
-            self.conn.requests.drop_all(list(self.reads) + list(self.queries))
+            self.reads.close()
+            self.queries.close()
             with self.conn.attached.sync_lock:
                 if vol.sync is self:
                     vol.sync = None
@@ -4536,22 +4695,20 @@ class SyncJob(Requester, threading.Thread):
 
     def wait_reads(self, limit: int) -> None:
         """Wait until at most ``limit`` READs are outstanding (not yet durable)."""
-        with self.cond:
-            while len(self.reads) > limit:
-                self.check_stop()
-                self.cond.wait(0.2)
-        self.check_stop()
-        self.progress()
+        self.wait(lambda: len(self.unsynced) <= limit)
 
     def wait_window(self, n: int) -> None:
         """Wait until a READ of ``n`` bytes fits the window (SYNC_WINDOW pieces'
         worth of bytes, at most SYNC_MAX_READS READs not yet answered)."""
-        budget = SYNC_WINDOW * SYNC_PIECE
-        with self.cond:
-            while self.unanswered and (len(self.unanswered) >= SYNC_MAX_READS or
-                                       sum(self.unanswered.values()) + n > budget):
-                self.check_stop()
-                self.cond.wait(0.2)
+        def fits() -> bool:
+            asked = self.reads.asked.values()
+            return not asked or (len(asked) < SYNC_MAX_READS and
+                                 sum(a.length for a in asked) + n <= SYNC_WINDOW * SYNC_PIECE)
+        self.wait(fits)
+
+    def wait(self, ready) -> None:
+        """Wait until ``ready()`` holds (the job's Condition held), then report progress."""
+        self.reads.wait_for(ready, self.check_stop)
         self.check_stop()
         self.progress()
 
@@ -4564,10 +4721,8 @@ class SyncJob(Requester, threading.Thread):
             read = p.Read(request_id=self.conn.requests.new_id(), volume=self.vol.id,
                           offset=off, length=n)
             with self.cond:
-                self.reads[read.request_id] = (off, n)
-                self.unanswered[read.request_id] = n
-            self.conn.requests.add(read, self)
-            self.conn.send(read)
+                self.unsynced.add(read.request_id)
+            self.reads.ask(read)
 
     def pull_sparse(self) -> None:
         """FULL sync with EXTENTS: EXTENT_QUERY the volume in EXTENT_SPAN ranges,
@@ -4577,81 +4732,37 @@ class SyncJob(Requester, threading.Thread):
         size = self.vol.size
         todo = collections.deque((off, min(EXTENT_SPAN, size - off))
                                  for off in range(0, size, EXTENT_SPAN))
-        pending = 0
-        while todo or pending:
-            while todo and pending < EXTENT_WINDOW:
-                off, n = todo.popleft()
-                req = self.conn.requests.new_id()
-                self.ask(p.ExtentQuery(request_id=req, volume=self.vol.id, offset=off,
-                                       length=n), (off, n))
-                pending += 1
-            msg, (end, data) = self.answer()
-            pending -= 1
+
+        def query(off: int, n: int) -> int:
+            return self.queries.ask(p.ExtentQuery(request_id=self.conn.requests.new_id(),
+                                                  volume=self.vol.id, offset=off, length=n))
+        for _, msg, (end, data) in pipelined(todo, EXTENT_WINDOW, query, self.answer):
             if end < msg.offset + msg.length:
                 todo.appendleft((end, msg.offset + msg.length - end))
             self.pull(data)
 
-    def ask(self, msg: p.Message, rng: tuple[int, int]) -> None:
-        with self.cond:
-            self.queries[msg.request_id] = rng
-        self.conn.requests.add(msg, self)
-        self.conn.send(msg)
-
-    def answer(self):
-        """Wait for the next DIRTY_MAP/CHECKSUMS/EXTENTS the recv loop hands over."""
-        while True:
-            self.check_stop()
-            try:
-                msg, barrier = self.inbox.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            with self.cond:
-                self.queries.pop(msg.request_id, None)
-            return msg, barrier
+    def answer(self, reqs) -> tuple:
+        """Wait for the recv loop to hand over the answer to one of ``reqs``
+        (a DIRTY_MAP, CHECKSUMS or EXTENTS): (req, answer, context)."""
+        got = self.queries.take(reqs, self.check_stop)
+        self.check_stop()
+        return got
 
     def query_dirty(self) -> list[tuple[int, int]]:
-        req = self.conn.requests.new_id()
-        self.ask(p.DirtyQuery(request_id=req, volume=self.vol.id), (0, self.vol.size))
-        msg, _ = self.answer()
+        req = self.queries.ask(p.DirtyQuery(request_id=self.conn.requests.new_id(),
+                                            volume=self.vol.id))
+        _, msg, _ = self.answer([req])
         log.info("sync of %s: agent reports %d dirty extents (%s)", self.vol.name,
                  len(msg.extents), fmt_bytes(sum(n for _, n in msg.extents)))
         return list(msg.extents)
 
     def verify(self) -> None:
         """CHECKSUM_QUERY over the volume; READ what differs; SYNCED what matches."""
-        size, chunk = self.vol.size, self.chunk
-        span = chunk * VERIFY_CHUNKS_PER_QUERY
-        ranges = [(off, min(span, size - off)) for off in range(0, size, span)]
-        self.bytes_total = size
-        zero_digest = {}
-        pending = 0
-        todo = collections.deque(ranges)
-        while todo or pending:
-            while todo and pending < VERIFY_WINDOW:
-                off, n = todo.popleft()
-                req = self.conn.requests.new_id()
-                self.ask(p.ChecksumQuery(request_id=req, volume=self.vol.id, offset=off,
-                                         length=n, chunk_size=chunk), (off, n))
-                pending += 1
-            msg, barrier = self.answer()
-            pending -= 1
+        self.bytes_total = self.vol.size
+        for msg, barrier in query_checksums(self.conn, self.vol, self.chunk, self.queries.ask,
+                                            self.answer):
             data = self.store.window.read_at(self.vol, barrier, msg.offset, msg.length, check=False)
-            differ, same = [], []
-            for i, digest in enumerate(msg.digests):
-                c_off = msg.offset + i * chunk
-                c_len = min(chunk, msg.offset + msg.length - c_off)
-                if data is None:
-                    mine = zero_digest.get(c_len)
-                    if mine is None:
-                        mine = zero_digest[c_len] = hashlib.sha256(bytes(c_len)).digest()
-                else:
-                    rel = c_off - msg.offset
-                    mine = hashlib.sha256(memoryview(data)[rel:rel + c_len]).digest()
-                runs = same if mine == digest else differ
-                if runs and runs[-1][0] + runs[-1][1] == c_off:
-                    runs[-1] = (runs[-1][0], runs[-1][1] + c_len)
-                else:
-                    runs.append((c_off, c_len))
+            same, differ = compare_digests(msg, data)
             for off, n in same:
                 self.bytes_done += n
                 self.conn.acker.after(barrier, p.Synced(request_id=msg.request_id,
@@ -5023,14 +5134,32 @@ def report_extents(extents, limit: int = 64) -> list[list[int]]:
     return [[o, n] for o, n in extents[:limit]]
 
 
+def writes_since(journal: Journal, vol: Volume, after: int, upto: int) -> tuple[list, list, int]:
+    """Merged (start, end) regions of ``vol``'s writes in the journal after seq
+    ``after`` up to ``upto``: (set-aside ones, the others: the recovery
+    site's, how many set-aside records)."""
+    aside, recovery = [], []
+    while after < upto:
+        recs = journal.records_between(after, upto, 4096)
+        if not recs:
+            break
+        for rec in recs:
+            if rec.volume == vol.id and rec.kind in (RecordKind.WRITE, RecordKind.ZERO):
+                into = aside if vol.set_aside_of(rec.seq) else recovery
+                into.append((rec.offset, rec.end))
+        after = recs[-1].seq
+    return merge_ranges(aside), merge_ranges(recovery), len(aside)
+
+
 class Failback(Requester):
     """One fail-back of ``vol`` to the agent of ``conn`` (which attached it DEMOTED).
 
     ``run`` drives it in the caller's thread (a control request thread) and
     returns the summary, or raises RequestError; ``emit(obj)`` sends progress to
     the operator, ``confirm(report)`` returns their answer.  The agent's answers
-    arrive on the connection's recv loop, which hands them over through
-    ``on_ack``/``on_error``/``on_read_reply``/``on_reply`` (this object is the
+    arrive on the connection's recv loop, which checks each against its
+    request and hands it over through ``on_ack``/``on_error``/``on_read_reply``/
+    ``on_reply`` into ``pending``, the ``RequestWindow`` of this fail-back (the
     owner of its requests in ``conn.requests``, as a SyncJob is of its own).
 
     Threads::
@@ -5038,10 +5167,10 @@ class Failback(Requester):
         run                        control-N: the whole fail-back, start to end
         begin, collect, compare    control-N
         preserve, report, apply    control-N
-        finish, end, wait, ask     control-N
-        fail, set_phase, progress  control-N
-        journal_regions            control-N
-        merged_delta, summary      control-N
+        finish, end, call, wait    control-N
+        ask, fail, set_phase       control-N
+        progress, merged_delta     control-N
+        summary                    control-N
         late_summary               control-N, and conn-HOST:PORT (FAILBACK_END's ACK)
         connection_gone            control-N (a send failed)
         on_ack, on_error           conn-HOST:PORT (the recv loop)
@@ -5060,9 +5189,7 @@ class Failback(Requester):
         self.emit = emit
         self.confirm = confirm
         self.phase = FailbackPhase.PREPARING
-        self.cond = threading.Condition()
-        self.asked: dict[int, tuple[int, int]] = {}     # our outstanding req -> range
-        self.answers: dict[int, tuple] = {}             # req -> (msg or error text, barrier)
+        self.pending = RequestWindow(conn, self, vol)
         self.begun = False        # FAILBACK_BEGIN was ACKed: the agent takes PUTs
         self.fenced = False       # the recovery session's RWRITEs are refused (FB-12)
         self.end_req = 0          # FAILBACK_END(DONE)'s request id
@@ -5087,61 +5214,32 @@ class Failback(Requester):
 
     # -- the recv loop hands answers over (connection thread) -----------------------
 
-    def _answer(self, req: int, item, barrier: int = 0) -> None:
-        with self.cond:
-            self.asked.pop(req, None)
-            self.answers[req] = (item, barrier)
-            self.cond.notify_all()
-        self.conn.requests.drop(req)
-
     def on_ack(self, msg: p.Ack) -> None:
         if msg.request_id == self.end_req and msg.request_id:
             # FB-10: the volume is the agent's again before its next frame is read.
             self._role_returns()
-        self._answer(msg.request_id, msg)
+        self.pending.hand_over(msg.request_id, msg)
 
     def on_error(self, msg: p.Error) -> None:
-        self._answer(msg.request_id, msg)
+        self.pending.hand_over(msg.request_id, msg)
 
     def give_up(self, why: str) -> None:
         """Recv loop: the hub refused an answer to one of our requests, so
         what we wait for will not come: fail every wait with ``why``."""
-        with self.cond:
-            asked = list(self.asked)
-        for req in asked:
-            self._answer(req, why)
+        self.pending.hand_over_all(why)
 
     def on_read_reply(self, header, msg: p.ReadReply) -> None:
-        with self.cond:
-            want = self.asked.get(msg.request_id)
-        if (msg.volume, msg.offset, msg.length) != (self.vol.id, *want):
-            err = p.InvalidField(f"READ_REPLY req={msg.request_id} is for vol={msg.volume} "
-                                 f"off={msg.offset} len={msg.length}, expected vol={self.vol.id}"
-                                 f" off={want[0]} len={want[1]}")
-            self._answer(msg.request_id, str(err))
-            raise err
-        self._answer(msg.request_id, msg)
+        self.on_reply(msg, 0)
 
     def on_reply(self, msg, barrier_seq: int) -> None:
-        """A DIRTY_MAP or CHECKSUMS answering our query (recv loop)."""
-        with self.cond:
-            want = self.asked.get(msg.request_id)
+        """A READ_REPLY, DIRTY_MAP or CHECKSUMS answering our request (recv loop):
+        one that does not fit it fails the wait for it, and is refused."""
         try:
-            if msg.volume != self.vol.id:
-                raise p.InvalidField(f"{msg.TYPE.name} req={msg.request_id} is for vol="
-                                     f"{msg.volume}, expected {self.vol.id}")
-            if isinstance(msg, p.DirtyMap):
-                for off, n in msg.extents:
-                    p.check_range(off, n, self.vol.size, "DIRTY_MAP extent")
-            elif (msg.offset, msg.length, msg.chunk_size) != (*want, self.attach.chunk_size):
-                raise p.InvalidField(
-                    f"CHECKSUMS req={msg.request_id} covers off={msg.offset} len={msg.length} "
-                    f"chunk={msg.chunk_size}, expected off={want[0]} len={want[1]} "
-                    f"chunk={self.attach.chunk_size}")
+            self.pending.check(msg)
         except p.RequestError as err:
-            self._answer(msg.request_id, str(err))
+            self.pending.hand_over(msg.request_id, str(err))
             raise
-        self._answer(msg.request_id, msg, barrier_seq)
+        self.pending.hand_over(msg.request_id, msg, barrier_seq)
 
     def _role_returns(self) -> None:
         """FAILBACK_END(DONE) is ACKed (recv loop): the agent's disk equals the
@@ -5185,49 +5283,39 @@ class Failback(Requester):
         self._emit(dict(phase=self.phase.value, progress=self.done_bytes,
                         total=self.total_bytes))
 
-    def ask(self, msg: p.Message, rng=(0, 0)) -> int:
+    def ask(self, msg: p.Message) -> int:
         """Send a request whose answer comes back to us; return its id."""
-        with self.cond:
-            self.asked[msg.request_id] = rng
-        self.conn.requests.add(msg, self)
         try:
-            self.conn.send(msg)
+            return self.pending.ask(msg)
         except (OSError, ConnectionClosed) as err:
             self.connection_gone(str(err))
-        return msg.request_id
 
     def connection_gone(self, detail: str) -> None:
         self.fail(f"the agent's connection is gone ({detail}); the volume stays promoted, "
                   "nothing changed on the hub: run the fail-back again", p.ErrorCode.IO_ERROR)
 
-    def wait(self, reqs, what: str, answer: type = p.Ack):
-        """The first answer to one of ``reqs``: (req, msg, barrier).  An ERROR, an
-        answer that is not an ``answer``, a lost connection or a timeout fails
-        the fail-back."""
-        deadline = time.monotonic() + FAILBACK_ANSWER_TIMEOUT
-        with self.cond:
-            while True:
-                for req in reqs:
-                    if req in self.answers:
-                        item, barrier = self.answers.pop(req)
-                        if isinstance(item, str):
-                            self.fail(f"bad answer to {what}: {item}", p.ErrorCode.PROTOCOL)
-                        if isinstance(item, p.Error):
-                            code = item.code if item.code in set(p.ErrorCode) else \
-                                p.ErrorCode.IO_ERROR
-                            self.fail(f"the agent answered {what} with ERROR "
-                                      f"{item.code_name()}: {item.message}", code)
-                        if not isinstance(item, answer):
-                            self.fail(f"the agent answered {what} with {item.TYPE.name}, "
-                                      f"expected {answer.TYPE.name}", p.ErrorCode.PROTOCOL)
-                        return req, item, barrier
-                if self.conn.closing.is_set() or self.hub.stopping.is_set():
-                    self.connection_gone(f"closed while waiting for {what}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self.fail(f"no answer to {what} within {FAILBACK_ANSWER_TIMEOUT:.0f} s",
-                              p.ErrorCode.IO_ERROR)
-                self.cond.wait(min(left, POLL_INTERVAL))
+    def wait(self, reqs, what: str):
+        """The first answer to one of ``reqs``: (req, msg, barrier).  An ERROR, a
+        refused answer, a lost connection or a timeout fails the fail-back."""
+        def connected():
+            if self.conn.closing.is_set() or self.hub.stopping.is_set():
+                self.connection_gone(f"closed while waiting for {what}")
+        got = self.pending.take(reqs, connected, time.monotonic() + FAILBACK_ANSWER_TIMEOUT)
+        if got is None:
+            self.fail(f"no answer to {what} within {FAILBACK_ANSWER_TIMEOUT:.0f} s",
+                      p.ErrorCode.IO_ERROR)
+        req, item, barrier = got
+        if isinstance(item, str):
+            self.fail(f"bad answer to {what}: {item}", p.ErrorCode.PROTOCOL)
+        if isinstance(item, p.Error):
+            code = item.code if item.code in set(p.ErrorCode) else p.ErrorCode.IO_ERROR
+            self.fail(f"the agent answered {what} with ERROR {item.code_name()}: "
+                      f"{item.message}", code)
+        return req, item, barrier
+
+    def call(self, msg: p.Message, what: str):
+        """Send one request and wait for its answer."""
+        return self.wait([self.ask(msg)], what)[1]
 
     def run(self) -> dict:
         try:
@@ -5263,22 +5351,20 @@ class Failback(Requester):
                 log.info("fail-back of %s: the recovery session may write again",
                          self.vol.name)
             self.fenced = False
-            self.answers.clear()
-            self.conn.requests.drop_all(list(self.asked))
+            self.pending.close()
 
     def begin(self) -> None:
         self.set_phase(FailbackPhase.PREPARING, f"FAILBACK_BEGIN to agent {self.agent}")
-        req = self.ask(p.FailbackBegin(request_id=self.conn.requests.new_id(),
-                                       volume=self.vol.id))
-        self.wait([req], "FAILBACK_BEGIN")
+        self.call(p.FailbackBegin(request_id=self.conn.requests.new_id(), volume=self.vol.id),
+                  "FAILBACK_BEGIN")
         self.begun = True
 
     def end(self, outcome: p.FailbackOutcome) -> None:
         req = self.conn.requests.new_id()
         if outcome == p.FailbackOutcome.DONE:
             self.end_req = req
-        self.ask(p.FailbackEnd(request_id=req, volume=self.vol.id, outcome=outcome))
-        self.wait([req], f"FAILBACK_END({outcome.name})")
+        self.call(p.FailbackEnd(request_id=req, volume=self.vol.id, outcome=outcome),
+                  f"FAILBACK_END({outcome.name})")
         self.begun = False
 
     def collect(self) -> None:
@@ -5295,8 +5381,8 @@ class Failback(Requester):
             self.late_why = "the journal no longer covers the promotion"
         if self.late_known:
             self.set_phase(FailbackPhase.COLLECTING, "DIRTY_QUERY: the agent's dirty map")
-            req = self.ask(p.DirtyQuery(request_id=self.conn.requests.new_id(), volume=vol.id))
-            _, msg, _ = self.wait([req], "DIRTY_QUERY", p.DirtyMap)
+            msg = self.call(p.DirtyQuery(request_id=self.conn.requests.new_id(), volume=vol.id),
+                            "DIRTY_QUERY")
             self.late = [(s, e - s) for s, e in merge_ranges((o, o + n) for o, n in msg.extents)]
         else:
             self.set_phase(FailbackPhase.COLLECTING, f"no trustworthy dirty map ({self.late_why}):"
@@ -5306,28 +5392,12 @@ class Failback(Requester):
     def compare(self) -> list[tuple[int, int]]:
         """CHECKSUM_QUERY over the volume against the hub's current volume; the
         differing chunks, merged."""
-        chunk, size = self.attach.chunk_size, self.vol.size
-        span = chunk * VERIFY_CHUNKS_PER_QUERY
-        todo = collections.deque((off, min(span, size - off)) for off in range(0, size, span))
-        self.total_bytes, self.done_bytes = size, 0
-        outstanding: set[int] = set()
+        self.total_bytes, self.done_bytes = self.vol.size, 0
         differ: list[tuple[int, int]] = []
-        while todo or outstanding:
-            while todo and len(outstanding) < VERIFY_WINDOW:
-                off, n = todo.popleft()
-                outstanding.add(self.ask(p.ChecksumQuery(
-                    request_id=self.conn.requests.new_id(), volume=self.vol.id, offset=off,
-                    length=n, chunk_size=chunk), (off, n)))
-            req, msg, barrier = self.wait(list(outstanding), "CHECKSUM_QUERY", p.Checksums)
-            outstanding.discard(req)
+        for msg, barrier in query_checksums(self.conn, self.vol, self.attach.chunk_size, self.ask,
+                                            lambda reqs: self.wait(reqs, "CHECKSUM_QUERY")):
             data = self.store.window.read_at(self.vol, barrier, msg.offset, msg.length)
-            for i, digest in enumerate(msg.digests):
-                c_off = msg.offset + i * chunk
-                c_len = min(chunk, msg.offset + msg.length - c_off)
-                rel = c_off - msg.offset
-                mine = bytes(c_len) if data is None else memoryview(data)[rel:rel + c_len]
-                if hashlib.sha256(mine).digest() != digest:
-                    differ.append((c_off, c_off + c_len))
+            differ += [(off, off + n) for off, n in compare_digests(msg, data)[1]]
             self.done_bytes += msg.length
             self.progress()
         return [(s, e - s) for s, e in merge_ranges(differ)]
@@ -5348,16 +5418,9 @@ class Failback(Requester):
                      os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, self.vol.size)
-            outstanding: set[int] = set()
             todo = collections.deque(pieces_of(self.late, FAILBACK_PIECE))
-            while todo or outstanding:
-                while todo and len(outstanding) < FAILBACK_WINDOW:
-                    off, k = todo.popleft()
-                    outstanding.add(self.ask(p.Read(request_id=self.conn.requests.new_id(),
-                                                    volume=self.vol.id, offset=off, length=k),
-                                             (off, k)))
-                req, msg, _ = self.wait(list(outstanding), "READ (late writes)", p.ReadReply)
-                outstanding.discard(req)
+            for _, msg, _ in pipelined(todo, FAILBACK_WINDOW, self._read,
+                                       lambda reqs: self.wait(reqs, "READ (late writes)")):
                 if not msg.is_zero:
                     os.pwrite(fd, msg.data, msg.offset)
                 self.done_bytes += msg.length
@@ -5376,27 +5439,11 @@ class Failback(Requester):
                     why_unknown=self.late_why or None, extent_count=len(self.late),
                     bytes=extent_bytes(self.late))
 
-    def journal_regions(self, upto: int) -> tuple[list, list, int]:
-        """Merged regions of the volume's records after ``since_seq`` up to ``upto``:
-        (set-aside ones, the others: the recovery site's, how many set-aside records)."""
-        vol, j = self.vol, self.store.journal
-        aside, recovery = [], []
-        after = self.since_seq
-        while after < upto:
-            recs = j.records_between(after, upto, 4096)
-            if not recs:
-                break
-            for rec in recs:
-                if rec.volume == vol.id and rec.kind in (RecordKind.WRITE, RecordKind.ZERO):
-                    into = aside if vol.set_aside_of(rec.seq) else recovery
-                    into.append((rec.offset, rec.end))
-            after = recs[-1].seq
-        return merge_ranges(aside), merge_ranges(recovery), len(aside)
-
     def report(self) -> dict:
         """What the operator confirms (FB-9): the set-aside entries (kept), the late
         writes (saved, about to be overwritten), the recovery-side writes, the delta."""
-        aside, recovery, records = self.journal_regions(self.store.journal.last_seq)
+        aside, recovery, records = writes_since(self.store.journal, self.vol, self.since_seq,
+                                                self.store.journal.last_seq)
         self.delta = self.merged_delta(aside, recovery)
         promos = self.vol.current_promotions()
         as_ext = [(s, e - s) for s, e in aside]
@@ -5436,28 +5483,33 @@ class Failback(Requester):
             if not j.wait_durable(last, timeout=FAILBACK_ANSWER_TIMEOUT):
                 self.fail(f"the journal did not become durable up to seq {last}")
             self.store.applier.wait_applied(last, timeout=FAILBACK_ANSWER_TIMEOUT)
-            aside, recovery, _ = self.journal_regions(last)  # the newest writes included
+            aside, recovery, _ = writes_since(j, vol, self.since_seq, last)  # the newest too
             self.delta = self.merged_delta(aside, recovery)
             self.total_bytes, self.done_bytes = extent_bytes(self.delta), 0
             self._emit(dict(phase=self.phase.value, message=f"sending {len(self.delta)} "
                             f"extents ({fmt_bytes(self.total_bytes)}) as PUTs"), force=True)
-            outstanding: dict[int, int] = {}
             todo = collections.deque(pieces_of(self.delta, FAILBACK_PIECE))
-            while todo or outstanding:
-                while todo and len(outstanding) < FAILBACK_WINDOW:
-                    off, k = todo.popleft()
-                    data = self.store.window.read_at(vol, last, off, k)
-                    req = self.conn.requests.new_id()
-                    put = (p.Put(request_id=req, volume=vol.id, offset=off, length=k,
-                                 flags=p.FLAG_ZERO) if data is None else
-                           p.Put(request_id=req, volume=vol.id, offset=off, data=data))
-                    outstanding[self.ask(put, (off, k))] = k
-                    self.sent_bytes += k
-                req, _, _ = self.wait(list(outstanding), "PUT")
-                self.done_bytes += outstanding.pop(req)
+            for (_, k), _, _ in pipelined(todo, FAILBACK_WINDOW,
+                                          lambda off, k: self._put(last, off, k),
+                                          lambda reqs: self.wait(reqs, "PUT")):
+                self.done_bytes += k
                 self.progress()
         finally:
             self.store.window.pin(last, -1)
+
+    def _read(self, off: int, k: int) -> int:
+        return self.ask(p.Read(request_id=self.conn.requests.new_id(), volume=self.vol.id,
+                               offset=off, length=k))
+
+    def _put(self, seq: int, off: int, k: int) -> int:
+        """PUT the volume's [off, off+k) as of ``seq`` (a hole as FLAG_ZERO)."""
+        data = self.store.window.read_at(self.vol, seq, off, k)
+        req = self.conn.requests.new_id()
+        req = self.ask(p.Put(request_id=req, volume=self.vol.id, offset=off, length=k,
+                             flags=p.FLAG_ZERO) if data is None else
+                       p.Put(request_id=req, volume=self.vol.id, offset=off, data=data))
+        self.sent_bytes += k
+        return req
 
     def finish(self) -> None:
         """Every PUT is ACKed: FAILBACK_END(DONE); its ACK returns the role (in the
