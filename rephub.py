@@ -4460,7 +4460,7 @@ class SyncJob(Requester, threading.Thread):
         on_reply, on_error         conn-HOST:PORT (the recv loop)
         check_answer, abandon      conn-HOST:PORT (the recv loop)
         give_up                    conn-HOST:PORT (the recv loop)
-        add_extents                conn-HOST:PORT (a DIRTY_MAP), under AgentConnection.sync_lock
+        add_extents                conn-HOST:PORT (a DIRTY_MAP), under Attachments.sync_lock
         begin                      conn-HOST:PORT (ATTACH) or control-N (verify), before the job
                                    starts
         stop, join_if_started      any thread (the connection ending, DETACH, shutdown)
@@ -4501,7 +4501,7 @@ class SyncJob(Requester, threading.Thread):
     # -- called by other threads ---------------------------------------------------
 
     def add_extents(self, extents) -> bool:
-        """More regions to read (conn.sync_lock held, recv loop); False if the job
+        """More regions to read (Attachments.sync_lock held, recv loop); False if the job
         is ending.  A report-only verify READs them too, and the volume's points
         from here until it ends are not crash-consistent, as in any resync."""
         if self.finished or self.stop_event.is_set():
