@@ -291,7 +291,7 @@ def install_hub_timers(probe: Probe) -> None:
             tls.ready = now()
             return r
         return f
-    wrap(rephub.AgentConnection, "_wait_readable", wait_readable)
+    wrap(rephub.AgentSocket, "_wait_readable", wait_readable)
 
     def recv_frame(orig):
         def f(self, *a):

@@ -26,3 +26,14 @@ def test_the_script_starts(script):
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "usage:" in done.stdout
+
+
+def test_the_profile_probes_find_what_they_wrap():
+    """bench_profile wraps methods of the daemons by name to time each stage
+    of a write: installing its probes (in a process of its own, since they
+    patch the classes) fails on a method that was renamed or moved."""
+    code = ("import sys; sys.path[:0] = ['bench', 'tests', '.']; import bench_profile as b; "
+            "p = b.Probe('x', 'timers'); b.install_agent_timers(p); b.install_hub_timers(p)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
