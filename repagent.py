@@ -10,6 +10,11 @@ How a write travels (docs/DESIGN.md "Data flows")::
                                                         v    one ordered hub stream
                                                       rephub --ACK--> bit cleared
 
+Lock order, outermost first (a thread that holds two of these took the one on
+the left first; what each thread takes: docs/DESIGN.md "Threads and locks")::
+
+    QemuSide.mirror_lock → Stream.lock → Agent.error_lock
+
 The agent never patches QEMU.  Over QMP it adds an NBD client node pointing
 at its own NBD server and starts an active mirror (``sync: none``,
 ``copy-mode: write-blocking``), so each guest write completes only after the
@@ -480,83 +485,34 @@ def _runs(mask: int):
         pos += ones
 
 
-class DirtyBitmap:
-    """What was written and is not yet safe at the hub, per 4 KiB block, in two
-    memory-mapped files, plus the in-memory rule state per block.
+class ChunkBits:
+    """DirtyBitmap's first level, ``VOLUME.bitmap`` (layout above): one bit per
+    chunk, memory-mapped, and a CRC-32 per BITMAP_CRC_BLOCK of bits in the
+    same mapping, recomputed (``seal``) after the bits of a block change.
+    Body damage (bits zeroed or flipped, the header intact) is told at open:
+    ``damaged`` lists the blocks whose CRC fails, and the caller must not
+    trust the marks (``Volume.open_bitmap``: the hub verifies the volume).
+    A crash between a bit's change and its block's CRC looks like damage too.
 
-    Two levels.  ``VOLUME.bitmap`` holds one bit per chunk, as it always did;
-    ``VOLUME.bitmap.fine`` holds up to FINE_SLOTS *slots*, each naming one
-    marked chunk and which of its 4 KiB blocks are marked.  A chunk whose bit
-    is set is dirty in the blocks its slot names, or whole when it has no
-    slot (no slot was free, the write covered it whole, or the slot cannot be
-    trusted).  So the files of a 1 TiB disk at 64 KiB chunks take 2 MiB + 2 KiB
-    for the chunks and 1 MiB + 4 KiB for the slots, whatever the size of the
-    disk and the number of writes: a resync of scattered 4 KiB writes fetches
-    what was written for the first 65536 chunks they touch, and whole chunks
-    beyond.  In memory besides the two mappings: 4 bytes per free slot
-    (256 KiB) and about 250 bytes per chunk touched in this run and not yet
-    clean.  A plain 4 KiB bitmap would take 32 MiB per TiB and 16 times
-    longer to scan for a DIRTY_MAP; a log of write extents would grow with the
-    writes and need compaction and fsync ordering to be trusted after a
-    crash.  Slots are self-describing (chunk number and a CRC each), so no
-    ordering between the two files is needed beyond the one kept below.
-
-    The rules run per block (docs/SEMANTICS.md "Agent's dirty bitmap"): a block
-    clears when no queued write covering it is un-ACKed and every loss of a
-    write covering it was followed by a SYNCED reply covering it whole; a
-    chunk's bit clears when none of its blocks is marked.  In memory, per
-    chunk touched in this run (``_Marks``): the marked blocks, the masks of
-    its writes in flight, and per stream position the blocks lost there.  A
-    chunk loaded marked and not touched since has no entry: it is lost at
-    LOADED_SEQ in the blocks the files give it.
-
-    Crash safety (an agent SIGKILLed at any point loses no block written
-    before it): whatever the files hold covers every marked block.  A chunk
-    that becomes dirty gets its slot written before its bit; a chunk that
-    clears loses its bit before its slot (a slot of a clean chunk is stale
-    and freed at open); a slot is only rewritten with the chunk's marks as
-    they are now, in one store, and a slot torn by a crash fails its CRC.
-    A slot that fails its CRC, names a chunk twice or out of range, or says
-    nothing, is not trusted: its chunk is resent whole.  The second level
-    is never trusted beside a bitmap of version 1 or 2, of another
-    generation, or when it is missing or cut short: every marked chunk is
-    resent whole, and a line says so.
-
-    Body damage of the first level (bits zeroed or flipped, the header
-    intact) is told by a CRC per BITMAP_CRC_BLOCK of bits, kept in the same
-    mapping and recomputed after every change of a bit in it.  A crash
-    between a bit's change and its block's CRC looks like damage too: either
-    way ``damaged`` lists the blocks that fail at open, and the caller must
-    not trust the marks (``Volume.open_bitmap``: the hub verifies the volume).
-
-    The rule methods take a ``Span`` of blocks, or a ``range`` of chunks
-    meaning those chunks whole (a fail-back's PUT, a fail-back that marks
-    everything).  Not locked itself: every method runs with ``Stream.lock``
-    held (any thread), which is also what makes "mark, then queue" atomic.
+    Opening makes the file (``created``) or checks a known one and upgrades
+    an older version (``upgraded``: that version, else 0); the header that
+    says the file is whole is written last, by ``commit``, after the CRCs
+    (and, in DirtyBitmap, after the second level).
 
     Threads::
 
-        reseal                   main, at start (Volume.open_bitmap)
-        close                    main, at stop
-        *                        any thread, with Stream.lock held
+        commit                   main, at start (opening the DirtyBitmap)
+        *                        any thread, with Stream.lock held (through DirtyBitmap)
     """
 
-    def __init__(self, path: str, size: int, chunk_size: int, fsync: bool = False):
+    def __init__(self, path: str, size: int, chunk_size: int):
         self.path = path
-        self.fine_path = path + ".fine"
         self.size = size
         self.chunk_size = chunk_size
         self.chunks = -(-size // chunk_size)
-        self.per_chunk = chunk_size // FINE_BLOCK     # blocks per chunk
-        self.total_blocks = -(-size // FINE_BLOCK)
-        self.fsync = fsync
-        self.states: dict[int, _Marks] = {}
-        self.dirty_count = 0            # chunks whose bit is set
-        self.dirty_blocks = 0           # blocks marked
-        self.loaded = 0                 # chunks marked at open and not touched since
-        self.lossy = 0                  # entries of ``states`` with a loss
         self.damaged: list[int] = []    # blocks whose CRC failed at open
-        self._stale: set[int] = set()   # blocks whose bits changed since their CRC
+        self.stale: set[int] = set()    # blocks whose bits changed since their CRC
+        self.upgraded = 0
         self.created = not os.path.exists(path)
         bits_size = -(-self.chunks // 8)
         self.crc_offset = BITMAP_HEADER.size + bits_size
@@ -565,7 +521,6 @@ class DirtyBitmap:
         fd = private_open(path, os.O_RDWR | os.O_CREAT)
         try:
             have = os.fstat(fd).st_size
-            upgrade = 0
             # Empty, or all zeroes: a creation that a crash cut short before
             # its header (written last) was written.  (Zeroes in the header
             # only are damage: refused below, as a bad magic.)
@@ -578,34 +533,28 @@ class DirtyBitmap:
             else:
                 self.generation, version = self._check_header(header, have, file_size)
                 if version != BITMAP_VERSION:
-                    upgrade = version
+                    self.upgraded = version
                     os.ftruncate(fd, file_size)
             self.map = mmap.mmap(fd, file_size)
             self.bits = memoryview(self.map)[BITMAP_HEADER.size:self.crc_offset]
-            if self.created or upgrade == BITMAP_VERSION_NO_CRC:
-                self._seal(range(self.blocks))      # CRCs first, then the header
+            if self.created or self.upgraded == BITMAP_VERSION_NO_CRC:
+                self.seal(range(self.blocks))      # CRCs first, then the header
             else:
                 self.damaged = [b for b in range(self.blocks)
-                                if self._block_crc(b) != self._stored_crc(b)]
-            self.dirty_count = int.from_bytes(self.bits, "little").bit_count()
-            if self.chunks % 8:     # bits past the last chunk (damage) mark nothing
-                self.dirty_count -= (self.bits[-1] >> self.chunks % 8).bit_count()
-            self.loaded = self.dirty_count
-            # The second level before the header that says it is kept: a
-            # crash in between finds a version 1 or 2 bitmap, upgraded again.
-            self._open_fine(trusted=not self.created and not upgrade)
-            self.dirty_blocks = self._count_blocks()
-            if self.created or upgrade:
-                self.map.flush()
-                os.pwrite(fd, BITMAP_HEADER.pack(BITMAP_MAGIC, BITMAP_VERSION, 0, chunk_size,
-                                                 size, self.generation), 0)
-                os.fsync(fd)
-                if upgrade:
-                    log.info("%s: upgraded from bitmap version %d to %d: %s4 KiB blocks are "
-                             "tracked in %s from now on; the %d chunks marked so far are "
-                             "resent whole", path, upgrade, BITMAP_VERSION,
-                             "block CRCs added; " if upgrade == BITMAP_VERSION_NO_CRC else "",
-                             self.fine_path, self.dirty_count)
+                                if self.block_crc(b) != self.stored_crc(b)]
+        finally:
+            os.close(fd)
+
+    def commit(self) -> None:
+        """Write the header of a new or upgraded file, last (after its CRCs)."""
+        if not (self.created or self.upgraded):
+            return
+        self.map.flush()
+        fd = private_open(self.path, os.O_RDWR)
+        try:
+            os.pwrite(fd, BITMAP_HEADER.pack(BITMAP_MAGIC, BITMAP_VERSION, 0, self.chunk_size,
+                                             self.size, self.generation), 0)
+            os.fsync(fd)
         finally:
             os.close(fd)
 
@@ -633,72 +582,168 @@ class DirtyBitmap:
             raise BitmapError(f"{self.path}: file is {have} bytes, expected {want}")
         return generation, version
 
-    # -- the second level: slots of 4 KiB sub-bits ---------------------------
+    def count(self) -> int:
+        """How many chunks are marked."""
+        n = int.from_bytes(self.bits, "little").bit_count()
+        if self.chunks % 8:     # bits past the last chunk (damage) mark nothing
+            n -= (self.bits[-1] >> self.chunks % 8).bit_count()
+        return n
 
-    def _open_fine(self, trusted: bool) -> None:
-        """Map VOLUME.bitmap.fine and load its slots; make it anew (every slot
-        free: marked chunks whole) when it is not ``trusted``, missing or does
-        not fit this bitmap.  Nothing to refine with 4 KiB chunks: no file."""
+    def block_crc(self, block: int) -> int:
+        start = block * BITMAP_CRC_BLOCK
+        return zlib.crc32(self.bits[start:start + BITMAP_CRC_BLOCK])
+
+    def stored_crc(self, block: int) -> int:
+        return BITMAP_CRC.unpack_from(self.map, self.crc_offset + BITMAP_CRC.size * block)[0]
+
+    def seal(self, blocks=None) -> None:
+        """Store the CRC of every block changed since (or of ``blocks``)."""
+        for block in self.stale if blocks is None else blocks:
+            BITMAP_CRC.pack_into(self.map, self.crc_offset + BITMAP_CRC.size * block,
+                                 self.block_crc(block))
+        self.stale.clear()
+
+    def reseal(self) -> None:
+        """Trust the bits as they are now: every CRC recomputed."""
+        self.seal(range(self.blocks))
+        self.damaged = []
+
+    def damaged_chunks(self) -> list[tuple[int, int]]:
+        """The chunk ranges [first, end) the damaged blocks cover, for the log."""
+        per_block = BITMAP_CRC_BLOCK * 8
+        return [(b * per_block, min((b + 1) * per_block, self.chunks)) for b in self.damaged]
+
+    def is_set(self, chunk: int) -> bool:
+        return bool(self.bits[chunk >> 3] & (1 << (chunk & 7)))
+
+    def set(self, chunk: int) -> None:
+        byte = chunk >> 3
+        self.bits[byte] |= 1 << (chunk & 7)
+        self.stale.add(byte // BITMAP_CRC_BLOCK)
+
+    def clear(self, chunk: int) -> None:
+        byte = chunk >> 3
+        self.bits[byte] &= ~(1 << (chunk & 7))
+        self.stale.add(byte // BITMAP_CRC_BLOCK)
+
+    def clear_all(self) -> None:
+        self.bits[:] = bytes(len(self.bits))
+        self.seal(range(self.blocks))
+
+    def set_chunks(self):
+        """Yield every chunk whose bit is set, skipping zero regions fast."""
+        step = 4096
+        zero = bytes(step)
+        bits = self.bits
+        for base in range(0, len(bits), step):
+            block = bits[base:base + step]
+            if block == zero[:len(block)]:
+                continue
+            for i, value in enumerate(block):
+                if value:
+                    for bit in range(8):
+                        if value & (1 << bit):
+                            chunk = (base + i) * 8 + bit
+                            if chunk < self.chunks:
+                                yield chunk
+
+    def flush(self) -> None:
+        self.map.flush()
+
+    @property
+    def closed(self) -> bool:
+        return self.map.closed
+
+    def close(self) -> None:
+        self.bits.release()
+        self.map.flush()
+        self.map.close()
+
+
+class FineSlots:
+    """DirtyBitmap's second level, ``VOLUME.bitmap.fine`` (layout above): up to
+    FINE_SLOTS slots, each naming one marked chunk and which of its 4 KiB
+    blocks are marked.  ``mask`` gives a chunk's blocks if it has a slot
+    (None: it has none, and counts whole if marked); ``put`` writes a chunk's
+    marks into its slot, taking a free one for a partial mark; ``release``
+    frees it.  Every change of a slot is one store: a torn one fails its CRC
+    and is not trusted at open.  With 4 KiB chunks there is nothing to refine
+    and no file.
+
+    Threads::
+
+        *                        any thread, with Stream.lock held (through DirtyBitmap)
+    """
+
+    def __init__(self, bitmap: "DirtyBitmap", path: str, trusted: bool):
+        """Map the file and load its slots; make it anew (every slot free: the
+        marked chunks whole) when it is not ``trusted``, missing or does not fit
+        ``bitmap``."""
+        self.bitmap = bitmap
+        self.path = path
         self.slot_of: dict[int, int] = {}               # chunk -> its slot
         self.free = array.array("I")                    # free slots, popped from the end
-        self.fine_map = None
+        self.map = None
         self.slots = 0
-        self.fine_untrusted = 0                         # slots found not trustworthy
-        if self.per_chunk == 1:
+        self.untrusted = 0                              # slots found not trustworthy
+        if bitmap.per_chunk == 1:
             return
-        self.sub_bytes = -(-self.per_chunk // 8)
+        self.sub_bytes = -(-bitmap.per_chunk // 8)
         self.slot_size = 1 << (FINE_SLOT.size + self.sub_bytes - 1).bit_length()
-        self.slots = min(FINE_SLOTS, self.chunks, FINE_TABLE_MAX // self.slot_size)
-        missing = not os.path.exists(self.fine_path)
-        fd = private_open(self.fine_path, os.O_RDWR | os.O_CREAT)
+        self.slots = min(FINE_SLOTS, bitmap.chunks, FINE_TABLE_MAX // self.slot_size)
+        missing = not os.path.exists(path)
+        fd = private_open(path, os.O_RDWR | os.O_CREAT)
         try:
             problem = None if trusted else "the bitmap is new or was upgraded"
             if problem is None and missing:
                 problem = "it is missing"
             if problem is None:
-                problem = self._fine_problem(os.pread(fd, FINE_HEADER.size, 0),
-                                             os.fstat(fd).st_size)
+                problem = self._problem(os.pread(fd, FINE_HEADER.size, 0),
+                                        os.fstat(fd).st_size)
             if problem is not None:
                 os.ftruncate(fd, 0)
                 os.ftruncate(fd, FINE_TABLE_OFFSET + self.slots * self.slot_size)
-                os.pwrite(fd, FINE_HEADER.pack(FINE_MAGIC, FINE_VERSION, 0, self.chunk_size,
-                                               self.size, self.generation, self.slots,
+                os.pwrite(fd, FINE_HEADER.pack(FINE_MAGIC, FINE_VERSION, 0, bitmap.chunk_size,
+                                               bitmap.size, bitmap.generation, self.slots,
                                                self.slot_size), 0)
                 os.fsync(fd)
-                if trusted and self.dirty_count:
+                if trusted and bitmap.dirty_count:
                     log.info("%s: not used (%s): the %d chunks marked are resent whole",
-                             self.fine_path, problem, self.dirty_count)
-            self.fine_map = mmap.mmap(fd, FINE_TABLE_OFFSET + self.slots * self.slot_size)
+                             path, problem, bitmap.dirty_count)
+            self.map = mmap.mmap(fd, FINE_TABLE_OFFSET + self.slots * self.slot_size)
         finally:
             os.close(fd)
-        self._load_slots()
+        self._load()
 
-    def _fine_problem(self, raw: bytes, have: int) -> str | None:
-        """Why the second level's header does not fit this bitmap, or None."""
+    def _problem(self, raw: bytes, have: int) -> str | None:
+        """Why the file's header does not fit the bitmap, or None."""
+        bm = self.bitmap
         if len(raw) < FINE_HEADER.size:
             return f"header is {len(raw)} bytes"
         magic, version, _, chunk_size, size, generation, slots, slot_size = \
             FINE_HEADER.unpack(raw)
         got = (magic, version, chunk_size, size, generation, slot_size)
-        if got != (FINE_MAGIC, FINE_VERSION, self.chunk_size, self.size, self.generation,
+        if got != (FINE_MAGIC, FINE_VERSION, bm.chunk_size, bm.size, bm.generation,
                    self.slot_size):
             return "its header does not match the bitmap"
-        if not 0 < slots <= self.chunks or have != FINE_TABLE_OFFSET + slots * slot_size:
+        if not 0 < slots <= bm.chunks or have != FINE_TABLE_OFFSET + slots * slot_size:
             return f"{slots} slots in {have} bytes"
         self.slots = slots
         return None
 
-    def _slot_offset(self, slot: int) -> int:
+    def offset(self, slot: int) -> int:
         return FINE_TABLE_OFFSET + slot * self.slot_size
 
-    def _slot_crc(self, head: bytes, bits: bytes) -> int:
+    @staticmethod
+    def crc(head: bytes, bits: bytes) -> int:
         return zlib.crc32(bits, zlib.crc32(head))
 
-    def _load_slots(self) -> None:
+    def _load(self) -> None:
         """Trust the slots that pass their checks and name a marked chunk; free
         the rest (a stale slot names a clean chunk; an untrusted one leaves its
         chunk, if marked, whole)."""
-        view, size, used = self.fine_map, self.slot_size, FINE_SLOT.size + self.sub_bytes
+        bm = self.bitmap
+        view, size, used = self.map, self.slot_size, FINE_SLOT.size + self.sub_bytes
         claimed: dict[int, int] = {}
         twice: set[int] = set()
         bad: list[int] = []
@@ -713,54 +758,170 @@ class DirtyBitmap:
                 slot = (off - FINE_TABLE_OFFSET) // size
                 number, crc = FINE_SLOT.unpack_from(raw)
                 chunk, mask = number - 1, int.from_bytes(raw[FINE_SLOT.size:], "little")
-                if (crc != self._slot_crc(raw[:8], raw[FINE_SLOT.size:])
-                        or not 0 <= chunk < self.chunks or not mask
-                        or mask & ~self._full(chunk) or chunk in twice):
+                if (crc != self.crc(raw[:8], raw[FINE_SLOT.size:])
+                        or not 0 <= chunk < bm.chunks or not mask
+                        or mask & ~bm._full(chunk) or chunk in twice):
                     bad.append(slot)
                 elif chunk in claimed:                  # two slots of one chunk: neither
                     twice.add(chunk)
                     bad += [slot, claimed.pop(chunk)]
-                elif self.is_set(chunk):
+                elif bm.is_set(chunk):
                     claimed[chunk] = slot
                 else:
-                    self._zero_slot(slot)               # stale: the chunk has cleared
+                    self.zero(slot)                     # stale: the chunk has cleared
         for slot in bad:
-            self._zero_slot(slot)
-        self.fine_untrusted = len(bad)
+            self.zero(slot)
+        self.untrusted = len(bad)
         if bad:
             log.info("%s: %d of %d slots fail their checks (a crash cut an update short, "
                      "or damage): the chunks they describe are resent whole",
-                     self.fine_path, len(bad), self.slots)
+                     self.path, len(bad), self.slots)
         self.slot_of = claimed
         taken = set(claimed.values())
         self.free = array.array("I", (s for s in range(self.slots - 1, -1, -1)
                                       if s not in taken))
 
-    def _count_blocks(self) -> int:
-        """The blocks the files mark (at open)."""
-        n = (self.dirty_count - len(self.slot_of)) * self.per_chunk + sum(
-            self._slot_mask(s).bit_count() for s in self.slot_of.values())
-        last = self.chunks - 1
-        if self.is_set(last) and last not in self.slot_of:
-            n -= self.per_chunk - self._full(last).bit_length()
-        return n
+    def slot_mask(self, slot: int) -> int:
+        off = self.offset(slot) + FINE_SLOT.size
+        return int.from_bytes(self.map[off:off + self.sub_bytes], "little")
 
-    def _slot_mask(self, slot: int) -> int:
-        off = self._slot_offset(slot) + FINE_SLOT.size
-        return int.from_bytes(self.fine_map[off:off + self.sub_bytes], "little")
+    def mask(self, chunk: int) -> int | None:
+        """The blocks ``chunk``'s slot marks, or None: it has no slot."""
+        slot = self.slot_of.get(chunk)
+        return None if slot is None else self.slot_mask(slot)
 
-    def _zero_slot(self, slot: int) -> None:
-        off = self._slot_offset(slot)
-        self.fine_map[off:off + FINE_SLOT.size + self.sub_bytes] = \
-            bytes(FINE_SLOT.size + self.sub_bytes)
+    def zero(self, slot: int) -> None:
+        off = self.offset(slot)
+        self.map[off:off + FINE_SLOT.size + self.sub_bytes] = bytes(FINE_SLOT.size + self.sub_bytes)
 
-    def _write_slot(self, slot: int, chunk: int, mask: int) -> None:
+    def write(self, slot: int, chunk: int, mask: int) -> None:
         """The slot says ``mask`` for ``chunk``, in one store (a torn one fails its CRC)."""
         head = (chunk + 1).to_bytes(8, "big")
         bits = mask.to_bytes(self.sub_bytes, "little")
-        off = self._slot_offset(slot)
-        self.fine_map[off:off + FINE_SLOT.size + self.sub_bytes] = \
-            FINE_SLOT.pack(chunk + 1, self._slot_crc(head, bits)) + bits
+        off = self.offset(slot)
+        self.map[off:off + FINE_SLOT.size + self.sub_bytes] = \
+            FINE_SLOT.pack(chunk + 1, self.crc(head, bits)) + bits
+
+    def put(self, chunk: int, mask: int, whole: bool) -> None:
+        """``chunk`` is marked in the blocks ``mask`` (``whole``: all of them):
+        its slot says so, one taken from the free ones unless the mark is
+        whole, which needs none.  Without a free slot the chunk counts whole."""
+        slot = self.slot_of.get(chunk)
+        if slot is None and self.free and not whole:
+            slot = self.slot_of[chunk] = self.free.pop()
+        if slot is not None:
+            self.write(slot, chunk, mask)
+
+    def release(self, chunk: int) -> None:
+        """``chunk`` is clean (its bit already cleared): free its slot."""
+        slot = self.slot_of.pop(chunk, None)
+        if slot is not None:
+            self.zero(slot)
+            self.free.append(slot)
+
+    def clear(self) -> None:
+        """Every slot free (the bits are clear already)."""
+        if self.map is not None:
+            self.map[FINE_TABLE_OFFSET:] = bytes(len(self.map) - FINE_TABLE_OFFSET)
+        self.free = array.array("I", range(self.slots - 1, -1, -1))
+        self.slot_of.clear()
+
+    def flush(self) -> None:
+        if self.map is not None:
+            self.map.flush()
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.flush()
+            self.map.close()
+
+
+class DirtyBitmap:
+    """What was written and is not yet safe at the hub, per 4 KiB block, in two
+    memory-mapped files, plus the in-memory rule state per block.
+
+    Two levels: ``VOLUME.bitmap`` (``ChunkBits``) holds one bit per chunk;
+    ``VOLUME.bitmap.fine`` (``FineSlots``) up to FINE_SLOTS slots, each naming
+    one marked chunk and which of its 4 KiB blocks are marked.  A chunk whose
+    bit is set is dirty in the blocks its slot names, or whole when it has
+    no slot (none was free, the write covered it whole, or the slot could
+    not be trusted).  Why two levels and slots, and what they take per TiB
+    (3 MiB of files at 64 KiB chunks, whatever the writes): docs/DESIGN.md
+    "The state directory".
+
+    The rules run per block (docs/SEMANTICS.md "Agent's dirty bitmap"): a block
+    clears when no queued write covering it is un-ACKed and every loss of a
+    write covering it was followed by a SYNCED reply covering it whole; a
+    chunk's bit clears when none of its blocks is marked.  In memory, per
+    chunk touched in this run (``_Marks``): the marked blocks, the masks of
+    its writes in flight, and per stream position the blocks lost there.  A
+    chunk loaded marked and not touched since has no entry: it is lost at
+    LOADED_SEQ in the blocks the files give it.
+
+    Crash safety (an agent SIGKILLed at any point loses no block written
+    before it): whatever the files hold covers every marked block.  A chunk
+    that becomes dirty gets its slot written before its bit; a chunk that
+    clears loses its bit before its slot (a slot of a clean chunk is stale
+    and freed at open); a slot is only rewritten with the chunk's marks as
+    they are now, in one store.  A slot that cannot be trusted costs its
+    chunk's precision (resent whole), never a mark; the second level is never
+    trusted beside a first level that is new, upgraded or of another
+    generation, or when it is missing or cut short (a line says so).  First
+    level damage makes the hub verify the volume (``ChunkBits``).
+
+    The rule methods take a ``Span`` of blocks, or a ``range`` of chunks
+    meaning those chunks whole (a fail-back's PUT, a fail-back that marks
+    everything).  Not locked itself: every method runs with ``Stream.lock``
+    held (any thread), which is also what makes "mark, then queue" atomic.
+
+    Threads::
+
+        reseal                   main, at start (Volume.open_bitmap)
+        close                    main, at stop
+        *                        any thread, with Stream.lock held
+    """
+
+    def __init__(self, path: str, size: int, chunk_size: int, fsync: bool = False):
+        self.path = path
+        self.size = size
+        self.chunk_size = chunk_size
+        self.chunks = -(-size // chunk_size)
+        self.per_chunk = chunk_size // FINE_BLOCK     # blocks per chunk
+        self.total_blocks = -(-size // FINE_BLOCK)
+        self.fsync = fsync
+        self.states: dict[int, _Marks] = {}
+        self.dirty_blocks = 0           # blocks marked
+        self.lossy = 0                  # entries of ``states`` with a loss
+        self.chunk_bits = bits = ChunkBits(path, size, chunk_size)
+        self.generation, self.created = bits.generation, bits.created
+        self.dirty_count = bits.count()  # chunks whose bit is set
+        self.loaded = self.dirty_count   # chunks marked at open and not touched since
+        # The second level before the header that says it is kept: a crash
+        # in between finds a version 1 or 2 bitmap, upgraded again.
+        self.fine = FineSlots(self, path + ".fine", trusted=not bits.created and not bits.upgraded)
+        self.dirty_blocks = self._count_blocks()
+        bits.commit()
+        if bits.upgraded:
+            log.info("%s: upgraded from bitmap version %d to %d: %s4 KiB blocks are tracked in "
+                     "%s from now on; the %d chunks marked so far are resent whole", path,
+                     bits.upgraded, BITMAP_VERSION, "block CRCs added; "
+                     if bits.upgraded == BITMAP_VERSION_NO_CRC else "", self.fine.path,
+                     self.dirty_count)
+
+    @property
+    def damaged(self) -> list[int]:
+        """The CRC blocks of the first level that failed at open (see ChunkBits)."""
+        return self.chunk_bits.damaged
+
+    def _count_blocks(self) -> int:
+        """The blocks the files mark (at open)."""
+        slot_of = self.fine.slot_of
+        n = (self.dirty_count - len(slot_of)) * self.per_chunk + sum(
+            self.fine.slot_mask(s).bit_count() for s in slot_of.values())
+        last = self.chunks - 1
+        if self.is_set(last) and last not in slot_of:
+            n -= self.per_chunk - self._full(last).bit_length()
+        return n
 
     def _full(self, chunk: int) -> int:
         """The mask of every block of ``chunk`` (the last chunk may have fewer)."""
@@ -770,53 +931,31 @@ class DirtyBitmap:
 
     def _persisted(self, chunk: int) -> int:
         """The blocks the files give a marked chunk: its slot's, or all."""
-        slot = self.slot_of.get(chunk)
-        return self._full(chunk) if slot is None else self._slot_mask(slot)
+        mask = self.fine.mask(chunk)
+        return self._full(chunk) if mask is None else mask
 
-    # -- block CRCs --------------------------------------------------------
-
-    def _block_crc(self, block: int) -> int:
-        start = block * BITMAP_CRC_BLOCK
-        return zlib.crc32(self.bits[start:start + BITMAP_CRC_BLOCK])
-
-    def _stored_crc(self, block: int) -> int:
-        return BITMAP_CRC.unpack_from(self.map, self.crc_offset + BITMAP_CRC.size * block)[0]
-
-    def _seal(self, blocks=None) -> None:
-        """Store the CRC of every block changed since (or of ``blocks``)."""
-        for block in self._stale if blocks is None else blocks:
-            BITMAP_CRC.pack_into(self.map, self.crc_offset + BITMAP_CRC.size * block,
-                                 self._block_crc(block))
-        self._stale.clear()
+    # -- the first level ---------------------------------------------------
 
     def reseal(self) -> None:
         """Trust the bits as they are now: recompute every CRC (the caller has
         made sure the volume is verified anyway)."""
-        self._seal(range(self.blocks))
-        self.damaged = []
+        self.chunk_bits.reseal()
         self.sync()
 
     def damaged_chunks(self) -> list[tuple[int, int]]:
         """The chunk ranges [first, end) the damaged blocks cover, for the log."""
-        per_block = BITMAP_CRC_BLOCK * 8
-        return [(b * per_block, min((b + 1) * per_block, self.chunks)) for b in self.damaged]
-
-    # -- bit primitives ----------------------------------------------------
+        return self.chunk_bits.damaged_chunks()
 
     def is_set(self, chunk: int) -> bool:
-        return bool(self.bits[chunk >> 3] & (1 << (chunk & 7)))
+        return self.chunk_bits.is_set(chunk)
 
     def _set_bit(self, chunk: int) -> None:
-        byte, bit = chunk >> 3, 1 << (chunk & 7)
-        self.bits[byte] |= bit
+        self.chunk_bits.set(chunk)
         self.dirty_count += 1
-        self._stale.add(byte // BITMAP_CRC_BLOCK)
 
     def _clear_bit(self, chunk: int) -> None:
-        byte, bit = chunk >> 3, 1 << (chunk & 7)
-        self.bits[byte] &= ~bit
+        self.chunk_bits.clear(chunk)
         self.dirty_count -= 1
-        self._stale.add(byte // BITMAP_CRC_BLOCK)
 
     def _set_marked(self, chunk: int, st: _Marks, new: int) -> None:
         """Mark exactly the blocks ``new`` of ``chunk``, in memory and in the files,
@@ -827,18 +966,11 @@ class DirtyBitmap:
             return
         st.marked = new
         self.dirty_blocks += new.bit_count() - old.bit_count()
-        slot = self.slot_of.get(chunk)
         if not new:
             self._clear_bit(chunk)              # first: a slot left over is stale
-            if slot is not None:
-                self._zero_slot(slot)
-                del self.slot_of[chunk]
-                self.free.append(slot)
+            self.fine.release(chunk)
             return
-        if slot is None and self.free and new != self._full(chunk):
-            slot = self.slot_of[chunk] = self.free.pop()
-        if slot is not None:
-            self._write_slot(slot, chunk, new)  # before the bit: never less than marked
+        self.fine.put(chunk, new, whole=new == self._full(chunk))  # before the bit
         if not old:
             self._set_bit(chunk)
 
@@ -922,7 +1054,7 @@ class DirtyBitmap:
         for chunk, mask in self._masks(where):
             st = self._state(chunk, create=True)
             self._set_marked(chunk, st, st.marked | mask)
-        self._seal()
+        self.chunk_bits.seal()
         if self.fsync:
             self.sync()
 
@@ -941,7 +1073,7 @@ class DirtyBitmap:
             if st is not None:
                 self._unflight(st, mask)
                 self._settle(chunk, st, mask)
-        self._seal()
+        self.chunk_bits.seal()
 
     def lose(self, where, seq: int) -> None:
         """A write over these blocks was dropped (not sent) at stream seq."""
@@ -966,25 +1098,20 @@ class DirtyBitmap:
                 st.forgive(mask, seq)
                 self.lossy -= not st.has_loss()
             self._settle(chunk, st, mask)
-        self._seal()
+        self.chunk_bits.seal()
 
     def sync(self) -> None:
         """msync both levels: they survive a host crash, not only an agent crash."""
-        if self.fine_map is not None:
-            self.fine_map.flush()
-        self.map.flush()
+        self.fine.flush()
+        self.chunk_bits.flush()
 
     def clear_all(self) -> None:
         """Forget every mark: the volume is known to equal the hub's (fail-back
         DONE).  Nothing may be in flight for the volume."""
-        self.bits[:] = bytes(len(self.bits))
-        if self.fine_map is not None:      # after the bits: a slot left is stale
-            self.fine_map[FINE_TABLE_OFFSET:] = bytes(len(self.fine_map) - FINE_TABLE_OFFSET)
-        self.free = array.array("I", range(self.slots - 1, -1, -1))
-        self.slot_of.clear()
+        self.chunk_bits.clear_all()
+        self.fine.clear()                  # after the bits: a slot left is stale
         self.states.clear()
         self.dirty_count = self.dirty_blocks = self.loaded = self.lossy = 0
-        self._seal(range(self.blocks))
         self.sync()
 
     # -- reading it out --------------------------------------------------------
@@ -1024,21 +1151,8 @@ class DirtyBitmap:
         return self._persisted(chunk) if self.is_set(chunk) else 0
 
     def set_chunks(self):
-        """Yield every chunk whose bit is set, skipping zero regions fast."""
-        step = 4096
-        zero = bytes(step)
-        bits = self.bits
-        for base in range(0, len(bits), step):
-            block = bits[base:base + step]
-            if block == zero[:len(block)]:
-                continue
-            for i, value in enumerate(block):
-                if value:
-                    for bit in range(8):
-                        if value & (1 << bit):
-                            chunk = (base + i) * 8 + bit
-                            if chunk < self.chunks:
-                                yield chunk
+        """Yield every chunk whose bit is set."""
+        return self.chunk_bits.set_chunks()
 
     def extents(self, chunks=None, limit: int = MAX_EXTENTS) -> list[tuple[int, int]]:
         """Sorted, merged (offset, length) byte extents of the marked blocks of the
@@ -1087,14 +1201,10 @@ class DirtyBitmap:
 
     def close(self) -> None:
         """Unmap both levels (again: nothing)."""
-        if self.map.closed:
+        if self.chunk_bits.closed:
             return
-        self.bits.release()
-        self.map.flush()
-        self.map.close()
-        if self.fine_map is not None:
-            self.fine_map.flush()
-            self.fine_map.close()
+        self.chunk_bits.close()
+        self.fine.close()
 
 
 # ---------------------------------------------------------------------------
@@ -1732,7 +1842,7 @@ class Volume:
             log.warning("volume %s: bitmap %s is damaged (%d of %d CRC blocks fail, "
                         "chunks %s%s): its marks are not trusted; the volume attaches "
                         "UNKNOWN so that the hub verifies it", self.name, self.bitmap_path,
-                        len(self.bitmap.damaged), self.bitmap.blocks, chunks,
+                        len(self.bitmap.damaged), self.bitmap.chunk_bits.blocks, chunks,
                         ", ..." if len(self.bitmap.damaged) > 4 else "")
             self.meta["needs_verify"] = True
             self.save_meta()

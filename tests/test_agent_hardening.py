@@ -324,7 +324,7 @@ def test_zeroed_bitmap_bits_are_found_with_an_intact_header(tmp_path):
 def test_a_crash_between_a_bit_and_its_crc_looks_damaged_never_clean(tmp_path):
     path = str(tmp_path / "v.bitmap")
     bm = ra.DirtyBitmap(path, SIZE, CHUNK)
-    bm.bits[0] |= 0x04          # the bit is set, the agent dies before _seal
+    bm.chunk_bits.bits[0] |= 0x04          # the bit is set, the agent dies before the seal
     bm.close()
     again = ra.DirtyBitmap(path, SIZE, CHUNK)
     try:
@@ -408,11 +408,11 @@ def test_a_terabyte_bitmap_has_few_crcs_and_each_change_reseals_one(tmp_path):
     size = 1 << 40
     bm = ra.DirtyBitmap(str(tmp_path / "big.bitmap"), size, CHUNK)
     try:
-        assert bm.blocks == 512     # 2 MiB of bits, 2 KiB of CRCs
+        assert bm.chunk_bits.blocks == 512     # 2 MiB of bits, 2 KiB of CRCs
         bm.mark(range(10_000_000, 10_000_001))
-        crc = bm._stored_crc(10_000_000 // 8 // ra.BITMAP_CRC_BLOCK)
-        assert crc == bm._block_crc(10_000_000 // 8 // ra.BITMAP_CRC_BLOCK)
-        assert not bm._stale
+        crc = bm.chunk_bits.stored_crc(10_000_000 // 8 // ra.BITMAP_CRC_BLOCK)
+        assert crc == bm.chunk_bits.block_crc(10_000_000 // 8 // ra.BITMAP_CRC_BLOCK)
+        assert not bm.chunk_bits.stale
     finally:
         bm.close()
 

@@ -61,7 +61,7 @@ def reopen(bm: ra.DirtyBitmap) -> ra.DirtyBitmap:
 
 def slot_offsets(bm: ra.DirtyBitmap) -> dict[int, int]:
     """chunk -> the file offset of its slot in VOLUME.bitmap.fine."""
-    return {c: bm._slot_offset(s) for c, s in bm.slot_of.items()}
+    return {c: bm.fine.offset(s) for c, s in bm.fine.slot_of.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -87,7 +87,7 @@ def test_an_ack_clears_its_blocks_and_the_bit_goes_with_the_last(bitmap):
     assert bitmap.extents() == [(2 * CHUNK + 8 * BLOCK, 2 * BLOCK)] and bitmap.is_set(2)
     bitmap.ack(second)
     assert not bitmap.is_set(2) and bitmap.dirty_count == 0 and bitmap.dirty_blocks == 0
-    assert bitmap.states == {} and bitmap.slot_of == {}, "nothing left, in memory or slots"
+    assert bitmap.states == {} and bitmap.fine.slot_of == {}, "nothing left, in memory or slots"
 
 
 def test_a_partial_synced_clears_the_blocks_it_covers_whole(bitmap):
@@ -185,7 +185,7 @@ def test_fine_marks_survive_a_reopen_and_only_a_synced_clears_them(bitmap):
     before = bitmap.extents()
     again = reopen(bitmap)
     try:
-        assert not again.created and not again.damaged and again.fine_untrusted == 0
+        assert not again.created and not again.damaged and again.fine.untrusted == 0
         assert again.extents() == before
         assert again.dirty_block_bytes == 3 * BLOCK + CHUNK
         assert again.lost_seq == {1: 1, 5: 1, 8: 1, 9: 1}
@@ -202,15 +202,15 @@ def test_a_damaged_slot_makes_its_chunk_whole_never_clean(bitmap, caplog):
     write(bitmap, 3 * CHUNK + 9 * BLOCK, BLOCK, seq=2)
     offset = slot_offsets(bitmap)[2]
     bitmap.close()
-    with open(bitmap.fine_path, "r+b") as f:             # bit rot in chunk 2's sub-bits
+    with open(bitmap.fine.path, "r+b") as f:             # bit rot in chunk 2's sub-bits
         f.seek(offset + ra.FINE_SLOT.size)
         f.write(b"\x01")
     with caplog.at_level(logging.INFO, logger="repagent"):
         again = ra.DirtyBitmap(bitmap.path, SIZE, CHUNK)
     try:
-        assert again.fine_untrusted == 1 and not again.damaged
+        assert again.fine.untrusted == 1 and not again.damaged
         assert again.extents() == [(2 * CHUNK, CHUNK), (3 * CHUNK + 9 * BLOCK, BLOCK)]
-        assert any(again.fine_path in r.getMessage() and "resent whole" in r.getMessage()
+        assert any(again.fine.path in r.getMessage() and "resent whole" in r.getMessage()
                    for r in caplog.records), caplog.text
     finally:
         again.close()
@@ -221,10 +221,10 @@ def test_a_slot_torn_by_a_crash_fails_its_crc(bitmap):
     offset = slot_offsets(bitmap)[4]
     write(bitmap, 4 * CHUNK + 7 * BLOCK, BLOCK, seq=3)
     # Sub-bits the CRC does not match, as a store cut short would leave them.
-    bitmap.fine_map[offset + ra.FINE_SLOT.size] &= 0xFE    # block 0 forgotten ...
+    bitmap.fine.map[offset + ra.FINE_SLOT.size] &= 0xFE    # block 0 forgotten ...
     again = reopen(bitmap)
     try:
-        assert again.fine_untrusted == 1
+        assert again.fine.untrusted == 1
         assert again.extents() == [(4 * CHUNK, CHUNK)], "... and the whole chunk is resent"
     finally:
         again.close()
@@ -235,36 +235,36 @@ def test_slots_that_say_nothing_trustworthy_are_freed(bitmap, what):
     write(bitmap, CHUNK, BLOCK, seq=2)
     write(bitmap, 6 * CHUNK, BLOCK, seq=2)
     slots = slot_offsets(bitmap)
-    size = ra.FINE_SLOT.size + bitmap.sub_bytes
-    spare = bitmap._slot_offset(bitmap.free[-1])
+    size = ra.FINE_SLOT.size + bitmap.fine.sub_bytes
+    spare = bitmap.fine.offset(bitmap.fine.free[-1])
 
     def forge(chunk: int, mask: int) -> bytes:
-        head, bits = (chunk + 1).to_bytes(8, "big"), mask.to_bytes(bitmap.sub_bytes, "little")
-        return ra.FINE_SLOT.pack(chunk + 1, bitmap._slot_crc(head, bits)) + bits
+        head, bits = (chunk + 1).to_bytes(8, "big"), mask.to_bytes(bitmap.fine.sub_bytes, "little")
+        return ra.FINE_SLOT.pack(chunk + 1, bitmap.fine.crc(head, bits)) + bits
 
     if what == "stale":             # a slot of a chunk whose bit is clear: a clear cut short
-        bitmap.fine_map[spare:spare + size] = forge(11, 0b1)
+        bitmap.fine.map[spare:spare + size] = forge(11, 0b1)
     elif what == "twice":           # two slots of one chunk: neither is trusted
-        bitmap.fine_map[spare:spare + size] = forge(6, 0b100)
+        bitmap.fine.map[spare:spare + size] = forge(6, 0b100)
     elif what == "out_of_range":
-        bitmap.fine_map[slots[6]:slots[6] + size] = forge(SIZE // CHUNK, 0b1)
+        bitmap.fine.map[slots[6]:slots[6] + size] = forge(SIZE // CHUNK, 0b1)
     else:
-        bitmap.fine_map[slots[6]:slots[6] + size] = forge(6, 0)
+        bitmap.fine.map[slots[6]:slots[6] + size] = forge(6, 0)
     again = reopen(bitmap)
     try:
         assert again.extents()[0] == (CHUNK, BLOCK), "the good slot is kept"
         if what == "stale":
-            assert again.fine_untrusted == 0 and not again.is_set(11)
+            assert again.fine.untrusted == 0 and not again.is_set(11)
             assert again.extents() == [(CHUNK, BLOCK), (6 * CHUNK, BLOCK)]
         else:
-            assert again.fine_untrusted == (2 if what == "twice" else 1)
+            assert again.fine.untrusted == (2 if what == "twice" else 1)
             assert again.extents() == [(CHUNK, BLOCK), (6 * CHUNK, CHUNK)]
-        assert len(again.free) + len(again.slot_of) == again.slots
+        assert len(again.fine.free) + len(again.fine.slot_of) == again.fine.slots
     finally:
         again.close()
     third = ra.DirtyBitmap(bitmap.path, SIZE, CHUNK)
     try:
-        assert third.fine_untrusted == 0, "what was not trusted was freed at the last open"
+        assert third.fine.untrusted == 0, "what was not trusted was freed at the last open"
     finally:
         third.close()
 
@@ -275,11 +275,11 @@ def test_a_second_level_that_cannot_be_trusted_leaves_every_chunk_whole(bitmap, 
     write(bitmap, 12 * CHUNK, 3 * BLOCK, seq=2)
     bitmap.close()
     if how == "missing":
-        os.unlink(bitmap.fine_path)
+        os.unlink(bitmap.fine.path)
     elif how == "cut_short":
-        os.truncate(bitmap.fine_path, ra.FINE_TABLE_OFFSET + 100)
+        os.truncate(bitmap.fine.path, ra.FINE_TABLE_OFFSET + 100)
     else:
-        with open(bitmap.fine_path, "r+b") as f:
+        with open(bitmap.fine.path, "r+b") as f:
             f.seek(24)
             f.write(os.urandom(16))
     with caplog.at_level(logging.INFO, logger="repagent"):
@@ -287,7 +287,7 @@ def test_a_second_level_that_cannot_be_trusted_leaves_every_chunk_whole(bitmap, 
     try:
         assert again.extents() == [(2 * CHUNK, CHUNK), (12 * CHUNK, CHUNK)]
         assert not again.damaged
-        assert any(again.fine_path in r.getMessage() and "the 2 chunks marked are resent "
+        assert any(again.fine.path in r.getMessage() and "the 2 chunks marked are resent "
                    "whole" in r.getMessage() for r in caplog.records), caplog.text
         write(again, 14 * CHUNK, BLOCK, seq=2)              # the new file works at once
     finally:
@@ -327,7 +327,7 @@ def test_a_version_2_bitmap_is_upgraded_its_marks_whole(tmp_path, caplog):
     assert ra.BITMAP_HEADER.unpack(path.read_bytes()[:64])[1] == ra.BITMAP_VERSION == 3
     again = ra.DirtyBitmap(str(path), SIZE, CHUNK)
     try:
-        assert not again.damaged and again.fine_untrusted == 0
+        assert not again.damaged and again.fine.untrusted == 0
         assert again.extents() == [(0, CHUNK), (5 * CHUNK, CHUNK), (9 * CHUNK + BLOCK, BLOCK)]
     finally:
         again.close()
@@ -346,7 +346,7 @@ def test_an_upgrade_never_trusts_a_second_level_left_beside_an_old_bitmap(tmp_pa
     path.write_bytes(bytes(raw))
     again = ra.DirtyBitmap(str(path), SIZE, CHUNK)
     try:
-        assert again.extents() == [(3 * CHUNK, CHUNK)] and again.slot_of == {}
+        assert again.extents() == [(3 * CHUNK, CHUNK)] and again.fine.slot_of == {}
     finally:
         again.close()
 
@@ -356,12 +356,12 @@ def test_a_crash_between_a_slot_and_its_chunk_bit_marks_nothing_stale(bitmap):
     slot names a clean chunk and is freed; the write was not answered yet."""
     write(bitmap, 7 * CHUNK + BLOCK, BLOCK, seq=2)
     byte = 7 >> 3
-    bitmap.bits[byte] &= ~(1 << 7)                         # the bit never made it
-    bitmap._seal(range(bitmap.blocks))
+    bitmap.chunk_bits.bits[byte] &= ~(1 << 7)              # the bit never made it
+    bitmap.chunk_bits.seal(range(bitmap.chunk_bits.blocks))
     again = reopen(bitmap)
     try:
-        assert again.dirty_count == 0 and again.extents() == [] and again.slot_of == {}
-        assert again.fine_untrusted == 0
+        assert again.dirty_count == 0 and again.extents() == [] and again.fine.slot_of == {}
+        assert again.fine.untrusted == 0
     finally:
         again.close()
 
@@ -369,7 +369,7 @@ def test_a_crash_between_a_slot_and_its_chunk_bit_marks_nothing_stale(bitmap):
 def test_a_terabyte_disk_takes_a_few_mib_of_files(tmp_path):
     bm = ra.DirtyBitmap(str(tmp_path / "big.bitmap"), 1 << 40, CHUNK)
     try:
-        assert bm.slots == 65536 and bm.slot_size == 16
+        assert bm.fine.slots == 65536 and bm.fine.slot_size == 16
         write(bm, 123_456 * CHUNK + 3 * BLOCK, BLOCK, seq=2)
         assert bm.extents() == [(123_456 * CHUNK + 3 * BLOCK, BLOCK)]
     finally:
@@ -382,7 +382,7 @@ def test_4_kib_chunks_need_no_second_level(tmp_path):
     bm = ra.DirtyBitmap(str(tmp_path / "v.bitmap"), 64 * BLOCK, BLOCK)
     try:
         write(bm, 5 * BLOCK + 10, 100, seq=2)
-        assert bm.extents() == [(5 * BLOCK, BLOCK)] and bm.fine_map is None
+        assert bm.extents() == [(5 * BLOCK, BLOCK)] and bm.fine.map is None
     finally:
         bm.close()
     assert not os.path.exists(tmp_path / "v.bitmap.fine")
@@ -395,11 +395,11 @@ def test_when_the_slots_run_out_chunks_are_whole_until_one_frees(tmp_path, monke
         a = write(bm, 1 * CHUNK, BLOCK)
         write(bm, 2 * CHUNK, BLOCK, seq=2)
         write(bm, 3 * CHUNK + BLOCK, BLOCK, seq=2)         # no slot left: whole in the file
-        assert sorted(bm.slot_of) == [1, 2]
+        assert sorted(bm.fine.slot_of) == [1, 2]
         assert bm.extents()[-1] == (3 * CHUNK + BLOCK, BLOCK), "memory still knows the block"
         bm.ack(a)                                          # chunk 1 clears: its slot frees
         write(bm, 3 * CHUNK + 2 * BLOCK, BLOCK, seq=3)     # chunk 3 takes it
-        assert sorted(bm.slot_of) == [2, 3]
+        assert sorted(bm.fine.slot_of) == [2, 3]
         write(bm, 4 * CHUNK, BLOCK, seq=3)                 # none free again
         bm = reopen(bm)
         assert bm.extents() == [(2 * CHUNK, BLOCK), (3 * CHUNK + BLOCK, 2 * BLOCK),
@@ -411,10 +411,10 @@ def test_when_the_slots_run_out_chunks_are_whole_until_one_frees(tmp_path, monke
 def test_clear_all_forgets_both_levels(bitmap):
     write(bitmap, 2 * CHUNK + BLOCK, BLOCK, seq=2)
     bitmap.clear_all()
-    assert bitmap.dirty_count == 0 and bitmap.slot_of == {} and len(bitmap.free) == 16
+    assert bitmap.dirty_count == 0 and bitmap.fine.slot_of == {} and len(bitmap.fine.free) == 16
     again = reopen(bitmap)
     try:
-        assert again.extents() == [] and again.fine_untrusted == 0
+        assert again.extents() == [] and again.fine.untrusted == 0
     finally:
         again.close()
 
