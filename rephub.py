@@ -1,9 +1,19 @@
 #!/usr/bin/env python3
 """rephub: the hub on the recovery site — server, durable journal, replica store, sync.
 
-Read this file top to bottom; it follows the path of a write.  The threads,
-what each one does and the order in which they take locks are in
-docs/DESIGN.md "Threads and locks".
+Read this file top to bottom; it follows the path of a write.
+
+Lock order, outermost first (a thread that holds two of these took the one on
+the left first; what each thread takes: docs/DESIGN.md "Threads and locks")::
+
+    Volume.attach_lock → Attachments.sync_lock → Volume.lock → Health.lock
+    Volume.attach_lock → Journal.lock → Volume.lock, Health.lock, SegmentLog.read_lock
+    Volume.attach_lock → Applier.applied_cond, SyncJob.cond
+    Journal.durable_cond → Journal.lock
+    VolumeStore.apply_lock → Applier.applied_cond → Journal.lock
+    VolumeStore.apply_lock → SegmentLog.read_lock
+    VolumeStore.lock → Health.lock
+    AgentSocket.send_lock → TLSStream.lock
 
 Server (docs/SEMANTICS.md "Connection and handshake")
     ``Hub`` owns a listening socket (optionally TLS).  Each accepted agent

@@ -153,3 +153,31 @@ def test_the_check_catches_what_it_should():
     assert check("C.\n\nThreads::\n\n    *    the recv loop\n") == [
         "C: '*    the recv loop' names no thread of docs/DESIGN.md"]
     assert "main" in thread_names() and len(thread_names()) > 10
+
+
+def lock_orders_of_design() -> dict[str, list[str]]:
+    """docs/DESIGN.md "Threads and locks": each daemon's lock order block."""
+    with open(os.path.join(ROOT, "docs", "DESIGN.md"), encoding="utf-8") as f:
+        text = f.read()
+    out = {}
+    for name in ("repagent", "rephub"):
+        start = text.index(f"### {name}\n", text.index("## Threads and locks"))
+        after = text.index("The lock order, outermost first", start)
+        block = text[text.index("```\n", after) + 4:]
+        out[name] = block[:block.index("```")].strip().splitlines()
+    return out
+
+
+@pytest.mark.parametrize("path", DAEMONS)
+def test_each_daemon_states_the_lock_order_of_design(path):
+    """The lock order at the top of each daemon is docs/DESIGN.md's, line for line."""
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        doc = ast.get_docstring(ast.parse(f.read()))
+    lines = doc[doc.index("Lock order, outermost first"):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.endswith("::")) + 2
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("    "):
+            break
+        block.append(line.strip())
+    assert block == lock_orders_of_design()[path[:-3]]
