@@ -150,6 +150,43 @@ REQUEST_TYPES = frozenset({
 #: PROTOCOL.md "Feature bits": the messages of a feature [VN-6].
 FEATURE_TYPES = {"EXTENT_QUERY": "EXTENTS", "EXTENTS": "EXTENTS", "FAILBACK_BEGIN": "FAILBACK",
                  "PUT": "FAILBACK", "FAILBACK_END": "FAILBACK"}
+#: PROTOCOL.md "Volume phases": per receiver ("H" hub, "A" agent), each message
+#: that names a volume (or session), the phases that take it, and the error in
+#: the others (``none`` is NO_SUCH_VOLUME whatever this says [VO-6]).  The hub's
+#: DIRTY_MAP row is the unsolicited one (request_id 0), never answered [ER-3].
+_ATTACHED_PHASES = frozenset({"protected", "promoted", "demoted", "failing-back"})
+VOLUME_PHASES = {
+    "H": {"WRITE": (frozenset({"protected"}), "ROLE"),
+          "ZERO": (frozenset({"protected"}), "ROLE"),
+          "DETACH": (_ATTACHED_PHASES, "NO_SUCH_VOLUME"),
+          "DIRTY_MAP": (frozenset({"protected"}), "ROLE"),
+          **{t: (frozenset({"open"}), "NO_SUCH_VOLUME")
+             for t in ("RREAD", "RWRITE", "RFLUSH", "RECOVER_CLOSE")}},
+    "A": {**{t: (_ATTACHED_PHASES - {"promoted"}, "NO_SUCH_VOLUME")
+             for t in ("READ", "DIRTY_QUERY", "CHECKSUM_QUERY", "EXTENT_QUERY")},
+          "FAILBACK_BEGIN": (frozenset({"demoted"}), "BAD_PHASE"),
+          "PUT": (frozenset({"failing-back"}), "BAD_PHASE"),
+          "FAILBACK_END": (frozenset({"failing-back"}), "BAD_PHASE")},
+}
+#: A request of each type in VOLUME_PHASES naming volume (or session) ``vid``:
+#: well formed, so that only its volume's phase decides the answer.
+PHASE_PROBES = {
+    "WRITE": lambda vid: msg("WRITE", volume=vid, offset=0, data=b"p" * 512),
+    "ZERO": lambda vid: msg("ZERO", volume=vid, offset=0, length=4096),
+    "DETACH": lambda vid: msg("DETACH", volume=vid),
+    "RREAD": lambda vid: msg("RREAD", volume=vid, offset=0, length=4096),
+    "RWRITE": lambda vid: msg("RWRITE", volume=vid, offset=0, data=b"p" * 512),
+    "RFLUSH": lambda vid: msg("RFLUSH", volume=vid),
+    "RECOVER_CLOSE": lambda vid: msg("RECOVER_CLOSE", volume=vid),
+    "READ": lambda vid: msg("READ", volume=vid, offset=0, length=4096),
+    "DIRTY_QUERY": lambda vid: msg("DIRTY_QUERY", volume=vid),
+    "CHECKSUM_QUERY": lambda vid: msg("CHECKSUM_QUERY", volume=vid, offset=0, length=65536,
+                                      chunk_size=65536, algorithm=1),
+    "EXTENT_QUERY": lambda vid: msg("EXTENT_QUERY", volume=vid, offset=0, length=65536),
+    "FAILBACK_BEGIN": lambda vid: msg("FAILBACK_BEGIN", volume=vid),
+    "PUT": lambda vid: msg("PUT", volume=vid, offset=0, data=b"p" * 512),
+    "FAILBACK_END": lambda vid: msg("FAILBACK_END", volume=vid, outcome="ABORT"),
+}
 #: PROTOCOL.md "Connection phases": what the handshake allows [HS-11].
 HANDSHAKE_TYPES = frozenset({"HELLO", "HELLO_REPLY", "AUTH", "AUTH_OK", "ERROR", "GOODBYE"})
 

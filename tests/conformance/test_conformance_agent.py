@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 import cf_codec
-from cf_codec import CODE_NAMES, FLAG_ZERO, NEVER_ANSWERED, TYPE_VALUES, Msg, msg, raw_frame
+from cf_codec import (CODE_NAMES, FEATURE_TYPES, FLAG_ZERO, NEVER_ANSWERED, PHASE_PROBES,
+                      TYPE_VALUES, VOLUME_PHASES, Msg, msg, raw_frame)
 from cf_peers import Closed, SpecHub, wait_until
 
 clause = pytest.mark.clause
@@ -268,6 +269,22 @@ def test_error_replies(rig, s):
                          and f.type in ("ERROR", "READ_REPLY", "PONG", "DIRTY_MAP"), T, f"answer {req}")
         assert error_of(err) in codes, f"req {req}: {err}"
         assert int(err.failed_type) == kind, "[ER-2]"
+    rig.alive()
+
+
+@clause("VO-6")
+def test_every_volume_request_names_no_attached_volume(rig, s):
+    """Phase ``none`` of every agent row of "Volume phases" (the rows of a
+    feature this session granted): a volume id the agent has not attached
+    is NO_SUCH_VOLUME."""
+    for i, name in enumerate(sorted(VOLUME_PHASES["A"])):
+        feature = FEATURE_TYPES.get(name)
+        if feature is not None and not s.features & cf_codec.FEATURES[feature]:
+            continue
+        probe = PHASE_PROBES[name](0x7FFF0200 + i)
+        probe.request_id = 700 + i
+        err = s.request(probe)
+        assert error_of(err) == "NO_SUCH_VOLUME", f"{name} for no volume: {err}"
     rig.alive()
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import secrets
 import socket
 import struct
@@ -27,7 +28,8 @@ from pathlib import Path
 import pytest
 
 import cf_codec
-from cf_codec import CODE_NAMES, ENUMS, NEVER_ANSWERED, TYPE_VALUES, Msg, msg, raw_frame
+from cf_codec import (CODE_NAMES, ENUMS, NEVER_ANSWERED, PHASE_PROBES, TYPE_VALUES,
+                      VOLUME_PHASES, Msg, msg, raw_frame)
 from cf_peers import (AGENT_LABEL, HUB_LABEL, Conn, HandshakeFailed, MemVolume, SpecAgent,
                       handshake_agent, proof, wait_until)
 
@@ -485,6 +487,39 @@ def test_attach_bad_names(hub, codec, name):
         allowed = {"BAD_NAME"} | ({"INVALID"} if len(name) > 128 else set())
         assert error_of(m) in allowed
         assert a.request(msg("PING", sent_ns=1)).type == "PONG", "goes on after [ER-2]"
+    finally:
+        a.close()
+
+
+@clause("VO-6", "RC-7", "FB-2", "FB-5")
+def test_the_volume_phase_table_is_protocol_md():
+    """cf_codec.VOLUME_PHASES, which the phase tests of hub and agent use, is
+    PROTOCOL.md "Volume phases", row for row."""
+    spec = (ROOT / "PROTOCOL.md").read_text()
+    section = spec[spec.index("### Volume phases"):spec.index("## Replication")]
+    rows = re.findall(r"^\| (hub|agent) \| ([^|]+) \| ([^|]+) \| ([^|]+) \|$", section, re.M)
+    table: dict = {"H": {}, "A": {}}
+    for receiver, messages, taken, otherwise in rows:
+        phases = frozenset(re.findall(r"`([a-z-]+)`", taken))
+        codes = [c for c in re.findall(r"\b[A-Z_]+\b", otherwise) if c in CODE_NAMES.values()]
+        code = next((c for c in reversed(codes) if c != "NO_SUCH_VOLUME"), codes[0])
+        for name in re.findall(r"\b[A-Z_]+\b", messages.split(" with ")[0]):
+            table["H" if receiver == "hub" else "A"][name] = (phases, code)
+    assert table == VOLUME_PHASES
+
+
+@clause("VO-6")
+def test_every_volume_message_names_no_attached_volume(hub, codec):
+    """Phase ``none`` of every hub row of "Volume phases": a volume (or session)
+    id not attached (not open) on the connection is NO_SUCH_VOLUME."""
+    a = connect(hub, codec)
+    try:
+        for i, name in enumerate(sorted(VOLUME_PHASES["H"])):
+            if name == "DIRTY_MAP":
+                continue        # unsolicited: never answered [ER-3]
+            m = a.request(PHASE_PROBES[name](0x7FFF0100 + i))
+            assert error_of(m) == "NO_SUCH_VOLUME", f"{name} for no volume: {describe(m)}"
+        assert a.request(msg("PING", sent_ns=1)).type == "PONG", "goes on after them [ER-2]"
     finally:
         a.close()
 
