@@ -332,7 +332,7 @@ class QSD:
         ]
 
     def start(self) -> "QSD":
-        """Start QSD and wait until its QMP and NBD sockets accept connections."""
+        """Start QSD; return once its NBD export accepts and its QMP handshake is done."""
         if self.proc is not None and self.proc.poll() is None:
             raise RuntimeError(f"QSD for {self.image} already running (pid {self.proc.pid})")
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -346,7 +346,6 @@ class QSD:
         _register(self.proc)
         try:
             wait_until(self._ready, START_TIMEOUT, f"QSD sockets in {self.rundir}")
-            self._qmp = QMPClient(self.qmp_path)
         except BaseException:
             self.kill()
             raise
@@ -355,8 +354,31 @@ class QSD:
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
             raise RuntimeError(f"qemu-storage-daemon exited {self.proc.returncode}: "
-                               f"{self.log_path.read_text(errors='replace')[-2000:]}")
-        return socket_accepts(self.qmp_path) and socket_accepts(self.export_path)
+                               f"{self._log_tail()}")
+        if not socket_accepts(self.export_path):
+            return False
+        # The monitor gets one connection, the one kept, not a probe that hangs
+        # up and then a client: a client that followed such a probe was once
+        # reset in its qmp_capabilities under load.  With one connection QSD
+        # has no earlier session to tear down meanwhile.  Once qmp_capabilities
+        # has returned QSD's main loop runs, so every socket in argv (those of
+        # extra_args too) is listening.
+        try:
+            self._qmp = QMPClient(self.qmp_path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False                    # not listening yet: poll again
+        except OSError as e:
+            try:                            # a dying QSD: let it exit, to say how
+                status = self.proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                status = "none (still running)"
+            raise RuntimeError(f"QMP handshake on {self.qmp_path} failed: {e!r}; "
+                               f"qemu-storage-daemon exit status {status}, "
+                               f"log: {self._log_tail()}") from e
+        return True
+
+    def _log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-2000:]
 
     def qmp(self, cmd: str, **args):
         """Run one QMP command, return its "return" value (QMPError on error).
