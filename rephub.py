@@ -1463,10 +1463,7 @@ class Handshake:
         conn.io.settimeout(conn.handshake_timeout)
         if conn.hub.tls is not None and not conn.io.start_tls(conn.hub.tls, deadline):
             return None
-        item = conn.recv_frame(deadline)
-        if item is None:
-            return None
-        hello = self._expect(item, p.Hello)
+        hello = self._expect(deadline, p.Hello)
         if hello is None:
             return None
         if not hello.min_version <= p.VERSION <= hello.max_version:
@@ -1491,10 +1488,7 @@ class Handshake:
                                hub_id=hub_id,
                                proof=p.hub_proof(secret, hello.nonce, nonce,
                                                  hello.agent_id, hub_id)))
-        item = conn.recv_frame(deadline)
-        if item is None:
-            return None
-        auth = self._expect(item, p.Auth)
+        auth = self._expect(deadline, p.Auth)
         if auth is None:
             return None
         expected = p.agent_proof(secret, hello.nonce, nonce, hello.agent_id, hub_id)
@@ -1509,9 +1503,14 @@ class Handshake:
             return None
         return hello.agent_id
 
-    def _expect(self, item, cls):
-        """During the handshake: the message if it is ``cls``, else answer and None."""
-        conn, (_, msg) = self.conn, item
+    def _expect(self, deadline: float, cls):
+        """During the handshake: the next message if it is ``cls``; else None,
+        once the peer is answered (or gone, or silent past ``deadline``)."""
+        conn = self.conn
+        item = conn.recv_frame(deadline)
+        if item is None:
+            return None
+        _, msg = item
         if isinstance(msg, cls):
             return msg
         if isinstance(msg, (p.Goodbye, p.Error)):

@@ -342,10 +342,19 @@ class TestAgent:
                                   chunk_size=msg.chunk_size, digests=digests))
 
 
-def wrong_answers(request: p.Message) -> list[p.Message]:
-    """Every kind of answer to the hub's requests except the one ``request``
-    gets (protocol.ANSWERED_BY), each naming its id and plausible for its
-    range: answers to nothing outstanding [ER-7]."""
+def send_wrong_answers(agent, request: p.Message) -> list[tuple[int, p.MsgType]]:
+    """Send as ``agent`` every kind of answer to the hub's requests except
+    the one ``request`` gets (protocol.ANSWERED_BY), each naming its id and
+    plausible for its range: answers to nothing outstanding [ER-7].  Returns
+    (request id, type sent) of each."""
+    sent = []
+    for answer in _wrong_answers(request):
+        agent.send(answer)
+        sent.append((request.request_id, answer.TYPE))
+    return sent
+
+
+def _wrong_answers(request: p.Message) -> list[p.Message]:
     req, vid = request.request_id, request.volume
     off, n = (request.offset, request.length) if request.length else (0, 65536)
     answers = [

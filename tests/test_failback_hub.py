@@ -25,7 +25,7 @@ import pytest
 
 import protocol as p
 import rephub
-from hubtools import MemVolume, TestAgent, wait_until, wrong_answers
+from hubtools import MemVolume, TestAgent, send_wrong_answers, wait_until
 
 KiB, MiB = 1024, 1024 * 1024
 CHUNK = 64 * KiB
@@ -545,18 +545,13 @@ class WrongAnswerAgent(FailbackAgent):
         super().__init__(*args, **kwargs)
         self.wrong: list[tuple[int, p.MsgType]] = []   # (request id, type sent)
 
-    def _wrong_answers(self, msg) -> None:
-        for answer in wrong_answers(msg):
-            self.wrong.append((msg.request_id, answer.TYPE))
-            self.send(answer)
-
     def on_DIRTY_QUERY(self, msg: p.DirtyQuery) -> None:
-        self._wrong_answers(msg)
+        self.wrong += send_wrong_answers(self, msg)
         super().on_DIRTY_QUERY(msg)
 
     def on_READ(self, msg: p.Read) -> None:
         if not self.reads:
-            self._wrong_answers(msg)
+            self.wrong += send_wrong_answers(self, msg)
         super().on_READ(msg)
 
 

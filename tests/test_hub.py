@@ -20,8 +20,8 @@ import pytest
 
 import protocol as p
 import rephub
-from hubtools import (REPHUB, AgentError, MemVolume, TestAgent, make_agents_file, wait_detached,
-                      wait_until, wrong_answers)
+from hubtools import (REPHUB, AgentError, MemVolume, TestAgent, make_agents_file,
+                      send_wrong_answers, wait_detached, wait_until)
 from procs import HubProc
 
 MiB = 1024 * 1024
@@ -492,12 +492,9 @@ class WrongKindAgent(TestAgent):
         self.wrong: list[tuple[int, p.MsgType]] = []   # (request id, type sent)
 
     def _wrong_answers(self, msg) -> None:
-        if msg.TYPE in self.asked:
-            return
-        self.asked.append(msg.TYPE)
-        for answer in wrong_answers(msg):
-            self.wrong.append((msg.request_id, answer.TYPE))
-            self.send(answer)
+        if msg.TYPE not in self.asked:
+            self.asked.append(msg.TYPE)
+            self.wrong += send_wrong_answers(self, msg)
 
     def on_DIRTY_QUERY(self, msg: p.DirtyQuery) -> None:
         self._wrong_answers(msg)
