@@ -218,14 +218,18 @@ class QMPClient:
     def __init__(self, path: str | Path, timeout: float = QMP_TIMEOUT):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
         self._buffer = bytearray()
         self.events: list[dict] = []
         self._ids = 0
-        greeting = self._read()
-        if "QMP" not in greeting:
-            raise RuntimeError(f"QMP greeting {greeting!r}, expected a 'QMP' object")
-        self.command("qmp_capabilities")
+        try:                    # a caller polling for the monitor retries refusals
+            self.sock.connect(str(path))
+            greeting = self._read()
+            if "QMP" not in greeting:
+                raise RuntimeError(f"QMP greeting {greeting!r}, expected a 'QMP' object")
+            self.command("qmp_capabilities")
+        except BaseException:
+            self.sock.close()
+            raise
 
     def _read(self) -> dict:
         """One JSON message.  A socket timeout leaves the buffer intact, so the
