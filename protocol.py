@@ -58,6 +58,7 @@ import calendar
 import dataclasses
 import datetime
 import enum
+import functools
 import hashlib
 import hmac
 import json
@@ -487,6 +488,72 @@ def is_zero(data) -> bool:
                for i in range(0, len(data), n))
 
 
+# CRC-32 of a concatenation from the CRCs of its parts: zlib's crc32_combine,
+# which Python's zlib does not expose.  A sender that already summed a payload
+# in pieces (the hub checks its replica's bytes against per-chunk sums before
+# it answers a read) gives the frame's payload_crc without a second pass.
+# The arithmetic is zlib's (crc32.c, multmodp and x2nmodp): a CRC is a
+# polynomial over GF(2) in reflected bit order, and appending n zero bytes
+# multiplies it by x^(8n) modulo the CRC-32 polynomial.
+
+_CRC_POLY = 0xEDB88320   # the CRC-32 polynomial, reflected
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a * b modulo the CRC-32 polynomial (reflected; ``a`` must not be 0)."""
+    m, product = 1 << 31, 0
+    while True:
+        if a & m:
+            product ^= b
+            if not a & (m - 1):
+                return product
+        m >>= 1
+        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
+
+
+def _x2n_table() -> list[int]:
+    """x^(2^k) modulo the polynomial, k = 0..31."""
+    table, power = [], 1 << 30       # x^1
+    for _ in range(32):
+        table.append(power)
+        power = _multmodp(power, power)
+    return table
+
+
+_X2N = _x2n_table()
+
+
+@functools.lru_cache(maxsize=16)
+def _zeros_operator(length: int) -> tuple[list[int], ...]:
+    """What appending ``length`` zero bytes does to a CRC, as four tables of
+    256 (one per byte of the CRC: the operator is linear over GF(2))."""
+    op, n, k = 1 << 31, length, 3    # x^0, and x^(8 * length) = x^(2^3 * length)
+    while n:
+        if n & 1:
+            op = _multmodp(_X2N[k & 31], op)
+        n >>= 1
+        k += 1
+    tables = []
+    for byte in range(4):
+        bits = [_multmodp(op, 1 << (8 * byte + i)) for i in range(8)]
+        table = [0] * 256
+        for v in range(1, 256):
+            low = v & -v
+            table[v] = table[v ^ low] ^ bits[low.bit_length() - 1]
+        tables.append(table)
+    return tuple(tables)
+
+
+def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
+    """``zlib.crc32(a + b)`` from ``crc1 = zlib.crc32(a)``, ``crc2 = zlib.crc32(b)``
+    and ``length2 = len(b)``, without reading either."""
+    if length2 == 0:
+        return crc1
+    t0, t1, t2, t3 = _zeros_operator(length2)
+    return (t0[crc1 & 0xFF] ^ t1[(crc1 >> 8) & 0xFF] ^ t2[(crc1 >> 16) & 0xFF]
+            ^ t3[crc1 >> 24] ^ crc2)
+
+
 def check_range(offset: int, length: int, size: int, what: str = "request") -> None:
     """Raise OutOfRange unless [offset, offset+length) lies inside a volume of ``size``."""
     if offset + length > size:
@@ -593,16 +660,22 @@ class Message:
         """The payload as a list of bytes-like parts (no copy of data)."""
         return []
 
-    def encode(self) -> list:
-        """Return [header, payload parts...] ready for scatter/gather send."""
+    def encode(self, payload_crc: int | None = None) -> list:
+        """Return [header, payload parts...] ready for scatter/gather send.
+
+        ``payload_crc``: the payload's CRC-32, when the sender has it already
+        (summed as it read the bytes it sends); otherwise it is computed here.
+        """
         parts = self._payload()
         payload_length = sum(memoryview(p).nbytes for p in parts)
         if payload_length > MAX_PAYLOAD:
             raise PayloadTooLarge(f"{self.TYPE.name} payload of {payload_length} bytes "
                                   f"exceeds MAX_PAYLOAD {MAX_PAYLOAD}")
-        crc = 0
-        for part in parts:
-            crc = zlib.crc32(part, crc)
+        crc = payload_crc
+        if crc is None:
+            crc = 0
+            for part in parts:
+                crc = zlib.crc32(part, crc)
         header = encode_header(self.TYPE, self.flags, self.request_id, self.volume,
                                payload_length, self.offset, self.length, crc)
         return [header, *parts]
@@ -1668,7 +1741,7 @@ def may_answer_with_error(err: RequestError) -> bool:
 
 
 def decode_body(header: Header, payload: bytes | bytearray | memoryview,
-                legal=None) -> Message:
+                legal=None, payload_crc: int | None = None) -> Message:
     """Build the message for a parsed header and its payload (no data copy).
 
     Checks, in PROTOCOL.md's order: payload CRC [FR-6] (``BadPayloadCRC``:
@@ -1680,13 +1753,15 @@ def decode_body(header: Header, payload: bytes | bytearray | memoryview,
     can answer ERROR and go on).  Without ``legal`` the checks are those of a
     frame its receiver takes (the vectors' "established" phase).  A WRITE's
     ``data`` is a memoryview of ``payload``: keep that buffer alive and
-    unmodified while you use it.
+    unmodified while you use it.  ``payload_crc``: the CRC-32 of ``payload``
+    as the receiver summed it while the bytes arrived (``recv_exactly_into``);
+    otherwise it is computed here.
     """
     payload = memoryview(payload)
     if len(payload) != header.payload_length:
         raise TruncatedFrame(f"payload is {len(payload)} bytes, header says "
                              f"{header.payload_length}")
-    crc = zlib.crc32(payload)
+    crc = zlib.crc32(payload) if payload_crc is None else payload_crc
     if crc != header.payload_crc:
         raise BadPayloadCRC(f"bad payload_crc 0x{header.payload_crc:08x}, "
                             f"computed 0x{crc:08x} over {len(payload)} bytes")
@@ -1940,15 +2015,19 @@ def load_vectors(path) -> list[dict]:
 # own copy of the two loops, so that neither module depends on the other.
 
 
-def recv_exactly_into(sock, view: memoryview) -> int:
-    """Fill ``view`` from ``sock``; return the bytes read (short only at EOF)."""
+def recv_exactly_into(sock, view: memoryview, crc: int | None = None) -> tuple[int, int | None]:
+    """Fill ``view`` from ``sock``: the bytes read (short only at EOF) and,
+    given a ``crc`` to start from, their CRC-32 summed piece by piece as they
+    arrive, while the sender is still sending the rest (None without)."""
     got = 0
     while got < len(view):
         n = sock.recv_into(view[got:])
         if n == 0:
             break
+        if crc is not None:
+            crc = zlib.crc32(view[got:got + n], crc)
         got += n
-    return got
+    return got, crc
 
 
 def recv_message(sock, header_buf: bytearray | None = None,
@@ -1962,7 +2041,7 @@ def recv_message(sock, header_buf: bytearray | None = None,
     ``legal`` is ``decode_body``'s (``legality``, after AUTH_OK).
     """
     header_buf = header_buf if header_buf is not None else bytearray(HEADER_SIZE)
-    got = recv_exactly_into(sock, memoryview(header_buf))
+    got, _ = recv_exactly_into(sock, memoryview(header_buf))
     if got == 0:
         return None
     if got < HEADER_SIZE:
@@ -1972,20 +2051,21 @@ def recv_message(sock, header_buf: bytearray | None = None,
     if handshake:
         check_handshake_header(header)
     payload = bytearray(header.payload_length)
-    got = recv_exactly_into(sock, memoryview(payload))
+    got, crc = recv_exactly_into(sock, memoryview(payload), 0)
     if got < header.payload_length:
         raise TruncatedFrame(f"connection closed inside a payload ({got} of "
                              f"{header.payload_length} bytes)")
-    return decode_body(header, payload, legal)
+    return decode_body(header, payload, legal, crc)
 
 
-def send_message(sock, msg: Message) -> None:
+def send_message(sock, msg: Message, payload_crc: int | None = None) -> None:
     """Send one message with scatter/gather (``sendmsg``), no payload copy.
 
     TLS sockets have no ``sendmsg``; they get one ``sendall`` per part.
-    The caller holds the connection's send lock.
+    The caller holds the connection's send lock.  ``payload_crc``: as
+    ``Message.encode``'s.
     """
-    parts = [memoryview(p).cast("B") for p in msg.encode() if len(p)]
+    parts = [memoryview(p).cast("B") for p in msg.encode(payload_crc) if len(p)]
     while parts:
         try:
             sent = sock.sendmsg(parts)

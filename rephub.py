@@ -1064,16 +1064,17 @@ class AgentConnection:
 
     # -- plumbing --------------------------------------------------------------
 
-    def send(self, msg: p.Message) -> None:
+    def send(self, msg: p.Message, payload_crc: int | None = None) -> None:
         """Send one message under the send lock (any thread).  An answer to one
         of the agent's requests frees its request id before it leaves: the
-        agent may use the id again once it has the answer (RP-12)."""
+        agent may use the id again once it has the answer (RP-12).
+        ``payload_crc``: the payload's CRC-32 if the caller has it."""
         if log.isEnabledFor(logging.DEBUG):
             log.debug("<-- %s to %s", msg.describe(), self.peer)
         if msg.TYPE in p.ANSWERS or (msg.TYPE is p.MsgType.ERROR
                                      and msg.failed_type in p.REQUESTS):
             self.outstanding.discard(msg.request_id)
-        self.io.send(msg)
+        self.io.send(msg, payload_crc)
 
     def track_request(self, msg: p.Message) -> None:
         """Recv loop: note a request of the agent until its answer is sent.  One
@@ -1369,14 +1370,14 @@ class AgentConnection:
     def on_RREAD(self, header, msg: p.RRead) -> None:
         s = self._session(msg)
         p.check_range(msg.offset, msg.length, s.vol.size, "RREAD")
-        data = s.read(msg.offset, msg.length)
+        data, crc = s.read(msg.offset, msg.length)
         if data is None:
             reply = p.RReadReply(request_id=msg.request_id, volume=msg.volume,
                                  offset=msg.offset, length=msg.length, flags=p.FLAG_ZERO)
         else:
             reply = p.RReadReply(request_id=msg.request_id, volume=msg.volume,
                                  offset=msg.offset, length=msg.length, data=data)
-        self.send(reply)
+        self.send(reply, payload_crc=crc)
 
     def on_RWRITE(self, header, msg: p.RWrite) -> None:
         s = self._session(msg)
@@ -2061,11 +2062,11 @@ class AgentSocket:
 
     # -- sending (any thread) ---------------------------------------------------
 
-    def send(self, msg: p.Message) -> None:
+    def send(self, msg: p.Message, payload_crc: int | None = None) -> None:
         with self.send_lock:
             if self.sock is None or self.sealed:
                 raise ConnectionClosed("connection closed")
-            p.send_message(self.sock, msg)
+            p.send_message(self.sock, msg, payload_crc)
 
     def send_last(self, msg: p.Message) -> None:
         """Send ``msg`` if the stream is still open, then seal it: nothing follows."""
@@ -2151,10 +2152,13 @@ class AgentSocket:
     def _handshake_late(self) -> ConnectionClosed:
         return ConnectionClosed(f"handshake not done within {self.handshake_timeout:g} s")
 
-    def _read_into(self, view: memoryview, deadline: float | None = None) -> int:
+    def _read_into(self, view: memoryview, deadline: float | None = None,
+                   crc: int | None = None) -> tuple[int, int | None]:
         """Fill ``view``; short only at EOF.  With a ``deadline`` (the handshake)
         every recv waits only for what is left of it, so a peer trickling a
-        frame byte by byte is cut off at the deadline too."""
+        frame byte by byte is cut off at the deadline too.  Given a ``crc``,
+        the bytes are summed as they arrive (``protocol.recv_exactly_into``):
+        returns (bytes read, their CRC-32 or None)."""
         got = 0
         while got < len(view):
             if deadline is not None:
@@ -2170,8 +2174,10 @@ class AgentSocket:
                 raise self._handshake_late() from err
             if n == 0:
                 break
+            if crc is not None:
+                crc = zlib.crc32(view[got:got + n], crc)
             got += n
-        return got
+        return got, crc
 
     def recv_frame(self, deadline: float | None = None, legal=None):
         """Read one frame; return (header, message) or None when stopping or at EOF.
@@ -2184,7 +2190,7 @@ class AgentSocket:
         """
         if not self._wait_readable(deadline):
             return None
-        got = self._read_into(memoryview(self.header_buf), deadline)
+        got, _ = self._read_into(memoryview(self.header_buf), deadline)
         if got == 0:
             return None
         if got < p.HEADER_SIZE:
@@ -2199,11 +2205,11 @@ class AgentSocket:
         if handshake:
             p.check_handshake_header(header)
         payload = bytearray(header.payload_length)
-        got = self._read_into(memoryview(payload), deadline)
+        got, crc = self._read_into(memoryview(payload), deadline, 0)
         if got < header.payload_length:
             raise p.TruncatedFrame(f"connection closed inside a payload ({got} of "
                                    f"{header.payload_length} bytes)")
-        return header, p.decode_body(header, payload, legal)
+        return header, p.decode_body(header, payload, legal, crc)
 
 
 class TLSStream:
@@ -3040,20 +3046,31 @@ class ReplicaSums:
     def chunk_len(self, c: int) -> int:
         return min(CHECK_CHUNK, self.size - c * CHECK_CHUNK)
 
-    def expected(self, c: int) -> int:
-        if c in self.pending:
-            return self.pending[c]
-        raw = os.pread(self.fd, CHECK_ENTRY.size, c * CHECK_ENTRY.size)
-        return CHECK_ENTRY.unpack(raw)[0] if len(raw) == CHECK_ENTRY.size else 0
+    def expected(self, first: int, count: int) -> list[int]:
+        """The sums kept for chunks ``first .. first + count - 1``: one pread."""
+        raw = os.pread(self.fd, count * CHECK_ENTRY.size, first * CHECK_ENTRY.size)
+        sums = [s for (s,) in CHECK_ENTRY.iter_unpack(raw[:len(raw) // CHECK_ENTRY.size
+                                                          * CHECK_ENTRY.size])]
+        sums += [0] * (count - len(sums))
+        for c in range(first, first + count) if self.pending else ():
+            sums[c - first] = self.pending.get(c, sums[c - first])
+        return sums
 
     def bad_chunks(self, data, first: int) -> list[int]:
         """The chunks of ``data`` (whole chunks from chunk ``first``) whose sum differs."""
-        bad = []
-        for i in range(-(-len(data) // CHECK_CHUNK)):
-            want = self.expected(first + i)
-            if want and self.crc(memoryview(data)[i * CHECK_CHUNK:(i + 1) * CHECK_CHUNK]) != want:
+        return self.check(data, first)[0]
+
+    def check(self, data, first: int) -> tuple[list[int], list[int]]:
+        """Sum ``data`` (whole chunks from chunk ``first``): the chunks whose sum
+        differs from the one kept, and each chunk's CRC-32 as computed."""
+        view, bad, sums = memoryview(data), [], []
+        count = -(-len(view) // CHECK_CHUNK)
+        for i, want in enumerate(self.expected(first, count)):
+            crc = zlib.crc32(view[i * CHECK_CHUNK:(i + 1) * CHECK_CHUNK])
+            if want and (crc or 1) != want:
                 bad.append(first + i)
-        return bad
+            sums.append(crc)
+        return bad, sums
 
     def flush(self) -> None:
         for c, value in sorted(self.pending.items()):
@@ -3064,6 +3081,21 @@ class ReplicaSums:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def range_crc(data, sums: list[int], start: int, stop: int) -> int:
+    """CRC-32 of ``data[start:stop]`` given ``sums``, the CRC-32 of each
+    CHECK_CHUNK of ``data``: whole chunks are combined, only a partial chunk
+    at either edge is read again."""
+    view, crc = memoryview(data), 0
+    for i, chunk_crc in enumerate(sums):
+        lo, hi = i * CHECK_CHUNK, min((i + 1) * CHECK_CHUNK, len(view))
+        a, b = max(lo, start), min(hi, stop)
+        if a >= b:
+            continue
+        crc = (p.crc32_combine(crc, chunk_crc, hi - lo) if (a, b) == (lo, hi)
+               else zlib.crc32(view[a:b], crc))
+    return crc
 
 
 class ReplicaDamaged(p.RequestError):
@@ -3894,6 +3926,14 @@ class RecoveryWindow:
     def read_at(self, vol: Volume, seq: int, offset: int, length: int,
                 check: bool = True) -> memoryview | None:
         """The bytes of ``vol`` right after journal record ``seq``; None if all zero.
+        As ``read_summed``, without the CRC."""
+        return self.read_summed(vol, seq, offset, length, check)[0]
+
+    def read_summed(self, vol: Volume, seq: int, offset: int, length: int,
+                    check: bool = True) -> tuple[memoryview | None, int | None]:
+        """The bytes of ``vol`` right after journal record ``seq`` (None if all
+        zero), and their CRC-32 when the checksum check gave it for free (else
+        None): a reply sends it as its payload_crc instead of a second pass.
 
         Waits for the applier to reach ``seq``; raises PointError when the
         window no longer covers ``seq``.  The replica's bytes are checked
@@ -3921,31 +3961,34 @@ class RecoveryWindow:
                     undos.append(u)
             has_data = next(data_extents(vol.fd, offset, length), None) is not None
             if not has_data and not undos:
-                return None
-            view, damaged = (self._read_replica(vol, offset, length, check) if has_data
-                             else (memoryview(b""), []))
+                return None, None
+            view, damaged, crc = (self._read_replica(vol, offset, length, check) if has_data
+                                  else (memoryview(b""), [], None))
             if undos or len(view) < length:   # a copy to lay the undo over, or a short read
                 buf = bytearray(length)
                 buf[:len(view)] = view
                 for u in undos:  # newest first: each restores what was there before it
                     self._overlay_undo(u, buf, offset, end)
-                view = memoryview(buf)
+                view, crc = memoryview(buf), None
         if damaged:   # reported outside the apply lock: it writes metadata, starts a verify
             self.store.faults.replica_damaged(vol, damaged)
             raise ReplicaDamaged(vol.name, damaged)
-        return None if is_zero_buffer(view) else view
+        return (None, None) if is_zero_buffer(view) else (view, crc)
 
     @staticmethod
     def _read_replica(vol: Volume, offset: int, length: int,
-                      check: bool) -> tuple[memoryview, list[int]]:
+                      check: bool) -> tuple[memoryview, list[int], int | None]:
         """The replica's bytes of a range, a view of one pread (shorter if the
-        file is), and with ``check`` the chunks whose checksum they fail."""
+        file is); with ``check`` the chunks whose checksum they fail and the
+        range's CRC-32, from the chunks' (None without ``check``)."""
         if not check:
-            return memoryview(os.pread(vol.fd, length, offset)), []
+            return memoryview(os.pread(vol.fd, length, offset)), [], None
         end = offset + length
         lo = offset // CHECK_CHUNK * CHECK_CHUNK
         got = os.pread(vol.fd, min(-(-end // CHECK_CHUNK) * CHECK_CHUNK, vol.size) - lo, lo)
-        return memoryview(got)[offset - lo:end - lo], vol.sums.bad_chunks(got, lo // CHECK_CHUNK)
+        bad, sums = vol.sums.check(got, lo // CHECK_CHUNK)
+        return memoryview(got)[offset - lo:end - lo], bad, range_crc(got, sums, offset - lo,
+                                                                    end - lo)
 
     def _overlay_undo(self, u: Record, buf: bytearray, offset: int, end: int) -> None:
         table = self.undo_tables.get((u.segment, u.pos))
@@ -5071,9 +5114,14 @@ class RecoverySession:
         self.overlay = overlay
         self.writes = 0
 
-    def read(self, offset: int, length: int) -> bytes | memoryview | None:
-        data = self.store.window.read_at(self.vol, self.read_seq, offset, length)
-        return self.overlay.lay_over(data, offset, length) if self.overlay else data
+    def read(self, offset: int, length: int) -> tuple[bytes | memoryview | None, int | None]:
+        """The session's bytes of a range (None: zeroes) and their CRC-32 if
+        known (``RecoveryWindow.read_summed``)."""
+        data, crc = self.store.window.read_summed(self.vol, self.read_seq, offset, length)
+        if self.overlay is None:
+            return data, crc
+        laid = self.overlay.lay_over(data, offset, length)
+        return laid, (crc if laid is data else None)
 
     def write(self, offset: int, length: int, data, payload_crc=None) -> int:
         """Apply an RWRITE; return the journal seq the ACK waits for (0: durable now)."""

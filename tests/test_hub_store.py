@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import zlib
 
 import pytest
 
@@ -72,6 +73,40 @@ def test_read_at_walks_undo_back_across_a_reopen(tmp_path):
         assert store.window.read_at(vol, seqs[3], MiB - 4096, 4096) == b"C" * 4096
         with pytest.raises(p.OutOfRange):
             store.window.read_at(vol, seqs[3], MiB - 4096, 8192)
+    finally:
+        store.close()
+
+
+def test_read_summed_gives_the_crc_of_exactly_the_bytes_it_returns(tmp_path):
+    """The CRC a read gives for its reply (from the chunk sums it checked) is
+    zlib's CRC-32 of the bytes returned, for chunk-aligned ranges, ranges cut
+    inside a chunk at either edge, and the volume's short last chunk; where an
+    undo record was laid over the bytes there is none (the reply sums them)."""
+    size = 5 * 65536 + 12345                     # a short last check chunk
+    store = open_store(tmp_path)
+    try:
+        vol = store.create_volume("v", size, 65536, "a1", bytes(16))
+        rnd = random.Random(7)
+        image = bytearray(rnd.randbytes(size))
+        first = durable(store, store.append_data(vol, 0, size, bytes(image)))
+        store.applier.wait_applied(first)
+        ranges = [(0, size), (0, 65536), (65536, 2 * 65536), (1, 65536), (100, 3 * 65536),
+                  (65536 - 1, 2), (4 * 65536, size - 4 * 65536), (size - 1, 1),
+                  (5 * 65536 + 7, 100)]
+        ranges += [(o, rnd.randrange(1, size - o + 1))
+                   for o in (rnd.randrange(size) for _ in range(40))]
+        for off, n in ranges:
+            data, crc = store.window.read_summed(vol, first, off, n)
+            assert data == image[off:off + n], (off, n)
+            assert crc == zlib.crc32(image[off:off + n]), (off, n)
+        image[70000:70010] = b"X" * 10
+        last = durable(store, store.append_data(vol, 70000, 10, b"X" * 10))
+        store.applier.wait_applied(last)
+        data, crc = store.window.read_summed(vol, last, 65536, 65536)
+        assert data == image[65536:2 * 65536] and crc == zlib.crc32(data)
+        data, crc = store.window.read_summed(vol, first, 65536, 65536)   # the undo laid over
+        assert bytes(data) != image[65536:2 * 65536] and crc is None
+        assert store.window.read_summed(vol, first, 0, 10, check=False)[1] is None
     finally:
         store.close()
 

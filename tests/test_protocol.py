@@ -261,6 +261,62 @@ def test_recv_reports_bad_header_before_reading_the_payload(pair):
         p.recv_message(b)
 
 
+class TrickleSocket:
+    """A fake socket whose recv_into hands out its bytes a few at a time."""
+
+    def __init__(self, data: bytes, steps):
+        self.data, self.steps, self.pos = data, steps, 0
+
+    def recv_into(self, view):
+        n = min(len(view), next(self.steps), len(self.data) - self.pos)
+        view[:n] = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+
+def test_recv_sums_the_payload_as_it_arrives_and_still_refuses_a_bad_one():
+    """The receiver's CRC, summed piece by piece over however the bytes
+    arrive, is the payload's: a good frame decodes, one payload bit flipped
+    is BadPayloadCRC as before."""
+    rnd = random.Random(3)
+    data = rnd.randbytes(300_000)
+    frame = bytearray(p.encode(p.Write(request_id=1, volume=1, data=data)))
+    steps = iter(lambda: rnd.choice([1, 13, 4096, 65536, 200_000]), None)
+    got = p.recv_message(TrickleSocket(bytes(frame), steps))
+    assert bytes(got.data) == data
+    got, crc = p.recv_exactly_into(TrickleSocket(data, steps), memoryview(bytearray(1000)), 0)
+    assert (got, crc) == (1000, zlib.crc32(data[:1000]))
+    frame[p.HEADER_SIZE + 123_456] ^= 0x10
+    with pytest.raises(p.BadPayloadCRC):
+        p.recv_message(TrickleSocket(bytes(frame), steps))
+    header = p.parse_header(frame)
+    with pytest.raises(p.BadPayloadCRC):   # the receiver's own sum is what is compared
+        p.decode_body(header, data, payload_crc=zlib.crc32(data) ^ 1)
+
+
+def test_crc32_combine_is_zlibs_crc_of_the_concatenation():
+    rnd = random.Random(5)
+    lengths = [0, 1, 2, 3, 4, 7, 255, 256, 4096, 65535, 65536, 65537, 1 << 20]
+    for _ in range(300):
+        a = rnd.randbytes(rnd.choice(lengths[:9]))
+        b = rnd.randbytes(rnd.choice(lengths))
+        assert p.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+    pieces = [rnd.randbytes(65536) for _ in range(16)]
+    crc = 0
+    for piece in pieces:
+        crc = p.crc32_combine(crc, zlib.crc32(piece), len(piece))
+    assert crc == zlib.crc32(b"".join(pieces))
+
+
+def test_encode_takes_a_payload_crc_the_sender_already_has():
+    data = bytes(range(256)) * 16
+    msg = p.RReadReply(request_id=2, volume=1, offset=0, data=data)
+    assert b"".join(msg.encode(zlib.crc32(data))) == p.encode(msg)
+    sock = ChoppySocket(1 << 20)
+    p.send_message(sock, msg, zlib.crc32(data))
+    assert bytes(sock.out) == p.encode(msg)
+
+
 class ChoppySocket:
     """A fake socket that accepts at most ``step`` bytes per sendmsg call."""
 
