@@ -44,32 +44,40 @@ MiB = 1024 * 1024
 VOLUME = "benchvol"
 
 
-def read_direct(path: str, size: int) -> float:
+def read_direct(path: str, size: int, passes: int = 1) -> float:
+    """MiB/s of ``passes`` sequential passes of 1 MiB preads over the file."""
     fd = os.open(path, os.O_RDONLY)
     try:
         t0 = time.perf_counter()
-        for off in range(0, size, MiB):
-            if len(os.pread(fd, MiB, off)) != MiB:
-                raise RuntimeError(f"short read of {path} at {off}")
-        return time.perf_counter() - t0
+        for _ in range(passes):
+            for off in range(0, size, MiB):
+                if len(os.pread(fd, MiB, off)) != MiB:
+                    raise RuntimeError(f"short read of {path} at {off}")
+        return passes * size / MiB / (time.perf_counter() - t0)
     finally:
         os.close(fd)
 
 
-def read_export(sock: str, size: int, export: str = VOLUME) -> float:
+def read_export(sock: str, size: int, passes: int = 1, export: str = VOLUME) -> float:
+    """MiB/s of ``passes`` sequential passes of 1 MiB NBD reads over the export."""
     with nbd.NBDClient(sock, export) as client:
         t0 = time.perf_counter()
-        for off in range(0, size, MiB):
-            if len(client.read(off, MiB)) != MiB:
-                raise RuntimeError(f"short NBD read at {off}")
-        return time.perf_counter() - t0
+        for _ in range(passes):
+            for off in range(0, size, MiB):
+                if len(client.read(off, MiB)) != MiB:
+                    raise RuntimeError(f"short NBD read at {off}")
+        return passes * size / MiB / (time.perf_counter() - t0)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size-mib", type=int, default=128, help="volume size (all data)")
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="interleaved rounds of (direct, recovery); medians are compared")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="interleaved rounds of (direct, recovery, qemu-nbd); medians are "
+                         "compared")
+    ap.add_argument("--passes", type=int, default=4,
+                    help="passes over the volume in each measurement (a round of one pass "
+                         "of 128 MiB lasts some 0.1 s: too short to be steady)")
     ap.add_argument("--json", action="store_true",
                     help="also print a BENCH-JSON line for bench/report.py")
     args = ap.parse_args()
@@ -94,15 +102,15 @@ def main() -> int:
         qnbd = QemuNBD(replica, export_name=VOLUME).start()
         direct, remote, ref = [], [], []
         for _ in range(args.rounds):
-            direct.append(size / MiB / read_direct(replica, size))
-            remote.append(size / MiB / read_export(sock, size))
-            ref.append(size / MiB / read_export(str(qnbd.export_path), size))
+            direct.append(read_direct(replica, size, args.passes))
+            remote.append(read_export(sock, size, args.passes))
+            ref.append(read_export(str(qnbd.export_path), size, args.passes))
         d, r, q = (statistics.median(x) for x in (direct, remote, ref))
         each = [x / y for x, y in zip(remote, ref)]   # recovery / qemu-nbd, each round
         rq = statistics.median(each)
         fmt = lambda xs: " ".join(f"{x:.0f}" for x in xs)  # noqa: E731
         print(f"bench_recovery: {args.size_mib} MiB volume, sequential 1 MiB reads, "
-              f"{args.rounds} rounds")
+              f"{args.rounds} rounds of {args.passes} passes")
         print(f"  baseline (pread of the replica file)      {d:8.1f} MiB/s  [{fmt(direct)}]")
         print(f"  recovery export (NBD -> agent -> hub, QD1) {r:8.1f} MiB/s  [{fmt(remote)}]")
         print(f"  reference (qemu-nbd of the replica, QD1)  {q:8.1f} MiB/s  [{fmt(ref)}]")
