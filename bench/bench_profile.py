@@ -238,9 +238,9 @@ def install_agent_timers(probe: Probe) -> None:
     wrap(repagent.HubConnection, "put", put)
 
     def send_message(orig):
-        def f(sock, msg):
+        def f(sock, msg, *rest):
             t = now()
-            orig(sock, msg)
+            orig(sock, msg, *rest)
             if type(msg) is protocol.Write:
                 rec = probe.recs.get(msg.request_id)
                 if rec is not None:
@@ -363,9 +363,9 @@ def install_hub_timers(probe: Probe) -> None:
     wrap(rephub.Applier, "_apply_batch", apply_batch)
 
     def send_message(orig):
-        def f(sock, msg):
+        def f(sock, msg, *rest):
             t = now()
-            orig(sock, msg)
+            orig(sock, msg, *rest)
             if type(msg) is protocol.Ack:
                 rec = probe.recs.get(msg.request_id)
                 if rec is not None:

@@ -31,9 +31,13 @@ def test_the_script_starts(script):
 def test_the_profile_probes_find_what_they_wrap():
     """bench_profile wraps methods of the daemons by name to time each stage
     of a write: installing its probes (in a process of its own, since they
-    patch the classes) fails on a method that was renamed or moved."""
+    patch the classes) fails on a method that was renamed or moved, and the
+    wrapped ``send_message`` still takes the arguments the daemons pass."""
     code = ("import sys; sys.path[:0] = ['bench', 'tests', '.']; import bench_profile as b; "
-            "p = b.Probe('x', 'timers'); b.install_agent_timers(p); b.install_hub_timers(p)")
+            "p = b.Probe('x', 'timers'); b.install_agent_timers(p); b.install_hub_timers(p); "
+            "import protocol\n"
+            "class Sock:\n    def sendmsg(self, parts): return sum(len(x) for x in parts)\n"
+            "protocol.send_message(Sock(), protocol.Ack(request_id=1), None)")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
