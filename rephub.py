@@ -1857,13 +1857,14 @@ class RequestWindow:
         self.asked: dict[int, Asked] = {}       # req -> what it asked, until answered
         self.answers: dict[int, tuple] = {}     # req -> (answer, context), until taken
 
-    def ask(self, request: p.Message) -> int:
-        """Register ``request`` as ours and send it; return its id."""
+    def ask(self, request: p.Message, payload_crc: int | None = None) -> int:
+        """Register ``request`` as ours and send it (``payload_crc``: as
+        ``AgentConnection.send``'s); return its id."""
         with self.cond:
             self.asked[request.request_id] = Asked(request.volume, request.offset, request.length,
                                                    getattr(request, "chunk_size", 0))
         self.conn.requests.add(request, self.owner)
-        self.conn.send(request)
+        self.conn.send(request, payload_crc)
         return request.request_id
 
     def check(self, msg: p.Message) -> None:
@@ -5340,10 +5341,10 @@ class Failback(Requester):
         self._emit(dict(phase=self.phase.value, progress=self.done_bytes,
                         total=self.total_bytes))
 
-    def ask(self, msg: p.Message) -> int:
+    def ask(self, msg: p.Message, payload_crc: int | None = None) -> int:
         """Send a request whose answer comes back to us; return its id."""
         try:
-            return self.pending.ask(msg)
+            return self.pending.ask(msg, payload_crc)
         except (OSError, ConnectionClosed) as err:
             self.connection_gone(str(err))
 
@@ -5560,11 +5561,11 @@ class Failback(Requester):
 
     def _put(self, seq: int, off: int, k: int) -> int:
         """PUT the volume's [off, off+k) as of ``seq`` (a hole as FLAG_ZERO)."""
-        data = self.store.window.read_at(self.vol, seq, off, k)
+        data, crc = self.store.window.read_summed(self.vol, seq, off, k)
         req = self.conn.requests.new_id()
         req = self.ask(p.Put(request_id=req, volume=self.vol.id, offset=off, length=k,
                              flags=p.FLAG_ZERO) if data is None else
-                       p.Put(request_id=req, volume=self.vol.id, offset=off, data=data))
+                       p.Put(request_id=req, volume=self.vol.id, offset=off, data=data), crc)
         self.sent_bytes += k
         return req
 
