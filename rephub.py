@@ -3036,13 +3036,15 @@ class ReplicaSums:
         self.pending: dict[int, int] = {}
 
     @staticmethod
-    def crc(data) -> int:
-        return zlib.crc32(data) or 1   # never the "not known" 0
+    def kept(crc: int) -> int:
+        """A chunk's CRC-32 as the file keeps it: never the "not known" 0."""
+        return crc or 1
 
     def note(self, replica_fd: int, offset: int, length: int) -> None:
         """Sum the chunks [offset, offset + length) touches, as the replica has them."""
         for c in range(offset // CHECK_CHUNK, -(-(offset + length) // CHECK_CHUNK)):
-            self.pending[c] = self.crc(os.pread(replica_fd, self.chunk_len(c), c * CHECK_CHUNK))
+            data = os.pread(replica_fd, self.chunk_len(c), c * CHECK_CHUNK)
+            self.pending[c] = self.kept(zlib.crc32(data))
 
     def chunk_len(self, c: int) -> int:
         return min(CHECK_CHUNK, self.size - c * CHECK_CHUNK)
@@ -3053,8 +3055,9 @@ class ReplicaSums:
         sums = [s for (s,) in CHECK_ENTRY.iter_unpack(raw[:len(raw) // CHECK_ENTRY.size
                                                           * CHECK_ENTRY.size])]
         sums += [0] * (count - len(sums))
-        for c in range(first, first + count) if self.pending else ():
-            sums[c - first] = self.pending.get(c, sums[c - first])
+        if self.pending:   # noted since the last flush: newer than the file's
+            for c in range(first, first + count):
+                sums[c - first] = self.pending.get(c, sums[c - first])
         return sums
 
     def bad_chunks(self, data, first: int) -> list[int]:
@@ -3068,7 +3071,7 @@ class ReplicaSums:
         count = -(-len(view) // CHECK_CHUNK)
         for i, want in enumerate(self.expected(first, count)):
             crc = zlib.crc32(view[i * CHECK_CHUNK:(i + 1) * CHECK_CHUNK])
-            if want and (crc or 1) != want:
+            if want and self.kept(crc) != want:
                 bad.append(first + i)
             sums.append(crc)
         return bad, sums
@@ -3988,8 +3991,8 @@ class RecoveryWindow:
         lo = offset // CHECK_CHUNK * CHECK_CHUNK
         got = os.pread(vol.fd, min(-(-end // CHECK_CHUNK) * CHECK_CHUNK, vol.size) - lo, lo)
         bad, sums = vol.sums.check(got, lo // CHECK_CHUNK)
-        return memoryview(got)[offset - lo:end - lo], bad, range_crc(got, sums, offset - lo,
-                                                                    end - lo)
+        crc = range_crc(got, sums, offset - lo, end - lo)
+        return memoryview(got)[offset - lo:end - lo], bad, crc
 
     def _overlay_undo(self, u: Record, buf: bytearray, offset: int, end: int) -> None:
         table = self.undo_tables.get((u.segment, u.pos))
