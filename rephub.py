@@ -3061,20 +3061,23 @@ class ReplicaSums:
         return sums
 
     def bad_chunks(self, data, first: int) -> list[int]:
-        """The chunks of ``data`` (whole chunks from chunk ``first``) whose sum differs."""
-        return self.check(data, first)[0]
+        """The chunks of ``data`` (whole chunks from chunk ``first``) whose sum
+        differs; a chunk whose sum is not known is not summed (the scrub)."""
+        view = memoryview(data)
+        wants = self.expected(first, -(-len(view) // CHECK_CHUNK))
+        return [first + i for i, want in enumerate(wants) if want and self.kept(
+                zlib.crc32(view[i * CHECK_CHUNK:(i + 1) * CHECK_CHUNK])) != want]
 
     def check(self, data, first: int) -> tuple[list[int], list[int]]:
-        """Sum ``data`` (whole chunks from chunk ``first``): the chunks whose sum
-        differs from the one kept, and each chunk's CRC-32 as computed."""
-        view, bad, sums = memoryview(data), [], []
+        """Sum every chunk of ``data`` (whole chunks from chunk ``first``): the
+        chunks whose sum differs from the one kept, and each chunk's CRC-32 as
+        computed (a read's reply is summed from them: ``range_crc``)."""
+        view = memoryview(data)
         count = -(-len(view) // CHECK_CHUNK)
-        for i, want in enumerate(self.expected(first, count)):
-            crc = zlib.crc32(view[i * CHECK_CHUNK:(i + 1) * CHECK_CHUNK])
-            if want and self.kept(crc) != want:
-                bad.append(first + i)
-            sums.append(crc)
-        return bad, sums
+        sums = [zlib.crc32(view[i * CHECK_CHUNK:(i + 1) * CHECK_CHUNK]) for i in range(count)]
+        wants = self.expected(first, count)
+        return [first + i for i, want in enumerate(wants)
+                if want and self.kept(sums[i]) != want], sums
 
     def flush(self) -> None:
         for c, value in sorted(self.pending.items()):
