@@ -44,29 +44,30 @@ MiB = 1024 * 1024
 VOLUME = "benchvol"
 
 
+def read_rate(read, size: int, passes: int, what: str) -> float:
+    """MiB/s of ``passes`` sequential passes of 1 MiB ``read(offset)`` calls over ``size``."""
+    t0 = time.perf_counter()
+    for _ in range(passes):
+        for off in range(0, size, MiB):
+            if len(read(off)) != MiB:
+                raise RuntimeError(f"short read of {what} at {off}")
+    return passes * size / MiB / (time.perf_counter() - t0)
+
+
 def read_direct(path: str, size: int, passes: int = 1) -> float:
-    """MiB/s of ``passes`` sequential passes of 1 MiB preads over the file."""
+    """MiB/s of 1 MiB preads over the file."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        t0 = time.perf_counter()
-        for _ in range(passes):
-            for off in range(0, size, MiB):
-                if len(os.pread(fd, MiB, off)) != MiB:
-                    raise RuntimeError(f"short read of {path} at {off}")
-        return passes * size / MiB / (time.perf_counter() - t0)
+        return read_rate(lambda off: os.pread(fd, MiB, off), size, passes, path)
     finally:
         os.close(fd)
 
 
 def read_export(sock: str, size: int, passes: int = 1, export: str = VOLUME) -> float:
-    """MiB/s of ``passes`` sequential passes of 1 MiB NBD reads over the export."""
+    """MiB/s of 1 MiB NBD reads over the export."""
     with nbd.NBDClient(sock, export) as client:
-        t0 = time.perf_counter()
-        for _ in range(passes):
-            for off in range(0, size, MiB):
-                if len(client.read(off, MiB)) != MiB:
-                    raise RuntimeError(f"short NBD read at {off}")
-        return passes * size / MiB / (time.perf_counter() - t0)
+        return read_rate(lambda off: client.read(off, MiB), size, passes,
+                         f"NBD export {export} on {sock}")
 
 
 def main() -> int:
