@@ -1741,7 +1741,7 @@ def may_answer_with_error(err: RequestError) -> bool:
 
 
 def decode_body(header: Header, payload: bytes | bytearray | memoryview,
-                legal=None, payload_crc: int | None = None) -> Message:
+                legal=None) -> Message:
     """Build the message for a parsed header and its payload (no data copy).
 
     Checks, in PROTOCOL.md's order: payload CRC [FR-6] (``BadPayloadCRC``:
@@ -1753,15 +1753,13 @@ def decode_body(header: Header, payload: bytes | bytearray | memoryview,
     can answer ERROR and go on).  Without ``legal`` the checks are those of a
     frame its receiver takes (the vectors' "established" phase).  A WRITE's
     ``data`` is a memoryview of ``payload``: keep that buffer alive and
-    unmodified while you use it.  ``payload_crc``: the CRC-32 of ``payload``
-    as the receiver summed it while the bytes arrived (``recv_exactly_into``);
-    otherwise it is computed here.
+    unmodified while you use it.
     """
     payload = memoryview(payload)
     if len(payload) != header.payload_length:
         raise TruncatedFrame(f"payload is {len(payload)} bytes, header says "
                              f"{header.payload_length}")
-    crc = zlib.crc32(payload) if payload_crc is None else payload_crc
+    crc = zlib.crc32(payload)
     if crc != header.payload_crc:
         raise BadPayloadCRC(f"bad payload_crc 0x{header.payload_crc:08x}, "
                             f"computed 0x{crc:08x} over {len(payload)} bytes")
@@ -2015,19 +2013,15 @@ def load_vectors(path) -> list[dict]:
 # own copy of the two loops, so that neither module depends on the other.
 
 
-def recv_exactly_into(sock, view: memoryview, crc: int | None = None) -> tuple[int, int | None]:
-    """Fill ``view`` from ``sock``: the bytes read (short only at EOF) and,
-    given a ``crc`` to start from, their CRC-32 summed piece by piece as they
-    arrive, while the sender is still sending the rest (None without)."""
+def recv_exactly_into(sock, view: memoryview) -> int:
+    """Fill ``view`` from ``sock``; return the bytes read (short only at EOF)."""
     got = 0
     while got < len(view):
         n = sock.recv_into(view[got:])
         if n == 0:
             break
-        if crc is not None:
-            crc = zlib.crc32(view[got:got + n], crc)
         got += n
-    return got, crc
+    return got
 
 
 def recv_message(sock, header_buf: bytearray | None = None,
@@ -2041,7 +2035,7 @@ def recv_message(sock, header_buf: bytearray | None = None,
     ``legal`` is ``decode_body``'s (``legality``, after AUTH_OK).
     """
     header_buf = header_buf if header_buf is not None else bytearray(HEADER_SIZE)
-    got, _ = recv_exactly_into(sock, memoryview(header_buf))
+    got = recv_exactly_into(sock, memoryview(header_buf))
     if got == 0:
         return None
     if got < HEADER_SIZE:
@@ -2051,11 +2045,11 @@ def recv_message(sock, header_buf: bytearray | None = None,
     if handshake:
         check_handshake_header(header)
     payload = bytearray(header.payload_length)
-    got, crc = recv_exactly_into(sock, memoryview(payload), 0)
+    got = recv_exactly_into(sock, memoryview(payload))
     if got < header.payload_length:
         raise TruncatedFrame(f"connection closed inside a payload ({got} of "
                              f"{header.payload_length} bytes)")
-    return decode_body(header, payload, legal, crc)
+    return decode_body(header, payload, legal)
 
 
 def send_message(sock, msg: Message, payload_crc: int | None = None) -> None:

@@ -2153,13 +2153,10 @@ class AgentSocket:
     def _handshake_late(self) -> ConnectionClosed:
         return ConnectionClosed(f"handshake not done within {self.handshake_timeout:g} s")
 
-    def _read_into(self, view: memoryview, deadline: float | None = None,
-                   crc: int | None = None) -> tuple[int, int | None]:
+    def _read_into(self, view: memoryview, deadline: float | None = None) -> int:
         """Fill ``view``; short only at EOF.  With a ``deadline`` (the handshake)
         every recv waits only for what is left of it, so a peer trickling a
-        frame byte by byte is cut off at the deadline too.  Given a ``crc``,
-        the bytes are summed as they arrive (``protocol.recv_exactly_into``):
-        returns (bytes read, their CRC-32 or None)."""
+        frame byte by byte is cut off at the deadline too."""
         got = 0
         while got < len(view):
             if deadline is not None:
@@ -2175,10 +2172,8 @@ class AgentSocket:
                 raise self._handshake_late() from err
             if n == 0:
                 break
-            if crc is not None:
-                crc = zlib.crc32(view[got:got + n], crc)
             got += n
-        return got, crc
+        return got
 
     def recv_frame(self, deadline: float | None = None, legal=None):
         """Read one frame; return (header, message) or None when stopping or at EOF.
@@ -2191,7 +2186,7 @@ class AgentSocket:
         """
         if not self._wait_readable(deadline):
             return None
-        got, _ = self._read_into(memoryview(self.header_buf), deadline)
+        got = self._read_into(memoryview(self.header_buf), deadline)
         if got == 0:
             return None
         if got < p.HEADER_SIZE:
@@ -2206,11 +2201,11 @@ class AgentSocket:
         if handshake:
             p.check_handshake_header(header)
         payload = bytearray(header.payload_length)
-        got, crc = self._read_into(memoryview(payload), deadline, 0)
+        got = self._read_into(memoryview(payload), deadline)
         if got < header.payload_length:
             raise p.TruncatedFrame(f"connection closed inside a payload ({got} of "
                                    f"{header.payload_length} bytes)")
-        return header, p.decode_body(header, payload, legal, crc)
+        return header, p.decode_body(header, payload, legal)
 
 
 class TLSStream:
