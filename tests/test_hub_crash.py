@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import protocol as p
 import rephub
 from hubtools import REPHUB, MemVolume, TestAgent, make_agents_file, wait_until
 from procs import HubProc
+from smallfs import tmpfs
 
 MiB = 1024 * 1024
 PIECE = 65536
@@ -33,9 +35,9 @@ def env(tmp_path):
     sec = make_agents_file(agents, "a1")
     procs = []
 
-    def start(name="hub"):
+    def start(name="hub", args=(), data=tmp_path / "data"):
         """A hub on the one data directory, logging to ``name``.log."""
-        hp = HubProc(tmp_path, data=tmp_path / "data", agents=agents,
+        hp = HubProc(tmp_path, data=data, agents=agents, args=args,
                      log=tmp_path / f"{name}.log").start()
         procs.append(hp)
         return hp
@@ -111,6 +113,73 @@ def test_sigkill_mid_stream_then_restart_keeps_every_acked_write(env):
         assert plan == p.SyncPlan.VERIFY
     finally:
         agent.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_sigkill_while_segments_are_written_over_keeps_every_acked_write(env, seed):
+    """Retention drops segments and the journal writes its new ones over them.
+    A SIGKILL at a random point still loses no ACKed write, and no record of a
+    file's earlier use comes back: every slot of the replica holds its last
+    ACKed write or one sent after it.  The slots differ in size, so segments
+    end at different bytes than their earlier use did."""
+    tmp_path, sec, start = env
+    with tmpfs(tmp_path / "fs", 64 * MiB) as fs:   # its free space is the test's own
+        written_over_then_killed(tmp_path, sec, start, fs / "data", seed)
+
+
+def written_over_then_killed(tmp_path, sec, start, data_path, seed):
+    data_dir = str(data_path)
+    small = ["--journal-segment-bytes", str(4 * (PIECE + 64)),
+             "--journal-max-bytes", str(12 * (PIECE + 64))]
+    hub = start("hub1", small, data_path)
+    agent = TestAgent(hub.address, "a1", sec["a1"]).connect()
+    rnd = random.Random(seed)
+    sizes = [rnd.randrange(1, 17) * 4096 for _ in range(16)]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    mv = MemVolume(16 * PIECE)
+    vid, plan = agent.attach("k", mv)
+    wait_until(lambda: status(data_dir)["volumes"][0]["state"] == "consistent", 20)
+    sent: dict[int, list[tuple[int, bytes]]] = {s: [] for s in range(len(sizes))}
+
+    def burst(n):
+        for _ in range(n):
+            slot = rnd.randrange(len(sizes))
+            data = rnd.randbytes(sizes[slot])
+            sent[slot].append((agent.write(vid, starts[slot], data), data))
+
+    deadline = time.monotonic() + 30
+    while status(data_dir)["journal"]["recycled_segments"] < 3:
+        assert time.monotonic() < deadline, "no segment was written over"
+        burst(24)
+        last = max(req for hist in sent.values() for req, _ in hist)
+        wait_until(lambda: last in acked_requests(agent), 20, "the burst's ACKs")
+    burst(rnd.randrange(1, 40))          # pipelined: the kill lands among these
+    hub.kill(signal.SIGKILL)
+    wait_until(agent.closed.is_set, 10, "connection dropped by the killed hub")
+    acked = acked_requests(agent)
+    agent.close()
+    copy = tmp_path / "journal-at-the-kill"
+    shutil.copytree(os.path.join(data_dir, "journal"), copy)
+    scan = rephub.SegmentLog(str(copy), "scan", spare_bytes=rephub.SPARE_BYTES)
+    scan.open()
+    scan.close()
+    assert any(os.path.getsize(scan.path(seg)) > size for seg, size in
+               scan.segment_sizes.items()), "no segment ends before its earlier use did"
+
+    hub2 = start("hub2", small, data_path)
+    st = wait_until(lambda: (lambda s: s if s["journal"]["applied_seq"] ==
+                             s["journal"]["last_seq"] else None)(status(data_dir)), 20)
+    assert st["journal"]["damage"] == [] and st["journal"]["lost_seqs"] == []
+    assert "seq jumps" not in hub2.read_log()
+    with open(os.path.join(data_dir, "volumes", "k", "replica"), "rb") as f:
+        replica = f.read()
+    for slot, hist in sent.items():
+        last_acked = max((i for i, (req, _) in enumerate(hist) if req in acked), default=None)
+        allowed = [bytes(sizes[slot])] if last_acked is None else []
+        allowed += [data for _, data in hist[last_acked or 0:]]
+        assert replica[starts[slot]:starts[slot] + sizes[slot]] in allowed, \
+            f"slot {slot}: not its last ACKed write nor a later one"
+    hub2.kill()   # before its file system is unmounted
 
 
 def test_sigterm_finishes_frames_makes_durable_and_exits_zero(env):

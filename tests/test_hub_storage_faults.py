@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import random
+import time
 import zlib
 
 import pytest
@@ -94,21 +95,21 @@ def test_a_failed_cut_back_closes_the_log_until_it_succeeds(tmp_path, monkeypatc
     """If the torn record cannot be cut off either, nothing is appended after it."""
     seglog = rephub.SegmentLog(str(tmp_path / "j"), "journal")
     seglog.append(1, rephub.RecordKind.WRITE, 0, 1, 1, 0, 5, [b"first"])
-    real_writev, real_ftruncate = os.writev, os.ftruncate
+    real_pwritev, real_ftruncate = os.pwritev, os.ftruncate
 
-    def torn_writev(fd, buffers):
-        os.write(fd, bytes(buffers[0])[:7])   # part of a header reaches the file
+    def torn_pwritev(fd, buffers, offset):
+        os.pwrite(fd, bytes(buffers[0])[:7], offset)   # part of a header reaches the file
         raise OSError(errno.EIO, "injected write error")
 
     def failing_ftruncate(fd, length):
         raise OSError(errno.EIO, "injected truncate error")
 
-    monkeypatch.setattr(os, "writev", torn_writev)
+    monkeypatch.setattr(os, "pwritev", torn_pwritev)
     monkeypatch.setattr(os, "ftruncate", failing_ftruncate)
     with pytest.raises(OSError):
         seglog.append(2, rephub.RecordKind.WRITE, 0, 2, 1, 0, 6, [b"second"])
     assert seglog.broken is not None
-    monkeypatch.setattr(os, "writev", real_writev)
+    monkeypatch.setattr(os, "pwritev", real_pwritev)
     with pytest.raises(OSError, match="injected truncate"):
         seglog.append(2, rephub.RecordKind.WRITE, 0, 2, 1, 0, 6, [b"second"])
     monkeypatch.setattr(os, "ftruncate", real_ftruncate)
@@ -210,6 +211,61 @@ def test_a_full_journal_refuses_degrades_and_recovers(full_hub, caplog):
         with open(os.path.join(hub.store.dir, "volumes", "v", "replica"), "rb") as f:
             assert f.read() == bytes(vol.buf), "replica differs from the agent's disk"
     assert not [r for r in caplog.records if r.exc_info], "a traceback in the hub log"
+
+
+def test_spare_segments_give_their_space_back_when_the_disk_fills(tmp_path):
+    """Retention keeps dropped segments as spares to write over.  When the disk
+    is full the storage watcher deletes them before it decides whether the
+    journal can take records again, and no segment is kept while less than an
+    eighth of the disk is free."""
+    agents = str(tmp_path / "agents")
+    secrets_by_id = make_agents_file(agents, "a1")
+    rng = random.Random(5)
+    segment = 512 * 1024
+    with tmpfs(tmp_path / "fs", 24 * MiB) as fs:
+        hub = rephub.Hub(os.path.join(fs, "data"), agents, heartbeat=0.2,
+                         max_bytes=4 * segment, segment_bytes=segment)
+        hub.start()
+        store, journal_dir = hub.store, os.path.join(fs, "data", "journal")
+        try:
+            vol = MemVolume(2 * MiB)
+            with TestAgent(hub.address, "a1", secrets_by_id["a1"]).connect() as agent:
+                vid, _ = agent.attach("v", vol)
+                wait_until(lambda: store.volume("v").state == rephub.VolState.CONSISTENT,
+                           30, "the initial sync")
+
+                def write_some(n=40):              # 2.5 MiB: over --journal-max-bytes
+                    for _ in range(n):
+                        offset = rng.randrange(0, 32) * 65536
+                        reply = agent.wait_reply(agent.write(vid, offset, rng.randbytes(65536)))
+                        assert isinstance(reply, p.Ack), reply
+
+                st = os.statvfs(fs)          # what a full journal needs free to go on
+                needed = min(rephub.RESUME_FREE_BYTES, st.f_blocks * st.f_frsize // 16)
+                deadline = time.monotonic() + 30
+                while sum(store.journal.log.spares.values()) < needed:
+                    assert time.monotonic() < deadline, "retention kept too few spares"
+                    first = store.journal.first_seq
+                    write_some()
+                    wait_until(lambda: store.journal.first_seq > first, 10,
+                               "retention (about once a second) to drop segments")
+                assert sum(os.path.getsize(store.journal.log.spare_path(b))
+                           for b in store.journal.log.spares) >= needed
+
+                space = ballast(fs, 64 * 1024)
+                # What the storage watcher runs while the journal refuses records.
+                assert store.faults.try_reopen(), "the spares' space was not enough"
+                assert store.journal.log.spares == {}
+                assert not [n for n in os.listdir(journal_dir) if n.endswith(".spare")]
+                assert store.faults.writable()
+                # With less than an eighth of the disk free no spare is kept either.
+                write_some(4)
+                store.applier.wait_applied(store.journal.durable_seq)
+                store.journal.drop_segment(*store.journal.log.segments()[:2])
+                assert store.journal.log.spares == {}
+                os.unlink(space)
+        finally:
+            hub.shutdown(grace=5)
 
 
 def test_metadata_enospc_at_attach_is_an_error_not_a_closed_connection(full_hub, caplog):

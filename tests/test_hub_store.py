@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import zlib
 
 import pytest
@@ -272,3 +273,157 @@ def test_ranges_refuses_exactly_the_overlapping_ones():
             assert ranges.add(start, end) is not overlaps, (taken, start, end)
             if not overlaps:
                 taken.append((start, end))
+
+
+# -- journal segments written over -------------------------------------------------------
+
+SMALL_SEGMENT = 8192
+
+
+@pytest.fixture
+def any_free_space(monkeypatch):
+    """Spares are kept whatever share of this machine's disk is free (that rule
+    is tested on a small tmpfs in test_hub_storage_faults)."""
+    monkeypatch.setattr(rephub, "SPARE_FREE_FRACTION", 1 << 40)
+
+
+def payload_of(seq: int) -> bytes:
+    """Record ``seq``'s payload: its own bytes and length, so a stale one shows."""
+    return random.Random(seq).randbytes(200 + seq * 37 % 1500)
+
+
+def append_records(seglog, first: int, end: int) -> None:
+    for seq in range(first, end):
+        data = payload_of(seq)
+        seglog.append(seq, rephub.RecordKind.WRITE, 0, seq, 1, 0, len(data), [data])
+
+
+def reopened(directory) -> dict[int, bytes]:
+    """Scan ``directory`` afresh: seq -> payload (no damage allowed)."""
+    again = rephub.SegmentLog(str(directory), "journal", SMALL_SEGMENT, rephub.SPARE_BYTES)
+    try:
+        records = again.open()
+        assert again.damage == []
+        return {r.seq: again.read_payload(r) for r in records}
+    finally:
+        again.close()
+
+
+def recycling_log(directory):
+    """A journal's SegmentLog whose three oldest segments were dropped as spares:
+    return it, the next seq, the first live seq and {spare bound: its bytes}."""
+    seglog = rephub.SegmentLog(str(directory), "journal", SMALL_SEGMENT, rephub.SPARE_BYTES)
+    seglog.open()
+    append_records(seglog, 1, 61)
+    segments = seglog.segments()
+    assert len(segments) >= 5
+    old = {}
+    for seg, nxt in zip(segments[:3], segments[1:4]):
+        seglog.delete_segment(seg, spare_bound=nxt)
+        old[nxt] = open(seglog.spare_path(nxt), "rb").read()
+    return seglog, 61, segments[3], old
+
+
+def test_dropped_segments_are_written_over_and_their_old_records_never_read(tmp_path, caplog,
+                                                                          any_free_space):
+    journal = tmp_path / "journal"
+    seglog, nxt, first, old = recycling_log(journal)
+    assert sorted(n for n in os.listdir(journal) if not n.endswith(".seg")) == [
+        f"{b:020d}.spare" for b in sorted(old)]
+    inodes = {os.stat(seglog.spare_path(b)).st_ino for b in old}
+    end = nxt
+    while seglog.recycled < 3 or os.path.getsize(seglog.path(seglog.segment)) <= seglog.size:
+        append_records(seglog, end, end + 1)   # until the last spare is partly written over
+        end += 1
+        if seglog.recycled == 1 and seglog.size > SMALL_SEGMENT // 4:
+            seglog._roll(end)                  # the first one ends early, as if full
+    assert seglog.spares == {}
+    reused = [s for s in seglog.segments() if os.stat(seglog.path(s)).st_ino in inodes]
+    assert len(reused) == 3 and reused[-1] == seglog.segment
+    # Bytes of the file's earlier use past the last record: what the scan must skip.
+    assert any(os.path.getsize(seglog.path(s)) > seglog.segment_sizes[s] for s in reused[:2])
+    expected = {seq: payload_of(seq) for seq in range(first, end)}
+    crashed = tmp_path / "crashed"
+    shutil.copytree(journal, crashed)     # as a SIGKILL leaves it: nothing cut
+    with caplog.at_level(logging.INFO, logger="rephub"):
+        assert reopened(crashed) == expected
+    assert "earlier use" in caplog.text and "WARNING" not in caplog.text
+    seglog.close()                        # a clean stop cuts the last one to its end
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rephub"):
+        assert reopened(journal) == expected
+    assert "earlier use" not in caplog.text
+    # The log goes on after the reopen, over the crashed copy's recycled tail too.
+    again = rephub.SegmentLog(str(crashed), "journal", SMALL_SEGMENT, rephub.SPARE_BYTES)
+    again.open()
+    append_records(again, end, end + 20)
+    again.close()
+    assert reopened(crashed) == {seq: payload_of(seq) for seq in range(first, end + 20)}
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_a_crash_inside_a_written_over_segment_keeps_exactly_the_whole_new_records(
+        tmp_path, seed, any_free_space):
+    """The last segment after a crash: its new bytes up to some point, then the
+    bytes of the file's earlier use.  The scan keeps each new record wholly
+    before that point and nothing else, wherever the point falls."""
+    rnd = random.Random(seed)
+    seglog, nxt, first, old = recycling_log(tmp_path / "journal")
+    bound = min(old)
+    end = nxt
+    while seglog.recycled == 0 or seglog.size < len(old[bound]) // 2:
+        append_records(seglog, end, end + 1)
+        end += 1
+    current, new_end = seglog.segment, seglog.size
+    assert seglog.recycled == 1 and new_end < len(old[bound])
+    new = open(seglog.path(current), "rb").read()
+    record_ends = {}                      # seq -> end of its record in the segment
+    for seq in range(current, end):
+        record_ends[seq] = (record_ends.get(seq - 1, 0) + rephub.RECORD.size
+                            + len(payload_of(seq)))
+    assert record_ends[end - 1] == new_end
+    seglog.close()
+    cuts = [0, new_end, *(rnd.randrange(1, new_end) for _ in range(12)),
+            *(record_ends[s] for s in rnd.sample(sorted(record_ends), 3))]
+    for cut in cuts:
+        crashed = tmp_path / f"cut{cut}"
+        shutil.copytree(tmp_path / "journal", crashed)
+        with open(crashed / f"{current:020d}.seg", "wb") as f:
+            f.write(new[:cut] + old[bound][cut:])
+        kept = [s for s, e in record_ends.items() if e <= cut]
+        want = {seq: payload_of(seq) for seq in range(first, current)} | {
+            seq: payload_of(seq) for seq in kept}
+        assert reopened(crashed) == want, f"cut at byte {cut}"
+        shutil.rmtree(crashed)
+
+
+def test_a_spare_is_never_written_over_by_an_older_seq(tmp_path, any_free_space):
+    """A spare whose records are not all older than the new segment's first seq
+    (the journal was started again lower) is deleted, not used."""
+    seglog, nxt, first, old = recycling_log(tmp_path / "journal")
+    bound = max(old)
+    seglog.spares = {bound: len(old[bound])}
+    for b in old:
+        if b != bound:
+            os.unlink(seglog.spare_path(b))
+    seglog._roll(bound - 1)
+    assert seglog.recycled == 0 and not os.path.exists(seglog.spare_path(bound))
+    assert os.path.getsize(seglog.path(bound - 1)) == 0
+    seglog.close()
+
+
+def test_no_spare_is_kept_while_the_journal_refuses_records(tmp_path, any_free_space):
+    health = rephub.Health()
+    journal = rephub.Journal(str(tmp_path / "journal"), SMALL_SEGMENT, health)
+    journal.open()
+    for seq in range(1, 31):
+        journal.append(rephub.RecordKind.WRITE, 1, 0, 700, [payload_of(seq)[:700]])
+    first, nxt = journal.log.segments()[:2]
+    health.fail(rephub.Fault.JOURNAL_FULL, "append failed: no space")
+    journal.drop_segment(first, nxt)
+    assert journal.log.spares == {} and not os.path.exists(journal.log.spare_path(nxt))
+    health.clear(rephub.Fault.JOURNAL_FULL)
+    first, nxt = journal.log.segments()[:2]
+    journal.drop_segment(first, nxt)
+    assert list(journal.log.spares) == [nxt] and os.path.exists(journal.log.spare_path(nxt))
+    journal.close()

@@ -41,16 +41,17 @@ CHUNK = 64 * 1024
 QSD_RESTART_NOTICE = "the mirror job was gone (QSD restarted)"
 
 
-def last_record_start(segment: bytes) -> int | None:
-    """Offset of the last whole record in a journal segment (rephub ``RECORD`` layout)."""
-    offset, last = 0, None
-    header = rephub.RECORD.size
-    while offset + header <= len(segment):
-        payload_length = int.from_bytes(segment[offset + 28:offset + 32], "big")
-        end_ = offset + header + payload_length
-        if end_ > len(segment):
+def last_record(segment: bytes, first_seq: int) -> tuple[int, int] | None:
+    """(start, end) of the last record of a journal segment (rephub ``RECORD``
+    layout): its records carry ``first_seq`` (the file's name) and on by one;
+    a file written over a spare holds bytes of its earlier use after them."""
+    offset, last, seq = 0, None, first_seq
+    while offset + rephub.RECORD.size <= len(segment):
+        fields = rephub.RECORD.unpack_from(segment, offset)
+        end_ = offset + rephub.RECORD.size + fields[7]
+        if fields[0] != rephub.RECORD_MAGIC or fields[4] != seq or end_ > len(segment):
             break
-        last, offset = offset, end_
+        last, offset, seq = (offset, end_), end_, seq + 1
     return last
 
 
@@ -385,8 +386,8 @@ class Cluster:
 
     def fault_torn_journal(self, hold: float) -> None:
         """SIGKILL the hub, then leave a torn record at the end of its last journal
-        segment, as a power cut in the middle of an append would: the file ends
-        a random number of bytes into a copy of its last record.
+        segment, as a power cut in the middle of an append would: right after
+        its last record comes a random number of bytes of a copy of it.
 
         A tear can only hit bytes the hub never made durable, hence never
         ACKed; cutting into ACKed records would model a disk that lies about
@@ -396,10 +397,11 @@ class Cluster:
         segs = self.hub.journal_segments()
         if segs:
             data = segs[-1].read_bytes()
-            last = last_record_start(data)
+            last = last_record(data, int(segs[-1].stem))
             if last is not None:
-                record = data[last:]
-                with open(segs[-1], "ab") as f:
+                record = data[last[0]:last[1]]
+                with open(segs[-1], "r+b") as f:   # where the next append would go
+                    f.seek(last[1])
                     f.write(record[:self.rng.randrange(1, len(record))])
         time.sleep(hold)
         self.hub.start()
