@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import shutil
+import subprocess
 import zlib
 
 import pytest
@@ -427,3 +428,28 @@ def test_no_spare_is_kept_while_the_journal_refuses_records(tmp_path, any_free_s
     journal.drop_segment(first, nxt)
     assert list(journal.log.spares) == [nxt] and os.path.exists(journal.log.spare_path(nxt))
     journal.close()
+
+
+def resident_bytes(path) -> int:
+    """How much of ``path`` is in the page cache (util-linux fincore)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES",
+                          str(path)], capture_output=True, text=True, check=True, timeout=30)
+    return int(out.stdout.split()[0])
+
+
+def test_applied_journal_records_leave_the_page_cache(tmp_path):
+    """The applier lets the kernel drop the pages of what it applied, so the
+    journal's appends reuse them instead of filling memory with history."""
+    store = open_store(tmp_path)
+    try:
+        vol = store.create_volume("v", 8 * MiB, 65536, "a1", bytes(16))
+        recs = [store.append_data(vol, i * MiB, MiB, os.urandom(MiB)) for i in range(8)]
+        durable(store, recs[-1])
+        segment = store.journal.log.path(recs[0].segment)
+        assert resident_bytes(segment) >= 4 * MiB      # written a moment ago
+        store.applier.wait_applied(recs[-1].seq)
+        assert resident_bytes(segment) < MiB
+        with open(os.path.join(vol.dir, "replica"), "rb") as f:
+            assert f.read(MiB) == store.journal.log.read_payload(recs[0])
+    finally:
+        store.close()
