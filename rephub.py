@@ -587,6 +587,12 @@ def write_zeroes(fd: int, offset: int, length: int) -> None:
             n -= k
 
 
+@functools.lru_cache(maxsize=8)
+def zeroes_crc(n: int) -> int:
+    """CRC-32 of ``n`` zero bytes (a chunk's, or the last chunk's length)."""
+    return zlib.crc32(bytes(n))
+
+
 def merge_ranges(ranges) -> list[tuple[int, int]]:
     """(start, end) ranges sorted and merged where they overlap or touch."""
     merged: list[list[int]] = []
@@ -3175,6 +3181,18 @@ class ReplicaSums:
             data = os.pread(replica_fd, self.chunk_len(c), c * CHECK_CHUNK)
             self.pending[c] = self.kept(zlib.crc32(data))
 
+    def note_zeroes(self, replica_fd: int, offset: int, length: int) -> None:
+        """``note`` for a range just zeroed (``write_zeroes``): a chunk wholly
+        inside it reads as zeroes, so its sum is known without reading it; a
+        chunk it only touches is read and summed."""
+        end = offset + length
+        for c in range(offset // CHECK_CHUNK, -(-end // CHECK_CHUNK)):
+            start, n = c * CHECK_CHUNK, self.chunk_len(c)
+            if offset <= start and start + n <= end:
+                self.pending[c] = self.kept(zeroes_crc(n))
+            else:
+                self.note(replica_fd, start, n)
+
     def chunk_len(self, c: int) -> int:
         return min(CHECK_CHUNK, self.size - c * CHECK_CHUNK)
 
@@ -3800,7 +3818,7 @@ class Applier:
                     vol.sums.note(vol.fd, rec.offset, rec.length)
                 elif rec.kind == RecordKind.ZERO and vol is not None:
                     write_zeroes(vol.fd, rec.offset, rec.length)
-                    vol.sums.note(vol.fd, rec.offset, rec.length)
+                    vol.sums.note_zeroes(vol.fd, rec.offset, rec.length)
                 elif rec.kind in (RecordKind.WRITE, RecordKind.ZERO):
                     log.warning("journal seq %d names unknown volume id %d; skipped",
                                 rec.seq, rec.volume)
@@ -4250,9 +4268,10 @@ class RecoveryWindow:
                     with self.store.apply_lock:
                         if data is None:
                             write_zeroes(vol.fd, off, n)
+                            vol.sums.note_zeroes(vol.fd, off, n)
                         else:
                             os.pwrite(vol.fd, data, off)
-                        vol.sums.note(vol.fd, off, n)
+                            vol.sums.note(vol.fd, off, n)
                     done += n
             os.fdatasync(vol.fd)
             with self.store.apply_lock:

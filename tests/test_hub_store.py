@@ -453,3 +453,27 @@ def test_applied_journal_records_leave_the_page_cache(tmp_path):
             assert f.read(MiB) == store.journal.log.read_payload(recs[0])
     finally:
         store.close()
+
+
+def test_a_zeroed_range_leaves_the_sums_of_what_the_replica_reads(tmp_path):
+    """A ZERO's sums are not read back for the chunks it covers whole (they are
+    zeroes); the chunks it cuts at either edge and a short last chunk are, and
+    every sum kept equals the CRC-32 of the chunk as the replica holds it."""
+    chunk = rephub.CHECK_CHUNK
+    size = 8 * chunk + 20 * 1024                  # a short last chunk
+    store = open_store(tmp_path)
+    try:
+        vol = store.create_volume("v", size, 65536, "a1", bytes(16))
+        durable(store, store.append_data(vol, 0, size, os.urandom(size)))
+        for offset, length in ((chunk + 4096, 3 * chunk), (5 * chunk, size - 5 * chunk),
+                               (0, 8192)):
+            seq = durable(store, store.append_data(vol, offset, length, None))
+            store.applier.wait_applied(seq)
+            with open(os.path.join(vol.dir, "replica"), "rb") as f:
+                image = f.read()
+            kept = vol.sums.expected(0, -(-size // chunk))
+            assert kept == [rephub.ReplicaSums.kept(zlib.crc32(image[c:c + chunk]))
+                            for c in range(0, size, chunk)], (offset, length)
+            assert image[offset:offset + length] == bytes(length)
+    finally:
+        store.close()
