@@ -258,6 +258,11 @@ SEGMENT_BYTES = 64 * 1024 * 1024
 #: commit, about half the time of an append's on ext4.
 SPARE_BYTES = 1024 * 1024 * 1024
 SPARE_FREE_FRACTION = 8
+#: In a segment written over a spare, the journal asks the kernel to read this
+#: much of the spare ahead of its appends of records smaller than
+#: READ_AHEAD_RECORD (``SegmentLog._read_ahead``).
+READ_AHEAD = 1024 * 1024
+READ_AHEAD_RECORD = 64 * 1024
 #: How the scan names a record a recycled segment holds from its earlier use.
 STALE_RECORD = "a record of the file's earlier use,"
 #: The applier applies at most this much in one batch (one undo fdatasync).
@@ -2760,6 +2765,7 @@ class SegmentLog:
         self.fd: int | None = None        # current segment, written at ``size``
         self.segment: int | None = None   # its id
         self.size = 0                     # the end of its last record
+        self.read_ahead: int | None = None  # over a spare: how far it is asked in
         self.broken: int | None = None    # size to cut it back to (a failed append)
         self.unsynced: list[int] = []     # older segment fds not yet fdatasync'ed
         self.dir_dirty = False
@@ -2966,7 +2972,24 @@ class SegmentLog:
                      self.segment, self.size + RECORD.size)
         self.size += total
         self.segment_sizes[self.segment] = self.size
+        if self.read_ahead is not None and plen < READ_AHEAD_RECORD:
+            self._read_ahead()
         return rec
+
+    def _read_ahead(self) -> None:
+        """In a segment written over a spare, ask the kernel to read the spare's
+        bytes a little ahead of the next appends (POSIX_FADV_WILLNEED, done in
+        the background).  A record that ends inside a page not in the page cache
+        makes its write read that page first, on the write's path: for small
+        records that is every one (4 KiB write + fdatasync measured 142-173 us
+        over a spare not cached, 102-109 us asked in ahead, 238 us appended)."""
+        if self.size + READ_AHEAD // 2 < self.read_ahead:
+            return
+        try:
+            os.posix_fadvise(self.fd, self.read_ahead, READ_AHEAD, os.POSIX_FADV_WILLNEED)
+        except OSError as err:   # advice only
+            log.debug("%s: posix_fadvise of %s: %s", self.what, self.path(self.segment), err)
+        self.read_ahead += READ_AHEAD
 
     def repair(self) -> None:
         """Cut the current segment back to ``broken``, the end of its last whole
@@ -2980,6 +3003,7 @@ class SegmentLog:
 
     def _roll(self, seq: int) -> None:
         """Start segment ``seq``: over a spare whose records are all older, else new."""
+        self.read_ahead = None
         while self.spares:
             bound = next(iter(self.spares))
             del self.spares[bound]
@@ -2987,6 +3011,7 @@ class SegmentLog:
                 if bound <= seq:
                     os.rename(self.spare_path(bound), self.path(seq))
                     self.recycled += 1
+                    self.read_ahead = 0
                     break
                 os.unlink(self.spare_path(bound))   # not older: never written over
             except OSError as err:
@@ -3000,6 +3025,8 @@ class SegmentLog:
         self.size = 0
         self.segment_sizes[seq] = 0
         self.dir_dirty = True
+        if self.read_ahead is not None:
+            self._read_ahead()
 
     def take_sync_work(self) -> tuple[list[int], int | None, bool]:
         """Under the owner's lock: what ``do_sync`` must flush (fds to close, fd, dir)."""

@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import subprocess
+import time
 import zlib
 
 import pytest
@@ -477,3 +478,33 @@ def test_a_zeroed_range_leaves_the_sums_of_what_the_replica_reads(tmp_path):
             assert image[offset:offset + length] == bytes(length)
     finally:
         store.close()
+
+
+def test_a_segment_written_over_a_spare_is_read_ahead_of_small_appends(tmp_path,
+                                                                         any_free_space):
+    """Small records would each read a page of the spare on the write's path if
+    it is not cached: the journal asks the kernel for the spare's bytes ahead."""
+    seglog = rephub.SegmentLog(str(tmp_path), "journal", 4 * MiB, rephub.SPARE_BYTES)
+    seglog.open()
+    seq = 1
+    while len(seglog.segments()) < 2:             # one whole segment of 4 KiB records
+        seglog.append(seq, rephub.RecordKind.WRITE, 0, seq, 1, 0, 4096, [bytes(4096)])
+        seq += 1
+    first, nxt = seglog.segments()
+    seglog.delete_segment(first, spare_bound=nxt)
+    spare = seglog.spare_path(nxt)
+    with open(spare, "rb") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    assert resident_bytes(spare) < rephub.READ_AHEAD // 2
+    inode = os.stat(spare).st_ino
+    while seglog.recycled == 0:
+        seglog.append(seq, rephub.RecordKind.WRITE, 0, seq, 1, 0, 4096, [bytes(4096)])
+        seq += 1
+    path = seglog.path(seglog.segment)
+    assert os.stat(path).st_ino == inode
+    deadline = time.monotonic() + 10
+    while resident_bytes(path) < rephub.READ_AHEAD:   # read in the background
+        assert time.monotonic() < deadline, "the spare was not read ahead"
+        time.sleep(0.02)
+    seglog.close()
