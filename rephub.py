@@ -331,6 +331,7 @@ class RecordKind(enum.IntEnum):
 RECORD_FROM_SYNC = 1 << 0
 
 RECORD_MAGIC = 0x524A5231  # "RJR1"
+RECORD_MAGIC_BYTES = struct.pack("!I", RECORD_MAGIC)
 #: The 52 bytes the header CRC covers (layout in the module docstring).
 RECORD_BODY = struct.Struct("!IBBHQQIIQQI")
 RECORD = struct.Struct("!IBBHQQIIQQII")
@@ -961,7 +962,7 @@ class Hub:
                          applied_seq=store.applier.applied_seq, bytes=j.log.total_bytes(),
                          undo_bytes=store.undo_log.total_bytes(), fdatasyncs=j.fdatasyncs,
                          commits=j.commits, spare_segments=len(j.log.spares),
-                         spare_bytes=sum(j.log.spares.values()),
+                         spare_bytes=j.log.spare_total(),
                          recycled_segments=j.log.recycled,
                          oldest=fmt_time_ns(first.time_ns) if first else None,
                          newest=fmt_time_ns(last.time_ns) if last else None,
@@ -2886,18 +2887,22 @@ class SegmentLog:
         """Do the bytes from ``pos`` hold a record header of the file's earlier use?"""
         if not self.spare_limit:
             return False
-        magic = struct.pack("!I", RECORD_MAGIC)
-        while 0 <= (pos := data.find(magic, pos)) <= len(data) - RECORD.size:
+        while 0 <= (pos := data.find(RECORD_MAGIC_BYTES, pos)) <= len(data) - RECORD.size:
             header = RECORD.unpack_from(data, pos)
-            if zlib.crc32(RECORD_BODY.pack(*header[:11])) == header[11] and header[4] < segment:
+            if self._intact(header) and header[4] < segment:
                 return True
             pos += 1
         return False
 
+    @staticmethod
+    def _intact(header) -> bool:
+        """Does an unpacked RECORD header have its magic and header CRC?"""
+        return header[0] == RECORD_MAGIC and zlib.crc32(
+            RECORD_BODY.pack(*header[:11])) == header[11]
+
     def _next_record(self, data: bytes, pos: int, segment: int) -> int | None:
         """Where the next whole record after damage at ``pos`` starts, or None."""
-        magic = struct.pack("!I", RECORD_MAGIC)
-        while (pos := data.find(magic, pos)) >= 0:
+        while (pos := data.find(RECORD_MAGIC_BYTES, pos)) >= 0:
             if self._parse(data, pos, segment)[0] is not None:
                 return pos
             pos += 1
@@ -2908,8 +2913,7 @@ class SegmentLog:
         """Report damage at rest; copy the segment aside once (quarantine)."""
         path = self.path(segment)
         # The header, if it survived, says which record was lost.
-        known = header is not None and header[0] == RECORD_MAGIC and zlib.crc32(
-            RECORD_BODY.pack(*header[:11])) == header[11]
+        known = header is not None and self._intact(header)
         seq, volume = (header[4], header[6]) if known else (None, None)
         aside = os.path.join(os.path.dirname(self.dir), QUARANTINE_DIR,
                              f"{os.path.basename(self.dir)}-{segment:020d}.seg.at-{start}")
@@ -3115,7 +3119,7 @@ class SegmentLog:
             if fd is not None:
                 os.close(fd)
         self.segment_sizes.pop(segment, None)
-        size = os.path.getsize(self.path(segment))
+        size = os.path.getsize(self.path(segment)) if spare_bound is not None else 0
         if spare_bound is not None and self._room_for_spare(size):
             os.rename(self.path(segment), self.spare_path(spare_bound))
             self.spares[spare_bound] = size
@@ -3125,10 +3129,14 @@ class SegmentLog:
 
     def _room_for_spare(self, size: int) -> bool:
         """May one more spare of ``size`` bytes be kept (SPARE_BYTES, SPARE_FREE_FRACTION)?"""
-        if sum(self.spares.values()) + size > self.spare_limit:
+        if self.spare_total() + size > self.spare_limit:
             return False
         st = os.statvfs(self.dir)
         return st.f_bavail * SPARE_FREE_FRACTION >= st.f_blocks
+
+    def spare_total(self) -> int:
+        """The bytes the spare segments hold."""
+        return sum(self.spares.values())
 
     def release_spares(self) -> int:
         """Delete the spare segments (their space is wanted); return how many."""
