@@ -376,9 +376,13 @@ class Fault(str, enum.Enum):
 JOURNAL_FAULTS = (Fault.JOURNAL_FULL, Fault.JOURNAL_IO)
 
 
+#: The errnos of a full file system or quota.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
 def journal_fault_of(err: OSError) -> Fault:
     """JOURNAL_FULL for a full disk or quota, else JOURNAL_IO."""
-    return Fault.JOURNAL_FULL if err.errno in (errno.ENOSPC, errno.EDQUOT) else Fault.JOURNAL_IO
+    return Fault.JOURNAL_FULL if err.errno in NO_SPACE else Fault.JOURNAL_IO
 
 
 class Health:
@@ -3772,7 +3776,7 @@ class Applier:
                 except (OSError, JournalRefused) as err:
                     self.health.fail(Fault.REPLICA_IO, f"applying the journal at seq "
                                      f"{self.applied_seq + 1} failed: {err}; retrying")
-                    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+                    if getattr(err, "errno", None) in NO_SPACE:
                         self.journal.release_spares()
                     if self.store.stop_event.wait(retry):
                         return
