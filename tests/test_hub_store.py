@@ -482,6 +482,80 @@ def test_a_zeroed_range_leaves_the_sums_of_what_the_replica_reads(tmp_path):
         store.close()
 
 
+def test_replica_sums_follow_random_writes_and_zeroes_across_flushes(tmp_path):
+    """ReplicaSums against the replica itself: after random WRITEs and ZEROs
+    (whole chunks, cut chunks, the short last chunk, one chunk written again
+    after a ZERO and zeroed again after a WRITE) the sums it gives equal the
+    CRC-32 of each chunk as the file holds it, before and after each flush;
+    a second ReplicaSums opened on the same directory reads what was flushed."""
+    chunk = rephub.CHECK_CHUNK
+    size = 40 * chunk + 12 * 1024
+    rng = random.Random(31)
+    fd = os.open(tmp_path / "replica", os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, size)
+    sums = rephub.ReplicaSums(str(tmp_path), size)
+    sums.note_zeroes(fd, 0, size)                 # every chunk known from here on
+
+    def truth():
+        image = os.pread(fd, size, 0)
+        return [rephub.ReplicaSums.kept(zlib.crc32(image[c:c + chunk]))
+                for c in range(0, size, chunk)]
+    try:
+        for step in range(400):
+            off = rng.randrange(0, size - 1)
+            n = rng.randrange(1, min(size - off, 9 * chunk) + 1)
+            if rng.random() < 0.5:
+                os.pwrite(fd, os.urandom(n), off)
+                sums.note(fd, off, n)
+            else:
+                rephub.write_zeroes(fd, off, n)
+                sums.note_zeroes(fd, off, n)
+            assert sums.expected(0, sums.chunks) == truth(), step
+            if rng.random() < 0.2:
+                sums.flush()
+                assert not sums.pending and not sums.zeroed
+                again = rephub.ReplicaSums(str(tmp_path), size)
+                try:
+                    assert again.expected(0, sums.chunks) == truth(), step
+                finally:
+                    again.close()
+    finally:
+        sums.close()
+        os.close(fd)
+
+
+def test_a_zero_extent_over_a_terabyte_is_one_run_of_sums(tmp_path):
+    """A sparse 1 TiB volume's first sync zeroes 16 Mi chunks: their sums are
+    kept as one run until the flush writes them (not 16 Mi entries in memory),
+    and a WRITE after the ZERO is newer than it."""
+    chunk = rephub.CHECK_CHUNK
+    size = 1 << 40
+    fd = os.open(tmp_path / "replica", os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, size)
+    sums = rephub.ReplicaSums(str(tmp_path), size)
+    try:
+        zero = rephub.ReplicaSums.kept(zlib.crc32(bytes(chunk)))
+        for off in range(0, size, rephub.ZERO_RECORD_MAX):
+            sums.note_zeroes(fd, off, rephub.ZERO_RECORD_MAX)
+        assert sums.zeroed == [range(0, size // chunk)] and not sums.pending
+        data = os.urandom(chunk)
+        os.pwrite(fd, data, 5_000_000 * chunk)
+        sums.note(fd, 5_000_000 * chunk, chunk)
+        want = rephub.ReplicaSums.kept(zlib.crc32(data))
+        assert sums.expected(4_999_999, 3) == [zero, want, zero]
+        sums.flush()
+        again = rephub.ReplicaSums(str(tmp_path), size)
+        try:
+            assert again.expected(0, 2) == [zero, zero]
+            assert again.expected(4_999_999, 3) == [zero, want, zero]
+            assert again.expected(size // chunk - 2, 2) == [zero, zero]
+        finally:
+            again.close()
+    finally:
+        sums.close()
+        os.close(fd)
+
+
 def test_a_segment_written_over_a_spare_is_read_ahead_of_small_appends(tmp_path,
                                                                          any_free_space):
     """Small records would each read a page of the spare on the write's path if
