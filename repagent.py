@@ -630,6 +630,20 @@ class ChunkBits:
         self.bits[:] = bytes(len(self.bits))
         self.seal(range(self.blocks))
 
+    def set_in(self, chunks: range):
+        """Yield the chunks of ``chunks`` whose bit is set, in order (a test of
+        every bit at once, so a long range of clear chunks costs little)."""
+        first, stop = chunks.start, min(chunks.stop, self.chunks)
+        if first >= stop:
+            return
+        lo = first >> 3
+        value = int.from_bytes(self.bits[lo:-(-stop // 8)], "little")
+        value = (value >> (first - lo * 8)) & ((1 << (stop - first)) - 1)
+        while value:
+            low = value & -value
+            yield first + low.bit_length() - 1
+            value ^= low
+
     def set_chunks(self):
         """Yield every chunk whose bit is set, skipping zero regions fast."""
         step = 4096
@@ -1013,6 +1027,31 @@ class DirtyBitmap:
             yield chunk, ((1 << n) - 1) << lo
             first += n
 
+    def _mask_in(self, where, chunk: int) -> int:
+        """The mask of ``chunk``'s blocks inside a Span (or a range of chunks whole)."""
+        if isinstance(where, range):
+            return self._full(chunk)
+        base = chunk * self.per_chunk
+        lo, hi = max(where[0], base) - base, min(where[1], base + self.per_chunk) - base
+        return ((1 << (hi - lo)) - 1) << lo
+
+    def _states_in(self, where):
+        """Yield (chunk, mask, entry) over a Span or a range of chunks, for the
+        chunks that have an entry (``_state(create=False)``).  A span longer
+        than the entries held is not walked chunk by chunk: a SYNCED for a
+        zero extent can cover a whole disk."""
+        chunks = self.chunks_of(where)
+        if len(chunks) <= len(self.states):
+            for chunk, mask in self._masks(where):
+                st = self._state(chunk, create=False)
+                if st is not None:
+                    yield chunk, mask, st
+            return
+        found = {c for c in self.states if c in chunks}
+        found.update(self.chunk_bits.set_in(chunks))
+        for chunk in sorted(found):
+            yield chunk, self._mask_in(where, chunk), self._state(chunk, create=False)
+
     def _state(self, chunk: int, create: bool) -> _Marks | None:
         """The chunk's entry: made for a chunk loaded marked (lost at LOADED_SEQ in
         the blocks the files give it), or a new one if ``create``."""
@@ -1068,11 +1107,9 @@ class DirtyBitmap:
 
     def ack(self, where) -> None:
         """The hub ACKed one queued write over these blocks: clear what is done."""
-        for chunk, mask in self._masks(where):
-            st = self._state(chunk, create=False)
-            if st is not None:
-                self._unflight(st, mask)
-                self._settle(chunk, st, mask)
+        for chunk, mask, st in self._states_in(where):
+            self._unflight(st, mask)
+            self._settle(chunk, st, mask)
         self.chunk_bits.seal()
 
     def lose(self, where, seq: int) -> None:
@@ -1090,10 +1127,7 @@ class DirtyBitmap:
     def synced(self, where, seq: int) -> None:
         """SYNCED for a reply queued at ``seq`` covering these blocks whole: forget
         their older losses, clear what is done."""
-        for chunk, mask in self._masks(where):
-            st = self._state(chunk, create=False)
-            if st is None:
-                continue
+        for chunk, mask, st in self._states_in(where):
             if st.has_loss():
                 st.forgive(mask, seq)
                 self.lossy -= not st.has_loss()

@@ -378,6 +378,90 @@ def test_a_terabyte_disk_takes_a_few_mib_of_files(tmp_path):
     assert os.path.getsize(tmp_path / "big.bitmap.fine") == 4096 + MiB
 
 
+def test_a_synced_over_a_whole_terabyte_visits_only_the_chunks_it_can_change(tmp_path,
+                                                                              monkeypatch):
+    """A sparse disk's first sync has the hub SYNCED zero extents of up to 64 MiB,
+    and a DIRTY_MAP may span the disk: the rules visit the chunks that hold
+    marks (in memory, or loaded from the files), not every chunk of the span."""
+    path = str(tmp_path / "big.bitmap")
+    bm = ra.DirtyBitmap(path, 1 << 40, CHUNK)
+    write(bm, 7 * CHUNK, BLOCK, seq=2)                      # loaded marks, after a reopen
+    write(bm, 9_000_000 * CHUNK + BLOCK, BLOCK, seq=2)
+    bm = reopen(bm)
+    try:
+        flying = write(bm, 12_345_678 * CHUNK, 2 * BLOCK)   # in memory, in flight
+        write(bm, 16_000_000 * CHUNK + 3 * BLOCK, BLOCK, seq=5)
+        visited = []
+        state = bm._state
+        monkeypatch.setattr(bm, "_state", lambda c, create: visited.append(c) or state(c, create))
+        bm.synced(bm.covered_span(0, bm.size), seq=4)       # newer than the loaded losses only
+        assert sorted(visited) == [7, 9_000_000, 12_345_678, 16_000_000]
+        assert bm.extents() == [(12_345_678 * CHUNK, 2 * BLOCK),
+                                (16_000_000 * CHUNK + 3 * BLOCK, BLOCK)]
+        visited.clear()
+        bm.ack(flying)
+        bm.synced(range(0, bm.chunks), seq=6)               # the whole disk, as chunks
+        assert visited == [12_345_678, 16_000_000]
+        assert bm.dirty_count == 0 and not bm.has_losses
+    finally:
+        bm.close()
+
+
+def test_long_and_short_spans_follow_the_block_rules_alike(tmp_path):
+    """Random writes, ACKs, drops and SYNCEDs of every length over a disk of 64
+    chunks, against the rules applied to each block alone (the model of the
+    SIGKILL test below); a reopen halfway leaves the marks loaded, and a
+    SYNCED newer than every loss then clears the disk."""
+    size = 64 * CHUNK - 5000
+    rng = random.Random(77)
+    bm = ra.DirtyBitmap(str(tmp_path / "v.bitmap"), size, CHUNK)
+    model = Model(bm)
+    flying: dict[int, ra.Span] = {}
+    seq = 2
+    try:
+        for step in range(3000):
+            r = rng.random()
+            if r < 0.45:
+                off = rng.randrange(0, size - 1)
+                n = rng.randrange(1, min(size - off, 3 * CHUNK) + 1)
+                span = bm.block_span(off, n)
+                bm.mark(span)
+                if r < 0.2:
+                    bm.lose(span, seq)
+                    model.feed(f"L {seq} {off} {n}")
+                else:
+                    bm.add_inflight(span)
+                    model.feed(f"F {seq} {off} {n}")
+                    flying[seq] = span
+                seq += 1
+            elif r < 0.7 and flying:
+                k = rng.choice(list(flying))
+                bm.ack(flying.pop(k))
+                model.feed(f"A {k}")
+            else:
+                off = rng.randrange(0, size - 1)
+                n = size - off if rng.random() < 0.3 else rng.randrange(1, size - off + 1)
+                reply = rng.randrange(1, seq + 2)
+                bm.synced(bm.covered_span(off, n), reply)
+                model.feed(f"S {reply} {off} {n}")
+            if step == 1500:                    # the agent restarts: marks loaded
+                bm = model.bm = reopen(bm)
+                model.reloaded()
+                flying.clear()
+            marked = {b for off, n in bm.extents() for b in range(off // BLOCK,
+                                                                  -(-(off + n) // BLOCK))}
+            if step < 1500:
+                assert marked == model.required(), step
+            else:                               # the files may give whole chunks
+                assert marked >= model.required(), step
+        for span in flying.values():
+            bm.ack(span)
+        bm.synced(bm.covered_span(0, size), seq + 1)
+        assert bm.dirty_count == 0 and not bm.has_losses and bm.extents() == []
+    finally:
+        bm.close()
+
+
 def test_4_kib_chunks_need_no_second_level(tmp_path):
     bm = ra.DirtyBitmap(str(tmp_path / "v.bitmap"), 64 * BLOCK, BLOCK)
     try:
