@@ -1884,6 +1884,7 @@ class RequestWindow:
         self.vol = vol
         self.cond = cond or threading.Condition()
         self.asked: dict[int, Asked] = {}       # req -> what it asked, until answered
+        self.asked_bytes = 0                    # the lengths of ``asked``, summed
         self.answers: dict[int, tuple] = {}     # req -> (answer, context), until taken
 
     def ask(self, request: p.Message, payload_crc: int | None = None) -> int:
@@ -1892,6 +1893,7 @@ class RequestWindow:
         with self.cond:
             self.asked[request.request_id] = Asked(request.volume, request.offset, request.length,
                                                    getattr(request, "chunk_size", 0))
+            self.asked_bytes += request.length
         self.conn.requests.add(request, self.owner)
         self.conn.send(request, payload_crc)
         return request.request_id
@@ -1916,15 +1918,21 @@ class RequestWindow:
     def done(self, req: int) -> None:
         """Request ``req`` is answered, and the answer dealt with."""
         with self.cond:
-            self.asked.pop(req, None)
+            self._answered(req)
             self.cond.notify_all()
         self.conn.requests.drop(req)
+
+    def _answered(self, req: int) -> None:
+        """``req`` is no longer outstanding (the Condition held)."""
+        asked = self.asked.pop(req, None)
+        if asked is not None:
+            self.asked_bytes -= asked.length
 
     def hand_over(self, req: int, answer, context=None) -> None:
         """Request ``req`` is answered: keep ``answer`` (a message, or the text
         of why the hub refused it) and ``context`` for the owner's thread."""
         with self.cond:
-            self.asked.pop(req, None)
+            self._answered(req)
             self.answers[req] = (answer, context)
             self.cond.notify_all()
         self.conn.requests.drop(req)
@@ -1964,6 +1972,7 @@ class RequestWindow:
         with self.cond:
             reqs = list(self.asked)
             self.asked.clear()
+            self.asked_bytes = 0
             self.answers.clear()
         self.conn.requests.drop_all(reqs)
 
@@ -5002,9 +5011,9 @@ class SyncJob(Requester, threading.Thread):
         """Wait until a READ of ``n`` bytes fits the window (SYNC_WINDOW pieces'
         worth of bytes, at most SYNC_MAX_READS READs not yet answered)."""
         def fits() -> bool:
-            asked = self.reads.asked.values()
-            return not asked or (len(asked) < SYNC_MAX_READS and
-                                 sum(a.length for a in asked) + n <= SYNC_WINDOW * SYNC_PIECE)
+            reads = self.reads
+            return not reads.asked or (len(reads.asked) < SYNC_MAX_READS and
+                                       reads.asked_bytes + n <= SYNC_WINDOW * SYNC_PIECE)
         self.wait(fits)
 
     def wait(self, ready) -> None:
