@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Initial sync and resync through repagent -> rephub, against nbdcopy and qemu-img convert.
 
-    python3 bench/bench_sync.py [--size-mib 1024] [--sparse-data-mib 32] [--rounds 5] [--json]
+    python3 bench/bench_sync.py [--size-mib 1024] [--sparse-data-mib 32] [--sparse-huge-gib 1024]
+                                 [--rounds 5] [--json]
 
 Every figure is measured in one run, from the same qemu-storage-daemon (QSD)
 export of the same raw image (all of it in the page cache, for every copy):
@@ -36,6 +37,11 @@ sparse volume, ``--sparse-scale`` times the size (the same data)
   The hub's sync only (no baselines): its sync job's time divided by the
   sparse run's (1.0 = the size does not matter, only the data).
 
+sparse volume of ``--sparse-huge-gib`` (1 TiB; the same data)
+  The same, for a disk as large as a real one: what is left of the cost of
+  size is the hub's walk of the holes, one EXTENT_QUERY per GiB and one
+  ZERO record (journaled, SYNCED, applied) per 64 MiB.
+
 resync after a hub outage (on the sparse volume, once it is consistent)
   The hub is killed (SIGKILL); N writes go through QSD's export while it is
   down; the hub restarts on the same port and the agent reconnects.  The hub
@@ -53,6 +59,8 @@ fast but wrong sync cannot pass.  With ``--json`` a last line
 from __future__ import annotations
 
 import argparse
+import errno
+import hashlib
 import json
 import os
 import random
@@ -72,7 +80,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import nbd  # noqa: E402
 import repagent  # noqa: E402
 import rephub  # noqa: E402
-from qemu_harness import QSD, MiB, QemuNBD, create_image, file_sha256, kill_all, short_tmpdir  # noqa: E402
+from qemu_harness import QSD, MiB, QemuNBD, create_image, kill_all, short_tmpdir  # noqa: E402
 
 KiB = 1024
 CHUNK = 64 * KiB            # the agent's default dirty-tracking granularity
@@ -108,6 +116,36 @@ def make_sparse(path: Path, size: int, data: int, seed: int = 9) -> int:
     return len(chunks) * CHUNK
 
 
+def content_sha256(path: Path) -> str:
+    """sha256 of a file's bytes read through its data extents only: its size,
+    then each CHUNK-aligned block holding a byte that is not zero, with its
+    offset.  Files with the same bytes have the same digest wherever their
+    holes lie, and a sparse 1 TiB image is read in the time its data takes."""
+    digest = hashlib.sha256()
+    zero = bytes(CHUNK)
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        digest.update(size.to_bytes(8, "big"))
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as err:
+                if err.errno == errno.ENXIO:    # no data after pos
+                    break
+                raise
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            block = start - start % CHUNK
+            while block < end:
+                data = os.pread(fd, CHUNK, block)
+                if data != zero[:len(data)]:
+                    digest.update(block.to_bytes(8, "big") + data)
+                block += CHUNK
+            pos = block
+    return digest.hexdigest()
+
+
 # ---------------------------------------------------------------------------
 # Baselines: C tools copying QSD's export into qemu-nbd serving a fresh file
 
@@ -133,7 +171,7 @@ def copy_baseline(tool: str, qsd: QSD, work: Path, source_sha: str) -> float:
         elapsed = time.perf_counter() - t0
     finally:
         server.stop()
-    if file_sha256(target) != source_sha:
+    if content_sha256(target) != source_sha:
         raise RuntimeError(f"{tool} produced a copy that differs from the source")
     target.unlink()
     return elapsed
@@ -325,7 +363,7 @@ class Replication:
         poll(lambda: (hub_volume(self.data) or {}).get("lag_bytes") == 0, 300,
              "the hub to apply its journal")
         replica = self.data / "volumes" / VOLUME / "replica"
-        if file_sha256(replica) != (source_sha or file_sha256(self.qsd.image)):
+        if content_sha256(replica) != (source_sha or content_sha256(self.qsd.image)):
             raise RuntimeError(f"the hub's replica {replica} differs from the source image")
 
     def close(self) -> None:
@@ -350,7 +388,7 @@ def run_case(name: str, work: Path, size: int, make, rounds: int, outages=(),
     case.mkdir()
     image = case / "source.raw"
     data = make(image, size)
-    source_sha = file_sha256(image)
+    source_sha = content_sha256(image)
     runs = []
     for r in range(rounds):
         base = case / f"round{r}"
@@ -400,6 +438,8 @@ def main() -> int:
                     help="data in the sparse volume")
     ap.add_argument("--sparse-scale", type=int, default=4,
                     help="the size factor of the second sparse volume (same data)")
+    ap.add_argument("--sparse-huge-gib", type=int, default=1024,
+                    help="the size of a third sparse volume (same data); 0: none")
     ap.add_argument("--rounds", type=int, default=5,
                     help="interleaved rounds of (nbdcopy, qemu-img, hub) per volume; "
                          "medians are compared")
@@ -418,6 +458,9 @@ def main() -> int:
         bigger = run_case("sparse-scaled", work, size * args.sparse_scale,
                           lambda path, n: make_sparse(path, n, args.sparse_data_mib * MiB),
                           args.rounds, baselines=())
+        huge = run_case("sparse-huge", work, args.sparse_huge_gib * 1024 * MiB,
+                        lambda path, n: make_sparse(path, n, args.sparse_data_mib * MiB),
+                        args.rounds, baselines=()) if args.sparse_huge_gib else None
     finally:
         kill_all()
         shutil.rmtree(work, ignore_errors=True)
@@ -513,6 +556,20 @@ def main() -> int:
                           scale <= 1.5,
                           note=f"agent sent {b['agent_data_bytes'] / MiB:.1f} MiB as data; "
                                f"median of {args.rounds} rounds"))
+    if huge is not None:
+        h = huge["hub"]
+        zeros = -(-args.sparse_huge_gib * 1024 * MiB // rephub.ZERO_RECORD_MAX)
+        print(f"  {args.sparse_huge_gib} GiB, the same data: sync job {h['job_seconds']:.2f} s "
+              f"vs {s['job_seconds']:.2f} s = {h['job_seconds'] / s['job_seconds']:.2f}x; "
+              f"at least {zeros} ZERO records for its holes; agent sent "
+              f"{h['agent_data_bytes'] / MiB:.1f} MiB as data")
+        figures.append(figure(f"sparse sync job, {args.sparse_huge_gib} GiB volume with the same "
+                              f"{args.sparse_data_mib} MiB of data", round(h["job_seconds"], 2),
+                              "s", f"{args.size_mib} MiB volume", round(s["job_seconds"], 2),
+                              round(h["job_seconds"] / s["job_seconds"], 2),
+                              note=f"what is left of the cost of size: at least {zeros} ZERO "
+                                   f"records (one per {rephub.ZERO_RECORD_MAX // MiB} MiB of "
+                                   f"holes); median of {args.rounds} rounds"))
     sent_ratio = s["agent_data_bytes"] / sparse["data_bytes"]
     figures.append(figure("sparse sync: bytes the agent sent as data", s["agent_data_bytes"],
                           "bytes", "data bytes", sparse["data_bytes"], round(sent_ratio, 2),
