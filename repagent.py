@@ -3707,6 +3707,14 @@ RECOVER_OPEN_TIMEOUT = 300.0
 RECOVER_CLOSE_TIMEOUT = 30.0
 """On SIGTERM, how long to wait for the hub's ACK of RECOVER_CLOSE."""
 
+READ_AHEAD_DEPTH = 2
+"""A recovery export that sees sequential reads asks the hub for this many
+reads of the same length ahead of the one asked, so that the hub reads and
+sums the next while the agent and the client handle this one."""
+
+READ_AHEAD_MAX = 4 * 1024 * 1024
+"""... for reads of at most this length."""
+
 CHECKPOINT_TIMEOUT = 30.0
 """How long ``repagent.py checkpoint`` waits for the hub's ACK."""
 
@@ -4033,30 +4041,122 @@ class RecoveryClient:
         return ok
 
 
-class RecoveryHandler(nbd.Handler):
-    """The recovery export: each NBD request becomes one hub request (nbd-conn threads).
+class ReadAhead:
+    """One RREAD the recovery export sent before the client asked for it: its
+    answer once it came (``done``: ``error``, ``data``), and the client reads
+    that asked for it meanwhile (``waiters``).
 
     Threads::
 
-        *                    nbd-conn-VOLUME-N (the recovery export)
+        *                    any thread, with RecoveryHandler.lock held
+    """
+
+    def __init__(self, offset: int, length: int):
+        self.offset, self.length = offset, length
+        self.done = False
+        self.error = 0
+        self.data = None
+        self.waiters: list[Callable] = []
+
+    def overlaps(self, offset: int, length: int) -> bool:
+        return offset < self.offset + self.length and self.offset < offset + length
+
+
+class RecoveryHandler(nbd.Handler):
+    """The recovery export: each NBD request becomes one hub request (nbd-conn threads).
+
+    Sequential reads are read ahead (READ_AHEAD_DEPTH reads of their length,
+    when at most READ_AHEAD_MAX): at QD1 the hub then reads and sums the
+    next piece while this one travels to the client.  A read ahead answers
+    a client read only if it reflects every write answered before that read
+    came: none is sent while a write is in flight, and a write drops, when
+    it comes, the reads ahead it overlaps (a read already waiting for one of
+    them came before the write, so either answer is right).  A read ahead
+    that failed is asked again for the client, as if it had never been sent.
+    ``lock`` guards ``ahead``, ``next_offset`` and ``writes``; the hub's
+    answers take it on repagent-recover-recv, and no hub request is sent
+    while it is held.
+
+    Threads::
+
+        read, write, write_zeroes, flush    nbd-conn-VOLUME-N (the recovery export)
     """
 
     def __init__(self, client: RecoveryClient):
         self.client = client
+        self.lock = threading.Lock()
+        self.ahead: dict[int, ReadAhead] = {}    # offset -> read ahead, not yet taken
+        self.next_offset = -1                    # where the last read ended
+        self.writes = 0                          # writes not yet answered
 
     def read(self, offset, length, reply):
+        with self.lock:
+            hit = self.ahead.pop(offset, None)
+            if hit is not None and (hit.length != length or (hit.done and hit.error)):
+                hit = None
+            if hit is not None and not hit.done:
+                hit.waiters.append(reply)
+            sequential = offset == self.next_offset
+            self.next_offset = offset + length
+            # Keep only what the next reads of this run can take.
+            self.ahead = {o: a for o, a in self.ahead.items()
+                          if offset < o <= offset + READ_AHEAD_DEPTH * length}
+            new = []
+            if sequential and length <= READ_AHEAD_MAX and not self.writes:
+                for k in range(1, READ_AHEAD_DEPTH + 1):
+                    o = offset + k * length
+                    if o + length > self.client.size:
+                        break
+                    if o not in self.ahead:
+                        new.append(self.ahead.setdefault(o, ReadAhead(o, length)))
+        if hit is None:
+            self._rread(offset, length, reply)
+        elif hit.done:
+            reply(0, hit.data)
+        for ahead in new:
+            self._rread(ahead.offset, ahead.length,
+                        lambda err, data=None, ahead=ahead: self._answered(ahead, err, data))
+
+    def _rread(self, offset: int, length: int, reply: Callable) -> None:
         sid = self.client.session
         self.client.request(lambda req: p.RRead(request_id=req, volume=sid, offset=offset,
                                                 length=length), reply, length)
 
+    def _answered(self, ahead: ReadAhead, err: int, data=None) -> None:
+        """The hub answered a read ahead: the client reads waiting for it get
+        its data, or (it failed) a read of their own."""
+        with self.lock:
+            ahead.done, ahead.error, ahead.data = True, err, data
+            waiters, ahead.waiters = ahead.waiters, []
+        for reply in waiters:
+            if err:
+                self._rread(ahead.offset, ahead.length, reply)
+            else:
+                reply(0, data)
+
+    def _write_begins(self, offset: int, length: int, reply: Callable) -> Callable:
+        """A write comes: drop the reads ahead it overlaps; returns its ``reply``
+        wrapped to count it out of ``writes`` when answered."""
+        with self.lock:
+            self.writes += 1
+            self.ahead = {o: a for o, a in self.ahead.items() if not a.overlaps(offset, length)}
+
+        def done(err, data=None):
+            with self.lock:
+                self.writes -= 1
+            reply(err)
+        return done
+
     def write(self, offset, data, reply):
         sid = self.client.session
+        reply = self._write_begins(offset, len(data), reply)
         self.client.request(lambda req: p.RWrite(request_id=req, volume=sid, offset=offset,
                                                  length=len(data), data=data), reply)
 
     def write_zeroes(self, offset, length, reply):
         # An NBD zero may exceed MAX_DATA: one RWRITE per piece, one answer at the end.
         sid = self.client.session
+        reply = self._write_begins(offset, length, reply)
         pieces = [(o, min(p.MAX_DATA, offset + length - o))
                   for o in range(offset, offset + length, p.MAX_DATA)]
         state = {"left": len(pieces), "error": 0}
