@@ -2668,12 +2668,11 @@ class Journal:
         """The last durable seq at time ``t_ns``: the last record stamped at or
         before it (the durable end if that is the newest); None if ``t_ns`` is
         before the oldest record."""
-        with self.lock:
-            times = [r.time_ns for r in self.records]
-            i = bisect.bisect_right(times, t_ns)
+        with self.lock:   # a search, not a list of every time: appends wait for the lock
+            i = bisect.bisect_right(self.records, t_ns, key=lambda r: r.time_ns)
             if i == 0:
                 return None
-            return self.records[i - 1].seq if i < len(times) else self.durable_seq
+            return self.records[i - 1].seq if i < len(self.records) else self.durable_seq
 
     def record(self, seq: int) -> Record | None:
         with self.lock:

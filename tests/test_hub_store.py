@@ -482,6 +482,25 @@ def test_a_zeroed_range_leaves_the_sums_of_what_the_replica_reads(tmp_path):
         store.close()
 
 
+def test_a_time_names_the_last_record_stamped_at_or_before_it(tmp_path):
+    store = open_store(tmp_path)
+    try:
+        vol = store.create_volume("v", MiB, 65536, "a1", bytes(16))
+        recs = [store.append_data(vol, i * 4096, 4096, os.urandom(4096)) for i in range(50)]
+        durable(store, recs[-1])
+        j = store.journal
+        first = j.record(j.first_seq)
+        assert j.seq_at_time(first.time_ns - 1) is None
+        for rec in recs[:-1]:
+            # The last record of that stamp (several may share one)
+            same = max(r.seq for r in recs if r.time_ns == rec.time_ns)
+            want = j.durable_seq if same == j.last_seq else same
+            assert j.seq_at_time(rec.time_ns) == want
+        assert j.seq_at_time(recs[-1].time_ns + 10**9) == j.durable_seq
+    finally:
+        store.close()
+
+
 def test_replica_sums_follow_random_writes_and_zeroes_across_flushes(tmp_path):
     """ReplicaSums against the replica itself: after random WRITEs and ZEROs
     (whole chunks, cut chunks, the short last chunk, one chunk written again
