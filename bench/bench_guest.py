@@ -26,9 +26,12 @@ guest's device is virtio-blk-pci over QEMU's NBD client).  The guest's
    flush, so QSD fdatasyncs its image each time),
 
 prints the results between ``BENCH-GUEST`` markers on its console and powers
-off.  Three configurations, each round in this order, each with a fresh QSD:
+off.  Four configurations, each round in this order, each with a fresh QSD:
 
 unprotected  QSD alone;
+mirror       QSD's write-blocking active mirror into ``qemu-nbd`` serving a
+             raw file: what the mirror alone costs, with a target that does
+             nothing but write (no replication), for context;
 async        QSD's write-blocking active mirror into repagent's NBD server,
              repagent ``--mode async`` streaming to rephub on 127.0.0.1;
 sync         the same with ``--mode sync`` (a write completes once durable at
@@ -43,7 +46,9 @@ fast but wrong replication cannot pass.
 Printed per round and as the median of the rounds' ratios: how many times
 slower the protected configurations are than unprotected (time of the same
 dd; for the 4 KiB writes, the mean time per write).  Issue targets: dd 1 MiB
-async <= 1.5x, sync <= 2x; 4 KiB dsync sync <= 1.5x.  With a tool, the kernel
+async <= 1.5x, sync <= 2x; 4 KiB dsync sync <= 1.5x.  Then the same against
+``mirror``: the part of the slowdown that is repagent's and rephub's, not
+the mirror's.  With a tool, the kernel
 or busybox missing it prints ``skipped: <what>`` and exits 0.  A guest that
 does not finish within ``--guest-timeout`` is killed; every process started
 is stopped and the temp dirs removed, also on SIGINT/SIGTERM.  With
@@ -78,7 +83,7 @@ from qemu_harness import QSD, MiB, file_sha256, kill_all, short_tmpdir, wait_unt
 
 KiB = 1024
 MARK = "BENCH-GUEST"
-CONFIGS = ("unprotected", "async", "sync")
+CONFIGS = ("unprotected", "mirror", "async", "sync")
 #: The issue's targets: protected time / unprotected time, at most.
 TARGETS = {("dd1m", "async"): 1.5, ("dd1m", "sync"): 2.0, ("dsync4k", "sync"): 1.5}
 GUEST_MEMORY_MIB = 256      # busybox, GNU dd, the modules and a tmpfs of random data
@@ -420,7 +425,8 @@ def run_config(config: str, work: Path, args, parts: GuestParts, initrd: Path,
     size = args.dd_mib * MiB + VOLUME_SLACK
     vub = short_tmpdir("bg") / "vub.sock"
     console = work / "console.log"
-    setup = None if config == "unprotected" else Setup(work, size, f"repagent {config}")
+    setup = None if config == "unprotected" else Setup(
+        work, size, "qemu-nbd" if config == "mirror" else f"repagent {config}")
     qsd = QSD(work / "qsd", size=size) if setup is None else setup.qsd
     qsd.extra_args += export_args(args.transport, vub)
     try:
@@ -436,7 +442,7 @@ def run_config(config: str, work: Path, args, parts: GuestParts, initrd: Path,
         text, wall = boot(argv, console, args.guest_timeout)
         result = parse_console(text)
         result["wall_s"] = wall
-        if setup is not None:
+        if setup is not None and setup.hub is not None:
             check_replica(setup)
         return result
     finally:
@@ -475,11 +481,10 @@ def check_replica(setup: Setup) -> None:
 # ---------------------------------------------------------------------------
 # The figures
 
-def slowdowns(run: dict) -> dict:
-    """Protected time / unprotected time, per test and protected configuration."""
-    base = run["unprotected"]
-    return {(test, cfg): run[cfg][test]["seconds"] / base[test]["seconds"]
-            for test in ("dd1m", "dsync4k") for cfg in ("async", "sync")}
+def slowdowns(run: dict, base: str = "unprotected") -> dict:
+    """Time / the time of configuration ``base``, per test and configuration after it."""
+    return {(test, cfg): run[cfg][test]["seconds"] / run[base][test]["seconds"]
+            for test in ("dd1m", "dsync4k") for cfg in CONFIGS[CONFIGS.index(base) + 1:]}
 
 
 def mib_s(r: dict) -> float:
@@ -504,43 +509,47 @@ def report(args, rounds: list[dict], kvm: bool, parts: GuestParts) -> list[dict]
             us = per_write_us(r["dsync4k"])
             print(f"{i:<6} {cfg:<12} {mib_s(r['dd1m']):>12.1f} {us:>18.0f} {1e6 / us:>9.0f} "
                   f"{r['guest_boot_s'] or 0:>7.1f} {r['wall_s']:>7.1f}")
-    ratios = [slowdowns(run) for run in rounds]
     figures = []
-    print("\nprotected / unprotected (x slower: time of the same dd), each round and median:")
-    for test, cfg in (("dd1m", "async"), ("dd1m", "sync"), ("dsync4k", "async"),
-                      ("dsync4k", "sync")):
-        each = [r[(test, cfg)] for r in ratios]
-        med = statistics.median(each)
-        target = TARGETS.get((test, cfg))
-        verdict = "" if target is None else \
-            f"  target <= {target}x: {'met' if med <= target else 'NOT met'}"
-        label = {"dd1m": f"dd 1M oflag=direct {args.dd_mib} MiB",
-                 "dsync4k": f"4 KiB oflag=dsync x{args.dsync_writes}"}[test]
-        print(f"  {label:<28} {cfg:<6} " + " ".join(f"{x:.2f}x" for x in each)
-              + f"  median {med:.2f}x{verdict}")
-        figures.append(figure(test, cfg, rounds, med, each, target, args, kvm))
+    for base in ("unprotected", "mirror"):
+        ratios = [slowdowns(run, base) for run in rounds]
+        print(f"\n{'the mirror and protected' if base == 'unprotected' else 'protected'} / "
+              f"{base} (x slower: time of the same dd), each round and median:")
+        for test in ("dd1m", "dsync4k"):
+            for cfg in CONFIGS[CONFIGS.index(base) + 1:]:
+                each = [r[(test, cfg)] for r in ratios]
+                med = statistics.median(each)
+                target = TARGETS.get((test, cfg)) if base == "unprotected" else None
+                verdict = "" if target is None else \
+                    f"  target <= {target}x: {'met' if med <= target else 'NOT met'}"
+                label = {"dd1m": f"dd 1M oflag=direct {args.dd_mib} MiB",
+                         "dsync4k": f"4 KiB oflag=dsync x{args.dsync_writes}"}[test]
+                print(f"  {label:<28} {cfg:<6} " + " ".join(f"{x:.2f}x" for x in each)
+                      + f"  median {med:.2f}x{verdict}")
+                figures.append(figure(test, cfg, base, rounds, med, each, target, args, kvm))
     return figures
 
 
-def figure(test: str, cfg: str, rounds: list[dict], ratio: float, each: list[float],
-           target: float | None, args, kvm: bool) -> dict:
-    """One row of docs/BENCHMARKS.md: the protected time (median of the rounds)
-    against the unprotected one, the ratio the median of the rounds' ratios."""
+def figure(test: str, cfg: str, base_cfg: str, rounds: list[dict], ratio: float,
+           each: list[float], target: float | None, args, kvm: bool) -> dict:
+    """One row of docs/BENCHMARKS.md: the time of ``cfg`` (median of the rounds)
+    against that of ``base_cfg``, the ratio the median of the rounds' ratios."""
     def value(r: dict) -> float:
         return r["seconds"] * 1e3 if test == "dd1m" else per_write_us(r)
     prot = statistics.median(value(run[cfg][test]) for run in rounds)
-    base = statistics.median(value(run["unprotected"][test]) for run in rounds)
+    base = statistics.median(value(run[base_cfg][test]) for run in rounds)
     rates = " / ".join(f"{statistics.median(mib_s(run[c][test]) for run in rounds):.1f}"
-                       for c in ("unprotected", cfg))
-    name = (f"guest dd bs=1M count={args.dd_mib} oflag=direct, time, protected {cfg}"
+                       for c in (base_cfg, cfg))
+    what = {"mirror": "QSD's mirror into qemu-nbd"}.get(cfg, f"protected {cfg}")
+    name = (f"guest dd bs=1M count={args.dd_mib} oflag=direct, time, {what}"
             if test == "dd1m" else
-            f"guest dd bs=4k count={args.dsync_writes} oflag=dsync, time per write, "
-            f"protected {cfg}")
+            f"guest dd bs=4k count={args.dsync_writes} oflag=dsync, time per write, {what}")
+    if base_cfg != "unprotected":
+        name += f", vs {base_cfg}"
     fig = {"name": name, "value": round(prot), "unit": "ms" if test == "dd1m" else "us",
-           "baseline_name": "unprotected", "baseline": round(base),
-           "ratio": round(ratio, 2),
-           "note": f"{'KVM' if kvm else 'TCG'} guest, disk over {args.transport}; unprotected / "
-                   f"protected {rates} MiB/s; ratio: median of {len(rounds)} round(s)' ratios "
+           "baseline_name": {"mirror": "mirror into qemu-nbd"}.get(base_cfg, base_cfg),
+           "baseline": round(base), "ratio": round(ratio, 2),
+           "note": f"{'KVM' if kvm else 'TCG'} guest, disk over {args.transport}; {base_cfg} / "
+                   f"{cfg} {rates} MiB/s; ratio: median of {len(rounds)} round(s)' ratios "
                    + " ".join(f"{x:.2f}" for x in each)}
     if target is not None:
         fig.update(target=f"<= {target}x", met=ratio <= target)
@@ -552,7 +561,8 @@ def figure(test: str, cfg: str, rounds: list[dict], ratio: float, each: list[flo
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3,
-                    help="rounds of (unprotected, async, sync); medians of each round's ratio")
+                    help="rounds of (unprotected, mirror, async, sync); medians of each "
+                         "round's ratio")
     ap.add_argument("--dd-mib", type=int, default=64, help="MiB the 1 MiB direct dd writes")
     ap.add_argument("--dsync-writes", type=int, default=300, help="4 KiB oflag=dsync writes")
     ap.add_argument("--transport", choices=("vhost-user-blk", "nbd"), default="vhost-user-blk",
