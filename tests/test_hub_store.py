@@ -482,6 +482,32 @@ def test_a_zeroed_range_leaves_the_sums_of_what_the_replica_reads(tmp_path):
         store.close()
 
 
+def test_a_record_table_reads_as_the_list_of_its_records():
+    """RecordTable, the journal's and the undo index's packed storage, against
+    a plain list: every field at its widest (LOST records have pos -1)."""
+    rng = random.Random(4)
+    records = [rephub.Record(seq, 1_700_000_000_000_000_000 + seq * 7, rng.choice(list(
+        rephub.RecordKind)), rng.randrange(256), rng.randrange(1 << 32), rng.randrange(1 << 50),
+        rng.randrange(1 << 40), rng.randrange(1 << 32), rng.randrange(1 << 32),
+        seq - seq % 100, -1 if rng.random() < 0.1 else rng.randrange(1 << 40))
+        for seq in range(1000, 1400)]
+    table = rephub.RecordTable(records[:10])
+    table.extend(records[10:])
+    assert len(table) == len(records) and bool(table) and not rephub.RecordTable()
+    assert list(table) == records and list(reversed(table)) == records[::-1]
+    assert table[0] == records[0] and table[-1] == records[-1] and table[5:9] == records[5:9]
+    assert table[table.span("seq", 1100, 1199)] == records[100:200]
+    assert table[table.span("segment", 1200, 1200)] == [r for r in records if r.segment == 1200]
+    del table[table.span("seq", 1050, 1149)]
+    del records[50:150]
+    del table[:20]
+    del records[:20]
+    table.append(records[0])
+    records.append(records[0])
+    assert list(table) == records
+    assert list(table.column("offset")) == [r.offset for r in records]
+
+
 def test_a_time_names_the_last_record_stamped_at_or_before_it(tmp_path):
     store = open_store(tmp_path)
     try:
