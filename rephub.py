@@ -2500,9 +2500,9 @@ class Journal:
         self.records = RecordTable()
         scanned = self.log.open()
         damaged_after = {d["after_seq"]: d for d in self.log.damage}
+        after = None                      # the seq of the last record kept
         for rec in scanned:
-            after = self.records[-1].seq if self.records else None
-            if self.records:
+            if after is not None:
                 expected = after + 1
             elif None in damaged_after:   # damage first: a segment is named by its first seq
                 expected = damaged_after[None]["segment"]
@@ -2511,10 +2511,11 @@ class Journal:
             if rec.seq != expected and (after in damaged_after and rec.seq > expected):
                 self.records.extend(self._lost(expected, rec.seq, damaged_after[after],
                                                rec.time_ns))
-            elif rec.seq != expected and self.records:
+            elif rec.seq != expected and after is not None:
                 raise StoreError(f"journal seq jumps from {after} to {rec.seq} "
                                  f"(segment {self.log.path(rec.segment)})")
             self.records.append(rec)
+            after = rec.seq
         # Damage at the end of an older segment: the next one's name is its first seq.
         segments = self.log.segments()
         after = self.records[-1].seq if self.records else None
@@ -2760,8 +2761,8 @@ class RecordTable:
             col.append(value)
 
     def extend(self, records) -> None:
-        for rec in records:
-            self.append(rec)
+        for col, values in zip(self.cols, zip(*map(self.fields_of, records))):
+            col.extend(values)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
