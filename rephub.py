@@ -2672,7 +2672,7 @@ class Journal:
         before it (the durable end if that is the newest); None if ``t_ns`` is
         before the oldest record."""
         with self.lock:   # a search, not a list of every time: appends wait for the lock
-            i = bisect.bisect_right(self.records, t_ns, key=lambda r: r.time_ns)
+            i = bisect.bisect_right(self.records.column("time_ns"), t_ns)
             if i == 0:
                 return None
             return self.records[i - 1].seq if i < len(self.records) else self.durable_seq
@@ -2733,7 +2733,7 @@ class RecordTable:
     """Records in seq order, packed in one array per field: 62 bytes each
     where a list of Record objects takes about 390 (a 16 GiB journal of 4 KiB
     writes holds 4 Mi records).  A list of Records to its users: index,
-    slice, iterate (also in reverse), append, extend, ``del table[a:b]``;
+    slice, iterate, append, extend, ``del table[a:b]``;
     every Record read out is made anew (they are never changed in place).
     ``column`` gives one field's array, to bisect a field the records are
     sorted by (seq, segment) or to scan one without making Records.  Not
@@ -2747,10 +2747,10 @@ class RecordTable:
 
     FIELDS = tuple(f.name for f in dataclasses.fields(Record))
     CODES = "QQBBIQQIIqq"   # the record header's widths; segment and pos may be -1
+    fields_of = operator.attrgetter(*FIELDS)
 
     def __init__(self, records=()):
         self.cols = [array.array(code) for code in self.CODES]
-        self.fields_of = operator.attrgetter(*self.FIELDS)
         self.extend(records)
 
     def __len__(self) -> int:
@@ -2771,9 +2771,6 @@ class RecordTable:
 
     def __iter__(self):
         return (Record(*t) for t in zip(*self.cols))
-
-    def __reversed__(self):
-        return (self[i] for i in range(len(self) - 1, -1, -1))
 
     def column(self, name: str) -> array.array:
         return self.cols[self.FIELDS.index(name)]
