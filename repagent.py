@@ -335,7 +335,8 @@ def read_secret_file(path: str) -> bytes:
 # 40     24  reserved     0
 # 64      B  bits         B = ceil(chunks / 8); bit i of byte j is chunk 8*j+i
 # 64+B  4*N  block CRCs   N = ceil(B / BITMAP_CRC_BLOCK); CRC-32 (zlib) of each
-#                         BITMAP_CRC_BLOCK bytes of bits (the last one shorter)
+#                         BITMAP_CRC_BLOCK bytes of bits (the last one shorter),
+#                         or BITMAP_CRC_CHANGING while the block's bits change
 BITMAP_HEADER = struct.Struct("!8sHHIQ16s24x")
 BITMAP_MAGIC = b"RPAGBMP1"
 BITMAP_VERSION = 3
@@ -350,6 +351,14 @@ BITMAP_CRC_BLOCK = 4096
 """Bytes of bits one CRC covers: one page.  A change to a bit recomputes the
 CRC of its 4 KiB only; the bitmap of a 1 TiB disk at 64 KiB chunks (2 MiB)
 has 512 of them (2 KiB), all checked at start in a few milliseconds."""
+BITMAP_CRC_CHANGING = 0xFFFFFFFF
+"""A block's CRC while its bits change: stored before the first bit of the
+block changes, replaced by the CRC when the change is sealed.  An agent that
+dies in between leaves it, and the next open trusts that block as it is
+rather than call it damage: only the bits of the operation in flight can
+differ, a mark for a write not yet answered (QSD's mirror sends it again)
+or a clear for data the hub has already made durable.  A block whose real
+CRC is this value is trusted unchecked (one in 2**32)."""
 
 # VOLUME.bitmap.fine, the second level: which 4 KiB blocks of a marked chunk
 # are dirty, for up to FINE_SLOTS chunks at a time.
@@ -492,7 +501,8 @@ class ChunkBits:
     Body damage (bits zeroed or flipped, the header intact) is told at open:
     ``damaged`` lists the blocks whose CRC fails, and the caller must not
     trust the marks (``Volume.open_bitmap``: the hub verifies the volume).
-    A crash between a bit's change and its block's CRC looks like damage too.
+    A block left BITMAP_CRC_CHANGING (the agent died while its bits changed)
+    is not damage: it is sealed as it is at open (``torn`` counts them).
 
     Opening makes the file (``created``) or checks a known one and upgrades
     an older version (``upgraded``: that version, else 0); the header that
@@ -511,6 +521,7 @@ class ChunkBits:
         self.chunk_size = chunk_size
         self.chunks = -(-size // chunk_size)
         self.damaged: list[int] = []    # blocks whose CRC failed at open
+        self.torn = 0                   # blocks found BITMAP_CRC_CHANGING at open
         self.stale: set[int] = set()    # blocks whose bits changed since their CRC
         self.upgraded = 0
         self.created = not os.path.exists(path)
@@ -540,8 +551,12 @@ class ChunkBits:
             if self.created or self.upgraded == BITMAP_VERSION_NO_CRC:
                 self.seal(range(self.blocks))      # CRCs first, then the header
             else:
-                self.damaged = [b for b in range(self.blocks)
-                                if self.block_crc(b) != self.stored_crc(b)]
+                torn = [b for b in range(self.blocks)
+                        if self.stored_crc(b) == BITMAP_CRC_CHANGING]
+                self.damaged = [b for b in range(self.blocks) if b not in torn
+                                and self.block_crc(b) != self.stored_crc(b)]
+                self.seal(torn)
+                self.torn = len(torn)
         finally:
             os.close(fd)
 
@@ -616,19 +631,28 @@ class ChunkBits:
     def is_set(self, chunk: int) -> bool:
         return bool(self.bits[chunk >> 3] & (1 << (chunk & 7)))
 
+    def _changing(self, block: int) -> None:
+        """The bits of ``block`` are about to change: say so in its CRC first."""
+        if block not in self.stale:
+            BITMAP_CRC.pack_into(self.map, self.crc_offset + BITMAP_CRC.size * block,
+                                 BITMAP_CRC_CHANGING)
+            self.stale.add(block)
+
     def set(self, chunk: int) -> None:
         byte = chunk >> 3
+        self._changing(byte // BITMAP_CRC_BLOCK)
         self.bits[byte] |= 1 << (chunk & 7)
-        self.stale.add(byte // BITMAP_CRC_BLOCK)
 
     def clear(self, chunk: int) -> None:
         byte = chunk >> 3
+        self._changing(byte // BITMAP_CRC_BLOCK)
         self.bits[byte] &= ~(1 << (chunk & 7))
-        self.stale.add(byte // BITMAP_CRC_BLOCK)
 
     def clear_all(self) -> None:
+        for block in range(self.blocks):
+            self._changing(block)
         self.bits[:] = bytes(len(self.bits))
-        self.seal(range(self.blocks))
+        self.seal()
 
     def set_in(self, chunks: range):
         """Yield the chunks of ``chunks`` whose bit is set, in order (a test of
@@ -1862,6 +1886,10 @@ class Volume:
         crash in between finds the damage again rather than forgetting it."""
         self.size = size
         self.bitmap = DirtyBitmap(self.bitmap_path, size, chunk_size, fsync)
+        if self.bitmap.chunk_bits.torn:
+            log.info("volume %s: %d block(s) of bitmap %s were changing when the agent "
+                     "stopped: kept as they are (not damage)", self.name,
+                     self.bitmap.chunk_bits.torn, self.bitmap_path)
         if self.bitmap.created and self.meta.get("mirror"):
             self.meta["needs_verify"] = True   # state lost: bitmap gone, job was ours
         if self.meta_missing and not self.bitmap.created:
