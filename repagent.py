@@ -1065,6 +1065,8 @@ class DirtyBitmap:
         than the entries held is not walked chunk by chunk: a SYNCED for a
         zero extent can cover a whole disk."""
         chunks = self.chunks_of(where)
+        if not isinstance(where, range) and where[0] >= where[1]:
+            return                  # an empty span (chunks_of still names its chunk)
         if len(chunks) <= len(self.states):
             for chunk, mask in self._masks(where):
                 st = self._state(chunk, create=False)
