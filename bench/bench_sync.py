@@ -59,7 +59,6 @@ fast but wrong sync cannot pass.  With ``--json`` a last line
 from __future__ import annotations
 
 import argparse
-import errno
 import hashlib
 import json
 import os
@@ -127,22 +126,15 @@ def content_sha256(path: Path) -> str:
         fd = f.fileno()
         size = os.fstat(fd).st_size
         digest.update(size.to_bytes(8, "big"))
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as err:
-                if err.errno == errno.ENXIO:    # no data after pos
-                    break
-                raise
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            block = start - start % CHUNK
-            while block < end:
+        done = 0                    # the blocks before it are summed
+        for start, n in rephub.data_extents(fd, 0, size):
+            block = max(start - start % CHUNK, done)
+            while block < start + n:
                 data = os.pread(fd, CHUNK, block)
                 if data != zero[:len(data)]:
                     digest.update(block.to_bytes(8, "big") + data)
                 block += CHUNK
-            pos = block
+            done = block
     return digest.hexdigest()
 
 
