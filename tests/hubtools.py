@@ -273,10 +273,15 @@ class TestAgent:
                 if msg is None:
                     return
                 handler = getattr(self, f"on_{msg.TYPE.name}", None)
-                if handler is not None:
-                    handler(msg)
-                else:
-                    self._reply(msg)
+                try:
+                    if handler is not None:
+                        handler(msg)
+                    else:
+                        self._reply(msg)
+                except OSError:
+                    # An answer (a PONG, a READ_REPLY) the hub can no longer take:
+                    # what it sent before it closed, a GOODBYE say, is still to be read.
+                    continue
         except (OSError, p.ProtocolError):
             return
         finally:

@@ -43,8 +43,15 @@ def snapshot(hub: rephub.Hub) -> dict:
     its size, and the journal's last seq."""
     files = {}
     for path in Path(hub.store.dir).rglob("*"):
-        if path.is_file() and path.name != rephub.CONTROL_SOCKET:
-            files[str(path.relative_to(hub.store.dir))] = path.stat().st_size
+        # A ``.tmp`` file is the applier's atomic write of metadata in flight:
+        # it may be gone (renamed) by the time it is looked at.
+        if path.suffix == ".tmp" or path.name == rephub.CONTROL_SOCKET:
+            continue
+        try:
+            if path.is_file():
+                files[str(path.relative_to(hub.store.dir))] = path.stat().st_size
+        except FileNotFoundError:
+            continue
     return dict(files=files, last_seq=hub.store.journal.last_seq)
 
 
