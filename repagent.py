@@ -551,10 +551,10 @@ class ChunkBits:
             if self.created or self.upgraded == BITMAP_VERSION_NO_CRC:
                 self.seal(range(self.blocks))      # CRCs first, then the header
             else:
-                torn = [b for b in range(self.blocks)
-                        if self.stored_crc(b) == BITMAP_CRC_CHANGING]
-                self.damaged = [b for b in range(self.blocks) if b not in torn
-                                and self.block_crc(b) != self.stored_crc(b)]
+                stored = [self.stored_crc(b) for b in range(self.blocks)]
+                torn = [b for b, crc in enumerate(stored) if crc == BITMAP_CRC_CHANGING]
+                self.damaged = [b for b, crc in enumerate(stored)
+                                if crc != BITMAP_CRC_CHANGING and self.block_crc(b) != crc]
                 self.seal(torn)
                 self.torn = len(torn)
         finally:
@@ -1064,9 +1064,9 @@ class DirtyBitmap:
         chunks that have an entry (``_state(create=False)``).  A span longer
         than the entries held is not walked chunk by chunk: a SYNCED for a
         zero extent can cover a whole disk."""
-        chunks = self.chunks_of(where)
         if not isinstance(where, range) and where[0] >= where[1]:
             return                  # an empty span (chunks_of still names its chunk)
+        chunks = self.chunks_of(where)
         if len(chunks) <= len(self.states):
             for chunk, mask in self._masks(where):
                 st = self._state(chunk, create=False)
