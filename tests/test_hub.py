@@ -472,6 +472,7 @@ def test_dirty_resync_reads_only_the_dirty_extents(hubenv):
         assert replica_bytes(hub, "dv") == bytes(mv.buf)
         # Same generation and CLEAN: nothing to do.
         agent.close()
+        wait_detached(hub, "dv")
         agent = connect(hub, sec)
         assert agent.attach("dv", mv, state=p.VolumeState.CLEAN, generation=gen)[1] == \
             p.SyncPlan.NONE
