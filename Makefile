@@ -36,7 +36,7 @@ e2fsprogs:
 
 test: deps qemu e2fsprogs
 	@rm -f .coverage .coverage.*
-	$(PYTHON) -m coverage run -m pytest -q -p no:cacheprovider tests; rc=$$?; \
+	$(PYTHON) -m coverage run -m pytest -q -rs -p no:cacheprovider tests; rc=$$?; \
 		$(PYTHON) -m coverage report; exit $$rc
 
 demo: qemu e2fsprogs

@@ -14,22 +14,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import itertools
+
 import pytest
+
+_made = itertools.count()
 
 
 def local_user():
-    """Make a throw-away local user (useradd), yield it, remove it."""
+    """Make a throw-away local user (useradd), yield it, remove it.  Only a
+    machine that cannot make one skips: as root, a failed useradd or userdel
+    fails the test, so a CI run never passes with the check left out."""
     if os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("userdel"):
         pytest.skip("needs root and useradd/userdel")
-    name = f"rpsec{os.getpid() % 100000}"
+    name = f"rpsec{os.getpid() % 100000}x{next(_made)}"
     made = subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin",
                            "--user-group", name], capture_output=True, text=True, timeout=30)
-    if made.returncode != 0:
-        pytest.skip(f"useradd failed: {made.stderr.strip()}")
+    assert made.returncode == 0, f"useradd {name} failed: {made.stderr.strip()}"
     try:
         yield pwd.getpwnam(name)
     finally:
-        subprocess.run(["userdel", name], capture_output=True, timeout=30)
+        gone = subprocess.run(["userdel", name], capture_output=True, text=True, timeout=30)
+        assert gone.returncode == 0, f"userdel {name} failed: {gone.stderr.strip()}"
 
 
 #: Run as the other user: try each path (read a byte, or connect to a socket).
