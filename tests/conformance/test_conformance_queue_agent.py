@@ -99,7 +99,14 @@ def test_a_dropped_write_is_reported_ahead_of_every_later_frame(qr):
     finally:
         s.reading.set()
     sent = lambda: {index_of(f) for f in s.frames("WRITE")}          # noqa: E731
-    wait_until(lambda: {written - 4, written - 1} <= sent(), T, "the writes after the drops")
+    try:
+        wait_until(lambda: {written - 4, written - 1} <= sent() or s.closed.is_set(), T,
+                   "the writes after the drops")
+    except TimeoutError as err:
+        raise AssertionError(f"{err}; writes sent {len(sent())} of {written}; the agent's "
+                             f"log ends:\n{qr.agent.tail()}") from None
+    assert {written - 4, written - 1} <= sent(), \
+        f"the agent closed the connection before the writes after the drops: {qr.agent.tail()}"
     first_dropped = min(set(range(written)) - sent())
     reports = [i for i, f in enumerate(s.received) if isinstance(f, Msg)
                and f.type == "DIRTY_MAP" and f.request_id == 0]
