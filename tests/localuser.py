@@ -5,6 +5,7 @@ to each unix socket: names ending .sock or .nbd) and says what happened."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pwd
@@ -13,8 +14,6 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
-
-import itertools
 
 import pytest
 
