@@ -5,6 +5,7 @@ their own metric families from it; what turns those into something a person
 or a scraper reads is the same for both and lives here:
 
 * ``fmt_bytes`` and ``format_table``: the ``status`` tables;
+* ``print_line``: a line a script reads off a daemon's stdout, in one write;
 * ``watch``: ``status --watch``, a redraw loop that survives a daemon that is
   not running yet or restarting;
 * ``prometheus_text`` and ``MetricsServer``: ``GET /metrics`` in the
@@ -59,6 +60,15 @@ def format_table(headers: list[str], rows: list[list[str]], right=()) -> list[st
         return "  ".join(c.rjust(w) if i in right else c.ljust(w)
                          for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     return [line(headers)] + [line(r) for r in rows]
+
+
+def print_line(text: str) -> None:
+    """``text`` and its newline on stdout in one write(2).  ``print`` writes the
+    two apart when stdout is unbuffered (``PYTHONUNBUFFERED``), so a daemon's
+    thread logging to the same file (``> log 2>&1``) could land between them and
+    hide the line from a script waiting for it."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def watch(fetch, render, interval: float, as_json: bool, failures) -> int:

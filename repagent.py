@@ -162,7 +162,7 @@ from typing import Callable, NamedTuple
 import nbd
 import protocol as p
 from ops import (LogThrottle, MetricsServer, accept_forever, add_status_options, fmt_bytes,
-                 format_table, parse_host_port, prometheus_text, watch)
+                 format_table, parse_host_port, print_line, prometheus_text, watch)
 
 log = logging.getLogger("repagent")
 
@@ -4260,7 +4260,7 @@ def cmd_recover(args) -> int:
         return 1
     uri = export_uri(server.address if not isinstance(listen, str) else listen, args.volume)
     log.info("%s of %s at %r served as %s", mode.name, args.volume, args.at, uri)
-    print(uri, flush=True)
+    print_line(uri)
     rc = 0
     while not stop.wait(0.5):
         if client.lost.is_set() and client.failed_back:

@@ -191,7 +191,7 @@ from typing import Callable
 
 import protocol as p
 from ops import (LogThrottle, MetricsServer, accept_forever, add_status_options, fmt_bytes,
-                 format_table, parse_host_port, prometheus_text, watch)
+                 format_table, parse_host_port, print_line, prometheus_text, watch)
 
 log = logging.getLogger("rephub")
 
@@ -6361,7 +6361,7 @@ def cmd_serve(args) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     hub.start()
-    print(f"rephub listening on {hub.address[0]}:{hub.address[1]}", flush=True)
+    print_line(f"rephub listening on {hub.address[0]}:{hub.address[1]}")
     while not stop.wait(1.0):
         pass
     log.info("signal %s received", signal.Signals(signals[0]).name)

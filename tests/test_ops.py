@@ -1,12 +1,17 @@
 """ops.accept_forever, the accept loop of every listening socket of both
-daemons: it never dies and never spins."""
+daemons: it never dies and never spins; ops.print_line, the line a script
+waits for on a daemon's stdout."""
 
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import socket
+import sys
 import threading
+
+import pytest
 
 import ops
 from hubtools import wait_until
@@ -110,3 +115,31 @@ def test_a_client_that_cannot_be_started_is_closed_and_the_loop_goes_on(tmp_path
     assert any("cannot start its thread" in r.getMessage() for r in caplog.records)
     assert any("a bug in one client" in r.getMessage() for r in caplog.records)
     assert not t.is_alive()
+
+
+class WriteLog(io.RawIOBase):
+    """A raw file that keeps each write(2) it is asked for."""
+
+    def __init__(self):
+        self.writes: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.writes.append(bytes(b))
+        return len(b)
+
+
+@pytest.mark.parametrize("unbuffered", [True, False])
+def test_print_line_writes_the_line_and_its_newline_at_once(monkeypatch, unbuffered):
+    """The tests (and an operator's script) wait for the hub's "listening" line
+    in a file its log threads write to: a log line between the text and its
+    newline hid it once, as ``print`` writes them apart to an unbuffered stdout
+    (``PYTHONUNBUFFERED``, as the test runs have it)."""
+    raw = WriteLog()
+    stdout = (io.TextIOWrapper(raw, write_through=True) if unbuffered
+              else io.TextIOWrapper(io.BufferedWriter(raw)))
+    monkeypatch.setattr(sys, "stdout", stdout)
+    ops.print_line("rephub listening on 127.0.0.1:10809")
+    assert raw.writes == [b"rephub listening on 127.0.0.1:10809\n"]
