@@ -7,8 +7,9 @@ Lock order, outermost first (a thread that holds two of these took the one on
 the left first; what each thread takes: docs/DESIGN.md "Threads and locks")::
 
     Volume.attach_lock → Attachments.sync_lock → Volume.lock → Health.lock
+    Volume.attach_lock → Attachments.sync_lock → Applier.applied_cond
     Volume.attach_lock → Journal.lock → Volume.lock, Health.lock, SegmentLog.read_lock
-    Volume.attach_lock → Applier.applied_cond, SyncJob.cond
+    Volume.attach_lock → Applier.applied_cond, SyncJob.cond, Acker.cond
     Journal.durable_cond → Journal.lock
     VolumeStore.apply_lock → Applier.applied_cond → Journal.lock
     VolumeStore.apply_lock → SegmentLog.read_lock
@@ -3533,6 +3534,7 @@ class VolumeStore:
         open, start, close   main, or an offline command's (before and after the others)
         open_or_create, create_volume  conn-HOST:PORT (ATTACH of a new name); takes lock
         append_data          conn-HOST:PORT (WRITE, ZERO, READ_REPLY, EXTENTS, RWRITE)
+        reads_as_zeroes      conn-HOST:PORT (a FULL sync's start); takes applier.applied_cond
         append_checkpoint    conn-HOST:PORT (CHECKPOINT), control-N, main (offline)
         volume, volume_by_id  any thread; takes lock
     """
@@ -3768,6 +3770,18 @@ class VolumeStore:
             if data is not None:
                 vol.journaled_bytes += length
         return rec
+
+    def reads_as_zeroes(self, vol: Volume) -> bool:
+        """Whether ``vol``'s image (its replica with the journal applied) reads as
+        zeroes everywhere: no record of it waits to be applied, and its replica
+        holds no data extent (a file system that cannot tell holes from data
+        reports data).  Only the recv loop of the connection ``vol`` is attached
+        to journals for it, so from that loop the answer holds until it
+        journals again."""
+        with self.applier.applied_cond:
+            if vol.unapplied_bytes:
+                return False
+        return next(data_extents(vol.fd, 0, vol.size), None) is None
 
     def append_checkpoint(self, agent: str, name: str) -> Record:
         """Journal a named point covering every volume of ``agent``; not yet durable."""
@@ -4817,7 +4831,9 @@ class SyncJob(Requester, threading.Thread):
     EXTENT_QUERY first (``pull_sparse``): the recv loop journals each answer's
     zero extents as ZERO records at the answer's place in the stream (SY-16;
     holes stay holes) and hands the data extents over, which are READ as
-    above.  So a sparse volume costs what its data costs.
+    above.  So a sparse volume costs what its data costs.  On a volume whose
+    image read as zeroes when the sync began (``zero_image``), the zero
+    extents need no record at all, only their SYNCED (``on_extents``).
 
     Threads::
 
@@ -4868,6 +4884,9 @@ class SyncJob(Requester, threading.Thread):
         self.last_progress = self.started
         self.last_sync_seq = 0
         self.chunk = vol.meta["chunk_size"]
+        # FULL: the volume's image read as zeroes when the sync began, and no
+        # write was reported dropped since (``begin``, ``add_extents``).
+        self.zero_image = False
 
     # -- called by other threads ---------------------------------------------------
 
@@ -4882,6 +4901,7 @@ class SyncJob(Requester, threading.Thread):
         if extents:
             self.extra.extend(extents)
             self.bytes_total += sum(n for _, n in extents)
+            self.zero_image = False     # the image may lack a write: zero extents get records
         return True
 
     def stop(self) -> None:
@@ -4932,19 +4952,49 @@ class SyncJob(Requester, threading.Thread):
                                                 offset=msg.offset, length=msg.length), done)
 
     def on_extents(self, msg: p.Extents) -> None:
-        """Recv loop: journal the zero extents of an EXTENTS now, at its place in
-        the stream, SYNCED once durable; hand the data extents to the job thread."""
+        """Recv loop: apply the zero extents of an EXTENTS now, at its place in
+        the stream, SYNCED once durable; hand the data extents to the job thread.
+        The answer to a sync that was stopped applies nothing, as a READ_REPLY's.
+
+        A zero extent is journaled as ZERO records, unless ``zero_image``: then
+        each of its bytes already holds what the answer says, or gets it from
+        a write that follows in the stream.  The image read as zeroes when the
+        sync began and every write since is journaled (none was reported
+        dropped, and SY-19 reports a drop ahead of this answer), so a byte
+        holds the last write to it before the answer, or zero if none.  The
+        answer reflects that write (SY-16): it wrote zeroes, unless a later
+        write the agent had not yet received when it answered zeroed the byte
+        on its disk, and that one comes after this frame (or is reported
+        dropped, and READ).  The SYNCED waits for every record before the
+        answer to be durable, as it would wait for the ZERO's."""
         self.check_answer(self.queries, msg)
         end, zeros, data = split_extents(msg.offset, msg.extents, self.chunk, self.vol.size)
-        for off, n in zeros:
-            for start in range(off, off + n, ZERO_RECORD_MAX):
-                k = min(ZERO_RECORD_MAX, off + n - start)
-                rec = self.store.append_data(self.vol, start, k, None, flags=RECORD_FROM_SYNC)
-                self.last_sync_seq = max(self.last_sync_seq, rec.seq)
-                self.conn.acker.after(rec.seq, p.Synced(request_id=msg.request_id,
-                                                        volume=self.vol.id, offset=start,
-                                                        length=k), self._count_done(k))
+        with self.vol.attach_lock:
+            if self.stop_event.is_set() or self.vol.sync is not self:
+                log.debug("EXTENTS req=%d of a stopped sync of %s dropped", msg.request_id,
+                          self.vol.name)
+            elif self.zero_image:
+                seq = self.store.journal.last_seq
+                self.last_sync_seq = max(self.last_sync_seq, seq)
+                for off, n in zeros:
+                    self.conn.acker.after(seq, p.Synced(request_id=msg.request_id,
+                                                        volume=self.vol.id, offset=off, length=n),
+                                          self._count_done(n))
+            else:
+                for off, n in zeros:
+                    self._journal_zeroes(msg.request_id, off, n)
         self.queries.hand_over(msg.request_id, msg, (end, data))
+
+    def _journal_zeroes(self, req: int, offset: int, length: int) -> None:
+        """A zero extent as ZERO records of at most ZERO_RECORD_MAX, each SYNCED
+        once durable (recv loop, attach_lock held)."""
+        for start in range(offset, offset + length, ZERO_RECORD_MAX):
+            k = min(ZERO_RECORD_MAX, offset + length - start)
+            rec = self.store.append_data(self.vol, start, k, None, flags=RECORD_FROM_SYNC)
+            self.last_sync_seq = max(self.last_sync_seq, rec.seq)
+            self.conn.acker.after(rec.seq, p.Synced(request_id=req, volume=self.vol.id,
+                                                    offset=start, length=k),
+                                  self._count_done(k))
 
     def _count_done(self, n: int):
         def done():
@@ -5036,6 +5086,7 @@ class SyncJob(Requester, threading.Thread):
         """Persist the volume's sync state before the plan is announced (recv loop)."""
         vol = self.vol
         if self.plan == p.SyncPlan.FULL:
+            self.zero_image = self.store.reads_as_zeroes(vol)
             vol.update(state=VolState.INCONSISTENT.value, pending_plan="FULL")
         else:
             if vol.meta["full_synced"]:  # points from here on are not crash-consistent

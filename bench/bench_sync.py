@@ -40,7 +40,7 @@ sparse volume, ``--sparse-scale`` times the size (the same data)
 sparse volume of ``--sparse-huge-gib`` (1 TiB; the same data)
   The same, for a disk as large as a real one: what is left of the cost of
   size is the hub's walk of the holes, one EXTENT_QUERY per GiB and one
-  ZERO record (journaled, SYNCED, applied) per 64 MiB.
+  SYNCED per hole (a new replica's holes need no ZERO record).
 
 resync after a hub outage (on the sparse volume, once it is consistent)
   The hub is killed (SIGKILL); N writes go through QSD's export while it is
@@ -550,18 +550,19 @@ def main() -> int:
                                f"median of {args.rounds} rounds"))
     if huge is not None:
         h = huge["hub"]
-        zeros = -(-args.sparse_huge_gib * 1024 * MiB // rephub.ZERO_RECORD_MAX)
+        queries = -(-args.sparse_huge_gib * 1024 * MiB // rephub.EXTENT_SPAN)
         print(f"  {args.sparse_huge_gib} GiB, the same data: sync job {h['job_seconds']:.2f} s "
               f"vs {s['job_seconds']:.2f} s = {h['job_seconds'] / s['job_seconds']:.2f}x; "
-              f"at least {zeros} ZERO records for its holes; agent sent "
+              f"{queries} EXTENT_QUERYs and a SYNCED per hole; agent sent "
               f"{h['agent_data_bytes'] / MiB:.1f} MiB as data")
         figures.append(figure(f"sparse sync job, {args.sparse_huge_gib} GiB volume with the same "
                               f"{args.sparse_data_mib} MiB of data", round(h["job_seconds"], 2),
                               "s", f"{args.size_mib} MiB volume", round(s["job_seconds"], 2),
                               round(h["job_seconds"] / s["job_seconds"], 2),
-                              note=f"what is left of the cost of size: at least {zeros} ZERO "
-                                   f"records (one per {rephub.ZERO_RECORD_MAX // MiB} MiB of "
-                                   f"holes); median of {args.rounds} rounds"))
+                              note=f"what is left of the cost of size: {queries} "
+                                   f"EXTENT_QUERYs (one per {rephub.EXTENT_SPAN // MiB // 1024} "
+                                   f"GiB) and a SYNCED per hole, no ZERO record on a new "
+                                   f"replica; median of {args.rounds} rounds"))
     sent_ratio = s["agent_data_bytes"] / sparse["data_bytes"]
     figures.append(figure("sparse sync: bytes the agent sent as data", s["agent_data_bytes"],
                           "bytes", "data bytes", sparse["data_bytes"], round(sent_ratio, 2),
@@ -608,8 +609,9 @@ def main() -> int:
             "(an agent or hub without it READs the whole volume in 1 MiB pieces).")
     notes.append(
         f"Sparse sync: the hub asks EXTENT_QUERY (the agent answers from QSD's NBD "
-        f"base:allocation block status), journals the zero extents as ZERO records (holes "
-        f"stay holes) and READs only the {s['bytes_fetched'] / MiB:.0f} MiB of data, in "
+        f"base:allocation block status), sends a SYNCED for each zero extent with no "
+        f"record (the new replica reads as zeroes there already; holes stay holes) and "
+        f"READs only the {s['bytes_fetched'] / MiB:.0f} MiB of data, in "
         f"{CHUNK // KiB} KiB pieces.  Per data byte the sync job takes {prop_job:.2f}x the "
         f"dense job's time; from the agent's start {prop:.2f}x, because the agent's fixed "
         f"set-up (QMP, mirror job, handshake: about {s['seconds'] - s['job_seconds']:.2f} s) "

@@ -1,5 +1,7 @@
 """Sparse-aware FULL sync (feature EXTENTS): the hub asks EXTENT_QUERY, journals
 the zero extents at the answer's place in the stream and READs only the data.
+On a volume whose copy at the hub read as zeroes when the sync began, the zero
+extents need no record, only their SYNCED.
 
 A real in-process hub on 127.0.0.1:0 and ``SparseAgent``, a ``TestAgent`` that
 offers EXTENTS and answers EXTENT_QUERY from its in-memory volume, atomically
@@ -8,6 +10,7 @@ with its writes (the stale-read rule, PROTOCOL.md [SY-16]).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import threading
@@ -16,7 +19,7 @@ import pytest
 
 import protocol as p
 import rephub
-from hubtools import MemVolume, TestAgent, wait_until
+from hubtools import MemVolume, TestAgent, wait_detached, wait_until
 
 MiB = 1024 * 1024
 CHUNK = 65536
@@ -95,6 +98,33 @@ def replica(hub, name: str) -> tuple[bytes, int]:
         return f.read(), os.stat(path).st_blocks * 512
 
 
+def zero_records(hub, vid: int) -> list:
+    """The ZERO records of volume ``vid`` in the hub's journal."""
+    return [r for r in hub.store.journal.records
+            if r.kind == rephub.RecordKind.ZERO and r.volume == vid]
+
+
+def cut_short(hub, secret, name: str, vol: MemVolume, reads: int, applied=True) -> None:
+    """Begin the first sync of ``vol`` as ``name``, answer only its first
+    ``reads`` READs and end the connection once they are durable, and in the
+    replica if ``applied``: the hub's copy holds that data, and the sync is
+    owed, so the next ATTACH is a FULL over that copy."""
+    with SparseAgent(hub.address, "a1", secret).connect() as agent:
+        answered = set()
+
+        def first_reads(msg):
+            if len(answered) < reads:
+                answered.add(msg.request_id)
+                SparseAgent.on_READ(agent, msg)
+        agent.on_READ = first_reads
+        agent.attach(name, vol)
+        wait_until(lambda: len({s.request_id for s in agent.synced} & answered) == reads, 10,
+                   f"the first {reads} READs to be SYNCED")
+        if applied:
+            assert replica(hub, name)[1] > 0, "the hub's copy holds data"
+    wait_detached(hub, name)
+
+
 def wait_consistent(hub, name: str, timeout: float = 30.0):
     wait_until(lambda: hub.store.volume(name).state == rephub.VolState.CONSISTENT
                and hub.store.volume(name).sync is None, timeout, f"{name} consistent")
@@ -111,6 +141,7 @@ def test_full_sync_reads_only_the_data_and_keeps_holes(hub_a1):
         hvol = wait_consistent(hub, "sparse")
         data, allocated = replica(hub, "sparse")
         assert data == bytes(vol.buf)
+        assert not zero_records(hub, vid)   # the new replica read as zeroes already
         assert agent.queries and all(q.volume == vid for q in agent.queries)
         read = sum(r.length for r in agent.reads)
         assert data_bytes <= read <= 2 * data_bytes       # pieces are whole chunks
@@ -155,13 +186,20 @@ def test_prefix_answers_are_asked_again_for_the_rest(hub_a1, max_extents):
 
 
 @pytest.mark.parametrize("stale", [False, True])
-def test_a_write_racing_an_extents_answer_is_not_lost(hub_a1, stale):
+@pytest.mark.parametrize("fresh", [True, False])
+def test_a_write_racing_an_extents_answer_is_not_lost(hub_a1, stale, fresh):
     """Writes land in zero regions while the hub asks about them.  A correct
     agent's answer is ordered with its writes, so the replica ends equal to the
-    volume; the broken ``stale`` agent shows the test would notice (the hub
-    zeroes a write that was sent before the stale answer)."""
+    volume; the broken ``stale`` agent shows the test would notice where the
+    hub's copy held data before (not ``fresh``): the hub zeroes a write that
+    was sent before the stale answer.  Over a copy that read as zeroes the hub
+    writes no zeroes, so not even a stale answer loses the write."""
     hub, secret = hub_a1
     size = 8 * MiB
+    if not fresh:
+        old = MemVolume(size)
+        old.write(2 * MiB, b"\x33" * (2 * MiB))      # around the race's write
+        cut_short(hub, secret, "race", old, reads=1)
     vol = MemVolume(size)
     with SparseAgent(hub.address, "a1", secret).connect() as agent:
         agent.stale = stale
@@ -178,11 +216,73 @@ def test_a_write_racing_an_extents_answer_is_not_lost(hub_a1, stale):
         for _ in range(20):  # and more writes while nothing is being asked (not on the race's)
             agent.expect_ack(agent.write(vid, rng.randrange(0, 2 * MiB), b"\x11" * 4096))
         data, _ = replica(hub, "race")
-        if stale:
+        if stale and not fresh:
             assert data[3 * MiB:3 * MiB + 8192] == bytes(8192)
             assert data != bytes(vol.buf)
         else:
             assert data == bytes(vol.buf)
+        assert bool(zero_records(hub, vid)) == (not fresh)
+
+
+@pytest.mark.parametrize("applied", [True, False])
+def test_a_full_sync_over_an_older_copy_zeroes_what_is_now_zeroes(hub_a1, applied):
+    """The hub's copy holds data from an earlier sync, cut short, where the
+    volume now reads as zeroes: the zero extents are journaled as ZERO
+    records, so the replica ends equal to the volume, its old data gone.
+    Not ``applied``: the old data is still only in the journal when the FULL
+    sync begins (the test holds the applier back), its replica all holes."""
+    hub, secret = hub_a1
+    size = 16 * MiB
+    old, _ = sparse_volume(size, 60, seed=11)
+    vol, _ = sparse_volume(size, 20, seed=12)
+    with contextlib.ExitStack() as held:
+        if not applied:
+            held.enter_context(hub.store.apply_lock)
+        cut_short(hub, secret, "older", old, reads=10, applied=applied)
+        agent = SparseAgent(hub.address, "a1", secret).connect()
+        vid, plan = agent.attach("older", vol)     # the sync has begun
+    with agent:
+        assert plan == p.SyncPlan.FULL
+        wait_consistent(hub, "older")
+        assert replica(hub, "older")[0] == bytes(vol.buf)
+        assert zero_records(hub, vid)
+
+
+def test_a_write_reported_dropped_gives_the_zero_extents_records(hub_a1):
+    """A write the agent could not send (reported by an unsolicited DIRTY_MAP,
+    ahead of every later frame [SY-19]) is missing from the hub's copy: from
+    then on a zero extent may not read as zeroes there, so the zero extents
+    of the answers that follow are journaled, and the reported region is
+    READ before the sync ends."""
+    hub, secret = hub_a1
+    size = 8 * MiB
+    half, _ = sparse_volume(4 * MiB, 12, seed=5)
+    vol = MemVolume(size, bytes(half.buf) + bytes(size - half.size))   # data in the first half
+    with SparseAgent(hub.address, "a1", secret).connect() as agent:
+        agent.max_extents = 4            # several answers: the first before the drop
+        dropped = {}
+
+        def drop(msg):   # before the second answer: a write sent, then one over it dropped
+            if len(agent.queries) != 2:
+                return
+            dropped["at"], dropped["query"] = 6 * MiB, msg.offset
+            dropped["req"] = agent.write(msg.volume, dropped["at"], b"\x5a" * 8192)
+            with agent.stream_lock:
+                vol.write(dropped["at"], bytes(8192))
+                agent.send(p.DirtyMap(request_id=0, volume=msg.volume,
+                                      extents=[(dropped["at"], 8192)]))
+
+        agent.before_extents = drop
+        vid, _ = agent.attach("dropped", vol)
+        wait_consistent(hub, "dropped")
+        assert dropped, "no answer came after the drop"
+        agent.expect_ack(dropped["req"])
+        assert replica(hub, "dropped")[0] == bytes(vol.buf)
+        zeros = zero_records(hub, vid)
+        assert any(r.offset <= dropped["at"] and r.length > 8192 for r in zeros), \
+            "the zero extent over the dropped write is journaled"
+        assert all(r.offset >= dropped["query"] for r in zeros), \
+            "the zero extents answered before the drop needed no record"
 
 
 def test_concurrent_writes_during_a_sparse_sync_converge(hub_a1):
