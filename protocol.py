@@ -554,6 +554,22 @@ def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
             ^ t3[crc1 >> 24] ^ crc2)
 
 
+def crc32_pieces(data, first: int, size: int) -> tuple[int, list[int]]:
+    """``zlib.crc32(data)``, and the CRC-32 of each whole ``size``-byte piece of
+    ``data`` from byte ``first`` on, in one pass over the data: a receiver that
+    keeps sums of fixed-size blocks gets those of a payload's whole blocks for
+    the cost of checking its CRC."""
+    view = memoryview(data)
+    stop = first + max(len(view) - first, 0) // size * size
+    crc = zlib.crc32(view[:first])
+    pieces = []
+    for pos in range(first, stop, size):
+        piece = zlib.crc32(view[pos:pos + size])
+        pieces.append(piece)
+        crc = crc32_combine(crc, piece, size)
+    return zlib.crc32(view[stop:], crc), pieces
+
+
 def check_range(offset: int, length: int, size: int, what: str = "request") -> None:
     """Raise OutOfRange unless [offset, offset+length) lies inside a volume of ``size``."""
     if offset + length > size:
@@ -1741,7 +1757,7 @@ def may_answer_with_error(err: RequestError) -> bool:
 
 
 def decode_body(header: Header, payload: bytes | bytearray | memoryview,
-                legal=None) -> Message:
+                legal=None, crc: int | None = None) -> Message:
     """Build the message for a parsed header and its payload (no data copy).
 
     Checks, in PROTOCOL.md's order: payload CRC [FR-6] (``BadPayloadCRC``:
@@ -1753,13 +1769,15 @@ def decode_body(header: Header, payload: bytes | bytearray | memoryview,
     can answer ERROR and go on).  Without ``legal`` the checks are those of a
     frame its receiver takes (the vectors' "established" phase).  A WRITE's
     ``data`` is a memoryview of ``payload``: keep that buffer alive and
-    unmodified while you use it.
+    unmodified while you use it.  ``crc``: the payload's CRC-32 if the caller
+    has computed it (with ``crc32_pieces``), so that it is not computed twice.
     """
     payload = memoryview(payload)
     if len(payload) != header.payload_length:
         raise TruncatedFrame(f"payload is {len(payload)} bytes, header says "
                              f"{header.payload_length}")
-    crc = zlib.crc32(payload)
+    if crc is None:
+        crc = zlib.crc32(payload)
     if crc != header.payload_crc:
         raise BadPayloadCRC(f"bad payload_crc 0x{header.payload_crc:08x}, "
                             f"computed 0x{crc:08x} over {len(payload)} bytes")

@@ -309,6 +309,9 @@ QUARANTINE_DIR = "quarantine"
 CHECKSUMS_FILE = "checksums"
 CHECK_CHUNK = 64 * 1024
 CHECK_ENTRY = struct.Struct("!I")
+#: Frames whose data the hub journals: their chunks' sums are taken as the CRC
+#: of their payload is checked (DataSums).
+SUMMED_FRAMES = frozenset({p.MsgType.WRITE, p.MsgType.READ_REPLY, p.MsgType.RWRITE})
 #: ReplicaSums.flush writes at most this many sums per pwrite (1 MiB).
 SUMS_PER_WRITE = 256 * 1024
 HUB_FILE = "hub.json"
@@ -1073,6 +1076,7 @@ class AgentConnection:
         self.requests = RequestTable()    # the hub's requests and their owners
         self.outstanding: set[int] = set()  # the agent's requests not answered yet (RP-12)
         self.legal = None                 # after HELLO_REPLY: what the hub takes (check_legal)
+        self.frame_sums: DataSums | None = None  # of the data of the frame being handled
         self.pings: dict[int, int] = {}
         self.sessions: dict[int, RecoverySession] = {}  # recovery sessions by id
         self.session_ids = itertools.count(1)
@@ -1212,7 +1216,7 @@ class AgentConnection:
                 item = self.recv_frame()
                 if item is None:
                     return
-                header, msg = item
+                header, msg, self.frame_sums = item
                 if msg.TYPE in p.REQUESTS:
                     self.track_request(msg)
                 handler = HANDLERS[msg.TYPE]     # check_legal let only these through
@@ -1309,7 +1313,8 @@ class AgentConnection:
     def on_WRITE(self, header, msg: p.Write) -> None:
         vol = self.attached.volume(msg)
         p.check_range(msg.offset, msg.length, vol.size, "WRITE")
-        rec = self.store.append_data(vol, msg.offset, msg.length, msg.data, header.payload_crc)
+        rec = self.store.append_data(vol, msg.offset, msg.length, msg.data, header.payload_crc,
+                                     sums=self.frame_sums)
         self.acker.after(rec.seq, p.Ack(request_id=msg.request_id), vol_acked(vol))
 
     def on_ZERO(self, header, msg: p.Zero) -> None:
@@ -1334,7 +1339,7 @@ class AgentConnection:
         return job
 
     def on_READ_REPLY(self, header, msg: p.ReadReply) -> None:
-        self._job_for(msg, "READ").on_read_reply(header, msg)
+        self._job_for(msg, "READ").on_read_reply(header, msg, self.frame_sums)
 
     def on_DIRTY_MAP(self, header, msg: p.DirtyMap) -> None:
         if msg.request_id == 0 and self.refusing is not None:
@@ -1415,7 +1420,7 @@ class AgentConnection:
         s = self._session(msg)
         p.check_range(msg.offset, msg.length, s.vol.size, "RWRITE")
         seq = s.write(msg.offset, msg.length, None if msg.is_zero else msg.data,
-                      None if msg.is_zero else header.payload_crc)
+                      None if msg.is_zero else header.payload_crc, self.frame_sums)
         self.acker.after(seq, p.Ack(request_id=msg.request_id))  # RC-4: once durable
 
     def on_RFLUSH(self, header, msg: p.RFlush) -> None:
@@ -1543,7 +1548,7 @@ class Handshake:
         item = conn.recv_frame(deadline)
         if item is None:
             return None
-        _, msg = item
+        _, msg, _ = item
         if isinstance(msg, cls):
             return msg
         if isinstance(msg, (p.Goodbye, p.Error)):
@@ -1819,7 +1824,7 @@ class Requester:
         *                          conn-HOST:PORT: the recv loop hands each answer to its owner
     """
 
-    def on_read_reply(self, header, msg: p.ReadReply) -> None:
+    def on_read_reply(self, header, msg: p.ReadReply, sums: DataSums | None = None) -> None:
         raise p.InvalidField(f"READ_REPLY req={msg.request_id} answers no outstanding READ")
 
     def on_reply(self, msg, barrier_seq: int) -> None:
@@ -2217,7 +2222,9 @@ class AgentSocket:
         return got
 
     def recv_frame(self, deadline: float | None = None, legal=None):
-        """Read one frame; return (header, message) or None when stopping or at EOF.
+        """Read one frame; return (header, message, sums) or None when stopping or
+        at EOF.  ``sums``: the DataSums of a WRITE, READ_REPLY or RWRITE that
+        covers a whole CHECK_CHUNK, else None.
 
         Raises ProtocolError (close) or RequestError (answer, go on) as
         ``protocol.decode_body``, whose ``legal`` it is; once a frame has
@@ -2246,7 +2253,10 @@ class AgentSocket:
         if got < header.payload_length:
             raise p.TruncatedFrame(f"connection closed inside a payload ({got} of "
                                    f"{header.payload_length} bytes)")
-        return header, p.decode_body(header, payload, legal)
+        crc = sums = None
+        if header.type in SUMMED_FRAMES and header.payload_length >= CHECK_CHUNK:
+            crc, sums = DataSums.of_frame(header.offset, payload)
+        return header, p.decode_body(header, payload, legal, crc), sums
 
 
 class TLSStream:
@@ -2491,6 +2501,7 @@ class Journal:
         self.last_time_ns = 0
         self.checkpoints: list[tuple[int, int, str, str]] = []  # (seq, time, agent, name)
         self.lost: list[tuple[int, int | None, dict]] = []  # (seq, volume id, damage)
+        self.data_sums: dict[int, DataSums] = {}  # seq -> its data's sums, until applied
         self.commits = 0           # fdatasync rounds of the committer
         self.failed: BaseException | None = None
         self.stop_event = threading.Event()
@@ -2556,10 +2567,12 @@ class Journal:
 
     def append(self, kind: RecordKind, volume: int, offset: int, length: int,
                parts: list = (), payload_crc: int | None = None, flags: int = 0,
-               check=None) -> Record:
+               check=None, sums: DataSums | None = None) -> Record:
         """Append one record; return it (not yet durable).  Any thread.
 
         ``check`` runs under the journal lock first and may refuse the record.
+        ``sums``, its data's, are kept for the applier (``take_data_sums``):
+        under the lock, so before the record can be durable and applied.
         A record that cannot be written is not in the journal at all (the
         segment is cut back to its start): JournalRefused, and the journal
         refuses every record until the storage watcher clears the fault."""
@@ -2580,6 +2593,8 @@ class Journal:
                 self.health.fail(journal_fault_of(err), f"append of seq {seq} failed: {err}")
                 raise JournalRefused(f"hub journal append failed: {err}") from err
             self.records.append(rec)
+            if sums is not None:
+                self.data_sums[seq] = sums
             self.last_seq = seq
             self.last_time_ns = now
             if kind == RecordKind.CHECKPOINT:
@@ -2588,6 +2603,10 @@ class Journal:
         with self.durable_cond:
             self.durable_cond.notify_all()
         return rec
+
+    def take_data_sums(self, seq: int) -> DataSums | None:
+        """The sums ``append`` was given for record ``seq``, once (the applier)."""
+        return self.data_sums.pop(seq, None)
 
     def _commit_loop(self) -> None:
         """Committer thread: one fdatasync per round covers every record appended so far."""
@@ -3256,6 +3275,35 @@ def encode_record(kind: int, flags: int, seq: int, time_ns: int, volume: int,
 # Volumes and the store
 
 
+@dataclasses.dataclass(frozen=True)
+class DataSums:
+    """The CRC-32 of each whole CHECK_CHUNK chunk of a volume that a frame's data
+    covers (chunks ``first``, ``first + 1``, ...), summed as its payload CRC
+    was checked (``of_frame``).  The journal keeps them until the applier has
+    copied the data into the replica, which then takes them as its sums of
+    those chunks (``ReplicaSums.note``) instead of reading the chunks back.
+
+    Threads::
+
+        of_frame                   conn-HOST:PORT (the recv loop)
+        of_chunk                   applier (immutable: any thread)
+    """
+
+    first: int
+    crcs: array.array
+
+    @classmethod
+    def of_frame(cls, offset: int, payload) -> tuple[int, DataSums]:
+        """The CRC-32 of ``payload``, data at volume ``offset``, and its chunks' sums."""
+        head = -offset % CHECK_CHUNK
+        crc, crcs = p.crc32_pieces(payload, head, CHECK_CHUNK)
+        return crc, cls((offset + head) // CHECK_CHUNK, array.array("I", crcs))
+
+    def of_chunk(self, chunk: int) -> int | None:
+        i = chunk - self.first
+        return self.crcs[i] if 0 <= i < len(self.crcs) else None
+
+
 class ReplicaSums:
     """The replica's checksums: CRC-32 of each CHECK_CHUNK, as the applier last
     wrote it (0 = not known yet: a volume from before checksums, or a chunk
@@ -3294,11 +3342,16 @@ class ReplicaSums:
     #: A full chunk of zeroes, as kept.
     ZEROED_SUM = kept(zeroes_crc(CHECK_CHUNK))
 
-    def note(self, replica_fd: int, offset: int, length: int) -> None:
-        """Sum the chunks [offset, offset + length) touches, as the replica has them."""
+    def note(self, replica_fd: int, offset: int, length: int,
+             known: DataSums | None = None) -> None:
+        """Sum the chunks [offset, offset + length) touches, as the replica has
+        them: those that ``known`` (the data just written there) sums wholly
+        from it, the others read back."""
         for c in range(offset // CHECK_CHUNK, -(-(offset + length) // CHECK_CHUNK)):
-            data = os.pread(replica_fd, self.chunk_len(c), c * CHECK_CHUNK)
-            self.pending[c] = self.kept(zlib.crc32(data))
+            crc = known.of_chunk(c) if known is not None else None
+            if crc is None:
+                crc = zlib.crc32(os.pread(replica_fd, self.chunk_len(c), c * CHECK_CHUNK))
+            self.pending[c] = self.kept(crc)
 
     def note_zeroes(self, replica_fd: int, offset: int, length: int) -> None:
         """``note`` for a range just zeroed (``write_zeroes``): a chunk wholly
@@ -3751,8 +3804,10 @@ class VolumeStore:
     # -- appending -------------------------------------------------------------
 
     def append_data(self, vol: Volume, offset: int, length: int, data, payload_crc=None,
-                    flags: int = 0, recovery: bool = False) -> Record:
-        """Journal a WRITE (``data``) or ZERO (``data`` None) for ``vol``; not yet durable.
+                    flags: int = 0, recovery: bool = False,
+                    sums: DataSums | None = None) -> Record:
+        """Journal a WRITE (``data``, its ``sums`` if known) or ZERO (``data`` None)
+        for ``vol``; not yet durable.
 
         ``Roles.check_writer`` decides under the journal lock whether the side
         writing (``recovery``: a FAILOVER session) may: ERROR(ROLE) for the
@@ -3764,7 +3819,7 @@ class VolumeStore:
                                       check=check)
         else:
             rec = self.journal.append(RecordKind.WRITE, vol.id, offset, length, [data],
-                                      payload_crc, flags, check=check)
+                                      payload_crc, flags, check=check, sums=sums)
         with self.applier.applied_cond:
             self.applier.count_unapplied(rec)
             if data is not None:
@@ -3980,11 +4035,12 @@ class Applier:
         with self.store.apply_lock:
             for rec in batch:
                 vol = self.store.by_id.get(rec.volume)
+                sums = self.journal.take_data_sums(rec.seq)
                 if vol is not None and vol.set_aside_of(rec.seq) is not None:
                     pass  # set aside by a promotion: kept in the journal, never applied
                 elif rec.kind == RecordKind.WRITE and vol is not None:
                     self.journal.log.copy_payload(rec, vol.fd, rec.offset)
-                    vol.sums.note(vol.fd, rec.offset, rec.length)
+                    vol.sums.note(vol.fd, rec.offset, rec.length, sums)
                 elif rec.kind == RecordKind.ZERO and vol is not None:
                     write_zeroes(vol.fd, rec.offset, rec.length)
                     vol.sums.note_zeroes(vol.fd, rec.offset, rec.length)
@@ -4923,7 +4979,7 @@ class SyncJob(Requester, threading.Thread):
         except p.RequestError as err:
             self.abandon(err)
 
-    def on_read_reply(self, header, msg: p.ReadReply) -> None:
+    def on_read_reply(self, header, msg: p.ReadReply, sums: DataSums | None = None) -> None:
         """Recv loop: journal a READ_REPLY in stream order; SYNCED once durable.
         The answer to a sync that was stopped is dropped, never journaled: the
         volume may be attached elsewhere now."""
@@ -4938,7 +4994,7 @@ class SyncJob(Requester, threading.Thread):
                 return
             rec = self.store.append_data(self.vol, msg.offset, msg.length, data,
                                          None if msg.is_zero else header.payload_crc,
-                                         flags=RECORD_FROM_SYNC)
+                                         flags=RECORD_FROM_SYNC, sums=sums)
         self.last_sync_seq = max(self.last_sync_seq, rec.seq)
         req, n = msg.request_id, msg.length
 
@@ -5493,14 +5549,15 @@ class RecoverySession:
         laid = self.overlay.lay_over(data, offset, length)
         return laid, (crc if laid is data else None)
 
-    def write(self, offset: int, length: int, data, payload_crc=None) -> int:
+    def write(self, offset: int, length: int, data, payload_crc=None,
+              sums: DataSums | None = None) -> int:
         """Apply an RWRITE; return the journal seq the ACK waits for (0: durable now)."""
         self.writes += 1
         if self.overlay is not None:
             self.overlay.write(offset, length, data)
             return 0
         rec = self.store.append_data(self.vol, offset, length, data, payload_crc,
-                                     recovery=True)
+                                     recovery=True, sums=sums)
         self.read_seq = rec.seq
         return rec.seq
 
@@ -5655,7 +5712,7 @@ class Failback(Requester):
         what we wait for will not come: fail every wait with ``why``."""
         self.pending.hand_over_all(why)
 
-    def on_read_reply(self, header, msg: p.ReadReply) -> None:
+    def on_read_reply(self, header, msg: p.ReadReply, sums: DataSums | None = None) -> None:
         self.on_reply(msg, 0)
 
     def on_reply(self, msg, barrier_seq: int) -> None:

@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import threading
+import zlib
 
 import pytest
 
@@ -268,6 +269,47 @@ def test_bad_input_is_answered_while_another_connection_carries_on(hubenv):
         t.join(timeout=30)
         good.close()
     assert replica_bytes(hub, "good") == bytes(mv.buf)
+
+
+@pytest.mark.parametrize("how", ["write", "sync"])
+def test_the_replica_takes_its_sums_of_whole_chunks_from_the_data_received(hubenv, monkeypatch,
+                                                                          how):
+    """The hub sums the 64 KiB chunks a WRITE or a sync's READ_REPLY covers
+    wholly as it checks the payload's CRC; once the applier has copied the data
+    into the replica it keeps those sums, and reads back only the chunks the
+    data covers in part.  The sums equal the replica's, and none is left over."""
+    hub, sec = hubenv
+    chunk = rephub.CHECK_CHUNK
+    size = 32 * chunk + 4096                      # a short last chunk
+    data = random.Random(7).randbytes(16 * chunk)
+    start = 3 * chunk + 4096                      # chunks 3 and 19 in part, 4..18 wholly
+    vol = MemVolume(size)
+    if how == "sync":
+        vol.write(start, data)
+        vol.write(size - 4096, data[:4096])
+    reads = []                                    # chunks the hub read from the replica
+    real_pread = os.pread
+
+    def pread(fd, n, offset):
+        replica = hub.store.volume("v")
+        if replica is not None and fd == replica.fd:
+            reads.append(offset // chunk)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    with connect(hub, sec) as agent:
+        vid = attach_synced(agent, hub, "v", vol)
+        if how == "write":
+            agent.expect_ack(agent.write(vid, start, data))
+            agent.expect_ack(agent.write(vid, size - 4096, data[:4096]))
+        image = replica_bytes(hub, "v")
+    monkeypatch.undo()
+    assert image == bytes(vol.buf)
+    assert sorted(set(reads)) == ([3, 19, 32] if how == "write" else [32])
+    sums = hub.store.volume("v").sums
+    assert sums.expected(0, sums.chunks) == [
+        rephub.ReplicaSums.kept(zlib.crc32(image[c:c + chunk])) for c in range(0, size, chunk)]
+    assert hub.store.journal.data_sums == {}
 
 
 # -- sync plans ---------------------------------------------------------------------------

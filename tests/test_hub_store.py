@@ -532,7 +532,8 @@ def test_replica_sums_follow_random_writes_and_zeroes_across_flushes(tmp_path):
     (whole chunks, cut chunks, the short last chunk, one chunk written again
     after a ZERO and zeroed again after a WRITE) the sums it gives equal the
     CRC-32 of each chunk as the file holds it, before and after each flush;
-    a second ReplicaSums opened on the same directory reads what was flushed."""
+    a second ReplicaSums opened on the same directory reads what was flushed.
+    Half the writes come with their data's sums (DataSums), as from the wire."""
     chunk = rephub.CHECK_CHUNK
     size = 40 * chunk + 12 * 1024
     rng = random.Random(31)
@@ -550,8 +551,11 @@ def test_replica_sums_follow_random_writes_and_zeroes_across_flushes(tmp_path):
             off = rng.randrange(0, size - 1)
             n = rng.randrange(1, min(size - off, 9 * chunk) + 1)
             if rng.random() < 0.5:
-                os.pwrite(fd, os.urandom(n), off)
-                sums.note(fd, off, n)
+                data = os.urandom(n)
+                os.pwrite(fd, data, off)
+                # Half the writes bring the sums of the chunks they cover wholly.
+                known = rephub.DataSums.of_frame(off, data)[1] if rng.random() < 0.5 else None
+                sums.note(fd, off, n, known)
             else:
                 rephub.write_zeroes(fd, off, n)
                 sums.note_zeroes(fd, off, n)
@@ -567,6 +571,29 @@ def test_replica_sums_follow_random_writes_and_zeroes_across_flushes(tmp_path):
     finally:
         sums.close()
         os.close(fd)
+
+
+def test_a_write_with_its_data_sums_reads_back_only_the_chunks_it_cuts(tmp_path):
+    """The chunks a write covers wholly take the sums of its data; a chunk it
+    covers in part, or the volume's short last chunk, is read back: noted
+    through a descriptor that cannot read, only the first succeeds."""
+    chunk = rephub.CHECK_CHUNK
+    size = 8 * chunk + 512
+    sums = rephub.ReplicaSums(str(tmp_path), size)
+    unreadable = os.open(tmp_path / "replica", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        data = os.urandom(4 * chunk)
+        crc, known = rephub.DataSums.of_frame(chunk + 100, data)
+        assert crc == zlib.crc32(data) and known.first == 2 and len(known.crcs) == 3
+        sums.note(unreadable, 2 * chunk, 3 * chunk, known)
+        assert sums.pending == {c: rephub.ReplicaSums.kept(zlib.crc32(
+            data[c * chunk - chunk - 100:(c + 1) * chunk - chunk - 100])) for c in (2, 3, 4)}
+        for cut in ((chunk + 100, 4 * chunk), (8 * chunk, 512)):
+            with pytest.raises(OSError):
+                sums.note(unreadable, *cut, rephub.DataSums.of_frame(cut[0], bytes(cut[1]))[1])
+    finally:
+        os.close(unreadable)
+        sums.close()
 
 
 def test_a_zero_extent_over_a_terabyte_is_one_run_of_sums(tmp_path):

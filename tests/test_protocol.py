@@ -302,6 +302,28 @@ def test_crc32_combine_is_zlibs_crc_of_the_concatenation():
     assert crc == zlib.crc32(b"".join(pieces))
 
 
+def test_crc32_pieces_gives_the_crc_of_the_whole_and_of_each_whole_piece():
+    rnd = random.Random(6)
+    for _ in range(300):
+        data = rnd.randbytes(rnd.choice([0, 1, 4095, 4096, 65536, 65537, 200_000, 1 << 20]))
+        size = rnd.choice([1, 3, 4096, 65536])
+        first = rnd.randrange(0, 2 * size + 2)    # past the end of short data too
+        crc, pieces = p.crc32_pieces(data, first, size)
+        assert crc == zlib.crc32(data)
+        assert pieces == [zlib.crc32(data[i:i + size])
+                          for i in range(first, len(data) - size + 1, size)]
+
+
+def test_decode_body_checks_the_crc_its_caller_computed():
+    data = bytes(range(256)) * 4
+    frame = p.encode(p.Write(request_id=3, volume=1, offset=0, data=data))
+    header = p.parse_header(frame)
+    payload = frame[p.HEADER_SIZE:]
+    assert bytes(p.decode_body(header, payload, crc=zlib.crc32(data)).data) == data
+    with pytest.raises(p.BadPayloadCRC):
+        p.decode_body(header, payload, crc=zlib.crc32(data) ^ 1)
+
+
 def test_encode_takes_a_payload_crc_the_sender_already_has():
     data = bytes(range(256)) * 16
     msg = p.RReadReply(request_id=2, volume=1, offset=0, data=data)
