@@ -312,6 +312,10 @@ CHECK_ENTRY = struct.Struct("!I")
 #: Frames whose data the hub journals: their chunks' sums are taken as the CRC
 #: of their payload is checked (DataSums).
 SUMMED_FRAMES = frozenset({p.MsgType.WRITE, p.MsgType.READ_REPLY, p.MsgType.RWRITE})
+#: The journal keeps the DataSums of at most this many records not yet applied
+#: (about 20 MiB of memory); past it, as after a restart, the applier reads
+#: the chunks back.
+DATA_SUMS_KEPT = 64 * 1024
 #: ReplicaSums.flush writes at most this many sums per pwrite (1 MiB).
 SUMS_PER_WRITE = 256 * 1024
 HUB_FILE = "hub.json"
@@ -2593,7 +2597,7 @@ class Journal:
                 self.health.fail(journal_fault_of(err), f"append of seq {seq} failed: {err}")
                 raise JournalRefused(f"hub journal append failed: {err}") from err
             self.records.append(rec)
-            if sums is not None:
+            if sums is not None and len(self.data_sums) < DATA_SUMS_KEPT:
                 self.data_sums[seq] = sums
             self.last_seq = seq
             self.last_time_ns = now

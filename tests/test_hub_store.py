@@ -596,6 +596,27 @@ def test_a_write_with_its_data_sums_reads_back_only_the_chunks_it_cuts(tmp_path)
         sums.close()
 
 
+def test_the_journal_keeps_a_bounded_number_of_data_sums(tmp_path, monkeypatch):
+    """Sums wait in memory for their record's apply, at most DATA_SUMS_KEPT of
+    them: past it a record is applied as one without (its chunks read back),
+    and the replica's sums are right either way."""
+    monkeypatch.setattr(rephub, "DATA_SUMS_KEPT", 2)
+    chunk = rephub.CHECK_CHUNK
+    store = journal_only(tmp_path)
+    try:
+        vol = store.create_volume("v", 4 * chunk, chunk, "a1", bytes(16))
+        datas = [os.urandom(chunk) for _ in range(3)]
+        for i, data in enumerate(datas):
+            crc, sums = rephub.DataSums.of_frame(i * chunk, data)
+            durable(store, store.append_data(vol, i * chunk, chunk, data, crc, sums=sums))
+        assert len(store.journal.data_sums) == 2
+        store.applier.apply_some(force=True)
+        assert store.journal.data_sums == {}
+        assert vol.sums.expected(0, 3) == [rephub.ReplicaSums.kept(zlib.crc32(d)) for d in datas]
+    finally:
+        abandon(store)
+
+
 def test_a_zero_extent_over_a_terabyte_is_one_run_of_sums(tmp_path):
     """A sparse 1 TiB volume's first sync zeroes 16 Mi chunks: their sums are
     kept as one run until the flush writes them (not 16 Mi entries in memory),
