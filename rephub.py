@@ -2706,6 +2706,14 @@ class Journal:
             i = seq - self.first_seq
             return self.records[i] if 0 <= i < len(self.records) else None
 
+    def record_field(self, seq: int, name: str) -> int | None:
+        """Field ``name`` of record ``seq`` (None if it is not in the journal):
+        what ``record`` gives, at a fraction of its cost, for the applier's
+        checks on each commit."""
+        with self.lock:
+            i = seq - self.first_seq
+            return self.records.field(i, name) if 0 <= i < len(self.records) else None
+
     def records_between(self, after: int, upto: int, max_count: int) -> list[Record]:
         with self.lock:
             lo = max(after + 1 - self.first_seq, 0)
@@ -2772,6 +2780,7 @@ class RecordTable:
     FIELDS = tuple(f.name for f in dataclasses.fields(Record))
     CODES = "QQBBIQQIIqq"   # the record header's widths; segment and pos may be -1
     fields_of = operator.attrgetter(*FIELDS)
+    COLUMN = {name: i for i, name in enumerate(FIELDS)}
 
     def __init__(self, records=()):
         self.cols = [array.array(code) for code in self.CODES]
@@ -2797,7 +2806,11 @@ class RecordTable:
         return (Record(*t) for t in zip(*self.cols))
 
     def column(self, name: str) -> array.array:
-        return self.cols[self.FIELDS.index(name)]
+        return self.cols[self.COLUMN[name]]
+
+    def field(self, i: int, name: str) -> int:
+        """Field ``name`` of record ``i``, without making the Record."""
+        return self.cols[self.COLUMN[name]][i]
 
     def span(self, name: str, lo: int, hi: int) -> slice:
         """The records whose ``name`` (a field they are sorted by) lies in [lo, hi]."""
@@ -3991,11 +4004,12 @@ class Applier:
             return False
         if self.waiters or self.store.stop_event.is_set():
             return True
-        first = self.journal.record(self.applied_seq + 1)
-        if first is None or time.time_ns() - first.time_ns >= APPLY_DELAY * 1e9:
+        first_time = self.journal.record_field(self.applied_seq + 1, "time_ns")
+        if first_time is None or time.time_ns() - first_time >= APPLY_DELAY * 1e9:
             return True
-        last = self.journal.record(self.journal.durable_seq)
-        return last is not None and last.pos - first.pos >= APPLY_BATCH_BYTES // 2
+        first_pos = self.journal.record_field(self.applied_seq + 1, "pos")
+        last_pos = self.journal.record_field(self.journal.durable_seq, "pos")
+        return last_pos is not None and last_pos - first_pos >= APPLY_BATCH_BYTES // 2
 
     def apply_some(self, touched: set | None = None, force: bool = False) -> list[Record]:
         """Apply one batch of durable records (applier thread, or offline callers)."""
@@ -4065,8 +4079,8 @@ class Applier:
                             vol.unapplied_bytes = 0
                             vol.unapplied_since_ns = 0
                         else:
-                            nxt = self.journal.record(rec.seq + 1)
-                            vol.unapplied_since_ns = nxt.time_ns if nxt else 0
+                            vol.unapplied_since_ns = (
+                                self.journal.record_field(rec.seq + 1, "time_ns") or 0)
                 self.applied_cond.notify_all()
         self.journal.log.drop_cached(batch)
 

@@ -506,6 +506,8 @@ def test_a_record_table_reads_as_the_list_of_its_records():
     records.append(records[0])
     assert list(table) == records
     assert list(table.column("offset")) == [r.offset for r in records]
+    assert all(table.field(i, name) == getattr(rec, name)
+               for i, rec in enumerate(records) for name in rephub.RecordTable.FIELDS)
 
 
 def test_a_time_names_the_last_record_stamped_at_or_before_it(tmp_path):
@@ -516,6 +518,9 @@ def test_a_time_names_the_last_record_stamped_at_or_before_it(tmp_path):
         durable(store, recs[-1])
         j = store.journal
         first = j.record(j.first_seq)
+        assert [j.record_field(r.seq, "time_ns") for r in recs] == [r.time_ns for r in recs]
+        assert j.record_field(j.first_seq - 1, "pos") is None
+        assert j.record_field(j.last_seq + 1, "pos") is None
         assert j.seq_at_time(first.time_ns - 1) is None
         for rec in recs[:-1]:
             # The last record of that stamp (several may share one)
