@@ -3310,11 +3310,12 @@ class DataSums:
     crcs: array.array
 
     @classmethod
-    def of_frame(cls, offset: int, payload) -> tuple[int, DataSums]:
-        """The CRC-32 of ``payload``, data at volume ``offset``, and its chunks' sums."""
+    def of_frame(cls, offset: int, payload) -> tuple[int, DataSums | None]:
+        """The CRC-32 of ``payload``, data at volume ``offset``, and its chunks'
+        sums (None if it covers no chunk wholly)."""
         head = -offset % CHECK_CHUNK
         crc, crcs = p.crc32_pieces(payload, head, CHECK_CHUNK)
-        return crc, cls((offset + head) // CHECK_CHUNK, array.array("I", crcs))
+        return crc, cls((offset + head) // CHECK_CHUNK, array.array("I", crcs)) if crcs else None
 
     def of_chunk(self, chunk: int) -> int | None:
         i = chunk - self.first

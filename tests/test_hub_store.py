@@ -590,6 +590,7 @@ def test_a_write_with_its_data_sums_reads_back_only_the_chunks_it_cuts(tmp_path)
         data = os.urandom(4 * chunk)
         crc, known = rephub.DataSums.of_frame(chunk + 100, data)
         assert crc == zlib.crc32(data) and known.first == 2 and len(known.crcs) == 3
+        assert rephub.DataSums.of_frame(4096, data[:chunk]) == (zlib.crc32(data[:chunk]), None)
         sums.note(unreadable, 2 * chunk, 3 * chunk, known)
         assert sums.pending == {c: rephub.ReplicaSums.kept(zlib.crc32(
             data[c * chunk - chunk - 100:(c + 1) * chunk - chunk - 100])) for c in (2, 3, 4)}
