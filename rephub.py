@@ -1060,6 +1060,7 @@ class AgentConnection:
         set_state, refuse          conn-HOST:PORT
         track_request              conn-HOST:PORT (the recv loop)
         send, send_error           any thread; takes AgentSocket.send_lock
+        send_many                  any thread (the acker); takes AgentSocket.send_lock
         say_goodbye, abort         any thread (heartbeat, storage-watch, control-N, acker-HOST:PORT)
         ping                       heartbeat
         status                     control-N and rephub-metrics (Hub.status)
@@ -1109,12 +1110,21 @@ class AgentConnection:
         of the agent's requests frees its request id before it leaves: the
         agent may use the id again once it has the answer (RP-12).
         ``payload_crc``: the payload's CRC-32 if the caller has it."""
+        self._sending(msg)
+        self.io.send(msg, payload_crc)
+
+    def send_many(self, msgs: list[p.Message]) -> None:
+        """``send`` each of ``msgs``, in order, in as few system calls as it can."""
+        for msg in msgs:
+            self._sending(msg)
+        self.io.send_many(msgs)
+
+    def _sending(self, msg: p.Message) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("<-- %s to %s", msg.describe(), self.peer)
         if msg.TYPE in p.ANSWERS or (msg.TYPE is p.MsgType.ERROR
                                      and msg.failed_type in p.REQUESTS):
             self.outstanding.discard(msg.request_id)
-        self.io.send(msg, payload_crc)
 
     def track_request(self, msg: p.Message) -> None:
         """Recv loop: note a request of the agent until its answer is sent.  One
@@ -2054,9 +2064,12 @@ class Acker(threading.Thread):
                     while self.items and self.items[0][0] <= durable:
                         ready.append(self.items.popleft())
                     self.cond.notify_all()
-                for _, msg, callback in ready:
-                    if msg is not None:
-                        self.conn.send(msg)
+                # What one commit made durable leaves in one go (group commit's
+                # ACKs: one system call, not one each).
+                msgs = [msg for _, msg, _ in ready if msg is not None]
+                if msgs:
+                    self.conn.send_many(msgs)
+                for _, _, callback in ready:
                     if callback is not None:
                         callback()
         except (OSError, ConnectionClosed) as err:
@@ -2096,6 +2109,7 @@ class AgentSocket:
         recv_frame, start_tls      conn-HOST:PORT
         settimeout, close          conn-HOST:PORT, at set-up and at the end
         send, send_last, seal      any thread; takes send_lock
+        send_many                  any thread (the acker); takes send_lock
         shutdown                   any thread (it ends the recv loop)
     """
 
@@ -2118,6 +2132,12 @@ class AgentSocket:
             if self.sock is None or self.sealed:
                 raise ConnectionClosed("connection closed")
             p.send_message(self.sock, msg, payload_crc)
+
+    def send_many(self, msgs: list[p.Message]) -> None:
+        with self.send_lock:
+            if self.sock is None or self.sealed:
+                raise ConnectionClosed("connection closed")
+            p.send_messages(self.sock, msgs)
 
     def send_last(self, msg: p.Message) -> None:
         """Send ``msg`` if the stream is still open, then seal it: nothing follows."""

@@ -362,16 +362,18 @@ def install_hub_timers(probe: Probe) -> None:
         return f
     wrap(rephub.Applier, "_apply_batch", apply_batch)
 
-    def send_message(orig):
+    def sending(orig, many: bool):
         def f(sock, msg, *rest):
             t = now()
             orig(sock, msg, *rest)
-            if type(msg) is protocol.Ack:
-                rec = probe.recs.get(msg.request_id)
+            t1 = now()
+            for m in (msg if many else [msg]):
+                rec = probe.recs.get(m.request_id) if type(m) is protocol.Ack else None
                 if rec is not None:
-                    rec["a0"], rec["a1"] = t, now()
+                    rec["a0"], rec["a1"] = t, t1
         return f
-    protocol.send_message = send_message(protocol.send_message)
+    protocol.send_message = sending(protocol.send_message, False)
+    protocol.send_messages = sending(protocol.send_messages, True)   # the acker's
 
 
 def install_cprofile(probe: Probe) -> None:

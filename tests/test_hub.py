@@ -172,6 +172,44 @@ def test_pipelined_writes_from_several_agents_and_volumes_group_commit(hubenv, m
         agent.close()
 
 
+def test_the_acks_one_commit_makes_durable_leave_in_one_send(hubenv, monkeypatch):
+    """Writes appended while a commit's fdatasync runs are made durable by the
+    next one, and their ACKs go out together (one ``send_many``), in order."""
+    hub, sec = hubenv
+    journal_log = hub.store.journal.log
+    syncing, release = threading.Event(), threading.Event()
+    real_do_sync = rephub.SegmentLog.do_sync
+
+    def held_do_sync(self, work):
+        if self is journal_log:
+            syncing.set()
+            release.wait(20)
+        real_do_sync(self, work)
+    sends = []
+    real_send_many = rephub.AgentConnection.send_many
+
+    def send_many(self, msgs):
+        sends.append([m.request_id for m in msgs])
+        real_send_many(self, msgs)
+    with connect(hub, sec) as agent:
+        vid = attach_synced(agent, hub, "v", MemVolume(MiB))
+        monkeypatch.setattr(rephub.SegmentLog, "do_sync", held_do_sync)
+        monkeypatch.setattr(rephub.AgentConnection, "send_many", send_many)
+        held = agent.write(vid, 0, b"h" * 4096)
+        assert syncing.wait(10), "the commit of the first write did not start"
+        last = hub.store.journal.last_seq
+        reqs = [agent.write(vid, i * 4096, bytes([i]) * 4096) for i in range(1, 9)]
+        wait_until(lambda: hub.store.journal.last_seq == last + 8, 10, "8 writes journaled")
+        release.set()
+        for req in [held, *reqs]:
+            agent.expect_ack(req)
+    acks = [r for batch in sends for r in batch]
+    assert acks[acks.index(held):] == [held, *reqs]
+    # The commit held may have been an earlier record's, and the first write's
+    # may then join the next: the 8 journaled behind it leave together.
+    assert any(set(reqs) <= set(batch) for batch in sends), sends
+
+
 def test_zero_and_flush_and_checkpoint_are_acked(hubenv):
     hub, sec = hubenv
     with connect(hub, sec) as agent:

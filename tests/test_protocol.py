@@ -367,6 +367,31 @@ def test_send_message_resumes_partial_sendmsg(step):
     assert bytes(sock.out) == p.encode(msg)
 
 
+@pytest.mark.parametrize("step", [1, 49, 1 << 30])
+def test_send_messages_sends_a_burst_in_order_in_few_calls(step):
+    """A burst (ACKs, a SYNCED with a WRITE between) leaves in order, whatever
+    each sendmsg takes; all at once when the socket takes it, in calls of at
+    most SENDMSG_PARTS buffers; over TLS, part by part."""
+    msgs = [p.Ack(request_id=i + 1) for i in range(2 * p.SENDMSG_PARTS)]
+    msgs[5:5] = [p.Synced(request_id=9000, volume=1, offset=0, length=4096),
+                 p.Write(request_id=9001, volume=1, offset=0, data=b"x" * 100)]
+    calls = []
+
+    class Counting(ChoppySocket):
+        def sendmsg(self, parts):
+            calls.append(len(parts))
+            return super().sendmsg(parts)
+    sock = Counting(step)
+    p.send_messages(sock, msgs)
+    assert bytes(sock.out) == b"".join(p.encode(m) for m in msgs)
+    assert max(calls) <= p.SENDMSG_PARTS
+    if step == 1 << 30:
+        assert len(calls) == -(-(len(msgs) + 1) // p.SENDMSG_PARTS)   # the WRITE has 2 parts
+    tls = TlsLikeSocket()
+    p.send_messages(tls, msgs)
+    assert bytes(tls.out) == bytes(sock.out)
+
+
 def test_send_message_on_a_socket_without_sendmsg():
     msg = p.Checkpoint(request_id=4, name="cp1")
     sock = TlsLikeSocket()
