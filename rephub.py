@@ -10,7 +10,6 @@ the left first; what each thread takes: docs/DESIGN.md "Threads and locks")::
     Volume.attach_lock → Attachments.sync_lock → Applier.applied_cond
     Volume.attach_lock → Journal.lock → Volume.lock, Health.lock, SegmentLog.read_lock
     Volume.attach_lock → Applier.applied_cond, SyncJob.cond, Acker.cond
-    Journal.durable_cond → Journal.lock
     VolumeStore.apply_lock → Applier.applied_cond → Journal.lock
     VolumeStore.apply_lock → SegmentLog.read_lock
     VolumeStore.lock → Health.lock
@@ -277,6 +276,9 @@ APPLY_PERSIST_INTERVAL = 1.0
 #: before a batch, so its undo and replica fdatasyncs stay few and large and do
 #: not compete with the journal's; a reader waiting in ``wait_applied`` cuts it short.
 APPLY_DELAY = 0.25
+#: ... and looks whether a batch is due this often, not at every commit (the
+#: ackers wait for those; an applier woken beside them only takes the GIL).
+APPLY_POLL = 0.05
 DEFAULT_RETENTION = 24 * 3600.0
 #: The scrub reads every replica this often, at most this fast.
 DEFAULT_SCRUB_INTERVAL = 24 * 3600.0
@@ -3950,6 +3952,7 @@ class Applier:
         self.applied_seq = 0          # the last journal seq the replicas hold
         self.undo_committed_seq = 0   # the last seq whose UNDO is durable (UNDO_COMMIT)
         self.waiters = 0              # threads in wait_applied: apply now, do not gather
+        self.wake = threading.Event()  # look now: a reader waits, or the store stops
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None   # what stopped the thread, kept
 
@@ -3959,8 +3962,7 @@ class Applier:
 
     def stop(self) -> None:
         """Wake the thread (the store's ``stop_event`` is set) and join it."""
-        with self.journal.durable_cond:
-            self.journal.durable_cond.notify_all()
+        self.wake.set()
         if self.thread:
             self.thread.join(timeout=60)
             if self.thread.is_alive():
@@ -4010,9 +4012,9 @@ class Applier:
                 if not batch:
                     if self.store.stop_event.is_set():
                         return
-                    with self.journal.durable_cond:
-                        if not self._apply_ready():
-                            self.journal.durable_cond.wait(0.05)
+                    self.wake.clear()
+                    if not self._apply_ready():
+                        self.wake.wait(APPLY_POLL)
         except BaseException as err:  # keep the evidence; the journal still has everything
             self.error = err
             self.health.fail(Fault.REPLICA_IO, f"applier stopped: {err!r}; replicas stay "
@@ -4136,8 +4138,7 @@ class Applier:
         with self.applied_cond:
             self.waiters += 1
         try:
-            with self.journal.durable_cond:
-                self.journal.durable_cond.notify_all()  # wake the applier now
+            self.wake.set()
             with self.applied_cond:
                 while self.applied_seq < seq:
                     if self.thread is None or not self.thread.is_alive():

@@ -482,6 +482,32 @@ def test_a_zeroed_range_leaves_the_sums_of_what_the_replica_reads(tmp_path):
         store.close()
 
 
+def test_the_applier_is_not_woken_by_each_commit_but_by_a_reader(tmp_path, monkeypatch):
+    """Commits wake the ackers, not the applier: it looks every APPLY_POLL
+    (here an hour), so 20 commits cost it no look.  A reader waiting in
+    ``wait_applied`` wakes it at once, gathering or not."""
+    monkeypatch.setattr(rephub, "APPLY_POLL", 3600.0)
+    monkeypatch.setattr(rephub, "APPLY_DELAY", 3600.0)
+    store = open_store(tmp_path)
+    looks = []
+    real_ready = rephub.Applier._apply_ready
+
+    def apply_ready(self):
+        looks.append(self.journal.durable_seq)
+        return real_ready(self)
+    try:
+        vol = store.create_volume("v", MiB, 65536, "a1", bytes(16))
+        store.applier.wait_applied(store.journal.last_seq, timeout=10)   # the applier sleeps
+        monkeypatch.setattr(rephub.Applier, "_apply_ready", apply_ready)
+        recs = [durable(store, store.append_data(vol, i * 4096, 4096, os.urandom(4096)))
+                for i in range(20)]
+        assert len(looks) <= 1 and store.applier.applied_seq < recs[0]
+        store.applier.wait_applied(recs[-1], timeout=10)
+        assert store.applier.applied_seq >= recs[-1]
+    finally:
+        store.close()
+
+
 def test_a_record_table_reads_as_the_list_of_its_records():
     """RecordTable, the journal's and the undo index's packed storage, against
     a plain list: every field at its widest (LOST records have pos -1)."""
