@@ -4133,7 +4133,10 @@ class Applier:
             vol.update(applied_seq=seq)
 
     def wait_applied(self, seq: int, timeout: float = 60.0) -> None:
-        """Block until the replicas hold every record up to ``seq``."""
+        """Block until the replicas hold every record up to ``seq``.  Wakes the
+        applier, which takes a durable ``seq`` at once; commits do not wake it,
+        so wait for ``seq`` to be durable first (``Journal.wait_durable``), or
+        pay up to APPLY_POLL more."""
         deadline = time.monotonic() + timeout
         with self.applied_cond:
             self.waiters += 1
