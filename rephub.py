@@ -2731,7 +2731,7 @@ class Journal:
     def record_field(self, seq: int, name: str) -> int | None:
         """Field ``name`` of record ``seq`` (None if it is not in the journal):
         what ``record`` gives, at a fraction of its cost, for the applier's
-        checks on each commit."""
+        per-record bookkeeping and its readiness check."""
         with self.lock:
             i = seq - self.first_seq
             return self.records.field(i, name) if 0 <= i < len(self.records) else None
