@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import random
+import threading
 import time
 import zlib
 
@@ -458,5 +459,62 @@ def test_replica_rot_is_never_served_and_is_resynced(tmp_path, found_by, caplog)
             if found_by == "scrub":
                 assert "scrub of v: 1 damaged chunks" in caplog.text
                 assert "scrub of v" in rephub.format_status(hub.status())
+    finally:
+        hub.shutdown(grace=5)
+
+
+@pytest.mark.parametrize("found_by", ["read", "scrub"])
+def test_a_record_rotten_between_append_and_apply_is_found_and_resynced(
+        tmp_path, monkeypatch, found_by, caplog):
+    """The applier copies a record's payload into the replica without reading
+    it, so a payload that rots in the journal before it is applied reaches the
+    replica.  The replica's sums of the chunks the WRITE covered wholly come
+    from the data the agent sent, not from that copy: a read or the scrub
+    finds the damage, and the verify fetches the chunk from the agent again."""
+    monkeypatch.setattr(rephub, "APPLY_DELAY", 3600.0)   # applied when a reader asks
+    monkeypatch.setattr(rephub, "APPLY_POLL", 3600.0)
+    agents = str(tmp_path / "agents")
+    secrets_by_id = make_agents_file(agents, "a1")
+    data_dir = str(tmp_path / "data")
+    hub = rephub.Hub(data_dir, agents, heartbeat=0.2, scrub_interval=0)
+    hub.start()
+    chunk = rephub.CHECK_CHUNK
+    try:
+        rng = random.Random(23)
+        mv = MemVolume(2 * MiB, rng.randbytes(2 * MiB))
+        with TestAgent(hub.address, "a1", secrets_by_id["a1"]).connect() as agent:
+            vid, _ = agent.attach("v", mv)
+            vol, store = hub.store.volume("v"), hub.store
+            wait_until(lambda: vol.state == rephub.VolState.CONSISTENT and vol.sync is None, 20,
+                       "the initial sync")
+            store.applier.wait_applied(store.journal.durable_seq)
+            data = rng.randbytes(2 * chunk)              # chunks 5 and 6, wholly
+            mv.write(5 * chunk, data)
+            agent.expect_ack(agent.write(vid, 5 * chunk, data))
+            rec = store.journal.record(store.journal.durable_seq)
+            assert (rec.offset, rec.length) == (5 * chunk, 2 * chunk)
+            with open(store.journal.log.path(rec.segment), "r+b") as f:
+                f.seek(rec.pos + chunk + 100)            # in chunk 6
+                rotten = bytes(b ^ 0xFF for b in f.read(16))
+                f.seek(rec.pos + chunk + 100)
+                f.write(rotten)
+            store.applier.wait_applied(rec.seq)
+            with open(os.path.join(data_dir, "volumes", "v", "replica"), "rb") as f:
+                f.seek(6 * chunk + 100)
+                assert f.read(16) == rotten, "the applier copied the rotten payload"
+            if found_by == "read":
+                assert store.window.read_at(vol, rec.seq, 5 * chunk, chunk) == data[:chunk]
+                with pytest.raises(rephub.ReplicaDamaged):
+                    store.window.read_at(vol, rec.seq, 6 * chunk, 4096)
+            else:
+                store.faults.scrub(vol, rephub.RateLimiter(0), threading.Event())
+                assert "scrub of v: 1 damaged chunks" in caplog.text
+            wait_until(lambda: vol.last_sync is not None and vol.last_sync["plan"] == "VERIFY"
+                       and vol.sync is None and vol.state == rephub.VolState.CONSISTENT, 30,
+                       "the verify to repair it")
+            store.applier.wait_applied(store.journal.durable_seq)
+            assert not vol.health.report("v"), vol.health.report("v")
+            got = store.window.read_at(vol, store.journal.durable_seq, 0, 2 * MiB)
+            assert got == bytes(mv.buf)
     finally:
         hub.shutdown(grace=5)
