@@ -908,10 +908,16 @@ def main() -> int:
     ap.add_argument("--json", action="store_true",
                     help="also print a BENCH-JSON line for bench/report.py")
     ap.add_argument("--levels", default="plain,timers,cprofile",
-                    help="probe passes to run (a report needs all three)")
+                    help="probe passes to run; the stage tables need timers, the thread tables, "
+                         "the summary and --json all three")
     ap.add_argument("--save", help="write the raw measurements to this JSON file")
     ap.add_argument("--load", help="report on a --save file instead of measuring")
     args = ap.parse_args()
+    levels = args.levels.split(",")
+    if "plain" not in levels or not set(levels) <= {"plain", "timers", "cprofile"}:
+        ap.error(f"--levels {args.levels}: plain and any of timers, cprofile")
+    if args.json and len(set(levels)) < 3:
+        ap.error("--json needs --levels plain,timers,cprofile")
     if args.load:
         raw = json.loads(Path(args.load).read_text())
         return report(args, {tuple(json.loads(k)): v for k, v in raw["res"].items()},
@@ -968,6 +974,9 @@ def report(args, res: dict, floor: dict) -> int:
                   f"  p99 {r['p99_us']:>6.0f} us ({r['p99_us'] / b['p99_us']:4.2f}x)  "
                   f"{r['iops']:>6.0f} writes/s ({r['iops'] / b['iops']:4.2f}x)")
 
+    levels = {level for _, level, _ in res}
+    if "timers" not in levels:
+        return partial_report(levels)
     # -- the stages of one sync write
     t1 = res[("repagent sync", "timers", 1)]
     rows, tot = stage_table(t1)
@@ -999,6 +1008,8 @@ def report(args, res: dict, floor: dict) -> int:
         for name, p50, p99 in async_agent_table(res[("repagent async", "timers", qd)]):
             print(f"  {name:<40} {p50:>8.1f} {p99:>8.1f}")
 
+    if "cprofile" not in levels:
+        return partial_report(levels)
     # -- threads and profiles
     for mode in ("sync", "async"):
         for qd in (1, 16):
@@ -1025,6 +1036,13 @@ def report(args, res: dict, floor: dict) -> int:
         print("  - " + line)
     if args.json:
         emit_json(args, res, floor, rows, tot, rows16, tot16)
+    return 0
+
+
+def partial_report(levels: set) -> int:
+    """What a run without every probe pass reports: the passes it had, no more."""
+    print(f"\n(passes run: {', '.join(sorted(levels))}; the thread tables, the summary and "
+          "--json need --levels plain,timers,cprofile)")
     return 0
 
 

@@ -41,3 +41,16 @@ def test_the_profile_probes_find_what_they_wrap():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["--levels", "timers"], "--levels timers: plain and any of timers, cprofile"),
+    (["--levels", "plain,gil"], "--levels plain,gil: plain and any of timers, cprofile"),
+    (["--levels", "plain,timers", "--json"], "--json needs --levels plain,timers,cprofile")])
+def test_bench_profile_refuses_passes_its_report_cannot_use(argv, error):
+    """Its report needs the plain pass, and --json every pass: a run without
+    them is refused before anything is started, not ended by a traceback."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_profile.py"),
+                           *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert error in done.stderr
