@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import subprocess
+import threading
 import zlib
 
 import pytest
@@ -506,6 +507,41 @@ def test_the_applier_is_not_woken_by_each_commit_but_by_a_reader(tmp_path, monke
         assert store.applier.applied_seq >= recs[-1]
     finally:
         store.close()
+
+
+def test_the_applier_runs_at_background_priority_and_the_write_path_does_not(tmp_path):
+    """The applier's batches yield the CPU to the threads a write waits for:
+    it runs at BACKGROUND_NICE, the committer (and the caller) at their own."""
+    store = open_store(tmp_path)
+    try:
+        own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        assert own < rephub.BACKGROUND_NICE
+        applier = store.applier.thread.native_id
+        wait_until(lambda: os.getpriority(os.PRIO_PROCESS, applier) == rephub.BACKGROUND_NICE,
+                   10, "the applier to lower its priority")
+        committer = next(t for t in threading.enumerate() if t.name == "journal-committer")
+        assert os.getpriority(os.PRIO_PROCESS, committer.native_id) == own
+    finally:
+        store.close()
+
+
+def test_background_priority_only_ever_lowers():
+    """A thread already nicer than BACKGROUND_NICE stays so (raising a
+    priority needs a privilege the hub should not use); one at the usual is lowered."""
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert own < rephub.BACKGROUND_NICE
+    seen = []
+
+    def run(start):
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, start)
+        rephub.background_priority()
+        seen.append(os.getpriority(os.PRIO_PROCESS, tid))
+    for start in (own, rephub.BACKGROUND_NICE + 5):
+        t = threading.Thread(target=run, args=(start,))
+        t.start()
+        t.join(10)
+    assert seen == [rephub.BACKGROUND_NICE, rephub.BACKGROUND_NICE + 5]
 
 
 def test_a_record_table_reads_as_the_list_of_its_records():
