@@ -350,6 +350,84 @@ def test_the_replica_takes_its_sums_of_whole_chunks_from_the_data_received(huben
     assert hub.store.journal.data_sums == {}
 
 
+class CountingSocket:
+    """A socket whose recv_into calls are counted."""
+
+    def __init__(self, sock):
+        self.sock, self.calls = sock, 0
+
+    def recv_into(self, view):
+        self.calls += 1
+        return self.sock.recv_into(view)
+
+    def fileno(self):
+        return self.sock.fileno()
+
+
+@pytest.mark.parametrize("pieces", ["whole", "trickle", "random"])
+def test_the_recv_loop_reads_frames_of_every_size_through_its_buffer(pieces):
+    """After the handshake the hub reads its socket RECV_BUFFER at a time: the
+    frames come out whole and in order however the bytes arrive, payloads
+    around the buffer's size included; a burst of small frames takes few
+    recvs; a connection that ends inside a payload is a TruncatedFrame."""
+    big = rephub.RECV_BUFFER
+    sizes = [0, 1, 4096, big - p.HEADER_SIZE, big - 1, big, big + 1, 3 * big + 7, 4096, 0]
+    rng = random.Random(11)
+    msgs = [p.Write(request_id=i + 1, volume=1, offset=i * 8 * big, data=rng.randbytes(n))
+            if n else p.Flush(request_id=i + 1) for i, n in enumerate(sizes)]
+    wire = b"".join(p.encode(m) for m in msgs)
+    a, b = socket.socketpair()
+    reader = CountingSocket(b)
+    conn = rephub.AgentSocket(reader, "test", 10.0, lambda: False, True)
+    legal = p.legality(p.Side.HUB, 0)
+
+    def send():
+        if pieces == "whole":
+            a.sendall(wire)
+        else:
+            pos = 0
+            while pos < len(wire):
+                n = 1 if pieces == "trickle" and pos < 3 * big else rng.randrange(1, 2 * big)
+                a.sendall(wire[pos:pos + n])
+                pos += n
+        a.sendall(p.encode(p.Write(request_id=99, volume=1, offset=0, data=bytes(100)))[:-10])
+        a.shutdown(socket.SHUT_WR)
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        for want in msgs:
+            header, got, _ = conn.recv_frame(None, legal)
+            assert (got.TYPE, got.request_id) == (want.TYPE, want.request_id)
+            assert bytes(getattr(got, "data", b"")) == bytes(getattr(want, "data", b""))
+        with pytest.raises(p.TruncatedFrame, match="inside a payload"):
+            conn.recv_frame(None, legal)
+    finally:
+        sender.join(30)
+        a.close()
+        b.close()
+
+
+def test_a_burst_of_small_frames_takes_one_recv():
+    """40 WRITEs of 1 KiB already in the socket: the recv loop takes them in
+    one recv (they fit RECV_BUFFER), not two per frame, and waits for none."""
+    msgs = [p.Write(request_id=i + 1, volume=1, offset=i * 1024, data=bytes([i]) * 1024)
+            for i in range(40)]
+    wire = b"".join(p.encode(m) for m in msgs)
+    assert len(wire) < rephub.RECV_BUFFER
+    a, b = socket.socketpair()
+    try:
+        a.sendall(wire)
+        reader = CountingSocket(b)
+        conn = rephub.AgentSocket(reader, "test", 10.0, lambda: False, True)
+        got = [conn.recv_frame(None, p.legality(p.Side.HUB, 0))[1] for _ in msgs]
+        assert [(m.request_id, bytes(m.data)) for m in got] == [
+            (m.request_id, m.data) for m in msgs]
+        assert reader.calls == 1
+    finally:
+        a.close()
+        b.close()
+
+
 # -- sync plans ---------------------------------------------------------------------------
 
 
