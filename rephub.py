@@ -2123,11 +2123,12 @@ class AgentSocket:
 
     Only the connection thread reads (``recv_frame``), one whole frame at a
     time (after the handshake through ``rbuf``, RECV_BUFFER at a time, so a
-    burst of small frames costs one recv); any thread sends (``send``, under ``send_lock``) until the stream
-    is sealed (a GOODBYE or a protocol error's ERROR went last: LV-2, ER-1)
-    or closed.  Before AUTH_OK every read waits at most for what is left of
-    the handshake's deadline, so a peer trickling bytes is cut off in time,
-    and a payload over MAX_HANDSHAKE_PAYLOAD is refused unread [SE-3].
+    burst of small frames costs one recv); any thread sends (``send``, under
+    ``send_lock``) until the stream is sealed (a GOODBYE or a protocol
+    error's ERROR went last: LV-2, ER-1) or closed.  Before AUTH_OK every
+    read waits at most for what is left of the handshake's deadline, so a
+    peer trickling bytes is cut off in time, and a payload over
+    MAX_HANDSHAKE_PAYLOAD is refused unread [SE-3].
 
     Threads::
 
