@@ -2048,12 +2048,19 @@ def recv_message(sock, header_buf: bytearray | None = None,
 
     Returns None on a clean end of stream at a frame boundary.  The payload
     is read with ``recv_into`` straight into its own buffer, which the
-    message keeps (no copy).  Raises as ``decode_body``; with ``handshake``
-    (before AUTH_OK) also ``PayloadTooLarge`` past MAX_HANDSHAKE_PAYLOAD;
-    ``legal`` is ``decode_body``'s (``legality``, after AUTH_OK).
+    message keeps (no copy), and no byte past the frame is read.  Raises as
+    ``decode_body``; with ``handshake`` (before AUTH_OK) also
+    ``PayloadTooLarge`` past MAX_HANDSHAKE_PAYLOAD; ``legal`` is
+    ``decode_body``'s (``legality``, after AUTH_OK).
     """
-    header_buf = header_buf if header_buf is not None else bytearray(HEADER_SIZE)
-    got = recv_exactly_into(sock, memoryview(header_buf))
+    return _recv_message(functools.partial(recv_exactly_into, sock),
+                         header_buf if header_buf is not None else bytearray(HEADER_SIZE),
+                         handshake, legal)
+
+
+def _recv_message(read_into, header_buf: bytearray, handshake: bool, legal) -> Message | None:
+    """``recv_message`` with ``read_into(view)`` filling a view (short only at EOF)."""
+    got = read_into(memoryview(header_buf))
     if got == 0:
         return None
     if got < HEADER_SIZE:
@@ -2063,11 +2070,54 @@ def recv_message(sock, header_buf: bytearray | None = None,
     if handshake:
         check_handshake_header(header)
     payload = bytearray(header.payload_length)
-    got = recv_exactly_into(sock, memoryview(payload))
+    got = read_into(memoryview(payload))
     if got < header.payload_length:
         raise TruncatedFrame(f"connection closed inside a payload ({got} of "
                              f"{header.payload_length} bytes)")
     return decode_body(header, payload, legal)
+
+
+#: A FrameReader reads its socket this much at a time.
+RECV_BUFFER = 64 * 1024
+
+
+class FrameReader:
+    """Frames from a blocking socket, read RECV_BUFFER at a time, for an
+    established connection (a handshake must read no byte past its frames:
+    ``recv_message``).  A burst of small frames (4 KiB WRITEs, a sparse
+    sync's replies) then costs one recv, header and payload together; the
+    rest of a payload at least RECV_BUFFER long is read straight into its
+    own buffer.  One reader thread (the hub's recv loop)."""
+
+    def __init__(self, sock, size: int = RECV_BUFFER):
+        self.sock = sock
+        self.buf = memoryview(bytearray(size))
+        self.start = self.end = 0           # read and not yet taken: buf[start:end]
+        self.header_buf = bytearray(HEADER_SIZE)
+
+    def buffered(self) -> bool:
+        """Are bytes read from the socket waiting here (so a select would lie)?"""
+        return self.start < self.end
+
+    def read_into(self, view: memoryview) -> int:
+        """Fill ``view``, from the buffer first; short only at EOF."""
+        got = 0
+        while got < len(view):
+            if self.start == self.end:
+                if len(view) - got >= len(self.buf):
+                    return got + recv_exactly_into(self.sock, view[got:])
+                self.start, self.end = 0, self.sock.recv_into(self.buf)
+                if self.end == 0:
+                    break
+            n = min(len(view) - got, self.end - self.start)
+            view[got:got + n] = self.buf[self.start:self.start + n]
+            self.start += n
+            got += n
+        return got
+
+    def recv_message(self, legal=None) -> Message | None:
+        """``recv_message`` of an established connection, through the buffer."""
+        return _recv_message(self.read_into, self.header_buf, False, legal)
 
 
 #: At most this many buffers go to one ``sendmsg`` (Linux's IOV_MAX is 1024).

@@ -213,11 +213,6 @@ MAX_UNAUTHENTICATED_PER_ADDRESS = 16
 POLL_INTERVAL = 0.2
 #: A peer that stalls inside a frame for this long is cut off.
 FRAME_TIMEOUT = 60.0
-#: Once the handshake is done, the recv loop reads its socket this much at a
-#: time (``AgentSocket._read_buffered``), so that small frames arrive several
-#: to a recv, header and payload together; the rest of a payload at least
-#: this large goes straight into the payload's own buffer.
-RECV_BUFFER = 64 * 1024
 #: The hub pings every connection this often; status shows the RTT.
 HEARTBEAT_INTERVAL = 5.0
 #: A connection from which nothing (not even a PONG) arrived for this many
@@ -2122,8 +2117,8 @@ class AgentSocket:
     """The socket of one agent connection: frames in, frames out, and its end.
 
     Only the connection thread reads (``recv_frame``), one whole frame at a
-    time (after the handshake through ``rbuf``, RECV_BUFFER at a time, so a
-    burst of small frames costs one recv); any thread sends (``send``, under
+    time (after the handshake through a ``protocol.FrameReader``, so a burst
+    of small frames costs one recv); any thread sends (``send``, under
     ``send_lock``) until the stream is sealed (a GOODBYE or a protocol
     error's ERROR went last: LV-2, ER-1) or closed.  Before AUTH_OK every
     read waits at most for what is left of the handshake's deadline, so a
@@ -2150,8 +2145,7 @@ class AgentSocket:
         self.sealed = False
         self.header_buf = bytearray(p.HEADER_SIZE)
         self.last_recv = time.monotonic()     # when the last frame header arrived
-        self.rbuf = memoryview(bytearray(RECV_BUFFER))   # read, not yet taken: [rstart, rend)
-        self.rstart = self.rend = 0
+        self.reader: p.FrameReader | None = None   # from the first frame after the handshake
 
     # -- sending (any thread) ---------------------------------------------------
 
@@ -2237,8 +2231,8 @@ class AgentSocket:
         while True:
             if self.stopped():
                 return False
-            if self.rstart < self.rend or (isinstance(self.sock, TLSStream)
-                                           and self.sock.pending()):
+            if (self.reader is not None and self.reader.buffered()) or (
+                    isinstance(self.sock, TLSStream) and self.sock.pending()):
                 return True
             wait = POLL_INTERVAL
             if deadline is not None:
@@ -2274,24 +2268,6 @@ class AgentSocket:
             got += n
         return got
 
-    def _read_buffered(self, view: memoryview) -> int:
-        """``_read_into`` after the handshake, through ``rbuf``: what it holds
-        first, then the socket RECV_BUFFER at a time, or straight into ``view``
-        for a rest at least that large."""
-        got = 0
-        while got < len(view):
-            if self.rstart == self.rend:
-                if len(view) - got >= len(self.rbuf):
-                    return got + self._read_into(view[got:])
-                self.rstart, self.rend = 0, self.sock.recv_into(self.rbuf)
-                if self.rend == 0:
-                    break
-            n = min(len(view) - got, self.rend - self.rstart)
-            view[got:got + n] = self.rbuf[self.rstart:self.rstart + n]
-            self.rstart += n
-            got += n
-        return got
-
     def recv_frame(self, deadline: float | None = None, legal=None):
         """Read one frame; return (header, message, sums) or None when stopping or
         at EOF.  ``sums``: the DataSums of a WRITE, READ_REPLY or RWRITE that
@@ -2308,7 +2284,9 @@ class AgentSocket:
         # The handshake reads no byte past its frames: the TLS handshake may
         # follow the plaintext probe, and a refusal must not have read ahead.
         if deadline is None:
-            read = self._read_buffered
+            if self.reader is None:
+                self.reader = p.FrameReader(self.sock)
+            read = self.reader.read_into
         else:
             read = functools.partial(self._read_into, deadline=deadline)
         got = read(memoryview(self.header_buf))

@@ -28,6 +28,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPHUB = os.path.join(ROOT, "rephub.py")
 
 
+class CountingSocket:
+    """A socket whose recv_into calls are counted (how many recvs a reader took)."""
+
+    def __init__(self, sock):
+        self.sock, self.calls = sock, 0
+
+    def recv_into(self, view):
+        self.calls += 1
+        return self.sock.recv_into(view)
+
+    def fileno(self):
+        return self.sock.fileno()
+
+
 def wait_until(predicate, timeout: float = 10.0, what: str = "condition",
                interval: float = 0.01):
     """Poll ``predicate`` until it returns a true value (returned) or

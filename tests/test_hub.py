@@ -21,7 +21,7 @@ import pytest
 
 import protocol as p
 import rephub
-from hubtools import (REPHUB, AgentError, MemVolume, TestAgent, make_agents_file,
+from hubtools import (REPHUB, AgentError, CountingSocket, MemVolume, TestAgent, make_agents_file,
                       send_wrong_answers, wait_detached, wait_until)
 from procs import HubProc
 
@@ -350,27 +350,13 @@ def test_the_replica_takes_its_sums_of_whole_chunks_from_the_data_received(huben
     assert hub.store.journal.data_sums == {}
 
 
-class CountingSocket:
-    """A socket whose recv_into calls are counted."""
-
-    def __init__(self, sock):
-        self.sock, self.calls = sock, 0
-
-    def recv_into(self, view):
-        self.calls += 1
-        return self.sock.recv_into(view)
-
-    def fileno(self):
-        return self.sock.fileno()
-
-
 @pytest.mark.parametrize("pieces", ["whole", "trickle", "random"])
 def test_the_recv_loop_reads_frames_of_every_size_through_its_buffer(pieces):
     """After the handshake the hub reads its socket RECV_BUFFER at a time: the
     frames come out whole and in order however the bytes arrive, payloads
     around the buffer's size included; a burst of small frames takes few
     recvs; a connection that ends inside a payload is a TruncatedFrame."""
-    big = rephub.RECV_BUFFER
+    big = p.RECV_BUFFER
     sizes = [0, 1, 4096, big - p.HEADER_SIZE, big - 1, big, big + 1, 3 * big + 7, 4096, 0]
     rng = random.Random(11)
     msgs = [p.Write(request_id=i + 1, volume=1, offset=i * 8 * big, data=rng.randbytes(n))
@@ -413,7 +399,7 @@ def test_a_burst_of_small_frames_takes_one_recv():
     msgs = [p.Write(request_id=i + 1, volume=1, offset=i * 1024, data=bytes([i]) * 1024)
             for i in range(40)]
     wire = b"".join(p.encode(m) for m in msgs)
-    assert len(wire) < rephub.RECV_BUFFER
+    assert len(wire) < p.RECV_BUFFER
     a, b = socket.socketpair()
     try:
         a.sendall(wire)
