@@ -19,7 +19,7 @@ import pytest
 
 import protocol as p
 import rephub
-from hubtools import wait_until
+from hubtools import make_agents_file, wait_until
 
 MiB = 1024 * 1024
 
@@ -523,6 +523,23 @@ def test_the_applier_runs_at_background_priority_and_the_write_path_does_not(tmp
         assert os.getpriority(os.PRIO_PROCESS, committer.native_id) == own
     finally:
         store.close()
+
+
+def test_the_scrub_runs_at_background_priority_and_the_accept_loop_does_not(tmp_path):
+    """The scrub reads whole replicas in the background: BACKGROUND_NICE;
+    the hub's accept thread stays at the caller's priority."""
+    agents = str(tmp_path / "agents")
+    make_agents_file(agents, "a1")
+    hub = rephub.Hub(str(tmp_path / "data"), agents, scrub_interval=3600.0)
+    hub.start()
+    try:
+        own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        threads = {t.name: t.native_id for t in hub.threads}
+        wait_until(lambda: os.getpriority(os.PRIO_PROCESS, threads["scrub"])
+                   == rephub.BACKGROUND_NICE, 10, "the scrub to lower its priority")
+        assert os.getpriority(os.PRIO_PROCESS, threads["accept"]) == own
+    finally:
+        hub.shutdown(grace=5)
 
 
 def test_background_priority_only_ever_lowers():
