@@ -2053,14 +2053,8 @@ def recv_message(sock, header_buf: bytearray | None = None,
     ``PayloadTooLarge`` past MAX_HANDSHAKE_PAYLOAD; ``legal`` is
     ``decode_body``'s (``legality``, after AUTH_OK).
     """
-    return _recv_message(functools.partial(recv_exactly_into, sock),
-                         header_buf if header_buf is not None else bytearray(HEADER_SIZE),
-                         handshake, legal)
-
-
-def _recv_message(read_into, header_buf: bytearray, handshake: bool, legal) -> Message | None:
-    """``recv_message`` with ``read_into(view)`` filling a view (short only at EOF)."""
-    got = read_into(memoryview(header_buf))
+    header_buf = header_buf if header_buf is not None else bytearray(HEADER_SIZE)
+    got = recv_exactly_into(sock, memoryview(header_buf))
     if got == 0:
         return None
     if got < HEADER_SIZE:
@@ -2070,7 +2064,7 @@ def _recv_message(read_into, header_buf: bytearray, handshake: bool, legal) -> M
     if handshake:
         check_handshake_header(header)
     payload = bytearray(header.payload_length)
-    got = read_into(memoryview(payload))
+    got = recv_exactly_into(sock, memoryview(payload))
     if got < header.payload_length:
         raise TruncatedFrame(f"connection closed inside a payload ({got} of "
                              f"{header.payload_length} bytes)")
@@ -2082,18 +2076,18 @@ RECV_BUFFER = 64 * 1024
 
 
 class FrameReader:
-    """Frames from a blocking socket, read RECV_BUFFER at a time, for an
-    established connection (a handshake must read no byte past its frames:
-    ``recv_message``).  A burst of small frames (4 KiB WRITEs, a sparse
-    sync's replies) then costs one recv, header and payload together; the
-    rest of a payload at least RECV_BUFFER long is read straight into its
-    own buffer.  One reader thread (the hub's recv loop)."""
+    """The bytes of a blocking socket, read RECV_BUFFER at a time, for the
+    frames of an established connection (a handshake must read no byte past
+    its frames: ``recv_message``).  A burst of small frames (4 KiB WRITEs, a
+    sparse sync's replies) then costs one recv, headers and payloads
+    together; the rest of a payload at least RECV_BUFFER long is read
+    straight into its own buffer.  One reader thread (the hub's recv loop,
+    which parses the frames: ``AgentSocket.recv_frame``)."""
 
     def __init__(self, sock, size: int = RECV_BUFFER):
         self.sock = sock
         self.buf = memoryview(bytearray(size))
         self.start = self.end = 0           # read and not yet taken: buf[start:end]
-        self.header_buf = bytearray(HEADER_SIZE)
 
     def buffered(self) -> bool:
         """Are bytes read from the socket waiting here (so a select would lie)?"""
@@ -2114,10 +2108,6 @@ class FrameReader:
             self.start += n
             got += n
         return got
-
-    def recv_message(self, legal=None) -> Message | None:
-        """``recv_message`` of an established connection, through the buffer."""
-        return _recv_message(self.read_into, self.header_buf, False, legal)
 
 
 #: At most this many buffers go to one ``sendmsg`` (Linux's IOV_MAX is 1024).
