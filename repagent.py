@@ -2928,7 +2928,10 @@ class QemuSide:
 
     ``qmp`` is replaced when QSD comes back after a restart; ``mirror_lock``
     keeps the jobs thread and a fail-back's QMP work apart (it is taken
-    before the stream's lock).
+    before the stream's lock), and the jobs thread and ``unprotect``: once
+    that has begun, the jobs thread sets no mirror up again (it would find
+    the job cancelled, start a new one into a target about to go away, and
+    leave the guest's writes to stall on it).
 
     Threads::
 
@@ -2946,6 +2949,7 @@ class QemuSide:
         self.stopping = stopping
         self.count_error = count_error
         self.mirror_lock = threading.Lock()
+        self.unprotected = False     # under mirror_lock: the mirrors are going away
         self.qmp: QMPClient | None = None
 
     def connect(self) -> QMPClient:
@@ -2957,15 +2961,17 @@ class QemuSide:
         return self.qmp
 
     def unprotect(self) -> None:
-        """``--unprotect-on-exit``: remove every mirror; the hub verifies next time."""
-        for vol in self.volumes:
-            try:
-                teardown_mirror(self.qmp, vol.meta)
-                vol.meta["mirror"] = False
-                vol.meta["needs_verify"] = True
-                vol.save_meta()
-            except (OSError, QMPError, QMPClosed) as err:
-                log.error("could not tear down the mirror of %s: %s", vol.name, err)
+        """``protect --unprotect``, at exit: remove every mirror; the hub verifies next time."""
+        with self.mirror_lock:
+            self.unprotected = True
+            for vol in self.volumes:
+                try:
+                    teardown_mirror(self.qmp, vol.meta)
+                    vol.meta["mirror"] = False
+                    vol.meta["needs_verify"] = True
+                    vol.save_meta()
+                except (OSError, QMPError, QMPClosed) as err:
+                    log.error("could not tear down the mirror of %s: %s", vol.name, err)
 
     def close(self) -> None:
         if self.qmp is not None:
@@ -2982,16 +2988,25 @@ class QemuSide:
         """repagent-jobs thread: keep every mirror running; redo it after a QSD restart."""
         while not self.stopping.wait(JOB_POLL_INTERVAL):
             try:
-                if self.qmp is None or self.qmp.closed.is_set():
-                    self._reconnect()
-                for vol in self.volumes:
-                    with self.mirror_lock:
-                        if vol.failback is None:   # a fail-back owns the node meanwhile
-                            self.check_job(vol)
+                self.check_jobs()
             except (OSError, QMPError, QMPClosed, LookupError) as err:
                 if self.qmp is not None and not self.qmp.closed.is_set():
                     log.warning("mirror check failed: %s", err)
                     self.count_error("qmp")
+
+    def check_jobs(self) -> None:
+        """One round of the jobs thread: every volume's ``check_job``."""
+        if self.qmp is None or self.qmp.closed.is_set():
+            self._reconnect()
+        for vol in self.volumes:
+            with self.mirror_lock:
+                if self._looks_after(vol):
+                    self.check_job(vol)
+
+    def _looks_after(self, vol: Volume) -> bool:
+        """Under mirror_lock: is vol's mirror the jobs thread's to keep running?
+        Not while a fail-back owns the node, nor once ``unprotect`` has begun."""
+        return vol.failback is None and not self.unprotected
 
     def _reconnect(self) -> None:
         if self.qmp is not None:
@@ -3003,7 +3018,7 @@ class QemuSide:
         log.info("QMP connection to %s re-established", self.cfg.qmp)
         for vol in self.volumes:
             with self.mirror_lock:
-                if vol.failback is None:
+                if self._looks_after(vol):
                     self.set_up_mirror(vol)
 
     def check_job(self, vol: Volume) -> None:

@@ -513,3 +513,65 @@ def test_a_dirty_map_too_long_for_one_frame_is_coarsened(tmp_path):
         assert set(bm.set_chunks()) <= covered, "a coarse map still covers every dirty chunk"
     finally:
         bm.close()
+
+
+class FakeQMP:
+    """QSD's job and node bookkeeping as the mirror's QMP commands see it,
+    recording each command and whether ``mirror_lock`` was held for it."""
+
+    def __init__(self, lock: threading.Lock, jobs: dict, nodes: set):
+        self.lock, self.jobs, self.nodes = lock, jobs, nodes
+        self.closed = threading.Event()
+        self.commands: list[tuple[str, bool]] = []
+
+    def execute(self, cmd: str, **args):
+        self.commands.append((cmd, self.lock.locked()))
+        if cmd == "query-block-jobs":
+            return [{"device": job_id, "status": status, "io-status": "ok"}
+                    for job_id, status in self.jobs.items()]
+        if cmd == "query-named-block-nodes":
+            return [{"node-name": name} for name in sorted(self.nodes)]
+        if cmd == "x-debug-query-block-graph":
+            return {"nodes": [], "edges": []}
+        if cmd in ("block-job-cancel", "job-finalize"):
+            self.jobs[args.get("device", args.get("id"))] = "concluded"
+        elif cmd == "job-dismiss":
+            del self.jobs[args["id"]]
+        elif cmd == "blockdev-add":
+            self.nodes.add(args["node-name"])
+        elif cmd == "blockdev-del":
+            self.nodes.discard(args["node-name"])
+        elif cmd == "blockdev-mirror":
+            self.jobs[args["job-id"]] = "ready"
+        return {}
+
+
+def test_once_unprotect_has_begun_the_jobs_thread_sets_no_mirror_up(tmp_path):
+    """``protect --unprotect`` tears the mirrors down while the jobs thread
+    still runs: a round of it must not find the job cancelled and start a
+    new one into a target about to go away (the guest's writes would stall
+    on it once the agent is gone)."""
+    cfg = ra.Config(hub=("127.0.0.1", 1), agent_id="a1", secret=b"s" * 32, qmp="-",
+                    nodes=[("disk0", "vol0")], state_dir=str(tmp_path / "state"))
+    os.makedirs(cfg.state_dir)
+    agent = ra.Agent(cfg)
+    vol, side = agent.volumes[0], agent.qemu
+    vol.bitmap = ra.DirtyBitmap(vol.bitmap_path, SIZE, CHUNK)
+    job_id, target = vol.meta["job_id"], vol.meta["target_node"]
+    vol.meta["mirror"] = True
+    qmp = side.qmp = FakeQMP(side.mirror_lock, {job_id: "ready"}, {"disk0", target})
+    try:
+        side.check_jobs()
+        assert vol.job_status == "ready" and qmp.jobs == {job_id: "ready"}
+        side.unprotect()
+        assert qmp.jobs == {} and target not in qmp.nodes
+        assert all(locked for cmd, locked in qmp.commands
+                   if cmd in ("block-job-cancel", "job-dismiss", "blockdev-del")), \
+            "the teardown holds mirror_lock, so no round of the jobs thread runs inside it"
+        assert not vol.meta["mirror"] and vol.meta["needs_verify"]
+        side.check_jobs()
+        assert qmp.jobs == {} and target not in qmp.nodes, \
+            "the jobs thread set the mirror up again"
+        assert "blockdev-mirror" not in [cmd for cmd, _ in qmp.commands]
+    finally:
+        vol.bitmap.close()

@@ -337,6 +337,22 @@ def test_sigterm_drains_keeps_the_job_and_unprotect_removes_it(world):
     assert_identical(qsd, hub, agent)
 
 
+def test_protect_with_unprotect_removes_the_mirror_at_sigterm(world):
+    qsd, hub, agent = world(fmt="raw", mode="async", extra=("--unprotect",))
+    wait_quiet(hub, agent)
+    qemu_io(qsd.export_path, "write -P 0x5a 1M 256k", export=qsd.export_name)
+    agent.kill(signal.SIGTERM)
+    assert agent.proc.returncode == 0, agent.tail()
+    assert qsd.job_status("ra-disk0") is None, "--unprotect leaves no job behind"
+    nodes = {n["node-name"] for n in qsd.qmp("query-named-block-nodes", flat=True)}
+    assert "ra-disk0-tgt" not in nodes and "ra-disk0-top" not in nodes
+    assert "mirror job ra-disk0 cancelled and dismissed" in agent.tail(100000)
+    # The guest writes on, into its disk alone (a mirror set up again into the
+    # agent's gone target would stall it).
+    qemu_io(qsd.export_path, "write -P 0x6b 0 64k", export=qsd.export_name)
+    assert file_sha256(hub.replica("vol0")) != source_sha256(qsd)
+
+
 def test_bad_nbd_input_is_refused_and_replication_goes_on(world):
     qsd, hub, agent = world(fmt="raw", mode="async")
     wait_quiet(hub, agent)
