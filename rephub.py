@@ -229,6 +229,8 @@ SYNC_WINDOW = 32
 #: ... in at most this many READs: small pieces (a sparse volume's data, dirty
 #: extents) keep the link busy too.
 SYNC_MAX_READS = 128
+#: ... sent this many at a time (``SyncJob.pull``).
+SYNC_BATCH = 8
 #: With feature EXTENTS, a FULL sync first asks which parts read as zeroes,
 #: this much per EXTENT_QUERY (an agent answers from its disk's allocation map,
 #: so a large span costs it little) ...
@@ -1909,21 +1911,26 @@ class RequestWindow:
     ``take``s answers; the recv loop ``check``s each answer against its
     request, then either ``hand_over``s it or, having acted on it itself,
     says it is ``done``.  An owner may share its own Condition with the
-    window, so that one notify wakes every wait.
+    window, so that one notify wakes every wait, and may say how ``done``
+    wakes it (``wake``, called with the Condition held; by default every
+    waiter is woken).
 
     Threads::
 
-        ask, take, wait_for, close  the owner's thread: sync-VOLUME or control-N
+        ask, ask_many, take         the owner's thread: sync-VOLUME or control-N
+        wait_for, close             the owner's thread: sync-VOLUME or control-N
         check, done, hand_over      conn-HOST:PORT (the recv loop)
         hand_over_all               conn-HOST:PORT (an answer was refused: ``give_up``)
     """
 
     def __init__(self, conn: AgentConnection, owner: Requester, vol: Volume,
-                 cond: threading.Condition | None = None):
+                 cond: threading.Condition | None = None,
+                 wake: Callable[[], None] | None = None):
         self.conn = conn
         self.owner = owner
         self.vol = vol
         self.cond = cond or threading.Condition()
+        self.wake = wake or self.cond.notify_all
         self.asked: dict[int, Asked] = {}       # req -> what it asked, until answered
         self.asked_bytes = 0                    # the lengths of ``asked``, summed
         self.answers: dict[int, tuple] = {}     # req -> (answer, context), until taken
@@ -1931,13 +1938,22 @@ class RequestWindow:
     def ask(self, request: p.Message, payload_crc: int | None = None) -> int:
         """Register ``request`` as ours and send it (``payload_crc``: as
         ``AgentConnection.send``'s); return its id."""
+        self._register(request)
+        self.conn.send(request, payload_crc)
+        return request.request_id
+
+    def ask_many(self, requests: list[p.Message]) -> None:
+        """``ask`` each of ``requests``, in one send (``AgentConnection.send_many``)."""
+        for request in requests:
+            self._register(request)
+        self.conn.send_many(requests)
+
+    def _register(self, request: p.Message) -> None:
         with self.cond:
             self.asked[request.request_id] = Asked(request.volume, request.offset, request.length,
                                                    getattr(request, "chunk_size", 0))
             self.asked_bytes += request.length
         self.conn.requests.add(request, self.owner)
-        self.conn.send(request, payload_crc)
-        return request.request_id
 
     def check(self, msg: p.Message) -> None:
         """Raise InvalidField, naming the field, if the answer ``msg`` changes
@@ -1960,7 +1976,7 @@ class RequestWindow:
         """Request ``req`` is answered, and the answer dealt with."""
         with self.cond:
             self._answered(req)
-            self.cond.notify_all()
+            self.wake()
         self.conn.requests.drop(req)
 
     def _answered(self, req: int) -> None:
@@ -4972,6 +4988,8 @@ class SyncJob(Requester, threading.Thread):
         pieces, check_stop         sync-VOLUME
         wait_reads, wait_window    sync-VOLUME
         wait, answer               sync-VOLUME
+        fits                       sync-VOLUME, and ``wake``'s threads (the Condition held)
+        wake                       conn-HOST:PORT and acker-HOST:PORT (the Condition held)
         on_read_reply, on_extents  conn-HOST:PORT (the recv loop)
         on_reply, on_error         conn-HOST:PORT (the recv loop)
         check_answer, abandon      conn-HOST:PORT (the recv loop)
@@ -5001,7 +5019,8 @@ class SyncJob(Requester, threading.Thread):
         self.extra: list[tuple[int, int]] = []
         self.finished = False
         self.cond = threading.Condition()
-        self.reads = RequestWindow(conn, self, vol, self.cond)
+        self.waiting = None               # what the job thread waits for in ``wait``
+        self.reads = RequestWindow(conn, self, vol, self.cond, self.wake)
         self.queries = RequestWindow(conn, self, vol, self.cond)
         self.unsynced: set[int] = set()   # READ reqs until their SYNCED is sent
         self.stop_event = threading.Event()
@@ -5076,7 +5095,7 @@ class SyncJob(Requester, threading.Thread):
                 self.unsynced.discard(req)
                 self.bytes_done += n
                 self.bytes_fetched += n
-                self.cond.notify_all()
+                self.wake()
         self.conn.acker.after(rec.seq, p.Synced(request_id=req, volume=self.vol.id,
                                                 offset=msg.offset, length=msg.length), done)
 
@@ -5248,32 +5267,70 @@ class SyncJob(Requester, threading.Thread):
         """Wait until at most ``limit`` READs are outstanding (not yet durable)."""
         self.wait(lambda: len(self.unsynced) <= limit)
 
-    def wait_window(self, n: int) -> None:
-        """Wait until a READ of ``n`` bytes fits the window (SYNC_WINDOW pieces'
-        worth of bytes, at most SYNC_MAX_READS READs not yet answered)."""
-        def fits() -> bool:
-            reads = self.reads
-            return not reads.asked or (len(reads.asked) < SYNC_MAX_READS and
-                                       reads.asked_bytes + n <= SYNC_WINDOW * SYNC_PIECE)
-        self.wait(fits)
+    def fits(self, reads: int, nbytes: int) -> bool:
+        """(The job's Condition held) Do ``reads`` more READs of ``nbytes`` in
+        all fit the window (SYNC_WINDOW pieces' worth of bytes, at most
+        SYNC_MAX_READS READs not yet answered)?"""
+        asked = self.reads.asked
+        return not asked or (len(asked) + reads <= SYNC_MAX_READS and
+                             self.reads.asked_bytes + nbytes <= SYNC_WINDOW * SYNC_PIECE)
+
+    def wait_window(self, reads: int, nbytes: int) -> None:
+        """Wait until ``reads`` READs of ``nbytes`` in all fit the window."""
+        self.wait(lambda: self.fits(reads, nbytes))
 
     def wait(self, ready) -> None:
         """Wait until ``ready()`` holds (the job's Condition held), then report progress."""
-        self.reads.wait_for(ready, self.check_stop)
+        with self.cond:
+            self.waiting = ready
+        try:
+            self.reads.wait_for(ready, self.check_stop)
+        finally:
+            with self.cond:
+                self.waiting = None
         self.check_stop()
         self.progress()
 
+    def wake(self) -> None:
+        """(The Condition held) A READ was answered, or its SYNCED sent: wake
+        the job thread if what it waits for in ``wait`` holds now (or if it
+        waits elsewhere, in ``answer``).  This runs once or twice per READ, in
+        the recv loop and the acker; a wake-up that finds the window still
+        short of a batch would only take the GIL."""
+        if self.waiting is None or self.waiting():
+            self.cond.notify_all()
+
     def pull(self, extents) -> None:
-        """READ every piece of ``extents``, within the window."""
+        """READ every piece of ``extents``, within the window, SYNC_BATCH at a
+        time: the job waits until that many fit, so that one wake-up and one
+        send serve several READs, not one answer's worth each.  Under
+        ``--sync-rate`` each READ leaves when the rate lets it, alone."""
+        rate = self.conn.hub.rate
+        size = SYNC_BATCH if rate.rate <= 0 else 1
+        batch: list[p.Read] = []
+        nbytes = 0                              # the lengths of ``batch``
         for off, n in self.pieces(extents):
-            self.wait_window(n)
-            self.conn.hub.rate.acquire(n, self.stop_event)
+            if batch:
+                with self.cond:
+                    room = self.fits(len(batch) + 1, nbytes + n)
+                if not room:
+                    self.reads.ask_many(batch)
+                    batch, nbytes = [], 0
+            if not batch:
+                self.wait_window(size, size * n)
+            rate.acquire(n, self.stop_event)
             self.check_stop()
             read = p.Read(request_id=self.conn.requests.new_id(), volume=self.vol.id,
                           offset=off, length=n)
             with self.cond:
                 self.unsynced.add(read.request_id)
-            self.reads.ask(read)
+            batch.append(read)
+            nbytes += n
+            if len(batch) == size:
+                self.reads.ask_many(batch)
+                batch, nbytes = [], 0
+        if batch:
+            self.reads.ask_many(batch)
 
     def pull_sparse(self) -> None:
         """FULL sync with EXTENTS: EXTENT_QUERY the volume in EXTENT_SPAN ranges,

@@ -497,6 +497,61 @@ def test_full_sync_keeps_reading_while_the_journal_is_not_yet_durable(hubenv):
         agent.close()
 
 
+def test_full_sync_sends_its_reads_a_batch_at_a_time(hubenv, monkeypatch):
+    """The job thread waits until SYNC_BATCH more READs fit its window, then
+    sends that many in one send: one answer short of a batch sends nothing,
+    and the answers and SYNCEDs that leave it short do not wake the thread
+    (with POLL_INTERVAL at a minute, a wake-up it needed and missed would
+    stall the sync past the test's deadlines)."""
+    hub, sec = hubenv
+    batch, window = rephub.SYNC_BATCH, rephub.SYNC_WINDOW
+    mv = MemVolume(2 * window * rephub.SYNC_PIECE, os.urandom(2 * window * rephub.SYNC_PIECE))
+    sent: list[int] = []
+    ask_many = rephub.RequestWindow.ask_many
+
+    def counted(self, requests):
+        sent.append(len(requests))
+        ask_many(self, requests)
+    monkeypatch.setattr(rephub.RequestWindow, "ask_many", counted)
+    monkeypatch.setattr(rephub, "POLL_INTERVAL", 60.0)
+    agent = connect(hub, sec)
+    held: list[p.Read] = []
+    answer = agent.on_READ
+    agent.on_READ = held.append
+    try:
+        agent.attach("batched", mv)
+        wait_until(lambda: len(held) == window, 20, "a window of READs")
+        job = hub.store.volume("batched").sync
+        wait_until(lambda: job.waiting is not None, 20, "the job waiting for room")
+        assert sent == [batch] * (window // batch)
+        woken = []
+        notify_all = job.cond.notify_all
+        job.cond.notify_all = lambda: (woken.append(1), notify_all())
+        for read in held[:batch - 1]:
+            answer(read)
+        wait_until(lambda: len(job.reads.asked) == window - batch + 1, 20, "the answers taken")
+        wait_until(lambda: len(job.unsynced) == window - batch + 1, 20, "their SYNCEDs")
+        assert job.waiting is not None and len(held) == window, "no READ before a batch fits"
+        assert woken == [], "the answers short of a batch woke the job thread"
+        answer(held[batch - 1])
+        wait_until(lambda: len(held) == window + batch, 20, "the next batch")
+        assert woken
+        assert sent == [batch] * (window // batch + 1)
+        agent.on_READ = answer
+        for read in held[batch:]:
+            answer(read)
+        wait_until(lambda: hub.store.volume("batched").state == rephub.VolState.CONSISTENT, 20,
+                   "consistent")
+        assert sorted(r.offset for r in agent.reads) == list(
+            range(0, len(mv.buf), rephub.SYNC_PIECE)), "each piece READ once"
+        assert sum(sent) == 2 * window and set(sent) == {batch}
+        monkeypatch.undo()
+        assert replica_bytes(hub, "batched") == bytes(mv.buf)
+    finally:
+        monkeypatch.undo()
+        agent.close()
+
+
 def test_a_request_id_still_outstanding_closes_the_connection(hubenv):
     """RP-12: while the journal holds WRITE 7 un-durable, a second request 7
     is a protocol error: the hub closes without an ACK for either id 7, so the
