@@ -2081,8 +2081,9 @@ class FrameReader:
     its frames: ``recv_message``).  A burst of small frames (4 KiB WRITEs, a
     sparse sync's replies) then costs one recv, headers and payloads
     together; the rest of a payload at least RECV_BUFFER long is read
-    straight into its own buffer.  One reader thread (the hub's recv loop,
-    which parses the frames: ``AgentSocket.recv_frame``)."""
+    straight into its own buffer.  One reader thread: the hub's recv loop,
+    which parses the frames (``AgentSocket.recv_frame``), or the agent's,
+    which reads them with ``recv_message`` (the reader is socket-like)."""
 
     def __init__(self, sock, size: int = RECV_BUFFER):
         self.sock = sock
@@ -2095,19 +2096,21 @@ class FrameReader:
 
     def read_into(self, view: memoryview) -> int:
         """Fill ``view``, from the buffer first; short only at EOF."""
-        got = 0
-        while got < len(view):
-            if self.start == self.end:
-                if len(view) - got >= len(self.buf):
-                    return got + recv_exactly_into(self.sock, view[got:])
-                self.start, self.end = 0, self.sock.recv_into(self.buf)
-                if self.end == 0:
-                    break
-            n = min(len(view) - got, self.end - self.start)
-            view[got:got + n] = self.buf[self.start:self.start + n]
-            self.start += n
-            got += n
-        return got
+        return recv_exactly_into(self, view)
+
+    def recv_into(self, view: memoryview) -> int:
+        """As a socket's: some bytes into ``view`` (0 at EOF), from the buffer,
+        or when it is empty from one recv (straight into ``view`` if that is
+        at least as large as the buffer).  So ``recv_message`` reads frames
+        through it too."""
+        if self.start == self.end:
+            if len(view) >= len(self.buf):
+                return self.sock.recv_into(view)
+            self.start, self.end = 0, self.sock.recv_into(self.buf)
+        n = min(len(view), self.end - self.start)
+        view[:n] = self.buf[self.start:self.start + n]
+        self.start += n
+        return n
 
 
 #: At most this many buffers go to one ``sendmsg`` (Linux's IOV_MAX is 1024).

@@ -2094,10 +2094,11 @@ class HubConnection:
     def _recv_loop(self) -> None:
         """repagent-recv thread: read frames one after the other, dispatch them."""
         header_buf = bytearray(p.HEADER_SIZE)
+        reader = p.FrameReader(self.sock)
         try:
             while not self.closed.is_set():
                 try:
-                    msg = p.recv_message(self.sock, header_buf, legal=self.legal)
+                    msg = p.recv_message(reader, header_buf, legal=self.legal)
                 except p.RequestError as err:
                     log.warning("hub %s sent a bad frame: %s", self.peer, err)
                     self.link.count_error("bad_frame")

@@ -29,7 +29,8 @@ REPHUB = os.path.join(ROOT, "rephub.py")
 
 
 class CountingSocket:
-    """A socket whose recv_into calls are counted (how many recvs a reader took)."""
+    """A socket whose recv_into calls are counted (how many recvs a reader
+    took); everything else goes to the socket."""
 
     def __init__(self, sock):
         self.sock, self.calls = sock, 0
@@ -38,8 +39,8 @@ class CountingSocket:
         self.calls += 1
         return self.sock.recv_into(view)
 
-    def fileno(self):
-        return self.sock.fileno()
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
 
 
 def wait_until(predicate, timeout: float = 10.0, what: str = "condition",

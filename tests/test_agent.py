@@ -19,7 +19,7 @@ import pytest
 
 import protocol as p
 import repagent as ra
-from hubtools import wait_until
+from hubtools import CountingSocket, wait_until
 
 CHUNK = 64 * 1024
 SIZE = 16 * CHUNK
@@ -486,6 +486,19 @@ def test_synced_for_part_of_a_block_clears_nothing_of_it(rig):
     hub.recv_until(p.MsgType.PONG)
     assert vol.bitmap.extents() == [(0, 2 * 4096), (2 * CHUNK + 4096, CHUNK - 4096)], \
         "only blocks 2 to 32 were read whole"
+
+
+def test_a_burst_of_frames_from_the_hub_takes_one_recv(rig):
+    """The recv thread reads the hub's frames through a buffer (a sync's
+    READs come eight to a send): 40 PINGs already in the socket take one
+    recv, not one per frame, and each gets its PONG, in order."""
+    agent, vol, conn, hub = rig(start=False)
+    counted = conn.sock = CountingSocket(conn.sock)
+    hub.sock.sendall(b"".join(p.encode(p.Ping(request_id=i, sent_ns=i)) for i in range(1, 41)))
+    conn.start()
+    pongs = [hub.recv_until(p.MsgType.PONG)[0] for _ in range(40)]
+    assert [m.request_id for m in pongs] == list(range(1, 41))
+    assert counted.calls <= 2, f"{counted.calls} recvs: one for the burst, one waiting for more"
 
 
 def test_a_write_the_hub_refuses_stays_marked_and_is_reported(rig):
