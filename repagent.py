@@ -2003,7 +2003,10 @@ class HubConnection:
 
     Owns the send queue (frames in stream order), the ``repagent-send``
     thread that drains it and the ``repagent-recv`` thread that reads.
-    ``put`` is called with ``Stream.lock`` held and never blocks.
+    ``put`` is called with ``Stream.lock`` held and never blocks.  A request
+    of the hub whose id equals one of its requests not yet answered closes
+    the connection (PROTOCOL.md [RP-12]): the hub could not tell the two
+    answers apart, and a READ_REPLY decides what it stores.
 
     Threads::
 
@@ -2027,6 +2030,7 @@ class HubConnection:
         self.queued_bytes = 0
         self.cond = threading.Condition(link.stream.lock)
         self.send_lock = threading.Lock()
+        self.outstanding: set[int] = set()   # the hub's requests not yet answered (RP-12)
         self.closed = threading.Event()
         self.ended = threading.Event()   # set once connection_lost has run
         self.last_rx = time.monotonic()
@@ -2059,6 +2063,7 @@ class HubConnection:
         """Send outside the queue (handshake, last words).  Any thread."""
         with self.send_lock:
             log.debug("--> %s", msg.describe())
+            self._answering(msg)
             p.send_message(self.sock, msg)
 
     def _send_loop(self) -> None:
@@ -2077,6 +2082,7 @@ class HubConnection:
                 with self.send_lock:
                     if log.isEnabledFor(logging.DEBUG):
                         log.debug("--> %s", msg.describe())
+                    self._answering(msg)
                     p.send_message(self.sock, msg)
                 with stream.lock:
                     if self is not stream.conn:
@@ -2090,6 +2096,22 @@ class HubConnection:
         except Exception as err:   # a bug must cost the connection, not the thread silently
             log.exception("send thread failed")
             self.close(f"send thread failed: {type(err).__name__}: {err}")
+
+    def _answering(self, msg: p.Message) -> None:
+        """(send_lock held) An answer to a request of the hub frees its id
+        before it leaves: the hub may use the id again once it has it."""
+        if msg.TYPE in p.ANSWERS or (msg.TYPE is p.MsgType.ERROR
+                                     and msg.failed_type in p.REQUESTS):
+            self.outstanding.discard(msg.request_id)
+
+    def _track(self, msg: p.Message) -> None:
+        """repagent-recv: note a request of the hub until its answer is sent;
+        BadRequestId if one with its id is still outstanding (RP-12)."""
+        with self.send_lock:
+            if msg.request_id in self.outstanding:
+                raise p.BadRequestId(f"{msg.TYPE.name} req={msg.request_id}: a request of "
+                                     "the hub with that id is not answered yet")
+            self.outstanding.add(msg.request_id)
 
     def _recv_loop(self) -> None:
         """repagent-recv thread: read frames one after the other, dispatch them."""
@@ -2111,6 +2133,8 @@ class HubConnection:
                 self.last_rx = time.monotonic()
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("<-- %s", msg.describe())
+                if msg.TYPE in p.REQUESTS:
+                    self._track(msg)
                 handler = self.link.handlers.get(msg.TYPE)
                 if handler is None:   # RECOVER_READY, RREAD_REPLY: no such request here
                     self.link.stream.answer(self, unasked(msg))

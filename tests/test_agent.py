@@ -381,6 +381,38 @@ def test_read_reply_goes_before_a_write_the_read_may_have_missed(rig):
     wait_until(lambda: vol.bitmap.dirty_count == 0, 5.0, "every bit cleared")
 
 
+def test_a_hub_request_id_still_outstanding_closes_the_connection(rig):
+    """RP-12, the agent's side: while READ 900 is being read, a second
+    request 900 is a protocol error (the hub could not tell the answers
+    apart): ERROR(PROTOCOL), and the connection ends.  Once a request is
+    answered its id may come again."""
+    started, release = threading.Event(), threading.Event()
+    image = None
+
+    def reader():
+        return BlockingReader(image, started, release)
+
+    agent, vol, conn, hub = rig(reader=reader)
+    image = os.path.join(os.path.dirname(vol.state_dir), "disk.raw")
+    release.set()
+    for _ in range(2):                     # the same id, each time after its answer
+        hub.send(p.Read(request_id=900, volume=1, offset=0, length=CHUNK))
+        reply, _ = hub.recv_until(p.MsgType.READ_REPLY)
+        assert reply.request_id == 900
+    hub.send(p.Ping(request_id=900, sent_ns=1))
+    assert hub.recv_until(p.MsgType.PONG)[0].request_id == 900
+    release.clear()
+    started.clear()
+    hub.send(p.Read(request_id=901, volume=1, offset=0, length=CHUNK))
+    assert started.wait(5)
+    hub.send(p.Ping(request_id=901, sent_ns=2))
+    error, seen = hub.recv_until(p.MsgType.ERROR)
+    assert error.code == p.ErrorCode.PROTOCOL and "901" in error.message, error
+    assert not any(m.request_id == 901 for m in seen), "no answer to either 901"
+    assert conn.closed.wait(5), "a reused outstanding id ends the connection"
+    release.set()
+
+
 def test_synced_clears_loaded_bits_and_zero_reads_carry_no_data(rig, tmp_path):
     agent, vol, conn, hub = rig()
     with agent.lock:
