@@ -2098,20 +2098,24 @@ class HubConnection:
             self.close(f"send thread failed: {type(err).__name__}: {err}")
 
     def _answering(self, msg: p.Message) -> None:
-        """(send_lock held) An answer to a request of the hub frees its id
-        before it leaves: the hub may use the id again once it has it."""
+        """(Just before ``msg`` is sent) An answer to a request of the hub
+        frees its id before it leaves: the hub may use the id again once it
+        has the answer, and so only after this."""
         if msg.TYPE in p.ANSWERS or (msg.TYPE is p.MsgType.ERROR
                                      and msg.failed_type in p.REQUESTS):
             self.outstanding.discard(msg.request_id)
 
     def _track(self, msg: p.Message) -> None:
         """repagent-recv: note a request of the hub until its answer is sent;
-        BadRequestId if one with its id is still outstanding (RP-12)."""
-        with self.send_lock:
-            if msg.request_id in self.outstanding:
-                raise p.BadRequestId(f"{msg.TYPE.name} req={msg.request_id}: a request of "
-                                     "the hub with that id is not answered yet")
-            self.outstanding.add(msg.request_id)
+        BadRequestId if one with its id is still outstanding (RP-12).  No
+        lock: this thread alone adds, and the answer that frees an id was
+        discarded before it left (``_answering``), so a hub that waited for
+        it finds the id gone.  (The send lock would make this thread wait
+        behind a send the hub may not read until this thread reads.)"""
+        if msg.request_id in self.outstanding:
+            raise p.BadRequestId(f"{msg.TYPE.name} req={msg.request_id}: a request of "
+                                 "the hub with that id is not answered yet")
+        self.outstanding.add(msg.request_id)
 
     def _recv_loop(self) -> None:
         """repagent-recv thread: read frames one after the other, dispatch them."""
