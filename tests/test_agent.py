@@ -347,8 +347,9 @@ def test_connection_loss_drops_inflight_writes_and_answers_sync_waiters(rig):
     assert later.codes == [0] and vol.bitmap.lost_seq.get(5)
 
 
-def test_read_reply_goes_before_a_write_the_read_may_have_missed(rig):
-    """Rule 4: a write landing during a READ of its region is sent after the reply."""
+def blocked_reads(rig):
+    """``rig()`` whose sync reads of the image wait for ``release`` once they
+    set ``started``: (agent, vol, conn, hub, started, release)."""
     started, release = threading.Event(), threading.Event()
     image = None
 
@@ -357,6 +358,12 @@ def test_read_reply_goes_before_a_write_the_read_may_have_missed(rig):
 
     agent, vol, conn, hub = rig(reader=reader)
     image = os.path.join(os.path.dirname(vol.state_dir), "disk.raw")
+    return agent, vol, conn, hub, started, release
+
+
+def test_read_reply_goes_before_a_write_the_read_may_have_missed(rig):
+    """Rule 4: a write landing during a READ of its region is sent after the reply."""
+    agent, vol, conn, hub, started, release = blocked_reads(rig)
     hub.send(p.Read(request_id=900, volume=1, offset=0, length=2 * CHUNK))
     assert started.wait(5)
     same, other = Replies(), Replies()
@@ -382,18 +389,11 @@ def test_read_reply_goes_before_a_write_the_read_may_have_missed(rig):
 
 
 def test_a_hub_request_id_still_outstanding_closes_the_connection(rig):
-    """RP-12, the agent's side: while READ 900 is being read, a second
-    request 900 is a protocol error (the hub could not tell the answers
-    apart): ERROR(PROTOCOL), and the connection ends.  Once a request is
-    answered its id may come again."""
-    started, release = threading.Event(), threading.Event()
-    image = None
-
-    def reader():
-        return BlockingReader(image, started, release)
-
-    agent, vol, conn, hub = rig(reader=reader)
-    image = os.path.join(os.path.dirname(vol.state_dir), "disk.raw")
+    """RP-12, the agent's side: once a request is answered its id may come
+    again, but while READ 901 is being read a PING 901 is a protocol error
+    (the hub could not tell the answers apart): ERROR(PROTOCOL), and the
+    connection ends."""
+    agent, vol, conn, hub, started, release = blocked_reads(rig)
     release.set()
     for _ in range(2):                     # the same id, each time after its answer
         hub.send(p.Read(request_id=900, volume=1, offset=0, length=CHUNK))
