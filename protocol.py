@@ -1643,6 +1643,37 @@ REQUESTS = frozenset(ANSWERED_BY)
 #: The answers a side sends to its peer's requests (besides ERROR, which
 #: also answers bad answers: look at its ``failed_type``).
 ANSWERS = frozenset(ANSWERED_BY.values())
+
+
+class PeerRequests:
+    """The ids of the peer's requests not yet answered on one connection
+    (PROTOCOL.md [RP-12]): a request whose id is still outstanding is a
+    protocol error, as its answer could be taken for the earlier one's.
+
+    No lock: the recv loop alone adds (``received``), and a sender frees an
+    id just before its answer leaves (``answering``), so a peer that waited
+    for the answer before using the id again always finds it free."""
+
+    def __init__(self):
+        self.ids: set[int] = set()
+
+    def received(self, msg: Message) -> None:
+        """The recv loop: note ``msg`` if it is a request; BadRequestId if one
+        with its id is still outstanding."""
+        if msg.TYPE not in REQUESTS:
+            return
+        if msg.request_id in self.ids:
+            raise BadRequestId(f"{msg.TYPE.name} req={msg.request_id}: an earlier request "
+                               "with that id is not answered yet (request ids must be "
+                               "unique among the outstanding ones)")
+        self.ids.add(msg.request_id)
+
+    def answering(self, msg: Message) -> None:
+        """Just before ``msg`` is sent: an answer (or an ERROR about a request)
+        frees its request's id."""
+        if msg.TYPE in ANSWERS or (msg.TYPE is MsgType.ERROR and msg.failed_type in REQUESTS):
+            self.ids.discard(msg.request_id)
+
 #: Messages that exist only on a connection whose handshake granted a feature
 #: (PROTOCOL.md "Baseline", [VN-6]).
 FEATURE_OF = {

@@ -2030,7 +2030,7 @@ class HubConnection:
         self.queued_bytes = 0
         self.cond = threading.Condition(link.stream.lock)
         self.send_lock = threading.Lock()
-        self.outstanding: set[int] = set()   # the hub's requests not yet answered (RP-12)
+        self.outstanding = p.PeerRequests()  # the hub's requests not yet answered (RP-12)
         self.closed = threading.Event()
         self.ended = threading.Event()   # set once connection_lost has run
         self.last_rx = time.monotonic()
@@ -2063,7 +2063,7 @@ class HubConnection:
         """Send outside the queue (handshake, last words).  Any thread."""
         with self.send_lock:
             log.debug("--> %s", msg.describe())
-            self._answering(msg)
+            self.outstanding.answering(msg)
             p.send_message(self.sock, msg)
 
     def _send_loop(self) -> None:
@@ -2082,7 +2082,7 @@ class HubConnection:
                 with self.send_lock:
                     if log.isEnabledFor(logging.DEBUG):
                         log.debug("--> %s", msg.describe())
-                    self._answering(msg)
+                    self.outstanding.answering(msg)
                     p.send_message(self.sock, msg)
                 with stream.lock:
                     if self is not stream.conn:
@@ -2096,26 +2096,6 @@ class HubConnection:
         except Exception as err:   # a bug must cost the connection, not the thread silently
             log.exception("send thread failed")
             self.close(f"send thread failed: {type(err).__name__}: {err}")
-
-    def _answering(self, msg: p.Message) -> None:
-        """(Just before ``msg`` is sent) An answer to a request of the hub
-        frees its id before it leaves: the hub may use the id again once it
-        has the answer, and so only after this."""
-        if msg.TYPE in p.ANSWERS or (msg.TYPE is p.MsgType.ERROR
-                                     and msg.failed_type in p.REQUESTS):
-            self.outstanding.discard(msg.request_id)
-
-    def _track(self, msg: p.Message) -> None:
-        """repagent-recv: note a request of the hub until its answer is sent;
-        BadRequestId if one with its id is still outstanding (RP-12).  No
-        lock: this thread alone adds, and the answer that frees an id was
-        discarded before it left (``_answering``), so a hub that waited for
-        it finds the id gone.  (The send lock would make this thread wait
-        behind a send the hub may not read until this thread reads.)"""
-        if msg.request_id in self.outstanding:
-            raise p.BadRequestId(f"{msg.TYPE.name} req={msg.request_id}: a request of "
-                                 "the hub with that id is not answered yet")
-        self.outstanding.add(msg.request_id)
 
     def _recv_loop(self) -> None:
         """repagent-recv thread: read frames one after the other, dispatch them."""
@@ -2137,8 +2117,7 @@ class HubConnection:
                 self.last_rx = time.monotonic()
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("<-- %s", msg.describe())
-                if msg.TYPE in p.REQUESTS:
-                    self._track(msg)
+                self.outstanding.received(msg)   # no lock: see PeerRequests
                 handler = self.link.handlers.get(msg.TYPE)
                 if handler is None:   # RECOVER_READY, RREAD_REPLY: no such request here
                     self.link.stream.answer(self, unasked(msg))

@@ -1079,7 +1079,6 @@ class AgentConnection:
         setup, handle, finish      conn-HOST:PORT
         recv_frame, handle_error   conn-HOST:PORT (the recv loop)
         set_state, refuse          conn-HOST:PORT
-        track_request              conn-HOST:PORT (the recv loop)
         send, send_error           any thread; takes AgentSocket.send_lock
         send_many                  any thread (the acker); takes AgentSocket.send_lock
         say_goodbye, abort         any thread (heartbeat, storage-watch, control-N, acker-HOST:PORT)
@@ -1100,7 +1099,7 @@ class AgentConnection:
         self.agent_id: str | None = None
         self.attached = Attachments(self)  # its volumes and their syncs
         self.requests = RequestTable()    # the hub's requests and their owners
-        self.outstanding: set[int] = set()  # the agent's requests not answered yet (RP-12)
+        self.outstanding = p.PeerRequests()  # the agent's requests not answered yet (RP-12)
         self.legal = None                 # after HELLO_REPLY: what the hub takes (check_legal)
         self.frame_sums: DataSums | None = None  # of the data of the frame being handled
         self.pings: dict[int, int] = {}
@@ -1143,20 +1142,7 @@ class AgentConnection:
     def _sending(self, msg: p.Message) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("<-- %s to %s", msg.describe(), self.peer)
-        if msg.TYPE in p.ANSWERS or (msg.TYPE is p.MsgType.ERROR
-                                     and msg.failed_type in p.REQUESTS):
-            self.outstanding.discard(msg.request_id)
-
-    def track_request(self, msg: p.Message) -> None:
-        """Recv loop: note a request of the agent until its answer is sent.  One
-        whose id is still outstanding is a protocol error (RP-12): its ACK could
-        be taken for the earlier request's, and an ACK decides what the agent
-        may forget."""
-        if msg.request_id in self.outstanding:
-            raise p.BadRequestId(f"{msg.TYPE.name} req={msg.request_id}: an earlier request "
-                                 "with that id is not answered yet (request ids must be "
-                                 "unique among the outstanding ones)")
-        self.outstanding.add(msg.request_id)
+        self.outstanding.answering(msg)
 
     def send_error(self, err: p.ReplicationError) -> None:
         try:
@@ -1252,8 +1238,9 @@ class AgentConnection:
                 if item is None:
                     return
                 header, msg, self.frame_sums = item
-                if msg.TYPE in p.REQUESTS:
-                    self.track_request(msg)
+                # RP-12: an ACK decides what the agent may forget, so it must
+                # not be taken for another request's.
+                self.outstanding.received(msg)
                 handler = HANDLERS[msg.TYPE]     # check_legal let only these through
                 if self.refusing is not None and self.store.faults.writable():
                     self.say_goodbye(STORAGE_RECOVERED, p.GoodbyeCode.STORAGE_RECOVERED)
