@@ -5295,14 +5295,14 @@ class SyncJob(Requester, threading.Thread):
         rate = self.conn.hub.rate
         size = SYNC_BATCH if rate.rate <= 0 else 1
         batch: list[p.Read] = []
-        nbytes = 0                              # the lengths of ``batch``
         for off, n in self.pieces(extents):
             if batch:
                 with self.cond:
-                    room = self.fits(len(batch) + 1, nbytes + n)
-                if not room:
+                    full = len(batch) == size or not self.fits(
+                        len(batch) + 1, sum(r.length for r in batch) + n)
+                if full:
                     self.reads.ask_many(batch)
-                    batch, nbytes = [], 0
+                    batch = []
             if not batch:
                 self.wait_window(size, size * n)
             rate.acquire(n, self.stop_event)
@@ -5312,10 +5312,6 @@ class SyncJob(Requester, threading.Thread):
             with self.cond:
                 self.unsynced.add(read.request_id)
             batch.append(read)
-            nbytes += n
-            if len(batch) == size:
-                self.reads.ask_many(batch)
-                batch, nbytes = [], 0
         if batch:
             self.reads.ask_many(batch)
 
